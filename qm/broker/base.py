@@ -1,0 +1,98 @@
+"""The broker contract shared by the RabbitMQ and in-memory implementations.
+
+Every method is a coroutine run on the caller's asyncio loop. `publish` returns only once
+the broker has taken responsibility for the message (a publisher confirm for RabbitMQ).
+Consumers get `Delivery` objects through a plain callback and settle them with `ack` or
+`nack`; settling a delivery from a channel that has since been lost is a no-op, because
+the broker has already requeued it.
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any, Callable
+
+from qm.errors import BrokerUnavailable
+
+#: Exchange kinds understood by `declare_exchange`.
+EXCHANGE_KINDS = ("direct", "fanout")
+
+
+@dataclasses.dataclass(frozen=True)
+class Delivery:
+    """One message handed to a consumer; settle it exactly once."""
+
+    body: bytes
+    headers: dict[str, Any]
+    redelivered: bool
+    delivery_tag: int
+    consumer_tag: str
+    channel_generation: int
+
+
+DeliveryCallback = Callable[[Delivery], None]
+
+
+class Broker(abc.ABC):
+    """Durable, confirmed messaging as QueueMaster needs it."""
+
+    @abc.abstractmethod
+    async def connect(self) -> None:
+        """Start connecting; returns once connected (raises BrokerUnavailable on failure)."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Close; unacked deliveries return to their queues."""
+
+    @property
+    @abc.abstractmethod
+    def connected(self) -> bool:
+        """Whether publishes can currently succeed."""
+
+    @abc.abstractmethod
+    async def wait_connected(self, timeout_s: float | None = None) -> bool:
+        """Wait until connected (after a reconnect); False on timeout."""
+
+    def unavailable(self) -> BrokerUnavailable:
+        """The error to raise while disconnected; implementations name their address."""
+        return BrokerUnavailable("the message broker is unreachable; check that it is running")
+
+    @abc.abstractmethod
+    async def declare_exchange(self, name: str, kind: str) -> None:
+        """Declare a durable exchange (idempotent; replayed after reconnects)."""
+
+    @abc.abstractmethod
+    async def declare_queue(self, name: str, arguments: dict[str, Any] | None = None) -> None:
+        """Declare a durable queue (idempotent; replayed after reconnects)."""
+
+    @abc.abstractmethod
+    async def bind_queue(self, queue: str, exchange: str, routing_key: str = "") -> None:
+        """Route messages from exchange to queue (replayed after reconnects)."""
+
+    @abc.abstractmethod
+    async def publish(self, exchange: str, routing_key: str, body: bytes,
+                      headers: dict[str, Any] | None = None) -> None:
+        """Publish a persistent message; return once the broker confirmed it.
+
+        Raises BrokerUnavailable when disconnected, or when the broker refuses the message.
+        Many publishes may be in flight at once (pipelined confirms).
+        """
+
+    @abc.abstractmethod
+    async def consume(self, queue: str, on_delivery: DeliveryCallback, prefetch: int) -> str:
+        """Start a consumer with at most `prefetch` unacked deliveries; return its tag.
+
+        The consumer is re-established after reconnects.
+        """
+
+    @abc.abstractmethod
+    async def cancel(self, consumer_tag: str) -> None:
+        """Stop new deliveries to a consumer; its unacked deliveries may still be settled."""
+
+    @abc.abstractmethod
+    def ack(self, delivery: Delivery) -> None:
+        """The delivery is done with; the broker forgets it."""
+
+    @abc.abstractmethod
+    def nack(self, delivery: Delivery, requeue: bool = True) -> None:
+        """Return the delivery to its queue (requeue) or drop it."""

@@ -1,0 +1,170 @@
+"""In-memory broker for unit tests: same contract as RabbitMQ, one process, no network.
+
+Semantics mirrored from RabbitMQ: direct and fanout routing, per-consumer prefetch,
+round-robin between consumers, requeue at the head with `redelivered` set, unacked
+deliveries returned when the broker closes. `kill_connection()` simulates losing the
+connection: unacked deliveries are requeued and later acks of them are ignored.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import itertools
+from typing import Any
+
+from qm.broker.base import EXCHANGE_KINDS, Broker, Delivery, DeliveryCallback
+from qm.errors import BrokerUnavailable
+
+
+@dataclasses.dataclass
+class _Message:
+    body: bytes
+    headers: dict[str, Any]
+    redelivered: bool = False
+
+
+@dataclasses.dataclass
+class _Consumer:
+    tag: str
+    queue: str
+    callback: DeliveryCallback
+    prefetch: int
+    unacked: dict[int, _Message] = dataclasses.field(default_factory=dict)
+    active: bool = True
+
+
+class MemoryBroker(Broker):
+    """A broker living in this process; deliveries are scheduled on the running loop."""
+
+    def __init__(self) -> None:
+        self._exchanges: dict[str, str] = {}
+        self._bindings: dict[str, set[tuple[str, str]]] = collections.defaultdict(set)
+        self._queues: dict[str, collections.deque[_Message]] = {}
+        self._consumers: dict[str, _Consumer] = {}
+        self._tags = itertools.count(1)
+        self._generation = 0
+        self._connected = asyncio.Event()
+
+    async def connect(self) -> None:
+        self._generation += 1
+        self._connected.set()
+
+    async def close(self) -> None:
+        self._drop_connection()
+
+    def kill_connection(self) -> None:
+        """Simulate a lost connection: consumers and unacked deliveries are dropped."""
+        self._drop_connection()
+
+    def _drop_connection(self) -> None:
+        self._connected.clear()
+        for consumer in self._consumers.values():
+            self._requeue_all(consumer)
+        self._consumers.clear()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    async def wait_connected(self, timeout_s: float | None = None) -> bool:
+        try:
+            await asyncio.wait_for(self._connected.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    def _check_connected(self) -> None:
+        if not self.connected:
+            raise BrokerUnavailable("in-memory broker is not connected")
+
+    async def declare_exchange(self, name: str, kind: str) -> None:
+        self._check_connected()
+        if kind not in EXCHANGE_KINDS:
+            raise ValueError(f"exchange kind must be one of {EXCHANGE_KINDS}, got {kind!r}")
+        if self._exchanges.setdefault(name, kind) != kind:
+            raise BrokerUnavailable(f"exchange {name!r} exists with kind {self._exchanges[name]!r}")
+
+    async def declare_queue(self, name: str, arguments: dict[str, Any] | None = None) -> None:
+        self._check_connected()
+        self._queues.setdefault(name, collections.deque())
+
+    async def bind_queue(self, queue: str, exchange: str, routing_key: str = "") -> None:
+        self._check_connected()
+        self._bindings[exchange].add((queue, routing_key))
+
+    async def publish(self, exchange: str, routing_key: str, body: bytes,
+                      headers: dict[str, Any] | None = None) -> None:
+        self._check_connected()
+        if exchange not in self._exchanges:
+            raise BrokerUnavailable(f"no exchange {exchange!r}")
+        fanout = self._exchanges[exchange] == "fanout"
+        for queue, key in sorted(self._bindings[exchange]):
+            if fanout or key == routing_key:
+                self._queues[queue].append(_Message(bytes(body), dict(headers or {})))
+                self._schedule_dispatch(queue)
+
+    async def consume(self, queue: str, on_delivery: DeliveryCallback, prefetch: int) -> str:
+        self._check_connected()
+        if queue not in self._queues:
+            raise BrokerUnavailable(f"no queue {queue!r}")
+        tag = f"memory-consumer-{next(self._tags)}"
+        self._consumers[tag] = _Consumer(tag, queue, on_delivery, prefetch)
+        self._schedule_dispatch(queue)
+        return tag
+
+    async def cancel(self, consumer_tag: str) -> None:
+        consumer = self._consumers.get(consumer_tag)
+        if consumer:
+            consumer.active = False
+
+    def ack(self, delivery: Delivery) -> None:
+        consumer = self._settle_target(delivery)
+        if consumer and consumer.unacked.pop(delivery.delivery_tag, None) is not None:
+            self._schedule_dispatch(consumer.queue)
+
+    def nack(self, delivery: Delivery, requeue: bool = True) -> None:
+        consumer = self._settle_target(delivery)
+        message = consumer.unacked.pop(delivery.delivery_tag, None) if consumer else None
+        if message is not None:
+            if requeue:
+                message.redelivered = True
+                self._queues[consumer.queue].appendleft(message)
+            self._schedule_dispatch(consumer.queue)
+
+    def queue_depth(self, queue: str) -> int:
+        """Messages ready in a queue (not counting unacked ones)."""
+        return len(self._queues[queue])
+
+    def _settle_target(self, delivery: Delivery) -> _Consumer | None:
+        if delivery.channel_generation != self._generation:
+            return None
+        return self._consumers.get(delivery.consumer_tag)
+
+    def _requeue_all(self, consumer: _Consumer) -> None:
+        queue = self._queues[consumer.queue]
+        for tag in sorted(consumer.unacked, reverse=True):
+            message = consumer.unacked.pop(tag)
+            message.redelivered = True
+            queue.appendleft(message)
+
+    def _schedule_dispatch(self, queue: str) -> None:
+        asyncio.get_running_loop().call_soon(self._dispatch, queue)
+
+    def _dispatch(self, queue: str) -> None:
+        ready = self._queues.get(queue)
+        consumers = [c for c in self._consumers.values() if c.queue == queue and c.active]
+        while ready and consumers:
+            for consumer in list(consumers):
+                if consumer.prefetch and len(consumer.unacked) >= consumer.prefetch:
+                    consumers.remove(consumer)
+                    continue
+                if not ready:
+                    break
+                self._deliver(consumer, ready.popleft())
+
+    def _deliver(self, consumer: _Consumer, message: _Message) -> None:
+        tag = next(self._tags)
+        consumer.unacked[tag] = message
+        consumer.callback(Delivery(message.body, dict(message.headers), message.redelivered,
+                                   tag, consumer.tag, self._generation))

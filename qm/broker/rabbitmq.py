@@ -1,0 +1,344 @@
+"""RabbitMQ broker on pika's AsyncioConnection: runs on the caller's asyncio loop.
+
+Connection management
+    One connection, one confirm-mode channel for publishing, one channel per consumer
+    (so each consumer has its own prefetch). A background task keeps the connection
+    up: when it drops, pending confirms fail with BrokerUnavailable, and after an
+    exponential backoff (capped by `reconnect_max_delay_s`) it reconnects, replays
+    every declaration and re-establishes every consumer.
+
+Publisher confirms are pipelined: each publish registers a future under its sequence
+number and returns when the broker acks that number (or a `multiple` ack covering it);
+nothing waits for one message before sending the next.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import logging
+from typing import Any, Callable
+
+import pika
+import pika.exceptions
+from pika.adapters.asyncio_connection import AsyncioConnection
+
+from qm.broker.base import EXCHANGE_KINDS, Broker, Delivery, DeliveryCallback
+from qm.errors import BrokerUnavailable
+
+log = logging.getLogger(__name__)
+
+#: How long one broker round trip (declare, qos, consume) may take before giving up.
+RPC_TIMEOUT_S = 10.0
+#: First reconnect delay; doubles up to the configured maximum.
+RECONNECT_INITIAL_DELAY_S = 0.2
+#: AMQP delivery mode for messages that survive a broker restart.
+PERSISTENT = pika.DeliveryMode.Persistent
+
+
+@dataclasses.dataclass
+class _ConsumerSpec:
+    tag: str
+    queue: str
+    callback: DeliveryCallback
+    prefetch: int
+    channel: Any = None
+    generation: int = -1
+    active: bool = True
+
+
+class RabbitMQBroker(Broker):
+    """The production broker; see the module docstring for the connection model."""
+
+    def __init__(self, url: str, heartbeat_s: int = 30, reconnect_max_delay_s: float = 10.0,
+                 connection_name: str = "qm") -> None:
+        self._params = pika.URLParameters(url)
+        self._params.heartbeat = heartbeat_s
+        self._params.connection_attempts = 1
+        self._params.socket_timeout = 5
+        self._params.blocked_connection_timeout = 30
+        self._params.client_properties = {"connection_name": connection_name}
+        self._where = f"{self._params.host}:{self._params.port}"
+        self._reconnect_max_delay_s = reconnect_max_delay_s
+        self._declarations: list[tuple[str, tuple]] = []
+        self._consumers: dict[str, _ConsumerSpec] = {}
+        self._consumer_ids = itertools.count(1)
+        self._connection: AsyncioConnection | None = None
+        self._publish_channel: Any = None
+        self._publish_seq = 0
+        self._pending: dict[int, asyncio.Future] = {}
+        self._waiters: set[asyncio.Future] = set()
+        self._generation = 0
+        self._connected = asyncio.Event()
+        self._closed: asyncio.Future | None = None
+        self._runner: asyncio.Task | None = None
+        self._closing = False
+        self._last_error = "not connected yet"
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def connect(self, first_attempt_timeout_s: float = 10.0) -> None:
+        """Start the connection keeper; wait for the first connection up to the timeout.
+
+        If RabbitMQ is not reachable by then, a warning is logged and the keeper goes on
+        retrying in the background; publishes fail with BrokerUnavailable meanwhile.
+        """
+        if self._runner is None:
+            self._runner = asyncio.create_task(self._keep_connected(), name="rabbitmq-keeper")
+        if not await self.wait_connected(first_attempt_timeout_s):
+            log.warning("RabbitMQ at %s is not reachable yet (%s); retrying in the background",
+                        self._where, self._last_error)
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._runner:
+            self._runner.cancel()
+            await asyncio.gather(self._runner, return_exceptions=True)
+        connection = self._connection
+        if connection is not None and not (connection.is_closed or connection.is_closing):
+            closed = self._closed
+            connection.close()
+            if closed is not None:
+                await asyncio.wait([closed], timeout=RPC_TIMEOUT_S)
+        self._connected.clear()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    async def wait_connected(self, timeout_s: float | None = None) -> bool:
+        try:
+            await asyncio.wait_for(self._connected.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    def unavailable(self) -> BrokerUnavailable:
+        """The error publishes raise while disconnected, naming the broker and the cause."""
+        return BrokerUnavailable(f"RabbitMQ at {self._where} is unreachable ({self._last_error}); "
+                                 "check that it is running and that broker.url is right")
+
+    async def _keep_connected(self) -> None:
+        delay_s = RECONNECT_INITIAL_DELAY_S
+        while not self._closing:
+            try:
+                await self._open()
+            except (BrokerUnavailable, pika.exceptions.AMQPError, OSError, asyncio.TimeoutError) as exc:
+                self._last_error = _describe(exc)
+                self._drop(self._last_error)
+                log.warning("cannot connect to RabbitMQ at %s: %s; retrying in %.1f s",
+                            self._where, self._last_error, delay_s)
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, self._reconnect_max_delay_s)
+                continue
+            delay_s = RECONNECT_INITIAL_DELAY_S
+            self._connected.set()
+            log.info("connected to RabbitMQ at %s", self._where)
+            reason = await asyncio.shield(self._closed)
+            self._last_error = reason
+            self._drop(reason)
+            if not self._closing:
+                log.warning("lost connection to RabbitMQ at %s: %s; reconnecting", self._where, reason)
+
+    async def _open(self) -> None:
+        loop = asyncio.get_running_loop()
+        opened = loop.create_future()
+        closed = self._closed = loop.create_future()
+        self._generation += 1
+
+        def on_open(connection):
+            opened.done() or opened.set_result(connection)
+
+        def on_open_error(connection, error):
+            opened.done() or opened.set_exception(BrokerUnavailable(_describe(error)))
+
+        def on_close(connection, reason):
+            closed.done() or closed.set_result(_describe(reason))
+            opened.done() or opened.set_exception(BrokerUnavailable(_describe(reason)))
+
+        self._connection = AsyncioConnection(self._params, on_open, on_open_error, on_close,
+                                             custom_ioloop=loop)
+        await asyncio.wait_for(opened, RPC_TIMEOUT_S)
+        self._publish_channel = await self._open_channel()
+        self._publish_seq = 0
+        await self._rpc(lambda cb: self._publish_channel.confirm_delivery(self._on_confirm, callback=cb))
+        for kind, args in list(self._declarations):
+            await self._apply_declaration(kind, args)
+        for spec in list(self._consumers.values()):
+            if spec.active:
+                await self._start_consumer(spec)
+
+    def _drop(self, reason: str) -> None:
+        """Forget the lost connection: fail whatever waits on it."""
+        self._connected.clear()
+        error = BrokerUnavailable(f"connection to RabbitMQ at {self._where} lost ({reason})")
+        for future in list(self._pending.values()) + list(self._waiters):
+            if not future.done():
+                future.set_exception(error)
+        self._pending.clear()
+        self._waiters.clear()
+        self._publish_channel = None
+        for spec in self._consumers.values():
+            spec.channel = None
+        connection = self._connection
+        if connection is not None and not (connection.is_closed or connection.is_closing):
+            connection.close()
+
+    # -- plumbing --------------------------------------------------------------------
+
+    async def _rpc(self, start: Callable[[Callable], Any]) -> Any:
+        """Run a pika call that reports completion through a callback; await it."""
+        future = asyncio.get_running_loop().create_future()
+        self._waiters.add(future)
+        try:
+            start(lambda frame=None: future.done() or future.set_result(frame))
+            return await asyncio.wait_for(future, RPC_TIMEOUT_S)
+        except pika.exceptions.AMQPError as exc:
+            raise BrokerUnavailable(_describe(exc)) from exc
+        finally:
+            self._waiters.discard(future)
+
+    async def _open_channel(self) -> Any:
+        channel = await self._rpc(lambda cb: self._connection.channel(on_open_callback=cb))
+        generation = self._generation
+        channel.add_on_close_callback(lambda ch, reason: self._on_channel_closed(generation, reason))
+        return channel
+
+    def _on_channel_closed(self, generation: int, reason: object) -> None:
+        # A channel closed by the broker (e.g. a declaration it refused) takes the whole
+        # connection down so the keeper rebuilds a consistent state; our own closes and
+        # channels of an earlier connection pass.
+        if (self._closing or generation != self._generation
+                or isinstance(reason, pika.exceptions.ChannelClosedByClient)):
+            return
+        error = BrokerUnavailable(f"RabbitMQ closed a channel: {_describe(reason)}")
+        for future in list(self._waiters) + list(self._pending.values()):
+            future.done() or future.set_exception(error)
+        if self._closed is not None and not self._closed.done():
+            self._closed.set_result(_describe(reason))
+
+    def _on_confirm(self, frame) -> None:
+        method = frame.method
+        refused = isinstance(method, pika.spec.Basic.Nack)
+        if method.multiple:
+            tags = [tag for tag in self._pending if tag <= method.delivery_tag]
+        else:
+            tags = [method.delivery_tag]
+        for tag in tags:
+            future = self._pending.pop(tag, None)
+            if future is None or future.done():
+                continue
+            if refused:
+                future.set_exception(BrokerUnavailable(f"RabbitMQ at {self._where} refused the message"))
+            else:
+                future.set_result(None)
+
+    # -- declarations ----------------------------------------------------------------
+
+    async def declare_exchange(self, name: str, kind: str) -> None:
+        if kind not in EXCHANGE_KINDS:
+            raise ValueError(f"exchange kind must be one of {EXCHANGE_KINDS}, got {kind!r}")
+        await self._declare("exchange", (name, kind))
+
+    async def declare_queue(self, name: str, arguments: dict[str, Any] | None = None) -> None:
+        await self._declare("queue", (name, tuple(sorted((arguments or {}).items()))))
+
+    async def bind_queue(self, queue: str, exchange: str, routing_key: str = "") -> None:
+        await self._declare("bind", (queue, exchange, routing_key))
+
+    async def _declare(self, kind: str, args: tuple) -> None:
+        """Record a declaration (replayed on every reconnect) and apply it if connected."""
+        if (kind, args) in self._declarations:
+            return
+        if self.connected:
+            await self._apply_declaration(kind, args)
+        self._declarations.append((kind, args))
+
+    async def _apply_declaration(self, kind: str, args: tuple) -> None:
+        channel = self._publish_channel
+        if channel is None:
+            raise self.unavailable()
+        if kind == "exchange":
+            name, exchange_type = args
+            await self._rpc(lambda cb: channel.exchange_declare(
+                exchange=name, exchange_type=exchange_type, durable=True, callback=cb))
+        elif kind == "queue":
+            name, arguments = args
+            await self._rpc(lambda cb: channel.queue_declare(
+                queue=name, durable=True, arguments=dict(arguments), callback=cb))
+        else:
+            queue, exchange, routing_key = args
+            await self._rpc(lambda cb: channel.queue_bind(
+                queue=queue, exchange=exchange, routing_key=routing_key, callback=cb))
+
+    # -- publishing ------------------------------------------------------------------
+
+    async def publish(self, exchange: str, routing_key: str, body: bytes,
+                      headers: dict[str, Any] | None = None) -> None:
+        channel = self._publish_channel
+        if not self.connected or channel is None or not channel.is_open:
+            raise self.unavailable()
+        properties = pika.BasicProperties(delivery_mode=PERSISTENT, headers=headers or {},
+                                          content_type="application/x-protobuf")
+        try:
+            channel.basic_publish(exchange, routing_key, body, properties)
+        except pika.exceptions.AMQPError as exc:
+            raise BrokerUnavailable(f"publish to RabbitMQ failed: {_describe(exc)}") from exc
+        self._publish_seq += 1
+        future = asyncio.get_running_loop().create_future()
+        self._pending[self._publish_seq] = future
+        await future
+
+    # -- consuming -------------------------------------------------------------------
+
+    async def consume(self, queue: str, on_delivery: DeliveryCallback, prefetch: int) -> str:
+        spec = _ConsumerSpec(f"qm-consumer-{next(self._consumer_ids)}", queue, on_delivery, prefetch)
+        self._consumers[spec.tag] = spec
+        if self.connected:
+            await self._start_consumer(spec)
+        return spec.tag
+
+    async def _start_consumer(self, spec: _ConsumerSpec) -> None:
+        channel = await self._open_channel()
+        await self._rpc(lambda cb: channel.basic_qos(prefetch_count=spec.prefetch, callback=cb))
+        generation = self._generation
+
+        def on_message(_channel, method, properties, body):
+            spec.callback(Delivery(body, dict(properties.headers or {}), method.redelivered,
+                                   method.delivery_tag, spec.tag, generation))
+
+        await self._rpc(lambda cb: channel.basic_consume(
+            spec.queue, on_message, auto_ack=False, consumer_tag=spec.tag, callback=cb))
+        spec.channel, spec.generation = channel, generation
+
+    async def cancel(self, consumer_tag: str) -> None:
+        spec = self._consumers.get(consumer_tag)
+        if spec is None or not spec.active:
+            return
+        spec.active = False
+        if spec.channel is not None and spec.channel.is_open:
+            await self._rpc(lambda cb: spec.channel.basic_cancel(consumer_tag, callback=cb))
+
+    def _settle_channel(self, delivery: Delivery) -> Any:
+        spec = self._consumers.get(delivery.consumer_tag)
+        if spec is None or spec.channel is None or spec.generation != delivery.channel_generation:
+            return None
+        return spec.channel if spec.channel.is_open else None
+
+    def ack(self, delivery: Delivery) -> None:
+        channel = self._settle_channel(delivery)
+        if channel is not None:
+            channel.basic_ack(delivery.delivery_tag)
+
+    def nack(self, delivery: Delivery, requeue: bool = True) -> None:
+        channel = self._settle_channel(delivery)
+        if channel is not None:
+            channel.basic_nack(delivery.delivery_tag, requeue=requeue)
+
+
+def _describe(error: object) -> str:
+    """A short human description of a pika error or close reason."""
+    if isinstance(error, pika.exceptions.AMQPConnectionError) and error.args:
+        return _describe(error.args[0]) if isinstance(error.args[0], BaseException) else str(error.args[0])
+    text = str(error) or type(error).__name__
+    return f"{type(error).__name__}: {text}" if isinstance(error, BaseException) else text

@@ -1,0 +1,146 @@
+"""`qm`: submit tasks and follow them from the command line.
+
+Exit codes: 0 success; 1 a task did not succeed (--wait, watch) or a server-side error;
+2 bad input (usage, unknown type, invalid payload, bad config); 3 server or broker
+unreachable; 130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from typing import Sequence
+
+import grpc
+
+from qm.client.client import Client, RemoteError, TaskStatus
+from qm.config import load_config
+from qm.errors import ConfigError, TaskError
+
+EXIT_TASK_FAILED, EXIT_BAD_INPUT, EXIT_UNAVAILABLE, EXIT_INTERRUPTED = 1, 2, 3, 130
+
+EPILOG = """examples:
+  qm submit -T math -P "1 + 2 * 5" --wait      prints 11
+  qm status TASK_ID --json
+  qm watch TASK_ID [TASK_ID ...]
+
+The server address comes from --server, else QM_CLIENT__SERVER, else client.server in the
+config file (--config or QM_CONFIG), else 127.0.0.1:50051.
+exit codes: 0 ok, 1 task did not succeed / server error, 2 bad input, 3 unreachable, 130 interrupted"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qm", description="QueueMaster command-line client.",
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--server", metavar="HOST:PORT", help="qm-server address (client.server)")
+    parser.add_argument("--config", metavar="PATH", help="YAML config file (default: $QM_CONFIG, else none)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    submit = commands.add_parser("submit", help="submit a task; prints its id (or its result with --wait)",
+                                 description="Submit a task. The server validates the type and payload "
+                                             "before accepting; the id is printed once the task is durable.")
+    submit.add_argument("-T", "--type", required=True, help="task type, e.g. math")
+    submit.add_argument("-P", "--payload", required=True,
+                        help="payload text for the task type (e.g. an expression); - reads stdin")
+    submit.add_argument("--queue", default="", help="logical queue (default: default)")
+    submit.add_argument("--wait", action="store_true",
+                        help="wait for the task and print its result; exit 0 only if it SUCCEEDED")
+    submit.add_argument("--json", action="store_true", help="print JSON (the task id, or its full status with --wait)")
+
+    status = commands.add_parser("status", help="show a task's state, attempts, result, error, times, worker",
+                                 description="Show one task's current status.")
+    status.add_argument("task_id", metavar="ID", help="task id printed by qm submit")
+    status.add_argument("--json", action="store_true", help="print one JSON object")
+
+    watch = commands.add_parser("watch", help="print each state change live until all tasks are terminal",
+                                description="Follow tasks live: the current state of each first, then "
+                                            "every change. Exits when all are terminal: 0 if all "
+                                            "SUCCEEDED, else 1.")
+    watch.add_argument("task_ids", metavar="ID", nargs="+", help="task ids to follow")
+    watch.add_argument("--json", action="store_true", help="print one JSON object per change")
+    return parser
+
+
+def _when(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _as_json(status: TaskStatus) -> str:
+    data = status.to_dict()
+    for key in ("created_at", "started_at", "finished_at", "updated_at"):
+        data[key] = _when(data[key]) if data[key] is not None else None
+    return json.dumps(data)
+
+
+def _show(status: TaskStatus) -> str:
+    rows = [("id", status.task_id), ("type", status.type), ("queue", status.queue), ("state", status.state),
+            ("attempts", status.attempts), ("result", "" if status.result is None else status.result),
+            ("error", status.error), ("worker", status.worker or "-"),
+            ("created", _when(status.created_at)), ("started", _when(status.started_at)),
+            ("finished", _when(status.finished_at))]
+    return "\n".join(f"{name:<9} {value}" for name, value in rows)
+
+
+def _change_line(status: TaskStatus) -> str:
+    detail = status.result if status.state == "SUCCEEDED" else status.error.splitlines()[0] if status.error else ""
+    return f"{_when(status.updated_at)} {status.task_id} {status.state} {detail}".rstrip()
+
+
+def cmd_submit(client: Client, args) -> int:
+    payload = sys.stdin.read() if args.payload == "-" else args.payload
+    task_id = client.submit(args.type, payload, queue=args.queue)
+    if not args.wait:
+        print(json.dumps({"id": task_id}) if args.json else task_id)
+        return 0
+    final = None
+    for final in client.watch([task_id]):
+        pass
+    if args.json:
+        print(_as_json(final))
+    elif final.state == "SUCCEEDED":
+        print(final.result)
+    else:
+        print(f"qm: task {task_id} ended {final.state}: {final.error}", file=sys.stderr)
+    return 0 if final.state == "SUCCEEDED" else EXIT_TASK_FAILED
+
+
+def cmd_status(client: Client, args) -> int:
+    status = client.status(args.task_id)
+    print(_as_json(status) if args.json else _show(status))
+    return 0
+
+
+def cmd_watch(client: Client, args) -> int:
+    final: dict[str, str] = {}
+    for status in client.watch(args.task_ids):
+        print(_as_json(status) if args.json else _change_line(status), flush=True)
+        if status.terminal:
+            final[status.task_id] = status.state
+    return 0 if all(state == "SUCCEEDED" for state in final.values()) else EXIT_TASK_FAILED
+
+
+COMMANDS = {"submit": cmd_submit, "status": cmd_status, "watch": cmd_watch}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(args.config, overrides={"client.server": args.server})
+        with Client(config.client.server) as client:
+            return COMMANDS[args.command](client, args)
+    except ConfigError as exc:
+        print(f"qm: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except RemoteError as exc:
+        print(f"qm: {exc}", file=sys.stderr)
+        if exc.code is grpc.StatusCode.INVALID_ARGUMENT:
+            return EXIT_BAD_INPUT
+        return EXIT_UNAVAILABLE if exc.code is grpc.StatusCode.UNAVAILABLE else EXIT_TASK_FAILED
+    except TaskError as exc:
+        print(f"qm: {exc}", file=sys.stderr)
+        return EXIT_TASK_FAILED
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED

@@ -1,0 +1,160 @@
+"""qm.Client: the Python client of qm-server (and what the `qm` command uses).
+
+    with qm.Client(server="127.0.0.1:50051") as client:
+        task_id = client.submit("math", "1 + 2 * 5")
+        print(client.result(task_id, timeout_s=30))   # 11
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from typing import Any, Iterable, Iterator
+
+import grpc
+
+from qm._proto import task_queue_pb2, task_queue_pb2_grpc
+from qm.errors import QMError, TaskError
+
+#: Deadline of unary calls (submit, status).
+DEFAULT_CALL_TIMEOUT_S = 30.0
+
+
+class RemoteError(QMError):
+    """qm-server answered with an error status (or could not be reached)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, server: str):
+        self.code = code
+        self.details = details
+        if code is grpc.StatusCode.UNAVAILABLE and "broker" not in details.lower():
+            details = (f"cannot reach qm-server at {server} ({details}); is it running? "
+                       "Point --server / QM_CLIENT__SERVER at it")
+        elif code is grpc.StatusCode.DEADLINE_EXCEEDED:
+            details = f"qm-server at {server} did not answer in time ({details})"
+        super().__init__(details)
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskStatus:
+    """A task's state as the server reports it; times are seconds since the epoch or None."""
+
+    task_id: str
+    type: str
+    queue: str
+    state: str
+    attempts: int
+    result: Any
+    error: str
+    worker: str
+    created_at: float | None
+    started_at: float | None
+    finished_at: float | None
+    updated_at: float | None
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL_STATE_NAMES
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data = {"id": data.pop("task_id"), **data}
+        if isinstance(self.result, bytes):
+            data["result"] = self.result.hex()
+        return data
+
+
+TERMINAL_STATE_NAMES = frozenset({"SUCCEEDED", "FAILED", "TIMED_OUT", "MEMORY_EXCEEDED", "CRASHED",
+                                  "CANCELLED"})
+
+
+def encode_payload(payload: Any) -> bytes:
+    """str → UTF-8, bytes as they are, anything else → JSON."""
+    if isinstance(payload, bytes):
+        return payload
+    if isinstance(payload, str):
+        return payload.encode("utf-8")
+    return json.dumps(payload).encode("utf-8")
+
+
+def decode_result(raw: bytes, codec: str) -> Any:
+    if codec == "bytes":
+        return raw
+    text = raw.decode("utf-8", errors="replace")
+    return json.loads(text) if codec == "json" and text else text
+
+
+def _seconds(timestamp) -> float | None:
+    return timestamp.ToNanoseconds() / 1e9 if timestamp.ByteSize() else None
+
+
+def status_from_proto(status: task_queue_pb2.TaskStatus) -> TaskStatus:
+    return TaskStatus(
+        task_id=status.task_id, type=status.type, queue=status.queue,
+        state=task_queue_pb2.TaskState.Name(status.state), attempts=status.attempts,
+        result=decode_result(status.result, status.codec) if status.state == task_queue_pb2.SUCCEEDED else None,
+        error=status.error, worker=status.worker, created_at=_seconds(status.created_at),
+        started_at=_seconds(status.started_at), finished_at=_seconds(status.finished_at),
+        updated_at=_seconds(status.updated_at))
+
+
+class Client:
+    """A connection to one qm-server; close it (or use `with`)."""
+
+    def __init__(self, server: str = "127.0.0.1:50051", call_timeout_s: float = DEFAULT_CALL_TIMEOUT_S):
+        self.server = server
+        self.call_timeout_s = call_timeout_s
+        self._channel = grpc.insecure_channel(server)
+        self._stub = task_queue_pb2_grpc.TaskQueueStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _call(self, method, request):
+        try:
+            return method(request, timeout=self.call_timeout_s, wait_for_ready=False)
+        except grpc.RpcError as exc:
+            raise RemoteError(exc.code(), exc.details() or "", self.server) from None
+
+    def submit(self, type: str, payload: Any, *, queue: str = "") -> str:
+        """Submit a task; returns its id once the server has made it durable."""
+        request = task_queue_pb2.SubmitTaskRequest(type=type, payload=encode_payload(payload), queue=queue)
+        return self._call(self._stub.SubmitTask, request).task_id
+
+    def status(self, task_id: str) -> TaskStatus:
+        request = task_queue_pb2.GetTaskStatusRequest(task_id=task_id)
+        return status_from_proto(self._call(self._stub.GetTaskStatus, request))
+
+    def watch(self, task_ids: Iterable[str], timeout_s: float | None = None) -> Iterator[TaskStatus]:
+        """Each task's current state, then every change as it happens, until all are terminal."""
+        request = task_queue_pb2.StreamTaskResultsRequest(task_ids=list(task_ids))
+        stream = self._stub.StreamTaskResults(iter([request]), timeout=timeout_s)
+        try:
+            for status in stream:
+                yield status_from_proto(status)
+        except grpc.RpcError as exc:
+            if exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise TimeoutError(f"tasks {', '.join(request.task_ids)} not finished within {timeout_s} s") from None
+            raise RemoteError(exc.code(), exc.details() or "", self.server) from None
+        finally:
+            stream.cancel()
+
+    def result(self, task_id: str, timeout_s: float | None = None) -> Any:
+        """Wait for the task; return its result, or raise TaskError (or TimeoutError)."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        last = None
+        for last in self.watch([task_id], timeout_s):
+            if last.terminal:
+                break
+        if last is None or not last.terminal:
+            left = None if deadline is None else deadline - time.monotonic()
+            raise TimeoutError(f"task {task_id} not finished (last state {last.state if last else 'unknown'}, "
+                               f"{left} s left)")
+        if last.state != "SUCCEEDED":
+            raise TaskError(task_id, last.state, last.error)
+        return last.result

@@ -1,0 +1,424 @@
+"""Typed QueueMaster configuration loaded from layered sources.
+
+Precedence, per key: CLI flag (``overrides``) > environment
+(``QM_<SECTION>__<KEY>``) > YAML file > built-in default.  With ``path=None``
+the YAML file named by the ``QM_CONFIG`` environment variable is read when that
+variable is set and non-empty; otherwise no file is read.  Every problem raises
+``ConfigError(dotted_key, reason)`` naming what is wrong and where it came from.
+"""
+
+import ipaddress
+import math
+import os
+import re
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import yaml
+
+from qm.errors import ConfigError
+
+_HOSTNAME = re.compile(r"[A-Za-z0-9_.-]+")
+_PORT = re.compile(r"[0-9]{1,5}")
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+_QUEUE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+_ENV_PREFIX = "QM_"
+_CONFIG_ENV = "QM_CONFIG"
+_HOST_PORT_HINT = "HOST:PORT such as 127.0.0.1:50051 or [::1]:50051"
+
+
+# ---------------------------------------------------------------- coercion ---
+# Coercers and checks take a value and return the (normalised) value or raise
+# ValueError with a reason; the caller appends the source.
+
+
+def _to_int(raw: Any) -> int:
+    """An int, or a string holding a decimal integer."""
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str) and _INTEGER.fullmatch(raw.strip()):
+        return int(raw.strip())
+    raise ValueError(f"expected an integer, got {raw!r}")
+
+
+def _to_float(raw: Any) -> float:
+    """A finite number, or a string holding one."""
+    value: float | None = None
+    if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+        value = float(raw)
+    elif isinstance(raw, str):
+        try:
+            value = float(raw.strip())
+        except ValueError:
+            value = None
+    if value is None or not math.isfinite(value):
+        raise ValueError(f"expected a number, got {raw!r}")
+    return value
+
+
+def _to_str(raw: Any) -> str:
+    """A string (YAML scalars such as 123 must be quoted)."""
+    if not isinstance(raw, str):
+        raise ValueError(f"expected a string, got {raw!r} (quote it in YAML)")
+    return raw
+
+
+def _to_names(raw: Any) -> list[str]:
+    """A list of strings, or one comma-separated string; items stripped, empties dropped."""
+    if isinstance(raw, str):
+        items = raw.split(",")
+    elif isinstance(raw, (list, tuple)) and all(isinstance(i, str) for i in raw):
+        items = list(raw)
+    else:
+        raise ValueError(f"expected a list of names or a comma-separated string like 'a,b', got {raw!r}")
+    return [item.strip() for item in items if item.strip()]
+
+
+def _to_prefetch(raw: Any) -> str:
+    """'auto' or a positive integer (int or digits), stored as a string."""
+    text = str(raw).strip() if isinstance(raw, (str, int)) and not isinstance(raw, bool) else None
+    if text is not None and text.lower() == "auto":
+        return "auto"
+    if text is not None and text.isascii() and text.isdigit() and int(text) > 0:
+        return str(int(text))
+    raise ValueError(f"expected 'auto' or a positive integer, got {raw!r}")
+
+
+def _at_least(low: float) -> Callable[[Any], Any]:
+    def check(value: Any) -> Any:
+        if value < low:
+            raise ValueError(f"must be >= {low}, got {value!r}")
+        return value
+
+    return check
+
+
+def _above(low: float) -> Callable[[Any], Any]:
+    def check(value: Any) -> Any:
+        if value <= low:
+            raise ValueError(f"must be > {low}, got {value!r}")
+        return value
+
+    return check
+
+
+def _at_most(high: float) -> Callable[[Any], Any]:
+    def check(value: Any) -> Any:
+        if value > high:
+            raise ValueError(f"must be <= {high}, got {value!r}")
+        return value
+
+    return check
+
+
+def _one_of(*choices: str, upper: bool = False) -> Callable[[str], str]:
+    def check(value: str) -> str:
+        normal = value.strip().upper() if upper else value
+        if normal not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}, got {value!r}")
+        return normal
+
+    return check
+
+
+def _non_empty(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty")
+    return value
+
+
+def _host_port(allow_port_zero: bool) -> Callable[[str], str]:
+    def check(value: str) -> str:
+        _, port = parse_host_port(value)
+        if port == 0 and not allow_port_zero:
+            raise ValueError(
+                f"port 0 only makes sense for server.listen; give the server's real port, got {value!r}"
+            )
+        return value.strip()
+
+    return check
+
+
+def _amqp_url(value: str) -> str:
+    try:
+        parts = urlsplit(value.strip())
+    except ValueError:
+        parts = urlsplit("")
+    if parts.scheme.lower() not in ("amqp", "amqps") or not parts.hostname:
+        raise ValueError(
+            "expected an AMQP URL starting with amqp:// or amqps:// "
+            f"(e.g. amqp://guest:guest@127.0.0.1:5672/%2F), got {redact_url(value)!r}"
+        )
+    return value.strip()
+
+
+def _queue_names(names: list[str]) -> list[str]:
+    if not names:
+        raise ValueError("needs at least one queue name, e.g. 'default' or 'a,b'")
+    for name in names:
+        if not _QUEUE_NAME.fullmatch(name):
+            raise ValueError(f"queue name {name!r} is invalid; use only letters, digits, '_', '.', '-'")
+    if len(set(names)) != len(names):
+        raise ValueError(f"lists a queue more than once: {names!r}")
+    return names
+
+
+def parse_host_port(text: str) -> tuple[str, int]:
+    """Split ``HOST:PORT`` (IPv6 as ``[::1]:PORT``) into (host, port), port 0..65535.
+
+    The host is returned without brackets.  Raises ValueError if malformed.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"expected {_HOST_PORT_HINT}, got {text!r}")
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not host or not _PORT.fullmatch(port):
+        raise ValueError(f"expected {_HOST_PORT_HINT}, got {text!r}")
+    if int(port) > 65535:
+        raise ValueError(f"port must be 0..65535, got {text!r}")
+    return _parse_host(host, text), int(port)
+
+
+def _parse_host(host: str, text: str) -> str:
+    """Validate the host part of HOST:PORT; strip IPv6 brackets."""
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            return str(ipaddress.IPv6Address(host[1:-1]))
+        except ValueError:
+            raise ValueError(f"{host!r} is not an IPv6 address in brackets, in {text!r}") from None
+    if ":" in host:
+        raise ValueError(f"IPv6 addresses must be in brackets, e.g. [::1]:50051, got {text!r}")
+    if not _HOSTNAME.fullmatch(host):
+        raise ValueError(f"expected {_HOST_PORT_HINT}, got {text!r}")
+    return host
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ``***`` (for messages and display)."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        userinfo = f"{parts.username or ''}:***"
+        host = parts.netloc.rpartition("@")[2]
+        return urlunsplit(parts._replace(netloc=f"{userinfo}@{host}"))
+    except ValueError:
+        return "<unparseable URL>"
+
+
+# ----------------------------------------------------------------- schema ---
+
+
+def _setting(default: Any, coerce: Callable[[Any], Any], *checks: Callable[[Any], Any]) -> Any:
+    """A dataclass field carrying its coercer and checks as metadata."""
+    meta = {"coerce": coerce, "checks": checks}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    """RabbitMQ connection settings."""
+
+    url: str = _setting("amqp://guest:guest@127.0.0.1:5672/%2F", _to_str, _amqp_url)
+    heartbeat_s: int = _setting(30, _to_int, _at_least(0), _at_most(65535))
+    reconnect_max_delay_s: float = _setting(10.0, _to_float, _above(0))
+    queue_type: str = _setting("classic", _to_str, _one_of("classic", "quorum"))
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """qm-server settings."""
+
+    listen: str = _setting("127.0.0.1:50051", _to_str, _host_port(allow_port_zero=True))
+    data_dir: str = _setting("qm-data", _to_str, _non_empty)
+    id: str = _setting("", _to_str)
+    max_payload_bytes: int = _setting(1048576, _to_int, _above(0))
+    grace_s: float = _setting(5.0, _to_float, _at_least(0))
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Worker pool settings."""
+
+    procs: int = _setting(0, _to_int, _at_least(0))
+    queues: list[str] = _setting(["default"], _to_names, _queue_names)
+    prefetch: str = _setting("auto", _to_prefetch)
+    id: str = _setting("", _to_str)
+    start_method: str = _setting("forkserver", _to_str, _one_of("forkserver", "spawn"))
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """Client settings."""
+
+    server: str = _setting("127.0.0.1:50051", _to_str, _host_port(allow_port_zero=False))
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """Logging settings."""
+
+    level: str = _setting("INFO", _to_str, _one_of("DEBUG", "INFO", "WARNING", "ERROR", upper=True))
+
+
+@dataclass(frozen=True)
+class Config:
+    """All settings, one frozen dataclass per section."""
+
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+    client: ClientConfig = field(default_factory=ClientConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self, redact: bool = True) -> dict[str, dict[str, Any]]:
+        """Nested plain dict for display; the broker password is masked unless redact=False."""
+        data = asdict(self)
+        if redact:
+            data["broker"]["url"] = redact_url(data["broker"]["url"])
+        return data
+
+
+# ---------------------------------------------------------------- loading ---
+
+
+def env_var_name(section: str, key: str) -> str:
+    """The environment variable that sets ``section.key``."""
+    return f"{_ENV_PREFIX}{section.upper()}__{key.upper()}"
+
+
+def _sections() -> dict[str, type]:
+    return {f.name: f.type for f in fields(Config)}
+
+
+def _section_fields(section: str, source: str) -> dict[str, Any]:
+    """Fields of a known section, else ConfigError listing the known sections."""
+    sections = _sections()
+    if section not in sections:
+        known = ", ".join(sections)
+        raise ConfigError(section, f"unknown section {section!r} (from {source}); known sections: {known}")
+    return {f.name: f for f in fields(sections[section])}
+
+
+def _convert(section: str, key: str, raw: Any, source: str) -> Any:
+    """Coerce and check one raw value; ConfigError names key, problem and source."""
+    known = _section_fields(section, source)
+    dotted = f"{section}.{key}"
+    if key not in known:
+        listed = ", ".join(known)
+        raise ConfigError(dotted, f"unknown key {key!r} (from {source}); known keys of {section}: {listed}")
+    spec = known[key]
+    try:
+        value = spec.metadata["coerce"](raw)
+        for check in spec.metadata["checks"]:
+            value = check(value)
+    except ValueError as exc:
+        raise ConfigError(dotted, f"{exc} (from {source})") from None
+    return value
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    if mark is None:
+        return str(exc)
+    return f"line {mark.line + 1}, column {mark.column + 1}: {getattr(exc, 'problem', None) or exc}"
+
+
+def _read_yaml(name: str, origin: str) -> dict[Any, Any]:
+    """Parse the YAML file; its top level must be a mapping (empty file = {})."""
+    try:
+        with open(name, encoding="utf-8") as stream:
+            data = yaml.safe_load(stream)
+    except FileNotFoundError:
+        raise ConfigError(name, f"config file not found{origin}; check the path") from None
+    except OSError as exc:
+        raise ConfigError(name, f"cannot read config file{origin}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(name, f"config file{origin} is not UTF-8 text") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(name, f"invalid YAML{origin} at {_yaml_problem(exc)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        known = ", ".join(_sections())
+        reason = f"top level must be a mapping of sections ({known}), got {_kind(data)}{origin}"
+        raise ConfigError(name, reason)
+    return data
+
+
+_Entry = tuple[str, str, Any, str]  # (section, key, raw value, source description)
+
+
+def _file_entries(path: str | os.PathLike | None, env: Mapping[str, str]) -> Iterator[_Entry]:
+    """(section, key, raw, source) from the YAML file given or named by QM_CONFIG."""
+    origin = ""
+    if path is None and env.get(_CONFIG_ENV):
+        path, origin = env[_CONFIG_ENV], f" (named by env {_CONFIG_ENV})"
+    if path is None:
+        return
+    name = os.fspath(path)
+    source = f"file {name}{origin}"
+    for section, body in _read_yaml(name, origin).items():
+        _section_fields(str(section), source)
+        if body is None:  # a section whose keys are all commented out
+            continue
+        if not isinstance(body, dict):
+            reason = f"section must be a mapping of keys, got {_kind(body)} (from {source})"
+            raise ConfigError(str(section), reason)
+        for key, raw in body.items():
+            yield str(section), str(key), raw, source
+
+
+def _env_entries(env: Mapping[str, str]) -> Iterator[_Entry]:
+    """(section, key, raw, source) from QM_<SECTION>__<KEY> variables (QM_CONFIG excluded)."""
+    for name in sorted(env):
+        if not name.startswith(_ENV_PREFIX) or name == _CONFIG_ENV:
+            continue
+        section, sep, key = name[len(_ENV_PREFIX):].lower().partition("__")
+        if not sep or not section or not key:
+            raise ConfigError(
+                name[len(_ENV_PREFIX):].lower(),
+                f"environment variable {name} names no setting; use QM_<SECTION>__<KEY> "
+                f"such as QM_SERVER__LISTEN (sections: {', '.join(_sections())}) or unset it",
+            )
+        yield section, key, env[name], f"env {name}"
+
+
+def _override_entries(overrides: Mapping[str, object]) -> Iterator[_Entry]:
+    """(section, key, raw, source) from dotted CLI overrides; None means 'flag not given'."""
+    for dotted, raw in overrides.items():
+        if raw is None:
+            continue
+        section, sep, key = dotted.partition(".")
+        if not sep:
+            reason = "override keys must be dotted paths like 'server.listen' (from command-line flag)"
+            raise ConfigError(dotted, reason)
+        yield section, key, raw, f"command-line flag for {dotted}"
+
+
+def load_config(
+    path: str | os.PathLike | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, object] | None = None,
+) -> Config:
+    """Build the Config: flag > env > file > default, per key.
+
+    ``path=None`` reads the file named by env ``QM_CONFIG`` if set, else no file.
+    ``env=None`` uses ``os.environ``.  ``overrides`` maps dotted keys
+    (``"server.listen"``) to flag values; None values are ignored.
+    Every layer is validated even where a higher layer overrides it.
+    """
+    env = os.environ if env is None else env
+    values = {name: asdict(cls()) for name, cls in _sections().items()}
+    layers = (_file_entries(path, env), _env_entries(env), _override_entries(overrides or {}))
+    for layer in layers:
+        for section, key, raw, source in layer:
+            values[section][key] = _convert(section, key, raw, source)
+    return Config(**{name: cls(**values[name]) for name, cls in _sections().items()})

@@ -1,0 +1,57 @@
+"""Domain errors. Every error a user sees names what happened and what to change."""
+
+
+class QMError(Exception):
+    """Base of every QueueMaster error."""
+
+
+class ConfigError(QMError):
+    """A configuration key has a bad value or is unknown; names the key's path."""
+
+    def __init__(self, path: str, reason: str):
+        self.path = path
+        self.reason = reason
+        super().__init__(f"config {path}: {reason}")
+
+
+class ValidationError(QMError):
+    """Bad input to the API; names the field at fault."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        self.message = message
+        super().__init__(f"{field}: {message}")
+
+
+class UnknownTaskType(ValidationError):
+    """The task type is not served by any installed plugin."""
+
+    def __init__(self, task_type: str, known: list[str]):
+        known_text = ", ".join(sorted(known)) or "none installed"
+        super().__init__("type", f"unknown task type {task_type!r} (known: {known_text})")
+
+
+class PluginError(QMError):
+    """A plugin could not be loaded or declares something invalid."""
+
+
+class BrokerUnavailable(QMError):
+    """The message broker cannot be reached or refused the message."""
+
+
+class TaskNotFound(QMError):
+    """No task with that id is known to this server."""
+
+    def __init__(self, task_id: str):
+        self.task_id = task_id
+        super().__init__(f"no task with id {task_id!r}")
+
+
+class TaskError(QMError):
+    """A task ended in a state other than SUCCEEDED (raised by client.result)."""
+
+    def __init__(self, task_id: str, state: str, error: str):
+        self.task_id = task_id
+        self.state = state
+        self.error = error
+        super().__init__(f"task {task_id} ended {state}: {error}")

@@ -1,0 +1,14 @@
+"""Logging setup shared by the commands: one human-readable line per event on stderr."""
+from __future__ import annotations
+
+import logging
+import sys
+
+
+def setup_logging(level: str, process_name: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), stream=sys.stderr, force=True,
+        format=f"%(asctime)s {process_name}[%(process)d] %(levelname)s %(name)s: %(message)s")
+    # pika logs every connection attempt and close at INFO/WARNING; our broker module
+    # already says what matters (and says it once).
+    logging.getLogger("pika").setLevel(logging.ERROR)

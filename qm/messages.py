@@ -1,0 +1,83 @@
+"""What travels through RabbitMQ: task messages and task events, as protobuf bytes.
+
+Domain code handles the dataclasses; only this module knows the wire format
+(protos/qm/_proto/internal.proto).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from google.protobuf.message import DecodeError
+
+from qm._proto import internal_pb2
+from qm.states import TaskState
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskMessage:
+    """One attempt of a task, as a worker receives it."""
+
+    task_id: str
+    type: str
+    payload: bytes
+    queue: str
+    attempt: int = 1
+    enqueued_at_s: float = dataclasses.field(default_factory=time.time)
+
+    def encode(self) -> bytes:
+        message = internal_pb2.TaskMessage(task_id=self.task_id, type=self.type, payload=self.payload,
+                                           queue=self.queue, attempt=self.attempt)
+        message.enqueued_at.FromNanoseconds(int(self.enqueued_at_s * 1e9))
+        return message.SerializeToString()
+
+    @classmethod
+    def decode(cls, body: bytes) -> "TaskMessage":
+        message = _parse(internal_pb2.TaskMessage, body)
+        if not message.task_id or not message.type:
+            raise ValueError("task message without task_id or type")
+        return cls(message.task_id, message.type, message.payload, message.queue,
+                   message.attempt or 1, message.enqueued_at.ToNanoseconds() / 1e9)
+
+    def headers(self) -> dict[str, object]:
+        """AMQP headers naming the task, so operators can read a message without decoding it."""
+        return {"qm-task-id": self.task_id, "qm-type": self.type, "qm-attempt": self.attempt}
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskEvent:
+    """One state change of one task attempt, published by whoever caused it."""
+
+    task_id: str
+    type: str
+    queue: str
+    attempt: int
+    state: TaskState
+    worker: str = ""
+    result: bytes = b""
+    error: str = ""
+    at_s: float = dataclasses.field(default_factory=time.time)
+
+    def encode(self) -> bytes:
+        event = internal_pb2.TaskEvent(task_id=self.task_id, type=self.type, queue=self.queue,
+                                       attempt=self.attempt, state=int(self.state), result=self.result,
+                                       error=self.error, worker=self.worker)
+        event.at.FromNanoseconds(int(self.at_s * 1e9))
+        return event.SerializeToString()
+
+    @classmethod
+    def decode(cls, body: bytes) -> "TaskEvent":
+        event = _parse(internal_pb2.TaskEvent, body)
+        if not event.task_id:
+            raise ValueError("task event without task_id")
+        return cls(event.task_id, event.type, event.queue, event.attempt, TaskState(event.state),
+                   event.worker, event.result, event.error, event.at.ToNanoseconds() / 1e9)
+
+
+def _parse(message_class, body: bytes):
+    message = message_class()
+    try:
+        message.ParseFromString(body)
+    except DecodeError as exc:
+        raise ValueError(f"undecodable {message_class.__name__}: {exc}") from exc
+    return message

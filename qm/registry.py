@@ -1,0 +1,133 @@
+"""Task types from plugins, in three pure phases: find → load → validate.
+
+A plugin registers under the entry-point group `qm.tasks`; the entry point's name is
+the task type. It resolves either to a `TaskType` or to a plain function
+`f(payload: str) -> object` (text codec, defaults for everything else; the result is
+`str()`-ed).
+
+- find: list entry points, sorted by name; imports nothing.
+- load: import each; an import error becomes a PluginError naming the distribution,
+  and one broken plugin does not stop the others.
+- validate: declarations are checked (names, codecs, duplicates).
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import re
+from typing import Any, Callable, Iterable
+
+from qm.errors import PluginError, UnknownTaskType, ValidationError
+
+#: Entry-point group plugins register task types under.
+ENTRY_POINT_GROUP = "qm.tasks"
+#: Payload/result encodings a task type may declare.
+CODECS = ("text", "json", "bytes")
+_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskType:
+    """A task type declaration: what runs, how payloads are encoded, what is accepted."""
+
+    name: str
+    handler: Callable[[Any], Any]
+    codec: str = "text"
+    validate: Callable[[Any], None] | None = None
+    description: str = ""
+
+    def decode_payload(self, payload: bytes) -> Any:
+        """Bytes on the wire → the handler's argument (raises ValidationError)."""
+        if self.codec == "bytes":
+            return payload
+        try:
+            text = payload.decode("utf-8")
+            return json.loads(text) if self.codec == "json" else text
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise ValidationError("payload", f"not valid {self.codec} for task type {self.name!r}: {exc}")
+
+    def encode_result(self, value: Any) -> bytes:
+        """The handler's return value → bytes on the wire."""
+        if self.codec == "bytes":
+            return bytes(value)
+        if self.codec == "json":
+            return json.dumps(value).encode()
+        return str(value).encode()
+
+    def check_payload(self, payload: bytes) -> None:
+        """What the server runs at submit time: decodes, then the plugin's validator."""
+        decoded = self.decode_payload(payload)
+        if self.validate is not None:
+            self.validate(decoded)
+
+
+@dataclasses.dataclass(frozen=True)
+class Registry:
+    """The loaded task types by name, and the plugins that failed to load."""
+
+    types: dict[str, TaskType]
+    errors: tuple[PluginError, ...] = ()
+
+    def get(self, name: str) -> TaskType:
+        try:
+            return self.types[name]
+        except KeyError:
+            raise UnknownTaskType(name, list(self.types)) from None
+
+
+def find(group: str = ENTRY_POINT_GROUP) -> list[importlib.metadata.EntryPoint]:
+    """Entry points of the group, sorted by name then value; nothing is imported."""
+    return sorted(importlib.metadata.entry_points(group=group), key=lambda ep: (ep.name, ep.value))
+
+
+def load(entry_points: Iterable[importlib.metadata.EntryPoint]) -> list[TaskType | PluginError]:
+    """Import each entry point; a failure becomes a PluginError in its place."""
+    return [_load_one(ep) for ep in entry_points]
+
+
+def _load_one(ep: importlib.metadata.EntryPoint) -> TaskType | PluginError:
+    package = ep.dist.name if ep.dist is not None else "unknown distribution"
+    try:
+        target = ep.load()
+    except Exception as exc:  # any import-time failure of third-party code
+        error = PluginError(f"plugin {ep.name!r} from {package} failed to load ({ep.value}): "
+                            f"{type(exc).__name__}: {exc}")
+        error.__cause__ = exc
+        return error
+    if isinstance(target, TaskType):
+        return dataclasses.replace(target, name=ep.name) if target.name != ep.name else target
+    if callable(target):
+        doc = (getattr(target, "__doc__", None) or "").strip().splitlines()
+        return TaskType(name=ep.name, handler=target, description=doc[0] if doc else "")
+    return PluginError(f"plugin {ep.name!r} from {package} resolves to {type(target).__name__}, "
+                       "expected a qm.registry.TaskType or a function")
+
+
+def validate(loaded: Iterable[TaskType | PluginError]) -> Registry:
+    """Check declarations; bad or duplicate ones are reported, the rest are served."""
+    types: dict[str, TaskType] = {}
+    errors: list[PluginError] = []
+    for item in loaded:
+        problem = item if isinstance(item, PluginError) else _check(item, types)
+        if problem is not None:
+            errors.append(problem)
+        else:
+            types[item.name] = item
+    return Registry(types, tuple(errors))
+
+
+def _check(task_type: TaskType, seen: dict[str, TaskType]) -> PluginError | None:
+    if not _NAME_RE.match(task_type.name):
+        return PluginError(f"task type name {task_type.name!r} is invalid: use letters, digits, _ . -")
+    if task_type.codec not in CODECS:
+        return PluginError(f"task type {task_type.name!r} declares codec {task_type.codec!r}; "
+                           f"expected one of {', '.join(CODECS)}")
+    if task_type.name in seen:
+        return PluginError(f"task type {task_type.name!r} is registered twice; the first one is used")
+    return None
+
+
+def discover(group: str = ENTRY_POINT_GROUP) -> Registry:
+    """find → load → validate for the installed plugins."""
+    return validate(load(find(group)))

@@ -1,0 +1,125 @@
+"""qm-server composition root: config → registry, broker, store → gRPC server."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import pathlib
+import signal
+import socket
+import sys
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from qm import registry as plugin_registry
+from qm._proto import task_queue_pb2, task_queue_pb2_grpc
+from qm.broker.rabbitmq import RabbitMQBroker
+from qm.config import Config, load_config
+from qm.errors import ConfigError
+from qm.logs import setup_logging
+from qm.server.service import TaskService
+from qm.server.servicer import TaskQueueServicer
+from qm.server.store import Store
+
+log = logging.getLogger("qm.server")
+
+SERVICE_NAME = task_queue_pb2.DESCRIPTOR.services_by_name["TaskQueue"].full_name
+
+
+def server_id(config: Config) -> str:
+    """This replica's id: names its durable events queue, so keep it stable across restarts."""
+    return config.server.id or f"server-{socket.gethostname()}"
+
+
+class ServerApp:
+    """A running qm-server: `await start()`, `port`, `await stop()`."""
+
+    def __init__(self, config: Config, registry: plugin_registry.Registry | None = None) -> None:
+        self.config = config
+        self.registry = registry or plugin_registry.discover()
+        self.broker = RabbitMQBroker(config.broker.url, config.broker.heartbeat_s,
+                                     config.broker.reconnect_max_delay_s, connection_name="qm-server")
+        data_dir = pathlib.Path(config.server.data_dir)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.store = Store(data_dir / f"{server_id(config)}.sqlite3")
+        self.service = TaskService(self.registry, self.store, self.broker,
+                                   max_payload_bytes=config.server.max_payload_bytes,
+                                   queue_type=config.broker.queue_type)
+        self.health = health.aio.HealthServicer()
+        self.grpc_server = grpc.aio.server()
+        self.port = 0
+
+    async def start(self) -> int:
+        """Connect, start consuming events, bind and serve; return the bound port."""
+        for error in self.registry.errors:
+            log.error("%s", error)
+        log.info("serving task types: %s", ", ".join(sorted(self.registry.types)) or "none")
+        await self.broker.connect()
+        await self.service.start_events(server_id(self.config))
+        task_queue_pb2_grpc.add_TaskQueueServicer_to_server(TaskQueueServicer(self.service), self.grpc_server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc_server)
+        listen = self.config.server.listen
+        self.port = self.grpc_server.add_insecure_port(listen)
+        if self.port == 0:
+            raise ConfigError("server.listen", f"cannot bind {listen}")
+        await self.grpc_server.start()
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("qm-server %s listening on %s (port %d)", server_id(self.config), listen, self.port)
+        return self.port
+
+    async def stop(self) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.grpc_server.stop(self.config.server.grace_s)
+        await self.service.stop_events()
+        await self.broker.close()
+        self.store.close()
+        log.info("qm-server stopped")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="qm-server",
+        description="QueueMaster API server: accepts tasks over gRPC, makes each durable in "
+                    "RabbitMQ before answering, and follows their state from the events queue.",
+        epilog="Every flag can also be set in the config file or as QM_<SECTION>__<KEY> "
+               "(e.g. QM_SERVER__LISTEN); precedence: flag > env > file > default.")
+    parser.add_argument("--config", metavar="PATH", help="YAML config file (default: $QM_CONFIG, else none)")
+    parser.add_argument("--listen", metavar="HOST:PORT",
+                        help="address to serve gRPC on; port 0 picks a free one (server.listen)")
+    parser.add_argument("--broker-url", metavar="URL", help="RabbitMQ AMQP URL (broker.url)")
+    parser.add_argument("--data-dir", metavar="DIR", help="directory of the SQLite task store (server.data_dir)")
+    parser.add_argument("--server-id", metavar="ID",
+                        help="replica id naming its durable events queue (server.id; default from hostname)")
+    parser.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING or ERROR (log.level)")
+    return parser.parse_args(argv)
+
+
+async def serve(config: Config) -> None:
+    app = ServerApp(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    await app.start()
+    await stop.wait()
+    log.info("shutting down")
+    await app.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = load_config(args.config, overrides={
+            "server.listen": args.listen, "broker.url": args.broker_url,
+            "server.data_dir": args.data_dir, "server.id": args.server_id, "log.level": args.log_level})
+    except ConfigError as exc:
+        print(f"qm-server: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(config.log.level, "qm-server")
+    asyncio.run(serve(config))
+    return 0

@@ -1,0 +1,118 @@
+"""gRPC servicer for qm.v1.TaskQueue: proto ↔ domain only; logic lives in TaskService.
+
+Domain errors become gRPC status codes in one place, `_STATUS_OF`.
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+
+import grpc
+
+from qm._proto import task_queue_pb2, task_queue_pb2_grpc
+from qm.errors import BrokerUnavailable, QMError, TaskNotFound, ValidationError
+from qm.server.service import TaskService
+from qm.server.store import TaskRecord
+
+log = logging.getLogger(__name__)
+
+_STATUS_OF: dict[type[QMError], grpc.StatusCode] = {
+    ValidationError: grpc.StatusCode.INVALID_ARGUMENT,
+    TaskNotFound: grpc.StatusCode.NOT_FOUND,
+    BrokerUnavailable: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def status_code_for(error: QMError) -> grpc.StatusCode:
+    for error_class in type(error).__mro__:
+        if error_class in _STATUS_OF:
+            return _STATUS_OF[error_class]
+    return grpc.StatusCode.INTERNAL
+
+
+def _maps_errors(method):
+    """Turn a domain error raised by a unary handler into its gRPC status."""
+    @functools.wraps(method)
+    async def wrapper(self, request, context):
+        try:
+            return await method(self, request, context)
+        except QMError as exc:
+            await context.abort(status_code_for(exc), str(exc))
+    return wrapper
+
+
+def record_to_proto(record: TaskRecord) -> task_queue_pb2.TaskStatus:
+    status = task_queue_pb2.TaskStatus(
+        task_id=record.task_id, type=record.type, queue=record.queue, state=int(record.state),
+        attempts=record.attempts, result=record.result or b"", codec=record.codec,
+        error=record.error, worker=record.worker)
+    for field, seconds in (("created_at", record.created_at), ("started_at", record.started_at),
+                           ("finished_at", record.finished_at), ("updated_at", record.updated_at)):
+        if seconds is not None:
+            getattr(status, field).FromNanoseconds(int(seconds * 1e9))
+    return status
+
+
+class TaskQueueServicer(task_queue_pb2_grpc.TaskQueueServicer):
+    def __init__(self, service: TaskService) -> None:
+        self.service = service
+
+    @_maps_errors
+    async def SubmitTask(self, request, context):
+        record = await self.service.submit(request.type, request.payload, request.queue)
+        return task_queue_pb2.SubmitTaskResponse(task_id=record.task_id, state=int(record.state))
+
+    @_maps_errors
+    async def GetTaskStatus(self, request, context):
+        return record_to_proto(self.service.status(request.task_id))
+
+    async def StreamTaskResults(self, request_iterator, context):
+        """Current state of each followed task first, then each change, until terminal."""
+        updates: asyncio.Queue = asyncio.Queue()
+        followed: set[str] = set()
+        reader = asyncio.create_task(self._read_follow_requests(request_iterator, updates, followed))
+        try:
+            async for status in _stream_until_terminal(updates, followed):
+                yield status
+        except QMError as exc:
+            await context.abort(status_code_for(exc), str(exc))
+        finally:
+            reader.cancel()
+            for task_id in followed:
+                self.service.hub.unfollow(task_id, updates)
+
+    async def _read_follow_requests(self, request_iterator, updates: asyncio.Queue, followed: set[str]):
+        try:
+            async for request in request_iterator:
+                for task_id in request.task_ids:
+                    if task_id in followed:
+                        continue
+                    self.service.hub.follow(task_id, updates)  # follow first: no change is missed
+                    followed.add(task_id)
+                    updates.put_nowait(self.service.status(task_id))
+        except QMError as exc:
+            updates.put_nowait(exc)  # the stream loop raises it as the stream's status
+        finally:
+            updates.put_nowait(None)  # the client half-closed
+
+
+async def _stream_until_terminal(updates: asyncio.Queue, followed: set[str]):
+    """Yield protos from queued records; stop when the client is done and all are terminal."""
+    sent: dict[str, tuple] = {}
+    finished: set[str] = set()
+    client_done = False
+    while not (client_done and finished >= followed):
+        item = await updates.get()
+        if item is None:
+            client_done = True
+            continue
+        if isinstance(item, QMError):
+            raise item
+        key = (item.state, item.attempts, item.updated_at)
+        if item.task_id in finished or sent.get(item.task_id) == key:
+            continue
+        sent[item.task_id] = key
+        if item.state.terminal:
+            finished.add(item.task_id)
+        yield record_to_proto(item)

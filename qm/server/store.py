@@ -1,0 +1,135 @@
+"""SQLite store of task state: this server's replica, fed by its own events queue.
+
+WAL mode with synchronous=NORMAL: a crash may lose the last commits, never corrupt the
+file, and anything lost is replayed from the durable events queue (events are acked
+only after the transaction that applied them committed).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sqlite3
+from typing import Iterable
+
+from qm.messages import TaskEvent
+from qm.states import TaskState, supersedes
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tasks (
+    task_id     TEXT PRIMARY KEY,
+    type        TEXT NOT NULL,
+    queue       TEXT NOT NULL,
+    codec       TEXT NOT NULL,
+    state       INTEGER NOT NULL,
+    attempts    INTEGER NOT NULL,
+    result      BLOB,
+    error       TEXT NOT NULL DEFAULT '',
+    worker      TEXT NOT NULL DEFAULT '',
+    created_at  REAL NOT NULL,
+    started_at  REAL,
+    finished_at REAL,
+    updated_at  REAL NOT NULL
+)
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskRecord:
+    """What the server knows of one task (timestamps in seconds since the epoch)."""
+
+    task_id: str
+    type: str
+    queue: str
+    codec: str
+    state: TaskState
+    attempts: int
+    result: bytes | None
+    error: str
+    worker: str
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    updated_at: float
+
+
+_COLUMNS = [field.name for field in dataclasses.fields(TaskRecord)]
+
+
+class Store:
+    """Task records in one SQLite file; used from one thread (the server's event loop)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self._db = sqlite3.connect(path, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(_SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def insert(self, record: TaskRecord) -> None:
+        placeholders = ", ".join("?" for _ in _COLUMNS)
+        self._db.execute(f"INSERT INTO tasks ({', '.join(_COLUMNS)}) VALUES ({placeholders})",
+                         dataclasses.astuple(record))
+
+    def delete(self, task_id: str) -> None:
+        self._db.execute("DELETE FROM tasks WHERE task_id = ?", (task_id,))
+
+    def get(self, task_id: str) -> TaskRecord | None:
+        row = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM tasks WHERE task_id = ?",
+                               (task_id,)).fetchone()
+        if row is None:
+            return None
+        values = dict(zip(_COLUMNS, row))
+        values["state"] = TaskState(values["state"])
+        return TaskRecord(**values)
+
+    def count(self) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM tasks").fetchone()[0]
+
+    def apply(self, events: Iterable[TaskEvent], codec_of: dict[str, str]) -> list[TaskRecord]:
+        """Apply events in one transaction; return the records that changed, in order.
+
+        Duplicates and stale events change nothing (see qm.states.supersedes). An event
+        for a task this replica never saw (submitted through another server) creates it.
+        """
+        changed: dict[str, TaskRecord] = {}
+        self._db.execute("BEGIN")
+        try:
+            for event in events:
+                current = changed.get(event.task_id) or self.get(event.task_id)
+                updated = _next_record(current, event, codec_of.get(event.type, "text"))
+                if updated is not None:
+                    self._upsert(updated)
+                    changed[event.task_id] = updated
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        return list(changed.values())
+
+    def _upsert(self, record: TaskRecord) -> None:
+        placeholders = ", ".join("?" for _ in _COLUMNS)
+        self._db.execute(f"INSERT OR REPLACE INTO tasks ({', '.join(_COLUMNS)}) VALUES ({placeholders})",
+                         dataclasses.astuple(record))
+
+
+def _next_record(current: TaskRecord | None, event: TaskEvent, codec: str) -> TaskRecord | None:
+    """The record after the event, or None when the event changes nothing."""
+    if current is None:
+        current = TaskRecord(event.task_id, event.type, event.queue, codec, TaskState.QUEUED, 0,
+                             None, "", "", event.at_s, None, None, event.at_s)
+    elif not supersedes(current.state, current.attempts, event.state, event.attempt):
+        return None
+    terminal = event.state.terminal
+    return dataclasses.replace(
+        current,
+        state=event.state,
+        attempts=max(current.attempts, event.attempt),
+        worker=event.worker or current.worker,
+        result=event.result if event.state is TaskState.SUCCEEDED else current.result,
+        error=event.error if terminal or event.state is TaskState.RETRYING else current.error,
+        started_at=event.at_s if event.state is TaskState.RUNNING else current.started_at,
+        finished_at=event.at_s if terminal else current.finished_at,
+        updated_at=event.at_s,
+    )

@@ -1,0 +1,1 @@
+"""Built-in task types shipped with QueueMaster."""

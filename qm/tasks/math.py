@@ -1,0 +1,488 @@
+"""The built-in ``math`` task type: a safe arithmetic evaluator.
+
+The payload is one arithmetic expression, e.g. ``sqrt(2) * (1 + 2) ** 3``. It is
+parsed with ``ast.parse(mode="eval")`` and walked against an explicit whitelist;
+nothing is ever passed to eval/exec or compiled to code.
+
+Allowed: int and float literals; ``+ - * / // % **``; unary ``+ -``; parentheses;
+the constants ``pi`` and ``e``; calls, by bare name and with positional arguments
+only, of abs, min, max, round, sqrt, floor, ceil, log (natural, or ``log(x, base)``),
+exp, sin, cos, tan, hypot and factorial. Anything else (names, attributes,
+subscripts, strings, booleans, comparisons, keyword arguments, ...) is rejected
+with a message naming the construct.
+
+Semantics are Python's: int op int stays an exact int, except ``/`` (always a
+float) and ``**`` with a negative exponent (a float); any float operand makes the
+result a float. ``round``, ``floor`` and ``ceil`` of one argument return ints.
+Division or modulo by zero is an error, as is 0 raised to a negative power.
+A float that overflows, or a result that is nan/inf, is an error (floats are
+always finite). A negative number raised to a fractional power is an error
+(no complex results).
+
+Results are formatted by :func:`format_result`: ints as plain decimal digits
+(``11``, ``-3``), floats as ``repr`` (``3.5``, ``2.0``, ``1e+20``).
+
+Bounds (each violation raises :class:`MathError` naming the limit):
+:data:`MAX_EXPRESSION_CHARS`, :data:`MAX_AST_DEPTH`, :data:`MAX_EXPONENT`,
+:data:`MAX_RESULT_DIGITS` (integer results and intermediates; oversized
+products and powers are refused before they are computed) and
+:data:`MAX_FACTORIAL_ARGUMENT`. Together they keep evaluation of any accepted
+expression well under a second.
+"""
+
+from __future__ import annotations
+
+import ast
+import decimal
+import math
+import operator
+import sys
+from collections.abc import Callable
+from types import MappingProxyType
+
+from qm.errors import ValidationError
+from qm.registry import TaskType
+
+#: Longest accepted expression, in characters (checked before parsing).
+MAX_EXPRESSION_CHARS = 10_000
+#: Deepest accepted nesting, in levels of expression nodes (``1`` is 1 level,
+#: ``-(1 + 2)`` is 3; a flat sum of n terms is n levels) and in levels of brackets.
+MAX_AST_DEPTH = 50
+#: Largest absolute value of the exponent of ``**`` when the base's magnitude is > 1.
+MAX_EXPONENT = 10_000
+#: Most decimal digits an integer result (or intermediate value) may have.
+MAX_RESULT_DIGITS = 10_000
+#: Largest argument of ``factorial`` (1000! has 2,568 digits).
+MAX_FACTORIAL_ARGUMENT = 1_000
+
+_INT_LIMIT = 10**MAX_RESULT_DIGITS  # integers must satisfy abs(n) < _INT_LIMIT
+_INT_LIMIT_BITS = _INT_LIMIT.bit_length()  # any int with more bits is too large
+_MAX_UTF8_BYTES_PER_CHAR = 4
+
+_CONSTANTS: MappingProxyType[str, float] = MappingProxyType({"pi": math.pi, "e": math.e})
+
+_ALLOWED_BINARY: MappingProxyType[type, str] = MappingProxyType({
+    ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/",
+    ast.FloorDiv: "//", ast.Mod: "%", ast.Pow: "**",
+})
+_ALLOWED_UNARY: MappingProxyType[type, str] = MappingProxyType({ast.UAdd: "+", ast.USub: "-"})
+_REJECTED_OPERATORS: MappingProxyType[type, str] = MappingProxyType({
+    ast.MatMult: "@", ast.LShift: "<<", ast.RShift: ">>", ast.BitOr: "|",
+    ast.BitXor: "^", ast.BitAnd: "&", ast.Invert: "~", ast.Not: "not",
+})
+_REJECTED_NODES: MappingProxyType[type, str] = MappingProxyType({
+    ast.Attribute: "attribute access is not allowed",
+    ast.Subscript: "subscripts (indexing) are not allowed",
+    ast.Slice: "slices are not allowed",
+    ast.Lambda: "lambda expressions are not allowed",
+    ast.ListComp: "comprehensions are not allowed",
+    ast.SetComp: "comprehensions are not allowed",
+    ast.DictComp: "comprehensions are not allowed",
+    ast.GeneratorExp: "generator expressions are not allowed",
+    ast.Compare: "comparisons are not allowed",
+    ast.BoolOp: "boolean operators ('and', 'or') are not allowed",
+    ast.IfExp: "conditional expressions ('... if ... else ...') are not allowed",
+    ast.NamedExpr: "assignment expressions (':=') are not allowed",
+    ast.List: "list literals are not allowed",
+    ast.Tuple: "tuples are not allowed",
+    ast.Set: "set literals are not allowed",
+    ast.Dict: "dict literals are not allowed",
+    ast.JoinedStr: "f-strings are not allowed",
+    ast.Starred: "starred arguments are not allowed",
+    ast.Await: "'await' is not allowed",
+    ast.Yield: "'yield' is not allowed",
+    ast.YieldFrom: "'yield' is not allowed",
+})
+
+
+class MathError(ValidationError):
+    """The expression is invalid, exceeds a bound, or has no finite real result."""
+
+    def __init__(self, message: str):
+        super().__init__("payload", message)
+
+
+# --- numeric helpers -------------------------------------------------------
+
+
+def _short(number: int | float) -> str:
+    """A number for an error message, without printing a 10,000-digit int."""
+    if isinstance(number, int) and abs(number) >= 10**20:
+        return "with more than 20 digits"
+    return repr(number)
+
+
+def _too_many_digits() -> MathError:
+    return MathError(
+        f"integer result would have more than {MAX_RESULT_DIGITS} digits "
+        f"(limit MAX_RESULT_DIGITS={MAX_RESULT_DIGITS})"
+    )
+
+
+def _checked(value: object) -> int | float:
+    """Return value if it is a finite real number within the integer size bound."""
+    if isinstance(value, bool):
+        raise MathError("booleans are not numbers here")
+    if isinstance(value, int):
+        if value.bit_length() >= _INT_LIMIT_BITS and abs(value) >= _INT_LIMIT:
+            raise _too_many_digits()
+        return value
+    if isinstance(value, float):
+        if math.isinf(value):
+            raise MathError("result is not a finite number (float overflow)")
+        if math.isnan(value):
+            raise MathError("result is not a finite number (nan)")
+        return value
+    raise MathError("result is not a real number")
+
+
+def _guarded(what: str, func: Callable[..., object], *args: int | float) -> int | float:
+    """Call func(*args), turning every arithmetic failure into a MathError."""
+    try:
+        result = func(*args)
+    except ZeroDivisionError:
+        raise MathError(f"division by zero in {what}") from None
+    except OverflowError:
+        raise MathError(f"float overflow in {what}: the value is too large for a float") from None
+    except ValueError:
+        raise MathError(f"{what}: argument is outside the function's domain") from None
+    except (TypeError, RecursionError, MemoryError) as exc:
+        raise MathError(f"{what}: cannot compute ({type(exc).__name__})") from None
+    return _checked(result)
+
+
+def _multiply(left: int | float, right: int | float) -> int | float:
+    if isinstance(left, int) and isinstance(right, int):
+        if left.bit_length() + right.bit_length() - 1 > _INT_LIMIT_BITS:
+            raise _too_many_digits()
+    return left * right
+
+
+def _power(base: int | float, exponent: int | float) -> int | float:
+    if base == 0 and exponent < 0:
+        raise ZeroDivisionError
+    if abs(base) > 1 and abs(exponent) > MAX_EXPONENT:
+        raise MathError(
+            f"exponent {_short(exponent)} is too large: its absolute value may be at most "
+            f"{MAX_EXPONENT} (limit MAX_EXPONENT) when the base's magnitude is > 1"
+        )
+    if base < 0 and isinstance(exponent, float) and not exponent.is_integer():
+        raise MathError("a negative number raised to a fractional power has no real result")
+    if isinstance(base, int) and isinstance(exponent, int) and exponent > 0 and abs(base) > 1:
+        if (base.bit_length() - 1) * exponent + 1 > _INT_LIMIT_BITS:
+            raise _too_many_digits()
+    return base**exponent
+
+
+_BINARY_FUNCS: MappingProxyType[type, Callable[[int | float, int | float], int | float]] = (
+    MappingProxyType({
+        ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: _multiply,
+        ast.Div: operator.truediv, ast.FloorDiv: operator.floordiv,
+        ast.Mod: operator.mod, ast.Pow: _power,
+    })
+)
+_UNARY_FUNCS: MappingProxyType[type, Callable[[int | float], int | float]] = MappingProxyType(
+    {ast.UAdd: operator.pos, ast.USub: operator.neg}
+)
+
+
+# --- functions ---------------------------------------------------------------
+
+
+def _min(*args: int | float) -> int | float:
+    return min(args)
+
+
+def _max(*args: int | float) -> int | float:
+    return max(args)
+
+
+def _round(value: int | float, ndigits: int | float | None = None) -> int | float:
+    if ndigits is None:
+        return round(value)
+    if not isinstance(ndigits, int):
+        raise MathError(f"round(): the number of digits must be an integer, not {ndigits!r}")
+    if abs(ndigits) > MAX_RESULT_DIGITS:
+        raise MathError(f"round(): the number of digits must be within ±{MAX_RESULT_DIGITS}")
+    return round(value, ndigits)
+
+
+def _factorial(value: int | float) -> int:
+    if not isinstance(value, int):
+        raise MathError(f"factorial() needs a whole number (an int), not {value!r}")
+    if not 0 <= value <= MAX_FACTORIAL_ARGUMENT:
+        raise MathError(
+            f"factorial() argument must be between 0 and {MAX_FACTORIAL_ARGUMENT} "
+            f"(limit MAX_FACTORIAL_ARGUMENT), not {_short(value)}"
+        )
+    return math.factorial(value)
+
+
+#: name -> (implementation, fewest arguments, most arguments or None for any number)
+_FUNCTIONS: MappingProxyType[str, tuple[Callable[..., int | float], int, int | None]] = (
+    MappingProxyType({
+        "abs": (abs, 1, 1), "min": (_min, 1, None), "max": (_max, 1, None),
+        "round": (_round, 1, 2), "sqrt": (math.sqrt, 1, 1), "floor": (math.floor, 1, 1),
+        "ceil": (math.ceil, 1, 1), "log": (math.log, 1, 2), "exp": (math.exp, 1, 1),
+        "sin": (math.sin, 1, 1), "cos": (math.cos, 1, 1), "tan": (math.tan, 1, 1),
+        "hypot": (math.hypot, 1, None), "factorial": (_factorial, 1, 1),
+    })
+)
+_ALLOWED_NAMES_TEXT = (
+    f"allowed names: {', '.join(sorted(_CONSTANTS))}; "
+    f"allowed functions: {', '.join(sorted(_FUNCTIONS))}"
+)
+
+
+# --- parsing and validation --------------------------------------------------
+
+
+def _decode(payload: bytes | str) -> str:
+    if isinstance(payload, str):
+        return payload
+    if not isinstance(payload, (bytes, bytearray)):
+        raise MathError(f"payload must be text, not {type(payload).__name__}")
+    if len(payload) > MAX_EXPRESSION_CHARS * _MAX_UTF8_BYTES_PER_CHAR:
+        raise _too_long(len(payload), "bytes")
+    try:
+        return bytes(payload).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MathError(f"payload is not valid UTF-8 (bad byte at offset {exc.start})") from None
+
+
+def _too_long(length: int, unit: str) -> MathError:
+    return MathError(
+        f"expression is too long: {length} {unit}, the limit is {MAX_EXPRESSION_CHARS} "
+        f"characters (MAX_EXPRESSION_CHARS)"
+    )
+
+
+def _too_deep(what: str) -> MathError:
+    return MathError(f"{what} nested more than {MAX_AST_DEPTH} levels deep (limit MAX_AST_DEPTH)")
+
+
+def _check_text(text: str) -> None:
+    """Cheap checks before parsing: length, null bytes, emptiness, bracket nesting."""
+    if len(text) > MAX_EXPRESSION_CHARS:
+        raise _too_long(len(text), "characters")
+    if "\x00" in text:
+        raise MathError(f"expression contains a null byte at position {text.index(chr(0))}")
+    if not text.strip():
+        raise MathError("expression is empty")
+    depth = 0
+    for char in text:
+        if char in "([{":
+            depth += 1
+            if depth > MAX_AST_DEPTH:
+                raise _too_deep("brackets are")
+        elif char in ")]}":
+            depth -= 1
+
+
+def _syntax_error(exc: SyntaxError, text: str, lead: str) -> MathError:
+    line = exc.lineno or 1
+    lines = text.splitlines() or [""]
+    line_text = lines[min(line, len(lines)) - 1]
+    column = exc.offset if exc.offset and exc.offset <= len(line_text) else len(line_text) + 1
+    if line == 1 and "\n" not in lead:
+        column += len(lead)
+    where = f"column {column}" if len(lines) == 1 else f"line {line}, column {column}"
+    reason = exc.msg
+    if "integer string conversion" in reason:
+        reason = f"integer literal has too many digits (at most {sys.get_int_max_str_digits()})"
+    return MathError(f"syntax error at {where}: {reason}")
+
+
+def _parse(text: str) -> ast.expr:
+    stripped = text.strip()
+    lead = text[: len(text) - len(text.lstrip())]
+    try:
+        tree = ast.parse(stripped, mode="eval")
+    except SyntaxError as exc:
+        raise _syntax_error(exc, stripped, lead) from None
+    except (RecursionError, MemoryError):
+        raise _too_deep("expression is too complex to parse: it is") from None
+    except ValueError:
+        raise MathError("expression contains characters that are not valid text") from None
+    return tree.body
+
+
+def _check_depth(root: ast.expr) -> None:
+    """Reject trees deeper than MAX_AST_DEPTH, iteratively (no recursion)."""
+    stack: list[tuple[ast.AST, int]] = [(root, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_AST_DEPTH:
+            raise _too_deep("expression is")
+        for child in ast.iter_child_nodes(node):
+            stack.append((child, depth + 1 if isinstance(child, ast.expr) else depth))
+
+
+class _Validator:
+    """Whitelist walk; only called on trees that passed _check_depth."""
+
+    def visit(self, node: ast.AST) -> None:
+        method = getattr(self, "_visit_" + type(node).__name__, None)
+        if method is None:
+            raise MathError(_REJECTED_NODES.get(type(node), f"{type(node).__name__} is not allowed"))
+        method(node)
+
+    def _visit_Constant(self, node: ast.Constant) -> None:
+        value = node.value
+        if isinstance(value, bool) or value is None:
+            raise MathError(f"{value!r} is not allowed (only int and float numbers)")
+        if isinstance(value, (str, bytes)):
+            raise MathError("string literals are not allowed")
+        if isinstance(value, complex):
+            raise MathError("complex numbers are not allowed")
+        if not isinstance(value, (int, float)):
+            raise MathError(f"{value!r} is not allowed (only int and float numbers)")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise MathError("float literal is too large (it overflows to infinity)")
+
+    def _visit_Name(self, node: ast.Name) -> None:
+        if node.id in _CONSTANTS:
+            return
+        if node.id in _FUNCTIONS:
+            raise MathError(f"function '{node.id}' must be called, e.g. {node.id}(...)")
+        raise MathError(f"name {node.id!r} is not allowed ({_ALLOWED_NAMES_TEXT})")
+
+    def _visit_UnaryOp(self, node: ast.UnaryOp) -> None:
+        self._check_operator(node.op, _ALLOWED_UNARY)
+        self.visit(node.operand)
+
+    def _visit_BinOp(self, node: ast.BinOp) -> None:
+        self._check_operator(node.op, _ALLOWED_BINARY)
+        self.visit(node.left)
+        self.visit(node.right)
+
+    @staticmethod
+    def _check_operator(op: ast.AST, allowed: MappingProxyType[type, str]) -> None:
+        if type(op) not in allowed:
+            symbol = _REJECTED_OPERATORS.get(type(op), type(op).__name__)
+            raise MathError(f"operator '{symbol}' is not allowed")
+
+    def _visit_Call(self, node: ast.Call) -> None:
+        name = self._function_name(node.func)
+        if node.keywords:
+            raise MathError(f"keyword arguments are not allowed (in the call of {name}())")
+        if any(isinstance(arg, ast.Starred) for arg in node.args):
+            raise MathError(_REJECTED_NODES[ast.Starred])
+        _check_arity(name, len(node.args))
+        for arg in node.args:
+            self.visit(arg)
+
+    @staticmethod
+    def _function_name(func: ast.expr) -> str:
+        if isinstance(func, ast.Attribute):
+            raise MathError(_REJECTED_NODES[ast.Attribute])
+        if not isinstance(func, ast.Name):
+            raise MathError("only the allowed functions can be called, by bare name (e.g. sqrt(2))")
+        if func.id in _CONSTANTS:
+            raise MathError(f"{func.id!r} is a constant, not a function")
+        if func.id not in _FUNCTIONS:
+            raise MathError(f"function {func.id!r} is not allowed ({_ALLOWED_NAMES_TEXT})")
+        return func.id
+
+
+def _check_arity(name: str, count: int) -> None:
+    fewest, most = _FUNCTIONS[name][1:]
+    if count >= fewest and (most is None or count <= most):
+        return
+    if most is None:
+        expected = f"at least {fewest}"
+    elif most == fewest:
+        expected = f"exactly {fewest}"
+    else:
+        expected = f"{fewest} to {most}"
+    raise MathError(f"{name}() takes {expected} argument(s), {count} given")
+
+
+def _parse_checked(payload: bytes | str) -> ast.expr:
+    text = _decode(payload)
+    _check_text(text)
+    tree = _parse(text)
+    _check_depth(tree)
+    _Validator().visit(tree)
+    return tree
+
+
+# --- evaluation --------------------------------------------------------------
+
+
+class _Evaluator:
+    """Computes a validated tree; every intermediate value passes _checked."""
+
+    def visit(self, node: ast.AST) -> int | float:
+        method = getattr(self, "_visit_" + type(node).__name__, None)
+        if method is None:  # unreachable for validated trees
+            raise MathError(f"{type(node).__name__} is not allowed")
+        return method(node)
+
+    def _visit_Constant(self, node: ast.Constant) -> int | float:
+        return _checked(node.value)
+
+    def _visit_Name(self, node: ast.Name) -> int | float:
+        return _CONSTANTS[node.id]
+
+    def _visit_UnaryOp(self, node: ast.UnaryOp) -> int | float:
+        operand = self.visit(node.operand)
+        symbol = _ALLOWED_UNARY[type(node.op)]
+        return _guarded(f"unary '{symbol}'", _UNARY_FUNCS[type(node.op)], operand)
+
+    def _visit_BinOp(self, node: ast.BinOp) -> int | float:
+        left = self.visit(node.left)
+        right = self.visit(node.right)
+        symbol = _ALLOWED_BINARY[type(node.op)]
+        return _guarded(f"'{symbol}'", _BINARY_FUNCS[type(node.op)], left, right)
+
+    def _visit_Call(self, node: ast.Call) -> int | float:
+        assert isinstance(node.func, ast.Name)
+        args = [self.visit(arg) for arg in node.args]
+        return _guarded(f"{node.func.id}()", _FUNCTIONS[node.func.id][0], *args)
+
+
+# --- public API --------------------------------------------------------------
+
+
+def validate(payload: bytes | str) -> None:
+    """Check a submitted payload without evaluating it; raise MathError if it is refused.
+
+    Bytes must be UTF-8. Checks the length bound, syntax, whitelist and depth bound.
+    """
+    _parse_checked(payload)
+
+
+def evaluate(expression: bytes | str) -> int | float:
+    """Validate and compute expression; raise MathError (and only MathError) on failure."""
+    tree = _parse_checked(expression)
+    try:
+        return _Evaluator().visit(tree)
+    except (RecursionError, MemoryError) as exc:  # defensive: bounds should prevent these
+        raise MathError(f"expression is too expensive to evaluate ({type(exc).__name__})") from None
+
+
+def format_result(value: int | float) -> str:
+    """Ints as plain decimal digits (any size up to the bound), floats as repr()."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"format_result needs an int or float, not {type(value).__name__}")
+    value = _checked(value)
+    if isinstance(value, float):
+        return repr(value)
+    # Decimal avoids sys.int_max_str_digits (4,300 by default), which str() would trip.
+    return str(decimal.Decimal(value))
+
+
+def run(payload: str) -> str:
+    """Task handler for type ``math``: evaluate the expression and format the result."""
+    return format_result(evaluate(payload))
+
+
+#: The built-in `math` task type, registered through the package's own entry points.
+TASK_TYPE = TaskType(
+    name="math",
+    handler=run,
+    codec="text",
+    validate=validate,
+    description="Safe arithmetic: + - * / // % **, parentheses, abs min max round sqrt ...",
+)

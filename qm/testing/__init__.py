@@ -1,0 +1,1 @@
+"""Test tooling shipped with QueueMaster (a throwaway local RabbitMQ, later plugin helpers)."""

@@ -1,0 +1,195 @@
+"""Start a private RabbitMQ node on loopback in a directory of its own.
+
+Used by the test suite and by `scripts/run-local` so that neither touches a system
+RabbitMQ: the node's data, logs, Erlang cookie (HOME) and epmd port all live under
+`base_dir`, its listeners bind 127.0.0.1 on free ports. Needs Debian's
+`rabbitmq-server` package (`apt-get install rabbitmq-server`); the packaged system
+service is not used.
+
+    python -m qm.testing.rabbitmq DIR    # run a node until Ctrl-C, print its URL
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import psutil
+
+#: Where Debian's package puts the real start script (/usr/sbin's wrapper switches user).
+SERVER_SCRIPT_PATHS = ("/usr/lib/rabbitmq/bin/rabbitmq-server", "/usr/lib/rabbitmq/sbin/rabbitmq-server")
+#: How long a node may take to accept AMQP connections after start.
+START_TIMEOUT_S = 90.0
+#: How long a graceful stop may take before the node is killed.
+STOP_TIMEOUT_S = 30.0
+
+
+class RabbitMQNotInstalled(RuntimeError):
+    """No rabbitmq-server on this machine."""
+
+
+def find_server_script() -> str:
+    for path in SERVER_SCRIPT_PATHS:
+        if os.access(path, os.X_OK):
+            return path
+    raise RabbitMQNotInstalled("rabbitmq-server is not installed; on Debian/Ubuntu run "
+                               "`sudo apt-get install rabbitmq-server` (scripts/setup does this)")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class LocalRabbitMQ:
+    """One RabbitMQ node; `start`, `stop` (graceful), `kill` (SIGKILL) and `start` again.
+
+    Data survives stop/kill and restart (same directory, same ports), as on a real host.
+    """
+
+    def __init__(self, base_dir: str | os.PathLike, amqp_port: int = 0,
+                 consumer_timeout_ms: int = 1_800_000) -> None:
+        self.base_dir = pathlib.Path(base_dir).resolve()
+        self.amqp_port = amqp_port or free_port()
+        self.dist_port = free_port()
+        self.epmd_port = free_port()
+        self.consumer_timeout_ms = consumer_timeout_ms
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.amqp_port}/%2F"
+
+    def _environment(self) -> dict[str, str]:
+        base = self.base_dir
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "ERL_"))}
+        env.update({
+            "HOME": str(base),
+            "RABBITMQ_BASE": str(base),
+            "RABBITMQ_CONFIG_FILE": str(base / "rabbitmq.conf"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(base / "enabled_plugins"),
+            "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(base / "log"),
+            "RABBITMQ_LOGS": str(base / "log" / "rabbit.log"),
+            "RABBITMQ_PID_FILE": str(base / "rabbit.pid"),
+            "RABBITMQ_NODENAME": f"qm{self.amqp_port}@localhost",
+            "RABBITMQ_DIST_PORT": str(self.dist_port),
+            "ERL_EPMD_PORT": str(self.epmd_port),
+            "ERL_EPMD_ADDRESS": "127.0.0.1",
+        })
+        return env
+
+    def _write_config(self) -> None:
+        self.base_dir.mkdir(parents=True, exist_ok=True)
+        (self.base_dir / "log").mkdir(exist_ok=True)
+        (self.base_dir / "rabbitmq.conf").write_text(
+            f"listeners.tcp.default = 127.0.0.1:{self.amqp_port}\n"
+            f"consumer_timeout = {self.consumer_timeout_ms}\n"
+            "disk_free_limit.absolute = 50MB\n")
+        (self.base_dir / "enabled_plugins").write_text("[].\n")
+
+    def start(self, timeout_s: float = START_TIMEOUT_S) -> str:
+        """Start the node and wait until it accepts AMQP connections; return its URL."""
+        script = find_server_script()
+        self._write_config()
+        output = open(self.base_dir / "log" / "stdout.log", "ab")
+        self.process = subprocess.Popen([script], env=self._environment(), stdout=output,
+                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        start_new_session=True)
+        output.close()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"rabbitmq-server exited with {self.process.returncode}; "
+                                   f"see {self.base_dir / 'log'}")
+            if _amqp_ready(self.amqp_port):
+                return self.url
+            time.sleep(0.2)
+        self.kill()
+        raise RuntimeError(f"rabbitmq-server did not accept connections in {timeout_s:.0f} s; "
+                           f"see {self.base_dir / 'log'}")
+
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        """Graceful shutdown (SIGTERM to the node's process group), then SIGKILL."""
+        self._signal(signal.SIGTERM)
+        try:
+            if self.process is not None:
+                self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self._signal(signal.SIGKILL)
+        self._reap()
+
+    def kill(self) -> None:
+        """SIGKILL the node and everything it started (epmd included)."""
+        self._signal(signal.SIGKILL)
+        self._reap()
+
+    def _signal(self, signum: int) -> None:
+        if self.process is not None and self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def _reap(self) -> None:
+        if self.process is not None:
+            self.process.wait(STOP_TIMEOUT_S)
+            self.process = None
+        _kill_epmd(self.epmd_port)
+
+    def __enter__(self) -> "LocalRabbitMQ":
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+
+def _amqp_ready(port: int) -> bool:
+    """True once the node answers an AMQP protocol header (not just the TCP accept)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1.0) as sock:
+            sock.sendall(b"AMQP\x00\x00\x09\x01")
+            return bool(sock.recv(1))
+    except OSError:
+        return False
+
+
+def _kill_epmd(port: int) -> None:
+    """End the private epmd: it daemonizes out of the node's process group."""
+    for process in psutil.process_iter(["name"]):
+        if process.info["name"] != "epmd":
+            continue
+        try:
+            if process.environ().get("ERL_EPMD_PORT") == str(port):
+                process.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run a private RabbitMQ node on loopback until Ctrl-C.")
+    parser.add_argument("base_dir", help="directory for the node's data and logs")
+    parser.add_argument("--port", type=int, default=5672, help="AMQP port on 127.0.0.1 (default 5672)")
+    args = parser.parse_args(argv)
+    node = LocalRabbitMQ(args.base_dir, amqp_port=args.port)
+    print(f"starting RabbitMQ in {node.base_dir} ...", flush=True)
+    node.start()
+    print(f"RabbitMQ ready at {node.url}", flush=True)
+    stop = []
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.append(True))
+    while not stop and node.process is not None and node.process.poll() is None:
+        time.sleep(0.5)
+    node.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
