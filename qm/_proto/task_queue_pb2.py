@@ -25,25 +25,33 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aqm/_proto/task_queue.proto\x12\x05qm.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"A\n\x11SubmitTaskRequest\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\r\n\x05queue\x18\x03 \x01(\t\"F\n\x12SubmitTaskResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x1f\n\x05state\x18\x02 \x01(\x0e\x32\x10.qm.v1.TaskState\"\'\n\x14GetTaskStatusRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\",\n\x18StreamTaskResultsRequest\x12\x10\n\x08task_ids\x18\x01 \x03(\t\"\xec\x02\n\nTaskStatus\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\r\n\x05queue\x18\x03 \x01(\t\x12\x1f\n\x05state\x18\x04 \x01(\x0e\x32\x10.qm.v1.TaskState\x12\x10\n\x08\x61ttempts\x18\x05 \x01(\r\x12\x0e\n\x06result\x18\x06 \x01(\x0c\x12\r\n\x05\x63odec\x18\x07 \x01(\t\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x0e\n\x06worker\x18\t \x01(\t\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xa4\x01\n\tTaskState\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\n\n\x06QUEUED\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\x0c\n\x08RETRYING\x10\x03\x12\r\n\tSUCCEEDED\x10\x04\x12\n\n\x06\x46\x41ILED\x10\x05\x12\r\n\tTIMED_OUT\x10\x06\x12\x13\n\x0fMEMORY_EXCEEDED\x10\x07\x12\x0b\n\x07\x43RASHED\x10\x08\x12\r\n\tCANCELLED\x10\t2\xdc\x01\n\tTaskQueue\x12\x41\n\nSubmitTask\x12\x18.qm.v1.SubmitTaskRequest\x1a\x19.qm.v1.SubmitTaskResponse\x12?\n\rGetTaskStatus\x12\x1b.qm.v1.GetTaskStatusRequest\x1a\x11.qm.v1.TaskStatus\x12K\n\x11StreamTaskResults\x12\x1f.qm.v1.StreamTaskResultsRequest\x1a\x11.qm.v1.TaskStatus(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aqm/_proto/task_queue.proto\x12\x05qm.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"m\n\x11SubmitTaskRequest\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\r\n\x05queue\x18\x03 \x01(\t\x12\x11\n\ttimeout_s\x18\x04 \x01(\x01\x12\x17\n\x0fmemory_limit_mb\x18\x05 \x01(\r\"F\n\x12SubmitTaskResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x1f\n\x05state\x18\x02 \x01(\x0e\x32\x10.qm.v1.TaskState\"\'\n\x14GetTaskStatusRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\",\n\x18StreamTaskResultsRequest\x12\x10\n\x08task_ids\x18\x01 \x03(\t\"\x98\x03\n\nTaskStatus\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\r\n\x05queue\x18\x03 \x01(\t\x12\x1f\n\x05state\x18\x04 \x01(\x0e\x32\x10.qm.v1.TaskState\x12\x10\n\x08\x61ttempts\x18\x05 \x01(\r\x12\x0e\n\x06result\x18\x06 \x01(\x0c\x12\r\n\x05\x63odec\x18\x07 \x01(\t\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x0e\n\x06worker\x18\t \x01(\t\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\ttimeout_s\x18\x0e \x01(\x01\x12\x17\n\x0fmemory_limit_mb\x18\x0f \x01(\r\"\x18\n\x16GetWorkerStatusRequest\"\xa1\x01\n\x0b\x43hildStatus\x12\x0c\n\x04slot\x18\x01 \x01(\r\x12\x0b\n\x03pid\x18\x02 \x01(\r\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12\x0c\n\x04type\x18\x04 \x01(\t\x12\x31\n\rrunning_since\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\trss_bytes\x18\x06 \x01(\x04\x12\x12\n\ntasks_done\x18\x07 \x01(\r\"\xc2\x01\n\x14WorkerStatusResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x10\n\x08\x64raining\x18\x02 \x01(\x08\x12\r\n\x05procs\x18\x03 \x01(\r\x12\x10\n\x08prefetch\x18\x04 \x01(\r\x12\x0e\n\x06queues\x18\x05 \x03(\t\x12$\n\x08\x63hildren\x18\x06 \x03(\x0b\x32\x12.qm.v1.ChildStatus\x12\x16\n\x0etasks_finished\x18\x07 \x01(\x04\x12\x16\n\x0e\x63hild_restarts\x18\x08 \x01(\r*\xa4\x01\n\tTaskState\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\n\n\x06QUEUED\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\x0c\n\x08RETRYING\x10\x03\x12\r\n\tSUCCEEDED\x10\x04\x12\n\n\x06\x46\x41ILED\x10\x05\x12\r\n\tTIMED_OUT\x10\x06\x12\x13\n\x0fMEMORY_EXCEEDED\x10\x07\x12\x0b\n\x07\x43RASHED\x10\x08\x12\r\n\tCANCELLED\x10\t2\xdc\x01\n\tTaskQueue\x12\x41\n\nSubmitTask\x12\x18.qm.v1.SubmitTaskRequest\x1a\x19.qm.v1.SubmitTaskResponse\x12?\n\rGetTaskStatus\x12\x1b.qm.v1.GetTaskStatusRequest\x1a\x11.qm.v1.TaskStatus\x12K\n\x11StreamTaskResults\x12\x1f.qm.v1.StreamTaskResultsRequest\x1a\x11.qm.v1.TaskStatus(\x01\x30\x01\x32]\n\x0cWorkerStatus\x12M\n\x0fGetWorkerStatus\x12\x1d.qm.v1.GetWorkerStatusRequest\x1a\x1b.qm.v1.WorkerStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'qm._proto.task_queue_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TASKSTATE']._serialized_start=664
-  _globals['_TASKSTATE']._serialized_end=828
+  _globals['_TASKSTATE']._serialized_start=1139
+  _globals['_TASKSTATE']._serialized_end=1303
   _globals['_SUBMITTASKREQUEST']._serialized_start=70
-  _globals['_SUBMITTASKREQUEST']._serialized_end=135
-  _globals['_SUBMITTASKRESPONSE']._serialized_start=137
-  _globals['_SUBMITTASKRESPONSE']._serialized_end=207
-  _globals['_GETTASKSTATUSREQUEST']._serialized_start=209
-  _globals['_GETTASKSTATUSREQUEST']._serialized_end=248
-  _globals['_STREAMTASKRESULTSREQUEST']._serialized_start=250
-  _globals['_STREAMTASKRESULTSREQUEST']._serialized_end=294
-  _globals['_TASKSTATUS']._serialized_start=297
-  _globals['_TASKSTATUS']._serialized_end=661
-  _globals['_TASKQUEUE']._serialized_start=831
-  _globals['_TASKQUEUE']._serialized_end=1051
+  _globals['_SUBMITTASKREQUEST']._serialized_end=179
+  _globals['_SUBMITTASKRESPONSE']._serialized_start=181
+  _globals['_SUBMITTASKRESPONSE']._serialized_end=251
+  _globals['_GETTASKSTATUSREQUEST']._serialized_start=253
+  _globals['_GETTASKSTATUSREQUEST']._serialized_end=292
+  _globals['_STREAMTASKRESULTSREQUEST']._serialized_start=294
+  _globals['_STREAMTASKRESULTSREQUEST']._serialized_end=338
+  _globals['_TASKSTATUS']._serialized_start=341
+  _globals['_TASKSTATUS']._serialized_end=749
+  _globals['_GETWORKERSTATUSREQUEST']._serialized_start=751
+  _globals['_GETWORKERSTATUSREQUEST']._serialized_end=775
+  _globals['_CHILDSTATUS']._serialized_start=778
+  _globals['_CHILDSTATUS']._serialized_end=939
+  _globals['_WORKERSTATUSRESPONSE']._serialized_start=942
+  _globals['_WORKERSTATUSRESPONSE']._serialized_end=1136
+  _globals['_TASKQUEUE']._serialized_start=1306
+  _globals['_TASKQUEUE']._serialized_end=1526
+  _globals['_WORKERSTATUS']._serialized_start=1528
+  _globals['_WORKERSTATUS']._serialized_end=1621
 # @@protoc_insertion_point(module_scope)

@@ -187,3 +187,78 @@ class TaskQueue:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class WorkerStatusStub:
+    """Served by each qm-worker (with grpc.health.v1, NOT_SERVING while draining).
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.GetWorkerStatus = channel.unary_unary(
+                '/qm.v1.WorkerStatus/GetWorkerStatus',
+                request_serializer=qm_dot___proto_dot_task__queue__pb2.GetWorkerStatusRequest.SerializeToString,
+                response_deserializer=qm_dot___proto_dot_task__queue__pb2.WorkerStatusResponse.FromString,
+                _registered_method=True)
+
+
+class WorkerStatusServicer:
+    """Served by each qm-worker (with grpc.health.v1, NOT_SERVING while draining).
+    """
+
+    def GetWorkerStatus(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_WorkerStatusServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'GetWorkerStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetWorkerStatus,
+                    request_deserializer=qm_dot___proto_dot_task__queue__pb2.GetWorkerStatusRequest.FromString,
+                    response_serializer=qm_dot___proto_dot_task__queue__pb2.WorkerStatusResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'qm.v1.WorkerStatus', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('qm.v1.WorkerStatus', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class WorkerStatus:
+    """Served by each qm-worker (with grpc.health.v1, NOT_SERVING while draining).
+    """
+
+    @staticmethod
+    def GetWorkerStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qm.v1.WorkerStatus/GetWorkerStatus',
+            qm_dot___proto_dot_task__queue__pb2.GetWorkerStatusRequest.SerializeToString,
+            qm_dot___proto_dot_task__queue__pb2.WorkerStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
