@@ -99,10 +99,11 @@ class MemoryBroker(Broker):
         if exchange not in self._exchanges:
             raise BrokerUnavailable(f"no exchange {exchange!r}")
         fanout = self._exchanges[exchange] == "fanout"
-        for queue, key in sorted(self._bindings[exchange]):
-            if fanout or key == routing_key:
-                self._queues[queue].append(_Message(bytes(body), dict(headers or {})))
-                self._schedule_dispatch(queue)
+        # One copy per queue, however many of its bindings match (as RabbitMQ does).
+        targets = {queue for queue, key in self._bindings[exchange] if fanout or key == routing_key}
+        for queue in sorted(targets):
+            self._queues[queue].append(_Message(bytes(body), dict(headers or {})))
+            self._schedule_dispatch(queue)
 
     async def consume(self, queue: str, on_delivery: DeliveryCallback, prefetch: int) -> str:
         self._check_connected()

@@ -307,9 +307,11 @@ class RabbitMQBroker(Broker):
             spec.callback(Delivery(body, dict(properties.headers or {}), method.redelivered,
                                    method.delivery_tag, spec.tag, generation))
 
+        # Set before consuming: deliveries can reach the callback (and be acked there)
+        # before this coroutine resumes from the ConsumeOk.
+        spec.channel, spec.generation = channel, generation
         await self._rpc(lambda cb: channel.basic_consume(
             spec.queue, on_message, auto_ack=False, consumer_tag=spec.tag, callback=cb))
-        spec.channel, spec.generation = channel, generation
 
     async def cancel(self, consumer_tag: str) -> None:
         spec = self._consumers.get(consumer_tag)

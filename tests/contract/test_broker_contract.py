@@ -1,0 +1,586 @@
+"""The broker contract: one suite, run against MemoryBroker and against RabbitMQBroker.
+
+`BrokerContract` holds every case once; each subclass says how to make its broker and
+provides the few hooks a case needs (a second connection to the same broker, a broker
+that cannot be reached, the number of ready messages in a queue). No pytest-asyncio:
+`run` drives each scenario coroutine with `asyncio.run`, connecting the broker inside
+the loop and always closing it. Waits are for conditions, bounded by WAIT_S.
+
+`TestRabbitMQRestarts` adds what only a real server can show: durability and reconnects
+across a graceful restart and across SIGKILL of the node.
+"""
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Awaitable, Callable
+
+import pika
+import pytest
+
+from qm.broker.base import Broker, Delivery
+from qm.broker.memory import MemoryBroker
+from qm.broker.rabbitmq import RabbitMQBroker
+from qm.errors import BrokerUnavailable
+from qm.testing.rabbitmq import free_port
+
+#: Bound on every single wait for something to happen.
+WAIT_S = 10.0
+#: Bound on a whole scenario.
+SCENARIO_TIMEOUT_S = 60.0
+#: Bound on a scenario that restarts a RabbitMQ node (each start takes a few seconds).
+RESTART_SCENARIO_TIMEOUT_S = 180.0
+
+
+def unique(kind: str) -> str:
+    """A name no other test uses (the RabbitMQ node is shared by the whole session)."""
+    return f"qm.contract.{kind}.{uuid.uuid4().hex[:12]}"
+
+
+def bodies(prefix: str, count: int) -> list[bytes]:
+    return [f"{prefix}-{i}".encode() for i in range(count)]
+
+
+class Inbox:
+    """A consumer callback collecting deliveries; `next()` waits for the next one."""
+
+    def __init__(self, broker: Broker | None = None, auto_ack: bool = False) -> None:
+        self._broker = broker
+        self._auto_ack = auto_ack
+        self._arrived: asyncio.Queue[Delivery] = asyncio.Queue()
+        self.received: list[Delivery] = []
+        self.settled = 0
+        self.max_unsettled = 0
+
+    def __call__(self, delivery: Delivery) -> None:
+        self.received.append(delivery)
+        self.max_unsettled = max(self.max_unsettled, len(self.received) - self.settled)
+        if self._auto_ack:
+            self.ack(delivery)
+        self._arrived.put_nowait(delivery)
+
+    def ack(self, delivery: Delivery) -> None:
+        self._broker.ack(delivery)
+        self.settled += 1
+
+    async def next(self) -> Delivery:
+        return await asyncio.wait_for(self._arrived.get(), WAIT_S)
+
+    async def take(self, count: int) -> list[Delivery]:
+        return [await self.next() for _ in range(count)]
+
+
+Scenario = Callable[[Broker], Awaitable[None]]
+
+
+class BrokerContract:
+    """The contract cases; not collected itself (no Test prefix), only via subclasses."""
+
+    # -- hooks provided by each subclass -----------------------------------------------
+
+    def new_broker(self) -> Broker:
+        """A fresh, not yet connected broker (called inside the scenario's loop)."""
+        raise NotImplementedError
+
+    async def other_connection(self, broker: Broker) -> Broker:
+        """A (connected) second client of the same broker that `broker` talks to."""
+        raise NotImplementedError
+
+    async def unreachable_broker(self) -> Broker:
+        """A broker after connect() was attempted but could not succeed."""
+        raise NotImplementedError
+
+    def check_unavailable_message(self, message: str) -> None:
+        """Whatever the broker promises about the text of BrokerUnavailable."""
+
+    async def ready_count(self, broker: Broker, queue: str) -> int:
+        """Messages waiting in `queue`, not handed to any consumer."""
+        raise NotImplementedError
+
+    # -- driver --------------------------------------------------------------------------
+
+    def run(self, scenario: Scenario, timeout_s: float = SCENARIO_TIMEOUT_S) -> None:
+        """Run `scenario(broker)` on a fresh loop with a connected broker; always close."""
+
+        async def main() -> None:
+            self._brokers: list[Broker] = []
+            broker = self.track(self.new_broker())
+            try:
+                await broker.connect()
+                assert broker.connected
+                await asyncio.wait_for(scenario(broker), timeout_s)
+            finally:
+                for opened in reversed(self._brokers):
+                    await opened.close()
+
+        asyncio.run(main())
+
+    def track(self, broker: Broker) -> Broker:
+        """Close `broker` when the scenario ends."""
+        if all(broker is not known for known in self._brokers):
+            self._brokers.append(broker)
+        return broker
+
+    @staticmethod
+    async def direct_queue(broker: Broker, routing_key: str = "work") -> tuple[str, str]:
+        """A direct exchange and a queue bound to it under `routing_key`."""
+        exchange, queue = unique("direct"), unique("queue")
+        await broker.declare_exchange(exchange, "direct")
+        await broker.declare_queue(queue)
+        await broker.bind_queue(queue, exchange, routing_key)
+        return exchange, queue
+
+    # -- 1. direct routing --------------------------------------------------------------
+
+    def test_direct_exchange_routes_body_and_headers_by_routing_key(self):
+        async def scenario(broker: Broker) -> None:
+            exchange, work = await self.direct_queue(broker, "work")
+            other = unique("queue")
+            await broker.declare_queue(other)
+            await broker.bind_queue(other, exchange, "other")
+            work_inbox, other_inbox = Inbox(broker, auto_ack=True), Inbox(broker, auto_ack=True)
+            await broker.consume(work, work_inbox, prefetch=10)
+            await broker.consume(other, other_inbox, prefetch=10)
+
+            headers = {"task-id": "t-42", "attempt": 3, "type": "math.fib", "note": "héllo"}
+            body = b"\x00\x01binary\xffpayload"
+            await broker.publish(exchange, "other", b"not-for-work", {"k": "v"})
+            await broker.publish(exchange, "work", body, headers)
+
+            delivery = await work_inbox.next()
+            # The message on the other key would have been queued first: it did not come.
+            assert delivery.body == body
+            assert delivery.headers == headers
+            assert delivery.redelivered is False
+            # ... it went to the queue bound under its key instead.
+            routed = await other_inbox.next()
+            assert (routed.body, routed.headers) == (b"not-for-work", {"k": "v"})
+
+            await broker.publish(exchange, "nobody-listens", b"dropped")
+            await broker.publish(exchange, "work", b"sentinel")
+            assert (await work_inbox.next()).body == b"sentinel"
+
+        self.run(scenario)
+
+    # -- 2. fanout ----------------------------------------------------------------------
+
+    def test_fanout_exchange_gives_every_bound_queue_one_copy(self):
+        async def scenario(broker: Broker) -> None:
+            exchange = unique("fanout")
+            await broker.declare_exchange(exchange, "fanout")
+            queues = [unique("queue") for _ in range(3)]
+            inboxes = []
+            for queue in queues:
+                await broker.declare_queue(queue)
+                await broker.bind_queue(queue, exchange)
+                inboxes.append(Inbox(broker, auto_ack=True))
+                await broker.consume(queue, inboxes[-1], prefetch=10)
+            # A second binding of the same queue (another key) must not double deliveries.
+            await broker.bind_queue(queues[0], exchange, "also")
+
+            await broker.publish(exchange, "ignored-by-fanout", b"event-1", {"seq": 1})
+            await broker.publish(exchange, "", b"event-2", {"seq": 2})
+            for inbox in inboxes:
+                first, second = await inbox.take(2)
+                assert (first.body, first.headers) == (b"event-1", {"seq": 1})
+                assert (second.body, second.headers) == (b"event-2", {"seq": 2})
+
+        self.run(scenario)
+
+    # -- 3. prefetch --------------------------------------------------------------------
+
+    def test_prefetch_limits_unacked_deliveries(self):
+        async def scenario(broker: Broker) -> None:
+            exchange, queue = await self.direct_queue(broker)
+            sent = bodies("job", 5)
+            for body in sent:
+                await broker.publish(exchange, "work", body)
+            inbox = Inbox(broker)
+            await broker.consume(queue, inbox, prefetch=2)
+
+            first, second = await inbox.take(2)
+            assert [first.body, second.body] == sent[:2]
+            # The other three wait in the queue: the consumer was not handed them.
+            assert await self.ready_count(broker, queue) == 3
+            assert len(inbox.received) == 2
+
+            inbox.ack(first)
+            third = await inbox.next()
+            assert third.body == sent[2]
+            assert await self.ready_count(broker, queue) == 2
+            assert len(inbox.received) == 3
+
+            inbox.ack(second)
+            inbox.ack(third)
+            rest = await inbox.take(2)
+            for delivery in rest:
+                inbox.ack(delivery)
+            assert [d.body for d in inbox.received] == sent
+            assert inbox.max_unsettled == 2
+
+        self.run(scenario)
+
+    # -- 4. nack ------------------------------------------------------------------------
+
+    def test_nack_requeues_or_drops(self):
+        async def scenario(broker: Broker) -> None:
+            exchange, queue = await self.direct_queue(broker)
+            inbox = Inbox(broker)
+            tag = await broker.consume(queue, inbox, prefetch=1)
+            await broker.publish(exchange, "work", b"flaky", {"attempt": 1})
+
+            first = await inbox.next()
+            assert (first.body, first.redelivered) == (b"flaky", False)
+            broker.nack(first, requeue=True)
+            again = await inbox.next()
+            assert (again.body, again.headers, again.redelivered) == (b"flaky", {"attempt": 1}, True)
+
+            broker.nack(again, requeue=False)
+            await broker.publish(exchange, "work", b"sentinel-1")
+            after = await inbox.next()
+            assert (after.body, after.redelivered) == (b"sentinel-1", False)
+            inbox.ack(after)
+
+            await broker.cancel(tag)
+            fresh = Inbox(broker, auto_ack=True)
+            await broker.consume(queue, fresh, prefetch=10)
+            await broker.publish(exchange, "work", b"sentinel-2")
+            assert (await fresh.next()).body == b"sentinel-2"
+            assert await self.ready_count(broker, queue) == 0
+
+        self.run(scenario)
+
+    # -- 5. storage without consumers ---------------------------------------------------
+
+    def test_messages_published_before_any_consumer_are_kept(self):
+        async def scenario(broker: Broker) -> None:
+            exchange, queue = await self.direct_queue(broker)
+            sent = bodies("early", 20)
+            for body in sent:
+                await broker.publish(exchange, "work", body, {"n": body.decode()})
+            # The publishing connection goes away before anyone consumes.
+            await broker.close()
+            consumer_side = await self.other_connection(broker)
+            inbox = Inbox(consumer_side, auto_ack=True)
+            await consumer_side.consume(queue, inbox, prefetch=5)
+            received = await inbox.take(len(sent))
+            assert [d.body for d in received] == sent
+            assert all(d.headers == {"n": d.body.decode()} for d in received)
+            assert not any(d.redelivered for d in received)
+
+        self.run(scenario)
+
+    # -- 6. unacked deliveries survive the consumer's connection ------------------------
+
+    def test_unacked_deliveries_return_when_connection_closes(self):
+        async def scenario(broker: Broker) -> None:
+            exchange, queue = await self.direct_queue(broker)
+            sent = bodies("unacked", 3)
+            inbox = Inbox(broker)
+            await broker.consume(queue, inbox, prefetch=10)
+            for body in sent:
+                await broker.publish(exchange, "work", body)
+            held = await inbox.take(3)
+            assert [d.body for d in held] == sent
+
+            await broker.close()
+            assert not broker.connected
+            for delivery in held:
+                broker.ack(delivery)  # the channel is gone: a no-op, not an error
+
+            other = await self.other_connection(broker)
+            again = Inbox(other, auto_ack=True)
+            await other.consume(queue, again, prefetch=10)
+            returned = await again.take(3)
+            assert [d.body for d in returned] == sent
+            assert all(d.redelivered for d in returned)
+
+        self.run(scenario)
+
+    # -- 7. competing consumers ---------------------------------------------------------
+
+    def test_two_consumers_share_a_queue(self):
+        async def scenario(broker: Broker) -> None:
+            exchange, queue = await self.direct_queue(broker)
+            sent = bodies("shared", 10)
+            for body in sent:
+                await broker.publish(exchange, "work", body)
+
+            arrivals: asyncio.Queue[tuple[str, Delivery]] = asyncio.Queue()
+            await broker.consume(queue, lambda d: arrivals.put_nowait(("a", d)), prefetch=1)
+            await broker.consume(queue, lambda d: arrivals.put_nowait(("b", d)), prefetch=1)
+
+            async def next_arrival() -> tuple[str, Delivery]:
+                return await asyncio.wait_for(arrivals.get(), WAIT_S)
+
+            # With prefetch 1 each, the first two deliveries go one to each consumer.
+            (who1, d1), (who2, d2) = await next_arrival(), await next_arrival()
+            assert {who1, who2} == {"a", "b"}
+            assert d1.body != d2.body
+            got = {who1: [d1.body], who2: [d2.body]}
+            broker.ack(d1)
+            broker.ack(d2)
+            for _ in range(len(sent) - 2):
+                who, delivery = await next_arrival()
+                got[who].append(delivery.body)
+                broker.ack(delivery)
+
+            everything = got["a"] + got["b"]
+            assert sorted(everything) == sorted(sent)  # each message exactly once
+            assert got["a"] and got["b"]
+
+        self.run(scenario)
+
+    # -- 8. cancel ----------------------------------------------------------------------
+
+    def test_cancel_stops_deliveries_but_outstanding_ones_can_be_acked(self):
+        async def scenario(broker: Broker) -> None:
+            exchange, queue = await self.direct_queue(broker)
+            inbox = Inbox(broker)
+            tag = await broker.consume(queue, inbox, prefetch=10)
+            await broker.publish(exchange, "work", b"m1")
+            await broker.publish(exchange, "work", b"m2")
+            outstanding = await inbox.take(2)
+
+            await broker.cancel(tag)
+            await broker.publish(exchange, "work", b"after-cancel")
+            for delivery in outstanding:
+                inbox.ack(delivery)
+            assert await self.ready_count(broker, queue) == 1
+
+            # Closing returns whatever is still unacked; the acks above must have held,
+            # and the message published after cancel must never have reached `inbox`.
+            await broker.close()
+            other = await self.other_connection(broker)
+            fresh = Inbox(other, auto_ack=True)
+            await other.consume(queue, fresh, prefetch=10)
+            await other.publish(exchange, "work", b"sentinel")
+            first, second = await fresh.take(2)
+            assert (first.body, first.redelivered) == (b"after-cancel", False)
+            assert second.body == b"sentinel"
+            assert [d.body for d in inbox.received] == [b"m1", b"m2"]
+
+        self.run(scenario)
+
+    # -- 9. pipelined publishes ---------------------------------------------------------
+
+    def test_many_publishes_in_flight_all_complete_and_arrive(self):
+        async def scenario(broker: Broker) -> None:
+            exchange, queue = await self.direct_queue(broker)
+            sent = bodies("bulk", 500)
+            await asyncio.gather(*(broker.publish(exchange, "work", body) for body in sent))
+            # Consume only now: everything confirmed is stored; acks from inside the
+            # callback (also for deliveries that arrive right as the consumer starts) hold.
+            inbox = Inbox(broker, auto_ack=True)
+            await broker.consume(queue, inbox, prefetch=50)
+            received = [d.body for d in await inbox.take(len(sent))]
+            assert len(set(received)) == len(sent)
+            assert set(received) == set(sent)
+            assert await self.ready_count(broker, queue) == 0
+
+        self.run(scenario)
+
+    # -- 10. idempotent declarations ----------------------------------------------------
+
+    def test_declarations_are_idempotent(self):
+        async def scenario(broker: Broker) -> None:
+            exchange, queue = unique("direct"), unique("queue")
+            other = await self.other_connection(broker)
+            for client in (broker, broker, other):
+                await client.declare_exchange(exchange, "direct")
+                await client.declare_queue(queue)
+                await client.bind_queue(queue, exchange, "work")
+
+            inbox = Inbox(broker, auto_ack=True)
+            await broker.consume(queue, inbox, prefetch=10)
+            await broker.publish(exchange, "work", b"once")
+            await broker.publish(exchange, "work", b"sentinel")
+            assert [d.body for d in await inbox.take(2)] == [b"once", b"sentinel"]
+
+        self.run(scenario)
+
+    # -- 11. not connected --------------------------------------------------------------
+
+    def test_publish_when_unreachable_raises_broker_unavailable(self):
+        async def scenario(broker: Broker) -> None:
+            unreachable = self.track(await self.unreachable_broker())
+            assert not unreachable.connected
+            with pytest.raises(BrokerUnavailable) as raised:
+                await asyncio.wait_for(unreachable.publish("", "work", b"lost"), WAIT_S)
+            self.check_unavailable_message(str(raised.value))
+
+        self.run(scenario)
+
+    def test_publish_after_close_raises_broker_unavailable(self):
+        async def scenario(broker: Broker) -> None:
+            exchange, _queue = await self.direct_queue(broker)
+            await broker.publish(exchange, "work", b"fine")
+            await broker.close()
+            assert not broker.connected
+            with pytest.raises(BrokerUnavailable):
+                await asyncio.wait_for(broker.publish(exchange, "work", b"lost"), WAIT_S)
+
+        self.run(scenario)
+
+
+class TestMemoryBroker(BrokerContract):
+    """The contract on the in-memory broker (its state lives in the instance)."""
+
+    def new_broker(self) -> Broker:
+        return MemoryBroker()
+
+    async def other_connection(self, broker: Broker) -> Broker:
+        if not broker.connected:
+            await broker.connect()
+        return broker
+
+    async def unreachable_broker(self) -> Broker:
+        return MemoryBroker()  # never connected
+
+    async def ready_count(self, broker: Broker, queue: str) -> int:
+        return broker.queue_depth(queue)
+
+
+def _ready_count_blocking(url: str, queue: str) -> int:
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        return connection.channel().queue_declare(queue, passive=True).method.message_count
+    finally:
+        connection.close()
+
+
+@pytest.mark.rabbitmq
+class TestRabbitMQBroker(BrokerContract):
+    """The contract on the RabbitMQ broker, against the session's RabbitMQ node."""
+
+    @pytest.fixture(autouse=True)
+    def _node(self, rabbitmq) -> None:
+        self.url = rabbitmq.url
+
+    def new_broker(self) -> Broker:
+        return RabbitMQBroker(self.url)
+
+    async def other_connection(self, broker: Broker) -> Broker:
+        other = self.track(RabbitMQBroker(self.url, connection_name="qm-contract-other"))
+        await other.connect()
+        assert other.connected
+        return other
+
+    async def unreachable_broker(self) -> Broker:
+        self.closed_port = free_port()
+        broker = self.track(RabbitMQBroker(f"amqp://guest:guest@127.0.0.1:{self.closed_port}/%2F"))
+        await broker.connect(first_attempt_timeout_s=1)
+        return broker
+
+    def check_unavailable_message(self, message: str) -> None:
+        assert f"127.0.0.1:{self.closed_port}" in message
+        assert "unreachable" in message
+
+    async def ready_count(self, broker: Broker, queue: str) -> int:
+        return await asyncio.to_thread(_ready_count_blocking, self.url, queue)
+
+
+def _run(scenario: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(asyncio.wait_for(scenario(), RESTART_SCENARIO_TIMEOUT_S))
+
+
+async def _declare_work_queue(broker: Broker) -> tuple[str, str]:
+    exchange, queue = unique("direct"), unique("queue")
+    await broker.declare_exchange(exchange, "direct")
+    await broker.declare_queue(queue)
+    await broker.bind_queue(queue, exchange, "work")
+    return exchange, queue
+
+
+@pytest.mark.rabbitmq
+class TestRabbitMQRestarts:
+    """What only a real node shows: durability and reconnects across restarts."""
+
+    def test_graceful_restart_keeps_messages_and_consumer(self, own_rabbitmq):
+        node = own_rabbitmq
+
+        async def scenario() -> None:
+            broker = RabbitMQBroker(node.url, reconnect_max_delay_s=1.0)
+            try:
+                await broker.connect()
+                assert broker.connected
+                exchange, queue = await _declare_work_queue(broker)
+                sent = bodies("durable", 50)
+                restarted = False
+                held: list[Delivery] = []
+                holding = asyncio.Event()
+                after: dict[bytes, Delivery] = {}
+                all_back = asyncio.Event()
+
+                def on_delivery(delivery: Delivery) -> None:
+                    if not restarted:  # keep these unacked across the restart
+                        held.append(delivery)
+                        if len(held) == 10:
+                            holding.set()
+                        return
+                    broker.ack(delivery)
+                    after[delivery.body] = delivery
+                    if set(after) >= set(sent):
+                        all_back.set()
+
+                await broker.consume(queue, on_delivery, prefetch=10)
+                await asyncio.gather(*(broker.publish(exchange, "work", body) for body in sent))
+                await asyncio.wait_for(holding.wait(), WAIT_S)
+
+                await asyncio.to_thread(node.stop)
+                restarted = True
+                with pytest.raises(BrokerUnavailable):
+                    await asyncio.wait_for(broker.publish(exchange, "work", b"outage"), WAIT_S)
+                assert not broker.connected
+
+                await asyncio.to_thread(node.start)
+                assert await broker.wait_connected(60)
+                await asyncio.wait_for(all_back.wait(), 30)
+                assert set(after) == set(sent)
+            finally:
+                await broker.close()
+
+        _run(scenario)
+
+    def test_confirmed_messages_survive_sigkill(self, own_rabbitmq):
+        node = own_rabbitmq
+
+        async def scenario() -> None:
+            broker = RabbitMQBroker(node.url, reconnect_max_delay_s=1.0)
+            try:
+                await broker.connect()
+                assert broker.connected
+                exchange, queue = await _declare_work_queue(broker)
+                confirmed = bodies("before-kill", 50)
+                await asyncio.gather(*(broker.publish(exchange, "work", body) for body in confirmed))
+
+                # More publishes in flight while the node dies: each either returned
+                # (then it must survive) or raised BrokerUnavailable.
+                racing = bodies("racing", 200)
+                tasks = [asyncio.ensure_future(broker.publish(exchange, "work", body)) for body in racing]
+                await asyncio.to_thread(node.kill)
+                results = await asyncio.wait_for(
+                    asyncio.gather(*tasks, return_exceptions=True), WAIT_S)
+                for result in results:
+                    assert result is None or isinstance(result, BrokerUnavailable), result
+                confirmed += [body for body, result in zip(racing, results) if result is None]
+
+                await asyncio.to_thread(node.start)
+                assert await broker.wait_connected(60)
+                received: set[bytes] = set()
+                got_all = asyncio.Event()
+
+                def on_delivery(delivery: Delivery) -> None:
+                    broker.ack(delivery)
+                    received.add(delivery.body)
+                    if received >= set(confirmed):
+                        got_all.set()
+
+                await broker.consume(queue, on_delivery, prefetch=100)
+                await asyncio.wait_for(got_all.wait(), 30)
+                assert set(confirmed) <= received
+                assert received <= set(confirmed) | set(racing)
+            finally:
+                await broker.close()
+
+        _run(scenario)
