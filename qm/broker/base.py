@@ -86,6 +86,10 @@ class Broker(abc.ABC):
         """
 
     @abc.abstractmethod
+    async def set_prefetch(self, consumer_tag: str, prefetch: int) -> None:
+        """Change a running consumer's prefetch; outstanding deliveries stay valid."""
+
+    @abc.abstractmethod
     async def cancel(self, consumer_tag: str) -> None:
         """Stop new deliveries to a consumer; its unacked deliveries may still be settled."""
 

@@ -114,6 +114,12 @@ class MemoryBroker(Broker):
         self._schedule_dispatch(queue)
         return tag
 
+    async def set_prefetch(self, consumer_tag: str, prefetch: int) -> None:
+        consumer = self._consumers.get(consumer_tag)
+        if consumer:
+            consumer.prefetch = prefetch
+            self._schedule_dispatch(consumer.queue)
+
     async def cancel(self, consumer_tag: str) -> None:
         consumer = self._consumers.get(consumer_tag)
         if consumer:

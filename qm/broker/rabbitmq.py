@@ -45,6 +45,7 @@ class _ConsumerSpec:
     channel: Any = None
     generation: int = -1
     active: bool = True
+    amqp_tag: str = ""
 
 
 class RabbitMQBroker(Broker):
@@ -301,17 +302,41 @@ class RabbitMQBroker(Broker):
     async def _start_consumer(self, spec: _ConsumerSpec) -> None:
         channel = await self._open_channel()
         await self._rpc(lambda cb: channel.basic_qos(prefetch_count=spec.prefetch, callback=cb))
-        generation = self._generation
+        # Set before consuming: deliveries can reach the callback (and be acked there)
+        # before this coroutine resumes from the ConsumeOk.
+        spec.channel, spec.generation = channel, self._generation
+        await self._basic_consume(spec)
+
+    async def _basic_consume(self, spec: _ConsumerSpec) -> None:
+        """Start an AMQP consumer on the spec's channel, under a fresh AMQP tag.
+
+        Deliveries carry the spec's stable tag, so acks find the channel whichever AMQP
+        consumer delivered them.
+        """
+        channel, generation = spec.channel, spec.generation
 
         def on_message(_channel, method, properties, body):
             spec.callback(Delivery(body, dict(properties.headers or {}), method.redelivered,
                                    method.delivery_tag, spec.tag, generation))
 
-        # Set before consuming: deliveries can reach the callback (and be acked there)
-        # before this coroutine resumes from the ConsumeOk.
-        spec.channel, spec.generation = channel, generation
+        spec.amqp_tag = f"{spec.tag}.{next(self._consumer_ids)}"
         await self._rpc(lambda cb: channel.basic_consume(
-            spec.queue, on_message, auto_ack=False, consumer_tag=spec.tag, callback=cb))
+            spec.queue, on_message, auto_ack=False, consumer_tag=spec.amqp_tag, callback=cb))
+
+    async def set_prefetch(self, consumer_tag: str, prefetch: int) -> None:
+        """RabbitMQ applies a per-consumer prefetch to new consumers only: set the new QoS,
+        start a new consumer on the same channel, then cancel the old one."""
+        spec = self._consumers.get(consumer_tag)
+        if spec is None or spec.prefetch == prefetch:
+            return
+        spec.prefetch = prefetch
+        channel = spec.channel
+        if not spec.active or channel is None or not channel.is_open:
+            return  # applied when the consumer is next started
+        old_tag = spec.amqp_tag
+        await self._rpc(lambda cb: channel.basic_qos(prefetch_count=prefetch, callback=cb))
+        await self._basic_consume(spec)
+        await self._rpc(lambda cb: channel.basic_cancel(old_tag, callback=cb))
 
     async def cancel(self, consumer_tag: str) -> None:
         spec = self._consumers.get(consumer_tag)
@@ -319,7 +344,7 @@ class RabbitMQBroker(Broker):
             return
         spec.active = False
         if spec.channel is not None and spec.channel.is_open:
-            await self._rpc(lambda cb: spec.channel.basic_cancel(consumer_tag, callback=cb))
+            await self._rpc(lambda cb: spec.channel.basic_cancel(spec.amqp_tag, callback=cb))
 
     def _settle_channel(self, delivery: Delivery) -> Any:
         spec = self._consumers.get(delivery.consumer_tag)

@@ -220,6 +220,28 @@ class BrokerContract:
 
         self.run(scenario)
 
+    def test_raising_prefetch_on_a_running_consumer_delivers_more(self):
+        async def scenario(broker: Broker) -> None:
+            exchange, queue = await self.direct_queue(broker)
+            sent = bodies("job", 6)
+            for body in sent:
+                await broker.publish(exchange, "work", body)
+            inbox = Inbox(broker)
+            tag = await broker.consume(queue, inbox, prefetch=1)
+            first = await inbox.next()
+            assert await self.ready_count(broker, queue) == 5
+
+            await broker.set_prefetch(tag, 3)
+            more = await inbox.take(2)  # three in hand now, the first still unacked
+            assert first.body == sent[0] and all(d.body in sent[1:] for d in more)
+            for delivery in [first, *more]:
+                inbox.ack(delivery)
+            while len(inbox.received) < len(sent):
+                inbox.ack(await inbox.next())
+            assert sorted(d.body for d in inbox.received) == sorted(sent)
+
+        self.run(scenario)
+
     # -- 4. nack ------------------------------------------------------------------------
 
     def test_nack_requeues_or_drops(self):
