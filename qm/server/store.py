@@ -88,25 +88,28 @@ class Store:
         return self._db.execute("SELECT COUNT(*) FROM tasks").fetchone()[0]
 
     def apply(self, events: Iterable[TaskEvent], codec_of: dict[str, str]) -> list[TaskRecord]:
-        """Apply events in one transaction; return the records that changed, in order.
+        """Apply events in one transaction; return every record change, in order.
 
         Duplicates and stale events change nothing (see qm.states.supersedes). An event
         for a task this replica never saw (submitted through another server) creates it.
         """
-        changed: dict[str, TaskRecord] = {}
+        latest: dict[str, TaskRecord] = {}
+        changes: list[TaskRecord] = []  # intermediate states too: followers see RUNNING
         self._db.execute("BEGIN")
         try:
             for event in events:
-                current = changed.get(event.task_id) or self.get(event.task_id)
+                current = latest.get(event.task_id) or self.get(event.task_id)
                 updated = _next_record(current, event, codec_of.get(event.type, "text"))
                 if updated is not None:
-                    self._upsert(updated)
-                    changed[event.task_id] = updated
+                    latest[event.task_id] = updated
+                    changes.append(updated)
+            for record in latest.values():
+                self._upsert(record)
             self._db.execute("COMMIT")
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
-        return list(changed.values())
+        return changes
 
     def _upsert(self, record: TaskRecord) -> None:
         placeholders = ", ".join("?" for _ in _COLUMNS)

@@ -128,7 +128,8 @@ class Pool:
         outcome = Outcome(TaskState.SUCCEEDED, result=value) if kind == "ok" else \
             Outcome(TaskState.FAILED, error=value)
         self._finish(slot, outcome)
-        self._idle.put_nowait(slot)
+        if slot.kill_outcome is None:  # a killed child is dying: _on_exit replaces the slot
+            self._idle.put_nowait(slot)
 
     def _on_exit(self, slot: Slot) -> None:
         loop = asyncio.get_running_loop()
@@ -173,7 +174,12 @@ def _kill_group(pid: int) -> None:
     try:
         os.killpg(pid, signal.SIGKILL)
     except ProcessLookupError:
-        pass
+        # No such group yet: the child has not reached os.setsid() (it is still starting),
+        # so it has spawned nothing either; killing the process itself is enough.
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 #: Likely causes of a child's death by signal, for the error a user reads.

@@ -1,0 +1,54 @@
+"""Wire format of task messages and task events."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from qm.messages import TaskEvent, TaskMessage
+from qm.states import TaskState
+
+
+def test_task_message_round_trip():
+    message = TaskMessage("id-1", "math", b"\x00\xff1 + 2", "high", attempt=3, enqueued_at_s=1_700_000_000.25)
+    decoded = TaskMessage.decode(message.encode())
+    assert decoded.enqueued_at_s == pytest.approx(message.enqueued_at_s, abs=1e-6)  # nanoseconds on the wire
+    assert dataclasses.replace(decoded, enqueued_at_s=message.enqueued_at_s) == message
+
+
+def test_task_message_headers_name_the_task():
+    message = TaskMessage("id-1", "math", b"1", "default", attempt=2)
+    assert message.headers() == {"qm-task-id": "id-1", "qm-type": "math", "qm-attempt": 2}
+
+
+def test_task_message_attempt_defaults_to_one_on_the_wire():
+    decoded = TaskMessage.decode(TaskMessage("id-1", "math", b"1", "default", attempt=0).encode())
+    assert decoded.attempt == 1
+
+
+@pytest.mark.parametrize("state", list(TaskState))
+def test_task_event_round_trip(state):
+    event = TaskEvent("id-1", "math", "default", 2, state, "w1", b"11", "boom", 1_700_000_000.123)
+    decoded = TaskEvent.decode(event.encode())
+    assert decoded.at_s == pytest.approx(event.at_s, abs=1e-6)
+    assert dataclasses.replace(decoded, at_s=event.at_s) == event
+    assert decoded.state is state
+
+
+@pytest.mark.parametrize("body", [b"\xff\xff\xff\xff", b"\x0a\x05ab"])
+def test_undecodable_bodies_raise_value_error(body):
+    with pytest.raises(ValueError, match="undecodable"):
+        TaskMessage.decode(body)
+    with pytest.raises(ValueError, match="undecodable"):
+        TaskEvent.decode(body)
+
+
+def test_messages_without_ids_are_rejected():
+    with pytest.raises(ValueError, match="task_id"):
+        TaskMessage.decode(TaskMessage("", "math", b"1", "default").encode())
+    with pytest.raises(ValueError, match="task_id"):
+        TaskMessage.decode(TaskMessage("id", "", b"1", "default").encode())
+    with pytest.raises(ValueError, match="task_id"):
+        TaskEvent.decode(TaskEvent("", "math", "default", 1, TaskState.RUNNING).encode())
+    with pytest.raises(ValueError):
+        TaskMessage.decode(b"")

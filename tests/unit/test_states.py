@@ -1,0 +1,47 @@
+"""Task lifecycle ordering: duplicate and late events must not move a task backwards."""
+from __future__ import annotations
+
+import pytest
+
+from qm.states import TERMINAL_STATES, TaskState, supersedes
+
+S = TaskState
+NON_TERMINAL = [S.QUEUED, S.RUNNING, S.RETRYING]
+
+
+def test_terminal_property_matches_lifecycle():
+    assert {state for state in TaskState if state.terminal} == set(TERMINAL_STATES)
+    assert {S.SUCCEEDED, S.FAILED, S.TIMED_OUT, S.MEMORY_EXCEEDED, S.CRASHED, S.CANCELLED} == TERMINAL_STATES
+    assert not any(state.terminal for state in NON_TERMINAL)
+
+
+@pytest.mark.parametrize("current", sorted(TERMINAL_STATES))
+@pytest.mark.parametrize("new", list(TaskState))
+@pytest.mark.parametrize("new_attempt", [1, 2])
+def test_terminal_state_is_final(current, new, new_attempt):
+    """Nothing replaces a terminal state: not a late RUNNING, not a second terminal,
+    not even an event of a later attempt."""
+    assert supersedes(current, 1, new, new_attempt) is False
+
+
+@pytest.mark.parametrize("current, current_attempt, new, new_attempt, expected", [
+    # within one attempt a state only moves forward
+    (S.QUEUED, 0, S.RUNNING, 1, True),       # first attempt starts
+    (S.QUEUED, 1, S.RUNNING, 1, True),
+    (S.RUNNING, 1, S.SUCCEEDED, 1, True),
+    (S.RUNNING, 1, S.FAILED, 1, True),
+    (S.RUNNING, 1, S.RETRYING, 1, True),
+    (S.QUEUED, 1, S.SUCCEEDED, 1, True),     # RUNNING event lost or late: terminal still applies
+    (S.RUNNING, 1, S.RUNNING, 1, False),     # duplicate delivery of the same event
+    (S.QUEUED, 0, S.QUEUED, 0, False),
+    (S.RUNNING, 1, S.QUEUED, 1, False),      # backwards
+    (S.RETRYING, 1, S.RUNNING, 1, False),    # backwards within the attempt
+    # a later attempt wins, an earlier one loses
+    (S.RETRYING, 1, S.RUNNING, 2, True),
+    (S.RETRYING, 1, S.QUEUED, 2, True),
+    (S.RUNNING, 2, S.RUNNING, 1, False),     # late event of the previous attempt
+    (S.RUNNING, 2, S.RETRYING, 1, False),
+    (S.RETRYING, 2, S.RUNNING, 1, False),
+])
+def test_supersedes(current, current_attempt, new, new_attempt, expected):
+    assert supersedes(current, current_attempt, new, new_attempt) is expected

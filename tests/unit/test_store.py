@@ -1,0 +1,188 @@
+"""The server's SQLite replica: records, and events applied idempotently and in order."""
+from __future__ import annotations
+
+import dataclasses
+import sqlite3
+
+import pytest
+
+from qm.messages import TaskEvent
+from qm.server.store import Store, TaskRecord
+from qm.states import TaskState
+
+S = TaskState
+T0 = 1_700_000_000.0
+
+
+@pytest.fixture
+def store(tmp_path):
+    opened = Store(tmp_path / "tasks.db")
+    yield opened
+    opened.close()
+
+
+def queued(task_id="t1", task_type="math", queue="default", codec="text", at=T0) -> TaskRecord:
+    return TaskRecord(task_id, task_type, queue, codec, S.QUEUED, 0, None, "", "", at, None, None, at)
+
+
+def event(state, at, task_id="t1", attempt=1, worker="w1", result=b"", error="", task_type="math",
+          queue="default") -> TaskEvent:
+    return TaskEvent(task_id, task_type, queue, attempt, state, worker, result, error, at)
+
+
+CODECS = {"math": "text", "j": "json"}
+
+
+def test_insert_get_delete_count(store):
+    record = queued("a")
+    store.insert(record)
+    store.insert(queued("b", task_type="j", codec="json", queue="high"))
+    assert store.get("a") == record
+    assert store.get("b").codec == "json" and store.get("b").queue == "high"
+    assert store.get("missing") is None
+    assert store.count() == 2
+    store.delete("a")
+    assert store.get("a") is None
+    assert store.count() == 1
+
+
+def test_inserting_an_existing_id_fails_and_keeps_the_original(store):
+    store.insert(queued("a"))
+    with pytest.raises(sqlite3.IntegrityError):
+        store.insert(dataclasses.replace(queued("a"), type="other"))
+    assert store.get("a").type == "math"
+
+
+def test_lifecycle_sets_state_worker_and_timestamps(store):
+    store.insert(queued())
+    [running] = store.apply([event(S.RUNNING, T0 + 1)], CODECS)
+    assert running.state is S.RUNNING and running.attempts == 1 and running.worker == "w1"
+    assert running.started_at == T0 + 1 and running.finished_at is None and running.updated_at == T0 + 1
+    assert running.created_at == T0
+    [done] = store.apply([event(S.SUCCEEDED, T0 + 2, result=b"11")], CODECS)
+    assert done == store.get("t1")
+    assert done.state is S.SUCCEEDED and done.result == b"11" and done.error == ""
+    assert (done.created_at, done.started_at, done.finished_at, done.updated_at) == (T0, T0 + 1, T0 + 2, T0 + 2)
+
+
+def test_duplicate_event_changes_the_record_once(store):
+    store.insert(queued())
+    running = event(S.RUNNING, T0 + 1)
+    changed = store.apply([running, running], CODECS)
+    assert [record.state for record in changed] == [S.RUNNING]
+    before = store.get("t1")
+    assert store.apply([running], CODECS) == []  # redelivered again later
+    assert store.get("t1") == before
+
+
+def test_duplicate_terminal_event_is_ignored(store):
+    store.insert(queued())
+    done = event(S.SUCCEEDED, T0 + 2, result=b"11")
+    store.apply([done], CODECS)
+    assert store.apply([dataclasses.replace(done, at_s=T0 + 9)], CODECS) == []
+    assert store.get("t1").finished_at == T0 + 2
+
+
+def test_late_running_after_succeeded_is_ignored(store):
+    store.insert(queued())
+    store.apply([event(S.SUCCEEDED, T0 + 2, result=b"11")], CODECS)
+    assert store.apply([event(S.RUNNING, T0 + 1, worker="w2")], CODECS) == []
+    record = store.get("t1")
+    assert record.state is S.SUCCEEDED and record.result == b"11"
+    assert record.started_at is None and record.worker == "w1" and record.updated_at == T0 + 2
+
+
+def test_out_of_order_within_one_batch(store):
+    store.insert(queued())
+    store.apply([event(S.RUNNING, T0 + 1)], CODECS)
+    store.apply([event(S.FAILED, T0 + 2, error="RuntimeError: boom"), event(S.RUNNING, T0 + 3)], CODECS)
+    record = store.get("t1")
+    assert record.state is S.FAILED and record.started_at == T0 + 1 and record.finished_at == T0 + 2
+
+
+def test_a_second_terminal_event_does_not_overwrite_the_first(store):
+    store.insert(queued())
+    store.apply([event(S.SUCCEEDED, T0 + 2, result=b"11")], CODECS)
+    store.apply([event(S.CRASHED, T0 + 3, error="the child died")], CODECS)
+    record = store.get("t1")
+    assert (record.state, record.result, record.error) == (S.SUCCEEDED, b"11", "")
+
+
+def test_event_for_unknown_task_creates_it(store):
+    [created] = store.apply([event(S.RUNNING, T0 + 5, task_id="elsewhere", task_type="j", queue="high",
+                                   worker="w9")], CODECS)
+    assert created == store.get("elsewhere")
+    assert (created.type, created.queue, created.codec) == ("j", "high", "json")
+    assert (created.state, created.attempts, created.worker) == (S.RUNNING, 1, "w9")
+    assert created.created_at == T0 + 5 and created.started_at == T0 + 5
+    assert store.count() == 1
+
+
+def test_event_for_unknown_task_of_uninstalled_type_defaults_to_text_codec(store):
+    store.apply([event(S.SUCCEEDED, T0, task_id="x", task_type="not.here", result=b"r")], CODECS)
+    record = store.get("x")
+    assert record.codec == "text" and record.state is S.SUCCEEDED and record.result == b"r"
+
+
+def test_result_stored_only_on_success_and_error_on_failure(store):
+    store.insert(queued("ok"))
+    store.insert(queued("bad"))
+    store.apply([event(S.RUNNING, T0 + 1, task_id="ok", result=b"not yet", error="not yet"),
+                 event(S.RUNNING, T0 + 1, task_id="bad")], CODECS)
+    assert store.get("ok").result is None and store.get("ok").error == ""
+    store.apply([event(S.SUCCEEDED, T0 + 2, task_id="ok", result=b"42"),
+                 event(S.FAILED, T0 + 2, task_id="bad", result=b"ignored", error="RuntimeError: boom")],
+                CODECS)
+    ok, bad = store.get("ok"), store.get("bad")
+    assert (ok.state, ok.result, ok.error) == (S.SUCCEEDED, b"42", "")
+    assert (bad.state, bad.result, bad.error) == (S.FAILED, None, "RuntimeError: boom")
+    assert bad.finished_at == T0 + 2
+
+
+def test_retrying_keeps_the_error_and_the_next_attempt_counts(store):
+    store.insert(queued())
+    store.apply([event(S.RUNNING, T0 + 1), event(S.RETRYING, T0 + 2, error="timed out")], CODECS)
+    assert store.get("t1").error == "timed out"
+    store.apply([event(S.RUNNING, T0 + 3, attempt=2, worker="w2")], CODECS)
+    record = store.get("t1")
+    assert (record.state, record.attempts, record.worker, record.started_at) == (S.RUNNING, 2, "w2", T0 + 3)
+    assert store.apply([event(S.RETRYING, T0 + 4, attempt=1)], CODECS) == []  # late, earlier attempt
+    assert store.get("t1").state is S.RUNNING
+
+
+def test_changed_records_come_back_in_event_order(store):
+    for task_id in ("a", "b", "c"):
+        store.insert(queued(task_id))
+    changed = store.apply([event(S.RUNNING, T0 + 1, task_id=task_id) for task_id in ("c", "a", "b")], CODECS)
+    assert [record.task_id for record in changed] == ["c", "a", "b"]
+
+
+def test_a_failing_batch_changes_nothing(store):
+    store.insert(queued())
+
+    def events():
+        yield event(S.RUNNING, T0 + 1)
+        raise RuntimeError("undecodable in the middle")
+
+    with pytest.raises(RuntimeError):
+        store.apply(events(), CODECS)
+    assert store.get("t1") == queued()
+    store.apply([event(S.RUNNING, T0 + 1)], CODECS)  # the store is still usable
+    assert store.get("t1").state is S.RUNNING
+
+
+def test_records_survive_closing_and_reopening(tmp_path):
+    path = tmp_path / "tasks.db"
+    first = Store(path)
+    first.insert(queued("a"))
+    first.insert(queued("b"))
+    first.apply([event(S.SUCCEEDED, T0 + 2, task_id="a", result=b"\x00\xffbinary")], CODECS)
+    expected = (first.get("a"), first.get("b"))
+    first.close()
+    second = Store(path)
+    try:
+        assert (second.get("a"), second.get("b")) == expected
+        assert second.get("a").result == b"\x00\xffbinary"
+        assert second.count() == 2
+    finally:
+        second.close()
