@@ -39,3 +39,30 @@ def own_rabbitmq(tmp_path_factory) -> LocalRabbitMQ:
     node.start()
     yield node
     node.kill()
+
+
+@pytest.fixture
+def launcher(tmp_path):
+    """Starts qm-server / qm-worker subprocesses for one test (tests/processes.py) and
+    stops every one of them, and deletes the test's queues, in teardown."""
+    from tests.processes import Launcher
+
+    launcher = Launcher(tmp_path)
+    yield launcher
+    launcher.cleanup()
+
+
+@pytest.fixture
+def stack(rabbitmq, launcher):
+    """A qm-server and one qm-worker (2 children) on a logical queue of this test's own,
+    all on the shared RabbitMQ node; `stack.client` is a qm.Client of that server."""
+    import types
+
+    import qm
+
+    queue = launcher.queue(rabbitmq.url)
+    server = launcher.server(rabbitmq.url)
+    worker = launcher.worker(rabbitmq.url, procs=2, queues=queue)
+    with qm.Client(server.address) as client:
+        yield types.SimpleNamespace(server=server, worker=worker, queue=queue, client=client,
+                                    broker_url=rabbitmq.url)

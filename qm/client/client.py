@@ -26,12 +26,20 @@ class RemoteError(QMError):
     def __init__(self, code: grpc.StatusCode, details: str, server: str):
         self.code = code
         self.details = details
-        if code is grpc.StatusCode.UNAVAILABLE and "broker" not in details.lower():
+        # UNAVAILABLE from qm-server itself names RabbitMQ/the broker ("RabbitMQ at ... is
+        # unreachable", "connection to RabbitMQ at ... lost"); anything else is gRPC failing
+        # to reach qm-server.
+        if code is grpc.StatusCode.UNAVAILABLE and not _names_broker(details):
             details = (f"cannot reach qm-server at {server} ({details}); is it running? "
                        "Point --server / QM_CLIENT__SERVER at it")
         elif code is grpc.StatusCode.DEADLINE_EXCEEDED:
             details = f"qm-server at {server} did not answer in time ({details})"
         super().__init__(details)
+
+
+def _names_broker(details: str) -> bool:
+    text = details.lower()
+    return "broker" in text or "rabbitmq" in text
 
 
 @dataclasses.dataclass(frozen=True)

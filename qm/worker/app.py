@@ -71,9 +71,17 @@ async def run_worker(config: Config) -> None:
                             effective_prefetch(config), config.broker.queue_type)
     signals = asyncio.Queue()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, signals.put_nowait, signum)
-    await pool.start()
+    loop.add_signal_handler(signal.SIGTERM, signals.put_nowait, signal.SIGTERM)
+    # Ctrl-C signals the terminal's whole process group, and a pool child is in that group
+    # until its os.setsid(). Start the pool (and with it the forkserver) with SIGINT ignored:
+    # the forkserver inherits SIG_IGN and every child it forks restores it, so Ctrl-C can
+    # never kill a child that is still starting (with a task already sent to it).
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        await pool.start()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    loop.add_signal_handler(signal.SIGINT, signals.put_nowait, signal.SIGINT)
     await broker.connect()
     await supervisor.start()
     signum = await signals.get()

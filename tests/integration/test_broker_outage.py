@@ -1,0 +1,101 @@
+"""RabbitMQ goes away and comes back: submissions fail fast meanwhile, saying why, and work
+again afterwards without restarting anything; no accepted task is lost."""
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import pytest
+
+import qm
+from qm.client.client import RemoteError
+
+#: Bound on the server and worker reconnecting after the node is back.
+RECONNECT_TIMEOUT_S = 60.0
+#: Bound on the tasks accepted around the outage all finishing.
+RESULTS_TIMEOUT_S = 120.0
+#: Threads submitting while the node shuts down (so some submissions are in flight).
+SUBMITTERS = 4
+#: Reconnect backoff cap for this test's processes (a real setting: broker.reconnect_max_delay_s).
+FAST_RECONNECT = {"QM_BROKER__RECONNECT_MAX_DELAY_S": "1"}
+
+
+def submit_when_possible(client: qm.Client, queue: str, timeout_s: float) -> str:
+    """Retry a submission while the server answers UNAVAILABLE (bounded)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return client.submit("math", "6 * 7", queue=queue)
+        except RemoteError as exc:
+            if exc.code is not grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+class Submitters:
+    """Threads submitting math tasks until each sees its first error."""
+
+    def __init__(self, client: qm.Client, queue: str) -> None:
+        self.client = client
+        self.queue = queue
+        self.accepted: list[str] = []
+        self.errors: list[RemoteError] = []
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(SUBMITTERS)]
+        for thread in self._threads:
+            thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                task_id = self.client.submit("math", "2 + 3", queue=self.queue)
+            except RemoteError as exc:
+                with self._lock:
+                    self.errors.append(exc)
+                return
+            with self._lock:
+                self.accepted.append(task_id)
+
+    def join(self, timeout_s: float) -> None:
+        for thread in self._threads:
+            thread.join(timeout_s)
+            assert not thread.is_alive(), "a submission neither succeeded nor failed"
+
+
+def test_submit_fails_fast_while_rabbitmq_is_down_and_works_after_it_returns(own_rabbitmq, launcher):
+    queue = launcher.queue(own_rabbitmq.url)
+    launcher.forget_queues(own_rabbitmq.url)  # the private node is gone before teardown
+    server = launcher.server(own_rabbitmq.url, env=FAST_RECONNECT)
+    worker = launcher.worker(own_rabbitmq.url, procs=1, queues=queue, env=FAST_RECONNECT)
+    with qm.Client(server.address) as client:
+        before = client.submit("math", "1 + 1", queue=queue)
+        assert client.result(before, timeout_s=60) == "2"
+
+        busy = Submitters(client, queue)
+        own_rabbitmq.stop()
+        busy.join(RECONNECT_TIMEOUT_S)
+        with pytest.raises(RemoteError) as down:
+            client.submit("math", "1 + 2", queue=queue)
+
+        assert down.value.code is grpc.StatusCode.UNAVAILABLE
+        message = str(down.value)
+        assert "RabbitMQ" in message and "unreachable" in message, message
+        # Submissions cut off mid-flight say it is RabbitMQ, not qm-server, that is gone.
+        for error in busy.errors:
+            assert error.code is grpc.StatusCode.UNAVAILABLE, error
+            assert "RabbitMQ" in str(error) and "cannot reach qm-server" not in str(error), error
+        # The server itself still answers what it knows.
+        assert client.status(before).state == "SUCCEEDED"
+
+        own_rabbitmq.start()
+        after = submit_when_possible(client, queue, RECONNECT_TIMEOUT_S)
+        logs = server.logs + "\n" + worker.logs
+        assert client.result(after, timeout_s=RECONNECT_TIMEOUT_S) == "42", logs
+
+        # Every task the server accepted (answered with an id) was durable: none is lost.
+        final = {status.task_id: status for status in client.watch(busy.accepted, timeout_s=RESULTS_TIMEOUT_S)
+                 if status.terminal}
+        assert set(final) == set(busy.accepted), logs
+        assert {(status.state, status.result) for status in final.values()} <= {("SUCCEEDED", "5")}, logs
+        assert server.alive() and worker.alive(), logs

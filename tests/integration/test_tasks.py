@@ -1,0 +1,59 @@
+"""One task through the real system: gRPC server → RabbitMQ → worker pool → events → server."""
+from __future__ import annotations
+
+import pytest
+
+import qm.errors
+
+#: Bound on one task reaching a terminal state.
+RESULT_TIMEOUT_S = 60.0
+
+
+def test_math_task_succeeds_with_its_result_and_a_full_status(stack):
+    task_id = stack.client.submit("math", "1 + 2 * 5", queue=stack.queue)
+
+    result = stack.client.result(task_id, timeout_s=RESULT_TIMEOUT_S)
+
+    logs = stack.server.logs + "\n" + stack.worker.logs
+    assert result == "11", logs
+    status = stack.client.status(task_id)
+    assert status.task_id == task_id
+    assert status.type == "math"
+    assert status.queue == stack.queue
+    assert status.state == "SUCCEEDED", logs
+    assert status.result == "11"
+    assert status.error == ""
+    assert status.attempts == 1
+    assert status.worker == stack.worker.worker_id
+    assert status.created_at is not None
+    assert status.started_at is not None
+    assert status.finished_at is not None
+    assert status.started_at <= status.finished_at
+
+
+def test_failing_task_ends_failed_with_the_exception(stack):
+    task_id = stack.client.submit("test.fail", "boom", queue=stack.queue)
+
+    with pytest.raises(qm.errors.TaskError) as raised:
+        stack.client.result(task_id, timeout_s=RESULT_TIMEOUT_S)
+
+    assert raised.value.state == "FAILED"
+    assert raised.value.task_id == task_id
+    assert "RuntimeError: boom" in raised.value.error
+    status = stack.client.status(task_id)
+    assert status.state == "FAILED"
+    assert "RuntimeError: boom" in status.error
+    assert status.result is None
+    assert status.attempts == 1
+    assert status.finished_at is not None
+
+
+def test_stream_shows_running_then_succeeded_live(stack):
+    task_id = stack.client.submit("test.sleep", "1.0", queue=stack.queue)
+
+    states = [status.state for status in stack.client.watch([task_id], timeout_s=RESULT_TIMEOUT_S)]
+
+    # The first update is the state at the time the stream opened (QUEUED, or RUNNING if
+    # the worker was quicker); then each change, live, in lifecycle order, once each.
+    assert states in (["QUEUED", "RUNNING", "SUCCEEDED"], ["RUNNING", "SUCCEEDED"]), \
+        f"{states}\n{stack.server.logs}"
