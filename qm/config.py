@@ -58,6 +58,18 @@ def _to_float(raw: Any) -> float:
     return value
 
 
+_TRUE_WORDS = ("true", "yes", "on", "1")
+_FALSE_WORDS = ("false", "no", "off", "0")
+
+
+def _to_bool(raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str) and raw.strip().lower() in _TRUE_WORDS + _FALSE_WORDS:
+        return raw.strip().lower() in _TRUE_WORDS
+    raise ValueError(f"expected true or false, got {raw!r}")
+
+
 def _to_str(raw: Any) -> str:
     """A string (YAML scalars such as 123 must be quoted)."""
     if not isinstance(raw, str):
@@ -139,6 +151,10 @@ def _host_port(allow_port_zero: bool) -> Callable[[str], str]:
         return value.strip()
 
     return check
+
+
+def _optional_host_port(value: str) -> str:
+    return value if value == "" else _host_port(allow_port_zero=True)(value)
 
 
 def _amqp_url(value: str) -> str:
@@ -226,6 +242,7 @@ class BrokerConfig:
     heartbeat_s: int = _setting(30, _to_int, _at_least(0), _at_most(65535))
     reconnect_max_delay_s: float = _setting(10.0, _to_float, _above(0))
     queue_type: str = _setting("classic", _to_str, _one_of("classic", "quorum"))
+    consumer_timeout_s: float = _setting(1800.0, _to_float, _above(0))
 
 
 @dataclass(frozen=True)
@@ -237,6 +254,8 @@ class ServerConfig:
     id: str = _setting("", _to_str)
     max_payload_bytes: int = _setting(1048576, _to_int, _above(0))
     grace_s: float = _setting(5.0, _to_float, _at_least(0))
+    default_task_timeout_s: float = _setting(600.0, _to_float, _above(0))
+    default_task_memory_limit_mb: int = _setting(0, _to_int, _at_least(0))
 
 
 @dataclass(frozen=True)
@@ -248,6 +267,15 @@ class WorkerConfig:
     prefetch: str = _setting("auto", _to_prefetch)
     id: str = _setting("", _to_str)
     start_method: str = _setting("forkserver", _to_str, _one_of("forkserver", "spawn"))
+    task_timeout_s: float = _setting(0.0, _to_float, _at_least(0))
+    task_memory_limit_mb: int = _setting(0, _to_int, _at_least(0))
+    soft_timeout_grace_s: float = _setting(1.0, _to_float, _at_least(0))
+    memory_check_interval_s: float = _setting(0.05, _to_float, _above(0))
+    max_tasks_per_child: int = _setting(0, _to_int, _at_least(0))
+    max_child_idle_rss_mb: int = _setting(1024, _to_int, _at_least(0))
+    address_space_limit: bool = _setting(True, _to_bool)
+    drain_timeout_s: float = _setting(60.0, _to_float, _at_least(0))
+    status_listen: str = _setting("127.0.0.1:0", _to_str, _optional_host_port)
 
 
 @dataclass(frozen=True)

@@ -55,3 +55,11 @@ class TaskError(QMError):
         self.state = state
         self.error = error
         super().__init__(f"task {task_id} ended {state}: {error}")
+
+
+class SoftTimeout(Exception):
+    """Raised inside task code shortly before its hard time limit (qm.SoftTimeout).
+
+    Catch it to clean up; the hard limit still kills the task at its deadline. Left
+    uncaught, the task ends TIMED_OUT.
+    """

@@ -9,6 +9,6 @@ def setup_logging(level: str, process_name: str) -> None:
     logging.basicConfig(
         level=level.upper(), stream=sys.stderr, force=True,
         format=f"%(asctime)s {process_name}[%(process)d] %(levelname)s %(name)s: %(message)s")
-    # pika logs every connection attempt and close at INFO/WARNING; our broker module
-    # already says what matters (and says it once).
-    logging.getLogger("pika").setLevel(logging.ERROR)
+    # pika logs every failed connection attempt several times over, at ERROR; our broker
+    # module already says what matters, once, with the address and the cause.
+    logging.getLogger("pika").setLevel(logging.CRITICAL)

@@ -24,10 +24,13 @@ class TaskMessage:
     queue: str
     attempt: int = 1
     enqueued_at_s: float = dataclasses.field(default_factory=time.time)
+    timeout_s: float = 0.0
+    memory_limit_mb: int = 0
 
     def encode(self) -> bytes:
         message = internal_pb2.TaskMessage(task_id=self.task_id, type=self.type, payload=self.payload,
-                                           queue=self.queue, attempt=self.attempt)
+                                           queue=self.queue, attempt=self.attempt, timeout_s=self.timeout_s,
+                                           memory_limit_mb=self.memory_limit_mb)
         message.enqueued_at.FromNanoseconds(int(self.enqueued_at_s * 1e9))
         return message.SerializeToString()
 
@@ -37,7 +40,8 @@ class TaskMessage:
         if not message.task_id or not message.type:
             raise ValueError("task message without task_id or type")
         return cls(message.task_id, message.type, message.payload, message.queue,
-                   message.attempt or 1, message.enqueued_at.ToNanoseconds() / 1e9)
+                   message.attempt or 1, message.enqueued_at.ToNanoseconds() / 1e9,
+                   message.timeout_s, message.memory_limit_mb)
 
     def headers(self) -> dict[str, object]:
         """AMQP headers naming the task, so operators can read a message without decoding it."""
@@ -57,11 +61,14 @@ class TaskEvent:
     result: bytes = b""
     error: str = ""
     at_s: float = dataclasses.field(default_factory=time.time)
+    timeout_s: float = 0.0        # limits the worker applied (RUNNING); 0 = unchanged
+    memory_limit_mb: int = 0
 
     def encode(self) -> bytes:
         event = internal_pb2.TaskEvent(task_id=self.task_id, type=self.type, queue=self.queue,
                                        attempt=self.attempt, state=int(self.state), result=self.result,
-                                       error=self.error, worker=self.worker)
+                                       error=self.error, worker=self.worker, timeout_s=self.timeout_s,
+                                       memory_limit_mb=self.memory_limit_mb)
         event.at.FromNanoseconds(int(self.at_s * 1e9))
         return event.SerializeToString()
 
@@ -71,7 +78,8 @@ class TaskEvent:
         if not event.task_id:
             raise ValueError("task event without task_id")
         return cls(event.task_id, event.type, event.queue, event.attempt, TaskState(event.state),
-                   event.worker, event.result, event.error, event.at.ToNanoseconds() / 1e9)
+                   event.worker, event.result, event.error, event.at.ToNanoseconds() / 1e9,
+                   event.timeout_s, event.memory_limit_mb)
 
 
 def _parse(message_class, body: bytes):

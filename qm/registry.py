@@ -36,6 +36,11 @@ class TaskType:
     codec: str = "text"
     validate: Callable[[Any], None] | None = None
     description: str = ""
+    #: Limits: defaults apply when a submission sets none; maxima cap what it sets.
+    default_timeout_s: float | None = None
+    max_timeout_s: float | None = None
+    default_memory_limit_mb: int | None = None
+    max_memory_limit_mb: int | None = None
 
     def decode_payload(self, payload: bytes) -> Any:
         """Bytes on the wire → the handler's argument (raises ValidationError)."""
@@ -123,6 +128,11 @@ def _check(task_type: TaskType, seen: dict[str, TaskType]) -> PluginError | None
     if task_type.codec not in CODECS:
         return PluginError(f"task type {task_type.name!r} declares codec {task_type.codec!r}; "
                            f"expected one of {', '.join(CODECS)}")
+    for limit in ("default_timeout_s", "max_timeout_s", "default_memory_limit_mb", "max_memory_limit_mb"):
+        value = getattr(task_type, limit)
+        if value is not None and not (isinstance(value, (int, float)) and value > 0):
+            return PluginError(f"task type {task_type.name!r} declares {limit}={value!r}; "
+                               "expected a positive number or None")
     if task_type.name in seen:
         return PluginError(f"task type {task_type.name!r} is registered twice; the first one is used")
     return None

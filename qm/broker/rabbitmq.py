@@ -22,6 +22,7 @@ from typing import Any, Callable
 import pika
 import pika.exceptions
 from pika.adapters.asyncio_connection import AsyncioConnection
+from pika.adapters.utils import connection_workflow
 
 from qm.broker.base import EXCHANGE_KINDS, Broker, Delivery, DeliveryCallback
 from qm.errors import BrokerUnavailable
@@ -210,8 +211,8 @@ class RabbitMQBroker(Broker):
         # connection down so the keeper rebuilds a consistent state; our own closes and
         # channels of an earlier connection pass.
         if (self._closing or generation != self._generation
-                or isinstance(reason, pika.exceptions.ChannelClosedByClient)):
-            return
+                or not isinstance(reason, pika.exceptions.ChannelClosedByBroker)):
+            return  # a lost connection is reported by the connection's own close callback
         error = BrokerUnavailable(f"RabbitMQ closed a channel: {_describe(reason)}")
         for future in list(self._waiters) + list(self._pending.values()):
             future.done() or future.set_exception(error)
@@ -365,7 +366,21 @@ class RabbitMQBroker(Broker):
 
 def _describe(error: object) -> str:
     """A short human description of a pika error or close reason."""
+    if isinstance(error, BrokerUnavailable):
+        return str(error)
+    if isinstance(error, connection_workflow.AMQPConnectionWorkflowFailed) and error.exceptions:
+        return _describe(error.exceptions[-1])
+    if isinstance(error, connection_workflow.AMQPConnectorPhaseErrorBase) and error.exception is not None:
+        return _describe(error.exception)
     if isinstance(error, pika.exceptions.AMQPConnectionError) and error.args:
-        return _describe(error.args[0]) if isinstance(error.args[0], BaseException) else str(error.args[0])
-    text = str(error) or type(error).__name__
-    return f"{type(error).__name__}: {text}" if isinstance(error, BaseException) else text
+        first = error.args[0]
+        return _describe(first) if isinstance(first, BaseException) else str(first)
+    if isinstance(error, (pika.exceptions.ConnectionClosed, pika.exceptions.ChannelClosed)):
+        return f"{error.reply_code} {error.reply_text}"
+    if isinstance(error, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(error, pika.exceptions.StreamLostError):
+        return "connection lost"
+    if isinstance(error, BaseException):
+        return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    return str(error)

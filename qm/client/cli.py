@@ -44,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("-P", "--payload", required=True,
                         help="payload text for the task type (e.g. an expression); - reads stdin")
     submit.add_argument("--queue", default="", help="logical queue (default: default)")
+    submit.add_argument("--timeout", metavar="S", type=float, default=0.0,
+                        help="hard time limit in seconds; the task is killed at it (TIMED_OUT). "
+                             "Default: the task type's, else the server's (server.default_task_timeout_s)")
+    submit.add_argument("--memory-limit", metavar="MB", type=int, default=0,
+                        help="memory limit in MiB (RSS with subprocesses); the task is killed over it "
+                             "(MEMORY_EXCEEDED). Default: the task type's, else the server's, else none")
     submit.add_argument("--wait", action="store_true",
                         help="wait for the task and print its result; exit 0 only if it SUCCEEDED")
     submit.add_argument("--json", action="store_true", help="print JSON (the task id, or its full status with --wait)")
@@ -76,9 +82,11 @@ def _as_json(status: TaskStatus) -> str:
 
 
 def _show(status: TaskStatus) -> str:
+    memory = f"{status.memory_limit_mb} MiB" if status.memory_limit_mb else "unlimited"
     rows = [("id", status.task_id), ("type", status.type), ("queue", status.queue), ("state", status.state),
             ("attempts", status.attempts), ("result", "" if status.result is None else status.result),
             ("error", status.error), ("worker", status.worker or "-"),
+            ("limits", f"timeout {status.timeout_s:g} s, memory {memory}"),
             ("created", _when(status.created_at)), ("started", _when(status.started_at)),
             ("finished", _when(status.finished_at))]
     return "\n".join(f"{name:<9} {value}" for name, value in rows)
@@ -91,7 +99,8 @@ def _change_line(status: TaskStatus) -> str:
 
 def cmd_submit(client: Client, args) -> int:
     payload = sys.stdin.read() if args.payload == "-" else args.payload
-    task_id = client.submit(args.type, payload, queue=args.queue)
+    task_id = client.submit(args.type, payload, queue=args.queue, timeout_s=args.timeout,
+                            memory_limit_mb=args.memory_limit)
     if not args.wait:
         print(json.dumps({"id": task_id}) if args.json else task_id)
         return 0

@@ -58,6 +58,8 @@ class TaskStatus:
     started_at: float | None
     finished_at: float | None
     updated_at: float | None
+    timeout_s: float = 0.0         # effective hard time limit
+    memory_limit_mb: int = 0       # effective memory limit; 0 = none
 
     @property
     def terminal(self) -> bool:
@@ -102,7 +104,8 @@ def status_from_proto(status: task_queue_pb2.TaskStatus) -> TaskStatus:
         result=decode_result(status.result, status.codec) if status.state == task_queue_pb2.SUCCEEDED else None,
         error=status.error, worker=status.worker, created_at=_seconds(status.created_at),
         started_at=_seconds(status.started_at), finished_at=_seconds(status.finished_at),
-        updated_at=_seconds(status.updated_at))
+        updated_at=_seconds(status.updated_at), timeout_s=status.timeout_s,
+        memory_limit_mb=status.memory_limit_mb)
 
 
 class Client:
@@ -129,9 +132,15 @@ class Client:
         except grpc.RpcError as exc:
             raise RemoteError(exc.code(), exc.details() or "", self.server) from None
 
-    def submit(self, type: str, payload: Any, *, queue: str = "") -> str:
-        """Submit a task; returns its id once the server has made it durable."""
-        request = task_queue_pb2.SubmitTaskRequest(type=type, payload=encode_payload(payload), queue=queue)
+    def submit(self, type: str, payload: Any, *, queue: str = "", timeout_s: float = 0.0,
+               memory_limit_mb: int = 0) -> str:
+        """Submit a task; returns its id once the server has made it durable.
+
+        `timeout_s` and `memory_limit_mb` (0 = the task type's or server's default) are
+        capped by the task type's maxima and the worker's own limits.
+        """
+        request = task_queue_pb2.SubmitTaskRequest(type=type, payload=encode_payload(payload), queue=queue,
+                                                   timeout_s=timeout_s, memory_limit_mb=memory_limit_mb)
         return self._call(self._stub.SubmitTask, request).task_id
 
     def status(self, task_id: str) -> TaskStatus:

@@ -46,7 +46,10 @@ class ServerApp:
         self.store = Store(data_dir / f"{server_id(config)}.sqlite3")
         self.service = TaskService(self.registry, self.store, self.broker,
                                    max_payload_bytes=config.server.max_payload_bytes,
-                                   queue_type=config.broker.queue_type)
+                                   queue_type=config.broker.queue_type,
+                                   default_timeout_s=config.server.default_task_timeout_s,
+                                   default_memory_limit_mb=config.server.default_task_memory_limit_mb,
+                                   consumer_timeout_s=config.broker.consumer_timeout_s)
         self.health = health.aio.HealthServicer()
         self.grpc_server = grpc.aio.server()
         self.port = 0

@@ -9,6 +9,7 @@ import re
 import time
 import uuid
 
+from qm import limits as task_limits
 from qm.broker import topology
 from qm.broker.base import Broker, Delivery
 from qm.errors import TaskNotFound, ValidationError
@@ -30,13 +31,17 @@ class TaskService:
     """What SubmitTask, GetTaskStatus and StreamTaskResults do."""
 
     def __init__(self, registry: Registry, store: Store, broker: Broker, *,
-                 max_payload_bytes: int, queue_type: str = "classic") -> None:
+                 max_payload_bytes: int, queue_type: str = "classic", default_timeout_s: float = 600.0,
+                 default_memory_limit_mb: int = 0, consumer_timeout_s: float = 1800.0) -> None:
         self.registry = registry
         self.store = store
         self.broker = broker
         self.hub = Hub()
         self.max_payload_bytes = max_payload_bytes
         self.queue_type = queue_type
+        self.default_timeout_s = default_timeout_s
+        self.default_memory_limit_mb = default_memory_limit_mb
+        self.consumer_timeout_s = consumer_timeout_s
         self._declared_queues: set[str] = set()
         self._events: asyncio.Queue[Delivery] = asyncio.Queue()
         self._applier: asyncio.Task | None = None
@@ -56,17 +61,23 @@ class TaskService:
                                              f"{self.max_payload_bytes} bytes (server.max_payload_bytes)")
         declared.check_payload(payload)
 
-    async def submit(self, task_type: str, payload: bytes, queue: str = "") -> TaskRecord:
+    async def submit(self, task_type: str, payload: bytes, queue: str = "", *, timeout_s: float = 0.0,
+                     memory_limit_mb: int = 0) -> TaskRecord:
         """Accept a task: it is durable in RabbitMQ when this returns."""
         queue = queue or topology.DEFAULT_QUEUE
         self.validate(task_type, payload, queue)
+        limits = task_limits.resolve(
+            self.registry.get(task_type), timeout_s, memory_limit_mb, default_timeout_s=self.default_timeout_s,
+            default_memory_limit_mb=self.default_memory_limit_mb, consumer_timeout_s=self.consumer_timeout_s)
         if not self.broker.connected:
             raise self.broker.unavailable()
         await self._ensure_queue(queue)
         now = time.time()
         record = TaskRecord(str(uuid.uuid4()), task_type, queue, self.registry.get(task_type).codec,
-                            TaskState.QUEUED, 0, None, "", "", now, None, None, now)
-        message = TaskMessage(record.task_id, task_type, payload, queue, 1, now)
+                            TaskState.QUEUED, 0, None, "", "", now, None, None, now,
+                            limits.timeout_s, limits.memory_limit_mb)
+        message = TaskMessage(record.task_id, task_type, payload, queue, 1, now,
+                              limits.timeout_s, limits.memory_limit_mb)
         self.store.insert(record)
         try:
             await self.broker.publish(topology.TASKS_EXCHANGE, queue, message.encode(), message.headers())

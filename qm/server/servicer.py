@@ -46,7 +46,8 @@ def record_to_proto(record: TaskRecord) -> task_queue_pb2.TaskStatus:
     status = task_queue_pb2.TaskStatus(
         task_id=record.task_id, type=record.type, queue=record.queue, state=int(record.state),
         attempts=record.attempts, result=record.result or b"", codec=record.codec,
-        error=record.error, worker=record.worker)
+        error=record.error, worker=record.worker, timeout_s=record.timeout_s,
+        memory_limit_mb=record.memory_limit_mb)
     for field, seconds in (("created_at", record.created_at), ("started_at", record.started_at),
                            ("finished_at", record.finished_at), ("updated_at", record.updated_at)):
         if seconds is not None:
@@ -60,7 +61,8 @@ class TaskQueueServicer(task_queue_pb2_grpc.TaskQueueServicer):
 
     @_maps_errors
     async def SubmitTask(self, request, context):
-        record = await self.service.submit(request.type, request.payload, request.queue)
+        record = await self.service.submit(request.type, request.payload, request.queue,
+                                           timeout_s=request.timeout_s, memory_limit_mb=request.memory_limit_mb)
         return task_queue_pb2.SubmitTaskResponse(task_id=record.task_id, state=int(record.state))
 
     @_maps_errors

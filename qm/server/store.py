@@ -28,9 +28,15 @@ CREATE TABLE IF NOT EXISTS tasks (
     created_at  REAL NOT NULL,
     started_at  REAL,
     finished_at REAL,
-    updated_at  REAL NOT NULL
+    updated_at  REAL NOT NULL,
+    timeout_s   REAL NOT NULL DEFAULT 0,
+    memory_limit_mb INTEGER NOT NULL DEFAULT 0
 )
 """
+
+
+#: Columns added after the first release, with their declarations.
+_ADDED_COLUMNS = {"timeout_s": "REAL NOT NULL DEFAULT 0", "memory_limit_mb": "INTEGER NOT NULL DEFAULT 0"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +56,8 @@ class TaskRecord:
     started_at: float | None
     finished_at: float | None
     updated_at: float
+    timeout_s: float = 0.0        # effective hard time limit
+    memory_limit_mb: int = 0      # effective memory limit; 0 = none
 
 
 _COLUMNS = [field.name for field in dataclasses.fields(TaskRecord)]
@@ -63,6 +71,14 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute(_SCHEMA)
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        """Upgrade a store written by an older version (columns are only ever added)."""
+        present = {row[1] for row in self._db.execute("PRAGMA table_info(tasks)")}
+        for name, declaration in _ADDED_COLUMNS.items():
+            if name not in present:
+                self._db.execute(f"ALTER TABLE tasks ADD COLUMN {name} {declaration}")
 
     def close(self) -> None:
         self._db.close()
@@ -135,4 +151,6 @@ def _next_record(current: TaskRecord | None, event: TaskEvent, codec: str) -> Ta
         started_at=event.at_s if event.state is TaskState.RUNNING else current.started_at,
         finished_at=event.at_s if terminal else current.finished_at,
         updated_at=event.at_s,
+        timeout_s=event.timeout_s or current.timeout_s,
+        memory_limit_mb=event.memory_limit_mb or current.memory_limit_mb,
     )

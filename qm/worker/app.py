@@ -9,29 +9,29 @@ import signal
 import socket
 import sys
 
+from qm import limits as task_limits
 from qm import registry as plugin_registry
 from qm.broker.rabbitmq import RabbitMQBroker
 from qm.config import Config, load_config
 from qm.errors import ConfigError
 from qm.logs import setup_logging
 from qm.worker.pool import Pool
+from qm.worker.prefetch import AutoPrefetch, FixedPrefetch
+from qm.worker.status import StatusEndpoint
 from qm.worker.supervisor import Supervisor
 
 log = logging.getLogger("qm.worker")
-
-#: Deliveries prefetched per child when worker.prefetch is "auto".
-AUTO_PREFETCH_PER_CHILD = 2
 
 
 def effective_procs(config: Config) -> int:
     return config.worker.procs or os.cpu_count() or 1
 
 
-def effective_prefetch(config: Config) -> int:
-    """Channel prefetch: sized from procs in auto mode, so every child has its next task."""
+def prefetch_policy(config: Config) -> AutoPrefetch | FixedPrefetch:
+    """`auto`: sized from procs and adapted to observed task time; else a fixed number."""
     if config.worker.prefetch == "auto":
-        return effective_procs(config) * AUTO_PREFETCH_PER_CHILD
-    return int(config.worker.prefetch)
+        return AutoPrefetch(effective_procs(config))
+    return FixedPrefetch(int(config.worker.prefetch))
 
 
 def worker_id(config: Config) -> str:
@@ -42,20 +42,46 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="qm-worker",
         description="QueueMaster worker: one supervisor per host feeding a pool of child "
-                    "processes with tasks from RabbitMQ. SIGTERM or Ctrl-C stops taking tasks, "
-                    "returns the unstarted ones to the queue and lets running ones finish; a "
-                    "second signal stops at once (unfinished tasks are redelivered).",
+                    "processes with tasks from RabbitMQ, enforcing each task's time and memory "
+                    "limits by killing its process group. SIGTERM or Ctrl-C drains: stop taking "
+                    "tasks, return the unstarted ones to the queue, let running ones finish up to "
+                    "--drain-timeout; a second signal returns everything at once and exits.",
         epilog="Every flag can also be set in the config file or as QM_<SECTION>__<KEY> "
                "(e.g. QM_WORKER__PROCS); precedence: flag > env > file > default.")
-    parser.add_argument("--config", metavar="PATH", help="YAML config file (default: $QM_CONFIG, else none)")
-    parser.add_argument("--procs", metavar="N", help="child processes running tasks; 0 = one per CPU (worker.procs)")
-    parser.add_argument("--broker-url", metavar="URL", help="RabbitMQ AMQP URL (broker.url)")
-    parser.add_argument("--queues", metavar="Q1,Q2", help="logical queues to consume, comma-separated (worker.queues)")
-    parser.add_argument("--prefetch", metavar="N|auto",
-                        help="unacked deliveries per queue; auto = 2 per child (worker.prefetch)")
-    parser.add_argument("--worker-id", metavar="ID", help="name reported in task events (worker.id; default host:pid)")
-    parser.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING or ERROR (log.level)")
+    add = parser.add_argument
+    add("--config", metavar="PATH", help="YAML config file (default: $QM_CONFIG, else none)")
+    add("--procs", metavar="N", help="child processes running tasks; 0 = one per CPU (worker.procs)")
+    add("--broker-url", metavar="URL", help="RabbitMQ AMQP URL (broker.url)")
+    add("--queues", metavar="Q1,Q2", help="logical queues to consume, comma-separated (worker.queues)")
+    add("--prefetch", metavar="N|auto", help="unacked deliveries per queue; auto = 1 per child for long "
+                                             "tasks, up to 4 per child for very short ones (worker.prefetch)")
+    add("--task-timeout", metavar="S", help="cap on any task's time limit, seconds; 0 = no cap (worker.task_timeout_s)")
+    add("--task-memory-limit", metavar="MB",
+        help="cap on any task's memory limit, MiB; 0 = no cap (worker.task_memory_limit_mb)")
+    add("--max-tasks-per-child", metavar="N", help="restart a child after N tasks; 0 = never (worker.max_tasks_per_child)")
+    add("--drain-timeout", metavar="S", help="on SIGTERM, how long running tasks may finish (worker.drain_timeout_s)")
+    add("--status-listen", metavar="HOST:PORT",
+        help="gRPC health + status endpoint; port 0 picks one; '' disables (worker.status_listen)")
+    add("--worker-id", metavar="ID", help="name reported in task events (worker.id; default host:pid)")
+    add("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING or ERROR (log.level)")
     return parser.parse_args(argv)
+
+
+def build(config: Config) -> tuple[Pool, RabbitMQBroker, Supervisor]:
+    """The worker's parts, wired from config (nothing started)."""
+    modules = sorted({ep.module for ep in plugin_registry.find()})
+    pool = Pool(effective_procs(config), config.worker.start_method, preload_modules=modules,
+                memory_check_interval_s=config.worker.memory_check_interval_s,
+                max_tasks_per_child=config.worker.max_tasks_per_child,
+                max_idle_rss_mb=config.worker.max_child_idle_rss_mb,
+                address_space_limit=config.worker.address_space_limit)
+    broker = RabbitMQBroker(config.broker.url, config.broker.heartbeat_s,
+                            config.broker.reconnect_max_delay_s, connection_name="qm-worker")
+    caps = task_limits.Limits(config.worker.task_timeout_s, config.worker.task_memory_limit_mb)
+    supervisor = Supervisor(broker, pool, worker_id(config), list(config.worker.queues), prefetch_policy(config),
+                            config.broker.queue_type, caps=caps,
+                            soft_timeout_grace_s=config.worker.soft_timeout_grace_s)
+    return pool, broker, supervisor
 
 
 async def run_worker(config: Config) -> None:
@@ -63,38 +89,41 @@ async def run_worker(config: Config) -> None:
     for error in registry.errors:
         log.error("%s", error)
     log.info("serving task types: %s", ", ".join(sorted(registry.types)) or "none")
-    modules = sorted({ep.module for ep in plugin_registry.find()})
-    pool = Pool(effective_procs(config), config.worker.start_method, preload_modules=modules)
-    broker = RabbitMQBroker(config.broker.url, config.broker.heartbeat_s,
-                            config.broker.reconnect_max_delay_s, connection_name="qm-worker")
-    supervisor = Supervisor(broker, pool, worker_id(config), list(config.worker.queues),
-                            effective_prefetch(config), config.broker.queue_type)
-    signals = asyncio.Queue()
+    pool, broker, supervisor = build(config)
+    signals: asyncio.Queue[int] = asyncio.Queue()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, signals.put_nowait, signal.SIGTERM)
-    # Ctrl-C signals the terminal's whole process group, and a pool child is in that group
-    # until its os.setsid(). Start the pool (and with it the forkserver) with SIGINT ignored:
-    # the forkserver inherits SIG_IGN and every child it forks restores it, so Ctrl-C can
-    # never kill a child that is still starting (with a task already sent to it).
+    # Ctrl-C signals the terminal's whole process group. Start the pool (and with it the
+    # forkserver) with SIGINT ignored: the forkserver inherits SIG_IGN, so a Ctrl-C during
+    # start-up cannot kill it or a child that has not yet left the group.
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         await pool.start()
     finally:
         signal.signal(signal.SIGINT, previous)
     loop.add_signal_handler(signal.SIGINT, signals.put_nowait, signal.SIGINT)
+    status = StatusEndpoint(supervisor, config.worker.status_listen) if config.worker.status_listen else None
+    if status:
+        await status.start()
     await broker.connect()
     await supervisor.start()
     signum = await signals.get()
-    log.info("%s: draining (send it again to stop at once)", signal.Signals(signum).name)
-    drain = asyncio.create_task(supervisor.stop())
+    log.info("%s: draining for up to %g s (send it again to stop at once)", signal.Signals(signum).name,
+             config.worker.drain_timeout_s)
+    if status:
+        await status.draining()
+    drain = asyncio.create_task(supervisor.stop(config.worker.drain_timeout_s))
     second = asyncio.create_task(signals.get())
     await asyncio.wait({drain, second}, return_when=asyncio.FIRST_COMPLETED)
     if not drain.done():
         log.warning("second signal: stopping now; unfinished tasks return to the queue")
         drain.cancel()
+        await supervisor.abort()
     second.cancel()
     await pool.stop()
     await broker.close()
+    if status:
+        await status.stop()
     log.info("worker stopped")
 
 
@@ -103,7 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, overrides={
             "worker.procs": args.procs, "broker.url": args.broker_url, "worker.queues": args.queues,
-            "worker.prefetch": args.prefetch, "worker.id": args.worker_id, "log.level": args.log_level})
+            "worker.prefetch": args.prefetch, "worker.task_timeout_s": args.task_timeout,
+            "worker.task_memory_limit_mb": args.task_memory_limit,
+            "worker.max_tasks_per_child": args.max_tasks_per_child,
+            "worker.drain_timeout_s": args.drain_timeout, "worker.status_listen": args.status_listen,
+            "worker.id": args.worker_id, "log.level": args.log_level})
     except ConfigError as exc:
         print(f"qm-worker: {exc}", file=sys.stderr)
         return 2

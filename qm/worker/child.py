@@ -1,41 +1,65 @@
 """The child side of a pool slot: receive a job on the pipe, run it, send the outcome.
 
 Children only run task code: no network, no broker. Each starts its own session
-(process group) so the supervisor can kill a task together with anything it spawned.
-Messages on the pipe (pickled tuples):
-    supervisor → child: ("run", task_id, type, payload_bytes)
-    child → supervisor: ("ok", result_bytes) | ("error", text)
+(process group) so the supervisor can kill a task together with anything it spawned,
+and only then says it is ready: no task reaches a child that a terminal's Ctrl-C could
+still hit. Messages on the pipe (pickled tuples):
+
+    child → supervisor: ("ready", pid)                      once, after start-up
+    supervisor → child: ("run", task_id, type, payload, soft_timeout_s, memory_limit_mb)
+    child → supervisor: ("ok", result_bytes) | ("error", text) | ("soft_timeout", text)
+                        | ("memory", text)
+
+Limits inside the child are the second layer; the supervisor enforces the real ones
+(hard deadline, RSS) by killing the process group.
 """
 from __future__ import annotations
 
 import ctypes
 import os
+import resource
 import signal
 import traceback
 from multiprocessing.connection import Connection
 
-from qm.errors import QMError
+import psutil
+
+from qm.errors import QMError, SoftTimeout
 from qm.registry import Registry, discover
 
 #: prctl option: signal to receive when the parent process dies (linux/prctl.h).
 PR_SET_PDEATHSIG = 1
 #: Traceback lines of a failed task kept in its error (the last ones: where it failed).
 ERROR_TRACEBACK_LINES = 6
+#: Address-space allowance per MiB of memory limit (virtual memory runs ahead of RSS).
+ADDRESS_SPACE_FACTOR = 2
+MIB = 1024 * 1024
 
 
-def child_main(conn: Connection) -> None:
+def child_main(conn: Connection, address_space_limit: bool = True) -> None:
     """Entry point of a pool child; returns when the supervisor closes the pipe."""
     os.setsid()
     _die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when children stop
+    # The supervisor decides when children stop: a Ctrl-C or a service manager's SIGTERM
+    # to everything must not kill running tasks while the supervisor drains.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGALRM, _raise_soft_timeout)
     registry = discover()
+    conn.send(("ready", os.getpid()))
     while True:
         try:
             message = conn.recv()
         except (EOFError, OSError):
             return
-        _kind, task_id, task_type, payload = message
-        conn.send(run_job(registry, task_type, payload))
+        _kind, _task_id, task_type, payload, soft_timeout_s, memory_limit_mb = message
+        limit_bytes = memory_limit_mb * MIB if address_space_limit else 0
+        try:
+            reply = run_limited(registry, task_type, payload, soft_timeout_s, limit_bytes)
+        except SoftTimeout as exc:  # the alarm fired between the task's end and disarming
+            reply = ("soft_timeout", f"SoftTimeout: {exc}")
+        _kill_leftover_descendants()
+        conn.send(reply)
 
 
 def _die_with_parent() -> None:
@@ -48,8 +72,39 @@ def _die_with_parent() -> None:
         pass  # not Linux: an orphaned child still exits when its pipe closes
 
 
+def _kill_leftover_descendants() -> None:
+    """A finished task leaves nothing running: its subprocesses die with it."""
+    for process in psutil.Process().children(recursive=True):
+        try:
+            process.kill()
+        except psutil.Error:
+            continue
+
+
+def _raise_soft_timeout(signum, frame) -> None:
+    raise SoftTimeout("the task reached its soft time limit; the hard limit kills it soon")
+
+
+def run_limited(registry: Registry, task_type: str, payload: bytes, soft_timeout_s: float,
+                memory_limit_bytes: int) -> tuple:
+    """Run one job under the soft timeout and address-space cap, then lift both."""
+    previous_as = resource.getrlimit(resource.RLIMIT_AS)
+    if memory_limit_bytes:
+        vms = psutil.Process().memory_info().vms
+        cap = vms + ADDRESS_SPACE_FACTOR * memory_limit_bytes
+        if previous_as[1] == resource.RLIM_INFINITY or cap < previous_as[1]:
+            resource.setrlimit(resource.RLIMIT_AS, (cap, previous_as[1]))
+    if soft_timeout_s > 0:
+        signal.setitimer(signal.ITIMER_REAL, soft_timeout_s)
+    try:
+        return run_job(registry, task_type, payload)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        resource.setrlimit(resource.RLIMIT_AS, previous_as)
+
+
 def run_job(registry: Registry, task_type: str, payload: bytes) -> tuple:
-    """Run one job in this process; any exception becomes an ("error", text) reply."""
+    """Run one job in this process; any exception becomes an error reply."""
     try:
         declared = registry.get(task_type)
     except QMError:
@@ -58,6 +113,11 @@ def run_job(registry: Registry, task_type: str, payload: bytes) -> tuple:
     try:
         value = declared.handler(declared.decode_payload(payload))
         return ("ok", declared.encode_result(value))
+    except SoftTimeout as exc:
+        return ("soft_timeout", f"SoftTimeout: {exc}")
+    except MemoryError:
+        return ("memory", "MemoryError: the task tried to allocate beyond its memory limit "
+                          "(address-space cap, worker.address_space_limit)")
     except Exception as exc:  # task code may raise anything; it must not kill the child
         return ("error", _describe(exc))
 

@@ -1,15 +1,17 @@
 """A pool of long-lived child processes, one pipe each, driven from an asyncio loop.
 
     run(job) ──► idle slot ──pipe──► child process (own session) runs the handler
-        ▲                                  │
+        ▲            │                     │
+        │            ├─ deadline timer ────┼──► kill process group → TIMED_OUT
+        │            └─ RSS sampler ───────┼──► kill process group → MEMORY_EXCEEDED
         └── Outcome ◄── pipe reply ◄───────┘
-                   ◄── sentinel readable (child died) → CRASHED, slot respawned
+                   ◄── sentinel readable (child died) → CRASHED (or the killer's outcome),
+                                                        slot respawned
 
 The loop waits on each child's pipe and process sentinel with `add_reader`; nothing
-polls, and nothing on the loop waits for task work. Killing a running task is killing
-its slot's process group (`Slot.kill`): the sentinel fires, the job's future resolves
-with the state the killer chose, and a fresh child takes the slot. The pool knows
-nothing of AMQP or gRPC.
+waits for task work. A child joins the idle queue only after it says "ready" (it has its
+own session by then). After a task, a child past `max_tasks_per_child` or with an idle
+RSS over `max_idle_rss_mb` is retired and replaced. The pool knows nothing of AMQP/gRPC.
 """
 from __future__ import annotations
 
@@ -22,13 +24,17 @@ import signal
 import time
 from typing import Callable, Sequence
 
+import psutil
+
 from qm.states import TaskState
-from qm.worker.child import child_main
+from qm.worker.child import MIB, child_main
 
 log = logging.getLogger(__name__)
 
 #: How long stop() waits for idle children to exit after their pipe closes.
 CHILD_EXIT_TIMEOUT_S = 5.0
+#: Pause before restarting a child that died before it was ready.
+STARTUP_FAILURE_DELAY_S = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +42,9 @@ class Job:
     task_id: str
     type: str
     payload: bytes
+    timeout_s: float = 0.0        # hard limit; 0 = none
+    memory_limit_mb: int = 0      # RSS limit with descendants; 0 = none
+    soft_timeout_s: float = 0.0   # when the task gets qm.SoftTimeout; 0 = never
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,38 +62,76 @@ class Slot:
     process: multiprocessing.process.BaseProcess
     conn: multiprocessing.connection.Connection
     alive: bool = True
+    ready: bool = False
+    retired: bool = False
     job: Job | None = None
     future: asyncio.Future | None = None
     started_at_s: float = 0.0
     kill_outcome: Outcome | None = None
+    deadline: asyncio.TimerHandle | None = None
+    tasks_done: int = 0
+    rss_bytes: int = 0
+    peak_rss_bytes: int = 0
+    _ps: psutil.Process | None = None
 
-    def kill(self, outcome: Outcome) -> None:
+    def kill(self, outcome: Outcome | None) -> None:
         """Kill the running task's whole process group; its job ends with `outcome`."""
-        if self.alive and self.job is not None:
-            self.kill_outcome = outcome
+        if self.alive and self.job is not None and self.kill_outcome is None:
+            self.kill_outcome = outcome or Outcome(TaskState.CANCELLED, error="cancelled")
             _kill_group(self.process.pid)
+
+    def sample_rss(self) -> int:
+        """RSS of the child and all its descendants, in bytes (0 if it is gone)."""
+        try:
+            if self._ps is None:
+                self._ps = psutil.Process(self.process.pid)
+            total = self._ps.memory_info().rss
+            for descendant in self._ps.children(recursive=True):
+                try:
+                    total += descendant.memory_info().rss
+                except psutil.Error:
+                    continue
+        except psutil.Error:
+            return 0
+        self.rss_bytes = total
+        self.peak_rss_bytes = max(self.peak_rss_bytes, total)
+        return total
 
 
 class Pool:
     """`procs` children; `await run(job)` runs one job on the next idle child."""
 
-    def __init__(self, procs: int, start_method: str = "forkserver",
-                 preload_modules: Sequence[str] = ()) -> None:
+    def __init__(self, procs: int, start_method: str = "forkserver", preload_modules: Sequence[str] = (),
+                 *, memory_check_interval_s: float = 0.05, max_tasks_per_child: int = 0,
+                 max_idle_rss_mb: int = 0, address_space_limit: bool = True) -> None:
         self.procs = procs
+        self.memory_check_interval_s = memory_check_interval_s
+        self.max_tasks_per_child = max_tasks_per_child
+        self.max_idle_rss_mb = max_idle_rss_mb
+        self.address_space_limit = address_space_limit
         self._context = multiprocessing.get_context(start_method)
         if start_method == "forkserver":
             self._context.set_forkserver_preload(["qm.worker.child", *preload_modules])
         self.slots: list[Slot] = []
         self._idle: asyncio.Queue[Slot] = asyncio.Queue()
         self._closing = False
+        self._sampler: asyncio.TimerHandle | None = None
+        self._readiness = asyncio.Event()
         self.restarts = 0
+        self.recycled = 0
+        self.tasks_finished = 0
 
-    async def start(self) -> None:
+    async def start(self, timeout_s: float = 60.0) -> None:
+        """Start every child; return once all are ready (imports done, own session)."""
         self.slots = [self._spawn(index) for index in range(self.procs)]
+        async with asyncio.timeout(timeout_s):
+            while not all(slot.ready for slot in self.slots):
+                self._readiness.clear()
+                await self._readiness.wait()
 
     def _spawn(self, index: int) -> Slot:
         parent_conn, child_conn = self._context.Pipe(duplex=True)
-        process = self._context.Process(target=child_main, args=(child_conn,),
+        process = self._context.Process(target=child_main, args=(child_conn, self.address_space_limit),
                                         name=f"qm-child-{index}", daemon=True)
         process.start()
         child_conn.close()
@@ -92,30 +139,50 @@ class Pool:
         loop = asyncio.get_running_loop()
         loop.add_reader(parent_conn.fileno(), self._on_reply, slot)
         loop.add_reader(process.sentinel, self._on_exit, slot)
-        self._idle.put_nowait(slot)
         return slot
 
     async def run(self, job: Job, on_started: Callable[[], None] | None = None) -> Outcome:
         """Run a job on a child; `on_started` is called once a child has it.
 
         Cancelled while waiting for a child: the job never ran. Cancelled while running:
-        the child finishes it and its outcome is dropped.
+        the child is killed (and replaced) and the cancellation propagates.
         """
         slot = await self._idle.get()
         while not slot.alive:
             slot = await self._idle.get()
-        slot.job, slot.started_at_s, slot.kill_outcome = job, time.time(), None
-        slot.future = asyncio.get_running_loop().create_future()
-        try:
-            slot.conn.send(("run", job.task_id, job.type, job.payload))
-        except OSError:
-            pass  # the child just died: its sentinel resolves the future as CRASHED
+        self._assign(slot, job)
         if on_started is not None:
             on_started()
-        return await slot.future
+        try:
+            return await slot.future
+        except asyncio.CancelledError:
+            if slot.job is job:
+                slot.kill(None)
+            raise
+
+    def _assign(self, slot: Slot, job: Job) -> None:
+        loop = asyncio.get_running_loop()
+        slot.job, slot.started_at_s, slot.kill_outcome = job, time.time(), None
+        slot.peak_rss_bytes = 0
+        slot.future = loop.create_future()
+        if job.timeout_s > 0:
+            slot.deadline = loop.call_later(job.timeout_s, slot.kill, Outcome(
+                TaskState.TIMED_OUT, error=f"task {job.task_id} ({job.type}) exceeded its time limit of "
+                                           f"{job.timeout_s:g} s and was killed"))
+        if job.memory_limit_mb > 0:
+            self._ensure_sampler()
+        try:
+            slot.conn.send(("run", job.task_id, job.type, job.payload, job.soft_timeout_s,
+                            job.memory_limit_mb))
+        except OSError:
+            pass  # the child just died: its sentinel resolves the future as CRASHED
 
     def _finish(self, slot: Slot, outcome: Outcome) -> None:
         future, slot.future, slot.job = slot.future, None, None
+        if slot.deadline is not None:
+            slot.deadline.cancel()
+            slot.deadline = None
+        self.tasks_finished += 1
         if future is not None and not future.done():
             future.set_result(outcome)
 
@@ -125,40 +192,98 @@ class Pool:
         except (EOFError, OSError):
             asyncio.get_running_loop().remove_reader(slot.conn.fileno())
             return  # the child is gone; _on_exit reports it
-        outcome = Outcome(TaskState.SUCCEEDED, result=value) if kind == "ok" else \
-            Outcome(TaskState.FAILED, error=value)
-        self._finish(slot, outcome)
-        if slot.kill_outcome is None:  # a killed child is dying: _on_exit replaces the slot
+        if kind == "ready":
+            slot.ready = True
+            self._readiness.set()
             self._idle.put_nowait(slot)
+            return
+        self._finish(slot, _reply_outcome(kind, value, slot))
+        slot.tasks_done += 1
+        if slot.kill_outcome is not None:
+            return  # a killed child is dying: _on_exit replaces the slot
+        reason = self._recycle_reason(slot)
+        if reason:
+            log.info("recycling child %d (pid %d): %s", slot.index, slot.process.pid, reason)
+            self.recycled += 1
+            slot.retired = True
+            asyncio.get_running_loop().remove_reader(slot.conn.fileno())
+            slot.conn.close()  # the child exits on EOF; _on_exit spawns its successor
+        else:
+            self._idle.put_nowait(slot)
+
+    def _recycle_reason(self, slot: Slot) -> str:
+        if self.max_tasks_per_child and slot.tasks_done >= self.max_tasks_per_child:
+            return f"ran {slot.tasks_done} tasks (max_tasks_per_child)"
+        if self.max_idle_rss_mb and slot.sample_rss() > self.max_idle_rss_mb * MIB:
+            return (f"idle RSS {slot.rss_bytes // MIB} MiB over {self.max_idle_rss_mb} MiB "
+                    "(max_child_idle_rss_mb; a task leaks memory?)")
+        return ""
 
     def _on_exit(self, slot: Slot) -> None:
         loop = asyncio.get_running_loop()
         loop.remove_reader(slot.process.sentinel)
-        loop.remove_reader(slot.conn.fileno())
+        if not slot.conn.closed:
+            loop.remove_reader(slot.conn.fileno())
+            slot.conn.close()
         slot.alive = False
         slot.process.join()
-        slot.conn.close()
         if slot.job is not None:
             outcome = slot.kill_outcome or Outcome(TaskState.CRASHED, error=describe_exit(
                 slot.process.exitcode, slot.job))
             log.warning("task %s: child %d (pid %d) ended: %s", slot.job.task_id, slot.index,
                         slot.process.pid, outcome.error)
             self._finish(slot, outcome)
-        if not self._closing:
+        if self._closing:
+            return
+        if not slot.retired:
             self.restarts += 1
+        if slot.ready:
             self.slots[slot.index] = self._spawn(slot.index)
+        else:  # died during start-up (a plugin that crashes on import?): do not spin
+            log.error("child %d (pid %d) exited with %s before it was ready; restarting it in %.0f s",
+                      slot.index, slot.process.pid, slot.process.exitcode, STARTUP_FAILURE_DELAY_S)
+            loop.call_later(STARTUP_FAILURE_DELAY_S, self._respawn, slot.index)
+
+    def _respawn(self, index: int) -> None:
+        if not self._closing:
+            self.slots[index] = self._spawn(index)
+
+    # -- memory watchdog ---------------------------------------------------------------
+
+    def _ensure_sampler(self) -> None:
+        if self._sampler is None and not self._closing:
+            self._sampler = asyncio.get_running_loop().call_later(self.memory_check_interval_s, self._sample)
+
+    def _sample(self) -> None:
+        """Kill any busy child over its memory limit; re-arm while limited jobs run."""
+        self._sampler = None
+        limited = [slot for slot in self.slots if slot.alive and slot.job and slot.job.memory_limit_mb]
+        for slot in limited:
+            limit = slot.job.memory_limit_mb * MIB
+            if slot.sample_rss() > limit and slot.kill_outcome is None:
+                slot.kill(Outcome(TaskState.MEMORY_EXCEEDED, error=(
+                    f"task {slot.job.task_id} ({slot.job.type}) used {slot.peak_rss_bytes / MIB:.0f} MiB "
+                    f"(with its subprocesses), over its memory limit of {slot.job.memory_limit_mb} MiB, "
+                    "and was killed")))
+        if limited:
+            self._ensure_sampler()
+
+    # -- shutdown ----------------------------------------------------------------------
 
     async def stop(self) -> None:
         """Close every pipe (idle children exit) and kill what is still running."""
         self._closing = True
+        if self._sampler is not None:
+            self._sampler.cancel()
         loop = asyncio.get_running_loop()
         for slot in self.slots:
             if slot.alive:
-                loop.remove_reader(slot.conn.fileno())
                 loop.remove_reader(slot.process.sentinel)
+                if not slot.conn.closed:
+                    loop.remove_reader(slot.conn.fileno())
+                    slot.conn.close()
                 if slot.job is not None:
                     _kill_group(slot.process.pid)
-                slot.conn.close()
         await asyncio.to_thread(self._join_all)
 
     def _join_all(self) -> None:
@@ -168,6 +293,16 @@ class Pool:
             if slot.process.exitcode is None:
                 _kill_group(slot.process.pid)
                 slot.process.join()
+
+
+def _reply_outcome(kind: str, value, slot: Slot) -> Outcome:
+    if kind == "ok":
+        return Outcome(TaskState.SUCCEEDED, result=value)
+    if kind == "soft_timeout":
+        return Outcome(TaskState.TIMED_OUT, error=f"{value} (time limit {slot.job.timeout_s:g} s)")
+    if kind == "memory":
+        return Outcome(TaskState.MEMORY_EXCEEDED, error=f"{value}; memory limit {slot.job.memory_limit_mb} MiB")
+    return Outcome(TaskState.FAILED, error=value)
 
 
 def _kill_group(pid: int) -> None:

@@ -1,12 +1,15 @@
 """The worker supervisor: RabbitMQ deliveries in, task events out, a process pool between.
 
     RabbitMQ work queue(s) ──deliveries (prefetch, manual ack)──► Supervisor._handle
-                                                                      │ decode TaskMessage
+                                                                      │ decode TaskMessage,
+                                                                      │ cap its limits
                                                                       ▼
                           publish RUNNING event ◄── on_started ── Pool.run(job)
-                                                                      │ Outcome
-                                                                      ▼
-    qm.events exchange ◄── publish terminal event (await confirm) ── then ack delivery
+                                                                      │ Outcome (the pool's
+                                                                      │ deadline and RSS
+                                                                      ▼ watchdogs kill)
+    qm.events exchange ◄── publish outcome event (await confirm) ── then ack delivery
+                                                  └──► prefetch.observe(run time) → set_prefetch
 
 A delivery is acked only after its outcome event is confirmed by the broker, so a crash
 anywhere before that means RabbitMQ redelivers the task (at-least-once). Everything runs
@@ -17,13 +20,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
+from qm import limits as task_limits
 from qm.broker import topology
 from qm.broker.base import Broker, Delivery
 from qm.errors import BrokerUnavailable
 from qm.messages import TaskEvent, TaskMessage
 from qm.states import TaskState
 from qm.worker.pool import Job, Outcome, Pool
+from qm.worker.prefetch import AutoPrefetch, FixedPrefetch
 
 log = logging.getLogger(__name__)
 
@@ -34,63 +40,106 @@ EVENT_RETRY_WAIT_S = 5.0
 class Supervisor:
     """Consumes tasks, runs them on the pool, reports outcomes, acks."""
 
-    def __init__(self, broker: Broker, pool: Pool, worker_id: str, queues: list[str], prefetch: int,
-                 queue_type: str = "classic") -> None:
+    def __init__(self, broker: Broker, pool: Pool, worker_id: str, queues: list[str],
+                 prefetch: AutoPrefetch | FixedPrefetch | int, queue_type: str = "classic", *,
+                 caps: task_limits.Limits = task_limits.Limits(0.0, 0), soft_timeout_grace_s: float = 1.0) -> None:
         self.broker = broker
         self.pool = pool
         self.worker_id = worker_id
         self.queues = queues
-        self.prefetch = prefetch
+        self.prefetch = FixedPrefetch(prefetch) if isinstance(prefetch, int) else prefetch
         self.queue_type = queue_type
+        self.caps = caps
+        self.soft_timeout_grace_s = soft_timeout_grace_s
+        self.draining = False
         self._consumer_tags: list[str] = []
-        self._waiting: set[asyncio.Task] = set()   # handlers whose job has not started
-        self._handlers: set[asyncio.Task] = set()  # every handler in flight
+        self._unsettled: dict[asyncio.Task, Delivery] = {}  # handler → its delivery, until settled
+        self._waiting: set[asyncio.Task] = set()              # handlers whose job has not started
         self._background: set[asyncio.Task] = set()
 
     async def start(self) -> None:
         await self.broker.declare_exchange(topology.EVENTS_EXCHANGE, "fanout")
         for queue in self.queues:
             name = await topology.declare_work_queue(self.broker, queue, self.queue_type)
-            self._consumer_tags.append(await self.broker.consume(name, self._on_delivery, self.prefetch))
-        log.info("worker %s consuming %s with prefetch %d per queue, %d children",
-                 self.worker_id, ", ".join(self.queues), self.prefetch, self.pool.procs)
+            self._consumer_tags.append(await self.broker.consume(name, self._on_delivery, self.prefetch.value))
+        log.info("worker %s consuming %s with prefetch %d per queue (%s), %d children",
+                 self.worker_id, ", ".join(self.queues), self.prefetch.value,
+                 "auto" if isinstance(self.prefetch, AutoPrefetch) else "fixed", self.pool.procs)
 
     def _on_delivery(self, delivery: Delivery) -> None:
         handler = asyncio.create_task(self._handle(delivery))
-        self._handlers.add(handler)
+        self._unsettled[handler] = delivery
         self._waiting.add(handler)
-        handler.add_done_callback(self._handlers.discard)
         handler.add_done_callback(self._waiting.discard)
+        handler.add_done_callback(self._on_handler_done)
+
+    def _on_handler_done(self, handler: asyncio.Task) -> None:
+        if not handler.cancelled() and handler.exception() is not None:
+            log.error("task handler failed; the delivery returns to the queue",
+                      exc_info=handler.exception())
+        self._settle(handler, ack=False)  # no-op when the handler settled it
+    def _settle(self, handler: asyncio.Task, ack: bool) -> None:
+        delivery = self._unsettled.pop(handler, None)
+        if delivery is not None:
+            self.broker.ack(delivery) if ack else self.broker.nack(delivery, requeue=True)
+
+    def job_for(self, message: TaskMessage) -> Job:
+        """The job with the smallest limits that apply (the task's, then this worker's caps)."""
+        limits = task_limits.cap(task_limits.Limits(message.timeout_s, message.memory_limit_mb),
+                                 self.caps.timeout_s, self.caps.memory_limit_mb)
+        soft = task_limits.soft_timeout_s(limits.timeout_s, self.soft_timeout_grace_s) if limits.timeout_s else 0.0
+        return Job(message.task_id, message.type, message.payload, limits.timeout_s,
+                   limits.memory_limit_mb, soft)
 
     async def _handle(self, delivery: Delivery) -> None:
+        handler = asyncio.current_task()
         try:
             message = TaskMessage.decode(delivery.body)
         except ValueError as exc:
             log.error("rejecting an undecodable task message (headers %s): %s", delivery.headers, exc)
+            self._unsettled.pop(handler, None)
             self.broker.nack(delivery, requeue=False)
             return
-        handler = asyncio.current_task()
-        job = Job(message.task_id, message.type, message.payload)
+        job = self.job_for(message)
+        started_at = 0.0
 
         def on_started() -> None:
+            nonlocal started_at
+            started_at = time.monotonic()
             self._waiting.discard(handler)
-            self._spawn(self._publish_event(self._event(message, TaskState.RUNNING)))
+            running = self._event(message, TaskState.RUNNING, job=job)
+            self._spawn(self._publish_event(running))
 
         try:
             outcome = await self.pool.run(job, on_started)
         except asyncio.CancelledError:
-            if handler not in self._waiting:
-                raise
-            self.broker.nack(delivery, requeue=True)  # never started: back to the queue
+            self._settle(handler, ack=False)  # back to the queue: another worker runs it
             raise
-        log.info("task %s (%s) attempt %d: %s", message.task_id, message.type, message.attempt,
-                 outcome.state.name)
+        log.info("task %s (%s) attempt %d: %s%s", message.task_id, message.type, message.attempt,
+                 outcome.state.name, f": {outcome.error.splitlines()[0]}" if outcome.error else "")
+        self._observe(time.monotonic() - started_at)
         await self._publish_event(self._event(message, outcome.state, outcome))
-        self.broker.ack(delivery)
+        self._settle(handler, ack=True)
 
-    def _event(self, message: TaskMessage, state: TaskState, outcome: Outcome | None = None) -> TaskEvent:
+    def _observe(self, duration_s: float) -> None:
+        new_prefetch = self.prefetch.observe(duration_s)
+        if new_prefetch is not None and not self.draining:
+            log.info("prefetch now %d per queue (mean task time %.3f s)", new_prefetch, self.prefetch.mean_s)
+            for tag in self._consumer_tags:
+                self._spawn(self._set_prefetch(tag, new_prefetch))
+
+    async def _set_prefetch(self, tag: str, prefetch: int) -> None:
+        try:
+            await self.broker.set_prefetch(tag, prefetch)
+        except BrokerUnavailable as exc:
+            log.warning("prefetch change to %d deferred: %s", prefetch, exc)
+
+    def _event(self, message: TaskMessage, state: TaskState, outcome: Outcome | None = None,
+               job: Job | None = None) -> TaskEvent:
         return TaskEvent(message.task_id, message.type, message.queue, message.attempt, state,
-                         self.worker_id, outcome.result if outcome else b"", outcome.error if outcome else "")
+                         self.worker_id, outcome.result if outcome else b"", outcome.error if outcome else "",
+                         timeout_s=job.timeout_s if job else 0.0,
+                         memory_limit_mb=job.memory_limit_mb if job else 0)
 
     async def _publish_event(self, event: TaskEvent) -> None:
         """Publish until confirmed: the outcome is the task's value, worth waiting for."""
@@ -110,20 +159,39 @@ class Supervisor:
         task.add_done_callback(self._background.discard)
 
     async def stop(self, drain_timeout_s: float | None = None) -> None:
-        """Stop consuming; return unstarted deliveries; let running tasks finish (bounded)."""
+        """Drain: stop consuming, return unstarted deliveries, let running tasks finish up
+        to `drain_timeout_s`, then kill the rest and return them to the queue too."""
+        self.draining = True
         for tag in self._consumer_tags:
             try:
                 await self.broker.cancel(tag)
             except BrokerUnavailable:
                 pass  # disconnected: RabbitMQ requeues everything unacked anyway
         for handler in list(self._waiting):
+            self._settle(handler, ack=False)
             handler.cancel()
-        if self._handlers:
-            log.info("waiting for %d running task(s) to finish", len(self._handlers))
-            await asyncio.wait(set(self._handlers), timeout=drain_timeout_s)
+        running = [handler for handler in self._unsettled if not handler.done()]
+        if running:
+            log.info("draining: waiting up to %s s for %d running task(s)",
+                     "unbounded" if drain_timeout_s is None else f"{drain_timeout_s:g}", len(running))
+            _done, late = await asyncio.wait(running, timeout=drain_timeout_s)
+            if late:
+                log.warning("drain timeout: killing %d running task(s); they return to the queue", len(late))
+                for handler in late:
+                    handler.cancel()
+                await asyncio.wait(late)
         if self._background:
             await asyncio.wait(set(self._background), timeout=EVENT_RETRY_WAIT_S)
 
+    async def abort(self) -> None:
+        """Second signal: kill every running task and return all deliveries to the queue now."""
+        self.draining = True
+        handlers = [handler for handler in self._unsettled if not handler.done()]
+        for handler in handlers:
+            handler.cancel()
+        if handlers:
+            await asyncio.wait(handlers)
+
     @property
     def busy(self) -> int:
-        return len(self._handlers) - len(self._waiting)
+        return len(self._unsettled) - len(self._waiting)

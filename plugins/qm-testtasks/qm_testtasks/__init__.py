@@ -2,8 +2,16 @@
 
 Installed only in test environments (scripts/setup --test); the product never ships them.
 """
+import ctypes
 import os
+import signal
+import subprocess
+import sys
 import time
+
+import qm
+
+_LEAKED: list[bytearray] = []
 
 
 def echo(payload: str) -> str:
@@ -39,4 +47,50 @@ def exit_now(payload: str) -> str:
 
 def pid(payload: str) -> str:
     """Return the pid of the process running the task."""
+    return str(os.getpid())
+
+
+def alloc(payload: str) -> str:
+    """Allocate and touch the payload's MiB as fast as possible, in 64 MiB chunks; hold it briefly."""
+    total_mb = int(payload)
+    held = [b"\x01" * (min(64, total_mb - done) * 1024 * 1024) for done in range(0, total_mb, 64)]
+    time.sleep(0.5)
+    return str(sum(len(chunk) for chunk in held) // (1024 * 1024))
+
+
+def segfault(payload: str) -> str:
+    """Dereference a null pointer in C: the process dies with SIGSEGV."""
+    ctypes.string_at(0)
+    return "unreachable"
+
+
+def spawn_and_wait(payload: str) -> str:
+    """Start a grandchild process that sleeps the payload's seconds; wait for it; return its pid."""
+    child = subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({float(payload)})"])
+    child.wait()
+    return str(child.pid)
+
+
+def soft_timeout_cleanup(payload: str) -> str:
+    """Sleep the payload's seconds; on qm.SoftTimeout return 'cleaned up'."""
+    try:
+        time.sleep(float(payload))
+    except qm.SoftTimeout:
+        return "cleaned up"
+    return "finished"
+
+
+def stubborn(payload: str) -> str:
+    """Ignore SIGTERM, SIGINT and SIGALRM, then busy-loop the payload's seconds."""
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGALRM):
+        signal.signal(signum, signal.SIG_IGN)
+    deadline = time.monotonic() + float(payload)
+    while time.monotonic() < deadline:
+        pass
+    return "done"
+
+
+def leak(payload: str) -> str:
+    """Keep the payload's MiB alive in this process after the task returns; return the pid."""
+    _LEAKED.append(bytearray(b"\x01" * (int(payload) * 1024 * 1024)))
     return str(os.getpid())

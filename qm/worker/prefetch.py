@@ -1,0 +1,54 @@
+"""Adaptive prefetch: how many unacked deliveries a worker asks RabbitMQ for.
+
+Long tasks must not be hoarded: a delivery waiting in one worker's buffer behind a
+10-minute task is a task another idle worker could be running (and its wait counts
+toward RabbitMQ's consumer_timeout). Short tasks need a buffer so a child never waits a
+broker round trip for its next task. So: one delivery per child while tasks are long,
+more as they get shorter, judged from a moving average of observed run times, with
+hysteresis so the value does not flap around a threshold.
+"""
+from __future__ import annotations
+
+#: (deliveries per child, mean task time to move to this level from a slower one,
+#:  mean task time to fall back to the slower one), from slowest to fastest.
+LEVELS = ((1, None, None), (2, 0.5, 1.0), (4, 0.02, 0.04))
+#: Weight of the newest observation in the moving average.
+EWMA_ALPHA = 0.2
+
+
+class AutoPrefetch:
+    """Starts at one delivery per child (safe for long tasks) and adapts."""
+
+    def __init__(self, procs: int) -> None:
+        self.procs = procs
+        self.level = 0
+        self.mean_s: float | None = None
+
+    @property
+    def value(self) -> int:
+        return self.procs * LEVELS[self.level][0]
+
+    def observe(self, duration_s: float) -> int | None:
+        """Record one task's run time; return the new prefetch if it changed."""
+        self.mean_s = duration_s if self.mean_s is None else \
+            EWMA_ALPHA * duration_s + (1 - EWMA_ALPHA) * self.mean_s
+        level = self.level
+        while level + 1 < len(LEVELS) and self.mean_s < LEVELS[level + 1][1]:
+            level += 1
+        while level > 0 and self.mean_s > LEVELS[level][2]:
+            level -= 1
+        if level == self.level:
+            return None
+        self.level = level
+        return self.value
+
+
+class FixedPrefetch:
+    """`--prefetch N`: never changes."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+        self.mean_s: float | None = None
+
+    def observe(self, duration_s: float) -> int | None:
+        return None

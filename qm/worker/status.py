@@ -1,0 +1,58 @@
+"""The worker's own gRPC endpoint: grpc.health.v1 (NOT_SERVING while draining) and
+qm.v1.WorkerStatus (children, what each runs and since when, RSS)."""
+from __future__ import annotations
+
+import logging
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from qm._proto import task_queue_pb2, task_queue_pb2_grpc
+from qm.worker.supervisor import Supervisor
+
+log = logging.getLogger(__name__)
+
+
+class WorkerStatusServicer(task_queue_pb2_grpc.WorkerStatusServicer):
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.supervisor = supervisor
+
+    async def GetWorkerStatus(self, request, context):
+        supervisor, pool = self.supervisor, self.supervisor.pool
+        response = task_queue_pb2.WorkerStatusResponse(
+            worker_id=supervisor.worker_id, draining=supervisor.draining, procs=pool.procs,
+            prefetch=supervisor.prefetch.value, queues=supervisor.queues,
+            tasks_finished=pool.tasks_finished, child_restarts=pool.restarts)
+        for slot in pool.slots:
+            child = response.children.add(slot=slot.index, pid=slot.process.pid or 0,
+                                          rss_bytes=slot.sample_rss() if slot.alive else 0,
+                                          tasks_done=slot.tasks_done)
+            if slot.job is not None:
+                child.task_id, child.type = slot.job.task_id, slot.job.type
+                child.running_since.FromNanoseconds(int(slot.started_at_s * 1e9))
+        return response
+
+
+class StatusEndpoint:
+    """A small grpc.aio server next to the supervisor, on worker.status_listen."""
+
+    def __init__(self, supervisor: Supervisor, listen: str) -> None:
+        self.listen = listen
+        self.health = health.aio.HealthServicer()
+        self.server = grpc.aio.server()
+        task_queue_pb2_grpc.add_WorkerStatusServicer_to_server(WorkerStatusServicer(supervisor), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.port = 0
+
+    async def start(self) -> int:
+        self.port = self.server.add_insecure_port(self.listen)
+        await self.server.start()
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        log.info("worker status and health on %s (port %d)", self.listen, self.port)
+        return self.port
+
+    async def draining(self) -> None:
+        await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async def stop(self) -> None:
+        await self.server.stop(1.0)
