@@ -8,7 +8,7 @@ def __getattr__(name: str):
     if name == "Client":
         from qm.client.client import Client
         return Client
-    if name == "SoftTimeout":
-        from qm.errors import SoftTimeout
-        return SoftTimeout
+    if name in ("SoftTimeout", "Retry", "PermanentError"):
+        from qm import errors
+        return getattr(errors, name)
     raise AttributeError(f"module 'qm' has no attribute {name!r}")

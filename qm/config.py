@@ -241,7 +241,8 @@ class BrokerConfig:
     url: str = _setting("amqp://guest:guest@127.0.0.1:5672/%2F", _to_str, _amqp_url)
     heartbeat_s: int = _setting(30, _to_int, _at_least(0), _at_most(65535))
     reconnect_max_delay_s: float = _setting(10.0, _to_float, _above(0))
-    queue_type: str = _setting("classic", _to_str, _one_of("classic", "quorum"))
+    queue_type: str = _setting("quorum", _to_str, _one_of("classic", "quorum"))
+    delivery_limit: int = _setting(5, _to_int, _above(0))
     consumer_timeout_s: float = _setting(1800.0, _to_float, _above(0))
 
 
@@ -256,6 +257,12 @@ class ServerConfig:
     grace_s: float = _setting(5.0, _to_float, _at_least(0))
     default_task_timeout_s: float = _setting(600.0, _to_float, _above(0))
     default_task_memory_limit_mb: int = _setting(0, _to_int, _at_least(0))
+    default_max_retries: int = _setting(0, _to_int, _at_least(0), _at_most(100))
+    default_retry_backoff_s: float = _setting(1.0, _to_float, _at_least(0))
+    default_retry_backoff_max_s: float = _setting(300.0, _to_float, _at_least(0))
+    default_retry_jitter: bool = _setting(True, _to_bool)
+    default_retry_on_timeout: bool = _setting(False, _to_bool)
+    retention_s: float = _setting(604800.0, _to_float, _above(0))
 
 
 @dataclass(frozen=True)

@@ -63,3 +63,18 @@ class SoftTimeout(Exception):
     Catch it to clean up; the hard limit still kills the task at its deadline. Left
     uncaught, the task ends TIMED_OUT.
     """
+
+
+class Retry(Exception):
+    """Raise in task code to ask for another attempt (qm.Retry), after `delay_s` if given.
+
+    It counts against the task's retry budget; once that is spent the task ends FAILED.
+    """
+
+    def __init__(self, reason: str = "the task asked to be retried", delay_s: float | None = None):
+        self.delay_s = delay_s
+        super().__init__(reason)
+
+
+class PermanentError(Exception):
+    """Raise in task code to fail at once, without retrying (qm.PermanentError)."""

@@ -11,6 +11,7 @@ import time
 from google.protobuf.message import DecodeError
 
 from qm._proto import internal_pb2
+from qm.retry import RetryPolicy
 from qm.states import TaskState
 
 
@@ -26,11 +27,15 @@ class TaskMessage:
     enqueued_at_s: float = dataclasses.field(default_factory=time.time)
     timeout_s: float = 0.0
     memory_limit_mb: int = 0
+    retry: RetryPolicy = RetryPolicy()
 
     def encode(self) -> bytes:
+        retry = internal_pb2.RetryPolicy(max_retries=self.retry.max_retries, backoff_s=self.retry.backoff_s,
+                                         backoff_max_s=self.retry.backoff_max_s, jitter=self.retry.jitter,
+                                         on_timeout=self.retry.on_timeout)
         message = internal_pb2.TaskMessage(task_id=self.task_id, type=self.type, payload=self.payload,
                                            queue=self.queue, attempt=self.attempt, timeout_s=self.timeout_s,
-                                           memory_limit_mb=self.memory_limit_mb)
+                                           memory_limit_mb=self.memory_limit_mb, retry=retry)
         message.enqueued_at.FromNanoseconds(int(self.enqueued_at_s * 1e9))
         return message.SerializeToString()
 
@@ -39,9 +44,11 @@ class TaskMessage:
         message = _parse(internal_pb2.TaskMessage, body)
         if not message.task_id or not message.type:
             raise ValueError("task message without task_id or type")
+        retry = RetryPolicy(message.retry.max_retries, message.retry.backoff_s, message.retry.backoff_max_s,
+                            message.retry.jitter, message.retry.on_timeout)
         return cls(message.task_id, message.type, message.payload, message.queue,
                    message.attempt or 1, message.enqueued_at.ToNanoseconds() / 1e9,
-                   message.timeout_s, message.memory_limit_mb)
+                   message.timeout_s, message.memory_limit_mb, retry)
 
     def headers(self) -> dict[str, object]:
         """AMQP headers naming the task, so operators can read a message without decoding it."""
@@ -63,6 +70,7 @@ class TaskEvent:
     at_s: float = dataclasses.field(default_factory=time.time)
     timeout_s: float = 0.0        # limits the worker applied (RUNNING); 0 = unchanged
     memory_limit_mb: int = 0
+    next_attempt_at_s: float | None = None  # RETRYING: when the next attempt is due
 
     def encode(self) -> bytes:
         event = internal_pb2.TaskEvent(task_id=self.task_id, type=self.type, queue=self.queue,
@@ -70,6 +78,8 @@ class TaskEvent:
                                        error=self.error, worker=self.worker, timeout_s=self.timeout_s,
                                        memory_limit_mb=self.memory_limit_mb)
         event.at.FromNanoseconds(int(self.at_s * 1e9))
+        if self.next_attempt_at_s is not None:
+            event.next_attempt_at.FromNanoseconds(int(self.next_attempt_at_s * 1e9))
         return event.SerializeToString()
 
     @classmethod
@@ -79,7 +89,8 @@ class TaskEvent:
             raise ValueError("task event without task_id")
         return cls(event.task_id, event.type, event.queue, event.attempt, TaskState(event.state),
                    event.worker, event.result, event.error, event.at.ToNanoseconds() / 1e9,
-                   event.timeout_s, event.memory_limit_mb)
+                   event.timeout_s, event.memory_limit_mb,
+                   event.next_attempt_at.ToNanoseconds() / 1e9 if event.HasField("next_attempt_at") else None)
 
 
 def _parse(message_class, body: bytes):

@@ -41,6 +41,8 @@ class TaskType:
     max_timeout_s: float | None = None
     default_memory_limit_mb: int | None = None
     max_memory_limit_mb: int | None = None
+    #: Retry policy for this type (qm.retry.RetryPolicy); None = the server's default.
+    retry: Any = None
 
     def decode_payload(self, payload: bytes) -> Any:
         """Bytes on the wire → the handler's argument (raises ValidationError)."""

@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from qm._proto import task_queue_pb2 as qm_dot___proto_dot_task__queue__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18qm/_proto/internal.proto\x12\x0eqm.internal.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1aqm/_proto/task_queue.proto\"\xba\x01\n\x0bTaskMessage\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\r\n\x05queue\x18\x04 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x05 \x01(\r\x12/\n\x0b\x65nqueued_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\ttimeout_s\x18\x07 \x01(\x01\x12\x17\n\x0fmemory_limit_mb\x18\x08 \x01(\r\"\xee\x01\n\tTaskEvent\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\r\n\x05queue\x18\x03 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\r\x12\x1f\n\x05state\x18\x05 \x01(\x0e\x32\x10.qm.v1.TaskState\x12\x0e\n\x06result\x18\x06 \x01(\x0c\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x0e\n\x06worker\x18\x08 \x01(\t\x12&\n\x02\x61t\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\ttimeout_s\x18\n \x01(\x01\x12\x17\n\x0fmemory_limit_mb\x18\x0b \x01(\rb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18qm/_proto/internal.proto\x12\x0eqm.internal.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1aqm/_proto/task_queue.proto\"\xe6\x01\n\x0bTaskMessage\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\r\n\x05queue\x18\x04 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x05 \x01(\r\x12/\n\x0b\x65nqueued_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\ttimeout_s\x18\x07 \x01(\x01\x12\x17\n\x0fmemory_limit_mb\x18\x08 \x01(\r\x12*\n\x05retry\x18\t \x01(\x0b\x32\x1b.qm.internal.v1.RetryPolicy\"p\n\x0bRetryPolicy\x12\x13\n\x0bmax_retries\x18\x01 \x01(\r\x12\x11\n\tbackoff_s\x18\x02 \x01(\x01\x12\x15\n\rbackoff_max_s\x18\x03 \x01(\x01\x12\x0e\n\x06jitter\x18\x04 \x01(\x08\x12\x12\n\non_timeout\x18\x05 \x01(\x08\"\xb8\x02\n\tTaskEvent\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\r\n\x05queue\x18\x03 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\r\x12\x1f\n\x05state\x18\x05 \x01(\x0e\x32\x10.qm.v1.TaskState\x12\x0e\n\x06result\x18\x06 \x01(\x0c\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x0e\n\x06worker\x18\x08 \x01(\t\x12&\n\x02\x61t\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\ttimeout_s\x18\n \x01(\x01\x12\x17\n\x0fmemory_limit_mb\x18\x0b \x01(\r\x12\x33\n\x0fnext_attempt_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bmax_retries\x18\r \x01(\rb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,7 +34,9 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'qm._proto.internal_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TASKMESSAGE']._serialized_start=106
-  _globals['_TASKMESSAGE']._serialized_end=292
-  _globals['_TASKEVENT']._serialized_start=295
-  _globals['_TASKEVENT']._serialized_end=533
+  _globals['_TASKMESSAGE']._serialized_end=336
+  _globals['_RETRYPOLICY']._serialized_start=338
+  _globals['_RETRYPOLICY']._serialized_end=450
+  _globals['_TASKEVENT']._serialized_start=453
+  _globals['_TASKEVENT']._serialized_end=765
 # @@protoc_insertion_point(module_scope)

@@ -10,7 +10,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class TaskMessage(_message.Message):
-    __slots__ = ("task_id", "type", "payload", "queue", "attempt", "enqueued_at", "timeout_s", "memory_limit_mb")
+    __slots__ = ("task_id", "type", "payload", "queue", "attempt", "enqueued_at", "timeout_s", "memory_limit_mb", "retry")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
@@ -19,6 +19,7 @@ class TaskMessage(_message.Message):
     ENQUEUED_AT_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     MEMORY_LIMIT_MB_FIELD_NUMBER: _ClassVar[int]
+    RETRY_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     type: str
     payload: bytes
@@ -27,10 +28,25 @@ class TaskMessage(_message.Message):
     enqueued_at: _timestamp_pb2.Timestamp
     timeout_s: float
     memory_limit_mb: int
-    def __init__(self, task_id: _Optional[str] = ..., type: _Optional[str] = ..., payload: _Optional[bytes] = ..., queue: _Optional[str] = ..., attempt: _Optional[int] = ..., enqueued_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., timeout_s: _Optional[float] = ..., memory_limit_mb: _Optional[int] = ...) -> None: ...
+    retry: RetryPolicy
+    def __init__(self, task_id: _Optional[str] = ..., type: _Optional[str] = ..., payload: _Optional[bytes] = ..., queue: _Optional[str] = ..., attempt: _Optional[int] = ..., enqueued_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., timeout_s: _Optional[float] = ..., memory_limit_mb: _Optional[int] = ..., retry: _Optional[_Union[RetryPolicy, _Mapping]] = ...) -> None: ...
+
+class RetryPolicy(_message.Message):
+    __slots__ = ("max_retries", "backoff_s", "backoff_max_s", "jitter", "on_timeout")
+    MAX_RETRIES_FIELD_NUMBER: _ClassVar[int]
+    BACKOFF_S_FIELD_NUMBER: _ClassVar[int]
+    BACKOFF_MAX_S_FIELD_NUMBER: _ClassVar[int]
+    JITTER_FIELD_NUMBER: _ClassVar[int]
+    ON_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    max_retries: int
+    backoff_s: float
+    backoff_max_s: float
+    jitter: bool
+    on_timeout: bool
+    def __init__(self, max_retries: _Optional[int] = ..., backoff_s: _Optional[float] = ..., backoff_max_s: _Optional[float] = ..., jitter: _Optional[bool] = ..., on_timeout: _Optional[bool] = ...) -> None: ...
 
 class TaskEvent(_message.Message):
-    __slots__ = ("task_id", "type", "queue", "attempt", "state", "result", "error", "worker", "at", "timeout_s", "memory_limit_mb")
+    __slots__ = ("task_id", "type", "queue", "attempt", "state", "result", "error", "worker", "at", "timeout_s", "memory_limit_mb", "next_attempt_at", "max_retries")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
     QUEUE_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +58,8 @@ class TaskEvent(_message.Message):
     AT_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     MEMORY_LIMIT_MB_FIELD_NUMBER: _ClassVar[int]
+    NEXT_ATTEMPT_AT_FIELD_NUMBER: _ClassVar[int]
+    MAX_RETRIES_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     type: str
     queue: str
@@ -53,4 +71,6 @@ class TaskEvent(_message.Message):
     at: _timestamp_pb2.Timestamp
     timeout_s: float
     memory_limit_mb: int
-    def __init__(self, task_id: _Optional[str] = ..., type: _Optional[str] = ..., queue: _Optional[str] = ..., attempt: _Optional[int] = ..., state: _Optional[_Union[_task_queue_pb2.TaskState, str]] = ..., result: _Optional[bytes] = ..., error: _Optional[str] = ..., worker: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., timeout_s: _Optional[float] = ..., memory_limit_mb: _Optional[int] = ...) -> None: ...
+    next_attempt_at: _timestamp_pb2.Timestamp
+    max_retries: int
+    def __init__(self, task_id: _Optional[str] = ..., type: _Optional[str] = ..., queue: _Optional[str] = ..., attempt: _Optional[int] = ..., state: _Optional[_Union[_task_queue_pb2.TaskState, str]] = ..., result: _Optional[bytes] = ..., error: _Optional[str] = ..., worker: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., timeout_s: _Optional[float] = ..., memory_limit_mb: _Optional[int] = ..., next_attempt_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., max_retries: _Optional[int] = ...) -> None: ...

@@ -25,33 +25,51 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aqm/_proto/task_queue.proto\x12\x05qm.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"m\n\x11SubmitTaskRequest\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\r\n\x05queue\x18\x03 \x01(\t\x12\x11\n\ttimeout_s\x18\x04 \x01(\x01\x12\x17\n\x0fmemory_limit_mb\x18\x05 \x01(\r\"F\n\x12SubmitTaskResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x1f\n\x05state\x18\x02 \x01(\x0e\x32\x10.qm.v1.TaskState\"\'\n\x14GetTaskStatusRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\",\n\x18StreamTaskResultsRequest\x12\x10\n\x08task_ids\x18\x01 \x03(\t\"\x98\x03\n\nTaskStatus\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\r\n\x05queue\x18\x03 \x01(\t\x12\x1f\n\x05state\x18\x04 \x01(\x0e\x32\x10.qm.v1.TaskState\x12\x10\n\x08\x61ttempts\x18\x05 \x01(\r\x12\x0e\n\x06result\x18\x06 \x01(\x0c\x12\r\n\x05\x63odec\x18\x07 \x01(\t\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x0e\n\x06worker\x18\t \x01(\t\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\ttimeout_s\x18\x0e \x01(\x01\x12\x17\n\x0fmemory_limit_mb\x18\x0f \x01(\r\"\x18\n\x16GetWorkerStatusRequest\"\xa1\x01\n\x0b\x43hildStatus\x12\x0c\n\x04slot\x18\x01 \x01(\r\x12\x0b\n\x03pid\x18\x02 \x01(\r\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12\x0c\n\x04type\x18\x04 \x01(\t\x12\x31\n\rrunning_since\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\trss_bytes\x18\x06 \x01(\x04\x12\x12\n\ntasks_done\x18\x07 \x01(\r\"\xc2\x01\n\x14WorkerStatusResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x10\n\x08\x64raining\x18\x02 \x01(\x08\x12\r\n\x05procs\x18\x03 \x01(\r\x12\x10\n\x08prefetch\x18\x04 \x01(\r\x12\x0e\n\x06queues\x18\x05 \x03(\t\x12$\n\x08\x63hildren\x18\x06 \x03(\x0b\x32\x12.qm.v1.ChildStatus\x12\x16\n\x0etasks_finished\x18\x07 \x01(\x04\x12\x16\n\x0e\x63hild_restarts\x18\x08 \x01(\r*\xa4\x01\n\tTaskState\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\n\n\x06QUEUED\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\x0c\n\x08RETRYING\x10\x03\x12\r\n\tSUCCEEDED\x10\x04\x12\n\n\x06\x46\x41ILED\x10\x05\x12\r\n\tTIMED_OUT\x10\x06\x12\x13\n\x0fMEMORY_EXCEEDED\x10\x07\x12\x0b\n\x07\x43RASHED\x10\x08\x12\r\n\tCANCELLED\x10\t2\xdc\x01\n\tTaskQueue\x12\x41\n\nSubmitTask\x12\x18.qm.v1.SubmitTaskRequest\x1a\x19.qm.v1.SubmitTaskResponse\x12?\n\rGetTaskStatus\x12\x1b.qm.v1.GetTaskStatusRequest\x1a\x11.qm.v1.TaskStatus\x12K\n\x11StreamTaskResults\x12\x1f.qm.v1.StreamTaskResultsRequest\x1a\x11.qm.v1.TaskStatus(\x01\x30\x01\x32]\n\x0cWorkerStatus\x12M\n\x0fGetWorkerStatus\x12\x1d.qm.v1.GetWorkerStatusRequest\x1a\x1b.qm.v1.WorkerStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aqm/_proto/task_queue.proto\x12\x05qm.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xfc\x02\n\x11SubmitTaskRequest\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\r\n\x05queue\x18\x03 \x01(\t\x12\x11\n\ttimeout_s\x18\x04 \x01(\x01\x12\x17\n\x0fmemory_limit_mb\x18\x05 \x01(\r\x12\x18\n\x0bmax_retries\x18\x06 \x01(\rH\x00\x88\x01\x01\x12\x1c\n\x0fretry_backoff_s\x18\x07 \x01(\x01H\x01\x88\x01\x01\x12 \n\x13retry_backoff_max_s\x18\x08 \x01(\x01H\x02\x88\x01\x01\x12\x19\n\x0cretry_jitter\x18\t \x01(\x08H\x03\x88\x01\x01\x12\x1d\n\x10retry_on_timeout\x18\n \x01(\x08H\x04\x88\x01\x01\x12\x17\n\x0fidempotency_key\x18\x0b \x01(\tB\x0e\n\x0c_max_retriesB\x12\n\x10_retry_backoff_sB\x16\n\x14_retry_backoff_max_sB\x0f\n\r_retry_jitterB\x13\n\x11_retry_on_timeout\"F\n\x12SubmitTaskResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x1f\n\x05state\x18\x02 \x01(\x0e\x32\x10.qm.v1.TaskState\"\xb9\x01\n\nDeadLetter\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\r\n\x05queue\x18\x03 \x01(\t\x12\x1f\n\x05state\x18\x04 \x01(\x0e\x32\x10.qm.v1.TaskState\x12\x10\n\x08\x61ttempts\x18\x05 \x01(\r\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12+\n\x07\x64\x65\x61\x64_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\'\n\x16ListDeadLettersRequest\x12\r\n\x05limit\x18\x01 \x01(\r\"Q\n\x17ListDeadLettersResponse\x12\'\n\x0c\x64\x65\x61\x64_letters\x18\x01 \x03(\x0b\x32\x11.qm.v1.DeadLetter\x12\r\n\x05total\x18\x02 \x01(\r\":\n\x19RequeueDeadLettersRequest\x12\x10\n\x08task_ids\x18\x01 \x03(\t\x12\x0b\n\x03\x61ll\x18\x02 \x01(\x08\"\x98\x01\n\x1aRequeueDeadLettersResponse\x12G\n\x0cnew_task_ids\x18\x01 \x03(\x0b\x32\x31.qm.v1.RequeueDeadLettersResponse.NewTaskIdsEntry\x1a\x31\n\x0fNewTaskIdsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x19\n\x17PurgeDeadLettersRequest\"*\n\x18PurgeDeadLettersResponse\x12\x0e\n\x06purged\x18\x01 \x01(\r\"\'\n\x14GetTaskStatusRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\",\n\x18StreamTaskResultsRequest\x12\x10\n\x08task_ids\x18\x01 \x03(\t\"\xe2\x03\n\nTaskStatus\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\r\n\x05queue\x18\x03 \x01(\t\x12\x1f\n\x05state\x18\x04 \x01(\x0e\x32\x10.qm.v1.TaskState\x12\x10\n\x08\x61ttempts\x18\x05 \x01(\r\x12\x0e\n\x06result\x18\x06 \x01(\x0c\x12\r\n\x05\x63odec\x18\x07 \x01(\t\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x0e\n\x06worker\x18\t \x01(\t\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\ttimeout_s\x18\x0e \x01(\x01\x12\x17\n\x0fmemory_limit_mb\x18\x0f \x01(\r\x12\x13\n\x0bmax_retries\x18\x10 \x01(\r\x12\x33\n\x0fnext_attempt_at\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x18\n\x16GetWorkerStatusRequest\"\xa1\x01\n\x0b\x43hildStatus\x12\x0c\n\x04slot\x18\x01 \x01(\r\x12\x0b\n\x03pid\x18\x02 \x01(\r\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12\x0c\n\x04type\x18\x04 \x01(\t\x12\x31\n\rrunning_since\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\trss_bytes\x18\x06 \x01(\x04\x12\x12\n\ntasks_done\x18\x07 \x01(\r\"\xc2\x01\n\x14WorkerStatusResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x10\n\x08\x64raining\x18\x02 \x01(\x08\x12\r\n\x05procs\x18\x03 \x01(\r\x12\x10\n\x08prefetch\x18\x04 \x01(\r\x12\x0e\n\x06queues\x18\x05 \x03(\t\x12$\n\x08\x63hildren\x18\x06 \x03(\x0b\x32\x12.qm.v1.ChildStatus\x12\x16\n\x0etasks_finished\x18\x07 \x01(\x04\x12\x16\n\x0e\x63hild_restarts\x18\x08 \x01(\r*\xa4\x01\n\tTaskState\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\n\n\x06QUEUED\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\x0c\n\x08RETRYING\x10\x03\x12\r\n\tSUCCEEDED\x10\x04\x12\n\n\x06\x46\x41ILED\x10\x05\x12\r\n\tTIMED_OUT\x10\x06\x12\x13\n\x0fMEMORY_EXCEEDED\x10\x07\x12\x0b\n\x07\x43RASHED\x10\x08\x12\r\n\tCANCELLED\x10\t2\xde\x03\n\tTaskQueue\x12\x41\n\nSubmitTask\x12\x18.qm.v1.SubmitTaskRequest\x1a\x19.qm.v1.SubmitTaskResponse\x12?\n\rGetTaskStatus\x12\x1b.qm.v1.GetTaskStatusRequest\x1a\x11.qm.v1.TaskStatus\x12K\n\x11StreamTaskResults\x12\x1f.qm.v1.StreamTaskResultsRequest\x1a\x11.qm.v1.TaskStatus(\x01\x30\x01\x12P\n\x0fListDeadLetters\x12\x1d.qm.v1.ListDeadLettersRequest\x1a\x1e.qm.v1.ListDeadLettersResponse\x12Y\n\x12RequeueDeadLetters\x12 .qm.v1.RequeueDeadLettersRequest\x1a!.qm.v1.RequeueDeadLettersResponse\x12S\n\x10PurgeDeadLetters\x12\x1e.qm.v1.PurgeDeadLettersRequest\x1a\x1f.qm.v1.PurgeDeadLettersResponse2]\n\x0cWorkerStatus\x12M\n\x0fGetWorkerStatus\x12\x1d.qm.v1.GetWorkerStatusRequest\x1a\x1b.qm.v1.WorkerStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'qm._proto.task_queue_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TASKSTATE']._serialized_start=1139
-  _globals['_TASKSTATE']._serialized_end=1303
-  _globals['_SUBMITTASKREQUEST']._serialized_start=70
-  _globals['_SUBMITTASKREQUEST']._serialized_end=179
-  _globals['_SUBMITTASKRESPONSE']._serialized_start=181
-  _globals['_SUBMITTASKRESPONSE']._serialized_end=251
-  _globals['_GETTASKSTATUSREQUEST']._serialized_start=253
-  _globals['_GETTASKSTATUSREQUEST']._serialized_end=292
-  _globals['_STREAMTASKRESULTSREQUEST']._serialized_start=294
-  _globals['_STREAMTASKRESULTSREQUEST']._serialized_end=338
-  _globals['_TASKSTATUS']._serialized_start=341
-  _globals['_TASKSTATUS']._serialized_end=749
-  _globals['_GETWORKERSTATUSREQUEST']._serialized_start=751
-  _globals['_GETWORKERSTATUSREQUEST']._serialized_end=775
-  _globals['_CHILDSTATUS']._serialized_start=778
-  _globals['_CHILDSTATUS']._serialized_end=939
-  _globals['_WORKERSTATUSRESPONSE']._serialized_start=942
-  _globals['_WORKERSTATUSRESPONSE']._serialized_end=1136
-  _globals['_TASKQUEUE']._serialized_start=1306
-  _globals['_TASKQUEUE']._serialized_end=1526
-  _globals['_WORKERSTATUS']._serialized_start=1528
-  _globals['_WORKERSTATUS']._serialized_end=1621
+  _globals['_REQUEUEDEADLETTERSRESPONSE_NEWTASKIDSENTRY']._loaded_options = None
+  _globals['_REQUEUEDEADLETTERSRESPONSE_NEWTASKIDSENTRY']._serialized_options = b'8\001'
+  _globals['_TASKSTATE']._serialized_start=2083
+  _globals['_TASKSTATE']._serialized_end=2247
+  _globals['_SUBMITTASKREQUEST']._serialized_start=71
+  _globals['_SUBMITTASKREQUEST']._serialized_end=451
+  _globals['_SUBMITTASKRESPONSE']._serialized_start=453
+  _globals['_SUBMITTASKRESPONSE']._serialized_end=523
+  _globals['_DEADLETTER']._serialized_start=526
+  _globals['_DEADLETTER']._serialized_end=711
+  _globals['_LISTDEADLETTERSREQUEST']._serialized_start=713
+  _globals['_LISTDEADLETTERSREQUEST']._serialized_end=752
+  _globals['_LISTDEADLETTERSRESPONSE']._serialized_start=754
+  _globals['_LISTDEADLETTERSRESPONSE']._serialized_end=835
+  _globals['_REQUEUEDEADLETTERSREQUEST']._serialized_start=837
+  _globals['_REQUEUEDEADLETTERSREQUEST']._serialized_end=895
+  _globals['_REQUEUEDEADLETTERSRESPONSE']._serialized_start=898
+  _globals['_REQUEUEDEADLETTERSRESPONSE']._serialized_end=1050
+  _globals['_REQUEUEDEADLETTERSRESPONSE_NEWTASKIDSENTRY']._serialized_start=1001
+  _globals['_REQUEUEDEADLETTERSRESPONSE_NEWTASKIDSENTRY']._serialized_end=1050
+  _globals['_PURGEDEADLETTERSREQUEST']._serialized_start=1052
+  _globals['_PURGEDEADLETTERSREQUEST']._serialized_end=1077
+  _globals['_PURGEDEADLETTERSRESPONSE']._serialized_start=1079
+  _globals['_PURGEDEADLETTERSRESPONSE']._serialized_end=1121
+  _globals['_GETTASKSTATUSREQUEST']._serialized_start=1123
+  _globals['_GETTASKSTATUSREQUEST']._serialized_end=1162
+  _globals['_STREAMTASKRESULTSREQUEST']._serialized_start=1164
+  _globals['_STREAMTASKRESULTSREQUEST']._serialized_end=1208
+  _globals['_TASKSTATUS']._serialized_start=1211
+  _globals['_TASKSTATUS']._serialized_end=1693
+  _globals['_GETWORKERSTATUSREQUEST']._serialized_start=1695
+  _globals['_GETWORKERSTATUSREQUEST']._serialized_end=1719
+  _globals['_CHILDSTATUS']._serialized_start=1722
+  _globals['_CHILDSTATUS']._serialized_end=1883
+  _globals['_WORKERSTATUSRESPONSE']._serialized_start=1886
+  _globals['_WORKERSTATUSRESPONSE']._serialized_end=2080
+  _globals['_TASKQUEUE']._serialized_start=2250
+  _globals['_TASKQUEUE']._serialized_end=2728
+  _globals['_WORKERSTATUS']._serialized_start=2730
+  _globals['_WORKERSTATUS']._serialized_end=2823
 # @@protoc_insertion_point(module_scope)

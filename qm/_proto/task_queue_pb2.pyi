@@ -34,18 +34,30 @@ CRASHED: TaskState
 CANCELLED: TaskState
 
 class SubmitTaskRequest(_message.Message):
-    __slots__ = ("type", "payload", "queue", "timeout_s", "memory_limit_mb")
+    __slots__ = ("type", "payload", "queue", "timeout_s", "memory_limit_mb", "max_retries", "retry_backoff_s", "retry_backoff_max_s", "retry_jitter", "retry_on_timeout", "idempotency_key")
     TYPE_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     QUEUE_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     MEMORY_LIMIT_MB_FIELD_NUMBER: _ClassVar[int]
+    MAX_RETRIES_FIELD_NUMBER: _ClassVar[int]
+    RETRY_BACKOFF_S_FIELD_NUMBER: _ClassVar[int]
+    RETRY_BACKOFF_MAX_S_FIELD_NUMBER: _ClassVar[int]
+    RETRY_JITTER_FIELD_NUMBER: _ClassVar[int]
+    RETRY_ON_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     type: str
     payload: bytes
     queue: str
     timeout_s: float
     memory_limit_mb: int
-    def __init__(self, type: _Optional[str] = ..., payload: _Optional[bytes] = ..., queue: _Optional[str] = ..., timeout_s: _Optional[float] = ..., memory_limit_mb: _Optional[int] = ...) -> None: ...
+    max_retries: int
+    retry_backoff_s: float
+    retry_backoff_max_s: float
+    retry_jitter: bool
+    retry_on_timeout: bool
+    idempotency_key: str
+    def __init__(self, type: _Optional[str] = ..., payload: _Optional[bytes] = ..., queue: _Optional[str] = ..., timeout_s: _Optional[float] = ..., memory_limit_mb: _Optional[int] = ..., max_retries: _Optional[int] = ..., retry_backoff_s: _Optional[float] = ..., retry_backoff_max_s: _Optional[float] = ..., retry_jitter: _Optional[bool] = ..., retry_on_timeout: _Optional[bool] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class SubmitTaskResponse(_message.Message):
     __slots__ = ("task_id", "state")
@@ -54,6 +66,71 @@ class SubmitTaskResponse(_message.Message):
     task_id: str
     state: TaskState
     def __init__(self, task_id: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ...) -> None: ...
+
+class DeadLetter(_message.Message):
+    __slots__ = ("task_id", "type", "queue", "state", "attempts", "reason", "error", "dead_at")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    DEAD_AT_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    type: str
+    queue: str
+    state: TaskState
+    attempts: int
+    reason: str
+    error: str
+    dead_at: _timestamp_pb2.Timestamp
+    def __init__(self, task_id: _Optional[str] = ..., type: _Optional[str] = ..., queue: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., attempts: _Optional[int] = ..., reason: _Optional[str] = ..., error: _Optional[str] = ..., dead_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class ListDeadLettersRequest(_message.Message):
+    __slots__ = ("limit",)
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    limit: int
+    def __init__(self, limit: _Optional[int] = ...) -> None: ...
+
+class ListDeadLettersResponse(_message.Message):
+    __slots__ = ("dead_letters", "total")
+    DEAD_LETTERS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    dead_letters: _containers.RepeatedCompositeFieldContainer[DeadLetter]
+    total: int
+    def __init__(self, dead_letters: _Optional[_Iterable[_Union[DeadLetter, _Mapping]]] = ..., total: _Optional[int] = ...) -> None: ...
+
+class RequeueDeadLettersRequest(_message.Message):
+    __slots__ = ("task_ids", "all")
+    TASK_IDS_FIELD_NUMBER: _ClassVar[int]
+    ALL_FIELD_NUMBER: _ClassVar[int]
+    task_ids: _containers.RepeatedScalarFieldContainer[str]
+    all: bool
+    def __init__(self, task_ids: _Optional[_Iterable[str]] = ..., all: _Optional[bool] = ...) -> None: ...
+
+class RequeueDeadLettersResponse(_message.Message):
+    __slots__ = ("new_task_ids",)
+    class NewTaskIdsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NEW_TASK_IDS_FIELD_NUMBER: _ClassVar[int]
+    new_task_ids: _containers.ScalarMap[str, str]
+    def __init__(self, new_task_ids: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class PurgeDeadLettersRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PurgeDeadLettersResponse(_message.Message):
+    __slots__ = ("purged",)
+    PURGED_FIELD_NUMBER: _ClassVar[int]
+    purged: int
+    def __init__(self, purged: _Optional[int] = ...) -> None: ...
 
 class GetTaskStatusRequest(_message.Message):
     __slots__ = ("task_id",)
@@ -68,7 +145,7 @@ class StreamTaskResultsRequest(_message.Message):
     def __init__(self, task_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TaskStatus(_message.Message):
-    __slots__ = ("task_id", "type", "queue", "state", "attempts", "result", "codec", "error", "worker", "created_at", "started_at", "finished_at", "updated_at", "timeout_s", "memory_limit_mb")
+    __slots__ = ("task_id", "type", "queue", "state", "attempts", "result", "codec", "error", "worker", "created_at", "started_at", "finished_at", "updated_at", "timeout_s", "memory_limit_mb", "max_retries", "next_attempt_at")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
     QUEUE_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +161,8 @@ class TaskStatus(_message.Message):
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     MEMORY_LIMIT_MB_FIELD_NUMBER: _ClassVar[int]
+    MAX_RETRIES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_ATTEMPT_AT_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     type: str
     queue: str
@@ -99,7 +178,9 @@ class TaskStatus(_message.Message):
     updated_at: _timestamp_pb2.Timestamp
     timeout_s: float
     memory_limit_mb: int
-    def __init__(self, task_id: _Optional[str] = ..., type: _Optional[str] = ..., queue: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., attempts: _Optional[int] = ..., result: _Optional[bytes] = ..., codec: _Optional[str] = ..., error: _Optional[str] = ..., worker: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., timeout_s: _Optional[float] = ..., memory_limit_mb: _Optional[int] = ...) -> None: ...
+    max_retries: int
+    next_attempt_at: _timestamp_pb2.Timestamp
+    def __init__(self, task_id: _Optional[str] = ..., type: _Optional[str] = ..., queue: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., attempts: _Optional[int] = ..., result: _Optional[bytes] = ..., codec: _Optional[str] = ..., error: _Optional[str] = ..., worker: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., timeout_s: _Optional[float] = ..., memory_limit_mb: _Optional[int] = ..., max_retries: _Optional[int] = ..., next_attempt_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class GetWorkerStatusRequest(_message.Message):
     __slots__ = ()

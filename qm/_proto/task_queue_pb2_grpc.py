@@ -49,6 +49,21 @@ class TaskQueueStub:
                 request_serializer=qm_dot___proto_dot_task__queue__pb2.StreamTaskResultsRequest.SerializeToString,
                 response_deserializer=qm_dot___proto_dot_task__queue__pb2.TaskStatus.FromString,
                 _registered_method=True)
+        self.ListDeadLetters = channel.unary_unary(
+                '/qm.v1.TaskQueue/ListDeadLetters',
+                request_serializer=qm_dot___proto_dot_task__queue__pb2.ListDeadLettersRequest.SerializeToString,
+                response_deserializer=qm_dot___proto_dot_task__queue__pb2.ListDeadLettersResponse.FromString,
+                _registered_method=True)
+        self.RequeueDeadLetters = channel.unary_unary(
+                '/qm.v1.TaskQueue/RequeueDeadLetters',
+                request_serializer=qm_dot___proto_dot_task__queue__pb2.RequeueDeadLettersRequest.SerializeToString,
+                response_deserializer=qm_dot___proto_dot_task__queue__pb2.RequeueDeadLettersResponse.FromString,
+                _registered_method=True)
+        self.PurgeDeadLetters = channel.unary_unary(
+                '/qm.v1.TaskQueue/PurgeDeadLetters',
+                request_serializer=qm_dot___proto_dot_task__queue__pb2.PurgeDeadLettersRequest.SerializeToString,
+                response_deserializer=qm_dot___proto_dot_task__queue__pb2.PurgeDeadLettersResponse.FromString,
+                _registered_method=True)
 
 
 class TaskQueueServicer:
@@ -78,6 +93,27 @@ class TaskQueueServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListDeadLetters(self, request, context):
+        """Tasks whose last attempt failed for good (or that hit RabbitMQ's delivery limit).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RequeueDeadLetters(self, request, context):
+        """Submit dead-lettered tasks again, each as a new task; they leave the dead-letter list.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PurgeDeadLetters(self, request, context):
+        """Forget dead letters.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TaskQueueServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -95,6 +131,21 @@ def add_TaskQueueServicer_to_server(servicer, server):
                     servicer.StreamTaskResults,
                     request_deserializer=qm_dot___proto_dot_task__queue__pb2.StreamTaskResultsRequest.FromString,
                     response_serializer=qm_dot___proto_dot_task__queue__pb2.TaskStatus.SerializeToString,
+            ),
+            'ListDeadLetters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDeadLetters,
+                    request_deserializer=qm_dot___proto_dot_task__queue__pb2.ListDeadLettersRequest.FromString,
+                    response_serializer=qm_dot___proto_dot_task__queue__pb2.ListDeadLettersResponse.SerializeToString,
+            ),
+            'RequeueDeadLetters': grpc.unary_unary_rpc_method_handler(
+                    servicer.RequeueDeadLetters,
+                    request_deserializer=qm_dot___proto_dot_task__queue__pb2.RequeueDeadLettersRequest.FromString,
+                    response_serializer=qm_dot___proto_dot_task__queue__pb2.RequeueDeadLettersResponse.SerializeToString,
+            ),
+            'PurgeDeadLetters': grpc.unary_unary_rpc_method_handler(
+                    servicer.PurgeDeadLetters,
+                    request_deserializer=qm_dot___proto_dot_task__queue__pb2.PurgeDeadLettersRequest.FromString,
+                    response_serializer=qm_dot___proto_dot_task__queue__pb2.PurgeDeadLettersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -178,6 +229,87 @@ class TaskQueue:
             '/qm.v1.TaskQueue/StreamTaskResults',
             qm_dot___proto_dot_task__queue__pb2.StreamTaskResultsRequest.SerializeToString,
             qm_dot___proto_dot_task__queue__pb2.TaskStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDeadLetters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qm.v1.TaskQueue/ListDeadLetters',
+            qm_dot___proto_dot_task__queue__pb2.ListDeadLettersRequest.SerializeToString,
+            qm_dot___proto_dot_task__queue__pb2.ListDeadLettersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RequeueDeadLetters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qm.v1.TaskQueue/RequeueDeadLetters',
+            qm_dot___proto_dot_task__queue__pb2.RequeueDeadLettersRequest.SerializeToString,
+            qm_dot___proto_dot_task__queue__pb2.RequeueDeadLettersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PurgeDeadLetters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qm.v1.TaskQueue/PurgeDeadLetters',
+            qm_dot___proto_dot_task__queue__pb2.PurgeDeadLettersRequest.SerializeToString,
+            qm_dot___proto_dot_task__queue__pb2.PurgeDeadLettersResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -7,8 +7,12 @@ from qm.broker.base import Broker
 TASKS_EXCHANGE = "qm.tasks"
 #: Fanout exchange carrying every task state change to each server's events queue.
 EVENTS_EXCHANGE = "qm.events"
+#: Fanout exchange for tasks that failed for good; each server keeps its own queue on it.
+DEAD_EXCHANGE = "qm.dead"
 #: Logical queue used when a submission names none.
 DEFAULT_QUEUE = "default"
+#: Header naming why a message was dead-lettered (absent when RabbitMQ did it: x-death).
+DEAD_REASON_HEADER = "qm-dead-reason"
 
 
 def work_queue_name(queue: str) -> str:
@@ -21,19 +25,61 @@ def events_queue_name(server_id: str) -> str:
     return f"qm.events.{server_id}"
 
 
-async def declare_work_queue(broker: Broker, queue: str, queue_type: str = "classic") -> str:
+def wait_exchange_name(tier_s: int) -> str:
+    """Exchange and queue of one retry delay tier."""
+    return f"qm.wait.{tier_s}s"
+
+
+def dead_queue_name(server_id: str) -> str:
+    """The durable dead-letter queue owned by one server replica."""
+    return f"qm.dead.{server_id}"
+
+
+def work_queue_arguments(queue_type: str, delivery_limit: int) -> dict[str, object]:
+    """Quorum queues count deliveries: past the limit (a task that kills whole workers)
+    RabbitMQ dead-letters the message instead of delivering it forever."""
+    arguments: dict[str, object] = {"x-queue-type": queue_type, "x-dead-letter-exchange": DEAD_EXCHANGE}
+    if queue_type == "quorum":
+        arguments["x-delivery-limit"] = delivery_limit
+    return arguments
+
+
+async def declare_work_queue(broker: Broker, queue: str, queue_type: str = "quorum",
+                             delivery_limit: int = 5) -> str:
     """Declare the tasks exchange and one work queue bound to it; return the AMQP name."""
     name = work_queue_name(queue)
     await broker.declare_exchange(TASKS_EXCHANGE, "direct")
-    await broker.declare_queue(name, {"x-queue-type": queue_type})
+    await broker.declare_exchange(DEAD_EXCHANGE, "fanout")
+    await broker.declare_queue(name, work_queue_arguments(queue_type, delivery_limit))
     await broker.bind_queue(name, TASKS_EXCHANGE, queue)
     return name
 
 
-async def declare_events_queue(broker: Broker, server_id: str, queue_type: str = "classic") -> str:
+async def declare_wait_tier(broker: Broker, tier_s: int) -> str:
+    """A delay tier: messages wait `tier_s`, then return to qm.tasks with their routing key
+    (the logical queue), so one wait queue serves every work queue."""
+    name = wait_exchange_name(tier_s)
+    await broker.declare_exchange(TASKS_EXCHANGE, "direct")
+    await broker.declare_exchange(name, "fanout")
+    await broker.declare_queue(name, {"x-queue-type": "classic", "x-message-ttl": tier_s * 1000,
+                                      "x-dead-letter-exchange": TASKS_EXCHANGE})
+    await broker.bind_queue(name, name)
+    return name
+
+
+async def declare_dead_queue(broker: Broker, server_id: str) -> str:
+    """Declare the dead-letter exchange and this replica's durable queue on it."""
+    name = dead_queue_name(server_id)
+    await broker.declare_exchange(DEAD_EXCHANGE, "fanout")
+    await broker.declare_queue(name, {"x-queue-type": "classic"})
+    await broker.bind_queue(name, DEAD_EXCHANGE)
+    return name
+
+
+async def declare_events_queue(broker: Broker, server_id: str) -> str:
     """Declare the events exchange and this replica's durable queue on it."""
     name = events_queue_name(server_id)
     await broker.declare_exchange(EVENTS_EXCHANGE, "fanout")
-    await broker.declare_queue(name, {"x-queue-type": queue_type})
+    await broker.declare_queue(name, {"x-queue-type": "classic"})
     await broker.bind_queue(name, EVENTS_EXCHANGE)
     return name

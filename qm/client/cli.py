@@ -7,6 +7,7 @@ unreachable; 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import sys
@@ -24,6 +25,7 @@ EPILOG = """examples:
   qm submit -T math -P "1 + 2 * 5" --wait      prints 11
   qm status TASK_ID --json
   qm watch TASK_ID [TASK_ID ...]
+  qm dead list | qm dead requeue TASK_ID... | --all | qm dead purge
 
 The server address comes from --server, else QM_CLIENT__SERVER, else client.server in the
 config file (--config or QM_CONFIG), else 127.0.0.1:50051.
@@ -50,6 +52,22 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--memory-limit", metavar="MB", type=int, default=0,
                         help="memory limit in MiB (RSS with subprocesses); the task is killed over it "
                              "(MEMORY_EXCEEDED). Default: the task type's, else the server's, else none")
+    submit.add_argument("--max-retries", metavar="N", type=int,
+                        help="retries after the first attempt for FAILED/CRASHED (default: the type's, else the "
+                             "server's, server.default_max_retries)")
+    submit.add_argument("--retry-backoff", metavar="S", type=float,
+                        help="delay before the first retry, doubling each time (rounded down to a wait tier)")
+    submit.add_argument("--retry-backoff-max", metavar="S", type=float, help="cap of the retry delay")
+    submit.add_argument("--retry-on-timeout", action="store_true", default=None,
+                        help="retry TIMED_OUT attempts too (MEMORY_EXCEEDED never retries)")
+    submit.add_argument("--no-retry-jitter", dest="retry_jitter", action="store_false", default=None,
+                        help="exact retry delays (default: each scaled by a random factor in [0.5, 1])")
+    submit.add_argument("--idempotency-key", metavar="KEY",
+                        help="a repeated submit with the same key returns the first task instead of a new one "
+                             "(default: a fresh key, reused by this command's own retries)")
+    submit.add_argument("--retry-for", metavar="S", type=float, default=30.0,
+                        help="keep retrying while the server or its broker is unavailable, up to S seconds "
+                             "(default 30; 0 = fail at once)")
     submit.add_argument("--wait", action="store_true",
                         help="wait for the task and print its result; exit 0 only if it SUCCEEDED")
     submit.add_argument("--json", action="store_true", help="print JSON (the task id, or its full status with --wait)")
@@ -65,6 +83,19 @@ def build_parser() -> argparse.ArgumentParser:
                                             "SUCCEEDED, else 1.")
     watch.add_argument("task_ids", metavar="ID", nargs="+", help="task ids to follow")
     watch.add_argument("--json", action="store_true", help="print one JSON object per change")
+
+    dead = commands.add_parser("dead", help="inspect and replay dead letters (tasks that failed for good)",
+                               description="Tasks whose last attempt failed, crashed, timed out or ran out "
+                                           "of memory with no retry left, or that RabbitMQ dead-lettered after "
+                                           "its delivery limit.")
+    dead_commands = dead.add_subparsers(dest="dead_command", required=True, metavar="ACTION")
+    dead_list = dead_commands.add_parser("list", help="list dead letters, oldest first")
+    dead_list.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
+    dead_list.add_argument("--json", action="store_true", help="print one JSON object per dead letter")
+    requeue = dead_commands.add_parser("requeue", help="run dead letters again, each as a new task")
+    requeue.add_argument("task_ids", metavar="ID", nargs="*", help="dead task ids to requeue")
+    requeue.add_argument("--all", action="store_true", help="requeue every dead letter")
+    dead_commands.add_parser("purge", help="forget every dead letter")
     return parser
 
 
@@ -86,21 +117,32 @@ def _show(status: TaskStatus) -> str:
     rows = [("id", status.task_id), ("type", status.type), ("queue", status.queue), ("state", status.state),
             ("attempts", status.attempts), ("result", "" if status.result is None else status.result),
             ("error", status.error), ("worker", status.worker or "-"),
-            ("limits", f"timeout {status.timeout_s:g} s, memory {memory}"),
+            ("limits", f"timeout {status.timeout_s:g} s, memory {memory}, retries {status.max_retries}"),
+            ("next try", _when(status.next_attempt_at)),
             ("created", _when(status.created_at)), ("started", _when(status.started_at)),
             ("finished", _when(status.finished_at))]
     return "\n".join(f"{name:<9} {value}" for name, value in rows)
 
 
 def _change_line(status: TaskStatus) -> str:
-    detail = status.result if status.state == "SUCCEEDED" else status.error.splitlines()[0] if status.error else ""
+    detail = ""
+    if status.state == "SUCCEEDED":
+        detail = status.result
+    elif status.error and (status.terminal or status.state == "RETRYING"):
+        detail = status.error.splitlines()[0]
+        if status.state == "RETRYING" and status.next_attempt_at:
+            detail += f" (next attempt at {_when(status.next_attempt_at)})"
     return f"{_when(status.updated_at)} {status.task_id} {status.state} {detail}".rstrip()
 
 
 def cmd_submit(client: Client, args) -> int:
     payload = sys.stdin.read() if args.payload == "-" else args.payload
+    client.submit_retry_s = args.retry_for
     task_id = client.submit(args.type, payload, queue=args.queue, timeout_s=args.timeout,
-                            memory_limit_mb=args.memory_limit)
+                            memory_limit_mb=args.memory_limit, max_retries=args.max_retries,
+                            retry_backoff_s=args.retry_backoff, retry_backoff_max_s=args.retry_backoff_max,
+                            retry_jitter=args.retry_jitter, retry_on_timeout=args.retry_on_timeout,
+                            idempotency_key=args.idempotency_key)
     if not args.wait:
         print(json.dumps({"id": task_id}) if args.json else task_id)
         return 0
@@ -131,7 +173,32 @@ def cmd_watch(client: Client, args) -> int:
     return 0 if all(state == "SUCCEEDED" for state in final.values()) else EXIT_TASK_FAILED
 
 
-COMMANDS = {"submit": cmd_submit, "status": cmd_status, "watch": cmd_watch}
+def cmd_dead(client: Client, args) -> int:
+    if args.dead_command == "list":
+        letters, total = client.dead_letters(args.limit)
+        for letter in letters:
+            if args.json:
+                print(json.dumps({**dataclasses.asdict(letter), "dead_at": _when(letter.dead_at)}))
+            else:
+                print(f"{_when(letter.dead_at)} {letter.task_id} {letter.type} {letter.state} "
+                      f"attempts={letter.attempts}: {letter.reason}")
+        if not args.json:
+            print(f"{total} dead letter(s)" + (f", {len(letters)} shown" if len(letters) < total else ""))
+        return 0
+    if args.dead_command == "requeue":
+        if not args.all and not args.task_ids:
+            print("qm: dead requeue: name dead task ids or use --all", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        renamed = client.requeue_dead_letters(args.task_ids, all=args.all)
+        for old, new in renamed.items():
+            print(f"{old} -> {new}")
+        print(f"requeued {len(renamed)} task(s) as new tasks")
+        return 0
+    print(f"purged {client.purge_dead_letters()} dead letter(s)")
+    return 0
+
+
+COMMANDS = {"submit": cmd_submit, "status": cmd_status, "watch": cmd_watch, "dead": cmd_dead}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

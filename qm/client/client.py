@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+import uuid
 from typing import Any, Iterable, Iterator
 
 import grpc
@@ -18,6 +19,10 @@ from qm.errors import QMError, TaskError
 
 #: Deadline of unary calls (submit, status).
 DEFAULT_CALL_TIMEOUT_S = 30.0
+#: How long submit keeps retrying while the server or broker is UNAVAILABLE.
+DEFAULT_SUBMIT_RETRY_S = 30.0
+SUBMIT_RETRY_INITIAL_DELAY_S = 0.2
+SUBMIT_RETRY_MAX_DELAY_S = 2.0
 
 
 class RemoteError(QMError):
@@ -60,6 +65,8 @@ class TaskStatus:
     updated_at: float | None
     timeout_s: float = 0.0         # effective hard time limit
     memory_limit_mb: int = 0       # effective memory limit; 0 = none
+    max_retries: int = 0           # effective retry budget
+    next_attempt_at: float | None = None  # while RETRYING
 
     @property
     def terminal(self) -> bool:
@@ -105,15 +112,30 @@ def status_from_proto(status: task_queue_pb2.TaskStatus) -> TaskStatus:
         error=status.error, worker=status.worker, created_at=_seconds(status.created_at),
         started_at=_seconds(status.started_at), finished_at=_seconds(status.finished_at),
         updated_at=_seconds(status.updated_at), timeout_s=status.timeout_s,
-        memory_limit_mb=status.memory_limit_mb)
+        memory_limit_mb=status.memory_limit_mb, max_retries=status.max_retries,
+        next_attempt_at=_seconds(status.next_attempt_at))
+
+
+@dataclasses.dataclass(frozen=True)
+class DeadLetter:
+    task_id: str
+    type: str
+    queue: str
+    state: str
+    attempts: int
+    reason: str
+    error: str
+    dead_at: float | None
 
 
 class Client:
     """A connection to one qm-server; close it (or use `with`)."""
 
-    def __init__(self, server: str = "127.0.0.1:50051", call_timeout_s: float = DEFAULT_CALL_TIMEOUT_S):
+    def __init__(self, server: str = "127.0.0.1:50051", call_timeout_s: float = DEFAULT_CALL_TIMEOUT_S,
+                 submit_retry_s: float = DEFAULT_SUBMIT_RETRY_S):
         self.server = server
         self.call_timeout_s = call_timeout_s
+        self.submit_retry_s = submit_retry_s
         self._channel = grpc.insecure_channel(server)
         self._stub = task_queue_pb2_grpc.TaskQueueStub(self._channel)
 
@@ -133,15 +155,49 @@ class Client:
             raise RemoteError(exc.code(), exc.details() or "", self.server) from None
 
     def submit(self, type: str, payload: Any, *, queue: str = "", timeout_s: float = 0.0,
-               memory_limit_mb: int = 0) -> str:
+               memory_limit_mb: int = 0, max_retries: int | None = None, retry_backoff_s: float | None = None,
+               retry_backoff_max_s: float | None = None, retry_jitter: bool | None = None,
+               retry_on_timeout: bool | None = None, idempotency_key: str | None = None) -> str:
         """Submit a task; returns its id once the server has made it durable.
 
-        `timeout_s` and `memory_limit_mb` (0 = the task type's or server's default) are
-        capped by the task type's maxima and the worker's own limits.
+        Limits and retry options left at 0/None take the task type's, else the server's
+        defaults. Every submit carries an idempotency key (a fresh one unless given), so
+        while the server or its broker is UNAVAILABLE the client retries with the same key
+        for up to `submit_retry_s`, and a retry can never enqueue the task twice.
         """
-        request = task_queue_pb2.SubmitTaskRequest(type=type, payload=encode_payload(payload), queue=queue,
-                                                   timeout_s=timeout_s, memory_limit_mb=memory_limit_mb)
-        return self._call(self._stub.SubmitTask, request).task_id
+        request = task_queue_pb2.SubmitTaskRequest(
+            type=type, payload=encode_payload(payload), queue=queue, timeout_s=timeout_s,
+            memory_limit_mb=memory_limit_mb, idempotency_key=idempotency_key or str(uuid.uuid4()))
+        for field, value in (("max_retries", max_retries), ("retry_backoff_s", retry_backoff_s),
+                             ("retry_backoff_max_s", retry_backoff_max_s), ("retry_jitter", retry_jitter),
+                             ("retry_on_timeout", retry_on_timeout)):
+            if value is not None:
+                setattr(request, field, value)
+        deadline = time.monotonic() + self.submit_retry_s
+        delay_s = SUBMIT_RETRY_INITIAL_DELAY_S
+        while True:
+            try:
+                return self._call(self._stub.SubmitTask, request).task_id
+            except RemoteError as exc:
+                if exc.code is not grpc.StatusCode.UNAVAILABLE or time.monotonic() + delay_s > deadline:
+                    raise
+            time.sleep(delay_s)
+            delay_s = min(delay_s * 2, SUBMIT_RETRY_MAX_DELAY_S)
+
+    def dead_letters(self, limit: int = 100) -> tuple[list[DeadLetter], int]:
+        """Dead-lettered tasks (oldest first, at most `limit`) and how many there are."""
+        response = self._call(self._stub.ListDeadLetters, task_queue_pb2.ListDeadLettersRequest(limit=limit))
+        letters = [DeadLetter(d.task_id, d.type, d.queue, task_queue_pb2.TaskState.Name(d.state), d.attempts,
+                              d.reason, d.error, _seconds(d.dead_at)) for d in response.dead_letters]
+        return letters, response.total
+
+    def requeue_dead_letters(self, task_ids: Iterable[str] = (), all: bool = False) -> dict[str, str]:
+        """Run dead letters again as new tasks; returns dead task id → new task id."""
+        request = task_queue_pb2.RequeueDeadLettersRequest(task_ids=list(task_ids), all=all)
+        return dict(self._call(self._stub.RequeueDeadLetters, request).new_task_ids)
+
+    def purge_dead_letters(self) -> int:
+        return self._call(self._stub.PurgeDeadLetters, task_queue_pb2.PurgeDeadLettersRequest()).purged
 
     def status(self, task_id: str) -> TaskStatus:
         request = task_queue_pb2.GetTaskStatusRequest(task_id=task_id)

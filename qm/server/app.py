@@ -19,6 +19,7 @@ from qm.broker.rabbitmq import RabbitMQBroker
 from qm.config import Config, load_config
 from qm.errors import ConfigError
 from qm.logs import setup_logging
+from qm.retry import RetryPolicy
 from qm.server.service import TaskService
 from qm.server.servicer import TaskQueueServicer
 from qm.server.store import Store
@@ -44,12 +45,18 @@ class ServerApp:
         data_dir = pathlib.Path(config.server.data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store(data_dir / f"{server_id(config)}.sqlite3")
+        server = config.server
+        default_retry = RetryPolicy(server.default_max_retries, server.default_retry_backoff_s,
+                                    server.default_retry_backoff_max_s, server.default_retry_jitter,
+                                    server.default_retry_on_timeout)
         self.service = TaskService(self.registry, self.store, self.broker,
-                                   max_payload_bytes=config.server.max_payload_bytes,
+                                   max_payload_bytes=server.max_payload_bytes,
                                    queue_type=config.broker.queue_type,
-                                   default_timeout_s=config.server.default_task_timeout_s,
-                                   default_memory_limit_mb=config.server.default_task_memory_limit_mb,
-                                   consumer_timeout_s=config.broker.consumer_timeout_s)
+                                   delivery_limit=config.broker.delivery_limit,
+                                   default_timeout_s=server.default_task_timeout_s,
+                                   default_memory_limit_mb=server.default_task_memory_limit_mb,
+                                   consumer_timeout_s=config.broker.consumer_timeout_s,
+                                   default_retry=default_retry, retention_s=server.retention_s)
         self.health = health.aio.HealthServicer()
         self.grpc_server = grpc.aio.server()
         self.port = 0

@@ -4,19 +4,22 @@ events from the server's own durable queue → store → stream followers.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import re
 import time
 import uuid
 
 from qm import limits as task_limits
+from qm import retry
 from qm.broker import topology
 from qm.broker.base import Broker, Delivery
 from qm.errors import TaskNotFound, ValidationError
 from qm.messages import TaskEvent, TaskMessage
 from qm.registry import Registry
 from qm.server.hub import Hub
-from qm.server.store import Store, TaskRecord
+from qm.retry import RetryPolicy
+from qm.server.store import DeadLetter, Store, TaskRecord
 from qm.states import TaskState
 
 log = logging.getLogger(__name__)
@@ -25,26 +28,39 @@ log = logging.getLogger(__name__)
 QUEUE_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
 #: Unacked events the server's events consumer may hold (applied in batches).
 EVENTS_PREFETCH = 1000
+#: Longest idempotency key accepted.
+MAX_IDEMPOTENCY_KEY_CHARS = 200
+#: Dead letters listed when the request names no limit, and the most one requeue moves.
+DEFAULT_DEAD_LETTER_LIMIT = 100
+MAX_REQUEUE = 10_000
+#: Longest pause between two retention sweeps.
+RETENTION_SWEEP_MAX_S = 3600.0
 
 
 class TaskService:
-    """What SubmitTask, GetTaskStatus and StreamTaskResults do."""
+    """What the TaskQueue RPCs do: submit, status, follow, dead letters."""
 
     def __init__(self, registry: Registry, store: Store, broker: Broker, *,
-                 max_payload_bytes: int, queue_type: str = "classic", default_timeout_s: float = 600.0,
-                 default_memory_limit_mb: int = 0, consumer_timeout_s: float = 1800.0) -> None:
+                 max_payload_bytes: int, queue_type: str = "quorum", delivery_limit: int = 5,
+                 default_timeout_s: float = 600.0, default_memory_limit_mb: int = 0,
+                 consumer_timeout_s: float = 1800.0, default_retry: RetryPolicy = RetryPolicy(),
+                 retention_s: float = 7 * 86400.0) -> None:
         self.registry = registry
         self.store = store
         self.broker = broker
         self.hub = Hub()
         self.max_payload_bytes = max_payload_bytes
         self.queue_type = queue_type
+        self.delivery_limit = delivery_limit
         self.default_timeout_s = default_timeout_s
         self.default_memory_limit_mb = default_memory_limit_mb
         self.consumer_timeout_s = consumer_timeout_s
+        self.default_retry = default_retry
+        self.retention_s = retention_s
         self._declared_queues: set[str] = set()
+        self._pending_keys: dict[str, asyncio.Future] = {}
         self._events: asyncio.Queue[Delivery] = asyncio.Queue()
-        self._applier: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
 
     # -- submit / status -------------------------------------------------------------
 
@@ -62,33 +78,68 @@ class TaskService:
         declared.check_payload(payload)
 
     async def submit(self, task_type: str, payload: bytes, queue: str = "", *, timeout_s: float = 0.0,
-                     memory_limit_mb: int = 0) -> TaskRecord:
-        """Accept a task: it is durable in RabbitMQ when this returns."""
-        queue = queue or topology.DEFAULT_QUEUE
+                     memory_limit_mb: int = 0, idempotency_key: str = "", **retry_options) -> TaskRecord:
+        """Accept a task: it is durable in RabbitMQ when this returns.
+
+        With an idempotency key already seen (within the retention), the first task is
+        returned and nothing is enqueued. `retry_options` are RetryPolicy fields
+        (max_retries, backoff_s, backoff_max_s, jitter, on_timeout); None = default.
+        """
+        if len(idempotency_key) > MAX_IDEMPOTENCY_KEY_CHARS:
+            raise ValidationError("idempotency_key", f"longer than {MAX_IDEMPOTENCY_KEY_CHARS} characters")
+        if idempotency_key:
+            if idempotency_key in self._pending_keys:  # the same key is being submitted right now
+                return await asyncio.shield(self._pending_keys[idempotency_key])
+            existing = self.store.find_by_idempotency_key(idempotency_key)
+            if existing is not None:
+                return existing
+        future = asyncio.get_running_loop().create_future()
+        if idempotency_key:
+            self._pending_keys[idempotency_key] = future
+        try:
+            record = await self._accept(task_type, payload, queue or topology.DEFAULT_QUEUE, timeout_s,
+                                        memory_limit_mb, idempotency_key, retry_options)
+            future.set_result(record)
+            return record
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: a lone submit has no one else waiting on it
+            raise
+        finally:
+            self._pending_keys.pop(idempotency_key, None)
+
+    async def _accept(self, task_type: str, payload: bytes, queue: str, timeout_s: float, memory_limit_mb: int,
+                      idempotency_key: str, retry_options: dict) -> TaskRecord:
         self.validate(task_type, payload, queue)
+        declared = self.registry.get(task_type)
         limits = task_limits.resolve(
-            self.registry.get(task_type), timeout_s, memory_limit_mb, default_timeout_s=self.default_timeout_s,
+            declared, timeout_s, memory_limit_mb, default_timeout_s=self.default_timeout_s,
             default_memory_limit_mb=self.default_memory_limit_mb, consumer_timeout_s=self.consumer_timeout_s)
+        policy = retry.resolve(declared, self.default_retry, **retry_options)
         if not self.broker.connected:
             raise self.broker.unavailable()
         await self._ensure_queue(queue)
         now = time.time()
-        record = TaskRecord(str(uuid.uuid4()), task_type, queue, self.registry.get(task_type).codec,
-                            TaskState.QUEUED, 0, None, "", "", now, None, None, now,
-                            limits.timeout_s, limits.memory_limit_mb)
-        message = TaskMessage(record.task_id, task_type, payload, queue, 1, now,
-                              limits.timeout_s, limits.memory_limit_mb)
+        record = TaskRecord(str(uuid.uuid4()), task_type, queue, declared.codec, TaskState.QUEUED, 0, None,
+                            "", "", now, None, None, now, limits.timeout_s, limits.memory_limit_mb,
+                            idempotency_key, policy.max_retries)
+        message = TaskMessage(record.task_id, task_type, payload, queue, 1, now, limits.timeout_s,
+                              limits.memory_limit_mb, policy)
+        await self._enqueue(record, message)
+        return record
+
+    async def _enqueue(self, record: TaskRecord, message: TaskMessage) -> None:
+        """Store, publish, await the confirm; on failure nothing stays stored."""
         self.store.insert(record)
         try:
-            await self.broker.publish(topology.TASKS_EXCHANGE, queue, message.encode(), message.headers())
+            await self.broker.publish(topology.TASKS_EXCHANGE, message.queue, message.encode(), message.headers())
         except BaseException:
             self.store.delete(record.task_id)  # never a stored half-task
             raise
-        return record
 
     async def _ensure_queue(self, queue: str) -> None:
         if queue not in self._declared_queues:
-            await topology.declare_work_queue(self.broker, queue, self.queue_type)
+            await topology.declare_work_queue(self.broker, queue, self.queue_type, self.delivery_limit)
             self._declared_queues.add(queue)
 
     def status(self, task_id: str) -> TaskRecord:
@@ -97,18 +148,58 @@ class TaskService:
             raise TaskNotFound(task_id)
         return record
 
+    # -- dead letters ----------------------------------------------------------------
+
+    def dead_letters(self, limit: int) -> tuple[list[DeadLetter], int]:
+        return self.store.dead_letters(limit or DEFAULT_DEAD_LETTER_LIMIT)
+
+    async def requeue_dead_letters(self, task_ids: list[str] | None) -> dict[str, str]:
+        """Run dead-lettered tasks again, each as a new task (attempt 1, same payload and
+        limits); returns old id → new id. Unknown ids raise TaskNotFound."""
+        dead, _total = self.store.dead_letters(MAX_REQUEUE, task_ids)
+        if task_ids is not None:
+            missing = set(task_ids) - {letter.task_id for letter in dead}
+            if missing:
+                raise TaskNotFound(sorted(missing)[0])
+        if dead and not self.broker.connected:
+            raise self.broker.unavailable()
+        renamed: dict[str, str] = {}
+        for letter in dead:
+            old = TaskMessage.decode(letter.body)
+            now = time.time()
+            message = dataclasses.replace(old, task_id=str(uuid.uuid4()), attempt=1, enqueued_at_s=now)
+            record = TaskRecord(message.task_id, old.type, old.queue, self._codec(old.type), TaskState.QUEUED, 0,
+                                None, "", "", now, None, None, now, old.timeout_s, old.memory_limit_mb, "",
+                                old.retry.max_retries)
+            await self._ensure_queue(old.queue)
+            await self._enqueue(record, message)
+            self.store.remove_dead_letters([letter.task_id])
+            renamed[letter.task_id] = message.task_id
+        return renamed
+
+    def purge_dead_letters(self) -> int:
+        return self.store.remove_dead_letters(None)
+
+    def _codec(self, task_type: str) -> str:
+        declared = self.registry.types.get(task_type)
+        return declared.codec if declared else "text"
+
     # -- events ----------------------------------------------------------------------
 
     async def start_events(self, server_id: str) -> None:
-        """Consume this replica's durable events queue into the store."""
-        name = await topology.declare_events_queue(self.broker, server_id, self.queue_type)
-        self._applier = asyncio.create_task(self._apply_events(), name="events-applier")
-        await self.broker.consume(name, self._events.put_nowait, EVENTS_PREFETCH)
+        """Consume this replica's durable events and dead-letter queues into the store,
+        and start the retention sweep."""
+        events = await topology.declare_events_queue(self.broker, server_id)
+        dead = await topology.declare_dead_queue(self.broker, server_id)
+        self._tasks = [asyncio.create_task(self._apply_events(), name="events-applier"),
+                       asyncio.create_task(self._sweep_retention(), name="retention")]
+        await self.broker.consume(events, self._events.put_nowait, EVENTS_PREFETCH)
+        await self.broker.consume(dead, self._on_dead_letter, EVENTS_PREFETCH)
 
     async def stop_events(self) -> None:
-        if self._applier is not None:
-            self._applier.cancel()
-            await asyncio.gather(self._applier, return_exceptions=True)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _apply_events(self) -> None:
         while True:
@@ -125,8 +216,54 @@ class TaskService:
                 events.append(TaskEvent.decode(delivery.body))
             except ValueError as exc:
                 log.error("dropping an undecodable event (headers %s): %s", delivery.headers, exc)
+        self._apply(events)
+        for delivery in deliveries:
+            self.broker.ack(delivery)
+
+    def _apply(self, events: list[TaskEvent]) -> None:
         codecs = {name: declared.codec for name, declared in self.registry.types.items()}
         for record in self.store.apply(events, codecs):
             self.hub.publish(record)
-        for delivery in deliveries:
+
+    def _on_dead_letter(self, delivery: Delivery) -> None:
+        """Record a dead letter. One that RabbitMQ dead-lettered itself (the quorum queue's
+        delivery limit: its worker died every time) has no final event yet: make it one."""
+        try:
+            message = TaskMessage.decode(delivery.body)
+        except ValueError as exc:
+            log.error("dropping an undecodable dead letter (headers %s): %s", delivery.headers, exc)
             self.broker.ack(delivery)
+            return
+        headers = delivery.headers
+        reason = headers.get(topology.DEAD_REASON_HEADER)
+        if reason is None:
+            reason = rabbitmq_dead_reason(headers, self.delivery_limit)
+            error = (f"RabbitMQ dead-lettered task {message.task_id}: {reason}. A task that takes its "
+                     "whole worker down each time (not just a child) ends here instead of looping")
+            self._apply([TaskEvent(message.task_id, message.type, message.queue, message.attempt,
+                                   TaskState.CRASHED, error=error)])
+            state = TaskState.CRASHED
+        else:
+            error = str(headers.get("qm-error", ""))
+            state = TaskState[str(headers.get("qm-state", "FAILED"))]
+        self.store.add_dead_letter(DeadLetter(message.task_id, message.type, message.queue, state,
+                                              message.attempt, str(reason), error, delivery.body, time.time()))
+        log.warning("task %s (%s) dead-lettered: %s", message.task_id, message.type, reason)
+        self.broker.ack(delivery)
+
+    async def _sweep_retention(self) -> None:
+        """Forget finished tasks (and so their idempotency keys) older than the retention."""
+        while True:
+            removed = self.store.purge_finished(time.time() - self.retention_s)
+            if removed:
+                log.info("retention: removed %d task(s) finished over %g s ago", removed, self.retention_s)
+            await asyncio.sleep(min(self.retention_s / 10, RETENTION_SWEEP_MAX_S))
+
+
+def rabbitmq_dead_reason(headers: dict, delivery_limit: int) -> str:
+    """Why RabbitMQ dead-lettered a message, from its x-death header."""
+    deaths = headers.get("x-death") or [{}]
+    reason = str(deaths[0].get("reason", "unknown"))
+    if reason == "delivery_limit":
+        return f"delivered {delivery_limit} times without finishing (broker.delivery_limit)"
+    return f"dead-lettered by RabbitMQ ({reason})"

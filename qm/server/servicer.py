@@ -47,9 +47,10 @@ def record_to_proto(record: TaskRecord) -> task_queue_pb2.TaskStatus:
         task_id=record.task_id, type=record.type, queue=record.queue, state=int(record.state),
         attempts=record.attempts, result=record.result or b"", codec=record.codec,
         error=record.error, worker=record.worker, timeout_s=record.timeout_s,
-        memory_limit_mb=record.memory_limit_mb)
+        memory_limit_mb=record.memory_limit_mb, max_retries=record.max_retries)
     for field, seconds in (("created_at", record.created_at), ("started_at", record.started_at),
-                           ("finished_at", record.finished_at), ("updated_at", record.updated_at)):
+                           ("finished_at", record.finished_at), ("updated_at", record.updated_at),
+                           ("next_attempt_at", record.next_attempt_at)):
         if seconds is not None:
             getattr(status, field).FromNanoseconds(int(seconds * 1e9))
     return status
@@ -61,9 +62,38 @@ class TaskQueueServicer(task_queue_pb2_grpc.TaskQueueServicer):
 
     @_maps_errors
     async def SubmitTask(self, request, context):
-        record = await self.service.submit(request.type, request.payload, request.queue,
-                                           timeout_s=request.timeout_s, memory_limit_mb=request.memory_limit_mb)
+        def optional(field: str):
+            return getattr(request, field) if request.HasField(field) else None
+
+        record = await self.service.submit(
+            request.type, request.payload, request.queue, timeout_s=request.timeout_s,
+            memory_limit_mb=request.memory_limit_mb, idempotency_key=request.idempotency_key,
+            max_retries=optional("max_retries"), backoff_s=optional("retry_backoff_s"),
+            backoff_max_s=optional("retry_backoff_max_s"), jitter=optional("retry_jitter"),
+            on_timeout=optional("retry_on_timeout"))
         return task_queue_pb2.SubmitTaskResponse(task_id=record.task_id, state=int(record.state))
+
+    @_maps_errors
+    async def ListDeadLetters(self, request, context):
+        letters, total = self.service.dead_letters(request.limit)
+        response = task_queue_pb2.ListDeadLettersResponse(total=total)
+        for letter in letters:
+            item = response.dead_letters.add(task_id=letter.task_id, type=letter.type, queue=letter.queue,
+                                             state=int(letter.state), attempts=letter.attempts,
+                                             reason=letter.reason, error=letter.error)
+            item.dead_at.FromNanoseconds(int(letter.dead_at * 1e9))
+        return response
+
+    @_maps_errors
+    async def RequeueDeadLetters(self, request, context):
+        if not request.all and not request.task_ids:
+            raise ValidationError("task_ids", "name the dead letters to requeue, or set all")
+        renamed = await self.service.requeue_dead_letters(None if request.all else list(request.task_ids))
+        return task_queue_pb2.RequeueDeadLettersResponse(new_task_ids=renamed)
+
+    @_maps_errors
+    async def PurgeDeadLetters(self, request, context):
+        return task_queue_pb2.PurgeDeadLettersResponse(purged=self.service.purge_dead_letters())
 
     @_maps_errors
     async def GetTaskStatus(self, request, context):

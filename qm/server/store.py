@@ -30,13 +30,33 @@ CREATE TABLE IF NOT EXISTS tasks (
     finished_at REAL,
     updated_at  REAL NOT NULL,
     timeout_s   REAL NOT NULL DEFAULT 0,
-    memory_limit_mb INTEGER NOT NULL DEFAULT 0
+    memory_limit_mb INTEGER NOT NULL DEFAULT 0,
+    idempotency_key TEXT NOT NULL DEFAULT '',
+    max_retries INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL
+);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    task_id  TEXT PRIMARY KEY,
+    type     TEXT NOT NULL,
+    queue    TEXT NOT NULL,
+    state    INTEGER NOT NULL,
+    attempts INTEGER NOT NULL,
+    reason   TEXT NOT NULL,
+    error    TEXT NOT NULL,
+    body     BLOB NOT NULL,
+    dead_at  REAL NOT NULL
 )
+"""
+_INDEXES = """
+CREATE INDEX IF NOT EXISTS tasks_by_idempotency_key ON tasks (idempotency_key) WHERE idempotency_key != '';
+CREATE INDEX IF NOT EXISTS tasks_by_finished_at ON tasks (finished_at) WHERE finished_at IS NOT NULL;
 """
 
 
 #: Columns added after the first release, with their declarations.
-_ADDED_COLUMNS = {"timeout_s": "REAL NOT NULL DEFAULT 0", "memory_limit_mb": "INTEGER NOT NULL DEFAULT 0"}
+_ADDED_COLUMNS = {"timeout_s": "REAL NOT NULL DEFAULT 0", "memory_limit_mb": "INTEGER NOT NULL DEFAULT 0",
+                  "idempotency_key": "TEXT NOT NULL DEFAULT ''", "max_retries": "INTEGER NOT NULL DEFAULT 0",
+                  "next_attempt_at": "REAL"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,9 +78,28 @@ class TaskRecord:
     updated_at: float
     timeout_s: float = 0.0        # effective hard time limit
     memory_limit_mb: int = 0      # effective memory limit; 0 = none
+    idempotency_key: str = ""
+    max_retries: int = 0
+    next_attempt_at: float | None = None  # while RETRYING
+
+
+@dataclasses.dataclass(frozen=True)
+class DeadLetter:
+    """A task that failed for good, with the message that can run it again."""
+
+    task_id: str
+    type: str
+    queue: str
+    state: TaskState
+    attempts: int
+    reason: str
+    error: str
+    body: bytes
+    dead_at: float
 
 
 _COLUMNS = [field.name for field in dataclasses.fields(TaskRecord)]
+_DEAD_COLUMNS = [field.name for field in dataclasses.fields(DeadLetter)]
 
 
 class Store:
@@ -70,8 +109,9 @@ class Store:
         self._db = sqlite3.connect(path, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(_SCHEMA)
+        self._db.executescript(_SCHEMA)
         self._add_missing_columns()
+        self._db.executescript(_INDEXES)
 
     def _add_missing_columns(self) -> None:
         """Upgrade a store written by an older version (columns are only ever added)."""
@@ -94,14 +134,45 @@ class Store:
     def get(self, task_id: str) -> TaskRecord | None:
         row = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM tasks WHERE task_id = ?",
                                (task_id,)).fetchone()
-        if row is None:
-            return None
-        values = dict(zip(_COLUMNS, row))
-        values["state"] = TaskState(values["state"])
-        return TaskRecord(**values)
+        return _record(row) if row is not None else None
 
     def count(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM tasks").fetchone()[0]
+
+    def find_by_idempotency_key(self, key: str) -> TaskRecord | None:
+        row = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM tasks WHERE idempotency_key = ?",
+                               (key,)).fetchone()
+        return _record(row) if row else None
+
+    def purge_finished(self, before_s: float) -> int:
+        """Delete tasks that finished before `before_s` (epoch seconds); return how many."""
+        return self._db.execute("DELETE FROM tasks WHERE finished_at IS NOT NULL AND finished_at < ?",
+                                (before_s,)).rowcount
+
+    # -- dead letters ------------------------------------------------------------------
+
+    def add_dead_letter(self, dead: DeadLetter) -> None:
+        placeholders = ", ".join("?" for _ in _DEAD_COLUMNS)
+        self._db.execute(f"INSERT OR REPLACE INTO dead_letters ({', '.join(_DEAD_COLUMNS)}) "
+                         f"VALUES ({placeholders})", dataclasses.astuple(dead))
+
+    def dead_letters(self, limit: int, task_ids: list[str] | None = None) -> tuple[list[DeadLetter], int]:
+        """Dead letters, oldest first (these ids only, if given), and how many there are in all."""
+        query = f"SELECT {', '.join(_DEAD_COLUMNS)} FROM dead_letters"
+        params: tuple = ()
+        if task_ids is not None:
+            query += f" WHERE task_id IN ({', '.join('?' for _ in task_ids)})"
+            params = tuple(task_ids)
+        rows = self._db.execute(f"{query} ORDER BY dead_at LIMIT ?", (*params, limit)).fetchall()
+        total = self._db.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0]
+        return [_dead_letter(row) for row in rows], total
+
+    def remove_dead_letters(self, task_ids: list[str] | None = None) -> int:
+        """Remove these dead letters (all if None); return how many went."""
+        if task_ids is None:
+            return self._db.execute("DELETE FROM dead_letters").rowcount
+        return self._db.execute(f"DELETE FROM dead_letters WHERE task_id IN ({', '.join('?' for _ in task_ids)})",
+                                tuple(task_ids)).rowcount
 
     def apply(self, events: Iterable[TaskEvent], codec_of: dict[str, str]) -> list[TaskRecord]:
         """Apply events in one transaction; return every record change, in order.
@@ -133,6 +204,18 @@ class Store:
                          dataclasses.astuple(record))
 
 
+def _record(row: tuple) -> TaskRecord:
+    values = dict(zip(_COLUMNS, row))
+    values["state"] = TaskState(values["state"])
+    return TaskRecord(**values)
+
+
+def _dead_letter(row: tuple) -> DeadLetter:
+    values = dict(zip(_DEAD_COLUMNS, row))
+    values["state"] = TaskState(values["state"])
+    return DeadLetter(**values)
+
+
 def _next_record(current: TaskRecord | None, event: TaskEvent, codec: str) -> TaskRecord | None:
     """The record after the event, or None when the event changes nothing."""
     if current is None:
@@ -153,4 +236,5 @@ def _next_record(current: TaskRecord | None, event: TaskEvent, codec: str) -> Ta
         updated_at=event.at_s,
         timeout_s=event.timeout_s or current.timeout_s,
         memory_limit_mb=event.memory_limit_mb or current.memory_limit_mb,
+        next_attempt_at=event.next_attempt_at_s if event.state is TaskState.RETRYING else None,
     )

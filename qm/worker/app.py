@@ -80,7 +80,8 @@ def build(config: Config) -> tuple[Pool, RabbitMQBroker, Supervisor]:
     caps = task_limits.Limits(config.worker.task_timeout_s, config.worker.task_memory_limit_mb)
     supervisor = Supervisor(broker, pool, worker_id(config), list(config.worker.queues), prefetch_policy(config),
                             config.broker.queue_type, caps=caps,
-                            soft_timeout_grace_s=config.worker.soft_timeout_grace_s)
+                            soft_timeout_grace_s=config.worker.soft_timeout_grace_s,
+                            delivery_limit=config.broker.delivery_limit)
     return pool, broker, supervisor
 
 

@@ -8,7 +8,7 @@ still hit. Messages on the pipe (pickled tuples):
     child → supervisor: ("ready", pid)                      once, after start-up
     supervisor → child: ("run", task_id, type, payload, soft_timeout_s, memory_limit_mb)
     child → supervisor: ("ok", result_bytes) | ("error", text) | ("soft_timeout", text)
-                        | ("memory", text)
+                        | ("memory", text) | ("retry", (text, delay_s | None)) | ("permanent", text)
 
 Limits inside the child are the second layer; the supervisor enforces the real ones
 (hard deadline, RSS) by killing the process group.
@@ -24,7 +24,7 @@ from multiprocessing.connection import Connection
 
 import psutil
 
-from qm.errors import QMError, SoftTimeout
+from qm.errors import PermanentError, QMError, Retry, SoftTimeout
 from qm.registry import Registry, discover
 
 #: prctl option: signal to receive when the parent process dies (linux/prctl.h).
@@ -115,6 +115,10 @@ def run_job(registry: Registry, task_type: str, payload: bytes) -> tuple:
         return ("ok", declared.encode_result(value))
     except SoftTimeout as exc:
         return ("soft_timeout", f"SoftTimeout: {exc}")
+    except Retry as exc:
+        return ("retry", (f"Retry: {exc}", exc.delay_s))
+    except PermanentError as exc:
+        return ("permanent", _describe(exc))
     except MemoryError:
         return ("memory", "MemoryError: the task tried to allocate beyond its memory limit "
                           "(address-space cap, worker.address_space_limit)")
@@ -126,6 +130,6 @@ def _describe(exc: BaseException) -> str:
     summary = f"{type(exc).__name__}: {exc}"
     if isinstance(exc, QMError):
         return summary
-    frames = traceback.format_exception(exc)
+    frames = traceback.format_exception(type(exc), exc, exc.__traceback__ and exc.__traceback__.tb_next)
     tail = "".join(frames[-ERROR_TRACEBACK_LINES:-1]).rstrip()
     return f"{summary}\n{tail}" if tail else summary

@@ -52,6 +52,9 @@ class Outcome:
     state: TaskState
     result: bytes = b""
     error: str = ""
+    retry_requested: bool = False       # the task raised qm.Retry
+    retry_delay_s: float | None = None  # ... with this delay
+    permanent: bool = False             # the task raised qm.PermanentError: never retry
 
 
 @dataclasses.dataclass(eq=False)
@@ -302,7 +305,10 @@ def _reply_outcome(kind: str, value, slot: Slot) -> Outcome:
         return Outcome(TaskState.TIMED_OUT, error=f"{value} (time limit {slot.job.timeout_s:g} s)")
     if kind == "memory":
         return Outcome(TaskState.MEMORY_EXCEEDED, error=f"{value}; memory limit {slot.job.memory_limit_mb} MiB")
-    return Outcome(TaskState.FAILED, error=value)
+    if kind == "retry":
+        text, delay_s = value
+        return Outcome(TaskState.FAILED, error=text, retry_requested=True, retry_delay_s=delay_s)
+    return Outcome(TaskState.FAILED, error=value, permanent=kind == "permanent")
 
 
 def _kill_group(pid: int) -> None:

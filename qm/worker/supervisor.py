@@ -19,10 +19,12 @@ however long tasks take.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 
 from qm import limits as task_limits
+from qm import retry
 from qm.broker import topology
 from qm.broker.base import Broker, Delivery
 from qm.errors import BrokerUnavailable
@@ -41,14 +43,16 @@ class Supervisor:
     """Consumes tasks, runs them on the pool, reports outcomes, acks."""
 
     def __init__(self, broker: Broker, pool: Pool, worker_id: str, queues: list[str],
-                 prefetch: AutoPrefetch | FixedPrefetch | int, queue_type: str = "classic", *,
-                 caps: task_limits.Limits = task_limits.Limits(0.0, 0), soft_timeout_grace_s: float = 1.0) -> None:
+                 prefetch: AutoPrefetch | FixedPrefetch | int, queue_type: str = "quorum", *,
+                 caps: task_limits.Limits = task_limits.Limits(0.0, 0), soft_timeout_grace_s: float = 1.0,
+                 delivery_limit: int = 5) -> None:
         self.broker = broker
         self.pool = pool
         self.worker_id = worker_id
         self.queues = queues
         self.prefetch = FixedPrefetch(prefetch) if isinstance(prefetch, int) else prefetch
         self.queue_type = queue_type
+        self.delivery_limit = delivery_limit
         self.caps = caps
         self.soft_timeout_grace_s = soft_timeout_grace_s
         self.draining = False
@@ -56,11 +60,12 @@ class Supervisor:
         self._unsettled: dict[asyncio.Task, Delivery] = {}  # handler → its delivery, until settled
         self._waiting: set[asyncio.Task] = set()              # handlers whose job has not started
         self._background: set[asyncio.Task] = set()
+        self._wait_tiers: set[int] = set()
 
     async def start(self) -> None:
         await self.broker.declare_exchange(topology.EVENTS_EXCHANGE, "fanout")
         for queue in self.queues:
-            name = await topology.declare_work_queue(self.broker, queue, self.queue_type)
+            name = await topology.declare_work_queue(self.broker, queue, self.queue_type, self.delivery_limit)
             self._consumer_tags.append(await self.broker.consume(name, self._on_delivery, self.prefetch.value))
         log.info("worker %s consuming %s with prefetch %d per queue (%s), %d children",
                  self.worker_id, ", ".join(self.queues), self.prefetch.value,
@@ -118,8 +123,36 @@ class Supervisor:
         log.info("task %s (%s) attempt %d: %s%s", message.task_id, message.type, message.attempt,
                  outcome.state.name, f": {outcome.error.splitlines()[0]}" if outcome.error else "")
         self._observe(time.monotonic() - started_at)
-        await self._publish_event(self._event(message, outcome.state, outcome))
+        await self._report(message, outcome)
         self._settle(handler, ack=True)
+
+    async def _report(self, message: TaskMessage, outcome: Outcome) -> None:
+        """Publish what follows an attempt, each confirmed before the delivery is acked:
+        a retry (next attempt into a wait tier, then RETRYING) or the final state (a dead
+        letter unless it succeeded, then the terminal event)."""
+        if outcome.state is TaskState.SUCCEEDED:
+            await self._publish_event(self._event(message, outcome.state, outcome))
+            return
+        policy = message.retry
+        if not outcome.permanent and policy.retries(outcome.state, message.attempt):
+            requested = outcome.retry_delay_s if outcome.retry_requested else None
+            tier_s = retry.tier_for(policy.delay_s(message.attempt) if requested is None else requested)
+            await self._ensure_wait_tier(tier_s)
+            following = dataclasses.replace(message, attempt=message.attempt + 1, enqueued_at_s=time.time())
+            await self._publish_confirmed(topology.wait_exchange_name(tier_s), message.queue,
+                                          following.encode(), following.headers(), message.task_id)
+            event = self._event(message, TaskState.RETRYING, outcome)
+            await self._publish_event(dataclasses.replace(event, next_attempt_at_s=time.time() + tier_s))
+            return
+        headers = {**message.headers(), topology.DEAD_REASON_HEADER: dead_reason(message, outcome),
+                   "qm-state": outcome.state.name, "qm-error": outcome.error[:2000]}
+        await self._publish_confirmed(topology.DEAD_EXCHANGE, "", message.encode(), headers, message.task_id)
+        await self._publish_event(self._event(message, outcome.state, outcome))
+
+    async def _ensure_wait_tier(self, tier_s: int) -> None:
+        if tier_s not in self._wait_tiers:
+            await topology.declare_wait_tier(self.broker, tier_s)
+            self._wait_tiers.add(tier_s)
 
     def _observe(self, duration_s: float) -> None:
         new_prefetch = self.prefetch.observe(duration_s)
@@ -142,15 +175,18 @@ class Supervisor:
                          memory_limit_mb=job.memory_limit_mb if job else 0)
 
     async def _publish_event(self, event: TaskEvent) -> None:
-        """Publish until confirmed: the outcome is the task's value, worth waiting for."""
         headers = {"qm-task-id": event.task_id, "qm-state": event.state.name}
+        await self._publish_confirmed(topology.EVENTS_EXCHANGE, "", event.encode(), headers, event.task_id)
+
+    async def _publish_confirmed(self, exchange: str, routing_key: str, body: bytes, headers: dict,
+                                 task_id: str) -> None:
+        """Publish until confirmed: an outcome is the task's value, worth waiting for."""
         while True:
             try:
-                await self.broker.publish(topology.EVENTS_EXCHANGE, "", event.encode(), headers)
+                await self.broker.publish(exchange, routing_key, body, headers)
                 return
             except BrokerUnavailable as exc:
-                log.warning("task %s: cannot report %s yet (%s); retrying", event.task_id,
-                            event.state.name, exc)
+                log.warning("task %s: cannot publish to %s yet (%s); retrying", task_id, exchange, exc)
                 await self.broker.wait_connected(EVENT_RETRY_WAIT_S)
 
     def _spawn(self, coroutine) -> None:
@@ -195,3 +231,15 @@ class Supervisor:
     @property
     def busy(self) -> int:
         return len(self._unsettled) - len(self._waiting)
+
+
+def dead_reason(message: TaskMessage, outcome: Outcome) -> str:
+    """Why a task that did not succeed is not tried again, for the dead-letter list."""
+    if outcome.permanent:
+        return "the task raised qm.PermanentError"
+    policy = message.retry
+    if policy.covers(outcome.state):
+        return f"gave up after {message.attempt} attempt(s) (max_retries={policy.max_retries})"
+    if outcome.state is TaskState.TIMED_OUT:
+        return "TIMED_OUT is not retried unless retry_on_timeout is set"
+    return f"{outcome.state.name} is not retried"

@@ -33,7 +33,7 @@ def test_defaults_without_any_source():
     assert cfg.broker.url == "amqp://guest:guest@127.0.0.1:5672/%2F"
     assert cfg.broker.heartbeat_s == 30
     assert cfg.broker.reconnect_max_delay_s == 10.0
-    assert cfg.broker.queue_type == "classic"
+    assert cfg.broker.queue_type == "quorum"
     assert cfg.server.listen == "127.0.0.1:50051"
     assert cfg.server.data_dir == "qm-data"
     assert cfg.server.id == ""

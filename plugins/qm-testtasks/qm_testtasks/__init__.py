@@ -94,3 +94,38 @@ def leak(payload: str) -> str:
     """Keep the payload's MiB alive in this process after the task returns; return the pid."""
     _LEAKED.append(bytearray(b"\x01" * (int(payload) * 1024 * 1024)))
     return str(os.getpid())
+
+
+def flaky(payload: str) -> str:
+    """Payload "PATH:N": fail the first N runs (counted in the file PATH), then succeed."""
+    path, _, failures = payload.rpartition(":")
+    with open(path, "a+") as counter:
+        counter.write("x")
+        counter.seek(0)
+        runs = len(counter.read())
+    if runs <= int(failures):
+        raise RuntimeError(f"flaky failure {runs} of {failures}")
+    return f"succeeded on run {runs}"
+
+
+def ask_retry(payload: str) -> str:
+    """Raise qm.Retry with the payload as its delay in seconds."""
+    raise qm.Retry("asked for a retry", delay_s=float(payload))
+
+
+def permanent(payload: str) -> str:
+    """Raise qm.PermanentError: fail without retrying."""
+    raise qm.PermanentError(payload or "this will never work")
+
+
+def kill_worker(payload: str) -> str:
+    """SIGKILL the qm-worker supervisor running this task (the nearest ancestor whose
+    command line names qm-worker), like a task that takes its whole host down."""
+    import psutil
+
+    for ancestor in psutil.Process().parents():
+        if any("qm-worker" in part for part in ancestor.cmdline()):
+            ancestor.kill()
+            break
+    time.sleep(5)
+    return "no qm-worker ancestor found"
