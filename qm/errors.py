@@ -47,6 +47,15 @@ class TaskNotFound(QMError):
         super().__init__(f"no task with id {task_id!r}")
 
 
+class TaskAlreadyFinished(QMError):
+    """The task has reached a final state; it cannot be cancelled."""
+
+    def __init__(self, task_id: str, state: str):
+        self.task_id = task_id
+        self.state = state
+        super().__init__(f"task {task_id} already ended {state}; there is nothing to cancel")
+
+
 class TaskError(QMError):
     """A task ended in a state other than SUCCEEDED (raised by client.result)."""
 

@@ -49,6 +49,11 @@ class TaskQueueStub:
                 request_serializer=qm_dot___proto_dot_task__queue__pb2.StreamTaskResultsRequest.SerializeToString,
                 response_deserializer=qm_dot___proto_dot_task__queue__pb2.TaskStatus.FromString,
                 _registered_method=True)
+        self.CancelTask = channel.unary_unary(
+                '/qm.v1.TaskQueue/CancelTask',
+                request_serializer=qm_dot___proto_dot_task__queue__pb2.CancelTaskRequest.SerializeToString,
+                response_deserializer=qm_dot___proto_dot_task__queue__pb2.TaskStatus.FromString,
+                _registered_method=True)
         self.ListDeadLetters = channel.unary_unary(
                 '/qm.v1.TaskQueue/ListDeadLetters',
                 request_serializer=qm_dot___proto_dot_task__queue__pb2.ListDeadLettersRequest.SerializeToString,
@@ -93,6 +98,14 @@ class TaskQueueServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CancelTask(self, request, context):
+        """Cancel a task: a queued one never runs, a running one has its child killed; the state
+        becomes CANCELLED. FAILED_PRECONDITION when the task already ended.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListDeadLetters(self, request, context):
         """Tasks whose last attempt failed for good (or that hit RabbitMQ's delivery limit).
         """
@@ -130,6 +143,11 @@ def add_TaskQueueServicer_to_server(servicer, server):
             'StreamTaskResults': grpc.stream_stream_rpc_method_handler(
                     servicer.StreamTaskResults,
                     request_deserializer=qm_dot___proto_dot_task__queue__pb2.StreamTaskResultsRequest.FromString,
+                    response_serializer=qm_dot___proto_dot_task__queue__pb2.TaskStatus.SerializeToString,
+            ),
+            'CancelTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelTask,
+                    request_deserializer=qm_dot___proto_dot_task__queue__pb2.CancelTaskRequest.FromString,
                     response_serializer=qm_dot___proto_dot_task__queue__pb2.TaskStatus.SerializeToString,
             ),
             'ListDeadLetters': grpc.unary_unary_rpc_method_handler(
@@ -228,6 +246,33 @@ class TaskQueue:
             target,
             '/qm.v1.TaskQueue/StreamTaskResults',
             qm_dot___proto_dot_task__queue__pb2.StreamTaskResultsRequest.SerializeToString,
+            qm_dot___proto_dot_task__queue__pb2.TaskStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qm.v1.TaskQueue/CancelTask',
+            qm_dot___proto_dot_task__queue__pb2.CancelTaskRequest.SerializeToString,
             qm_dot___proto_dot_task__queue__pb2.TaskStatus.FromString,
             options,
             channel_credentials,

@@ -9,6 +9,10 @@ TASKS_EXCHANGE = "qm.tasks"
 EVENTS_EXCHANGE = "qm.events"
 #: Fanout exchange for tasks that failed for good; each server keeps its own queue on it.
 DEAD_EXCHANGE = "qm.dead"
+#: Fanout exchange carrying commands (cancel) to every running worker.
+CONTROL_EXCHANGE = "qm.control"
+#: A worker's control queue disappears this long after its worker is gone.
+CONTROL_QUEUE_EXPIRES_MS = 60_000
 #: Logical queue used when a submission names none.
 DEFAULT_QUEUE = "default"
 #: Header naming why a message was dead-lettered (absent when RabbitMQ did it: x-death).
@@ -82,4 +86,13 @@ async def declare_events_queue(broker: Broker, server_id: str) -> str:
     await broker.declare_exchange(EVENTS_EXCHANGE, "fanout")
     await broker.declare_queue(name, {"x-queue-type": "classic"})
     await broker.bind_queue(name, EVENTS_EXCHANGE)
+    return name
+
+
+async def declare_control_queue(broker: Broker, worker_id: str) -> str:
+    """This worker's queue on the control exchange (expires once the worker is gone)."""
+    name = f"qm.control.{worker_id}"
+    await broker.declare_exchange(CONTROL_EXCHANGE, "fanout")
+    await broker.declare_queue(name, {"x-queue-type": "classic", "x-expires": CONTROL_QUEUE_EXPIRES_MS})
+    await broker.bind_queue(name, CONTROL_EXCHANGE)
     return name

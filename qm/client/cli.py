@@ -25,6 +25,7 @@ EPILOG = """examples:
   qm submit -T math -P "1 + 2 * 5" --wait      prints 11
   qm status TASK_ID --json
   qm watch TASK_ID [TASK_ID ...]
+  qm cancel TASK_ID
   qm dead list | qm dead requeue TASK_ID... | --all | qm dead purge
 
 The server address comes from --server, else QM_CLIENT__SERVER, else client.server in the
@@ -83,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
                                             "SUCCEEDED, else 1.")
     watch.add_argument("task_ids", metavar="ID", nargs="+", help="task ids to follow")
     watch.add_argument("--json", action="store_true", help="print one JSON object per change")
+
+    cancel = commands.add_parser("cancel", help="cancel a task: a queued one never runs, a running one is killed",
+                                 description="Cancel a task. Its state becomes CANCELLED; a task that already "
+                                             "ended cannot be cancelled (exit 1).")
+    cancel.add_argument("task_id", metavar="ID", help="task id")
 
     dead = commands.add_parser("dead", help="inspect and replay dead letters (tasks that failed for good)",
                                description="Tasks whose last attempt failed, crashed, timed out or ran out "
@@ -173,6 +179,12 @@ def cmd_watch(client: Client, args) -> int:
     return 0 if all(state == "SUCCEEDED" for state in final.values()) else EXIT_TASK_FAILED
 
 
+def cmd_cancel(client: Client, args) -> int:
+    status = client.cancel(args.task_id)
+    print(f"{status.task_id} {status.state}")
+    return 0
+
+
 def cmd_dead(client: Client, args) -> int:
     if args.dead_command == "list":
         letters, total = client.dead_letters(args.limit)
@@ -198,7 +210,8 @@ def cmd_dead(client: Client, args) -> int:
     return 0
 
 
-COMMANDS = {"submit": cmd_submit, "status": cmd_status, "watch": cmd_watch, "dead": cmd_dead}
+COMMANDS = {"submit": cmd_submit, "status": cmd_status, "watch": cmd_watch, "cancel": cmd_cancel,
+            "dead": cmd_dead}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -184,6 +184,10 @@ class Client:
             time.sleep(delay_s)
             delay_s = min(delay_s * 2, SUBMIT_RETRY_MAX_DELAY_S)
 
+    def cancel(self, task_id: str) -> TaskStatus:
+        """Cancel a task (RemoteError FAILED_PRECONDITION if it already ended)."""
+        return status_from_proto(self._call(self._stub.CancelTask, task_queue_pb2.CancelTaskRequest(task_id=task_id)))
+
     def dead_letters(self, limit: int = 100) -> tuple[list[DeadLetter], int]:
         """Dead-lettered tasks (oldest first, at most `limit`) and how many there are."""
         response = self._call(self._stub.ListDeadLetters, task_queue_pb2.ListDeadLettersRequest(limit=limit))

@@ -14,7 +14,7 @@ from qm import limits as task_limits
 from qm import retry
 from qm.broker import topology
 from qm.broker.base import Broker, Delivery
-from qm.errors import TaskNotFound, ValidationError
+from qm.errors import BrokerUnavailable, TaskAlreadyFinished, TaskNotFound, ValidationError
 from qm.messages import TaskEvent, TaskMessage
 from qm.registry import Registry
 from qm.server.hub import Hub
@@ -61,6 +61,7 @@ class TaskService:
         self._pending_keys: dict[str, asyncio.Future] = {}
         self._events: asyncio.Queue[Delivery] = asyncio.Queue()
         self._tasks: list[asyncio.Task] = []
+        self._background: set[asyncio.Task] = set()
 
     # -- submit / status -------------------------------------------------------------
 
@@ -148,6 +149,25 @@ class TaskService:
             raise TaskNotFound(task_id)
         return record
 
+    async def cancel(self, task_id: str) -> TaskRecord:
+        """Make a task CANCELLED: tell every worker (a queued one is dropped when it comes
+        up, a running one killed), then record the final state through the events queue."""
+        record = self.status(task_id)
+        if record.state.terminal:
+            raise TaskAlreadyFinished(task_id, record.state.name)
+        if not self.broker.connected:
+            raise self.broker.unavailable()
+        await self._broadcast_cancel(task_id)
+        event = TaskEvent(task_id, record.type, record.queue, max(record.attempts, 1), TaskState.CANCELLED,
+                          error="cancelled by request")
+        await self.broker.publish(topology.EVENTS_EXCHANGE, "", event.encode(), {"qm-task-id": task_id})
+        self._apply([event])  # answer with the final state; the queued copy is then a duplicate
+        return self.status(task_id)
+
+    async def _broadcast_cancel(self, task_id: str) -> None:
+        await self.broker.declare_exchange(topology.CONTROL_EXCHANGE, "fanout")
+        await self.broker.publish(topology.CONTROL_EXCHANGE, "", task_id.encode(), {"qm-command": "cancel"})
+
     # -- dead letters ----------------------------------------------------------------
 
     def dead_letters(self, limit: int) -> tuple[list[DeadLetter], int]:
@@ -224,6 +244,24 @@ class TaskService:
         codecs = {name: declared.codec for name, declared in self.registry.types.items()}
         for record in self.store.apply(events, codecs):
             self.hub.publish(record)
+        for event in events:  # a worker that missed the cancel (started after it) is told again
+            if event.state is TaskState.RUNNING and self._is_cancelled(event.task_id):
+                self._recancel(event.task_id)
+
+    def _recancel(self, task_id: str) -> None:
+        async def send() -> None:
+            try:
+                await self._broadcast_cancel(task_id)
+            except BrokerUnavailable as exc:
+                log.warning("task %s was cancelled but runs somewhere; cannot tell workers: %s", task_id, exc)
+
+        task = asyncio.get_running_loop().create_task(send())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _is_cancelled(self, task_id: str) -> bool:
+        record = self.store.get(task_id)
+        return record is not None and record.state is TaskState.CANCELLED
 
     def _on_dead_letter(self, delivery: Delivery) -> None:
         """Record a dead letter. One that RabbitMQ dead-lettered itself (the quorum queue's

@@ -11,7 +11,7 @@ import logging
 import grpc
 
 from qm._proto import task_queue_pb2, task_queue_pb2_grpc
-from qm.errors import BrokerUnavailable, QMError, TaskNotFound, ValidationError
+from qm.errors import BrokerUnavailable, QMError, TaskAlreadyFinished, TaskNotFound, ValidationError
 from qm.server.service import TaskService
 from qm.server.store import TaskRecord
 
@@ -21,6 +21,7 @@ _STATUS_OF: dict[type[QMError], grpc.StatusCode] = {
     ValidationError: grpc.StatusCode.INVALID_ARGUMENT,
     TaskNotFound: grpc.StatusCode.NOT_FOUND,
     BrokerUnavailable: grpc.StatusCode.UNAVAILABLE,
+    TaskAlreadyFinished: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 
@@ -72,6 +73,10 @@ class TaskQueueServicer(task_queue_pb2_grpc.TaskQueueServicer):
             backoff_max_s=optional("retry_backoff_max_s"), jitter=optional("retry_jitter"),
             on_timeout=optional("retry_on_timeout"))
         return task_queue_pb2.SubmitTaskResponse(task_id=record.task_id, state=int(record.state))
+
+    @_maps_errors
+    async def CancelTask(self, request, context):
+        return record_to_proto(await self.service.cancel(request.task_id))
 
     @_maps_errors
     async def ListDeadLetters(self, request, context):

@@ -19,6 +19,7 @@ however long tasks take.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import time
@@ -37,6 +38,10 @@ log = logging.getLogger(__name__)
 
 #: Longest wait for the broker to come back before retrying an event publish.
 EVENT_RETRY_WAIT_S = 5.0
+#: Unacked control messages (cancels) the worker may hold.
+CONTROL_PREFETCH = 100
+#: How many cancelled task ids a worker remembers (to drop them if they arrive later).
+CANCELLED_MEMORY = 100_000
 
 
 class Supervisor:
@@ -57,19 +62,46 @@ class Supervisor:
         self.soft_timeout_grace_s = soft_timeout_grace_s
         self.draining = False
         self._consumer_tags: list[str] = []
+        self._control_tag = ""
         self._unsettled: dict[asyncio.Task, Delivery] = {}  # handler → its delivery, until settled
         self._waiting: set[asyncio.Task] = set()              # handlers whose job has not started
         self._background: set[asyncio.Task] = set()
         self._wait_tiers: set[int] = set()
+        self._by_task: dict[str, asyncio.Task] = {}              # task id → its handler
+        self._cancelled: collections.OrderedDict[str, None] = collections.OrderedDict()
 
     async def start(self) -> None:
         await self.broker.declare_exchange(topology.EVENTS_EXCHANGE, "fanout")
         for queue in self.queues:
             name = await topology.declare_work_queue(self.broker, queue, self.queue_type, self.delivery_limit)
             self._consumer_tags.append(await self.broker.consume(name, self._on_delivery, self.prefetch.value))
+        control = await topology.declare_control_queue(self.broker, self.worker_id)
+        self._control_tag = await self.broker.consume(control, self._on_control, CONTROL_PREFETCH)
         log.info("worker %s consuming %s with prefetch %d per queue (%s), %d children",
                  self.worker_id, ", ".join(self.queues), self.prefetch.value,
                  "auto" if isinstance(self.prefetch, AutoPrefetch) else "fixed", self.pool.procs)
+
+    def _on_control(self, delivery: Delivery) -> None:
+        """A cancel: drop the task if it waits here, kill it if it runs here, remember it."""
+        self.broker.ack(delivery)
+        if delivery.headers.get("qm-command") != "cancel":
+            return
+        task_id = delivery.body.decode(errors="replace")
+        self._cancelled[task_id] = None
+        while len(self._cancelled) > CANCELLED_MEMORY:
+            self._cancelled.popitem(last=False)
+        handler = self._by_task.get(task_id)
+        if handler is None:
+            return
+        if handler in self._waiting:
+            log.info("task %s cancelled before it started", task_id)
+            self._settle(handler, ack=True)
+            handler.cancel()
+            return
+        for slot in self.pool.slots:
+            if slot.job is not None and slot.job.task_id == task_id:
+                log.info("task %s cancelled while running: killing child %d", task_id, slot.index)
+                slot.kill(Outcome(TaskState.CANCELLED, error="cancelled by request while running"))
 
     def _on_delivery(self, delivery: Delivery) -> None:
         handler = asyncio.create_task(self._handle(delivery))
@@ -105,6 +137,12 @@ class Supervisor:
             self._unsettled.pop(handler, None)
             self.broker.nack(delivery, requeue=False)
             return
+        if message.task_id in self._cancelled:
+            log.info("task %s was cancelled; dropping it", message.task_id)
+            self._settle(handler, ack=True)
+            return
+        self._by_task[message.task_id] = handler
+        handler.add_done_callback(lambda _: self._by_task.pop(message.task_id, None))
         job = self.job_for(message)
         started_at = 0.0
 
@@ -130,7 +168,7 @@ class Supervisor:
         """Publish what follows an attempt, each confirmed before the delivery is acked:
         a retry (next attempt into a wait tier, then RETRYING) or the final state (a dead
         letter unless it succeeded, then the terminal event)."""
-        if outcome.state is TaskState.SUCCEEDED:
+        if outcome.state in (TaskState.SUCCEEDED, TaskState.CANCELLED):
             await self._publish_event(self._event(message, outcome.state, outcome))
             return
         policy = message.retry
@@ -198,7 +236,7 @@ class Supervisor:
         """Drain: stop consuming, return unstarted deliveries, let running tasks finish up
         to `drain_timeout_s`, then kill the rest and return them to the queue too."""
         self.draining = True
-        for tag in self._consumer_tags:
+        for tag in [*self._consumer_tags, self._control_tag]:
             try:
                 await self.broker.cancel(tag)
             except BrokerUnavailable:
