@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import pathlib
 import resource
 import signal
 import traceback
@@ -72,8 +73,21 @@ def _die_with_parent() -> None:
         pass  # not Linux: an orphaned child still exits when its pipe closes
 
 
+def _has_children() -> bool:
+    """Cheap check before psutil's scan of all of /proc: Linux lists a thread's children in
+    /proc/self/task/TID/children where the kernel has CONFIG_PROC_CHILDREN; without it,
+    assume there may be some."""
+    try:
+        listings = [path.read_text() for path in pathlib.Path("/proc/self/task").glob("*/children")]
+    except OSError:
+        return True
+    return not listings or any(listing.strip() for listing in listings)
+
+
 def _kill_leftover_descendants() -> None:
     """A finished task leaves nothing running: its subprocesses die with it."""
+    if not _has_children():
+        return
     for process in psutil.Process().children(recursive=True):
         try:
             process.kill()
