@@ -51,5 +51,8 @@ def cap(limits: Limits, worker_timeout_s: float, worker_memory_limit_mb: int) ->
 
 
 def soft_timeout_s(timeout_s: float, grace_s: float) -> float:
-    """When the task gets qm.SoftTimeout: `grace_s` before the hard limit, at most halfway."""
+    """When the task gets qm.SoftTimeout: `grace_s` before the hard limit, at most halfway;
+    0 (never) when there is no grace or no time limit."""
+    if grace_s <= 0 or timeout_s <= 0:
+        return 0.0
     return timeout_s - min(grace_s, timeout_s / 2)

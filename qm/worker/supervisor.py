@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 #: Longest wait for the broker to come back before retrying an event publish.
 EVENT_RETRY_WAIT_S = 5.0
+#: Run time after which a running task counts as long for the prefetch, before it ends.
+LONG_TASK_S = 1.0
 #: Unacked control messages (cancels) the worker may hold.
 CONTROL_PREFETCH = 100
 #: How many cancelled task ids a worker remembers (to drop them if they arrive later).
@@ -124,7 +126,7 @@ class Supervisor:
         """The job with the smallest limits that apply (the task's, then this worker's caps)."""
         limits = task_limits.cap(task_limits.Limits(message.timeout_s, message.memory_limit_mb),
                                  self.caps.timeout_s, self.caps.memory_limit_mb)
-        soft = task_limits.soft_timeout_s(limits.timeout_s, self.soft_timeout_grace_s) if limits.timeout_s else 0.0
+        soft = task_limits.soft_timeout_s(limits.timeout_s, self.soft_timeout_grace_s)
         return Job(message.task_id, message.type, message.payload, limits.timeout_s,
                    limits.memory_limit_mb, soft)
 
@@ -150,6 +152,11 @@ class Supervisor:
             nonlocal started_at
             started_at = time.monotonic()
             self._waiting.discard(handler)
+            # A task still running at this point already tells the prefetch it is long,
+            # before it finishes (which may be much later).
+            still_running = asyncio.get_running_loop().call_later(
+                LONG_TASK_S, lambda: self._observe(time.monotonic() - started_at))
+            handler.add_done_callback(lambda _: still_running.cancel())
             running = self._event(message, TaskState.RUNNING, job=job)
             self._spawn(self._publish_event(running))
 
@@ -193,11 +200,27 @@ class Supervisor:
             self._wait_tiers.add(tier_s)
 
     def _observe(self, duration_s: float) -> None:
+        previous = self.prefetch.value
         new_prefetch = self.prefetch.observe(duration_s)
-        if new_prefetch is not None and not self.draining:
-            log.info("prefetch now %d per queue (mean task time %.3f s)", new_prefetch, self.prefetch.mean_s)
-            for tag in self._consumer_tags:
-                self._spawn(self._set_prefetch(tag, new_prefetch))
+        if new_prefetch is None or self.draining:
+            return
+        log.info("prefetch now %d per queue (mean task time %.3f s)", new_prefetch, self.prefetch.mean_s)
+        for tag in self._consumer_tags:
+            self._spawn(self._set_prefetch(tag, new_prefetch))
+        if new_prefetch < previous:
+            self._release_excess(new_prefetch)
+
+    def _release_excess(self, prefetch: int) -> None:
+        """Tasks turned long: return deliveries buffered beyond the new prefetch, so an idle
+        worker can take them now. Each delivery is returned this way at most once (a
+        redelivered one stays): on a quorum queue every return counts toward its delivery
+        limit."""
+        room = max(0, prefetch * len(self.queues) - self.busy)
+        waiting = [handler for handler in self._unsettled if handler in self._waiting]
+        for handler in waiting[room:]:
+            if not self._unsettled[handler].redelivered:
+                self._settle(handler, ack=False)
+                handler.cancel()
 
     async def _set_prefetch(self, tag: str, prefetch: int) -> None:
         try:

@@ -1,0 +1,124 @@
+"""Adaptive prefetch (qm.worker.prefetch): one delivery per child while tasks are long, more
+as they get shorter (2 per child for moderate tasks, 4 for very short ones), without
+flapping around a threshold; `--prefetch N` never changes."""
+from __future__ import annotations
+
+import pytest
+
+from qm.worker.prefetch import AutoPrefetch, FixedPrefetch
+
+SHORT_S = 0.01
+MODERATE_S = 0.2
+LONG_S = 5.0
+#: Enough observations for the moving average to settle on a steady run time.
+SETTLE = 40
+
+
+def feed(policy, duration_s: float, count: int = SETTLE) -> list[int]:
+    """Observe `count` tasks of `duration_s`; the values observe() returned (changes only)."""
+    changes = []
+    for _ in range(count):
+        changed = policy.observe(duration_s)
+        if changed is not None:
+            changes.append(changed)
+    return changes
+
+
+@pytest.mark.parametrize("procs", [1, 3, 8])
+def test_starts_at_one_delivery_per_child(procs):
+    assert AutoPrefetch(procs).value == procs
+
+
+@pytest.mark.parametrize("procs", [1, 3])
+def test_short_tasks_move_it_to_four_per_child(procs):
+    policy = AutoPrefetch(procs)
+    changes = feed(policy, SHORT_S)
+    assert policy.value == 4 * procs
+    assert changes[-1] == 4 * procs
+
+
+@pytest.mark.parametrize("procs", [1, 3])
+def test_moderate_tasks_move_it_to_two_per_child(procs):
+    policy = AutoPrefetch(procs)
+    assert feed(policy, MODERATE_S) == [2 * procs]
+    assert policy.value == 2 * procs
+
+
+def test_moderate_tasks_after_short_ones_move_it_down_to_two_per_child():
+    policy = AutoPrefetch(2)
+    feed(policy, SHORT_S)
+    assert feed(policy, MODERATE_S) == [4]
+    assert policy.value == 4
+
+
+def test_long_tasks_move_it_back_to_one_per_child():
+    policy = AutoPrefetch(2)
+    feed(policy, SHORT_S)
+    assert policy.value == 8
+    changes = feed(policy, LONG_S)
+    assert changes and changes[-1] == 2
+    assert policy.value == 2
+
+
+def test_long_tasks_from_the_start_keep_one_per_child_and_report_no_change():
+    policy = AutoPrefetch(4)
+    assert feed(policy, LONG_S) == []
+    assert policy.value == 4
+
+
+def test_observe_returns_the_new_value_only_when_it_changes():
+    policy = AutoPrefetch(2)
+    results = [policy.observe(MODERATE_S) for _ in range(SETTLE)]
+    assert results[0] == 4                      # the first observation changes it ...
+    assert all(result is None for result in results[1:])  # ... and steady ones do not
+
+
+def test_changes_report_each_distinct_value_once():
+    policy = AutoPrefetch(1)
+    changes = feed(policy, SHORT_S) + feed(policy, LONG_S) + feed(policy, MODERATE_S)
+    assert all(a != b for a, b in zip(changes, changes[1:])), changes
+    assert changes[-1] == 2
+
+
+@pytest.mark.parametrize("between_s", [0.6, 0.75, 0.95])
+def test_hysteresis_between_one_and_two_per_child(between_s):
+    """Mean times between the 'up' (0.5 s) and 'down' (1 s) thresholds keep whatever level it is at."""
+    slow = AutoPrefetch(1)
+    feed(slow, LONG_S)
+    assert feed(slow, between_s) == [] and slow.value == 1
+
+    moderate = AutoPrefetch(1)
+    feed(moderate, MODERATE_S)
+    assert feed(moderate, between_s) == [] and moderate.value == 2
+
+
+@pytest.mark.parametrize("between_s", [0.025, 0.03, 0.035])
+def test_hysteresis_between_two_and_four_per_child(between_s):
+    """Mean times between 0.02 s and 0.04 s keep whatever level it is at."""
+    moderate = AutoPrefetch(1)
+    feed(moderate, MODERATE_S)
+    assert feed(moderate, between_s) == [] and moderate.value == 2
+
+    fast = AutoPrefetch(1)
+    feed(fast, SHORT_S)
+    assert feed(fast, between_s) == [] and fast.value == 4
+
+
+def test_alternating_durations_around_a_threshold_do_not_flap():
+    policy = AutoPrefetch(1)
+    feed(policy, MODERATE_S)
+    assert policy.value == 2
+    # run times alternating across both thresholds of the 2-per-child level (0.5 s up, 1 s down)
+    changes = []
+    for _ in range(50):
+        changes += feed(policy, 1.05, 1) + feed(policy, 0.45, 1)
+    assert changes == []
+    assert policy.value == 2
+
+
+@pytest.mark.parametrize("value", [1, 5, 100])
+def test_fixed_prefetch_never_changes(value):
+    policy = FixedPrefetch(value)
+    for duration in (SHORT_S, MODERATE_S, LONG_S, 0.0, 1000.0):
+        assert feed(policy, duration, 10) == []
+        assert policy.value == value
