@@ -132,6 +132,38 @@ class PurgeDeadLettersResponse(_message.Message):
     purged: int
     def __init__(self, purged: _Optional[int] = ...) -> None: ...
 
+class ListTaskTypesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class TaskTypeInfo(_message.Message):
+    __slots__ = ("name", "codec", "description", "default_timeout_s", "max_timeout_s", "default_memory_limit_mb", "max_memory_limit_mb", "default_max_retries")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    MAX_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_MEMORY_LIMIT_MB_FIELD_NUMBER: _ClassVar[int]
+    MAX_MEMORY_LIMIT_MB_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_MAX_RETRIES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    codec: str
+    description: str
+    default_timeout_s: float
+    max_timeout_s: float
+    default_memory_limit_mb: int
+    max_memory_limit_mb: int
+    default_max_retries: int
+    def __init__(self, name: _Optional[str] = ..., codec: _Optional[str] = ..., description: _Optional[str] = ..., default_timeout_s: _Optional[float] = ..., max_timeout_s: _Optional[float] = ..., default_memory_limit_mb: _Optional[int] = ..., max_memory_limit_mb: _Optional[int] = ..., default_max_retries: _Optional[int] = ...) -> None: ...
+
+class ListTaskTypesResponse(_message.Message):
+    __slots__ = ("types", "plugin_errors")
+    TYPES_FIELD_NUMBER: _ClassVar[int]
+    PLUGIN_ERRORS_FIELD_NUMBER: _ClassVar[int]
+    types: _containers.RepeatedCompositeFieldContainer[TaskTypeInfo]
+    plugin_errors: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, types: _Optional[_Iterable[_Union[TaskTypeInfo, _Mapping]]] = ..., plugin_errors: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class CancelTaskRequest(_message.Message):
     __slots__ = ("task_id",)
     TASK_ID_FIELD_NUMBER: _ClassVar[int]

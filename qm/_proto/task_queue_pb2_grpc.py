@@ -54,6 +54,11 @@ class TaskQueueStub:
                 request_serializer=qm_dot___proto_dot_task__queue__pb2.CancelTaskRequest.SerializeToString,
                 response_deserializer=qm_dot___proto_dot_task__queue__pb2.TaskStatus.FromString,
                 _registered_method=True)
+        self.ListTaskTypes = channel.unary_unary(
+                '/qm.v1.TaskQueue/ListTaskTypes',
+                request_serializer=qm_dot___proto_dot_task__queue__pb2.ListTaskTypesRequest.SerializeToString,
+                response_deserializer=qm_dot___proto_dot_task__queue__pb2.ListTaskTypesResponse.FromString,
+                _registered_method=True)
         self.ListDeadLetters = channel.unary_unary(
                 '/qm.v1.TaskQueue/ListDeadLetters',
                 request_serializer=qm_dot___proto_dot_task__queue__pb2.ListDeadLettersRequest.SerializeToString,
@@ -106,6 +111,13 @@ class TaskQueueServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListTaskTypes(self, request, context):
+        """The task types this server accepts, with codec, limits and description.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListDeadLetters(self, request, context):
         """Tasks whose last attempt failed for good (or that hit RabbitMQ's delivery limit).
         """
@@ -149,6 +161,11 @@ def add_TaskQueueServicer_to_server(servicer, server):
                     servicer.CancelTask,
                     request_deserializer=qm_dot___proto_dot_task__queue__pb2.CancelTaskRequest.FromString,
                     response_serializer=qm_dot___proto_dot_task__queue__pb2.TaskStatus.SerializeToString,
+            ),
+            'ListTaskTypes': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTaskTypes,
+                    request_deserializer=qm_dot___proto_dot_task__queue__pb2.ListTaskTypesRequest.FromString,
+                    response_serializer=qm_dot___proto_dot_task__queue__pb2.ListTaskTypesResponse.SerializeToString,
             ),
             'ListDeadLetters': grpc.unary_unary_rpc_method_handler(
                     servicer.ListDeadLetters,
@@ -274,6 +291,33 @@ class TaskQueue:
             '/qm.v1.TaskQueue/CancelTask',
             qm_dot___proto_dot_task__queue__pb2.CancelTaskRequest.SerializeToString,
             qm_dot___proto_dot_task__queue__pb2.TaskStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTaskTypes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qm.v1.TaskQueue/ListTaskTypes',
+            qm_dot___proto_dot_task__queue__pb2.ListTaskTypesRequest.SerializeToString,
+            qm_dot___proto_dot_task__queue__pb2.ListTaskTypesResponse.FromString,
             options,
             channel_credentials,
             insecure,

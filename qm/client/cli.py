@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import logging
 import sys
 from typing import Sequence
 
@@ -17,7 +18,7 @@ import grpc
 
 from qm.client.client import Client, RemoteError, TaskStatus
 from qm.config import load_config
-from qm.errors import ConfigError, TaskError
+from qm.errors import ConfigError, TaskError, ValidationError
 
 EXIT_TASK_FAILED, EXIT_BAD_INPUT, EXIT_UNAVAILABLE, EXIT_INTERRUPTED = 1, 2, 3, 130
 
@@ -26,6 +27,8 @@ EPILOG = """examples:
   qm status TASK_ID --json
   qm watch TASK_ID [TASK_ID ...]
   qm cancel TASK_ID
+  qm types                                       task types the server accepts
+  qm run -T math -P "2 ** 10"                    run one task here, no server (plugin authors)
   qm dead list | qm dead requeue TASK_ID... | --all | qm dead purge
 
 The server address comes from --server, else QM_CLIENT__SERVER, else client.server in the
@@ -84,6 +87,23 @@ def build_parser() -> argparse.ArgumentParser:
                                             "SUCCEEDED, else 1.")
     watch.add_argument("task_ids", metavar="ID", nargs="+", help="task ids to follow")
     watch.add_argument("--json", action="store_true", help="print one JSON object per change")
+
+    types = commands.add_parser("types", help="list the task types the server accepts",
+                                description="The task types the server accepts, with codec, default and "
+                                            "maximum limits, and description; plugins that failed to load "
+                                            "on the server are named too.")
+    types.add_argument("--json", action="store_true", help="print one JSON object per task type")
+
+    run = commands.add_parser("run", help="run one task here, without server or broker (for plugin authors)",
+                              description="Run one task locally through the same child-process path a "
+                                          "worker uses, with its time and memory limits enforced; prints "
+                                          "the result. Exit 0 if it SUCCEEDED, 1 otherwise, 2 on bad input.")
+    run.add_argument("-T", "--type", required=True, help="task type")
+    run.add_argument("-P", "--payload", required=True, help="payload; - reads stdin")
+    run.add_argument("--timeout", metavar="S", type=float, default=0.0,
+                     help="hard time limit, seconds (default: the type's, else 600)")
+    run.add_argument("--memory-limit", metavar="MB", type=int, default=0,
+                     help="memory limit, MiB (default: the type's, else none)")
 
     cancel = commands.add_parser("cancel", help="cancel a task: a queued one never runs, a running one is killed",
                                  description="Cancel a task. Its state becomes CANCELLED; a task that already "
@@ -179,6 +199,34 @@ def cmd_watch(client: Client, args) -> int:
     return 0 if all(state == "SUCCEEDED" for state in final.values()) else EXIT_TASK_FAILED
 
 
+def cmd_types(client: Client, args) -> int:
+    types, errors = client.task_types()
+    for item in types:
+        if args.json:
+            print(json.dumps(item))
+            continue
+        memory = f"{item['default_memory_limit_mb']} MiB" if item["default_memory_limit_mb"] else "unlimited"
+        print(f"{item['name']:<20} {item['codec']:<5} timeout {item['default_timeout_s']:g} s"
+              f"{' (max ' + format(item['max_timeout_s'], 'g') + ' s)' if item['max_timeout_s'] else ''}, "
+              f"memory {memory}, retries {item['default_max_retries']}  {item['description']}")
+    for error in errors:
+        print(f"qm: server could not load a plugin: {error}", file=sys.stderr)
+    return 0
+
+
+def cmd_run(args) -> int:
+    from qm.local import run_task
+
+    logging.getLogger("qm").setLevel(logging.ERROR)  # the outcome line below says it all
+    payload = sys.stdin.read() if args.payload == "-" else args.payload
+    outcome = run_task(args.type, payload, timeout_s=args.timeout, memory_limit_mb=args.memory_limit)
+    if outcome.succeeded:
+        print(outcome.value if isinstance(outcome.value, str) else json.dumps(outcome.value))
+        return 0
+    print(f"qm: task ended {outcome.state}: {outcome.error}", file=sys.stderr)
+    return EXIT_TASK_FAILED
+
+
 def cmd_cancel(client: Client, args) -> int:
     status = client.cancel(args.task_id)
     print(f"{status.task_id} {status.state}")
@@ -210,17 +258,19 @@ def cmd_dead(client: Client, args) -> int:
     return 0
 
 
-COMMANDS = {"submit": cmd_submit, "status": cmd_status, "watch": cmd_watch, "cancel": cmd_cancel,
+COMMANDS = {"submit": cmd_submit, "status": cmd_status, "watch": cmd_watch, "types": cmd_types, "cancel": cmd_cancel,
             "dead": cmd_dead}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "run":
+            return cmd_run(args)
         config = load_config(args.config, overrides={"client.server": args.server})
         with Client(config.client.server) as client:
             return COMMANDS[args.command](client, args)
-    except ConfigError as exc:
+    except (ConfigError, ValidationError) as exc:
         print(f"qm: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except RemoteError as exc:

@@ -184,6 +184,17 @@ class Client:
             time.sleep(delay_s)
             delay_s = min(delay_s * 2, SUBMIT_RETRY_MAX_DELAY_S)
 
+    def task_types(self) -> tuple[list[dict[str, Any]], list[str]]:
+        """The task types the server accepts (dicts of name, codec, limits, description) and
+        the plugins that failed to load there."""
+        response = self._call(self._stub.ListTaskTypes, task_queue_pb2.ListTaskTypesRequest())
+        types = [{"name": t.name, "codec": t.codec, "description": t.description,
+                  "default_timeout_s": t.default_timeout_s, "max_timeout_s": t.max_timeout_s,
+                  "default_memory_limit_mb": t.default_memory_limit_mb,
+                  "max_memory_limit_mb": t.max_memory_limit_mb, "default_max_retries": t.default_max_retries}
+                 for t in response.types]
+        return types, list(response.plugin_errors)
+
     def cancel(self, task_id: str) -> TaskStatus:
         """Cancel a task (RemoteError FAILED_PRECONDITION if it already ended)."""
         return status_from_proto(self._call(self._stub.CancelTask, task_queue_pb2.CancelTaskRequest(task_id=task_id)))

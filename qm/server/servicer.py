@@ -75,6 +75,21 @@ class TaskQueueServicer(task_queue_pb2_grpc.TaskQueueServicer):
         return task_queue_pb2.SubmitTaskResponse(task_id=record.task_id, state=int(record.state))
 
     @_maps_errors
+    async def ListTaskTypes(self, request, context):
+        service = self.service
+        response = task_queue_pb2.ListTaskTypesResponse(
+            plugin_errors=[str(error) for error in service.registry.errors])
+        for name, declared in sorted(service.registry.types.items()):
+            policy = declared.retry or service.default_retry
+            response.types.add(
+                name=name, codec=declared.codec, description=declared.description,
+                default_timeout_s=declared.default_timeout_s or service.default_timeout_s,
+                max_timeout_s=declared.max_timeout_s or 0,
+                default_memory_limit_mb=declared.default_memory_limit_mb or service.default_memory_limit_mb,
+                max_memory_limit_mb=declared.max_memory_limit_mb or 0, default_max_retries=policy.max_retries)
+        return response
+
+    @_maps_errors
     async def CancelTask(self, request, context):
         return record_to_proto(await self.service.cancel(request.task_id))
 

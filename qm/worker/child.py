@@ -47,7 +47,10 @@ def child_main(conn: Connection, address_space_limit: bool = True) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGALRM, _raise_soft_timeout)
     registry = discover()
-    conn.send(("ready", os.getpid()))
+    try:
+        conn.send(("ready", os.getpid()))
+    except (BrokenPipeError, OSError):
+        return  # the pool stopped while this child was starting
     while True:
         try:
             message = conn.recv()

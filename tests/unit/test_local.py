@@ -1,0 +1,43 @@
+"""qm.testing.run_task / qm run: a task through the real child-process pool, no broker."""
+from __future__ import annotations
+
+import pytest
+
+from qm.errors import UnknownTaskType, ValidationError
+from qm.testing import run_task
+
+
+def test_a_task_runs_in_a_child_and_returns_its_decoded_result():
+    result = run_task("math", "2 ** 10")
+
+    assert (result.state, result.value, result.error) == ("SUCCEEDED", "1024", "")
+    assert result.timeout_s == 600.0  # no limit given: the default a server would apply
+
+
+def test_the_hard_time_limit_is_enforced():
+    result = run_task("test.stubborn", "30", timeout_s=1.0)
+
+    assert result.state == "TIMED_OUT"
+    assert "1 s" in result.error
+
+
+def test_the_memory_limit_is_enforced():
+    result = run_task("test.alloc", "2048", memory_limit_mb=128)
+
+    assert result.state == "MEMORY_EXCEEDED"
+    assert "128 MiB" in result.error
+
+
+def test_a_raising_task_fails_with_its_exception_text():
+    result = run_task("test.fail", "boom")
+
+    assert result.state == "FAILED"
+    assert result.error.startswith("RuntimeError: boom")
+
+
+def test_bad_payloads_and_types_are_refused_before_anything_runs():
+    with pytest.raises(ValidationError) as error:
+        run_task("math", "1 +")
+    assert error.value.field == "payload"
+    with pytest.raises(UnknownTaskType):
+        run_task("no.such.type", "x")
