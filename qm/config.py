@@ -293,6 +293,13 @@ class ClientConfig:
 
 
 @dataclass(frozen=True)
+class ExecutorConfig:
+    """The `python` task type (qm.Executor): off unless a shared secret is set."""
+
+    secret: str = _setting("", _to_str)
+
+
+@dataclass(frozen=True)
 class LogConfig:
     """Logging settings."""
 
@@ -307,6 +314,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     def to_dict(self, redact: bool = True) -> dict[str, dict[str, Any]]:
@@ -314,6 +322,7 @@ class Config:
         data = asdict(self)
         if redact:
             data["broker"]["url"] = redact_url(data["broker"]["url"])
+            data["executor"]["secret"] = "***" if data["executor"]["secret"] else ""
         return data
 
 
@@ -457,3 +466,10 @@ def load_config(
         for section, key, raw, source in layer:
             values[section][key] = _convert(section, key, raw, source)
     return Config(**{name: cls(**values[name]) for name, cls in _sections().items()})
+
+
+def export_executor_secret(config: Config) -> None:
+    """Hand executor.secret to the `python` task type (server validator, worker children)
+    through the environment, whichever layer set it."""
+    if config.executor.secret:
+        os.environ["QM_EXECUTOR__SECRET"] = config.executor.secret

@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from qm import registry as plugin_registry
 from qm._proto import task_queue_pb2, task_queue_pb2_grpc
 from qm.broker.rabbitmq import RabbitMQBroker
-from qm.config import Config, load_config
+from qm.config import Config, export_executor_secret, load_config
 from qm.errors import ConfigError
 from qm.logs import setup_logging
 from qm.retry import RetryPolicy
@@ -130,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"qm-server: {exc}", file=sys.stderr)
         return 2
+    export_executor_secret(config)
     setup_logging(config.log.level, "qm-server")
     asyncio.run(serve(config))
     return 0

@@ -12,7 +12,7 @@ import sys
 from qm import limits as task_limits
 from qm import registry as plugin_registry
 from qm.broker.rabbitmq import RabbitMQBroker
-from qm.config import Config, load_config
+from qm.config import Config, export_executor_secret, load_config
 from qm.errors import ConfigError
 from qm.logs import setup_logging
 from qm.worker.pool import Pool
@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"qm-worker: {exc}", file=sys.stderr)
         return 2
+    export_executor_secret(config)
     setup_logging(config.log.level, "qm-worker")
     asyncio.run(run_worker(config))
     return 0

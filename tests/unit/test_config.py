@@ -518,7 +518,7 @@ def test_to_dict_is_plain_and_redacts_password():
     shown = cfg.to_dict()
     assert shown["broker"]["url"] == "amqp://bob:***@mq:5672/v"
     assert shown["worker"]["queues"] == ["a", "b"]
-    assert set(shown) == {"broker", "server", "worker", "client", "log"}
+    assert set(shown) == {"broker", "server", "worker", "client", "executor", "log"}
     assert cfg.to_dict(redact=False)["broker"]["url"] == "amqp://bob:s3cret@mq:5672/v"
     shown["worker"]["queues"].append("c")
     assert cfg.worker.queues == ["a", "b"]

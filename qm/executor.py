@@ -1,0 +1,119 @@
+"""qm.Executor: concurrent.futures for the cluster.
+
+    with qm.Executor(server="127.0.0.1:50051", secret=...) as executor:
+        squares = list(executor.map(lambda x: x * x, range(200)))
+
+Each call is pickled with cloudpickle, signed (see qm/tasks/python.py for the trust
+model), submitted as a `python` task with the executor's limits, and its future resolved
+from one status stream that the executor feeds with ids as it submits them. A call that
+raises gives its future that exception; a call killed at its time limit gives
+TimeoutError; any other failure (memory, crash, cancel) gives qm.errors.TaskError.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import queue as queue_module
+import threading
+from typing import Any, Callable
+
+import cloudpickle
+import grpc
+
+from qm._proto import task_queue_pb2
+from qm.client.client import Client
+from qm.errors import TaskError
+from qm.tasks import python as python_task
+
+#: Sentinel ending the stream's request iterator.
+_CLOSE = object()
+
+
+class Executor(concurrent.futures.Executor):
+    """Runs callables as `python` tasks; futures complete as the tasks finish."""
+
+    def __init__(self, server: str = "127.0.0.1:50051", *, secret: str, timeout_s: float = 0.0,
+                 memory_limit_mb: int = 0, queue: str = "", max_retries: int | None = None) -> None:
+        if not secret:
+            raise ValueError("qm.Executor needs the shared executor.secret of the servers and workers")
+        self._client = Client(server)
+        self._secret = secret
+        self._options = dict(queue=queue, timeout_s=timeout_s, memory_limit_mb=memory_limit_mb,
+                             max_retries=max_retries)
+        self._futures: dict[str, concurrent.futures.Future] = {}
+        self._lock = threading.Lock()
+        self._requests: queue_module.Queue = queue_module.Queue()
+        self._shutdown = False
+        self._stream = self._client._stub.StreamTaskResults(self._follow_requests())
+        self._reader = threading.Thread(target=self._read_stream, name="qm-executor", daemon=True)
+        self._reader.start()
+
+    def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
+        if self._shutdown:
+            raise RuntimeError("cannot submit after shutdown")
+        payload = python_task.sign(self._secret, cloudpickle.dumps((fn, args, kwargs)))
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        task_id = self._client.submit("python", payload, **self._options)
+        with self._lock:
+            self._futures[task_id] = future
+        future.set_running_or_notify_cancel()
+        self._requests.put(task_id)
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._shutdown = True
+        if cancel_futures:
+            with self._lock:
+                pending = [task_id for task_id, future in self._futures.items() if not future.done()]
+            for task_id in pending:
+                self._cancel(task_id)
+        self._requests.put(_CLOSE)
+        if wait:
+            self._reader.join()
+        self._client.close()
+
+    def _cancel(self, task_id: str) -> None:
+        try:
+            self._client.cancel(task_id)
+        except Exception:  # already finished, or unreachable: the stream settles the future
+            pass
+
+    def _follow_requests(self):
+        while True:
+            item = self._requests.get()
+            if item is _CLOSE:
+                return
+            yield task_queue_pb2.StreamTaskResultsRequest(task_ids=[item])
+
+    def _read_stream(self) -> None:
+        try:
+            for status in self._stream:
+                if status.state in _TERMINAL:
+                    self._settle(status)
+        except grpc.RpcError as exc:
+            error = ConnectionError(f"status stream from {self._client.server} ended: {exc.details()}")
+            with self._lock:
+                for future in self._futures.values():
+                    if not future.done():
+                        future.set_exception(error)
+
+    def _settle(self, status) -> None:
+        with self._lock:
+            future = self._futures.pop(status.task_id, None)
+        if future is None or future.done():
+            return
+        state = task_queue_pb2.TaskState.Name(status.state)
+        if state == "SUCCEEDED":
+            try:
+                kind, value = cloudpickle.loads(python_task.verify(self._secret, status.result, "result"))
+            except Exception as exc:  # a result we cannot trust or read
+                future.set_exception(exc)
+                return
+            future.set_result(value) if kind == "ok" else future.set_exception(value)
+        elif state == "TIMED_OUT":
+            future.set_exception(TimeoutError(f"task {status.task_id}: {status.error}"))
+        else:
+            future.set_exception(TaskError(status.task_id, state, status.error))
+
+
+_TERMINAL = {task_queue_pb2.SUCCEEDED, task_queue_pb2.FAILED, task_queue_pb2.TIMED_OUT,
+             task_queue_pb2.MEMORY_EXCEEDED, task_queue_pb2.CRASHED, task_queue_pb2.CANCELLED}
