@@ -237,8 +237,10 @@ def start_server(broker_url: str, tmp_path: pathlib.Path, *, server_id: str | No
 def start_worker(broker_url: str, procs: int = 2, queues: str | Sequence[str] = "default", *,
                  worker_id: str | None = None, prefetch: str | int | None = None,
                  env: dict[str, str] | None = None, log_level: str | None = None,
-                 extra_args: Iterable[str] = (), timeout_s: float = START_TIMEOUT_S) -> Worker:
-    """Start qm-worker on the given logical queue(s); wait until it is consuming."""
+                 extra_args: Iterable[str] = (), timeout_s: float = START_TIMEOUT_S,
+                 wait_ready: bool = True) -> Worker:
+    """Start qm-worker on the given logical queue(s); wait until it is consuming (unless
+    wait_ready=False: for a worker a task may kill before it even logs that it is ready)."""
     queue_list = [queues] if isinstance(queues, str) else list(queues)
     worker_id = worker_id or unique("worker")
     args = [command("qm-worker"), "--procs", str(procs), "--broker-url", broker_url,
@@ -248,6 +250,8 @@ def start_worker(broker_url: str, procs: int = 2, queues: str | Sequence[str] = 
     if log_level:
         args += ["--log-level", log_level]
     worker = Worker(args + list(extra_args), worker_id, queue_list, env)
+    if not wait_ready:
+        return worker
     try:
         worker.wait_for_line(WORKER_READY, timeout_s)
     except BaseException:
@@ -337,6 +341,10 @@ class Launcher:
         self._queues.setdefault(broker_url, set()).add(f"qm.tasks.{name}")
         return name
 
+    def track_queue(self, broker_url: str, amqp_queue: str) -> None:
+        """Delete this AMQP queue in teardown too (e.g. a server's dead-letter queue)."""
+        self._queues.setdefault(broker_url, set()).add(amqp_queue)
+
     def forget_queues(self, broker_url: str) -> None:
         """Do not delete queues on this broker in teardown (e.g. a private node, gone by then)."""
         self._queues.pop(broker_url, None)
@@ -347,3 +355,19 @@ class Launcher:
             process.stop()
         for broker_url, queues in self._queues.items():
             delete_queues(broker_url, queues)
+
+
+WORKER_STATUS_READY = re.compile(r"worker status and health on \S+ \(port (?P<port>\d+)\)")
+
+
+def worker_status(worker: Worker, timeout_s: float = 10.0):
+    """The worker's qm.v1.WorkerStatus answer (children, the task each runs, pids), from the
+    status endpoint it logs at start-up (worker.status_listen, port 0 by default)."""
+    import grpc
+
+    from qm._proto import task_queue_pb2, task_queue_pb2_grpc
+
+    port = worker.wait_for_line(WORKER_STATUS_READY, timeout_s).group("port")
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = task_queue_pb2_grpc.WorkerStatusStub(channel)
+        return stub.GetWorkerStatus(task_queue_pb2.GetWorkerStatusRequest(), timeout=timeout_s)

@@ -79,10 +79,13 @@ class Broker(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def consume(self, queue: str, on_delivery: DeliveryCallback, prefetch: int) -> str:
+    async def consume(self, queue: str, on_delivery: DeliveryCallback, prefetch: int,
+                      arguments: dict[str, Any] | None = None) -> str:
         """Start a consumer with at most `prefetch` unacked deliveries; return its tag.
 
-        The consumer is re-established after reconnects.
+        The consumer is re-established after reconnects. On a stream queue
+        (x-queue-type stream), `arguments` {"x-stream-offset": "first"} makes every consumer
+        read every message from the start, each on its own; acks only grant more credit.
         """
 
     @abc.abstractmethod

@@ -42,6 +42,7 @@ class MemoryBroker(Broker):
         self._bindings: dict[str, set[tuple[str, str]]] = collections.defaultdict(set)
         self._queues: dict[str, collections.deque[_Message]] = {}
         self._consumers: dict[str, _Consumer] = {}
+        self._streams: dict[str, list[_Message]] = {}  # stream queue → every message, kept
         self._tags = itertools.count(1)
         self._generation = 0
         self._connected = asyncio.Event()
@@ -88,6 +89,8 @@ class MemoryBroker(Broker):
     async def declare_queue(self, name: str, arguments: dict[str, Any] | None = None) -> None:
         self._check_connected()
         self._queues.setdefault(name, collections.deque())
+        if (arguments or {}).get("x-queue-type") == "stream":
+            self._streams.setdefault(name, [])
 
     async def bind_queue(self, queue: str, exchange: str, routing_key: str = "") -> None:
         self._check_connected()
@@ -102,15 +105,26 @@ class MemoryBroker(Broker):
         # One copy per queue, however many of its bindings match (as RabbitMQ does).
         targets = {queue for queue, key in self._bindings[exchange] if fanout or key == routing_key}
         for queue in sorted(targets):
-            self._queues[queue].append(_Message(bytes(body), dict(headers or {})))
+            message = _Message(bytes(body), dict(headers or {}))
+            if queue in self._streams:
+                self._streams[queue].append(message)
+                for consumer in [c for c in self._consumers.values() if c.queue == queue and c.active]:
+                    asyncio.get_running_loop().call_soon(self._deliver, consumer, message)  # after any replay
+                continue
+            self._queues[queue].append(message)
             self._schedule_dispatch(queue)
 
-    async def consume(self, queue: str, on_delivery: DeliveryCallback, prefetch: int) -> str:
+    async def consume(self, queue: str, on_delivery: DeliveryCallback, prefetch: int,
+                      arguments: dict[str, Any] | None = None) -> str:
         self._check_connected()
         if queue not in self._queues:
             raise BrokerUnavailable(f"no queue {queue!r}")
         tag = f"memory-consumer-{next(self._tags)}"
-        self._consumers[tag] = _Consumer(tag, queue, on_delivery, prefetch)
+        consumer = self._consumers[tag] = _Consumer(tag, queue, on_delivery, prefetch)
+        if queue in self._streams:  # every stream consumer reads everything (no prefetch model)
+            for message in list(self._streams[queue]):
+                asyncio.get_running_loop().call_soon(self._deliver, consumer, message)
+            return tag
         self._schedule_dispatch(queue)
         return tag
 
@@ -149,6 +163,9 @@ class MemoryBroker(Broker):
         return self._consumers.get(delivery.consumer_tag)
 
     def _requeue_all(self, consumer: _Consumer) -> None:
+        if consumer.queue in self._streams:
+            consumer.unacked.clear()  # a stream keeps every message; nothing to return
+            return
         queue = self._queues[consumer.queue]
         for tag in sorted(consumer.unacked, reverse=True):
             message = consumer.unacked.pop(tag)

@@ -43,6 +43,7 @@ class _ConsumerSpec:
     queue: str
     callback: DeliveryCallback
     prefetch: int
+    arguments: dict[str, Any] | None = None
     channel: Any = None
     generation: int = -1
     active: bool = True
@@ -293,8 +294,9 @@ class RabbitMQBroker(Broker):
 
     # -- consuming -------------------------------------------------------------------
 
-    async def consume(self, queue: str, on_delivery: DeliveryCallback, prefetch: int) -> str:
-        spec = _ConsumerSpec(f"qm-consumer-{next(self._consumer_ids)}", queue, on_delivery, prefetch)
+    async def consume(self, queue: str, on_delivery: DeliveryCallback, prefetch: int,
+                      arguments: dict[str, Any] | None = None) -> str:
+        spec = _ConsumerSpec(f"qm-consumer-{next(self._consumer_ids)}", queue, on_delivery, prefetch, arguments)
         self._consumers[spec.tag] = spec
         if self.connected:
             await self._start_consumer(spec)
@@ -322,7 +324,8 @@ class RabbitMQBroker(Broker):
 
         spec.amqp_tag = f"{spec.tag}.{next(self._consumer_ids)}"
         await self._rpc(lambda cb: channel.basic_consume(
-            spec.queue, on_message, auto_ack=False, consumer_tag=spec.amqp_tag, callback=cb))
+            spec.queue, on_message, auto_ack=False, consumer_tag=spec.amqp_tag, arguments=spec.arguments,
+            callback=cb))
 
     async def set_prefetch(self, consumer_tag: str, prefetch: int) -> None:
         """RabbitMQ applies a per-consumer prefetch to new consumers only: set the new QoS,

@@ -9,10 +9,14 @@ TASKS_EXCHANGE = "qm.tasks"
 EVENTS_EXCHANGE = "qm.events"
 #: Fanout exchange for tasks that failed for good; each server keeps its own queue on it.
 DEAD_EXCHANGE = "qm.dead"
-#: Fanout exchange carrying commands (cancel) to every running worker.
+#: Fanout exchange carrying cancels into the cancel stream.
 CONTROL_EXCHANGE = "qm.control"
-#: A worker's control queue disappears this long after its worker is gone.
-CONTROL_QUEUE_EXPIRES_MS = 60_000
+#: RabbitMQ stream of cancelled task ids, read by every worker from its start.
+CANCEL_STREAM = "qm.cancels"
+#: How long cancels are kept in the stream (RabbitMQ duration syntax).
+CANCEL_STREAM_MAX_AGE = "7D"
+#: Consumer argument: read a stream from its first message.
+FROM_STREAM_START = {"x-stream-offset": "first"}
 #: Logical queue used when a submission names none.
 DEFAULT_QUEUE = "default"
 #: Header naming why a message was dead-lettered (absent when RabbitMQ did it: x-death).
@@ -41,10 +45,12 @@ def dead_queue_name(server_id: str) -> str:
 
 def work_queue_arguments(queue_type: str, delivery_limit: int) -> dict[str, object]:
     """Quorum queues count deliveries: past the limit (a task that kills whole workers)
-    RabbitMQ dead-letters the message instead of delivering it forever."""
+    RabbitMQ dead-letters the message instead of delivering it forever. RabbitMQ's
+    x-delivery-limit counts redeliveries (limit N allows N + 1 deliveries); ours counts
+    deliveries, hence the - 1."""
     arguments: dict[str, object] = {"x-queue-type": queue_type, "x-dead-letter-exchange": DEAD_EXCHANGE}
     if queue_type == "quorum":
-        arguments["x-delivery-limit"] = delivery_limit
+        arguments["x-delivery-limit"] = max(0, delivery_limit - 1)
     return arguments
 
 
@@ -89,10 +95,10 @@ async def declare_events_queue(broker: Broker, server_id: str) -> str:
     return name
 
 
-async def declare_control_queue(broker: Broker, worker_id: str) -> str:
-    """This worker's queue on the control exchange (expires once the worker is gone)."""
-    name = f"qm.control.{worker_id}"
+async def declare_cancel_stream(broker: Broker) -> str:
+    """The stream of cancelled task ids: every worker reads it from the start (within
+    CANCEL_STREAM_MAX_AGE), so one that starts after a cancel still drops that task."""
     await broker.declare_exchange(CONTROL_EXCHANGE, "fanout")
-    await broker.declare_queue(name, {"x-queue-type": "classic", "x-expires": CONTROL_QUEUE_EXPIRES_MS})
-    await broker.bind_queue(name, CONTROL_EXCHANGE)
-    return name
+    await broker.declare_queue(CANCEL_STREAM, {"x-queue-type": "stream", "x-max-age": CANCEL_STREAM_MAX_AGE})
+    await broker.bind_queue(CANCEL_STREAM, CONTROL_EXCHANGE)
+    return CANCEL_STREAM

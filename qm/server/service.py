@@ -165,7 +165,6 @@ class TaskService:
         return self.status(task_id)
 
     async def _broadcast_cancel(self, task_id: str) -> None:
-        await self.broker.declare_exchange(topology.CONTROL_EXCHANGE, "fanout")
         await self.broker.publish(topology.CONTROL_EXCHANGE, "", task_id.encode(), {"qm-command": "cancel"})
 
     # -- dead letters ----------------------------------------------------------------
@@ -209,6 +208,7 @@ class TaskService:
     async def start_events(self, server_id: str) -> None:
         """Consume this replica's durable events and dead-letter queues into the store,
         and start the retention sweep."""
+        await topology.declare_cancel_stream(self.broker)  # cancels are kept even before any worker runs
         events = await topology.declare_events_queue(self.broker, server_id)
         dead = await topology.declare_dead_queue(self.broker, server_id)
         self._tasks = [asyncio.create_task(self._apply_events(), name="events-applier"),

@@ -23,6 +23,7 @@ import collections
 import dataclasses
 import logging
 import time
+import uuid
 
 from qm import limits as task_limits
 from qm import retry
@@ -40,8 +41,10 @@ log = logging.getLogger(__name__)
 EVENT_RETRY_WAIT_S = 5.0
 #: Run time after which a running task counts as long for the prefetch, before it ends.
 LONG_TASK_S = 1.0
-#: Unacked control messages (cancels) the worker may hold.
-CONTROL_PREFETCH = 100
+#: Longest wait to read the cancel stream up to now before taking tasks anyway.
+CANCEL_CATCH_UP_TIMEOUT_S = 30.0
+#: Unacked messages from the cancel stream the worker may hold (streams need a prefetch).
+CONTROL_PREFETCH = 1000
 #: How many cancelled task ids a worker remembers (to drop them if they arrive later).
 CANCELLED_MEMORY = 100_000
 
@@ -65,6 +68,8 @@ class Supervisor:
         self.draining = False
         self._consumer_tags: list[str] = []
         self._control_tag = ""
+        self._marker = f"{worker_id}:{uuid.uuid4()}"  # read back from the cancel stream = caught up
+        self._caught_up = asyncio.Event()
         self._unsettled: dict[asyncio.Task, Delivery] = {}  # handler → its delivery, until settled
         self._waiting: set[asyncio.Task] = set()              # handlers whose job has not started
         self._background: set[asyncio.Task] = set()
@@ -74,21 +79,35 @@ class Supervisor:
 
     async def start(self) -> None:
         await self.broker.declare_exchange(topology.EVENTS_EXCHANGE, "fanout")
+        await self._read_cancels()
         for queue in self.queues:
             name = await topology.declare_work_queue(self.broker, queue, self.queue_type, self.delivery_limit)
             self._consumer_tags.append(await self.broker.consume(name, self._on_delivery, self.prefetch.value))
-        control = await topology.declare_control_queue(self.broker, self.worker_id)
-        self._control_tag = await self.broker.consume(control, self._on_control, CONTROL_PREFETCH)
         log.info("worker %s consuming %s with prefetch %d per queue (%s), %d children",
                  self.worker_id, ", ".join(self.queues), self.prefetch.value,
                  "auto" if isinstance(self.prefetch, AutoPrefetch) else "fixed", self.pool.procs)
 
+    async def _read_cancels(self) -> None:
+        """Follow the cancel stream, and catch up with it before taking any task: publish a
+        marker into it and wait to read it back, so every earlier cancel is known."""
+        cancels = await topology.declare_cancel_stream(self.broker)
+        self._control_tag = await self.broker.consume(cancels, self._on_control, CONTROL_PREFETCH,
+                                                      topology.FROM_STREAM_START)
+        await self.broker.publish(topology.CONTROL_EXCHANGE, "", self._marker.encode(), {"qm-command": "marker"})
+        try:
+            await asyncio.wait_for(self._caught_up.wait(), CANCEL_CATCH_UP_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            log.warning("cancel stream not read to its end within %g s; starting anyway", CANCEL_CATCH_UP_TIMEOUT_S)
+
     def _on_control(self, delivery: Delivery) -> None:
         """A cancel: drop the task if it waits here, kill it if it runs here, remember it."""
         self.broker.ack(delivery)
-        if delivery.headers.get("qm-command") != "cancel":
+        command, body = delivery.headers.get("qm-command"), delivery.body.decode(errors="replace")
+        if command == "marker" and body == self._marker:
+            self._caught_up.set()
+        if command != "cancel":
             return
-        task_id = delivery.body.decode(errors="replace")
+        task_id = body
         self._cancelled[task_id] = None
         while len(self._cancelled) > CANCELLED_MEMORY:
             self._cancelled.popitem(last=False)

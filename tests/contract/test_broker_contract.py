@@ -242,6 +242,25 @@ class BrokerContract:
 
         self.run(scenario)
 
+    def test_every_consumer_of_a_stream_reads_it_from_the_start(self):
+        async def scenario(broker: Broker) -> None:
+            exchange, stream = unique("exchange"), unique("stream")
+            await broker.declare_exchange(exchange, "fanout")
+            await broker.declare_queue(stream, {"x-queue-type": "stream"})
+            await broker.bind_queue(stream, exchange)
+            early = bodies("early", 3)
+            for body in early:
+                await broker.publish(exchange, "", body)
+            first, second = Inbox(broker, auto_ack=True), Inbox(broker, auto_ack=True)
+            await broker.consume(stream, first, 100, {"x-stream-offset": "first"})
+            await broker.consume(stream, second, 100, {"x-stream-offset": "first"})
+            await broker.publish(exchange, "", b"late")
+
+            for inbox in (first, second):
+                assert [d.body for d in await inbox.take(4)] == early + [b"late"]
+
+        self.run(scenario)
+
     # -- 4. nack ------------------------------------------------------------------------
 
     def test_nack_requeues_or_drops(self):
