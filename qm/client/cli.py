@@ -178,7 +178,7 @@ def cmd_submit(client: Client, args) -> int:
     if args.json:
         print(_as_json(final))
     elif final.state == "SUCCEEDED":
-        print(final.result)
+        print(final.result if isinstance(final.result, str) else json.dumps(final.result))
     else:
         print(f"qm: task {task_id} ended {final.state}: {final.error}", file=sys.stderr)
     return 0 if final.state == "SUCCEEDED" else EXIT_TASK_FAILED

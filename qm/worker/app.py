@@ -67,9 +67,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def build(config: Config) -> tuple[Pool, RabbitMQBroker, Supervisor]:
+def build(config: Config, registry: plugin_registry.Registry) -> tuple[Pool, RabbitMQBroker, Supervisor]:
     """The worker's parts, wired from config (nothing started)."""
-    modules = sorted({ep.module for ep in plugin_registry.find()})
+    # Preload only plugins that loaded cleanly here: the forkserver dies on any import error
+    # other than ImportError, and one broken plugin must not stop the worker.
+    modules = sorted({ep.module for ep in plugin_registry.find() if ep.name in registry.types})
     pool = Pool(effective_procs(config), config.worker.start_method, preload_modules=modules,
                 memory_check_interval_s=config.worker.memory_check_interval_s,
                 max_tasks_per_child=config.worker.max_tasks_per_child,
@@ -90,7 +92,7 @@ async def run_worker(config: Config) -> None:
     for error in registry.errors:
         log.error("%s", error)
     log.info("serving task types: %s", ", ".join(sorted(registry.types)) or "none")
-    pool, broker, supervisor = build(config)
+    pool, broker, supervisor = build(config, registry)
     signals: asyncio.Queue[int] = asyncio.Queue()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, signals.put_nowait, signal.SIGTERM)

@@ -1,0 +1,65 @@
+"""The declarations pass QueueMaster's checks, and the installed entry points are found."""
+import importlib.metadata
+
+import pytest
+
+from qm import registry
+from qm.worker.child import run_job
+from qm_examples import hash_chain, monte_carlo, primes
+
+TASK_TYPES = {"examples.primes": primes.TASK_TYPE, "examples.hash_chain": hash_chain.TASK_TYPE,
+              "examples.monte_carlo_pi": monte_carlo.TASK_TYPE}
+
+
+def installed() -> bool:
+    try:
+        importlib.metadata.distribution("qm-examples")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+needs_install = pytest.mark.skipif(
+    not installed(), reason="qm-examples is not installed (pip install -e plugins/qm-examples)")
+
+
+def test_declarations_pass_the_registry_checks():
+    checked = registry.validate(TASK_TYPES.values())
+    assert checked.errors == ()
+    assert checked.types == TASK_TYPES
+
+
+def test_a_worker_child_runs_them_from_payload_bytes_to_result_bytes():
+    checked = registry.validate(TASK_TYPES.values())
+    ok = ("ok", b'{"below": 100, "count": 25}')
+    assert run_job(checked, "examples.primes", b'{"below": 100}') == ok
+    assert run_job(checked, "examples.hash_chain", b"1:abc") == (
+        "ok", b"ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
+    kind, value = run_job(checked, "examples.monte_carlo_pi", b'{"samples": 100, "seed": 5}')
+    assert kind == "ok" and value.startswith(b'{"pi": ')
+    kind, error = run_job(checked, "examples.primes", b'{"below": 0}')
+    assert kind == "permanent" and "payload.below" in error
+
+
+@needs_install
+def test_installed_entry_points_are_discovered_without_errors():
+    ours = [ep for ep in registry.find() if ep.dist is not None and ep.dist.name == "qm-examples"]
+    assert sorted(ep.name for ep in ours) == sorted(TASK_TYPES)
+    found = registry.discover()
+    problems = [str(error) for error in found.errors
+                if "qm-examples" in str(error) or any(name in str(error) for name in TASK_TYPES)]
+    assert problems == []
+    for name, declared in TASK_TYPES.items():
+        assert found.get(name) is declared
+
+
+@needs_install
+def test_runs_through_a_real_pool_child_with_its_limits():
+    """qm.testing.run_task: validator, limit resolution and a fresh child, as a worker would."""
+    from qm.testing import run_task
+
+    done = run_task("examples.primes", {"below": 1000})
+    assert (done.state, done.value) == ("SUCCEEDED", {"below": 1000, "count": 168})
+    assert (done.timeout_s, done.memory_limit_mb) == (60, 512)  # the type's defaults
+    late = run_task("examples.hash_chain", "50000000:x", timeout_s=1.0)
+    assert late.state == "TIMED_OUT" and "SoftTimeout" in late.error
