@@ -263,6 +263,7 @@ class ServerConfig:
     default_retry_jitter: bool = _setting(True, _to_bool)
     default_retry_on_timeout: bool = _setting(False, _to_bool)
     retention_s: float = _setting(604800.0, _to_float, _above(0))
+    metrics_port: int = _setting(0, _to_int, _at_least(0), _at_most(65535))
 
 
 @dataclass(frozen=True)
@@ -283,6 +284,7 @@ class WorkerConfig:
     address_space_limit: bool = _setting(True, _to_bool)
     drain_timeout_s: float = _setting(60.0, _to_float, _at_least(0))
     status_listen: str = _setting("127.0.0.1:0", _to_str, _optional_host_port)
+    metrics_port: int = _setting(0, _to_int, _at_least(0), _at_most(65535))
 
 
 @dataclass(frozen=True)

@@ -77,6 +77,7 @@ class RabbitMQBroker(Broker):
         self._runner: asyncio.Task | None = None
         self._closing = False
         self._last_error = "not connected yet"
+        self.connections = 0  # established so far; reconnects = connections - 1
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -135,6 +136,7 @@ class RabbitMQBroker(Broker):
                 delay_s = min(delay_s * 2, self._reconnect_max_delay_s)
                 continue
             delay_s = RECONNECT_INITIAL_DELAY_S
+            self.connections += 1
             self._connected.set()
             log.info("connected to RabbitMQ at %s", self._where)
             reason = await asyncio.shield(self._closed)

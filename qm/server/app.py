@@ -16,7 +16,9 @@ from grpc_reflection.v1alpha import reflection
 from qm import registry as plugin_registry
 from qm._proto import task_queue_pb2, task_queue_pb2_grpc
 from qm.broker.rabbitmq import RabbitMQBroker
-from qm.config import Config, export_executor_secret, load_config
+from qm.config import Config, export_executor_secret, load_config, parse_host_port
+from qm.metrics import ServerMetrics
+from qm.metrics import serve as serve_metrics
 from qm.errors import ConfigError
 from qm.logs import setup_logging
 from qm.retry import RetryPolicy
@@ -56,7 +58,8 @@ class ServerApp:
                                    default_timeout_s=server.default_task_timeout_s,
                                    default_memory_limit_mb=server.default_task_memory_limit_mb,
                                    consumer_timeout_s=config.broker.consumer_timeout_s,
-                                   default_retry=default_retry, retention_s=server.retention_s)
+                                   default_retry=default_retry, retention_s=server.retention_s,
+                                   metrics=ServerMetrics())
         self.health = health.aio.HealthServicer()
         self.grpc_server = grpc.aio.server()
         self.port = 0
@@ -77,6 +80,10 @@ class ServerApp:
         if self.port == 0:
             raise ConfigError("server.listen", f"cannot bind {listen}")
         await self.grpc_server.start()
+        if self.config.server.metrics_port:
+            host = parse_host_port(listen)[0]
+            metrics_port = serve_metrics(self.service.metrics.registry, self.config.server.metrics_port, host)
+            log.info("metrics on http://%s:%d/metrics", host, metrics_port)
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("qm-server %s listening on %s (port %d)", server_id(self.config), listen, self.port)
@@ -105,6 +112,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data-dir", metavar="DIR", help="directory of the SQLite task store (server.data_dir)")
     parser.add_argument("--server-id", metavar="ID",
                         help="replica id naming its durable events queue (server.id; default from hostname)")
+    parser.add_argument("--metrics-port", metavar="PORT",
+                        help="serve Prometheus /metrics on this port; 0 = off (server.metrics_port)")
     parser.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING or ERROR (log.level)")
     return parser.parse_args(argv)
 
@@ -126,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, overrides={
             "server.listen": args.listen, "broker.url": args.broker_url,
-            "server.data_dir": args.data_dir, "server.id": args.server_id, "log.level": args.log_level})
+            "server.data_dir": args.data_dir, "server.id": args.server_id, "log.level": args.log_level,
+            "server.metrics_port": args.metrics_port})
     except ConfigError as exc:
         print(f"qm-server: {exc}", file=sys.stderr)
         return 2

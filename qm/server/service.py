@@ -16,6 +16,7 @@ from qm.broker import topology
 from qm.broker.base import Broker, Delivery
 from qm.errors import BrokerUnavailable, TaskAlreadyFinished, TaskNotFound, ValidationError
 from qm.messages import TaskEvent, TaskMessage
+from qm.metrics import ServerMetrics
 from qm.registry import Registry
 from qm.server.hub import Hub
 from qm.retry import RetryPolicy
@@ -33,6 +34,8 @@ MAX_IDEMPOTENCY_KEY_CHARS = 200
 #: Dead letters listed when the request names no limit, and the most one requeue moves.
 DEFAULT_DEAD_LETTER_LIMIT = 100
 MAX_REQUEUE = 10_000
+#: Least time between two updates of the store size gauges.
+STORE_GAUGES_INTERVAL_S = 5.0
 #: Longest pause between two retention sweeps.
 RETENTION_SWEEP_MAX_S = 3600.0
 
@@ -44,7 +47,7 @@ class TaskService:
                  max_payload_bytes: int, queue_type: str = "quorum", delivery_limit: int = 5,
                  default_timeout_s: float = 600.0, default_memory_limit_mb: int = 0,
                  consumer_timeout_s: float = 1800.0, default_retry: RetryPolicy = RetryPolicy(),
-                 retention_s: float = 7 * 86400.0) -> None:
+                 retention_s: float = 7 * 86400.0, metrics: ServerMetrics | None = None) -> None:
         self.registry = registry
         self.store = store
         self.broker = broker
@@ -57,6 +60,7 @@ class TaskService:
         self.consumer_timeout_s = consumer_timeout_s
         self.default_retry = default_retry
         self.retention_s = retention_s
+        self.metrics = metrics or ServerMetrics()
         self._declared_queues: set[str] = set()
         self._pending_keys: dict[str, asyncio.Future] = {}
         self._events: asyncio.Queue[Delivery] = asyncio.Queue()
@@ -93,6 +97,7 @@ class TaskService:
                 return await asyncio.shield(self._pending_keys[idempotency_key])
             existing = self.store.find_by_idempotency_key(idempotency_key)
             if existing is not None:
+                self.metrics.submissions.labels(existing.type, "duplicate").inc()
                 return existing
         future = asyncio.get_running_loop().create_future()
         if idempotency_key:
@@ -101,13 +106,23 @@ class TaskService:
             record = await self._accept(task_type, payload, queue or topology.DEFAULT_QUEUE, timeout_s,
                                         memory_limit_mb, idempotency_key, retry_options)
             future.set_result(record)
+            self.metrics.submissions.labels(task_type, "accepted").inc()
             return record
         except BaseException as exc:
+            self._count_refusal(task_type, exc)
             future.set_exception(exc)
             future.exception()  # retrieved: a lone submit has no one else waiting on it
             raise
         finally:
             self._pending_keys.pop(idempotency_key, None)
+
+    def _count_refusal(self, task_type: str, error: BaseException) -> None:
+        known_type = task_type if task_type in self.registry.types else "unknown"
+        if isinstance(error, ValidationError):
+            self.metrics.submissions.labels(known_type, "invalid").inc()
+            self.metrics.rejects.labels(error.field).inc()
+        elif isinstance(error, BrokerUnavailable):
+            self.metrics.submissions.labels(known_type, "unavailable").inc()
 
     async def _accept(self, task_type: str, payload: bytes, queue: str, timeout_s: float, memory_limit_mb: int,
                       idempotency_key: str, retry_options: dict) -> TaskRecord:
@@ -132,8 +147,10 @@ class TaskService:
     async def _enqueue(self, record: TaskRecord, message: TaskMessage) -> None:
         """Store, publish, await the confirm; on failure nothing stays stored."""
         self.store.insert(record)
+        started = time.perf_counter()
         try:
             await self.broker.publish(topology.TASKS_EXCHANGE, message.queue, message.encode(), message.headers())
+            self.metrics.confirm_seconds.observe(time.perf_counter() - started)
         except BaseException:
             self.store.delete(record.task_id)  # never a stored half-task
             raise
@@ -212,7 +229,8 @@ class TaskService:
         events = await topology.declare_events_queue(self.broker, server_id)
         dead = await topology.declare_dead_queue(self.broker, server_id)
         self._tasks = [asyncio.create_task(self._apply_events(), name="events-applier"),
-                       asyncio.create_task(self._sweep_retention(), name="retention")]
+                       asyncio.create_task(self._sweep_retention(), name="retention"),
+                       asyncio.create_task(self._refresh_store_gauges(), name="store-gauges")]
         await self.broker.consume(events, self._events.put_nowait, EVENTS_PREFETCH)
         await self.broker.consume(dead, self._on_dead_letter, EVENTS_PREFETCH)
 
@@ -244,9 +262,20 @@ class TaskService:
         codecs = {name: declared.codec for name, declared in self.registry.types.items()}
         for record in self.store.apply(events, codecs):
             self.hub.publish(record)
+        now = time.time()
+        for event in events:
+            self.metrics.events.labels(event.state.name).inc()
+            self.metrics.events_lag_seconds.observe(max(0.0, now - event.at_s))
         for event in events:  # a worker that missed the cancel (started after it) is told again
             if event.state is TaskState.RUNNING and self._is_cancelled(event.task_id):
                 self._recancel(event.task_id)
+
+    async def _refresh_store_gauges(self) -> None:
+        """Counting rows is not free: every few seconds, on the loop's thread (SQLite's)."""
+        while True:
+            self.metrics.store_tasks.set(self.store.count())
+            self.metrics.store_dead_letters.set(self.store.dead_letters(0)[1])
+            await asyncio.sleep(STORE_GAUGES_INTERVAL_S)
 
     def _recancel(self, task_id: str) -> None:
         async def send() -> None:
@@ -287,6 +316,7 @@ class TaskService:
         self.store.add_dead_letter(DeadLetter(message.task_id, message.type, message.queue, state,
                                               message.attempt, str(reason), error, delivery.body, time.time()))
         log.warning("task %s (%s) dead-lettered: %s", message.task_id, message.type, reason)
+        self.metrics.dead_letters.labels(message.type if message.type in self.registry.types else "unknown").inc()
         self.broker.ack(delivery)
 
     async def _sweep_retention(self) -> None:

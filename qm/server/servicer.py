@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 
 import grpc
 
@@ -33,13 +34,18 @@ def status_code_for(error: QMError) -> grpc.StatusCode:
 
 
 def _maps_errors(method):
-    """Turn a domain error raised by a unary handler into its gRPC status."""
+    """Turn a domain error raised by a unary handler into its gRPC status; time the call."""
     @functools.wraps(method)
     async def wrapper(self, request, context):
+        started, code = time.perf_counter(), grpc.StatusCode.OK
         try:
             return await method(self, request, context)
         except QMError as exc:
-            await context.abort(status_code_for(exc), str(exc))
+            code = status_code_for(exc)
+            await context.abort(code, str(exc))
+        finally:
+            self.service.metrics.rpc_seconds.labels(method.__name__, code.name).observe(
+                time.perf_counter() - started)
     return wrapper
 
 
@@ -124,12 +130,14 @@ class TaskQueueServicer(task_queue_pb2_grpc.TaskQueueServicer):
         updates: asyncio.Queue = asyncio.Queue()
         followed: set[str] = set()
         reader = asyncio.create_task(self._read_follow_requests(request_iterator, updates, followed))
+        self.service.metrics.open_streams.inc()
         try:
             async for status in _stream_until_terminal(updates, followed):
                 yield status
         except QMError as exc:
             await context.abort(status_code_for(exc), str(exc))
         finally:
+            self.service.metrics.open_streams.dec()
             reader.cancel()
             for task_id in followed:
                 self.service.hub.unfollow(task_id, updates)

@@ -12,15 +12,19 @@ import sys
 from qm import limits as task_limits
 from qm import registry as plugin_registry
 from qm.broker.rabbitmq import RabbitMQBroker
-from qm.config import Config, export_executor_secret, load_config
+from qm.config import Config, export_executor_secret, load_config, parse_host_port
 from qm.errors import ConfigError
 from qm.logs import setup_logging
+from qm.metrics import serve as serve_metrics
 from qm.worker.pool import Pool
 from qm.worker.prefetch import AutoPrefetch, FixedPrefetch
 from qm.worker.status import StatusEndpoint
 from qm.worker.supervisor import Supervisor
 
 log = logging.getLogger("qm.worker")
+
+#: How often the per-child RSS gauge is refreshed when metrics are on.
+RSS_METRIC_INTERVAL_S = 2.0
 
 
 def effective_procs(config: Config) -> int:
@@ -62,6 +66,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--drain-timeout", metavar="S", help="on SIGTERM, how long running tasks may finish (worker.drain_timeout_s)")
     add("--status-listen", metavar="HOST:PORT",
         help="gRPC health + status endpoint; port 0 picks one; '' disables (worker.status_listen)")
+    add("--metrics-port", metavar="PORT", help="serve Prometheus /metrics on this port; 0 = off (worker.metrics_port)")
     add("--worker-id", metavar="ID", help="name reported in task events (worker.id; default host:pid)")
     add("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING or ERROR (log.level)")
     return parser.parse_args(argv)
@@ -84,7 +89,19 @@ def build(config: Config, registry: plugin_registry.Registry) -> tuple[Pool, Rab
                             config.broker.queue_type, caps=caps,
                             soft_timeout_grace_s=config.worker.soft_timeout_grace_s,
                             delivery_limit=config.broker.delivery_limit)
+    supervisor.metrics.watch(
+        busy=lambda: supervisor.busy, idle=lambda: max(0, pool.procs - supervisor.busy),
+        restarts=lambda: pool.restarts, prefetch=lambda: supervisor.prefetch.value,
+        unacked=lambda: supervisor.unacked, reconnects=lambda: max(0, broker.connections - 1))
     return pool, broker, supervisor
+
+
+async def sample_child_rss(supervisor: Supervisor, interval_s: float = RSS_METRIC_INTERVAL_S) -> None:
+    """Keep the per-child RSS gauge current (sampled on the loop's thread)."""
+    while True:
+        for slot in supervisor.pool.slots:
+            supervisor.metrics.child_rss_bytes.labels(str(slot.index)).set(slot.sample_rss() if slot.alive else 0)
+        await asyncio.sleep(interval_s)
 
 
 async def run_worker(config: Config) -> None:
@@ -108,9 +125,17 @@ async def run_worker(config: Config) -> None:
     status = StatusEndpoint(supervisor, config.worker.status_listen) if config.worker.status_listen else None
     if status:
         await status.start()
+    rss_sampler = None
+    if config.worker.metrics_port:
+        host = parse_host_port(config.worker.status_listen)[0] if config.worker.status_listen else "127.0.0.1"
+        port = serve_metrics(supervisor.metrics.registry, config.worker.metrics_port, host)
+        log.info("metrics on http://%s:%d/metrics", host, port)
+        rss_sampler = asyncio.create_task(sample_child_rss(supervisor))
     await broker.connect()
     await supervisor.start()
     signum = await signals.get()
+    if rss_sampler:
+        rss_sampler.cancel()
     log.info("%s: draining for up to %g s (send it again to stop at once)", signal.Signals(signum).name,
              config.worker.drain_timeout_s)
     if status:
@@ -139,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             "worker.task_memory_limit_mb": args.task_memory_limit,
             "worker.max_tasks_per_child": args.max_tasks_per_child,
             "worker.drain_timeout_s": args.drain_timeout, "worker.status_listen": args.status_listen,
-            "worker.id": args.worker_id, "log.level": args.log_level})
+            "worker.id": args.worker_id, "log.level": args.log_level, "worker.metrics_port": args.metrics_port})
     except ConfigError as exc:
         print(f"qm-worker: {exc}", file=sys.stderr)
         return 2

@@ -31,6 +31,7 @@ from qm.broker import topology
 from qm.broker.base import Broker, Delivery
 from qm.errors import BrokerUnavailable
 from qm.messages import TaskEvent, TaskMessage
+from qm.metrics import WorkerMetrics
 from qm.states import TaskState
 from qm.worker.pool import Job, Outcome, Pool
 from qm.worker.prefetch import AutoPrefetch, FixedPrefetch
@@ -39,6 +40,9 @@ log = logging.getLogger(__name__)
 
 #: Longest wait for the broker to come back before retrying an event publish.
 EVENT_RETRY_WAIT_S = 5.0
+#: Outcomes that mean the child was killed or lost, and their `reason` label.
+KILL_REASONS = {TaskState.TIMED_OUT: "timeout", TaskState.MEMORY_EXCEEDED: "memory",
+                TaskState.CRASHED: "crash", TaskState.CANCELLED: "cancel"}
 #: Run time after which a running task counts as long for the prefetch, before it ends.
 LONG_TASK_S = 1.0
 #: Longest wait to read the cancel stream up to now before taking tasks anyway.
@@ -55,7 +59,7 @@ class Supervisor:
     def __init__(self, broker: Broker, pool: Pool, worker_id: str, queues: list[str],
                  prefetch: AutoPrefetch | FixedPrefetch | int, queue_type: str = "quorum", *,
                  caps: task_limits.Limits = task_limits.Limits(0.0, 0), soft_timeout_grace_s: float = 1.0,
-                 delivery_limit: int = 5) -> None:
+                 delivery_limit: int = 5, metrics: WorkerMetrics | None = None) -> None:
         self.broker = broker
         self.pool = pool
         self.worker_id = worker_id
@@ -63,6 +67,7 @@ class Supervisor:
         self.prefetch = FixedPrefetch(prefetch) if isinstance(prefetch, int) else prefetch
         self.queue_type = queue_type
         self.delivery_limit = delivery_limit
+        self.metrics = metrics or WorkerMetrics()
         self.caps = caps
         self.soft_timeout_grace_s = soft_timeout_grace_s
         self.draining = False
@@ -170,6 +175,7 @@ class Supervisor:
         def on_started() -> None:
             nonlocal started_at
             started_at = time.monotonic()
+            self.metrics.queue_wait_seconds.labels(message.type).observe(max(0.0, time.time() - message.enqueued_at_s))
             self._waiting.discard(handler)
             # A task still running at this point already tells the prefetch it is long,
             # before it finishes (which may be much later).
@@ -186,7 +192,11 @@ class Supervisor:
             raise
         log.info("task %s (%s) attempt %d: %s%s", message.task_id, message.type, message.attempt,
                  outcome.state.name, f": {outcome.error.splitlines()[0]}" if outcome.error else "")
-        self._observe(time.monotonic() - started_at)
+        run_s = time.monotonic() - started_at
+        self._observe(run_s)
+        self.metrics.run_seconds.labels(message.type).observe(run_s)
+        if outcome.state in KILL_REASONS:
+            self.metrics.kills.labels(KILL_REASONS[outcome.state]).inc()
         await self._report(message, outcome)
         self._settle(handler, ack=True)
 
@@ -196,6 +206,7 @@ class Supervisor:
         letter unless it succeeded, then the terminal event)."""
         if outcome.state in (TaskState.SUCCEEDED, TaskState.CANCELLED):
             await self._publish_event(self._event(message, outcome.state, outcome))
+            self.metrics.tasks_finished.labels(message.type, outcome.state.name).inc()
             return
         policy = message.retry
         if not outcome.permanent and policy.retries(outcome.state, message.attempt):
@@ -207,11 +218,13 @@ class Supervisor:
                                           following.encode(), following.headers(), message.task_id)
             event = self._event(message, TaskState.RETRYING, outcome)
             await self._publish_event(dataclasses.replace(event, next_attempt_at_s=time.time() + tier_s))
+            self.metrics.tasks_finished.labels(message.type, TaskState.RETRYING.name).inc()
             return
         headers = {**message.headers(), topology.DEAD_REASON_HEADER: dead_reason(message, outcome),
                    "qm-state": outcome.state.name, "qm-error": outcome.error[:2000]}
         await self._publish_confirmed(topology.DEAD_EXCHANGE, "", message.encode(), headers, message.task_id)
         await self._publish_event(self._event(message, outcome.state, outcome))
+        self.metrics.tasks_finished.labels(message.type, outcome.state.name).inc()
 
     async def _ensure_wait_tier(self, tier_s: int) -> None:
         if tier_s not in self._wait_tiers:
@@ -311,6 +324,10 @@ class Supervisor:
     @property
     def busy(self) -> int:
         return len(self._unsettled) - len(self._waiting)
+
+    @property
+    def unacked(self) -> int:
+        return len(self._unsettled)
 
 
 def dead_reason(message: TaskMessage, outcome: Outcome) -> str:

@@ -1,0 +1,86 @@
+"""Prometheus metrics of qm-server and qm-worker; the only module that imports prometheus_client.
+
+Each process has its own registry and, with `--metrics-port N` (0 = off), serves it over
+HTTP. Names follow Prometheus conventions (`_total`, `_seconds`, `_bytes`); label values
+are bounded: task types come from installed plugins, states and methods are enums.
+Values that already live in the process (busy children, prefetch, store size) are read
+when scraped through callbacks, not copied on every change.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+#: Buckets for task run and wait times: CPU-heavy tasks run from milliseconds to an hour.
+TASK_SECONDS_BUCKETS = (0.005, 0.025, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 1800, 3600)
+#: Buckets for RPC handling and publish confirms.
+FAST_SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
+
+
+class ServerMetrics:
+    """What qm-server exposes."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.submissions = Counter("qm_server_submissions_total", "Submissions by task type and outcome "
+                                   "(accepted, duplicate, invalid, unavailable)", ["type", "outcome"], registry=r)
+        self.rejects = Counter("qm_server_validation_rejects_total", "Rejected submissions by the field at fault",
+                               ["field"], registry=r)
+        self.rpc_seconds = Histogram("qm_server_grpc_handling_seconds", "gRPC handling time by method and code",
+                                     ["method", "code"], buckets=FAST_SECONDS_BUCKETS, registry=r)
+        self.open_streams = Gauge("qm_server_open_streams", "StreamTaskResults streams open", registry=r)
+        self.confirm_seconds = Histogram("qm_server_publish_confirm_seconds", "Time from publish to RabbitMQ's "
+                                         "confirm of a submitted task", buckets=FAST_SECONDS_BUCKETS, registry=r)
+        self.events_lag_seconds = Histogram("qm_server_events_lag_seconds", "Age of task events when applied "
+                                            "to the store", buckets=FAST_SECONDS_BUCKETS, registry=r)
+        self.events = Counter("qm_server_events_total", "Task events applied, by state", ["state"], registry=r)
+        self.dead_letters = Counter("qm_server_dead_letters_total", "Tasks dead-lettered", ["type"], registry=r)
+        self.store_tasks = Gauge("qm_server_store_tasks", "Tasks in this server's store", registry=r)
+        self.store_dead_letters = Gauge("qm_server_store_dead_letters", "Dead letters in this server's store",
+                                        registry=r)
+
+    def watch_store(self, tasks: Callable[[], float], dead_letters: Callable[[], float]) -> None:
+        self.store_tasks.set_function(tasks)
+        self.store_dead_letters.set_function(dead_letters)
+
+
+class WorkerMetrics:
+    """What qm-worker exposes."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.tasks_finished = Counter("qm_worker_tasks_finished_total", "Attempts finished by task type and "
+                                      "state (RETRYING = retried)", ["type", "state"], registry=r)
+        self.run_seconds = Histogram("qm_worker_task_run_seconds", "Task run time by type", ["type"],
+                                     buckets=TASK_SECONDS_BUCKETS, registry=r)
+        self.queue_wait_seconds = Histogram("qm_worker_task_queue_wait_seconds", "Time from enqueue to start",
+                                            ["type"], buckets=TASK_SECONDS_BUCKETS, registry=r)
+        self.kills = Counter("qm_worker_kills_total", "Children killed or lost, by reason "
+                             "(timeout, memory, crash, cancel)", ["reason"], registry=r)
+        self.children_busy = Gauge("qm_worker_children_busy", "Children running a task", registry=r)
+        self.children_idle = Gauge("qm_worker_children_idle", "Children waiting for a task", registry=r)
+        self.child_rss_bytes = Gauge("qm_worker_child_rss_bytes", "RSS of each child with its descendants, "
+                                     "as last sampled", ["slot"], registry=r)
+        self.child_restarts = Gauge("qm_worker_child_restarts", "Children replaced after dying (since start)",
+                                    registry=r)
+        self.prefetch = Gauge("qm_worker_prefetch", "Current prefetch per consumed queue", registry=r)
+        self.unacked = Gauge("qm_worker_unacked_deliveries", "Deliveries held and not yet acked", registry=r)
+        self.reconnects = Gauge("qm_worker_broker_reconnects", "Reconnections to RabbitMQ (since start)", registry=r)
+
+    def watch(self, *, busy: Callable[[], float], idle: Callable[[], float], restarts: Callable[[], float],
+              prefetch: Callable[[], float], unacked: Callable[[], float], reconnects: Callable[[], float]) -> None:
+        self.children_busy.set_function(busy)
+        self.children_idle.set_function(idle)
+        self.child_restarts.set_function(restarts)
+        self.prefetch.set_function(prefetch)
+        self.unacked.set_function(unacked)
+        self.reconnects.set_function(reconnects)
+
+
+def serve(registry: CollectorRegistry, port: int, host: str = "0.0.0.0") -> int:
+    """Serve a registry on /metrics in a background thread; return the bound port."""
+    server, _thread = start_http_server(port, addr=host, registry=registry)
+    return server.server_port
