@@ -264,6 +264,7 @@ class ServerConfig:
     default_retry_on_timeout: bool = _setting(False, _to_bool)
     retention_s: float = _setting(604800.0, _to_float, _above(0))
     metrics_port: int = _setting(0, _to_int, _at_least(0), _at_most(65535))
+    worker_lost_after_s: float = _setting(30.0, _to_float, _above(0))
 
 
 @dataclass(frozen=True)
@@ -285,6 +286,7 @@ class WorkerConfig:
     drain_timeout_s: float = _setting(60.0, _to_float, _at_least(0))
     status_listen: str = _setting("127.0.0.1:0", _to_str, _optional_host_port)
     metrics_port: int = _setting(0, _to_int, _at_least(0), _at_most(65535))
+    heartbeat_interval_s: float = _setting(5.0, _to_float, _above(0))
 
 
 @dataclass(frozen=True)

@@ -100,3 +100,36 @@ def _parse(message_class, body: bytes):
     except DecodeError as exc:
         raise ValueError(f"undecodable {message_class.__name__}: {exc}") from exc
     return message
+
+
+@dataclasses.dataclass(frozen=True)
+class Heartbeat:
+    """A worker announcing itself: who, where, what it serves, how busy."""
+
+    worker_id: str
+    host: str
+    pid: int
+    procs: int
+    busy: int
+    queues: tuple[str, ...]
+    types: tuple[str, ...]
+    version: str
+    draining: bool = False
+    stopped: bool = False
+    at_s: float = dataclasses.field(default_factory=time.time)
+
+    def encode(self) -> bytes:
+        beat = internal_pb2.WorkerHeartbeat(
+            worker_id=self.worker_id, host=self.host, pid=self.pid, procs=self.procs, busy=self.busy,
+            queues=self.queues, types=self.types, version=self.version, draining=self.draining,
+            stopped=self.stopped)
+        beat.at.FromNanoseconds(int(self.at_s * 1e9))
+        return beat.SerializeToString()
+
+    @classmethod
+    def decode(cls, body: bytes) -> "Heartbeat":
+        beat = _parse(internal_pb2.WorkerHeartbeat, body)
+        if not beat.worker_id:
+            raise ValueError("heartbeat without worker_id")
+        return cls(beat.worker_id, beat.host, beat.pid, beat.procs, beat.busy, tuple(beat.queues),
+                   tuple(beat.types), beat.version, beat.draining, beat.stopped, beat.at.ToNanoseconds() / 1e9)

@@ -54,6 +54,11 @@ class TaskQueueStub:
                 request_serializer=qm_dot___proto_dot_task__queue__pb2.CancelTaskRequest.SerializeToString,
                 response_deserializer=qm_dot___proto_dot_task__queue__pb2.TaskStatus.FromString,
                 _registered_method=True)
+        self.ListWorkers = channel.unary_unary(
+                '/qm.v1.TaskQueue/ListWorkers',
+                request_serializer=qm_dot___proto_dot_task__queue__pb2.ListWorkersRequest.SerializeToString,
+                response_deserializer=qm_dot___proto_dot_task__queue__pb2.ListWorkersResponse.FromString,
+                _registered_method=True)
         self.ListTaskTypes = channel.unary_unary(
                 '/qm.v1.TaskQueue/ListTaskTypes',
                 request_serializer=qm_dot___proto_dot_task__queue__pb2.ListTaskTypesRequest.SerializeToString,
@@ -111,6 +116,13 @@ class TaskQueueServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListWorkers(self, request, context):
+        """Workers seen through their heartbeats; a silent one is shown as lost.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListTaskTypes(self, request, context):
         """The task types this server accepts, with codec, limits and description.
         """
@@ -161,6 +173,11 @@ def add_TaskQueueServicer_to_server(servicer, server):
                     servicer.CancelTask,
                     request_deserializer=qm_dot___proto_dot_task__queue__pb2.CancelTaskRequest.FromString,
                     response_serializer=qm_dot___proto_dot_task__queue__pb2.TaskStatus.SerializeToString,
+            ),
+            'ListWorkers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWorkers,
+                    request_deserializer=qm_dot___proto_dot_task__queue__pb2.ListWorkersRequest.FromString,
+                    response_serializer=qm_dot___proto_dot_task__queue__pb2.ListWorkersResponse.SerializeToString,
             ),
             'ListTaskTypes': grpc.unary_unary_rpc_method_handler(
                     servicer.ListTaskTypes,
@@ -291,6 +308,33 @@ class TaskQueue:
             '/qm.v1.TaskQueue/CancelTask',
             qm_dot___proto_dot_task__queue__pb2.CancelTaskRequest.SerializeToString,
             qm_dot___proto_dot_task__queue__pb2.TaskStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWorkers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qm.v1.TaskQueue/ListWorkers',
+            qm_dot___proto_dot_task__queue__pb2.ListWorkersRequest.SerializeToString,
+            qm_dot___proto_dot_task__queue__pb2.ListWorkersResponse.FromString,
             options,
             channel_credentials,
             insecure,

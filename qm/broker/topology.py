@@ -17,6 +17,12 @@ CANCEL_STREAM = "qm.cancels"
 CANCEL_STREAM_MAX_AGE = "7D"
 #: Consumer argument: read a stream from its first message.
 FROM_STREAM_START = {"x-stream-offset": "first"}
+#: Fanout exchange of worker heartbeats; each server keeps a short-lived queue on it.
+HEARTBEATS_EXCHANGE = "qm.heartbeats"
+#: A heartbeat older than this is useless: it expires in the queue.
+HEARTBEAT_TTL_MS = 30_000
+#: A server's heartbeat queue is deleted this long after the server is gone.
+HEARTBEAT_QUEUE_EXPIRES_MS = 600_000
 #: Logical queue used when a submission names none.
 DEFAULT_QUEUE = "default"
 #: Header naming why a message was dead-lettered (absent when RabbitMQ did it: x-death).
@@ -102,3 +108,14 @@ async def declare_cancel_stream(broker: Broker) -> str:
     await broker.declare_queue(CANCEL_STREAM, {"x-queue-type": "stream", "x-max-age": CANCEL_STREAM_MAX_AGE})
     await broker.bind_queue(CANCEL_STREAM, CONTROL_EXCHANGE)
     return CANCEL_STREAM
+
+
+async def declare_heartbeats_queue(broker: Broker, server_id: str) -> str:
+    """This replica's queue of worker heartbeats: old ones expire, and the queue goes
+    away once its server has been gone a while (heartbeats are not worth keeping)."""
+    name = f"qm.heartbeats.{server_id}"
+    await broker.declare_exchange(HEARTBEATS_EXCHANGE, "fanout")
+    await broker.declare_queue(name, {"x-queue-type": "classic", "x-message-ttl": HEARTBEAT_TTL_MS,
+                                      "x-expires": HEARTBEAT_QUEUE_EXPIRES_MS})
+    await broker.bind_queue(name, HEARTBEATS_EXCHANGE)
+    return name

@@ -88,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("task_ids", metavar="ID", nargs="+", help="task ids to follow")
     watch.add_argument("--json", action="store_true", help="print one JSON object per change")
 
+    workers = commands.add_parser("workers", help="list workers: host, pid, procs, busy, queues, types, last seen",
+                                  description="Workers the server has heard from through their heartbeats; one "
+                                              "silent longer than server.worker_lost_after_s is shown as lost.")
+    workers.add_argument("--json", action="store_true", help="print one JSON object per worker")
+
     types = commands.add_parser("types", help="list the task types the server accepts",
                                 description="The task types the server accepts, with codec, default and "
                                             "maximum limits, and description; plugins that failed to load "
@@ -199,6 +204,21 @@ def cmd_watch(client: Client, args) -> int:
     return 0 if all(state == "SUCCEEDED" for state in final.values()) else EXIT_TASK_FAILED
 
 
+def cmd_workers(client: Client, args) -> int:
+    listed = client.workers()
+    for worker in listed:
+        if args.json:
+            print(json.dumps({**worker, "last_seen": _when(worker["last_seen"])}))
+        else:
+            print(f"{worker['worker_id']:<28} {worker['state']:<8} {worker['host']} pid {worker['pid']} "
+                  f"busy {worker['busy']}/{worker['procs']} queues {','.join(worker['queues'])} "
+                  f"v{worker['version']} last seen {_when(worker['last_seen'])} "
+                  f"types {','.join(worker['types'])}")
+    if not args.json:
+        print(f"{sum(w['state'] == 'active' for w in listed)} active worker(s)")
+    return 0
+
+
 def cmd_types(client: Client, args) -> int:
     types, errors = client.task_types()
     for item in types:
@@ -258,7 +278,7 @@ def cmd_dead(client: Client, args) -> int:
     return 0
 
 
-COMMANDS = {"submit": cmd_submit, "status": cmd_status, "watch": cmd_watch, "types": cmd_types, "cancel": cmd_cancel,
+COMMANDS = {"submit": cmd_submit, "status": cmd_status, "watch": cmd_watch, "workers": cmd_workers, "types": cmd_types, "cancel": cmd_cancel,
             "dead": cmd_dead}
 
 

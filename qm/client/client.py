@@ -184,6 +184,13 @@ class Client:
             time.sleep(delay_s)
             delay_s = min(delay_s * 2, SUBMIT_RETRY_MAX_DELAY_S)
 
+    def workers(self) -> list[dict[str, Any]]:
+        """Workers the server has heard from, with state active, draining, stopped or lost."""
+        response = self._call(self._stub.ListWorkers, task_queue_pb2.ListWorkersRequest())
+        return [{"worker_id": w.worker_id, "host": w.host, "pid": w.pid, "procs": w.procs, "busy": w.busy,
+                 "queues": list(w.queues), "types": list(w.types), "version": w.version, "state": w.state,
+                 "last_seen": _seconds(w.last_seen)} for w in response.workers]
+
     def task_types(self) -> tuple[list[dict[str, Any]], list[str]]:
         """The task types the server accepts (dicts of name, codec, limits, description) and
         the plugins that failed to load there."""

@@ -15,7 +15,7 @@ from qm import retry
 from qm.broker import topology
 from qm.broker.base import Broker, Delivery
 from qm.errors import BrokerUnavailable, TaskAlreadyFinished, TaskNotFound, ValidationError
-from qm.messages import TaskEvent, TaskMessage
+from qm.messages import Heartbeat, TaskEvent, TaskMessage
 from qm.metrics import ServerMetrics
 from qm.registry import Registry
 from qm.server.hub import Hub
@@ -47,7 +47,8 @@ class TaskService:
                  max_payload_bytes: int, queue_type: str = "quorum", delivery_limit: int = 5,
                  default_timeout_s: float = 600.0, default_memory_limit_mb: int = 0,
                  consumer_timeout_s: float = 1800.0, default_retry: RetryPolicy = RetryPolicy(),
-                 retention_s: float = 7 * 86400.0, metrics: ServerMetrics | None = None) -> None:
+                 retention_s: float = 7 * 86400.0, metrics: ServerMetrics | None = None,
+                 worker_lost_after_s: float = 30.0) -> None:
         self.registry = registry
         self.store = store
         self.broker = broker
@@ -61,6 +62,8 @@ class TaskService:
         self.default_retry = default_retry
         self.retention_s = retention_s
         self.metrics = metrics or ServerMetrics()
+        self.worker_lost_after_s = worker_lost_after_s
+        self._workers: dict[str, tuple[Heartbeat, float]] = {}
         self._declared_queues: set[str] = set()
         self._pending_keys: dict[str, asyncio.Future] = {}
         self._events: asyncio.Queue[Delivery] = asyncio.Queue()
@@ -226,6 +229,8 @@ class TaskService:
         """Consume this replica's durable events and dead-letter queues into the store,
         and start the retention sweep."""
         await topology.declare_cancel_stream(self.broker)  # cancels are kept even before any worker runs
+        heartbeats = await topology.declare_heartbeats_queue(self.broker, server_id)
+        await self.broker.consume(heartbeats, self._on_heartbeat, EVENTS_PREFETCH)
         events = await topology.declare_events_queue(self.broker, server_id)
         dead = await topology.declare_dead_queue(self.broker, server_id)
         self._tasks = [asyncio.create_task(self._apply_events(), name="events-applier"),
@@ -318,6 +323,29 @@ class TaskService:
         log.warning("task %s (%s) dead-lettered: %s", message.task_id, message.type, reason)
         self.metrics.dead_letters.labels(message.type if message.type in self.registry.types else "unknown").inc()
         self.broker.ack(delivery)
+
+    def _on_heartbeat(self, delivery: Delivery) -> None:
+        self.broker.ack(delivery)
+        try:
+            beat = Heartbeat.decode(delivery.body)
+        except ValueError as exc:
+            log.error("dropping an undecodable heartbeat: %s", exc)
+            return
+        self._workers[beat.worker_id] = (beat, time.time())
+
+    def workers(self) -> list[tuple[Heartbeat, float, str]]:
+        """Every worker heard from: its last heartbeat, when it arrived, and its state."""
+        now = time.time()
+        listed = []
+        for beat, seen_at in sorted(self._workers.values(), key=lambda item: item[0].worker_id):
+            if beat.stopped:
+                state = "stopped"
+            elif now - seen_at > self.worker_lost_after_s:
+                state = "lost"
+            else:
+                state = "draining" if beat.draining else "active"
+            listed.append((beat, seen_at, state))
+        return listed
 
     async def _sweep_retention(self) -> None:
         """Forget finished tasks (and so their idempotency keys) older than the retention."""

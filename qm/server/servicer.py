@@ -81,6 +81,16 @@ class TaskQueueServicer(task_queue_pb2_grpc.TaskQueueServicer):
         return task_queue_pb2.SubmitTaskResponse(task_id=record.task_id, state=int(record.state))
 
     @_maps_errors
+    async def ListWorkers(self, request, context):
+        response = task_queue_pb2.ListWorkersResponse()
+        for beat, seen_at, state in self.service.workers():
+            info = response.workers.add(worker_id=beat.worker_id, host=beat.host, pid=beat.pid, procs=beat.procs,
+                                        busy=beat.busy, queues=beat.queues, types=beat.types,
+                                        version=beat.version, state=state)
+            info.last_seen.FromNanoseconds(int(seen_at * 1e9))
+        return response
+
+    @_maps_errors
     async def ListTaskTypes(self, request, context):
         service = self.service
         response = task_queue_pb2.ListTaskTypesResponse(

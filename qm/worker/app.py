@@ -133,6 +133,8 @@ async def run_worker(config: Config) -> None:
         rss_sampler = asyncio.create_task(sample_child_rss(supervisor))
     await broker.connect()
     await supervisor.start()
+    types = sorted(registry.types)
+    heartbeats = asyncio.create_task(supervisor.send_heartbeats(config.worker.heartbeat_interval_s, types))
     signum = await signals.get()
     if rss_sampler:
         rss_sampler.cancel()
@@ -148,6 +150,8 @@ async def run_worker(config: Config) -> None:
         drain.cancel()
         await supervisor.abort()
     second.cancel()
+    heartbeats.cancel()
+    await supervisor.send_heartbeat(types, stopped=True)
     await pool.stop()
     await broker.close()
     if status:

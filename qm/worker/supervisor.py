@@ -22,15 +22,18 @@ import asyncio
 import collections
 import dataclasses
 import logging
+import os
+import socket
 import time
 import uuid
 
+import qm
 from qm import limits as task_limits
 from qm import retry
 from qm.broker import topology
 from qm.broker.base import Broker, Delivery
 from qm.errors import BrokerUnavailable
-from qm.messages import TaskEvent, TaskMessage
+from qm.messages import Heartbeat, TaskEvent, TaskMessage
 from qm.metrics import WorkerMetrics
 from qm.states import TaskState
 from qm.worker.pool import Job, Outcome, Pool
@@ -84,6 +87,7 @@ class Supervisor:
 
     async def start(self) -> None:
         await self.broker.declare_exchange(topology.EVENTS_EXCHANGE, "fanout")
+        await self.broker.declare_exchange(topology.HEARTBEATS_EXCHANGE, "fanout")
         await self._read_cancels()
         for queue in self.queues:
             name = await topology.declare_work_queue(self.broker, queue, self.queue_type, self.delivery_limit)
@@ -311,6 +315,20 @@ class Supervisor:
                 await asyncio.wait(late)
         if self._background:
             await asyncio.wait(set(self._background), timeout=EVENT_RETRY_WAIT_S)
+
+    async def send_heartbeats(self, interval_s: float, types: list[str]) -> None:
+        """Announce this worker to the servers every `interval_s` until cancelled."""
+        while True:
+            await self.send_heartbeat(types)
+            await asyncio.sleep(interval_s)
+
+    async def send_heartbeat(self, types: list[str], stopped: bool = False) -> None:
+        beat = Heartbeat(self.worker_id, socket.gethostname(), os.getpid(), self.pool.procs, self.busy,
+                         tuple(self.queues), tuple(types), qm.__version__, self.draining, stopped)
+        try:
+            await self.broker.publish(topology.HEARTBEATS_EXCHANGE, "", beat.encode(), {"qm-worker": self.worker_id})
+        except BrokerUnavailable:
+            pass  # the next one, once reconnected, says the same
 
     async def abort(self) -> None:
         """Second signal: kill every running task and return all deliveries to the queue now."""
