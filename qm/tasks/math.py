@@ -4,30 +4,73 @@ The payload is one arithmetic expression, e.g. ``sqrt(2) * (1 + 2) ** 3``. It is
 parsed with ``ast.parse(mode="eval")`` and walked against an explicit whitelist;
 nothing is ever passed to eval/exec or compiled to code.
 
-Allowed: int and float literals; ``+ - * / // % **``; unary ``+ -``; parentheses;
-the constants ``pi`` and ``e``; calls, by bare name and with positional arguments
-only, of abs, min, max, round, sqrt, floor, ceil, log (natural, or ``log(x, base)``),
-exp, sin, cos, tan, hypot and factorial. Anything else (names, attributes,
-subscripts, strings, booleans, comparisons, keyword arguments, ...) is rejected
-with a message naming the construct.
+Allowed: int and float literals (Python syntax: ``1_000``, ``0x1f``, ``0o17``,
+``0b101``, ``1.5e-3``); ``+ - * / // % **``; unary ``+ -``; parentheses; the constants
+``pi`` and ``e``; calls, by bare name and with positional arguments only, of abs, min,
+max, round, sqrt, floor, ceil, log (natural, or ``log(x, base)``), exp, sin, cos, tan,
+hypot and factorial. Anything else (names, attributes, subscripts, strings, booleans,
+comparisons, keyword arguments, ...) is rejected with a message naming the construct.
+Identifiers are NFKC-normalised by Python's parser (``ｓｑｒｔ`` is ``sqrt``). The
+parser's warnings are suppressed, so input it merely warns about is judged on what it
+parses to, whatever the process's warning filters (``1if 1 else 2`` is a conditional
+expression, refused as such; ``0if`` is a syntax error).
 
-Semantics are Python's: int op int stays an exact int, except ``/`` (always a
-float) and ``**`` with a negative exponent (a float); any float operand makes the
-result a float. ``round``, ``floor`` and ``ceil`` of one argument return ints.
-Division or modulo by zero is an error, as is 0 raised to a negative power.
-A float that overflows, or a result that is nan/inf, is an error (floats are
-always finite). A negative number raised to a fractional power is an error
-(no complex results).
+Every failure raises :class:`MathError` (and nothing else); every result is an
+``int`` or a finite ``float`` (never a bool, complex, nan or inf).
 
-Results are formatted by :func:`format_result`: ints as plain decimal digits
-(``11``, ``-3``), floats as ``repr`` (``3.5``, ``2.0``, ``1e+20``).
+Integer and float results (operators follow Python, with the errors below):
+
+* ``+ - * // %`` and ``**``: int with int gives an exact int, except ``**`` with a
+  negative exponent, which gives a float (``2 ** -1`` is ``0.5``); ``0 ** 0`` is ``1``.
+  If either operand is a float, the result is a float (``2 ** 2.0`` is ``4.0``).
+* ``/`` always gives a float, even for ints that divide exactly (``4 / 2`` is ``2.0``);
+  int / int is correctly rounded even for huge ints (``10**9999 / 10**9998`` is ``10.0``).
+* ``//`` floors and ``%`` takes the sign of the divisor (``-7 // 2`` is ``-4``,
+  ``7 % -3`` is ``-2``, ``-7.5 % 2`` is ``0.5``).
+* floor, ceil and one-argument round return ints (round halves to even:
+  ``round(2.5)`` is ``2``); ``round(x, n)`` returns the type of x, and n must be an int
+  with ``abs(n) <= MAX_RESULT_DIGITS``.
+* sqrt, log, exp, sin, cos, tan and hypot always return floats (``sqrt(16)`` is ``4.0``).
+* abs keeps its argument's type; min and max return one of their arguments unchanged
+  (the first of equal ones: ``max(1, 1.0)`` is ``1``).
+* factorial takes an int from 0 to :data:`MAX_FACTORIAL_ARGUMENT` (not ``5.0``) and
+  returns an int.
+
+Errors:
+
+* Division by zero: ``/``, ``//`` or ``%`` by ``0``, ``0.0`` or ``-0.0``; ``0`` (or
+  ``0.0``) raised to a negative power; ``log(x, 1)``. The message says "division by zero".
+* Huge ints: every int (literal, intermediate value or result) must have at most
+  :data:`MAX_RESULT_DIGITS` decimal digits (``abs(n) < 10**MAX_RESULT_DIGITS``);
+  products and powers that would exceed it are refused before they are computed.
+  ``**`` with a base of magnitude > 1 also needs ``abs(exponent) <= MAX_EXPONENT``.
+  Decimal int literals longer than Python's ``sys.get_int_max_str_digits()`` (4,300
+  by default) are syntax errors; hex, octal and binary literals are not, and are held
+  to the digit bound when evaluated.
+* nan and inf are refused: no input can produce one. A float literal that overflows
+  (``1e999``) is refused by validation.
+* Float overflow: a float operation or function whose result would not be finite
+  (``1e308 * 10``, ``exp(1000)``, ``10.0 ** 400``), and an int too large to convert to
+  a float where a float is needed (``10**400 * 1.0``, ``sqrt(10**400)``,
+  ``10**400 / 3``, ``0.5 ** 10**5000``), raise a MathError mentioning "overflow".
+  Underflow is not an error: results go subnormal or to zero, keeping the sign
+  (``2 ** -1074`` is ``5e-324``, ``2 ** -1075`` is ``0.0``, ``-(2 ** -1075)`` is ``-0.0``).
+* Math domain errors (``sqrt(-1)``, ``log(0)``) and a negative number raised to a
+  non-integral float power (``(-8) ** (1/3)``: no complex results) are errors;
+  ``(-8) ** 2.0`` is ``64.0``.
+
+Results are formatted by :func:`format_result`: ints as plain decimal digits, with a
+leading ``-`` if negative and no sign, separator or exponent otherwise, every digit
+written (``11``, ``-3``, all 10,000 digits of ``10 ** 9999``); floats as ``repr``, the
+shortest text that reads back as the same float (``3.5``, ``2.0``, ``0.1``,
+``1e+16``, ``1e-05``, ``5e-324``, ``-0.0``).
 
 Bounds (each violation raises :class:`MathError` naming the limit):
-:data:`MAX_EXPRESSION_CHARS`, :data:`MAX_AST_DEPTH`, :data:`MAX_EXPONENT`,
-:data:`MAX_RESULT_DIGITS` (integer results and intermediates; oversized
-products and powers are refused before they are computed) and
+:data:`MAX_EXPRESSION_CHARS`, :data:`MAX_AST_DEPTH` (nesting of expression nodes, and of
+brackets counted in the text), :data:`MAX_EXPONENT`, :data:`MAX_RESULT_DIGITS` and
 :data:`MAX_FACTORIAL_ARGUMENT`. Together they keep evaluation of any accepted
-expression well under a second.
+expression well under a second. A RecursionError or MemoryError (e.g. when called with
+almost no stack left) becomes a MathError too.
 """
 
 from __future__ import annotations
@@ -37,6 +80,8 @@ import decimal
 import math
 import operator
 import sys
+import threading
+import warnings
 from collections.abc import Callable
 from types import MappingProxyType
 
@@ -293,11 +338,23 @@ def _syntax_error(exc: SyntaxError, text: str, lead: str) -> MathError:
     return MathError(f"syntax error at {where}: {reason}")
 
 
+#: Serialises the parser's temporary warnings filter (see _parse).
+_PARSE_LOCK = threading.Lock()
+
+
 def _parse(text: str) -> ast.expr:
     stripped = text.strip()
     lead = text[: len(text) - len(text.lstrip())]
     try:
-        tree = ast.parse(stripped, mode="eval")
+        # The parser warns (SyntaxWarning/DeprecationWarning) about sloppy input such as
+        # "1if 1 else 2" or "'\\d'": the outcome would then depend on the process's warning
+        # filters (a line on stderr for every such payload, or a SyntaxError under
+        # -W error). Ignoring them makes the outcome fixed, and silent. "ignore" rather
+        # than "error" because the filter is process-wide while it is in place: another
+        # thread's warning in that window is dropped, never turned into an exception.
+        with _PARSE_LOCK, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tree = ast.parse(stripped, mode="eval")
     except SyntaxError as exc:
         raise _syntax_error(exc, stripped, lead) from None
     except (RecursionError, MemoryError):
@@ -445,21 +502,27 @@ class _Evaluator:
 # --- public API --------------------------------------------------------------
 
 
+def _exhausted(exc: BaseException) -> MathError:
+    return MathError(f"expression is too expensive to evaluate ({type(exc).__name__})")
+
+
 def validate(payload: bytes | str) -> None:
     """Check a submitted payload without evaluating it; raise MathError if it is refused.
 
     Bytes must be UTF-8. Checks the length bound, syntax, whitelist and depth bound.
     """
-    _parse_checked(payload)
+    try:
+        _parse_checked(payload)
+    except (RecursionError, MemoryError) as exc:  # e.g. called with almost no stack left
+        raise _exhausted(exc) from None
 
 
 def evaluate(expression: bytes | str) -> int | float:
     """Validate and compute expression; raise MathError (and only MathError) on failure."""
-    tree = _parse_checked(expression)
     try:
-        return _Evaluator().visit(tree)
-    except (RecursionError, MemoryError) as exc:  # defensive: bounds should prevent these
-        raise MathError(f"expression is too expensive to evaluate ({type(exc).__name__})") from None
+        return _Evaluator().visit(_parse_checked(expression))
+    except (RecursionError, MemoryError) as exc:  # the bounds leave only a nearly full stack
+        raise _exhausted(exc) from None
 
 
 def format_result(value: int | float) -> str:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import math
 import operator
+import sys
+import threading
+import warnings
 
 import pytest
 from hypothesis import given, settings
@@ -14,6 +17,7 @@ from qm.tasks.math import (
     MAX_AST_DEPTH,
     MAX_EXPONENT,
     MAX_EXPRESSION_CHARS,
+    MAX_FACTORIAL_ARGUMENT,
     MAX_RESULT_DIGITS,
     MathError,
     evaluate,
@@ -22,7 +26,7 @@ from qm.tasks.math import (
     validate,
 )
 
-PROPERTY_SETTINGS = settings(max_examples=200, deadline=None, database=None)
+PROPERTY_SETTINGS = settings(max_examples=200, deadline=None, database=None, derandomize=True)
 
 
 def error_of(expression: str | bytes) -> str:
@@ -295,6 +299,183 @@ def test_syntax_error_mentions_syntax_and_position(expression: str, column: int)
 
 def test_overlong_integer_literal_is_a_syntax_error_not_a_crash() -> None:
     assert "too many digits" in error_of("9" * 5000)
+
+
+# --- documented semantics: one case per statement of the module docstring ------------
+
+
+@pytest.mark.parametrize(
+    ("expression", "expected"),
+    [
+        # literals in Python syntax
+        ("1_000 + 0x1f + 0o17 + 0b101", "1051"),
+        ("1.5e-3", "0.0015"),
+        # + - * // % ** with ints stay ints; ** with a negative exponent is a float
+        ("7 + 2", "9"), ("7 - 9", "-2"), ("7 * -2", "-14"), ("7 // 2", "3"), ("7 % 2", "1"),
+        ("3 ** 4", "81"), ("2 ** -2", "0.25"), ("0 ** 0", "1"),
+        # a float operand makes a float
+        ("2 ** 2.0", "4.0"), ("1 - 1.0", "0.0"), ("7.0 // 2", "3.0"), ("0.0 ** 0", "1.0"),
+        # / is always a float, correctly rounded even for huge ints
+        ("4 / 2", "2.0"), ("10**9999 / 10**9998", "10.0"),
+        # // floors, % takes the divisor's sign
+        ("-7 // 2", "-4"), ("7 % -3", "-2"), ("-7.5 % 2", "0.5"), ("7.5 % -2", "-0.5"),
+        # floor, ceil, round(x) give ints; round halves to even; round(x, n) keeps x's type
+        ("floor(7)", "7"), ("floor(-0.5)", "-1"), ("ceil(1e20)", "100000000000000000000"),
+        ("round(2.5)", "2"), ("round(3.5)", "4"), ("round(-2.5)", "-2"),
+        ("round(2.5, 0)", "2.0"), ("round(7, 1)", "7"), ("round(1234.5, -2)", "1200.0"),
+        # sqrt, log, exp, sin, cos, tan, hypot are always floats
+        ("sqrt(16)", "4.0"), ("log(100, 10)", "2.0"), ("exp(0)", "1.0"), ("sin(0)", "0.0"),
+        ("cos(0)", "1.0"), ("tan(0)", "0.0"), ("hypot(3)", "3.0"),
+        # abs keeps the type, min/max return an argument unchanged (the first of equals)
+        ("abs(-2)", "2"), ("abs(-2.5)", "2.5"), ("min(2.0, 3)", "2.0"), ("max(1, 1.0)", "1"),
+        ("max(1.0, 1)", "1.0"),
+        # factorial gives an int
+        ("factorial(0)", "1"), ("factorial(20)", "2432902008176640000"),
+        # negative base, integral float exponent
+        ("(-8) ** 2.0", "64.0"),
+        # underflow is not an error; the sign of zero is kept
+        ("2 ** -1074", "5e-324"), ("2 ** -1075", "0.0"), ("-(2 ** -1075)", "-0.0"),
+        ("5e-324 / 2", "0.0"),
+        # identifiers are NFKC-normalised
+        ("ｓｑｒｔ(4)", "2.0"),
+    ],
+)
+def test_documented_result_types_and_values(expression: str, expected: str) -> None:
+    # The formatting tells the type: ints are bare digits, floats always have . or e.
+    assert run(expression) == expected
+    expected_type = int if expected.lstrip("-").isdigit() else float
+    assert type(evaluate(expression)) is expected_type
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        (11, "11"), (-3, "-3"), (0, "0"), (2**64, "18446744073709551616"), (3.5, "3.5"), (2.0, "2.0"), (0.1, "0.1"),
+        (1e16, "1e+16"), (1e15, "1000000000000000.0"), (1e-5, "1e-05"), (5e-324, "5e-324"),
+        (-0.0, "-0.0"), (0.1 + 0.2, "0.30000000000000004"),
+    ],
+)
+def test_documented_formatting(value: int | float, text: str) -> None:
+    assert format_result(value) == text
+    assert format_result(-(10**9999)) == "-1" + "0" * 9999  # every digit, past int_max_str_digits
+    if isinstance(value, float):
+        assert float(text) == value and text == repr(value)
+
+
+@pytest.mark.parametrize(
+    "expression",
+    ["1 / 0", "1 / 0.0", "1 / -0.0", "1 // 0.0", "1.5 % -0.0", "0 ** -1", "0.0 ** -0.5", "log(8, 1)"],
+)
+def test_documented_division_by_zero(expression: str) -> None:
+    assert "division by zero" in error_of(expression)
+
+
+@pytest.mark.parametrize(
+    "expression",
+    [
+        "1e308 * 10", "exp(1000)", "10.0 ** 400", "-1e308 - 1e308", "1e308 // 1e-10",
+        "10**400 * 1.0", "sqrt(10**400)", "10**400 / 3", "0.5 ** 10**5000", "sin(10**400)",
+    ],
+)
+def test_documented_float_overflow(expression: str) -> None:
+    assert "overflow" in error_of(expression)
+
+
+def test_documented_integer_digit_bound() -> None:
+    largest = f"10 ** {MAX_RESULT_DIGITS - 1} * 9 + (10 ** {MAX_RESULT_DIGITS - 1} - 1)"
+    assert run(largest) == "9" * MAX_RESULT_DIGITS  # the most digits an int may have
+    assert "digits" in error_of(f"{largest} + 1")
+    assert "digits" in error_of(f"-({largest}) - 1")
+    assert "digits" in error_of(f"10 ** {MAX_RESULT_DIGITS - 1} * 10")  # refused before computing
+    assert "digits" in error_of(f"factorial({MAX_FACTORIAL_ARGUMENT}) ** 4")
+    # Decimal literals are limited by Python's int_max_str_digits, hex literals by the bound.
+    assert "too many digits" in error_of("9" * (sys.get_int_max_str_digits() + 1))
+    hex_digits = MAX_RESULT_DIGITS * 10 // 12 + 10  # 4 bits per hex digit > 10**10000
+    validate("0x" + "f" * hex_digits)
+    assert "digits" in error_of("0x" + "f" * hex_digits)
+    assert "factorial" in error_of("factorial(5.0)")
+
+
+@pytest.mark.parametrize("expression", ["1e999", "-1e999", "1e999 - 1e999", "1e999 * 0"])
+def test_documented_nan_and_inf_are_refused_by_validation(expression: str) -> None:
+    with pytest.raises(MathError, match="too large"):
+        validate(expression)
+
+
+@pytest.mark.parametrize(
+    ("expression", "words"),
+    [("(-8) ** (1/3)", "fractional power"), ("(-0.5) ** 0.5", "fractional power"),
+     ("sqrt(-1)", "domain"), ("log(0)", "domain"), ("round(1.5, 2.0)", "integer"),
+     ("round(1, 10001)", "digits")],
+)
+def test_documented_domain_errors(expression: str, words: str) -> None:
+    assert words in error_of(expression)
+
+
+@pytest.mark.parametrize(
+    ("expression", "words"),
+    [
+        ("0if", "syntax error"),
+        ("0x1for", "syntax error"),
+        ("1if 1 else 2", "conditional expressions"),
+        ("1or 2", "boolean operators"),
+        ("1in 2", "comparisons"),
+        ("'\\d'", "string literals"),
+    ],
+)
+def test_parser_warnings_are_suppressed_and_do_not_change_the_outcome(
+    expression: str, words: str
+) -> None:
+    # Python's parser warns about these; the outcome must not depend on warning filters.
+    for action in ("error", "ignore", "always"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter(action)  # type: ignore[call-overload]
+            assert words in error_of(expression)
+        assert not caught
+
+
+def test_concurrent_evaluation_leaves_the_warning_filters_alone() -> None:
+    filters = list(warnings.filters)
+    failures: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            for _ in range(100):
+                assert evaluate("1 + 2") == 3
+                assert "conditional" in error_of("1if 1 else 2")
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures
+    assert warnings.filters == filters
+
+
+def _frames() -> int:
+    frame, count = sys._getframe(), 0
+    while frame is not None:
+        frame, count = frame.f_back, count + 1
+    return count
+
+
+def _call_with_headroom(headroom: int, expression: str) -> object:
+    """Evaluate with only about `headroom` frames left before the recursion limit."""
+    if sys.getrecursionlimit() - _frames() > headroom:
+        return _call_with_headroom(headroom, expression)
+    try:
+        return evaluate(expression)
+    except MathError as exc:
+        return exc
+
+
+@pytest.mark.parametrize("headroom", [150, 100, 80, 60, 40, 25, 15])
+def test_little_stack_left_gives_a_math_error_not_a_recursion_error(headroom: int) -> None:
+    outcome = _call_with_headroom(headroom, "-" * (MAX_AST_DEPTH - 2) + "abs(1)")
+    assert outcome in (1, -1) or isinstance(outcome, MathError)
 
 
 # --- properties -------------------------------------------------------------
