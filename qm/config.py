@@ -308,6 +308,7 @@ class LogConfig:
     """Logging settings."""
 
     level: str = _setting("INFO", _to_str, _one_of("DEBUG", "INFO", "WARNING", "ERROR", upper=True))
+    format: str = _setting("text", _to_str, _one_of("text", "json"))
 
 
 @dataclass(frozen=True)

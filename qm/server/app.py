@@ -115,6 +115,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--metrics-port", metavar="PORT",
                         help="serve Prometheus /metrics on this port; 0 = off (server.metrics_port)")
     parser.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING or ERROR (log.level)")
+    parser.add_argument("--log-format", metavar="FORMAT",
+                        help="text, or json: one JSON object per line (log.format)")
     return parser.parse_args(argv)
 
 
@@ -136,11 +138,12 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config, overrides={
             "server.listen": args.listen, "broker.url": args.broker_url,
             "server.data_dir": args.data_dir, "server.id": args.server_id, "log.level": args.log_level,
+            "log.format": args.log_format,
             "server.metrics_port": args.metrics_port})
     except ConfigError as exc:
         print(f"qm-server: {exc}", file=sys.stderr)
         return 2
     export_executor_secret(config)
-    setup_logging(config.log.level, "qm-server")
+    setup_logging(config.log.level, "qm-server", config.log.format)
     asyncio.run(serve(config))
     return 0

@@ -69,6 +69,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--metrics-port", metavar="PORT", help="serve Prometheus /metrics on this port; 0 = off (worker.metrics_port)")
     add("--worker-id", metavar="ID", help="name reported in task events (worker.id; default host:pid)")
     add("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING or ERROR (log.level)")
+    add("--log-format", metavar="FORMAT", help="text, or json: one JSON object per line (log.format)")
     return parser.parse_args(argv)
 
 
@@ -168,11 +169,12 @@ def main(argv: list[str] | None = None) -> int:
             "worker.task_memory_limit_mb": args.task_memory_limit,
             "worker.max_tasks_per_child": args.max_tasks_per_child,
             "worker.drain_timeout_s": args.drain_timeout, "worker.status_listen": args.status_listen,
-            "worker.id": args.worker_id, "log.level": args.log_level, "worker.metrics_port": args.metrics_port})
+            "worker.id": args.worker_id, "worker.metrics_port": args.metrics_port,
+            "log.level": args.log_level, "log.format": args.log_format})
     except ConfigError as exc:
         print(f"qm-worker: {exc}", file=sys.stderr)
         return 2
     export_executor_secret(config)
-    setup_logging(config.log.level, "qm-worker")
+    setup_logging(config.log.level, "qm-worker", config.log.format)
     asyncio.run(run_worker(config))
     return 0
