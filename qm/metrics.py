@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily
 
 #: Buckets for task run and wait times: CPU-heavy tasks run from milliseconds to an hour.
 TASK_SECONDS_BUCKETS = (0.005, 0.025, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 1800, 3600)
@@ -64,20 +65,34 @@ class WorkerMetrics:
         self.children_idle = Gauge("qm_worker_children_idle", "Children waiting for a task", registry=r)
         self.child_rss_bytes = Gauge("qm_worker_child_rss_bytes", "RSS of each child with its descendants, "
                                      "as last sampled", ["slot"], registry=r)
-        self.child_restarts = Gauge("qm_worker_child_restarts", "Children replaced after dying (since start)",
-                                    registry=r)
         self.prefetch = Gauge("qm_worker_prefetch", "Current prefetch per consumed queue", registry=r)
         self.unacked = Gauge("qm_worker_unacked_deliveries", "Deliveries held and not yet acked", registry=r)
-        self.reconnects = Gauge("qm_worker_broker_reconnects", "Reconnections to RabbitMQ (since start)", registry=r)
+        for reason in ("timeout", "memory", "crash", "cancel"):
+            self.kills.labels(reason)  # present from the start, so rate() sees the first kill
+        self._counters = _CallbackCounters()
+        r.register(self._counters)
 
     def watch(self, *, busy: Callable[[], float], idle: Callable[[], float], restarts: Callable[[], float],
               prefetch: Callable[[], float], unacked: Callable[[], float], reconnects: Callable[[], float]) -> None:
         self.children_busy.set_function(busy)
         self.children_idle.set_function(idle)
-        self.child_restarts.set_function(restarts)
         self.prefetch.set_function(prefetch)
         self.unacked.set_function(unacked)
-        self.reconnects.set_function(reconnects)
+        self._counters.sources = {
+            "qm_worker_child_restarts": ("Children replaced after dying", restarts),
+            "qm_worker_broker_reconnects": ("Reconnections to RabbitMQ", reconnects)}
+
+
+class _CallbackCounters:
+    """Counters whose values the process already keeps (pool restarts, broker connections),
+    read at scrape time and exposed with the _total suffix of a counter."""
+
+    def __init__(self) -> None:
+        self.sources: dict[str, tuple[str, Callable[[], float]]] = {}
+
+    def collect(self):
+        for name, (documentation, read) in self.sources.items():
+            yield CounterMetricFamily(name, documentation, value=read())
 
 
 def serve(registry: CollectorRegistry, port: int, host: str = "0.0.0.0") -> int:

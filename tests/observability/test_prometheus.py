@@ -362,7 +362,12 @@ def test_prometheus_shows_counters_moved_by_exactly_the_tasks_run(observed):
             (("state", "TIMED_OUT"), ("type", "test.sleep")): TIMED_OUT_TASKS,
             (("state", "RETRYING"), ("type", "test.flaky")): RETRIED_TASKS,
             (("state", "SUCCEEDED"), ("type", "test.flaky")): RETRIED_TASKS},
-        'sum by (reason) (qm_worker_kills_total)': {(("reason", "timeout"),): TIMED_OUT_TASKS},
+        # every reason is exported from the start (at 0), so rate() sees a first kill
+        'sum by (reason) (qm_worker_kills_total)': {
+            (("reason", "timeout"),): TIMED_OUT_TASKS, (("reason", "memory"),): 0,
+            (("reason", "crash"),): 0, (("reason", "cancel"),): 0},
+        "sum(qm_worker_child_restarts_total)": {(): 0},
+        "sum(qm_worker_broker_reconnects_total)": {(): 0},
         "sum(qm_worker_task_run_seconds_count)": {(): attempts},
         "sum(qm_worker_task_queue_wait_seconds_count)": {(): attempts},
         'sum(qm_worker_task_run_seconds_count{type="math"})': {(): MATH_TASKS},
