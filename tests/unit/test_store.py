@@ -186,3 +186,24 @@ def test_records_survive_closing_and_reopening(tmp_path):
         assert second.count() == 2
     finally:
         second.close()
+
+
+def test_retention_forgets_finished_tasks_and_their_idempotency_keys(tmp_path):
+    from qm.server.store import Store, TaskRecord
+    from qm.states import TaskState
+
+    store = Store(tmp_path / "retention.sqlite3")
+
+    def record(task_id, finished_at, key):
+        state = TaskState.SUCCEEDED if finished_at else TaskState.RUNNING
+        return TaskRecord(task_id, "math", "default", "text", state, 1, b"2", "", "w", 10.0, 11.0,
+                          finished_at, finished_at or 11.0, idempotency_key=key)
+
+    store.insert(record("old", 100.0, "k-old"))
+    store.insert(record("recent", 500.0, "k-recent"))
+    store.insert(record("running", None, "k-running"))
+
+    assert store.purge_finished(before_s=200.0) == 1
+    assert store.get("old") is None and store.find_by_idempotency_key("k-old") is None
+    assert store.get("recent") is not None and store.get("running") is not None
+    assert store.find_by_idempotency_key("k-running").task_id == "running"
