@@ -1,0 +1,318 @@
+"""What every fault scenario shares: a mixed workload with known answers, a watch stream
+counting terminal updates per task, the executions the workers logged, the worker status
+endpoint, and one check-and-report step.
+
+A scenario submits a few hundred tasks (quick test.echo / math, ~15% one-second
+test.sleep), injects its fault, waits (always bounded) and then checks, for every task
+that was accepted (an id came back):
+
+* exactly one terminal update reached the watch stream, and the store agrees with it;
+* the final state is the expected one (SUCCEEDED unless the scenario says otherwise) and
+  the result is right: echo returns its payload (a unique token), math its value, sleep
+  its payload;
+* no worker executed a task id that was never accepted (no task was enqueued twice).
+
+and prints the counts: accepted, succeeded, retried (attempts > 1), and duplicates
+executed (the same attempt of a task completed more than once, from the workers' logs
+"task <id> (<type>) attempt N: <STATE>").
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import re
+import threading
+import time
+import uuid
+from typing import Iterable
+
+import grpc
+import pika
+
+import qm
+from qm._proto import task_queue_pb2, task_queue_pb2_grpc
+from qm.client.client import TaskStatus
+from tests.processes import (START_TIMEOUT_S, WORKER_READY, Launcher, Process, ProcessExited, Worker, command,
+                             unique)
+
+#: Bound on every accepted task of a scenario reaching a terminal state after the fault.
+SETTLE_TIMEOUT_S = 150.0
+#: ... and on them making progress: no task finishing for this long means one is stuck.
+STALL_TIMEOUT_S = 30.0
+#: Deadline of a call to a worker's status endpoint.
+STATUS_CALL_TIMEOUT_S = 10.0
+#: Log lines shown per process in an assertion message.
+LOG_TAIL_LINES = 80
+
+WORKER_STATUS_LINE = re.compile(r"worker status and health on \S+ \(port (?P<port>\d+)\)")
+EXECUTION_LINE = re.compile(
+    r"task (?P<id>[0-9a-f-]{36}) \((?P<type>[^)]+)\) attempt (?P<attempt>\d+): (?P<state>[A-Z_]+)")
+
+
+# -- workload ------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """One task to submit and the result it must end with."""
+
+    type: str
+    payload: str
+    expected: str
+    key: str  # idempotency key: unique per spec
+
+    @property
+    def slow(self) -> bool:
+        return self.type == "test.sleep"
+
+
+def mixed_workload(count: int, sleep_every: int = 7, sleep_s: str = "1") -> list[Spec]:
+    """`count` specs: every `sleep_every`-th a test.sleep of `sleep_s`, the others
+    alternately test.echo (a unique token) and math (a distinct value)."""
+    run = uuid.uuid4().hex[:8]
+    specs = []
+    for i in range(count):
+        key = f"{run}-{i}"
+        if i % sleep_every == sleep_every // 2:
+            specs.append(Spec("test.sleep", sleep_s, sleep_s, key))
+        elif i % 2:
+            token = f"echo-{key}-{uuid.uuid4().hex[:6]}"
+            specs.append(Spec("test.echo", token, token, key))
+        else:
+            specs.append(Spec("math", f"{i} * 3 + 1", str(i * 3 + 1), key))
+    return specs
+
+
+def submit_all(client: qm.Client, specs: Iterable[Spec], queue: str, **options) -> dict[str, Spec]:
+    """Submit each spec (with its idempotency key); task id → spec, in submission order."""
+    return {client.submit(spec.type, spec.payload, queue=queue, idempotency_key=spec.key, **options): spec
+            for spec in specs}
+
+
+# -- observing -----------------------------------------------------------------------
+
+class Watcher:
+    """One watch stream over many tasks, read by a background thread: every update per id."""
+
+    def __init__(self, address: str, task_ids: Iterable[str], timeout_s: float = SETTLE_TIMEOUT_S) -> None:
+        self.task_ids = list(task_ids)
+        self.updates: dict[str, list[TaskStatus]] = collections.defaultdict(list)
+        self.error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._client = qm.Client(address)
+        self._thread = threading.Thread(target=self._run, args=(timeout_s,), daemon=True, name="watcher")
+        self._thread.start()
+
+    def _run(self, timeout_s: float) -> None:
+        try:
+            for status in self._client.watch(self.task_ids, timeout_s=timeout_s):
+                with self._lock:
+                    self.updates[status.task_id].append(status)
+        except BaseException as exc:  # reported by join()
+            self.error = exc
+
+    def terminal_count(self) -> int:
+        with self._lock:
+            return sum(1 for seen in self.updates.values() if any(s.terminal for s in seen))
+
+    def join(self, timeout_s: float) -> None:
+        self._thread.join(timeout_s)
+        if not self._thread.is_alive():
+            self._client.close()
+
+    def close(self) -> None:
+        self._client.close()
+
+    @property
+    def finished(self) -> bool:
+        return not self._thread.is_alive()
+
+    def terminal_updates(self) -> dict[str, list[TaskStatus]]:
+        with self._lock:
+            return {task_id: [s for s in self.updates.get(task_id, []) if s.terminal] for task_id in self.task_ids}
+
+
+def statuses(client: qm.Client, task_ids: Iterable[str]) -> dict[str, TaskStatus]:
+    return {task_id: client.status(task_id) for task_id in task_ids}
+
+
+@dataclasses.dataclass(frozen=True)
+class Execution:
+    task_id: str
+    type: str
+    attempt: int
+    state: str
+    worker: str
+
+
+def queue_depth(broker_url: str, queue: str) -> int:
+    """Messages ready in a logical queue's AMQP queue (not counting unacked ones)."""
+    params = pika.URLParameters(broker_url)
+    params.connection_attempts = 1
+    params.socket_timeout = 5
+    with pika.BlockingConnection(params) as connection:
+        return connection.channel().queue_declare(f"qm.tasks.{queue}", passive=True).method.message_count
+
+
+def executions(processes: Iterable[Process]) -> list[Execution]:
+    """Every completed execution the workers logged (a worker killed mid-task logs none)."""
+    found = []
+    for process in processes:
+        for match in EXECUTION_LINE.finditer(process.stderr):
+            found.append(Execution(match["id"], match["type"], int(match["attempt"]), match["state"],
+                                   process.name))
+    return found
+
+
+def tail(process: Process, lines: int = LOG_TAIL_LINES) -> str:
+    text = process.stderr.splitlines()
+    return (f"--- {process.name} (pid {process.pid}, alive={process.alive()}) last {lines} of "
+            f"{len(text)} stderr lines ---\n" + "\n".join(text[-lines:]))
+
+
+def tails(processes: Iterable[Process], lines: int = LOG_TAIL_LINES) -> str:
+    return "\n".join(tail(process, lines) for process in processes)
+
+
+# -- worker status endpoint ----------------------------------------------------------
+
+class StatusProbe:
+    """A channel to one worker's qm.v1.WorkerStatus endpoint (its port is in its log)."""
+
+    def __init__(self, worker: Worker) -> None:
+        port = worker.wait_for_line(WORKER_STATUS_LINE, 30.0).group("port")
+        self._channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        self._stub = task_queue_pb2_grpc.WorkerStatusStub(self._channel)
+
+    def get(self) -> task_queue_pb2.WorkerStatusResponse:
+        return self._stub.GetWorkerStatus(task_queue_pb2.GetWorkerStatusRequest(), timeout=STATUS_CALL_TIMEOUT_S)
+
+    def busy(self) -> list[tuple[int, str, str, float]]:
+        """(pid, task id, type, seconds running) of each child running a task now."""
+        now = time.time()
+        return [(child.pid, child.task_id, child.type, now - child.running_since.ToNanoseconds() / 1e9)
+                for child in self.get().children if child.task_id]
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+# -- starting workers that may die at once ------------------------------------------
+
+def spawn_worker(launcher: Launcher, broker_url: str, queue: str, procs: int = 2,
+                 env: dict[str, str] | None = None, timeout_s: float = START_TIMEOUT_S) -> Worker:
+    """Start a qm-worker (as tests.processes.start_worker does) that may be killed before
+    it logs "consuming" (a poison task can reach it first): wait for that line or its end.
+    The launcher stops it in teardown and its logs stay readable either way."""
+    worker_id = unique("worker")
+    args = [command("qm-worker"), "--procs", str(procs), "--broker-url", broker_url, "--queues", queue,
+            "--worker-id", worker_id]
+    worker = Worker(args, worker_id, [queue], env)
+    launcher.started.append(worker)
+    try:
+        worker.wait_for_line(WORKER_READY, timeout_s)
+    except ProcessExited:
+        pass
+    return worker
+
+
+# -- the common check ----------------------------------------------------------------
+
+class TasksNotFinished(AssertionError):
+    """Some accepted tasks did not reach a terminal state in time (or stopped progressing)."""
+
+    def __init__(self, message: str, open_ids: list[str], last_state: dict[str, str]) -> None:
+        super().__init__(message)
+        self.open_ids = open_ids
+        self.last_state = last_state
+
+
+def wait_settled(watcher: Watcher, timeout_s: float, processes: Iterable[Process],
+                 stall_s: float = STALL_TIMEOUT_S) -> None:
+    """Wait (bounded) until the watch stream ended, i.e. every task reached a terminal
+    state; give up early when no task finished for `stall_s` (something is stuck)."""
+    deadline = time.monotonic() + timeout_s
+    done, progress_at = -1, time.monotonic()
+    while not watcher.finished:
+        now = time.monotonic()
+        if now >= deadline or now - progress_at >= stall_s:
+            break
+        count = watcher.terminal_count()
+        if count != done:
+            done, progress_at = count, now
+        watcher.join(0.5)
+    if not watcher.finished or watcher.error is not None:
+        why = (f"stream error: {watcher.error!r}" if watcher.finished else
+               f"none finished in the last {stall_s} s" if time.monotonic() < deadline else f"{timeout_s} s passed")
+        watcher.close()  # ends the stream
+        terminal = watcher.terminal_updates()
+        open_ids = [task_id for task_id, seen in terminal.items() if not seen]
+        with watcher._lock:
+            last = {task_id: (watcher.updates[task_id][-1].state if watcher.updates.get(task_id) else "none")
+                    for task_id in open_ids}
+        raise TasksNotFinished(
+            f"{len(open_ids)} of {len(watcher.task_ids)} accepted tasks did not reach a terminal state "
+            f"({why}); first ones and their last streamed state: {dict(list(last.items())[:20])}\n"
+            f"{tails(processes)}", open_ids, last)
+
+
+def check_and_report(name: str, accepted: dict[str, Spec], watcher: Watcher | list[Watcher],
+                     final: dict[str, TaskStatus],
+                     workers: Iterable[Process], *, expected_state: dict[str, str | set[str]] | None = None,
+                     logs_of: Iterable[Process] = (), extra: dict[str, object] | None = None) -> dict[str, object]:
+    """Assert the common invariants (module docstring) and print the counts; returns them.
+
+    `expected_state` overrides SUCCEEDED for some task ids: a state, or a set of states
+    allowed (a SUCCEEDED one has its result checked all the same).
+    """
+    workers = list(workers)
+    everyone = list(dict.fromkeys([*workers, *logs_of]))
+    expected_state = expected_state or {}
+    problems: list[str] = []
+
+    terminal: dict[str, list[TaskStatus]] = {}
+    for one in (watcher if isinstance(watcher, list) else [watcher]):
+        terminal.update(one.terminal_updates())
+    for task_id in accepted:
+        seen = terminal.get(task_id, [])
+        if len(seen) != 1:
+            problems.append(f"task {task_id}: {len(seen)} terminal updates on the watch stream "
+                            f"({[s.state for s in seen]})")
+        elif seen[0].state != final[task_id].state:
+            problems.append(f"task {task_id}: streamed {seen[0].state} but the store says {final[task_id].state}")
+
+    for task_id, spec in accepted.items():
+        status = final[task_id]
+        want = expected_state.get(task_id, "SUCCEEDED")
+        allowed = {want} if isinstance(want, str) else set(want)
+        if status.state not in allowed:
+            problems.append(f"task {task_id} ({spec.type} {spec.payload!r}): {status.state} "
+                            f"(attempts {status.attempts}, worker {status.worker}): {status.error}; "
+                            f"expected {' or '.join(sorted(allowed))}")
+        elif status.state == "SUCCEEDED" and status.result != spec.expected:
+            problems.append(f"task {task_id} ({spec.type} {spec.payload!r}): result {status.result!r}, "
+                            f"expected {spec.expected!r}")
+
+    runs = executions(workers)
+    per_attempt = collections.Counter((run.task_id, run.attempt) for run in runs)
+    duplicated = sorted({task_id for (task_id, _attempt), count in per_attempt.items() if count > 1})
+    strangers = sorted({run.task_id for run in runs} - set(accepted))
+    if strangers:
+        problems.append(f"workers executed {len(strangers)} task id(s) that were never accepted "
+                        f"(enqueued twice?): {strangers[:10]}")
+
+    counts: dict[str, object] = {
+        "accepted": len(accepted),
+        "succeeded": sum(1 for status in final.values() if status.state == "SUCCEEDED"),
+        "other_terminal": dict(collections.Counter(s.state for s in final.values() if s.state != "SUCCEEDED")),
+        "retried(attempts>1)": sum(1 for status in final.values() if status.attempts > 1),
+        "executions_logged": len(runs),
+        "duplicates_executed": len(duplicated),
+        **(extra or {}),
+    }
+    print(f"\n[faults] {name}: " + ", ".join(f"{key}={value}" for key, value in counts.items()), flush=True)
+    if duplicated:
+        print(f"[faults] {name}: tasks executed more than once (same attempt): {duplicated[:20]}", flush=True)
+    if problems:
+        raise AssertionError(f"{name}: {len(problems)} problem(s):\n" + "\n".join(problems[:40]) +
+                             f"\ncounts: {counts}\n{tails(everyone)}")
+    return counts

@@ -1,0 +1,85 @@
+"""Scenario 2: kill -9 of pool children, repeatedly, while one-second tasks run. A task
+whose child is killed ends CRASHED when it has no retries left; with max_retries=3 every
+task succeeds in the end (each task is killed at most once here), none is lost, and the
+worker keeps its pool full."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+import qm
+from tests.faults.support import (SETTLE_TIMEOUT_S, Spec, StatusProbe, Watcher, check_and_report,
+                                  mixed_workload, statuses, submit_all, tails, wait_settled)
+from tests.processes import wait_until
+
+pytestmark = [pytest.mark.faults, pytest.mark.timeout(240)]
+
+TASKS = 200
+#: Children killed while they run a task of the retried workload.
+KILLS = 5
+#: Pause between two kills.
+KILL_INTERVAL_S = 1.0
+#: A child is killed only while its one-second task has this far to go at least (so the
+#: kill certainly cuts it off, however busy the machine).
+MAX_AGE_AT_KILL_S = 0.5
+#: Bound on the kill loop finding its targets.
+KILL_LOOP_TIMEOUT_S = 90.0
+
+
+def test_kill_9_of_children_repeatedly(rabbitmq, launcher):
+    queue = launcher.queue(rabbitmq.url)
+    server = launcher.server(rabbitmq.url)
+    worker = launcher.worker(rabbitmq.url, procs=2, queues=queue)
+    probe = StatusProbe(worker)
+    killed: dict[str, int] = {}  # task id → pid of the child killed under it
+
+    with qm.Client(server.address) as client:
+        # One task without retries: killing its child ends it CRASHED, for good.
+        doomed_spec = Spec("test.sleep", "5", "5", f"no-retry-{time.time_ns()}")
+        doomed = client.submit(doomed_spec.type, doomed_spec.payload, queue=queue, max_retries=0,
+                               idempotency_key=doomed_spec.key)
+        accepted = {doomed: doomed_spec}
+        accepted.update(submit_all(client, mixed_workload(TASKS), queue, max_retries=3, retry_backoff_s=0.0))
+        watcher = Watcher(server.address, accepted)
+
+        pid = wait_until(lambda: next((p for p, task_id, _, _ in probe.busy() if task_id == doomed), None),
+                         KILL_LOOP_TIMEOUT_S, interval_s=0.05, message=f"task {doomed} running")
+        os.kill(pid, signal.SIGKILL)
+        killed[doomed] = pid
+
+        deadline = time.monotonic() + KILL_LOOP_TIMEOUT_S
+        while len(killed) < KILLS + 1:
+            assert time.monotonic() < deadline, f"killed only {len(killed)} children\n{tails([worker])}"
+            target = next(((p, task_id) for p, task_id, kind, age in probe.busy()
+                           if kind == "test.sleep" and task_id not in killed and age < MAX_AGE_AT_KILL_S), None)
+            if target is None:
+                time.sleep(0.05)
+                continue
+            os.kill(target[0], signal.SIGKILL)
+            killed[target[1]] = target[0]
+            time.sleep(KILL_INTERVAL_S)
+
+        wait_settled(watcher, SETTLE_TIMEOUT_S, [worker, server])
+        final = statuses(client, accepted)
+        dead, _total = client.dead_letters()
+        status_after = probe.get()
+    probe.close()
+
+    counts = check_and_report("children kill -9", accepted, watcher, final, [worker], logs_of=[server],
+                              expected_state={doomed: "CRASHED"},
+                              extra={"children_killed": len(killed), "child_restarts": status_after.child_restarts})
+    # The task without retries: CRASHED after its one attempt, naming the signal, and dead-lettered.
+    assert final[doomed].attempts == 1 and "SIGKILL" in final[doomed].error, final[doomed]
+    assert doomed in {letter.task_id for letter in dead}, dead
+    # Every other killed task was cut off and ran again: SUCCEEDED on a later attempt.
+    for task_id in killed:
+        if task_id != doomed:
+            assert final[task_id].attempts >= 2, (task_id, final[task_id], tails([worker]))
+    assert counts["retried(attempts>1)"] >= KILLS
+    # The pool replaced every killed child and is full again.
+    assert worker.alive(), tails([worker])
+    assert status_after.child_restarts >= len(killed), status_after
+    assert len(status_after.children) == 2 and all(child.pid for child in status_after.children), status_after
