@@ -34,6 +34,8 @@ MAX_IDEMPOTENCY_KEY_CHARS = 200
 #: Dead letters listed when the request names no limit, and the most one requeue moves.
 DEFAULT_DEAD_LETTER_LIMIT = 100
 MAX_REQUEUE = 10_000
+#: Pause between attempts to publish tasks a crash left unconfirmed, while RabbitMQ is away.
+UNCONFIRMED_RETRY_S = 5.0
 #: Least time between two updates of the store size gauges.
 STORE_GAUGES_INTERVAL_S = 5.0
 #: Longest pause between two retention sweeps.
@@ -100,6 +102,7 @@ class TaskService:
                 return await asyncio.shield(self._pending_keys[idempotency_key])
             existing = self.store.find_by_idempotency_key(idempotency_key)
             if existing is not None:
+                await self._publish_unconfirmed(existing.task_id)  # durable before we say so
                 self.metrics.submissions.labels(existing.type, "duplicate").inc()
                 return existing
         future = asyncio.get_running_loop().create_future()
@@ -148,15 +151,41 @@ class TaskService:
         return record
 
     async def _enqueue(self, record: TaskRecord, message: TaskMessage) -> None:
-        """Store, publish, await the confirm; on failure nothing stays stored."""
-        self.store.insert(record)
+        """Store (with the message, until confirmed), publish, await the confirm; if the
+        publish fails nothing stays stored. If this process dies in between, the stored
+        message is published again at start-up or on the client's retry (same key)."""
+        body = message.encode()
+        self.store.insert_unconfirmed(record, message.queue, body)
         started = time.perf_counter()
         try:
-            await self.broker.publish(topology.TASKS_EXCHANGE, message.queue, message.encode(), message.headers())
-            self.metrics.confirm_seconds.observe(time.perf_counter() - started)
+            await self.broker.publish(topology.TASKS_EXCHANGE, message.queue, body, message.headers())
         except BaseException:
             self.store.delete(record.task_id)  # never a stored half-task
             raise
+        self.store.confirm(record.task_id)
+        self.metrics.confirm_seconds.observe(time.perf_counter() - started)
+
+    async def _publish_unconfirmed(self, task_id: str | None = None) -> None:
+        """Publish again what a previous run of this server stored but never saw confirmed
+        (at-least-once: it may have reached RabbitMQ; a duplicate delivery is harmless)."""
+        for stored_id, queue, body in self.store.unconfirmed(task_id):
+            await self._ensure_queue(queue)
+            message = TaskMessage.decode(body)
+            await self.broker.publish(topology.TASKS_EXCHANGE, queue, body, message.headers())
+            self.store.confirm(stored_id)
+            log.info("task %s: published again (its first publish was never confirmed)", stored_id)
+
+    async def _publish_unconfirmed_until_done(self) -> None:
+        """At start-up: the rows left unconfirmed by the previous run (not the ones this
+        run is publishing right now)."""
+        left = [task_id for task_id, _queue, _body in self.store.unconfirmed()]
+        while left:
+            try:
+                await self._publish_unconfirmed(left[0])
+                left.pop(0)
+            except BrokerUnavailable as exc:
+                log.warning("cannot yet publish tasks left unconfirmed by a crash: %s", exc)
+                await self.broker.wait_connected(UNCONFIRMED_RETRY_S)
 
     async def _ensure_queue(self, queue: str) -> None:
         if queue not in self._declared_queues:
@@ -235,7 +264,8 @@ class TaskService:
         dead = await topology.declare_dead_queue(self.broker, server_id)
         self._tasks = [asyncio.create_task(self._apply_events(), name="events-applier"),
                        asyncio.create_task(self._sweep_retention(), name="retention"),
-                       asyncio.create_task(self._refresh_store_gauges(), name="store-gauges")]
+                       asyncio.create_task(self._refresh_store_gauges(), name="store-gauges"),
+                       asyncio.create_task(self._publish_unconfirmed_until_done(), name="unconfirmed")]
         await self.broker.consume(events, self._events.put_nowait, EVENTS_PREFETCH)
         await self.broker.consume(dead, self._on_dead_letter, EVENTS_PREFETCH)
 

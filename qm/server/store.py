@@ -35,6 +35,11 @@ CREATE TABLE IF NOT EXISTS tasks (
     max_retries INTEGER NOT NULL DEFAULT 0,
     next_attempt_at REAL
 );
+CREATE TABLE IF NOT EXISTS unconfirmed (
+    task_id TEXT PRIMARY KEY,
+    queue   TEXT NOT NULL,
+    body    BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS dead_letters (
     task_id  TEXT PRIMARY KEY,
     type     TEXT NOT NULL,
@@ -130,6 +135,32 @@ class Store:
 
     def delete(self, task_id: str) -> None:
         self._db.execute("DELETE FROM tasks WHERE task_id = ?", (task_id,))
+        self._db.execute("DELETE FROM unconfirmed WHERE task_id = ?", (task_id,))
+
+    # -- accepted but not yet confirmed by RabbitMQ ---------------------------------------
+
+    def insert_unconfirmed(self, record: TaskRecord, queue: str, body: bytes) -> None:
+        """Store a task with the message that still has to reach RabbitMQ, in one commit."""
+        self._db.execute("BEGIN")
+        try:
+            self.insert(record)
+            self._db.execute("INSERT INTO unconfirmed (task_id, queue, body) VALUES (?, ?, ?)",
+                             (record.task_id, queue, body))
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
+    def confirm(self, task_id: str) -> None:
+        """RabbitMQ confirmed the task's message: nothing left to resend."""
+        self._db.execute("DELETE FROM unconfirmed WHERE task_id = ?", (task_id,))
+
+    def unconfirmed(self, task_id: str | None = None) -> list[tuple[str, str, bytes]]:
+        """(task id, queue, message body) of tasks whose publish was never confirmed."""
+        query = "SELECT task_id, queue, body FROM unconfirmed"
+        if task_id is None:
+            return self._db.execute(query).fetchall()
+        return self._db.execute(f"{query} WHERE task_id = ?", (task_id,)).fetchall()
 
     def get(self, task_id: str) -> TaskRecord | None:
         row = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM tasks WHERE task_id = ?",

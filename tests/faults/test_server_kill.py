@@ -3,11 +3,10 @@
 nothing and create no duplicates (one task id per key, nothing enqueued twice), and the
 statuses published while the server was down are caught up from its durable events queue.
 
-Known bug (see SUBMISSION_LOST): SubmitTask stores the task (committed at once) before it
-publishes the message, and the publish only leaves the process on a later turn of the
-event loop. A server killed in between leaves a stored QUEUED task whose message never
-reached RabbitMQ; the client's retry with the same key then finds that record and is
-answered with its id, so the client believes the task accepted, but it never runs.
+A server killed between storing a task and RabbitMQ's confirm of its message used to
+leave a stored QUEUED task that never ran, while the client's retry (same key) was
+answered with its id (SUBMISSION_LOST). The store now keeps the message until confirmed and
+the restarted server publishes it again; these tests guard that.
 """
 from __future__ import annotations
 
@@ -42,7 +41,7 @@ SUBMIT_TIMEOUT_S = 120.0
 RESULT_TIMEOUT_S = 20.0
 
 SUBMISSION_LOST = (
-    "BUG: qm-server killed between storing a submitted task and its publish leaving the "
+    "qm-server killed between storing a submitted task and its publish leaving the "
     "process (TaskService._enqueue: store.insert commits, broker.publish only buffers in pika "
     "until the next loop turn): the restarted server answers the client's retry (same "
     "idempotency key) with the stored QUEUED record, whose message never reached RabbitMQ, "
@@ -105,8 +104,6 @@ class Submitters:
         assert not any(thread.is_alive() for thread in self._threads), "a submitter is still retrying"
 
 
-@pytest.mark.xfail(strict=False, raises=SubmissionLost, reason=SUBMISSION_LOST + " (hit only when the kill "
-                   "lands in that window, about 1 run in 8 here; reproduced every time by the next test)")
 def test_kill_9_of_the_server_during_submissions(rabbitmq, launcher):
     queue = launcher.queue(rabbitmq.url)
     server = launcher.server(rabbitmq.url)
@@ -180,7 +177,6 @@ def holding_proxy(rabbitmq):
     proxy.close()
 
 
-@pytest.mark.xfail(strict=True, raises=SubmissionLost, reason=SUBMISSION_LOST)
 def test_a_submission_cut_off_before_its_publish_reached_rabbitmq_is_not_lost(rabbitmq, holding_proxy, launcher):
     """The window of the bug above made reproducible: the server's connection to RabbitMQ
     goes through a proxy that holds back what the server sends, so its publish is
