@@ -5,26 +5,17 @@ service is a failure, never a silent skip.
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 
-from qm.testing.rabbitmq import LocalRabbitMQ, RabbitMQNotInstalled, find_server_script
-
-
-def _require_rabbitmq() -> None:
-    try:
-        find_server_script()
-    except RabbitMQNotInstalled as exc:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true but {exc}")
-        pytest.skip(str(exc))
+from qm.testing.rabbitmq import LocalRabbitMQ
+from tests.requirements import require_rabbitmq
 
 
 @pytest.fixture(scope="session")
 def rabbitmq(tmp_path_factory) -> LocalRabbitMQ:
     """One RabbitMQ node for the whole session (tests use distinct queue names)."""
-    _require_rabbitmq()
+    require_rabbitmq()
     node = LocalRabbitMQ(tmp_path_factory.mktemp("rabbitmq"))
     node.start()
     yield node
@@ -34,7 +25,7 @@ def rabbitmq(tmp_path_factory) -> LocalRabbitMQ:
 @pytest.fixture
 def own_rabbitmq(tmp_path_factory) -> LocalRabbitMQ:
     """A private node for tests that stop, kill or restart the broker."""
-    _require_rabbitmq()
+    require_rabbitmq()
     node = LocalRabbitMQ(tmp_path_factory.mktemp("rabbitmq-own"))
     node.start()
     yield node

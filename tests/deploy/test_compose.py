@@ -24,6 +24,7 @@ import yaml
 
 from qm.config import load_config, parse_host_port
 from tests.processes import BIN_DIR, unique
+from tests.requirements import require_rabbitmq
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -502,15 +503,6 @@ def test_json_log_lines(capsys):
 
 # ------------------------------------------------ running the deploy config ---
 
-def _require_rabbitmq() -> None:
-    from qm.testing.rabbitmq import RabbitMQNotInstalled, find_server_script
-
-    try:
-        find_server_script()
-    except RabbitMQNotInstalled as exc:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true but {exc}")
-        pytest.skip(str(exc))
 
 
 @pytest.fixture
@@ -518,7 +510,7 @@ def deploy_rabbitmq(tmp_path_factory):
     """A private RabbitMQ node (Debian's 3.10, as in the rabbitmq:3.10 image) started with
     deploy/rabbitmq/rabbitmq.conf and enabled_plugins; only its listeners are moved to
     free loopback ports. RabbitMQ refuses to start on an unknown or malformed setting."""
-    _require_rabbitmq()
+    require_rabbitmq()
     from qm.testing.rabbitmq import LocalRabbitMQ, free_port
 
     class DeployRabbitMQ(LocalRabbitMQ):
