@@ -9,6 +9,8 @@ TASKS_EXCHANGE = "qm.tasks"
 EVENTS_EXCHANGE = "qm.events"
 #: Fanout exchange for tasks that failed for good; each server keeps its own queue on it.
 DEAD_EXCHANGE = "qm.dead"
+#: RabbitMQ's own delivery limit, as a multiple of the start limit (broker.delivery_limit).
+DELIVERY_BACKSTOP_FACTOR = 4
 #: Fanout exchange carrying cancels into the cancel stream.
 CONTROL_EXCHANGE = "qm.control"
 #: RabbitMQ stream of cancelled task ids, read by every worker from its start.
@@ -50,13 +52,14 @@ def dead_queue_name(server_id: str) -> str:
 
 
 def work_queue_arguments(queue_type: str, delivery_limit: int) -> dict[str, object]:
-    """Quorum queues count deliveries: past the limit (a task that kills whole workers)
-    RabbitMQ dead-letters the message instead of delivering it forever. RabbitMQ's
-    x-delivery-limit counts redeliveries (limit N allows N + 1 deliveries); ours counts
-    deliveries, hence the - 1."""
+    """A task that kills whole workers is stopped by the servers counting its starts
+    (broker.delivery_limit, see TaskService._watch_for_poison). Quorum queues add a
+    backstop: RabbitMQ counts every return, also those of tasks that were only waiting in
+    a dying worker's buffer, so its limit is set well above ours and only catches what the
+    start count could not (x-delivery-limit counts redeliveries: N allows N + 1)."""
     arguments: dict[str, object] = {"x-queue-type": queue_type, "x-dead-letter-exchange": DEAD_EXCHANGE}
     if queue_type == "quorum":
-        arguments["x-delivery-limit"] = max(0, delivery_limit - 1)
+        arguments["x-delivery-limit"] = delivery_limit * DELIVERY_BACKSTOP_FACTOR
     return arguments
 
 

@@ -66,6 +66,7 @@ class TaskService:
         self.metrics = metrics or ServerMetrics()
         self.worker_lost_after_s = worker_lost_after_s
         self._workers: dict[str, tuple[Heartbeat, float]] = {}
+        self._poison_reported: set[str] = set()
         self._declared_queues: set[str] = set()
         self._pending_keys: dict[str, asyncio.Future] = {}
         self._events: asyncio.Queue[Delivery] = asyncio.Queue()
@@ -295,7 +296,8 @@ class TaskService:
 
     def _apply(self, events: list[TaskEvent]) -> None:
         codecs = {name: declared.codec for name, declared in self.registry.types.items()}
-        for record in self.store.apply(events, codecs):
+        changes = self.store.apply(events, codecs)
+        for record in changes:
             self.hub.publish(record)
         now = time.time()
         for event in events:
@@ -304,6 +306,7 @@ class TaskService:
         for event in events:  # a worker that missed the cancel (started after it) is told again
             if event.state is TaskState.RUNNING and self._is_cancelled(event.task_id):
                 self._recancel(event.task_id)
+        self._watch_for_poison(changes)
 
     async def _refresh_store_gauges(self) -> None:
         """Counting rows is not free: every few seconds, on the loop's thread (SQLite's)."""
@@ -312,12 +315,29 @@ class TaskService:
             self.metrics.store_dead_letters.set(self.store.dead_letters(0)[1])
             await asyncio.sleep(STORE_GAUGES_INTERVAL_S)
 
+    def _watch_for_poison(self, changes: list[TaskRecord]) -> None:
+        """A task started delivery_limit times without an outcome takes its worker down
+        each time: tell every worker (through the cancel stream) to dead-letter it when it
+        next arrives. Counting starts, not deliveries, spares the tasks that were only
+        waiting in the dying workers' buffers."""
+        for record in changes:
+            if (record.state is TaskState.RUNNING and record.starts >= self.delivery_limit
+                    and record.task_id not in self._poison_reported):
+                self._poison_reported.add(record.task_id)
+                log.warning("task %s (%s) started %d times without finishing: poison", record.task_id,
+                            record.type, record.starts)
+                self._send_control(record.task_id, "poison", f"{record.starts}")
+
     def _recancel(self, task_id: str) -> None:
+        self._send_control(task_id, "cancel")
+
+    def _send_control(self, task_id: str, command: str, detail: str = "") -> None:
         async def send() -> None:
             try:
-                await self._broadcast_cancel(task_id)
+                await self.broker.publish(topology.CONTROL_EXCHANGE, "", task_id.encode(),
+                                          {"qm-command": command, "qm-detail": detail})
             except BrokerUnavailable as exc:
-                log.warning("task %s was cancelled but runs somewhere; cannot tell workers: %s", task_id, exc)
+                log.warning("task %s: cannot tell workers %s: %s", task_id, command, exc)
 
         task = asyncio.get_running_loop().create_task(send())
         self._background.add(task)

@@ -33,7 +33,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     memory_limit_mb INTEGER NOT NULL DEFAULT 0,
     idempotency_key TEXT NOT NULL DEFAULT '',
     max_retries INTEGER NOT NULL DEFAULT 0,
-    next_attempt_at REAL
+    next_attempt_at REAL,
+    starts      INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS unconfirmed (
     task_id TEXT PRIMARY KEY,
@@ -61,7 +62,7 @@ CREATE INDEX IF NOT EXISTS tasks_by_finished_at ON tasks (finished_at) WHERE fin
 #: Columns added after the first release, with their declarations.
 _ADDED_COLUMNS = {"timeout_s": "REAL NOT NULL DEFAULT 0", "memory_limit_mb": "INTEGER NOT NULL DEFAULT 0",
                   "idempotency_key": "TEXT NOT NULL DEFAULT ''", "max_retries": "INTEGER NOT NULL DEFAULT 0",
-                  "next_attempt_at": "REAL"}
+                  "next_attempt_at": "REAL", "starts": "INTEGER NOT NULL DEFAULT 0"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +87,7 @@ class TaskRecord:
     idempotency_key: str = ""
     max_retries: int = 0
     next_attempt_at: float | None = None  # while RETRYING
+    starts: int = 0               # RUNNING events seen, redelivered ones too (poison detection)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,6 +220,10 @@ class Store:
             for event in events:
                 current = latest.get(event.task_id) or self.get(event.task_id)
                 updated = _next_record(current, event, codec_of.get(event.type, "text"))
+                if event.state is TaskState.RUNNING and _is_new_start(current, event):
+                    started = updated or current  # every start counts, a redelivered one too
+                    if not started.state.terminal:
+                        updated = dataclasses.replace(started, starts=started.starts + 1, started_at=event.at_s)
                 if updated is not None:
                     latest[event.task_id] = updated
                     changes.append(updated)
@@ -245,6 +251,11 @@ def _dead_letter(row: tuple) -> DeadLetter:
     values = dict(zip(_DEAD_COLUMNS, row))
     values["state"] = TaskState(values["state"])
     return DeadLetter(**values)
+
+
+def _is_new_start(current: TaskRecord | None, event: TaskEvent) -> bool:
+    """A RUNNING event later than the last start seen (a replayed copy of one is not)."""
+    return current is None or current.started_at is None or event.at_s > current.started_at
 
 
 def _next_record(current: TaskRecord | None, event: TaskEvent, codec: str) -> TaskRecord | None:

@@ -78,6 +78,8 @@ class Supervisor:
         self._control_tag = ""
         self._marker = f"{worker_id}:{uuid.uuid4()}"  # read back from the cancel stream = caught up
         self._caught_up = asyncio.Event()
+        self._poison: dict[str, str] = {}  # task id → starts counted, from the servers
+        self._isolation = Isolation()
         self._unsettled: dict[asyncio.Task, Delivery] = {}  # handler → its delivery, until settled
         self._waiting: set[asyncio.Task] = set()              # handlers whose job has not started
         self._background: set[asyncio.Task] = set()
@@ -114,6 +116,9 @@ class Supervisor:
         command, body = delivery.headers.get("qm-command"), delivery.body.decode(errors="replace")
         if command == "marker" and body == self._marker:
             self._caught_up.set()
+        if command == "poison":
+            self._poison[body] = str(delivery.headers.get("qm-detail", ""))
+            return
         if command != "cancel":
             return
         task_id = body
@@ -171,10 +176,17 @@ class Supervisor:
             log.info("task %s was cancelled; dropping it", message.task_id)
             self._settle(handler, ack=True)
             return
+        if message.task_id in self._poison:
+            await self._dead_letter_poison(message, self._poison[message.task_id])
+            self._settle(handler, ack=True)
+            return
         self._by_task[message.task_id] = handler
         handler.add_done_callback(lambda _: self._by_task.pop(message.task_id, None))
         job = self.job_for(message)
         started_at = 0.0
+        # A redelivered task may be what took its last worker down: it runs alone, and its
+        # start is on record (confirmed) before it runs, so the servers can count it.
+        suspect = delivery.redelivered
 
         def on_started() -> None:
             nonlocal started_at
@@ -186,11 +198,17 @@ class Supervisor:
             still_running = asyncio.get_running_loop().call_later(
                 LONG_TASK_S, lambda: self._observe(time.monotonic() - started_at))
             handler.add_done_callback(lambda _: still_running.cancel())
-            running = self._event(message, TaskState.RUNNING, job=job)
-            self._spawn(self._publish_event(running))
+            if not suspect:
+                self._spawn(self._publish_event(self._event(message, TaskState.RUNNING, job=job)))
 
         try:
-            outcome = await self.pool.run(job, on_started)
+            await self._isolation.enter(suspect)
+            try:
+                if suspect:
+                    await self._publish_event(self._event(message, TaskState.RUNNING, job=job))
+                outcome = await self.pool.run(job, on_started)
+            finally:
+                self._isolation.leave(suspect)
         except asyncio.CancelledError:
             self._settle(handler, ack=False)  # back to the queue: another worker runs it
             raise
@@ -229,6 +247,20 @@ class Supervisor:
         await self._publish_confirmed(topology.DEAD_EXCHANGE, "", message.encode(), headers, message.task_id)
         await self._publish_event(self._event(message, outcome.state, outcome))
         self.metrics.tasks_finished.labels(message.type, outcome.state.name).inc()
+
+    async def _dead_letter_poison(self, message: TaskMessage, starts: str) -> None:
+        """The servers saw this task start `starts` times without an outcome: each time it
+        took its worker down. End it CRASHED in the dead letters instead of running it."""
+        reason = (f"started {starts} times and each time its worker died before it finished "
+                  "(broker.delivery_limit)")
+        error = (f"task {message.task_id} dead-lettered: it took its whole worker down on every run, "
+                 f"{reason}. A task that kills workers, not just a child, ends here instead of looping")
+        log.warning("task %s (%s) is poison: %s", message.task_id, message.type, reason)
+        headers = {**message.headers(), topology.DEAD_REASON_HEADER: reason, "qm-state": TaskState.CRASHED.name,
+                   "qm-error": error}
+        await self._publish_confirmed(topology.DEAD_EXCHANGE, "", message.encode(), headers, message.task_id)
+        await self._publish_event(self._event(message, TaskState.CRASHED, Outcome(TaskState.CRASHED, error=error)))
+        self.metrics.tasks_finished.labels(message.type, TaskState.CRASHED.name).inc()
 
     async def _ensure_wait_tier(self, tier_s: int) -> None:
         if tier_s not in self._wait_tiers:
@@ -358,3 +390,40 @@ def dead_reason(message: TaskMessage, outcome: Outcome) -> str:
     if outcome.state is TaskState.TIMED_OUT:
         return "TIMED_OUT is not retried unless retry_on_timeout is set"
     return f"{outcome.state.name} is not retried"
+
+
+class Isolation:
+    """Suspect tasks (redelivered: their last holder may have died of them) run alone:
+    one waits until nothing else runs, and nothing else starts while it runs."""
+
+    def __init__(self) -> None:
+        self.running = 0
+        self.suspect_running = False
+        self.suspects_waiting = 0
+        self._changed = asyncio.Event()
+
+    def _may_enter(self, suspect: bool) -> bool:
+        if self.suspect_running:
+            return False
+        return self.running == 0 if suspect else self.suspects_waiting == 0
+
+    async def enter(self, suspect: bool) -> None:
+        self.suspects_waiting += suspect
+        try:
+            while True:
+                self._changed.clear()
+                if self._may_enter(suspect):
+                    break
+                await self._changed.wait()
+        finally:
+            self.suspects_waiting -= suspect
+            if suspect:
+                self._changed.set()  # normal tasks held back for this suspect re-check
+        self.running += 1
+        self.suspect_running = suspect
+
+    def leave(self, suspect: bool) -> None:
+        self.running -= 1
+        if suspect:
+            self.suspect_running = False
+        self._changed.set()

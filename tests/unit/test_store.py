@@ -207,3 +207,22 @@ def test_retention_forgets_finished_tasks_and_their_idempotency_keys(tmp_path):
     assert store.get("old") is None and store.find_by_idempotency_key("k-old") is None
     assert store.get("recent") is not None and store.get("running") is not None
     assert store.find_by_idempotency_key("k-running").task_id == "running"
+
+
+def test_starts_count_every_later_run_of_a_task_but_not_a_replayed_event(tmp_path):
+    from qm.messages import TaskEvent
+    from qm.server.store import Store
+    from qm.states import TaskState
+
+    store = Store(tmp_path / "starts.sqlite3")
+
+    def running(at_s, worker):
+        return TaskEvent("t1", "math", "default", 1, TaskState.RUNNING, worker, at_s=at_s)
+
+    store.apply([running(10.0, "w1")], {})
+    store.apply([running(10.0, "w1")], {})            # the same event again (replayed)
+    store.apply([running(20.0, "w2"), running(30.0, "w3")], {})  # redelivered after worker deaths
+    assert store.get("t1").starts == 3
+    store.apply([TaskEvent("t1", "math", "default", 1, TaskState.CRASHED, "w3", at_s=40.0),
+                 running(50.0, "w4")], {})
+    assert (store.get("t1").state, store.get("t1").starts) == (TaskState.CRASHED, 3)  # final: no more counting
