@@ -74,51 +74,43 @@ async def declare_work_queue(broker: Broker, queue: str, queue_type: str = "quor
     return name
 
 
+async def _declare_on_fanout(broker: Broker, exchange: str, queue: str, arguments: dict[str, object]) -> str:
+    """A fanout exchange and one queue bound to it (the shape of every queue but work queues)."""
+    await broker.declare_exchange(exchange, "fanout")
+    await broker.declare_queue(queue, arguments)
+    await broker.bind_queue(queue, exchange)
+    return queue
+
+
 async def declare_wait_tier(broker: Broker, tier_s: int) -> str:
     """A delay tier: messages wait `tier_s`, then return to qm.tasks with their routing key
     (the logical queue), so one wait queue serves every work queue."""
     name = wait_exchange_name(tier_s)
     await broker.declare_exchange(TASKS_EXCHANGE, "direct")
-    await broker.declare_exchange(name, "fanout")
-    await broker.declare_queue(name, {"x-queue-type": "classic", "x-message-ttl": tier_s * 1000,
-                                      "x-dead-letter-exchange": TASKS_EXCHANGE})
-    await broker.bind_queue(name, name)
-    return name
+    return await _declare_on_fanout(broker, name, name, {
+        "x-queue-type": "classic", "x-message-ttl": tier_s * 1000, "x-dead-letter-exchange": TASKS_EXCHANGE})
 
 
 async def declare_dead_queue(broker: Broker, server_id: str) -> str:
     """Declare the dead-letter exchange and this replica's durable queue on it."""
-    name = dead_queue_name(server_id)
-    await broker.declare_exchange(DEAD_EXCHANGE, "fanout")
-    await broker.declare_queue(name, {"x-queue-type": "classic"})
-    await broker.bind_queue(name, DEAD_EXCHANGE)
-    return name
+    return await _declare_on_fanout(broker, DEAD_EXCHANGE, dead_queue_name(server_id), {"x-queue-type": "classic"})
 
 
 async def declare_events_queue(broker: Broker, server_id: str) -> str:
     """Declare the events exchange and this replica's durable queue on it."""
-    name = events_queue_name(server_id)
-    await broker.declare_exchange(EVENTS_EXCHANGE, "fanout")
-    await broker.declare_queue(name, {"x-queue-type": "classic"})
-    await broker.bind_queue(name, EVENTS_EXCHANGE)
-    return name
+    return await _declare_on_fanout(broker, EVENTS_EXCHANGE, events_queue_name(server_id),
+                                    {"x-queue-type": "classic"})
 
 
 async def declare_cancel_stream(broker: Broker) -> str:
     """The stream of cancelled task ids: every worker reads it from the start (within
     CANCEL_STREAM_MAX_AGE), so one that starts after a cancel still drops that task."""
-    await broker.declare_exchange(CONTROL_EXCHANGE, "fanout")
-    await broker.declare_queue(CANCEL_STREAM, {"x-queue-type": "stream", "x-max-age": CANCEL_STREAM_MAX_AGE})
-    await broker.bind_queue(CANCEL_STREAM, CONTROL_EXCHANGE)
-    return CANCEL_STREAM
+    return await _declare_on_fanout(broker, CONTROL_EXCHANGE, CANCEL_STREAM,
+                                    {"x-queue-type": "stream", "x-max-age": CANCEL_STREAM_MAX_AGE})
 
 
 async def declare_heartbeats_queue(broker: Broker, server_id: str) -> str:
     """This replica's queue of worker heartbeats: old ones expire, and the queue goes
     away once its server has been gone a while (heartbeats are not worth keeping)."""
-    name = f"qm.heartbeats.{server_id}"
-    await broker.declare_exchange(HEARTBEATS_EXCHANGE, "fanout")
-    await broker.declare_queue(name, {"x-queue-type": "classic", "x-message-ttl": HEARTBEAT_TTL_MS,
-                                      "x-expires": HEARTBEAT_QUEUE_EXPIRES_MS})
-    await broker.bind_queue(name, HEARTBEATS_EXCHANGE)
-    return name
+    return await _declare_on_fanout(broker, HEARTBEATS_EXCHANGE, f"qm.heartbeats.{server_id}", {
+        "x-queue-type": "classic", "x-message-ttl": HEARTBEAT_TTL_MS, "x-expires": HEARTBEAT_QUEUE_EXPIRES_MS})
