@@ -36,6 +36,7 @@ from qm.errors import BrokerUnavailable
 from qm.messages import Heartbeat, TaskEvent, TaskMessage
 from qm.metrics import WorkerMetrics
 from qm.states import TaskState
+from qm.worker.isolation import Isolation
 from qm.worker.pool import Job, Outcome, Pool
 from qm.worker.prefetch import AutoPrefetch, FixedPrefetch
 
@@ -391,39 +392,3 @@ def dead_reason(message: TaskMessage, outcome: Outcome) -> str:
         return "TIMED_OUT is not retried unless retry_on_timeout is set"
     return f"{outcome.state.name} is not retried"
 
-
-class Isolation:
-    """Suspect tasks (redelivered: their last holder may have died of them) run alone:
-    one waits until nothing else runs, and nothing else starts while it runs."""
-
-    def __init__(self) -> None:
-        self.running = 0
-        self.suspect_running = False
-        self.suspects_waiting = 0
-        self._changed = asyncio.Event()
-
-    def _may_enter(self, suspect: bool) -> bool:
-        if self.suspect_running:
-            return False
-        return self.running == 0 if suspect else self.suspects_waiting == 0
-
-    async def enter(self, suspect: bool) -> None:
-        self.suspects_waiting += suspect
-        try:
-            while True:
-                self._changed.clear()
-                if self._may_enter(suspect):
-                    break
-                await self._changed.wait()
-        finally:
-            self.suspects_waiting -= suspect
-            if suspect:
-                self._changed.set()  # normal tasks held back for this suspect re-check
-        self.running += 1
-        self.suspect_running = suspect
-
-    def leave(self, suspect: bool) -> None:
-        self.running -= 1
-        if suspect:
-            self.suspect_running = False
-        self._changed.set()

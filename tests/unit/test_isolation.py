@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import asyncio
 
-from qm.worker.supervisor import Isolation
+from qm.worker.isolation import Isolation
 from tests.unit.aio import run
 
 
