@@ -42,10 +42,6 @@ class ServerMetrics:
         self.store_dead_letters = Gauge("qm_server_store_dead_letters", "Dead letters in this server's store",
                                         registry=r)
 
-    def watch_store(self, tasks: Callable[[], float], dead_letters: Callable[[], float]) -> None:
-        self.store_tasks.set_function(tasks)
-        self.store_dead_letters.set_function(dead_letters)
-
 
 class WorkerMetrics:
     """What qm-worker exposes."""

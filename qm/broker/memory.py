@@ -2,8 +2,8 @@
 
 Semantics mirrored from RabbitMQ: direct and fanout routing, per-consumer prefetch,
 round-robin between consumers, requeue at the head with `redelivered` set, unacked
-deliveries returned when the broker closes. `kill_connection()` simulates losing the
-connection: unacked deliveries are requeued and later acks of them are ignored.
+deliveries returned when the broker closes (as on a lost connection): later acks of them
+are ignored. Stream queues give every consumer every message from the start.
 """
 from __future__ import annotations
 
@@ -52,10 +52,6 @@ class MemoryBroker(Broker):
         self._connected.set()
 
     async def close(self) -> None:
-        self._drop_connection()
-
-    def kill_connection(self) -> None:
-        """Simulate a lost connection: consumers and unacked deliveries are dropped."""
         self._drop_connection()
 
     def _drop_connection(self) -> None:

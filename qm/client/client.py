@@ -241,15 +241,12 @@ class Client:
 
     def result(self, task_id: str, timeout_s: float | None = None) -> Any:
         """Wait for the task; return its result, or raise TaskError (or TimeoutError)."""
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         last = None
-        for last in self.watch([task_id], timeout_s):
+        for last in self.watch([task_id], timeout_s):  # raises TimeoutError at the deadline
             if last.terminal:
                 break
-        if last is None or not last.terminal:
-            left = None if deadline is None else deadline - time.monotonic()
-            raise TimeoutError(f"task {task_id} not finished (last state {last.state if last else 'unknown'}, "
-                               f"{left} s left)")
+        if last is None or not last.terminal:  # the server ends a stream only at a final state
+            raise QMError(f"status stream for task {task_id} ended before the task did")
         if last.state != "SUCCEEDED":
             raise TaskError(task_id, last.state, last.error)
         return last.result

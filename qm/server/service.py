@@ -52,6 +52,7 @@ class TaskService:
                  retention_s: float = 7 * 86400.0, metrics: ServerMetrics | None = None,
                  worker_lost_after_s: float = 30.0) -> None:
         self.registry = registry
+        self._codecs = {name: declared.codec for name, declared in registry.types.items()}
         self.store = store
         self.broker = broker
         self.hub = Hub()
@@ -295,16 +296,19 @@ class TaskService:
             self.broker.ack(delivery)
 
     def _apply(self, events: list[TaskEvent]) -> None:
-        codecs = {name: declared.codec for name, declared in self.registry.types.items()}
-        changes = self.store.apply(events, codecs)
+        changes = self.store.apply(events, self._codecs)
         for record in changes:
             self.hub.publish(record)
         now = time.time()
         for event in events:
             self.metrics.events.labels(event.state.name).inc()
             self.metrics.events_lag_seconds.observe(max(0.0, now - event.at_s))
+        changed = {record.task_id for record in changes}
         for event in events:  # a worker that missed the cancel (started after it) is told again
-            if event.state is TaskState.RUNNING and self._is_cancelled(event.task_id):
+            # A start that changed nothing came for a task already final: cancelled, maybe.
+            # (Any other start counts as one, so only these need the store look-up.)
+            if (event.state is TaskState.RUNNING and event.task_id not in changed
+                    and self._is_cancelled(event.task_id)):
                 self._recancel(event.task_id)
         self._watch_for_poison(changes)
 
@@ -312,7 +316,7 @@ class TaskService:
         """Counting rows is not free: every few seconds, on the loop's thread (SQLite's)."""
         while True:
             self.metrics.store_tasks.set(self.store.count())
-            self.metrics.store_dead_letters.set(self.store.dead_letters(0)[1])
+            self.metrics.store_dead_letters.set(self.store.count_dead_letters())
             await asyncio.sleep(STORE_GAUGES_INTERVAL_S)
 
     def _watch_for_poison(self, changes: list[TaskRecord]) -> None:

@@ -197,8 +197,10 @@ class Store:
             query += f" WHERE task_id IN ({', '.join('?' for _ in task_ids)})"
             params = tuple(task_ids)
         rows = self._db.execute(f"{query} ORDER BY dead_at LIMIT ?", (*params, limit)).fetchall()
-        total = self._db.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0]
-        return [_dead_letter(row) for row in rows], total
+        return [_dead_letter(row) for row in rows], self.count_dead_letters()
+
+    def count_dead_letters(self) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0]
 
     def remove_dead_letters(self, task_ids: list[str] | None = None) -> int:
         """Remove these dead letters (all if None); return how many went."""

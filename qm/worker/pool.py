@@ -121,7 +121,6 @@ class Pool:
         self._sampler: asyncio.TimerHandle | None = None
         self._readiness = asyncio.Event()
         self.restarts = 0
-        self.recycled = 0
         self.tasks_finished = 0
 
     async def start(self, timeout_s: float = 60.0) -> None:
@@ -207,7 +206,6 @@ class Pool:
         reason = self._recycle_reason(slot)
         if reason:
             log.info("recycling child %d (pid %d): %s", slot.index, slot.process.pid, reason)
-            self.recycled += 1
             slot.retired = True
             asyncio.get_running_loop().remove_reader(slot.conn.fileno())
             slot.conn.close()  # the child exits on EOF; _on_exit spawns its successor

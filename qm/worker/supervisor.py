@@ -11,7 +11,10 @@
     qm.events exchange ◄── publish outcome event (await confirm) ── then ack delivery
                                                   └──► prefetch.observe(run time) → set_prefetch
 
-A delivery is acked only after its outcome event is confirmed by the broker, so a crash
+A redelivered delivery (its last holder may have died of it) passes the Isolation gate
+first: it runs alone, its RUNNING confirmed before it starts, so the servers can count the
+starts of a task that kills workers. A delivery is acked only after its outcome event is
+confirmed by the broker, so a crash
 anywhere before that means RabbitMQ redelivers the task (at-least-once). Everything runs
 on one asyncio loop that never waits on task work, so AMQP heartbeats keep flowing
 however long tasks take.
