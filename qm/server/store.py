@@ -224,8 +224,10 @@ class Store:
                 updated = _next_record(current, event, codec_of.get(event.type, "text"))
                 if event.state is TaskState.RUNNING and _is_new_start(current, event):
                     started = updated or current  # every start counts, a redelivered one too
-                    if not started.state.terminal:
-                        updated = dataclasses.replace(started, starts=started.starts + 1, started_at=event.at_s)
+                    if not started.state.terminal:  # a redelivery: the worker running it now
+                        updated = dataclasses.replace(
+                            started, starts=started.starts + 1, started_at=event.at_s, updated_at=event.at_s,
+                            worker=event.worker or started.worker)
                 if updated is not None:
                     latest[event.task_id] = updated
                     changes.append(updated)

@@ -20,6 +20,7 @@ import os
 import pathlib
 import resource
 import signal
+import threading
 import traceback
 from multiprocessing.connection import Connection
 
@@ -37,10 +38,18 @@ ADDRESS_SPACE_FACTOR = 2
 MIB = 1024 * 1024
 
 
-def child_main(conn: Connection, address_space_limit: bool = True) -> None:
-    """Entry point of a pool child; returns when the supervisor closes the pipe."""
+def child_main(conn: Connection, lifeline: Connection, address_space_limit: bool = True,
+               die_with_parent: bool = True) -> None:
+    """Entry point of a pool child; returns when the supervisor closes the pipe.
+
+    `lifeline` is the read end of a pipe whose write end only the supervisor holds: EOF
+    on it means the supervisor is gone, and the child kills its whole process group.
+    `die_with_parent` adds the kernel's parent-death signal (forkserver start method,
+    where the parent is the forkserver, which outlives the children by design)."""
     os.setsid()
-    _die_with_parent()
+    _watch_lifeline(lifeline)
+    if die_with_parent:
+        _die_with_parent()
     # The supervisor decides when children stop: a Ctrl-C or a service manager's SIGTERM
     # to everything must not kill running tasks while the supervisor drains.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -66,9 +75,26 @@ def child_main(conn: Connection, address_space_limit: bool = True) -> None:
         conn.send(reply)
 
 
+def _watch_lifeline(lifeline: Connection) -> None:
+    """A thread that waits for EOF on the lifeline (the supervisor died, however it died)
+    and then SIGKILLs this child's process group: the task and everything it started.
+    It blocks in read(2) without the GIL, so a task spinning in Python does not delay it
+    past one switch interval."""
+    def wait_then_kill() -> None:
+        try:
+            while True:
+                lifeline.recv_bytes()
+        except (EOFError, OSError):
+            os.killpg(0, signal.SIGKILL)
+
+    threading.Thread(target=wait_then_kill, name="qm-lifeline", daemon=True).start()
+
+
 def _die_with_parent() -> None:
-    """Linux: SIGKILL this child when its parent dies (the forkserver, which itself exits
-    with the supervisor), so a kill -9 of the supervisor leaves no task running."""
+    """Linux: SIGKILL this child when its parent (the forkserver) dies. The forkserver
+    outlives the children on purpose (qm/worker/forkserver_reaper.py kills their groups
+    first), so this is the last resort for a child whose lifeline thread could not run:
+    a task holding the GIL in native code."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)

@@ -113,8 +113,12 @@ class Pool:
         self.max_idle_rss_mb = max_idle_rss_mb
         self.address_space_limit = address_space_limit
         self._context = multiprocessing.get_context(start_method)
-        if start_method == "forkserver":
-            self._context.set_forkserver_preload(["qm.worker.child", *preload_modules])
+        self._forkserver = start_method == "forkserver"
+        if self._forkserver:
+            self._context.set_forkserver_preload(
+                ["qm.worker.child", "qm.worker.forkserver_reaper", *preload_modules])
+        # Only this process holds the write end: EOF in a child = the supervisor is gone.
+        self._lifeline_r, self._lifeline_w = self._context.Pipe(duplex=False)
         self.slots: list[Slot] = []
         self._idle: asyncio.Queue[Slot] = asyncio.Queue()
         self._closing = False
@@ -133,8 +137,9 @@ class Pool:
 
     def _spawn(self, index: int) -> Slot:
         parent_conn, child_conn = self._context.Pipe(duplex=True)
-        process = self._context.Process(target=child_main, args=(child_conn, self.address_space_limit),
-                                        name=f"qm-child-{index}", daemon=True)
+        process = self._context.Process(
+            target=child_main, args=(child_conn, self._lifeline_r, self.address_space_limit, self._forkserver),
+            name=f"qm-child-{index}", daemon=True)
         process.start()
         child_conn.close()
         slot = Slot(index, process, parent_conn)
@@ -286,6 +291,8 @@ class Pool:
                 if slot.job is not None:
                     _kill_group(slot.process.pid)
         await asyncio.to_thread(self._join_all)
+        self._lifeline_w.close()
+        self._lifeline_r.close()
 
     def _join_all(self) -> None:
         deadline = time.monotonic() + CHILD_EXIT_TIMEOUT_S

@@ -129,3 +129,23 @@ def kill_worker(payload: str) -> str:
             break
     time.sleep(5)
     return "no qm-worker ancestor found"
+
+
+def spawn_and_spin(payload: str) -> str:
+    """Payload "SECONDS TAG": start a subprocess that spins SECONDS with TAG on its command
+    line (so a test can find every copy on the host), spin SECONDS here too, then stop it."""
+    seconds, tag = payload.split()
+    loop = "import sys, time\nend = time.monotonic() + float(sys.argv[1])\nwhile time.monotonic() < end: pass"
+    helper = subprocess.Popen([sys.executable, "-c", loop, seconds, tag])
+    spin(seconds)
+    helper.kill()
+    helper.wait()
+    return tag
+
+
+def hold_gil(payload: str) -> str:
+    """Hold the GIL in native code (regex backtracking of 2**N steps) without a pause:
+    no other thread of the process can run until it ends."""
+    import re
+
+    return str(bool(re.match(r"(a+)+$", "a" * int(payload) + "b")))
