@@ -265,6 +265,8 @@ class ServerConfig:
     retention_s: float = _setting(604800.0, _to_float, _above(0))
     metrics_port: int = _setting(0, _to_int, _at_least(0), _at_most(65535))
     worker_lost_after_s: float = _setting(30.0, _to_float, _above(0))
+    reconcile_interval_s: float = _setting(30.0, _to_float, _above(0))
+    reconcile_after_s: float = _setting(60.0, _to_float, _above(0))
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,16 @@ class BrokerUnavailable(QMError):
     """The message broker cannot be reached or refused the message."""
 
 
+class BrokerRefused(QMError):
+    """The broker refused a declaration or look-up (AMQP 404 NOT_FOUND, 406
+    PRECONDITION_FAILED: a queue exists with other arguments); the connection stays up."""
+
+    def __init__(self, code: int, text: str):
+        super().__init__(f"RabbitMQ refused: {code} {text}")
+        self.code = code
+        self.text = text
+
+
 class TaskNotFound(QMError):
     """No task with that id is known to this server."""
 

@@ -38,6 +38,11 @@ class ServerMetrics:
                                             "to the store", buckets=FAST_SECONDS_BUCKETS, registry=r)
         self.events = Counter("qm_server_events_total", "Task events applied, by state", ["state"], registry=r)
         self.dead_letters = Counter("qm_server_dead_letters_total", "Tasks dead-lettered", ["type"], registry=r)
+        self.reconciled = Counter("qm_server_reconciled_total", "Tasks published again by the reconciler "
+                                  "because their message looked lost, by the state they were in", ["state"],
+                                  registry=r)
+        for state in ("QUEUED", "RUNNING", "RETRYING"):
+            self.reconciled.labels(state)  # present from the start, so rate() sees the first
         self.store_tasks = Gauge("qm_server_store_tasks", "Tasks in this server's store", registry=r)
         self.store_dead_letters = Gauge("qm_server_store_dead_letters", "Dead letters in this server's store",
                                         registry=r)

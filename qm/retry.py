@@ -55,7 +55,7 @@ class RetryPolicy:
 
 
 def tier_for(delay_s: float) -> int:
-    """The wait tier (seconds) a delay runs in: the longest tier not above it, at least the first."""
+    """The delay tier (seconds) a delay runs in: the longest tier not above it, at least the first."""
     index = bisect.bisect_right(DELAY_TIERS_S, delay_s) - 1
     return DELAY_TIERS_S[max(0, index)]
 

@@ -70,6 +70,19 @@ class Broker(abc.ABC):
         """Route messages from exchange to queue (replayed after reconnects)."""
 
     @abc.abstractmethod
+    async def queue_size(self, queue: str) -> int | None:
+        """Messages ready in a queue (unacked ones not counted); None if there is no such queue."""
+
+    @abc.abstractmethod
+    async def delete_queue(self, queue: str, if_empty: bool = False) -> None:
+        """Delete a queue and what it holds (no-op if absent); it is no longer re-declared.
+        With `if_empty`, a queue holding messages is kept and BrokerRefused raised."""
+
+    @abc.abstractmethod
+    async def delete_exchange(self, exchange: str) -> None:
+        """Delete an exchange (no-op if absent); it is no longer re-declared."""
+
+    @abc.abstractmethod
     async def publish(self, exchange: str, routing_key: str, body: bytes,
                       headers: dict[str, Any] | None = None) -> None:
         """Publish a persistent message; return once the broker confirmed it.

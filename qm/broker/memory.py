@@ -14,7 +14,7 @@ import itertools
 from typing import Any
 
 from qm.broker.base import EXCHANGE_KINDS, Broker, Delivery, DeliveryCallback
-from qm.errors import BrokerUnavailable
+from qm.errors import BrokerRefused, BrokerUnavailable
 
 
 @dataclasses.dataclass
@@ -41,6 +41,7 @@ class MemoryBroker(Broker):
         self._exchanges: dict[str, str] = {}
         self._bindings: dict[str, set[tuple[str, str]]] = collections.defaultdict(set)
         self._queues: dict[str, collections.deque[_Message]] = {}
+        self._queue_arguments: dict[str, dict[str, Any]] = {}
         self._consumers: dict[str, _Consumer] = {}
         self._streams: dict[str, list[_Message]] = {}  # stream queue → every message, kept
         self._tags = itertools.count(1)
@@ -84,6 +85,12 @@ class MemoryBroker(Broker):
 
     async def declare_queue(self, name: str, arguments: dict[str, Any] | None = None) -> None:
         self._check_connected()
+        arguments = dict(arguments or {})
+        existing = self._queue_arguments.setdefault(name, arguments)
+        for key in sorted(set(existing) | set(arguments)):
+            if existing.get(key) != arguments.get(key):  # as RabbitMQ: no silent change of a queue
+                raise BrokerRefused(406, f"PRECONDITION_FAILED - inequivalent arg '{key}' for queue '{name}': "
+                                         f"received {arguments.get(key)!r} but current is {existing.get(key)!r}")
         self._queues.setdefault(name, collections.deque())
         if (arguments or {}).get("x-queue-type") == "stream":
             self._streams.setdefault(name, [])
@@ -91,6 +98,27 @@ class MemoryBroker(Broker):
     async def bind_queue(self, queue: str, exchange: str, routing_key: str = "") -> None:
         self._check_connected()
         self._bindings[exchange].add((queue, routing_key))
+
+    async def queue_size(self, queue: str) -> int | None:
+        self._check_connected()
+        return len(self._queues[queue]) if queue in self._queues else None
+
+    async def delete_queue(self, queue: str, if_empty: bool = False) -> None:
+        self._check_connected()
+        if if_empty and self._queues.get(queue):
+            raise BrokerRefused(406, f"PRECONDITION_FAILED - queue '{queue}' is not empty")
+        self._queues.pop(queue, None)
+        self._streams.pop(queue, None)
+        self._queue_arguments.pop(queue, None)
+        for bindings in self._bindings.values():
+            bindings -= {binding for binding in bindings if binding[0] == queue}
+        for tag in [tag for tag, consumer in self._consumers.items() if consumer.queue == queue]:
+            del self._consumers[tag]  # as RabbitMQ: a deleted queue's consumers are cancelled
+
+    async def delete_exchange(self, exchange: str) -> None:
+        self._check_connected()
+        self._exchanges.pop(exchange, None)
+        self._bindings.pop(exchange, None)
 
     async def publish(self, exchange: str, routing_key: str, body: bytes,
                       headers: dict[str, Any] | None = None) -> None:

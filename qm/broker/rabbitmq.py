@@ -7,6 +7,11 @@ Connection management
     exponential backoff (capped by `reconnect_max_delay_s`) it reconnects, replays
     every declaration and re-establishes every consumer.
 
+Declarations, look-ups and deletes go through a separate admin channel: a refusal
+(404 NOT_FOUND, 406 PRECONDITION_FAILED for a queue that exists with other arguments)
+closes only that channel and raises BrokerRefused, so the caller can decide (e.g. fall
+back to a legacy queue's arguments) while publishing and consuming go on.
+
 Publisher confirms are pipelined: each publish registers a future under its sequence
 number and returns when the broker acks that number (or a `multiple` ack covering it);
 nothing waits for one message before sending the next.
@@ -25,7 +30,7 @@ from pika.adapters.asyncio_connection import AsyncioConnection
 from pika.adapters.utils import connection_workflow
 
 from qm.broker.base import EXCHANGE_KINDS, Broker, Delivery, DeliveryCallback
-from qm.errors import BrokerUnavailable
+from qm.errors import BrokerRefused, BrokerUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +73,9 @@ class RabbitMQBroker(Broker):
         self._consumer_ids = itertools.count(1)
         self._connection: AsyncioConnection | None = None
         self._publish_channel: Any = None
+        self._admin_channel: Any = None
+        self._admin_lock = asyncio.Lock()
+        self._admin_refusal: asyncio.Future | None = None
         self._publish_seq = 0
         self._pending: dict[int, asyncio.Future] = {}
         self._waiters: set[asyncio.Future] = set()
@@ -168,7 +176,10 @@ class RabbitMQBroker(Broker):
         self._publish_seq = 0
         await self._rpc(lambda cb: self._publish_channel.confirm_delivery(self._on_confirm, callback=cb))
         for kind, args in list(self._declarations):
-            await self._apply_declaration(kind, args)
+            try:
+                await self._apply_declaration(kind, args)
+            except BrokerRefused as exc:
+                log.error("RabbitMQ refused to re-declare %s %s after reconnecting: %s", kind, args[0], exc)
         for spec in list(self._consumers.values()):
             if spec.active:
                 await self._start_consumer(spec)
@@ -183,6 +194,7 @@ class RabbitMQBroker(Broker):
         self._pending.clear()
         self._waiters.clear()
         self._publish_channel = None
+        self._admin_channel = None
         for spec in self._consumers.values():
             spec.channel = None
         connection = self._connection
@@ -208,6 +220,34 @@ class RabbitMQBroker(Broker):
         generation = self._generation
         channel.add_on_close_callback(lambda ch, reason: self._on_channel_closed(generation, reason))
         return channel
+
+    async def _admin(self, call: Callable[[Any, Callable], Any]) -> Any:
+        """Run `call(channel, callback)` on the admin channel and await its reply. A broker
+        refusal closes only that channel: BrokerRefused, and a fresh channel next time."""
+        async with self._admin_lock:
+            if self._connection is None or not self._connection.is_open:
+                raise self.unavailable()  # (not `connected`: declarations replay before that is set)
+            channel = self._admin_channel
+            if channel is None or not channel.is_open:
+                channel = await self._rpc(lambda cb: self._connection.channel(on_open_callback=cb))
+                channel.add_on_close_callback(self._on_admin_closed)
+                self._admin_channel = channel
+            self._admin_refusal = refusal = asyncio.get_running_loop().create_future()
+            reply = asyncio.ensure_future(self._rpc(lambda cb: call(channel, cb)))
+            await asyncio.wait([reply, refusal], return_when=asyncio.FIRST_COMPLETED)
+            if reply.done():
+                return reply.result()
+            reply.cancel()
+            raise refusal.result()
+
+    def _on_admin_closed(self, channel: Any, reason: object) -> None:
+        refusal = self._admin_refusal
+        if refusal is None or refusal.done():
+            return
+        if isinstance(reason, pika.exceptions.ChannelClosedByBroker):
+            refusal.set_result(BrokerRefused(reason.reply_code, reason.reply_text))
+        else:
+            refusal.set_result(self.unavailable())
 
     def _on_channel_closed(self, generation: int, reason: object) -> None:
         # A channel closed by the broker (e.g. a declaration it refused) takes the whole
@@ -260,21 +300,46 @@ class RabbitMQBroker(Broker):
         self._declarations.append((kind, args))
 
     async def _apply_declaration(self, kind: str, args: tuple) -> None:
-        channel = self._publish_channel
-        if channel is None:
-            raise self.unavailable()
         if kind == "exchange":
             name, exchange_type = args
-            await self._rpc(lambda cb: channel.exchange_declare(
+            await self._admin(lambda channel, cb: channel.exchange_declare(
                 exchange=name, exchange_type=exchange_type, durable=True, callback=cb))
         elif kind == "queue":
             name, arguments = args
-            await self._rpc(lambda cb: channel.queue_declare(
+            await self._admin(lambda channel, cb: channel.queue_declare(
                 queue=name, durable=True, arguments=dict(arguments), callback=cb))
         else:
             queue, exchange, routing_key = args
-            await self._rpc(lambda cb: channel.queue_bind(
+            await self._admin(lambda channel, cb: channel.queue_bind(
                 queue=queue, exchange=exchange, routing_key=routing_key, callback=cb))
+
+    async def queue_size(self, queue: str) -> int | None:
+        try:
+            frame = await self._admin(lambda channel, cb: channel.queue_declare(
+                queue=queue, passive=True, callback=cb))
+        except BrokerRefused as exc:
+            if exc.code == 404:
+                return None
+            raise
+        return frame.method.message_count
+
+    async def delete_queue(self, queue: str, if_empty: bool = False) -> None:
+        self._declarations = [(kind, args) for kind, args in self._declarations
+                              if not (kind in ("queue", "bind") and args[0] == queue)]
+        await self._admin_ignoring_absent(lambda channel, cb: channel.queue_delete(queue=queue, if_empty=if_empty, callback=cb))
+
+    async def delete_exchange(self, exchange: str) -> None:
+        self._declarations = [(kind, args) for kind, args in self._declarations
+                              if not ((kind == "exchange" and args[0] == exchange)
+                                      or (kind == "bind" and args[1] == exchange))]
+        await self._admin_ignoring_absent(lambda channel, cb: channel.exchange_delete(exchange=exchange, callback=cb))
+
+    async def _admin_ignoring_absent(self, call: Callable[[Any, Callable], Any]) -> None:
+        try:
+            await self._admin(call)
+        except BrokerRefused as exc:
+            if exc.code != 404:
+                raise
 
     # -- publishing ------------------------------------------------------------------
 

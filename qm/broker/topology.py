@@ -1,7 +1,12 @@
 """RabbitMQ names and declarations shared by qm-server and qm-worker (idempotent)."""
 from __future__ import annotations
 
+import logging
+
 from qm.broker.base import Broker
+from qm.errors import BrokerRefused, ConfigError
+
+log = logging.getLogger(__name__)
 
 #: Direct exchange routing tasks to work queues by logical queue name.
 TASKS_EXCHANGE = "qm.tasks"
@@ -29,6 +34,10 @@ HEARTBEAT_QUEUE_EXPIRES_MS = 600_000
 DEFAULT_QUEUE = "default"
 #: Header naming why a message was dead-lettered (absent when RabbitMQ did it: x-death).
 DEAD_REASON_HEADER = "qm-dead-reason"
+#: Quorum-queue arguments that make RabbitMQ dead-letter at least once: a message leaves
+#: the source queue only when the target queue confirmed it (RabbitMQ >= 3.10; at-least-once
+#: requires the reject-publish overflow, else RabbitMQ falls back to at-most-once).
+AT_LEAST_ONCE_DEAD_LETTERING = {"x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"}
 
 
 def work_queue_name(queue: str) -> str:
@@ -41,8 +50,14 @@ def events_queue_name(server_id: str) -> str:
     return f"qm.events.{server_id}"
 
 
-def wait_exchange_name(tier_s: int) -> str:
-    """Exchange and queue of one retry delay tier."""
+def delay_tier_name(tier_s: int) -> str:
+    """Exchange and quorum queue of one retry delay tier."""
+    return f"qm.delay.{tier_s}s"
+
+
+def legacy_wait_tier_name(tier_s: int) -> str:
+    """Exchange and classic queue of a delay tier as versions before 0.2 declared it
+    (dead-lettered at most once: see qm/broker/migrate.py)."""
     return f"qm.wait.{tier_s}s"
 
 
@@ -60,16 +75,39 @@ def work_queue_arguments(queue_type: str, delivery_limit: int) -> dict[str, obje
     arguments: dict[str, object] = {"x-queue-type": queue_type, "x-dead-letter-exchange": DEAD_EXCHANGE}
     if queue_type == "quorum":
         arguments["x-delivery-limit"] = delivery_limit * DELIVERY_BACKSTOP_FACTOR
+        arguments.update(AT_LEAST_ONCE_DEAD_LETTERING)
     return arguments
 
 
 async def declare_work_queue(broker: Broker, queue: str, queue_type: str = "quorum",
                              delivery_limit: int = 5) -> str:
-    """Declare the tasks exchange and one work queue bound to it; return the AMQP name."""
+    """Declare the tasks exchange and one work queue bound to it; return the AMQP name.
+
+    A quorum work queue declared by a version before 0.2 lacks at-least-once
+    dead-lettering, and RabbitMQ cannot add it to an existing queue: it is used as it
+    is, with a warning saying how to migrate (its only RabbitMQ dead-lettering is the
+    delivery-limit backstop, and the server's reconciler covers what that could drop).
+    A queue of the other type than `broker.queue_type` stops start-up with the way out.
+    """
     name = work_queue_name(queue)
     await broker.declare_exchange(TASKS_EXCHANGE, "direct")
     await broker.declare_exchange(DEAD_EXCHANGE, "fanout")
-    await broker.declare_queue(name, work_queue_arguments(queue_type, delivery_limit))
+    arguments = work_queue_arguments(queue_type, delivery_limit)
+    try:
+        await broker.declare_queue(name, arguments)
+    except BrokerRefused as exc:
+        if "x-queue-type" in exc.text:
+            raise ConfigError("broker.queue_type", (
+                f"the work queue {name} already exists in RabbitMQ as another queue type than {queue_type!r} "
+                f"({exc.text}). To change the type: stop the workers after the queue is drained, delete "
+                f"the queue (rabbitmqctl delete_queue {name}), then restart the servers and workers")) from None
+        if not any(key in exc.text for key in AT_LEAST_ONCE_DEAD_LETTERING):
+            raise
+        log.warning("work queue %s was declared by an older version without at-least-once dead-lettering; "
+                    "using it as it is. To migrate: drain it, delete it (rabbitmqctl delete_queue %s) and "
+                    "restart; see docs/architecture.md (Topology)", name, name)
+        legacy = {key: value for key, value in arguments.items() if key not in AT_LEAST_ONCE_DEAD_LETTERING}
+        await broker.declare_queue(name, legacy)
     await broker.bind_queue(name, TASKS_EXCHANGE, queue)
     return name
 
@@ -82,13 +120,20 @@ async def _declare_on_fanout(broker: Broker, exchange: str, queue: str, argument
     return queue
 
 
-async def declare_wait_tier(broker: Broker, tier_s: int) -> str:
+def delay_tier_arguments(tier_s: int) -> dict[str, object]:
+    """A quorum queue whose messages expire after `tier_s` and are dead-lettered to
+    qm.tasks at least once: an expired message stays until its work queue confirmed it,
+    so a broker restart or a leader election while it expires cannot drop it."""
+    return {"x-queue-type": "quorum", "x-message-ttl": tier_s * 1000, "x-dead-letter-exchange": TASKS_EXCHANGE,
+            **AT_LEAST_ONCE_DEAD_LETTERING}
+
+
+async def declare_delay_tier(broker: Broker, tier_s: int) -> str:
     """A delay tier: messages wait `tier_s`, then return to qm.tasks with their routing key
-    (the logical queue), so one wait queue serves every work queue."""
-    name = wait_exchange_name(tier_s)
+    (the logical queue), so one delay queue serves every work queue."""
+    name = delay_tier_name(tier_s)
     await broker.declare_exchange(TASKS_EXCHANGE, "direct")
-    return await _declare_on_fanout(broker, name, name, {
-        "x-queue-type": "classic", "x-message-ttl": tier_s * 1000, "x-dead-letter-exchange": TASKS_EXCHANGE})
+    return await _declare_on_fanout(broker, name, name, delay_tier_arguments(tier_s))
 
 
 async def declare_dead_queue(broker: Broker, server_id: str) -> str:

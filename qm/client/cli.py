@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="retries after the first attempt for FAILED/CRASHED (default: the type's, else the "
                              "server's, server.default_max_retries)")
     submit.add_argument("--retry-backoff", metavar="S", type=float,
-                        help="delay before the first retry, doubling each time (rounded down to a wait tier)")
+                        help="delay before the first retry, doubling each time (rounded down to a delay tier)")
     submit.add_argument("--retry-backoff-max", metavar="S", type=float, help="cap of the retry delay")
     submit.add_argument("--retry-on-timeout", action="store_true", default=None,
                         help="retry TIMED_OUT attempts too (MEMORY_EXCEEDED never retries)")

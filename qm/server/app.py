@@ -59,7 +59,9 @@ class ServerApp:
                                    default_memory_limit_mb=server.default_task_memory_limit_mb,
                                    consumer_timeout_s=config.broker.consumer_timeout_s,
                                    default_retry=default_retry, retention_s=server.retention_s,
-                                   metrics=ServerMetrics(), worker_lost_after_s=server.worker_lost_after_s)
+                                   metrics=ServerMetrics(), worker_lost_after_s=server.worker_lost_after_s,
+                                   reconcile_interval_s=server.reconcile_interval_s,
+                                   reconcile_after_s=server.reconcile_after_s)
         self.health = health.aio.HealthServicer()
         self.grpc_server = grpc.aio.server()
         self.port = 0

@@ -13,12 +13,14 @@ import uuid
 from qm import limits as task_limits
 from qm import retry
 from qm.broker import topology
+from qm.broker.migrate import migrate_legacy_delay_tiers
 from qm.broker.base import Broker, Delivery
 from qm.errors import BrokerUnavailable, TaskAlreadyFinished, TaskNotFound, ValidationError
 from qm.messages import Heartbeat, TaskEvent, TaskMessage
 from qm.metrics import ServerMetrics
 from qm.registry import Registry
 from qm.server.hub import Hub
+from qm.server.reconciler import Reconciler
 from qm.retry import RetryPolicy
 from qm.server.store import DeadLetter, Store, TaskRecord
 from qm.states import TaskState
@@ -50,7 +52,8 @@ class TaskService:
                  default_timeout_s: float = 600.0, default_memory_limit_mb: int = 0,
                  consumer_timeout_s: float = 1800.0, default_retry: RetryPolicy = RetryPolicy(),
                  retention_s: float = 7 * 86400.0, metrics: ServerMetrics | None = None,
-                 worker_lost_after_s: float = 30.0) -> None:
+                 worker_lost_after_s: float = 30.0, reconcile_interval_s: float = 30.0,
+                 reconcile_after_s: float = 60.0) -> None:
         self.registry = registry
         self._codecs = {name: declared.codec for name, declared in registry.types.items()}
         self.store = store
@@ -73,6 +76,8 @@ class TaskService:
         self._events: asyncio.Queue[Delivery] = asyncio.Queue()
         self._tasks: list[asyncio.Task] = []
         self._background: set[asyncio.Task] = set()
+        self.reconciler = Reconciler(store, broker, self.metrics, self._declared_queues, self._ensure_queue,
+                                     reconcile_interval_s, reconcile_after_s)
 
     # -- submit / status -------------------------------------------------------------
 
@@ -260,6 +265,7 @@ class TaskService:
         """Consume this replica's durable events and dead-letter queues into the store,
         and start the retention sweep."""
         await topology.declare_cancel_stream(self.broker)  # cancels are kept even before any worker runs
+        await migrate_legacy_delay_tiers(self.broker, retry.DELAY_TIERS_S)
         heartbeats = await topology.declare_heartbeats_queue(self.broker, server_id)
         await self.broker.consume(heartbeats, self._on_heartbeat, EVENTS_PREFETCH)
         events = await topology.declare_events_queue(self.broker, server_id)
@@ -267,7 +273,8 @@ class TaskService:
         self._tasks = [asyncio.create_task(self._apply_events(), name="events-applier"),
                        asyncio.create_task(self._sweep_retention(), name="retention"),
                        asyncio.create_task(self._refresh_store_gauges(), name="store-gauges"),
-                       asyncio.create_task(self._publish_unconfirmed_until_done(), name="unconfirmed")]
+                       asyncio.create_task(self._publish_unconfirmed_until_done(), name="unconfirmed"),
+                       asyncio.create_task(self.reconciler.run(), name="reconciler")]
         await self.broker.consume(events, self._events.put_nowait, EVENTS_PREFETCH)
         await self.broker.consume(dead, self._on_dead_letter, EVENTS_PREFETCH)
 

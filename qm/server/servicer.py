@@ -12,7 +12,8 @@ import time
 import grpc
 
 from qm._proto import task_queue_pb2, task_queue_pb2_grpc
-from qm.errors import BrokerUnavailable, QMError, TaskAlreadyFinished, TaskNotFound, ValidationError
+from qm.errors import (BrokerRefused, BrokerUnavailable, ConfigError, QMError, TaskAlreadyFinished, TaskNotFound,
+                       ValidationError)
 from qm.server.service import TaskService
 from qm.server.store import TaskRecord
 
@@ -23,6 +24,8 @@ _STATUS_OF: dict[type[QMError], grpc.StatusCode] = {
     TaskNotFound: grpc.StatusCode.NOT_FOUND,
     BrokerUnavailable: grpc.StatusCode.UNAVAILABLE,
     TaskAlreadyFinished: grpc.StatusCode.FAILED_PRECONDITION,
+    ConfigError: grpc.StatusCode.FAILED_PRECONDITION,    # e.g. a work queue of another type
+    BrokerRefused: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 

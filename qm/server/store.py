@@ -41,6 +41,10 @@ CREATE TABLE IF NOT EXISTS unconfirmed (
     queue   TEXT NOT NULL,
     body    BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS messages (
+    task_id TEXT PRIMARY KEY,
+    body    BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS dead_letters (
     task_id  TEXT PRIMARY KEY,
     type     TEXT NOT NULL,
@@ -53,9 +57,12 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     dead_at  REAL NOT NULL
 )
 """
-_INDEXES = """
+_INDEXES = f"""
 CREATE INDEX IF NOT EXISTS tasks_by_idempotency_key ON tasks (idempotency_key) WHERE idempotency_key != '';
 CREATE INDEX IF NOT EXISTS tasks_by_finished_at ON tasks (finished_at) WHERE finished_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS retrying_by_due ON tasks (queue, next_attempt_at) WHERE state = {int(TaskState.RETRYING)};
+CREATE INDEX IF NOT EXISTS running_by_deadline ON tasks (started_at + timeout_s) WHERE state = {int(TaskState.RUNNING)};
+CREATE INDEX IF NOT EXISTS queued_by_queue ON tasks (queue, created_at) WHERE state = {int(TaskState.QUEUED)};
 """
 
 
@@ -138,16 +145,19 @@ class Store:
     def delete(self, task_id: str) -> None:
         self._db.execute("DELETE FROM tasks WHERE task_id = ?", (task_id,))
         self._db.execute("DELETE FROM unconfirmed WHERE task_id = ?", (task_id,))
+        self._db.execute("DELETE FROM messages WHERE task_id = ?", (task_id,))
 
     # -- accepted but not yet confirmed by RabbitMQ ---------------------------------------
 
     def insert_unconfirmed(self, record: TaskRecord, queue: str, body: bytes) -> None:
-        """Store a task with the message that still has to reach RabbitMQ, in one commit."""
+        """Store a task with the message that still has to reach RabbitMQ, in one commit;
+        the message is also kept until the task is final (the reconciler's copy)."""
         self._db.execute("BEGIN")
         try:
             self.insert(record)
             self._db.execute("INSERT INTO unconfirmed (task_id, queue, body) VALUES (?, ?, ?)",
                              (record.task_id, queue, body))
+            self._db.execute("INSERT OR REPLACE INTO messages (task_id, body) VALUES (?, ?)", (record.task_id, body))
             self._db.execute("COMMIT")
         except BaseException:
             self._db.execute("ROLLBACK")
@@ -163,6 +173,32 @@ class Store:
         if task_id is None:
             return self._db.execute(query).fetchall()
         return self._db.execute(f"{query} WHERE task_id = ?", (task_id,)).fetchall()
+
+    # -- the reconciler's look-ups (each an indexed range over unfinished tasks) ---------
+
+    def message(self, task_id: str) -> bytes | None:
+        """The task's first message as submitted here (None once final, or if submitted elsewhere)."""
+        row = self._db.execute("SELECT body FROM messages WHERE task_id = ?", (task_id,)).fetchone()
+        return row[0] if row else None
+
+    def overdue_retries(self, queue: str, due_before_s: float, limit: int) -> list[TaskRecord]:
+        """RETRYING tasks of a logical queue whose next attempt was due before `due_before_s`."""
+        return self._select(f"WHERE state = {int(TaskState.RETRYING)} AND queue = ? AND next_attempt_at < ? "
+                            "ORDER BY next_attempt_at LIMIT ?", (queue, due_before_s, limit))
+
+    def overdue_runs(self, deadline_before_s: float, limit: int) -> list[TaskRecord]:
+        """RUNNING tasks whose time limit ran out before `deadline_before_s`, oldest first."""
+        return self._select(f"WHERE state = {int(TaskState.RUNNING)} AND started_at + timeout_s < ? AND timeout_s > 0 "
+                            "ORDER BY started_at + timeout_s LIMIT ?", (deadline_before_s, limit))
+
+    def queued_before(self, queue: str, created_before_s: float, limit: int) -> list[TaskRecord]:
+        """QUEUED tasks of a logical queue created before `created_before_s`, oldest first."""
+        return self._select(f"WHERE state = {int(TaskState.QUEUED)} AND queue = ? AND created_at < ? "
+                            "ORDER BY created_at LIMIT ?", (queue, created_before_s, limit))
+
+    def _select(self, where: str, params: tuple) -> list[TaskRecord]:
+        rows = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM tasks {where}", params).fetchall()
+        return [_record(row) for row in rows]
 
     def get(self, task_id: str) -> TaskRecord | None:
         row = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM tasks WHERE task_id = ?",
@@ -233,6 +269,8 @@ class Store:
                     changes.append(updated)
             for record in latest.values():
                 self._upsert(record)
+                if record.state.terminal:
+                    self._db.execute("DELETE FROM messages WHERE task_id = ?", (record.task_id,))
             self._db.execute("COMMIT")
         except BaseException:
             self._db.execute("ROLLBACK")

@@ -87,7 +87,7 @@ class Supervisor:
         self._unsettled: dict[asyncio.Task, Delivery] = {}  # handler → its delivery, until settled
         self._waiting: set[asyncio.Task] = set()              # handlers whose job has not started
         self._background: set[asyncio.Task] = set()
-        self._wait_tiers: set[int] = set()
+        self._delay_tiers: set[int] = set()
         self._by_task: dict[str, asyncio.Task] = {}              # task id → its handler
         self._cancelled: collections.OrderedDict[str, None] = collections.OrderedDict()
 
@@ -228,7 +228,7 @@ class Supervisor:
 
     async def _report(self, message: TaskMessage, outcome: Outcome) -> None:
         """Publish what follows an attempt, each confirmed before the delivery is acked:
-        a retry (next attempt into a wait tier, then RETRYING) or the final state (a dead
+        a retry (next attempt into a delay tier, then RETRYING) or the final state (a dead
         letter unless it succeeded, then the terminal event)."""
         if outcome.state in (TaskState.SUCCEEDED, TaskState.CANCELLED):
             await self._publish_event(self._event(message, outcome.state, outcome))
@@ -238,9 +238,9 @@ class Supervisor:
         if not outcome.permanent and policy.retries(outcome.state, message.attempt):
             requested = outcome.retry_delay_s if outcome.retry_requested else None
             tier_s = retry.tier_for(policy.delay_s(message.attempt) if requested is None else requested)
-            await self._ensure_wait_tier(tier_s)
+            await self._ensure_delay_tier(tier_s)
             following = dataclasses.replace(message, attempt=message.attempt + 1, enqueued_at_s=time.time())
-            await self._publish_confirmed(topology.wait_exchange_name(tier_s), message.queue,
+            await self._publish_confirmed(topology.delay_tier_name(tier_s), message.queue,
                                           following.encode(), following.headers(), message.task_id)
             event = self._event(message, TaskState.RETRYING, outcome)
             await self._publish_event(dataclasses.replace(event, next_attempt_at_s=time.time() + tier_s))
@@ -266,10 +266,10 @@ class Supervisor:
         await self._publish_event(self._event(message, TaskState.CRASHED, Outcome(TaskState.CRASHED, error=error)))
         self.metrics.tasks_finished.labels(message.type, TaskState.CRASHED.name).inc()
 
-    async def _ensure_wait_tier(self, tier_s: int) -> None:
-        if tier_s not in self._wait_tiers:
-            await topology.declare_wait_tier(self.broker, tier_s)
-            self._wait_tiers.add(tier_s)
+    async def _ensure_delay_tier(self, tier_s: int) -> None:
+        if tier_s not in self._delay_tiers:
+            await topology.declare_delay_tier(self.broker, tier_s)
+            self._delay_tiers.add(tier_s)
 
     def _observe(self, duration_s: float) -> None:
         previous = self.prefetch.value

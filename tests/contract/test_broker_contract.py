@@ -21,7 +21,7 @@ import pytest
 from qm.broker.base import Broker, Delivery
 from qm.broker.memory import MemoryBroker
 from qm.broker.rabbitmq import RabbitMQBroker
-from qm.errors import BrokerUnavailable
+from qm.errors import BrokerRefused, BrokerUnavailable
 from qm.testing.rabbitmq import free_port
 
 #: Bound on every single wait for something to happen.
@@ -440,7 +440,55 @@ class BrokerContract:
 
         self.run(scenario)
 
-    # -- 11. not connected --------------------------------------------------------------
+    def test_a_queue_redeclared_with_other_arguments_is_refused_and_the_connection_stays(self):
+        async def scenario(broker: Broker) -> None:
+            exchange, queue = unique("direct"), unique("queue")
+            await broker.declare_exchange(exchange, "direct")
+            await broker.declare_queue(queue, {"x-message-ttl": 60_000})
+            await broker.bind_queue(queue, exchange, "work")
+            with pytest.raises(BrokerRefused) as refused:
+                await broker.declare_queue(queue, {"x-message-ttl": 30_000})
+            assert refused.value.code == 406 and "x-message-ttl" in refused.value.text
+            assert broker.connected
+            inbox = Inbox(broker, auto_ack=True)
+            await broker.consume(queue, inbox, prefetch=10)
+            await broker.publish(exchange, "work", b"still works")
+            assert (await inbox.next()).body == b"still works"
+
+        self.run(scenario)
+
+    # -- 11. sizes and deletes ----------------------------------------------------------
+
+    def test_queue_size_counts_ready_messages_and_knows_absent_queues(self):
+        async def scenario(broker: Broker) -> None:
+            exchange, queue = await self.direct_queue(broker)
+            assert await broker.queue_size(unique("absent")) is None
+            assert await broker.queue_size(queue) == 0
+            for body in bodies("m", 3):
+                await broker.publish(exchange, "work", body)
+            assert await broker.queue_size(queue) == 3
+            assert broker.connected
+
+        self.run(scenario)
+
+    def test_delete_queue_if_empty_keeps_a_queue_that_holds_messages(self):
+        async def scenario(broker: Broker) -> None:
+            exchange, queue = await self.direct_queue(broker)
+            await broker.publish(exchange, "work", b"kept")
+            with pytest.raises(BrokerRefused):
+                await broker.delete_queue(queue, if_empty=True)
+            assert await broker.queue_size(queue) == 1
+            await broker.delete_queue(queue)
+            assert await broker.queue_size(queue) is None
+            await broker.delete_queue(queue)  # absent: nothing to do
+            await broker.delete_exchange(exchange)
+            await broker.delete_exchange(exchange)
+            with pytest.raises(BrokerUnavailable):  # the exchange is gone: the publish is refused
+                await broker.publish(exchange, "work", b"nowhere")
+
+        self.run(scenario)
+
+    # -- 12. not connected --------------------------------------------------------------
 
     def test_publish_when_unreachable_raises_broker_unavailable(self):
         async def scenario(broker: Broker) -> None:

@@ -22,12 +22,13 @@ S = TaskState
 async def take_messages(broker: MemoryBroker, queue: str, count: int) -> list[TaskMessage]:
     """Consume `count` messages from a queue (acking them) and decode them."""
     got: asyncio.Queue = asyncio.Queue()
-    await broker.consume(queue, got.put_nowait, prefetch=0)
+    tag = await broker.consume(queue, got.put_nowait, prefetch=count)
     messages = []
     for _ in range(count):
         delivery = await within(got.get())
         broker.ack(delivery)
         messages.append(TaskMessage.decode(delivery.body))
+    await broker.cancel(tag)
     return messages
 
 
