@@ -50,6 +50,14 @@ class ConsumerRefused(QMError):
         super().__init__(f"the broker refused a consumer on queue {queue}: it is in exclusive use{why}")
 
 
+class ServerIdentityError(QMError):
+    """qm-server cannot establish who it is: its data directory or recorded id is unusable."""
+
+
+class DuplicateServer(ServerIdentityError):
+    """Another live qm-server already uses this data directory or this server id."""
+
+
 class TaskNotFound(QMError):
     """No task with that id is known to this server."""
 
