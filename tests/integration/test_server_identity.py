@@ -98,7 +98,7 @@ def test_two_servers_on_one_host_each_show_every_task_terminal(rabbitmq, launche
 
     hostname = socket.gethostname()
     assert first.server_id != second.server_id
-    assert first.server_id.startswith(f"server-{hostname}-") and second.server_id.startswith(f"server-{hostname}-")
+    assert all(server.server_id.startswith(f"server-{hostname}-") for server in (first, second))
 
     expected = submit_sums(first, queue, TASKS_PER_SERVER)
     expected.update(submit_sums(second, queue, TASKS_PER_SERVER))
