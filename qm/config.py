@@ -170,6 +170,22 @@ def _amqp_url(value: str) -> str:
     return value.strip()
 
 
+#: Longest server id, in UTF-8 bytes: it goes into AMQP queue names (at most 255 bytes,
+#: e.g. "qm.heartbeats.<id>") and into the store's file name ("<id>.sqlite3").
+SERVER_ID_MAX_BYTES = 200
+
+
+def check_server_id(value: str) -> str:
+    """A server id names files and RabbitMQ queues; "" means "not set"."""
+    if value == "":
+        return value
+    if (len(value.encode("utf-8")) > SERVER_ID_MAX_BYTES or value in (".", "..")
+            or any(ch == "/" or ch.isspace() or not ch.isprintable() for ch in value)):
+        raise ValueError(f"a server id names files and RabbitMQ queues: 1 to {SERVER_ID_MAX_BYTES} bytes, "
+                         f"no '/', spaces or control characters, not '.' or '..'; got {value!r}")
+    return value
+
+
 def _queue_names(names: list[str]) -> list[str]:
     if not names:
         raise ValueError("needs at least one queue name, e.g. 'default' or 'a,b'")
@@ -252,7 +268,7 @@ class ServerConfig:
 
     listen: str = _setting("127.0.0.1:50051", _to_str, _host_port(allow_port_zero=True))
     data_dir: str = _setting("qm-data", _to_str, _non_empty)
-    id: str = _setting("", _to_str)
+    id: str = _setting("", _to_str, check_server_id)
     max_payload_bytes: int = _setting(1048576, _to_int, _above(0))
     grace_s: float = _setting(5.0, _to_float, _at_least(0))
     default_task_timeout_s: float = _setting(600.0, _to_float, _above(0))

@@ -49,6 +49,25 @@ class BrokerRefused(QMError):
         self.text = text
 
 
+class ConsumerRefused(QMError):
+    """The broker refused a consumer because of exclusive use: the queue has an exclusive
+    consumer, or an exclusive one was asked for while the queue had consumers."""
+
+    def __init__(self, queue: str, detail: str = ""):
+        self.queue = queue
+        self.detail = detail
+        why = f" ({detail})" if detail else ""
+        super().__init__(f"the broker refused a consumer on queue {queue}: it is in exclusive use{why}")
+
+
+class ServerIdentityError(QMError):
+    """qm-server cannot establish who it is: its data directory or recorded id is unusable."""
+
+
+class DuplicateServer(ServerIdentityError):
+    """Another live qm-server already uses this data directory or this server id."""
+
+
 class TaskNotFound(QMError):
     """No task with that id is known to this server."""
 

@@ -12,7 +12,9 @@ Nothing here sleeps and hopes: every wait is for a condition, with a deadline.
 The `Launcher` (the `launcher` fixture in tests/conftest.py) remembers what it started and
 cleans up in teardown: every process and its descendants end, and the durable RabbitMQ
 queues a test created (its server's events queue, its work queues) are deleted, since
-all tests share one node.
+all tests share one node. A server started with `kept_id=True` gets no --server-id: its id
+is the one it keeps in its data dir (`Server.server_id` reads it), and teardown deletes
+that id's queue too.
 """
 from __future__ import annotations
 
@@ -195,12 +197,23 @@ class Process:
 class Server(Process):
     """A running qm-server; `address` is what clients dial."""
 
-    def __init__(self, args: Sequence[str], server_id: str, data_dir: pathlib.Path,
+    def __init__(self, args: Sequence[str], server_id: str | None, data_dir: pathlib.Path,
                  env: dict[str, str] | None = None) -> None:
-        super().__init__(f"qm-server {server_id}", args, env)
-        self.server_id = server_id
+        super().__init__(f"qm-server {server_id or data_dir.name}", args, env)
+        self._server_id = server_id
         self.data_dir = data_dir
         self.port = 0
+
+    @property
+    def server_id(self) -> str | None:
+        """The --server-id it was given, else the id it keeps in its data dir (None before it
+        recorded one)."""
+        if self._server_id:
+            return self._server_id
+        try:
+            return (self.data_dir / "server-id").read_text(encoding="utf-8").strip() or None
+        except FileNotFoundError:
+            return None
 
     @property
     def address(self) -> str:
@@ -216,16 +229,29 @@ class Worker(Process):
 
 
 def start_server(broker_url: str, tmp_path: pathlib.Path, *, server_id: str | None = None,
+                 kept_id: bool = False, data_dir: pathlib.Path | None = None,
                  env: dict[str, str] | None = None, log_level: str | None = None,
-                 extra_args: Iterable[str] = (), timeout_s: float = START_TIMEOUT_S) -> Server:
-    """Start qm-server on 127.0.0.1:0 with its own data dir; wait until it is serving."""
-    server_id = server_id or unique("server")
-    data_dir = tmp_path / f"data-{server_id}"
+                 extra_args: Iterable[str] = (), timeout_s: float = START_TIMEOUT_S,
+                 wait_ready: bool = True) -> Server:
+    """Start qm-server on 127.0.0.1:0 with its own data dir (or `data_dir`); wait until it is
+    serving (unless wait_ready=False: for a server expected to refuse to start).
+
+    It gets --server-id (`server_id`, else a unique one) unless kept_id=True: then it uses
+    the id kept in its data dir, generated on its first start there.
+    """
+    if kept_id:
+        assert server_id is None, "kept_id=True means no --server-id"
+        data_dir = data_dir or tmp_path / unique("data")
+    else:
+        server_id = server_id or unique("server")
+        data_dir = data_dir or tmp_path / f"data-{server_id}"
     args = [command("qm-server"), "--listen", "127.0.0.1:0", "--broker-url", broker_url,
-            "--data-dir", str(data_dir), "--server-id", server_id]
+            "--data-dir", str(data_dir)] + ([] if kept_id else ["--server-id", server_id])
     if log_level:
         args += ["--log-level", log_level]
     server = Server(args + list(extra_args), server_id, data_dir, env)
+    if not wait_ready:
+        return server
     try:
         server.port = int(server.wait_for_line(SERVER_READY, timeout_s).group("port"))
     except BaseException:
@@ -320,11 +346,12 @@ class Launcher:
         self.tmp_path = tmp_path
         self.started: list[Process] = []
         self._queues: dict[str, set[str]] = {}
+        self._servers: list[tuple[str, Server]] = []
 
     def server(self, broker_url: str, **kwargs) -> Server:
         server = start_server(broker_url, self.tmp_path, **kwargs)
         self.started.append(server)
-        self._queues.setdefault(broker_url, set()).add(f"qm.events.{server.server_id}")
+        self._servers.append((broker_url, server))
         return server
 
     def worker(self, broker_url: str, procs: int = 2, queues: str | Sequence[str] = "default",
@@ -348,11 +375,15 @@ class Launcher:
     def forget_queues(self, broker_url: str) -> None:
         """Do not delete queues on this broker in teardown (e.g. a private node, gone by then)."""
         self._queues.pop(broker_url, None)
+        self._servers = [(url, server) for url, server in self._servers if url != broker_url]
 
     def cleanup(self) -> None:
         """Workers first (they hold tasks), then servers; then the test's queues."""
         for process in sorted(self.started, key=lambda p: not isinstance(p, Worker)):
             process.stop()
+        for broker_url, server in self._servers:  # an id kept in a data dir is known only now
+            if server.server_id:
+                self._queues.setdefault(broker_url, set()).add(f"qm.events.{server.server_id}")
         for broker_url, queues in self._queues.items():
             delete_queues(broker_url, queues)
 

@@ -93,12 +93,20 @@ class Broker(abc.ABC):
 
     @abc.abstractmethod
     async def consume(self, queue: str, on_delivery: DeliveryCallback, prefetch: int,
-                      arguments: dict[str, Any] | None = None) -> str:
+                      arguments: dict[str, Any] | None = None, exclusive: bool = False) -> str:
         """Start a consumer with at most `prefetch` unacked deliveries; return its tag.
 
         The consumer is re-established after reconnects. On a stream queue
         (x-queue-type stream), `arguments` {"x-stream-offset": "first"} makes every consumer
         read every message from the start, each on its own; acks only grant more credit.
+
+        `exclusive=True` makes it the queue's only consumer, from any connection: it is
+        refused with `qm.errors.ConsumerRefused` while the queue has another active consumer,
+        and while it is active every other consumer of the queue is refused the same way.
+        It holds until cancelled or until its connection ends (then also across
+        `set_prefetch`). After a reconnect it is re-established exclusively; a refusal then
+        (someone else took the queue meanwhile) is logged as an error and retried with the
+        reconnect, never given up silently.
         """
 
     @abc.abstractmethod

@@ -3,7 +3,8 @@
 Semantics mirrored from RabbitMQ: direct and fanout routing, per-consumer prefetch,
 round-robin between consumers, requeue at the head with `redelivered` set, unacked
 deliveries returned when the broker closes (as on a lost connection): later acks of them
-are ignored. Stream queues give every consumer every message from the start.
+are ignored. Stream queues give every consumer every message from the start. An exclusive
+consumer is refused while its queue has another active consumer and refuses all others.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import itertools
 from typing import Any
 
 from qm.broker.base import EXCHANGE_KINDS, Broker, Delivery, DeliveryCallback
-from qm.errors import BrokerRefused, BrokerUnavailable
+from qm.errors import BrokerRefused, BrokerUnavailable, ConsumerRefused
 
 
 @dataclasses.dataclass
@@ -32,6 +33,7 @@ class _Consumer:
     prefetch: int
     unacked: dict[int, _Message] = dataclasses.field(default_factory=dict)
     active: bool = True
+    exclusive: bool = False
 
 
 class MemoryBroker(Broker):
@@ -139,12 +141,17 @@ class MemoryBroker(Broker):
             self._schedule_dispatch(queue)
 
     async def consume(self, queue: str, on_delivery: DeliveryCallback, prefetch: int,
-                      arguments: dict[str, Any] | None = None) -> str:
+                      arguments: dict[str, Any] | None = None, exclusive: bool = False) -> str:
         self._check_connected()
         if queue not in self._queues:
             raise BrokerUnavailable(f"no queue {queue!r}")
+        others = [c for c in self._consumers.values() if c.queue == queue and c.active]
+        if any(c.exclusive for c in others):
+            raise ConsumerRefused(queue, "it has an exclusive consumer")
+        if exclusive and others:
+            raise ConsumerRefused(queue, "an exclusive consumer was asked for, but it has consumers")
         tag = f"memory-consumer-{next(self._tags)}"
-        consumer = self._consumers[tag] = _Consumer(tag, queue, on_delivery, prefetch)
+        consumer = self._consumers[tag] = _Consumer(tag, queue, on_delivery, prefetch, exclusive=exclusive)
         if queue in self._streams:  # every stream consumer reads everything (no prefetch model)
             for message in list(self._streams[queue]):
                 asyncio.get_running_loop().call_soon(self._deliver, consumer, message)

@@ -7,6 +7,17 @@ Connection management
     exponential backoff (capped by `reconnect_max_delay_s`) it reconnects, replays
     every declaration and re-establishes every consumer.
 
+Exclusive consumers
+    `consume(..., exclusive=True)` passes AMQP's exclusive flag. RabbitMQ answers a
+    refused basic.consume by closing that consumer's channel with 403 ACCESS_REFUSED
+    ("in exclusive use"); pika then drops the pending ConsumeOk callback and reports the
+    close only to the channel's close callback, so that callback fails the waiting
+    consume with ConsumerRefused, and only the refused channel is lost. The old
+    connection's consumers are gone with it, so a replay after a reconnect is normally
+    granted; if it is refused, someone else holds the queue (or the broker has not yet
+    seen our old connection end): that is logged as an error and the whole connection
+    is retried with the usual backoff, so it recovers once the queue is free.
+
 Declarations, look-ups and deletes go through a separate admin channel: a refusal
 (404 NOT_FOUND, 406 PRECONDITION_FAILED for a queue that exists with other arguments)
 closes only that channel and raises BrokerRefused, so the caller can decide (e.g. fall
@@ -30,7 +41,7 @@ from pika.adapters.asyncio_connection import AsyncioConnection
 from pika.adapters.utils import connection_workflow
 
 from qm.broker.base import EXCHANGE_KINDS, Broker, Delivery, DeliveryCallback
-from qm.errors import BrokerRefused, BrokerUnavailable
+from qm.errors import BrokerRefused, BrokerUnavailable, ConsumerRefused
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +60,12 @@ class _ConsumerSpec:
     callback: DeliveryCallback
     prefetch: int
     arguments: dict[str, Any] | None = None
+    exclusive: bool = False
     channel: Any = None
     generation: int = -1
     active: bool = True
     amqp_tag: str = ""
+    starting: asyncio.Future | None = None  # the basic.consume awaiting its ConsumeOk
 
 
 class RabbitMQBroker(Broker):
@@ -135,11 +148,11 @@ class RabbitMQBroker(Broker):
         while not self._closing:
             try:
                 await self._open()
-            except (BrokerUnavailable, pika.exceptions.AMQPError, OSError, asyncio.TimeoutError) as exc:
+            except (BrokerUnavailable, ConsumerRefused, pika.exceptions.AMQPError, OSError,
+                    asyncio.TimeoutError) as exc:
                 self._last_error = _describe(exc)
                 self._drop(self._last_error)
-                log.warning("cannot connect to RabbitMQ at %s: %s; retrying in %.1f s",
-                            self._where, self._last_error, delay_s)
+                self._log_failed_attempt(exc, delay_s)
                 await asyncio.sleep(delay_s)
                 delay_s = min(delay_s * 2, self._reconnect_max_delay_s)
                 continue
@@ -152,6 +165,16 @@ class RabbitMQBroker(Broker):
             self._drop(reason)
             if not self._closing:
                 log.warning("lost connection to RabbitMQ at %s: %s; reconnecting", self._where, reason)
+
+    def _log_failed_attempt(self, error: Exception, delay_s: float) -> None:
+        if isinstance(error, ConsumerRefused):  # loud: someone else may be doing our job
+            log.error("RabbitMQ at %s refused to re-establish the exclusive consumer of queue %s after "
+                      "a reconnect: another live process consumes it (for a qm-server: another server "
+                      "with the same server id), or RabbitMQ has not yet noticed that our previous "
+                      "connection ended; retrying in %.1f s", self._where, error.queue, delay_s)
+        else:
+            log.warning("cannot connect to RabbitMQ at %s: %s; retrying in %.1f s",
+                        self._where, self._last_error, delay_s)
 
     async def _open(self) -> None:
         loop = asyncio.get_running_loop()
@@ -203,9 +226,11 @@ class RabbitMQBroker(Broker):
 
     # -- plumbing --------------------------------------------------------------------
 
-    async def _rpc(self, start: Callable[[Callable], Any]) -> Any:
-        """Run a pika call that reports completion through a callback; await it."""
-        future = asyncio.get_running_loop().create_future()
+    async def _rpc(self, start: Callable[[Callable], Any], future: asyncio.Future | None = None) -> Any:
+        """Run a pika call that reports completion through a callback; await it (or the
+        given future, which something else may fail first)."""
+        if future is None:
+            future = asyncio.get_running_loop().create_future()
         self._waiters.add(future)
         try:
             start(lambda frame=None: future.done() or future.set_result(frame))
@@ -215,10 +240,11 @@ class RabbitMQBroker(Broker):
         finally:
             self._waiters.discard(future)
 
-    async def _open_channel(self) -> Any:
+    async def _open_channel(self, consumer: _ConsumerSpec | None = None) -> Any:
         channel = await self._rpc(lambda cb: self._connection.channel(on_open_callback=cb))
         generation = self._generation
-        channel.add_on_close_callback(lambda ch, reason: self._on_channel_closed(generation, reason))
+        channel.add_on_close_callback(
+            lambda ch, reason: self._on_channel_closed(generation, reason, consumer))
         return channel
 
     async def _admin(self, call: Callable[[Any, Callable], Any]) -> Any:
@@ -249,13 +275,18 @@ class RabbitMQBroker(Broker):
         else:
             refusal.set_result(self.unavailable())
 
-    def _on_channel_closed(self, generation: int, reason: object) -> None:
-        # A channel closed by the broker (e.g. a declaration it refused) takes the whole
+    def _on_channel_closed(self, generation: int, reason: object, consumer: _ConsumerSpec | None) -> None:
+        # A channel closed by the broker (e.g. a publish to a missing exchange) takes the whole
         # connection down so the keeper rebuilds a consistent state; our own closes and
-        # channels of an earlier connection pass.
+        # channels of an earlier connection pass. A refused exclusive consume loses only
+        # its own channel: the consume fails with ConsumerRefused.
         if (self._closing or generation != self._generation
                 or not isinstance(reason, pika.exceptions.ChannelClosedByBroker)):
             return  # a lost connection is reported by the connection's own close callback
+        starting = consumer.starting if consumer is not None else None
+        if reason.reply_code == pika.spec.ACCESS_REFUSED and starting is not None and not starting.done():
+            starting.set_exception(ConsumerRefused(consumer.queue, reason.reply_text))
+            return
         error = BrokerUnavailable(f"RabbitMQ closed a channel: {_describe(reason)}")
         for future in list(self._waiters) + list(self._pending.values()):
             future.done() or future.set_exception(error)
@@ -362,15 +393,20 @@ class RabbitMQBroker(Broker):
     # -- consuming -------------------------------------------------------------------
 
     async def consume(self, queue: str, on_delivery: DeliveryCallback, prefetch: int,
-                      arguments: dict[str, Any] | None = None) -> str:
-        spec = _ConsumerSpec(f"qm-consumer-{next(self._consumer_ids)}", queue, on_delivery, prefetch, arguments)
+                      arguments: dict[str, Any] | None = None, exclusive: bool = False) -> str:
+        spec = _ConsumerSpec(f"qm-consumer-{next(self._consumer_ids)}", queue, on_delivery, prefetch,
+                             arguments, exclusive)
         self._consumers[spec.tag] = spec
         if self.connected:
-            await self._start_consumer(spec)
+            try:
+                await self._start_consumer(spec)
+            except ConsumerRefused:
+                del self._consumers[spec.tag]  # refused for good: never replayed
+                raise
         return spec.tag
 
     async def _start_consumer(self, spec: _ConsumerSpec) -> None:
-        channel = await self._open_channel()
+        channel = await self._open_channel(spec)
         await self._rpc(lambda cb: channel.basic_qos(prefetch_count=spec.prefetch, callback=cb))
         # Set before consuming: deliveries can reach the callback (and be acked there)
         # before this coroutine resumes from the ConsumeOk.
@@ -390,13 +426,18 @@ class RabbitMQBroker(Broker):
                                    method.delivery_tag, spec.tag, generation))
 
         spec.amqp_tag = f"{spec.tag}.{next(self._consumer_ids)}"
-        await self._rpc(lambda cb: channel.basic_consume(
-            spec.queue, on_message, auto_ack=False, consumer_tag=spec.amqp_tag, arguments=spec.arguments,
-            callback=cb))
+        spec.starting = asyncio.get_running_loop().create_future()
+        try:
+            await self._rpc(lambda cb: channel.basic_consume(
+                spec.queue, on_message, auto_ack=False, exclusive=spec.exclusive, consumer_tag=spec.amqp_tag,
+                arguments=spec.arguments, callback=cb), spec.starting)
+        finally:
+            spec.starting = None
 
     async def set_prefetch(self, consumer_tag: str, prefetch: int) -> None:
         """RabbitMQ applies a per-consumer prefetch to new consumers only: set the new QoS,
-        start a new consumer on the same channel, then cancel the old one."""
+        start a new consumer on the same channel, then cancel the old one. An exclusive
+        consumer would refuse its own successor, so it is cancelled first instead."""
         spec = self._consumers.get(consumer_tag)
         if spec is None or spec.prefetch == prefetch:
             return
@@ -406,8 +447,18 @@ class RabbitMQBroker(Broker):
             return  # applied when the consumer is next started
         old_tag = spec.amqp_tag
         await self._rpc(lambda cb: channel.basic_qos(prefetch_count=prefetch, callback=cb))
-        await self._basic_consume(spec)
+        if not spec.exclusive:
+            await self._basic_consume(spec)
+            await self._rpc(lambda cb: channel.basic_cancel(old_tag, callback=cb))
+            return
         await self._rpc(lambda cb: channel.basic_cancel(old_tag, callback=cb))
+        try:
+            await self._basic_consume(spec)
+        except ConsumerRefused as exc:
+            # Someone took the queue in that gap: reconnect, so the keeper replays the
+            # consumer (and says loudly while it is refused).
+            if self._closed is not None and not self._closed.done():
+                self._closed.set_result(str(exc))
 
     async def cancel(self, consumer_tag: str) -> None:
         spec = self._consumers.get(consumer_tag)
@@ -436,7 +487,7 @@ class RabbitMQBroker(Broker):
 
 def _describe(error: object) -> str:
     """A short human description of a pika error or close reason."""
-    if isinstance(error, BrokerUnavailable):
+    if isinstance(error, (BrokerUnavailable, ConsumerRefused)):
         return str(error)
     if isinstance(error, connection_workflow.AMQPConnectionWorkflowFailed) and error.exceptions:
         return _describe(error.exceptions[-1])

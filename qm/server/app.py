@@ -4,9 +4,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import pathlib
 import signal
-import socket
 import sys
 
 import grpc
@@ -15,13 +13,15 @@ from grpc_reflection.v1alpha import reflection
 
 from qm import registry as plugin_registry
 from qm._proto import task_queue_pb2, task_queue_pb2_grpc
+from qm.broker import topology
 from qm.broker.rabbitmq import RabbitMQBroker
 from qm.config import Config, export_executor_secret, load_config, parse_host_port
 from qm.metrics import ServerMetrics
 from qm.metrics import serve as serve_metrics
-from qm.errors import ConfigError
+from qm.errors import ConfigError, ConsumerRefused, DuplicateServer, ServerIdentityError
 from qm.logs import setup_logging
 from qm.retry import RetryPolicy
+from qm.server import identity
 from qm.server.service import TaskService
 from qm.server.servicer import TaskQueueServicer
 from qm.server.store import Store
@@ -31,22 +31,26 @@ log = logging.getLogger("qm.server")
 SERVICE_NAME = task_queue_pb2.DESCRIPTOR.services_by_name["TaskQueue"].full_name
 
 
-def server_id(config: Config) -> str:
-    """This replica's id: names its durable events queue, so keep it stable across restarts."""
-    return config.server.id or f"server-{socket.gethostname()}"
+#: Exit code of a start refused: a bad setting, or another live server on this data dir or id.
+EXIT_REFUSED = 2
 
 
 class ServerApp:
-    """A running qm-server: `await start()`, `port`, `await stop()`."""
+    """A running qm-server: `await start()`, `port`, `await stop()`.
+
+    Constructing it claims the data directory and settles the server id
+    (qm.server.identity); `start()` is refused with DuplicateServer if another live server
+    consumes this id's events queue (an exclusive consumer, so RabbitMQ tells us).
+    """
 
     def __init__(self, config: Config, registry: plugin_registry.Registry | None = None) -> None:
         self.config = config
+        self.identity = identity.claim(config.server.data_dir, config.server.id)
+        self.server_id = self.identity.server_id
         self.registry = registry or plugin_registry.discover()
         self.broker = RabbitMQBroker(config.broker.url, config.broker.heartbeat_s,
                                      config.broker.reconnect_max_delay_s, connection_name="qm-server")
-        data_dir = pathlib.Path(config.server.data_dir)
-        data_dir.mkdir(parents=True, exist_ok=True)
-        self.store = Store(data_dir / f"{server_id(config)}.sqlite3")
+        self.store = Store(self.identity.store_path)
         server = config.server
         default_retry = RetryPolicy(server.default_max_retries, server.default_retry_backoff_s,
                                     server.default_retry_backoff_max_s, server.default_retry_jitter,
@@ -72,7 +76,15 @@ class ServerApp:
             log.error("%s", error)
         log.info("serving task types: %s", ", ".join(sorted(self.registry.types)) or "none")
         await self.broker.connect()
-        await self.service.start_events(server_id(self.config))
+        try:
+            await self.service.start_events(self.server_id)
+        except ConsumerRefused:
+            await self._release()
+            events = topology.events_queue_name(self.server_id)
+            raise DuplicateServer(
+                f"another live qm-server already uses server id {self.server_id} (its events queue {events} "
+                "has an exclusive consumer); give this server its own --data-dir or a different "
+                "server.id") from None
         task_queue_pb2_grpc.add_TaskQueueServicer_to_server(TaskQueueServicer(self.service), self.grpc_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         reflection.enable_server_reflection(
@@ -88,16 +100,21 @@ class ServerApp:
             log.info("metrics on http://%s:%d/metrics", host, metrics_port)
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("qm-server %s listening on %s (port %d)", server_id(self.config), listen, self.port)
+        log.info("qm-server %s listening on %s (port %d)", self.server_id, listen, self.port)
         return self.port
 
     async def stop(self) -> None:
         await self.health.enter_graceful_shutdown()
         await self.grpc_server.stop(self.config.server.grace_s)
+        await self._release()
+        log.info("qm-server stopped")
+
+    async def _release(self) -> None:
+        """Stop consuming, disconnect, close the store, then let go of the data directory."""
         await self.service.stop_events()
         await self.broker.close()
         self.store.close()
-        log.info("qm-server stopped")
+        self.identity.release()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -111,9 +128,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--listen", metavar="HOST:PORT",
                         help="address to serve gRPC on; port 0 picks a free one (server.listen)")
     parser.add_argument("--broker-url", metavar="URL", help="RabbitMQ AMQP URL (broker.url)")
-    parser.add_argument("--data-dir", metavar="DIR", help="directory of the SQLite task store (server.data_dir)")
+    parser.add_argument("--data-dir", metavar="DIR",
+                        help="directory of the SQLite task store and the server id; one live server per "
+                             "directory (server.data_dir)")
     parser.add_argument("--server-id", metavar="ID",
-                        help="replica id naming its durable events queue (server.id; default from hostname)")
+                        help="this server's id, naming its durable RabbitMQ queues and its store file "
+                             "(server.id). Default: the id in the data dir's file server-id, generated "
+                             "on first start as server-HOSTNAME-RANDOM. Every live server needs its own "
+                             "id and data dir; a second one on either is refused (exit 2)")
     parser.add_argument("--metrics-port", metavar="PORT",
                         help="serve Prometheus /metrics on this port; 0 = off (server.metrics_port)")
     parser.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING or ERROR (log.level)")
@@ -144,8 +166,12 @@ def main(argv: list[str] | None = None) -> int:
             "server.metrics_port": args.metrics_port})
     except ConfigError as exc:
         print(f"qm-server: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_REFUSED
     export_executor_secret(config)
     setup_logging(config.log.level, "qm-server", config.log.format)
-    asyncio.run(serve(config))
+    try:
+        asyncio.run(serve(config))
+    except (ServerIdentityError, ConfigError) as exc:
+        print(f"qm-server: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
     return 0

@@ -275,7 +275,8 @@ class TaskService:
                        asyncio.create_task(self._refresh_store_gauges(), name="store-gauges"),
                        asyncio.create_task(self._publish_unconfirmed_until_done(), name="unconfirmed"),
                        asyncio.create_task(self.reconciler.run(), name="reconciler")]
-        await self.broker.consume(events, self._events.put_nowait, EVENTS_PREFETCH)
+        # Exclusive: while this server lives, another one under the same id is refused here.
+        await self.broker.consume(events, self._events.put_nowait, EVENTS_PREFETCH, exclusive=True)
         await self.broker.consume(dead, self._on_dead_letter, EVENTS_PREFETCH)
 
     async def stop_events(self) -> None:

@@ -7,11 +7,14 @@ that cannot be reached, the number of ready messages in a queue). No pytest-asyn
 the loop and always closing it. Waits are for conditions, bounded by WAIT_S.
 
 `TestRabbitMQRestarts` adds what only a real server can show: durability and reconnects
-across a graceful restart and across SIGKILL of the node.
+across a graceful restart and across SIGKILL of the node. `TestRabbitMQBroker` also shows
+what an exclusive consumer does across a network outage (through a `Gate`).
 """
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 import uuid
 from typing import Awaitable, Callable
 
@@ -21,7 +24,7 @@ import pytest
 from qm.broker.base import Broker, Delivery
 from qm.broker.memory import MemoryBroker
 from qm.broker.rabbitmq import RabbitMQBroker
-from qm.errors import BrokerRefused, BrokerUnavailable
+from qm.errors import BrokerRefused, BrokerUnavailable, ConsumerRefused
 from qm.testing.rabbitmq import free_port
 
 #: Bound on every single wait for something to happen.
@@ -71,6 +74,15 @@ class Inbox:
 
 
 Scenario = Callable[[Broker], Awaitable[None]]
+
+
+async def until(condition: Callable[[], object], what: str, timeout_s: float = WAIT_S) -> None:
+    """Wait (bounded) until `condition()` holds; for states no callback announces."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout_s} s")
+        await asyncio.sleep(0.05)
 
 
 class BrokerContract:
@@ -488,7 +500,82 @@ class BrokerContract:
 
         self.run(scenario)
 
-    # -- 12. not connected --------------------------------------------------------------
+    # -- 12. exclusive consumers ---------------------------------------------------------
+
+    def test_an_exclusive_consumer_refuses_every_other_consumer_until_cancelled(self):
+        async def scenario(broker: Broker) -> None:
+            exchange, queue = await self.direct_queue(broker)
+            mine = Inbox(broker, auto_ack=True)
+            tag = await broker.consume(queue, mine, prefetch=10, exclusive=True)
+
+            other = await self.other_connection(broker)
+            intruder = Inbox(other, auto_ack=True)
+            for exclusive in (True, False):
+                with pytest.raises(ConsumerRefused) as refused:
+                    await other.consume(queue, intruder, prefetch=10, exclusive=exclusive)
+                assert refused.value.queue == queue
+                assert queue in str(refused.value) and "exclusive" in str(refused.value)
+
+            # The refused client is still fine, and the queue's messages are not split.
+            sent = bodies("mine", 5)
+            for body in sent:
+                await other.publish(exchange, "work", body)
+            assert [d.body for d in await mine.take(len(sent))] == sent
+
+            await broker.cancel(tag)  # the queue is free again
+            await other.consume(queue, intruder, prefetch=10, exclusive=True)
+            await other.publish(exchange, "work", b"for-the-next-owner")
+            assert (await intruder.next()).body == b"for-the-next-owner"
+            assert [d.body for d in mine.received] == sent
+            assert [d.body for d in intruder.received] == [b"for-the-next-owner"]
+
+        self.run(scenario)
+
+    def test_an_exclusive_consumer_is_refused_while_the_queue_has_a_consumer(self):
+        async def scenario(broker: Broker) -> None:
+            exchange, queue = await self.direct_queue(broker)
+            first = Inbox(broker, auto_ack=True)
+            await broker.consume(queue, first, prefetch=10)
+
+            other = await self.other_connection(broker)
+            with pytest.raises(ConsumerRefused):
+                await other.consume(queue, Inbox(other, auto_ack=True), prefetch=10, exclusive=True)
+            await other.publish(exchange, "work", b"still-for-the-first")
+            assert (await first.next()).body == b"still-for-the-first"
+
+            # The first consumer's connection ends: its consumer with it, so the queue is free.
+            await broker.close()
+            other = await self.other_connection(broker)
+            owner = Inbox(other, auto_ack=True)
+            await other.consume(queue, owner, prefetch=10, exclusive=True)
+            await other.publish(exchange, "work", b"for-the-owner")
+            assert (await owner.next()).body == b"for-the-owner"
+
+        self.run(scenario)
+
+    def test_an_exclusive_consumer_stays_exclusive_when_its_prefetch_changes(self):
+        async def scenario(broker: Broker) -> None:
+            exchange, queue = await self.direct_queue(broker)
+            sent = bodies("job", 4)
+            for body in sent:
+                await broker.publish(exchange, "work", body)
+            inbox = Inbox(broker)
+            tag = await broker.consume(queue, inbox, prefetch=1, exclusive=True)
+            first = await inbox.next()
+
+            await broker.set_prefetch(tag, 3)
+            more = await inbox.take(2)  # three in hand, the first still unacked and ackable
+            for delivery in [first, *more]:
+                inbox.ack(delivery)
+            inbox.ack(await inbox.next())
+            assert sorted(d.body for d in inbox.received) == sorted(sent)
+            other = await self.other_connection(broker)
+            with pytest.raises(ConsumerRefused):
+                await other.consume(queue, Inbox(other, auto_ack=True), prefetch=10)
+
+        self.run(scenario)
+
+    # -- 13. not connected --------------------------------------------------------------
 
     def test_publish_when_unreachable_raises_broker_unavailable(self):
         async def scenario(broker: Broker) -> None:
@@ -545,6 +632,7 @@ class TestRabbitMQBroker(BrokerContract):
     @pytest.fixture(autouse=True)
     def _node(self, rabbitmq) -> None:
         self.url = rabbitmq.url
+        self.amqp_port = rabbitmq.amqp_port
 
     def new_broker(self) -> Broker:
         return RabbitMQBroker(self.url)
@@ -567,6 +655,122 @@ class TestRabbitMQBroker(BrokerContract):
 
     async def ready_count(self, broker: Broker, queue: str) -> int:
         return await asyncio.to_thread(_ready_count_blocking, self.url, queue)
+
+    def test_exclusive_consumer_returns_after_an_outage_and_says_loudly_while_taken(self, caplog):
+        """Across a network outage the consumer is replayed exclusively; if someone else
+        took the queue meanwhile, the replay is refused with an error in the log, the
+        client stays disconnected, and it takes the queue back once the other lets go."""
+        caplog.set_level(logging.ERROR, logger="qm.broker.rabbitmq")
+
+        def refusals() -> list[str]:
+            return [r.getMessage() for r in caplog.records
+                    if r.levelno == logging.ERROR and "refused to re-establish the exclusive consumer" in
+                    r.getMessage()]
+
+        async def scenario(broker: Broker) -> None:
+            gate = Gate(self.amqp_port)
+            await gate.open()
+            try:
+                exchange, queue = await self.direct_queue(broker)
+                behind = self.track(RabbitMQBroker(gate.url(), reconnect_max_delay_s=0.5))
+                await behind.connect()
+                mine = Inbox(behind, auto_ack=True)
+                await behind.consume(queue, mine, prefetch=10, exclusive=True)
+
+                # An outage: the old connection's consumer is gone, so the replay is granted.
+                await gate.shut()
+                await until(lambda: not behind.connected, "the outage noticed")
+                await gate.open()
+                assert await behind.wait_connected(WAIT_S)
+                await broker.publish(exchange, "work", b"after-the-outage")
+                assert (await mine.next()).body == b"after-the-outage"
+                with pytest.raises(ConsumerRefused):
+                    await broker.consume(queue, Inbox(broker), prefetch=10)
+                assert refusals() == []
+
+                # Another outage, and meanwhile someone else takes the queue.
+                await gate.shut()
+                await until(lambda: not behind.connected, "the outage noticed")
+                taker = Inbox(broker, auto_ack=True)
+                taker_tag = await consume_when_free(broker, queue, taker)
+                await gate.open()
+                await until(refusals, "the refused replay logged as an error")
+                assert queue in refusals()[0]
+                assert not behind.connected
+                await broker.publish(exchange, "work", b"for-the-taker")
+                assert (await taker.next()).body == b"for-the-taker"
+
+                await broker.cancel(taker_tag)  # the other lets go: the keeper's retry gets it back
+                assert await behind.wait_connected(WAIT_S)
+                await broker.publish(exchange, "work", b"back")
+                assert (await mine.next()).body == b"back"
+                assert [d.body for d in mine.received] == [b"after-the-outage", b"back"]
+            finally:
+                await gate.shut()
+
+        self.run(scenario)
+
+
+async def consume_when_free(broker: Broker, queue: str, inbox: Inbox) -> str:
+    """Consume `queue` exclusively as soon as RabbitMQ has let the previous holder go
+    (it learns of a cut connection a moment after the client does); bounded."""
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        try:
+            return await broker.consume(queue, inbox, prefetch=10, exclusive=True)
+        except ConsumerRefused:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.1)
+
+
+class Gate:
+    """A TCP forwarder to RabbitMQ, run on the test's loop: `shut()` cuts every connection
+    through it and refuses new ones (a network outage), `open()` lets them in again on the
+    same port, so a client's reconnects find RabbitMQ again."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.port = free_port()
+        self._upstream_port = upstream_port
+        self._server: asyncio.AbstractServer | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/%2F"
+
+    async def open(self) -> None:
+        self._server = await asyncio.start_server(self._link, "127.0.0.1", self.port)
+
+    async def shut(self) -> None:
+        if self._server is None:
+            return
+        self._server.close()
+        for writer in list(self._writers):
+            writer.transport.abort()
+        self._writers.clear()
+        await self._server.wait_closed()
+        self._server = None
+
+    async def _link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._upstream_port)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._writers.update((writer, up_writer))
+        await asyncio.gather(self._pump(reader, up_writer), self._pump(up_reader, writer))
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Copy one direction until it ends; then end the other side too."""
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.transport.abort()
+            self._writers.discard(writer)
 
 
 def _run(scenario: Callable[[], Awaitable[None]]) -> None:

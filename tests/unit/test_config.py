@@ -343,6 +343,10 @@ def test_string_numbers_coerced():
         ("server.grace_s", "-0.5", ">= 0"),
         ("worker.procs", "-1", ">= 0"),
         ("server.data_dir", " ", "must not be empty"),
+        ("server.id", "a/b", "no '/', spaces"),
+        ("server.id", "two words", "no '/', spaces"),
+        ("server.id", "..", "not '.' or '..'"),
+        ("server.id", "x" * 201, "1 to 200 bytes"),
     ],
 )
 def test_out_of_range(key, value, problem):
