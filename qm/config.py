@@ -18,12 +18,12 @@ from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
+from qm.broker import topology
 from qm.errors import ConfigError
 
 _HOSTNAME = re.compile(r"[A-Za-z0-9_.-]+")
 _PORT = re.compile(r"[0-9]{1,5}")
 _INTEGER = re.compile(r"[+-]?[0-9]+")
-_QUEUE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _ENV_PREFIX = "QM_"
 _CONFIG_ENV = "QM_CONFIG"
 _HOST_PORT_HINT = "HOST:PORT such as 127.0.0.1:50051 or [::1]:50051"
@@ -88,13 +88,13 @@ def _to_names(raw: Any) -> list[str]:
     return [item.strip() for item in items if item.strip()]
 
 
-def _to_prefetch(raw: Any) -> str:
-    """'auto' or a positive integer (int or digits), stored as a string."""
+def _to_prefetch(raw: Any) -> int | str:
+    """'auto', or a positive integer (given as int or digits), parsed once here."""
     text = str(raw).strip() if isinstance(raw, (str, int)) and not isinstance(raw, bool) else None
     if text is not None and text.lower() == "auto":
         return "auto"
     if text is not None and text.isascii() and text.isdigit() and int(text) > 0:
-        return str(int(text))
+        return int(text)
     raise ValueError(f"expected 'auto' or a positive integer, got {raw!r}")
 
 
@@ -190,8 +190,9 @@ def _queue_names(names: list[str]) -> list[str]:
     if not names:
         raise ValueError("needs at least one queue name, e.g. 'default' or 'a,b'")
     for name in names:
-        if not _QUEUE_NAME.fullmatch(name):
-            raise ValueError(f"queue name {name!r} is invalid; use only letters, digits, '_', '.', '-'")
+        problem = topology.queue_name_problem(name)
+        if problem:
+            raise ValueError(problem)
     if len(set(names)) != len(names):
         raise ValueError(f"lists a queue more than once: {names!r}")
     return names
@@ -291,7 +292,7 @@ class WorkerConfig:
 
     procs: int = _setting(0, _to_int, _at_least(0))
     queues: list[str] = _setting(["default"], _to_names, _queue_names)
-    prefetch: str = _setting("auto", _to_prefetch)
+    prefetch: int | str = _setting("auto", _to_prefetch)  # a number of deliveries, or "auto"
     id: str = _setting("", _to_str)
     start_method: str = _setting("forkserver", _to_str, _one_of("forkserver", "spawn"))
     task_timeout_s: float = _setting(0.0, _to_float, _at_least(0))

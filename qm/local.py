@@ -13,6 +13,7 @@ import math
 from typing import Any
 
 from qm import limits as task_limits
+from qm.codecs import decode_result, encode_payload
 from qm.registry import Registry, discover
 from qm.states import TaskState
 from qm.worker.pool import Job, Pool
@@ -48,8 +49,6 @@ def run_task(task_type: str, payload: Any, *, timeout_s: float = 0.0, memory_lim
 async def run_task_async(task_type: str, payload: Any, *, timeout_s: float = 0.0, memory_limit_mb: int = 0,
                          soft_timeout_grace_s: float = 1.0, start_method: str = "spawn",
                          registry: Registry | None = None) -> LocalResult:
-    from qm.client.client import decode_result, encode_payload
-
     registry = registry or discover()
     declared = registry.get(task_type)
     raw = encode_payload(payload)
@@ -64,5 +63,5 @@ async def run_task_async(task_type: str, payload: Any, *, timeout_s: float = 0.0
         outcome = await pool.run(job)
     finally:
         await pool.stop()
-    value = decode_result(outcome.result, declared.codec) if outcome.state is TaskState.SUCCEEDED else None
+    value = decode_result(declared.codec, outcome.result) if outcome.state is TaskState.SUCCEEDED else None
     return LocalResult(outcome.state.name, value, outcome.error, limits.timeout_s, limits.memory_limit_mb)

@@ -11,6 +11,7 @@ import time
 from google.protobuf.message import DecodeError
 
 from qm._proto import internal_pb2
+from qm.protocol import Header
 from qm.retry import RetryPolicy
 from qm.states import TaskState
 
@@ -52,7 +53,7 @@ class TaskMessage:
 
     def headers(self) -> dict[str, object]:
         """AMQP headers naming the task, so operators can read a message without decoding it."""
-        return {"qm-task-id": self.task_id, "qm-type": self.type, "qm-attempt": self.attempt}
+        return {Header.TASK_ID: self.task_id, Header.TYPE: self.type, Header.ATTEMPT: self.attempt}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
-import json
 import re
 from typing import Any, Callable, Iterable
 
+from qm import codecs
 from qm.errors import PluginError, UnknownTaskType, ValidationError
 
 #: Entry-point group plugins register task types under.
 ENTRY_POINT_GROUP = "qm.tasks"
 #: Payload/result encodings a task type may declare.
-CODECS = ("text", "json", "bytes")
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -46,21 +45,14 @@ class TaskType:
 
     def decode_payload(self, payload: bytes) -> Any:
         """Bytes on the wire → the handler's argument (raises ValidationError)."""
-        if self.codec == "bytes":
-            return payload
         try:
-            text = payload.decode("utf-8")
-            return json.loads(text) if self.codec == "json" else text
-        except (UnicodeDecodeError, ValueError) as exc:
+            return codecs.decode_payload(self.codec, payload)
+        except ValueError as exc:
             raise ValidationError("payload", f"not valid {self.codec} for task type {self.name!r}: {exc}")
 
     def encode_result(self, value: Any) -> bytes:
         """The handler's return value → bytes on the wire."""
-        if self.codec == "bytes":
-            return bytes(value)
-        if self.codec == "json":
-            return json.dumps(value).encode()
-        return str(value).encode()
+        return codecs.encode_result(self.codec, value)
 
     def check_payload(self, payload: bytes) -> None:
         """What the server runs at submit time: decodes, then the plugin's validator."""
@@ -127,9 +119,9 @@ def validate(loaded: Iterable[TaskType | PluginError]) -> Registry:
 def _check(task_type: TaskType, seen: dict[str, TaskType]) -> PluginError | None:
     if not _NAME_RE.match(task_type.name):
         return PluginError(f"task type name {task_type.name!r} is invalid: use letters, digits, _ . -")
-    if task_type.codec not in CODECS:
+    if task_type.codec not in codecs.CODECS:
         return PluginError(f"task type {task_type.name!r} declares codec {task_type.codec!r}; "
-                           f"expected one of {', '.join(CODECS)}")
+                           f"expected one of {', '.join(codecs.CODECS)}")
     for limit in ("default_timeout_s", "max_timeout_s", "default_memory_limit_mb", "max_memory_limit_mb"):
         value = getattr(task_type, limit)
         if value is not None and not (isinstance(value, (int, float)) and value > 0):

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import logging
 from typing import Any, Callable
 
 from qm.errors import BrokerUnavailable
+
+log = logging.getLogger(__name__)
 
 #: Exchange kinds understood by `declare_exchange`.
 EXCHANGE_KINDS = ("direct", "fanout")
@@ -124,3 +127,20 @@ class Broker(abc.ABC):
     @abc.abstractmethod
     def nack(self, delivery: Delivery, requeue: bool = True) -> None:
         """Return the delivery to its queue (requeue) or drop it."""
+
+
+#: Longest wait for the broker to come back before trying a publish again.
+REPUBLISH_WAIT_S = 5.0
+
+
+async def publish_until_confirmed(broker: Broker, exchange: str, routing_key: str, body: bytes,
+                                  headers: dict[str, Any], what: str) -> None:
+    """Publish until the broker confirms, waiting out disconnections (for messages that are
+    a task's value or its only copy). `what` names the message in the warning."""
+    while True:
+        try:
+            await broker.publish(exchange, routing_key, body, headers)
+            return
+        except BrokerUnavailable as exc:
+            log.warning("%s: cannot publish to %s yet (%s); retrying", what, exchange or "(default)", exc)
+            await broker.wait_connected(REPUBLISH_WAIT_S)

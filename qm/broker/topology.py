@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 from qm.broker.base import Broker
 from qm.errors import BrokerRefused, ConfigError
@@ -32,12 +33,21 @@ HEARTBEAT_TTL_MS = 30_000
 HEARTBEAT_QUEUE_EXPIRES_MS = 600_000
 #: Logical queue used when a submission names none.
 DEFAULT_QUEUE = "default"
-#: Header naming why a message was dead-lettered (absent when RabbitMQ did it: x-death).
-DEAD_REASON_HEADER = "qm-dead-reason"
 #: Quorum-queue arguments that make RabbitMQ dead-letter at least once: a message leaves
 #: the source queue only when the target queue confirmed it (RabbitMQ >= 3.10; at-least-once
 #: requires the reject-publish overflow, else RabbitMQ falls back to at-most-once).
 AT_LEAST_ONCE_DEAD_LETTERING = {"x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"}
+
+
+#: Logical queue names: what RabbitMQ accepts in a queue name, kept short and plain.
+QUEUE_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,100}")
+
+
+def queue_name_problem(queue: str) -> str | None:
+    """Why `queue` cannot be a logical queue name (the one rule for servers and workers), or None."""
+    if QUEUE_NAME_RE.fullmatch(queue):
+        return None
+    return f"{queue!r} is not a valid queue name (1-100 of letters, digits, _ . -)"
 
 
 def work_queue_name(queue: str) -> str:

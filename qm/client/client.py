@@ -15,6 +15,7 @@ from typing import Any, Iterable, Iterator
 import grpc
 
 from qm._proto import task_queue_pb2, task_queue_pb2_grpc
+from qm.codecs import decode_result, encode_payload
 from qm.errors import QMError, TaskError
 
 #: Deadline of unary calls (submit, status).
@@ -84,22 +85,6 @@ TERMINAL_STATE_NAMES = frozenset({"SUCCEEDED", "FAILED", "TIMED_OUT", "MEMORY_EX
                                   "CANCELLED"})
 
 
-def encode_payload(payload: Any) -> bytes:
-    """str → UTF-8, bytes as they are, anything else → JSON."""
-    if isinstance(payload, bytes):
-        return payload
-    if isinstance(payload, str):
-        return payload.encode("utf-8")
-    return json.dumps(payload).encode("utf-8")
-
-
-def decode_result(raw: bytes, codec: str) -> Any:
-    if codec == "bytes":
-        return raw
-    text = raw.decode("utf-8", errors="replace")
-    return json.loads(text) if codec == "json" and text else text
-
-
 def _seconds(timestamp) -> float | None:
     return timestamp.ToNanoseconds() / 1e9 if timestamp.ByteSize() else None
 
@@ -108,7 +93,7 @@ def status_from_proto(status: task_queue_pb2.TaskStatus) -> TaskStatus:
     return TaskStatus(
         task_id=status.task_id, type=status.type, queue=status.queue,
         state=task_queue_pb2.TaskState.Name(status.state), attempts=status.attempts,
-        result=decode_result(status.result, status.codec) if status.state == task_queue_pb2.SUCCEEDED else None,
+        result=decode_result(status.codec, status.result) if status.state == task_queue_pb2.SUCCEEDED else None,
         error=status.error, worker=status.worker, created_at=_seconds(status.created_at),
         started_at=_seconds(status.started_at), finished_at=_seconds(status.finished_at),
         updated_at=_seconds(status.updated_at), timeout_s=status.timeout_s,

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import re
 import time
 import uuid
 
@@ -18,6 +17,7 @@ from qm.broker.base import Broker, Delivery
 from qm.errors import BrokerUnavailable, TaskAlreadyFinished, TaskNotFound, ValidationError
 from qm.messages import Heartbeat, TaskEvent, TaskMessage
 from qm.metrics import ServerMetrics
+from qm.protocol import Command, Control, Header
 from qm.registry import Registry
 from qm.server.hub import Hub
 from qm.server.reconciler import Reconciler
@@ -27,8 +27,6 @@ from qm.states import TaskState
 
 log = logging.getLogger(__name__)
 
-#: Logical queue names: what RabbitMQ accepts in a queue name, kept short and plain.
-QUEUE_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
 #: Unacked events the server's events consumer may hold (applied in batches).
 EVENTS_PREFETCH = 1000
 #: Longest idempotency key accepted.
@@ -86,9 +84,9 @@ class TaskService:
         if not task_type:
             raise ValidationError("type", "missing; name a task type (see the installed plugins)")
         declared = self.registry.get(task_type)
-        if not QUEUE_NAME_RE.match(queue):
-            raise ValidationError("queue", f"{queue!r} is not a valid queue name "
-                                           "(1-100 of letters, digits, _ . -)")
+        problem = topology.queue_name_problem(queue)
+        if problem:
+            raise ValidationError("queue", problem)
         if len(payload) > self.max_payload_bytes:
             raise ValidationError("payload", f"{len(payload)} bytes exceeds the limit of "
                                              f"{self.max_payload_bytes} bytes (server.max_payload_bytes)")
@@ -216,12 +214,13 @@ class TaskService:
         await self._broadcast_cancel(task_id)
         event = TaskEvent(task_id, record.type, record.queue, max(record.attempts, 1), TaskState.CANCELLED,
                           error="cancelled by request")
-        await self.broker.publish(topology.EVENTS_EXCHANGE, "", event.encode(), {"qm-task-id": task_id})
+        await self.broker.publish(topology.EVENTS_EXCHANGE, "", event.encode(), {Header.TASK_ID: task_id})
         self._apply([event])  # answer with the final state; the queued copy is then a duplicate
         return self.status(task_id)
 
     async def _broadcast_cancel(self, task_id: str) -> None:
-        await self.broker.publish(topology.CONTROL_EXCHANGE, "", task_id.encode(), {"qm-command": "cancel"})
+        body, headers = Control(Command.CANCEL, task_id).encode()
+        await self.broker.publish(topology.CONTROL_EXCHANGE, "", body, headers)
 
     # -- dead letters ----------------------------------------------------------------
 
@@ -266,6 +265,8 @@ class TaskService:
         and start the retention sweep."""
         await topology.declare_cancel_stream(self.broker)  # cancels are kept even before any worker runs
         await migrate_legacy_delay_tiers(self.broker, retry.DELAY_TIERS_S)
+        for tier_s in retry.DELAY_TIERS_S:  # long before any retry: see Supervisor.start
+            await topology.declare_delay_tier(self.broker, tier_s)
         heartbeats = await topology.declare_heartbeats_queue(self.broker, server_id)
         await self.broker.consume(heartbeats, self._on_heartbeat, EVENTS_PREFETCH)
         events = await topology.declare_events_queue(self.broker, server_id)
@@ -338,18 +339,18 @@ class TaskService:
                 self._poison_reported.add(record.task_id)
                 log.warning("task %s (%s) started %d times without finishing: poison", record.task_id,
                             record.type, record.starts)
-                self._send_control(record.task_id, "poison", f"{record.starts}")
+                self._send_control(Control(Command.POISON, record.task_id, f"{record.starts}"))
 
     def _recancel(self, task_id: str) -> None:
-        self._send_control(task_id, "cancel")
+        self._send_control(Control(Command.CANCEL, task_id))
 
-    def _send_control(self, task_id: str, command: str, detail: str = "") -> None:
+    def _send_control(self, control: Control) -> None:
         async def send() -> None:
+            body, headers = control.encode()
             try:
-                await self.broker.publish(topology.CONTROL_EXCHANGE, "", task_id.encode(),
-                                          {"qm-command": command, "qm-detail": detail})
+                await self.broker.publish(topology.CONTROL_EXCHANGE, "", body, headers)
             except BrokerUnavailable as exc:
-                log.warning("task %s: cannot tell workers %s: %s", task_id, command, exc)
+                log.warning("task %s: cannot tell workers %s: %s", control.subject, control.command.value, exc)
 
         task = asyncio.get_running_loop().create_task(send())
         self._background.add(task)
@@ -369,7 +370,7 @@ class TaskService:
             self.broker.ack(delivery)
             return
         headers = delivery.headers
-        reason = headers.get(topology.DEAD_REASON_HEADER)
+        reason = headers.get(Header.DEAD_REASON)
         if reason is None:
             reason = rabbitmq_dead_reason(headers, self.delivery_limit)
             error = (f"RabbitMQ dead-lettered task {message.task_id}: {reason}. A task that takes its "
@@ -378,8 +379,8 @@ class TaskService:
                                    TaskState.CRASHED, error=error)])
             state = TaskState.CRASHED
         else:
-            error = str(headers.get("qm-error", ""))
-            state = TaskState[str(headers.get("qm-state", "FAILED"))]
+            error = str(headers.get(Header.ERROR, ""))
+            state = TaskState[str(headers.get(Header.STATE, "FAILED"))]
         self.store.add_dead_letter(DeadLetter(message.task_id, message.type, message.queue, state,
                                               message.attempt, str(reason), error, delivery.body, time.time()))
         log.warning("task %s (%s) dead-lettered: %s", message.task_id, message.type, reason)

@@ -261,9 +261,12 @@ class Store:
                 if event.state is TaskState.RUNNING and _is_new_start(current, event):
                     started = updated or current  # every start counts, a redelivered one too
                     if not started.state.terminal:  # a redelivery: the worker running it now
+                        # Starts count per attempt: a task that fails and retries normally is
+                        # never mistaken for one that takes its workers down.
+                        new_attempt = current is None or event.attempt > current.attempts
                         updated = dataclasses.replace(
-                            started, starts=started.starts + 1, started_at=event.at_s, updated_at=event.at_s,
-                            worker=event.worker or started.worker)
+                            started, starts=1 if new_attempt else started.starts + 1, started_at=event.at_s,
+                            updated_at=event.at_s, worker=event.worker or started.worker)
                 if updated is not None:
                     latest[event.task_id] = updated
                     changes.append(updated)

@@ -33,9 +33,10 @@ def effective_procs(config: Config) -> int:
 
 def prefetch_policy(config: Config) -> AutoPrefetch | FixedPrefetch:
     """`auto`: sized from procs and adapted to observed task time; else a fixed number."""
-    if config.worker.prefetch == "auto":
-        return AutoPrefetch(effective_procs(config))
-    return FixedPrefetch(int(config.worker.prefetch))
+    prefetch = config.worker.prefetch
+    if isinstance(prefetch, int):
+        return FixedPrefetch(prefetch)
+    return AutoPrefetch(effective_procs(config))
 
 
 def worker_id(config: Config) -> str:
@@ -176,5 +177,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     export_executor_secret(config)
     setup_logging(config.log.level, "qm-worker", config.log.format)
-    asyncio.run(run_worker(config))
+    try:
+        asyncio.run(run_worker(config))
+    except ConfigError as exc:  # found at start-up, e.g. a work queue of another type in RabbitMQ
+        log.error("%s", exc)
+        return 2
     return 0

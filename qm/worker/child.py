@@ -3,12 +3,7 @@
 Children only run task code: no network, no broker. Each starts its own session
 (process group) so the supervisor can kill a task together with anything it spawned,
 and only then says it is ready: no task reaches a child that a terminal's Ctrl-C could
-still hit. Messages on the pipe (pickled tuples):
-
-    child → supervisor: ("ready", pid)                      once, after start-up
-    supervisor → child: ("run", task_id, type, payload, soft_timeout_s, memory_limit_mb)
-    child → supervisor: ("ok", result_bytes) | ("error", text) | ("soft_timeout", text)
-                        | ("memory", text) | ("retry", (text, delay_s | None)) | ("permanent", text)
+still hit. What travels on the pipe: qm/worker/jobs.py.
 
 Limits inside the child are the second layer; the supervisor enforces the real ones
 (hard deadline, RSS) by killing the process group.
@@ -28,6 +23,7 @@ import psutil
 
 from qm.errors import PermanentError, QMError, Retry, SoftTimeout
 from qm.registry import Registry, discover
+from qm.worker.jobs import Job, Reply, ReplyKind
 
 #: prctl option: signal to receive when the parent process dies (linux/prctl.h).
 PR_SET_PDEATHSIG = 1
@@ -57,7 +53,7 @@ def child_main(conn: Connection, lifeline: Connection, address_space_limit: bool
     signal.signal(signal.SIGALRM, _raise_soft_timeout)
     registry = discover()
     try:
-        conn.send(("ready", os.getpid()))
+        conn.send(Reply(ReplyKind.READY, os.getpid()))
     except (BrokenPipeError, OSError):
         return  # the pool stopped while this child was starting
     while True:
@@ -65,12 +61,12 @@ def child_main(conn: Connection, lifeline: Connection, address_space_limit: bool
             message = conn.recv()
         except (EOFError, OSError):
             return
-        _kind, _task_id, task_type, payload, soft_timeout_s, memory_limit_mb = message
-        limit_bytes = memory_limit_mb * MIB if address_space_limit else 0
+        job: Job = message
+        limit_bytes = job.memory_limit_mb * MIB if address_space_limit else 0
         try:
-            reply = run_limited(registry, task_type, payload, soft_timeout_s, limit_bytes)
+            reply = run_limited(registry, job.type, job.payload, job.soft_timeout_s, limit_bytes)
         except SoftTimeout as exc:  # the alarm fired between the task's end and disarming
-            reply = ("soft_timeout", f"SoftTimeout: {exc}")
+            reply = Reply(ReplyKind.SOFT_TIMEOUT, f"SoftTimeout: {exc}")
         _kill_leftover_descendants()
         conn.send(reply)
 
@@ -129,7 +125,7 @@ def _raise_soft_timeout(signum, frame) -> None:
 
 
 def run_limited(registry: Registry, task_type: str, payload: bytes, soft_timeout_s: float,
-                memory_limit_bytes: int) -> tuple:
+                memory_limit_bytes: int) -> Reply:
     """Run one job under the soft timeout and address-space cap, then lift both."""
     previous_as = resource.getrlimit(resource.RLIMIT_AS)
     if memory_limit_bytes:
@@ -146,27 +142,27 @@ def run_limited(registry: Registry, task_type: str, payload: bytes, soft_timeout
         resource.setrlimit(resource.RLIMIT_AS, previous_as)
 
 
-def run_job(registry: Registry, task_type: str, payload: bytes) -> tuple:
+def run_job(registry: Registry, task_type: str, payload: bytes) -> Reply:
     """Run one job in this process; any exception becomes an error reply."""
     try:
         declared = registry.get(task_type)
     except QMError:
-        return ("error", f"task type {task_type!r} is not installed on this worker "
+        return Reply(ReplyKind.ERROR, f"task type {task_type!r} is not installed on this worker "
                          f"(it serves: {', '.join(sorted(registry.types)) or 'none'})")
     try:
         value = declared.handler(declared.decode_payload(payload))
-        return ("ok", declared.encode_result(value))
+        return Reply(ReplyKind.OK, declared.encode_result(value))
     except SoftTimeout as exc:
-        return ("soft_timeout", f"SoftTimeout: {exc}")
+        return Reply(ReplyKind.SOFT_TIMEOUT, f"SoftTimeout: {exc}")
     except Retry as exc:
-        return ("retry", (f"Retry: {exc}", exc.delay_s))
+        return Reply(ReplyKind.RETRY, f"Retry: {exc}", exc.delay_s)
     except PermanentError as exc:
-        return ("permanent", _describe(exc))
+        return Reply(ReplyKind.PERMANENT, _describe(exc))
     except MemoryError:
-        return ("memory", "MemoryError: the task tried to allocate beyond its memory limit "
+        return Reply(ReplyKind.MEMORY, "MemoryError: the task tried to allocate beyond its memory limit "
                           "(address-space cap, worker.address_space_limit)")
     except Exception as exc:  # task code may raise anything; it must not kill the child
-        return ("error", _describe(exc))
+        return Reply(ReplyKind.ERROR, _describe(exc))
 
 
 def _describe(exc: BaseException) -> str:

@@ -28,6 +28,9 @@ import psutil
 
 from qm.states import TaskState
 from qm.worker.child import MIB, child_main
+from qm.worker.jobs import Job, Reply, ReplyKind
+
+__all__ = ["Job", "Outcome", "Pool", "Slot", "describe_exit"]
 
 log = logging.getLogger(__name__)
 
@@ -35,16 +38,6 @@ log = logging.getLogger(__name__)
 CHILD_EXIT_TIMEOUT_S = 5.0
 #: Pause before restarting a child that died before it was ready.
 STARTUP_FAILURE_DELAY_S = 1.0
-
-
-@dataclasses.dataclass(frozen=True)
-class Job:
-    task_id: str
-    type: str
-    payload: bytes
-    timeout_s: float = 0.0        # hard limit; 0 = none
-    memory_limit_mb: int = 0      # RSS limit with descendants; 0 = none
-    soft_timeout_s: float = 0.0   # when the task gets qm.SoftTimeout; 0 = never
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,8 +172,7 @@ class Pool:
         if job.memory_limit_mb > 0:
             self._ensure_sampler()
         try:
-            slot.conn.send(("run", job.task_id, job.type, job.payload, job.soft_timeout_s,
-                            job.memory_limit_mb))
+            slot.conn.send(job)
         except OSError:
             pass  # the child just died: its sentinel resolves the future as CRASHED
 
@@ -195,16 +187,16 @@ class Pool:
 
     def _on_reply(self, slot: Slot) -> None:
         try:
-            kind, value = slot.conn.recv()
+            reply: Reply = slot.conn.recv()
         except (EOFError, OSError):
             asyncio.get_running_loop().remove_reader(slot.conn.fileno())
             return  # the child is gone; _on_exit reports it
-        if kind == "ready":
+        if reply.kind is ReplyKind.READY:
             slot.ready = True
             self._readiness.set()
             self._idle.put_nowait(slot)
             return
-        self._finish(slot, _reply_outcome(kind, value, slot))
+        self._finish(slot, _reply_outcome(reply, slot))
         slot.tasks_done += 1
         if slot.kill_outcome is not None:
             return  # a killed child is dying: _on_exit replaces the slot
@@ -303,17 +295,17 @@ class Pool:
                 slot.process.join()
 
 
-def _reply_outcome(kind: str, value, slot: Slot) -> Outcome:
-    if kind == "ok":
+def _reply_outcome(reply: Reply, slot: Slot) -> Outcome:
+    kind, value = reply.kind, reply.value
+    if kind is ReplyKind.OK:
         return Outcome(TaskState.SUCCEEDED, result=value)
-    if kind == "soft_timeout":
+    if kind is ReplyKind.SOFT_TIMEOUT:
         return Outcome(TaskState.TIMED_OUT, error=f"{value} (time limit {slot.job.timeout_s:g} s)")
-    if kind == "memory":
+    if kind is ReplyKind.MEMORY:
         return Outcome(TaskState.MEMORY_EXCEEDED, error=f"{value}; memory limit {slot.job.memory_limit_mb} MiB")
-    if kind == "retry":
-        text, delay_s = value
-        return Outcome(TaskState.FAILED, error=text, retry_requested=True, retry_delay_s=delay_s)
-    return Outcome(TaskState.FAILED, error=value, permanent=kind == "permanent")
+    if kind is ReplyKind.RETRY:
+        return Outcome(TaskState.FAILED, error=value, retry_requested=True, retry_delay_s=reply.retry_delay_s)
+    return Outcome(TaskState.FAILED, error=value, permanent=kind is ReplyKind.PERMANENT)
 
 
 def _kill_group(pid: int) -> None:

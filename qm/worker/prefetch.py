@@ -5,7 +5,8 @@ Long tasks must not be hoarded: a delivery waiting in one worker's buffer behind
 toward RabbitMQ's consumer_timeout). Short tasks need a buffer so a child never waits a
 broker round trip for its next task. So: one delivery per child while tasks are long,
 more as they get shorter, judged from a moving average of observed run times, with
-hysteresis so the value does not flap around a threshold.
+hysteresis so the value does not flap around a threshold. A single long run (over
+LONG_TASK_S, also reported while the task still runs) drops it to one per child at once.
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from __future__ import annotations
 LEVELS = ((1, None, None), (2, 0.5, 1.0), (4, 0.02, 0.04))
 #: Weight of the newest observation in the moving average.
 EWMA_ALPHA = 0.2
+#: A run this long (seconds; the slowest level's threshold) sets the average at once.
+LONG_TASK_S = LEVELS[1][2]
 
 
 class AutoPrefetch:
@@ -30,8 +33,12 @@ class AutoPrefetch:
 
     def observe(self, duration_s: float) -> int | None:
         """Record one task's run time; return the new prefetch if it changed."""
-        self.mean_s = duration_s if self.mean_s is None else \
-            EWMA_ALPHA * duration_s + (1 - EWMA_ALPHA) * self.mean_s
+        if self.mean_s is None or duration_s > LONG_TASK_S:
+            # One long task is enough to stop buffering: a delivery hoarded behind it costs
+            # far more than a child briefly waiting for its next short task.
+            self.mean_s = max(duration_s, self.mean_s or 0.0)
+        else:
+            self.mean_s = EWMA_ALPHA * duration_s + (1 - EWMA_ALPHA) * self.mean_s
         level = self.level
         while level + 1 < len(LEVELS) and self.mean_s < LEVELS[level + 1][1]:
             level += 1

@@ -384,15 +384,15 @@ def test_log_level_case_insensitive_stored_upper():
 
 
 @pytest.mark.parametrize(
-    "raw, stored", [("auto", "auto"), ("AUTO", "auto"), ("8", "8"), (8, "8"), (" 16 ", "16"), ("08", "8")]
+    "raw, stored", [("auto", "auto"), ("AUTO", "auto"), ("8", 8), (8, 8), (" 16 ", 16), ("08", 8)]
 )
 def test_prefetch_accepted(raw, stored):
     assert load_config(env={}, overrides={"worker.prefetch": raw}).worker.prefetch == stored
 
 
-def test_prefetch_int_from_yaml_stored_as_str(tmp_path):
+def test_prefetch_int_from_yaml_stored_as_int(tmp_path):
     path = write(tmp_path, "worker:\n  prefetch: 32\n")
-    assert load_config(path, env={}).worker.prefetch == "32"
+    assert load_config(path, env={}).worker.prefetch == 32
 
 
 @pytest.mark.parametrize("raw", ["0", "-3", "many", "1.5", True, 0])

@@ -108,12 +108,23 @@ def test_alternating_durations_around_a_threshold_do_not_flap():
     policy = AutoPrefetch(1)
     feed(policy, MODERATE_S)
     assert policy.value == 2
-    # run times alternating across both thresholds of the 2-per-child level (0.5 s up, 1 s down)
+    # run times alternating between the two thresholds of the 2-per-child level (0.5 s up, 1 s down)
     changes = []
     for _ in range(50):
-        changes += feed(policy, 1.05, 1) + feed(policy, 0.45, 1)
+        changes += feed(policy, 0.95, 1) + feed(policy, 0.45, 1)
     assert changes == []
     assert policy.value == 2
+
+
+def test_one_long_run_drops_to_one_per_child_at_once_and_it_stays_there():
+    policy = AutoPrefetch(1)
+    feed(policy, SHORT_S)
+    assert policy.value == 4
+    assert feed(policy, 1.05, 1) == [1]  # not after a moving average caught up: hoarding is costlier
+    changes = []
+    for _ in range(50):  # long runs keep coming between short ones: no flapping back up
+        changes += feed(policy, 0.45, 1) + feed(policy, 1.05, 1)
+    assert changes == [] and policy.value == 1
 
 
 @pytest.mark.parametrize("value", [1, 5, 100])

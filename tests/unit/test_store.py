@@ -226,3 +226,19 @@ def test_starts_count_every_later_run_of_a_task_but_not_a_replayed_event(tmp_pat
     store.apply([TaskEvent("t1", "math", "default", 1, TaskState.CRASHED, "w3", at_s=40.0),
                  running(50.0, "w4")], {})
     assert (store.get("t1").state, store.get("t1").starts) == (TaskState.CRASHED, 3)  # final: no more counting
+
+
+def test_starts_count_per_attempt_so_ordinary_retries_are_not_poison(tmp_path):
+    from qm.messages import TaskEvent
+    from qm.server.store import Store
+    from qm.states import TaskState
+
+    store = Store(tmp_path / "retries.sqlite3")
+    for attempt in range(1, 8):  # a task failing normally 7 times, retried each time
+        at_s = attempt * 10.0
+        store.apply([TaskEvent("t1", "test.fail", "default", attempt, TaskState.RUNNING, "w1", at_s=at_s),
+                     TaskEvent("t1", "test.fail", "default", attempt, TaskState.RETRYING, "w1", at_s=at_s + 1)], {})
+        assert store.get("t1").starts == 1
+    store.apply([TaskEvent("t1", "test.fail", "default", 8, TaskState.RUNNING, "w2", at_s=100.0),
+                 TaskEvent("t1", "test.fail", "default", 8, TaskState.RUNNING, "w3", at_s=110.0)], {})
+    assert store.get("t1").starts == 2  # the eighth attempt took one worker down

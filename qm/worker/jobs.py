@@ -1,0 +1,37 @@
+"""What travels on a pool slot's pipe (pickled), both ways:
+
+    supervisor → child: Job                       one task to run
+    child → supervisor: Reply(READY, pid)         once, after start-up (own session by then)
+                        Reply(OK, result bytes) | Reply(<failure kind>, error text)
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    task_id: str
+    type: str
+    payload: bytes
+    timeout_s: float = 0.0        # hard limit; 0 = none
+    memory_limit_mb: int = 0      # RSS limit with descendants; 0 = none
+    soft_timeout_s: float = 0.0   # when the task gets qm.SoftTimeout; 0 = never
+
+
+class ReplyKind(enum.Enum):
+    READY = "ready"                 # value: the child's pid
+    OK = "ok"                       # value: the encoded result
+    ERROR = "error"                 # value: error text (retried per policy)
+    SOFT_TIMEOUT = "soft_timeout"   # the task let qm.SoftTimeout escape
+    MEMORY = "memory"               # MemoryError under the address-space cap
+    RETRY = "retry"                 # the task raised qm.Retry (retry_delay_s: its delay)
+    PERMANENT = "permanent"         # the task raised qm.PermanentError: never retried
+
+
+@dataclasses.dataclass(frozen=True)
+class Reply:
+    kind: ReplyKind
+    value: bytes | str | int = b""
+    retry_delay_s: float | None = None

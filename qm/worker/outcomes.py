@@ -1,0 +1,112 @@
+"""What follows an attempt, published before its delivery is acked (at-least-once).
+
+    outcome ──► SUCCEEDED / CANCELLED ────────────────────────► event ─┐
+            ──► retried: next attempt → qm.delay.<tier> ──────► RETRYING event ─┤ each publish
+            ──► final: task message → qm.dead (with why) ─────► final event ─┤ confirmed,
+                                                                             ▼ then
+                                                                       ack(delivery)
+
+A crash anywhere before the ack makes RabbitMQ redeliver the task: it runs again (attempts
+are idempotent; the servers order events with qm.states.supersedes). A publish that
+fails because RabbitMQ is away is retried until it is confirmed: an outcome is the task's
+value, worth waiting for.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Callable
+
+from qm import retry
+from qm.broker import topology
+from qm.broker.base import Broker, publish_until_confirmed
+from qm.messages import TaskEvent, TaskMessage
+from qm.metrics import WorkerMetrics
+from qm.protocol import Header, dead_letter_headers
+from qm.states import TaskState
+from qm.worker.pool import Job, Outcome
+
+log = logging.getLogger(__name__)
+
+
+class Outcomes:
+    """Publishes events, retries and dead letters for one worker."""
+
+    def __init__(self, broker: Broker, worker_id: str, metrics: WorkerMetrics) -> None:
+        self.broker = broker
+        self.worker_id = worker_id
+        self.metrics = metrics
+        self._delay_tiers: set[int] = set()
+
+    async def settle(self, message: TaskMessage, outcome: Outcome, ack: Callable[[], None]) -> None:
+        """Publish what follows the attempt, each confirmed, and only then `ack()`."""
+        await self._report(message, outcome)
+        ack()
+
+    async def _report(self, message: TaskMessage, outcome: Outcome) -> None:
+        if outcome.state in (TaskState.SUCCEEDED, TaskState.CANCELLED):
+            await self.publish_event(self.event(message, outcome.state, outcome))
+            self.metrics.tasks_finished.labels(message.type, outcome.state.name).inc()
+            return
+        policy = message.retry
+        if not outcome.permanent and policy.retries(outcome.state, message.attempt):
+            requested = outcome.retry_delay_s if outcome.retry_requested else None
+            tier_s = retry.tier_for(policy.delay_s(message.attempt) if requested is None else requested)
+            await self.ensure_delay_tier(tier_s)
+            following = dataclasses.replace(message, attempt=message.attempt + 1, enqueued_at_s=time.time())
+            await self._publish(topology.delay_tier_name(tier_s), message.queue, following.encode(),
+                                following.headers(), message.task_id)
+            event = self.event(message, TaskState.RETRYING, outcome)
+            await self.publish_event(dataclasses.replace(event, next_attempt_at_s=time.time() + tier_s))
+            self.metrics.tasks_finished.labels(message.type, TaskState.RETRYING.name).inc()
+            return
+        await self._dead_letter(message, outcome, dead_reason(message, outcome))
+
+    async def dead_letter_poison(self, message: TaskMessage, starts: str, ack: Callable[[], None]) -> None:
+        """The servers saw this task start `starts` times without an outcome: each time it
+        took its worker down. End it CRASHED in the dead letters instead of running it."""
+        reason = (f"started {starts} times and each time its worker died before it finished "
+                  "(broker.delivery_limit)")
+        error = (f"task {message.task_id} dead-lettered: it took its whole worker down on every run, "
+                 f"{reason}. A task that kills workers, not just a child, ends here instead of looping")
+        log.warning("task %s (%s) is poison: %s", message.task_id, message.type, reason)
+        await self._dead_letter(message, Outcome(TaskState.CRASHED, error=error), reason)
+        ack()
+
+    async def _dead_letter(self, message: TaskMessage, outcome: Outcome, reason: str) -> None:
+        headers = dead_letter_headers(message.headers(), reason, outcome.state.name, outcome.error)
+        await self._publish(topology.DEAD_EXCHANGE, "", message.encode(), headers, message.task_id)
+        await self.publish_event(self.event(message, outcome.state, outcome))
+        self.metrics.tasks_finished.labels(message.type, outcome.state.name).inc()
+
+    async def ensure_delay_tier(self, tier_s: int) -> None:
+        if tier_s not in self._delay_tiers:
+            await topology.declare_delay_tier(self.broker, tier_s)
+            self._delay_tiers.add(tier_s)
+
+    def event(self, message: TaskMessage, state: TaskState, outcome: Outcome | None = None,
+              job: Job | None = None) -> TaskEvent:
+        return TaskEvent(message.task_id, message.type, message.queue, message.attempt, state,
+                         self.worker_id, outcome.result if outcome else b"", outcome.error if outcome else "",
+                         timeout_s=job.timeout_s if job else 0.0,
+                         memory_limit_mb=job.memory_limit_mb if job else 0)
+
+    async def publish_event(self, event: TaskEvent) -> None:
+        headers = {Header.TASK_ID: event.task_id, Header.STATE: event.state.name}
+        await self._publish(topology.EVENTS_EXCHANGE, "", event.encode(), headers, event.task_id)
+
+    async def _publish(self, exchange: str, routing_key: str, body: bytes, headers: dict, task_id: str) -> None:
+        await publish_until_confirmed(self.broker, exchange, routing_key, body, headers, f"task {task_id}")
+
+
+def dead_reason(message: TaskMessage, outcome: Outcome) -> str:
+    """Why a task that did not succeed is not tried again, for the dead-letter list."""
+    if outcome.permanent:
+        return "the task raised qm.PermanentError"
+    policy = message.retry
+    if policy.covers(outcome.state):
+        return f"gave up after {message.attempt} attempt(s) (max_retries={policy.max_retries})"
+    if outcome.state is TaskState.TIMED_OUT:
+        return "TIMED_OUT is not retried unless retry_on_timeout is set"
+    return f"{outcome.state.name} is not retried"
