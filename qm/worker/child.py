@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import ctypes
 import os
-import pathlib
 import resource
 import signal
 import threading
 import traceback
 from multiprocessing.connection import Connection
 
-import psutil
-
 from qm.errors import PermanentError, QMError, Retry, SoftTimeout
 from qm.registry import Registry, discover
+from qm.worker import procfs
 from qm.worker.jobs import Job, Reply, ReplyKind
 
 #: prctl option: signal to receive when the parent process dies (linux/prctl.h).
@@ -98,25 +96,13 @@ def _die_with_parent() -> None:
         pass  # not Linux: an orphaned child still exits when its pipe closes
 
 
-def _has_children() -> bool:
-    """Cheap check before psutil's scan of all of /proc: Linux lists a thread's children in
-    /proc/self/task/TID/children where the kernel has CONFIG_PROC_CHILDREN; without it,
-    assume there may be some."""
-    try:
-        listings = [path.read_text() for path in pathlib.Path("/proc/self/task").glob("*/children")]
-    except OSError:
-        return True
-    return not listings or any(listing.strip() for listing in listings)
-
-
 def _kill_leftover_descendants() -> None:
-    """A finished task leaves nothing running: its subprocesses die with it."""
-    if not _has_children():
-        return
-    for process in psutil.Process().children(recursive=True):
+    """A finished task leaves nothing running: its subprocesses die with it (found from this
+    process down, qm/worker/procfs.py; usually one read that finds nothing)."""
+    for pid in procfs.descendants(os.getpid()):
         try:
-            process.kill()
-        except psutil.Error:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
             continue
 
 
@@ -129,7 +115,7 @@ def run_limited(registry: Registry, task_type: str, payload: bytes, soft_timeout
     """Run one job under the soft timeout and address-space cap, then lift both."""
     previous_as = resource.getrlimit(resource.RLIMIT_AS)
     if memory_limit_bytes:
-        vms = psutil.Process().memory_info().vms
+        vms = procfs.vms_bytes(os.getpid())
         cap = vms + ADDRESS_SPACE_FACTOR * memory_limit_bytes
         if previous_as[1] == resource.RLIM_INFINITY or cap < previous_as[1]:
             resource.setrlimit(resource.RLIMIT_AS, (cap, previous_as[1]))

@@ -24,9 +24,8 @@ import signal
 import time
 from typing import Callable, Sequence
 
-import psutil
-
 from qm.states import TaskState
+from qm.worker import procfs
 from qm.worker.child import MIB, child_main
 from qm.worker.jobs import Job, Reply, ReplyKind
 
@@ -68,7 +67,6 @@ class Slot:
     tasks_done: int = 0
     rss_bytes: int = 0
     peak_rss_bytes: int = 0
-    _ps: psutil.Process | None = None
 
     def kill(self, outcome: Outcome | None) -> None:
         """Kill the running task's whole process group; its job ends with `outcome`."""
@@ -77,18 +75,9 @@ class Slot:
             _kill_group(self.process.pid)
 
     def sample_rss(self) -> int:
-        """RSS of the child and all its descendants, in bytes (0 if it is gone)."""
-        try:
-            if self._ps is None:
-                self._ps = psutil.Process(self.process.pid)
-            total = self._ps.memory_info().rss
-            for descendant in self._ps.children(recursive=True):
-                try:
-                    total += descendant.memory_info().rss
-                except psutil.Error:
-                    continue
-        except psutil.Error:
-            return 0
+        """RSS of the child and all its descendants, in bytes (0 if it is gone): one /proc
+        read per process of this child, never a scan of the host (qm/worker/procfs.py)."""
+        total = procfs.tree_rss_bytes(self.process.pid)
         self.rss_bytes = total
         self.peak_rss_bytes = max(self.peak_rss_bytes, total)
         return total
@@ -212,9 +201,12 @@ class Pool:
     def _recycle_reason(self, slot: Slot) -> str:
         if self.max_tasks_per_child and slot.tasks_done >= self.max_tasks_per_child:
             return f"ran {slot.tasks_done} tasks (max_tasks_per_child)"
-        if self.max_idle_rss_mb and slot.sample_rss() > self.max_idle_rss_mb * MIB:
-            return (f"idle RSS {slot.rss_bytes // MIB} MiB over {self.max_idle_rss_mb} MiB "
-                    "(max_child_idle_rss_mb; a task leaks memory?)")
+        if self.max_idle_rss_mb:
+            # An idle child has no descendants left (child.py kills them): its own RSS, one read.
+            idle_rss = procfs.rss_bytes(slot.process.pid)
+            if idle_rss > self.max_idle_rss_mb * MIB:
+                return (f"idle RSS {idle_rss // MIB} MiB over {self.max_idle_rss_mb} MiB "
+                        "(max_child_idle_rss_mb; a task leaks memory?)")
         return ""
 
     def _on_exit(self, slot: Slot) -> None:

@@ -243,3 +243,28 @@ def test_kill_racing_the_reply_does_not_crash_the_next_job():
             assert await within(second, PROMPT_S) == Outcome(S.SUCCEEDED, b"second")
             assert killed and pool.slots[0] is not killed[0] and pool.restarts == 1
     run(body)
+
+
+def test_procfs_walks_a_process_tree_from_the_top_without_scanning_the_host():
+    import subprocess
+    import sys
+
+    from qm.worker import procfs
+
+    script = ("import subprocess, sys, time\n"
+              "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+              "print(child.pid, flush=True)\n"
+              "time.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    try:
+        grandchild = int(parent.stdout.readline())
+        assert procfs.descendants(os.getpid()).count(parent.pid) == 1
+        assert set(procfs.descendants(parent.pid)) == {grandchild}
+        own = procfs.rss_bytes(parent.pid)
+        assert own > 1024 * 1024  # a Python interpreter
+        assert procfs.tree_rss_bytes(parent.pid) == own + procfs.rss_bytes(grandchild)
+    finally:
+        os.killpg(parent.pid, signal.SIGKILL)  # the grandchild too
+        parent.wait()
+    assert procfs.rss_bytes(parent.pid) == 0 and procfs.descendants(parent.pid) == []
