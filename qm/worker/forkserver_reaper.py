@@ -8,8 +8,9 @@ that started the forkserver dies, kill every pool child's process group, then ex
              GIL held cannot run its lifeline thread), then exits; children's
              PR_SET_PDEATHSIG fires on whatever is left.
 
-Importing this module starts the watching thread; that is its only purpose, and only
-Pool lists it in the forkserver's preload. Its cost: one thread blocked in poll(2).
+Importing this module starts the watching thread and makes the forkserver ignore stop
+signals; that is its only purpose, and only Pool lists it in the forkserver's preload.
+Its cost: one thread blocked in poll(2).
 """
 from __future__ import annotations
 
@@ -68,6 +69,11 @@ def _reap_when_supervisor_dies(supervisor_pid: int) -> None:
 
 
 def _start() -> None:
+    # Only the supervisor decides when the worker stops: a stop signal sent to the whole
+    # process group (systemd, supervisord, Ctrl-C) must not take the forkserver, and with
+    # it the children (parent-death signal), down while the supervisor drains.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     supervisor_pid = os.getppid()
     if supervisor_pid == 1:  # the supervisor died before the forkserver got here
         os._exit(0)
