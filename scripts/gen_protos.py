@@ -58,7 +58,8 @@ def _prefixed(match: re.Match) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="exit 1 if qm/_proto is not current")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:

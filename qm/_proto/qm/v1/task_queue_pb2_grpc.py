@@ -35,8 +35,11 @@ class TaskQueueStub:
     SubmitTask with the same idempotency_key.
     - DEADLINE_EXCEEDED: the deadline the client set passed before the answer came.
     - CANCELLED: the client cancelled the call.
-    - INTERNAL: a bug in qm-server; its log names the task or request.
-    - UNKNOWN: a bug in qm-server that escaped its error map; its log has the traceback.
+    - RESOURCE_EXHAUSTED: the request is larger than gRPC's message size limit (4 MiB);
+    a payload under it but over server.max_payload_bytes gets INVALID_ARGUMENT.
+    - INTERNAL: an error qm-server has no more specific code for; the message says what
+    happened.
+    - UNKNOWN: an unexpected error in qm-server (a bug).
     """
 
     def __init__(self, channel):
@@ -102,8 +105,11 @@ class TaskQueueServicer:
     SubmitTask with the same idempotency_key.
     - DEADLINE_EXCEEDED: the deadline the client set passed before the answer came.
     - CANCELLED: the client cancelled the call.
-    - INTERNAL: a bug in qm-server; its log names the task or request.
-    - UNKNOWN: a bug in qm-server that escaped its error map; its log has the traceback.
+    - RESOURCE_EXHAUSTED: the request is larger than gRPC's message size limit (4 MiB);
+    a payload under it but over server.max_payload_bytes gets INVALID_ARGUMENT.
+    - INTERNAL: an error qm-server has no more specific code for; the message says what
+    happened.
+    - UNKNOWN: an unexpected error in qm-server (a bug).
     """
 
     def SubmitTask(self, request, context):
@@ -277,8 +283,11 @@ class TaskQueue:
     SubmitTask with the same idempotency_key.
     - DEADLINE_EXCEEDED: the deadline the client set passed before the answer came.
     - CANCELLED: the client cancelled the call.
-    - INTERNAL: a bug in qm-server; its log names the task or request.
-    - UNKNOWN: a bug in qm-server that escaped its error map; its log has the traceback.
+    - RESOURCE_EXHAUSTED: the request is larger than gRPC's message size limit (4 MiB);
+    a payload under it but over server.max_payload_bytes gets INVALID_ARGUMENT.
+    - INTERNAL: an error qm-server has no more specific code for; the message says what
+    happened.
+    - UNKNOWN: an unexpected error in qm-server (a bug).
     """
 
     @staticmethod
