@@ -78,12 +78,16 @@ async function main([address, queue]) {
     const status = summary((await unary(client, 'GetTaskStatus', { task_id: submitted.task_id })).status);
     let unknownType = null;
     try {
-      const accepted = await unary(client, 'SubmitTask', { type: 'no.such.type', payload: Buffer.from('1'), queue });
+      const accepted = await unary(client, 'SubmitTask', {
+        type: 'no.such.type', payload: Buffer.from('1', 'utf8'), queue,
+      });
       unknownType = { accepted_as: accepted.task_id };
     } catch (error) {
       unknownType = errorSummary(error);
     }
-    return { submitted: { task_id: submitted.task_id, state: submitted.state }, stream, status, unknown_type: unknownType };
+    return {
+      submitted: { task_id: submitted.task_id, state: submitted.state }, stream, status, unknown_type: unknownType,
+    };
   } finally {
     client.close();
   }
