@@ -42,14 +42,13 @@ grpc_gevent.init_gevent()
 import grpc  # noqa: E402
 from locust import User, events, task  # noqa: E402
 
-from qm._proto import task_queue_pb2, task_queue_pb2_grpc  # noqa: E402
+from qm._proto.qm.v1 import task_queue_pb2, task_queue_pb2_grpc  # noqa: E402
+from qm.states import TERMINAL_STATES, state_name  # noqa: E402
 
 DEFAULT_SERVER = "127.0.0.1:50051"
 DEFAULT_TYPES = "math,examples.primes,examples.hash_chain"
 #: Relative frequency of each task type in the mix.
 WEIGHTS = {"math": 3, "examples.primes": 1, "examples.hash_chain": 1}
-TERMINAL = {task_queue_pb2.SUCCEEDED, task_queue_pb2.FAILED, task_queue_pb2.TIMED_OUT,
-            task_queue_pb2.MEMORY_EXCEEDED, task_queue_pb2.CRASHED, task_queue_pb2.CANCELLED}
 
 
 @events.init_command_line_parser.add_listener
@@ -166,9 +165,8 @@ class QueueMasterUser(User):
         self._fire("grpc", "SubmitTask", started, length=len(request.payload))
         try:
             status = self._await_terminal(response.task_id)
-            if status.state != task_queue_pb2.SUCCEEDED:
-                state = task_queue_pb2.TaskState.Name(status.state)
-                raise TaskFailed(f"{state}: {status.error[:200]}")
+            if status.state != task_queue_pb2.TASK_STATE_SUCCEEDED:
+                raise TaskFailed(f"{state_name(status.state)}: {status.error[:200]}")
             if not _same_result(task_type, status.result, expected):
                 raise TaskFailed(f"wrong result {status.result[:100]!r}, expected {expected[:100]!r}")
         except (TaskFailed, grpc.RpcError) as exc:
@@ -183,9 +181,9 @@ class QueueMasterUser(User):
         terminal state; the server ends the stream right after it."""
         requests = iter([task_queue_pb2.StreamTaskResultsRequest(task_ids=[task_id])])
         last = None
-        for status in self.stub.StreamTaskResults(requests, timeout=self.task_timeout_s):
-            last = status
-            if status.state in TERMINAL:
-                return status
-        state = task_queue_pb2.TaskState.Name(last.state) if last is not None else "nothing"
+        for response in self.stub.StreamTaskResults(requests, timeout=self.task_timeout_s):
+            last = response.status
+            if last.state in TERMINAL_STATES:
+                return last
+        state = state_name(last.state) if last is not None else "nothing"
         raise TaskFailed(f"stream ended without a terminal state (last: {state})")

@@ -19,9 +19,10 @@ from typing import Any, Callable
 import cloudpickle
 import grpc
 
-from qm._proto import task_queue_pb2
+from qm._proto.qm.v1 import task_queue_pb2
 from qm.client.client import Client
 from qm.errors import TaskError
+from qm.states import TERMINAL_STATES, state_name
 from qm.tasks import python as python_task
 
 #: Sentinel ending the stream's request iterator.
@@ -86,9 +87,9 @@ class Executor(concurrent.futures.Executor):
 
     def _read_stream(self) -> None:
         try:
-            for status in self._stream:
-                if status.state in _TERMINAL:
-                    self._settle(status)
+            for response in self._stream:
+                if response.status.state in TERMINAL_STATES:
+                    self._settle(response.status)
         except grpc.RpcError as exc:
             error = ConnectionError(f"status stream from {self._client.server} ended: {exc.details()}")
             with self._lock:
@@ -101,7 +102,7 @@ class Executor(concurrent.futures.Executor):
             future = self._futures.pop(status.task_id, None)
         if future is None or future.done():
             return
-        state = task_queue_pb2.TaskState.Name(status.state)
+        state = state_name(status.state)
         if state == "SUCCEEDED":
             try:
                 kind, value = cloudpickle.loads(python_task.verify(self._secret, status.result, "result"))
@@ -114,6 +115,3 @@ class Executor(concurrent.futures.Executor):
         else:
             future.set_exception(TaskError(status.task_id, state, status.error))
 
-
-_TERMINAL = {task_queue_pb2.SUCCEEDED, task_queue_pb2.FAILED, task_queue_pb2.TIMED_OUT,
-             task_queue_pb2.MEMORY_EXCEEDED, task_queue_pb2.CRASHED, task_queue_pb2.CANCELLED}

@@ -1,7 +1,7 @@
 """What travels through RabbitMQ: task messages and task events, as protobuf bytes.
 
 Domain code handles the dataclasses; only this module knows the wire format
-(protos/qm/_proto/internal.proto).
+(protos/qm/internal/v1/messages.proto).
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import time
 
 from google.protobuf.message import DecodeError
 
-from qm._proto import internal_pb2
+from qm._proto.qm.internal.v1 import messages_pb2
 from qm.protocol import Header
 from qm.retry import RetryPolicy
 from qm.states import TaskState
@@ -31,10 +31,10 @@ class TaskMessage:
     retry: RetryPolicy = RetryPolicy()
 
     def encode(self) -> bytes:
-        retry = internal_pb2.RetryPolicy(max_retries=self.retry.max_retries, backoff_s=self.retry.backoff_s,
+        retry = messages_pb2.RetryPolicy(max_retries=self.retry.max_retries, backoff_s=self.retry.backoff_s,
                                          backoff_max_s=self.retry.backoff_max_s, jitter=self.retry.jitter,
                                          on_timeout=self.retry.on_timeout)
-        message = internal_pb2.TaskMessage(task_id=self.task_id, type=self.type, payload=self.payload,
+        message = messages_pb2.TaskMessage(task_id=self.task_id, type=self.type, payload=self.payload,
                                            queue=self.queue, attempt=self.attempt, timeout_s=self.timeout_s,
                                            memory_limit_mb=self.memory_limit_mb, retry=retry)
         message.enqueued_at.FromNanoseconds(int(self.enqueued_at_s * 1e9))
@@ -42,7 +42,7 @@ class TaskMessage:
 
     @classmethod
     def decode(cls, body: bytes) -> "TaskMessage":
-        message = _parse(internal_pb2.TaskMessage, body)
+        message = _parse(messages_pb2.TaskMessage, body)
         if not message.task_id or not message.type:
             raise ValueError("task message without task_id or type")
         retry = RetryPolicy(message.retry.max_retries, message.retry.backoff_s, message.retry.backoff_max_s,
@@ -74,7 +74,7 @@ class TaskEvent:
     next_attempt_at_s: float | None = None  # RETRYING: when the next attempt is due
 
     def encode(self) -> bytes:
-        event = internal_pb2.TaskEvent(task_id=self.task_id, type=self.type, queue=self.queue,
+        event = messages_pb2.TaskEvent(task_id=self.task_id, type=self.type, queue=self.queue,
                                        attempt=self.attempt, state=int(self.state), result=self.result,
                                        error=self.error, worker=self.worker, timeout_s=self.timeout_s,
                                        memory_limit_mb=self.memory_limit_mb)
@@ -85,7 +85,7 @@ class TaskEvent:
 
     @classmethod
     def decode(cls, body: bytes) -> "TaskEvent":
-        event = _parse(internal_pb2.TaskEvent, body)
+        event = _parse(messages_pb2.TaskEvent, body)
         if not event.task_id:
             raise ValueError("task event without task_id")
         return cls(event.task_id, event.type, event.queue, event.attempt, TaskState(event.state),
@@ -120,7 +120,7 @@ class Heartbeat:
     at_s: float = dataclasses.field(default_factory=time.time)
 
     def encode(self) -> bytes:
-        beat = internal_pb2.WorkerHeartbeat(
+        beat = messages_pb2.WorkerHeartbeat(
             worker_id=self.worker_id, host=self.host, pid=self.pid, procs=self.procs, busy=self.busy,
             queues=self.queues, types=self.types, version=self.version, draining=self.draining,
             stopped=self.stopped)
@@ -129,7 +129,7 @@ class Heartbeat:
 
     @classmethod
     def decode(cls, body: bytes) -> "Heartbeat":
-        beat = _parse(internal_pb2.WorkerHeartbeat, body)
+        beat = _parse(messages_pb2.WorkerHeartbeat, body)
         if not beat.worker_id:
             raise ValueError("heartbeat without worker_id")
         return cls(beat.worker_id, beat.host, beat.pid, beat.procs, beat.busy, tuple(beat.queues),

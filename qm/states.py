@@ -11,25 +11,36 @@ from __future__ import annotations
 
 import enum
 
-from qm._proto import task_queue_pb2
+from qm._proto.qm.v1 import task_queue_pb2
 
 
 class TaskState(enum.IntEnum):
-    """Mirrors qm.v1.TaskState; values are the wire numbers."""
+    """Mirrors qm.v1.TaskState; values are the wire numbers, names drop the proto's
+    TASK_STATE_ prefix (which protobuf enums need, their values sharing the package scope)."""
 
-    QUEUED = task_queue_pb2.QUEUED
-    RUNNING = task_queue_pb2.RUNNING
-    RETRYING = task_queue_pb2.RETRYING
-    SUCCEEDED = task_queue_pb2.SUCCEEDED
-    FAILED = task_queue_pb2.FAILED
-    TIMED_OUT = task_queue_pb2.TIMED_OUT
-    MEMORY_EXCEEDED = task_queue_pb2.MEMORY_EXCEEDED
-    CRASHED = task_queue_pb2.CRASHED
-    CANCELLED = task_queue_pb2.CANCELLED
+    QUEUED = task_queue_pb2.TASK_STATE_QUEUED
+    RUNNING = task_queue_pb2.TASK_STATE_RUNNING
+    RETRYING = task_queue_pb2.TASK_STATE_RETRYING
+    SUCCEEDED = task_queue_pb2.TASK_STATE_SUCCEEDED
+    FAILED = task_queue_pb2.TASK_STATE_FAILED
+    TIMED_OUT = task_queue_pb2.TASK_STATE_TIMED_OUT
+    MEMORY_EXCEEDED = task_queue_pb2.TASK_STATE_MEMORY_EXCEEDED
+    CRASHED = task_queue_pb2.TASK_STATE_CRASHED
+    CANCELLED = task_queue_pb2.TASK_STATE_CANCELLED
 
     @property
     def terminal(self) -> bool:
         return self in TERMINAL_STATES
+
+
+#: The prefix of qm.v1.TaskState value names.
+PROTO_PREFIX = "TASK_STATE_"
+
+
+def state_name(number: int) -> str:
+    """The name of a wire TaskState number without the proto prefix: 4 → "SUCCEEDED";
+    TASK_STATE_UNSPECIFIED (0) → "UNSPECIFIED". What users see (qm status, qm.Client)."""
+    return task_queue_pb2.TaskState.Name(number).removeprefix(PROTO_PREFIX)
 
 
 TERMINAL_STATES = frozenset({TaskState.SUCCEEDED, TaskState.FAILED, TaskState.TIMED_OUT,

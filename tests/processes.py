@@ -396,9 +396,9 @@ def worker_status(worker: Worker, timeout_s: float = 10.0):
     status endpoint it logs at start-up (worker.status_listen, port 0 by default)."""
     import grpc
 
-    from qm._proto import task_queue_pb2, task_queue_pb2_grpc
+    from qm._proto.qm.v1 import worker_status_pb2, worker_status_pb2_grpc
 
     port = worker.wait_for_line(WORKER_STATUS_READY, timeout_s).group("port")
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = task_queue_pb2_grpc.WorkerStatusStub(channel)
-        return stub.GetWorkerStatus(task_queue_pb2.GetWorkerStatusRequest(), timeout=timeout_s)
+        stub = worker_status_pb2_grpc.WorkerStatusStub(channel)
+        return stub.GetWorkerStatus(worker_status_pb2.GetWorkerStatusRequest(), timeout=timeout_s)

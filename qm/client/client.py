@@ -14,9 +14,10 @@ from typing import Any, Iterable, Iterator
 
 import grpc
 
-from qm._proto import task_queue_pb2, task_queue_pb2_grpc
+from qm._proto.qm.v1 import task_queue_pb2, task_queue_pb2_grpc
 from qm.codecs import decode_result, encode_payload
 from qm.errors import QMError, TaskError
+from qm.states import state_name
 
 #: Deadline of unary calls (submit, status).
 DEFAULT_CALL_TIMEOUT_S = 30.0
@@ -92,8 +93,9 @@ def _seconds(timestamp) -> float | None:
 def status_from_proto(status: task_queue_pb2.TaskStatus) -> TaskStatus:
     return TaskStatus(
         task_id=status.task_id, type=status.type, queue=status.queue,
-        state=task_queue_pb2.TaskState.Name(status.state), attempts=status.attempts,
-        result=decode_result(status.codec, status.result) if status.state == task_queue_pb2.SUCCEEDED else None,
+        state=state_name(status.state), attempts=status.attempts,
+        result=(decode_result(status.codec, status.result)
+                if status.state == task_queue_pb2.TASK_STATE_SUCCEEDED else None),
         error=status.error, worker=status.worker, created_at=_seconds(status.created_at),
         started_at=_seconds(status.started_at), finished_at=_seconds(status.finished_at),
         updated_at=_seconds(status.updated_at), timeout_s=status.timeout_s,
@@ -189,12 +191,13 @@ class Client:
 
     def cancel(self, task_id: str) -> TaskStatus:
         """Cancel a task (RemoteError FAILED_PRECONDITION if it already ended)."""
-        return status_from_proto(self._call(self._stub.CancelTask, task_queue_pb2.CancelTaskRequest(task_id=task_id)))
+        request = task_queue_pb2.CancelTaskRequest(task_id=task_id)
+        return status_from_proto(self._call(self._stub.CancelTask, request).status)
 
     def dead_letters(self, limit: int = 100) -> tuple[list[DeadLetter], int]:
         """Dead-lettered tasks (oldest first, at most `limit`) and how many there are."""
         response = self._call(self._stub.ListDeadLetters, task_queue_pb2.ListDeadLettersRequest(limit=limit))
-        letters = [DeadLetter(d.task_id, d.type, d.queue, task_queue_pb2.TaskState.Name(d.state), d.attempts,
+        letters = [DeadLetter(d.task_id, d.type, d.queue, state_name(d.state), d.attempts,
                               d.reason, d.error, _seconds(d.dead_at)) for d in response.dead_letters]
         return letters, response.total
 
@@ -208,15 +211,15 @@ class Client:
 
     def status(self, task_id: str) -> TaskStatus:
         request = task_queue_pb2.GetTaskStatusRequest(task_id=task_id)
-        return status_from_proto(self._call(self._stub.GetTaskStatus, request))
+        return status_from_proto(self._call(self._stub.GetTaskStatus, request).status)
 
     def watch(self, task_ids: Iterable[str], timeout_s: float | None = None) -> Iterator[TaskStatus]:
         """Each task's current state, then every change as it happens, until all are terminal."""
         request = task_queue_pb2.StreamTaskResultsRequest(task_ids=list(task_ids))
         stream = self._stub.StreamTaskResults(iter([request]), timeout=timeout_s)
         try:
-            for status in stream:
-                yield status_from_proto(status)
+            for response in stream:
+                yield status_from_proto(response.status)
         except grpc.RpcError as exc:
             if exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise TimeoutError(f"tasks {', '.join(request.task_ids)} not finished within {timeout_s} s") from None

@@ -12,7 +12,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from qm import registry as plugin_registry
-from qm._proto import task_queue_pb2, task_queue_pb2_grpc
+from qm._proto.qm.v1 import task_queue_pb2, task_queue_pb2_grpc
 from qm.broker import topology
 from qm.broker.rabbitmq import RabbitMQBroker
 from qm.config import Config, export_executor_secret, load_config, parse_host_port

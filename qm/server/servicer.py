@@ -11,7 +11,7 @@ import time
 
 import grpc
 
-from qm._proto import task_queue_pb2, task_queue_pb2_grpc
+from qm._proto.qm.v1 import task_queue_pb2, task_queue_pb2_grpc
 from qm.errors import (BrokerRefused, BrokerUnavailable, ConfigError, QMError, TaskAlreadyFinished, TaskNotFound,
                        ValidationError)
 from qm.server.service import TaskService
@@ -110,7 +110,8 @@ class TaskQueueServicer(task_queue_pb2_grpc.TaskQueueServicer):
 
     @_maps_errors
     async def CancelTask(self, request, context):
-        return record_to_proto(await self.service.cancel(request.task_id))
+        record = await self.service.cancel(request.task_id)
+        return task_queue_pb2.CancelTaskResponse(status=record_to_proto(record))
 
     @_maps_errors
     async def ListDeadLetters(self, request, context):
@@ -136,7 +137,8 @@ class TaskQueueServicer(task_queue_pb2_grpc.TaskQueueServicer):
 
     @_maps_errors
     async def GetTaskStatus(self, request, context):
-        return record_to_proto(self.service.status(request.task_id))
+        record = self.service.status(request.task_id)
+        return task_queue_pb2.GetTaskStatusResponse(status=record_to_proto(record))
 
     async def StreamTaskResults(self, request_iterator, context):
         """Current state of each followed task first, then each change, until terminal."""
@@ -188,4 +190,4 @@ async def _stream_until_terminal(updates: asyncio.Queue, followed: set[str]):
         sent[item.task_id] = key
         if item.state.terminal:
             finished.add(item.task_id)
-        yield record_to_proto(item)
+        yield task_queue_pb2.StreamTaskResultsResponse(status=record_to_proto(item))

@@ -7,19 +7,19 @@ import logging
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from qm._proto import task_queue_pb2, task_queue_pb2_grpc
+from qm._proto.qm.v1 import worker_status_pb2, worker_status_pb2_grpc
 from qm.worker.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
 
-class WorkerStatusServicer(task_queue_pb2_grpc.WorkerStatusServicer):
+class WorkerStatusServicer(worker_status_pb2_grpc.WorkerStatusServicer):
     def __init__(self, supervisor: Supervisor) -> None:
         self.supervisor = supervisor
 
     async def GetWorkerStatus(self, request, context):
         supervisor, pool = self.supervisor, self.supervisor.pool
-        response = task_queue_pb2.WorkerStatusResponse(
+        response = worker_status_pb2.GetWorkerStatusResponse(
             worker_id=supervisor.worker_id, draining=supervisor.draining, procs=pool.procs,
             prefetch=supervisor.prefetch.value, queues=supervisor.queues,
             tasks_finished=pool.tasks_finished, child_restarts=pool.restarts)
@@ -40,7 +40,8 @@ class StatusEndpoint:
         self.listen = listen
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server()
-        task_queue_pb2_grpc.add_WorkerStatusServicer_to_server(WorkerStatusServicer(supervisor), self.server)
+        worker_status_pb2_grpc.add_WorkerStatusServicer_to_server(WorkerStatusServicer(supervisor),
+                                                                  self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.port = 0
 

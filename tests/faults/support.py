@@ -30,7 +30,7 @@ import grpc
 import pika
 
 import qm
-from qm._proto import task_queue_pb2, task_queue_pb2_grpc
+from qm._proto.qm.v1 import worker_status_pb2, worker_status_pb2_grpc
 from qm.client.client import RemoteError, TaskStatus
 from tests.processes import (START_TIMEOUT_S, WORKER_READY, Launcher, Process, ProcessExited, Worker, command,
                              unique)
@@ -287,10 +287,11 @@ class StatusProbe:
     def __init__(self, worker: Worker) -> None:
         port = worker.wait_for_line(WORKER_STATUS_LINE, 30.0).group("port")
         self._channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        self._stub = task_queue_pb2_grpc.WorkerStatusStub(self._channel)
+        self._stub = worker_status_pb2_grpc.WorkerStatusStub(self._channel)
 
-    def get(self) -> task_queue_pb2.WorkerStatusResponse:
-        return self._stub.GetWorkerStatus(task_queue_pb2.GetWorkerStatusRequest(), timeout=STATUS_CALL_TIMEOUT_S)
+    def get(self) -> worker_status_pb2.GetWorkerStatusResponse:
+        return self._stub.GetWorkerStatus(worker_status_pb2.GetWorkerStatusRequest(),
+                                          timeout=STATUS_CALL_TIMEOUT_S)
 
     def busy(self) -> list[tuple[int, str, str, float]]:
         """(pid, task id, type, seconds running) of each child running a task now."""

@@ -5,7 +5,7 @@ import grpc
 import pika
 import pytest
 
-from qm._proto import task_queue_pb2, task_queue_pb2_grpc
+from qm._proto.qm.v1 import task_queue_pb2, task_queue_pb2_grpc
 
 #: Deadline of each call in these tests.
 CALL_TIMEOUT_S = 30.0
@@ -73,7 +73,7 @@ def test_payload_at_the_limit_is_accepted(rabbitmq, launcher, server, stub):
     response = stub.SubmitTask(request, timeout=CALL_TIMEOUT_S)
 
     assert response.task_id
-    assert response.state == task_queue_pb2.QUEUED
+    assert response.state == task_queue_pb2.TASK_STATE_QUEUED
     assert ready_messages(rabbitmq.url, queue) == 1
 
 

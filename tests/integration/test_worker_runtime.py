@@ -26,7 +26,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import qm
-from qm._proto import task_queue_pb2, task_queue_pb2_grpc
+from qm._proto.qm.v1 import worker_status_pb2, worker_status_pb2_grpc
 from qm.client.client import RemoteError, TaskStatus
 from tests.processes import gone, run_qm, wait_until
 
@@ -98,9 +98,9 @@ def status_address(worker) -> str:
     return f"127.0.0.1:{port}"
 
 
-def worker_status(channel: grpc.Channel) -> task_queue_pb2.WorkerStatusResponse:
-    return task_queue_pb2_grpc.WorkerStatusStub(channel).GetWorkerStatus(
-        task_queue_pb2.GetWorkerStatusRequest(), timeout=CALL_TIMEOUT_S)
+def worker_status(channel: grpc.Channel) -> worker_status_pb2.GetWorkerStatusResponse:
+    return worker_status_pb2_grpc.WorkerStatusStub(channel).GetWorkerStatus(
+        worker_status_pb2.GetWorkerStatusRequest(), timeout=CALL_TIMEOUT_S)
 
 
 def health(channel: grpc.Channel) -> int:

@@ -6,6 +6,7 @@ import dataclasses
 import pytest
 
 from qm.messages import TaskEvent, TaskMessage
+from qm.retry import RetryPolicy
 from qm.states import TaskState
 
 
@@ -33,6 +34,25 @@ def test_task_event_round_trip(state):
     assert decoded.at_s == pytest.approx(event.at_s, abs=1e-6)
     assert dataclasses.replace(decoded, at_s=event.at_s) == event
     assert decoded.state is state
+
+
+#: Bodies encoded by the release before the protos were laid out by package (issue 19:
+#: TaskState values renamed TASK_STATE_*, numbers kept): a rolling upgrade finds such
+#: messages waiting in RabbitMQ.
+BEFORE_RELAYOUT_EVENT = bytes.fromhex(
+    "0a03742d3112046d6174681a0764656661756c74200228063a0d6b696c6c6564206174203520734203772d314a0c0880e2cfaa06"
+    "1080cab5ee01510000000000001440")
+BEFORE_RELAYOUT_MESSAGE = bytes.fromhex(
+    "0a03742d3112046d6174681a0931202b2032202a2035220764656661756c74280132060880e2cfaa06390000000000003e4040"
+    "80024a16080311000000000000f03f190000000000004e402001")
+
+
+def test_messages_queued_by_the_previous_release_still_decode():
+    assert TaskEvent.decode(BEFORE_RELAYOUT_EVENT) == TaskEvent(
+        "t-1", "math", "default", 2, TaskState.TIMED_OUT, worker="w-1", error="killed at 5 s",
+        at_s=1_700_000_000.5, timeout_s=5.0)
+    assert TaskMessage.decode(BEFORE_RELAYOUT_MESSAGE) == TaskMessage(
+        "t-1", "math", b"1 + 2 * 5", "default", 1, 1_700_000_000.0, 30.0, 256, RetryPolicy(3, 1.0, 60.0, True, False))
 
 
 @pytest.mark.parametrize("body", [b"\xff\xff\xff\xff", b"\x0a\x05ab"])

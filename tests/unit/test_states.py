@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from qm.states import TERMINAL_STATES, TaskState, supersedes
+from qm.states import TERMINAL_STATES, TaskState, state_name, supersedes
 
 S = TaskState
 NON_TERMINAL = [S.QUEUED, S.RUNNING, S.RETRYING]
@@ -45,3 +45,9 @@ def test_terminal_state_is_final(current, new, new_attempt):
 ])
 def test_supersedes(current, current_attempt, new, new_attempt, expected):
     assert supersedes(current, current_attempt, new, new_attempt) is expected
+
+
+def test_state_names_users_see_drop_the_proto_prefix():
+    assert [state_name(state) for state in TaskState] == [state.name for state in TaskState]
+    assert state_name(TaskState.MEMORY_EXCEEDED) == "MEMORY_EXCEEDED"
+    assert state_name(0) == "UNSPECIFIED"

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from qm._proto import task_queue_pb2 as qm_dot___proto_dot_task__queue__pb2
+from qm._proto.qm.v1 import task_queue_pb2 as qm_dot_v1_dot_task__queue__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in qm/_proto/task_queue_pb2_grpc.py depends on'
+        + ' but the generated code in qm/v1/task_queue_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -26,7 +26,21 @@ if _version_not_supported:
 
 
 class TaskQueueStub:
-    """Missing associated documentation comment in .proto file."""
+    """The task queue served by qm-server: submit tasks, follow them to their end, cancel
+    them, and inspect workers, task types and dead letters. Also served on the same port:
+    grpc.health.v1.Health (service "" and "qm.v1.TaskQueue") and server reflection.
+
+    Errors:
+    - UNAVAILABLE: qm-server cannot be reached, or is shutting down. Safe to retry
+    SubmitTask with the same idempotency_key.
+    - DEADLINE_EXCEEDED: the deadline the client set passed before the answer came.
+    - CANCELLED: the client cancelled the call.
+    - RESOURCE_EXHAUSTED: the request is larger than gRPC's message size limit (4 MiB);
+    a payload under it but over server.max_payload_bytes gets INVALID_ARGUMENT.
+    - INTERNAL: an error qm-server has no more specific code for; the message says what
+    happened.
+    - UNKNOWN: an unexpected error in qm-server (a bug).
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -36,116 +50,168 @@ class TaskQueueStub:
         """
         self.SubmitTask = channel.unary_unary(
                 '/qm.v1.TaskQueue/SubmitTask',
-                request_serializer=qm_dot___proto_dot_task__queue__pb2.SubmitTaskRequest.SerializeToString,
-                response_deserializer=qm_dot___proto_dot_task__queue__pb2.SubmitTaskResponse.FromString,
+                request_serializer=qm_dot_v1_dot_task__queue__pb2.SubmitTaskRequest.SerializeToString,
+                response_deserializer=qm_dot_v1_dot_task__queue__pb2.SubmitTaskResponse.FromString,
                 _registered_method=True)
         self.GetTaskStatus = channel.unary_unary(
                 '/qm.v1.TaskQueue/GetTaskStatus',
-                request_serializer=qm_dot___proto_dot_task__queue__pb2.GetTaskStatusRequest.SerializeToString,
-                response_deserializer=qm_dot___proto_dot_task__queue__pb2.TaskStatus.FromString,
+                request_serializer=qm_dot_v1_dot_task__queue__pb2.GetTaskStatusRequest.SerializeToString,
+                response_deserializer=qm_dot_v1_dot_task__queue__pb2.GetTaskStatusResponse.FromString,
                 _registered_method=True)
         self.StreamTaskResults = channel.stream_stream(
                 '/qm.v1.TaskQueue/StreamTaskResults',
-                request_serializer=qm_dot___proto_dot_task__queue__pb2.StreamTaskResultsRequest.SerializeToString,
-                response_deserializer=qm_dot___proto_dot_task__queue__pb2.TaskStatus.FromString,
+                request_serializer=qm_dot_v1_dot_task__queue__pb2.StreamTaskResultsRequest.SerializeToString,
+                response_deserializer=qm_dot_v1_dot_task__queue__pb2.StreamTaskResultsResponse.FromString,
                 _registered_method=True)
         self.CancelTask = channel.unary_unary(
                 '/qm.v1.TaskQueue/CancelTask',
-                request_serializer=qm_dot___proto_dot_task__queue__pb2.CancelTaskRequest.SerializeToString,
-                response_deserializer=qm_dot___proto_dot_task__queue__pb2.TaskStatus.FromString,
+                request_serializer=qm_dot_v1_dot_task__queue__pb2.CancelTaskRequest.SerializeToString,
+                response_deserializer=qm_dot_v1_dot_task__queue__pb2.CancelTaskResponse.FromString,
                 _registered_method=True)
         self.ListWorkers = channel.unary_unary(
                 '/qm.v1.TaskQueue/ListWorkers',
-                request_serializer=qm_dot___proto_dot_task__queue__pb2.ListWorkersRequest.SerializeToString,
-                response_deserializer=qm_dot___proto_dot_task__queue__pb2.ListWorkersResponse.FromString,
+                request_serializer=qm_dot_v1_dot_task__queue__pb2.ListWorkersRequest.SerializeToString,
+                response_deserializer=qm_dot_v1_dot_task__queue__pb2.ListWorkersResponse.FromString,
                 _registered_method=True)
         self.ListTaskTypes = channel.unary_unary(
                 '/qm.v1.TaskQueue/ListTaskTypes',
-                request_serializer=qm_dot___proto_dot_task__queue__pb2.ListTaskTypesRequest.SerializeToString,
-                response_deserializer=qm_dot___proto_dot_task__queue__pb2.ListTaskTypesResponse.FromString,
+                request_serializer=qm_dot_v1_dot_task__queue__pb2.ListTaskTypesRequest.SerializeToString,
+                response_deserializer=qm_dot_v1_dot_task__queue__pb2.ListTaskTypesResponse.FromString,
                 _registered_method=True)
         self.ListDeadLetters = channel.unary_unary(
                 '/qm.v1.TaskQueue/ListDeadLetters',
-                request_serializer=qm_dot___proto_dot_task__queue__pb2.ListDeadLettersRequest.SerializeToString,
-                response_deserializer=qm_dot___proto_dot_task__queue__pb2.ListDeadLettersResponse.FromString,
+                request_serializer=qm_dot_v1_dot_task__queue__pb2.ListDeadLettersRequest.SerializeToString,
+                response_deserializer=qm_dot_v1_dot_task__queue__pb2.ListDeadLettersResponse.FromString,
                 _registered_method=True)
         self.RequeueDeadLetters = channel.unary_unary(
                 '/qm.v1.TaskQueue/RequeueDeadLetters',
-                request_serializer=qm_dot___proto_dot_task__queue__pb2.RequeueDeadLettersRequest.SerializeToString,
-                response_deserializer=qm_dot___proto_dot_task__queue__pb2.RequeueDeadLettersResponse.FromString,
+                request_serializer=qm_dot_v1_dot_task__queue__pb2.RequeueDeadLettersRequest.SerializeToString,
+                response_deserializer=qm_dot_v1_dot_task__queue__pb2.RequeueDeadLettersResponse.FromString,
                 _registered_method=True)
         self.PurgeDeadLetters = channel.unary_unary(
                 '/qm.v1.TaskQueue/PurgeDeadLetters',
-                request_serializer=qm_dot___proto_dot_task__queue__pb2.PurgeDeadLettersRequest.SerializeToString,
-                response_deserializer=qm_dot___proto_dot_task__queue__pb2.PurgeDeadLettersResponse.FromString,
+                request_serializer=qm_dot_v1_dot_task__queue__pb2.PurgeDeadLettersRequest.SerializeToString,
+                response_deserializer=qm_dot_v1_dot_task__queue__pb2.PurgeDeadLettersResponse.FromString,
                 _registered_method=True)
 
 
 class TaskQueueServicer:
-    """Missing associated documentation comment in .proto file."""
+    """The task queue served by qm-server: submit tasks, follow them to their end, cancel
+    them, and inspect workers, task types and dead letters. Also served on the same port:
+    grpc.health.v1.Health (service "" and "qm.v1.TaskQueue") and server reflection.
+
+    Errors:
+    - UNAVAILABLE: qm-server cannot be reached, or is shutting down. Safe to retry
+    SubmitTask with the same idempotency_key.
+    - DEADLINE_EXCEEDED: the deadline the client set passed before the answer came.
+    - CANCELLED: the client cancelled the call.
+    - RESOURCE_EXHAUSTED: the request is larger than gRPC's message size limit (4 MiB);
+    a payload under it but over server.max_payload_bytes gets INVALID_ARGUMENT.
+    - INTERNAL: an error qm-server has no more specific code for; the message says what
+    happened.
+    - UNKNOWN: an unexpected error in qm-server (a bug).
+    """
 
     def SubmitTask(self, request, context):
-        """Validates, records and publishes a task; answers only after RabbitMQ confirmed it.
-        INVALID_ARGUMENT names the bad field; UNAVAILABLE when the broker is unreachable.
+        """Validates, records and publishes a task. Answers only after RabbitMQ confirmed the
+        persistent message, so an OK answer means the task cannot be lost. A repeated
+        submit with the same idempotency_key returns the first task and enqueues nothing.
+
+        Errors:
+        - INVALID_ARGUMENT: a field is wrong; the message names it (type: unknown or
+        missing task type; payload: too large for server.max_payload_bytes, or refused by
+        the task type's validation; queue: not 1-100 of letters, digits, _ . -;
+        timeout_s: negative, or not below RabbitMQ's consumer_timeout; max_retries: over
+        100; retry_backoff_s, retry_backoff_max_s: negative; idempotency_key: over 200
+        characters). Nothing was stored or enqueued.
+        - UNAVAILABLE: RabbitMQ is unreachable or did not confirm the message (the message
+        names RabbitMQ); nothing was stored. Retry with the same idempotency_key.
+        - FAILED_PRECONDITION: RabbitMQ refused the work queue, e.g. it exists with another
+        queue type than broker.queue_type; the message says how to migrate it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetTaskStatus(self, request, context):
-        """Current state of one task; NOT_FOUND when the id is unknown.
+        """The current state of one task.
+
+        Errors:
+        - NOT_FOUND: no task with that id is known to this server (never submitted, or
+        finished longer ago than server.retention_s).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def StreamTaskResults(self, request_iterator, context):
-        """Bidirectional: send task ids to follow at any time; for each, the server sends the
-        current state first, then every change as it happens, until it is terminal. The
-        server ends the stream once the client half-closed and every followed task is terminal.
+        """Follows tasks live. Send task ids at any time; for each, the server sends the current
+        state first, then every change as it happens, until it is terminal. The server ends
+        the stream (OK) once the client half-closed and every followed task is terminal.
+
+        Errors:
+        - NOT_FOUND: one of the ids is unknown; the stream ends with it, naming the id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def CancelTask(self, request, context):
-        """Cancel a task: a queued one never runs, a running one has its child killed; the state
-        becomes CANCELLED. FAILED_PRECONDITION when the task already ended.
+        """Cancels a task: a queued one never runs, a running one has its child process killed;
+        its state becomes TASK_STATE_CANCELLED, which the answer shows.
+
+        Errors:
+        - NOT_FOUND: no task with that id is known to this server.
+        - FAILED_PRECONDITION: the task already reached a terminal state.
+        - UNAVAILABLE: RabbitMQ is unreachable, so the workers cannot be told; the task is
+        unchanged. Retry later.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListWorkers(self, request, context):
-        """Workers seen through their heartbeats; a silent one is shown as lost.
+        """The workers this server has heard from through their heartbeats; a silent one is
+        listed as lost.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListTaskTypes(self, request, context):
-        """The task types this server accepts, with codec, limits and description.
+        """The task types this server accepts, with codec, limits and description, and the
+        plugins that failed to load.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListDeadLetters(self, request, context):
-        """Tasks whose last attempt failed for good (or that hit RabbitMQ's delivery limit).
+        """Tasks whose last attempt failed for good (or that kept killing their workers),
+        oldest first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def RequeueDeadLetters(self, request, context):
-        """Submit dead-lettered tasks again, each as a new task; they leave the dead-letter list.
+        """Submits dead-lettered tasks again, each as a new task (attempt 1, same type, payload,
+        queue and limits); they leave the dead-letter list.
+
+        Errors:
+        - INVALID_ARGUMENT: neither task_ids nor all was given.
+        - NOT_FOUND: one of task_ids is not a dead letter on this server; nothing was
+        requeued.
+        - UNAVAILABLE: RabbitMQ is unreachable. Tasks requeued before it went away stay
+        requeued and off the list; retry for the rest.
+        - FAILED_PRECONDITION: RabbitMQ refused the work queue (see SubmitTask).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def PurgeDeadLetters(self, request, context):
-        """Forget dead letters.
+        """Forgets every dead letter on this server.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -156,48 +222,48 @@ def add_TaskQueueServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'SubmitTask': grpc.unary_unary_rpc_method_handler(
                     servicer.SubmitTask,
-                    request_deserializer=qm_dot___proto_dot_task__queue__pb2.SubmitTaskRequest.FromString,
-                    response_serializer=qm_dot___proto_dot_task__queue__pb2.SubmitTaskResponse.SerializeToString,
+                    request_deserializer=qm_dot_v1_dot_task__queue__pb2.SubmitTaskRequest.FromString,
+                    response_serializer=qm_dot_v1_dot_task__queue__pb2.SubmitTaskResponse.SerializeToString,
             ),
             'GetTaskStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetTaskStatus,
-                    request_deserializer=qm_dot___proto_dot_task__queue__pb2.GetTaskStatusRequest.FromString,
-                    response_serializer=qm_dot___proto_dot_task__queue__pb2.TaskStatus.SerializeToString,
+                    request_deserializer=qm_dot_v1_dot_task__queue__pb2.GetTaskStatusRequest.FromString,
+                    response_serializer=qm_dot_v1_dot_task__queue__pb2.GetTaskStatusResponse.SerializeToString,
             ),
             'StreamTaskResults': grpc.stream_stream_rpc_method_handler(
                     servicer.StreamTaskResults,
-                    request_deserializer=qm_dot___proto_dot_task__queue__pb2.StreamTaskResultsRequest.FromString,
-                    response_serializer=qm_dot___proto_dot_task__queue__pb2.TaskStatus.SerializeToString,
+                    request_deserializer=qm_dot_v1_dot_task__queue__pb2.StreamTaskResultsRequest.FromString,
+                    response_serializer=qm_dot_v1_dot_task__queue__pb2.StreamTaskResultsResponse.SerializeToString,
             ),
             'CancelTask': grpc.unary_unary_rpc_method_handler(
                     servicer.CancelTask,
-                    request_deserializer=qm_dot___proto_dot_task__queue__pb2.CancelTaskRequest.FromString,
-                    response_serializer=qm_dot___proto_dot_task__queue__pb2.TaskStatus.SerializeToString,
+                    request_deserializer=qm_dot_v1_dot_task__queue__pb2.CancelTaskRequest.FromString,
+                    response_serializer=qm_dot_v1_dot_task__queue__pb2.CancelTaskResponse.SerializeToString,
             ),
             'ListWorkers': grpc.unary_unary_rpc_method_handler(
                     servicer.ListWorkers,
-                    request_deserializer=qm_dot___proto_dot_task__queue__pb2.ListWorkersRequest.FromString,
-                    response_serializer=qm_dot___proto_dot_task__queue__pb2.ListWorkersResponse.SerializeToString,
+                    request_deserializer=qm_dot_v1_dot_task__queue__pb2.ListWorkersRequest.FromString,
+                    response_serializer=qm_dot_v1_dot_task__queue__pb2.ListWorkersResponse.SerializeToString,
             ),
             'ListTaskTypes': grpc.unary_unary_rpc_method_handler(
                     servicer.ListTaskTypes,
-                    request_deserializer=qm_dot___proto_dot_task__queue__pb2.ListTaskTypesRequest.FromString,
-                    response_serializer=qm_dot___proto_dot_task__queue__pb2.ListTaskTypesResponse.SerializeToString,
+                    request_deserializer=qm_dot_v1_dot_task__queue__pb2.ListTaskTypesRequest.FromString,
+                    response_serializer=qm_dot_v1_dot_task__queue__pb2.ListTaskTypesResponse.SerializeToString,
             ),
             'ListDeadLetters': grpc.unary_unary_rpc_method_handler(
                     servicer.ListDeadLetters,
-                    request_deserializer=qm_dot___proto_dot_task__queue__pb2.ListDeadLettersRequest.FromString,
-                    response_serializer=qm_dot___proto_dot_task__queue__pb2.ListDeadLettersResponse.SerializeToString,
+                    request_deserializer=qm_dot_v1_dot_task__queue__pb2.ListDeadLettersRequest.FromString,
+                    response_serializer=qm_dot_v1_dot_task__queue__pb2.ListDeadLettersResponse.SerializeToString,
             ),
             'RequeueDeadLetters': grpc.unary_unary_rpc_method_handler(
                     servicer.RequeueDeadLetters,
-                    request_deserializer=qm_dot___proto_dot_task__queue__pb2.RequeueDeadLettersRequest.FromString,
-                    response_serializer=qm_dot___proto_dot_task__queue__pb2.RequeueDeadLettersResponse.SerializeToString,
+                    request_deserializer=qm_dot_v1_dot_task__queue__pb2.RequeueDeadLettersRequest.FromString,
+                    response_serializer=qm_dot_v1_dot_task__queue__pb2.RequeueDeadLettersResponse.SerializeToString,
             ),
             'PurgeDeadLetters': grpc.unary_unary_rpc_method_handler(
                     servicer.PurgeDeadLetters,
-                    request_deserializer=qm_dot___proto_dot_task__queue__pb2.PurgeDeadLettersRequest.FromString,
-                    response_serializer=qm_dot___proto_dot_task__queue__pb2.PurgeDeadLettersResponse.SerializeToString,
+                    request_deserializer=qm_dot_v1_dot_task__queue__pb2.PurgeDeadLettersRequest.FromString,
+                    response_serializer=qm_dot_v1_dot_task__queue__pb2.PurgeDeadLettersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -208,7 +274,21 @@ def add_TaskQueueServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class TaskQueue:
-    """Missing associated documentation comment in .proto file."""
+    """The task queue served by qm-server: submit tasks, follow them to their end, cancel
+    them, and inspect workers, task types and dead letters. Also served on the same port:
+    grpc.health.v1.Health (service "" and "qm.v1.TaskQueue") and server reflection.
+
+    Errors:
+    - UNAVAILABLE: qm-server cannot be reached, or is shutting down. Safe to retry
+    SubmitTask with the same idempotency_key.
+    - DEADLINE_EXCEEDED: the deadline the client set passed before the answer came.
+    - CANCELLED: the client cancelled the call.
+    - RESOURCE_EXHAUSTED: the request is larger than gRPC's message size limit (4 MiB);
+    a payload under it but over server.max_payload_bytes gets INVALID_ARGUMENT.
+    - INTERNAL: an error qm-server has no more specific code for; the message says what
+    happened.
+    - UNKNOWN: an unexpected error in qm-server (a bug).
+    """
 
     @staticmethod
     def SubmitTask(request,
@@ -225,8 +305,8 @@ class TaskQueue:
             request,
             target,
             '/qm.v1.TaskQueue/SubmitTask',
-            qm_dot___proto_dot_task__queue__pb2.SubmitTaskRequest.SerializeToString,
-            qm_dot___proto_dot_task__queue__pb2.SubmitTaskResponse.FromString,
+            qm_dot_v1_dot_task__queue__pb2.SubmitTaskRequest.SerializeToString,
+            qm_dot_v1_dot_task__queue__pb2.SubmitTaskResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -252,8 +332,8 @@ class TaskQueue:
             request,
             target,
             '/qm.v1.TaskQueue/GetTaskStatus',
-            qm_dot___proto_dot_task__queue__pb2.GetTaskStatusRequest.SerializeToString,
-            qm_dot___proto_dot_task__queue__pb2.TaskStatus.FromString,
+            qm_dot_v1_dot_task__queue__pb2.GetTaskStatusRequest.SerializeToString,
+            qm_dot_v1_dot_task__queue__pb2.GetTaskStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -279,8 +359,8 @@ class TaskQueue:
             request_iterator,
             target,
             '/qm.v1.TaskQueue/StreamTaskResults',
-            qm_dot___proto_dot_task__queue__pb2.StreamTaskResultsRequest.SerializeToString,
-            qm_dot___proto_dot_task__queue__pb2.TaskStatus.FromString,
+            qm_dot_v1_dot_task__queue__pb2.StreamTaskResultsRequest.SerializeToString,
+            qm_dot_v1_dot_task__queue__pb2.StreamTaskResultsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -306,8 +386,8 @@ class TaskQueue:
             request,
             target,
             '/qm.v1.TaskQueue/CancelTask',
-            qm_dot___proto_dot_task__queue__pb2.CancelTaskRequest.SerializeToString,
-            qm_dot___proto_dot_task__queue__pb2.TaskStatus.FromString,
+            qm_dot_v1_dot_task__queue__pb2.CancelTaskRequest.SerializeToString,
+            qm_dot_v1_dot_task__queue__pb2.CancelTaskResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -333,8 +413,8 @@ class TaskQueue:
             request,
             target,
             '/qm.v1.TaskQueue/ListWorkers',
-            qm_dot___proto_dot_task__queue__pb2.ListWorkersRequest.SerializeToString,
-            qm_dot___proto_dot_task__queue__pb2.ListWorkersResponse.FromString,
+            qm_dot_v1_dot_task__queue__pb2.ListWorkersRequest.SerializeToString,
+            qm_dot_v1_dot_task__queue__pb2.ListWorkersResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -360,8 +440,8 @@ class TaskQueue:
             request,
             target,
             '/qm.v1.TaskQueue/ListTaskTypes',
-            qm_dot___proto_dot_task__queue__pb2.ListTaskTypesRequest.SerializeToString,
-            qm_dot___proto_dot_task__queue__pb2.ListTaskTypesResponse.FromString,
+            qm_dot_v1_dot_task__queue__pb2.ListTaskTypesRequest.SerializeToString,
+            qm_dot_v1_dot_task__queue__pb2.ListTaskTypesResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -387,8 +467,8 @@ class TaskQueue:
             request,
             target,
             '/qm.v1.TaskQueue/ListDeadLetters',
-            qm_dot___proto_dot_task__queue__pb2.ListDeadLettersRequest.SerializeToString,
-            qm_dot___proto_dot_task__queue__pb2.ListDeadLettersResponse.FromString,
+            qm_dot_v1_dot_task__queue__pb2.ListDeadLettersRequest.SerializeToString,
+            qm_dot_v1_dot_task__queue__pb2.ListDeadLettersResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -414,8 +494,8 @@ class TaskQueue:
             request,
             target,
             '/qm.v1.TaskQueue/RequeueDeadLetters',
-            qm_dot___proto_dot_task__queue__pb2.RequeueDeadLettersRequest.SerializeToString,
-            qm_dot___proto_dot_task__queue__pb2.RequeueDeadLettersResponse.FromString,
+            qm_dot_v1_dot_task__queue__pb2.RequeueDeadLettersRequest.SerializeToString,
+            qm_dot_v1_dot_task__queue__pb2.RequeueDeadLettersResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -441,83 +521,8 @@ class TaskQueue:
             request,
             target,
             '/qm.v1.TaskQueue/PurgeDeadLetters',
-            qm_dot___proto_dot_task__queue__pb2.PurgeDeadLettersRequest.SerializeToString,
-            qm_dot___proto_dot_task__queue__pb2.PurgeDeadLettersResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-
-class WorkerStatusStub:
-    """Served by each qm-worker (with grpc.health.v1, NOT_SERVING while draining).
-    """
-
-    def __init__(self, channel):
-        """Constructor.
-
-        Args:
-            channel: A grpc.Channel.
-        """
-        self.GetWorkerStatus = channel.unary_unary(
-                '/qm.v1.WorkerStatus/GetWorkerStatus',
-                request_serializer=qm_dot___proto_dot_task__queue__pb2.GetWorkerStatusRequest.SerializeToString,
-                response_deserializer=qm_dot___proto_dot_task__queue__pb2.WorkerStatusResponse.FromString,
-                _registered_method=True)
-
-
-class WorkerStatusServicer:
-    """Served by each qm-worker (with grpc.health.v1, NOT_SERVING while draining).
-    """
-
-    def GetWorkerStatus(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-
-def add_WorkerStatusServicer_to_server(servicer, server):
-    rpc_method_handlers = {
-            'GetWorkerStatus': grpc.unary_unary_rpc_method_handler(
-                    servicer.GetWorkerStatus,
-                    request_deserializer=qm_dot___proto_dot_task__queue__pb2.GetWorkerStatusRequest.FromString,
-                    response_serializer=qm_dot___proto_dot_task__queue__pb2.WorkerStatusResponse.SerializeToString,
-            ),
-    }
-    generic_handler = grpc.method_handlers_generic_handler(
-            'qm.v1.WorkerStatus', rpc_method_handlers)
-    server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('qm.v1.WorkerStatus', rpc_method_handlers)
-
-
- # This class is part of an EXPERIMENTAL API.
-class WorkerStatus:
-    """Served by each qm-worker (with grpc.health.v1, NOT_SERVING while draining).
-    """
-
-    @staticmethod
-    def GetWorkerStatus(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/qm.v1.WorkerStatus/GetWorkerStatus',
-            qm_dot___proto_dot_task__queue__pb2.GetWorkerStatusRequest.SerializeToString,
-            qm_dot___proto_dot_task__queue__pb2.WorkerStatusResponse.FromString,
+            qm_dot_v1_dot_task__queue__pb2.PurgeDeadLettersRequest.SerializeToString,
+            qm_dot_v1_dot_task__queue__pb2.PurgeDeadLettersResponse.FromString,
             options,
             channel_credentials,
             insecure,
