@@ -11,6 +11,8 @@ import dataclasses
 import datetime
 import json
 import logging
+import os
+import signal
 import sys
 from typing import Sequence
 
@@ -282,7 +284,23 @@ COMMANDS = {"submit": cmd_submit, "status": cmd_status, "watch": cmd_watch, "wor
             "dead": cmd_dead}
 
 
+#: Exit status of a Unix tool whose reader went away (128 + SIGPIPE), as a shell reports it.
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one `qm` command; when the reader of its output goes away (`qm status ID | head
+    -1`), stop quietly like a Unix tool: no traceback, exit 141."""
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        return EXIT_BROKEN_PIPE
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "run":

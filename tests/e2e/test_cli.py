@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import uuid
 
-from tests.processes import Process, command, run_qm
+import pytest
+
+from tests.processes import COMMAND_TIMEOUT_S, Process, command, run_qm
 
 #: Bound on `qm watch` printing an expected line.
 LINE_TIMEOUT_S = 60.0
@@ -129,3 +132,18 @@ def test_unreachable_server_exits_3():
 
     assert result.returncode == 3, explain(result)
     assert "cannot reach" in result.stderr and "127.0.0.1:1" in result.stderr, explain(result)
+
+
+@pytest.mark.parametrize("subcommand", ["status", "watch"])
+def test_a_reader_that_goes_away_ends_the_command_quietly(stack, subcommand):
+    """`qm status ID | head -1`: when the reader closes the pipe, qm stops like a Unix tool
+    (status 141, as if killed by SIGPIPE), without a traceback."""
+    task_id = stack.client.submit("math", "6 * 7", queue=stack.queue)
+    assert stack.client.result(task_id, timeout_s=60) == "42"
+    qm_command = subprocess.Popen([command("qm"), "--server", stack.server.address, subcommand, task_id],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                                  text=True)
+    qm_command.stdout.close()  # the reader is gone before qm writes a byte
+    _out, err = qm_command.communicate(timeout=COMMAND_TIMEOUT_S)
+    assert qm_command.returncode == 141, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
