@@ -85,6 +85,19 @@ class TaskAlreadyFinished(QMError):
         super().__init__(f"task {task_id} already ended {state}; there is nothing to cancel")
 
 
+class IdempotencyKeyReused(QMError):
+    """An idempotency key came back with a different request than the one it was first used
+    for (another type, payload, queue, limits or retry options)."""
+
+    def __init__(self, key: str, task_id: str):
+        self.key = key
+        self.task_id = task_id
+        super().__init__(
+            f"idempotency key {key!r} was already used for another request (task {task_id}, with a different "
+            "type, payload, queue, limits or retry options); nothing was submitted. Use a new key for a new "
+            "request, or send exactly the first request again to get its task")
+
+
 class TaskError(QMError):
     """A task ended in a state other than SUCCEEDED (raised by client.result)."""
 

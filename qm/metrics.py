@@ -26,7 +26,8 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.submissions = Counter("qm_server_submissions_total", "Submissions by task type and outcome "
-                                   "(accepted, duplicate, invalid, unavailable)", ["type", "outcome"], registry=r)
+                                   "(accepted, duplicate, key_reused, invalid, unavailable)", ["type", "outcome"],
+                                   registry=r)
         self.rejects = Counter("qm_server_validation_rejects_total", "Rejected submissions by the field at fault",
                                ["field"], registry=r)
         self.rpc_seconds = Histogram("qm_server_grpc_handling_seconds", "gRPC handling time by method and code",

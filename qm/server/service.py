@@ -14,11 +14,13 @@ from qm import retry
 from qm.broker import topology
 from qm.broker.migrate import migrate_legacy_delay_tiers
 from qm.broker.base import Broker, Delivery
-from qm.errors import BrokerUnavailable, TaskAlreadyFinished, TaskNotFound, ValidationError
+from qm.errors import (BrokerUnavailable, IdempotencyKeyReused, TaskAlreadyFinished, TaskNotFound,
+                       ValidationError)
 from qm.messages import Heartbeat, TaskEvent, TaskMessage
 from qm.metrics import ServerMetrics
 from qm.protocol import Command, Control, Header
 from qm.registry import Registry
+from qm.server import idempotency
 from qm.server.hub import Hub
 from qm.server.reconciler import Reconciler
 from qm.retry import RetryPolicy
@@ -96,17 +98,24 @@ class TaskService:
                      memory_limit_mb: int = 0, idempotency_key: str = "", **retry_options) -> TaskRecord:
         """Accept a task: it is durable in RabbitMQ when this returns.
 
-        With an idempotency key already seen (within the retention), the first task is
-        returned and nothing is enqueued. `retry_options` are RetryPolicy fields
+        With an idempotency key already seen (within the retention) and the same request,
+        the first task is returned and nothing is enqueued; with another request,
+        IdempotencyKeyReused (qm/server/idempotency.py). `retry_options` are RetryPolicy fields
         (max_retries, backoff_s, backoff_max_s, jitter, on_timeout); None = default.
         """
         if len(idempotency_key) > MAX_IDEMPOTENCY_KEY_CHARS:
             raise ValidationError("idempotency_key", f"longer than {MAX_IDEMPOTENCY_KEY_CHARS} characters")
+        digest = ""
         if idempotency_key:
+            digest = idempotency.request_digest(task_type, payload, queue or topology.DEFAULT_QUEUE,
+                                                timeout_s, memory_limit_mb, retry_options)
             if idempotency_key in self._pending_keys:  # the same key is being submitted right now
-                return await asyncio.shield(self._pending_keys[idempotency_key])
+                first = await asyncio.shield(self._pending_keys[idempotency_key])
+                self._check_key_reuse(idempotency_key, first, digest)
+                return first
             existing = self.store.find_by_idempotency_key(idempotency_key)
             if existing is not None:
+                self._check_key_reuse(idempotency_key, existing, digest)
                 await self._publish_unconfirmed(existing.task_id)  # durable before we say so
                 self.metrics.submissions.labels(existing.type, "duplicate").inc()
                 return existing
@@ -115,7 +124,7 @@ class TaskService:
             self._pending_keys[idempotency_key] = future
         try:
             record = await self._accept(task_type, payload, queue or topology.DEFAULT_QUEUE, timeout_s,
-                                        memory_limit_mb, idempotency_key, retry_options)
+                                        memory_limit_mb, idempotency_key, retry_options, digest)
             future.set_result(record)
             self.metrics.submissions.labels(task_type, "accepted").inc()
             return record
@@ -127,6 +136,13 @@ class TaskService:
         finally:
             self._pending_keys.pop(idempotency_key, None)
 
+    def _check_key_reuse(self, key: str, first: TaskRecord, digest: str) -> None:
+        try:
+            idempotency.check_reuse(key, first.request_digest, digest, first.task_id)
+        except IdempotencyKeyReused:
+            self.metrics.submissions.labels(first.type, "key_reused").inc()
+            raise
+
     def _count_refusal(self, task_type: str, error: BaseException) -> None:
         known_type = task_type if task_type in self.registry.types else "unknown"
         if isinstance(error, ValidationError):
@@ -136,7 +152,7 @@ class TaskService:
             self.metrics.submissions.labels(known_type, "unavailable").inc()
 
     async def _accept(self, task_type: str, payload: bytes, queue: str, timeout_s: float, memory_limit_mb: int,
-                      idempotency_key: str, retry_options: dict) -> TaskRecord:
+                      idempotency_key: str, retry_options: dict, request_digest: str = "") -> TaskRecord:
         self.validate(task_type, payload, queue)
         declared = self.registry.get(task_type)
         limits = task_limits.resolve(
@@ -149,7 +165,7 @@ class TaskService:
         now = time.time()
         record = TaskRecord(str(uuid.uuid4()), task_type, queue, declared.codec, TaskState.QUEUED, 0, None,
                             "", "", now, None, None, now, limits.timeout_s, limits.memory_limit_mb,
-                            idempotency_key, policy.max_retries)
+                            idempotency_key, policy.max_retries, request_digest=request_digest)
         message = TaskMessage(record.task_id, task_type, payload, queue, 1, now, limits.timeout_s,
                               limits.memory_limit_mb, policy)
         await self._enqueue(record, message)

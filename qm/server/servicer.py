@@ -12,8 +12,8 @@ import time
 import grpc
 
 from qm._proto.qm.v1 import task_queue_pb2, task_queue_pb2_grpc
-from qm.errors import (BrokerRefused, BrokerUnavailable, ConfigError, QMError, TaskAlreadyFinished, TaskNotFound,
-                       ValidationError)
+from qm.errors import (BrokerRefused, BrokerUnavailable, ConfigError, IdempotencyKeyReused, QMError,
+                       TaskAlreadyFinished, TaskNotFound, ValidationError)
 from qm.server.service import TaskService
 from qm.server.store import TaskRecord
 
@@ -26,6 +26,7 @@ _STATUS_OF: dict[type[QMError], grpc.StatusCode] = {
     TaskAlreadyFinished: grpc.StatusCode.FAILED_PRECONDITION,
     ConfigError: grpc.StatusCode.FAILED_PRECONDITION,    # e.g. a work queue of another type
     BrokerRefused: grpc.StatusCode.FAILED_PRECONDITION,
+    IdempotencyKeyReused: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 

@@ -34,7 +34,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     idempotency_key TEXT NOT NULL DEFAULT '',
     max_retries INTEGER NOT NULL DEFAULT 0,
     next_attempt_at REAL,
-    starts      INTEGER NOT NULL DEFAULT 0
+    starts      INTEGER NOT NULL DEFAULT 0,
+    request_digest TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS unconfirmed (
     task_id TEXT PRIMARY KEY,
@@ -69,7 +70,8 @@ CREATE INDEX IF NOT EXISTS queued_by_queue ON tasks (queue, created_at) WHERE st
 #: Columns added after the first release, with their declarations.
 _ADDED_COLUMNS = {"timeout_s": "REAL NOT NULL DEFAULT 0", "memory_limit_mb": "INTEGER NOT NULL DEFAULT 0",
                   "idempotency_key": "TEXT NOT NULL DEFAULT ''", "max_retries": "INTEGER NOT NULL DEFAULT 0",
-                  "next_attempt_at": "REAL", "starts": "INTEGER NOT NULL DEFAULT 0"}
+                  "next_attempt_at": "REAL", "starts": "INTEGER NOT NULL DEFAULT 0",
+                  "request_digest": "TEXT NOT NULL DEFAULT ''"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +97,7 @@ class TaskRecord:
     max_retries: int = 0
     next_attempt_at: float | None = None  # while RETRYING
     starts: int = 0               # RUNNING events seen, redelivered ones too (poison detection)
+    request_digest: str = ""      # of the request, kept with its idempotency key (qm/server/idempotency.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,8 +212,9 @@ class Store:
         return self._db.execute("SELECT COUNT(*) FROM tasks").fetchone()[0]
 
     def find_by_idempotency_key(self, key: str) -> TaskRecord | None:
-        row = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM tasks WHERE idempotency_key = ?",
-                               (key,)).fetchone()
+        # The `!= ''` lets SQLite use the partial index tasks_by_idempotency_key.
+        row = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM tasks "
+                               "WHERE idempotency_key = ? AND idempotency_key != ''", (key,)).fetchone()
         return _record(row) if row else None
 
     def purge_finished(self, before_s: float) -> int:

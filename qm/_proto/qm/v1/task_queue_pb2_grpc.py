@@ -126,8 +126,11 @@ class TaskQueueServicer:
         characters). Nothing was stored or enqueued.
         - UNAVAILABLE: RabbitMQ is unreachable or did not confirm the message (the message
         names RabbitMQ); nothing was stored. Retry with the same idempotency_key.
-        - FAILED_PRECONDITION: RabbitMQ refused the work queue, e.g. it exists with another
-        queue type than broker.queue_type; the message says how to migrate it.
+        - FAILED_PRECONDITION: the idempotency_key was already used for another request (a
+        different type, payload, queue, limits or retry options); the message names the
+        key and the first task; nothing was submitted. Or: RabbitMQ refused the work queue,
+        e.g. it exists with another queue type than broker.queue_type; the message says how
+        to migrate it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
