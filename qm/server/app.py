@@ -65,7 +65,8 @@ class ServerApp:
                                    default_retry=default_retry, retention_s=server.retention_s,
                                    metrics=ServerMetrics(), worker_lost_after_s=server.worker_lost_after_s,
                                    reconcile_interval_s=server.reconcile_interval_s,
-                                   reconcile_after_s=server.reconcile_after_s)
+                                   reconcile_after_s=server.reconcile_after_s,
+                                   max_batch_items=server.max_batch_items)
         self.health = health.aio.HealthServicer()
         self.grpc_server = grpc.aio.server()
         self.port = 0

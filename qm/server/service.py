@@ -8,13 +8,14 @@ import dataclasses
 import logging
 import time
 import uuid
+from typing import Sequence
 
 from qm import limits as task_limits
 from qm import retry
 from qm.broker import topology
 from qm.broker.migrate import migrate_legacy_delay_tiers
 from qm.broker.base import Broker, Delivery
-from qm.errors import (BrokerUnavailable, IdempotencyKeyReused, TaskAlreadyFinished, TaskNotFound,
+from qm.errors import (BrokerUnavailable, IdempotencyKeyReused, QMError, TaskAlreadyFinished, TaskNotFound,
                        ValidationError)
 from qm.messages import Heartbeat, TaskEvent, TaskMessage
 from qm.metrics import ServerMetrics
@@ -25,6 +26,7 @@ from qm.server.hub import Hub
 from qm.server.reconciler import Reconciler
 from qm.retry import RetryPolicy
 from qm.server.store import DeadLetter, Store, TaskRecord
+from qm.server.submission import Submission
 from qm.states import TaskState
 
 log = logging.getLogger(__name__)
@@ -33,6 +35,8 @@ log = logging.getLogger(__name__)
 EVENTS_PREFETCH = 1000
 #: Longest idempotency key accepted.
 MAX_IDEMPOTENCY_KEY_CHARS = 200
+#: Most items one SubmitTasks call may carry, unless server.max_batch_items says otherwise.
+DEFAULT_MAX_BATCH_ITEMS = 1000
 #: Dead letters listed when the request names no limit, and the most one requeue moves.
 DEFAULT_DEAD_LETTER_LIMIT = 100
 MAX_REQUEUE = 10_000
@@ -53,13 +57,14 @@ class TaskService:
                  consumer_timeout_s: float = 1800.0, default_retry: RetryPolicy = RetryPolicy(),
                  retention_s: float = 7 * 86400.0, metrics: ServerMetrics | None = None,
                  worker_lost_after_s: float = 30.0, reconcile_interval_s: float = 30.0,
-                 reconcile_after_s: float = 60.0) -> None:
+                 reconcile_after_s: float = 60.0, max_batch_items: int = DEFAULT_MAX_BATCH_ITEMS) -> None:
         self.registry = registry
         self._codecs = {name: declared.codec for name, declared in registry.types.items()}
         self.store = store
         self.broker = broker
         self.hub = Hub()
         self.max_payload_bytes = max_payload_bytes
+        self.max_batch_items = max_batch_items
         self.queue_type = queue_type
         self.delivery_limit = delivery_limit
         self.default_timeout_s = default_timeout_s
@@ -142,6 +147,29 @@ class TaskService:
         except IdempotencyKeyReused:
             self.metrics.submissions.labels(first.type, "key_reused").inc()
             raise
+
+    async def submit_many(self, items: Sequence[Submission]) -> list[TaskRecord | QMError]:
+        """Accept a batch: one outcome per item, in order, the record of an accepted item
+        (durable when this returns) or the error that refused it, exactly as `submit`
+        would have answered the item alone (idempotency keys included). More than
+        max_batch_items items: ValidationError, nothing submitted.
+
+        The items are submitted concurrently; the broker pipelines their confirms, so the
+        batch waits about one confirm round trip.
+        """
+        if len(items) > self.max_batch_items:
+            raise ValidationError("items", f"{len(items)} items exceed the limit of {self.max_batch_items} "
+                                           "per batch (server.max_batch_items); send smaller batches")
+
+        async def one(item: Submission) -> TaskRecord | QMError:
+            try:
+                return await self.submit(item.type, item.payload, item.queue, timeout_s=item.timeout_s,
+                                         memory_limit_mb=item.memory_limit_mb,
+                                         idempotency_key=item.idempotency_key, **item.retry_options)
+            except QMError as exc:
+                return exc
+
+        return list(await asyncio.gather(*(one(item) for item in items)))
 
     def _count_refusal(self, task_type: str, error: BaseException) -> None:
         known_type = task_type if task_type in self.registry.types else "unknown"

@@ -16,6 +16,7 @@ from qm.errors import (BrokerRefused, BrokerUnavailable, ConfigError, Idempotenc
                        TaskAlreadyFinished, TaskNotFound, ValidationError)
 from qm.server.service import TaskService
 from qm.server.store import TaskRecord
+from qm.server.submission import Submission
 
 log = logging.getLogger(__name__)
 
@@ -67,22 +68,40 @@ def record_to_proto(record: TaskRecord) -> task_queue_pb2.TaskStatus:
     return status
 
 
+#: SubmitTaskRequest's optional retry fields → RetryPolicy field names (TaskService.submit's options).
+_RETRY_FIELDS = {"max_retries": "max_retries", "retry_backoff_s": "backoff_s",
+                 "retry_backoff_max_s": "backoff_max_s", "retry_jitter": "jitter", "retry_on_timeout": "on_timeout"}
+
+
+def submission_from_proto(request: task_queue_pb2.SubmitTaskRequest) -> Submission:
+    retry_options = {option: getattr(request, field) if request.HasField(field) else None
+                     for field, option in _RETRY_FIELDS.items()}
+    return Submission(request.type, request.payload, request.queue, request.timeout_s, request.memory_limit_mb,
+                      request.idempotency_key, retry_options)
+
+
 class TaskQueueServicer(task_queue_pb2_grpc.TaskQueueServicer):
     def __init__(self, service: TaskService) -> None:
         self.service = service
 
     @_maps_errors
     async def SubmitTask(self, request, context):
-        def optional(field: str):
-            return getattr(request, field) if request.HasField(field) else None
-
-        record = await self.service.submit(
-            request.type, request.payload, request.queue, timeout_s=request.timeout_s,
-            memory_limit_mb=request.memory_limit_mb, idempotency_key=request.idempotency_key,
-            max_retries=optional("max_retries"), backoff_s=optional("retry_backoff_s"),
-            backoff_max_s=optional("retry_backoff_max_s"), jitter=optional("retry_jitter"),
-            on_timeout=optional("retry_on_timeout"))
+        item = submission_from_proto(request)
+        record = await self.service.submit(item.type, item.payload, item.queue, timeout_s=item.timeout_s,
+                                           memory_limit_mb=item.memory_limit_mb,
+                                           idempotency_key=item.idempotency_key, **item.retry_options)
         return task_queue_pb2.SubmitTaskResponse(task_id=record.task_id, state=int(record.state))
+
+    @_maps_errors
+    async def SubmitTasks(self, request, context):
+        outcomes = await self.service.submit_many([submission_from_proto(item) for item in request.items])
+        response = task_queue_pb2.SubmitTasksResponse()
+        for outcome in outcomes:
+            if isinstance(outcome, QMError):
+                response.results.add(code=status_code_for(outcome).value[0], message=str(outcome))
+            else:
+                response.results.add(task_id=outcome.task_id, state=int(outcome.state))
+        return response
 
     @_maps_errors
     async def ListWorkers(self, request, context):

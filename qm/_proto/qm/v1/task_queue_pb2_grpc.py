@@ -53,6 +53,11 @@ class TaskQueueStub:
                 request_serializer=qm_dot_v1_dot_task__queue__pb2.SubmitTaskRequest.SerializeToString,
                 response_deserializer=qm_dot_v1_dot_task__queue__pb2.SubmitTaskResponse.FromString,
                 _registered_method=True)
+        self.SubmitTasks = channel.unary_unary(
+                '/qm.v1.TaskQueue/SubmitTasks',
+                request_serializer=qm_dot_v1_dot_task__queue__pb2.SubmitTasksRequest.SerializeToString,
+                response_deserializer=qm_dot_v1_dot_task__queue__pb2.SubmitTasksResponse.FromString,
+                _registered_method=True)
         self.GetTaskStatus = channel.unary_unary(
                 '/qm.v1.TaskQueue/GetTaskStatus',
                 request_serializer=qm_dot_v1_dot_task__queue__pb2.GetTaskStatusRequest.SerializeToString,
@@ -131,6 +136,24 @@ class TaskQueueServicer:
         key and the first task; nothing was submitted. Or: RabbitMQ refused the work queue,
         e.g. it exists with another queue type than broker.queue_type; the message says how
         to migrate it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitTasks(self, request, context):
+        """Submits many tasks in one call: each item is validated, recorded and published as
+        SubmitTask would do it alone (idempotency_key included), and the answer comes once
+        RabbitMQ confirmed every accepted one (the confirms are pipelined: about one round
+        trip for the lot). One result per item, in order: the task id, or the status code and
+        message SubmitTask would have answered for that item; a refused item does not stop
+        the others. Safe to retry as a whole when every item has an idempotency_key: the
+        accepted ones come back with their first ids.
+
+        Errors:
+        - INVALID_ARGUMENT: more items than server.max_batch_items (default 1000); the
+        message names the limit; nothing was submitted. Per-item errors are in the results.
+        - UNAVAILABLE: qm-server cannot be reached; retry the batch with the same keys.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -228,6 +251,11 @@ def add_TaskQueueServicer_to_server(servicer, server):
                     request_deserializer=qm_dot_v1_dot_task__queue__pb2.SubmitTaskRequest.FromString,
                     response_serializer=qm_dot_v1_dot_task__queue__pb2.SubmitTaskResponse.SerializeToString,
             ),
+            'SubmitTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitTasks,
+                    request_deserializer=qm_dot_v1_dot_task__queue__pb2.SubmitTasksRequest.FromString,
+                    response_serializer=qm_dot_v1_dot_task__queue__pb2.SubmitTasksResponse.SerializeToString,
+            ),
             'GetTaskStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetTaskStatus,
                     request_deserializer=qm_dot_v1_dot_task__queue__pb2.GetTaskStatusRequest.FromString,
@@ -310,6 +338,33 @@ class TaskQueue:
             '/qm.v1.TaskQueue/SubmitTask',
             qm_dot_v1_dot_task__queue__pb2.SubmitTaskRequest.SerializeToString,
             qm_dot_v1_dot_task__queue__pb2.SubmitTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qm.v1.TaskQueue/SubmitTasks',
+            qm_dot_v1_dot_task__queue__pb2.SubmitTasksRequest.SerializeToString,
+            qm_dot_v1_dot_task__queue__pb2.SubmitTasksResponse.FromString,
             options,
             channel_credentials,
             insecure,
