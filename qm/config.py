@@ -153,6 +153,15 @@ def _host_port(allow_port_zero: bool) -> Callable[[str], str]:
     return check
 
 
+def _host_ports(value: str) -> str:
+    """One HOST:PORT or several, comma-separated (clients fail over between them)."""
+    addresses = [part.strip() for part in value.split(",")]
+    if not all(addresses):
+        raise ValueError(f"expected {_HOST_PORT_HINT}, or several separated by commas, got {value!r}")
+    check = _host_port(allow_port_zero=False)
+    return ",".join(check(address) for address in addresses)
+
+
 def _optional_host_port(value: str) -> str:
     return value if value == "" else _host_port(allow_port_zero=True)(value)
 
@@ -313,7 +322,7 @@ class WorkerConfig:
 class ClientConfig:
     """Client settings."""
 
-    server: str = _setting("127.0.0.1:50051", _to_str, _host_port(allow_port_zero=False))
+    server: str = _setting("127.0.0.1:50051", _to_str, _host_ports)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,7 @@
 """Domain errors. Every error a user sees names what happened and what to change."""
+from __future__ import annotations
+
+import dataclasses
 
 
 class QMError(Exception):
@@ -98,6 +101,41 @@ class IdempotencyKeyReused(QMError):
             "request, or send exactly the first request again to get its task")
 
 
+class BatchError(QMError):
+    """Some items of a batch submission were refused (qm.Client.submit_many).
+
+    The accepted items are durable and will run: `task_ids` holds one entry per item in
+    order, the task id of an accepted item and None for a refused one; `refused` lists
+    each refused item (index, task type, status code name, reason).
+    """
+
+    def __init__(self, task_ids: list[str | None], refused: list[RefusedItem]):
+        self.task_ids = task_ids
+        self.refused = refused
+        shown = "; ".join(f"item {item.index} ({item.type}): {item.code} {item.message}"
+                          for item in refused[:20])
+        more = f"; and {len(refused) - 20} more" if len(refused) > 20 else ""
+        accepted = len(task_ids) - len(refused)
+        super().__init__(f"{len(refused)} of {len(task_ids)} items refused ({accepted} accepted, durable and "
+                         f"on this error's task_ids): {shown}{more}")
+
+    @property
+    def accepted_ids(self) -> list[str]:
+        """Ids of the accepted items, in the batch's order."""
+        return [task_id for task_id in self.task_ids if task_id is not None]
+
+
+@dataclasses.dataclass(frozen=True)
+class RefusedItem:
+    """One refused item of a batch: its position (0-based), task type, the gRPC status code
+    name SubmitTask would have answered it with, and why."""
+
+    index: int
+    type: str
+    code: str
+    message: str
+
+
 class TaskError(QMError):
     """A task ended in a state other than SUCCEEDED (raised by client.result)."""
 
@@ -106,6 +144,18 @@ class TaskError(QMError):
         self.state = state
         self.error = error
         super().__init__(f"task {task_id} ended {state}: {error}")
+
+
+class WaitTimeout(TimeoutError):
+    """The caller's deadline passed before the tasks it waits for finished; `task_ids` are
+    the ones still not finished (follow them again with watch / `qm watch`)."""
+
+    def __init__(self, task_ids: list[str], timeout_s: float):
+        self.task_ids = list(task_ids)
+        self.timeout_s = timeout_s
+        shown = ", ".join(self.task_ids[:10]) + (f" and {len(self.task_ids) - 10} more"
+                                                  if len(self.task_ids) > 10 else "")
+        super().__init__(f"tasks {shown} not finished within {timeout_s:g} s")
 
 
 class SoftTimeout(Exception):

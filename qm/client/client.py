@@ -1,133 +1,61 @@
-"""qm.Client: the Python client of qm-server (and what the `qm` command uses).
+"""qm.Client: the blocking Python client of qm-server (and what the `qm` command uses).
 
     with qm.Client(server="127.0.0.1:50051") as client:
         task_id = client.submit("math", "1 + 2 * 5")
         print(client.result(task_id, timeout_s=30))   # 11
+
+`server` may name several servers, "a:50051,b:50051": every call fails over between them.
+Waits (result, watch, results) ride out a server restart: see qm/client/common.py, which
+holds everything this client shares with the asyncio one (qm.aio.Client).
 """
 from __future__ import annotations
 
-import dataclasses
-import json
+import threading
 import time
-import uuid
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import grpc
 
 from qm._proto.qm.v1 import task_queue_pb2, task_queue_pb2_grpc
-from qm.codecs import decode_result, encode_payload
-from qm.errors import QMError, TaskError
-from qm.states import state_name
+from qm.client.common import (CHANNEL_OPTIONS, DEFAULT_BATCH_ITEMS, DEFAULT_CALL_TIMEOUT_S,
+                              DEFAULT_RECONNECT_S, DEFAULT_SUBMIT_RETRY_S, TERMINAL_STATE_NAMES, Attempts,
+                              Batch, DeadLetter, Failover, Follow, RemoteError, TaskStatus, batch_requests,
+                              dead_letters_from_proto, final_value, parse_servers, status_from_proto,
+                              submit_request, task_types_from_proto, workers_from_proto)
+from qm.errors import WaitTimeout
 
-#: Deadline of unary calls (submit, status).
-DEFAULT_CALL_TIMEOUT_S = 30.0
-#: How long submit keeps retrying while the server or broker is UNAVAILABLE.
-DEFAULT_SUBMIT_RETRY_S = 30.0
-SUBMIT_RETRY_INITIAL_DELAY_S = 0.2
-SUBMIT_RETRY_MAX_DELAY_S = 2.0
-
-
-class RemoteError(QMError):
-    """qm-server answered with an error status (or could not be reached)."""
-
-    def __init__(self, code: grpc.StatusCode, details: str, server: str):
-        self.code = code
-        self.details = details
-        # UNAVAILABLE from qm-server itself names RabbitMQ/the broker ("RabbitMQ at ... is
-        # unreachable", "connection to RabbitMQ at ... lost"); anything else is gRPC failing
-        # to reach qm-server.
-        if code is grpc.StatusCode.UNAVAILABLE and not _names_broker(details):
-            details = (f"cannot reach qm-server at {server} ({details}); is it running? "
-                       "Point --server / QM_CLIENT__SERVER at it")
-        elif code is grpc.StatusCode.DEADLINE_EXCEEDED:
-            details = f"qm-server at {server} did not answer in time ({details})"
-        super().__init__(details)
-
-
-def _names_broker(details: str) -> bool:
-    text = details.lower()
-    return "broker" in text or "rabbitmq" in text
-
-
-@dataclasses.dataclass(frozen=True)
-class TaskStatus:
-    """A task's state as the server reports it; times are seconds since the epoch or None."""
-
-    task_id: str
-    type: str
-    queue: str
-    state: str
-    attempts: int
-    result: Any
-    error: str
-    worker: str
-    created_at: float | None
-    started_at: float | None
-    finished_at: float | None
-    updated_at: float | None
-    timeout_s: float = 0.0         # effective hard time limit
-    memory_limit_mb: int = 0       # effective memory limit; 0 = none
-    max_retries: int = 0           # effective retry budget
-    next_attempt_at: float | None = None  # while RETRYING
-
-    @property
-    def terminal(self) -> bool:
-        return self.state in TERMINAL_STATE_NAMES
-
-    def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data = {"id": data.pop("task_id"), **data}
-        if isinstance(self.result, bytes):
-            data["result"] = self.result.hex()
-        return data
-
-
-TERMINAL_STATE_NAMES = frozenset({"SUCCEEDED", "FAILED", "TIMED_OUT", "MEMORY_EXCEEDED", "CRASHED",
-                                  "CANCELLED"})
-
-
-def _seconds(timestamp) -> float | None:
-    return timestamp.ToNanoseconds() / 1e9 if timestamp.ByteSize() else None
-
-
-def status_from_proto(status: task_queue_pb2.TaskStatus) -> TaskStatus:
-    return TaskStatus(
-        task_id=status.task_id, type=status.type, queue=status.queue,
-        state=state_name(status.state), attempts=status.attempts,
-        result=(decode_result(status.codec, status.result)
-                if status.state == task_queue_pb2.TASK_STATE_SUCCEEDED else None),
-        error=status.error, worker=status.worker, created_at=_seconds(status.created_at),
-        started_at=_seconds(status.started_at), finished_at=_seconds(status.finished_at),
-        updated_at=_seconds(status.updated_at), timeout_s=status.timeout_s,
-        memory_limit_mb=status.memory_limit_mb, max_retries=status.max_retries,
-        next_attempt_at=_seconds(status.next_attempt_at))
-
-
-@dataclasses.dataclass(frozen=True)
-class DeadLetter:
-    task_id: str
-    type: str
-    queue: str
-    state: str
-    attempts: int
-    reason: str
-    error: str
-    dead_at: float | None
+__all__ = ["Client", "DeadLetter", "RemoteError", "TaskStatus", "WaitTimeout", "TERMINAL_STATE_NAMES",
+           "DEFAULT_CALL_TIMEOUT_S", "DEFAULT_SUBMIT_RETRY_S", "DEFAULT_RECONNECT_S", "status_from_proto"]
 
 
 class Client:
-    """A connection to one qm-server; close it (or use `with`)."""
+    """Connections to one or more qm-servers; close it (or use `with`). Thread-safe.
 
-    def __init__(self, server: str = "127.0.0.1:50051", call_timeout_s: float = DEFAULT_CALL_TIMEOUT_S,
-                 submit_retry_s: float = DEFAULT_SUBMIT_RETRY_S):
-        self.server = server
+    call_timeout_s: deadline of each unary call. submit_retry_s: how long submit and
+    submit_many keep retrying (same idempotency keys) while no server or broker is
+    available. reconnect_s: how long a wait that has reached a server keeps reconnecting
+    while none answers. batch_items: items per SubmitTasks call.
+    """
+
+    def __init__(self, server: str | Sequence[str] = "127.0.0.1:50051",
+                 call_timeout_s: float = DEFAULT_CALL_TIMEOUT_S,
+                 submit_retry_s: float = DEFAULT_SUBMIT_RETRY_S, reconnect_s: float = DEFAULT_RECONNECT_S,
+                 batch_items: int = DEFAULT_BATCH_ITEMS):
+        self.servers = parse_servers(server)
+        self.server = ",".join(self.servers)
         self.call_timeout_s = call_timeout_s
         self.submit_retry_s = submit_retry_s
-        self._channel = grpc.insecure_channel(server)
-        self._stub = task_queue_pb2_grpc.TaskQueueStub(self._channel)
+        self.reconnect_s = reconnect_s
+        self.batch_items = batch_items
+        self._failover = Failover(self.servers)
+        self._channels: dict[str, tuple[grpc.Channel, task_queue_pb2_grpc.TaskQueueStub]] = {}
+        self._lock = threading.Lock()
 
     def close(self) -> None:
-        self._channel.close()
+        with self._lock:
+            channels, self._channels = list(self._channels.values()), {}
+        for channel, _stub in channels:
+            channel.close()
 
     def __enter__(self) -> "Client":
         return self
@@ -135,11 +63,33 @@ class Client:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
-    def _call(self, method, request):
-        try:
-            return method(request, timeout=self.call_timeout_s, wait_for_ready=False)
-        except grpc.RpcError as exc:
-            raise RemoteError(exc.code(), exc.details() or "", self.server) from None
+    def _stub_at(self, address: str) -> task_queue_pb2_grpc.TaskQueueStub:
+        with self._lock:
+            if address not in self._channels:
+                channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+                self._channels[address] = (channel, task_queue_pb2_grpc.TaskQueueStub(channel))
+            return self._channels[address][1]
+
+    @property
+    def _stub(self) -> task_queue_pb2_grpc.TaskQueueStub:
+        """The stub of the server calls go to now (qm.Executor opens its stream on it)."""
+        return self._stub_at(self._failover.current)
+
+    def _call(self, method: str, request, window_s: float = 0.0):
+        """A unary call, failing over between the servers on UNAVAILABLE (for `window_s`)."""
+        attempts = Attempts(self._failover, window_s)
+        while True:
+            address = attempts.address
+            try:
+                stub_method = getattr(self._stub_at(address), method)
+                response = stub_method(request, timeout=self.call_timeout_s, wait_for_ready=False)
+                attempts.reached()
+                return response
+            except grpc.RpcError as exc:
+                delay_s = attempts.failed(address, exc.code(), exc.details() or "")
+            time.sleep(delay_s)
+
+    # -- submitting ----------------------------------------------------------------------
 
     def submit(self, type: str, payload: Any, *, queue: str = "", timeout_s: float = 0.0,
                memory_limit_mb: int = 0, max_retries: int | None = None, retry_backoff_s: float | None = None,
@@ -149,92 +99,120 @@ class Client:
 
         Limits and retry options left at 0/None take the task type's, else the server's
         defaults. Every submit carries an idempotency key (a fresh one unless given), so
-        while the server or its broker is UNAVAILABLE the client retries with the same key
-        for up to `submit_retry_s`, and a retry can never enqueue the task twice.
+        while the server or its broker is UNAVAILABLE the client retries with the same key,
+        on each server address in turn, for up to `submit_retry_s`, and a retry can never
+        enqueue the task twice. A key already used for another request: RemoteError
+        FAILED_PRECONDITION.
         """
-        request = task_queue_pb2.SubmitTaskRequest(
-            type=type, payload=encode_payload(payload), queue=queue, timeout_s=timeout_s,
-            memory_limit_mb=memory_limit_mb, idempotency_key=idempotency_key or str(uuid.uuid4()))
-        for field, value in (("max_retries", max_retries), ("retry_backoff_s", retry_backoff_s),
-                             ("retry_backoff_max_s", retry_backoff_max_s), ("retry_jitter", retry_jitter),
-                             ("retry_on_timeout", retry_on_timeout)):
-            if value is not None:
-                setattr(request, field, value)
-        deadline = time.monotonic() + self.submit_retry_s
-        delay_s = SUBMIT_RETRY_INITIAL_DELAY_S
+        request = submit_request(type, payload, queue=queue, timeout_s=timeout_s,
+                                 memory_limit_mb=memory_limit_mb, max_retries=max_retries,
+                                 retry_backoff_s=retry_backoff_s, retry_backoff_max_s=retry_backoff_max_s,
+                                 retry_jitter=retry_jitter, retry_on_timeout=retry_on_timeout,
+                                 idempotency_key=idempotency_key)
+        return self._call("SubmitTask", request, self.submit_retry_s).task_id
+
+    def submit_many(self, items: Iterable[tuple], **options) -> list[str]:
+        """Submit many tasks in SubmitTasks calls of `batch_items`; their ids, in order.
+
+        Items are `(type, payload)` or `(type, payload, {option: value})`; `options` are
+        submit's keyword options, for every item (an item's own win). A batch
+        `idempotency_key` K gives item i the key "K/i": sending the same batch again is
+        harmless. If any item is refused, qm.errors.BatchError names each refused item and
+        why; the accepted items are durable and their ids are on the error (`task_ids`).
+        """
+        batch = Batch(batch_requests(items, options), self.batch_items)
+        try:
+            for chunk in batch.chunks():
+                self._submit_chunk(batch, chunk)
+        except RemoteError as exc:
+            batch.give_up(exc)
+        return batch.task_ids_or_raise()
+
+    def _submit_chunk(self, batch: Batch, chunk: list[int]) -> None:
+        attempts = Attempts(self._failover, self.submit_retry_s)
         while True:
+            address = attempts.address
             try:
-                return self._call(self._stub.SubmitTask, request).task_id
-            except RemoteError as exc:
-                if exc.code is not grpc.StatusCode.UNAVAILABLE or time.monotonic() + delay_s > deadline:
-                    raise
-            time.sleep(delay_s)
-            delay_s = min(delay_s * 2, SUBMIT_RETRY_MAX_DELAY_S)
+                response = self._stub_at(address).SubmitTasks(batch.request(chunk),
+                                                              timeout=self.call_timeout_s)
+                self._failover.reached = True
+                chunk = batch.record(chunk, response)
+                if not chunk:
+                    return
+                code, details = grpc.StatusCode.UNAVAILABLE, batch.refused[chunk[0]].message
+            except grpc.RpcError as exc:
+                code, details = exc.code(), exc.details() or ""
+            time.sleep(attempts.failed(address, code, details))
 
-    def workers(self) -> list[dict[str, Any]]:
-        """Workers the server has heard from, with state active, draining, stopped or lost."""
-        response = self._call(self._stub.ListWorkers, task_queue_pb2.ListWorkersRequest())
-        return [{"worker_id": w.worker_id, "host": w.host, "pid": w.pid, "procs": w.procs, "busy": w.busy,
-                 "queues": list(w.queues), "types": list(w.types), "version": w.version, "state": w.state,
-                 "last_seen": _seconds(w.last_seen)} for w in response.workers]
+    # -- following -----------------------------------------------------------------------
 
-    def task_types(self) -> tuple[list[dict[str, Any]], list[str]]:
-        """The task types the server accepts (dicts of name, codec, limits, description) and
-        the plugins that failed to load there."""
-        response = self._call(self._stub.ListTaskTypes, task_queue_pb2.ListTaskTypesRequest())
-        types = [{"name": t.name, "codec": t.codec, "description": t.description,
-                  "default_timeout_s": t.default_timeout_s, "max_timeout_s": t.max_timeout_s,
-                  "default_memory_limit_mb": t.default_memory_limit_mb,
-                  "max_memory_limit_mb": t.max_memory_limit_mb, "default_max_retries": t.default_max_retries}
-                 for t in response.types]
-        return types, list(response.plugin_errors)
+    def watch(self, task_ids: Iterable[str], timeout_s: float | None = None) -> Iterator[TaskStatus]:
+        """Each task's current state, then every change as it happens, until all are
+        terminal. Survives a server restart or the loss of one of several servers: the
+        stream is opened again (for `reconnect_s` at most without any server) and no state
+        is delivered twice. At `timeout_s`: WaitTimeout (a TimeoutError) naming the ids
+        still not finished."""
+        follow = Follow(task_ids, self._failover, timeout_s, self.reconnect_s)
+        while not follow.done:
+            address = follow.address
+            call = self._stub_at(address).StreamTaskResults(iter(follow.requests()),
+                                                            timeout=follow.call_timeout())
+            code = details = None
+            try:
+                for response in call:
+                    status = follow.accept(response.status)
+                    if status is not None:
+                        yield status
+            except grpc.RpcError as exc:
+                code, details = exc.code(), exc.details()
+            finally:
+                call.cancel()
+            if not follow.done:
+                time.sleep(follow.interrupted(address, code, details))
+
+    def results(self, task_ids: Iterable[str], timeout_s: float | None = None) -> Iterator[TaskStatus]:
+        """The final status of each task as it finishes (over one stream, resumed like
+        watch): `.state`, `.result` or `.error`. At `timeout_s`: WaitTimeout."""
+        for status in self.watch(task_ids, timeout_s):
+            if status.terminal:
+                yield status
+
+    def result(self, task_id: str, timeout_s: float | None = None) -> Any:
+        """Wait for the task; return its result, or raise TaskError (or WaitTimeout)."""
+        last = None
+        for last in self.results([task_id], timeout_s):
+            pass
+        return final_value(task_id, last)
+
+    # -- one call each -------------------------------------------------------------------
+
+    def status(self, task_id: str) -> TaskStatus:
+        request = task_queue_pb2.GetTaskStatusRequest(task_id=task_id)
+        return status_from_proto(self._call("GetTaskStatus", request).status)
 
     def cancel(self, task_id: str) -> TaskStatus:
         """Cancel a task (RemoteError FAILED_PRECONDITION if it already ended)."""
         request = task_queue_pb2.CancelTaskRequest(task_id=task_id)
-        return status_from_proto(self._call(self._stub.CancelTask, request).status)
+        return status_from_proto(self._call("CancelTask", request).status)
+
+    def workers(self) -> list[dict[str, Any]]:
+        """Workers the server has heard from, with state active, draining, stopped or lost."""
+        return workers_from_proto(self._call("ListWorkers", task_queue_pb2.ListWorkersRequest()))
+
+    def task_types(self) -> tuple[list[dict[str, Any]], list[str]]:
+        """The task types the server accepts (dicts of name, codec, limits, description) and
+        the plugins that failed to load there."""
+        return task_types_from_proto(self._call("ListTaskTypes", task_queue_pb2.ListTaskTypesRequest()))
 
     def dead_letters(self, limit: int = 100) -> tuple[list[DeadLetter], int]:
         """Dead-lettered tasks (oldest first, at most `limit`) and how many there are."""
-        response = self._call(self._stub.ListDeadLetters, task_queue_pb2.ListDeadLettersRequest(limit=limit))
-        letters = [DeadLetter(d.task_id, d.type, d.queue, state_name(d.state), d.attempts,
-                              d.reason, d.error, _seconds(d.dead_at)) for d in response.dead_letters]
-        return letters, response.total
+        request = task_queue_pb2.ListDeadLettersRequest(limit=limit)
+        return dead_letters_from_proto(self._call("ListDeadLetters", request))
 
     def requeue_dead_letters(self, task_ids: Iterable[str] = (), all: bool = False) -> dict[str, str]:
         """Run dead letters again as new tasks; returns dead task id → new task id."""
         request = task_queue_pb2.RequeueDeadLettersRequest(task_ids=list(task_ids), all=all)
-        return dict(self._call(self._stub.RequeueDeadLetters, request).new_task_ids)
+        return dict(self._call("RequeueDeadLetters", request).new_task_ids)
 
     def purge_dead_letters(self) -> int:
-        return self._call(self._stub.PurgeDeadLetters, task_queue_pb2.PurgeDeadLettersRequest()).purged
-
-    def status(self, task_id: str) -> TaskStatus:
-        request = task_queue_pb2.GetTaskStatusRequest(task_id=task_id)
-        return status_from_proto(self._call(self._stub.GetTaskStatus, request).status)
-
-    def watch(self, task_ids: Iterable[str], timeout_s: float | None = None) -> Iterator[TaskStatus]:
-        """Each task's current state, then every change as it happens, until all are terminal."""
-        request = task_queue_pb2.StreamTaskResultsRequest(task_ids=list(task_ids))
-        stream = self._stub.StreamTaskResults(iter([request]), timeout=timeout_s)
-        try:
-            for response in stream:
-                yield status_from_proto(response.status)
-        except grpc.RpcError as exc:
-            if exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
-                raise TimeoutError(f"tasks {', '.join(request.task_ids)} not finished within {timeout_s} s") from None
-            raise RemoteError(exc.code(), exc.details() or "", self.server) from None
-        finally:
-            stream.cancel()
-
-    def result(self, task_id: str, timeout_s: float | None = None) -> Any:
-        """Wait for the task; return its result, or raise TaskError (or TimeoutError)."""
-        last = None
-        for last in self.watch([task_id], timeout_s):  # raises TimeoutError at the deadline
-            if last.terminal:
-                break
-        if last is None or not last.terminal:  # the server ends a stream only at a final state
-            raise QMError(f"status stream for task {task_id} ended before the task did")
-        if last.state != "SUCCEEDED":
-            raise TaskError(task_id, last.state, last.error)
-        return last.result
+        return self._call("PurgeDeadLetters", task_queue_pb2.PurgeDeadLettersRequest()).purged

@@ -560,3 +560,12 @@ def test_shipped_config_yaml_comment_above_every_key():
 def test_shipped_config_yaml_header_explains_precedence():
     header = SHIPPED.read_text(encoding="utf-8").split("\n\n")[0]
     assert "QM_CONFIG" in header and "flag" in header and "default" in header
+
+
+def test_the_client_may_name_several_servers():
+    cfg = load_config(env={"QM_CLIENT__SERVER": "10.0.0.1:50051, [::1]:6000"})
+    assert cfg.client.server == "10.0.0.1:50051,[::1]:6000"
+    err = config_error(env={"QM_CLIENT__SERVER": "10.0.0.1:50051,nope"})
+    assert err.path == "client.server" and "'nope'" in err.reason
+    err = config_error(env={"QM_CLIENT__SERVER": "10.0.0.1:50051,"})
+    assert err.path == "client.server" and "several separated by commas" in err.reason

@@ -1,0 +1,458 @@
+"""What qm.Client (blocking) and qm.aio.Client (asyncio) share, free of any I/O.
+
+Each client is a thin loop around these pieces: it makes the gRPC calls and sleeps (with
+time.sleep or asyncio.sleep) for as long as the pieces here say.
+
+    request building  submit_request, batch_requests, Batch (chunks, per-item outcomes)
+    conversion        status_from_proto, workers/task types/dead letters from their protos
+    errors            RemoteError (a gRPC status, worded for a user), BatchError, WaitTimeout
+    retries           Attempts: one call's tries over the server addresses (fail over at
+                      once to the next address, back off after a whole round) within a window
+    resume            Follow: the state of a watch over many tasks: which ids are still open,
+                      which states were delivered (a resumed stream starts with each task's
+                      current state, so nothing is missed and nothing is delivered twice)
+
+Addresses: `server` is one HOST:PORT or several, comma-separated ("a:50051,b:50051"); every
+call starts at the address that last answered and fails over to the next on UNAVAILABLE.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import grpc
+
+from qm._proto.qm.v1 import task_queue_pb2
+from qm.codecs import decode_result, encode_payload
+from qm.config import parse_host_port
+from qm.errors import BatchError, QMError, RefusedItem, TaskError, WaitTimeout
+from qm.states import state_name
+
+#: Deadline of unary calls (submit, status, ...).
+DEFAULT_CALL_TIMEOUT_S = 30.0
+#: How long submit and submit_many keep retrying while no server (or its broker) is available.
+DEFAULT_SUBMIT_RETRY_S = 30.0
+#: How long a wait (watch, result, results) that has reached a server keeps reconnecting
+#: while none answers (a restart, a deploy), unless the caller's own deadline ends it sooner.
+DEFAULT_RECONNECT_S = 60.0
+#: Backoff between rounds over the server addresses: doubling from the first to the cap.
+RETRY_INITIAL_DELAY_S = 0.2
+RETRY_MAX_DELAY_S = 2.0
+#: Items per SubmitTasks call (the server refuses more than server.max_batch_items, default 1000).
+DEFAULT_BATCH_ITEMS = 500
+#: Bytes of items per SubmitTasks call, under gRPC's 4 MiB message limit.
+MAX_BATCH_BYTES = 3 * 1024 * 1024
+#: Task ids per StreamTaskResultsRequest message when following many.
+FOLLOW_IDS_PER_REQUEST = 1000
+#: gRPC channel options: after a server restart, reconnect within about a second rather than
+#: gRPC's default backoff (up to 120 s), so a resumed wait sees the new process soon.
+CHANNEL_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000))
+
+TERMINAL_STATE_NAMES = frozenset({"SUCCEEDED", "FAILED", "TIMED_OUT", "MEMORY_EXCEEDED", "CRASHED",
+                                  "CANCELLED"})
+#: Codes after which a call is tried again on the next address (the server could not be
+#: reached, went away, or its broker is down: nothing was done, or a retry with the same
+#: idempotency key finds it done).
+FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
+
+
+# -- errors ------------------------------------------------------------------------------
+
+class RemoteError(QMError):
+    """qm-server answered with an error status (or could not be reached)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, server: str):
+        self.code = code
+        self.details = details
+        # UNAVAILABLE from qm-server itself names RabbitMQ/the broker ("RabbitMQ at ... is
+        # unreachable", "connection to RabbitMQ at ... lost"); anything else is gRPC failing
+        # to reach qm-server.
+        if code is grpc.StatusCode.UNAVAILABLE and not _names_broker(details):
+            details = (f"cannot reach qm-server at {server} ({details}); is it running? "
+                       "Point --server / QM_CLIENT__SERVER at it")
+        elif code is grpc.StatusCode.DEADLINE_EXCEEDED:
+            details = f"qm-server at {server} did not answer in time ({details})"
+        super().__init__(details)
+
+
+def _names_broker(details: str) -> bool:
+    text = details.lower()
+    return "broker" in text or "rabbitmq" in text
+
+
+# -- addresses and retries ---------------------------------------------------------------
+
+def parse_servers(server: str | Sequence[str]) -> list[str]:
+    """"a:1,b:2" (or a list) → ["a:1", "b:2"]; ValueError naming a malformed address."""
+    parts = server.split(",") if isinstance(server, str) else list(server)
+    addresses = [part.strip() for part in parts if part.strip()]
+    if not addresses:
+        raise ValueError(f"no qm-server address in {server!r}; expected HOST:PORT[,HOST:PORT...]")
+    for address in addresses:
+        parse_host_port(address)
+    return list(dict.fromkeys(addresses))
+
+
+class Failover:
+    """The server addresses and which one calls go to: the last that answered. `reached`:
+    whether any server ever answered this client (before that, a wait fails at once: a
+    wrong address or nothing running; after, it rides out a server's restart)."""
+
+    def __init__(self, addresses: Sequence[str]):
+        self.addresses = list(addresses)
+        self.reached = False
+        self._current = 0
+
+    @property
+    def current(self) -> str:
+        return self.addresses[self._current]
+
+    def failed(self, address: str) -> None:
+        """`address` did not answer: move on to the next one, unless another call already did."""
+        if self.addresses[self._current] == address:
+            self._current = (self._current + 1) % len(self.addresses)
+
+    def describe(self) -> str:
+        return ", ".join(self.addresses)
+
+
+class Attempts:
+    """One call's tries: the current address, then at once each other one; after a whole
+    round without an answer, a pause (doubling up to RETRY_MAX_DELAY_S), and another round
+    while `window_s` lasts. A window of 0 is one round, no pause. `reached()` (the server
+    answered) opens the window again: a stream that was connected may lose its server for
+    `window_s` before it gives up."""
+
+    def __init__(self, failover: Failover, window_s: float, clock: Callable[[], float] = time.monotonic):
+        self.failover = failover
+        self.window_s = window_s
+        self._clock = clock
+        self._deadline = clock() + window_s
+        self._failures = 0
+        self._delay_s = RETRY_INITIAL_DELAY_S
+
+    @property
+    def address(self) -> str:
+        return self.failover.current
+
+    def reached(self) -> None:
+        """The server answered."""
+        self.failover.reached = True
+        self._failures = 0
+        self._delay_s = RETRY_INITIAL_DELAY_S
+        self._deadline = self._clock() + self.window_s
+
+    def failed(self, address: str, code: grpc.StatusCode, details: str) -> float:
+        """The call to `address` failed with `code`: the pause before the next try, or
+        RemoteError if the code is not one to retry or the window is spent."""
+        if code not in FAILOVER_CODES:
+            raise RemoteError(code, details or "", address)
+        self.failover.failed(address)
+        self._failures += 1
+        if self._failures % len(self.failover.addresses):
+            return 0.0  # addresses left in this round
+        delay_s, self._delay_s = self._delay_s, min(self._delay_s * 2, RETRY_MAX_DELAY_S)
+        if self._clock() + delay_s > self._deadline:
+            where = self.failover.describe()
+            tried = f"{details or 'unavailable'}; tried for {self.window_s:g} s" if self.window_s else details
+            raise RemoteError(code, tried or "", where)
+        return delay_s
+
+
+# -- submitting --------------------------------------------------------------------------
+
+#: SubmitTaskRequest's optional fields (None = the task type's, else the server's default).
+_OPTIONAL_FIELDS = ("max_retries", "retry_backoff_s", "retry_backoff_max_s", "retry_jitter",
+                    "retry_on_timeout")
+#: Options submit and submit_many take.
+SUBMIT_OPTIONS = ("queue", "timeout_s", "memory_limit_mb", *_OPTIONAL_FIELDS, "idempotency_key")
+
+
+def submit_request(type: str, payload: Any, *, queue: str = "", timeout_s: float = 0.0,
+                   memory_limit_mb: int = 0, max_retries: int | None = None,
+                   retry_backoff_s: float | None = None, retry_backoff_max_s: float | None = None,
+                   retry_jitter: bool | None = None, retry_on_timeout: bool | None = None,
+                   idempotency_key: str | None = None) -> task_queue_pb2.SubmitTaskRequest:
+    """The request of one submit; it always carries an idempotency key (a fresh one unless
+    given), so retrying it can never enqueue the task twice."""
+    request = task_queue_pb2.SubmitTaskRequest(
+        type=type, payload=encode_payload(payload), queue=queue, timeout_s=timeout_s,
+        memory_limit_mb=memory_limit_mb, idempotency_key=idempotency_key or str(uuid.uuid4()))
+    optional = dict(max_retries=max_retries, retry_backoff_s=retry_backoff_s,
+                    retry_backoff_max_s=retry_backoff_max_s, retry_jitter=retry_jitter,
+                    retry_on_timeout=retry_on_timeout)
+    for field, value in optional.items():
+        if value is not None:
+            setattr(request, field, value)
+    return request
+
+
+def batch_requests(items: Iterable[tuple], options: dict[str, Any]) -> list[task_queue_pb2.SubmitTaskRequest]:
+    """One request per item: `(type, payload)` or `(type, payload, {option: value})`, the
+    item's own options over the batch's. A batch `idempotency_key` K gives item i the key
+    "K/i" (so the same batch sent again is the same tasks); else each item gets a fresh key."""
+    unknown = set(options) - set(SUBMIT_OPTIONS)
+    if unknown:
+        raise TypeError(f"submit_many() got unexpected options: {', '.join(sorted(unknown))}")
+    batch_key = options.get("idempotency_key")
+    requests = []
+    for index, item in enumerate(items):
+        if not isinstance(item, (tuple, list)) or len(item) not in (2, 3):
+            raise TypeError(f"item {index}: expected (type, payload) or (type, payload, options), "
+                            f"got {item!r}")
+        own = dict(item[2]) if len(item) == 3 else {}
+        merged = {**options, **own}
+        if "idempotency_key" not in own and batch_key:
+            merged["idempotency_key"] = f"{batch_key}/{index}"
+        requests.append(submit_request(item[0], item[1], **merged))
+    return requests
+
+
+class Batch:
+    """submit_many's items across SubmitTasks calls: chunks under the count and size caps,
+    each item's outcome, and which items to send again (refused UNAVAILABLE: the server's
+    broker was away; their idempotency keys make the retry safe)."""
+
+    def __init__(self, requests: list[task_queue_pb2.SubmitTaskRequest], max_items: int = DEFAULT_BATCH_ITEMS,
+                 max_bytes: int = MAX_BATCH_BYTES):
+        self.requests = requests
+        self.max_items = max_items
+        self.max_bytes = max_bytes
+        self.task_ids: list[str | None] = [None] * len(requests)
+        self.refused: dict[int, RefusedItem] = {}
+
+    def chunks(self) -> Iterator[list[int]]:
+        """Indexes of the items, in order, in chunks of at most max_items and max_bytes."""
+        chunk: list[int] = []
+        size = 0
+        for index, request in enumerate(self.requests):
+            item_size = request.ByteSize() + 8
+            if chunk and (len(chunk) >= self.max_items or size + item_size > self.max_bytes):
+                yield chunk
+                chunk, size = [], 0
+            chunk.append(index)
+            size += item_size
+        if chunk:
+            yield chunk
+
+    def request(self, indexes: list[int]) -> task_queue_pb2.SubmitTasksRequest:
+        return task_queue_pb2.SubmitTasksRequest(items=[self.requests[i] for i in indexes])
+
+    def record(self, indexes: list[int], response: task_queue_pb2.SubmitTasksResponse) -> list[int]:
+        """Take a response to `request(indexes)`; return the items to send again."""
+        if len(response.results) != len(indexes):
+            raise QMError(f"qm-server answered {len(response.results)} results for {len(indexes)} items")
+        again = []
+        for index, result in zip(indexes, response.results):
+            code = grpc.StatusCode.OK if result.code == 0 else _status_code(result.code)
+            if code is grpc.StatusCode.OK:
+                self.task_ids[index] = result.task_id
+                self.refused.pop(index, None)
+            else:
+                self.refuse([index], code, result.message)
+                if code in FAILOVER_CODES:
+                    again.append(index)
+        return again
+
+    def refuse(self, indexes: Iterable[int], code: grpc.StatusCode, message: str) -> None:
+        for index in indexes:
+            self.refused[index] = RefusedItem(index, self.requests[index].type, code.name, message)
+
+    def give_up(self, error: RemoteError) -> None:
+        """A call failed for good: re-raise it if nothing was accepted, else every item not
+        accepted (nor refused for a reason of its own) is refused with it."""
+        if all(task_id is None for task_id in self.task_ids):
+            raise error
+        for index, task_id in enumerate(self.task_ids):
+            refused = self.refused.get(index)
+            if task_id is None and (refused is None or refused.code == grpc.StatusCode.UNAVAILABLE.name):
+                self.refused[index] = RefusedItem(index, self.requests[index].type, error.code.name,
+                                                  str(error))
+
+    def task_ids_or_raise(self) -> list[str]:
+        """The ids in order, or BatchError naming each refused item (accepted ids on it)."""
+        if self.refused:
+            raise BatchError(self.task_ids, [self.refused[index] for index in sorted(self.refused)])
+        return list(self.task_ids)  # type: ignore[arg-type]
+
+
+def _status_code(number: int) -> grpc.StatusCode:
+    for code in grpc.StatusCode:
+        if code.value[0] == number:
+            return code
+    return grpc.StatusCode.UNKNOWN
+
+
+# -- statuses ----------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class TaskStatus:
+    """A task's state as the server reports it; times are seconds since the epoch or None."""
+
+    task_id: str
+    type: str
+    queue: str
+    state: str
+    attempts: int
+    result: Any
+    error: str
+    worker: str
+    created_at: float | None
+    started_at: float | None
+    finished_at: float | None
+    updated_at: float | None
+    timeout_s: float = 0.0         # effective hard time limit
+    memory_limit_mb: int = 0       # effective memory limit; 0 = none
+    max_retries: int = 0           # effective retry budget
+    next_attempt_at: float | None = None  # while RETRYING
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL_STATE_NAMES
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data = {"id": data.pop("task_id"), **data}
+        if isinstance(self.result, bytes):
+            data["result"] = self.result.hex()
+        return data
+
+
+@dataclasses.dataclass(frozen=True)
+class DeadLetter:
+    task_id: str
+    type: str
+    queue: str
+    state: str
+    attempts: int
+    reason: str
+    error: str
+    dead_at: float | None
+
+
+def _seconds(timestamp) -> float | None:
+    return timestamp.ToNanoseconds() / 1e9 if timestamp.ByteSize() else None
+
+
+def status_from_proto(status: task_queue_pb2.TaskStatus) -> TaskStatus:
+    return TaskStatus(
+        task_id=status.task_id, type=status.type, queue=status.queue,
+        state=state_name(status.state), attempts=status.attempts,
+        result=(decode_result(status.codec, status.result)
+                if status.state == task_queue_pb2.TASK_STATE_SUCCEEDED else None),
+        error=status.error, worker=status.worker, created_at=_seconds(status.created_at),
+        started_at=_seconds(status.started_at), finished_at=_seconds(status.finished_at),
+        updated_at=_seconds(status.updated_at), timeout_s=status.timeout_s,
+        memory_limit_mb=status.memory_limit_mb, max_retries=status.max_retries,
+        next_attempt_at=_seconds(status.next_attempt_at))
+
+
+def final_value(task_id: str, last: TaskStatus | None) -> Any:
+    """What result() returns for a task whose last status is `last`: its result, or TaskError."""
+    if last is None or not last.terminal:  # the server ends a stream only at a final state
+        raise QMError(f"status stream for task {task_id} ended before the task did")
+    if last.state != "SUCCEEDED":
+        raise TaskError(task_id, last.state, last.error)
+    return last.result
+
+
+def workers_from_proto(response: task_queue_pb2.ListWorkersResponse) -> list[dict[str, Any]]:
+    return [{"worker_id": w.worker_id, "host": w.host, "pid": w.pid, "procs": w.procs, "busy": w.busy,
+             "queues": list(w.queues), "types": list(w.types), "version": w.version, "state": w.state,
+             "last_seen": _seconds(w.last_seen)} for w in response.workers]
+
+
+def task_types_from_proto(response: task_queue_pb2.ListTaskTypesResponse
+                          ) -> tuple[list[dict[str, Any]], list[str]]:
+    types = [{"name": t.name, "codec": t.codec, "description": t.description,
+              "default_timeout_s": t.default_timeout_s, "max_timeout_s": t.max_timeout_s,
+              "default_memory_limit_mb": t.default_memory_limit_mb,
+              "max_memory_limit_mb": t.max_memory_limit_mb, "default_max_retries": t.default_max_retries}
+             for t in response.types]
+    return types, list(response.plugin_errors)
+
+
+def dead_letters_from_proto(response: task_queue_pb2.ListDeadLettersResponse) -> tuple[list[DeadLetter], int]:
+    letters = [DeadLetter(d.task_id, d.type, d.queue, state_name(d.state), d.attempts,
+                          d.reason, d.error, _seconds(d.dead_at)) for d in response.dead_letters]
+    return letters, response.total
+
+
+# -- following tasks, across server restarts -----------------------------------------------
+
+class Follow:
+    """One wait over tasks (watch, result, results), over as many streams as it takes.
+
+    A stream that ends before every task is terminal (UNAVAILABLE: the server was killed or
+    is restarting; or a clean end: it is shutting down) is opened again, on the next
+    address, with the ids still open; the server sends each one's current state first, so
+    nothing is missed, and states already delivered are skipped. A client no server ever
+    answered fails after one round over the addresses (a wrong address fails at once);
+    once one has, a wait rides out up to `reconnect_s` without any server, and the
+    caller's `timeout_s` bounds everything (WaitTimeout).
+    """
+
+    def __init__(self, task_ids: Iterable[str], failover: Failover, timeout_s: float | None,
+                 reconnect_s: float, clock: Callable[[], float] = time.monotonic):
+        self.open = dict.fromkeys(task_ids)             # ids not yet terminal, in order
+        self.timeout_s = timeout_s
+        self._delivered: dict[str, set[tuple]] = {}
+        self._clock = clock
+        self._deadline = None if timeout_s is None else clock() + timeout_s
+        self._attempts = Attempts(failover, reconnect_s if failover.reached else 0.0, clock)
+        self._reconnect_s = reconnect_s
+        self.resumed = 0                                 # streams opened again
+
+    @property
+    def done(self) -> bool:
+        return not self.open
+
+    @property
+    def address(self) -> str:
+        return self._attempts.address
+
+    def requests(self) -> list[task_queue_pb2.StreamTaskResultsRequest]:
+        ids = list(self.open)
+        return [task_queue_pb2.StreamTaskResultsRequest(task_ids=ids[i:i + FOLLOW_IDS_PER_REQUEST])
+                for i in range(0, len(ids), FOLLOW_IDS_PER_REQUEST)]
+
+    def call_timeout(self) -> float | None:
+        """The stream's gRPC deadline: what is left of the caller's; WaitTimeout if nothing is."""
+        if self._deadline is None:
+            return None
+        left = self._deadline - self._clock()
+        if left <= 0:
+            raise self.timed_out()
+        return left
+
+    def timed_out(self) -> WaitTimeout:
+        return WaitTimeout(list(self.open), self.timeout_s or 0.0)
+
+    def accept(self, proto: task_queue_pb2.TaskStatus) -> TaskStatus | None:
+        """A status from the stream: the TaskStatus to deliver, or None if already delivered."""
+        self._attempts.window_s = self._reconnect_s  # a server answered: ride out its loss
+        self._attempts.reached()
+        key = (proto.state, proto.attempts, proto.updated_at.seconds, proto.updated_at.nanos)
+        seen = self._delivered.setdefault(proto.task_id, set())
+        if proto.task_id not in self.open or key in seen:
+            return None
+        seen.add(key)
+        status = status_from_proto(proto)
+        if status.terminal:
+            del self.open[proto.task_id]
+            self._delivered.pop(proto.task_id, None)
+        return status
+
+    def interrupted(self, address: str, code: grpc.StatusCode | None, details: str | None) -> float:
+        """The stream from `address` ended (code None: cleanly) with tasks still open: the
+        pause before opening it again; raises WaitTimeout or RemoteError when it cannot go on."""
+        if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+            raise self.timed_out()
+        delay_s = self._attempts.failed(address, code or grpc.StatusCode.UNAVAILABLE,
+                                        details or "the stream ended before the tasks did")
+        if self._deadline is not None and self._clock() + delay_s >= self._deadline:
+            raise self.timed_out()
+        self.resumed += 1
+        return delay_s

@@ -1,0 +1,108 @@
+"""Batch submission the way a user with many tasks works (issue 9, item 4): submit_many
+over the SubmitTasks RPC, results(ids) as each finishes. Idempotency keys reused for
+another request are refused (issue 17, part 2). Real qm-server, qm-worker and RabbitMQ."""
+from __future__ import annotations
+
+import uuid
+
+import grpc
+import pytest
+
+import qm
+from qm.client.client import RemoteError
+from qm.errors import BatchError
+from tests.processes import run_qm, wait_until
+
+#: Bound on tasks finishing.
+RESULT_TIMEOUT_S = 90.0
+
+
+def test_submit_many_returns_the_ids_in_order_and_each_task_runs(stack):
+    payloads = [f"{i} * 3" for i in range(40)]
+
+    ids = stack.client.submit_many([("math", payload) for payload in payloads], queue=stack.queue)
+
+    assert len(ids) == 40 and len(set(ids)) == 40
+    finals = {status.task_id: status for status in stack.client.results(ids, timeout_s=RESULT_TIMEOUT_S)}
+    assert [finals[task_id].result for task_id in ids] == [str(i * 3) for i in range(40)]
+
+
+def test_a_refused_item_names_itself_and_the_accepted_ones_run(stack):
+    items = [("test.echo", "first"), ("math", "1 +"), ("no.such.type", "x"), ("test.echo", "last")]
+
+    with pytest.raises(BatchError) as caught:
+        stack.client.submit_many(items, queue=stack.queue)
+
+    error = caught.value
+    assert [(item.index, item.code) for item in error.refused] == [(1, "INVALID_ARGUMENT"), (2, "INVALID_ARGUMENT")]
+    assert "item 1 (math)" in str(error) and "item 2 (no.such.type)" in str(error) and "no.such.type" in str(error)
+    assert error.task_ids[1] is None and error.task_ids[2] is None and len(error.accepted_ids) == 2
+    assert [stack.client.result(task_id, timeout_s=RESULT_TIMEOUT_S) for task_id in error.accepted_ids] == \
+        ["first", "last"]
+
+
+def test_a_batch_sent_again_with_its_key_is_the_same_tasks(stack):
+    key = f"batch-{uuid.uuid4().hex}"
+    items = [("test.echo", f"item {i}") for i in range(5)]
+
+    first = stack.client.submit_many(items, queue=stack.queue, idempotency_key=key)
+    again = stack.client.submit_many(items, queue=stack.queue, idempotency_key=key)
+
+    assert again == first
+    assert stack.client.result(first[4], timeout_s=RESULT_TIMEOUT_S) == "item 4"
+
+
+def test_results_yields_a_fast_task_before_a_slow_one_finishes(stack):
+    slow = stack.client.submit("test.sleep", "6", queue=stack.queue)
+    fast = stack.client.submit("test.echo", "fast", queue=stack.queue)
+
+    finished = stack.client.results([slow, fast], timeout_s=RESULT_TIMEOUT_S)
+    first = next(finished)
+    slow_then = stack.client.status(slow).state
+    second = next(finished)
+
+    assert (first.task_id, first.state, first.result) == (fast, "SUCCEEDED", "fast")
+    assert slow_then in ("QUEUED", "RUNNING"), "the fast result came only after the slow task ended"
+    assert (second.task_id, second.result) == (slow, "6")
+    assert next(finished, None) is None
+
+
+# -- idempotency keys --------------------------------------------------------------------
+
+def test_a_key_reused_for_another_request_is_refused_naming_it(stack):
+    key = f"reused-{uuid.uuid4().hex}"
+    first = stack.client.submit("math", "1 + 1", queue=stack.queue, idempotency_key=key)
+
+    with pytest.raises(RemoteError) as caught:
+        stack.client.submit("math", "2 + 2", queue=stack.queue, idempotency_key=key)
+    assert caught.value.code is grpc.StatusCode.FAILED_PRECONDITION
+    assert key in str(caught.value) and "another request" in str(caught.value) and first in str(caught.value)
+    assert stack.client.submit("math", "1 + 1", queue=stack.queue, idempotency_key=key) == first
+    assert stack.client.result(first, timeout_s=RESULT_TIMEOUT_S) == "2"
+
+    refused = run_qm("submit", "-T", "math", "-P", "3 + 3", "--queue", stack.queue, "--idempotency-key", key,
+                     server=stack.server.address)
+    assert refused.returncode == 1 and "another request" in refused.stderr and refused.stdout == "", refused
+
+
+def test_a_key_is_free_again_once_retention_forgot_its_task(rabbitmq, launcher):
+    queue = launcher.queue(rabbitmq.url)
+    server = launcher.server(rabbitmq.url, env={"QM_SERVER__RETENTION_S": "1"})
+    launcher.worker(rabbitmq.url, procs=1, queues=queue)
+    key = f"short-lived-{uuid.uuid4().hex}"
+    with qm.Client(server.address) as client:
+        first = client.submit("math", "1 + 1", queue=queue, idempotency_key=key)
+        assert client.result(first, timeout_s=RESULT_TIMEOUT_S) == "2"
+        wait_until(lambda: _forgotten(client, first), RESULT_TIMEOUT_S, message="the task forgotten by retention")
+
+        second = client.submit("math", "2 + 2", queue=queue, idempotency_key=key)
+        assert second != first
+        assert client.result(second, timeout_s=RESULT_TIMEOUT_S) == "4"
+
+
+def _forgotten(client: qm.Client, task_id: str) -> bool:
+    try:
+        client.status(task_id)
+        return False
+    except RemoteError as exc:
+        return exc.code is grpc.StatusCode.NOT_FOUND
