@@ -8,6 +8,9 @@ def __getattr__(name: str):
     if name == "Client":
         from qm.client.client import Client
         return Client
+    if name == "aio":
+        import qm.aio
+        return qm.aio
     if name == "Executor":
         from qm.executor import Executor
         return Executor

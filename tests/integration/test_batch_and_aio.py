@@ -1,16 +1,19 @@
-"""Batch submission the way a user with many tasks works (issue 9, item 4): submit_many
-over the SubmitTasks RPC, results(ids) as each finishes. Idempotency keys reused for
-another request are refused (issue 17, part 2). Real qm-server, qm-worker and RabbitMQ."""
+"""Batch and async submission the way a user with many tasks works (issue 9, item 4):
+submit_many over the SubmitTasks RPC, results(ids) as each finishes, and qm.aio.Client
+with the methods of qm.Client. Idempotency keys reused for another request are refused
+(issue 17, part 2). Real qm-server, qm-worker and RabbitMQ."""
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import grpc
 import pytest
 
 import qm
+import qm.aio
 from qm.client.client import RemoteError
-from qm.errors import BatchError
+from qm.errors import BatchError, TaskError
 from tests.processes import run_qm, wait_until
 
 #: Bound on tasks finishing.
@@ -106,3 +109,44 @@ def _forgotten(client: qm.Client, task_id: str) -> bool:
         return False
     except RemoteError as exc:
         return exc.code is grpc.StatusCode.NOT_FOUND
+
+
+# -- qm.aio.Client -------------------------------------------------------------------------
+
+def test_the_asyncio_client_has_the_methods_of_the_blocking_one(stack, launcher):
+    idle_queue = launcher.queue(stack.broker_url)  # no worker: its task stays QUEUED until cancelled
+
+    async def body():
+        async with qm.aio.Client(stack.server.address) as client:
+            task_id = await client.submit("math", "1 + 2 * 5", queue=stack.queue)
+            assert await client.result(task_id, timeout_s=RESULT_TIMEOUT_S) == "11"
+            assert (await client.status(task_id)) == stack.client.status(task_id)
+            assert [s.state async for s in client.watch([task_id])] == ["SUCCEEDED"]
+
+            ids = await client.submit_many([("math", "2 * 2"), ("test.fail", "on purpose")], queue=stack.queue)
+            finals = {s.task_id: s async for s in client.results(ids, timeout_s=RESULT_TIMEOUT_S)}
+            assert (finals[ids[0]].result, finals[ids[1]].state) == ("4", "FAILED")
+            with pytest.raises(TaskError, match="on purpose"):
+                await client.result(ids[1])
+            with pytest.raises(BatchError) as caught:
+                await client.submit_many([("math", "1"), ("math", "1 +")], queue=stack.queue)
+            assert len(caught.value.accepted_ids) == 1 and caught.value.refused[0].index == 1
+
+            queued = await client.submit("test.echo", "never", queue=idle_queue)
+            assert (await client.cancel(queued)).state == "CANCELLED"
+            assert await client.task_types() == stack.client.task_types()
+            assert {w["worker_id"] for w in await client.workers()} == \
+                {w["worker_id"] for w in stack.client.workers()}
+            wait_until(lambda: stack.client.dead_letters()[1] == 1, RESULT_TIMEOUT_S, message="the dead letter")
+            letters, total = await client.dead_letters()
+            assert total == 1 and letters[0].task_id == ids[1] and letters == stack.client.dead_letters()[0]
+            with pytest.raises(RemoteError) as missing:
+                await client.requeue_dead_letters(["no-such-task"])
+            assert missing.value.code is grpc.StatusCode.NOT_FOUND
+            assert await client.purge_dead_letters() >= 0
+            with pytest.raises(RemoteError) as reused:
+                await client.submit("math", "1", idempotency_key="k-aio", queue=stack.queue)
+                await client.submit("math", "2", idempotency_key="k-aio", queue=stack.queue)
+            assert reused.value.code is grpc.StatusCode.FAILED_PRECONDITION
+
+    asyncio.run(asyncio.wait_for(body(), RESULT_TIMEOUT_S * 2))

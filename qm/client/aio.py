@@ -1,0 +1,171 @@
+"""qm.aio.Client: the asyncio client of qm-server (grpc.aio), with qm.Client's methods.
+
+    async with qm.aio.Client(server="127.0.0.1:50051") as client:
+        task_id = await client.submit("math", "1 + 2 * 5")
+        print(await client.result(task_id, timeout_s=30))   # 11
+        async for status in client.watch([task_id]):
+            print(status.state)
+
+Requests, conversions, errors, retries, failover and the resume of waits are the pieces
+of qm/client/common.py that qm.Client uses too; this module only awaits where that one
+blocks. Channels open on first use, on the running event loop.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Any, AsyncIterator, Iterable, Sequence
+
+import grpc
+
+from qm._proto.qm.v1 import task_queue_pb2, task_queue_pb2_grpc
+from qm.client.common import (CHANNEL_OPTIONS, DEFAULT_BATCH_ITEMS, DEFAULT_CALL_TIMEOUT_S,
+                              DEFAULT_RECONNECT_S, DEFAULT_SUBMIT_RETRY_S, Attempts, Batch, DeadLetter,
+                              Failover, Follow, RemoteError, TaskStatus, batch_requests,
+                              dead_letters_from_proto, final_value, parse_servers, status_from_proto,
+                              submit_request, task_types_from_proto, workers_from_proto)
+
+
+class Client:
+    """Connections to one or more qm-servers for one event loop; `async with` it, or
+    `await close()`. Same options and methods as qm.Client, awaited."""
+
+    def __init__(self, server: str | Sequence[str] = "127.0.0.1:50051",
+                 call_timeout_s: float = DEFAULT_CALL_TIMEOUT_S,
+                 submit_retry_s: float = DEFAULT_SUBMIT_RETRY_S, reconnect_s: float = DEFAULT_RECONNECT_S,
+                 batch_items: int = DEFAULT_BATCH_ITEMS):
+        self.servers = parse_servers(server)
+        self.server = ",".join(self.servers)
+        self.call_timeout_s = call_timeout_s
+        self.submit_retry_s = submit_retry_s
+        self.reconnect_s = reconnect_s
+        self.batch_items = batch_items
+        self._failover = Failover(self.servers)
+        self._channels: dict[str, tuple[grpc.aio.Channel, task_queue_pb2_grpc.TaskQueueStub]] = {}
+
+    async def close(self) -> None:
+        channels, self._channels = list(self._channels.values()), {}
+        for channel, _stub in channels:
+            await channel.close()
+
+    async def __aenter__(self) -> "Client":
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.close()
+
+    def _stub_at(self, address: str) -> task_queue_pb2_grpc.TaskQueueStub:
+        if address not in self._channels:
+            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            self._channels[address] = (channel, task_queue_pb2_grpc.TaskQueueStub(channel))
+        return self._channels[address][1]
+
+    async def _call(self, method: str, request, window_s: float = 0.0):
+        """A unary call, failing over between the servers on UNAVAILABLE (for `window_s`)."""
+        attempts = Attempts(self._failover, window_s)
+        while True:
+            address = attempts.address
+            try:
+                stub_method = getattr(self._stub_at(address), method)
+                response = await stub_method(request, timeout=self.call_timeout_s, wait_for_ready=False)
+                attempts.reached()
+                return response
+            except grpc.RpcError as exc:
+                delay_s = attempts.failed(address, exc.code(), exc.details() or "")
+            await asyncio.sleep(delay_s)
+
+    # -- submitting ----------------------------------------------------------------------
+
+    async def submit(self, type: str, payload: Any, **options) -> str:
+        """qm.Client.submit, awaited: the task's id once it is durable."""
+        request = submit_request(type, payload, **options)
+        return (await self._call("SubmitTask", request, self.submit_retry_s)).task_id
+
+    async def submit_many(self, items: Iterable[tuple], **options) -> list[str]:
+        """qm.Client.submit_many, awaited: the ids in order, or qm.errors.BatchError."""
+        batch = Batch(batch_requests(items, options), self.batch_items)
+        try:
+            for chunk in batch.chunks():
+                await self._submit_chunk(batch, chunk)
+        except RemoteError as exc:
+            batch.give_up(exc)
+        return batch.task_ids_or_raise()
+
+    async def _submit_chunk(self, batch: Batch, chunk: list[int]) -> None:
+        attempts = Attempts(self._failover, self.submit_retry_s)
+        while True:
+            address = attempts.address
+            try:
+                response = await self._stub_at(address).SubmitTasks(batch.request(chunk),
+                                                                    timeout=self.call_timeout_s)
+                self._failover.reached = True
+                chunk = batch.record(chunk, response)
+                if not chunk:
+                    return
+                code, details = grpc.StatusCode.UNAVAILABLE, batch.refused[chunk[0]].message
+            except grpc.RpcError as exc:
+                code, details = exc.code(), exc.details() or ""
+            await asyncio.sleep(attempts.failed(address, code, details))
+
+    # -- following -----------------------------------------------------------------------
+
+    async def watch(self, task_ids: Iterable[str],
+                    timeout_s: float | None = None) -> AsyncIterator[TaskStatus]:
+        """qm.Client.watch as an async iterator: resumed across server restarts and
+        failover, no state delivered twice, WaitTimeout at `timeout_s`."""
+        follow = Follow(task_ids, self._failover, timeout_s, self.reconnect_s)
+        while not follow.done:
+            address = follow.address
+            call = self._stub_at(address).StreamTaskResults(follow.requests(), timeout=follow.call_timeout())
+            code = details = None
+            try:
+                async for response in call:
+                    status = follow.accept(response.status)
+                    if status is not None:
+                        yield status
+            except grpc.RpcError as exc:
+                code, details = exc.code(), exc.details()
+            finally:
+                call.cancel()
+            if not follow.done:
+                await asyncio.sleep(follow.interrupted(address, code, details))
+
+    async def results(self, task_ids: Iterable[str],
+                      timeout_s: float | None = None) -> AsyncIterator[TaskStatus]:
+        """The final status of each task as it finishes, over one (resumed) stream."""
+        async for status in self.watch(task_ids, timeout_s):
+            if status.terminal:
+                yield status
+
+    async def result(self, task_id: str, timeout_s: float | None = None) -> Any:
+        """Wait for the task; return its result, or raise TaskError (or WaitTimeout)."""
+        last = None
+        async for last in self.results([task_id], timeout_s):
+            pass
+        return final_value(task_id, last)
+
+    # -- one call each -------------------------------------------------------------------
+
+    async def status(self, task_id: str) -> TaskStatus:
+        request = task_queue_pb2.GetTaskStatusRequest(task_id=task_id)
+        return status_from_proto((await self._call("GetTaskStatus", request)).status)
+
+    async def cancel(self, task_id: str) -> TaskStatus:
+        request = task_queue_pb2.CancelTaskRequest(task_id=task_id)
+        return status_from_proto((await self._call("CancelTask", request)).status)
+
+    async def workers(self) -> list[dict[str, Any]]:
+        return workers_from_proto(await self._call("ListWorkers", task_queue_pb2.ListWorkersRequest()))
+
+    async def task_types(self) -> tuple[list[dict[str, Any]], list[str]]:
+        return task_types_from_proto(await self._call("ListTaskTypes", task_queue_pb2.ListTaskTypesRequest()))
+
+    async def dead_letters(self, limit: int = 100) -> tuple[list[DeadLetter], int]:
+        request = task_queue_pb2.ListDeadLettersRequest(limit=limit)
+        return dead_letters_from_proto(await self._call("ListDeadLetters", request))
+
+    async def requeue_dead_letters(self, task_ids: Iterable[str] = (), all: bool = False) -> dict[str, str]:
+        request = task_queue_pb2.RequeueDeadLettersRequest(task_ids=list(task_ids), all=all)
+        return dict((await self._call("RequeueDeadLetters", request)).new_task_ids)
+
+    async def purge_dead_letters(self) -> int:
+        return (await self._call("PurgeDeadLetters", task_queue_pb2.PurgeDeadLettersRequest())).purged
