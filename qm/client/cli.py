@@ -2,11 +2,12 @@
 
 Exit codes: 0 success; 1 a task did not succeed (--wait, watch) or a server-side error;
 2 bad input (usage, unknown type, invalid payload, bad config); 3 server or broker
-unreachable; 130 interrupted.
+unreachable; 124 --wait-timeout expired; 130 interrupted.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -14,18 +15,22 @@ import logging
 import os
 import signal
 import sys
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import grpc
 
 from qm.client.client import Client, RemoteError, TaskStatus
 from qm.config import load_config
-from qm.errors import ConfigError, TaskError, ValidationError
+from qm.errors import BatchError, ConfigError, TaskError, ValidationError, WaitTimeout
 
 EXIT_TASK_FAILED, EXIT_BAD_INPUT, EXIT_UNAVAILABLE, EXIT_INTERRUPTED = 1, 2, 3, 130
+#: --wait-timeout expired (what timeout(1) returns).
+EXIT_TIMEOUT = 124
 
 EPILOG = """examples:
   qm submit -T math -P "1 + 2 * 5" --wait      prints 11
+  qm submit -T math --from-file exprs.txt      one task per line; prints the ids in order
+  qm submit -T math --from-file - --wait       from stdin; prints the results in order
   qm status TASK_ID --json
   qm watch TASK_ID [TASK_ID ...]
   qm cancel TASK_ID
@@ -34,14 +39,19 @@ EPILOG = """examples:
   qm dead list | qm dead requeue TASK_ID... | --all | qm dead purge
 
 The server address comes from --server, else QM_CLIENT__SERVER, else client.server in the
-config file (--config or QM_CONFIG), else 127.0.0.1:50051.
-exit codes: 0 ok, 1 task did not succeed / server error, 2 bad input, 3 unreachable, 130 interrupted"""
+config file (--config or QM_CONFIG), else 127.0.0.1:50051. Several, comma-separated
+(a:50051,b:50051): each call fails over to the next when one cannot be reached, and a
+wait (--wait, watch) rides out a server restart.
+exit codes: 0 ok, 1 task did not succeed / server error, 2 bad input, 3 unreachable,
+124 --wait-timeout expired, 130 interrupted"""
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qm", description="QueueMaster command-line client.",
                                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--server", metavar="HOST:PORT", help="qm-server address (client.server)")
+    parser.add_argument("--server", metavar="HOST:PORT[,...]",
+                        help="qm-server address, or several comma-separated to fail over between "
+                             "(client.server)")
     parser.add_argument("--config", metavar="PATH", help="YAML config file (default: $QM_CONFIG, else none)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -49,8 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="Submit a task. The server validates the type and payload "
                                              "before accepting; the id is printed once the task is durable.")
     submit.add_argument("-T", "--type", required=True, help="task type, e.g. math")
-    submit.add_argument("-P", "--payload", required=True,
-                        help="payload text for the task type (e.g. an expression); - reads stdin")
+    payload = submit.add_mutually_exclusive_group(required=True)
+    payload.add_argument("-P", "--payload",
+                         help="payload text for the task type (e.g. an expression); - reads stdin")
+    payload.add_argument("--from-file", metavar="FILE",
+                         help="one task per line of FILE (- reads stdin), blank lines skipped, sent in "
+                              "batches (SubmitTasks); prints one id per line in order; a refused line is "
+                              "named by its number on stderr and the others are still submitted")
     submit.add_argument("--queue", default="", help="logical queue (default: default)")
     submit.add_argument("--timeout", metavar="S", type=float, default=0.0,
                         help="hard time limit in seconds; the task is killed at it (TIMED_OUT). "
@@ -69,13 +84,18 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--no-retry-jitter", dest="retry_jitter", action="store_false", default=None,
                         help="exact retry delays (default: each scaled by a random factor in [0.5, 1])")
     submit.add_argument("--idempotency-key", metavar="KEY",
-                        help="a repeated submit with the same key returns the first task instead of a new one "
-                             "(default: a fresh key, reused by this command's own retries)")
+                        help="a repeated submit with the same key (and the same request) returns the first "
+                             "task instead of a new one; with --from-file, line N gets KEY/N (default: a "
+                             "fresh key, reused by this command's own retries)")
     submit.add_argument("--retry-for", metavar="S", type=float, default=30.0,
                         help="keep retrying while the server or its broker is unavailable, up to S seconds "
                              "(default 30; 0 = fail at once)")
     submit.add_argument("--wait", action="store_true",
-                        help="wait for the task and print its result; exit 0 only if it SUCCEEDED")
+                        help="wait for the task(s) and print the result(s), in order; exit 0 only if all "
+                             "SUCCEEDED. Rides out a restart of the server")
+    submit.add_argument("--wait-timeout", metavar="S", type=float,
+                        help="with --wait: stop waiting after S seconds, print the id(s) still running and "
+                             "exit 124 (the tasks go on; follow them with qm watch)")
     submit.add_argument("--json", action="store_true", help="print JSON (the task id, or its full status with --wait)")
 
     status = commands.add_parser("status", help="show a task's state, attempts, result, error, times, worker",
@@ -88,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                                             "every change. Exits when all are terminal: 0 if all "
                                             "SUCCEEDED, else 1.")
     watch.add_argument("task_ids", metavar="ID", nargs="+", help="task ids to follow")
+    watch.add_argument("--wait-timeout", metavar="S", type=float,
+                       help="stop after S seconds; the ids still running are named on stderr; exit 124")
     watch.add_argument("--json", action="store_true", help="print one JSON object per change")
 
     workers = commands.add_parser("workers", help="list workers: host, pid, procs, busy, queues, types, last seen",
@@ -138,8 +160,8 @@ def _when(seconds: float | None) -> str:
     return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).isoformat(timespec="milliseconds")
 
 
-def _as_json(status: TaskStatus) -> str:
-    data = status.to_dict()
+def _as_json(status: TaskStatus, extra: dict | None = None) -> str:
+    data = {**(extra or {}), **status.to_dict()}
     for key in ("created_at", "started_at", "finished_at", "updated_at"):
         data[key] = _when(data[key]) if data[key] is not None else None
     return json.dumps(data)
@@ -169,26 +191,122 @@ def _change_line(status: TaskStatus) -> str:
 
 
 def cmd_submit(client: Client, args) -> int:
-    payload = sys.stdin.read() if args.payload == "-" else args.payload
     client.submit_retry_s = args.retry_for
-    task_id = client.submit(args.type, payload, queue=args.queue, timeout_s=args.timeout,
-                            memory_limit_mb=args.memory_limit, max_retries=args.max_retries,
-                            retry_backoff_s=args.retry_backoff, retry_backoff_max_s=args.retry_backoff_max,
-                            retry_jitter=args.retry_jitter, retry_on_timeout=args.retry_on_timeout,
-                            idempotency_key=args.idempotency_key)
+    options = dict(queue=args.queue, timeout_s=args.timeout, memory_limit_mb=args.memory_limit,
+                   max_retries=args.max_retries, retry_backoff_s=args.retry_backoff,
+                   retry_backoff_max_s=args.retry_backoff_max, retry_jitter=args.retry_jitter,
+                   retry_on_timeout=args.retry_on_timeout)
+    if args.from_file is not None:
+        return _submit_lines(client, args, options)
+    payload = sys.stdin.read() if args.payload == "-" else args.payload
+    task_id = client.submit(args.type, payload, idempotency_key=args.idempotency_key, **options)
     if not args.wait:
         print(json.dumps({"id": task_id}) if args.json else task_id)
         return 0
-    final = None
-    for final in client.watch([task_id]):
-        pass
+    try:
+        final = next(client.results([task_id], args.wait_timeout))
+    except WaitTimeout as exc:
+        print(task_id)
+        print(f"qm: {exc}; it goes on: follow it with qm watch {task_id}", file=sys.stderr)
+        return EXIT_TIMEOUT
+    return EXIT_TASK_FAILED if _print_final(final, args) else 0
+
+
+def _print_final(final: TaskStatus, args, line: int | None = None) -> bool:
+    """Print a finished task as --wait does (its result, or its error on stderr); True if it
+    did not succeed."""
+    where = f"line {line}: " if line is not None else ""
     if args.json:
-        print(_as_json(final))
+        print(_as_json(final, {"line": line} if line is not None else {}))
     elif final.state == "SUCCEEDED":
         print(final.result if isinstance(final.result, str) else json.dumps(final.result))
-    else:
-        print(f"qm: task {task_id} ended {final.state}: {final.error}", file=sys.stderr)
-    return 0 if final.state == "SUCCEEDED" else EXIT_TASK_FAILED
+    if final.state != "SUCCEEDED":
+        print(f"qm: {where}task {final.task_id} ended {final.state}: {final.error}", file=sys.stderr)
+    return final.state != "SUCCEEDED"
+
+
+def _payload_lines(lines) -> Iterator[tuple[int, str]]:
+    """(line number, payload) of each line that is not blank."""
+    for number, line in enumerate(lines, 1):
+        payload = line.rstrip("\r\n")
+        if payload.strip():
+            yield number, payload
+
+
+def _batches(lines: Iterator[tuple[int, str]], size: int) -> Iterator[list[tuple[int, str]]]:
+    batch: list[tuple[int, str]] = []
+    for line in lines:
+        batch.append(line)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _submit_lines(client: Client, args, options: dict) -> int:
+    """--from-file: submit_many in batches as the lines come; print each accepted id in order
+    (unless waiting); name each refused line on stderr; then wait, with --wait."""
+    try:
+        source = contextlib.nullcontext(sys.stdin) if args.from_file == "-" else open(args.from_file,
+                                                                                      encoding="utf-8")
+    except OSError as exc:
+        print(f"qm: cannot read {args.from_file}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    with source as lines:
+        accepted, code = _submit_batches(client, args, options, _payload_lines(lines))
+    return max(code, _wait_lines(client, args, accepted)) if args.wait else code
+
+
+def _submit_batches(client: Client, args, options: dict,
+                    lines: Iterator[tuple[int, str]]) -> tuple[list[tuple[int, str]], int]:
+    accepted: list[tuple[int, str]] = []  # (line number, task id)
+    code = 0
+    for batch in _batches(lines, client.batch_items):
+        keys = [{"idempotency_key": f"{args.idempotency_key}/{number}"} if args.idempotency_key else {}
+                for number, _payload in batch]
+        try:
+            ids = client.submit_many([(args.type, payload, key) for (_, payload), key in zip(batch, keys)],
+                                     **options)
+        except BatchError as exc:
+            ids = exc.task_ids
+            for item in exc.refused:
+                print(f"qm: line {batch[item.index][0]}: {item.code}: {item.message}", file=sys.stderr)
+                code = max(code, EXIT_BAD_INPUT if item.code == "INVALID_ARGUMENT" else EXIT_TASK_FAILED)
+        except RemoteError:
+            print(f"qm: line {batch[0][0]} and after: not submitted", file=sys.stderr)
+            raise
+        for (number, _payload), task_id in zip(batch, ids):
+            if task_id is not None:
+                accepted.append((number, task_id))
+                if not args.wait:
+                    print(json.dumps({"line": number, "id": task_id}) if args.json else task_id, flush=True)
+    return accepted, code
+
+
+def _wait_lines(client: Client, args, accepted: list[tuple[int, str]]) -> int:
+    """--from-file --wait: print each result in the order of the lines, as soon as the ones
+    before it are printed too."""
+    order = [task_id for _number, task_id in accepted]
+    line_of = dict((task_id, number) for number, task_id in accepted)
+    finals: dict[str, TaskStatus] = {}
+    printed, failed = 0, False
+    try:
+        for final in client.results(order, args.wait_timeout):
+            finals[final.task_id] = final
+            while printed < len(order) and order[printed] in finals:
+                failed |= _print_final(finals[order[printed]], args, line_of[order[printed]])
+                printed += 1
+    except WaitTimeout as exc:
+        for task_id in order[printed:]:
+            if task_id in finals:
+                failed |= _print_final(finals[task_id], args, line_of[task_id])
+            else:
+                print(f"qm: line {line_of[task_id]}: task {task_id} not finished", file=sys.stderr)
+        print(f"qm: {len(exc.task_ids)} task(s) not finished within {exc.timeout_s:g} s; they go on: "
+              f"qm watch {' '.join(exc.task_ids)}", file=sys.stderr)
+        return EXIT_TIMEOUT
+    return EXIT_TASK_FAILED if failed else 0
 
 
 def cmd_status(client: Client, args) -> int:
@@ -199,10 +317,14 @@ def cmd_status(client: Client, args) -> int:
 
 def cmd_watch(client: Client, args) -> int:
     final: dict[str, str] = {}
-    for status in client.watch(args.task_ids):
-        print(_as_json(status) if args.json else _change_line(status), flush=True)
-        if status.terminal:
-            final[status.task_id] = status.state
+    try:
+        for status in client.watch(args.task_ids, args.wait_timeout):
+            print(_as_json(status) if args.json else _change_line(status), flush=True)
+            if status.terminal:
+                final[status.task_id] = status.state
+    except WaitTimeout as exc:
+        print(f"qm: {exc}; they go on: qm watch {' '.join(exc.task_ids)}", file=sys.stderr)
+        return EXIT_TIMEOUT
     return 0 if all(state == "SUCCEEDED" for state in final.values()) else EXIT_TASK_FAILED
 
 
