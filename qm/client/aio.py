@@ -19,20 +19,21 @@ import grpc
 
 from qm._proto.qm.v1 import task_queue_pb2, task_queue_pb2_grpc
 from qm.client.common import (CHANNEL_OPTIONS, DEFAULT_BATCH_ITEMS, DEFAULT_CALL_TIMEOUT_S,
-                              DEFAULT_RECONNECT_S, DEFAULT_SUBMIT_RETRY_S, Attempts, Batch, DeadLetter,
-                              Failover, Follow, RemoteError, TaskStatus, batch_requests,
+                              DEFAULT_MAX_IN_FLIGHT, DEFAULT_RECONNECT_S, DEFAULT_SUBMIT_RETRY_S, Attempts,
+                              Batch, DeadLetter, Failover, Follow, RemoteError, TaskStatus, batch_requests,
                               dead_letters_from_proto, final_value, parse_servers, status_from_proto,
                               submit_request, task_types_from_proto, workers_from_proto)
 
 
 class Client:
     """Connections to one or more qm-servers for one event loop; `async with` it, or
-    `await close()`. Same options and methods as qm.Client, awaited."""
+    `await close()`. Same options and methods as qm.Client, awaited; `max_in_flight`
+    bounds the unary calls in flight at once (the rest wait their turn)."""
 
     def __init__(self, server: str | Sequence[str] = "127.0.0.1:50051",
                  call_timeout_s: float = DEFAULT_CALL_TIMEOUT_S,
                  submit_retry_s: float = DEFAULT_SUBMIT_RETRY_S, reconnect_s: float = DEFAULT_RECONNECT_S,
-                 batch_items: int = DEFAULT_BATCH_ITEMS):
+                 batch_items: int = DEFAULT_BATCH_ITEMS, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT):
         self.servers = parse_servers(server)
         self.server = ",".join(self.servers)
         self.call_timeout_s = call_timeout_s
@@ -40,6 +41,7 @@ class Client:
         self.reconnect_s = reconnect_s
         self.batch_items = batch_items
         self._failover = Failover(self.servers)
+        self._in_flight = asyncio.Semaphore(max_in_flight)
         self._channels: dict[str, tuple[grpc.aio.Channel, task_queue_pb2_grpc.TaskQueueStub]] = {}
 
     async def close(self) -> None:
@@ -66,7 +68,8 @@ class Client:
             address = attempts.address
             try:
                 stub_method = getattr(self._stub_at(address), method)
-                response = await stub_method(request, timeout=self.call_timeout_s, wait_for_ready=False)
+                async with self._in_flight:
+                    response = await stub_method(request, timeout=self.call_timeout_s, wait_for_ready=False)
                 attempts.reached()
                 return response
             except grpc.RpcError as exc:
@@ -95,8 +98,9 @@ class Client:
         while True:
             address = attempts.address
             try:
-                response = await self._stub_at(address).SubmitTasks(batch.request(chunk),
-                                                                    timeout=self.call_timeout_s)
+                async with self._in_flight:
+                    response = await self._stub_at(address).SubmitTasks(batch.request(chunk),
+                                                                        timeout=self.call_timeout_s)
                 self._failover.reached = True
                 chunk = batch.record(chunk, response)
                 if not chunk:

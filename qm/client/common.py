@@ -44,6 +44,10 @@ RETRY_MAX_DELAY_S = 2.0
 DEFAULT_BATCH_ITEMS = 500
 #: Bytes of items per SubmitTasks call, under gRPC's 4 MiB message limit.
 MAX_BATCH_BYTES = 3 * 1024 * 1024
+#: Unary calls one asyncio client keeps in flight at once; more wait their turn. qm-server's
+#: gRPC core resets calls beyond about 1000 pending ones (grpc.server.max_pending_requests):
+#: `asyncio.gather` over thousands of submits would otherwise see some CANCELLED.
+DEFAULT_MAX_IN_FLIGHT = 256
 #: Task ids per StreamTaskResultsRequest message when following many.
 FOLLOW_IDS_PER_REQUEST = 1000
 #: gRPC channel options: after a server restart, reconnect within about a second rather than

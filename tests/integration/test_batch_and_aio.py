@@ -150,3 +150,16 @@ def test_the_asyncio_client_has_the_methods_of_the_blocking_one(stack, launcher)
             assert reused.value.code is grpc.StatusCode.FAILED_PRECONDITION
 
     asyncio.run(asyncio.wait_for(body(), RESULT_TIMEOUT_S * 2))
+
+
+def test_the_asyncio_client_takes_thousands_of_submits_at_once(stack, launcher):
+    """gRPC resets calls past about 1000 pending on the server; the client keeps its own
+    in flight under that, so a gather over 1500 submits gets 1500 ids."""
+    queue = launcher.queue(stack.broker_url)  # no worker: nothing runs
+
+    async def body() -> list[str]:
+        async with qm.aio.Client(stack.server.address) as client:
+            return await asyncio.gather(*(client.submit("test.echo", str(i), queue=queue) for i in range(1500)))
+
+    ids = asyncio.run(asyncio.wait_for(body(), RESULT_TIMEOUT_S * 2))
+    assert len(set(ids)) == 1500
