@@ -5,6 +5,7 @@ import pytest
 
 from qm import registry
 from qm.worker.child import run_job
+from qm.worker.jobs import Reply, ReplyKind
 from qm_examples import hash_chain, monte_carlo, primes
 
 TASK_TYPES = {"examples.primes": primes.TASK_TYPE, "examples.hash_chain": hash_chain.TASK_TYPE,
@@ -31,14 +32,14 @@ def test_declarations_pass_the_registry_checks():
 
 def test_a_worker_child_runs_them_from_payload_bytes_to_result_bytes():
     checked = registry.validate(TASK_TYPES.values())
-    ok = ("ok", b'{"below": 100, "count": 25}')
+    ok = Reply(ReplyKind.OK, b'{"below": 100, "count": 25}')
     assert run_job(checked, "examples.primes", b'{"below": 100}') == ok
-    assert run_job(checked, "examples.hash_chain", b"1:abc") == (
-        "ok", b"ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
-    kind, value = run_job(checked, "examples.monte_carlo_pi", b'{"samples": 100, "seed": 5}')
-    assert kind == "ok" and value.startswith(b'{"pi": ')
-    kind, error = run_job(checked, "examples.primes", b'{"below": 0}')
-    assert kind == "permanent" and "payload.below" in error
+    assert run_job(checked, "examples.hash_chain", b"1:abc") == Reply(
+        ReplyKind.OK, b"ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
+    reply = run_job(checked, "examples.monte_carlo_pi", b'{"samples": 100, "seed": 5}')
+    assert reply.kind is ReplyKind.OK and reply.value.startswith(b'{"pi": ')
+    reply = run_job(checked, "examples.primes", b'{"below": 0}')
+    assert reply.kind is ReplyKind.PERMANENT and "payload.below" in reply.value
 
 
 @needs_install
