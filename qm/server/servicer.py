@@ -86,7 +86,7 @@ class TaskQueueServicer(task_queue_pb2_grpc.TaskQueueServicer):
     @_maps_errors
     async def ListWorkers(self, request, context):
         response = task_queue_pb2.ListWorkersResponse()
-        for beat, seen_at, state in self.service.workers():
+        for beat, seen_at, state in self.service.workers.list():
             info = response.workers.add(worker_id=beat.worker_id, host=beat.host, pid=beat.pid, procs=beat.procs,
                                         busy=beat.busy, queues=beat.queues, types=beat.types,
                                         version=beat.version, state=state)
@@ -115,7 +115,7 @@ class TaskQueueServicer(task_queue_pb2_grpc.TaskQueueServicer):
 
     @_maps_errors
     async def ListDeadLetters(self, request, context):
-        letters, total = self.service.dead_letters(request.limit)
+        letters, total = self.service.dead_letters.list(request.limit)
         response = task_queue_pb2.ListDeadLettersResponse(total=total)
         for letter in letters:
             item = response.dead_letters.add(task_id=letter.task_id, type=letter.type, queue=letter.queue,
@@ -128,12 +128,12 @@ class TaskQueueServicer(task_queue_pb2_grpc.TaskQueueServicer):
     async def RequeueDeadLetters(self, request, context):
         if not request.all and not request.task_ids:
             raise ValidationError("task_ids", "name the dead letters to requeue, or set all")
-        renamed = await self.service.requeue_dead_letters(None if request.all else list(request.task_ids))
+        renamed = await self.service.dead_letters.requeue(None if request.all else list(request.task_ids))
         return task_queue_pb2.RequeueDeadLettersResponse(new_task_ids=renamed)
 
     @_maps_errors
     async def PurgeDeadLetters(self, request, context):
-        return task_queue_pb2.PurgeDeadLettersResponse(purged=self.service.purge_dead_letters())
+        return task_queue_pb2.PurgeDeadLettersResponse(purged=self.service.dead_letters.purge())
 
     @_maps_errors
     async def GetTaskStatus(self, request, context):

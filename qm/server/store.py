@@ -96,6 +96,13 @@ class TaskRecord:
     next_attempt_at: float | None = None  # while RETRYING
     starts: int = 0               # RUNNING events seen, redelivered ones too (poison detection)
 
+    @classmethod
+    def queued(cls, task_id: str, type: str, queue: str, codec: str, at_s: float, timeout_s: float = 0.0,
+               memory_limit_mb: int = 0, idempotency_key: str = "", max_retries: int = 0) -> TaskRecord:
+        """A task just accepted (or first heard of), QUEUED at `at_s`."""
+        return cls(task_id, type, queue, codec, TaskState.QUEUED, 0, None, "", "", at_s, None, None, at_s,
+                   timeout_s, memory_limit_mb, idempotency_key, max_retries)
+
 
 @dataclasses.dataclass(frozen=True)
 class DeadLetter:
@@ -306,8 +313,7 @@ def _is_new_start(current: TaskRecord | None, event: TaskEvent) -> bool:
 def _next_record(current: TaskRecord | None, event: TaskEvent, codec: str) -> TaskRecord | None:
     """The record after the event, or None when the event changes nothing."""
     if current is None:
-        current = TaskRecord(event.task_id, event.type, event.queue, codec, TaskState.QUEUED, 0,
-                             None, "", "", event.at_s, None, None, event.at_s)
+        current = TaskRecord.queued(event.task_id, event.type, event.queue, codec, event.at_s)
     elif not supersedes(current.state, current.attempts, event.state, event.attempt):
         return None
     terminal = event.state.terminal
