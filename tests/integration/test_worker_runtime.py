@@ -28,6 +28,7 @@ import qm
 from qm._proto import task_queue_pb2, task_queue_pb2_grpc
 from qm.client.client import RemoteError, TaskStatus
 from tests.processes import gone, run_qm, wait_until
+from tests.time_limits import assert_ended_at_limit
 
 #: Bound on one task reaching a state (generous: the machine may be busy).
 RESULT_TIMEOUT_S = 60.0
@@ -145,6 +146,7 @@ def test_hard_timeout_kills_a_task_that_ignores_signals_and_the_slot_serves_on(r
         assert status.state == "TIMED_OUT", f"{status}\n{logs(r.worker)}"
         assert "1 s" in status.error and "killed" in status.error, status.error
         assert status.worker == r.worker.worker_id
+        assert_ended_at_limit(status, 1, hard_kill=True)  # 1 s of its 30, not 30
         assert_worker_carries_on(r, "after a hard timeout")
         assert child_pid(r) != before, "the killed child was not replaced"
 
@@ -155,6 +157,7 @@ def test_hard_timeout_with_zero_grace_ends_a_sleeping_task(rabbitmq, launcher):
 
         assert status.state == "TIMED_OUT", f"{status}\n{logs(r.worker)}"
         assert "1 s" in status.error, status.error
+        assert_ended_at_limit(status, 1, hard_kill=True)  # without soft timeout: the limit exactly
         # Not asserted: that the error is the kill's. With grace 0 the child still gets
         # SoftTimeout, at the deadline, racing the kill (see test_limits.py
         # test_zero_grace_means_no_soft_timeout); the stubborn test covers the kill path.
@@ -203,6 +206,7 @@ def test_timeout_ends_the_subprocesses_a_task_started(rabbitmq, launcher, tmp_pa
         status = run_task(r.client, "test.spawn", f"{seconds}:{pid_file}", r.queue, timeout_s=3)
 
         assert status.state == "TIMED_OUT", f"{status}\n{logs(r.worker)}"
+        assert_ended_at_limit(status, 3, hard_kill=grace == "0")
         assert pid_file.exists(), f"the task's subprocess never started: nothing to end\n{logs(r.worker)}"
         wait_until(lambda: not processes_running(marker), EXIT_TIMEOUT_S,
                    message=f"the task's subprocess {pid_file.read_text()} ending after its timeout")
@@ -237,6 +241,26 @@ def test_rss_watchdog_alone_stops_a_task_near_its_limit(rabbitmq, launcher):
         assert 256 < int(used.group("mib")) < 2048, f"not stopped near its limit: {status.error}"
         assert_worker_carries_on(r, "after the RSS watchdog killed a task")
         assert child_pid(r) != before, "the killed child was not replaced"
+
+
+def test_memory_limit_counts_what_the_tasks_subprocesses_use(rabbitmq, launcher):
+    """README: a task over its memory limit (RSS with subprocesses) is killed. Its own
+    process allocates nothing; each of its two subprocesses holds 160 MiB: under the 256 MiB
+    limit alone, over it together."""
+    with rig(rabbitmq, launcher) as r:
+        seconds = unique_seconds(90)  # how long each subprocess holds its memory: past the time limit
+
+        status = run_task(r.client, "test.spawn_alloc", f"2:160:{seconds}", r.queue, memory_limit_mb=256,
+                          timeout_s=30)
+
+        assert status.state == "MEMORY_EXCEEDED", f"{status}\n{logs(r.worker)}"
+        assert "256 MiB" in status.error and "with its subprocesses" in status.error, status.error
+        used = USED_MIB.search(status.error)
+        assert used and int(used.group("mib")) > 256, status.error
+        marker = f"time.sleep({float(seconds)})"
+        wait_until(lambda: not processes_running(marker), EXIT_TIMEOUT_S,
+                   message="the killed task's subprocesses ending")
+        assert_worker_carries_on(r, "after a task whose subprocesses went over its memory limit")
 
 
 # -- 5. crashes ------------------------------------------------------------------------
@@ -406,6 +430,37 @@ def test_long_tasks_buffered_after_short_ones_are_released_to_an_idle_worker(rab
     # deliveries beyond that should go back to the queue for the idle worker
     assert second.worker_id in {status.worker for status in done}, \
         f"the idle worker got none of the long tasks buffered in the busy one: {timeline}"
+
+
+def test_a_fixed_prefetch_is_what_the_worker_holds_even_after_short_tasks(rabbitmq, launcher, gates):
+    """README: `qm-worker --prefetch N` holds at most N unacked deliveries per queue, and a
+    fixed N does not adapt (auto would reach 4 per child after short tasks). The held
+    tasks are gated, so RabbitMQ's count of ready messages is read while nothing finishes."""
+    queue = launcher.queue(rabbitmq.url)
+    server = launcher.server(rabbitmq.url)
+    first = launcher.worker(rabbitmq.url, procs=1, queues=queue, prefetch=2)
+    held = [gates() for _ in range(6)]
+    with qm.Client(server.address) as client, grpc.insecure_channel(status_address(first)) as channel:
+        for n in range(20):  # short tasks: enough for auto to move to 4 per child
+            assert run_task(client, "test.echo", str(n), queue).state == "SUCCEEDED", first.logs
+        held_ids = [client.submit("test.wait_for", gate.payload, queue=queue) for gate in held]
+        assert wait_running(client, held_ids[0]).worker == first.worker_id
+
+        # one running, one buffered: RabbitMQ sends a consumer its whole prefetch at once
+        wait_until(lambda: ready_messages(rabbitmq.url, queue) == len(held) - 2, RESULT_TIMEOUT_S,
+                   message="the worker holding two deliveries")
+        assert worker_status(channel).prefetch == 2
+        second = launcher.worker(rabbitmq.url, procs=1, queues=queue, prefetch=1)
+        # the newcomer gets the first task nobody holds: the third
+        assert wait_running(client, held_ids[2]).worker == second.worker_id, logs(server, first, second)
+        assert ready_messages(rabbitmq.url, queue) == len(held) - 3
+        for gate in held:
+            gate.open()
+
+        done = [wait_terminal(client, task_id) for task_id in held_ids]
+
+    assert all(status.state == "SUCCEEDED" for status in done), logs(server, first, second)
+    assert "prefetch now" not in first.stderr, first.logs
 
 
 # -- 10. drain -------------------------------------------------------------------------
