@@ -66,6 +66,25 @@ def launcher(tmp_path):
 
 
 @pytest.fixture
+def gates(tmp_path, launcher):
+    """gates() → a new tests.processes.Gate in this test's directory. Every gate is opened
+    in teardown, before the launcher stops the workers, so no gated task outlives its test
+    (or holds up a worker's drain)."""
+    from tests.processes import Gate
+
+    made: list[Gate] = []
+
+    def make(name: str | None = None) -> Gate:
+        gate = Gate(tmp_path, name)
+        made.append(gate)
+        return gate
+
+    yield make
+    for gate in made:
+        gate.open()
+
+
+@pytest.fixture
 def stack(rabbitmq, launcher):
     """A qm-server and one qm-worker (2 children) on a logical queue of this test's own,
     all on the shared RabbitMQ node; `stack.client` is a qm.Client of that server."""

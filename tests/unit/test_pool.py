@@ -5,12 +5,14 @@ import asyncio
 import contextlib
 import os
 import signal
+import time
 
 import psutil
 import pytest
 
 from qm.states import TaskState
 from qm.worker.pool import Job, Outcome, Pool, Slot
+from tests.time_limits import EARLY_S, LATE_S
 from tests.unit.aio import run, within
 
 S = TaskState
@@ -163,6 +165,23 @@ def test_slot_kill_ends_the_job_with_the_chosen_outcome():
             assert replacement is not slot and replacement.alive and replacement.process.pid != old_pid
             assert pool.restarts == 1
             assert await within(pool.run(job("test.echo", "ok"))) == Outcome(S.SUCCEEDED, b"ok")
+    run(body)
+
+
+def test_hard_deadline_ends_a_task_that_ignores_signals_at_its_limit():
+    """The time a task gets is its limit: not less, and not much more (the kill lands
+    within ~50 ms; LATE_S leaves room for a loaded machine), though it would spin 60 s."""
+    async def body():
+        async with started_pool(1) as pool:
+            await warm_up(pool)
+            limit_s = 1.0
+            stubborn = Job("t", "test.stubborn", b"60", timeout_s=limit_s, soft_timeout_s=limit_s / 2)
+            started: list[float] = []
+            outcome = await within(pool.run(stubborn, lambda: started.append(time.monotonic())), PROMPT_S)
+            ran_s = time.monotonic() - started[0]
+            assert outcome.state is S.TIMED_OUT and "time limit of 1 s" in outcome.error, outcome
+            assert limit_s - EARLY_S <= ran_s <= limit_s + LATE_S, f"killed after {ran_s:.3f} s"
+            assert await within(pool.run(job("test.echo", "next"))) == Outcome(S.SUCCEEDED, b"next")
     run(body)
 
 
