@@ -8,6 +8,7 @@ variable is set and non-empty; otherwise no file is read.  Every problem raises
 """
 
 import ipaddress
+import logging
 import math
 import os
 import re
@@ -20,6 +21,8 @@ import yaml
 
 from qm.broker import topology
 from qm.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 _HOSTNAME = re.compile(r"[A-Za-z0-9_.-]+")
 _PORT = re.compile(r"[0-9]{1,5}")
@@ -450,7 +453,12 @@ def _env_entries(env: Mapping[str, str]) -> Iterator[_Entry]:
         if not name.startswith(_ENV_PREFIX) or name == _CONFIG_ENV:
             continue
         section, sep, key = name[len(_ENV_PREFIX):].lower().partition("__")
-        if not sep or not section or not key:
+        if not sep:
+            # Not of the QM_<SECTION>__<KEY> form: someone else's variable (QM_SRC=...), not
+            # a typo of ours. Names of that form are checked strictly: a typo stops start-up.
+            log.debug("ignoring environment variable %s (not of the form QM_<SECTION>__<KEY>)", name)
+            continue
+        if not section or not key:
             raise ConfigError(
                 name[len(_ENV_PREFIX):].lower(),
                 f"environment variable {name} names no setting; use QM_<SECTION>__<KEY> "

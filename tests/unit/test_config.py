@@ -245,11 +245,17 @@ def test_unknown_key_in_env_lists_known_keys():
     assert "procs" in err.reason and "start_method" in err.reason
 
 
-@pytest.mark.parametrize("name", ["QM_LISTEN", "QM___LISTEN", "QM_SERVER__"])
-def test_qm_env_var_not_naming_a_setting(name):
+@pytest.mark.parametrize("name", ["QM___LISTEN", "QM_SERVER__"])
+def test_qm_env_var_of_the_settings_form_not_naming_a_setting(name):
     err = config_error(env={name: "x"})
     assert name in err.reason
     assert "QM_<SECTION>__<KEY>" in err.reason
+
+
+@pytest.mark.parametrize("name", ["QM_SRC", "QM_LISTEN", "QM_HOME_DIR"])
+def test_other_qm_env_vars_are_left_alone(name):
+    """QM_SRC=... qm-server used to stop start-up: only QM_<SECTION>__<KEY> names are ours."""
+    assert load_config(env={name: "/somewhere", "QM_WORKER__PROCS": "3"}).worker.procs == 3
 
 
 def test_qm_config_is_not_treated_as_a_setting():
