@@ -105,3 +105,18 @@ def test_submit_fails_fast_while_rabbitmq_is_down_and_works_after_it_returns(own
         assert set(final) == set(busy.accepted), logs
         assert {(status.state, status.result) for status in final.values()} <= {("SUCCEEDED", "5")}, logs
         assert server.alive() and worker.alive(), logs
+
+
+def test_a_worker_started_while_rabbitmq_is_down_waits_for_it_then_works(own_rabbitmq, launcher):
+    queue = launcher.queue(own_rabbitmq.url)
+    launcher.forget_queues(own_rabbitmq.url)  # the private node is gone before teardown
+    server = launcher.server(own_rabbitmq.url, env=FAST_RECONNECT)
+    own_rabbitmq.stop()
+    worker = launcher.worker(own_rabbitmq.url, procs=1, queues=queue, env=FAST_RECONNECT, wait_ready=False)
+    worker.wait_for_line(r"waiting for it before taking tasks", RECONNECT_TIMEOUT_S)
+    assert worker.alive(), worker.logs
+    own_rabbitmq.start()
+    worker.wait_for_line(r"worker \S+ consuming ", RECONNECT_TIMEOUT_S)
+    with qm.Client(server.address) as client:
+        task_id = submit_when_possible(client, queue, RECONNECT_TIMEOUT_S)
+        assert client.result(task_id, timeout_s=RESULTS_TIMEOUT_S) == "42"
