@@ -1,0 +1,366 @@
+"""Store-size benchmark: does a task cost the server the same with 0, 100,000 and
+1,000,000 finished tasks in its store?
+
+    .venv/bin/python load/bench_store.py                                   # 0, 100k, 1M (~6 minutes)
+    .venv/bin/python load/bench_store.py --sizes 0,100000 --tasks 1000 --json out.json
+
+For each size, a fresh data dir whose SQLite store is filled directly (executemany in one
+transaction, bounded time) with N finished `math` tasks, each with an idempotency key as
+qm.Client always sends one. Then:
+
+1. In process, on that store file (the store calls a submit and the events applier make):
+   `find_by_idempotency_key` of a new key, `insert_unconfirmed` + `confirm`, and
+   event-apply throughput (RUNNING then SUCCEEDED for each task, in batches of
+   APPLY_BATCH, as the server's applier does). Each phase is bounded in time.
+2. End to end: a real qm-server started on that data dir, a real `qm-worker --procs 2`, a
+   private RabbitMQ node on loopback (qm.testing.rabbitmq), started with the test
+   harness in tests/processes.py as load/bench_worker.py does. `--tasks` math tasks are
+   submitted from `--threads` threads through one qm.Client: submit latency p50/p99 (the
+   RPC returns after RabbitMQ confirmed the task), server CPU per task (psutil user+system
+   of the qm-server process from the first submit until every task is terminal) and the
+   end-to-end rate.
+
+Prints one table with each size against the empty store. Nothing is asserted: the numbers
+depend on the machine and on what else runs on it (see load/README.md).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import shutil
+import sqlite3
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import psutil
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+for path in (REPO, REPO / "load"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+import qm  # noqa: E402
+from bench_worker import cpu_seconds, percentile, rounded, states_of, wait_all  # noqa: E402
+from qm.messages import TaskEvent  # noqa: E402
+from qm.server.store import Store, TaskRecord  # noqa: E402
+from qm.states import TaskState  # noqa: E402
+from qm.testing.rabbitmq import LocalRabbitMQ  # noqa: E402
+from tests.processes import Server, Worker, delete_queues, start_server, start_worker, unique  # noqa: E402
+
+DEFAULT_SIZES = (0, 100_000, 1_000_000)
+#: Rows written per executemany call while filling a store.
+FILL_CHUNK = 50_000
+#: Events per Store.apply call in the in-process measurement.
+APPLY_BATCH = 100
+#: Bound on each in-process phase (a slow store stops early; the mean is still reported).
+PHASE_BOUND_S = 15.0
+#: Bound on submitting one round of tasks, and on waiting for it to finish.
+SUBMIT_BOUND_S = 180.0
+FINISH_BOUND_S = 180.0
+MIB = 1024 * 1024
+
+
+# -- filling a store ----------------------------------------------------------------------
+
+_FILL_COLUMNS = ("task_id", "type", "queue", "codec", "state", "attempts", "result", "error", "worker",
+                 "created_at", "started_at", "finished_at", "updated_at", "timeout_s", "memory_limit_mb",
+                 "idempotency_key", "max_retries", "starts")
+
+
+def _finished_rows(count: int, now: float):
+    """`count` SUCCEEDED math tasks that finished over the last hour (well inside the
+    retention), oldest first, each with its own idempotency key."""
+    for i in range(count):
+        finished = now - 3600.0 + 3600.0 * i / max(count, 1)
+        yield (str(uuid.uuid4()), "math", "default", "text", int(TaskState.SUCCEEDED), 1, b"2", "", "w-fill",
+               finished - 0.02, finished - 0.01, finished, finished, 600.0, 0, str(uuid.uuid4()), 0, 1)
+
+
+def fill_store(db_path: pathlib.Path, count: int) -> float:
+    """Create the store (its schema from qm.server.store) and add `count` finished tasks in
+    one transaction; return the seconds it took. The WAL is checkpointed and emptied."""
+    t0 = time.monotonic()
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    Store(db_path).close()  # schema, indexes (and whatever else this version keeps) as the server makes them
+    db = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        db.execute("PRAGMA cache_size=-262144")  # 256 MiB: random-key index inserts stay in memory
+        db.execute("BEGIN")
+        rows = _finished_rows(count, time.time())
+        insert = (f"INSERT INTO tasks ({', '.join(_FILL_COLUMNS)}) "
+                  f"VALUES ({', '.join('?' for _ in _FILL_COLUMNS)})")
+        while True:
+            chunk = [row for _, row in zip(range(FILL_CHUNK), rows)]
+            if not chunk:
+                break
+            db.executemany(insert, chunk)
+        db.execute("COMMIT")
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        db.close()
+    return time.monotonic() - t0
+
+
+# -- 1. in process ------------------------------------------------------------------------
+
+
+def _timed_loop(items: list, step, bound_s: float) -> tuple[int, float]:
+    """Run step(item) for each item until done or bound_s passed; (how many, seconds)."""
+    t0 = time.perf_counter()
+    done = 0
+    for item in items:
+        step(item)
+        done += 1
+        if time.perf_counter() - t0 > bound_s:
+            break
+    return done, time.perf_counter() - t0
+
+
+def measure_store_calls(db_path: pathlib.Path, ops: int) -> dict[str, Any]:
+    """Per-call cost of what a submit and the events applier do to the store."""
+    store = Store(db_path)
+    try:
+        now = time.time()
+        records = [TaskRecord(str(uuid.uuid4()), "math", "default", "text", TaskState.QUEUED, 0, None, "", "",
+                              now, None, None, now, 600.0, 0, str(uuid.uuid4()), 0) for _ in range(ops)]
+        keys_done, keys_s = _timed_loop(records, lambda r: store.find_by_idempotency_key(r.idempotency_key),
+                                        PHASE_BOUND_S)
+
+        def accept(record: TaskRecord) -> None:
+            store.insert_unconfirmed(record, "default", b"message body of about this size" * 4)
+            store.confirm(record.task_id)
+
+        inserted, insert_s = _timed_loop(records, accept, PHASE_BOUND_S)
+        started = [TaskEvent(r.task_id, "math", "default", 1, TaskState.RUNNING, "w1", at_s=now + 1)
+                   for r in records[:inserted]]
+        finished = [TaskEvent(r.task_id, "math", "default", 1, TaskState.SUCCEEDED, "w1", b"2", at_s=now + 2)
+                    for r in records[:inserted]]
+        events = started + finished
+        batches = [events[i:i + APPLY_BATCH] for i in range(0, len(events), APPLY_BATCH)]
+        applied_batches, apply_s = _timed_loop(batches, lambda batch: store.apply(batch, {"math": "text"}),
+                                               PHASE_BOUND_S)
+        applied = sum(len(batch) for batch in batches[:applied_batches])
+        count_t0 = time.perf_counter()
+        store.count()
+        count_s = time.perf_counter() - count_t0
+    finally:
+        store.close()
+    return {
+        "find_key_us": 1e6 * keys_s / max(keys_done, 1), "find_key_calls": keys_done,
+        "insert_confirm_us": 1e6 * insert_s / max(inserted, 1), "insert_confirm_calls": inserted,
+        "apply_events_per_s": applied / apply_s if apply_s else None, "apply_events": applied,
+        "count_ms": 1e3 * count_s,
+    }
+
+
+# -- 2. end to end ------------------------------------------------------------------------
+
+
+class Stack:
+    """A private RabbitMQ node for the whole run; a server (on a given data dir) and a
+    worker per measurement."""
+
+    def __init__(self, base: pathlib.Path) -> None:
+        self.base = base
+        self.rabbitmq = LocalRabbitMQ(base / "rabbitmq")
+        self.url = ""
+        self.server: Server | None = None
+        self.worker: Worker | None = None
+        self.queue = ""
+
+    def start_node(self) -> None:
+        t0 = time.monotonic()
+        self.url = self.rabbitmq.start()
+        print(f"RabbitMQ up in {time.monotonic() - t0:.1f} s", flush=True)
+
+    def start(self, server_id: str, procs: int = 2) -> qm.Client:
+        """qm-server on base/data-<server_id> (filled beforehand, or empty) and a worker on a
+        fresh queue, warmed up with one task; returns a client of the server."""
+        self.server = start_server(self.url, self.base, server_id=server_id)
+        self.queue = unique("bench-store")
+        self.worker = start_worker(self.url, procs=procs, queues=self.queue)
+        client = qm.Client(self.server.address)
+        client.result(client.submit("math", "1 + 1", queue=self.queue), timeout_s=60.0)
+        return client
+
+    def stop(self) -> None:
+        """Worker, then server; their queues are deleted so later runs do not feed them."""
+        for process in (self.worker, self.server):
+            if process is not None:
+                try:
+                    process.stop()
+                except Exception:  # keep going: everything must stop
+                    traceback.print_exc()
+        if self.server is not None:
+            delete_queues(self.url, [f"qm.events.{self.server.server_id}", f"qm.dead.{self.server.server_id}",
+                                     f"qm.heartbeats.{self.server.server_id}", f"qm.tasks.{self.queue}"])
+        self.server = self.worker = None
+
+    def stop_node(self) -> None:
+        self.stop()
+        self.rabbitmq.stop()
+
+
+def submit_many(client: qm.Client, queue: str, count: int, threads: int,
+                bound_s: float = SUBMIT_BOUND_S) -> tuple[dict[str, str], list[float], list[str]]:
+    """Submit `count` math tasks from `threads` threads (stopping at bound_s); return
+    task id -> expected result, each submit's latency in ms, and the first errors seen."""
+    deadline = time.monotonic() + bound_s
+    lock = threading.Lock()
+    expected: dict[str, str] = {}
+    latencies: list[float] = []
+    errors: list[str] = []
+
+    def run(indices: range) -> None:
+        for i in indices:
+            if time.monotonic() > deadline:
+                return
+            t0 = time.perf_counter()
+            try:
+                task_id = client.submit("math", f"{i} * 3 + 1", queue=queue)
+            except Exception as exc:  # counted and shown; the run goes on
+                with lock:
+                    errors.append(f"{type(exc).__name__}: {exc}"[:200])
+                continue
+            elapsed_ms = (time.perf_counter() - t0) * 1000.0
+            with lock:
+                expected[task_id] = str(i * 3 + 1)
+                latencies.append(elapsed_ms)
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(run, [range(k, count, threads) for k in range(threads)]))
+    return expected, latencies, errors[:5]
+
+
+def run_round(stack: Stack, client: qm.Client, tasks: int, threads: int) -> dict[str, Any]:
+    """One round: submit, wait until every task is terminal; latency, CPU and rate."""
+    cpu0 = cpu_seconds(stack.server.pid)
+    t0 = time.monotonic()
+    expected, latencies, errors = submit_many(client, stack.queue, tasks, threads)
+    submit_s = time.monotonic() - t0
+    ids = list(expected)
+    final = wait_all(client, ids, timeout_s=FINISH_BOUND_S) if ids else {}
+    wall_s = time.monotonic() - t0
+    server_cpu_s = cpu_seconds(stack.server.pid) - cpu0
+    states = states_of(final.values())
+    wrong = sum(1 for status in final.values()
+                if status.state == "SUCCEEDED" and str(status.result) != expected[status.task_id])
+    return {
+        "tasks": len(ids), "submit_errors": errors, "states": states, "wrong_results": wrong,
+        "submit_ms_p50": percentile(latencies, 50), "submit_ms_p99": percentile(latencies, 99),
+        "submit_s": submit_s, "wall_s": wall_s, "rate_per_s": len(ids) / wall_s if wall_s else None,
+        "server_cpu_s": server_cpu_s, "server_cpu_ms_per_task": 1000.0 * server_cpu_s / max(len(ids), 1),
+    }
+
+
+def data_dir(base: pathlib.Path, server_id: str) -> pathlib.Path:
+    """Where tests.processes.start_server puts this server's data (see qm.server.app)."""
+    return base / f"data-{server_id}"
+
+
+def bench_size(stack: Stack, size: int, args: argparse.Namespace) -> dict[str, Any]:
+    server_id = unique(f"store{size}")
+    directory = data_dir(stack.base, server_id)
+    db_path = directory / f"{server_id}.sqlite3"
+    try:
+        fill_s = fill_store(db_path, size)
+        size_mib = db_path.stat().st_size / MIB
+        print(f"  filled {size:,} tasks in {fill_s:.1f} s ({size_mib:.0f} MiB)", flush=True)
+        in_process = measure_store_calls(db_path, args.store_ops)
+        print(f"  in process: {json.dumps({k: rounded(v, 2) for k, v in in_process.items()})}", flush=True)
+        client = stack.start(server_id)
+        try:
+            end_to_end = run_round(stack, client, args.tasks, args.threads)
+        finally:
+            client.close()
+            stack.stop()
+        print(f"  end to end: {json.dumps({k: rounded(v, 2) for k, v in end_to_end.items()})}", flush=True)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    return {"size": size, "fill_s": fill_s, "in_process": in_process, "end_to_end": end_to_end}
+
+
+# -- report -------------------------------------------------------------------------------
+
+ROWS = (("submit ms p50", "end_to_end", "submit_ms_p50"), ("submit ms p99", "end_to_end", "submit_ms_p99"),
+        ("server CPU ms/task", "end_to_end", "server_cpu_ms_per_task"),
+        ("end-to-end tasks/s", "end_to_end", "rate_per_s"),
+        ("store: find key us", "in_process", "find_key_us"),
+        ("store: insert+confirm us", "in_process", "insert_confirm_us"),
+        ("store: apply events/s", "in_process", "apply_events_per_s"),
+        ("store: count() ms", "in_process", "count_ms"))
+
+
+def print_report(results: list[dict[str, Any]]) -> None:
+    base = results[0]
+    header = ["measure"] + [f"{r['size']:,} stored" for r in results]
+    lines = [header]
+    for label, part, key in ROWS:
+        line = [label]
+        for r in results:
+            value = r[part].get(key)
+            reference = base[part].get(key)
+            text = f"{value:.2f}" if isinstance(value, float) else str(value)
+            if r is not base and isinstance(value, float) and reference:
+                text += f" ({100.0 * (value - reference) / reference:+.0f} %)"
+            line.append(text)
+        lines.append(line)
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    print()
+    for line in lines:
+        print("  " + "  ".join(cell.ljust(width) for cell, width in zip(line, widths)))
+    for r in results:
+        e2e = r["end_to_end"]
+        print(f"  {r['size']:,} stored: {e2e['tasks']} tasks, states {e2e['states']}, "
+              f"wrong results {e2e['wrong_results']}, submit errors {e2e['submit_errors'] or 'none'}")
+    sys.stdout.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Server cost against store size (loopback, self-contained).")
+    parser.add_argument("--sizes", default=",".join(str(s) for s in DEFAULT_SIZES),
+                        help="finished tasks to pre-populate, comma-separated (default %(default)s)")
+    parser.add_argument("--tasks", type=int, default=1500, help="tasks submitted end to end per size")
+    parser.add_argument("--threads", type=int, default=16, help="client threads submitting")
+    parser.add_argument("--store-ops", type=int, default=2000, help="calls per in-process measurement")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
+    args = parser.parse_args(argv)
+    sizes = [int(size) for size in args.sizes.split(",") if size.strip()]
+
+    report: dict[str, Any] = {"meta": {
+        "started_at": time.time(), "python": platform.python_version(), "sqlite": sqlite3.sqlite_version,
+        "cpus": os.cpu_count(), "memory_mib": psutil.virtual_memory().total // MIB,
+        "platform": platform.platform(), "tasks": args.tasks, "threads": args.threads}}
+    started = time.monotonic()
+    results = []
+    with tempfile.TemporaryDirectory(prefix="qm-bench-store-") as tmp:
+        stack = Stack(pathlib.Path(tmp))
+        try:
+            stack.start_node()
+            for size in sizes:
+                print(f"store of {size:,} finished tasks ...", flush=True)
+                results.append(bench_size(stack, size, args))
+        finally:
+            stack.stop_node()
+    report["sizes"] = results
+    report["meta"]["total_wall_s"] = time.monotonic() - started
+    if results:
+        print_report(results)
+    print(f"\ntotal wall time {report['meta']['total_wall_s']:.1f} s")
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(report, indent=2, default=str) + "\n")
+        print(f"JSON written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
