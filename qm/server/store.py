@@ -51,12 +51,18 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     error    TEXT NOT NULL,
     body     BLOB NOT NULL,
     dead_at  REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS counters (
+    name  TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
 )
 """
 _INDEXES = """
 CREATE INDEX IF NOT EXISTS tasks_by_idempotency_key ON tasks (idempotency_key) WHERE idempotency_key != '';
 CREATE INDEX IF NOT EXISTS tasks_by_finished_at ON tasks (finished_at) WHERE finished_at IS NOT NULL;
 """
+#: Tables whose rows `counters` keeps count of (its row names are the table names).
+_COUNTED_TABLES = ("tasks", "dead_letters")
 
 
 #: Columns added after the first release, with their declarations.
@@ -116,9 +122,34 @@ class Store:
         self._db = sqlite3.connect(path, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
+        # A REPLACE that deletes a row fires the delete triggers too: counts stay right
+        # whatever form a statement takes.
+        self._db.execute("PRAGMA recursive_triggers=ON")
         self._db.executescript(_SCHEMA)
         self._add_missing_columns()
         self._db.executescript(_INDEXES)
+        self._keep_counts()
+
+    def _keep_counts(self) -> None:
+        """Triggers keep each counted table's size in `counters`, in the transaction that
+        changes it. A table without its counter yet (a new store, or one written by an older
+        version) is counted here, once: the only COUNT(*) the store ever runs."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            present = {name for (name,) in self._db.execute("SELECT name FROM counters")}
+            for table in _COUNTED_TABLES:
+                if table not in present:
+                    self._db.execute(f"INSERT INTO counters (name, value) "
+                                     f"SELECT '{table}', COUNT(*) FROM {table}")
+                for event, change in (("INSERT", "+ 1"), ("DELETE", "- 1")):
+                    self._db.execute(
+                        f"CREATE TRIGGER IF NOT EXISTS {table}_count_{event.lower()} "
+                        f"AFTER {event} ON {table} "
+                        f"BEGIN UPDATE counters SET value = value {change} WHERE name = '{table}'; END")
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
 
     def _add_missing_columns(self) -> None:
         """Upgrade a store written by an older version (columns are only ever added)."""
@@ -170,7 +201,11 @@ class Store:
         return _record(row) if row is not None else None
 
     def count(self) -> int:
-        return self._db.execute("SELECT COUNT(*) FROM tasks").fetchone()[0]
+        """Tasks in the store (kept by triggers: no COUNT(*))."""
+        return self._counter("tasks")
+
+    def _counter(self, name: str) -> int:
+        return self._db.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()[0]
 
     def find_by_idempotency_key(self, key: str) -> TaskRecord | None:
         row = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM tasks WHERE idempotency_key = ?",
@@ -185,9 +220,7 @@ class Store:
     # -- dead letters ------------------------------------------------------------------
 
     def add_dead_letter(self, dead: DeadLetter) -> None:
-        placeholders = ", ".join("?" for _ in _DEAD_COLUMNS)
-        self._db.execute(f"INSERT OR REPLACE INTO dead_letters ({', '.join(_DEAD_COLUMNS)}) "
-                         f"VALUES ({placeholders})", dataclasses.astuple(dead))
+        self._db.execute(_upsert_statement("dead_letters", _DEAD_COLUMNS), dataclasses.astuple(dead))
 
     def dead_letters(self, limit: int, task_ids: list[str] | None = None) -> tuple[list[DeadLetter], int]:
         """Dead letters, oldest first (these ids only, if given), and how many there are in all."""
@@ -200,7 +233,8 @@ class Store:
         return [_dead_letter(row) for row in rows], self.count_dead_letters()
 
     def count_dead_letters(self) -> int:
-        return self._db.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0]
+        """Dead letters in the store (kept by triggers: no COUNT(*))."""
+        return self._counter("dead_letters")
 
     def remove_dead_letters(self, task_ids: list[str] | None = None) -> int:
         """Remove these dead letters (all if None); return how many went."""
@@ -238,9 +272,15 @@ class Store:
         return changes
 
     def _upsert(self, record: TaskRecord) -> None:
-        placeholders = ", ".join("?" for _ in _COLUMNS)
-        self._db.execute(f"INSERT OR REPLACE INTO tasks ({', '.join(_COLUMNS)}) VALUES ({placeholders})",
-                         dataclasses.astuple(record))
+        self._db.execute(_upsert_statement("tasks", _COLUMNS), dataclasses.astuple(record))
+
+
+def _upsert_statement(table: str, columns: list[str]) -> str:
+    """Insert a row, or update the one with its key (the first column) in place: unlike
+    INSERT OR REPLACE, the row keeps its place and only changed index entries are rewritten."""
+    updates = ", ".join(f"{column} = excluded.{column}" for column in columns[1:])
+    return (f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' for _ in columns)}) "
+            f"ON CONFLICT ({columns[0]}) DO UPDATE SET {updates}")
 
 
 def _record(row: tuple) -> TaskRecord:

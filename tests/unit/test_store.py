@@ -7,7 +7,7 @@ import sqlite3
 import pytest
 
 from qm.messages import TaskEvent
-from qm.server.store import Store, TaskRecord
+from qm.server.store import DeadLetter, Store, TaskRecord
 from qm.states import TaskState
 
 S = TaskState
@@ -226,3 +226,75 @@ def test_starts_count_every_later_run_of_a_task_but_not_a_replayed_event(tmp_pat
     store.apply([TaskEvent("t1", "math", "default", 1, TaskState.CRASHED, "w3", at_s=40.0),
                  running(50.0, "w4")], {})
     assert (store.get("t1").state, store.get("t1").starts) == (TaskState.CRASHED, 3)  # final: no more counting
+
+
+# -- costs that must not grow with the store (issue #18) ---------------------------------
+
+
+def rows_in(path, table: str) -> int:
+    """A real COUNT(*), through a connection of its own: what the counters must match."""
+    db = sqlite3.connect(path)
+    try:
+        return db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+    finally:
+        db.close()
+
+
+def dead(task_id: str, at: float, body: bytes = b"body") -> DeadLetter:
+    return DeadLetter(task_id, "math", "default", S.FAILED, 1, "failed", "boom", body, at)
+
+
+def test_sizes_follow_every_change_without_counting_rows(tmp_path):
+    path = tmp_path / "counts.db"
+    store = Store(path)
+    try:
+        def sizes_match() -> tuple[int, int]:
+            sizes = (store.count(), store.count_dead_letters())
+            assert sizes == (rows_in(path, "tasks"), rows_in(path, "dead_letters"))
+            return sizes
+
+        store.insert(queued("a"))
+        store.insert_unconfirmed(queued("b"), "default", b"message")
+        store.apply([event(S.RUNNING, T0 + 1, task_id="a"), event(S.RUNNING, T0 + 1, task_id="new")], CODECS)
+        store.apply([event(S.SUCCEEDED, T0 + 2, task_id="a")], CODECS)  # updates change no size
+        assert sizes_match() == (3, 0)
+        store.delete("b")
+        assert store.purge_finished(T0 + 10) == 1
+        assert sizes_match() == (1, 0)
+        store.add_dead_letter(dead("d1", T0))
+        store.add_dead_letter(dead("d1", T0 + 1))  # the same task dead again: replaced, not added
+        store.add_dead_letter(dead("d2", T0 + 2))
+        assert sizes_match() == (1, 2)
+        assert store.dead_letters(10)[1] == 2
+        store.remove_dead_letters(["d1"])
+        assert sizes_match() == (1, 1)
+        with pytest.raises(RuntimeError):
+            def failing():
+                yield event(S.RUNNING, T0 + 3, task_id="never")
+                raise RuntimeError("undecodable")
+            store.apply(failing(), CODECS)
+        assert sizes_match() == (1, 1)  # the rolled-back insert is not counted
+    finally:
+        store.close()
+
+
+def test_a_store_written_before_the_counters_is_counted_once_when_opened(tmp_path):
+    path = tmp_path / "old.db"
+    store = Store(path)
+    for task_id in ("a", "b", "c"):
+        store.insert(queued(task_id))
+    store.add_dead_letter(dead("d", T0))
+    store.close()
+    db = sqlite3.connect(path, isolation_level=None)  # as an older version left it
+    for (trigger,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall():
+        db.execute(f"DROP TRIGGER {trigger}")
+    db.execute("DROP TABLE counters")
+    db.close()
+
+    reopened = Store(path)
+    try:
+        assert (reopened.count(), reopened.count_dead_letters()) == (3, 1)
+        reopened.insert(queued("d"))
+        assert reopened.count() == 4 == rows_in(path, "tasks")
+    finally:
+        reopened.close()
