@@ -18,6 +18,7 @@ from qm.errors import BrokerUnavailable, TaskAlreadyFinished, TaskNotFound, Vali
 from qm.messages import Heartbeat, TaskEvent, TaskMessage
 from qm.metrics import ServerMetrics
 from qm.registry import Registry
+from qm.server import maintenance
 from qm.server.hub import Hub
 from qm.retry import RetryPolicy
 from qm.server.store import DeadLetter, Store, TaskRecord
@@ -247,8 +248,8 @@ class TaskService:
             renamed[letter.task_id] = message.task_id
         return renamed
 
-    def purge_dead_letters(self) -> int:
-        return self.store.remove_dead_letters(None)
+    async def purge_dead_letters(self) -> int:
+        return await maintenance.purge_dead_letters(self.store)
 
     def _codec(self, task_type: str) -> str:
         declared = self.registry.types.get(task_type)
@@ -404,7 +405,7 @@ class TaskService:
     async def _sweep_retention(self) -> None:
         """Forget finished tasks (and so their idempotency keys) older than the retention."""
         while True:
-            removed = self.store.purge_finished(time.time() - self.retention_s)
+            removed = await maintenance.purge_finished(self.store, time.time() - self.retention_s)
             if removed:
                 log.info("retention: removed %d task(s) finished over %g s ago", removed, self.retention_s)
             await asyncio.sleep(min(self.retention_s / 10, RETENTION_SWEEP_MAX_S))

@@ -129,7 +129,7 @@ class TaskQueueServicer(task_queue_pb2_grpc.TaskQueueServicer):
 
     @_maps_errors
     async def PurgeDeadLetters(self, request, context):
-        return task_queue_pb2.PurgeDeadLettersResponse(purged=self.service.purge_dead_letters())
+        return task_queue_pb2.PurgeDeadLettersResponse(purged=await self.service.purge_dead_letters())
 
     @_maps_errors
     async def GetTaskStatus(self, request, context):

@@ -14,6 +14,9 @@ from typing import Iterable
 from qm.messages import TaskEvent
 from qm.states import TaskState, supersedes
 
+#: Rows one retention or purge batch deletes: one short transaction on the event loop.
+DELETE_BATCH_ROWS = 1000
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
     task_id     TEXT PRIMARY KEY,
@@ -212,10 +215,13 @@ class Store:
                                (key,)).fetchone()
         return _record(row) if row else None
 
-    def purge_finished(self, before_s: float) -> int:
-        """Delete tasks that finished before `before_s` (epoch seconds); return how many."""
-        return self._db.execute("DELETE FROM tasks WHERE finished_at IS NOT NULL AND finished_at < ?",
-                                (before_s,)).rowcount
+    def purge_finished(self, before_s: float, limit: int = DELETE_BATCH_ROWS) -> int:
+        """Delete up to `limit` tasks that finished before `before_s` (epoch seconds), found
+        through the finished_at index; return how many. Call again while it returns `limit`
+        (qm.server.maintenance does, yielding to the event loop in between)."""
+        return self._db.execute(
+            "DELETE FROM tasks WHERE rowid IN (SELECT rowid FROM tasks "
+            "WHERE finished_at IS NOT NULL AND finished_at < ? LIMIT ?)", (before_s, limit)).rowcount
 
     # -- dead letters ------------------------------------------------------------------
 
@@ -236,10 +242,12 @@ class Store:
         """Dead letters in the store (kept by triggers: no COUNT(*))."""
         return self._counter("dead_letters")
 
-    def remove_dead_letters(self, task_ids: list[str] | None = None) -> int:
-        """Remove these dead letters (all if None); return how many went."""
+    def remove_dead_letters(self, task_ids: list[str] | None = None, limit: int = DELETE_BATCH_ROWS) -> int:
+        """Remove these dead letters, or if None up to `limit` of the oldest (call again
+        while it returns `limit`); return how many went."""
         if task_ids is None:
-            return self._db.execute("DELETE FROM dead_letters").rowcount
+            return self._db.execute("DELETE FROM dead_letters WHERE rowid IN (SELECT rowid FROM dead_letters "
+                                    "ORDER BY dead_at LIMIT ?)", (limit,)).rowcount
         return self._db.execute(f"DELETE FROM dead_letters WHERE task_id IN ({', '.join('?' for _ in task_ids)})",
                                 tuple(task_ids)).rowcount
 

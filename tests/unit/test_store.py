@@ -1,6 +1,7 @@
 """The server's SQLite replica: records, and events applied idempotently and in order."""
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import sqlite3
 
@@ -240,6 +241,11 @@ def rows_in(path, table: str) -> int:
         db.close()
 
 
+def finished(task_id: str, at: float, key: str = "") -> TaskRecord:
+    return TaskRecord(task_id, "math", "default", "text", S.SUCCEEDED, 1, b"2", "", "w1", at - 1, at - 1, at,
+                      at, idempotency_key=key)
+
+
 def dead(task_id: str, at: float, body: bytes = b"body") -> DeadLetter:
     return DeadLetter(task_id, "math", "default", S.FAILED, 1, "failed", "boom", body, at)
 
@@ -298,3 +304,64 @@ def test_a_store_written_before_the_counters_is_counted_once_when_opened(tmp_pat
         assert reopened.count() == 4 == rows_in(path, "tasks")
     finally:
         reopened.close()
+
+
+def test_retention_deletes_at_most_a_batch_per_call_and_never_unfinished_tasks(tmp_path):
+    store = Store(tmp_path / "batches.db")
+    try:
+        for i in range(25):
+            store.insert(finished(f"old{i}", T0 + i, key=f"k{i}"))
+        store.insert(finished("recent", T0 + 100))
+        store.insert(queued("waiting"))
+        assert [store.purge_finished(T0 + 50, limit=10) for _ in range(4)] == [10, 10, 5, 0]
+        assert store.count() == 2 and store.get("recent") and store.get("waiting")
+        assert store.find_by_idempotency_key("k3") is None
+    finally:
+        store.close()
+
+
+def test_a_long_retention_sweep_lets_the_event_loop_serve_between_batches(tmp_path):
+    from qm.server import maintenance
+
+    store = Store(tmp_path / "sweep.db")
+    for i in range(1000):
+        store.insert(finished(f"old{i}", T0 + i))
+    store.insert(queued("running"))
+
+    async def sweep_while_serving() -> tuple[int, int]:
+        served = 0
+        stop = asyncio.Event()
+
+        async def serve() -> None:  # stands for submits and events arriving meanwhile
+            nonlocal served
+            while not stop.is_set():
+                assert store.get("running") is not None
+                served += 1
+                await asyncio.sleep(0)
+
+        server = asyncio.create_task(serve())
+        await asyncio.sleep(0)
+        removed = await maintenance.purge_finished(store, T0 + 5000, batch_rows=100)
+        stop.set()
+        await server
+        return removed, served
+
+    try:
+        removed, served = asyncio.run(sweep_while_serving())
+        assert removed == 1000 and store.count() == 1
+        assert served >= 10  # served between each of the ten batches, not once after all of them
+    finally:
+        store.close()
+
+
+def test_purging_dead_letters_removes_every_one_in_batches(tmp_path):
+    from qm.server import maintenance
+
+    store = Store(tmp_path / "purge.db")
+    try:
+        for i in range(7):
+            store.add_dead_letter(dead(f"d{i}", T0 + i))
+        assert asyncio.run(maintenance.purge_dead_letters(store, batch_rows=3)) == 7
+        assert store.count_dead_letters() == 0 and store.dead_letters(10) == ([], 0)
+    finally:
+        store.close()
