@@ -5,7 +5,8 @@ store deletes at most `batch_rows` per call (one short transaction), and these h
 call it again, handing the event loop back between batches, so submits, events and
 streams are served while a retention sweep or a purge of a million rows goes on.
 
-Store sizes for the gauges come from the store's counters (kept by triggers, no COUNT(*)).
+Store sizes for the gauges come from the store's counters (kept by triggers, no COUNT(*));
+WAL checkpoints run on the store's own thread (`Store.start_checkpoints`).
 """
 from __future__ import annotations
 

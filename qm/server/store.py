@@ -7,15 +7,27 @@ only after the transaction that applied them committed).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import sqlite3
+import threading
 from typing import Iterable
 
 from qm.messages import TaskEvent
 from qm.states import TaskState, supersedes
 
+log = logging.getLogger(__name__)
+
 #: Rows one retention or purge batch deletes: one short transaction on the event loop.
 DELETE_BATCH_ROWS = 1000
+#: Seconds between two WAL checkpoints on the checkpoint thread.
+CHECKPOINT_INTERVAL_S = 1.0
+#: WAL pages after which a commit on the serving connection checkpoints by itself: SQLite's
+#: default while no checkpoint thread runs, this backstop (32 MiB of 4 KiB pages) while one does.
+SQLITE_AUTOCHECKPOINT_PAGES = 1000
+BACKSTOP_AUTOCHECKPOINT_PAGES = 8192
+#: Size the WAL file is cut back to when it is reset after a complete checkpoint.
+WAL_SIZE_LIMIT_BYTES = 32 * 1024 * 1024
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -119,19 +131,26 @@ _DEAD_COLUMNS = [field.name for field in dataclasses.fields(DeadLetter)]
 
 
 class Store:
-    """Task records in one SQLite file; used from one thread (the server's event loop)."""
+    """Task records in one SQLite file; used from one thread (the server's event loop),
+    plus, once started, a checkpoint thread with a connection of its own."""
 
     def __init__(self, path: str | os.PathLike) -> None:
-        self._db = sqlite3.connect(path, isolation_level=None)
+        self.path = os.fspath(path)
+        self._db = self._connect()
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         # A REPLACE that deletes a row fires the delete triggers too: counts stay right
         # whatever form a statement takes.
         self._db.execute("PRAGMA recursive_triggers=ON")
+        self._db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT_BYTES}")
         self._db.executescript(_SCHEMA)
         self._add_missing_columns()
         self._db.executescript(_INDEXES)
         self._keep_counts()
+        self._checkpointer: _Checkpointer | None = None
+
+    def _connect(self) -> sqlite3.Connection:
+        return sqlite3.connect(self.path, isolation_level=None)
 
     def _keep_counts(self) -> None:
         """Triggers keep each counted table's size in `counters`, in the transaction that
@@ -162,7 +181,28 @@ class Store:
                 self._db.execute(f"ALTER TABLE tasks ADD COLUMN {name} {declaration}")
 
     def close(self) -> None:
+        self.stop_checkpoints()
         self._db.close()
+
+    # -- WAL size ----------------------------------------------------------------------
+
+    def start_checkpoints(self, interval_s: float = CHECKPOINT_INTERVAL_S) -> None:
+        """Checkpoint the WAL every interval_s on a thread with its own connection, so the
+        event loop's commits no longer do the checkpoint I/O (they still would past the
+        backstop, should that thread fall behind). Stopped by close()."""
+        if self._checkpointer is None:
+            self._checkpointer = _Checkpointer(self._connect, interval_s)
+            self._db.execute(f"PRAGMA wal_autocheckpoint={BACKSTOP_AUTOCHECKPOINT_PAGES}")
+
+    def stop_checkpoints(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
+            self._checkpointer = None
+            self._db.execute(f"PRAGMA wal_autocheckpoint={SQLITE_AUTOCHECKPOINT_PAGES}")
+
+    def checkpoint(self) -> tuple[int, int]:
+        """A passive checkpoint now, on this connection: (WAL frames, frames checkpointed)."""
+        return _passive_checkpoint(self._db)
 
     def insert(self, record: TaskRecord) -> None:
         placeholders = ", ".join("?" for _ in _COLUMNS)
@@ -289,6 +329,44 @@ def _upsert_statement(table: str, columns: list[str]) -> str:
     updates = ", ".join(f"{column} = excluded.{column}" for column in columns[1:])
     return (f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' for _ in columns)}) "
             f"ON CONFLICT ({columns[0]}) DO UPDATE SET {updates}")
+
+
+def _passive_checkpoint(db: sqlite3.Connection) -> tuple[int, int]:
+    """Copy what it can from the WAL into the database file without waiting for anyone;
+    once all of it is copied, the next commit starts the WAL over (and cuts the file back to
+    WAL_SIZE_LIMIT_BYTES). Returns (frames in the WAL, frames copied)."""
+    _busy, frames, copied = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    return frames, copied
+
+
+class _Checkpointer:
+    """A thread checkpointing the store's WAL every interval_s through its own connection.
+
+    PASSIVE never blocks the serving connection: its commits go on appending to the WAL
+    while frames are copied, and never wait for this thread (TRUNCATE or RESTART would make
+    them wait, on the event loop)."""
+
+    def __init__(self, connect, interval_s: float) -> None:
+        self._connect = connect
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="store-checkpoint", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        db = self._connect()
+        try:
+            while not self._stop.wait(self._interval_s):
+                try:
+                    _passive_checkpoint(db)
+                except sqlite3.Error as exc:  # e.g. the disk is full: the backstop still bounds the WAL
+                    log.warning("WAL checkpoint failed: %s", exc)
+        finally:
+            db.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def _record(row: tuple) -> TaskRecord:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import sqlite3
+import time
 
 import pytest
 
@@ -363,5 +364,30 @@ def test_purging_dead_letters_removes_every_one_in_batches(tmp_path):
             store.add_dead_letter(dead(f"d{i}", T0 + i))
         assert asyncio.run(maintenance.purge_dead_letters(store, batch_rows=3)) == 7
         assert store.count_dead_letters() == 0 and store.dead_letters(10) == ([], 0)
+    finally:
+        store.close()
+
+
+def test_the_checkpoint_thread_cuts_the_wal_back_after_a_burst(tmp_path, monkeypatch):
+    import qm.server.store as store_module
+
+    limit = 256 * 1024
+    monkeypatch.setattr(store_module, "WAL_SIZE_LIMIT_BYTES", limit)
+    path = tmp_path / "wal.db"
+    wal = tmp_path / "wal.db-wal"
+    store = Store(path)
+    try:
+        store.start_checkpoints(interval_s=0.01)
+        for i in range(8):  # 4 MiB of WAL, far below the backstop: only the thread checkpoints
+            store.add_dead_letter(dead(f"big{i}", T0 + i, body=bytes(512 * 1024)))
+        assert wal.stat().st_size > 4 * limit
+        deadline = time.monotonic() + 20.0
+        writes = 0
+        while wal.stat().st_size > limit:  # a commit after a complete checkpoint starts the WAL over
+            assert time.monotonic() < deadline, f"WAL still {wal.stat().st_size} bytes"
+            writes += 1  # a real change each time: rewriting an identical row writes nothing
+            store.add_dead_letter(dead("small", T0 + writes))
+            time.sleep(0.02)
+        assert store.count_dead_letters() == 9 and store.dead_letters(1)[0][0].body == bytes(512 * 1024)
     finally:
         store.close()
