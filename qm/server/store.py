@@ -313,11 +313,16 @@ class Store:
         for a task this replica never saw (submitted through another server) creates it.
         """
         latest: dict[str, TaskRecord] = {}
+        stored: dict[str, TaskRecord] = {}  # as they were in the store before this batch
         changes: list[TaskRecord] = []  # intermediate states too: followers see RUNNING
         self._db.execute("BEGIN")
         try:
             for event in events:
-                current = latest.get(event.task_id) or self.get(event.task_id)
+                current = latest.get(event.task_id) or stored.get(event.task_id)
+                if current is None:
+                    current = self.get(event.task_id)
+                    if current is not None:
+                        stored[event.task_id] = current
                 updated = _next_record(current, event, codec_of.get(event.type, "text"))
                 if event.state is TaskState.RUNNING and _is_new_start(current, event):
                     started = updated or current  # every start counts, a redelivered one too
@@ -327,15 +332,26 @@ class Store:
                     latest[event.task_id] = updated
                     changes.append(updated)
             for record in latest.values():
-                self._upsert(record)
+                before = stored.get(record.task_id)
+                if before is None:
+                    self.insert(record)
+                else:
+                    self._update(before, record)
             self._db.execute("COMMIT")
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
         return changes
 
-    def _upsert(self, record: TaskRecord) -> None:
-        self._db.execute(_upsert_statement("tasks", _COLUMNS), dataclasses.astuple(record))
+    def _update(self, before: TaskRecord, after: TaskRecord) -> None:
+        """Write only the columns that changed: an index whose column is not set is not
+        touched (setting the idempotency key to itself would rewrite its entry, on a random
+        page of that index, for every event)."""
+        changed = [column for column in _COLUMNS if getattr(before, column) != getattr(after, column)]
+        if changed:
+            values = [getattr(after, column) for column in changed]
+            self._db.execute(f"UPDATE tasks SET {', '.join(f'{column} = ?' for column in changed)} "
+                             "WHERE task_id = ?", (*values, after.task_id))
 
 
 def _upsert_statement(table: str, columns: list[str]) -> str:

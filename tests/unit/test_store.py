@@ -391,3 +391,16 @@ def test_the_checkpoint_thread_cuts_the_wal_back_after_a_burst(tmp_path, monkeyp
         assert store.count_dead_letters() == 9 and store.dead_letters(1)[0][0].body == bytes(512 * 1024)
     finally:
         store.close()
+
+
+def test_events_change_only_what_they_carry_and_the_task_stays_findable_by_its_key(store):
+    submitted = dataclasses.replace(queued(), idempotency_key="k1", timeout_s=30.0, max_retries=2)
+    store.insert(submitted)
+    store.apply([event(S.RUNNING, T0 + 1)], CODECS)
+    store.apply([event(S.SUCCEEDED, T0 + 2, result=b"11")], CODECS)
+    record = store.find_by_idempotency_key("k1")
+    assert record == store.get("t1")
+    assert (record.state, record.result, record.worker, record.started_at, record.finished_at, record.starts) == \
+        (S.SUCCEEDED, b"11", "w1", T0 + 1, T0 + 2, 1)
+    assert (record.type, record.queue, record.codec, record.created_at, record.timeout_s, record.max_retries) == \
+        ("math", "default", "text", T0, 30.0, 2)
