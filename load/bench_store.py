@@ -1,12 +1,13 @@
 """Store-size benchmark: does a task cost the server the same with 0, 100,000 and
 1,000,000 finished tasks in its store?
 
-    .venv/bin/python load/bench_store.py                                   # 0, 100k, 1M (~6 minutes)
-    .venv/bin/python load/bench_store.py --sizes 0,100000 --tasks 1000 --json out.json
+    .venv/bin/python load/bench_store.py                                   # 0, 100k, 1M (~8 minutes)
+    .venv/bin/python load/bench_store.py --sizes 0,100000 --tasks 1000 --repeat 1 --json out.json
 
-For each size, a fresh data dir whose SQLite store is filled directly (executemany in one
-transaction, bounded time) with N finished `math` tasks, each with an idempotency key as
-qm.Client always sends one. Then:
+For each size, a SQLite store file filled directly (executemany in one transaction,
+bounded time) with N finished `math` tasks, each with an idempotency key as qm.Client
+always sends one. Then, `--repeat` times, size after size (interleaved, so the noise of a
+shared machine falls on every size alike), each measurement on a fresh copy of that file:
 
 1. In process, on that store file (the store calls a submit and the events applier make):
    `find_by_idempotency_key` of a new key, `insert_unconfirmed` + `confirm`, and
@@ -20,8 +21,8 @@ qm.Client always sends one. Then:
    of the qm-server process from the first submit until every task is terminal) and the
    end-to-end rate.
 
-Prints one table with each size against the empty store. Nothing is asserted: the numbers
-depend on the machine and on what else runs on it (see load/README.md).
+Prints one table of medians, each size against the empty store. Nothing is asserted: the
+numbers depend on the machine and on what else runs on it (see load/README.md).
 """
 from __future__ import annotations
 
@@ -32,12 +33,14 @@ import pathlib
 import platform
 import shutil
 import sqlite3
+import statistics
 import sys
 import tempfile
 import threading
 import time
 import traceback
 import uuid
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -285,16 +288,31 @@ def data_dir(base: pathlib.Path, server_id: str) -> pathlib.Path:
     return base / f"data-{server_id}"
 
 
-def bench_size(stack: Stack, size: int, args: argparse.Namespace) -> dict[str, Any]:
+def fill_templates(base: pathlib.Path, sizes: list[int]) -> dict[int, tuple[pathlib.Path, float]]:
+    """One filled store file per size (copied for each measurement, never used itself);
+    size -> (path, seconds the fill took)."""
+    templates = {}
+    for size in sizes:
+        path = base / "templates" / f"store-{size}.sqlite3"
+        fill_s = fill_store(path, size)
+        print(f"filled {size:,} tasks in {fill_s:.1f} s ({path.stat().st_size / MIB:.0f} MiB)", flush=True)
+        templates[size] = (path, fill_s)
+    return templates
+
+
+def measure_once(stack: Stack, size: int, template: pathlib.Path,
+                 args: argparse.Namespace) -> dict[str, Any]:
+    """In process on one copy of the template, end to end on another: each starts with
+    exactly `size` tasks stored."""
     server_id = unique(f"store{size}")
     directory = data_dir(stack.base, server_id)
-    db_path = directory / f"{server_id}.sqlite3"
+    directory.mkdir(parents=True)
+    scratch = stack.base / f"scratch-{server_id}.sqlite3"
     try:
-        fill_s = fill_store(db_path, size)
-        size_mib = db_path.stat().st_size / MIB
-        print(f"  filled {size:,} tasks in {fill_s:.1f} s ({size_mib:.0f} MiB)", flush=True)
-        in_process = measure_store_calls(db_path, args.store_ops)
+        shutil.copyfile(template, scratch)
+        in_process = measure_store_calls(scratch, args.store_ops)
         print(f"  in process: {json.dumps(_rounded_tree(in_process))}", flush=True)
+        shutil.copyfile(template, directory / f"{server_id}.sqlite3")
         client = stack.start(server_id)
         try:
             end_to_end = run_round(stack, client, args.tasks, args.threads)
@@ -304,7 +322,33 @@ def bench_size(stack: Stack, size: int, args: argparse.Namespace) -> dict[str, A
         print(f"  end to end: {json.dumps(_rounded_tree(end_to_end))}", flush=True)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
-    return {"size": size, "fill_s": fill_s, "in_process": in_process, "end_to_end": end_to_end}
+        for leftover in stack.base.glob(f"scratch-{server_id}.sqlite3*"):
+            leftover.unlink()
+    return {"in_process": in_process, "end_to_end": end_to_end}
+
+
+def median_tree(runs: list[Any]) -> Any:
+    """The median of each number across runs of the same shape (other values: the first's)."""
+    first = runs[0]
+    if isinstance(first, dict):
+        return {key: median_tree([run.get(key) for run in runs]) for key in first}
+    numbers = [run for run in runs if isinstance(run, (int, float)) and not isinstance(run, bool)]
+    if numbers and len(numbers) == len(runs):
+        return statistics.median(numbers)
+    return first
+
+
+def bench(stack: Stack, sizes: list[int], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Fill every size, then measure them in turn, `--repeat` times (interleaved, so what
+    else runs on the machine falls on every size alike); medians per size."""
+    templates = fill_templates(stack.base, sizes)
+    runs: dict[int, list[dict[str, Any]]] = {size: [] for size in sizes}
+    for repetition in range(args.repeat):
+        for size in sizes:
+            print(f"repetition {repetition + 1}/{args.repeat}: {size:,} finished tasks stored ...", flush=True)
+            runs[size].append(measure_once(stack, size, templates[size][0], args))
+    return [{"size": size, "fill_s": templates[size][1], "runs": runs[size], **median_tree(runs[size])}
+            for size in sizes]
 
 
 # -- report -------------------------------------------------------------------------------
@@ -343,10 +387,15 @@ def print_report(results: list[dict[str, Any]]) -> None:
     print()
     for line in lines:
         print("  " + "  ".join(cell.ljust(width) for cell, width in zip(line, widths)))
+    print(f"  (medians of {len(base['runs'])} runs per size)")
     for r in results:
-        e2e = r["end_to_end"]
-        print(f"  {r['size']:,} stored: {e2e['tasks']} tasks, states {e2e['states']}, "
-              f"wrong results {e2e['wrong_results']}, submit errors {e2e['submit_errors'] or 'none'}")
+        runs = [run["end_to_end"] for run in r["runs"]]
+        states: Counter = Counter()
+        for run in runs:
+            states.update(run["states"])
+        errors = [error for run in runs for error in run["submit_errors"]]
+        print(f"  {r['size']:,} stored: {sum(run['tasks'] for run in runs)} tasks, states {dict(states)}, "
+              f"wrong results {sum(run['wrong_results'] for run in runs)}, submit errors {errors or 'none'}")
     sys.stdout.flush()
 
 
@@ -357,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", type=int, default=1500, help="tasks submitted end to end per size")
     parser.add_argument("--threads", type=int, default=16, help="client threads submitting")
     parser.add_argument("--store-ops", type=int, default=2000, help="calls per in-process measurement")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="measurements per size, interleaved across sizes; the table shows medians")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
     parser.add_argument("--broker-url", default="", metavar="URL",
                         help="use this RabbitMQ instead of starting a private node (the smoke test does)")
@@ -366,16 +417,14 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {"meta": {
         "started_at": time.time(), "python": platform.python_version(), "sqlite": sqlite3.sqlite_version,
         "cpus": os.cpu_count(), "memory_mib": psutil.virtual_memory().total // MIB,
-        "platform": platform.platform(), "tasks": args.tasks, "threads": args.threads}}
+        "platform": platform.platform(), "tasks": args.tasks, "threads": args.threads, "repeat": args.repeat}}
     started = time.monotonic()
     results = []
     with tempfile.TemporaryDirectory(prefix="qm-bench-store-") as tmp:
         stack = Stack(pathlib.Path(tmp), args.broker_url)
         try:
             stack.start_node()
-            for size in sizes:
-                print(f"store of {size:,} finished tasks ...", flush=True)
-                results.append(bench_size(stack, size, args))
+            results = bench(stack, sizes, args)
         finally:
             stack.stop_node()
     report["sizes"] = results

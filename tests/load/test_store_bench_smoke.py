@@ -28,7 +28,7 @@ def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
 def test_store_benchmark_fills_a_store_and_runs_every_task_through_a_server_on_it(rabbitmq, tmp_path):
     out = tmp_path / "bench.json"
     result = run_script("bench_store.py", "--sizes", "300", "--tasks", "40", "--threads", "4",
-                        "--store-ops", "50", "--broker-url", rabbitmq.url, "--json", str(out))
+                        "--store-ops", "50", "--repeat", "1", "--broker-url", rabbitmq.url, "--json", str(out))
     assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
     [size] = json.loads(out.read_text())["sizes"]
     assert size["size"] == 300
