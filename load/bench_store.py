@@ -115,6 +115,8 @@ def fill_store(db_path: pathlib.Path, count: int) -> float:
         db.execute("PRAGMA journal_mode=WAL")
     finally:
         db.close()
+    with open(db_path, "rb+") as filled:  # on disk before anything is measured
+        os.fsync(filled.fileno())
     return time.monotonic() - t0
 
 
@@ -206,17 +208,38 @@ class Stack:
         client.result(client.submit("math", "1 + 1", queue=self.queue), timeout_s=60.0)
         return client
 
+    def start_extra_server(self, server_id: str) -> tuple[Server, qm.Client]:
+        """Another qm-server on the same node, with an empty data dir of its own, submitting
+        to the running worker's queue; warmed up with one task."""
+        server = start_server(self.url, self.base, server_id=server_id)
+        client = qm.Client(server.address)
+        client.result(client.submit("math", "1 + 1", queue=self.queue), timeout_s=60.0)
+        return server, client
+
+    def stop_extra_server(self, server: Server, client: qm.Client) -> None:
+        client.close()
+        self._stop_server(server)
+        shutil.rmtree(server.data_dir, ignore_errors=True)
+
+    def _stop_server(self, server: Server) -> None:
+        """Stop a server and delete its queues, so later runs do not feed them."""
+        try:
+            server.stop()
+        except Exception:  # keep going: everything must stop
+            traceback.print_exc()
+        delete_queues(self.url, [f"qm.events.{server.server_id}", f"qm.dead.{server.server_id}",
+                                 f"qm.heartbeats.{server.server_id}"])
+
     def stop(self) -> None:
-        """Worker, then server; their queues are deleted so later runs do not feed them."""
-        for process in (self.worker, self.server):
-            if process is not None:
-                try:
-                    process.stop()
-                except Exception:  # keep going: everything must stop
-                    traceback.print_exc()
+        """Worker, then server."""
+        if self.worker is not None:
+            try:
+                self.worker.stop()
+            except Exception:  # keep going: everything must stop
+                traceback.print_exc()
+            delete_queues(self.url, [f"qm.tasks.{self.queue}"])
         if self.server is not None:
-            delete_queues(self.url, [f"qm.events.{self.server.server_id}", f"qm.dead.{self.server.server_id}",
-                                     f"qm.heartbeats.{self.server.server_id}", f"qm.tasks.{self.queue}"])
+            self._stop_server(self.server)
         self.server = self.worker = None
 
     def stop_node(self) -> None:
@@ -256,16 +279,19 @@ def submit_many(client: qm.Client, queue: str, count: int, threads: int,
     return expected, latencies, errors[:5]
 
 
-def run_round(stack: Stack, client: qm.Client, tasks: int, threads: int) -> dict[str, Any]:
-    """One round: submit, wait until every task is terminal; latency, CPU and rate."""
-    cpu0 = cpu_seconds(stack.server.pid)
+def run_round(stack: Stack, client: qm.Client, tasks: int, threads: int,
+              server: Server | None = None) -> dict[str, Any]:
+    """One round through `server` (default: the stack's): submit, wait until every task is
+    terminal; latency, the server's CPU and the rate (task ids under "ids")."""
+    server = server or stack.server
+    cpu0 = cpu_seconds(server.pid)
     t0 = time.monotonic()
     expected, latencies, errors = submit_many(client, stack.queue, tasks, threads)
     submit_s = time.monotonic() - t0
     ids = list(expected)
     final = wait_all(client, ids, timeout_s=FINISH_BOUND_S) if ids else {}
     wall_s = time.monotonic() - t0
-    server_cpu_s = cpu_seconds(stack.server.pid) - cpu0
+    server_cpu_s = cpu_seconds(server.pid) - cpu0
     states = states_of(final.values())
     wrong = sum(1 for status in final.values()
                 if status.state == "SUCCEEDED" and str(status.result) != expected[status.task_id])
@@ -274,6 +300,7 @@ def run_round(stack: Stack, client: qm.Client, tasks: int, threads: int) -> dict
         "submit_ms_p50": percentile(latencies, 50), "submit_ms_p99": percentile(latencies, 99),
         "submit_s": submit_s, "wall_s": wall_s, "rate_per_s": len(ids) / wall_s if wall_s else None,
         "server_cpu_s": server_cpu_s, "server_cpu_ms_per_task": 1000.0 * server_cpu_s / max(len(ids), 1),
+        "ids": ids,
     }
 
 
@@ -300,6 +327,14 @@ def fill_templates(base: pathlib.Path, sizes: list[int]) -> dict[int, tuple[path
     return templates
 
 
+def copy_synced(source: pathlib.Path, target: pathlib.Path) -> None:
+    """Copy a store file and wait until it is on disk: the kernel writing back hundreds of
+    MiB of fresh copy would otherwise compete with the measurement that follows."""
+    shutil.copyfile(source, target)
+    with open(target, "rb+") as copied:
+        os.fsync(copied.fileno())
+
+
 def measure_once(stack: Stack, size: int, template: pathlib.Path,
                  args: argparse.Namespace) -> dict[str, Any]:
     """In process on one copy of the template, end to end on another: each starts with
@@ -309,13 +344,14 @@ def measure_once(stack: Stack, size: int, template: pathlib.Path,
     directory.mkdir(parents=True)
     scratch = stack.base / f"scratch-{server_id}.sqlite3"
     try:
-        shutil.copyfile(template, scratch)
+        copy_synced(template, scratch)
         in_process = measure_store_calls(scratch, args.store_ops)
         print(f"  in process: {json.dumps(_rounded_tree(in_process))}", flush=True)
-        shutil.copyfile(template, directory / f"{server_id}.sqlite3")
+        copy_synced(template, directory / f"{server_id}.sqlite3")
         client = stack.start(server_id)
         try:
             end_to_end = run_round(stack, client, args.tasks, args.threads)
+            end_to_end.pop("ids")
         finally:
             client.close()
             stack.stop()
@@ -345,7 +381,7 @@ def bench(stack: Stack, sizes: list[int], args: argparse.Namespace) -> list[dict
     runs: dict[int, list[dict[str, Any]]] = {size: [] for size in sizes}
     for repetition in range(args.repeat):
         for size in sizes:
-            print(f"repetition {repetition + 1}/{args.repeat}: {size:,} finished tasks stored ...", flush=True)
+            print(f"repetition {repetition + 1}/{args.repeat}: {size:,} stored ...", flush=True)
             runs[size].append(measure_once(stack, size, templates[size][0], args))
     return [{"size": size, "fill_s": templates[size][1], "runs": runs[size], **median_tree(runs[size])}
             for size in sizes]
@@ -370,6 +406,10 @@ def _value(result: dict[str, Any], path: tuple[str, ...]) -> Any:
     return result
 
 
+def _short(value: float, digits: int) -> str:
+    return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.{digits}f}"
+
+
 def print_report(results: list[dict[str, Any]]) -> None:
     base = results[0]
     header = ["measure"] + [f"{r['size']:,} stored" for r in results]
@@ -378,16 +418,20 @@ def print_report(results: list[dict[str, Any]]) -> None:
         line = [label]
         for r in results:
             value, reference = _value(r, path), _value(base, path)
-            text = f"{value:.2f}" if isinstance(value, float) else str(value)
+            text = _short(value, 2) if isinstance(value, float) else str(value)
             if r is not base and isinstance(value, float) and reference:
                 text += f" ({100.0 * (value - reference) / reference:+.0f} %)"
+            spread = [_value(run, path) for run in r["runs"]]
+            if len(spread) > 1 and all(isinstance(v, (int, float)) for v in spread):
+                text += f" [{_short(min(spread), 1)}-{_short(max(spread), 1)}]"
             line.append(text)
         lines.append(line)
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     print()
     for line in lines:
         print("  " + "  ".join(cell.ljust(width) for cell, width in zip(line, widths)))
-    print(f"  (medians of {len(base['runs'])} runs per size)")
+    print(f"  (medians of {len(base['runs'])} runs per size, against the first size; "
+          "[lowest-highest run])")
     for r in results:
         runs = [run["end_to_end"] for run in r["runs"]]
         states: Counter = Counter()

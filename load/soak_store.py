@@ -1,7 +1,7 @@
 """Soak: does the server's cost per task stay flat while its store grows, and the WAL bounded?
 
-    .venv/bin/python load/soak_store.py                          # 14 rounds x 1,500 tasks (~5 minutes)
-    .venv/bin/python load/soak_store.py --rounds 20 --tasks-per-round 2000 --json soak.json
+    .venv/bin/python load/soak_store.py                          # 14 rounds x 1,500 tasks (~10 minutes)
+    .venv/bin/python load/soak_store.py --rounds 20 --tasks-per-round 2000 --no-control --json soak.json
 
 One qm-server (empty store, its data kept for the whole run), one `qm-worker --procs 2`,
 a private RabbitMQ node on loopback, all started here as load/bench_store.py does. Round
@@ -13,6 +13,14 @@ round's rate, and the store's WAL file: its size at the end of the round and the
 size seen (sampled every WAL_SAMPLE_S). At the end: the last round's CPU per task against
 the first's, and the least-squares slope of CPU per task over tasks stored (issue #18
 measured +0.4 ms per 1,000 stored before the fix). Nothing is asserted.
+
+A control, unless --no-control: on a shared machine, what else runs moves CPU per task by
+tens of percent (a busy sibling hyperthread slows every instruction, and a slower worker
+means smaller event batches). So after each round the same round goes through a second
+qm-server started fresh, with an empty store, on the same worker; the soaked server's
+CPU per task over the control's shows what the store's growth alone adds. (Every server
+applies every event, so the soaked store also takes in the control rounds' tasks and grows
+twice as fast: stored counts are read from it.)
 """
 from __future__ import annotations
 
@@ -33,7 +41,8 @@ for path in (REPO, REPO / "load"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from bench_store import Stack, rounded, run_round  # noqa: E402
+import qm  # noqa: E402
+from bench_store import Stack, rounded, run_round, wait_all  # noqa: E402
 from tests.processes import unique  # noqa: E402
 
 #: How often the WAL file's size is sampled during a round.
@@ -76,11 +85,15 @@ class WalSampler(threading.Thread):
 
 
 def stored_tasks(db_path: pathlib.Path) -> int | None:
-    """Tasks in the server's store, from its counters (read-only, a connection of our own)."""
+    """Tasks in the server's store, from its counters (read-only, a connection of our own;
+    a store from before the counters is counted)."""
     try:
         db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=5.0)
         try:
-            return db.execute("SELECT value FROM counters WHERE name = 'tasks'").fetchone()[0]
+            try:
+                return db.execute("SELECT value FROM counters WHERE name = 'tasks'").fetchone()[0]
+            except sqlite3.OperationalError:  # no such table
+                return db.execute("SELECT COUNT(*) FROM tasks").fetchone()[0]
         finally:
             db.close()
     except sqlite3.Error:
@@ -99,6 +112,20 @@ def slope_ms_per_1000(points: list[tuple[float, float]]) -> float | None:
     return 1000.0 * sum((x - mean_x) * (y - mean_y) for x, y in points) / spread
 
 
+def control_round(stack: Stack, client: qm.Client, args: argparse.Namespace) -> dict[str, Any]:
+    """The same round through a second, fresh server (empty store) right after, on the same
+    worker: what a round costs on this machine at this moment with nothing stored. Returns
+    once the soaked server has applied the control tasks' events too (every server applies
+    every event), so none of that work falls into its next round."""
+    server, control_client = stack.start_extra_server(unique("soak-control"))
+    try:
+        result = run_round(stack, control_client, args.tasks_per_round, args.threads, server=server)
+    finally:
+        stack.stop_extra_server(server, control_client)
+    wait_all(client, result.pop("ids"))
+    return result
+
+
 def soak(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
     server_id = unique("soak")
     client = stack.start(server_id)
@@ -113,11 +140,17 @@ def soak(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
         for number in range(args.rounds):
             before = stored_tasks(db_path)
             result = run_round(stack, client, args.tasks_per_round, args.threads)
+            result.pop("ids")
             result.update(round=number, stored_before=before, wal_bytes_end=sampler.size(),
                           wal_bytes_max=sampler.take(), db_bytes=db_path.stat().st_size)
+            if args.control:
+                control = result["control"] = control_round(stack, client, args)
+                result["vs_control"] = result["server_cpu_ms_per_task"] / control["server_cpu_ms_per_task"]
             rounds.append(result)
+            versus = (f" (control {result['control']['server_cpu_ms_per_task']:.2f})"
+                      if args.control else "")
             print(f"  round {number:2d}: stored {before}, "
-                  f"server CPU {result['server_cpu_ms_per_task']:.2f} ms/task, "
+                  f"server CPU {result['server_cpu_ms_per_task']:.2f}{versus} ms/task, "
                   f"submit p50/p99 {result['submit_ms_p50']:.1f}/{result['submit_ms_p99']:.1f} ms, "
                   f"{result['rate_per_s']:.0f} tasks/s, WAL end/max {result['wal_bytes_end'] / MIB:.1f}/"
                   f"{result['wal_bytes_max'] / MIB:.1f} MiB, states {result['states']}", flush=True)
@@ -126,28 +159,39 @@ def soak(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
         client.close()
         stack.stop()
     first, last = rounds[0]["server_cpu_ms_per_task"], rounds[-1]["server_cpu_ms_per_task"]
+    adjusted = None
+    if args.control:
+        adjusted = 100.0 * (rounds[-1]["vs_control"] / rounds[0]["vs_control"] - 1.0)
     points = [(r["stored_before"], r["server_cpu_ms_per_task"]) for r in rounds
               if r["stored_before"] is not None]
+    measured = rounds + [r["control"] for r in rounds if "control" in r]
     return {
         "rounds": rounds, "tasks": sum(r["tasks"] for r in rounds),
         "last_vs_first_cpu_pct": 100.0 * (last - first) / first if first else None,
+        "last_vs_first_vs_control_pct": adjusted,
         "cpu_slope_ms_per_1000_stored": slope_ms_per_1000(points),
         "wal_bytes_max": max(r["wal_bytes_max"] for r in rounds),
-        "not_succeeded": sum(n for r in rounds for state, n in r["states"].items() if state != "SUCCEEDED"),
-        "wrong_results": sum(r["wrong_results"] for r in rounds),
+        "not_succeeded": sum(n for r in measured for state, n in r["states"].items() if state != "SUCCEEDED"),
+        "wrong_results": sum(r["wrong_results"] for r in measured),
     }
 
 
 def print_report(result: dict[str, Any]) -> None:
-    print(f"\n  {'round':>5}  {'stored':>7}  {'CPU ms/task':>11}  {'submit p50/p99 ms':>17}  {'tasks/s':>7}  "
-          f"{'WAL end/max MiB':>15}")
+    print(f"\n  {'round':>5}  {'stored':>7}  {'CPU ms/task':>11}  {'control':>7}  {'ratio':>5}  "
+          f"{'submit p50/p99 ms':>17}  {'tasks/s':>7}  {'WAL end/max MiB':>15}")
     for r in result["rounds"]:
+        control = r.get("control", {}).get("server_cpu_ms_per_task")
+        ratio = r.get("vs_control")
         print(f"  {r['round']:>5}  {r['stored_before'] or 0:>7}  {r['server_cpu_ms_per_task']:>11.2f}  "
+              f"{control or 0:>7.2f}  {ratio or 0:>5.2f}  "
               f"{r['submit_ms_p50']:>8.1f}/{r['submit_ms_p99']:<8.1f}  {r['rate_per_s']:>7.0f}  "
               f"{r['wal_bytes_end'] / MIB:>7.1f}/{r['wal_bytes_max'] / MIB:<7.1f}")
     print(f"\n  tasks measured: {result['tasks']}; not SUCCEEDED: {result['not_succeeded']}; "
           f"wrong results: {result['wrong_results']}")
     print(f"  server CPU per task, last round vs first: {rounded(result['last_vs_first_cpu_pct'], 1)} %")
+    if result["last_vs_first_vs_control_pct"] is not None:
+        print(f"  the same against the control (ratio, last round vs first): "
+              f"{rounded(result['last_vs_first_vs_control_pct'], 1)} %")
     print(f"  slope: {rounded(result['cpu_slope_ms_per_1000_stored'], 4)} ms per task per 1,000 tasks stored")
     print(f"  largest WAL seen: {result['wal_bytes_max'] / MIB:.1f} MiB", flush=True)
 
@@ -158,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks-per-round", type=int, default=1500)
     parser.add_argument("--threads", type=int, default=16, help="client threads submitting")
     parser.add_argument("--warmup", type=int, default=WARMUP_TASKS, help="tasks run before round 0")
+    parser.add_argument("--control", action=argparse.BooleanOptionalAction, default=True,
+                        help="after each round, the same round through a fresh server with an empty store")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
     parser.add_argument("--broker-url", default="", metavar="URL",
                         help="use this RabbitMQ instead of starting a private node (the smoke test does)")

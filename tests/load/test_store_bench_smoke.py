@@ -48,5 +48,7 @@ def test_store_soak_runs_its_rounds_on_one_growing_store(rabbitmq, tmp_path):
     report = json.loads(out.read_text())
     assert report["tasks"] == 60 and report["not_succeeded"] == 0 and report["wrong_results"] == 0, report
     first, second = report["rounds"]
-    assert (first["stored_before"], second["stored_before"]) == (6, 36)  # warm-up task + 5, then + 30
+    assert first["control"]["tasks"] == second["control"]["tasks"] == 30
+    # 1 + 5 warm-up tasks, then + 30 of round 0, + 1 + 30 of its control (every server applies every event)
+    assert (first["stored_before"], second["stored_before"]) == (6, 67)
     assert report["wal_bytes_max"] > 0
