@@ -18,6 +18,7 @@ from qm.errors import TaskNotFound
 from qm.messages import TaskEvent, TaskMessage
 from qm.metrics import ServerMetrics
 from qm.protocol import Header
+from qm.server import maintenance
 from qm.server.store import DeadLetter, Store, TaskRecord
 from qm.states import TaskState
 
@@ -94,8 +95,9 @@ class DeadLetters:
             renamed[letter.task_id] = message.task_id
         return renamed
 
-    def purge(self) -> int:
-        return self.store.remove_dead_letters(None)
+    async def purge(self) -> int:
+        """Remove every dead letter, in batches that let the event loop serve between them."""
+        return await maintenance.purge_dead_letters(self.store)
 
 
 def rabbitmq_dead_reason(headers: dict, delivery_limit: int) -> str:

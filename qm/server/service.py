@@ -21,6 +21,7 @@ from qm.messages import TaskEvent, TaskMessage
 from qm.metrics import ServerMetrics
 from qm.protocol import Command, Control, Header
 from qm.registry import Registry
+from qm.server import maintenance
 from qm.retry import RetryPolicy
 from qm.server.dead_letters import DeadLetters
 from qm.server.events import EventApplier
@@ -253,7 +254,7 @@ class TaskService:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _refresh_store_gauges(self) -> None:
-        """Counting rows is not free: every few seconds, on the loop's thread (SQLite's)."""
+        """Sizes from the store's counters (kept in its transactions: no COUNT(*) here)."""
         while True:
             self.metrics.store_tasks.set(self.store.count())
             self.metrics.store_dead_letters.set(self.store.count_dead_letters())
@@ -262,7 +263,7 @@ class TaskService:
     async def _sweep_retention(self) -> None:
         """Forget finished tasks (and so their idempotency keys) older than the retention."""
         while True:
-            removed = self.store.purge_finished(time.time() - self.retention_s)
+            removed = await maintenance.purge_finished(self.store, time.time() - self.retention_s)
             if removed:
                 log.info("retention: removed %d task(s) finished over %g s ago", removed, self.retention_s)
             await asyncio.sleep(min(self.retention_s / 10, RETENTION_SWEEP_MAX_S))

@@ -133,7 +133,7 @@ class TaskQueueServicer(task_queue_pb2_grpc.TaskQueueServicer):
 
     @_maps_errors
     async def PurgeDeadLetters(self, request, context):
-        return task_queue_pb2.PurgeDeadLettersResponse(purged=self.service.dead_letters.purge())
+        return task_queue_pb2.PurgeDeadLettersResponse(purged=await self.service.dead_letters.purge())
 
     @_maps_errors
     async def GetTaskStatus(self, request, context):

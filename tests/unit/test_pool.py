@@ -271,7 +271,9 @@ def test_procfs_walks_a_process_tree_from_the_top_without_scanning_the_host():
     from qm.worker import procfs
 
     script = ("import subprocess, sys, time\n"
-              "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+              "child = subprocess.Popen([sys.executable, '-c', 'import time; print(1, flush=True); time.sleep(60)'],"
+              " stdout=subprocess.PIPE)\n"
+              "child.stdout.readline()\n"  # the grandchild is a running interpreter, not a fresh fork
               "print(child.pid, flush=True)\n"
               "time.sleep(60)\n")
     parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
