@@ -300,7 +300,6 @@ class WorkerConfig:
     start_method: str = _setting("forkserver", _to_str, _one_of("forkserver", "spawn"))
     task_timeout_s: float = _setting(0.0, _to_float, _at_least(0))
     task_memory_limit_mb: int = _setting(0, _to_int, _at_least(0))
-    soft_timeout_grace_s: float = _setting(1.0, _to_float, _at_least(0))
     memory_check_interval_s: float = _setting(0.05, _to_float, _above(0))
     max_tasks_per_child: int = _setting(0, _to_int, _at_least(0))
     max_child_idle_rss_mb: int = _setting(1024, _to_int, _at_least(0))
@@ -372,6 +371,30 @@ def _section_fields(section: str, source: str) -> dict[str, Any]:
         known = ", ".join(sections)
         raise ConfigError(section, f"unknown section {section!r} (from {source}); known sections: {known}")
     return {f.name: f for f in fields(sections[section])}
+
+
+#: Keys that are still accepted (and checked) so that existing configurations keep
+#: starting, but no longer do anything; a warning says so, naming where they were set.
+DEPRECATED_KEYS: dict[str, tuple[Callable[[Any], Any], str]] = {
+    "worker.soft_timeout_grace_s": (_to_float, (
+        "is deprecated and ignored: the soft timeout is no longer derived from the time limit (it shortened "
+        "the time a task gets). A task gets qm.SoftTimeout only at an explicit soft_timeout_s, of its task "
+        "type or its submission (qm submit --soft-timeout)")),
+}
+
+
+def _deprecated(section: str, key: str, raw: Any, source: str) -> bool:
+    """True for a deprecated key: its value is checked, a warning logged, and it is dropped."""
+    dotted = f"{section}.{key}"
+    if dotted not in DEPRECATED_KEYS:
+        return False
+    coerce, reason = DEPRECATED_KEYS[dotted]
+    try:
+        coerce(raw)
+    except ValueError as exc:
+        raise ConfigError(dotted, f"{exc} (from {source}); this key {reason}") from None
+    log.warning("%s (from %s) %s; remove it", dotted, source, reason)
+    return True
 
 
 def _convert(section: str, key: str, raw: Any, source: str) -> Any:
@@ -496,7 +519,8 @@ def load_config(
     layers = (_file_entries(path, env), _env_entries(env), _override_entries(overrides or {}))
     for layer in layers:
         for section, key, raw, source in layer:
-            values[section][key] = _convert(section, key, raw, source)
+            if not _deprecated(section, key, raw, source):
+                values[section][key] = _convert(section, key, raw, source)
     return Config(**{name: cls(**values[name]) for name, cls in _sections().items()})
 
 

@@ -144,7 +144,8 @@ class Client:
     def submit(self, type: str, payload: Any, *, queue: str = "", timeout_s: float = 0.0,
                memory_limit_mb: int = 0, max_retries: int | None = None, retry_backoff_s: float | None = None,
                retry_backoff_max_s: float | None = None, retry_jitter: bool | None = None,
-               retry_on_timeout: bool | None = None, idempotency_key: str | None = None) -> str:
+               retry_on_timeout: bool | None = None, idempotency_key: str | None = None,
+               soft_timeout_s: float = 0.0) -> str:
         """Submit a task; returns its id once the server has made it durable.
 
         Limits and retry options left at 0/None take the task type's, else the server's
@@ -154,7 +155,8 @@ class Client:
         """
         request = task_queue_pb2.SubmitTaskRequest(
             type=type, payload=encode_payload(payload), queue=queue, timeout_s=timeout_s,
-            memory_limit_mb=memory_limit_mb, idempotency_key=idempotency_key or str(uuid.uuid4()))
+            memory_limit_mb=memory_limit_mb, idempotency_key=idempotency_key or str(uuid.uuid4()),
+            soft_timeout_s=soft_timeout_s)
         for field, value in (("max_retries", max_retries), ("retry_backoff_s", retry_backoff_s),
                              ("retry_backoff_max_s", retry_backoff_max_s), ("retry_jitter", retry_jitter),
                              ("retry_on_timeout", retry_on_timeout)):

@@ -95,7 +95,8 @@ class TaskService:
         declared.check_payload(payload)
 
     async def submit(self, task_type: str, payload: bytes, queue: str = "", *, timeout_s: float = 0.0,
-                     memory_limit_mb: int = 0, idempotency_key: str = "", **retry_options) -> TaskRecord:
+                     memory_limit_mb: int = 0, idempotency_key: str = "", soft_timeout_s: float = 0.0,
+                     **retry_options) -> TaskRecord:
         """Accept a task: it is durable in RabbitMQ when this returns.
 
         With an idempotency key already seen (within the retention), the first task is
@@ -117,7 +118,7 @@ class TaskService:
             self._pending_keys[idempotency_key] = future
         try:
             record = await self._accept(task_type, payload, queue or topology.DEFAULT_QUEUE, timeout_s,
-                                        memory_limit_mb, idempotency_key, retry_options)
+                                        memory_limit_mb, idempotency_key, retry_options, soft_timeout_s)
             future.set_result(record)
             self.metrics.submissions.labels(task_type, "accepted").inc()
             return record
@@ -138,12 +139,13 @@ class TaskService:
             self.metrics.submissions.labels(known_type, "unavailable").inc()
 
     async def _accept(self, task_type: str, payload: bytes, queue: str, timeout_s: float, memory_limit_mb: int,
-                      idempotency_key: str, retry_options: dict) -> TaskRecord:
+                      idempotency_key: str, retry_options: dict, soft_timeout_s: float = 0.0) -> TaskRecord:
         self.validate(task_type, payload, queue)
         declared = self.registry.get(task_type)
         limits = task_limits.resolve(
             declared, timeout_s, memory_limit_mb, default_timeout_s=self.default_timeout_s,
-            default_memory_limit_mb=self.default_memory_limit_mb, consumer_timeout_s=self.consumer_timeout_s)
+            default_memory_limit_mb=self.default_memory_limit_mb, consumer_timeout_s=self.consumer_timeout_s,
+            soft_timeout_s=soft_timeout_s)
         policy = retry.resolve(declared, self.default_retry, **retry_options)
         if not self.broker.connected:
             raise self.broker.unavailable()
@@ -151,7 +153,7 @@ class TaskService:
         record = TaskRecord.queued(str(uuid.uuid4()), task_type, queue, declared.codec, now, limits.timeout_s,
                                    limits.memory_limit_mb, idempotency_key, policy.max_retries)
         message = TaskMessage(record.task_id, task_type, payload, queue, 1, now, limits.timeout_s,
-                              limits.memory_limit_mb, policy)
+                              limits.memory_limit_mb, policy, limits.soft_timeout_s)
         await self.enqueue(record, message)
         return record
 

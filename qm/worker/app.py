@@ -91,7 +91,6 @@ def build(config: Config, registry: plugin_registry.Registry) -> tuple[Pool, Rab
     caps = task_limits.Limits(config.worker.task_timeout_s, config.worker.task_memory_limit_mb)
     supervisor = Supervisor(broker, pool, worker_id(config), list(config.worker.queues), prefetch_policy(config),
                             config.broker.queue_type, caps=caps,
-                            soft_timeout_grace_s=config.worker.soft_timeout_grace_s,
                             delivery_limit=config.broker.delivery_limit)
     supervisor.metrics.watch(
         busy=lambda: supervisor.busy, idle=lambda: max(0, pool.procs - supervisor.busy),

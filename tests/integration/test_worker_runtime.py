@@ -28,7 +28,7 @@ import qm
 from qm._proto.qm.v1 import worker_status_pb2, worker_status_pb2_grpc
 from qm.client.client import RemoteError, TaskStatus
 from tests.processes import gone, run_qm, wait_until
-from tests.time_limits import assert_ended_at_limit
+from tests.time_limits import EARLY_S, assert_ended_at_limit, ran_s
 
 #: Bound on one task reaching a state (generous: the machine may be busy).
 RESULT_TIMEOUT_S = 60.0
@@ -151,28 +151,51 @@ def test_hard_timeout_kills_a_task_that_ignores_signals_and_the_slot_serves_on(r
         assert child_pid(r) != before, "the killed child was not replaced"
 
 
-def test_hard_timeout_with_zero_grace_ends_a_sleeping_task(rabbitmq, launcher):
-    with rig(rabbitmq, launcher, worker_env={"QM_WORKER__SOFT_TIMEOUT_GRACE_S": "0"}) as r:
-        status = run_task(r.client, "test.sleep", "30", r.queue, timeout_s=1)
+def test_a_task_gets_its_whole_time_limit(rabbitmq, launcher):
+    """Issue 10, item 1: a 0.7 s task under a 1 s limit succeeds (it used to get
+    qm.SoftTimeout at 0.5 s); the time limit is the time the task gets."""
+    with rig(rabbitmq, launcher) as r:
+        status = run_task(r.client, "test.sleep", "0.7", r.queue, timeout_s=1)
+
+        assert status.state == "SUCCEEDED", f"{status}\n{logs(r.worker)}"
+
+
+def test_a_spinning_task_is_killed_at_its_limit_not_before(rabbitmq, launcher):
+    """Without a soft timeout nothing ends the task before its limit, and the hard kill
+    comes at it. The bound here is tests/time_limits.py's (LATE_S, for a loaded machine);
+    the kill's own precision (about 50 ms) is measured by load/bench_worker.py
+    timeout_accuracy."""
+    with rig(rabbitmq, launcher) as r:
+        status = run_task(r.client, "test.spin", "30", r.queue, timeout_s=1)
 
         assert status.state == "TIMED_OUT", f"{status}\n{logs(r.worker)}"
-        assert "1 s" in status.error, status.error
-        assert_ended_at_limit(status, 1, hard_kill=True)  # without soft timeout: the limit exactly
-        # Not asserted: that the error is the kill's. With grace 0 the child still gets
-        # SoftTimeout, at the deadline, racing the kill (see test_limits.py
-        # test_zero_grace_means_no_soft_timeout); the stubborn test covers the kill path.
+        assert "1 s" in status.error and "killed" in status.error, status.error
+        assert "SoftTimeout" not in status.error, status.error  # no soft timeout was asked for
+        assert_ended_at_limit(status, 1, hard_kill=True)
         assert_worker_carries_on(r, "after a hard timeout")
 
 
 def test_soft_timeout_lets_the_task_clean_up_and_succeed(rabbitmq, launcher):
+    """soft_timeout_s=0.5 under a 1 s limit: qm.SoftTimeout at 0.5 s (not before), the
+    task cleans up and returns before the hard limit, and its child serves on."""
     with rig(rabbitmq, launcher) as r:
         before = child_pid(r)
 
-        status = run_task(r.client, "test.soft", "30", r.queue, timeout_s=2)
+        status = run_task(r.client, "test.soft", "30", r.queue, timeout_s=1, soft_timeout_s=0.5)
 
         assert (status.state, status.result) == ("SUCCEEDED", "cleaned up"), f"{status}\n{logs(r.worker)}"
+        assert ran_s(status) >= 0.5 - EARLY_S, f"qm.SoftTimeout came before 0.5 s: {ran_s(status):.3f} s"
         assert_worker_carries_on(r, "after a soft timeout")
         assert child_pid(r) == before, "a task that cleaned up in time should not cost its child"
+
+
+def test_a_soft_timeout_not_below_the_time_limit_is_refused_naming_the_field(rabbitmq, launcher):
+    with rig(rabbitmq, launcher) as r:
+        with pytest.raises(RemoteError) as refused:
+            r.client.submit("test.soft", "1", queue=r.queue, timeout_s=1, soft_timeout_s=1)
+
+        assert refused.value.code is grpc.StatusCode.INVALID_ARGUMENT, refused.value
+        assert "soft_timeout_s" in refused.value.details, refused.value.details
 
 
 # -- 3. process group ------------------------------------------------------------------
@@ -193,20 +216,21 @@ def unique_seconds(base: int) -> str:
     return f"{base + uuid.uuid4().int % 1000 / 1000:.3f}"
 
 
-@pytest.mark.parametrize("grace", ["1", "0"], ids=["grace-1", "grace-0"])
-def test_timeout_ends_the_subprocesses_a_task_started(rabbitmq, launcher, tmp_path, grace):
-    """With grace the task gets qm.SoftTimeout and the child kills what it left behind;
-    without, the hard kill takes the whole process group. The task writes its
+@pytest.mark.parametrize("soft_timeout_s", [2.0, 0.0], ids=["soft-timeout", "hard-kill-only"])
+def test_timeout_ends_the_subprocesses_a_task_started(rabbitmq, launcher, tmp_path, soft_timeout_s):
+    """With a soft timeout the task gets qm.SoftTimeout and the child kills what it left
+    behind; without, the hard kill takes the whole process group. The task writes its
     subprocess's pid once that runs, so the test knows there was one to end."""
-    with rig(rabbitmq, launcher, worker_env={"QM_WORKER__SOFT_TIMEOUT_GRACE_S": grace}) as r:
+    with rig(rabbitmq, launcher) as r:
         seconds = unique_seconds(60)
         marker = f"time.sleep({float(seconds)})"
         pid_file = tmp_path / "grandchild.pid"
 
-        status = run_task(r.client, "test.spawn", f"{seconds}:{pid_file}", r.queue, timeout_s=3)
+        status = run_task(r.client, "test.spawn", f"{seconds}:{pid_file}", r.queue, timeout_s=3,
+                          soft_timeout_s=soft_timeout_s)
 
         assert status.state == "TIMED_OUT", f"{status}\n{logs(r.worker)}"
-        assert_ended_at_limit(status, 3, hard_kill=grace == "0")
+        assert_ended_at_limit(status, 3, hard_kill=not soft_timeout_s)
         assert pid_file.exists(), f"the task's subprocess never started: nothing to end\n{logs(r.worker)}"
         wait_until(lambda: not processes_running(marker), EXIT_TIMEOUT_S,
                    message=f"the task's subprocess {pid_file.read_text()} ending after its timeout")

@@ -566,3 +566,26 @@ def test_shipped_config_yaml_comment_above_every_key():
 def test_shipped_config_yaml_header_explains_precedence():
     header = SHIPPED.read_text(encoding="utf-8").split("\n\n")[0]
     assert "QM_CONFIG" in header and "flag" in header and "default" in header
+
+
+# ------------------------------------------------- deprecated keys ---
+
+
+def test_deprecated_soft_timeout_grace_is_accepted_ignored_and_warned_about(caplog, tmp_path):
+    """A configuration that set it still starts (rolling upgrades), but the soft timeout is
+    no longer derived from the time limit; the warning says where it was set."""
+    cfg_file = tmp_path / "qm.yaml"
+    cfg_file.write_text("worker:\n  soft_timeout_grace_s: 2.0\n")
+    with caplog.at_level("WARNING", logger="qm.config"):
+        cfg = load_config(cfg_file, env={"QM_WORKER__SOFT_TIMEOUT_GRACE_S": "0"})
+    assert not hasattr(cfg.worker, "soft_timeout_grace_s")
+    assert "soft_timeout_grace_s" not in cfg.to_dict()["worker"]
+    warned = [r.getMessage() for r in caplog.records if "worker.soft_timeout_grace_s" in r.getMessage()]
+    assert len(warned) == 2 and "ignored" in warned[0]
+    assert any("env QM_WORKER__SOFT_TIMEOUT_GRACE_S" in m for m in warned)
+
+
+def test_deprecated_key_with_a_bad_value_still_names_it():
+    err = config_error(env={"QM_WORKER__SOFT_TIMEOUT_GRACE_S": "soon"})
+    assert err.path == "worker.soft_timeout_grace_s"
+    assert "expected a number" in err.reason and "ignored" in err.reason

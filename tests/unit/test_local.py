@@ -53,3 +53,20 @@ def test_bad_payloads_and_types_are_refused_before_anything_runs():
     assert error.value.field == "payload"
     with pytest.raises(UnknownTaskType):
         run_task("no.such.type", "x")
+
+
+def test_a_soft_timeout_is_given_only_when_asked_for_and_the_task_may_clean_up():
+    """test.soft sleeps and returns 'cleaned up' on qm.SoftTimeout: without soft_timeout_s
+    it never gets one (the hard kill ends it); with one it cleans up and SUCCEEDS."""
+    killed = run_task("test.soft", "60", timeout_s=1.0)
+    assert (killed.state, killed.soft_timeout_s) == ("TIMED_OUT", 0.0)
+    assert "SoftTimeout" not in killed.error, killed.error
+
+    cleaned = run_task("test.soft", "60", timeout_s=30.0, soft_timeout_s=0.5)
+    assert (cleaned.state, cleaned.value, cleaned.soft_timeout_s) == ("SUCCEEDED", "cleaned up", 0.5)
+
+
+def test_a_soft_timeout_not_below_the_time_limit_is_refused_as_the_server_would():
+    with pytest.raises(ValidationError) as error:
+        run_task("test.soft", "1", timeout_s=1.0, soft_timeout_s=1.0)
+    assert error.value.field == "soft_timeout_s"
