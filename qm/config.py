@@ -275,6 +275,7 @@ class ServerConfig:
     id: str = _setting("", _to_str, check_server_id)
     max_payload_bytes: int = _setting(1048576, _to_int, _above(0))
     grace_s: float = _setting(5.0, _to_float, _at_least(0))
+    max_concurrent_rpcs: int = _setting(4000, _to_int, _at_least(0))
     default_task_timeout_s: float = _setting(600.0, _to_float, _above(0))
     default_task_memory_limit_mb: int = _setting(0, _to_int, _at_least(0))
     default_max_retries: int = _setting(0, _to_int, _at_least(0), _at_most(100))

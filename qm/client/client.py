@@ -25,14 +25,34 @@ DEFAULT_CALL_TIMEOUT_S = 30.0
 DEFAULT_SUBMIT_RETRY_S = 30.0
 SUBMIT_RETRY_INITIAL_DELAY_S = 0.2
 SUBMIT_RETRY_MAX_DELAY_S = 2.0
+#: Codes a submit is retried on, always with the same idempotency key (so never enqueued
+#: twice): the server or its broker unreachable, the server overloaded (RESOURCE_EXHAUSTED,
+#: with a retry-pushback-ms hint), or a call that ended without an answer (CANCELLED,
+#: DEADLINE_EXCEEDED: the task may or may not have been accepted; the key settles it).
+SUBMIT_RETRY_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED})
+#: Trailing metadata key of the server's retry hint, in milliseconds.
+RETRY_PUSHBACK_KEY = "retry-pushback-ms"
+
+
+def retry_pushback_s(trailing_metadata) -> float | None:
+    """The server's retry hint in seconds (from `retry-pushback-ms`), or None."""
+    for key, value in trailing_metadata or ():
+        if key == RETRY_PUSHBACK_KEY:
+            try:
+                return max(0.0, int(value) / 1000.0)
+            except (TypeError, ValueError):
+                return None
+    return None
 
 
 class RemoteError(QMError):
     """qm-server answered with an error status (or could not be reached)."""
 
-    def __init__(self, code: grpc.StatusCode, details: str, server: str):
+    def __init__(self, code: grpc.StatusCode, details: str, server: str, retry_after_s: float | None = None):
         self.code = code
         self.details = details
+        self.retry_after_s = retry_after_s  # the server's retry hint, if it gave one
         # UNAVAILABLE from qm-server itself names RabbitMQ/the broker ("RabbitMQ at ... is
         # unreachable", "connection to RabbitMQ at ... lost"); anything else is gRPC failing
         # to reach qm-server.
@@ -139,7 +159,8 @@ class Client:
         try:
             return method(request, timeout=self.call_timeout_s, wait_for_ready=False)
         except grpc.RpcError as exc:
-            raise RemoteError(exc.code(), exc.details() or "", self.server) from None
+            raise RemoteError(exc.code(), exc.details() or "", self.server,
+                              retry_pushback_s(exc.trailing_metadata())) from None
 
     def submit(self, type: str, payload: Any, *, queue: str = "", timeout_s: float = 0.0,
                memory_limit_mb: int = 0, max_retries: int | None = None, retry_backoff_s: float | None = None,
@@ -150,8 +171,10 @@ class Client:
 
         Limits and retry options left at 0/None take the task type's, else the server's
         defaults. Every submit carries an idempotency key (a fresh one unless given), so
-        while the server or its broker is UNAVAILABLE the client retries with the same key
-        for up to `submit_retry_s`, and a retry can never enqueue the task twice.
+        while the server or its broker is UNAVAILABLE, the server is overloaded
+        (RESOURCE_EXHAUSTED: after its retry hint), or a call ends CANCELLED or
+        DEADLINE_EXCEEDED, the client retries with the same key for up to `submit_retry_s`,
+        and a retry can never enqueue the task twice.
         """
         request = task_queue_pb2.SubmitTaskRequest(
             type=type, payload=encode_payload(payload), queue=queue, timeout_s=timeout_s,
@@ -168,9 +191,10 @@ class Client:
             try:
                 return self._call(self._stub.SubmitTask, request).task_id
             except RemoteError as exc:
-                if exc.code is not grpc.StatusCode.UNAVAILABLE or time.monotonic() + delay_s > deadline:
+                pause_s = delay_s if exc.retry_after_s is None else exc.retry_after_s
+                if exc.code not in SUBMIT_RETRY_CODES or time.monotonic() + pause_s > deadline:
                     raise
-            time.sleep(delay_s)
+            time.sleep(pause_s)
             delay_s = min(delay_s * 2, SUBMIT_RETRY_MAX_DELAY_S)
 
     def workers(self) -> list[dict[str, Any]]:
