@@ -18,8 +18,9 @@ Options (after the usual Locust ones; each also from the environment variable sh
   --host HOST:PORT          qm-server (LOCUST_HOST; default $QM_CLIENT__SERVER, else
                             127.0.0.1:50051); a grpc:// prefix is accepted
   --qm-queue NAME           logical queue to submit to (LOCUST_QM_QUEUE; default: the server's "default")
-  --qm-types T1,T2          task types to mix (LOCUST_QM_TYPES; default
-                            math,examples.primes,examples.hash_chain)
+  --qm-types T1,T2|auto     task types to mix (LOCUST_QM_TYPES; default auto: of math,
+                            examples.primes and examples.hash_chain, those the server has,
+                            asked once with ListTaskTypes; the mix used is logged)
   --qm-task-timeout S       bound on waiting for a task's end, seconds (LOCUST_QM_TASK_TIMEOUT; default 60)
   --qm-wait S               think time between a user's tasks, seconds (LOCUST_QM_WAIT; default 0.1)
 """
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import random
@@ -46,7 +48,7 @@ from qm._proto.qm.v1 import task_queue_pb2, task_queue_pb2_grpc  # noqa: E402
 from qm.states import TERMINAL_STATES, state_name  # noqa: E402
 
 DEFAULT_SERVER = "127.0.0.1:50051"
-DEFAULT_TYPES = "math,examples.primes,examples.hash_chain"
+DEFAULT_TYPES = "auto"
 #: Relative frequency of each task type in the mix.
 WEIGHTS = {"math": 3, "examples.primes": 1, "examples.hash_chain": 1}
 
@@ -57,7 +59,8 @@ def _add_options(parser) -> None:
     group.add_argument("--qm-queue", env_var="LOCUST_QM_QUEUE", default="",
                        help="logical queue to submit to (default: the server's 'default')")
     group.add_argument("--qm-types", env_var="LOCUST_QM_TYPES", default=DEFAULT_TYPES,
-                       help=f"comma-separated task types to mix, of {', '.join(WEIGHTS)}")
+                       help=f"comma-separated task types to mix, of {', '.join(WEIGHTS)}; auto (default): "
+                            "those of them the server has (ListTaskTypes)")
     group.add_argument("--qm-task-timeout", env_var="LOCUST_QM_TASK_TIMEOUT", type=float, default=60.0,
                        help="seconds to wait for a task to end before counting it a failure")
     group.add_argument("--qm-wait", env_var="LOCUST_QM_WAIT", type=float, default=0.1,
@@ -121,6 +124,28 @@ class TaskFailed(Exception):
     """A task did not end SUCCEEDED with the expected result."""
 
 
+_MIX: list[str] = []  # the mix in use, decided once per Locust process
+
+
+def task_mix(option: str, stub: task_queue_pb2_grpc.TaskQueueStub) -> list[str]:
+    """The task types to mix: those named, or ("auto") those of PAYLOADS the server has."""
+    if _MIX:
+        return _MIX
+    if option.strip().lower() == "auto":
+        served = {t.name for t in stub.ListTaskTypes(task_queue_pb2.ListTaskTypesRequest(), timeout=30).types}
+        names = [t for t in PAYLOADS if t in served]
+        if not names:
+            raise ValueError(f"the server has none of the task types this load test knows ({', '.join(PAYLOADS)})")
+    else:
+        names = [t.strip() for t in option.split(",") if t.strip()]
+        unknown = [t for t in names if t not in PAYLOADS]
+        if unknown or not names:
+            raise ValueError(f"--qm-types: unknown task type(s) {unknown}; choose from {', '.join(PAYLOADS)}")
+    _MIX.extend(names)
+    logging.getLogger("qm.locust").info("task mix: %s", ", ".join(f"{t} x{WEIGHTS[t]}" for t in names))
+    return _MIX
+
+
 class QueueMasterUser(User):
     """Submits a task, follows it to its end, repeats."""
 
@@ -131,13 +156,10 @@ class QueueMasterUser(User):
         options = self.environment.parsed_options
         self.queue = options.qm_queue if options else ""
         self.task_timeout_s = options.qm_task_timeout if options else 60.0
-        names = [t.strip() for t in (options.qm_types if options else DEFAULT_TYPES).split(",") if t.strip()]
-        unknown = [t for t in names if t not in PAYLOADS]
-        if unknown or not names:
-            raise ValueError(f"--qm-types: unknown task type(s) {unknown}; choose from {', '.join(PAYLOADS)}")
-        self.types, self.weights = names, [WEIGHTS[t] for t in names]
         self.channel = grpc.insecure_channel(server_address(self.host))
         self.stub = task_queue_pb2_grpc.TaskQueueStub(self.channel)
+        self.types = task_mix(options.qm_types if options else DEFAULT_TYPES, self.stub)
+        self.weights = [WEIGHTS[t] for t in self.types]
 
     def on_stop(self) -> None:
         self.channel.close()

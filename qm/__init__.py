@@ -1,6 +1,16 @@
 """QueueMaster: a distributed task queue for CPU-heavy jobs."""
+from __future__ import annotations
 
-__version__ = "0.1.0"
+from typing import TYPE_CHECKING
+
+__version__ = "0.2.0"  # the one version source (pyproject.toml reads it)
+
+__all__ = ["Client", "Executor", "PermanentError", "Retry", "SoftTimeout", "__version__"]
+
+if TYPE_CHECKING:  # what type checkers see; at run time the names load lazily below
+    from qm.client.client import Client
+    from qm.errors import PermanentError, Retry, SoftTimeout
+    from qm.executor import Executor
 
 
 def __getattr__(name: str):

@@ -8,6 +8,7 @@ variable is set and non-empty; otherwise no file is read.  Every problem raises
 """
 
 import ipaddress
+import logging
 import math
 import os
 import re
@@ -20,6 +21,8 @@ import yaml
 
 from qm.broker import topology
 from qm.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 _HOSTNAME = re.compile(r"[A-Za-z0-9_.-]+")
 _PORT = re.compile(r"[0-9]{1,5}")
@@ -282,6 +285,7 @@ class ServerConfig:
     max_payload_bytes: int = _setting(1048576, _to_int, _above(0))
     max_batch_items: int = _setting(1000, _to_int, _above(0))
     grace_s: float = _setting(5.0, _to_float, _at_least(0))
+    max_concurrent_rpcs: int = _setting(4000, _to_int, _at_least(0))
     default_task_timeout_s: float = _setting(600.0, _to_float, _above(0))
     default_task_memory_limit_mb: int = _setting(0, _to_int, _at_least(0))
     default_max_retries: int = _setting(0, _to_int, _at_least(0), _at_most(100))
@@ -307,7 +311,6 @@ class WorkerConfig:
     start_method: str = _setting("forkserver", _to_str, _one_of("forkserver", "spawn"))
     task_timeout_s: float = _setting(0.0, _to_float, _at_least(0))
     task_memory_limit_mb: int = _setting(0, _to_int, _at_least(0))
-    soft_timeout_grace_s: float = _setting(1.0, _to_float, _at_least(0))
     memory_check_interval_s: float = _setting(0.05, _to_float, _above(0))
     max_tasks_per_child: int = _setting(0, _to_int, _at_least(0))
     max_child_idle_rss_mb: int = _setting(1024, _to_int, _at_least(0))
@@ -379,6 +382,30 @@ def _section_fields(section: str, source: str) -> dict[str, Any]:
         known = ", ".join(sections)
         raise ConfigError(section, f"unknown section {section!r} (from {source}); known sections: {known}")
     return {f.name: f for f in fields(sections[section])}
+
+
+#: Keys that are still accepted (and checked) so that existing configurations keep
+#: starting, but no longer do anything; a warning says so, naming where they were set.
+DEPRECATED_KEYS: dict[str, tuple[Callable[[Any], Any], str]] = {
+    "worker.soft_timeout_grace_s": (_to_float, (
+        "is deprecated and ignored: the soft timeout is no longer derived from the time limit (it shortened "
+        "the time a task gets). A task gets qm.SoftTimeout only at an explicit soft_timeout_s, of its task "
+        "type or its submission (qm submit --soft-timeout)")),
+}
+
+
+def _deprecated(section: str, key: str, raw: Any, source: str) -> bool:
+    """True for a deprecated key: its value is checked, a warning logged, and it is dropped."""
+    dotted = f"{section}.{key}"
+    if dotted not in DEPRECATED_KEYS:
+        return False
+    coerce, reason = DEPRECATED_KEYS[dotted]
+    try:
+        coerce(raw)
+    except ValueError as exc:
+        raise ConfigError(dotted, f"{exc} (from {source}); this key {reason}") from None
+    log.warning("%s (from %s) %s; remove it", dotted, source, reason)
+    return True
 
 
 def _convert(section: str, key: str, raw: Any, source: str) -> Any:
@@ -460,7 +487,12 @@ def _env_entries(env: Mapping[str, str]) -> Iterator[_Entry]:
         if not name.startswith(_ENV_PREFIX) or name == _CONFIG_ENV:
             continue
         section, sep, key = name[len(_ENV_PREFIX):].lower().partition("__")
-        if not sep or not section or not key:
+        if not sep:
+            # Not of the QM_<SECTION>__<KEY> form: someone else's variable (QM_SRC=...), not
+            # a typo of ours. Names of that form are checked strictly: a typo stops start-up.
+            log.debug("ignoring environment variable %s (not of the form QM_<SECTION>__<KEY>)", name)
+            continue
+        if not section or not key:
             raise ConfigError(
                 name[len(_ENV_PREFIX):].lower(),
                 f"environment variable {name} names no setting; use QM_<SECTION>__<KEY> "
@@ -498,7 +530,8 @@ def load_config(
     layers = (_file_entries(path, env), _env_entries(env), _override_entries(overrides or {}))
     for layer in layers:
         for section, key, raw, source in layer:
-            values[section][key] = _convert(section, key, raw, source)
+            if not _deprecated(section, key, raw, source):
+                values[section][key] = _convert(section, key, raw, source)
     return Config(**{name: cls(**values[name]) for name, cls in _sections().items()})
 
 

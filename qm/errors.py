@@ -159,7 +159,7 @@ class WaitTimeout(TimeoutError):
 
 
 class SoftTimeout(Exception):
-    """Raised inside task code shortly before its hard time limit (qm.SoftTimeout).
+    """Raised inside task code at its soft timeout (qm.SoftTimeout), if it has one.
 
     Catch it to clean up; the hard limit still kills the task at its deadline. Left
     uncaught, the task ends TIMED_OUT.

@@ -3,7 +3,7 @@ or broker: the plugin author's quickest loop (`qm run`) and `qm.testing.run_task
 
 The payload is checked by the type's validator (as the server would), limits are
 resolved as the server would, and the job runs in a fresh pool child with the hard
-deadline, RSS watchdog and soft timeout enforced.
+deadline, RSS watchdog and soft timeout (if one applies) enforced.
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ class LocalResult:
     error: str
     timeout_s: float
     memory_limit_mb: int
+    soft_timeout_s: float = 0.0
 
     @property
     def succeeded(self) -> bool:
@@ -38,25 +39,26 @@ class LocalResult:
 
 
 def run_task(task_type: str, payload: Any, *, timeout_s: float = 0.0, memory_limit_mb: int = 0,
-             soft_timeout_grace_s: float = 1.0, start_method: str = "spawn",
+             soft_timeout_s: float = 0.0, start_method: str = "spawn",
              registry: Registry | None = None) -> LocalResult:
-    """Run one task in a child process with its limits; ValidationError for a bad payload."""
+    """Run one task in a child process with its limits; ValidationError for a bad payload
+    or limit (a soft_timeout_s not below the time limit, as the server refuses it)."""
     return asyncio.run(run_task_async(task_type, payload, timeout_s=timeout_s, memory_limit_mb=memory_limit_mb,
-                                      soft_timeout_grace_s=soft_timeout_grace_s, start_method=start_method,
+                                      soft_timeout_s=soft_timeout_s, start_method=start_method,
                                       registry=registry))
 
 
 async def run_task_async(task_type: str, payload: Any, *, timeout_s: float = 0.0, memory_limit_mb: int = 0,
-                         soft_timeout_grace_s: float = 1.0, start_method: str = "spawn",
+                         soft_timeout_s: float = 0.0, start_method: str = "spawn",
                          registry: Registry | None = None) -> LocalResult:
     registry = registry or discover()
     declared = registry.get(task_type)
     raw = encode_payload(payload)
     declared.check_payload(raw)
     limits = task_limits.resolve(declared, timeout_s, memory_limit_mb, default_timeout_s=DEFAULT_TIMEOUT_S,
-                                 default_memory_limit_mb=0, consumer_timeout_s=math.inf)
-    job = Job("local", task_type, raw, limits.timeout_s, limits.memory_limit_mb,
-              task_limits.soft_timeout_s(limits.timeout_s, soft_timeout_grace_s))
+                                 default_memory_limit_mb=0, consumer_timeout_s=math.inf,
+                                 soft_timeout_s=soft_timeout_s)
+    job = Job("local", task_type, raw, limits.timeout_s, limits.memory_limit_mb, limits.soft_timeout_s)
     pool = Pool(1, start_method)
     await pool.start()
     try:
@@ -64,4 +66,5 @@ async def run_task_async(task_type: str, payload: Any, *, timeout_s: float = 0.0
     finally:
         await pool.stop()
     value = decode_result(declared.codec, outcome.result) if outcome.state is TaskState.SUCCEEDED else None
-    return LocalResult(outcome.state.name, value, outcome.error, limits.timeout_s, limits.memory_limit_mb)
+    return LocalResult(outcome.state.name, value, outcome.error, limits.timeout_s, limits.memory_limit_mb,
+                       limits.soft_timeout_s)

@@ -29,6 +29,7 @@ class TaskMessage:
     timeout_s: float = 0.0
     memory_limit_mb: int = 0
     retry: RetryPolicy = RetryPolicy()
+    soft_timeout_s: float = 0.0  # when the task gets qm.SoftTimeout; 0 = never
 
     def encode(self) -> bytes:
         retry = messages_pb2.RetryPolicy(max_retries=self.retry.max_retries, backoff_s=self.retry.backoff_s,
@@ -36,7 +37,8 @@ class TaskMessage:
                                          on_timeout=self.retry.on_timeout)
         message = messages_pb2.TaskMessage(task_id=self.task_id, type=self.type, payload=self.payload,
                                            queue=self.queue, attempt=self.attempt, timeout_s=self.timeout_s,
-                                           memory_limit_mb=self.memory_limit_mb, retry=retry)
+                                           memory_limit_mb=self.memory_limit_mb, retry=retry,
+                                           soft_timeout_s=self.soft_timeout_s)
         message.enqueued_at.FromNanoseconds(int(self.enqueued_at_s * 1e9))
         return message.SerializeToString()
 
@@ -49,7 +51,7 @@ class TaskMessage:
                             message.retry.jitter, message.retry.on_timeout)
         return cls(message.task_id, message.type, message.payload, message.queue,
                    message.attempt or 1, message.enqueued_at.ToNanoseconds() / 1e9,
-                   message.timeout_s, message.memory_limit_mb, retry)
+                   message.timeout_s, message.memory_limit_mb, retry, message.soft_timeout_s)
 
     def headers(self) -> dict[str, object]:
         """AMQP headers naming the task, so operators can read a message without decoding it."""

@@ -32,6 +32,11 @@ class ServerMetrics:
                                ["field"], registry=r)
         self.rpc_seconds = Histogram("qm_server_grpc_handling_seconds", "gRPC handling time by method and code",
                                      ["method", "code"], buckets=FAST_SECONDS_BUCKETS, registry=r)
+        self.grpc_refused = Counter("qm_server_grpc_refused_total", "TaskQueue calls refused with "
+                                    "RESOURCE_EXHAUSTED because server.max_concurrent_rpcs calls were in flight, "
+                                    "by method", ["method"], registry=r)
+        self.grpc_in_flight = Gauge("qm_server_grpc_in_flight", "TaskQueue calls being handled (streams included)",
+                                    registry=r)
         self.open_streams = Gauge("qm_server_open_streams", "StreamTaskResults streams open", registry=r)
         self.confirm_seconds = Histogram("qm_server_publish_confirm_seconds", "Time from publish to RabbitMQ's "
                                          "confirm of a submitted task", buckets=FAST_SECONDS_BUCKETS, registry=r)

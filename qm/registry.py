@@ -40,6 +40,10 @@ class TaskType:
     max_timeout_s: float | None = None
     default_memory_limit_mb: int | None = None
     max_memory_limit_mb: int | None = None
+    #: Seconds into a run when the task gets qm.SoftTimeout (to clean up), unless the
+    #: submission sets its own; None = never. Not armed for a submission whose time limit
+    #: is not above it (qm/limits.py).
+    soft_timeout_s: float | None = None
     #: Retry policy for this type (qm.retry.RetryPolicy); None = the server's default.
     retry: Any = None
 
@@ -122,7 +126,8 @@ def _check(task_type: TaskType, seen: dict[str, TaskType]) -> PluginError | None
     if task_type.codec not in codecs.CODECS:
         return PluginError(f"task type {task_type.name!r} declares codec {task_type.codec!r}; "
                            f"expected one of {', '.join(codecs.CODECS)}")
-    for limit in ("default_timeout_s", "max_timeout_s", "default_memory_limit_mb", "max_memory_limit_mb"):
+    for limit in ("default_timeout_s", "max_timeout_s", "default_memory_limit_mb", "max_memory_limit_mb",
+                  "soft_timeout_s"):
         value = getattr(task_type, limit)
         if value is not None and not (isinstance(value, (int, float)) and value > 0):
             return PluginError(f"task type {task_type.name!r} declares {limit}={value!r}; "

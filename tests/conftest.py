@@ -12,6 +12,28 @@ from qm.testing.rabbitmq import LocalRabbitMQ
 from tests.requirements import require_rabbitmq
 
 
+#: Directories whose tests start real processes, and those that are slow as a whole.
+PROCESS_DIRS = {"integration", "e2e", "faults", "load", "observability"}
+SLOW_DIRS = {"faults", "load", "observability"}
+#: Fixtures that start (or need) a real RabbitMQ node.
+RABBITMQ_FIXTURES = {"rabbitmq", "own_rabbitmq", "stack", "launcher"}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Mark tests by where they live and what they use, so `-m "not rabbitmq and not slow"`
+    is the fast inner loop (see pyproject.toml)."""
+    for item in items:
+        parts = set(item.path.parts)
+        if parts & PROCESS_DIRS:
+            item.add_marker(pytest.mark.processes)
+        if parts & SLOW_DIRS or item.path.name == "test_math_fuzz.py":
+            item.add_marker(pytest.mark.slow)
+        if "faults" in parts:
+            item.add_marker(pytest.mark.faults)
+        if RABBITMQ_FIXTURES & set(getattr(item, "fixturenames", ())) or parts & PROCESS_DIRS:
+            item.add_marker(pytest.mark.rabbitmq)
+
+
 @pytest.fixture(scope="session")
 def rabbitmq(tmp_path_factory) -> LocalRabbitMQ:
     """One RabbitMQ node for the whole session (tests use distinct queue names)."""
@@ -41,6 +63,25 @@ def launcher(tmp_path):
     launcher = Launcher(tmp_path)
     yield launcher
     launcher.cleanup()
+
+
+@pytest.fixture
+def gates(tmp_path, launcher):
+    """gates() → a new tests.processes.Gate in this test's directory. Every gate is opened
+    in teardown, before the launcher stops the workers, so no gated task outlives its test
+    (or holds up a worker's drain)."""
+    from tests.processes import Gate
+
+    made: list[Gate] = []
+
+    def make(name: str | None = None) -> Gate:
+        gate = Gate(tmp_path, name)
+        made.append(gate)
+        return gate
+
+    yield make
+    for gate in made:
+        gate.open()
 
 
 @pytest.fixture

@@ -322,6 +322,36 @@ def wait_until(condition, timeout_s: float, interval_s: float = 0.1, message: st
         time.sleep(interval_s)
 
 
+#: How long a gated task (test.wait_for) waits for its gate before failing: far beyond
+#: what any test needs, so only a gate a test forgot to open makes the task fail.
+GATE_BOUND_S = 120.0
+
+
+class Gate:
+    """A file a `test.wait_for` task blocks on until the test opens the gate: the task runs
+    for exactly as long as the test needs, however fast or slow the machine is.
+
+        gate = Gate(tmp_path)
+        task_id = client.submit("test.wait_for", gate.payload, queue=queue)
+        ...                       # the task is running, and stays so
+        gate.open()               # now it returns its payload
+    """
+
+    def __init__(self, directory: pathlib.Path, name: str | None = None) -> None:
+        self.path = directory / (name or unique("gate"))
+
+    @property
+    def payload(self) -> str:
+        return f"{GATE_BOUND_S:g}:{self.path}"
+
+    def open(self) -> None:
+        self.path.touch()
+
+    @property
+    def opened(self) -> bool:
+        return self.path.exists()
+
+
 def delete_queues(broker_url: str, queues: Iterable[str]) -> None:
     """Delete AMQP queues (best effort: the node may be gone)."""
     queues = list(queues)

@@ -121,8 +121,9 @@ class Broker(abc.ABC):
         """Stop new deliveries to a consumer; its unacked deliveries may still be settled."""
 
     @abc.abstractmethod
-    def ack(self, delivery: Delivery) -> None:
-        """The delivery is done with; the broker forgets it."""
+    def ack(self, delivery: Delivery, through: bool = False) -> None:
+        """The delivery is done with; the broker forgets it. With `through`, also every
+        earlier delivery of the same consumer still unacked (one frame for a batch)."""
 
     @abc.abstractmethod
     def nack(self, delivery: Delivery, requeue: bool = True) -> None:

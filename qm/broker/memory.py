@@ -170,9 +170,12 @@ class MemoryBroker(Broker):
         if consumer:
             consumer.active = False
 
-    def ack(self, delivery: Delivery) -> None:
+    def ack(self, delivery: Delivery, through: bool = False) -> None:
         consumer = self._settle_target(delivery)
-        if consumer and consumer.unacked.pop(delivery.delivery_tag, None) is not None:
+        if consumer is None:
+            return
+        tags = [tag for tag in consumer.unacked if tag <= delivery.delivery_tag] if through else [delivery.delivery_tag]
+        if [consumer.unacked.pop(tag, None) for tag in tags] != [None] * len(tags):
             self._schedule_dispatch(consumer.queue)
 
     def nack(self, delivery: Delivery, requeue: bool = True) -> None:

@@ -474,10 +474,10 @@ class RabbitMQBroker(Broker):
             return None
         return spec.channel if spec.channel.is_open else None
 
-    def ack(self, delivery: Delivery) -> None:
+    def ack(self, delivery: Delivery, through: bool = False) -> None:
         channel = self._settle_channel(delivery)
-        if channel is not None:
-            channel.basic_ack(delivery.delivery_tag)
+        if channel is not None:  # one channel per consumer: `multiple` covers only this consumer's
+            channel.basic_ack(delivery.delivery_tag, multiple=through)
 
     def nack(self, delivery: Delivery, requeue: bool = True) -> None:
         channel = self._settle_channel(delivery)

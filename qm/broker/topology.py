@@ -105,21 +105,41 @@ async def declare_work_queue(broker: Broker, queue: str, queue_type: str = "quor
     arguments = work_queue_arguments(queue_type, delivery_limit)
     try:
         await broker.declare_queue(name, arguments)
-    except BrokerRefused as exc:
-        if "x-queue-type" in exc.text:
-            raise ConfigError("broker.queue_type", (
-                f"the work queue {name} already exists in RabbitMQ as another queue type than {queue_type!r} "
-                f"({exc.text}). To change the type: stop the workers after the queue is drained, delete "
-                f"the queue (rabbitmqctl delete_queue {name}), then restart the servers and workers")) from None
-        if not any(key in exc.text for key in AT_LEAST_ONCE_DEAD_LETTERING):
+    except BrokerRefused as refused:
+        if refused.code != 406:
             raise
+        await _declare_legacy_work_queue(broker, name, queue_type, delivery_limit)
+    await broker.bind_queue(name, TASKS_EXCHANGE, queue)
+    return name
+
+
+def _without_strategy(arguments: dict[str, object]) -> dict[str, object]:
+    return {key: value for key, value in arguments.items() if key not in AT_LEAST_ONCE_DEAD_LETTERING}
+
+
+async def _declare_legacy_work_queue(broker: Broker, name: str, queue_type: str, delivery_limit: int) -> None:
+    """The work queue exists with other arguments than this version declares. Declared by
+    a version before 0.2 (no at-least-once strategy): use it as it is. Otherwise (another
+    type, another delivery limit): stop with what it is and the way out."""
+    try:
+        await broker.declare_queue(name, _without_strategy(work_queue_arguments(queue_type, delivery_limit)))
         log.warning("work queue %s was declared by an older version without at-least-once dead-lettering; "
                     "using it as it is. To migrate: drain it, delete it (rabbitmqctl delete_queue %s) and "
                     "restart; see docs/architecture.md (Topology)", name, name)
-        legacy = {key: value for key, value in arguments.items() if key not in AT_LEAST_ONCE_DEAD_LETTERING}
-        await broker.declare_queue(name, legacy)
-    await broker.bind_queue(name, TASKS_EXCHANGE, queue)
-    return name
+        return
+    except BrokerRefused as refused:
+        detail = refused.text
+    other = "classic" if queue_type == "quorum" else "quorum"
+    try:  # is it simply the other type (broker.queue_type changed)?
+        await broker.declare_queue(name, _without_strategy(work_queue_arguments(other, delivery_limit)))
+        what = f"is a {other} queue, but broker.queue_type is {queue_type!r}"
+    except BrokerRefused:
+        what = (f"exists with other arguments than a {queue_type!r} work queue with delivery limit "
+                f"{delivery_limit} (broker.queue_type or broker.delivery_limit changed?): {detail}")
+    raise ConfigError("broker.queue_type", (
+        f"the work queue {name} in RabbitMQ {what}. RabbitMQ cannot change a queue's type or arguments: "
+        f"stop the workers of queue {name.removeprefix('qm.tasks.')} once it is drained, delete it "
+        f"(rabbitmqctl delete_queue {name}), then start the servers and workers again")) from None
 
 
 async def _declare_on_fanout(broker: Broker, exchange: str, queue: str, arguments: dict[str, object]) -> str:

@@ -19,10 +19,11 @@ import grpc
 
 from qm._proto.qm.v1 import task_queue_pb2, task_queue_pb2_grpc
 from qm.client.common import (CHANNEL_OPTIONS, DEFAULT_BATCH_ITEMS, DEFAULT_CALL_TIMEOUT_S,
-                              DEFAULT_MAX_IN_FLIGHT, DEFAULT_RECONNECT_S, DEFAULT_SUBMIT_RETRY_S, Attempts,
-                              Batch, DeadLetter, Failover, Follow, RemoteError, TaskStatus, batch_requests,
-                              dead_letters_from_proto, final_value, parse_servers, status_from_proto,
-                              submit_request, task_types_from_proto, workers_from_proto)
+                              DEFAULT_MAX_IN_FLIGHT, DEFAULT_RECONNECT_S, DEFAULT_SUBMIT_RETRY_S,
+                              FAILOVER_CODES, SUBMIT_RETRY_CODES, Attempts, Batch, DeadLetter, Failover,
+                              Follow, RemoteError, TaskStatus, batch_requests, dead_letters_from_proto,
+                              final_value, parse_servers, retry_pushback_s, status_from_proto, submit_request,
+                              task_types_from_proto, workers_from_proto)
 
 
 class Client:
@@ -61,9 +62,11 @@ class Client:
             self._channels[address] = (channel, task_queue_pb2_grpc.TaskQueueStub(channel))
         return self._channels[address][1]
 
-    async def _call(self, method: str, request, window_s: float = 0.0):
-        """A unary call, failing over between the servers on UNAVAILABLE (for `window_s`)."""
-        attempts = Attempts(self._failover, window_s)
+    async def _call(self, method: str, request, window_s: float = 0.0,
+                    retry_codes: frozenset = FAILOVER_CODES):
+        """A unary call, failing over between the servers on UNAVAILABLE (and retrying
+        `retry_codes`) for `window_s`."""
+        attempts = Attempts(self._failover, window_s, retry_codes=retry_codes)
         while True:
             address = attempts.address
             try:
@@ -73,7 +76,8 @@ class Client:
                 attempts.reached()
                 return response
             except grpc.RpcError as exc:
-                delay_s = attempts.failed(address, exc.code(), exc.details() or "")
+                delay_s = attempts.failed(address, exc.code(), exc.details() or "",
+                                          retry_pushback_s(exc.trailing_metadata()))
             await asyncio.sleep(delay_s)
 
     # -- submitting ----------------------------------------------------------------------
@@ -81,7 +85,7 @@ class Client:
     async def submit(self, type: str, payload: Any, **options) -> str:
         """qm.Client.submit, awaited: the task's id once it is durable."""
         request = submit_request(type, payload, **options)
-        return (await self._call("SubmitTask", request, self.submit_retry_s)).task_id
+        return (await self._call("SubmitTask", request, self.submit_retry_s, SUBMIT_RETRY_CODES)).task_id
 
     async def submit_many(self, items: Iterable[tuple], **options) -> list[str]:
         """qm.Client.submit_many, awaited: the ids in order, or qm.errors.BatchError."""
@@ -94,7 +98,7 @@ class Client:
         return batch.task_ids_or_raise()
 
     async def _submit_chunk(self, batch: Batch, chunk: list[int]) -> None:
-        attempts = Attempts(self._failover, self.submit_retry_s)
+        attempts = Attempts(self._failover, self.submit_retry_s, retry_codes=SUBMIT_RETRY_CODES)
         while True:
             address = attempts.address
             try:
@@ -105,10 +109,11 @@ class Client:
                 chunk = batch.record(chunk, response)
                 if not chunk:
                     return
-                code, details = grpc.StatusCode.UNAVAILABLE, batch.refused[chunk[0]].message
+                code, details, hint = grpc.StatusCode.UNAVAILABLE, batch.refused[chunk[0]].message, None
             except grpc.RpcError as exc:
                 code, details = exc.code(), exc.details() or ""
-            await asyncio.sleep(attempts.failed(address, code, details))
+                hint = retry_pushback_s(exc.trailing_metadata())
+            await asyncio.sleep(attempts.failed(address, code, details, hint))
 
     # -- following -----------------------------------------------------------------------
 

@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--timeout", metavar="S", type=float, default=0.0,
                         help="hard time limit in seconds; the task is killed at it (TIMED_OUT). "
                              "Default: the task type's, else the server's (server.default_task_timeout_s)")
+    submit.add_argument("--soft-timeout", metavar="S", type=float, default=0.0,
+                        help="soft time limit in seconds: the task gets qm.SoftTimeout then, to clean up; "
+                             "below the time limit. Default: the task type's, else none")
     submit.add_argument("--memory-limit", metavar="MB", type=int, default=0,
                         help="memory limit in MiB (RSS with subprocesses); the task is killed over it "
                              "(MEMORY_EXCEEDED). Default: the task type's, else the server's, else none")
@@ -131,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-P", "--payload", required=True, help="payload; - reads stdin")
     run.add_argument("--timeout", metavar="S", type=float, default=0.0,
                      help="hard time limit, seconds (default: the type's, else 600)")
+    run.add_argument("--soft-timeout", metavar="S", type=float, default=0.0,
+                     help="when the task gets qm.SoftTimeout, seconds, below the time limit "
+                          "(default: the type's, else none)")
     run.add_argument("--memory-limit", metavar="MB", type=int, default=0,
                      help="memory limit, MiB (default: the type's, else none)")
 
@@ -195,7 +201,7 @@ def cmd_submit(client: Client, args) -> int:
     options = dict(queue=args.queue, timeout_s=args.timeout, memory_limit_mb=args.memory_limit,
                    max_retries=args.max_retries, retry_backoff_s=args.retry_backoff,
                    retry_backoff_max_s=args.retry_backoff_max, retry_jitter=args.retry_jitter,
-                   retry_on_timeout=args.retry_on_timeout)
+                   retry_on_timeout=args.retry_on_timeout, soft_timeout_s=args.soft_timeout)
     if args.from_file is not None:
         return _submit_lines(client, args, options)
     payload = sys.stdin.read() if args.payload == "-" else args.payload
@@ -363,7 +369,8 @@ def cmd_run(args) -> int:
 
     logging.getLogger("qm").setLevel(logging.ERROR)  # the outcome line below says it all
     payload = sys.stdin.read() if args.payload == "-" else args.payload
-    outcome = run_task(args.type, payload, timeout_s=args.timeout, memory_limit_mb=args.memory_limit)
+    outcome = run_task(args.type, payload, timeout_s=args.timeout, memory_limit_mb=args.memory_limit,
+                       soft_timeout_s=args.soft_timeout)
     if outcome.succeeded:
         print(outcome.value if isinstance(outcome.value, str) else json.dumps(outcome.value))
         return 0

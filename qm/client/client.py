@@ -18,14 +18,16 @@ import grpc
 
 from qm._proto.qm.v1 import task_queue_pb2, task_queue_pb2_grpc
 from qm.client.common import (CHANNEL_OPTIONS, DEFAULT_BATCH_ITEMS, DEFAULT_CALL_TIMEOUT_S,
-                              DEFAULT_RECONNECT_S, DEFAULT_SUBMIT_RETRY_S, TERMINAL_STATE_NAMES, Attempts,
-                              Batch, DeadLetter, Failover, Follow, RemoteError, TaskStatus, batch_requests,
-                              dead_letters_from_proto, final_value, parse_servers, status_from_proto,
-                              submit_request, task_types_from_proto, workers_from_proto)
+                              DEFAULT_RECONNECT_S, DEFAULT_SUBMIT_RETRY_S, FAILOVER_CODES, SUBMIT_RETRY_CODES,
+                              TERMINAL_STATE_NAMES, Attempts, Batch, DeadLetter, Failover, Follow,
+                              RemoteError, TaskStatus, batch_requests, dead_letters_from_proto, final_value,
+                              parse_servers, retry_pushback_s, status_from_proto, submit_request,
+                              task_types_from_proto, workers_from_proto)
 from qm.errors import WaitTimeout
 
 __all__ = ["Client", "DeadLetter", "RemoteError", "TaskStatus", "WaitTimeout", "TERMINAL_STATE_NAMES",
-           "DEFAULT_CALL_TIMEOUT_S", "DEFAULT_SUBMIT_RETRY_S", "DEFAULT_RECONNECT_S", "status_from_proto"]
+           "DEFAULT_CALL_TIMEOUT_S", "DEFAULT_SUBMIT_RETRY_S", "DEFAULT_RECONNECT_S", "SUBMIT_RETRY_CODES",
+           "retry_pushback_s", "status_from_proto"]
 
 
 class Client:
@@ -75,9 +77,10 @@ class Client:
         """The stub of the server calls go to now (qm.Executor opens its stream on it)."""
         return self._stub_at(self._failover.current)
 
-    def _call(self, method: str, request, window_s: float = 0.0):
-        """A unary call, failing over between the servers on UNAVAILABLE (for `window_s`)."""
-        attempts = Attempts(self._failover, window_s)
+    def _call(self, method: str, request, window_s: float = 0.0, retry_codes: frozenset = FAILOVER_CODES):
+        """A unary call, failing over between the servers on UNAVAILABLE (and retrying
+        `retry_codes`) for `window_s`."""
+        attempts = Attempts(self._failover, window_s, retry_codes=retry_codes)
         while True:
             address = attempts.address
             try:
@@ -86,7 +89,8 @@ class Client:
                 attempts.reached()
                 return response
             except grpc.RpcError as exc:
-                delay_s = attempts.failed(address, exc.code(), exc.details() or "")
+                delay_s = attempts.failed(address, exc.code(), exc.details() or "",
+                                          retry_pushback_s(exc.trailing_metadata()))
             time.sleep(delay_s)
 
     # -- submitting ----------------------------------------------------------------------
@@ -94,22 +98,25 @@ class Client:
     def submit(self, type: str, payload: Any, *, queue: str = "", timeout_s: float = 0.0,
                memory_limit_mb: int = 0, max_retries: int | None = None, retry_backoff_s: float | None = None,
                retry_backoff_max_s: float | None = None, retry_jitter: bool | None = None,
-               retry_on_timeout: bool | None = None, idempotency_key: str | None = None) -> str:
+               retry_on_timeout: bool | None = None, idempotency_key: str | None = None,
+               soft_timeout_s: float = 0.0) -> str:
         """Submit a task; returns its id once the server has made it durable.
 
         Limits and retry options left at 0/None take the task type's, else the server's
-        defaults. Every submit carries an idempotency key (a fresh one unless given), so
-        while the server or its broker is UNAVAILABLE the client retries with the same key,
-        on each server address in turn, for up to `submit_retry_s`, and a retry can never
-        enqueue the task twice. A key already used for another request: RemoteError
-        FAILED_PRECONDITION.
+        defaults; `soft_timeout_s` is when the task gets qm.SoftTimeout (0: the type's, else
+        none). Every submit carries an idempotency key (a fresh one unless given), so while
+        the server or its broker is UNAVAILABLE, the server is overloaded
+        (RESOURCE_EXHAUSTED: after its retry hint), or a call ends CANCELLED or
+        DEADLINE_EXCEEDED, the client retries with the same key, on each server address in
+        turn, for up to `submit_retry_s`, and a retry can never enqueue the task twice. A key
+        already used for another request: RemoteError FAILED_PRECONDITION.
         """
         request = submit_request(type, payload, queue=queue, timeout_s=timeout_s,
                                  memory_limit_mb=memory_limit_mb, max_retries=max_retries,
                                  retry_backoff_s=retry_backoff_s, retry_backoff_max_s=retry_backoff_max_s,
                                  retry_jitter=retry_jitter, retry_on_timeout=retry_on_timeout,
-                                 idempotency_key=idempotency_key)
-        return self._call("SubmitTask", request, self.submit_retry_s).task_id
+                                 idempotency_key=idempotency_key, soft_timeout_s=soft_timeout_s)
+        return self._call("SubmitTask", request, self.submit_retry_s, SUBMIT_RETRY_CODES).task_id
 
     def submit_many(self, items: Iterable[tuple], **options) -> list[str]:
         """Submit many tasks in SubmitTasks calls of `batch_items`; their ids, in order.
@@ -129,7 +136,7 @@ class Client:
         return batch.task_ids_or_raise()
 
     def _submit_chunk(self, batch: Batch, chunk: list[int]) -> None:
-        attempts = Attempts(self._failover, self.submit_retry_s)
+        attempts = Attempts(self._failover, self.submit_retry_s, retry_codes=SUBMIT_RETRY_CODES)
         while True:
             address = attempts.address
             try:
@@ -139,10 +146,11 @@ class Client:
                 chunk = batch.record(chunk, response)
                 if not chunk:
                     return
-                code, details = grpc.StatusCode.UNAVAILABLE, batch.refused[chunk[0]].message
+                code, details, hint = grpc.StatusCode.UNAVAILABLE, batch.refused[chunk[0]].message, None
             except grpc.RpcError as exc:
                 code, details = exc.code(), exc.details() or ""
-            time.sleep(attempts.failed(address, code, details))
+                hint = retry_pushback_s(exc.trailing_metadata())
+            time.sleep(attempts.failed(address, code, details, hint))
 
     # -- following -----------------------------------------------------------------------
 

@@ -44,9 +44,11 @@ RETRY_MAX_DELAY_S = 2.0
 DEFAULT_BATCH_ITEMS = 500
 #: Bytes of items per SubmitTasks call, under gRPC's 4 MiB message limit.
 MAX_BATCH_BYTES = 3 * 1024 * 1024
-#: Unary calls one asyncio client keeps in flight at once; more wait their turn. qm-server's
-#: gRPC core resets calls beyond about 1000 pending ones (grpc.server.max_pending_requests):
-#: `asyncio.gather` over thousands of submits would otherwise see some CANCELLED.
+#: Unary calls one asyncio client keeps in flight at once; more wait their turn on the
+#: client, where waiting costs nothing. `asyncio.gather` over thousands of submits would
+#: otherwise pile them all into qm-server at once: refused past server.max_concurrent_rpcs
+#: (RESOURCE_EXHAUSTED, retried after the hint), or, from servers whose gRPC core still
+#: sheds pending calls (grpc.server.max_pending_requests), dropped as CANCELLED.
 DEFAULT_MAX_IN_FLIGHT = 256
 #: Task ids per StreamTaskResultsRequest message when following many.
 FOLLOW_IDS_PER_REQUEST = 1000
@@ -60,6 +62,15 @@ TERMINAL_STATE_NAMES = frozenset({"SUCCEEDED", "FAILED", "TIMED_OUT", "MEMORY_EX
 #: reached, went away, or its broker is down: nothing was done, or a retry with the same
 #: idempotency key finds it done).
 FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
+#: Codes a submit (and each call of submit_many) is retried on, always with the same
+#: idempotency keys (so never enqueued twice): the server or its broker unreachable, the
+#: server overloaded (RESOURCE_EXHAUSTED, with a retry-pushback-ms hint), or a call that
+#: ended without an answer (CANCELLED, DEADLINE_EXCEEDED: the task may or may not have
+#: been accepted; the key settles it).
+SUBMIT_RETRY_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED})
+#: Trailing metadata key of the server's retry hint, in milliseconds.
+RETRY_PUSHBACK_KEY = "retry-pushback-ms"
 
 
 # -- errors ------------------------------------------------------------------------------
@@ -67,9 +78,10 @@ FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
 class RemoteError(QMError):
     """qm-server answered with an error status (or could not be reached)."""
 
-    def __init__(self, code: grpc.StatusCode, details: str, server: str):
+    def __init__(self, code: grpc.StatusCode, details: str, server: str, retry_after_s: float | None = None):
         self.code = code
         self.details = details
+        self.retry_after_s = retry_after_s  # the server's retry hint, if it gave one
         # UNAVAILABLE from qm-server itself names RabbitMQ/the broker ("RabbitMQ at ... is
         # unreachable", "connection to RabbitMQ at ... lost"); anything else is gRPC failing
         # to reach qm-server.
@@ -79,6 +91,17 @@ class RemoteError(QMError):
         elif code is grpc.StatusCode.DEADLINE_EXCEEDED:
             details = f"qm-server at {server} did not answer in time ({details})"
         super().__init__(details)
+
+
+def retry_pushback_s(trailing_metadata) -> float | None:
+    """The server's retry hint in seconds (from `retry-pushback-ms`), or None."""
+    for key, value in trailing_metadata or ():
+        if key == RETRY_PUSHBACK_KEY:
+            try:
+                return max(0.0, int(value) / 1000.0)
+            except (TypeError, ValueError):
+                return None
+    return None
 
 
 def _names_broker(details: str) -> bool:
@@ -124,14 +147,17 @@ class Failover:
 
 class Attempts:
     """One call's tries: the current address, then at once each other one; after a whole
-    round without an answer, a pause (doubling up to RETRY_MAX_DELAY_S), and another round
-    while `window_s` lasts. A window of 0 is one round, no pause. `reached()` (the server
+    round without an answer, a pause (the server's retry hint if it gave one, else doubling
+    up to RETRY_MAX_DELAY_S), and another round while `window_s` lasts. A window of 0 is
+    one round, no pause. Only `retry_codes` are tried again. `reached()` (the server
     answered) opens the window again: a stream that was connected may lose its server for
     `window_s` before it gives up."""
 
-    def __init__(self, failover: Failover, window_s: float, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, failover: Failover, window_s: float, clock: Callable[[], float] = time.monotonic,
+                 retry_codes: frozenset = FAILOVER_CODES):
         self.failover = failover
         self.window_s = window_s
+        self.retry_codes = retry_codes
         self._clock = clock
         self._deadline = clock() + window_s
         self._failures = 0
@@ -148,20 +174,24 @@ class Attempts:
         self._delay_s = RETRY_INITIAL_DELAY_S
         self._deadline = self._clock() + self.window_s
 
-    def failed(self, address: str, code: grpc.StatusCode, details: str) -> float:
-        """The call to `address` failed with `code`: the pause before the next try, or
-        RemoteError if the code is not one to retry or the window is spent."""
-        if code not in FAILOVER_CODES:
-            raise RemoteError(code, details or "", address)
+    def failed(self, address: str, code: grpc.StatusCode, details: str,
+               retry_after_s: float | None = None) -> float:
+        """The call to `address` failed with `code` (the server's retry hint: `retry_after_s`):
+        the pause before the next try, or RemoteError if the code is not one to retry or the
+        window is spent."""
+        if code not in self.retry_codes:
+            raise RemoteError(code, details or "", address, retry_after_s)
         self.failover.failed(address)
         self._failures += 1
         if self._failures % len(self.failover.addresses):
             return 0.0  # addresses left in this round
         delay_s, self._delay_s = self._delay_s, min(self._delay_s * 2, RETRY_MAX_DELAY_S)
+        if retry_after_s is not None:
+            delay_s = retry_after_s
         if self._clock() + delay_s > self._deadline:
             where = self.failover.describe()
-            tried = f"{details or 'unavailable'}; tried for {self.window_s:g} s" if self.window_s else details
-            raise RemoteError(code, tried or "", where)
+            tried = f"{details or code.name}; tried for {self.window_s:g} s" if self.window_s else details
+            raise RemoteError(code, tried or "", where, retry_after_s)
         return delay_s
 
 
@@ -171,19 +201,22 @@ class Attempts:
 _OPTIONAL_FIELDS = ("max_retries", "retry_backoff_s", "retry_backoff_max_s", "retry_jitter",
                     "retry_on_timeout")
 #: Options submit and submit_many take.
-SUBMIT_OPTIONS = ("queue", "timeout_s", "memory_limit_mb", *_OPTIONAL_FIELDS, "idempotency_key")
+SUBMIT_OPTIONS = ("queue", "timeout_s", "soft_timeout_s", "memory_limit_mb", *_OPTIONAL_FIELDS,
+                  "idempotency_key")
 
 
 def submit_request(type: str, payload: Any, *, queue: str = "", timeout_s: float = 0.0,
                    memory_limit_mb: int = 0, max_retries: int | None = None,
                    retry_backoff_s: float | None = None, retry_backoff_max_s: float | None = None,
                    retry_jitter: bool | None = None, retry_on_timeout: bool | None = None,
-                   idempotency_key: str | None = None) -> task_queue_pb2.SubmitTaskRequest:
+                   idempotency_key: str | None = None,
+                   soft_timeout_s: float = 0.0) -> task_queue_pb2.SubmitTaskRequest:
     """The request of one submit; it always carries an idempotency key (a fresh one unless
     given), so retrying it can never enqueue the task twice."""
     request = task_queue_pb2.SubmitTaskRequest(
         type=type, payload=encode_payload(payload), queue=queue, timeout_s=timeout_s,
-        memory_limit_mb=memory_limit_mb, idempotency_key=idempotency_key or str(uuid.uuid4()))
+        memory_limit_mb=memory_limit_mb, idempotency_key=idempotency_key or str(uuid.uuid4()),
+        soft_timeout_s=soft_timeout_s)
     optional = dict(max_retries=max_retries, retry_backoff_s=retry_backoff_s,
                     retry_backoff_max_s=retry_backoff_max_s, retry_jitter=retry_jitter,
                     retry_on_timeout=retry_on_timeout)

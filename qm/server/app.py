@@ -22,6 +22,7 @@ from qm.errors import ConfigError, ConsumerRefused, DuplicateServer, ServerIdent
 from qm.logs import setup_logging
 from qm.retry import RetryPolicy
 from qm.server import identity
+from qm.server.admission import CORE_OPTIONS, AdmissionInterceptor
 from qm.server.service import TaskService
 from qm.server.servicer import TaskQueueServicer
 from qm.server.store import Store
@@ -55,6 +56,7 @@ class ServerApp:
         default_retry = RetryPolicy(server.default_max_retries, server.default_retry_backoff_s,
                                     server.default_retry_backoff_max_s, server.default_retry_jitter,
                                     server.default_retry_on_timeout)
+        metrics = ServerMetrics()
         self.service = TaskService(self.registry, self.store, self.broker,
                                    max_payload_bytes=server.max_payload_bytes,
                                    queue_type=config.broker.queue_type,
@@ -63,12 +65,15 @@ class ServerApp:
                                    default_memory_limit_mb=server.default_task_memory_limit_mb,
                                    consumer_timeout_s=config.broker.consumer_timeout_s,
                                    default_retry=default_retry, retention_s=server.retention_s,
-                                   metrics=ServerMetrics(), worker_lost_after_s=server.worker_lost_after_s,
+                                   metrics=metrics, worker_lost_after_s=server.worker_lost_after_s,
                                    reconcile_interval_s=server.reconcile_interval_s,
                                    reconcile_after_s=server.reconcile_after_s,
                                    max_batch_items=server.max_batch_items)
         self.health = health.aio.HealthServicer()
-        self.grpc_server = grpc.aio.server()
+        # Overload: calls queue in gRPC (core never sheds them) or are refused with
+        # RESOURCE_EXHAUSTED beyond server.max_concurrent_rpcs (qm.server.admission).
+        self.admission = AdmissionInterceptor(SERVICE_NAME, server.max_concurrent_rpcs, metrics)
+        self.grpc_server = grpc.aio.server(interceptors=[self.admission], options=CORE_OPTIONS)
         self.port = 0
 
     async def start(self) -> int:
@@ -77,6 +82,7 @@ class ServerApp:
             log.error("%s", error)
         log.info("serving task types: %s", ", ".join(sorted(self.registry.types)) or "none")
         await self.broker.connect()
+        self.store.start_checkpoints()  # WAL checkpoint I/O off the event loop
         try:
             await self.service.start_events(self.server_id)
         except ConsumerRefused:

@@ -6,10 +6,11 @@ retry), another request is refused (`IdempotencyKeyReused`, FAILED_PRECONDITION)
 caller never mistakes the first task's result for the answer to its second request.
 
 The digest covers the request as the client sent it, after validation: task type,
-payload, logical queue (empty = "default"), time and memory limits, and the retry options
-(an option left unset, None, differs from one set to the task type's value: it may
-resolve differently). It does not cover what the server resolves from its own settings, so a
-retry after a configuration change or an upgrade is still the same request.
+payload, logical queue (empty = "default"), time limits (hard and soft), memory limit,
+and the retry options (an option left unset, None, differs from one set to the task
+type's value: it may resolve differently). It does not cover what the server resolves
+from its own settings, so a retry after a configuration change or an upgrade is still
+the same request.
 
 Keys live as long as their task's row: until server.retention_s after the task finished.
 A row written before digests were kept has none; a key found there is accepted as before.
@@ -27,11 +28,12 @@ DIGEST_VERSION = "v1"
 
 
 def request_digest(task_type: str, payload: bytes, queue: str, timeout_s: float, memory_limit_mb: int,
-                   retry_options: dict[str, Any]) -> str:
+                   retry_options: dict[str, Any], soft_timeout_s: float = 0.0) -> str:
     """`v1:` + SHA-256 over a canonical encoding of the request (sorted JSON, the payload
     by its own SHA-256, floats as floats: `timeout_s` 5 and 5.0 are one request)."""
     fields = {"type": task_type, "payload_sha256": hashlib.sha256(payload).hexdigest(), "queue": queue,
-              "timeout_s": float(timeout_s), "memory_limit_mb": int(memory_limit_mb),
+              "timeout_s": float(timeout_s), "soft_timeout_s": float(soft_timeout_s),
+              "memory_limit_mb": int(memory_limit_mb),
               "retry": {name: _canonical(value) for name, value in sorted(retry_options.items())
                         if value is not None}}
     text = json.dumps(fields, sort_keys=True, separators=(",", ":"), allow_nan=True)

@@ -1,10 +1,12 @@
-"""Server logic, free of gRPC: validate → record → publish (confirmed) → answer;
-events from the server's own durable queue → store → stream followers.
+"""Server logic, free of gRPC: validate → record → publish (confirmed) → answer.
+
+The other jobs of a server live next door and are composed here: event ingestion
+(events.py), dead letters (dead_letters.py), the worker directory (workers.py), the
+reconciler (reconciler.py).
 """
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 import uuid
@@ -14,19 +16,22 @@ from qm import limits as task_limits
 from qm import retry
 from qm.broker import topology
 from qm.broker.migrate import migrate_legacy_delay_tiers
-from qm.broker.base import Broker, Delivery
+from qm.broker.base import Broker
 from qm.errors import (BrokerUnavailable, IdempotencyKeyReused, QMError, TaskAlreadyFinished, TaskNotFound,
                        ValidationError)
-from qm.messages import Heartbeat, TaskEvent, TaskMessage
+from qm.messages import TaskEvent, TaskMessage
 from qm.metrics import ServerMetrics
 from qm.protocol import Command, Control, Header
 from qm.registry import Registry
-from qm.server import idempotency
+from qm.server import idempotency, maintenance
+from qm.retry import RetryPolicy
+from qm.server.dead_letters import DeadLetters
+from qm.server.events import EventApplier
 from qm.server.hub import Hub
 from qm.server.reconciler import Reconciler
-from qm.retry import RetryPolicy
-from qm.server.store import DeadLetter, Store, TaskRecord
+from qm.server.store import Store, TaskRecord
 from qm.server.submission import Submission
+from qm.server.workers import WorkerDirectory
 from qm.states import TaskState
 
 log = logging.getLogger(__name__)
@@ -37,9 +42,6 @@ EVENTS_PREFETCH = 1000
 MAX_IDEMPOTENCY_KEY_CHARS = 200
 #: Most items one SubmitTasks call may carry, unless server.max_batch_items says otherwise.
 DEFAULT_MAX_BATCH_ITEMS = 1000
-#: Dead letters listed when the request names no limit, and the most one requeue moves.
-DEFAULT_DEAD_LETTER_LIMIT = 100
-MAX_REQUEUE = 10_000
 #: Pause between attempts to publish tasks a crash left unconfirmed, while RabbitMQ is away.
 UNCONFIRMED_RETRY_S = 5.0
 #: Least time between two updates of the store size gauges.
@@ -49,7 +51,7 @@ RETENTION_SWEEP_MAX_S = 3600.0
 
 
 class TaskService:
-    """What the TaskQueue RPCs do: submit, status, follow, dead letters."""
+    """What the TaskQueue RPCs do: submit, status, cancel; and the server's parts."""
 
     def __init__(self, registry: Registry, store: Store, broker: Broker, *,
                  max_payload_bytes: int, queue_type: str = "quorum", delivery_limit: int = 5,
@@ -73,14 +75,13 @@ class TaskService:
         self.default_retry = default_retry
         self.retention_s = retention_s
         self.metrics = metrics or ServerMetrics()
-        self.worker_lost_after_s = worker_lost_after_s
-        self._workers: dict[str, tuple[Heartbeat, float]] = {}
-        self._poison_reported: set[str] = set()
         self._declared_queues: set[str] = set()
         self._pending_keys: dict[str, asyncio.Future] = {}
-        self._events: asyncio.Queue[Delivery] = asyncio.Queue()
         self._tasks: list[asyncio.Task] = []
-        self._background: set[asyncio.Task] = set()
+        self.events = EventApplier(store, broker, self.hub, self.metrics, self._codecs, delivery_limit)
+        self.dead_letters = DeadLetters(store, broker, self.metrics, self._codecs, delivery_limit,
+                                        self.events.apply, self.enqueue)
+        self.workers = WorkerDirectory(broker, worker_lost_after_s)
         self.reconciler = Reconciler(store, broker, self.metrics, self._declared_queues, self._ensure_queue,
                                      reconcile_interval_s, reconcile_after_s)
 
@@ -100,20 +101,21 @@ class TaskService:
         declared.check_payload(payload)
 
     async def submit(self, task_type: str, payload: bytes, queue: str = "", *, timeout_s: float = 0.0,
-                     memory_limit_mb: int = 0, idempotency_key: str = "", **retry_options) -> TaskRecord:
+                     memory_limit_mb: int = 0, idempotency_key: str = "", soft_timeout_s: float = 0.0,
+                     **retry_options) -> TaskRecord:
         """Accept a task: it is durable in RabbitMQ when this returns.
 
         With an idempotency key already seen (within the retention) and the same request,
         the first task is returned and nothing is enqueued; with another request,
-        IdempotencyKeyReused (qm/server/idempotency.py). `retry_options` are RetryPolicy fields
-        (max_retries, backoff_s, backoff_max_s, jitter, on_timeout); None = default.
+        IdempotencyKeyReused (qm/server/idempotency.py). `retry_options` are RetryPolicy
+        fields (max_retries, backoff_s, backoff_max_s, jitter, on_timeout); None = default.
         """
         if len(idempotency_key) > MAX_IDEMPOTENCY_KEY_CHARS:
             raise ValidationError("idempotency_key", f"longer than {MAX_IDEMPOTENCY_KEY_CHARS} characters")
         digest = ""
         if idempotency_key:
             digest = idempotency.request_digest(task_type, payload, queue or topology.DEFAULT_QUEUE,
-                                                timeout_s, memory_limit_mb, retry_options)
+                                                timeout_s, memory_limit_mb, retry_options, soft_timeout_s)
             if idempotency_key in self._pending_keys:  # the same key is being submitted right now
                 first = await asyncio.shield(self._pending_keys[idempotency_key])
                 self._check_key_reuse(idempotency_key, first, digest)
@@ -129,7 +131,8 @@ class TaskService:
             self._pending_keys[idempotency_key] = future
         try:
             record = await self._accept(task_type, payload, queue or topology.DEFAULT_QUEUE, timeout_s,
-                                        memory_limit_mb, idempotency_key, retry_options, digest)
+                                        memory_limit_mb, idempotency_key, retry_options, soft_timeout_s,
+                                        digest)
             future.set_result(record)
             self.metrics.submissions.labels(task_type, "accepted").inc()
             return record
@@ -165,7 +168,8 @@ class TaskService:
             try:
                 return await self.submit(item.type, item.payload, item.queue, timeout_s=item.timeout_s,
                                          memory_limit_mb=item.memory_limit_mb,
-                                         idempotency_key=item.idempotency_key, **item.retry_options)
+                                         idempotency_key=item.idempotency_key,
+                                         soft_timeout_s=item.soft_timeout_s, **item.retry_options)
             except QMError as exc:
                 return exc
 
@@ -180,29 +184,31 @@ class TaskService:
             self.metrics.submissions.labels(known_type, "unavailable").inc()
 
     async def _accept(self, task_type: str, payload: bytes, queue: str, timeout_s: float, memory_limit_mb: int,
-                      idempotency_key: str, retry_options: dict, request_digest: str = "") -> TaskRecord:
+                      idempotency_key: str, retry_options: dict, soft_timeout_s: float = 0.0,
+                      request_digest: str = "") -> TaskRecord:
         self.validate(task_type, payload, queue)
         declared = self.registry.get(task_type)
         limits = task_limits.resolve(
             declared, timeout_s, memory_limit_mb, default_timeout_s=self.default_timeout_s,
-            default_memory_limit_mb=self.default_memory_limit_mb, consumer_timeout_s=self.consumer_timeout_s)
+            default_memory_limit_mb=self.default_memory_limit_mb, consumer_timeout_s=self.consumer_timeout_s,
+            soft_timeout_s=soft_timeout_s)
         policy = retry.resolve(declared, self.default_retry, **retry_options)
         if not self.broker.connected:
             raise self.broker.unavailable()
-        await self._ensure_queue(queue)
         now = time.time()
-        record = TaskRecord(str(uuid.uuid4()), task_type, queue, declared.codec, TaskState.QUEUED, 0, None,
-                            "", "", now, None, None, now, limits.timeout_s, limits.memory_limit_mb,
-                            idempotency_key, policy.max_retries, request_digest=request_digest)
+        record = TaskRecord.queued(str(uuid.uuid4()), task_type, queue, declared.codec, now, limits.timeout_s,
+                                   limits.memory_limit_mb, idempotency_key, policy.max_retries,
+                                   request_digest=request_digest)
         message = TaskMessage(record.task_id, task_type, payload, queue, 1, now, limits.timeout_s,
-                              limits.memory_limit_mb, policy)
-        await self._enqueue(record, message)
+                              limits.memory_limit_mb, policy, limits.soft_timeout_s)
+        await self.enqueue(record, message)
         return record
 
-    async def _enqueue(self, record: TaskRecord, message: TaskMessage) -> None:
+    async def enqueue(self, record: TaskRecord, message: TaskMessage) -> None:
         """Store (with the message, until confirmed), publish, await the confirm; if the
         publish fails nothing stays stored. If this process dies in between, the stored
         message is published again at start-up or on the client's retry (same key)."""
+        await self._ensure_queue(message.queue)
         body = message.encode()
         self.store.insert_unconfirmed(record, message.queue, body)
         started = time.perf_counter()
@@ -259,214 +265,55 @@ class TaskService:
         event = TaskEvent(task_id, record.type, record.queue, max(record.attempts, 1), TaskState.CANCELLED,
                           error="cancelled by request")
         await self.broker.publish(topology.EVENTS_EXCHANGE, "", event.encode(), {Header.TASK_ID: task_id})
-        self._apply([event])  # answer with the final state; the queued copy is then a duplicate
+        self.events.apply([event])  # answer with the final state; the queued copy is then a duplicate
         return self.status(task_id)
 
     async def _broadcast_cancel(self, task_id: str) -> None:
         body, headers = Control(Command.CANCEL, task_id).encode()
         await self.broker.publish(topology.CONTROL_EXCHANGE, "", body, headers)
 
-    # -- dead letters ----------------------------------------------------------------
-
-    def dead_letters(self, limit: int) -> tuple[list[DeadLetter], int]:
-        return self.store.dead_letters(limit or DEFAULT_DEAD_LETTER_LIMIT)
-
-    async def requeue_dead_letters(self, task_ids: list[str] | None) -> dict[str, str]:
-        """Run dead-lettered tasks again, each as a new task (attempt 1, same payload and
-        limits); returns old id → new id. Unknown ids raise TaskNotFound."""
-        dead, _total = self.store.dead_letters(MAX_REQUEUE, task_ids)
-        if task_ids is not None:
-            missing = set(task_ids) - {letter.task_id for letter in dead}
-            if missing:
-                raise TaskNotFound(sorted(missing)[0])
-        if dead and not self.broker.connected:
-            raise self.broker.unavailable()
-        renamed: dict[str, str] = {}
-        for letter in dead:
-            old = TaskMessage.decode(letter.body)
-            now = time.time()
-            message = dataclasses.replace(old, task_id=str(uuid.uuid4()), attempt=1, enqueued_at_s=now)
-            record = TaskRecord(message.task_id, old.type, old.queue, self._codec(old.type), TaskState.QUEUED, 0,
-                                None, "", "", now, None, None, now, old.timeout_s, old.memory_limit_mb, "",
-                                old.retry.max_retries)
-            await self._ensure_queue(old.queue)
-            await self._enqueue(record, message)
-            self.store.remove_dead_letters([letter.task_id])
-            renamed[letter.task_id] = message.task_id
-        return renamed
-
-    def purge_dead_letters(self) -> int:
-        return self.store.remove_dead_letters(None)
-
-    def _codec(self, task_type: str) -> str:
-        declared = self.registry.types.get(task_type)
-        return declared.codec if declared else "text"
-
-    # -- events ----------------------------------------------------------------------
+    # -- the server's background jobs ---------------------------------------------------
 
     async def start_events(self, server_id: str) -> None:
-        """Consume this replica's durable events and dead-letter queues into the store,
-        and start the retention sweep."""
+        """Consume this replica's durable events, dead-letter and heartbeat queues, and
+        start the background jobs (event applier, retention, gauges, reconciler)."""
         await topology.declare_cancel_stream(self.broker)  # cancels are kept even before any worker runs
         await migrate_legacy_delay_tiers(self.broker, retry.DELAY_TIERS_S)
         for tier_s in retry.DELAY_TIERS_S:  # long before any retry: see Supervisor.start
             await topology.declare_delay_tier(self.broker, tier_s)
+        # The default work queue now, not at the first submit: a queue of another type
+        # (broker.queue_type changed) stops start-up with the way out, not every submit.
+        await self._ensure_queue(topology.DEFAULT_QUEUE)
         heartbeats = await topology.declare_heartbeats_queue(self.broker, server_id)
-        await self.broker.consume(heartbeats, self._on_heartbeat, EVENTS_PREFETCH)
+        await self.broker.consume(heartbeats, self.workers.on_heartbeat, EVENTS_PREFETCH)
         events = await topology.declare_events_queue(self.broker, server_id)
         dead = await topology.declare_dead_queue(self.broker, server_id)
-        self._tasks = [asyncio.create_task(self._apply_events(), name="events-applier"),
+        self._tasks = [asyncio.create_task(self.events.run(), name="events-applier"),
                        asyncio.create_task(self._sweep_retention(), name="retention"),
                        asyncio.create_task(self._refresh_store_gauges(), name="store-gauges"),
                        asyncio.create_task(self._publish_unconfirmed_until_done(), name="unconfirmed"),
                        asyncio.create_task(self.reconciler.run(), name="reconciler")]
         # Exclusive: while this server lives, another one under the same id is refused here.
-        await self.broker.consume(events, self._events.put_nowait, EVENTS_PREFETCH, exclusive=True)
-        await self.broker.consume(dead, self._on_dead_letter, EVENTS_PREFETCH)
+        await self.broker.consume(events, self.events.queue.put_nowait, EVENTS_PREFETCH, exclusive=True)
+        await self.broker.consume(dead, self.dead_letters.on_delivery, EVENTS_PREFETCH)
 
     async def stop_events(self) -> None:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def _apply_events(self) -> None:
-        while True:
-            batch = [await self._events.get()]
-            while not self._events.empty():
-                batch.append(self._events.get_nowait())
-            self._apply_batch(batch)
-
-    def _apply_batch(self, deliveries: list[Delivery]) -> None:
-        """Apply, commit, then ack: an event is never acked before it is stored."""
-        events = []
-        for delivery in deliveries:
-            try:
-                events.append(TaskEvent.decode(delivery.body))
-            except ValueError as exc:
-                log.error("dropping an undecodable event (headers %s): %s", delivery.headers, exc)
-        self._apply(events)
-        for delivery in deliveries:
-            self.broker.ack(delivery)
-
-    def _apply(self, events: list[TaskEvent]) -> None:
-        changes = self.store.apply(events, self._codecs)
-        for record in changes:
-            self.hub.publish(record)
-        now = time.time()
-        for event in events:
-            self.metrics.events.labels(event.state.name).inc()
-            self.metrics.events_lag_seconds.observe(max(0.0, now - event.at_s))
-        changed = {record.task_id for record in changes}
-        for event in events:  # a worker that missed the cancel (started after it) is told again
-            # A start that changed nothing came for a task already final: cancelled, maybe.
-            # (Any other start counts as one, so only these need the store look-up.)
-            if (event.state is TaskState.RUNNING and event.task_id not in changed
-                    and self._is_cancelled(event.task_id)):
-                self._recancel(event.task_id)
-        self._watch_for_poison(changes)
-
     async def _refresh_store_gauges(self) -> None:
-        """Counting rows is not free: every few seconds, on the loop's thread (SQLite's)."""
+        """Sizes from the store's counters (kept in its transactions: no COUNT(*) here)."""
         while True:
             self.metrics.store_tasks.set(self.store.count())
             self.metrics.store_dead_letters.set(self.store.count_dead_letters())
             await asyncio.sleep(STORE_GAUGES_INTERVAL_S)
 
-    def _watch_for_poison(self, changes: list[TaskRecord]) -> None:
-        """A task started delivery_limit times without an outcome takes its worker down
-        each time: tell every worker (through the cancel stream) to dead-letter it when it
-        next arrives. Counting starts, not deliveries, spares the tasks that were only
-        waiting in the dying workers' buffers."""
-        for record in changes:
-            if (record.state is TaskState.RUNNING and record.starts >= self.delivery_limit
-                    and record.task_id not in self._poison_reported):
-                self._poison_reported.add(record.task_id)
-                log.warning("task %s (%s) started %d times without finishing: poison", record.task_id,
-                            record.type, record.starts)
-                self._send_control(Control(Command.POISON, record.task_id, f"{record.starts}"))
-
-    def _recancel(self, task_id: str) -> None:
-        self._send_control(Control(Command.CANCEL, task_id))
-
-    def _send_control(self, control: Control) -> None:
-        async def send() -> None:
-            body, headers = control.encode()
-            try:
-                await self.broker.publish(topology.CONTROL_EXCHANGE, "", body, headers)
-            except BrokerUnavailable as exc:
-                log.warning("task %s: cannot tell workers %s: %s", control.subject, control.command.value, exc)
-
-        task = asyncio.get_running_loop().create_task(send())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    def _is_cancelled(self, task_id: str) -> bool:
-        record = self.store.get(task_id)
-        return record is not None and record.state is TaskState.CANCELLED
-
-    def _on_dead_letter(self, delivery: Delivery) -> None:
-        """Record a dead letter. One that RabbitMQ dead-lettered itself (the quorum queue's
-        delivery limit: its worker died every time) has no final event yet: make it one."""
-        try:
-            message = TaskMessage.decode(delivery.body)
-        except ValueError as exc:
-            log.error("dropping an undecodable dead letter (headers %s): %s", delivery.headers, exc)
-            self.broker.ack(delivery)
-            return
-        headers = delivery.headers
-        reason = headers.get(Header.DEAD_REASON)
-        if reason is None:
-            reason = rabbitmq_dead_reason(headers, self.delivery_limit)
-            error = (f"RabbitMQ dead-lettered task {message.task_id}: {reason}. A task that takes its "
-                     "whole worker down each time (not just a child) ends here instead of looping")
-            self._apply([TaskEvent(message.task_id, message.type, message.queue, message.attempt,
-                                   TaskState.CRASHED, error=error)])
-            state = TaskState.CRASHED
-        else:
-            error = str(headers.get(Header.ERROR, ""))
-            state = TaskState[str(headers.get(Header.STATE, "FAILED"))]
-        self.store.add_dead_letter(DeadLetter(message.task_id, message.type, message.queue, state,
-                                              message.attempt, str(reason), error, delivery.body, time.time()))
-        log.warning("task %s (%s) dead-lettered: %s", message.task_id, message.type, reason)
-        self.metrics.dead_letters.labels(message.type if message.type in self.registry.types else "unknown").inc()
-        self.broker.ack(delivery)
-
-    def _on_heartbeat(self, delivery: Delivery) -> None:
-        self.broker.ack(delivery)
-        try:
-            beat = Heartbeat.decode(delivery.body)
-        except ValueError as exc:
-            log.error("dropping an undecodable heartbeat: %s", exc)
-            return
-        self._workers[beat.worker_id] = (beat, time.time())
-
-    def workers(self) -> list[tuple[Heartbeat, float, str]]:
-        """Every worker heard from: its last heartbeat, when it arrived, and its state."""
-        now = time.time()
-        listed = []
-        for beat, seen_at in sorted(self._workers.values(), key=lambda item: item[0].worker_id):
-            if beat.stopped:
-                state = "stopped"
-            elif now - seen_at > self.worker_lost_after_s:
-                state = "lost"
-            else:
-                state = "draining" if beat.draining else "active"
-            listed.append((beat, seen_at, state))
-        return listed
-
     async def _sweep_retention(self) -> None:
         """Forget finished tasks (and so their idempotency keys) older than the retention."""
         while True:
-            removed = self.store.purge_finished(time.time() - self.retention_s)
+            removed = await maintenance.purge_finished(self.store, time.time() - self.retention_s)
             if removed:
                 log.info("retention: removed %d task(s) finished over %g s ago", removed, self.retention_s)
             await asyncio.sleep(min(self.retention_s / 10, RETENTION_SWEEP_MAX_S))
 
-
-def rabbitmq_dead_reason(headers: dict, delivery_limit: int) -> str:
-    """Why RabbitMQ dead-lettered a message, from its x-death header."""
-    deaths = headers.get("x-death") or [{}]
-    reason = str(deaths[0].get("reason", "unknown"))
-    if reason == "delivery_limit":
-        return f"delivered {delivery_limit} times without finishing (broker.delivery_limit)"
-    return f"dead-lettered by RabbitMQ ({reason})"

@@ -77,7 +77,7 @@ def submission_from_proto(request: task_queue_pb2.SubmitTaskRequest) -> Submissi
     retry_options = {option: getattr(request, field) if request.HasField(field) else None
                      for field, option in _RETRY_FIELDS.items()}
     return Submission(request.type, request.payload, request.queue, request.timeout_s, request.memory_limit_mb,
-                      request.idempotency_key, retry_options)
+                      request.idempotency_key, request.soft_timeout_s, retry_options)
 
 
 class TaskQueueServicer(task_queue_pb2_grpc.TaskQueueServicer):
@@ -89,7 +89,8 @@ class TaskQueueServicer(task_queue_pb2_grpc.TaskQueueServicer):
         item = submission_from_proto(request)
         record = await self.service.submit(item.type, item.payload, item.queue, timeout_s=item.timeout_s,
                                            memory_limit_mb=item.memory_limit_mb,
-                                           idempotency_key=item.idempotency_key, **item.retry_options)
+                                           idempotency_key=item.idempotency_key,
+                                           soft_timeout_s=item.soft_timeout_s, **item.retry_options)
         return task_queue_pb2.SubmitTaskResponse(task_id=record.task_id, state=int(record.state))
 
     @_maps_errors
@@ -106,7 +107,7 @@ class TaskQueueServicer(task_queue_pb2_grpc.TaskQueueServicer):
     @_maps_errors
     async def ListWorkers(self, request, context):
         response = task_queue_pb2.ListWorkersResponse()
-        for beat, seen_at, state in self.service.workers():
+        for beat, seen_at, state in self.service.workers.list():
             info = response.workers.add(worker_id=beat.worker_id, host=beat.host, pid=beat.pid, procs=beat.procs,
                                         busy=beat.busy, queues=beat.queues, types=beat.types,
                                         version=beat.version, state=state)
@@ -135,7 +136,7 @@ class TaskQueueServicer(task_queue_pb2_grpc.TaskQueueServicer):
 
     @_maps_errors
     async def ListDeadLetters(self, request, context):
-        letters, total = self.service.dead_letters(request.limit)
+        letters, total = self.service.dead_letters.list(request.limit)
         response = task_queue_pb2.ListDeadLettersResponse(total=total)
         for letter in letters:
             item = response.dead_letters.add(task_id=letter.task_id, type=letter.type, queue=letter.queue,
@@ -148,12 +149,12 @@ class TaskQueueServicer(task_queue_pb2_grpc.TaskQueueServicer):
     async def RequeueDeadLetters(self, request, context):
         if not request.all and not request.task_ids:
             raise ValidationError("task_ids", "name the dead letters to requeue, or set all")
-        renamed = await self.service.requeue_dead_letters(None if request.all else list(request.task_ids))
+        renamed = await self.service.dead_letters.requeue(None if request.all else list(request.task_ids))
         return task_queue_pb2.RequeueDeadLettersResponse(new_task_ids=renamed)
 
     @_maps_errors
     async def PurgeDeadLetters(self, request, context):
-        return task_queue_pb2.PurgeDeadLettersResponse(purged=self.service.purge_dead_letters())
+        return task_queue_pb2.PurgeDeadLettersResponse(purged=await self.service.dead_letters.purge())
 
     @_maps_errors
     async def GetTaskStatus(self, request, context):

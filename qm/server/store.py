@@ -3,16 +3,38 @@
 WAL mode with synchronous=NORMAL: a crash may lose the last commits, never corrupt the
 file, and anything lost is replayed from the durable events queue (events are acked
 only after the transaction that applied them committed).
+
+Cost must not grow with the store: every statement the server issues while it serves
+finds its rows through an index (SEARCH, never a SCAN of tasks or dead_letters; proved by
+tests/unit/test_store_plans.py), sizes are kept in `counters` by triggers in the same
+transactions (no COUNT(*)), retention deletes in bounded batches, and WAL checkpoints run
+on a thread of their own (`start_checkpoints`) so the WAL stays bounded without the
+event loop doing the checkpoint I/O.
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import sqlite3
+import threading
 from typing import Iterable
 
 from qm.messages import TaskEvent
 from qm.states import TaskState, supersedes
+
+log = logging.getLogger(__name__)
+
+#: Rows one retention or purge batch deletes: one short transaction on the event loop.
+DELETE_BATCH_ROWS = 1000
+#: Seconds between two WAL checkpoints on the checkpoint thread.
+CHECKPOINT_INTERVAL_S = 1.0
+#: WAL pages after which a commit on the serving connection checkpoints by itself: SQLite's
+#: default while no checkpoint thread runs, this backstop (32 MiB of 4 KiB pages) while one does.
+SQLITE_AUTOCHECKPOINT_PAGES = 1000
+BACKSTOP_AUTOCHECKPOINT_PAGES = 8192
+#: Size the WAL file is cut back to when it is reset after a complete checkpoint.
+WAL_SIZE_LIMIT_BYTES = 32 * 1024 * 1024
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -56,6 +78,10 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     error    TEXT NOT NULL,
     body     BLOB NOT NULL,
     dead_at  REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS counters (
+    name  TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
 )
 """
 _INDEXES = f"""
@@ -64,7 +90,10 @@ CREATE INDEX IF NOT EXISTS tasks_by_finished_at ON tasks (finished_at) WHERE fin
 CREATE INDEX IF NOT EXISTS retrying_by_due ON tasks (queue, next_attempt_at) WHERE state = {int(TaskState.RETRYING)};
 CREATE INDEX IF NOT EXISTS running_by_deadline ON tasks (started_at + timeout_s) WHERE state = {int(TaskState.RUNNING)};
 CREATE INDEX IF NOT EXISTS queued_by_queue ON tasks (queue, created_at) WHERE state = {int(TaskState.QUEUED)};
+CREATE INDEX IF NOT EXISTS dead_letters_by_dead_at ON dead_letters (dead_at);
 """
+#: Tables whose rows `counters` keeps count of (its row names are the table names).
+_COUNTED_TABLES = ("tasks", "dead_letters")
 
 
 #: Columns added after the first release, with their declarations.
@@ -99,6 +128,14 @@ class TaskRecord:
     starts: int = 0               # RUNNING events seen, redelivered ones too (poison detection)
     request_digest: str = ""      # of the request, kept with its idempotency key (qm/server/idempotency.py)
 
+    @classmethod
+    def queued(cls, task_id: str, type: str, queue: str, codec: str, at_s: float, timeout_s: float = 0.0,
+               memory_limit_mb: int = 0, idempotency_key: str = "", max_retries: int = 0,
+               request_digest: str = "") -> TaskRecord:
+        """A task just accepted (or first heard of), QUEUED at `at_s`."""
+        return cls(task_id, type, queue, codec, TaskState.QUEUED, 0, None, "", "", at_s, None, None, at_s,
+                   timeout_s, memory_limit_mb, idempotency_key, max_retries, request_digest=request_digest)
+
 
 @dataclasses.dataclass(frozen=True)
 class DeadLetter:
@@ -120,15 +157,51 @@ _DEAD_COLUMNS = [field.name for field in dataclasses.fields(DeadLetter)]
 
 
 class Store:
-    """Task records in one SQLite file; used from one thread (the server's event loop)."""
+    """Task records in one SQLite file; used from one thread (the server's event loop),
+    plus, once started, a checkpoint thread with a connection of its own."""
+
+    #: The sqlite3.Connection subclass every connection of the store is made with (a test
+    #: records the statements the store runs through it).
+    connection_factory: type[sqlite3.Connection] = sqlite3.Connection
 
     def __init__(self, path: str | os.PathLike) -> None:
-        self._db = sqlite3.connect(path, isolation_level=None)
+        self.path = os.fspath(path)
+        self._db = self._connect()
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
+        # A REPLACE that deletes a row fires the delete triggers too: counts stay right
+        # whatever form a statement takes.
+        self._db.execute("PRAGMA recursive_triggers=ON")
+        self._db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT_BYTES}")
         self._db.executescript(_SCHEMA)
         self._add_missing_columns()
         self._db.executescript(_INDEXES)
+        self._keep_counts()
+        self._checkpointer: _Checkpointer | None = None
+
+    def _connect(self) -> sqlite3.Connection:
+        return sqlite3.connect(self.path, isolation_level=None, factory=self.connection_factory)
+
+    def _keep_counts(self) -> None:
+        """Triggers keep each counted table's size in `counters`, in the transaction that
+        changes it. A table without its counter yet (a new store, or one written by an older
+        version) is counted here, once: the only COUNT(*) the store ever runs."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            present = {name for (name,) in self._db.execute("SELECT name FROM counters")}
+            for table in _COUNTED_TABLES:
+                if table not in present:
+                    self._db.execute(f"INSERT INTO counters (name, value) "
+                                     f"SELECT '{table}', COUNT(*) FROM {table}")
+                for event, change in (("INSERT", "+ 1"), ("DELETE", "- 1")):
+                    self._db.execute(
+                        f"CREATE TRIGGER IF NOT EXISTS {table}_count_{event.lower()} "
+                        f"AFTER {event} ON {table} "
+                        f"BEGIN UPDATE counters SET value = value {change} WHERE name = '{table}'; END")
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
 
     def _add_missing_columns(self) -> None:
         """Upgrade a store written by an older version (columns are only ever added)."""
@@ -138,7 +211,28 @@ class Store:
                 self._db.execute(f"ALTER TABLE tasks ADD COLUMN {name} {declaration}")
 
     def close(self) -> None:
+        self.stop_checkpoints()
         self._db.close()
+
+    # -- WAL size ----------------------------------------------------------------------
+
+    def start_checkpoints(self, interval_s: float = CHECKPOINT_INTERVAL_S) -> None:
+        """Checkpoint the WAL every interval_s on a thread with its own connection, so the
+        event loop's commits no longer do the checkpoint I/O (they still would past the
+        backstop, should that thread fall behind). Stopped by close()."""
+        if self._checkpointer is None:
+            self._checkpointer = _Checkpointer(self._connect, interval_s)
+            self._db.execute(f"PRAGMA wal_autocheckpoint={BACKSTOP_AUTOCHECKPOINT_PAGES}")
+
+    def stop_checkpoints(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
+            self._checkpointer = None
+            self._db.execute(f"PRAGMA wal_autocheckpoint={SQLITE_AUTOCHECKPOINT_PAGES}")
+
+    def checkpoint(self) -> tuple[int, int]:
+        """A passive checkpoint now, on this connection: (WAL frames, frames checkpointed)."""
+        return _passive_checkpoint(self._db)
 
     def insert(self, record: TaskRecord) -> None:
         placeholders = ", ".join("?" for _ in _COLUMNS)
@@ -209,25 +303,32 @@ class Store:
         return _record(row) if row is not None else None
 
     def count(self) -> int:
-        return self._db.execute("SELECT COUNT(*) FROM tasks").fetchone()[0]
+        """Tasks in the store (kept by triggers: no COUNT(*))."""
+        return self._counter("tasks")
+
+    def _counter(self, name: str) -> int:
+        return self._db.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()[0]
 
     def find_by_idempotency_key(self, key: str) -> TaskRecord | None:
-        # The `!= ''` lets SQLite use the partial index tasks_by_idempotency_key.
+        # The index holds only non-empty keys; SQLite uses a partial index only when the
+        # query itself says so (it cannot prove `= ?` implies `!= ''`): without the second
+        # condition this is a scan of every task.
         row = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM tasks "
                                "WHERE idempotency_key = ? AND idempotency_key != ''", (key,)).fetchone()
         return _record(row) if row else None
 
-    def purge_finished(self, before_s: float) -> int:
-        """Delete tasks that finished before `before_s` (epoch seconds); return how many."""
-        return self._db.execute("DELETE FROM tasks WHERE finished_at IS NOT NULL AND finished_at < ?",
-                                (before_s,)).rowcount
+    def purge_finished(self, before_s: float, limit: int = DELETE_BATCH_ROWS) -> int:
+        """Delete up to `limit` tasks that finished before `before_s` (epoch seconds), found
+        through the finished_at index; return how many. Call again while it returns `limit`
+        (qm.server.maintenance does, yielding to the event loop in between)."""
+        return self._db.execute(
+            "DELETE FROM tasks WHERE rowid IN (SELECT rowid FROM tasks "
+            "WHERE finished_at IS NOT NULL AND finished_at < ? LIMIT ?)", (before_s, limit)).rowcount
 
     # -- dead letters ------------------------------------------------------------------
 
     def add_dead_letter(self, dead: DeadLetter) -> None:
-        placeholders = ", ".join("?" for _ in _DEAD_COLUMNS)
-        self._db.execute(f"INSERT OR REPLACE INTO dead_letters ({', '.join(_DEAD_COLUMNS)}) "
-                         f"VALUES ({placeholders})", dataclasses.astuple(dead))
+        self._db.execute(_upsert_statement("dead_letters", _DEAD_COLUMNS), dataclasses.astuple(dead))
 
     def dead_letters(self, limit: int, task_ids: list[str] | None = None) -> tuple[list[DeadLetter], int]:
         """Dead letters, oldest first (these ids only, if given), and how many there are in all."""
@@ -240,12 +341,15 @@ class Store:
         return [_dead_letter(row) for row in rows], self.count_dead_letters()
 
     def count_dead_letters(self) -> int:
-        return self._db.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0]
+        """Dead letters in the store (kept by triggers: no COUNT(*))."""
+        return self._counter("dead_letters")
 
-    def remove_dead_letters(self, task_ids: list[str] | None = None) -> int:
-        """Remove these dead letters (all if None); return how many went."""
+    def remove_dead_letters(self, task_ids: list[str] | None = None, limit: int = DELETE_BATCH_ROWS) -> int:
+        """Remove these dead letters, or if None up to `limit` of the oldest (call again
+        while it returns `limit`); return how many went."""
         if task_ids is None:
-            return self._db.execute("DELETE FROM dead_letters").rowcount
+            return self._db.execute("DELETE FROM dead_letters WHERE rowid IN (SELECT rowid FROM dead_letters "
+                                    "ORDER BY dead_at LIMIT ?)", (limit,)).rowcount
         return self._db.execute(f"DELETE FROM dead_letters WHERE task_id IN ({', '.join('?' for _ in task_ids)})",
                                 tuple(task_ids)).rowcount
 
@@ -256,11 +360,16 @@ class Store:
         for a task this replica never saw (submitted through another server) creates it.
         """
         latest: dict[str, TaskRecord] = {}
+        stored: dict[str, TaskRecord] = {}  # as they were in the store before this batch
         changes: list[TaskRecord] = []  # intermediate states too: followers see RUNNING
         self._db.execute("BEGIN")
         try:
             for event in events:
-                current = latest.get(event.task_id) or self.get(event.task_id)
+                current = latest.get(event.task_id) or stored.get(event.task_id)
+                if current is None:
+                    current = self.get(event.task_id)
+                    if current is not None:
+                        stored[event.task_id] = current
                 updated = _next_record(current, event, codec_of.get(event.type, "text"))
                 if event.state is TaskState.RUNNING and _is_new_start(current, event):
                     started = updated or current  # every start counts, a redelivered one too
@@ -275,7 +384,11 @@ class Store:
                     latest[event.task_id] = updated
                     changes.append(updated)
             for record in latest.values():
-                self._upsert(record)
+                before = stored.get(record.task_id)
+                if before is None:
+                    self.insert(record)
+                else:
+                    self._update(before, record)
                 if record.state.terminal:
                     self._db.execute("DELETE FROM messages WHERE task_id = ?", (record.task_id,))
             self._db.execute("COMMIT")
@@ -284,10 +397,61 @@ class Store:
             raise
         return changes
 
-    def _upsert(self, record: TaskRecord) -> None:
-        placeholders = ", ".join("?" for _ in _COLUMNS)
-        self._db.execute(f"INSERT OR REPLACE INTO tasks ({', '.join(_COLUMNS)}) VALUES ({placeholders})",
-                         dataclasses.astuple(record))
+    def _update(self, before: TaskRecord, after: TaskRecord) -> None:
+        """Write only the columns that changed: an index whose column is not set is not
+        touched (setting the idempotency key to itself would rewrite its entry, on a random
+        page of that index, for every event)."""
+        changed = [column for column in _COLUMNS if getattr(before, column) != getattr(after, column)]
+        if changed:
+            values = [getattr(after, column) for column in changed]
+            self._db.execute(f"UPDATE tasks SET {', '.join(f'{column} = ?' for column in changed)} "
+                             "WHERE task_id = ?", (*values, after.task_id))
+
+
+def _upsert_statement(table: str, columns: list[str]) -> str:
+    """Insert a row, or update the one with its key (the first column) in place: unlike
+    INSERT OR REPLACE, the row keeps its place and only changed index entries are rewritten."""
+    updates = ", ".join(f"{column} = excluded.{column}" for column in columns[1:])
+    return (f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' for _ in columns)}) "
+            f"ON CONFLICT ({columns[0]}) DO UPDATE SET {updates}")
+
+
+def _passive_checkpoint(db: sqlite3.Connection) -> tuple[int, int]:
+    """Copy what it can from the WAL into the database file without waiting for anyone;
+    once all of it is copied, the next commit starts the WAL over (and cuts the file back to
+    WAL_SIZE_LIMIT_BYTES). Returns (frames in the WAL, frames copied)."""
+    _busy, frames, copied = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    return frames, copied
+
+
+class _Checkpointer:
+    """A thread checkpointing the store's WAL every interval_s through its own connection.
+
+    PASSIVE never blocks the serving connection: its commits go on appending to the WAL
+    while frames are copied, and never wait for this thread (TRUNCATE or RESTART would make
+    them wait, on the event loop)."""
+
+    def __init__(self, connect, interval_s: float) -> None:
+        self._connect = connect
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="store-checkpoint", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        db = self._connect()
+        try:
+            while not self._stop.wait(self._interval_s):
+                try:
+                    _passive_checkpoint(db)
+                except sqlite3.Error as exc:  # e.g. the disk is full: the backstop still bounds the WAL
+                    log.warning("WAL checkpoint failed: %s", exc)
+        finally:
+            db.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def _record(row: tuple) -> TaskRecord:
@@ -310,8 +474,7 @@ def _is_new_start(current: TaskRecord | None, event: TaskEvent) -> bool:
 def _next_record(current: TaskRecord | None, event: TaskEvent, codec: str) -> TaskRecord | None:
     """The record after the event, or None when the event changes nothing."""
     if current is None:
-        current = TaskRecord(event.task_id, event.type, event.queue, codec, TaskState.QUEUED, 0,
-                             None, "", "", event.at_s, None, None, event.at_s)
+        current = TaskRecord.queued(event.task_id, event.type, event.queue, codec, event.at_s)
     elif not supersedes(current.state, current.attempts, event.state, event.attempt):
         return None
     terminal = event.state.terminal

@@ -20,4 +20,5 @@ class Submission:
     timeout_s: float = 0.0
     memory_limit_mb: int = 0
     idempotency_key: str = ""
+    soft_timeout_s: float = 0.0
     retry_options: dict[str, Any] = dataclasses.field(default_factory=dict)

@@ -25,6 +25,8 @@ log = logging.getLogger("qm.worker")
 
 #: How often the per-child RSS gauge is refreshed when metrics are on.
 RSS_METRIC_INTERVAL_S = 2.0
+#: How often a worker waiting for RabbitMQ at start-up says so.
+BROKER_WAIT_LOG_S = 5.0
 
 
 def effective_procs(config: Config) -> int:
@@ -89,7 +91,6 @@ def build(config: Config, registry: plugin_registry.Registry) -> tuple[Pool, Rab
     caps = task_limits.Limits(config.worker.task_timeout_s, config.worker.task_memory_limit_mb)
     supervisor = Supervisor(broker, pool, worker_id(config), list(config.worker.queues), prefetch_policy(config),
                             config.broker.queue_type, caps=caps,
-                            soft_timeout_grace_s=config.worker.soft_timeout_grace_s,
                             delivery_limit=config.broker.delivery_limit)
     supervisor.metrics.watch(
         busy=lambda: supervisor.busy, idle=lambda: max(0, pool.procs - supervisor.busy),
@@ -125,26 +126,46 @@ async def run_worker(config: Config) -> None:
         signal.signal(signal.SIGINT, previous)
     loop.add_signal_handler(signal.SIGINT, signals.put_nowait, signal.SIGINT)
     status = StatusEndpoint(supervisor, config.worker.status_listen) if config.worker.status_listen else None
-    if status:
-        await status.start()
-    rss_sampler = None
-    if config.worker.metrics_port:
-        host = parse_host_port(config.worker.status_listen)[0] if config.worker.status_listen else "127.0.0.1"
-        port = serve_metrics(supervisor.metrics.registry, config.worker.metrics_port, host)
-        log.info("metrics on http://%s:%d/metrics", host, port)
-        rss_sampler = asyncio.create_task(sample_child_rss(supervisor))
-    await broker.connect()
-    await supervisor.start()
-    types = sorted(registry.types)
-    heartbeats = asyncio.create_task(supervisor.send_heartbeats(config.worker.heartbeat_interval_s, types))
-    signum = await signals.get()
-    if rss_sampler:
-        rss_sampler.cancel()
+    background: list[asyncio.Task] = []
+    try:  # whatever happens from here, the pool stops (its children ignore SIGTERM)
+        if status:
+            await status.start()
+        if config.worker.metrics_port:
+            host = parse_host_port(config.worker.status_listen)[0] if config.worker.status_listen else "127.0.0.1"
+            port = serve_metrics(supervisor.metrics.registry, config.worker.metrics_port, host)
+            log.info("metrics on http://%s:%d/metrics", host, port)
+            background.append(asyncio.create_task(sample_child_rss(supervisor)))
+        await broker.connect()
+        while not await broker.wait_connected(BROKER_WAIT_LOG_S):
+            if not signals.empty():
+                return
+            log.warning("%s; waiting for it before taking tasks", broker.unavailable())
+        await supervisor.start()
+        types = sorted(registry.types)
+        background.append(asyncio.create_task(supervisor.send_heartbeats(config.worker.heartbeat_interval_s, types)))
+        signum = await signals.get()
+        await _drain(supervisor, status, signals, signum, config.worker.drain_timeout_s)
+        for task in background:
+            task.cancel()
+        await supervisor.send_heartbeat(types, stopped=True)
+    finally:
+        for task in background:
+            task.cancel()
+        await pool.stop()
+        await broker.close()
+        if status:
+            await status.stop()
+    log.info("worker stopped")
+
+
+async def _drain(supervisor: Supervisor, status: StatusEndpoint | None, signals: asyncio.Queue[int], signum: int,
+                 drain_timeout_s: float) -> None:
+    """First signal: drain up to the timeout; a second one: return everything now."""
     log.info("%s: draining for up to %g s (send it again to stop at once)", signal.Signals(signum).name,
-             config.worker.drain_timeout_s)
+             drain_timeout_s)
     if status:
         await status.draining()
-    drain = asyncio.create_task(supervisor.stop(config.worker.drain_timeout_s))
+    drain = asyncio.create_task(supervisor.stop(drain_timeout_s))
     second = asyncio.create_task(signals.get())
     await asyncio.wait({drain, second}, return_when=asyncio.FIRST_COMPLETED)
     if not drain.done():
@@ -152,13 +173,6 @@ async def run_worker(config: Config) -> None:
         drain.cancel()
         await supervisor.abort()
     second.cancel()
-    heartbeats.cancel()
-    await supervisor.send_heartbeat(types, stopped=True)
-    await pool.stop()
-    await broker.close()
-    if status:
-        await status.stop()
-    log.info("worker stopped")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -107,7 +107,7 @@ def _kill_leftover_descendants() -> None:
 
 
 def _raise_soft_timeout(signum, frame) -> None:
-    raise SoftTimeout("the task reached its soft time limit; the hard limit kills it soon")
+    raise SoftTimeout("the task reached its soft timeout; the hard kill comes at its time limit")
 
 
 def run_limited(registry: Registry, task_type: str, payload: bytes, soft_timeout_s: float,

@@ -292,7 +292,8 @@ def _reply_outcome(reply: Reply, slot: Slot) -> Outcome:
     if kind is ReplyKind.OK:
         return Outcome(TaskState.SUCCEEDED, result=value)
     if kind is ReplyKind.SOFT_TIMEOUT:
-        return Outcome(TaskState.TIMED_OUT, error=f"{value} (time limit {slot.job.timeout_s:g} s)")
+        return Outcome(TaskState.TIMED_OUT, error=f"{value} (soft timeout {slot.job.soft_timeout_s:g} s, "
+                                                  f"time limit {slot.job.timeout_s:g} s)")
     if kind is ReplyKind.MEMORY:
         return Outcome(TaskState.MEMORY_EXCEEDED, error=f"{value}; memory limit {slot.job.memory_limit_mb} MiB")
     if kind is ReplyKind.RETRY:

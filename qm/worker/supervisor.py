@@ -58,7 +58,7 @@ class Supervisor:
 
     def __init__(self, broker: Broker, pool: Pool, worker_id: str, queues: list[str],
                  prefetch: AutoPrefetch | FixedPrefetch | int, queue_type: str = "quorum", *,
-                 caps: task_limits.Limits = task_limits.Limits(0.0, 0), soft_timeout_grace_s: float = 1.0,
+                 caps: task_limits.Limits = task_limits.Limits(0.0, 0),
                  delivery_limit: int = 5, metrics: WorkerMetrics | None = None) -> None:
         self.broker = broker
         self.pool = pool
@@ -69,7 +69,6 @@ class Supervisor:
         self.delivery_limit = delivery_limit
         self.metrics = metrics or WorkerMetrics()
         self.caps = caps
-        self.soft_timeout_grace_s = soft_timeout_grace_s
         self.draining = False
         self.control = ControlFollower(broker, worker_id, self._cancel)
         self.outcomes = Outcomes(broker, worker_id, self.metrics)
@@ -128,12 +127,13 @@ class Supervisor:
             self.broker.ack(delivery) if ack else self.broker.nack(delivery, requeue=True)
 
     def job_for(self, message: TaskMessage) -> Job:
-        """The job with the smallest limits that apply (the task's, then this worker's caps)."""
-        limits = task_limits.cap(task_limits.Limits(message.timeout_s, message.memory_limit_mb),
-                                 self.caps.timeout_s, self.caps.memory_limit_mb)
-        soft = task_limits.soft_timeout_s(limits.timeout_s, self.soft_timeout_grace_s)
+        """The job with the smallest limits that apply (the task's, then this worker's caps).
+        The soft timeout is the one the server resolved, if the capped limit leaves room for it."""
+        limits = task_limits.cap(
+            task_limits.Limits(message.timeout_s, message.memory_limit_mb, message.soft_timeout_s),
+            self.caps.timeout_s, self.caps.memory_limit_mb)
         return Job(message.task_id, message.type, message.payload, limits.timeout_s,
-                   limits.memory_limit_mb, soft)
+                   limits.memory_limit_mb, limits.soft_timeout_s)
 
     async def _handle(self, delivery: Delivery) -> None:
         handler = asyncio.current_task()

@@ -469,6 +469,27 @@ class BrokerContract:
 
         self.run(scenario)
 
+    def test_ack_through_settles_every_earlier_delivery_of_the_consumer_at_once(self):
+        async def scenario(broker: Broker) -> None:
+            exchange, queue = await self.direct_queue(broker)
+            sent = bodies("batch", 5)
+            for body in sent:
+                await broker.publish(exchange, "work", body)
+            inbox = Inbox(broker)
+            tag = await broker.consume(queue, inbox, prefetch=10)
+            got = await inbox.take(5)
+            broker.ack(got[3], through=True)  # the first four, in one
+            await broker.cancel(tag)
+            await broker.close()  # what is still unacked returns to the queue: the fifth only
+            other = await self.other_connection(broker)
+            again = Inbox(other, auto_ack=True)
+            await other.consume(queue, again, prefetch=10)
+            assert [d.body for d in await again.take(1)] == [sent[4]]
+            await other.publish(exchange, "work", b"sentinel")
+            assert (await again.next()).body == b"sentinel"
+
+        self.run(scenario)
+
     # -- 11. sizes and deletes ----------------------------------------------------------
 
     def test_queue_size_counts_ready_messages_and_knows_absent_queues(self):

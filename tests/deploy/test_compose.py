@@ -24,7 +24,7 @@ import yaml
 
 from qm.config import load_config, parse_host_port
 from tests.processes import BIN_DIR, unique
-from tests.requirements import require_rabbitmq
+from tests.requirements import missing, require_rabbitmq
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -443,7 +443,8 @@ def test_dockerfile_copies_exist_and_are_in_the_build_context():
 # ---------------------------------------------------------- docker compose ---
 
 def _compose_command() -> list[str]:
-    """`docker compose` (v2 plugin), else the standalone `docker-compose`; skip if neither."""
+    """`docker compose` (v2 plugin), else the standalone `docker-compose`; if neither, skip
+    locally and fail under CI=true (tests/requirements.py)."""
     for command in (["docker", "compose"], ["docker-compose"]):
         try:
             probe = subprocess.run(command + ["version"], capture_output=True, text=True, timeout=30)
@@ -451,7 +452,7 @@ def _compose_command() -> list[str]:
             continue
         if probe.returncode == 0:
             return command
-    pytest.skip("neither `docker compose` (the CLI's compose plugin) nor docker-compose is installed")
+    missing("neither `docker compose` (the CLI's compose plugin) nor docker-compose is installed")
 
 
 def test_docker_compose_config_validates():

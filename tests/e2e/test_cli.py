@@ -39,6 +39,30 @@ def test_submit_wait_prints_only_the_result(stack):
     assert result.stdout == "11\n", explain(result)
 
 
+def test_submit_json_prints_the_id_as_json_and_with_wait_the_final_status(stack):
+    """README: `qm submit ... --json`: one JSON object, the task id; with --wait the task's
+    whole final status (and exit 1 if it did not succeed)."""
+    submitted = submit(stack, "-T", "math", "-P", "1 + 2 * 5", "--json")
+    assert submitted.returncode == 0, explain(submitted)
+    printed = json.loads(submitted.stdout)  # the whole output is one JSON object
+    assert list(printed) == ["id"] and str(uuid.UUID(printed["id"])) == printed["id"], submitted.stdout
+    assert run_qm("watch", printed["id"], server=stack.server.address).returncode == 0
+
+    waited = submit(stack, "-T", "math", "-P", "6 * 7", "--wait", "--json")
+    assert waited.returncode == 0, explain(waited)
+    status = json.loads(waited.stdout)
+    assert isinstance(status, dict) and STATUS_KEYS <= set(status), waited.stdout
+    assert (status["type"], status["state"], status["attempts"]) == ("math", "SUCCEEDED", 1), status
+    assert status["result"] == "42"
+    assert status["worker"] == stack.worker.worker_id
+    assert all(status[key] for key in ("created_at", "started_at", "finished_at")), status
+
+    failed = submit(stack, "-T", "test.fail", "-P", "boom", "--wait", "--json")
+    assert failed.returncode == 1, explain(failed)
+    status = json.loads(failed.stdout)
+    assert status["state"] == "FAILED" and "RuntimeError: boom" in status["error"], failed.stdout
+
+
 def test_status_shows_the_finished_task_as_text_and_json(stack):
     task_id = submit(stack, "-T", "math", "-P", "1 + 2 * 5").stdout.strip()
     assert run_qm("watch", task_id, server=stack.server.address).returncode == 0

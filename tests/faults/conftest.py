@@ -5,11 +5,6 @@ Run it alone with `pytest tests/faults -m faults -rA` (-rA shows each scenario's
 from __future__ import annotations
 
 
-def pytest_configure(config) -> None:
-    config.addinivalue_line(
-        "markers", "faults: fault injection (kill -9 of workers, children, servers; RabbitMQ restarts)")
-
-
 def pytest_terminal_summary(terminalreporter) -> None:
     """Each scenario's printed counts ("[faults] ..." lines), whatever its outcome (pytest
     shows captured output of passed tests only with -rA, of xfailed ones never)."""

@@ -91,9 +91,10 @@ def wave(number: int, counter_dir) -> list[Spec]:
         path = counter_dir / f"flaky-{run}-{i}"
         add("flaky", "test.flaky", f"{path}:1", SUCCEEDED_ON_A_RUN, max_retries=5,
             retry_backoff_s=FLAKY_DELAYS_S[i % len(FLAKY_DELAYS_S)], retry_jitter=False)
-    for i in range(TIMING_OUT):  # soft timeout (sleep), or the hard kill (stubborn ignores the alarm)
-        add("timing out", "test.stubborn" if i % 3 == 0 else "test.sleep", "60", None, "TIMED_OUT",
-            timeout_s=1.0, **KILL_BUDGET)
+    for i in range(TIMING_OUT):  # qm.SoftTimeout left uncaught (sleep), or the hard kill (stubborn)
+        stubborn = i % 3 == 0
+        add("timing out", "test.stubborn" if stubborn else "test.sleep", "60", None, "TIMED_OUT",
+            timeout_s=1.0, soft_timeout_s=0.0 if stubborn else 0.5, **KILL_BUDGET)
     random.Random(number).shuffle(specs)
     return specs
 

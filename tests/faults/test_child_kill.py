@@ -1,7 +1,11 @@
-"""Scenario 2: kill -9 of pool children, repeatedly, while one-second tasks run. A task
-whose child is killed ends CRASHED when it has no retries left; with max_retries=3 every
-task succeeds in the end (each task is killed at most once here), none is lost, and the
-worker keeps its pool full."""
+"""Scenario 2: kill -9 of pool children, repeatedly, while tasks run. A task whose child is
+killed ends CRASHED when it has no retries left; with max_retries=3 every task succeeds in
+the end (each task is killed at most once here), none is lost, and the worker keeps its
+pool full.
+
+The tasks whose children are killed are gated (test.wait_for): a gated task cannot end
+before the test opens its gate, which it does only after the kill, so every kill certainly
+cuts its task off, however slow the machine is; the next attempt then finishes."""
 from __future__ import annotations
 
 import os
@@ -18,18 +22,19 @@ from tests.processes import wait_until
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(240)]
 
 TASKS = 200
-#: Children killed while they run a task of the retried workload.
+#: Children killed while they run a (gated) task of the retried workload.
 KILLS = 5
 #: Pause between two kills.
 KILL_INTERVAL_S = 1.0
-#: A child is killed only while its one-second task has this far to go at least (so the
-#: kill certainly cuts it off, however busy the machine).
-MAX_AGE_AT_KILL_S = 0.5
 #: Bound on the kill loop finding its targets.
 KILL_LOOP_TIMEOUT_S = 90.0
 
 
-def test_kill_9_of_children_repeatedly(rabbitmq, launcher):
+def gated_spec(gate, name: str) -> Spec:
+    return Spec("test.wait_for", gate.payload, gate.payload, f"{name}-{time.time_ns()}")
+
+
+def test_kill_9_of_children_repeatedly(rabbitmq, launcher, gates):
     queue = launcher.queue(rabbitmq.url)
     server = launcher.server(rabbitmq.url)
     worker = launcher.worker(rabbitmq.url, procs=2, queues=queue)
@@ -38,11 +43,21 @@ def test_kill_9_of_children_repeatedly(rabbitmq, launcher):
 
     with qm.Client(server.address) as client:
         # One task without retries: killing its child ends it CRASHED, for good.
-        doomed_spec = Spec("test.sleep", "5", "5", f"no-retry-{time.time_ns()}")
+        doomed_spec = gated_spec(gates(), "no-retry")
         doomed = client.submit(doomed_spec.type, doomed_spec.payload, queue=queue, max_retries=0,
                                idempotency_key=doomed_spec.key)
         accepted = {doomed: doomed_spec}
-        accepted.update(submit_all(client, mixed_workload(TASKS), queue, max_retries=3, retry_backoff_s=0.0))
+        # The retried workload, with KILLS gated tasks spread through it.
+        gate_by_key = {}
+        specs = mixed_workload(TASKS)
+        for n in range(KILLS):
+            gate = gates()
+            spec = gated_spec(gate, f"killed-{n}")
+            gate_by_key[spec.key] = gate
+            specs.insert((n + 1) * TASKS // (KILLS + 1) + n, spec)
+        accepted.update(submit_all(client, specs, queue, max_retries=3, retry_backoff_s=0.0))
+        gate_of = {task_id: gate_by_key[spec.key] for task_id, spec in accepted.items()
+                   if spec.key in gate_by_key}
         watcher = Watcher(server.address, accepted)
 
         pid = wait_until(lambda: next((p for p, task_id, _, _ in probe.busy() if task_id == doomed), None),
@@ -53,13 +68,14 @@ def test_kill_9_of_children_repeatedly(rabbitmq, launcher):
         deadline = time.monotonic() + KILL_LOOP_TIMEOUT_S
         while len(killed) < KILLS + 1:
             assert time.monotonic() < deadline, f"killed only {len(killed)} children\n{tails([worker])}"
-            target = next(((p, task_id) for p, task_id, kind, age in probe.busy()
-                           if kind == "test.sleep" and task_id not in killed and age < MAX_AGE_AT_KILL_S), None)
+            target = next(((p, task_id) for p, task_id, _kind, _age in probe.busy()
+                           if task_id in gate_of and task_id not in killed), None)
             if target is None:
                 time.sleep(0.05)
                 continue
             os.kill(target[0], signal.SIGKILL)
             killed[target[1]] = target[0]
+            gate_of[target[1]].open()  # its next attempt may finish
             time.sleep(KILL_INTERVAL_S)
 
         wait_settled(watcher, SETTLE_TIMEOUT_S, [worker, server])

@@ -62,10 +62,11 @@ def check_poison(poison: str, final, dead, workers, server) -> int:
     assert letters[poison].state == "CRASHED" and "delivery_limit" in letters[poison].reason, letters[poison]
     assert "dead-lettered" in final[poison].error, final[poison]
     killed = sum(1 for worker in workers if not worker.alive())
-    if killed < DELIVERY_LIMIT:
-        print(f"\n[faults] the poison was dead-lettered after only {killed} worker deaths (limit "
-              f"{DELIVERY_LIMIT})\n{tails(workers + [server], 30)}", flush=True)
-    assert 1 <= killed <= DELIVERY_LIMIT + 1, \
+    # Each recorded start is a run that killed its worker, and the task is stopped only after
+    # DELIVERY_LIMIT of them; one more death if a worker died before its first RUNNING event
+    # reached RabbitMQ (docs/architecture.md, limits). Fewer would be an innocent task's start
+    # counted, or the poison stopped before it reached its limit.
+    assert DELIVERY_LIMIT <= killed <= DELIVERY_LIMIT + 1, \
         f"the poison killed {killed} workers (delivery limit {DELIVERY_LIMIT})\n{tails(workers + [server])}"
     return killed
 

@@ -39,6 +39,8 @@ SUBMIT_RETRY_S = 60.0
 SUBMIT_TIMEOUT_S = 120.0
 #: Bound on a single task finishing once its server is back.
 RESULT_TIMEOUT_S = 20.0
+#: How long a submit whose publish is held back must stay unanswered.
+UNANSWERED_S = 2.0
 
 SUBMISSION_LOST = (
     "qm-server killed between storing a submitted task and its publish leaving the "
@@ -204,6 +206,12 @@ def test_a_submission_cut_off_before_its_publish_reached_rabbitmq_is_not_lost(ra
     # The server stored the task and wrote its publish (held back by the proxy).
     wait_until(lambda: any(row[0] == key for row in store_rows(server).values()) and holding_proxy.held_bytes(),
                RESULT_TIMEOUT_S, message="the task stored and its publish written")
+    # OK only after RabbitMQ has the task: with the publish held back no confirm can come,
+    # so the submit stays unanswered. An answer not waiting for the confirm would come
+    # within milliseconds of the publish; UNANSWERED_S gives it far more than that.
+    submitter.join(UNANSWERED_S)
+    assert submitter.is_alive() and not answer, \
+        f"the submit was answered before RabbitMQ had the task: {answer}\n{tails([worker, server])}"
     server.kill()
     holding_proxy.drop()
     restarted = launcher.server(rabbitmq.url, server_id=server.server_id,

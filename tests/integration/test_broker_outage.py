@@ -19,6 +19,8 @@ RESULTS_TIMEOUT_S = 120.0
 SUBMITTERS = 4
 #: Reconnect backoff cap for this test's processes (a real setting: broker.reconnect_max_delay_s).
 FAST_RECONNECT = {"QM_BROKER__RECONNECT_MAX_DELAY_S": "1"}
+#: "Fail fast": a submit while RabbitMQ is down is answered within this (expected: ms).
+FAIL_FAST_S = 2.0
 
 
 def submit_when_possible(client: qm.Client, queue: str, timeout_s: float) -> str:
@@ -75,10 +77,14 @@ def test_submit_fails_fast_while_rabbitmq_is_down_and_works_after_it_returns(own
         busy = Submitters(client, queue)
         own_rabbitmq.stop()
         busy.join(RECONNECT_TIMEOUT_S)
-        with pytest.raises(RemoteError) as down:
-            client.submit("math", "1 + 2", queue=queue)
+        with qm.Client(server.address, submit_retry_s=0) as impatient:  # no client-side retries
+            asked = time.monotonic()
+            with pytest.raises(RemoteError) as down:
+                impatient.submit("math", "1 + 2", queue=queue)
+            answered_s = time.monotonic() - asked
 
         assert down.value.code is grpc.StatusCode.UNAVAILABLE
+        assert answered_s < FAIL_FAST_S, f"UNAVAILABLE took {answered_s:.2f} s while RabbitMQ is down"
         message = str(down.value)
         assert "RabbitMQ" in message and "unreachable" in message, message
         # Submissions cut off mid-flight say it is RabbitMQ, not qm-server, that is gone.
@@ -99,3 +105,18 @@ def test_submit_fails_fast_while_rabbitmq_is_down_and_works_after_it_returns(own
         assert set(final) == set(busy.accepted), logs
         assert {(status.state, status.result) for status in final.values()} <= {("SUCCEEDED", "5")}, logs
         assert server.alive() and worker.alive(), logs
+
+
+def test_a_worker_started_while_rabbitmq_is_down_waits_for_it_then_works(own_rabbitmq, launcher):
+    queue = launcher.queue(own_rabbitmq.url)
+    launcher.forget_queues(own_rabbitmq.url)  # the private node is gone before teardown
+    server = launcher.server(own_rabbitmq.url, env=FAST_RECONNECT)
+    own_rabbitmq.stop()
+    worker = launcher.worker(own_rabbitmq.url, procs=1, queues=queue, env=FAST_RECONNECT, wait_ready=False)
+    worker.wait_for_line(r"waiting for it before taking tasks", RECONNECT_TIMEOUT_S)
+    assert worker.alive(), worker.logs
+    own_rabbitmq.start()
+    worker.wait_for_line(r"worker \S+ consuming ", RECONNECT_TIMEOUT_S)
+    with qm.Client(server.address) as client:
+        task_id = submit_when_possible(client, queue, RECONNECT_TIMEOUT_S)
+        assert client.result(task_id, timeout_s=RESULTS_TIMEOUT_S) == "42"

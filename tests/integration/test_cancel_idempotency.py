@@ -5,6 +5,7 @@ exactly once)."""
 from __future__ import annotations
 
 import threading
+import time
 import types
 
 import grpc
@@ -25,6 +26,8 @@ RECONNECT_TIMEOUT_S = 90.0
 FAST_RECONNECT = {"QM_BROKER__RECONNECT_MAX_DELAY_S": "1"}
 #: Concurrent submitters sharing one idempotency key.
 SUBMITTERS = 8
+#: "Fail fast": a submit while RabbitMQ is down is answered within this (expected: ms).
+FAIL_FAST_S = 2.0
 
 
 @pytest.fixture
@@ -261,9 +264,12 @@ def test_submit_retries_through_a_broker_outage_and_the_task_runs_once(own_rabbi
 
     with qm.Client(server.address, submit_retry_s=0) as client:
         own_rabbitmq.stop()
+        asked = time.monotonic()
         with pytest.raises(RemoteError) as down:
             client.submit("test.echo", "refused", queue=queue)
+        answered_s = time.monotonic() - asked
         assert down.value.code is grpc.StatusCode.UNAVAILABLE
+        assert answered_s < FAIL_FAST_S, f"UNAVAILABLE took {answered_s:.2f} s while RabbitMQ is down"
 
         submitter = threading.Thread(target=submit, daemon=True)
         submitter.start()

@@ -141,6 +141,30 @@ def test_requeue_through_the_command_line(stack):
     assert stack.client.status(new_id).error.startswith("PermanentError")
 
 
+def test_requeue_all_through_the_command_line_runs_every_dead_letter_again(stack, tmp_path):
+    """README: `qm dead requeue --all`. Every dead letter of the server runs again as a new
+    task and leaves the list."""
+    counters = [tmp_path / f"flaky-{n}" for n in range(2)]
+    ids = [stack.client.submit("test.flaky", f"{counter}:1", queue=stack.queue, max_retries=0)
+           for counter in counters]
+    assert {status.state for status in finish(stack.client, *ids).values()} == {"FAILED"}, logs(stack)
+    dead_letters_of(stack.client, *ids)
+    _letters, total = stack.client.dead_letters()
+    assert total == len(ids), "this test's server should hold only its own dead letters"
+
+    requeued = run_qm("dead", "requeue", "--all", server=stack.server.address)
+
+    assert requeued.returncode == 0, requeued.stderr
+    assert f"requeued {len(ids)} task(s)" in requeued.stdout, requeued.stdout
+    renamed = dict(line.split(" -> ") for line in requeued.stdout.splitlines() if " -> " in line)
+    assert set(renamed) == set(ids), requeued.stdout
+    for old_id, new_id in renamed.items():
+        assert new_id != old_id
+        assert stack.client.result(new_id, timeout_s=RESULT_TIMEOUT_S) == "succeeded on run 2", logs(stack)
+    assert stack.client.dead_letters() == ([], 0)
+    assert [counter.read_text() for counter in counters] == ["xx", "xx"]
+
+
 def test_requeue_of_an_unknown_dead_letter_is_not_found(stack):
     with pytest.raises(RemoteError) as caught:
         stack.client.requeue_dead_letters(["no-such-task"])
@@ -203,7 +227,10 @@ def test_task_that_kills_its_worker_every_time_is_stopped_by_the_delivery_limit(
     status = stack.client.status(poison)
     assert status.state == "CRASHED", logs(stack, *dead)
     assert "delivery_limit" in status.error and "started" in status.error
-    assert dead, "no worker was killed: the task never ran"
+    # stopped after its 2 starts (each killed a worker), not before; one more death at most
+    # if a worker died before its first RUNNING event reached RabbitMQ
+    assert 2 <= len(dead) <= 3, \
+        f"{len(dead)} workers killed with broker.delivery_limit=2\n{logs(stack, *dead)}"
     letter = dead_letters_of(stack.client, poison)[poison]
     assert letter.state == "CRASHED"
     assert "delivery_limit" in letter.reason

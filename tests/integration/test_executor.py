@@ -2,18 +2,43 @@
 from __future__ import annotations
 
 import concurrent.futures
+import os
+import pickle
+import re
 import time
 
 import grpc
+import pika
 import pytest
 
 import qm
+from qm.broker import topology
 from qm.client.client import RemoteError
 from qm.errors import TaskError
-from qm.tasks.python import sign
+from qm.messages import TaskEvent
+from qm.states import TaskState
+from qm.tasks.python import SignatureError, sign
+from tests.processes import GATE_BOUND_S, wait_until, worker_status
+from tests.time_limits import assert_ended_at_limit
 
 SECRET = "s3cret-for-tests"
 RESULT_TIMEOUT_S = 120.0
+#: Bound on a call killed at a 1 s limit reaching its future (queueing and events included).
+KILLED_CALL_TIMEOUT_S = 30.0
+
+
+def gate_waiter():
+    """A call that returns only once `path` exists (the test opens it), at most bound_s.
+    Made in a function so that cloudpickle sends it by value (this test module cannot be
+    imported on the worker)."""
+    def wait_for_gate(path: str, bound_s: float) -> str:
+        deadline = time.monotonic() + bound_s
+        while not os.path.exists(path):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"gate {path} not opened within {bound_s} s")
+            time.sleep(0.01)
+        return "released"
+    return wait_for_gate
 
 
 @pytest.fixture
@@ -60,8 +85,22 @@ def test_a_call_killed_at_its_time_limit_surfaces_as_timeout_error(cluster):
             time.sleep(0.1)
 
     with qm.Executor(server.address, secret=SECRET, queue=queue, timeout_s=1.0) as executor:
-        with pytest.raises(TimeoutError):
-            executor.submit(forever).result(RESULT_TIMEOUT_S)
+        future = executor.submit(forever)
+        started = time.monotonic()
+        with pytest.raises(TimeoutError) as error:
+            future.result(KILLED_CALL_TIMEOUT_S)
+        waited_s = time.monotonic() - started
+
+    # concurrent.futures.TimeoutError is the built-in TimeoutError: result() giving up on a
+    # future that never resolves raises it too. This one must be the call's own.
+    assert future.done() and future.exception() is error.value, \
+        f"the future never resolved: result() gave up after {waited_s:.1f} s"
+    named = re.match(r"task (?P<id>\S+): .*time limit", str(error.value))
+    assert named, f"the error does not name the task and its time limit: {error.value}"
+    with qm.Client(server.address) as client:
+        status = client.status(named["id"])
+    assert status.state == "TIMED_OUT", status
+    assert_ended_at_limit(status, 1.0)
 
 
 def test_unsigned_or_wrongly_signed_payloads_are_rejected_at_submit(cluster):
@@ -96,16 +135,66 @@ def test_without_a_secret_the_python_type_is_refused(rabbitmq, launcher):
     assert "executor.secret" in str(error.value)
 
 
-def test_results_arrive_as_futures_complete_not_all_at_the_end(cluster):
+def test_results_arrive_as_futures_complete_not_all_at_the_end(cluster, tmp_path):
+    """The slow call returns only once the test has seen the fast call's result: results
+    delivered all at the end would leave the fast future pending until the wait gives up."""
     server, queue = cluster
+    gate = tmp_path / "release-slow"
 
-    def pause(seconds):
-        time.sleep(seconds)
-        return seconds
+    def quick(value):
+        return value
 
     with qm.Executor(server.address, secret=SECRET, queue=queue) as executor:
-        slow, fast = executor.submit(pause, 3), executor.submit(pause, 0.1)
-        done, _ = concurrent.futures.wait([slow, fast], timeout=RESULT_TIMEOUT_S,
-                                          return_when=concurrent.futures.FIRST_COMPLETED)
-        assert fast in done and fast.result() == 0.1
-        assert slow.result(RESULT_TIMEOUT_S) == 3
+        try:
+            slow = executor.submit(gate_waiter(), str(gate), GATE_BOUND_S)
+            fast = executor.submit(quick, 0.1)
+            done, _ = concurrent.futures.wait([slow, fast], timeout=RESULT_TIMEOUT_S,
+                                              return_when=concurrent.futures.FIRST_COMPLETED)
+            assert fast in done and fast.result() == 0.1
+            assert not slow.done(), "the slow call finished before its gate opened"
+        finally:
+            gate.touch()
+        assert slow.result(RESULT_TIMEOUT_S) == "released"
+
+
+class LeavesAMark:
+    """Unpickling this creates a file: what a forged result could do to a client that
+    unpickled it without checking the signature."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_a_result_not_signed_with_the_secret_is_refused_before_unpickling(rabbitmq, launcher, tmp_path):
+    """Whoever can publish to RabbitMQ can forge a task's outcome event. The client checks
+    the result's signature before unpickling: a forged SUCCEEDED fails the future with
+    SignatureError, and the forged pickle never runs in the client."""
+    queue = launcher.queue(rabbitmq.url)
+    env = {"QM_EXECUTOR__SECRET": SECRET}
+    server = launcher.server(rabbitmq.url, env=env)
+    worker = launcher.worker(rabbitmq.url, procs=1, queues=queue, env=env)
+    gate, mark = tmp_path / "release", tmp_path / "unpickled"
+
+    with qm.Executor(server.address, secret=SECRET, queue=queue) as executor:
+        try:
+            future = executor.submit(gate_waiter(), str(gate), GATE_BOUND_S)
+            task_id = wait_until(lambda: next((child.task_id for child in worker_status(worker).children
+                                               if child.type == "python"), None),
+                                 RESULT_TIMEOUT_S, message="the call running")
+            forged = sign("not-the-secret", pickle.dumps(("ok", LeavesAMark(str(mark)))))
+            event = TaskEvent(task_id, "python", queue, 1, TaskState.SUCCEEDED, worker.worker_id, forged)
+            with pika.BlockingConnection(pika.URLParameters(rabbitmq.url)) as connection:
+                headers = {"qm-task-id": task_id, "qm-state": "SUCCEEDED"}
+                connection.channel().basic_publish(topology.EVENTS_EXCHANGE, "", event.encode(),
+                                                   pika.BasicProperties(headers=headers, delivery_mode=2))
+
+            with pytest.raises(SignatureError) as refused:
+                future.result(RESULT_TIMEOUT_S)
+        finally:
+            gate.touch()
+
+    assert "signature does not match" in str(refused.value), refused.value
+    assert not mark.exists(), "the client unpickled a result that was not signed with its secret"

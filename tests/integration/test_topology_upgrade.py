@@ -73,3 +73,19 @@ def test_legacy_quorum_work_queue_is_used_as_it_is_with_a_warning(rabbitmq, laun
         assert client.result(task_id, timeout_s=RESULT_TIMEOUT_S) == "42"
     wait_until(lambda: "older version" in server.stderr, 30.0, message="the server's warning about the queue")
     assert "PRECONDITION_FAILED" not in server.stderr + worker.stderr
+
+
+def test_a_work_queue_of_another_type_stops_the_worker_with_the_way_out(rabbitmq, launcher):
+    queue = launcher.queue(rabbitmq.url)
+    name = topology.work_queue_name(queue)
+    setup = channel(rabbitmq.url)
+    # As a worker with broker.queue_type: classic declared it; this one has the default, quorum.
+    setup.queue_declare(name, durable=True, arguments={"x-queue-type": "classic",
+                                                       "x-dead-letter-exchange": topology.DEAD_EXCHANGE})
+    setup.connection.close()
+
+    worker = launcher.worker(rabbitmq.url, procs=1, queues=queue, wait_ready=False)
+    assert worker.wait(60.0) == 2, worker.logs
+    assert f"{name} in RabbitMQ is a classic queue, but broker.queue_type is 'quorum'" in worker.stderr, worker.logs
+    assert f"rabbitmqctl delete_queue {name}" in worker.stderr
+    assert "Traceback" not in worker.stderr

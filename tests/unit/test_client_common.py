@@ -6,8 +6,8 @@ import grpc
 import pytest
 
 from qm._proto.qm.v1 import task_queue_pb2
-from qm.client.common import (RETRY_INITIAL_DELAY_S, RETRY_MAX_DELAY_S, Attempts, Batch, Failover, Follow,
-                              RemoteError, batch_requests, parse_servers, submit_request)
+from qm.client.common import (RETRY_INITIAL_DELAY_S, RETRY_MAX_DELAY_S, SUBMIT_RETRY_CODES, Attempts, Batch,
+                              Failover, Follow, RemoteError, batch_requests, parse_servers, submit_request)
 from qm.errors import BatchError, WaitTimeout
 
 UNAVAILABLE, OK = grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.OK
@@ -153,9 +153,11 @@ def test_many_ids_are_asked_for_in_several_messages():
 
 def test_batch_items_take_the_batch_options_their_own_and_keys_from_a_batch_key():
     requests = batch_requests([("math", "1"), ("math", "2", {"queue": "q2", "idempotency_key": "own"}),
-                               ("test.echo", {"a": 1})], {"queue": "q", "max_retries": 2, "idempotency_key": "K"})
+                               ("test.echo", {"a": 1})],
+                              {"queue": "q", "max_retries": 2, "idempotency_key": "K"})
     assert [(r.type, r.payload, r.queue, r.max_retries, r.idempotency_key) for r in requests] == [
-        ("math", b"1", "q", 2, "K/0"), ("math", b"2", "q2", 2, "own"), ("test.echo", b'{"a": 1}', "q", 2, "K/2")]
+        ("math", b"1", "q", 2, "K/0"), ("math", b"2", "q2", 2, "own"),
+        ("test.echo", b'{"a": 1}', "q", 2, "K/2")]
     fresh = batch_requests([("math", "1"), ("math", "1")], {})
     assert fresh[0].idempotency_key and fresh[0].idempotency_key != fresh[1].idempotency_key
     with pytest.raises(TypeError, match="unexpected options: colour"):
@@ -195,7 +197,8 @@ def test_refused_items_are_named_and_the_accepted_ids_are_on_the_error():
     assert error.task_ids == ["id0", None, None, "id3"] and error.accepted_ids == ["id0", "id3"]
     assert [(item.index, item.type, item.code) for item in error.refused] == \
         [(1, "math", "INVALID_ARGUMENT"), (2, "nope", "INVALID_ARGUMENT")]
-    assert "2 of 4 items refused" in str(error) and "item 1 (math): INVALID_ARGUMENT payload: bad" in str(error)
+    assert "2 of 4 items refused" in str(error)
+    assert "item 1 (math): INVALID_ARGUMENT payload: bad" in str(error)
 
 
 def test_a_batch_cut_off_names_the_items_not_answered():
@@ -216,3 +219,23 @@ def test_a_client_that_has_reached_a_server_rides_out_its_absence_from_the_start
     Attempts(failover, 0.0, Clock()).reached()  # e.g. the submit before result()
     follow = Follow(["t1"], failover, None, 60.0, Clock())
     assert follow.interrupted("a:1", UNAVAILABLE, "refused") == RETRY_INITIAL_DELAY_S
+
+
+def test_a_submit_carries_every_option_and_always_a_key():
+    request = submit_request("math", "1", queue="q", timeout_s=2.0, soft_timeout_s=0.5, memory_limit_mb=64,
+                             max_retries=0, retry_jitter=False)
+    assert (request.queue, request.timeout_s, request.soft_timeout_s, request.memory_limit_mb) == \
+        ("q", 2.0, 0.5, 64)
+    assert request.HasField("max_retries") and request.max_retries == 0
+    assert not request.HasField("retry_backoff_s")
+    assert request.HasField("retry_jitter") and request.idempotency_key
+
+
+def test_a_submit_retries_an_overloaded_server_after_its_hint():
+    clock = Clock()
+    attempts = Attempts(Failover(["a:1"]), 30.0, clock, retry_codes=SUBMIT_RETRY_CODES)
+    assert attempts.failed("a:1", grpc.StatusCode.RESOURCE_EXHAUSTED, "overloaded", 0.05) == 0.05
+    assert attempts.failed("a:1", grpc.StatusCode.CANCELLED, "") > 0
+    with pytest.raises(RemoteError) as caught:
+        attempts.failed("a:1", grpc.StatusCode.RESOURCE_EXHAUSTED, "overloaded", 60.0)
+    assert caught.value.retry_after_s == 60.0

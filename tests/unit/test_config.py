@@ -245,11 +245,17 @@ def test_unknown_key_in_env_lists_known_keys():
     assert "procs" in err.reason and "start_method" in err.reason
 
 
-@pytest.mark.parametrize("name", ["QM_LISTEN", "QM___LISTEN", "QM_SERVER__"])
-def test_qm_env_var_not_naming_a_setting(name):
+@pytest.mark.parametrize("name", ["QM___LISTEN", "QM_SERVER__"])
+def test_qm_env_var_of_the_settings_form_not_naming_a_setting(name):
     err = config_error(env={name: "x"})
     assert name in err.reason
     assert "QM_<SECTION>__<KEY>" in err.reason
+
+
+@pytest.mark.parametrize("name", ["QM_SRC", "QM_LISTEN", "QM_HOME_DIR"])
+def test_other_qm_env_vars_are_left_alone(name):
+    """QM_SRC=... qm-server used to stop start-up: only QM_<SECTION>__<KEY> names are ours."""
+    assert load_config(env={name: "/somewhere", "QM_WORKER__PROCS": "3"}).worker.procs == 3
 
 
 def test_qm_config_is_not_treated_as_a_setting():
@@ -569,3 +575,26 @@ def test_the_client_may_name_several_servers():
     assert err.path == "client.server" and "'nope'" in err.reason
     err = config_error(env={"QM_CLIENT__SERVER": "10.0.0.1:50051,"})
     assert err.path == "client.server" and "several separated by commas" in err.reason
+
+
+# ------------------------------------------------- deprecated keys ---
+
+
+def test_deprecated_soft_timeout_grace_is_accepted_ignored_and_warned_about(caplog, tmp_path):
+    """A configuration that set it still starts (rolling upgrades), but the soft timeout is
+    no longer derived from the time limit; the warning says where it was set."""
+    cfg_file = tmp_path / "qm.yaml"
+    cfg_file.write_text("worker:\n  soft_timeout_grace_s: 2.0\n")
+    with caplog.at_level("WARNING", logger="qm.config"):
+        cfg = load_config(cfg_file, env={"QM_WORKER__SOFT_TIMEOUT_GRACE_S": "0"})
+    assert not hasattr(cfg.worker, "soft_timeout_grace_s")
+    assert "soft_timeout_grace_s" not in cfg.to_dict()["worker"]
+    warned = [r.getMessage() for r in caplog.records if "worker.soft_timeout_grace_s" in r.getMessage()]
+    assert len(warned) == 2 and "ignored" in warned[0]
+    assert any("env QM_WORKER__SOFT_TIMEOUT_GRACE_S" in m for m in warned)
+
+
+def test_deprecated_key_with_a_bad_value_still_names_it():
+    err = config_error(env={"QM_WORKER__SOFT_TIMEOUT_GRACE_S": "soon"})
+    assert err.path == "worker.soft_timeout_grace_s"
+    assert "expected a number" in err.reason and "ignored" in err.reason

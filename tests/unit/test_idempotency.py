@@ -33,7 +33,7 @@ def test_the_digest_is_stable_and_ignores_only_spelling():
 
 
 @pytest.mark.parametrize("change", [dict(task_type="test.echo"), dict(payload=b"1 + 2"), dict(queue="q"),
-                                    dict(timeout_s=5.5), dict(memory_limit_mb=1),
+                                    dict(timeout_s=5.5), dict(soft_timeout_s=1.0), dict(memory_limit_mb=1),
                                     dict(retry_options={"max_retries": 3}),
                                     dict(retry_options={"max_retries": 2, "jitter": True}),
                                     dict(retry_options={})])
@@ -97,8 +97,8 @@ def test_the_same_key_with_the_same_request_returns_the_first_task(tmp_path):
             first = await parts.service.submit("math", b"1 + 1", **options)
             # The same request as another client sends it: the default queue by name, the
             # timeout as a float, the unset retry options spelled out as None.
-            again = await parts.service.submit("math", b"1 + 1", **{**options, "queue": "default", "timeout_s": 5.0},
-                                               backoff_s=None, jitter=None)
+            same = {**options, "queue": "default", "timeout_s": 5.0}
+            again = await parts.service.submit("math", b"1 + 1", **same, backoff_s=None, jitter=None)
             assert again.task_id == first.task_id
             assert parts.store.count() == 1 and parts.broker.queue_depth(WORK_QUEUE) == 1
     run(body)
@@ -106,7 +106,8 @@ def test_the_same_key_with_the_same_request_returns_the_first_task(tmp_path):
 
 @pytest.mark.parametrize("change", [
     dict(task_type="test.echo"), dict(payload=b"2 + 2"), dict(queue="other"), dict(timeout_s=6.0),
-    dict(memory_limit_mb=128), dict(max_retries=3), dict(backoff_s=2.0), dict(jitter=False),
+    dict(memory_limit_mb=128), dict(soft_timeout_s=1.0), dict(max_retries=3), dict(backoff_s=2.0),
+    dict(jitter=False),
 ])
 def test_the_same_key_with_another_request_is_refused_naming_the_key(tmp_path, change):
     async def body():
@@ -128,8 +129,8 @@ def test_a_key_stored_without_a_request_digest_is_accepted_for_any_request(tmp_p
     async def body():
         async with server(tmp_path) as parts:
             now = time.time()
-            parts.store.insert(TaskRecord("old-task", "math", "default", "text", S.QUEUED, 0, None, "", "", now,
-                                          None, None, now, 600.0, 0, "legacy-key", 0))
+            parts.store.insert(TaskRecord.queued("old-task", "math", "default", "text", now, 600.0,
+                                                 idempotency_key="legacy-key"))
             record = await parts.service.submit("math", b"anything + 1", idempotency_key="legacy-key")
             assert record.task_id == "old-task"
     run(body)
@@ -139,7 +140,8 @@ def test_a_key_whose_task_was_forgotten_by_retention_is_free_again(tmp_path):
     async def body():
         async with server(tmp_path) as parts:
             first = await parts.service.submit("math", b"1 + 1", idempotency_key="k")
-            parts.service._apply([TaskEvent(first.task_id, "math", "default", 1, S.SUCCEEDED, result=b"2")])
+            done = TaskEvent(first.task_id, "math", "default", 1, S.SUCCEEDED, result=b"2")
+            parts.service.events.apply([done])
             assert parts.store.purge_finished(time.time() + 1) == 1  # what the retention sweep does
 
             second = await parts.service.submit("math", b"2 + 2", idempotency_key="k")

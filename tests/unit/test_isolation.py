@@ -6,6 +6,21 @@ import asyncio
 from qm.worker.isolation import Isolation
 from tests.unit.aio import run
 
+#: Bound on waiting for a state of the gate (it changes within a loop iteration or two).
+WAIT_S = 5.0
+
+
+async def until(condition) -> None:
+    """Let other tasks run until `condition()` holds (bounded); no wall-clock guess."""
+    async with asyncio.timeout(WAIT_S):
+        while not condition():
+            await asyncio.sleep(0)
+
+
+async def settle() -> None:
+    """One loop iteration: a task created just now runs until it first blocks."""
+    await asyncio.sleep(0)
+
 
 def test_a_suspect_waits_for_running_tasks_and_runs_alone():
     async def scenario():
@@ -20,9 +35,9 @@ def test_a_suspect_waits_for_running_tasks_and_runs_alone():
             gate.leave(suspect)
 
         suspect = asyncio.create_task(task("suspect", True, 0.05))
-        await asyncio.sleep(0.01)
+        await until(lambda: gate.suspects_waiting == 1)
         later = asyncio.create_task(task("later", False))  # arrives while the suspect waits
-        await asyncio.sleep(0.01)
+        await settle()
         assert order == []                            # the suspect waits; the later one waits behind it
         gate.leave(False)                             # the running task ends
         await asyncio.gather(suspect, later)
@@ -46,9 +61,9 @@ def test_a_cancelled_suspect_does_not_hold_back_ordinary_tasks():
         gate = Isolation()
         await gate.enter(False)
         waiting_suspect = asyncio.create_task(gate.enter(True))
-        await asyncio.sleep(0.01)
+        await until(lambda: gate.suspects_waiting == 1)
         ordinary = asyncio.create_task(gate.enter(False))
-        await asyncio.sleep(0.01)
+        await settle()
         assert not ordinary.done()
         waiting_suspect.cancel()
         await asyncio.wait_for(ordinary, 1.0)

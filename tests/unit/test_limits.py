@@ -1,7 +1,8 @@
 """Which time and memory limits a task runs under (qm.limits): the submission's value, else
 the task type's default, else the server's; the type's maximum and the worker's caps lower
 it; the smallest limit that applies wins; and a time limit must stay below RabbitMQ's
-consumer_timeout."""
+consumer_timeout. The soft timeout is explicit (submission, else task type, else none),
+never derived from the time limit, and always below it."""
 from __future__ import annotations
 
 import math
@@ -23,10 +24,10 @@ def task_type(**limits_of_type) -> TaskType:
 
 def resolve(declared: TaskType, timeout_s: float = 0.0, memory_limit_mb: int = 0, *,
             default_timeout_s: float = SERVER_TIMEOUT_S, default_memory_limit_mb: int = 0,
-            consumer_timeout_s: float = CONSUMER_TIMEOUT_S) -> Limits:
+            consumer_timeout_s: float = CONSUMER_TIMEOUT_S, soft_timeout_s: float = 0.0) -> Limits:
     return limits.resolve(declared, timeout_s, memory_limit_mb, default_timeout_s=default_timeout_s,
                           default_memory_limit_mb=default_memory_limit_mb,
-                          consumer_timeout_s=consumer_timeout_s)
+                          consumer_timeout_s=consumer_timeout_s, soft_timeout_s=soft_timeout_s)
 
 
 # -- resolve: time limit ----------------------------------------------------------------
@@ -141,23 +142,79 @@ def test_resolve_then_cap_smallest_of_submission_type_max_and_worker_wins():
 
 # -- soft timeout -----------------------------------------------------------------------
 
-@pytest.mark.parametrize("timeout_s, grace_s, expected", [
-    (10.0, 1.0, 9.0),     # grace before the hard limit
-    (60.0, 5.0, 55.0),
-    (2.0, 1.0, 1.0),      # at most halfway
-    (1.0, 1.0, 0.5),
-    (1.0, 30.0, 0.5),
-])
-def test_soft_timeout_is_grace_before_the_hard_limit_at_most_halfway(timeout_s, grace_s, expected):
-    assert limits.soft_timeout_s(timeout_s, grace_s) == pytest.approx(expected)
-    assert 0 < limits.soft_timeout_s(timeout_s, grace_s) < timeout_s
+def test_no_soft_timeout_unless_one_is_set():
+    """The time limit is the time the task gets: nothing arms qm.SoftTimeout before it."""
+    for timeout_s in (0.0, 1.0, 2.0, 60.0):
+        assert resolve(task_type(), timeout_s=timeout_s).soft_timeout_s == 0
+    assert resolve(task_type(default_timeout_s=1)).soft_timeout_s == 0
 
 
-def test_zero_grace_means_no_soft_timeout():
+def test_submitted_soft_timeout_wins_over_the_type_s():
+    declared = task_type(soft_timeout_s=8)
+    assert resolve(declared, timeout_s=10).soft_timeout_s == 8
+    assert resolve(declared, timeout_s=10, soft_timeout_s=0.5).soft_timeout_s == 0.5
+    assert resolve(task_type(), timeout_s=1, soft_timeout_s=0.5) == Limits(1, 0, 0.5)
+
+
+@pytest.mark.parametrize("soft_timeout_s, timeout_s", [(1.0, 1.0), (2.0, 1.0), (600.0, 0.0)])
+def test_submitted_soft_timeout_not_below_the_time_limit_is_refused_naming_the_field(soft_timeout_s, timeout_s):
+    """Checked against the effective limit (here the server's 600 s when timeout_s is 0)."""
+    with pytest.raises(ValidationError) as raised:
+        resolve(task_type(), timeout_s=timeout_s, soft_timeout_s=soft_timeout_s)
+    assert raised.value.field == "soft_timeout_s"
+    assert "below" in str(raised.value)
+
+
+def test_submitted_soft_timeout_is_checked_against_the_type_s_maximum():
+    with pytest.raises(ValidationError) as raised:
+        resolve(task_type(max_timeout_s=5), timeout_s=60, soft_timeout_s=10)
+    assert raised.value.field == "soft_timeout_s"
+
+
+@pytest.mark.parametrize("bad", [-0.5, math.inf, math.nan])
+def test_soft_timeout_must_be_a_positive_number(bad):
+    with pytest.raises(ValidationError) as raised:
+        resolve(task_type(), timeout_s=10, soft_timeout_s=bad)
+    assert raised.value.field == "soft_timeout_s"
+
+
+@pytest.mark.parametrize("timeout_s", [8.0, 5.0])
+def test_type_soft_timeout_not_below_a_shorter_submitted_limit_is_not_armed(timeout_s):
+    """The submission's shorter limit is the time the task gets; the type's soft timeout
+    would not come before it, so it is dropped rather than refusing the submission."""
+    assert resolve(task_type(soft_timeout_s=8), timeout_s=timeout_s) == Limits(timeout_s, 0, 0.0)
+
+
+def test_a_worker_cap_below_the_soft_timeout_disarms_it():
+    assert limits.cap(Limits(10.0, 0, 8.0), 5.0, 0) == Limits(5.0, 0, 0.0)
+    assert limits.cap(Limits(10.0, 0, 8.0), 9.0, 0) == Limits(9.0, 0, 8.0)
+    assert limits.cap(Limits(10.0, 0, 8.0), 0.0, 0) == Limits(10.0, 0, 8.0)
+
+
+def test_the_worker_arms_the_soft_timeout_the_server_resolved_and_nothing_else():
     from qm.messages import TaskMessage
     from qm.worker.supervisor import Supervisor
 
-    supervisor = Supervisor(None, None, "w1", ["q"], 1, soft_timeout_grace_s=0.0)
-    job = supervisor.job_for(TaskMessage("t1", "test.sleep", b"30", "q", timeout_s=10.0))
-    assert job.timeout_s == 10.0
-    assert job.soft_timeout_s == 0  # 0 = the child never gets qm.SoftTimeout
+    supervisor = Supervisor(None, None, "w1", ["q"], 1)
+    job = supervisor.job_for(TaskMessage("t1", "test.sleep", b"30", "q", timeout_s=1.0))
+    assert (job.timeout_s, job.soft_timeout_s) == (1.0, 0)  # 0 = the child never gets qm.SoftTimeout
+    job = supervisor.job_for(TaskMessage("t2", "test.soft", b"30", "q", timeout_s=1.0, soft_timeout_s=0.5))
+    assert (job.timeout_s, job.soft_timeout_s) == (1.0, 0.5)
+
+
+def test_soft_timeout_travels_in_the_task_message_and_old_messages_decode_without_one():
+    from qm._proto.qm.internal.v1 import messages_pb2
+    from qm.messages import TaskMessage
+
+    sent = TaskMessage("t1", "test.soft", b"30", "q", timeout_s=1.0, soft_timeout_s=0.5)
+    assert TaskMessage.decode(sent.encode()).soft_timeout_s == 0.5
+    old = messages_pb2.TaskMessage(task_id="t0", type="test.sleep", queue="q", timeout_s=1.0)  # no field 10
+    assert TaskMessage.decode(old.SerializeToString()).soft_timeout_s == 0.0
+
+
+def test_a_type_declaring_a_non_positive_soft_timeout_is_refused():
+    from qm import registry
+
+    loaded = registry.validate([task_type(soft_timeout_s=0), task_type(soft_timeout_s=-1)])
+    assert not loaded.types and len(loaded.errors) == 2
+    assert all("soft_timeout_s" in str(error) for error in loaded.errors)

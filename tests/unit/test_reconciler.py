@@ -18,7 +18,7 @@ AFTER_S = 60.0
 
 def apply(parts, task_id: str, state: TaskState, attempt: int, at_s: float, **fields) -> None:
     event = TaskEvent(task_id, "math", "default", attempt, state, "w1", at_s=at_s, **fields)
-    parts.service._apply([event])
+    parts.service.events.apply([event])
 
 
 def test_a_retry_whose_message_was_lost_is_published_again_as_its_next_attempt(tmp_path):

@@ -1,13 +1,15 @@
 """The server's SQLite replica: records, and events applied idempotently and in order."""
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import sqlite3
+import time
 
 import pytest
 
 from qm.messages import TaskEvent
-from qm.server.store import Store, TaskRecord
+from qm.server.store import DeadLetter, Store, TaskRecord
 from qm.states import TaskState
 
 S = TaskState
@@ -242,3 +244,179 @@ def test_starts_count_per_attempt_so_ordinary_retries_are_not_poison(tmp_path):
     store.apply([TaskEvent("t1", "test.fail", "default", 8, TaskState.RUNNING, "w2", at_s=100.0),
                  TaskEvent("t1", "test.fail", "default", 8, TaskState.RUNNING, "w3", at_s=110.0)], {})
     assert store.get("t1").starts == 2  # the eighth attempt took one worker down
+
+
+# -- costs that must not grow with the store (issue #18) ---------------------------------
+
+
+def rows_in(path, table: str) -> int:
+    """A real COUNT(*), through a connection of its own: what the counters must match."""
+    db = sqlite3.connect(path)
+    try:
+        return db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+    finally:
+        db.close()
+
+
+def finished(task_id: str, at: float, key: str = "") -> TaskRecord:
+    return TaskRecord(task_id, "math", "default", "text", S.SUCCEEDED, 1, b"2", "", "w1", at - 1, at - 1, at,
+                      at, idempotency_key=key)
+
+
+def dead(task_id: str, at: float, body: bytes = b"body") -> DeadLetter:
+    return DeadLetter(task_id, "math", "default", S.FAILED, 1, "failed", "boom", body, at)
+
+
+def test_sizes_follow_every_change_without_counting_rows(tmp_path):
+    path = tmp_path / "counts.db"
+    store = Store(path)
+    try:
+        def sizes_match() -> tuple[int, int]:
+            sizes = (store.count(), store.count_dead_letters())
+            assert sizes == (rows_in(path, "tasks"), rows_in(path, "dead_letters"))
+            return sizes
+
+        store.insert(queued("a"))
+        store.insert_unconfirmed(queued("b"), "default", b"message")
+        store.apply([event(S.RUNNING, T0 + 1, task_id="a"), event(S.RUNNING, T0 + 1, task_id="new")], CODECS)
+        store.apply([event(S.SUCCEEDED, T0 + 2, task_id="a")], CODECS)  # updates change no size
+        assert sizes_match() == (3, 0)
+        store.delete("b")
+        assert store.purge_finished(T0 + 10) == 1
+        assert sizes_match() == (1, 0)
+        store.add_dead_letter(dead("d1", T0))
+        store.add_dead_letter(dead("d1", T0 + 1))  # the same task dead again: replaced, not added
+        store.add_dead_letter(dead("d2", T0 + 2))
+        assert sizes_match() == (1, 2)
+        assert store.dead_letters(10)[1] == 2
+        store.remove_dead_letters(["d1"])
+        assert sizes_match() == (1, 1)
+        with pytest.raises(RuntimeError):
+            def failing():
+                yield event(S.RUNNING, T0 + 3, task_id="never")
+                raise RuntimeError("undecodable")
+            store.apply(failing(), CODECS)
+        assert sizes_match() == (1, 1)  # the rolled-back insert is not counted
+    finally:
+        store.close()
+
+
+def test_a_store_written_before_the_counters_is_counted_once_when_opened(tmp_path):
+    path = tmp_path / "old.db"
+    store = Store(path)
+    for task_id in ("a", "b", "c"):
+        store.insert(queued(task_id))
+    store.add_dead_letter(dead("d", T0))
+    store.close()
+    db = sqlite3.connect(path, isolation_level=None)  # as an older version left it
+    for (trigger,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall():
+        db.execute(f"DROP TRIGGER {trigger}")
+    db.execute("DROP TABLE counters")
+    db.close()
+
+    reopened = Store(path)
+    try:
+        assert (reopened.count(), reopened.count_dead_letters()) == (3, 1)
+        reopened.insert(queued("d"))
+        assert reopened.count() == 4 == rows_in(path, "tasks")
+    finally:
+        reopened.close()
+
+
+def test_retention_deletes_at_most_a_batch_per_call_and_never_unfinished_tasks(tmp_path):
+    store = Store(tmp_path / "batches.db")
+    try:
+        for i in range(25):
+            store.insert(finished(f"old{i}", T0 + i, key=f"k{i}"))
+        store.insert(finished("recent", T0 + 100))
+        store.insert(queued("waiting"))
+        assert [store.purge_finished(T0 + 50, limit=10) for _ in range(4)] == [10, 10, 5, 0]
+        assert store.count() == 2 and store.get("recent") and store.get("waiting")
+        assert store.find_by_idempotency_key("k3") is None
+    finally:
+        store.close()
+
+
+def test_a_long_retention_sweep_lets_the_event_loop_serve_between_batches(tmp_path):
+    from qm.server import maintenance
+
+    store = Store(tmp_path / "sweep.db")
+    for i in range(1000):
+        store.insert(finished(f"old{i}", T0 + i))
+    store.insert(queued("running"))
+
+    async def sweep_while_serving() -> tuple[int, int]:
+        served = 0
+        stop = asyncio.Event()
+
+        async def serve() -> None:  # stands for submits and events arriving meanwhile
+            nonlocal served
+            while not stop.is_set():
+                assert store.get("running") is not None
+                served += 1
+                await asyncio.sleep(0)
+
+        server = asyncio.create_task(serve())
+        await asyncio.sleep(0)
+        removed = await maintenance.purge_finished(store, T0 + 5000, batch_rows=100)
+        stop.set()
+        await server
+        return removed, served
+
+    try:
+        removed, served = asyncio.run(sweep_while_serving())
+        assert removed == 1000 and store.count() == 1
+        assert served >= 10  # served between each of the ten batches, not once after all of them
+    finally:
+        store.close()
+
+
+def test_purging_dead_letters_removes_every_one_in_batches(tmp_path):
+    from qm.server import maintenance
+
+    store = Store(tmp_path / "purge.db")
+    try:
+        for i in range(7):
+            store.add_dead_letter(dead(f"d{i}", T0 + i))
+        assert asyncio.run(maintenance.purge_dead_letters(store, batch_rows=3)) == 7
+        assert store.count_dead_letters() == 0 and store.dead_letters(10) == ([], 0)
+    finally:
+        store.close()
+
+
+def test_the_checkpoint_thread_cuts_the_wal_back_after_a_burst(tmp_path, monkeypatch):
+    import qm.server.store as store_module
+
+    limit = 256 * 1024
+    monkeypatch.setattr(store_module, "WAL_SIZE_LIMIT_BYTES", limit)
+    path = tmp_path / "wal.db"
+    wal = tmp_path / "wal.db-wal"
+    store = Store(path)
+    try:
+        store.start_checkpoints(interval_s=0.01)
+        for i in range(8):  # 4 MiB of WAL, far below the backstop: only the thread checkpoints
+            store.add_dead_letter(dead(f"big{i}", T0 + i, body=bytes(512 * 1024)))
+        assert wal.stat().st_size > 4 * limit
+        deadline = time.monotonic() + 20.0
+        writes = 0
+        while wal.stat().st_size > limit:  # a commit after a complete checkpoint starts the WAL over
+            assert time.monotonic() < deadline, f"WAL still {wal.stat().st_size} bytes"
+            writes += 1  # a real change each time: rewriting an identical row writes nothing
+            store.add_dead_letter(dead("small", T0 + writes))
+            time.sleep(0.02)
+        assert store.count_dead_letters() == 9 and store.dead_letters(1)[0][0].body == bytes(512 * 1024)
+    finally:
+        store.close()
+
+
+def test_events_change_only_what_they_carry_and_the_task_stays_findable_by_its_key(store):
+    submitted = dataclasses.replace(queued(), idempotency_key="k1", timeout_s=30.0, max_retries=2)
+    store.insert(submitted)
+    store.apply([event(S.RUNNING, T0 + 1)], CODECS)
+    store.apply([event(S.SUCCEEDED, T0 + 2, result=b"11")], CODECS)
+    record = store.find_by_idempotency_key("k1")
+    assert record == store.get("t1")
+    assert (record.state, record.result, record.worker, record.started_at, record.finished_at, record.starts) == \
+        (S.SUCCEEDED, b"11", "w1", T0 + 1, T0 + 2, 1)
+    assert (record.type, record.queue, record.codec, record.created_at, record.timeout_s, record.max_retries) == \
+        ("math", "default", "text", T0, 30.0, 2)

@@ -73,12 +73,13 @@ def test_handler_fails_permanently_on_a_bad_payload():
 def test_soft_timeout_propagates_and_ends_the_task_timed_out():
     """In a worker child, SIGALRM raises qm.SoftTimeout; the handler does not catch it."""
     from qm.worker import child
+    from qm.worker.jobs import ReplyKind
 
     registry = Registry({hash_chain.TASK_TYPE.name: hash_chain.TASK_TYPE})
     previous = signal.signal(signal.SIGALRM, child._raise_soft_timeout)
     try:
-        kind, text = child.run_limited(registry, "examples.hash_chain", b"50000000:x", 0.2, 0)
+        reply = child.run_limited(registry, "examples.hash_chain", b"50000000:x", 0.2, 0)
     finally:
         signal.signal(signal.SIGALRM, previous)
-    assert kind == "soft_timeout"
-    assert "SoftTimeout" in text
+    assert reply.kind is ReplyKind.SOFT_TIMEOUT
+    assert "SoftTimeout" in reply.value

@@ -65,10 +65,62 @@ def segfault(payload: str) -> str:
 
 
 def spawn_and_wait(payload: str) -> str:
-    """Start a grandchild process that sleeps the payload's seconds; wait for it; return its pid."""
-    child = subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({float(payload)})"])
+    """Payload "SECONDS" or "SECONDS:PIDFILE": start a grandchild process that sleeps that
+    long (and write its pid to PIDFILE once it runs); wait for it; return its pid."""
+    seconds, _, pid_file = payload.partition(":")
+    child = subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({float(seconds)})"])
+    if pid_file:
+        _write_atomically(pid_file, str(child.pid))
     child.wait()
     return str(child.pid)
+
+
+def spawn_alloc(payload: str) -> str:
+    """Payload "COUNT:MIB:SECONDS": start COUNT subprocesses that each allocate and touch
+    MIB MiB and hold it for SECONDS; wait for them; return the MiB they held together.
+    The task's own process allocates nothing: its memory is all in its subprocesses."""
+    count, mib, seconds = payload.split(":")
+    code = f"import time; held = b'\\x01' * ({int(mib)} * 1024 * 1024); time.sleep({float(seconds)})"
+    children = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(int(count))]
+    codes = [child.wait() for child in children]
+    if any(codes):
+        raise RuntimeError(f"subprocesses exited with {codes}")
+    return str(int(count) * int(mib))
+
+
+def grow(payload: str) -> str:
+    """Payload "TOTAL_MIB:MIB_PER_S": allocate and touch memory in 16 MiB chunks at about
+    MIB_PER_S until TOTAL_MIB is held; return the MiB held. A paced allocation: how far it
+    gets past a limit depends on the watchdog, much less on how fast this machine is."""
+    total_mib, rate = payload.split(":")
+    chunk_mib = 16
+    pause_s = chunk_mib / float(rate)
+    held = []
+    while len(held) * chunk_mib < int(total_mib):
+        held.append(b"\x01" * (chunk_mib * 1024 * 1024))
+        time.sleep(pause_s)
+    return str(len(held) * chunk_mib)
+
+
+def wait_for(payload: str) -> str:
+    """Payload "BOUND_S:PATH": block until PATH exists (a gate the test opens), at most
+    BOUND_S seconds; return the payload. Past the bound, fail saying so. Lets a test hold a
+    task running for exactly as long as it needs, whatever the machine's speed."""
+    bound_s, _, path = payload.partition(":")
+    deadline = time.monotonic() + float(bound_s)
+    while not os.path.exists(path):
+        if time.monotonic() >= deadline:
+            raise RuntimeError(f"gate {path} was not opened within {bound_s} s")
+        time.sleep(0.01)
+    return payload
+
+
+def _write_atomically(path: str, text: str) -> None:
+    """Write a file that a reader never sees half-written (write aside, then rename)."""
+    partial = f"{path}.partial"
+    with open(partial, "w") as file:
+        file.write(text)
+    os.replace(partial, path)
 
 
 def soft_timeout_cleanup(payload: str) -> str:

@@ -1,0 +1,109 @@
+"""Dead letters: tasks that failed for good, kept with the message that can run them again.
+
+Workers send a task message to the `qm.dead` exchange with why it died (protocol
+headers); RabbitMQ sends one there itself when a quorum work queue's delivery limit (the
+backstop) is reached. Each server keeps its own queue on the exchange and records what
+arrives in its store: `qm dead list / requeue / purge`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import uuid
+from typing import Awaitable, Callable
+
+from qm.broker.base import Broker, Delivery
+from qm.errors import TaskNotFound
+from qm.messages import TaskEvent, TaskMessage
+from qm.metrics import ServerMetrics
+from qm.protocol import Header
+from qm.server import maintenance
+from qm.server.store import DeadLetter, Store, TaskRecord
+from qm.states import TaskState
+
+log = logging.getLogger(__name__)
+
+#: Dead letters listed when the request names no limit, and the most one requeue moves.
+DEFAULT_DEAD_LETTER_LIMIT = 100
+MAX_REQUEUE = 10_000
+
+
+class DeadLetters:
+    """This server's dead letters: recorded from its queue, listed, requeued, purged."""
+
+    def __init__(self, store: Store, broker: Broker, metrics: ServerMetrics, codecs: dict[str, str],
+                 delivery_limit: int, apply: Callable[[list[TaskEvent]], None],
+                 enqueue: Callable[[TaskRecord, TaskMessage], Awaitable[None]]) -> None:
+        self.store = store
+        self.broker = broker
+        self.metrics = metrics
+        self.codecs = codecs
+        self.delivery_limit = delivery_limit
+        self._apply = apply        # events → store (the event applier)
+        self._enqueue = enqueue    # store + publish a new task (the submit path)
+
+    def on_delivery(self, delivery: Delivery) -> None:
+        """Record a dead letter. One that RabbitMQ dead-lettered itself (the quorum queue's
+        delivery limit: its worker died every time) has no final event yet: make it one."""
+        try:
+            message = TaskMessage.decode(delivery.body)
+        except ValueError as exc:
+            log.error("dropping an undecodable dead letter (headers %s): %s", delivery.headers, exc)
+            self.broker.ack(delivery)
+            return
+        headers = delivery.headers
+        reason = headers.get(Header.DEAD_REASON)
+        if reason is None:
+            reason = rabbitmq_dead_reason(headers, self.delivery_limit)
+            error = (f"RabbitMQ dead-lettered task {message.task_id}: {reason}. A task that takes its "
+                     "whole worker down each time (not just a child) ends here instead of looping")
+            self._apply([TaskEvent(message.task_id, message.type, message.queue, message.attempt,
+                                   TaskState.CRASHED, error=error)])
+            state = TaskState.CRASHED
+        else:
+            error = str(headers.get(Header.ERROR, ""))
+            state = TaskState[str(headers.get(Header.STATE, "FAILED"))]
+        self.store.add_dead_letter(DeadLetter(message.task_id, message.type, message.queue, state,
+                                              message.attempt, str(reason), error, delivery.body, time.time()))
+        log.warning("task %s (%s) dead-lettered: %s", message.task_id, message.type, reason)
+        self.metrics.dead_letters.labels(message.type if message.type in self.codecs else "unknown").inc()
+        self.broker.ack(delivery)
+
+    def list(self, limit: int) -> tuple[list[DeadLetter], int]:
+        return self.store.dead_letters(limit or DEFAULT_DEAD_LETTER_LIMIT)
+
+    async def requeue(self, task_ids: list[str] | None) -> dict[str, str]:
+        """Run dead-lettered tasks again, each as a new task (attempt 1, same payload and
+        limits); returns old id → new id. Unknown ids raise TaskNotFound."""
+        dead, _total = self.store.dead_letters(MAX_REQUEUE, task_ids)
+        if task_ids is not None:
+            missing = set(task_ids) - {letter.task_id for letter in dead}
+            if missing:
+                raise TaskNotFound(sorted(missing)[0])
+        if dead and not self.broker.connected:
+            raise self.broker.unavailable()
+        renamed: dict[str, str] = {}
+        for letter in dead:
+            old = TaskMessage.decode(letter.body)
+            now = time.time()
+            message = dataclasses.replace(old, task_id=str(uuid.uuid4()), attempt=1, enqueued_at_s=now)
+            record = TaskRecord.queued(message.task_id, old.type, old.queue, self.codecs.get(old.type, "text"),
+                                       now, old.timeout_s, old.memory_limit_mb, max_retries=old.retry.max_retries)
+            await self._enqueue(record, message)
+            self.store.remove_dead_letters([letter.task_id])
+            renamed[letter.task_id] = message.task_id
+        return renamed
+
+    async def purge(self) -> int:
+        """Remove every dead letter, in batches that let the event loop serve between them."""
+        return await maintenance.purge_dead_letters(self.store)
+
+
+def rabbitmq_dead_reason(headers: dict, delivery_limit: int) -> str:
+    """Why RabbitMQ dead-lettered a message, from its x-death header."""
+    deaths = headers.get("x-death") or [{}]
+    reason = str(deaths[0].get("reason", "unknown"))
+    if reason == "delivery_limit":
+        return f"delivered {delivery_limit} times without finishing (broker.delivery_limit)"
+    return f"dead-lettered by RabbitMQ ({reason})"

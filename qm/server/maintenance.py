@@ -1,0 +1,38 @@
+"""Store upkeep that costs the event loop the same however big the store is.
+
+Deleting many rows is work proportional to the rows, so it is never one statement: the
+store deletes at most `batch_rows` per call (one short transaction), and these helpers
+call it again, handing the event loop back between batches, so submits, events and
+streams are served while a retention sweep or a purge of a million rows goes on.
+
+Store sizes for the gauges come from the store's counters (kept by triggers, no COUNT(*));
+WAL checkpoints run on the store's own thread (`Store.start_checkpoints`).
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Callable
+
+from qm.server.store import DELETE_BATCH_ROWS, Store
+
+
+async def delete_in_batches(delete_batch: Callable[[int], int], batch_rows: int = DELETE_BATCH_ROWS) -> int:
+    """Call delete_batch(batch_rows) until it deletes fewer than batch_rows; return the
+    total. The event loop runs other work between two batches."""
+    total = 0
+    while True:
+        removed = delete_batch(batch_rows)
+        total += removed
+        if removed < batch_rows:
+            return total
+        await asyncio.sleep(0)
+
+
+async def purge_finished(store: Store, before_s: float, batch_rows: int = DELETE_BATCH_ROWS) -> int:
+    """Delete every task that finished before `before_s`, in batches; return how many."""
+    return await delete_in_batches(lambda limit: store.purge_finished(before_s, limit), batch_rows)
+
+
+async def purge_dead_letters(store: Store, batch_rows: int = DELETE_BATCH_ROWS) -> int:
+    """Delete every dead letter, oldest first, in batches; return how many."""
+    return await delete_in_batches(lambda limit: store.remove_dead_letters(None, limit), batch_rows)
