@@ -81,8 +81,8 @@ def main() -> int:
                 seconds = time.perf_counter() - started
                 numbers[name] = {"tasks": args.tasks, "seconds": round(seconds, 3),
                                  "tasks_per_s": round(args.tasks / seconds, 1)}
-                print(f"{name:<32} {args.tasks} tasks in {seconds:6.2f} s  {args.tasks / seconds:8.1f} tasks/s",
-                      flush=True)
+                rate = args.tasks / seconds
+                print(f"{name:<32} {args.tasks} tasks in {seconds:6.2f} s  {rate:8.1f} tasks/s", flush=True)
         finally:
             server.stop()
             rabbitmq.stop()

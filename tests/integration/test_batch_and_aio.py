@@ -37,8 +37,9 @@ def test_a_refused_item_names_itself_and_the_accepted_ones_run(stack):
         stack.client.submit_many(items, queue=stack.queue)
 
     error = caught.value
-    assert [(item.index, item.code) for item in error.refused] == [(1, "INVALID_ARGUMENT"), (2, "INVALID_ARGUMENT")]
-    assert "item 1 (math)" in str(error) and "item 2 (no.such.type)" in str(error) and "no.such.type" in str(error)
+    assert [(item.index, item.code) for item in error.refused] == [(1, "INVALID_ARGUMENT"),
+                                                                    (2, "INVALID_ARGUMENT")]
+    assert "item 1 (math)" in str(error) and "item 2 (no.such.type)" in str(error)
     assert error.task_ids[1] is None and error.task_ids[2] is None and len(error.accepted_ids) == 2
     assert [stack.client.result(task_id, timeout_s=RESULT_TIMEOUT_S) for task_id in error.accepted_ids] == \
         ["first", "last"]
@@ -96,7 +97,8 @@ def test_a_key_is_free_again_once_retention_forgot_its_task(rabbitmq, launcher):
     with qm.Client(server.address) as client:
         first = client.submit("math", "1 + 1", queue=queue, idempotency_key=key)
         assert client.result(first, timeout_s=RESULT_TIMEOUT_S) == "2"
-        wait_until(lambda: _forgotten(client, first), RESULT_TIMEOUT_S, message="the task forgotten by retention")
+        wait_until(lambda: _forgotten(client, first), RESULT_TIMEOUT_S,
+                   message="the task forgotten by retention")
 
         second = client.submit("math", "2 + 2", queue=queue, idempotency_key=key)
         assert second != first
@@ -123,7 +125,8 @@ def test_the_asyncio_client_has_the_methods_of_the_blocking_one(stack, launcher)
             assert (await client.status(task_id)) == stack.client.status(task_id)
             assert [s.state async for s in client.watch([task_id])] == ["SUCCEEDED"]
 
-            ids = await client.submit_many([("math", "2 * 2"), ("test.fail", "on purpose")], queue=stack.queue)
+            ids = await client.submit_many([("math", "2 * 2"), ("test.fail", "on purpose")],
+                                           queue=stack.queue)
             finals = {s.task_id: s async for s in client.results(ids, timeout_s=RESULT_TIMEOUT_S)}
             assert (finals[ids[0]].result, finals[ids[1]].state) == ("4", "FAILED")
             with pytest.raises(TaskError, match="on purpose"):
@@ -137,7 +140,8 @@ def test_the_asyncio_client_has_the_methods_of_the_blocking_one(stack, launcher)
             assert await client.task_types() == stack.client.task_types()
             assert {w["worker_id"] for w in await client.workers()} == \
                 {w["worker_id"] for w in stack.client.workers()}
-            wait_until(lambda: stack.client.dead_letters()[1] == 1, RESULT_TIMEOUT_S, message="the dead letter")
+            wait_until(lambda: stack.client.dead_letters()[1] == 1, RESULT_TIMEOUT_S,
+                       message="the dead letter")
             letters, total = await client.dead_letters()
             assert total == 1 and letters[0].task_id == ids[1] and letters == stack.client.dead_letters()[0]
             with pytest.raises(RemoteError) as missing:
@@ -159,7 +163,8 @@ def test_the_asyncio_client_takes_thousands_of_submits_at_once(stack, launcher):
 
     async def body() -> list[str]:
         async with qm.aio.Client(stack.server.address) as client:
-            return await asyncio.gather(*(client.submit("test.echo", str(i), queue=queue) for i in range(1500)))
+            submits = (client.submit("test.echo", str(i), queue=queue) for i in range(1500))
+            return await asyncio.gather(*submits)
 
     ids = asyncio.run(asyncio.wait_for(body(), RESULT_TIMEOUT_S * 2))
     assert len(set(ids)) == 1500

@@ -119,8 +119,8 @@ def test_a_wait_fails_over_when_the_server_it_talks_to_dies(rabbitmq, launcher):
     with qm.Client(f"{first.address},{second.address}") as client, qm.Client(second.address) as only_second:
         task_id = client.submit("test.sleep", "4", queue=queue)  # through the first server
         # The second one learns the task from its events (stores are per server).
-        wait_until(lambda: _state(only_second, task_id) == _state(client, task_id) == "RUNNING", START_TIMEOUT_S,
-                   message="both servers know the task as RUNNING")
+        wait_until(lambda: _state(only_second, task_id) == _state(client, task_id) == "RUNNING",
+                   START_TIMEOUT_S, message="both servers know the task as RUNNING")
         for status in client.watch([task_id], timeout_s=RESULT_TIMEOUT_S):
             updates.append(status)
             if len(updates) == 1:
