@@ -234,9 +234,6 @@ class TaskService:
         await migrate_legacy_delay_tiers(self.broker, retry.DELAY_TIERS_S)
         for tier_s in retry.DELAY_TIERS_S:  # long before any retry: see Supervisor.start
             await topology.declare_delay_tier(self.broker, tier_s)
-        # The default work queue now, not at the first submit: a queue of another type
-        # (broker.queue_type changed) stops start-up with the way out, not every submit.
-        await self._ensure_queue(topology.DEFAULT_QUEUE)
         heartbeats = await topology.declare_heartbeats_queue(self.broker, server_id)
         await self.broker.consume(heartbeats, self.workers.on_heartbeat, EVENTS_PREFETCH)
         events = await topology.declare_events_queue(self.broker, server_id)
