@@ -70,7 +70,7 @@ class ServerApp:
             log.error("%s", error)
         log.info("serving task types: %s", ", ".join(sorted(self.registry.types)) or "none")
         await self.broker.connect()
-        self.store.start_checkpoints()  # WAL checkpoint I/O off the event loop
+        self.store.start_checkpoints()  # most WAL checkpoint I/O off the event loop
         await self.service.start_events(server_id(self.config))
         task_queue_pb2_grpc.add_TaskQueueServicer_to_server(TaskQueueServicer(self.service), self.grpc_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
