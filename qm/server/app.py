@@ -81,7 +81,7 @@ class ServerApp:
             log.error("%s", error)
         log.info("serving task types: %s", ", ".join(sorted(self.registry.types)) or "none")
         await self.broker.connect()
-        self.store.start_checkpoints()  # WAL checkpoint I/O off the event loop
+        self.store.start_checkpoints()  # most WAL checkpoint I/O off the event loop
         try:
             await self.service.start_events(self.server_id)
         except ConsumerRefused:
