@@ -52,7 +52,7 @@ class TaskType:
         try:
             return codecs.decode_payload(self.codec, payload)
         except ValueError as exc:
-            raise ValidationError("payload", f"not valid {self.codec} for task type {self.name!r}: {exc}")
+            raise ValidationError("payload", f"not valid {self.codec} for task type {self.name!r}: {exc}") from exc
 
     def encode_result(self, value: Any) -> bytes:
         """The handler's return value → bytes on the wire."""

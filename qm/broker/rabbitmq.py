@@ -357,7 +357,8 @@ class RabbitMQBroker(Broker):
     async def delete_queue(self, queue: str, if_empty: bool = False) -> None:
         self._declarations = [(kind, args) for kind, args in self._declarations
                               if not (kind in ("queue", "bind") and args[0] == queue)]
-        await self._admin_ignoring_absent(lambda channel, cb: channel.queue_delete(queue=queue, if_empty=if_empty, callback=cb))
+        await self._admin_ignoring_absent(
+            lambda channel, cb: channel.queue_delete(queue=queue, if_empty=if_empty, callback=cb))
 
     async def delete_exchange(self, exchange: str) -> None:
         self._declarations = [(kind, args) for kind, args in self._declarations

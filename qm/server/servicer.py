@@ -12,8 +12,15 @@ import time
 import grpc
 
 from qm._proto.qm.v1 import task_queue_pb2, task_queue_pb2_grpc
-from qm.errors import (BrokerRefused, BrokerUnavailable, ConfigError, QMError, TaskAlreadyFinished, TaskNotFound,
-                       ValidationError)
+from qm.errors import (
+    BrokerRefused,
+    BrokerUnavailable,
+    ConfigError,
+    QMError,
+    TaskAlreadyFinished,
+    TaskNotFound,
+    ValidationError,
+)
 from qm.server.service import TaskService
 from qm.server.store import TaskRecord
 
@@ -78,7 +85,8 @@ class TaskQueueServicer(task_queue_pb2_grpc.TaskQueueServicer):
         record = await self.service.submit(
             request.type, request.payload, request.queue, timeout_s=request.timeout_s,
             memory_limit_mb=request.memory_limit_mb, idempotency_key=request.idempotency_key,
-            soft_timeout_s=request.soft_timeout_s, max_retries=optional("max_retries"), backoff_s=optional("retry_backoff_s"),
+            soft_timeout_s=request.soft_timeout_s, max_retries=optional("max_retries"),
+            backoff_s=optional("retry_backoff_s"),
             backoff_max_s=optional("retry_backoff_max_s"), jitter=optional("retry_jitter"),
             on_timeout=optional("retry_on_timeout"))
         return task_queue_pb2.SubmitTaskResponse(task_id=record.task_id, state=int(record.state))

@@ -455,13 +455,13 @@ class _Checkpointer:
 
 
 def _record(row: tuple) -> TaskRecord:
-    values = dict(zip(_COLUMNS, row))
+    values = dict(zip(_COLUMNS, row, strict=True))
     values["state"] = TaskState(values["state"])
     return TaskRecord(**values)
 
 
 def _dead_letter(row: tuple) -> DeadLetter:
-    values = dict(zip(_DEAD_COLUMNS, row))
+    values = dict(zip(_DEAD_COLUMNS, row, strict=True))
     values["state"] = TaskState(values["state"])
     return DeadLetter(**values)
 
