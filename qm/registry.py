@@ -112,7 +112,10 @@ def validate(loaded: Iterable[TaskType | PluginError]) -> Registry:
     types: dict[str, TaskType] = {}
     errors: list[PluginError] = []
     for item in loaded:
-        problem = item if isinstance(item, PluginError) else _check(item, types)
+        if isinstance(item, PluginError):
+            errors.append(item)
+            continue
+        problem = _check(item, types)
         if problem is not None:
             errors.append(problem)
         else:

@@ -61,7 +61,8 @@ def _maps_errors(method):
 
 def record_to_proto(record: TaskRecord) -> task_queue_pb2.TaskStatus:
     status = task_queue_pb2.TaskStatus(
-        task_id=record.task_id, type=record.type, queue=record.queue, state=int(record.state),
+        task_id=record.task_id, type=record.type, queue=record.queue,
+        state=int(record.state),  # type: ignore[arg-type]  # protoc .pyi: enum fields typed as the enum class; they take ints
         attempts=record.attempts, result=record.result or b"", codec=record.codec,
         error=record.error, worker=record.worker, timeout_s=record.timeout_s,
         memory_limit_mb=record.memory_limit_mb, max_retries=record.max_retries)
@@ -89,7 +90,9 @@ class TaskQueueServicer(task_queue_pb2_grpc.TaskQueueServicer):
             backoff_s=optional("retry_backoff_s"),
             backoff_max_s=optional("retry_backoff_max_s"), jitter=optional("retry_jitter"),
             on_timeout=optional("retry_on_timeout"))
-        return task_queue_pb2.SubmitTaskResponse(task_id=record.task_id, state=int(record.state))
+        return task_queue_pb2.SubmitTaskResponse(
+            task_id=record.task_id,
+            state=int(record.state))  # type: ignore[arg-type]  # protoc .pyi: enum fields typed as the enum class; they take ints
 
     @_maps_errors
     async def ListWorkers(self, request, context):
