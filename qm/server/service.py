@@ -14,15 +14,15 @@ import uuid
 from qm import limits as task_limits
 from qm import retry
 from qm.broker import topology
-from qm.broker.migrate import migrate_legacy_delay_tiers
 from qm.broker.base import Broker
+from qm.broker.migrate import migrate_legacy_delay_tiers
 from qm.errors import BrokerUnavailable, TaskAlreadyFinished, TaskNotFound, ValidationError
 from qm.messages import TaskEvent, TaskMessage
 from qm.metrics import ServerMetrics
 from qm.protocol import Command, Control, Header
 from qm.registry import Registry
-from qm.server import maintenance
 from qm.retry import RetryPolicy
+from qm.server import maintenance
 from qm.server.dead_letters import DeadLetters
 from qm.server.events import EventApplier
 from qm.server.hub import Hub

@@ -12,8 +12,15 @@ import time
 import grpc
 
 from qm._proto.qm.v1 import task_queue_pb2, task_queue_pb2_grpc
-from qm.errors import (BrokerRefused, BrokerUnavailable, ConfigError, QMError, TaskAlreadyFinished, TaskNotFound,
-                       ValidationError)
+from qm.errors import (
+    BrokerRefused,
+    BrokerUnavailable,
+    ConfigError,
+    QMError,
+    TaskAlreadyFinished,
+    TaskNotFound,
+    ValidationError,
+)
 from qm.server.service import TaskService
 from qm.server.store import TaskRecord
 
@@ -54,7 +61,8 @@ def _maps_errors(method):
 
 def record_to_proto(record: TaskRecord) -> task_queue_pb2.TaskStatus:
     status = task_queue_pb2.TaskStatus(
-        task_id=record.task_id, type=record.type, queue=record.queue, state=int(record.state),
+        task_id=record.task_id, type=record.type, queue=record.queue,
+        state=int(record.state),  # type: ignore[arg-type]  # protoc .pyi: enum fields typed as the enum class; they take ints
         attempts=record.attempts, result=record.result or b"", codec=record.codec,
         error=record.error, worker=record.worker, timeout_s=record.timeout_s,
         memory_limit_mb=record.memory_limit_mb, max_retries=record.max_retries)
@@ -78,10 +86,13 @@ class TaskQueueServicer(task_queue_pb2_grpc.TaskQueueServicer):
         record = await self.service.submit(
             request.type, request.payload, request.queue, timeout_s=request.timeout_s,
             memory_limit_mb=request.memory_limit_mb, idempotency_key=request.idempotency_key,
-            soft_timeout_s=request.soft_timeout_s, max_retries=optional("max_retries"), backoff_s=optional("retry_backoff_s"),
+            soft_timeout_s=request.soft_timeout_s, max_retries=optional("max_retries"),
+            backoff_s=optional("retry_backoff_s"),
             backoff_max_s=optional("retry_backoff_max_s"), jitter=optional("retry_jitter"),
             on_timeout=optional("retry_on_timeout"))
-        return task_queue_pb2.SubmitTaskResponse(task_id=record.task_id, state=int(record.state))
+        return task_queue_pb2.SubmitTaskResponse(
+            task_id=record.task_id,
+            state=int(record.state))  # type: ignore[arg-type]  # protoc .pyi: enum fields typed as the enum class; they take ints
 
     @_maps_errors
     async def ListWorkers(self, request, context):

@@ -373,6 +373,7 @@ class Store:
                 updated = _next_record(current, event, codec_of.get(event.type, "text"))
                 if event.state is TaskState.RUNNING and _is_new_start(current, event):
                     started = updated or current  # every start counts, a redelivered one too
+                    assert started is not None  # _next_record makes a record for a task's first start
                     if not started.state.terminal:  # a redelivery: the worker running it now
                         # Starts count per attempt: a task that fails and retries normally is
                         # never mistaken for one that takes its workers down.
@@ -455,13 +456,13 @@ class _Checkpointer:
 
 
 def _record(row: tuple) -> TaskRecord:
-    values = dict(zip(_COLUMNS, row))
+    values = dict(zip(_COLUMNS, row, strict=True))
     values["state"] = TaskState(values["state"])
     return TaskRecord(**values)
 
 
 def _dead_letter(row: tuple) -> DeadLetter:
-    values = dict(zip(_DEAD_COLUMNS, row))
+    values = dict(zip(_DEAD_COLUMNS, row, strict=True))
     values["state"] = TaskState(values["state"])
     return DeadLetter(**values)
 
