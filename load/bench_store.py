@@ -1,7 +1,7 @@
 """Store-size benchmark: does a task cost the server the same with 0, 100,000 and
 1,000,000 finished tasks in its store?
 
-    .venv/bin/python load/bench_store.py                                   # 0, 100k, 1M (~8 minutes)
+    .venv/bin/python load/bench_store.py                                   # 0, 100k, 1M (~5 minutes)
     .venv/bin/python load/bench_store.py --sizes 0,100000 --tasks 1000 --repeat 1 --json out.json
 
 For each size, a SQLite store file filled directly (executemany in one transaction,

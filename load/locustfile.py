@@ -130,7 +130,7 @@ _MIX: list[str] = []  # the mix in use, decided once per Locust process
 def task_mix(option: str, stub: task_queue_pb2_grpc.TaskQueueStub) -> list[str]:
     """The task types to mix: those named, or ("auto") those of PAYLOADS the server has."""
     if _MIX:
-        return _MIX
+        return list(_MIX)
     if option.strip().lower() == "auto":
         served = {t.name for t in stub.ListTaskTypes(task_queue_pb2.ListTaskTypesRequest(), timeout=30).types}
         names = [t for t in PAYLOADS if t in served]
@@ -141,9 +141,10 @@ def task_mix(option: str, stub: task_queue_pb2_grpc.TaskQueueStub) -> list[str]:
         unknown = [t for t in names if t not in PAYLOADS]
         if unknown or not names:
             raise ValueError(f"--qm-types: unknown task type(s) {unknown}; choose from {', '.join(PAYLOADS)}")
-    _MIX.extend(names)
-    logging.getLogger("qm.locust").info("task mix: %s", ", ".join(f"{t} x{WEIGHTS[t]}" for t in names))
-    return _MIX
+    if not _MIX:  # users start concurrently (gevent): the first to get here decides
+        _MIX.extend(names)
+        logging.getLogger("qm.locust").info("task mix: %s", ", ".join(f"{t} x{WEIGHTS[t]}" for t in names))
+    return list(_MIX)
 
 
 class QueueMasterUser(User):

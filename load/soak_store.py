@@ -1,6 +1,6 @@
 """Soak: does the server's cost per task stay flat while its store grows, and the WAL bounded?
 
-    .venv/bin/python load/soak_store.py                          # 14 rounds x 1,500 tasks (~10 minutes)
+    .venv/bin/python load/soak_store.py                          # 14 rounds x 1,500 tasks (~5 minutes)
     .venv/bin/python load/soak_store.py --rounds 20 --tasks-per-round 2000 --no-control --json soak.json
 
 One qm-server (empty store, its data kept for the whole run), one `qm-worker --procs 2`,

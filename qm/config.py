@@ -371,7 +371,9 @@ def env_var_name(section: str, key: str) -> str:
     return f"{_ENV_PREFIX}{section.upper()}__{key.upper()}"
 
 
-def _sections() -> dict[str, type]:
+def _sections() -> dict[str, Any]:
+    # Field.type is typed `type | str`; here it is always a section's dataclass (no string
+    # annotations in this module).
     return {f.name: f.type for f in fields(Config)}
 
 

@@ -38,8 +38,8 @@ class Executor(concurrent.futures.Executor):
             raise ValueError("qm.Executor needs the shared executor.secret of the servers and workers")
         self._client = Client(server)
         self._secret = secret
-        self._options = dict(queue=queue, timeout_s=timeout_s, memory_limit_mb=memory_limit_mb,
-                             max_retries=max_retries)
+        self._options: dict[str, Any] = dict(queue=queue, timeout_s=timeout_s, memory_limit_mb=memory_limit_mb,
+                                             max_retries=max_retries)
         self._futures: dict[str, concurrent.futures.Future] = {}
         self._lock = threading.Lock()
         self._requests: queue_module.Queue = queue_module.Queue()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import TypeVar
 
 from qm.errors import ValidationError
 from qm.registry import TaskType
@@ -30,7 +31,10 @@ class Limits:
     soft_timeout_s: float = 0.0  # when the task gets qm.SoftTimeout; 0 = never; always < timeout_s
 
 
-def _smallest(*values: float | None) -> float | None:
+_N = TypeVar("_N", int, float)
+
+
+def _smallest(*values: _N | None) -> _N | None:
     present = [value for value in values if value]
     return min(present) if present else None
 
@@ -45,8 +49,9 @@ def resolve(task_type: TaskType, timeout_s: float, memory_limit_mb: int, *, defa
     """The limits a submission runs under; ValidationError names the field at fault."""
     if not math.isfinite(timeout_s) or timeout_s < 0:
         raise ValidationError("timeout_s", f"must be a positive number of seconds, got {timeout_s}")
-    timeout = timeout_s or task_type.default_timeout_s or default_timeout_s
+    timeout: float | None = timeout_s or task_type.default_timeout_s or default_timeout_s
     timeout = _smallest(timeout, task_type.max_timeout_s)
+    assert timeout is not None  # default_timeout_s > 0 (config), so one of them is set
     if timeout >= consumer_timeout_s:
         raise ValidationError(
             "timeout_s", f"{timeout:g} s is not below RabbitMQ's consumer_timeout of {consumer_timeout_s:g} s: "

@@ -77,7 +77,8 @@ class TaskEvent:
 
     def encode(self) -> bytes:
         event = messages_pb2.TaskEvent(task_id=self.task_id, type=self.type, queue=self.queue,
-                                       attempt=self.attempt, state=int(self.state), result=self.result,
+                                       attempt=self.attempt, state=int(self.state),  # type: ignore[arg-type]  # protoc .pyi: enum fields typed as the enum class; they take ints
+                                       result=self.result,
                                        error=self.error, worker=self.worker, timeout_s=self.timeout_s,
                                        memory_limit_mb=self.memory_limit_mb)
         event.at.FromNanoseconds(int(self.at_s * 1e9))

@@ -52,7 +52,7 @@ class TaskType:
         try:
             return codecs.decode_payload(self.codec, payload)
         except ValueError as exc:
-            raise ValidationError("payload", f"not valid {self.codec} for task type {self.name!r}: {exc}")
+            raise ValidationError("payload", f"not valid {self.codec} for task type {self.name!r}: {exc}") from exc
 
     def encode_result(self, value: Any) -> bytes:
         """The handler's return value → bytes on the wire."""
@@ -112,7 +112,10 @@ def validate(loaded: Iterable[TaskType | PluginError]) -> Registry:
     types: dict[str, TaskType] = {}
     errors: list[PluginError] = []
     for item in loaded:
-        problem = item if isinstance(item, PluginError) else _check(item, types)
+        if isinstance(item, PluginError):
+            errors.append(item)
+            continue
+        problem = _check(item, types)
         if problem is not None:
             errors.append(problem)
         else:

@@ -180,7 +180,9 @@ class MemoryBroker(Broker):
 
     def nack(self, delivery: Delivery, requeue: bool = True) -> None:
         consumer = self._settle_target(delivery)
-        message = consumer.unacked.pop(delivery.delivery_tag, None) if consumer else None
+        if consumer is None:
+            return
+        message = consumer.unacked.pop(delivery.delivery_tag, None)
         if message is not None:
             if requeue:
                 message.redelivered = True

@@ -160,6 +160,7 @@ class RabbitMQBroker(Broker):
             self.connections += 1
             self._connected.set()
             log.info("connected to RabbitMQ at %s", self._where)
+            assert self._closed is not None  # set by _open
             reason = await asyncio.shield(self._closed)
             self._last_error = reason
             self._drop(reason)
@@ -183,14 +184,18 @@ class RabbitMQBroker(Broker):
         self._generation += 1
 
         def on_open(connection):
-            opened.done() or opened.set_result(connection)
+            if not opened.done():
+                opened.set_result(connection)
 
         def on_open_error(connection, error):
-            opened.done() or opened.set_exception(BrokerUnavailable(_describe(error)))
+            if not opened.done():
+                opened.set_exception(BrokerUnavailable(_describe(error)))
 
         def on_close(connection, reason):
-            closed.done() or closed.set_result(_describe(reason))
-            opened.done() or opened.set_exception(BrokerUnavailable(_describe(reason)))
+            if not closed.done():
+                closed.set_result(_describe(reason))
+            if not opened.done():
+                opened.set_exception(BrokerUnavailable(_describe(reason)))
 
         self._connection = AsyncioConnection(self._params, on_open, on_open_error, on_close,
                                              custom_ioloop=loop)
@@ -233,7 +238,11 @@ class RabbitMQBroker(Broker):
             future = asyncio.get_running_loop().create_future()
         self._waiters.add(future)
         try:
-            start(lambda frame=None: future.done() or future.set_result(frame))
+            def on_reply(frame: Any = None) -> None:
+                if not future.done():
+                    future.set_result(frame)
+
+            start(on_reply)
             return await asyncio.wait_for(future, RPC_TIMEOUT_S)
         except pika.exceptions.AMQPError as exc:
             raise BrokerUnavailable(_describe(exc)) from exc
@@ -241,7 +250,9 @@ class RabbitMQBroker(Broker):
             self._waiters.discard(future)
 
     async def _open_channel(self, consumer: _ConsumerSpec | None = None) -> Any:
-        channel = await self._rpc(lambda cb: self._connection.channel(on_open_callback=cb))
+        connection = self._connection
+        assert connection is not None  # called only once connected (_open, consume)
+        channel = await self._rpc(lambda cb: connection.channel(on_open_callback=cb))
         generation = self._generation
         channel.add_on_close_callback(
             lambda ch, reason: self._on_channel_closed(generation, reason, consumer))
@@ -253,9 +264,10 @@ class RabbitMQBroker(Broker):
         async with self._admin_lock:
             if self._connection is None or not self._connection.is_open:
                 raise self.unavailable()  # (not `connected`: declarations replay before that is set)
+            connection = self._connection
             channel = self._admin_channel
             if channel is None or not channel.is_open:
-                channel = await self._rpc(lambda cb: self._connection.channel(on_open_callback=cb))
+                channel = await self._rpc(lambda cb: connection.channel(on_open_callback=cb))
                 channel.add_on_close_callback(self._on_admin_closed)
                 self._admin_channel = channel
             self._admin_refusal = refusal = asyncio.get_running_loop().create_future()
@@ -284,12 +296,14 @@ class RabbitMQBroker(Broker):
                 or not isinstance(reason, pika.exceptions.ChannelClosedByBroker)):
             return  # a lost connection is reported by the connection's own close callback
         starting = consumer.starting if consumer is not None else None
-        if reason.reply_code == pika.spec.ACCESS_REFUSED and starting is not None and not starting.done():
+        if (consumer is not None and reason.reply_code == pika.spec.ACCESS_REFUSED and starting is not None
+                and not starting.done()):
             starting.set_exception(ConsumerRefused(consumer.queue, reason.reply_text))
             return
         error = BrokerUnavailable(f"RabbitMQ closed a channel: {_describe(reason)}")
         for future in list(self._waiters) + list(self._pending.values()):
-            future.done() or future.set_exception(error)
+            if not future.done():
+                future.set_exception(error)
         if self._closed is not None and not self._closed.done():
             self._closed.set_result(_describe(reason))
 
@@ -357,7 +371,8 @@ class RabbitMQBroker(Broker):
     async def delete_queue(self, queue: str, if_empty: bool = False) -> None:
         self._declarations = [(kind, args) for kind, args in self._declarations
                               if not (kind in ("queue", "bind") and args[0] == queue)]
-        await self._admin_ignoring_absent(lambda channel, cb: channel.queue_delete(queue=queue, if_empty=if_empty, callback=cb))
+        await self._admin_ignoring_absent(
+            lambda channel, cb: channel.queue_delete(queue=queue, if_empty=if_empty, callback=cb))
 
     async def delete_exchange(self, exchange: str) -> None:
         self._declarations = [(kind, args) for kind, args in self._declarations

@@ -16,10 +16,10 @@ from qm._proto.qm.v1 import task_queue_pb2, task_queue_pb2_grpc
 from qm.broker import topology
 from qm.broker.rabbitmq import RabbitMQBroker
 from qm.config import Config, export_executor_secret, load_config, parse_host_port
-from qm.metrics import ServerMetrics
-from qm.metrics import serve as serve_metrics
 from qm.errors import ConfigError, ConsumerRefused, DuplicateServer, ServerIdentityError
 from qm.logs import setup_logging
+from qm.metrics import ServerMetrics
+from qm.metrics import serve as serve_metrics
 from qm.retry import RetryPolicy
 from qm.server import identity
 from qm.server.admission import CORE_OPTIONS, AdmissionInterceptor
@@ -82,7 +82,7 @@ class ServerApp:
             log.error("%s", error)
         log.info("serving task types: %s", ", ".join(sorted(self.registry.types)) or "none")
         await self.broker.connect()
-        self.store.start_checkpoints()  # WAL checkpoint I/O off the event loop
+        self.store.start_checkpoints()  # most WAL checkpoint I/O off the event loop
         try:
             await self.service.start_events(self.server_id)
         except ConsumerRefused:

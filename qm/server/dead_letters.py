@@ -7,6 +7,7 @@ arrives in its store: `qm dead list / requeue / purge`.
 """
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import logging
 import time
@@ -70,10 +71,10 @@ class DeadLetters:
         self.metrics.dead_letters.labels(message.type if message.type in self.codecs else "unknown").inc()
         self.broker.ack(delivery)
 
-    def list(self, limit: int) -> tuple[list[DeadLetter], int]:
+    def list(self, limit: int) -> tuple[builtins.list[DeadLetter], int]:
         return self.store.dead_letters(limit or DEFAULT_DEAD_LETTER_LIMIT)
 
-    async def requeue(self, task_ids: list[str] | None) -> dict[str, str]:
+    async def requeue(self, task_ids: builtins.list[str] | None) -> dict[str, str]:
         """Run dead-lettered tasks again, each as a new task (attempt 1, same payload and
         limits); returns old id → new id. Unknown ids raise TaskNotFound."""
         dead, _total = self.store.dead_letters(MAX_REQUEUE, task_ids)

@@ -15,16 +15,22 @@ from typing import Sequence
 from qm import limits as task_limits
 from qm import retry
 from qm.broker import topology
-from qm.broker.migrate import migrate_legacy_delay_tiers
 from qm.broker.base import Broker
-from qm.errors import (BrokerUnavailable, IdempotencyKeyReused, QMError, TaskAlreadyFinished, TaskNotFound,
-                       ValidationError)
+from qm.broker.migrate import migrate_legacy_delay_tiers
+from qm.errors import (
+    BrokerUnavailable,
+    IdempotencyKeyReused,
+    QMError,
+    TaskAlreadyFinished,
+    TaskNotFound,
+    ValidationError,
+)
 from qm.messages import TaskEvent, TaskMessage
 from qm.metrics import ServerMetrics
 from qm.protocol import Command, Control, Header
 from qm.registry import Registry
-from qm.server import idempotency, maintenance
 from qm.retry import RetryPolicy
+from qm.server import idempotency, maintenance
 from qm.server.dead_letters import DeadLetters
 from qm.server.events import EventApplier
 from qm.server.hub import Hub
@@ -281,9 +287,6 @@ class TaskService:
         await migrate_legacy_delay_tiers(self.broker, retry.DELAY_TIERS_S)
         for tier_s in retry.DELAY_TIERS_S:  # long before any retry: see Supervisor.start
             await topology.declare_delay_tier(self.broker, tier_s)
-        # The default work queue now, not at the first submit: a queue of another type
-        # (broker.queue_type changed) stops start-up with the way out, not every submit.
-        await self._ensure_queue(topology.DEFAULT_QUEUE)
         heartbeats = await topology.declare_heartbeats_queue(self.broker, server_id)
         await self.broker.consume(heartbeats, self.workers.on_heartbeat, EVENTS_PREFETCH)
         events = await topology.declare_events_queue(self.broker, server_id)

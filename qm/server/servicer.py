@@ -12,8 +12,16 @@ import time
 import grpc
 
 from qm._proto.qm.v1 import task_queue_pb2, task_queue_pb2_grpc
-from qm.errors import (BrokerRefused, BrokerUnavailable, ConfigError, IdempotencyKeyReused, QMError,
-                       TaskAlreadyFinished, TaskNotFound, ValidationError)
+from qm.errors import (
+    BrokerRefused,
+    BrokerUnavailable,
+    ConfigError,
+    IdempotencyKeyReused,
+    QMError,
+    TaskAlreadyFinished,
+    TaskNotFound,
+    ValidationError,
+)
 from qm.server.service import TaskService
 from qm.server.store import TaskRecord
 from qm.server.submission import Submission
@@ -56,7 +64,8 @@ def _maps_errors(method):
 
 def record_to_proto(record: TaskRecord) -> task_queue_pb2.TaskStatus:
     status = task_queue_pb2.TaskStatus(
-        task_id=record.task_id, type=record.type, queue=record.queue, state=int(record.state),
+        task_id=record.task_id, type=record.type, queue=record.queue,
+        state=int(record.state),  # type: ignore[arg-type]  # protoc .pyi: enum fields typed as the enum class; they take ints
         attempts=record.attempts, result=record.result or b"", codec=record.codec,
         error=record.error, worker=record.worker, timeout_s=record.timeout_s,
         memory_limit_mb=record.memory_limit_mb, max_retries=record.max_retries)
@@ -91,7 +100,9 @@ class TaskQueueServicer(task_queue_pb2_grpc.TaskQueueServicer):
                                            memory_limit_mb=item.memory_limit_mb,
                                            idempotency_key=item.idempotency_key,
                                            soft_timeout_s=item.soft_timeout_s, **item.retry_options)
-        return task_queue_pb2.SubmitTaskResponse(task_id=record.task_id, state=int(record.state))
+        return task_queue_pb2.SubmitTaskResponse(
+            task_id=record.task_id,
+            state=int(record.state))  # type: ignore[arg-type]  # protoc .pyi: enum fields typed as the enum class; they take ints
 
     @_maps_errors
     async def SubmitTasks(self, request, context):

@@ -8,8 +8,8 @@ Cost must not grow with the store: every statement the server issues while it se
 finds its rows through an index (SEARCH, never a SCAN of tasks or dead_letters; proved by
 tests/unit/test_store_plans.py), sizes are kept in `counters` by triggers in the same
 transactions (no COUNT(*)), retention deletes in bounded batches, and WAL checkpoints run
-on a thread of their own (`start_checkpoints`) so the WAL stays bounded without the
-event loop doing the checkpoint I/O.
+on a thread of their own (`start_checkpoints`), leaving the event loop only the short
+checkpoint that lets the WAL start over every 32 MiB.
 """
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ DELETE_BATCH_ROWS = 1000
 #: Seconds between two WAL checkpoints on the checkpoint thread.
 CHECKPOINT_INTERVAL_S = 1.0
 #: WAL pages after which a commit on the serving connection checkpoints by itself: SQLite's
-#: default while no checkpoint thread runs, this backstop (32 MiB of 4 KiB pages) while one does.
+#: default while no checkpoint thread runs, this backstop (32 MiB of 4 KiB pages) while one
+#: does; that checkpoint copies only what the thread has not, and lets the WAL start over.
 SQLITE_AUTOCHECKPOINT_PAGES = 1000
 BACKSTOP_AUTOCHECKPOINT_PAGES = 8192
 #: Size the WAL file is cut back to when it is reset after a complete checkpoint.
@@ -218,8 +219,11 @@ class Store:
 
     def start_checkpoints(self, interval_s: float = CHECKPOINT_INTERVAL_S) -> None:
         """Checkpoint the WAL every interval_s on a thread with its own connection, so the
-        event loop's commits no longer do the checkpoint I/O (they still would past the
-        backstop, should that thread fall behind). Stopped by close()."""
+        event loop's commits no longer copy the WAL into the database. Under sustained
+        writes a passive checkpoint never finds the WAL completely copied (commits keep
+        coming), so the WAL starts over when this connection's own checkpoint runs at the
+        backstop; by then the thread has copied all but the last interval's frames.
+        Stopped by close()."""
         if self._checkpointer is None:
             self._checkpointer = _Checkpointer(self._connect, interval_s)
             self._db.execute(f"PRAGMA wal_autocheckpoint={BACKSTOP_AUTOCHECKPOINT_PAGES}")
@@ -373,6 +377,7 @@ class Store:
                 updated = _next_record(current, event, codec_of.get(event.type, "text"))
                 if event.state is TaskState.RUNNING and _is_new_start(current, event):
                     started = updated or current  # every start counts, a redelivered one too
+                    assert started is not None  # _next_record makes a record for a task's first start
                     if not started.state.terminal:  # a redelivery: the worker running it now
                         # Starts count per attempt: a task that fails and retries normally is
                         # never mistaken for one that takes its workers down.
@@ -455,13 +460,13 @@ class _Checkpointer:
 
 
 def _record(row: tuple) -> TaskRecord:
-    values = dict(zip(_COLUMNS, row))
+    values = dict(zip(_COLUMNS, row, strict=True))
     values["state"] = TaskState(values["state"])
     return TaskRecord(**values)
 
 
 def _dead_letter(row: tuple) -> DeadLetter:
-    values = dict(zip(_DEAD_COLUMNS, row))
+    values = dict(zip(_DEAD_COLUMNS, row, strict=True))
     values["state"] = TaskState(values["state"])
     return DeadLetter(**values)
 

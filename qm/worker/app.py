@@ -65,7 +65,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--task-timeout", metavar="S", help="cap on any task's time limit, seconds; 0 = no cap (worker.task_timeout_s)")
     add("--task-memory-limit", metavar="MB",
         help="cap on any task's memory limit, MiB; 0 = no cap (worker.task_memory_limit_mb)")
-    add("--max-tasks-per-child", metavar="N", help="restart a child after N tasks; 0 = never (worker.max_tasks_per_child)")
+    add("--max-tasks-per-child", metavar="N",
+        help="restart a child after N tasks; 0 = never (worker.max_tasks_per_child)")
     add("--drain-timeout", metavar="S", help="on SIGTERM, how long running tasks may finish (worker.drain_timeout_s)")
     add("--status-listen", metavar="HOST:PORT",
         help="gRPC health + status endpoint; port 0 picks one; '' disables (worker.status_listen)")

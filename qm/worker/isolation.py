@@ -7,6 +7,8 @@ So it waits until nothing else runs, and nothing else starts while it runs.
 from __future__ import annotations
 
 import asyncio
+
+
 class Isolation:
     """Suspect tasks (redelivered: their last holder may have died of them) run alone:
     one waits until nothing else runs, and nothing else starts while it runs."""

@@ -33,8 +33,10 @@ log = logging.getLogger(__name__)
 class Outcomes:
     """Publishes events, retries and dead letters for one worker."""
 
-    def __init__(self, broker: Broker, worker_id: str, metrics: WorkerMetrics) -> None:
+    def __init__(self, broker: Broker, worker_id: str, metrics: WorkerMetrics,
+                 clock: Callable[[], float] = time.time) -> None:
         self.broker = broker
+        self.clock = clock  # wall clock: due times are compared across hosts
         self.worker_id = worker_id
         self.metrics = metrics
         self._delay_tiers: set[int] = set()
@@ -54,11 +56,11 @@ class Outcomes:
             requested = outcome.retry_delay_s if outcome.retry_requested else None
             tier_s = retry.tier_for(policy.delay_s(message.attempt) if requested is None else requested)
             await self.ensure_delay_tier(tier_s)
-            following = dataclasses.replace(message, attempt=message.attempt + 1, enqueued_at_s=time.time())
+            following = dataclasses.replace(message, attempt=message.attempt + 1, enqueued_at_s=self.clock())
             await self._publish(topology.delay_tier_name(tier_s), message.queue, following.encode(),
                                 following.headers(), message.task_id)
             event = self.event(message, TaskState.RETRYING, outcome)
-            await self.publish_event(dataclasses.replace(event, next_attempt_at_s=time.time() + tier_s))
+            await self.publish_event(dataclasses.replace(event, next_attempt_at_s=self.clock() + tier_s))
             self.metrics.tasks_finished.labels(message.type, TaskState.RETRYING.name).inc()
             return
         await self._dead_letter(message, outcome, dead_reason(message, outcome))

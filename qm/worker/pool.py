@@ -22,7 +22,7 @@ import multiprocessing
 import os
 import signal
 import time
-from typing import Callable, Sequence
+from typing import Callable, Sequence, cast
 
 from qm.states import TaskState
 from qm.worker import procfs
@@ -68,16 +68,22 @@ class Slot:
     rss_bytes: int = 0
     peak_rss_bytes: int = 0
 
+    @property
+    def pid(self) -> int:
+        pid = self.process.pid
+        assert pid is not None  # the process is started (Pool._spawn) before its slot exists
+        return pid
+
     def kill(self, outcome: Outcome | None) -> None:
         """Kill the running task's whole process group; its job ends with `outcome`."""
         if self.alive and self.job is not None and self.kill_outcome is None:
             self.kill_outcome = outcome or Outcome(TaskState.CANCELLED, error="cancelled")
-            _kill_group(self.process.pid)
+            _kill_group(self.pid)
 
     def sample_rss(self) -> int:
         """RSS of the child and all its descendants, in bytes (0 if it is gone): one /proc
         read per process of this child, never a scan of the host (qm/worker/procfs.py)."""
-        total = procfs.tree_rss_bytes(self.process.pid)
+        total = procfs.tree_rss_bytes(self.pid)
         self.rss_bytes = total
         self.peak_rss_bytes = max(self.peak_rss_bytes, total)
         return total
@@ -119,7 +125,8 @@ class Pool:
 
     def _spawn(self, index: int) -> Slot:
         parent_conn, child_conn = self._context.Pipe(duplex=True)
-        process = self._context.Process(
+        # typeshed: get_context() returns BaseContext, which lacks Process; every concrete context has it.
+        process = self._context.Process(  # type: ignore[attr-defined]
             target=child_main, args=(child_conn, self._lifeline_r, self.address_space_limit, self._forkserver),
             name=f"qm-child-{index}", daemon=True)
         process.start()
@@ -143,7 +150,9 @@ class Pool:
         if on_started is not None:
             on_started()
         try:
-            return await slot.future
+            future = slot.future
+            assert future is not None  # set by _assign
+            return await future
         except asyncio.CancelledError:
             if slot.job is job:
                 slot.kill(None)
@@ -203,7 +212,7 @@ class Pool:
             return f"ran {slot.tasks_done} tasks (max_tasks_per_child)"
         if self.max_idle_rss_mb:
             # An idle child has no descendants left (child.py kills them): its own RSS, one read.
-            idle_rss = procfs.rss_bytes(slot.process.pid)
+            idle_rss = procfs.rss_bytes(slot.pid)
             if idle_rss > self.max_idle_rss_mb * MIB:
                 return (f"idle RSS {idle_rss // MIB} MiB over {self.max_idle_rss_mb} MiB "
                         "(max_child_idle_rss_mb; a task leaks memory?)")
@@ -247,13 +256,13 @@ class Pool:
     def _sample(self) -> None:
         """Kill any busy child over its memory limit; re-arm while limited jobs run."""
         self._sampler = None
-        limited = [slot for slot in self.slots if slot.alive and slot.job and slot.job.memory_limit_mb]
-        for slot in limited:
-            limit = slot.job.memory_limit_mb * MIB
+        limited = [(slot, slot.job) for slot in self.slots if slot.alive and slot.job and slot.job.memory_limit_mb]
+        for slot, job in limited:
+            limit = job.memory_limit_mb * MIB
             if slot.sample_rss() > limit and slot.kill_outcome is None:
                 slot.kill(Outcome(TaskState.MEMORY_EXCEEDED, error=(
-                    f"task {slot.job.task_id} ({slot.job.type}) used {slot.peak_rss_bytes / MIB:.0f} MiB "
-                    f"(with its subprocesses), over its memory limit of {slot.job.memory_limit_mb} MiB, "
+                    f"task {job.task_id} ({job.type}) used {slot.peak_rss_bytes / MIB:.0f} MiB "
+                    f"(with its subprocesses), over its memory limit of {job.memory_limit_mb} MiB, "
                     "and was killed")))
         if limited:
             self._ensure_sampler()
@@ -273,7 +282,7 @@ class Pool:
                     loop.remove_reader(slot.conn.fileno())
                     slot.conn.close()
                 if slot.job is not None:
-                    _kill_group(slot.process.pid)
+                    _kill_group(slot.pid)
         await asyncio.to_thread(self._join_all)
         self._lifeline_w.close()
         self._lifeline_r.close()
@@ -283,19 +292,23 @@ class Pool:
         for slot in self.slots:
             slot.process.join(max(0.0, deadline - time.monotonic()))
             if slot.process.exitcode is None:
-                _kill_group(slot.process.pid)
+                _kill_group(slot.pid)
                 slot.process.join()
 
 
 def _reply_outcome(reply: Reply, slot: Slot) -> Outcome:
-    kind, value = reply.kind, reply.value
+    kind = reply.kind
     if kind is ReplyKind.OK:
-        return Outcome(TaskState.SUCCEEDED, result=value)
+        return Outcome(TaskState.SUCCEEDED, result=cast(bytes, reply.value))
+    value = cast(str, reply.value)  # every other outcome reply carries the error text
+    job = slot.job
     if kind is ReplyKind.SOFT_TIMEOUT:
-        return Outcome(TaskState.TIMED_OUT, error=f"{value} (soft timeout {slot.job.soft_timeout_s:g} s, "
-                                                  f"time limit {slot.job.timeout_s:g} s)")
+        assert job is not None  # a child sends this only while it runs a job
+        return Outcome(TaskState.TIMED_OUT, error=f"{value} (soft timeout {job.soft_timeout_s:g} s, "
+                                                  f"time limit {job.timeout_s:g} s)")
     if kind is ReplyKind.MEMORY:
-        return Outcome(TaskState.MEMORY_EXCEEDED, error=f"{value}; memory limit {slot.job.memory_limit_mb} MiB")
+        assert job is not None  # a child sends this only while it runs a job
+        return Outcome(TaskState.MEMORY_EXCEEDED, error=f"{value}; memory limit {job.memory_limit_mb} MiB")
     if kind is ReplyKind.RETRY:
         return Outcome(TaskState.FAILED, error=value, retry_requested=True, retry_delay_s=reply.retry_delay_s)
     return Outcome(TaskState.FAILED, error=value, permanent=kind is ReplyKind.PERMANENT)
@@ -314,7 +327,7 @@ def _kill_group(pid: int) -> None:
 
 
 #: Likely causes of a child's death by signal, for the error a user reads.
-_SIGNAL_CAUSES = {
+_SIGNAL_CAUSES: dict[int, str] = {
     signal.SIGSEGV: "segmentation fault: a crash in native code the task called",
     signal.SIGKILL: "killed with SIGKILL: the kernel's OOM killer or an operator?",
     signal.SIGABRT: "aborted: a failed assertion in native code?",

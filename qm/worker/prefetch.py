@@ -40,9 +40,9 @@ class AutoPrefetch:
         else:
             self.mean_s = EWMA_ALPHA * duration_s + (1 - EWMA_ALPHA) * self.mean_s
         level = self.level
-        while level + 1 < len(LEVELS) and self.mean_s < LEVELS[level + 1][1]:
+        while level + 1 < len(LEVELS) and self.mean_s < _threshold(LEVELS[level + 1][1]):
             level += 1
-        while level > 0 and self.mean_s > LEVELS[level][2]:
+        while level > 0 and self.mean_s > _threshold(LEVELS[level][2]):
             level -= 1
         if level == self.level:
             return None
@@ -59,3 +59,10 @@ class FixedPrefetch:
 
     def observe(self, duration_s: float) -> int | None:
         return None
+
+
+def _threshold(value: float | None) -> float:
+    """A level's enter/leave threshold; only the first level (never entered from below nor
+    left downwards) has none."""
+    assert value is not None
+    return value

@@ -137,6 +137,7 @@ class Supervisor:
 
     async def _handle(self, delivery: Delivery) -> None:
         handler = asyncio.current_task()
+        assert handler is not None  # _handle always runs as a task (one per delivery)
         try:
             message = TaskMessage.decode(delivery.body)
         except ValueError as exc:

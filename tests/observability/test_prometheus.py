@@ -364,7 +364,9 @@ def test_prometheus_shows_counters_moved_by_exactly_the_tasks_run(observed):
         'sum by (reason) (qm_worker_kills_total)': {
             (("reason", "timeout"),): TIMED_OUT_TASKS, (("reason", "memory"),): 0,
             (("reason", "crash"),): 0, (("reason", "cancel"),): 0},
-        "sum(qm_worker_child_restarts_total)": {(): 0},
+        # the time limit is enforced by killing the child (no soft timeout asked for): each
+        # timed-out task costs its child, and the pool starts a new one
+        "sum(qm_worker_child_restarts_total)": {(): TIMED_OUT_TASKS},
         "sum(qm_worker_broker_reconnects_total)": {(): 0},
         "sum(qm_worker_task_run_seconds_count)": {(): attempts},
         "sum(qm_worker_task_queue_wait_seconds_count)": {(): attempts},
