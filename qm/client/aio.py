@@ -18,12 +18,32 @@ from typing import Any, AsyncIterator, Iterable, Sequence
 import grpc
 
 from qm._proto.qm.v1 import task_queue_pb2, task_queue_pb2_grpc
-from qm.client.common import (CHANNEL_OPTIONS, DEFAULT_BATCH_ITEMS, DEFAULT_CALL_TIMEOUT_S,
-                              DEFAULT_MAX_IN_FLIGHT, DEFAULT_RECONNECT_S, DEFAULT_SUBMIT_RETRY_S,
-                              FAILOVER_CODES, SUBMIT_RETRY_CODES, Attempts, Batch, DeadLetter, Failover,
-                              Follow, RemoteError, TaskStatus, batch_requests, dead_letters_from_proto,
-                              final_value, parse_servers, retry_pushback_s, status_from_proto, submit_request,
-                              task_types_from_proto, workers_from_proto)
+from qm.client.common import (
+    CHANNEL_OPTIONS,
+    DEFAULT_BATCH_ITEMS,
+    DEFAULT_CALL_TIMEOUT_S,
+    DEFAULT_MAX_IN_FLIGHT,
+    DEFAULT_RECONNECT_S,
+    DEFAULT_SUBMIT_RETRY_S,
+    FAILOVER_CODES,
+    SUBMIT_RETRY_CODES,
+    Attempts,
+    Batch,
+    DeadLetter,
+    Failover,
+    Follow,
+    RemoteError,
+    TaskStatus,
+    batch_requests,
+    dead_letters_from_proto,
+    final_value,
+    parse_servers,
+    retry_pushback_s,
+    status_from_proto,
+    submit_request,
+    task_types_from_proto,
+    workers_from_proto,
+)
 
 
 class Client:
@@ -147,10 +167,8 @@ class Client:
 
     async def result(self, task_id: str, timeout_s: float | None = None) -> Any:
         """Wait for the task; return its result, or raise TaskError (or WaitTimeout)."""
-        last = None
-        async for last in self.results([task_id], timeout_s):
-            pass
-        return final_value(task_id, last)
+        finals = [status async for status in self.results([task_id], timeout_s)]
+        return final_value(task_id, finals[-1] if finals else None)
 
     # -- one call each -------------------------------------------------------------------
 

@@ -272,8 +272,8 @@ def _submit_batches(client: Client, args, options: dict,
         keys = [{"idempotency_key": f"{args.idempotency_key}/{number}"} if args.idempotency_key else {}
                 for number, _payload in batch]
         try:
-            ids = client.submit_many([(args.type, payload, key) for (_, payload), key in zip(batch, keys)],
-                                     **options)
+            items = [(args.type, payload, key) for (_, payload), key in zip(batch, keys, strict=True)]
+            ids: list[str | None] = list(client.submit_many(items, **options))
         except BatchError as exc:
             ids = exc.task_ids
             for item in exc.refused:
@@ -282,7 +282,7 @@ def _submit_batches(client: Client, args, options: dict,
         except RemoteError:
             print(f"qm: line {batch[0][0]} and after: not submitted", file=sys.stderr)
             raise
-        for (number, _payload), task_id in zip(batch, ids):
+        for (number, _payload), task_id in zip(batch, ids, strict=True):
             if task_id is not None:
                 accepted.append((number, task_id))
                 if not args.wait:
@@ -409,8 +409,8 @@ def cmd_dead(client: Client, args) -> int:
     return 0
 
 
-COMMANDS = {"submit": cmd_submit, "status": cmd_status, "watch": cmd_watch, "workers": cmd_workers, "types": cmd_types, "cancel": cmd_cancel,
-            "dead": cmd_dead}
+COMMANDS = {"submit": cmd_submit, "status": cmd_status, "watch": cmd_watch, "workers": cmd_workers,
+            "types": cmd_types, "cancel": cmd_cancel, "dead": cmd_dead}
 
 
 #: Exit status of a Unix tool whose reader went away (128 + SIGPIPE), as a shell reports it.

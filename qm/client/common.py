@@ -282,7 +282,7 @@ class Batch:
         if len(response.results) != len(indexes):
             raise QMError(f"qm-server answered {len(response.results)} results for {len(indexes)} items")
         again = []
-        for index, result in zip(indexes, response.results):
+        for index, result in zip(indexes, response.results, strict=True):
             code = grpc.StatusCode.OK if result.code == 0 else _status_code(result.code)
             if code is grpc.StatusCode.OK:
                 self.task_ids[index] = result.task_id
