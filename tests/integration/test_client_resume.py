@@ -9,12 +9,14 @@ that has started.
 """
 from __future__ import annotations
 
+import asyncio
 import collections
 import threading
 
 import pytest
 
 import qm
+import qm.aio
 from qm.client.client import RemoteError, TaskStatus
 from tests.processes import wait_until
 
@@ -63,6 +65,26 @@ def test_result_rides_out_a_kill_9_and_restart_of_its_server(rabbitmq, launcher)
 
     assert not waiter.is_alive(), "result() did not return after the server came back"
     assert outcome == {"value": "6"}, f"{outcome}\n{logs(server, restarted, worker)}"
+
+
+def test_the_asyncio_clients_result_rides_out_a_kill_9_and_restart(rabbitmq, launcher):
+    queue = launcher.queue(rabbitmq.url)
+    server = launcher.server(rabbitmq.url)
+    worker = launcher.worker(rabbitmq.url, procs=1, queues=queue)
+    restarted = []
+
+    async def body():
+        async with qm.aio.Client(server.address) as client:
+            task_id = await client.submit("test.sleep", "4", queue=queue)
+            waiting = asyncio.create_task(client.result(task_id, timeout_s=RESULT_TIMEOUT_S))
+            while (await client.status(task_id)).state != "RUNNING":
+                await asyncio.sleep(0.1)  # bounded by the wait_for below
+            restarted.append(await asyncio.to_thread(restart, launcher, rabbitmq, server))
+            assert not waiting.done(), "result() returned while its server was being restarted"
+            return await waiting
+
+    value = asyncio.run(asyncio.wait_for(body(), RESULT_TIMEOUT_S * 2))
+    assert value == "4", logs(server, *restarted, worker)
 
 
 def test_watch_over_100_tasks_rides_out_a_kill_9_and_restart(rabbitmq, launcher):
