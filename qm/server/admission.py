@@ -77,9 +77,7 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
 
     def _unary(self, behavior, method: str):
         async def admitted(request, context):
-            if self.in_flight >= self.limit:
-                await self._refuse(context, method)
-            self.in_flight += 1
+            await self._enter(context, method)
             try:
                 return await behavior(request, context)
             finally:
@@ -88,15 +86,19 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
 
     def _streaming(self, behavior, method: str):
         async def admitted(request, context):
-            if self.in_flight >= self.limit:
-                await self._refuse(context, method)
-            self.in_flight += 1
+            await self._enter(context, method)
             try:
                 async for response in behavior(request, context):
                     yield response
             finally:
                 self.in_flight -= 1
         return admitted
+
+    async def _enter(self, context, method: str) -> None:
+        """Count the call in, or refuse it (the abort raises) when the limit is reached."""
+        if self.in_flight >= self.limit:
+            await self._refuse(context, method)
+        self.in_flight += 1
 
     async def _refuse(self, context, method: str) -> None:
         self.metrics.grpc_refused.labels(method).inc()

@@ -80,7 +80,10 @@ def recorded(monkeypatch) -> list[Recorded]:
     """Every statement run by any Store connection opened during the test, in order."""
     log: list[Recorded] = []
 
-    class RecordingCursor(sqlite3.Cursor):
+    class Records:
+        """execute/executemany/executescript noted before they run (cursor and connection:
+        Connection.execute* make a cursor and run it in C, past the cursor's methods)."""
+
         def execute(self, sql, parameters=(), /):
             log.append(Recorded(sql, parameters))
             return super().execute(sql, parameters)
@@ -94,23 +97,12 @@ def recorded(monkeypatch) -> list[Recorded]:
             log.append(Recorded(script, (), script=True))
             return super().executescript(script)
 
-    class RecordingConnection(sqlite3.Connection):
+    class RecordingCursor(Records, sqlite3.Cursor):
+        pass
+
+    class RecordingConnection(Records, sqlite3.Connection):
         def cursor(self, factory=RecordingCursor):
             return super().cursor(factory)
-
-        # Connection.execute* make a cursor and run it in C, past the cursor's methods.
-        def execute(self, sql, parameters=(), /):
-            log.append(Recorded(sql, parameters))
-            return super().execute(sql, parameters)
-
-        def executemany(self, sql, seq_of_parameters, /):
-            rows = list(seq_of_parameters)
-            log.append(Recorded(sql, rows[0] if rows else ()))
-            return super().executemany(sql, rows)
-
-        def executescript(self, script, /):
-            log.append(Recorded(script, (), script=True))
-            return super().executescript(script)
 
     monkeypatch.setattr(Store, "connection_factory", RecordingConnection)
     return log
