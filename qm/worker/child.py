@@ -11,10 +11,12 @@ Limits inside the child are the second layer; the supervisor enforces the real o
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
 import resource
 import signal
 import threading
+import time
 import traceback
 from multiprocessing.connection import Connection
 
@@ -59,6 +61,7 @@ def child_main(conn: Connection, lifeline: Connection, address_space_limit: bool
             message = conn.recv()
         except (EOFError, OSError):
             return
+        received_at_s = time.monotonic()
         job: Job = message
         limit_bytes = job.memory_limit_mb * MIB if address_space_limit else 0
         try:
@@ -66,7 +69,7 @@ def child_main(conn: Connection, lifeline: Connection, address_space_limit: bool
         except SoftTimeout as exc:  # the alarm fired between the task's end and disarming
             reply = Reply(ReplyKind.SOFT_TIMEOUT, f"SoftTimeout: {exc}")
         _kill_leftover_descendants()
-        conn.send(reply)
+        conn.send(dataclasses.replace(reply, received_at_s=received_at_s, replied_at_s=time.monotonic()))
 
 
 def _watch_lifeline(lifeline: Connection) -> None:

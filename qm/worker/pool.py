@@ -9,13 +9,18 @@
                                                         slot respawned
 
 The loop waits on each child's pipe and process sentinel with `add_reader`; nothing
-waits for task work. A child joins the idle queue only after it says "ready" (it has its
-own session by then). After a task, a child past `max_tasks_per_child` or with an idle
-RSS over `max_idle_rss_mb` is retired and replaced. The pool knows nothing of AMQP/gRPC.
+waits for task work. A child joins the idle set only after it says "ready" (it has its
+own session by then). A job waiting for a child is sent to the next child that replies
+in the callback that reads the reply: no loop iteration between one task's end and the
+next one's start. That gap, from the child's own timestamps, is reported to `on_idle_gap`
+for every job that was waiting when the previous task ended. After a task, a child past
+`max_tasks_per_child` or with an idle RSS over `max_idle_rss_mb` is retired and replaced.
+The pool knows nothing of AMQP/gRPC.
 """
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import multiprocessing
@@ -67,6 +72,7 @@ class Slot:
     tasks_done: int = 0
     rss_bytes: int = 0
     peak_rss_bytes: int = 0
+    gap_from_s: float | None = None  # end of its last task (monotonic) if its job was waiting then
 
     @property
     def pid(self) -> int:
@@ -89,13 +95,24 @@ class Slot:
         return total
 
 
+@dataclasses.dataclass(eq=False)
+class _Waiting:
+    """A job waiting for a child; `slot` resolves when one has it (already sent)."""
+
+    job: Job
+    on_started: Callable[[], None] | None
+    slot: asyncio.Future[Slot]
+
+
 class Pool:
     """`procs` children; `await run(job)` runs one job on the next idle child."""
 
     def __init__(self, procs: int, start_method: str = "forkserver", preload_modules: Sequence[str] = (),
                  *, memory_check_interval_s: float = 0.05, max_tasks_per_child: int = 0,
-                 max_idle_rss_mb: int = 0, address_space_limit: bool = True) -> None:
+                 max_idle_rss_mb: int = 0, address_space_limit: bool = True,
+                 on_idle_gap: Callable[[float], None] | None = None) -> None:
         self.procs = procs
+        self.on_idle_gap = on_idle_gap
         self.memory_check_interval_s = memory_check_interval_s
         self.max_tasks_per_child = max_tasks_per_child
         self.max_idle_rss_mb = max_idle_rss_mb
@@ -108,7 +125,8 @@ class Pool:
         # Only this process holds the write end: EOF in a child = the supervisor is gone.
         self._lifeline_r, self._lifeline_w = self._context.Pipe(duplex=False)
         self.slots: list[Slot] = []
-        self._idle: asyncio.Queue[Slot] = asyncio.Queue()
+        self._idle: collections.deque[Slot] = collections.deque()
+        self._waiting: collections.deque[_Waiting] = collections.deque()
         self._closing = False
         self._sampler: asyncio.TimerHandle | None = None
         self._readiness = asyncio.Event()
@@ -143,12 +161,22 @@ class Pool:
         Cancelled while waiting for a child: the job never ran. Cancelled while running:
         the child is killed (and replaced) and the cancellation propagates.
         """
-        slot = await self._idle.get()
-        while not slot.alive:
-            slot = await self._idle.get()
-        self._assign(slot, job)
-        if on_started is not None:
-            on_started()
+        slot = self._next_idle()
+        if slot is not None:
+            self._assign(slot, job, on_started)
+        else:
+            waiting = _Waiting(job, on_started, asyncio.get_running_loop().create_future())
+            self._waiting.append(waiting)
+            try:
+                slot = await waiting.slot
+            except asyncio.CancelledError:
+                if waiting.slot.cancelled() or not waiting.slot.done():
+                    self._waiting.remove(waiting)
+                    raise
+                slot = waiting.slot.result()  # handed over just before the cancel: it runs
+                if slot.job is job:
+                    slot.kill(None)
+                raise
         try:
             future = slot.future
             assert future is not None  # set by _assign
@@ -158,7 +186,32 @@ class Pool:
                 slot.kill(None)
             raise
 
-    def _assign(self, slot: Slot, job: Job) -> None:
+    @property
+    def idle(self) -> int:
+        """Children ready and waiting for a job."""
+        return sum(1 for slot in self._idle if slot.alive)
+
+    def _next_idle(self) -> Slot | None:
+        while self._idle:
+            slot = self._idle.popleft()
+            if slot.alive:
+                return slot
+        return None
+
+    def _release(self, slot: Slot, ended_at_s: float | None = None) -> None:
+        """A ready child with nothing to do: give it the next waiting job at once, else idle.
+        `ended_at_s`: when its last task ended (child's clock), for the idle-gap measure."""
+        while self._waiting:
+            waiting = self._waiting.popleft()
+            if not waiting.slot.done():  # not cancelled meanwhile
+                waiting.slot.set_result(slot)
+                self._assign(slot, waiting.job, waiting.on_started)
+                slot.gap_from_s = ended_at_s
+                return
+        slot.gap_from_s = None
+        self._idle.append(slot)
+
+    def _assign(self, slot: Slot, job: Job, on_started: Callable[[], None] | None) -> None:
         loop = asyncio.get_running_loop()
         slot.job, slot.started_at_s, slot.kill_outcome = job, time.time(), None
         slot.peak_rss_bytes = 0
@@ -173,6 +226,8 @@ class Pool:
             slot.conn.send(job)
         except OSError:
             pass  # the child just died: its sentinel resolves the future as CRASHED
+        if on_started is not None:
+            on_started()
 
     def _finish(self, slot: Slot, outcome: Outcome) -> None:
         future, slot.future, slot.job = slot.future, None, None
@@ -192,8 +247,10 @@ class Pool:
         if reply.kind is ReplyKind.READY:
             slot.ready = True
             self._readiness.set()
-            self._idle.put_nowait(slot)
+            self._release(slot)
             return
+        if slot.gap_from_s is not None and self.on_idle_gap is not None:
+            self.on_idle_gap(max(0.0, reply.received_at_s - slot.gap_from_s))
         self._finish(slot, _reply_outcome(reply, slot))
         slot.tasks_done += 1
         if slot.kill_outcome is not None:
@@ -205,7 +262,7 @@ class Pool:
             asyncio.get_running_loop().remove_reader(slot.conn.fileno())
             slot.conn.close()  # the child exits on EOF; _on_exit spawns its successor
         else:
-            self._idle.put_nowait(slot)
+            self._release(slot, reply.replied_at_s)
 
     def _recycle_reason(self, slot: Slot) -> str:
         if self.max_tasks_per_child and slot.tasks_done >= self.max_tasks_per_child:

@@ -9,13 +9,15 @@
                                                                       │ deadline and RSS
                                                                       ▼ watchdogs kill)
     qm.events exchange ◄── publish outcome event (await confirm) ── then ack delivery
+                                                  │     (batched: qm/worker/acks.py)
                                                   └──► prefetch.observe(run time) → set_prefetch
 
 A redelivered delivery (its last holder may have died of it) passes the Isolation gate
 first: it runs alone, its RUNNING confirmed before it starts, so the servers can count the
 starts of a task that kills workers. A delivery is acked only after its outcome is
 confirmed by the broker (qm/worker/outcomes.py), so a crash anywhere before that means
-RabbitMQ redelivers the task (at-least-once). Cancels and poison verdicts come from the
+RabbitMQ redelivers the task (at-least-once); acks of deliveries whose outcomes are
+confirmed in the same loop turn go out as one `multiple` ack. Cancels and poison verdicts come from the
 control stream (qm/worker/control.py). Everything runs on one asyncio loop that never
 waits on task work, so AMQP heartbeats keep flowing however long tasks take.
 """
@@ -38,6 +40,7 @@ from qm.messages import Heartbeat, TaskMessage
 from qm.metrics import WorkerMetrics
 from qm.protocol import Header
 from qm.states import TaskState
+from qm.worker.acks import AckBatcher
 from qm.worker.control import ControlFollower
 from qm.worker.isolation import Isolation
 from qm.worker.outcomes import Outcomes
@@ -72,6 +75,9 @@ class Supervisor:
         self.draining = False
         self.control = ControlFollower(broker, worker_id, self._cancel)
         self.outcomes = Outcomes(broker, worker_id, self.metrics)
+        self.acks = AckBatcher(broker)
+        if pool.on_idle_gap is None:
+            pool.on_idle_gap = self.metrics.child_idle_gap_seconds.observe
         self._consumer_tags: list[str] = []
         self._isolation = Isolation()
         self._unsettled: dict[asyncio.Task, Delivery] = {}  # handler → its delivery, until settled
@@ -110,6 +116,7 @@ class Supervisor:
                 slot.kill(Outcome(TaskState.CANCELLED, error="cancelled by request while running"))
 
     def _on_delivery(self, delivery: Delivery) -> None:
+        self.acks.track(delivery)
         handler = asyncio.create_task(self._handle(delivery))
         self._unsettled[handler] = delivery
         self._waiting.add(handler)
@@ -124,7 +131,7 @@ class Supervisor:
     def _settle(self, handler: asyncio.Task, ack: bool) -> None:
         delivery = self._unsettled.pop(handler, None)
         if delivery is not None:
-            self.broker.ack(delivery) if ack else self.broker.nack(delivery, requeue=True)
+            self.acks.done(delivery) if ack else self.acks.nack(delivery, requeue=True)
 
     def job_for(self, message: TaskMessage) -> Job:
         """The job with the smallest limits that apply (the task's, then this worker's caps).
@@ -143,7 +150,7 @@ class Supervisor:
         except ValueError as exc:
             log.error("rejecting an undecodable task message (headers %s): %s", delivery.headers, exc)
             self._unsettled.pop(handler, None)
-            self.broker.nack(delivery, requeue=False)
+            self.acks.nack(delivery, requeue=False)
             return
         if self.control.is_cancelled(message.task_id):
             log.info("task %s was cancelled; dropping it", message.task_id)
@@ -247,6 +254,7 @@ class Supervisor:
                     handler.cancel()
                 await asyncio.wait(late)
         await self._background.wait(REPUBLISH_WAIT_S)
+        self.acks.flush()
 
     async def send_heartbeats(self, interval_s: float, types: list[str]) -> None:
         """Announce this worker to the servers every `interval_s` until cancelled."""
