@@ -73,6 +73,7 @@ class Slot:
     rss_bytes: int = 0
     peak_rss_bytes: int = 0
     gap_from_s: float | None = None  # end of its last task (monotonic) if its job was waiting then
+    queued: _Waiting | None = None   # sent behind the running job; the child starts it next
 
     @property
     def pid(self) -> int:
@@ -97,11 +98,13 @@ class Slot:
 
 @dataclasses.dataclass(eq=False)
 class _Waiting:
-    """A job waiting for a child; `slot` resolves when one has it (already sent)."""
+    """A job not started yet; `slot` resolves when a child starts it."""
 
     job: Job
     on_started: Callable[[], None] | None
+    on_sent: Callable[[], None] | None
     slot: asyncio.Future[Slot]
+    cancel_outcome: Outcome | None = None  # cancelled while queued in a child: killed as it starts
 
 
 class Pool:
@@ -127,6 +130,9 @@ class Pool:
         self.slots: list[Slot] = []
         self._idle: collections.deque[Slot] = collections.deque()
         self._waiting: collections.deque[_Waiting] = collections.deque()
+        #: While tasks are short, each busy child also holds its next job in its pipe and
+        #: starts it without waiting for this process (the supervisor sets it).
+        self.pipeline = False
         self._closing = False
         self._sampler: asyncio.TimerHandle | None = None
         self._readiness = asyncio.Event()
@@ -155,36 +161,57 @@ class Pool:
         loop.add_reader(process.sentinel, self._on_exit, slot)
         return slot
 
-    async def run(self, job: Job, on_started: Callable[[], None] | None = None) -> Outcome:
-        """Run a job on a child; `on_started` is called once a child has it.
+    async def run(self, job: Job, on_started: Callable[[], None] | None = None,
+                  on_sent: Callable[[], None] | None = None) -> Outcome:
+        """Run a job on a child; `on_started` is called once a child has started it,
+        `on_sent` once it is in a child's pipe (with `pipeline`, possibly behind a job the
+        child is still running: it is committed to that child from then on).
 
-        Cancelled while waiting for a child: the job never ran. Cancelled while running:
-        the child is killed (and replaced) and the cancellation propagates.
+        Cancelled before a child has it: the job never ran. Cancelled later: the child is
+        killed (and replaced) as the job runs or starts, and the cancellation propagates.
         """
+        waiting = _Waiting(job, on_started, on_sent, asyncio.get_running_loop().create_future())
         slot = self._next_idle()
         if slot is not None:
-            self._assign(slot, job, on_started)
+            self._start(slot, waiting, send=True)
         else:
-            waiting = _Waiting(job, on_started, asyncio.get_running_loop().create_future())
             self._waiting.append(waiting)
-            try:
-                slot = await waiting.slot
-            except asyncio.CancelledError:
-                if waiting.slot.cancelled() or not waiting.slot.done():
-                    self._waiting.remove(waiting)
-                    raise
-                slot = waiting.slot.result()  # handed over just before the cancel: it runs
-                if slot.job is job:
-                    slot.kill(None)
-                raise
+            self._fill_pipelines()
+        try:
+            slot = await waiting.slot
+        except asyncio.CancelledError:
+            if waiting in self._waiting:
+                self._waiting.remove(waiting)
+            elif waiting.slot.done() and not waiting.slot.cancelled():
+                started = waiting.slot.result()  # started just before the cancel came
+                if started.job is job:
+                    started.kill(None)
+            raise  # if queued in a child, _start kills it as it starts (waiting.slot is cancelled)
         try:
             future = slot.future
-            assert future is not None  # set by _assign
+            assert future is not None  # set by _start
             return await future
         except asyncio.CancelledError:
             if slot.job is job:
                 slot.kill(None)
             raise
+
+    def kill_task(self, task_id: str, outcome: Outcome) -> bool:
+        """End the task with `outcome`: kill its child if it runs, or as it starts if it is
+        queued in a child. False if no child has it."""
+        for slot in self.slots:
+            if slot.job is not None and slot.job.task_id == task_id:
+                slot.kill(outcome)
+                return True
+            if slot.queued is not None and slot.queued.job.task_id == task_id:
+                slot.queued.cancel_outcome = outcome
+                return True
+        return False
+
+    @property
+    def busy(self) -> int:
+        """Children running a job."""
+        return sum(1 for slot in self.slots if slot.alive and slot.job is not None)
 
     @property
     def idle(self) -> int:
@@ -198,20 +225,53 @@ class Pool:
                 return slot
         return None
 
-    def _release(self, slot: Slot, ended_at_s: float | None = None) -> None:
-        """A ready child with nothing to do: give it the next waiting job at once, else idle.
-        `ended_at_s`: when its last task ended (child's clock), for the idle-gap measure."""
+    def _next_waiting(self) -> _Waiting | None:
         while self._waiting:
             waiting = self._waiting.popleft()
             if not waiting.slot.done():  # not cancelled meanwhile
-                waiting.slot.set_result(slot)
-                self._assign(slot, waiting.job, waiting.on_started)
-                slot.gap_from_s = ended_at_s
-                return
-        slot.gap_from_s = None
-        self._idle.append(slot)
+                return waiting
+        return None
 
-    def _assign(self, slot: Slot, job: Job, on_started: Callable[[], None] | None) -> None:
+    def _release(self, slot: Slot, ended_at_s: float | None = None) -> None:
+        """A ready child with nothing to do: give it the next waiting job at once, else idle.
+        `ended_at_s`: when its last task ended (child's clock), for the idle-gap measure."""
+        waiting = self._next_waiting()
+        if waiting is None:
+            slot.gap_from_s = None
+            self._idle.append(slot)
+            return
+        self._start(slot, waiting, send=True)
+        slot.gap_from_s = ended_at_s
+        self._fill_pipelines()
+
+    def _fill_pipelines(self) -> None:
+        """With `pipeline`, queue waiting jobs behind running ones, one per busy child (not
+        behind a child's last task before it is recycled by count)."""
+        if not self.pipeline:
+            return
+        for slot in self.slots:
+            if not self._waiting:
+                return
+            last_task = self.max_tasks_per_child and slot.tasks_done + 1 >= self.max_tasks_per_child
+            if (slot.alive and slot.job is not None and slot.queued is None and slot.kill_outcome is None
+                    and not slot.retired and not last_task):
+                waiting = self._next_waiting()
+                if waiting is None:
+                    return
+                slot.queued = waiting
+                self._send(slot, waiting)
+
+    def _send(self, slot: Slot, waiting: _Waiting) -> None:
+        try:
+            slot.conn.send(waiting.job)
+        except OSError:
+            pass  # the child just died: its sentinel resolves the job (or requeues a queued one)
+        if waiting.on_sent is not None:
+            waiting.on_sent()
+
+    def _start(self, slot: Slot, waiting: _Waiting, send: bool) -> None:
+        """The child starts `waiting.job` now (sent now, or already queued in its pipe)."""
+        job = waiting.job
         loop = asyncio.get_running_loop()
         slot.job, slot.started_at_s, slot.kill_outcome = job, time.time(), None
         slot.peak_rss_bytes = 0
@@ -222,12 +282,16 @@ class Pool:
                                            f"{job.timeout_s:g} s and was killed"))
         if job.memory_limit_mb > 0:
             self._ensure_sampler()
-        try:
-            slot.conn.send(job)
-        except OSError:
-            pass  # the child just died: its sentinel resolves the future as CRASHED
-        if on_started is not None:
-            on_started()
+        if send:
+            self._send(slot, waiting)
+        if waiting.slot.done():  # its caller was cancelled while it was queued in this child
+            slot.kill(waiting.cancel_outcome)
+            return
+        waiting.slot.set_result(slot)
+        if waiting.cancel_outcome is not None:
+            slot.kill(waiting.cancel_outcome)
+        if waiting.on_started is not None:
+            waiting.on_started()
 
     def _finish(self, slot: Slot, outcome: Outcome) -> None:
         future, slot.future, slot.job = slot.future, None, None
@@ -244,6 +308,9 @@ class Pool:
         except (EOFError, OSError):
             asyncio.get_running_loop().remove_reader(slot.conn.fileno())
             return  # the child is gone; _on_exit reports it
+        self._handle_reply(slot, reply)
+
+    def _handle_reply(self, slot: Slot, reply: Reply) -> None:
         if reply.kind is ReplyKind.READY:
             slot.ready = True
             self._readiness.set()
@@ -255,6 +322,14 @@ class Pool:
         slot.tasks_done += 1
         if slot.kill_outcome is not None:
             return  # a killed child is dying: _on_exit replaces the slot
+        if slot.queued is not None:  # the child went straight on to the job behind it
+            waiting, slot.queued = slot.queued, None
+            self._start(slot, waiting, send=False)
+            slot.gap_from_s = reply.replied_at_s
+            self._fill_pipelines()
+            return  # recycling is judged after a task with none queued behind it
+        if not slot.alive:
+            return  # replies read from a dead child's pipe (_on_exit)
         reason = self._recycle_reason(slot)
         if reason:
             log.info("recycling child %d (pid %d): %s", slot.index, slot.process.pid, reason)
@@ -263,6 +338,20 @@ class Pool:
             slot.conn.close()  # the child exits on EOF; _on_exit spawns its successor
         else:
             self._release(slot, reply.replied_at_s)
+
+    def _drain_replies(self, slot: Slot) -> None:
+        """Read the replies a dead child sent before it died, in order: a job it finished
+        is reported as it ended, and a queued job it went on to counts as started (what
+        killed the child is then blamed on that job, not on the one before)."""
+        while slot.kill_outcome is None:
+            try:
+                if not slot.conn.poll():
+                    return
+                reply: Reply = slot.conn.recv()
+            except (EOFError, OSError):
+                return
+            if reply.kind is not ReplyKind.READY:
+                self._handle_reply(slot, reply)
 
     def _recycle_reason(self, slot: Slot) -> str:
         if self.max_tasks_per_child and slot.tasks_done >= self.max_tasks_per_child:
@@ -278,10 +367,11 @@ class Pool:
     def _on_exit(self, slot: Slot) -> None:
         loop = asyncio.get_running_loop()
         loop.remove_reader(slot.process.sentinel)
+        slot.alive = False
         if not slot.conn.closed:
             loop.remove_reader(slot.conn.fileno())
+            self._drain_replies(slot)  # what it finished before it died is not lost
             slot.conn.close()
-        slot.alive = False
         slot.process.join()
         if slot.job is not None:
             outcome = slot.kill_outcome or Outcome(TaskState.CRASHED, error=describe_exit(
@@ -289,6 +379,10 @@ class Pool:
             log.warning("task %s: child %d (pid %d) ended: %s", slot.job.task_id, slot.index,
                         slot.process.pid, outcome.error)
             self._finish(slot, outcome)
+        if slot.queued is not None:  # never started: first in line for the next child
+            waiting, slot.queued = slot.queued, None
+            if not waiting.slot.done():
+                self._waiting.appendleft(waiting)
         if self._closing:
             return
         if not slot.retired:

@@ -110,10 +110,8 @@ class Supervisor:
             self._settle(handler, ack=True)
             handler.cancel()
             return
-        for slot in self.pool.slots:
-            if slot.job is not None and slot.job.task_id == task_id:
-                log.info("task %s cancelled while running: killing child %d", task_id, slot.index)
-                slot.kill(Outcome(TaskState.CANCELLED, error="cancelled by request while running"))
+        if self.pool.kill_task(task_id, Outcome(TaskState.CANCELLED, error="cancelled by request while running")):
+            log.info("task %s cancelled while running (or about to start): killing its child", task_id)
 
     def _on_delivery(self, delivery: Delivery) -> None:
         self.acks.track(delivery)
@@ -187,7 +185,7 @@ class Supervisor:
             try:
                 if suspect:
                     await self.outcomes.publish_event(self.outcomes.event(message, TaskState.RUNNING, job=job))
-                outcome = await self.pool.run(job, on_started)
+                outcome = await self.pool.run(job, on_started, on_sent=lambda: self._waiting.discard(handler))
             finally:
                 self._isolation.leave(suspect)
         except asyncio.CancelledError:
@@ -205,6 +203,7 @@ class Supervisor:
     def _observe(self, duration_s: float) -> None:
         previous = self.prefetch.value
         new_prefetch = self.prefetch.observe(duration_s)
+        self.pool.pipeline = self.prefetch.short and not self.draining
         if new_prefetch is None or self.draining:
             return
         log.info("prefetch now %d per queue (mean task time %.3f s)", new_prefetch, self.prefetch.mean_s)
@@ -218,7 +217,7 @@ class Supervisor:
         worker can take them now. Each delivery is returned this way at most once (a
         redelivered one stays): on a quorum queue every return counts toward its delivery
         limit."""
-        room = max(0, prefetch * len(self.queues) - self.busy)
+        room = max(0, prefetch * len(self.queues) - self.committed)
         waiting = [handler for handler in self._unsettled if handler in self._waiting]
         for handler in waiting[room:]:
             if not self._unsettled[handler].redelivered:
@@ -235,6 +234,7 @@ class Supervisor:
         """Drain: stop consuming, return unstarted deliveries, let running tasks finish up
         to `drain_timeout_s`, then kill the rest and return them to the queue too."""
         self.draining = True
+        self.pool.pipeline = False
         for tag in [*self._consumer_tags, self.control.tag]:
             try:
                 await self.broker.cancel(tag)
@@ -273,6 +273,7 @@ class Supervisor:
     async def abort(self) -> None:
         """Second signal: kill every running task and return all deliveries to the queue now."""
         self.draining = True
+        self.pool.pipeline = False
         handlers = [handler for handler in self._unsettled if not handler.done()]
         for handler in handlers:
             handler.cancel()
@@ -281,6 +282,12 @@ class Supervisor:
 
     @property
     def busy(self) -> int:
+        """Children running a task."""
+        return self.pool.busy
+
+    @property
+    def committed(self) -> int:
+        """Deliveries a child has: running, or queued in its pipe behind a running one."""
         return len(self._unsettled) - len(self._waiting)
 
     @property
