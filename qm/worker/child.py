@@ -35,13 +35,15 @@ MIB = 1024 * 1024
 
 
 def child_main(conn: Connection, lifeline: Connection, address_space_limit: bool = True,
-               die_with_parent: bool = True) -> None:
+               die_with_parent: bool = True, report_idle_rss: bool = False) -> None:
     """Entry point of a pool child; returns when the supervisor closes the pipe.
 
     `lifeline` is the read end of a pipe whose write end only the supervisor holds: EOF
     on it means the supervisor is gone, and the child kills its whole process group.
     `die_with_parent` adds the kernel's parent-death signal (forkserver start method,
-    where the parent is the forkserver, which outlives the children by design)."""
+    where the parent is the forkserver, which outlives the children by design).
+    `report_idle_rss`: each reply carries this process's RSS after the task (one /proc
+    read), for idle-RSS recycling, which cannot read it later if a next task is queued."""
     os.setsid()
     _watch_lifeline(lifeline)
     if die_with_parent:
@@ -69,7 +71,9 @@ def child_main(conn: Connection, lifeline: Connection, address_space_limit: bool
         except SoftTimeout as exc:  # the alarm fired between the task's end and disarming
             reply = Reply(ReplyKind.SOFT_TIMEOUT, f"SoftTimeout: {exc}")
         _kill_leftover_descendants()
-        conn.send(dataclasses.replace(reply, received_at_s=received_at_s, replied_at_s=time.monotonic()))
+        idle_rss_bytes = procfs.rss_bytes(os.getpid()) if report_idle_rss else 0
+        conn.send(dataclasses.replace(reply, received_at_s=received_at_s, replied_at_s=time.monotonic(),
+                                      idle_rss_bytes=idle_rss_bytes))
 
 
 def _watch_lifeline(lifeline: Connection) -> None:

@@ -41,3 +41,4 @@ class Reply:
     retry_delay_s: float | None = None
     received_at_s: float = 0.0      # monotonic: the child took the job off the pipe
     replied_at_s: float = 0.0       # monotonic: the child is sending this reply
+    idle_rss_bytes: int = 0         # the child's RSS after the task (if the pool asked for it)

@@ -74,6 +74,7 @@ class Slot:
     peak_rss_bytes: int = 0
     gap_from_s: float | None = None  # end of its last task (monotonic) if its job was waiting then
     queued: _Waiting | None = None   # sent behind the running job; the child starts it next
+    recycle_reason: str = ""         # to be recycled once the job queued in it is done
 
     @property
     def pid(self) -> int:
@@ -151,7 +152,8 @@ class Pool:
         parent_conn, child_conn = self._context.Pipe(duplex=True)
         # typeshed: get_context() returns BaseContext, which lacks Process; every concrete context has it.
         process = self._context.Process(  # type: ignore[attr-defined]
-            target=child_main, args=(child_conn, self._lifeline_r, self.address_space_limit, self._forkserver),
+            target=child_main, args=(child_conn, self._lifeline_r, self.address_space_limit, self._forkserver,
+                                     self.max_idle_rss_mb > 0),
             name=f"qm-child-{index}", daemon=True)
         process.start()
         child_conn.close()
@@ -254,7 +256,7 @@ class Pool:
                 return
             last_task = self.max_tasks_per_child and slot.tasks_done + 1 >= self.max_tasks_per_child
             if (slot.alive and slot.job is not None and slot.queued is None and slot.kill_outcome is None
-                    and not slot.retired and not last_task):
+                    and not slot.retired and not slot.recycle_reason and not last_task):
                 waiting = self._next_waiting()
                 if waiting is None:
                     return
@@ -322,15 +324,16 @@ class Pool:
         slot.tasks_done += 1
         if slot.kill_outcome is not None:
             return  # a killed child is dying: _on_exit replaces the slot
+        reason = slot.recycle_reason or self._recycle_reason(slot, reply.idle_rss_bytes)
         if slot.queued is not None:  # the child went straight on to the job behind it
             waiting, slot.queued = slot.queued, None
+            slot.recycle_reason = reason  # if any: after that job, with nothing queued behind it
             self._start(slot, waiting, send=False)
             slot.gap_from_s = reply.replied_at_s
             self._fill_pipelines()
-            return  # recycling is judged after a task with none queued behind it
+            return
         if not slot.alive:
             return  # replies read from a dead child's pipe (_on_exit)
-        reason = self._recycle_reason(slot)
         if reason:
             log.info("recycling child %d (pid %d): %s", slot.index, slot.process.pid, reason)
             slot.retired = True
@@ -353,12 +356,12 @@ class Pool:
             if reply.kind is not ReplyKind.READY:
                 self._handle_reply(slot, reply)
 
-    def _recycle_reason(self, slot: Slot) -> str:
+    def _recycle_reason(self, slot: Slot, idle_rss: int) -> str:
+        """Why to retire the child now that its task is done; `idle_rss` is the RSS it
+        reported after the task (it has no descendants left then: child.py kills them)."""
         if self.max_tasks_per_child and slot.tasks_done >= self.max_tasks_per_child:
             return f"ran {slot.tasks_done} tasks (max_tasks_per_child)"
         if self.max_idle_rss_mb:
-            # An idle child has no descendants left (child.py kills them): its own RSS, one read.
-            idle_rss = procfs.rss_bytes(slot.pid)
             if idle_rss > self.max_idle_rss_mb * MIB:
                 return (f"idle RSS {idle_rss // MIB} MiB over {self.max_idle_rss_mb} MiB "
                         "(max_child_idle_rss_mb; a task leaks memory?)")

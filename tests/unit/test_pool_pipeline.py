@@ -7,7 +7,7 @@ import asyncio
 import pathlib
 
 from qm.states import TaskState
-from qm.worker.pool import Job, Outcome, Slot
+from qm.worker.pool import Job, Outcome, Pool, Slot
 from tests.unit.aio import run, within
 from tests.unit.test_pool import PROMPT_S, job, started_pool, warm_up
 
@@ -104,4 +104,22 @@ def test_a_job_whose_caller_gave_up_while_it_was_queued_does_not_run_on(tmp_path
             # killed as it started: the next job gets a fresh child, not one busy for 30 s
             assert await within(pool.run(job("test.echo", "next")), PROMPT_S) == Outcome(S.SUCCEEDED, b"next")
             assert pool.restarts == 1
+    run(body)
+
+
+def test_a_child_over_its_idle_rss_bound_is_recycled_even_while_jobs_keep_coming():
+    """Its RSS after each task comes in the reply: with a job always queued behind the
+    running one the child is never idle, and must still be retired (after the job already
+    queued in it), not kept for as long as work keeps coming."""
+    async def body():
+        pool = Pool(1, "forkserver", max_idle_rss_mb=1)  # any child is over 1 MiB
+        await pool.start()
+        try:
+            pool.pipeline = True
+            outcomes = await within(asyncio.gather(*(pool.run(job("test.pid", "", f"t{n}")) for n in range(3))))
+            assert {outcome.state for outcome in outcomes} == {S.SUCCEEDED}
+            first, second, third = (outcome.result for outcome in outcomes)
+            assert first == second != third  # the queued job ran on it, then a fresh child
+        finally:
+            await within(pool.stop(), PROMPT_S)
     run(body)
