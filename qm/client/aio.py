@@ -34,6 +34,8 @@ from qm.client.common import (
     Follow,
     RemoteError,
     TaskStatus,
+    TaskTypeInfo,
+    WorkerInfo,
     batch_requests,
     dead_letters_from_proto,
     final_value,
@@ -180,10 +182,10 @@ class Client:
         request = task_queue_pb2.CancelTaskRequest(task_id=task_id)
         return status_from_proto((await self._call("CancelTask", request)).status)
 
-    async def workers(self) -> list[dict[str, Any]]:
+    async def workers(self) -> list[WorkerInfo]:
         return workers_from_proto(await self._call("ListWorkers", task_queue_pb2.ListWorkersRequest()))
 
-    async def task_types(self) -> tuple[list[dict[str, Any]], list[str]]:
+    async def task_types(self) -> tuple[list[TaskTypeInfo], list[str]]:
         return task_types_from_proto(await self._call("ListTaskTypes", task_queue_pb2.ListTaskTypesRequest()))
 
     async def dead_letters(self, limit: int = 100) -> tuple[list[DeadLetter], int]:

@@ -33,6 +33,8 @@ from qm.client.common import (
     Follow,
     RemoteError,
     TaskStatus,
+    TaskTypeInfo,
+    WorkerInfo,
     batch_requests,
     dead_letters_from_proto,
     final_value,
@@ -44,10 +46,11 @@ from qm.client.common import (
     workers_from_proto,
 )
 from qm.errors import WaitTimeout
+from qm.states import TaskState
 
-__all__ = ["Client", "DeadLetter", "RemoteError", "TaskStatus", "WaitTimeout", "TERMINAL_STATE_NAMES",
-           "DEFAULT_CALL_TIMEOUT_S", "DEFAULT_SUBMIT_RETRY_S", "DEFAULT_RECONNECT_S", "SUBMIT_RETRY_CODES",
-           "retry_pushback_s", "status_from_proto"]
+__all__ = ["Client", "DeadLetter", "RemoteError", "TaskState", "TaskStatus", "TaskTypeInfo", "WaitTimeout",
+           "WorkerInfo", "TERMINAL_STATE_NAMES", "DEFAULT_CALL_TIMEOUT_S", "DEFAULT_SUBMIT_RETRY_S",
+           "DEFAULT_RECONNECT_S", "SUBMIT_RETRY_CODES", "retry_pushback_s", "status_from_proto"]
 
 
 class Client:
@@ -221,13 +224,13 @@ class Client:
         request = task_queue_pb2.CancelTaskRequest(task_id=task_id)
         return status_from_proto(self._call("CancelTask", request).status)
 
-    def workers(self) -> list[dict[str, Any]]:
+    def workers(self) -> list[WorkerInfo]:
         """Workers the server has heard from, with state active, draining, stopped or lost."""
         return workers_from_proto(self._call("ListWorkers", task_queue_pb2.ListWorkersRequest()))
 
-    def task_types(self) -> tuple[list[dict[str, Any]], list[str]]:
-        """The task types the server accepts (dicts of name, codec, limits, description) and
-        the plugins that failed to load there."""
+    def task_types(self) -> tuple[list[TaskTypeInfo], list[str]]:
+        """The task types the server accepts (name, codec, limits, description) and the
+        plugins that failed to load there."""
         return task_types_from_proto(self._call("ListTaskTypes", task_queue_pb2.ListTaskTypesRequest()))
 
     def dead_letters(self, limit: int = 100) -> tuple[list[DeadLetter], int]:

@@ -4,7 +4,8 @@ Each client is a thin loop around these pieces: it makes the gRPC calls and slee
 time.sleep or asyncio.sleep) for as long as the pieces here say.
 
     request building  submit_request, batch_requests, Batch (chunks, per-item outcomes)
-    conversion        status_from_proto, workers/task types/dead letters from their protos
+    conversion        status_from_proto, workers/task types/dead letters from their protos,
+                      into dataclasses whose states are qm.states.TaskState
     errors            RemoteError (a gRPC status, worded for a user), BatchError, WaitTimeout
     retries           Attempts: one call's tries over the server addresses (fail over at
                       once to the next address, back off after a whole round) within a window
@@ -28,7 +29,7 @@ from qm._proto.qm.v1 import task_queue_pb2
 from qm.codecs import decode_result, encode_payload
 from qm.config import parse_host_port
 from qm.errors import BatchError, QMError, RefusedItem, TaskError, WaitTimeout
-from qm.states import state_name
+from qm.states import TERMINAL_STATES, TaskState
 
 #: Deadline of unary calls (submit, status, ...).
 DEFAULT_CALL_TIMEOUT_S = 30.0
@@ -56,8 +57,8 @@ FOLLOW_IDS_PER_REQUEST = 1000
 #: gRPC's default backoff (up to 120 s), so a resumed wait sees the new process soon.
 CHANNEL_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000))
 
-TERMINAL_STATE_NAMES = frozenset({"SUCCEEDED", "FAILED", "TIMED_OUT", "MEMORY_EXCEEDED", "CRASHED",
-                                  "CANCELLED"})
+#: Kept for code written against 0.2: qm.states.TERMINAL_STATES, whose states equal their names.
+TERMINAL_STATE_NAMES = TERMINAL_STATES
 #: Codes after which a call is tried again on the next address (the server could not be
 #: reached, went away, or its broker is down: nothing was done, or a retry with the same
 #: idempotency key finds it done).
@@ -331,7 +332,7 @@ class TaskStatus:
     task_id: str
     type: str
     queue: str
-    state: str
+    state: TaskState               # a str-enum: == "SUCCEEDED" holds too
     attempts: int
     result: Any
     error: str
@@ -347,11 +348,12 @@ class TaskStatus:
 
     @property
     def terminal(self) -> bool:
-        return self.state in TERMINAL_STATE_NAMES
+        return self.state.terminal
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: "id" first, the state by name, bytes results in hex (`qm status --json`)."""
         data = dataclasses.asdict(self)
-        data = {"id": data.pop("task_id"), **data}
+        data = {"id": data.pop("task_id"), **data, "state": self.state.value}
         if isinstance(self.result, bytes):
             data["result"] = self.result.hex()
         return data
@@ -359,14 +361,47 @@ class TaskStatus:
 
 @dataclasses.dataclass(frozen=True)
 class DeadLetter:
+    """A task whose last attempt failed for good; `reason`: why it was dead-lettered."""
+
     task_id: str
     type: str
     queue: str
-    state: str
+    state: TaskState
     attempts: int
     reason: str
     error: str
     dead_at: float | None
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerInfo:
+    """A worker the server has heard from; state: active, draining, stopped or lost;
+    last_seen: seconds since the epoch."""
+
+    worker_id: str
+    host: str
+    pid: int
+    procs: int
+    busy: int
+    queues: list[str]
+    types: list[str]
+    version: str
+    state: str
+    last_seen: float | None
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskTypeInfo:
+    """A task type the server accepts: codec, description, limits (0: none)."""
+
+    name: str
+    codec: str
+    description: str
+    default_timeout_s: float
+    max_timeout_s: float
+    default_memory_limit_mb: int
+    max_memory_limit_mb: int
+    default_max_retries: int
 
 
 def _seconds(timestamp) -> float | None:
@@ -376,7 +411,7 @@ def _seconds(timestamp) -> float | None:
 def status_from_proto(status: task_queue_pb2.TaskStatus) -> TaskStatus:
     return TaskStatus(
         task_id=status.task_id, type=status.type, queue=status.queue,
-        state=state_name(status.state), attempts=status.attempts,
+        state=TaskState.of_number(status.state), attempts=status.attempts,
         result=(decode_result(status.codec, status.result)
                 if status.state == task_queue_pb2.TASK_STATE_SUCCEEDED else None),
         error=status.error, worker=status.worker, created_at=_seconds(status.created_at),
@@ -390,29 +425,26 @@ def final_value(task_id: str, last: TaskStatus | None) -> Any:
     """What result() returns for a task whose last status is `last`: its result, or TaskError."""
     if last is None or not last.terminal:  # the server ends a stream only at a final state
         raise QMError(f"status stream for task {task_id} ended before the task did")
-    if last.state != "SUCCEEDED":
+    if last.state is not TaskState.SUCCEEDED:
         raise TaskError(task_id, last.state, last.error)
     return last.result
 
 
-def workers_from_proto(response: task_queue_pb2.ListWorkersResponse) -> list[dict[str, Any]]:
-    return [{"worker_id": w.worker_id, "host": w.host, "pid": w.pid, "procs": w.procs, "busy": w.busy,
-             "queues": list(w.queues), "types": list(w.types), "version": w.version, "state": w.state,
-             "last_seen": _seconds(w.last_seen)} for w in response.workers]
+def workers_from_proto(response: task_queue_pb2.ListWorkersResponse) -> list[WorkerInfo]:
+    return [WorkerInfo(w.worker_id, w.host, w.pid, w.procs, w.busy, list(w.queues), list(w.types), w.version,
+                       w.state, _seconds(w.last_seen)) for w in response.workers]
 
 
 def task_types_from_proto(response: task_queue_pb2.ListTaskTypesResponse
-                          ) -> tuple[list[dict[str, Any]], list[str]]:
-    types = [{"name": t.name, "codec": t.codec, "description": t.description,
-              "default_timeout_s": t.default_timeout_s, "max_timeout_s": t.max_timeout_s,
-              "default_memory_limit_mb": t.default_memory_limit_mb,
-              "max_memory_limit_mb": t.max_memory_limit_mb, "default_max_retries": t.default_max_retries}
+                          ) -> tuple[list[TaskTypeInfo], list[str]]:
+    types = [TaskTypeInfo(t.name, t.codec, t.description, t.default_timeout_s, t.max_timeout_s,
+                          t.default_memory_limit_mb, t.max_memory_limit_mb, t.default_max_retries)
              for t in response.types]
     return types, list(response.plugin_errors)
 
 
 def dead_letters_from_proto(response: task_queue_pb2.ListDeadLettersResponse) -> tuple[list[DeadLetter], int]:
-    letters = [DeadLetter(d.task_id, d.type, d.queue, state_name(d.state), d.attempts,
+    letters = [DeadLetter(d.task_id, d.type, d.queue, TaskState.of_number(d.state), d.attempts,
                           d.reason, d.error, _seconds(d.dead_at)) for d in response.dead_letters]
     return letters, response.total
 
