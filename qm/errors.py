@@ -128,12 +128,14 @@ class BatchError(QMError):
 @dataclasses.dataclass(frozen=True)
 class RefusedItem:
     """One refused item of a batch: its position (0-based), task type, the gRPC status code
-    name SubmitTask would have answered it with, and why."""
+    name SubmitTask would have answered it with, why, and qm-server's reason code (a
+    qm.reasons.Reason; None if the call failed without reaching it)."""
 
     index: int
     type: str
     code: str
     message: str
+    reason: str | None = None
 
 
 class TaskError(QMError):

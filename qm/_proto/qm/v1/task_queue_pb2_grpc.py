@@ -30,6 +30,12 @@ class TaskQueueStub:
     them, and inspect workers, task types and dead letters. Also served on the same port:
     grpc.health.v1.Health (service "" and "qm.v1.TaskQueue") and server reflection.
 
+    Every error qm-server itself answers carries a reason code: a google.rpc.ErrorInfo in
+    the status details (google.rpc.Status in the grpc-status-details-bin trailer), with
+    domain "qm.v1" and reason an ErrorReason name without its prefix ("BROKER_UNAVAILABLE").
+    Decide on the code and reason, never on the message text. An error without one came
+    from gRPC, not from qm-server (e.g. UNAVAILABLE: qm-server could not be reached).
+
     Errors:
     - UNAVAILABLE: qm-server cannot be reached, or is shutting down. Safe to retry
     SubmitTask with the same idempotency_key.
@@ -104,6 +110,12 @@ class TaskQueueServicer:
     """The task queue served by qm-server: submit tasks, follow them to their end, cancel
     them, and inspect workers, task types and dead letters. Also served on the same port:
     grpc.health.v1.Health (service "" and "qm.v1.TaskQueue") and server reflection.
+
+    Every error qm-server itself answers carries a reason code: a google.rpc.ErrorInfo in
+    the status details (google.rpc.Status in the grpc-status-details-bin trailer), with
+    domain "qm.v1" and reason an ErrorReason name without its prefix ("BROKER_UNAVAILABLE").
+    Decide on the code and reason, never on the message text. An error without one came
+    from gRPC, not from qm-server (e.g. UNAVAILABLE: qm-server could not be reached).
 
     Errors:
     - UNAVAILABLE: qm-server cannot be reached, or is shutting down. Safe to retry
@@ -308,6 +320,12 @@ class TaskQueue:
     """The task queue served by qm-server: submit tasks, follow them to their end, cancel
     them, and inspect workers, task types and dead letters. Also served on the same port:
     grpc.health.v1.Health (service "" and "qm.v1.TaskQueue") and server reflection.
+
+    Every error qm-server itself answers carries a reason code: a google.rpc.ErrorInfo in
+    the status details (google.rpc.Status in the grpc-status-details-bin trailer), with
+    domain "qm.v1" and reason an ErrorReason name without its prefix ("BROKER_UNAVAILABLE").
+    Decide on the code and reason, never on the message text. An error without one came
+    from gRPC, not from qm-server (e.g. UNAVAILABLE: qm-server could not be reached).
 
     Errors:
     - UNAVAILABLE: qm-server cannot be reached, or is shutting down. Safe to retry
