@@ -20,6 +20,8 @@ PROTO_PREFIX = "ERROR_REASON_"
 
 
 class Reason(enum.StrEnum):
+    """qm.v1.ErrorReason by name; each comes with one status code (see the proto)."""
+
     INVALID_FIELD = "INVALID_FIELD"
     UNKNOWN_TASK_TYPE = "UNKNOWN_TASK_TYPE"
     TASK_NOT_FOUND = "TASK_NOT_FOUND"
