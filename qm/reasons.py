@@ -31,6 +31,7 @@ class Reason(enum.StrEnum):
     BROKER_REFUSED = "BROKER_REFUSED"
     CONFIG_CONFLICT = "CONFIG_CONFLICT"
     SERVER_ERROR = "SERVER_ERROR"
+    OVERLOADED = "OVERLOADED"
 
 
 def parse_reason(text: str) -> str | None:

@@ -22,6 +22,7 @@ from qm.errors import (
     BrokerUnavailable,
     ConfigError,
     IdempotencyKeyReused,
+    Overloaded,
     QMError,
     TaskAlreadyFinished,
     TaskNotFound,
@@ -44,6 +45,7 @@ _STATUS_OF: dict[type[QMError], tuple[grpc.StatusCode, Reason]] = {
     ConfigError: (grpc.StatusCode.FAILED_PRECONDITION, Reason.CONFIG_CONFLICT),  # e.g. a work queue of another type
     BrokerRefused: (grpc.StatusCode.FAILED_PRECONDITION, Reason.BROKER_REFUSED),
     IdempotencyKeyReused: (grpc.StatusCode.FAILED_PRECONDITION, Reason.IDEMPOTENCY_KEY_REUSED),
+    Overloaded: (grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.OVERLOADED),  # refused by qm/server/admission.py
 }
 #: Any other domain error.
 _OTHER = (grpc.StatusCode.INTERNAL, Reason.SERVER_ERROR)

@@ -22,6 +22,7 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ERROR_REASON_BROKER_REFUSED: _ClassVar[ErrorReason]
     ERROR_REASON_CONFIG_CONFLICT: _ClassVar[ErrorReason]
     ERROR_REASON_SERVER_ERROR: _ClassVar[ErrorReason]
+    ERROR_REASON_OVERLOADED: _ClassVar[ErrorReason]
 
 class TaskState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -45,6 +46,7 @@ ERROR_REASON_BROKER_UNAVAILABLE: ErrorReason
 ERROR_REASON_BROKER_REFUSED: ErrorReason
 ERROR_REASON_CONFIG_CONFLICT: ErrorReason
 ERROR_REASON_SERVER_ERROR: ErrorReason
+ERROR_REASON_OVERLOADED: ErrorReason
 TASK_STATE_UNSPECIFIED: TaskState
 TASK_STATE_QUEUED: TaskState
 TASK_STATE_RUNNING: TaskState

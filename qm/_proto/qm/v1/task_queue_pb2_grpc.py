@@ -30,11 +30,12 @@ class TaskQueueStub:
     them, and inspect workers, task types and dead letters. Also served on the same port:
     grpc.health.v1.Health (service "" and "qm.v1.TaskQueue") and server reflection.
 
-    Every error qm-server itself answers carries a reason code: a google.rpc.ErrorInfo in
-    the status details (google.rpc.Status in the grpc-status-details-bin trailer), with
+    Every error qm-server answers on purpose carries a reason code: a google.rpc.ErrorInfo
+    in the status details (google.rpc.Status in the grpc-status-details-bin trailer), with
     domain "qm.v1" and reason an ErrorReason name without its prefix ("BROKER_UNAVAILABLE").
     Decide on the code and reason, never on the message text. An error without one came
-    from gRPC, not from qm-server (e.g. UNAVAILABLE: qm-server could not be reached).
+    from gRPC (qm-server not reached, deadline, cancel, message too large) or from a bug
+    in qm-server (UNKNOWN).
 
     Errors:
     - UNAVAILABLE: qm-server cannot be reached, or is shutting down. Safe to retry
@@ -42,7 +43,9 @@ class TaskQueueStub:
     - DEADLINE_EXCEEDED: the deadline the client set passed before the answer came.
     - CANCELLED: the client cancelled the call.
     - RESOURCE_EXHAUSTED: the request is larger than gRPC's message size limit (4 MiB);
-    a payload under it but over server.max_payload_bytes gets INVALID_ARGUMENT.
+    a payload under it but over server.max_payload_bytes gets INVALID_ARGUMENT. Or
+    (reason OVERLOADED): server.max_concurrent_rpcs calls are in flight; retry after the
+    retry-pushback-ms trailer (milliseconds).
     - INTERNAL: an error qm-server has no more specific code for; the message says what
     happened.
     - UNKNOWN: an unexpected error in qm-server (a bug).
@@ -111,11 +114,12 @@ class TaskQueueServicer:
     them, and inspect workers, task types and dead letters. Also served on the same port:
     grpc.health.v1.Health (service "" and "qm.v1.TaskQueue") and server reflection.
 
-    Every error qm-server itself answers carries a reason code: a google.rpc.ErrorInfo in
-    the status details (google.rpc.Status in the grpc-status-details-bin trailer), with
+    Every error qm-server answers on purpose carries a reason code: a google.rpc.ErrorInfo
+    in the status details (google.rpc.Status in the grpc-status-details-bin trailer), with
     domain "qm.v1" and reason an ErrorReason name without its prefix ("BROKER_UNAVAILABLE").
     Decide on the code and reason, never on the message text. An error without one came
-    from gRPC, not from qm-server (e.g. UNAVAILABLE: qm-server could not be reached).
+    from gRPC (qm-server not reached, deadline, cancel, message too large) or from a bug
+    in qm-server (UNKNOWN).
 
     Errors:
     - UNAVAILABLE: qm-server cannot be reached, or is shutting down. Safe to retry
@@ -123,7 +127,9 @@ class TaskQueueServicer:
     - DEADLINE_EXCEEDED: the deadline the client set passed before the answer came.
     - CANCELLED: the client cancelled the call.
     - RESOURCE_EXHAUSTED: the request is larger than gRPC's message size limit (4 MiB);
-    a payload under it but over server.max_payload_bytes gets INVALID_ARGUMENT.
+    a payload under it but over server.max_payload_bytes gets INVALID_ARGUMENT. Or
+    (reason OVERLOADED): server.max_concurrent_rpcs calls are in flight; retry after the
+    retry-pushback-ms trailer (milliseconds).
     - INTERNAL: an error qm-server has no more specific code for; the message says what
     happened.
     - UNKNOWN: an unexpected error in qm-server (a bug).
@@ -321,11 +327,12 @@ class TaskQueue:
     them, and inspect workers, task types and dead letters. Also served on the same port:
     grpc.health.v1.Health (service "" and "qm.v1.TaskQueue") and server reflection.
 
-    Every error qm-server itself answers carries a reason code: a google.rpc.ErrorInfo in
-    the status details (google.rpc.Status in the grpc-status-details-bin trailer), with
+    Every error qm-server answers on purpose carries a reason code: a google.rpc.ErrorInfo
+    in the status details (google.rpc.Status in the grpc-status-details-bin trailer), with
     domain "qm.v1" and reason an ErrorReason name without its prefix ("BROKER_UNAVAILABLE").
     Decide on the code and reason, never on the message text. An error without one came
-    from gRPC, not from qm-server (e.g. UNAVAILABLE: qm-server could not be reached).
+    from gRPC (qm-server not reached, deadline, cancel, message too large) or from a bug
+    in qm-server (UNKNOWN).
 
     Errors:
     - UNAVAILABLE: qm-server cannot be reached, or is shutting down. Safe to retry
@@ -333,7 +340,9 @@ class TaskQueue:
     - DEADLINE_EXCEEDED: the deadline the client set passed before the answer came.
     - CANCELLED: the client cancelled the call.
     - RESOURCE_EXHAUSTED: the request is larger than gRPC's message size limit (4 MiB);
-    a payload under it but over server.max_payload_bytes gets INVALID_ARGUMENT.
+    a payload under it but over server.max_payload_bytes gets INVALID_ARGUMENT. Or
+    (reason OVERLOADED): server.max_concurrent_rpcs calls are in flight; retry after the
+    retry-pushback-ms trailer (milliseconds).
     - INTERNAL: an error qm-server has no more specific code for; the message says what
     happened.
     - UNKNOWN: an unexpected error in qm-server (a bug).
