@@ -93,6 +93,7 @@ def build(config: Config, registry: plugin_registry.Registry) -> tuple[Pool, Rab
     supervisor = Supervisor(broker, pool, worker_id(config), list(config.worker.queues), prefetch_policy(config),
                             config.broker.queue_type, caps=caps,
                             delivery_limit=config.broker.delivery_limit)
+    pool.on_idle_gap = supervisor.metrics.child_idle_gap_seconds.observe
     supervisor.metrics.watch(
         busy=lambda: supervisor.busy, idle=lambda: max(0, pool.procs - supervisor.busy),
         restarts=lambda: pool.restarts, prefetch=lambda: supervisor.prefetch.value,

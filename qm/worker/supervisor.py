@@ -76,8 +76,6 @@ class Supervisor:
         self.control = ControlFollower(broker, worker_id, self._cancel)
         self.outcomes = Outcomes(broker, worker_id, self.metrics)
         self.acks = AckBatcher(broker)
-        if pool.on_idle_gap is None:
-            pool.on_idle_gap = self.metrics.child_idle_gap_seconds.observe
         self._consumer_tags: list[str] = []
         self._isolation = Isolation()
         self._unsettled: dict[asyncio.Task, Delivery] = {}  # handler → its delivery, until settled
