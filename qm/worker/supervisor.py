@@ -17,9 +17,10 @@ first: it runs alone, its RUNNING confirmed before it starts, so the servers can
 starts of a task that kills workers. A delivery is acked only after its outcome is
 confirmed by the broker (qm/worker/outcomes.py), so a crash anywhere before that means
 RabbitMQ redelivers the task (at-least-once); acks of deliveries whose outcomes are
-confirmed in the same loop turn go out as one `multiple` ack. Cancels and poison verdicts come from the
-control stream (qm/worker/control.py). Everything runs on one asyncio loop that never
-waits on task work, so AMQP heartbeats keep flowing however long tasks take.
+confirmed in the same loop turn go out as one `multiple` ack. Cancels and poison verdicts
+come from the control stream (qm/worker/control.py). Everything runs on one asyncio loop
+that never waits on task work, so AMQP heartbeats keep flowing however long tasks take.
+While tasks are short the pool pipelines (a busy child holds its next job: Pool.pipeline).
 """
 from __future__ import annotations
 
