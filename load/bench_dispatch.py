@@ -17,10 +17,11 @@ default configuration (quorum queues, prefetch auto). Then, `--runs` times on th
    each process (psutil user+system, reaped children included) over the same span.
 2. Round trip: 300 tasks one at a time, submit -> terminal state seen on one long-lived
    StreamTaskResults stream that each id is added to after its submit.
-3. CPU-bound: 24 x `test.spin 0.25` (pure-Python CPU, plugins/qm-testtasks) on the 2
-   children: makespan (last finished_at - first created_at), efficiency = sum of the
-   worker-timed run times (finished_at - started_at) / (2 x makespan), and the
-   supervisor's and server's CPU, in % of one core, while both children were running.
+3. CPU-bound: 24 x `test.spin_timed 0.25` (pure-Python CPU, plugins/qm-testtasks) on the
+   2 children: makespan (last finished_at - first created_at), efficiency = sum of the
+   worker-timed run times (finished_at - started_at) / (2 x makespan), each child's idle
+   gap from the end of one task to the start of its next (the child's own time stamps),
+   and the supervisor's and server's CPU, in % of one core, while both children ran.
 4. The supervisor's CPU per task (500 `math` tasks via submit_many), measured without,
    twice with 2,000 extra idle processes (`sleep`) on the host, and without again; the
    idle processes are one process group, always killed afterwards (and each ends by
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import pathlib
@@ -134,6 +136,50 @@ def own_cpu_s(pid: int) -> float:
     return t.user + t.system
 
 
+def thread_cpu_ns(pid: int) -> dict[int, int] | None:
+    """CPU time of each live thread of a process, in ns, from /proc/PID/task/TID/schedstat
+    (the kernel's exact run time; /proc/PID/stat counts 10 ms ticks). None where the
+    kernel has no schedstat."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    found = {}
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as stat:
+                found[int(tid)] = int(stat.read().split()[0])
+        except FileNotFoundError:
+            if os.path.exists(f"/proc/{pid}/task/{tid}"):
+                return None  # a kernel without schedstat
+            continue  # the thread ended meanwhile
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+def own_cpu_meter(pid: int) -> Callable[[], float]:
+    """Start measuring one process's CPU; returns what gives the seconds used since. Thread
+    by thread (a thread ending meanwhile loses only its time since the start), in ns where
+    the kernel has schedstat, else psutil's ticks."""
+    before = thread_cpu_ns(pid)
+    if before is None:
+        start_s = own_cpu_s(pid)
+        return lambda: own_cpu_s(pid) - start_s
+
+    def used_s() -> float:
+        now = thread_cpu_ns(pid) or {}
+        return sum(ns - before.get(tid, 0) for tid, ns in now.items()) / 1e9
+
+    return used_s
+
+
+def tree_cpu_meter(pid: int | None, with_root: bool = True) -> Callable[[], float]:
+    """Start measuring a process tree's CPU (psutil: reaped children included)."""
+    start_s = tree_cpu_s(pid, with_root)
+    return lambda: tree_cpu_s(pid, with_root) - start_s
+
+
 def listener_pid(port: int) -> int | None:
     """The process listening on this loopback TCP port (a broker given by URL), if visible."""
     try:
@@ -150,25 +196,25 @@ class CpuMeter:
 
     def __init__(self, stack: "Stack") -> None:
         worker, server = stack.worker.pid, stack.server.pid
-        self.parts: dict[str, Callable[[], float]] = {
-            "client": lambda: own_cpu_s(os.getpid()),
-            "server": lambda: own_cpu_s(server),
-            "supervisor": lambda: own_cpu_s(worker),
-            "children": lambda: tree_cpu_s(worker, with_root=False),
-            "rabbitmq": lambda: tree_cpu_s(stack.broker_pid),
+        self.parts: dict[str, Callable[[], Callable[[], float]]] = {
+            "client": lambda: own_cpu_meter(os.getpid()),
+            "server": lambda: own_cpu_meter(server),
+            "supervisor": lambda: own_cpu_meter(worker),
+            "children": lambda: tree_cpu_meter(worker, with_root=False),
+            "rabbitmq": lambda: tree_cpu_meter(stack.broker_pid),
         }
-        self.before: dict[str, float] = {}
+        self.used: dict[str, Callable[[], float]] = {}
         self.started = 0.0
 
     def start(self) -> "CpuMeter":
-        self.before = {name: read() for name, read in self.parts.items()}
+        self.used = {name: start() for name, start in self.parts.items()}
         self.started = time.monotonic()
         return self
 
     def stop(self) -> tuple[dict[str, float], float]:
         """({process: CPU seconds}, wall seconds) since start()."""
         wall_s = time.monotonic() - self.started
-        return {name: read() - self.before[name] for name, read in self.parts.items()}, wall_s
+        return {name: used() for name, used in self.used.items()}, wall_s
 
 
 # -- the stack ----------------------------------------------------------------------------
@@ -358,10 +404,38 @@ def round_trip(stack: Stack, client: qm.Client, count: int) -> dict[str, Any]:
 
 
 def cpu_bound(stack: Stack, client: qm.Client, count: int, spin_s: float) -> dict[str, Any]:
-    """`count` x test.spin: makespan, worker-timed efficiency, and the supervisor's and
-    server's CPU from the moment both children run a task until only the last PROCS tasks
-    are left (the children stay busy in between)."""
-    ids = client.submit_many([("test.spin", str(spin_s))] * count, queue=stack.queue)
+    """`count` x test.spin_timed: makespan, worker-timed efficiency, each child's idle gap
+    between two tasks (its own clock), and the supervisor's and server's CPU from the
+    moment both children run a task until only the last PROCS tasks are left (the
+    children stay busy in between)."""
+    ids = client.submit_many([("test.spin_timed", str(spin_s))] * count, queue=stack.queue)
+    final, window = _follow_cpu_bound(stack, client, ids)
+    statuses = list(final.values())
+    timed = [(s.created_at, s.started_at, s.finished_at) for s in statuses
+             if s.created_at is not None and s.started_at is not None and s.finished_at is not None]
+    span_s = max(finished for _, _, finished in timed) - min(created for created, _, _ in timed)
+    run_s = sum(finished - started for _, started, finished in timed)
+    stamps = [_child_stamp(s) for s in statuses]
+    gaps_ms = child_gaps_ms([stamp for stamp in stamps if stamp is not None])
+    result: dict[str, Any] = {
+        "makespan_s": span_s, "ideal_s": count * spin_s / PROCS, "efficiency": run_s / (PROCS * span_s),
+        "child_gap_ms_p50": percentile(gaps_ms, 50), "child_gap_ms_p99": percentile(gaps_ms, 99),
+        "child_gaps": len(gaps_ms),
+        "check": {"expected": count, "seen": len(statuses),
+                  "states": dict(Counter(s.state for s in statuses)),
+                  "succeeded_right": sum(1 for stamp in stamps if stamp is not None)}}
+    if window is not None and window[1] > 0:
+        cpu_s, wall_s = window
+        result.update({"busy_window_s": wall_s,
+                       "supervisor_pct": 100.0 * cpu_s["supervisor"] / wall_s,
+                       "server_pct": 100.0 * cpu_s["server"] / wall_s,
+                       "supervisor_server_pct": 100.0 * (cpu_s["supervisor"] + cpu_s["server"]) / wall_s})
+    return result
+
+
+def _follow_cpu_bound(stack: Stack, client: qm.Client, ids: list[str]
+                      ) -> tuple[dict[str, TaskStatus], tuple[dict[str, float], float] | None]:
+    """Every task's final status, and the CPU used while both children were busy."""
     meter: CpuMeter | None = None
     window: tuple[dict[str, float], float] | None = None
     running: set[str] = set()
@@ -374,26 +448,32 @@ def cpu_bound(stack: Stack, client: qm.Client, count: int, spin_s: float) -> dic
             running.add(status.task_id)
         if meter is None and len(running) >= PROCS:
             meter = CpuMeter(stack).start()
-        elif meter is not None and window is None and len(final) >= count - PROCS:
+        elif meter is not None and window is None and len(final) >= len(ids) - PROCS:
             window = meter.stop()
-    statuses = list(final.values())
-    timed = [(s.created_at, s.started_at, s.finished_at) for s in statuses
-             if s.created_at is not None and s.started_at is not None and s.finished_at is not None]
-    span_s = max(finished for _, _, finished in timed) - min(created for created, _, _ in timed)
-    run_s = sum(finished - started for _, started, finished in timed)
-    result: dict[str, Any] = {
-        "makespan_s": span_s, "ideal_s": count * spin_s / PROCS, "efficiency": run_s / (PROCS * span_s),
-        "check": {"expected": count, "seen": len(statuses),
-                  "states": dict(Counter(s.state for s in statuses)),
-                  "succeeded_right": sum(1 for s in statuses if s.state == "SUCCEEDED"
-                                         and str(s.result).isdigit())}}
-    if window is not None and window[1] > 0:
-        cpu_s, wall_s = window
-        result.update({"busy_window_s": wall_s,
-                       "supervisor_pct": 100.0 * cpu_s["supervisor"] / wall_s,
-                       "server_pct": 100.0 * cpu_s["server"] / wall_s,
-                       "supervisor_server_pct": 100.0 * (cpu_s["supervisor"] + cpu_s["server"]) / wall_s})
-    return result
+    return final, window
+
+
+def _child_stamp(status: TaskStatus) -> tuple[int, float, float] | None:
+    """(pid, start, end) from a SUCCEEDED test.spin_timed result, else None."""
+    if status.state != "SUCCEEDED":
+        return None
+    try:
+        pid, start, end, _loops = str(status.result).split()
+        return int(pid), float(start), float(end)
+    except ValueError:
+        return None
+
+
+def child_gaps_ms(stamps: list[tuple[int, float, float]]) -> list[float]:
+    """Per child (pid), the time from the end of one task to the start of its next one."""
+    by_child: dict[int, list[tuple[float, float]]] = {}
+    for pid, start, end in stamps:
+        by_child.setdefault(pid, []).append((start, end))
+    gaps = []
+    for runs in by_child.values():
+        runs.sort()
+        gaps += [(start - previous_end) * 1000.0 for (_, previous_end), (start, _) in itertools.pairwise(runs)]
+    return gaps
 
 
 # -- 4. many idle processes on the host ---------------------------------------------------
@@ -513,6 +593,8 @@ ROWS: list[tuple[str, str, str, str]] = [
      "{:.2f}", "<= 1.5"),
     ("CPU-bound: makespan, s", "cpu_bound/makespan_s", "{:.2f}", ""),
     ("CPU-bound: efficiency (worker-timed)", "cpu_bound/efficiency", "{:.3f}", ">= 0.97"),
+    ("CPU-bound: a child's idle gap between two tasks p50, ms", "cpu_bound/child_gap_ms_p50", "{:.2f}", "< 1"),
+    ("CPU-bound: a child's idle gap between two tasks p99, ms", "cpu_bound/child_gap_ms_p99", "{:.2f}", ""),
     ("CPU-bound: supervisor + server CPU, % of a core", "cpu_bound/supervisor_server_pct", "{:.1f}", "<= 3"),
     ("CPU-bound: supervisor CPU, % of a core", "cpu_bound/supervisor_pct", "{:.1f}", ""),
     ("CPU-bound: server CPU, % of a core", "cpu_bound/server_pct", "{:.1f}", ""),

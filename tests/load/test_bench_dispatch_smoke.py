@@ -1,5 +1,6 @@
 """load/bench_dispatch.py in its quickest mode, on the shared RabbitMQ node: every task it
-submits must end SUCCEEDED with the right result (math "1 + 2 * 5" = 11), and its table
+submits must end SUCCEEDED with the right result (math "1 + 2 * 5" = 11; test.spin_timed
+its child's pid and time stamps), and its table
 must have every row, each with a number. Correctness only; its numbers belong in
 load/README.md, not in asserts on a busy machine.
 
@@ -47,6 +48,7 @@ def test_dispatch_benchmark_runs_every_task_to_its_right_result_and_prints_every
         check = run[phase]["check"]
         assert check["seen"] == check["succeeded_right"] == count, (phase, check)
         assert check["states"] == {"SUCCEEDED": count}, (phase, check)
+    assert run["cpu_bound"]["child_gaps"] >= 1, run["cpu_bound"]  # 4 tasks on 2 children: a child ran 2
     assert run["idle_processes"]["host_processes"] >= 20, run["idle_processes"]
 
     rows = {line.split("|")[1].strip(): line.split("|")[2].strip()
