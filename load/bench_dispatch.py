@@ -261,10 +261,9 @@ class Stack:
             delete_queues(self.broker_url, queues)
 
 
-def finals(client: qm.Client, ids: list[str]) -> tuple[list[TaskStatus], float]:
-    """The terminal status of every task over one stream, and when the last one arrived."""
-    statuses = list(client.results(ids, timeout_s=FINISH_BOUND_S))
-    return statuses, time.monotonic()
+def finals(client: qm.Client, ids: list[str]) -> list[TaskStatus]:
+    """The terminal status of every task, over one stream."""
+    return list(client.results(ids, timeout_s=FINISH_BOUND_S))
 
 
 # -- 1. end to end through each way of submitting -----------------------------------------
@@ -278,7 +277,7 @@ def e2e_sequential(stack: Stack, client: qm.Client, count: int) -> dict[str, Any
         ids.append(client.submit("math", MATH_PAYLOAD, queue=stack.queue))
         latencies_ms.append((time.perf_counter() - t0) * 1000.0)
     submit_s = time.monotonic() - meter.started
-    statuses, _ = finals(client, ids)
+    statuses = finals(client, ids)
     cpu_s, wall_s = meter.stop()
     return {"tasks_per_s": count / wall_s, "submit_per_s": count / submit_s,
             "submit_ms_p50": percentile(latencies_ms, 50), "submit_ms_p99": percentile(latencies_ms, 99),
@@ -288,7 +287,7 @@ def e2e_sequential(stack: Stack, client: qm.Client, count: int) -> dict[str, Any
 def e2e_submit_many(stack: Stack, client: qm.Client, count: int) -> dict[str, Any]:
     meter = CpuMeter(stack).start()
     ids = client.submit_many([("math", MATH_PAYLOAD)] * count, queue=stack.queue)
-    statuses, _ = finals(client, ids)
+    statuses = finals(client, ids)
     cpu_s, wall_s = meter.stop()
     return {"tasks_per_s": count / wall_s, **cpu_fields(cpu_s, count), "check": check_math(statuses, count)}
 
@@ -522,7 +521,7 @@ class IdleProcesses:
 def supervisor_ms_per_task(stack: Stack, client: qm.Client, count: int) -> float:
     meter = CpuMeter(stack).start()
     ids = client.submit_many([("math", MATH_PAYLOAD)] * count, queue=stack.queue)
-    statuses, _ = finals(client, ids)
+    statuses = finals(client, ids)
     cpu_s, _ = meter.stop()
     bad = check_math(statuses, count)
     if bad["succeeded_right"] != count:
