@@ -53,7 +53,7 @@ from pika.adapters.asyncio_connection import AsyncioConnection
 from pika.adapters.utils import connection_workflow
 
 from qm.broker.base import EXCHANGE_KINDS, Broker, Delivery, DeliveryCallback
-from qm.errors import BrokerRefused, BrokerUnavailable, ConsumerRefused
+from qm.errors import BrokerRefused, BrokerUnavailable, ConsumerRefused, PublishOutcomeUnknown
 
 log = logging.getLogger(__name__)
 
@@ -261,8 +261,13 @@ class RabbitMQBroker(Broker):
     def _drop(self, reason: str) -> None:
         """Forget the lost connection: fail whatever waits on it."""
         self._connected.clear()
-        error = BrokerUnavailable(f"connection to RabbitMQ at {self._where} lost ({reason})")
-        for future in list(self._pending.values()) + list(self._waiters):
+        lost = f"connection to RabbitMQ at {self._where} lost ({reason})"
+        unknown = PublishOutcomeUnknown(f"{lost} before the message was confirmed")
+        for future in self._pending.values():  # sent, never confirmed: RabbitMQ may hold them
+            if not future.done():
+                future.set_exception(unknown)
+        error = BrokerUnavailable(lost)
+        for future in self._waiters:
             if not future.done():
                 future.set_exception(error)
         self._pending.clear()

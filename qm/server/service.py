@@ -20,6 +20,7 @@ from qm.broker.migrate import migrate_legacy_delay_tiers
 from qm.errors import (
     BrokerUnavailable,
     IdempotencyKeyReused,
+    PublishOutcomeUnknown,
     QMError,
     TaskAlreadyFinished,
     TaskNotFound,
@@ -222,6 +223,14 @@ class TaskService:
         started = time.perf_counter()
         try:
             await self.broker.publish(topology.TASKS_EXCHANGE, message.queue, body, message.headers())
+        except PublishOutcomeUnknown:
+            # Sent, but the connection died before the confirm: RabbitMQ may hold the task (a
+            # quorum queue on the surviving nodes). Keep it, unconfirmed: the client's retry
+            # with the same key publishes it again and gets this id; a task deleted here
+            # would run under an id nobody knows, next to the retry's new one.
+            log.warning("task %s: connection lost before RabbitMQ confirmed it; kept to be published again",
+                        record.task_id)
+            raise
         except BaseException:
             self.store.delete(record.task_id)  # never a stored half-task
             raise
