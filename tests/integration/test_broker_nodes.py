@@ -9,8 +9,9 @@ import uuid
 
 import pytest
 
+from qm.broker import topology
 from qm.broker.rabbitmq import RabbitMQBroker
-from qm.errors import BrokerRefused, BrokerUnavailable
+from qm.errors import BrokerRefused, BrokerUnavailable, ConfigError
 from qm.testing.rabbitmq import free_port
 
 pytestmark = pytest.mark.rabbitmq
@@ -71,4 +72,26 @@ def test_quorum_queues_get_the_initial_group_size(rabbitmq):
             await sized.delete_queue(queue)
             await sized.close()
             await plain.close()
+    asyncio.run(body())
+
+
+def test_a_server_queue_of_the_other_type_is_refused_with_the_way_out(rabbitmq):
+    """broker.server_queue_type changed to quorum on an installation whose events queue is
+    classic: RabbitMQ cannot change a queue's type; the server is told which queue and what
+    to do, not a raw PRECONDITION_FAILED."""
+    async def body():
+        server_id = f"test-nodes-{uuid.uuid4().hex[:8]}"
+        broker = RabbitMQBroker(rabbitmq.url)
+        try:
+            await broker.connect(first_attempt_timeout_s=30)
+            queue = await topology.declare_events_queue(broker, server_id, "classic")
+            with pytest.raises(ConfigError) as err:
+                await topology.declare_events_queue(broker, server_id, "quorum")
+            assert err.value.path == "broker.server_queue_type"
+            assert f"rabbitmqctl delete_queue {queue}" in str(err.value)
+            await broker.delete_queue(queue)
+            await topology.declare_events_queue(broker, server_id, "quorum")  # once deleted: fine
+            await broker.delete_queue(queue)
+        finally:
+            await broker.close()
     asyncio.run(body())
