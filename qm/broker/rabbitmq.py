@@ -126,10 +126,9 @@ class RabbitMQBroker(Broker):
         """host:port of the node connected to (or tried next)."""
         return self._where
 
-    def _next_node(self) -> bool:
-        """Move on to the next node in the list; True when that starts a new round."""
+    def _next_node(self) -> None:
+        """Move on to the next node in the list (around it)."""
         self._node_index = (self._node_index + 1) % len(self._nodes)
-        return self._node_index == 0
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -181,6 +180,7 @@ class RabbitMQBroker(Broker):
 
     async def _keep_connected(self) -> None:
         delay_s = RECONNECT_INITIAL_DELAY_S
+        failed = 0  # attempts failed since the last connection or backoff
         while not self._closing:
             try:
                 await self._open()
@@ -191,13 +191,16 @@ class RabbitMQBroker(Broker):
                 # Another node may answer at once; back off only after a whole round failed
                 # (with one node, every attempt is a round).
                 tried = self._where
-                round_over = self._next_node()
+                self._next_node()
+                failed += 1
+                round_over = failed >= len(self._nodes)
                 self._log_failed_attempt(exc, tried, delay_s if round_over else None)
                 if round_over:
+                    failed = 0
                     await asyncio.sleep(delay_s)
                     delay_s = min(delay_s * 2, self._reconnect_max_delay_s)
                 continue
-            delay_s = RECONNECT_INITIAL_DELAY_S
+            delay_s, failed = RECONNECT_INITIAL_DELAY_S, 0
             self.connections += 1
             self._connected.set()
             log.info("connected to RabbitMQ at %s", self._where)

@@ -5,6 +5,7 @@ error names every node and the setting; x-quorum-initial-group-size goes on quor
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 
 import pytest
@@ -52,6 +53,31 @@ def test_with_no_node_answering_the_error_names_every_node():
         finally:
             await broker.close()
     asyncio.run(body())
+
+
+def test_the_keeper_backs_off_only_after_every_node_failed_in_a_round(caplog):
+    """Failing over costs no backoff: the next node is tried at once; the pause comes after
+    a whole round of the list failed."""
+    caplog.set_level(logging.WARNING, logger="qm.broker.rabbitmq")
+
+    async def body():
+        broker = RabbitMQBroker([_closed_url() for _ in range(3)], reconnect_max_delay_s=0.5)
+        try:
+            await broker.connect(first_attempt_timeout_s=0.0)
+            for _ in range(200):  # 4 attempts: bounded by the loop, not by time
+                if len(attempts()) >= 4:
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            await broker.close()
+
+    def attempts() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.getMessage().startswith("cannot connect")]
+
+    asyncio.run(body())
+    first_round = attempts()[:3]
+    assert [line.endswith(" next") for line in first_round] == [True, True, False], first_round
+    assert "retrying in" in first_round[2]
 
 
 def test_quorum_queues_get_the_initial_group_size(rabbitmq):
