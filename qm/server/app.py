@@ -52,6 +52,11 @@ class ServerApp:
         self.broker = RabbitMQBroker(config.broker.node_urls, config.broker.heartbeat_s,
                                      config.broker.reconnect_max_delay_s, connection_name="qm-server",
                                      quorum_initial_group_size=config.broker.quorum_initial_group_size)
+        if len(config.broker.node_urls) > 1 and config.broker.server_queue_type == "classic":
+            log.warning("broker.urls lists %d nodes but broker.server_queue_type is classic: this server's "
+                        "events, dead-letter and heartbeat queues live on one node, and while that node is "
+                        "down the server gets no events; set broker.server_queue_type: quorum (see "
+                        "docs/architecture.md, 'A RabbitMQ cluster')", len(config.broker.node_urls))
         self.store = Store(self.identity.store_path)
         server = config.server
         default_retry = RetryPolicy(server.default_max_retries, server.default_retry_backoff_s,

@@ -56,3 +56,20 @@ def test_cluster_settings_are_checked():
     with pytest.raises(ConfigError) as err:
         load_config(env={"QM_BROKER__SERVER_QUEUE_TYPE": "stream"})
     assert err.value.path == "broker.server_queue_type"
+
+
+@pytest.mark.parametrize(("server_queue_type", "warned"), [("classic", True), ("quorum", False)])
+def test_a_server_on_several_nodes_with_classic_server_queues_says_what_to_set(tmp_path, caplog,
+                                                                               server_queue_type, warned):
+    from qm.registry import discover
+    from qm.server.app import ServerApp
+
+    config = load_config(env={"QM_BROKER__URLS": f"{A},{B}", "QM_SERVER__DATA_DIR": str(tmp_path),
+                              "QM_BROKER__SERVER_QUEUE_TYPE": server_queue_type})
+    app = ServerApp(config, discover())  # nothing connects before start()
+    try:
+        said = [r.getMessage() for r in caplog.records if "broker.server_queue_type" in r.getMessage()]
+        assert bool(said) is warned and all("set broker.server_queue_type: quorum" in line for line in said)
+    finally:
+        app.store.close()
+        app.identity.release()
