@@ -2,6 +2,8 @@
 variable or --broker-url; broker.url stays the one-node form."""
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from qm.config import load_config
@@ -66,10 +68,12 @@ def test_a_server_on_several_nodes_with_classic_server_queues_says_what_to_set(t
 
     config = load_config(env={"QM_BROKER__URLS": f"{A},{B}", "QM_SERVER__DATA_DIR": str(tmp_path),
                               "QM_BROKER__SERVER_QUEUE_TYPE": server_queue_type})
-    app = ServerApp(config, discover())  # nothing connects before start()
-    try:
-        said = [r.getMessage() for r in caplog.records if "broker.server_queue_type" in r.getMessage()]
-        assert bool(said) is warned and all("set broker.server_queue_type: quorum" in line for line in said)
-    finally:
+
+    async def body():  # grpc.aio builds its server on the running loop; nothing connects before start()
+        app = ServerApp(config, discover())
         app.store.close()
         app.identity.release()
+
+    asyncio.run(body())
+    said = [r.getMessage() for r in caplog.records if "broker.server_queue_type" in r.getMessage()]
+    assert bool(said) is warned and all("set broker.server_queue_type: quorum" in line for line in said)
