@@ -2,7 +2,9 @@
 
 A redelivered task may be what took its last worker down. If it runs next to others and
 kills the worker again, they die with it, come back with it, and look like poison too.
-So it waits until nothing else runs, and nothing else starts while it runs.
+So it waits until nothing else runs, and nothing else starts while it runs. Workers give
+back unstarted deliveries as copies (`Supervisor._give_back`), so a redelivery means
+its holder died or lost its connection, not that it returned the task on purpose.
 """
 from __future__ import annotations
 

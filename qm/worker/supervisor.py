@@ -14,13 +14,15 @@
 
 A redelivered delivery (its last holder may have died of it) passes the Isolation gate
 first: it runs alone, its RUNNING confirmed before it starts, so the servers can count the
-starts of a task that kills workers. A delivery is acked only after its outcome is
-confirmed by the broker (qm/worker/outcomes.py), so a crash anywhere before that means
-RabbitMQ redelivers the task (at-least-once); acks of deliveries whose outcomes are
-confirmed in the same loop turn go out as one `multiple` ack. Cancels and poison verdicts
-come from the control stream (qm/worker/control.py). Everything runs on one asyncio loop
-that never waits on task work, so AMQP heartbeats keep flowing however long tasks take.
-While tasks are short the pool pipelines (a busy child holds its next job: Pool.pipeline).
+starts of a task that kills workers. Deliveries this worker gives back on purpose,
+unstarted (prefetch drop, drain), go back as confirmed copies (`_give_back`), so they are
+not suspects. A delivery is acked only after its outcome is confirmed by the broker
+(qm/worker/outcomes.py), so a crash anywhere before that means RabbitMQ redelivers the
+task (at-least-once); acks of deliveries whose outcomes are confirmed in the same loop
+turn go out as one `multiple` ack. Cancels and poison verdicts come from the control
+stream (qm/worker/control.py). Everything runs on one asyncio loop that never waits on
+task work, so AMQP heartbeats keep flowing however long tasks take. While tasks are short
+the pool pipelines (a busy child holds its next job: Pool.pipeline).
 """
 from __future__ import annotations
 
@@ -83,6 +85,7 @@ class Supervisor:
         self._waiting: set[asyncio.Task] = set()              # handlers whose job has not started
         self._background = Background()
         self._by_task: dict[str, asyncio.Task] = {}              # task id → its handler
+        self._queue_of: dict[str, str] = {}                      # consumer tag → logical queue
 
     async def start(self) -> None:
         await self.broker.declare_exchange(topology.EVENTS_EXCHANGE, "fanout")
@@ -94,7 +97,9 @@ class Supervisor:
             await self.outcomes.ensure_delay_tier(tier_s)
         for queue in self.queues:
             name = await topology.declare_work_queue(self.broker, queue, self.queue_type, self.delivery_limit)
-            self._consumer_tags.append(await self.broker.consume(name, self._on_delivery, self.prefetch.value))
+            tag = await self.broker.consume(name, self._on_delivery, self.prefetch.value)
+            self._consumer_tags.append(tag)
+            self._queue_of[tag] = queue
         log.info("worker %s consuming %s with prefetch %d per queue (%s), %d children",
                  self.worker_id, ", ".join(self.queues), self.prefetch.value,
                  "auto" if isinstance(self.prefetch, AutoPrefetch) else "fixed", self.pool.procs)
@@ -212,16 +217,47 @@ class Supervisor:
             self._release_excess(new_prefetch)
 
     def _release_excess(self, prefetch: int) -> None:
-        """Tasks turned long: return deliveries buffered beyond the new prefetch, so an idle
-        worker can take them now. Each delivery is returned this way at most once (a
-        redelivered one stays): on a quorum queue every return counts toward its delivery
-        limit."""
+        """Tasks turned long: give back deliveries buffered beyond the new prefetch, so an
+        idle worker can take them now. A redelivered one stays (it would only go back as a
+        suspect again, and on a quorum queue each return counts toward its delivery limit)."""
         room = max(0, prefetch * len(self.queues) - self.committed)
         waiting = [handler for handler in self._unsettled if handler in self._waiting]
-        for handler in waiting[room:]:
-            if not self._unsettled[handler].redelivered:
-                self._settle(handler, ack=False)
-                handler.cancel()
+        released = [handler for handler in waiting[room:] if not self._unsettled[handler].redelivered]
+        if released:
+            log.info("prefetch dropped: giving back %d waiting deliveries", len(released))
+        for handler in released:
+            self._give_back(handler)
+
+    def _give_back(self, handler: asyncio.Task) -> None:
+        """Return an unstarted delivery on purpose. A first delivery goes back as a copy
+        (same body and headers, same exchange and routing key as the server's publish), and
+        the original is acked once RabbitMQ confirmed the copy: the copy arrives not
+        redelivered, so it is no poison suspect and uses none of a quorum queue's delivery
+        limit. Dying between confirm and ack leaves both: the original comes back
+        redelivered and the task may run twice, which at-least-once covers (qm/states.py).
+        A redelivered delivery is nacked back as it is: it stays a suspect."""
+        delivery = self._unsettled.pop(handler, None)
+        handler.cancel()
+        if delivery is None:
+            return
+        if delivery.redelivered:
+            self.acks.nack(delivery, requeue=True)
+        else:
+            self._background.spawn(self._republish(delivery))
+
+    async def _republish(self, delivery: Delivery) -> None:
+        """Publish a copy of `delivery`, then ack it; if the copy is not confirmed, nack it back."""
+        # RabbitMQ sets x-delivery-count on quorum redeliveries; a first delivery has none,
+        # and a copy must not carry one anyway.
+        headers = {key: value for key, value in delivery.headers.items() if key != "x-delivery-count"}
+        try:
+            await self.broker.publish(topology.TASKS_EXCHANGE, self._queue_of[delivery.consumer_tag],
+                                      delivery.body, headers)
+        except BrokerUnavailable as exc:  # PublishOutcomeUnknown too: a copy may exist, a duplicate
+            log.warning("giving a delivery back as a copy failed (%s); returning it as it is", exc)
+            self.acks.nack(delivery, requeue=True)  # no-op on a lost channel: RabbitMQ requeued it
+            return
+        self.acks.done(delivery)
 
     async def _set_prefetch(self, tag: str, prefetch: int) -> None:
         try:
@@ -230,8 +266,9 @@ class Supervisor:
             log.warning("prefetch change to %d deferred: %s", prefetch, exc)
 
     async def stop(self, drain_timeout_s: float | None = None) -> None:
-        """Drain: stop consuming, return unstarted deliveries, let running tasks finish up
-        to `drain_timeout_s`, then kill the rest and return them to the queue too."""
+        """Drain: stop consuming, give back unstarted deliveries (as copies: `_give_back`),
+        let running tasks finish up to `drain_timeout_s`, then kill the rest and return them
+        to the queue too (redelivered: their runs were cut short, so they count as suspects)."""
         self.draining = True
         self.pool.pipeline = False
         for tag in [*self._consumer_tags, self.control.tag]:
@@ -240,8 +277,7 @@ class Supervisor:
             except BrokerUnavailable:
                 pass  # disconnected: RabbitMQ requeues everything unacked anyway
         for handler in list(self._waiting):
-            self._settle(handler, ack=False)
-            handler.cancel()
+            self._give_back(handler)
         running = [handler for handler in self._unsettled if not handler.done()]
         if running:
             log.info("draining: waiting up to %s s for %d running task(s)",

@@ -5,6 +5,7 @@ import asyncio
 import collections
 
 from qm.broker import topology
+from qm.messages import TaskMessage
 from qm.states import TaskState
 from qm.worker.pool import Job
 from tests.unit.aio import run, within
@@ -100,4 +101,29 @@ def test_stop_returns_unstarted_tasks_and_finishes_the_running_one(tmp_path):
             others = [parts.store.get(task_id) for task_id in ids if task_id != first.task_id]
             assert [record.state for record in others] == [S.QUEUED, S.QUEUED]  # never started
             assert updates.empty()
+    run(body)
+
+
+async def until(condition, timeout_s: float = 30.0) -> None:
+    """Let the loop run until `condition()` holds (bounded)."""
+    async with asyncio.timeout(timeout_s):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+def test_stop_gives_unstarted_tasks_back_as_copies_that_are_not_suspects(tmp_path):
+    """Returned with nack(requeue) they would come back redelivered, and each would run
+    alone on the next worker (issue 9); a confirmed copy comes back as a first delivery."""
+    async def body():
+        async with system(tmp_path, procs=1, prefetch=3) as parts:
+            await within(parts.pool.run(Job("warm-up", "test.pid", b"")))
+            ids = [(await parts.service.submit("test.sleep", b"0.3")).task_id for _ in range(3)]
+            await until(lambda: parts.supervisor.unacked == 3 and parts.supervisor.busy == 1)
+            await within(parts.supervisor.stop(drain_timeout_s=10.0))
+            returned: list = []
+            await parts.broker.consume(WORK_QUEUE, returned.append, prefetch=10)
+            await until(lambda: len(returned) == 2)
+            assert [delivery.redelivered for delivery in returned] == [False, False]
+            returned_ids = {TaskMessage.decode(delivery.body).task_id for delivery in returned}
+            assert len(returned_ids) == 2 and returned_ids < set(ids)
     run(body)
