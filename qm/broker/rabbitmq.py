@@ -33,6 +33,7 @@ import asyncio
 import dataclasses
 import itertools
 import logging
+import ssl
 from typing import Any, Callable
 
 import pika
@@ -72,8 +73,10 @@ class RabbitMQBroker(Broker):
     """The production broker; see the module docstring for the connection model."""
 
     def __init__(self, url: str, heartbeat_s: int = 30, reconnect_max_delay_s: float = 10.0,
-                 connection_name: str = "qm") -> None:
+                 connection_name: str = "qm", ssl_context: ssl.SSLContext | None = None) -> None:
         self._params = pika.URLParameters(url)
+        if ssl_context is not None:  # amqps:// with CA/cert/key from config (qm/security/amqp.py)
+            self._params.ssl_options = pika.SSLOptions(ssl_context, server_hostname=self._params.host)
         self._params.heartbeat = heartbeat_s
         self._params.connection_attempts = 1
         self._params.socket_timeout = 5

@@ -167,6 +167,8 @@ class Store:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = os.fspath(path)
+        if self.path != ":memory:":  # owner only; SQLite gives its -wal and -shm files the same mode
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
         self._db = self._connect()
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
