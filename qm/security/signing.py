@@ -7,7 +7,8 @@ Wire format (all integers big-endian):
 
 Rotation: a Keyring signs with its current key and accepts every key it holds, so servers
 and workers first learn the new secret (as current, the old one under
-executor.previous_secrets), then clients move over, then the old id is dropped.
+executor.previous_secrets), then clients move over, then the old id is dropped. A worker
+signs a result under the key id of its payload, so a client not yet moved can read it.
 Replay: the server refuses a payload past its expiry, and one whose nonce it has seen
 before (ReplayGuard, kept until the expiry). A worker checks the signature only: a task
 may wait in its queue longer than the submit window.
@@ -67,11 +68,14 @@ class Keyring:
         keys[executor.key_id] = secret
         return cls(executor.key_id, keys)
 
-    def sign(self, data: bytes, ttl_s: float) -> bytes:
-        key_id = self.current.encode()
-        header = MAGIC + bytes([len(key_id)]) + key_id + _HEADER_TAIL.pack(
+    def sign(self, data: bytes, ttl_s: float, key_id: str | None = None) -> bytes:
+        """Signed under `key_id` (default: the current key; a worker answers under the key
+        the payload came with, so a client not yet rotated can read its result)."""
+        key_id = key_id or self.current
+        name = key_id.encode()
+        header = MAGIC + bytes([len(name)]) + name + _HEADER_TAIL.pack(
             int((time.time() + ttl_s) * 1000), secrets.token_bytes(NONCE_BYTES))
-        return header + self._mac(self.current, header, data) + data
+        return header + self._mac(key_id, header, data) + data
 
     def verify(self, blob: bytes, what: str = "payload", check_expiry: bool = True) -> Signed:
         """The signed data, or SignatureError naming what is wrong."""

@@ -58,7 +58,8 @@ def run(payload: bytes) -> bytes:
     """Worker side: verify, unpickle, call; the result (or the exception) goes back signed."""
     try:
         keys = _keys("worker")
-        function, args, kwargs = cloudpickle.loads(keys.verify(payload, check_expiry=False).data)
+        signed = keys.verify(payload, check_expiry=False)
+        function, args, kwargs = cloudpickle.loads(signed.data)
     except ValidationError as exc:
         raise PermanentError(str(exc)) from None
     try:
@@ -67,7 +68,7 @@ def run(payload: bytes) -> bytes:
         raise  # limits and retries are the queue's business: TIMED_OUT, RETRYING, FAILED
     except Exception as exc:  # the caller's exception travels back to its future
         outcome = ("raised", exc)
-    return keys.sign(cloudpickle.dumps(outcome), _state["ttl_s"])
+    return keys.sign(cloudpickle.dumps(outcome), _state["ttl_s"], signed.key_id)  # the caller holds this key
 
 
 #: Registered through the package's entry points like any plugin.
