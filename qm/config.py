@@ -374,6 +374,8 @@ class WorkerConfig:
     status_tls_key: str = _setting("", _to_str)
     status_tls_client_ca: str = _setting("", _to_str)
     status_tokens_file: str = _setting("", _to_str)
+    #: Allow status_listen off loopback without TLS and tokens (as server.insecure).
+    status_insecure: bool = _setting(False, _to_bool)
 
 
 @dataclass(frozen=True)

@@ -62,10 +62,16 @@ class StatusEndpoint:
                              "worker.status_")
         authenticator = auth.Authenticator(worker.status_tokens_file, key="worker.status_tokens_file")
         authenticator.load()
-        if not auth.is_loopback(parse_host_port(worker.status_listen)[0]) and not (tls and authenticator.enabled):
-            raise ConfigError("worker.status_listen", f"{worker.status_listen} is not a loopback address: set "
-                                                      "worker.status_tls_cert, worker.status_tls_key and "
-                                                      "worker.status_tokens_file, or listen on 127.0.0.1")
+        exposed = not auth.is_loopback(parse_host_port(worker.status_listen)[0])
+        if exposed and not (tls and authenticator.enabled):
+            if not worker.status_insecure:
+                raise ConfigError("worker.status_listen", f"{worker.status_listen} is not a loopback address: set "
+                                                          "worker.status_tls_cert, worker.status_tls_key and "
+                                                          "worker.status_tokens_file, listen on 127.0.0.1, or set "
+                                                          "worker.status_insecure to accept that anyone who can "
+                                                          "reach it may read it")
+            log.warning("worker status endpoint on %s without TLS and tokens (worker.status_insecure)",
+                        worker.status_listen)
         return cls(supervisor, worker.status_listen, tls, authenticator)
 
     async def start(self) -> int:

@@ -79,6 +79,7 @@ class Certificates:
     client: Pair
     other_ca: CA
     stranger: Pair  # a client certificate from other_ca
+    nobody: Pair  # a client certificate from ca whose common name no role lists
 
 
 def make_certificates(directory: pathlib.Path) -> Certificates:
@@ -86,7 +87,8 @@ def make_certificates(directory: pathlib.Path) -> Certificates:
     ca, other = make_ca(directory, "qm-test-ca"), make_ca(directory, "another-ca")
     return Certificates(ca, make_cert(ca, directory, "qm-server", server=True),
                         make_cert(ca, directory, "ci-runner", server=False), other,
-                        make_cert(other, directory, "stranger", server=False))
+                        make_cert(other, directory, "stranger", server=False),
+                        make_cert(ca, directory, "nobody", server=False))
 
 
 # ------------------------------------------------------------------------ tokens ---

@@ -97,6 +97,10 @@ def test_mtls_refuses_clients_without_a_certificate_of_its_ca_and_maps_common_na
         assert by_certificate.SubmitTask(submit_request(queue), timeout=30).task_id
         denied = refused(lambda: by_certificate.ListDeadLetters(task_queue_pb2.ListDeadLettersRequest(), timeout=10))
     assert denied.code() is grpc.StatusCode.PERMISSION_DENIED and "CN=ci-runner" in denied.details()
+    with stub(server.address, "", _client_tls(certs.ca, certs.nobody)) as unlisted:
+        no_role = refused(lambda: unlisted.SubmitTask(submit_request(queue), timeout=10))
+    assert no_role.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert "client certificate CN=nobody has no role" in no_role.details()
     # ... and a token, when sent, decides the role.
     with qm.Client(server.address, tls_ca=str(certs.ca.cert), tls_cert=str(certs.client.cert),
                    tls_key=str(certs.client.key), token=tokens.admin) as admin:
