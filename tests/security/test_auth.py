@@ -4,6 +4,7 @@ revoked one, a role without the right. Each gets its documented status code
 it is hit, and nothing is stored or enqueued for a refused request."""
 from __future__ import annotations
 
+import asyncio
 import datetime
 import json
 import secrets
@@ -13,6 +14,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+import qm
+import qm.aio
 from qm._proto.qm.v1 import task_queue_pb2
 from qm.client.credentials import ChannelSecurity
 from qm.security.tokens import TokenFile
@@ -31,6 +34,8 @@ UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
 PERMISSION_DENIED = grpc.StatusCode.PERMISSION_DENIED
 #: Bound on a token with a 1 s lifetime having expired.
 EXPIRY_BOUND_S = 30.0
+#: Bound on a task's result through a loaded machine's worker.
+RESULT_TIMEOUT_S = 120.0
 
 
 @pytest.fixture
@@ -167,3 +172,27 @@ def test_a_listen_address_off_loopback_needs_tls_and_auth_or_insecure(rabbitmq, 
     insecure = launcher.server(rabbitmq.url, extra_args=["--listen", "0.0.0.0:0", "--insecure"])
     assert "without TLS" in insecure.stderr
     assert_answers_normal_client(insecure.address)
+
+
+def test_the_asyncio_client_and_the_executor_carry_their_token(rabbitmq, launcher, tokens):
+    """qm.aio.Client (unary and streaming calls) and qm.Executor (its status stream) through a
+    tokens-guarded server to a worker and back; without the token the Executor is refused."""
+    secret = "executor-secret-of-the-auth-tests-0123456789"
+    queue = launcher.queue(rabbitmq.url)
+    server = launcher.server(rabbitmq.url, extra_args=["--tokens-file", str(tokens.path)],
+                             env={"QM_EXECUTOR__SECRET": secret})
+    launcher.worker(rabbitmq.url, procs=1, queues=queue, env={"QM_EXECUTOR__SECRET": secret})
+
+    async def through_aio() -> list:
+        async with qm.aio.Client(server.address, token=tokens.submit) as client:
+            task_id = await client.submit("math", "3 * 4", queue=queue)
+            return [await client.result(task_id, timeout_s=RESULT_TIMEOUT_S),
+                    [update.state async for update in client.watch([task_id])][-1]]
+
+    assert asyncio.run(through_aio()) == ["12", "SUCCEEDED"]
+    with qm.Executor(server.address, secret=secret, queue=queue, token=tokens.submit) as executor:
+        assert executor.submit(pow, 2, 8).result(RESULT_TIMEOUT_S) == 256
+    with qm.Executor(server.address, secret=secret, queue=queue) as anonymous:
+        with pytest.raises(Exception) as refused_submit:
+            anonymous.submit(pow, 2, 8)
+    assert "UNAUTHENTICATED" in str(refused_submit.value) or "needs credentials" in str(refused_submit.value)
