@@ -51,8 +51,9 @@ class TaskType:
     soft_timeout_s: float | None = None
     #: Retry policy for this type (qm.retry.RetryPolicy); None = the server's default.
     retry: Any = None
-    #: The distribution whose entry point declared it (set when loaded; "" if unknown).
-    distribution: str = ""
+    #: The distribution whose entry point declared it (set when loaded; "" if unknown); not
+    #: part of equality: the same declaration is equal wherever it was loaded from.
+    distribution: str = dataclasses.field(default="", compare=False)
 
     @property
     def builtin(self) -> bool:

@@ -1,7 +1,6 @@
 """Plugins: find → load → validate, with fake entry points over modules in tmp_path."""
 from __future__ import annotations
 
-import dataclasses
 import importlib.metadata
 import itertools
 import json
@@ -66,7 +65,7 @@ def test_task_type_object_is_used_as_is(plugin):
     ep = plugin(TASK_TYPE_OBJECT, "TASK", "double")
     [loaded] = registry.load([ep])
     # As declared; only the distribution it came from is recorded (a fake entry point has none).
-    assert dataclasses.replace(loaded, distribution="") == ep.load()
+    assert loaded == ep.load() and loaded.handler is ep.load().handler
     assert loaded.distribution == "unknown distribution"
     assert (loaded.codec, loaded.description) == ("json", "Doubles numbers")
     assert loaded.encode_result(loaded.handler(loaded.decode_payload(b"[1, 2]"))) == b"[2, 4]"
