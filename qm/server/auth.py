@@ -22,6 +22,7 @@ import dataclasses
 import ipaddress
 import logging
 import os
+import time
 
 import grpc
 
@@ -42,6 +43,8 @@ METHOD_ROLES = {
 OPEN_SERVICES = ("grpc.health.v1.Health",)
 AUTHORIZATION_KEY = "authorization"
 BEARER = "bearer "
+#: Least time between two log lines about refused calls (a flood must not flood the log).
+LOG_INTERVAL_S = 10.0
 
 _principal: contextvars.ContextVar[str | None] = contextvars.ContextVar("qm_principal", default=None)
 
@@ -140,6 +143,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, authenticator: Authenticator) -> None:
         self.authenticator = authenticator
+        self._refused_since_log = 0
+        self._logged_at = -LOG_INTERVAL_S
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -159,9 +164,17 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             name, role = self.authenticator.principal(context.invocation_metadata(), context.auth_context())
             authorize(method, role, name)
         except Denied as denied:
-            log.info("refused %s from %s: %s", method, context.peer(), denied.message)
+            self._log_refusal(method, context.peer(), denied)
             await context.abort(denied.code, denied.message)
         _principal.set(f"{name}:{role}")
+
+    def _log_refusal(self, method: str, peer: str, denied: Denied) -> None:
+        self._refused_since_log += 1
+        now = time.monotonic()
+        if now - self._logged_at >= LOG_INTERVAL_S:
+            log.warning("refused %d call(s) since the last report; the latest: %s from %s, %s: %s",
+                        self._refused_since_log, method, peer, denied.code.name, denied.message)
+            self._refused_since_log, self._logged_at = 0, now
 
     def _unary(self, behavior, method: str):
         async def authenticated(request, context):
