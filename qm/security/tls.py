@@ -7,6 +7,7 @@ certificate, plus optionally its own certificate and key for mTLS.
 from __future__ import annotations
 
 import dataclasses
+import ssl
 
 import grpc
 
@@ -25,6 +26,19 @@ def read_pem(path: str, key: str) -> bytes:
     if b"-----BEGIN " not in data:
         raise ConfigError(key, f"{path!r} is not a PEM file (no -----BEGIN line)")
     return data
+
+
+def check_pair(cert: str, key: str, prefix: str) -> None:
+    """ConfigError unless `key` is the private key of the certificate in `cert` (gRPC would
+    only say "Failed to bind")."""
+    read_pem(cert, f"{prefix}tls_cert")
+    read_pem(key, f"{prefix}tls_key")
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
+    except ssl.SSLError as exc:
+        raise ConfigError(f"{prefix}tls_key", f"{key!r} and the certificate {cert!r} do not make a pair "
+                                              f"({exc.reason or exc}): is it the certificate's own key, "
+                                              "unencrypted PEM?") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +61,7 @@ class ServerTLS:
         if not cert or not key:
             missing = "tls_cert" if not cert else "tls_key"
             raise ConfigError(f"{prefix}{missing}", "TLS needs both a certificate and its private key")
+        check_pair(cert, key, prefix)
         return cls(read_pem(cert, f"{prefix}tls_cert"), read_pem(key, f"{prefix}tls_key"),
                    read_pem(client_ca, f"{prefix}tls_client_ca") if client_ca else None)
 
@@ -74,6 +89,8 @@ class ClientTLS:
             if cert:
                 raise ConfigError(f"{section}.tls_ca", "a client certificate (mTLS) needs the server's CA too")
             return None
+        if cert and key:
+            check_pair(cert, key, f"{section}.")
         return cls(read_pem(ca, f"{section}.tls_ca"),
                    read_pem(cert, f"{section}.tls_cert") if cert else None,
                    read_pem(key, f"{section}.tls_key") if key else None)

@@ -107,7 +107,8 @@ def test_mtls_refuses_clients_without_a_certificate_of_its_ca_and_maps_common_na
         assert admin.dead_letters()[1] == 0
 
 
-def test_a_missing_or_unreadable_certificate_stops_the_start_naming_the_key(rabbitmq, launcher, certs, tmp_path):
+def test_a_missing_unreadable_or_mismatched_certificate_stops_the_start_naming_the_key(
+        rabbitmq, launcher, certs, tmp_path):
     missing = launcher.server(rabbitmq.url, wait_ready=False,
                               extra_args=["--tls-cert", str(certs.server.cert), "--tls-key", str(tmp_path / "nope")])
     assert missing.wait(60) == 2
@@ -117,6 +118,9 @@ def test_a_missing_or_unreadable_certificate_stops_the_start_naming_the_key(rabb
     garbage = launcher.server(rabbitmq.url, wait_ready=False,
                               extra_args=["--tls-cert", str(not_pem), "--tls-key", str(certs.server.key)])
     assert garbage.wait(60) == 2 and "server.tls_cert" in garbage.stderr and "PEM" in garbage.stderr
+    mismatched = launcher.server(rabbitmq.url, wait_ready=False,
+                                 extra_args=["--tls-cert", str(certs.server.cert), "--tls-key", str(certs.client.key)])
+    assert mismatched.wait(60) == 2 and "server.tls_key" in mismatched.stderr and "pair" in mismatched.stderr
 
 
 def test_the_worker_status_endpoint_takes_tls_and_tokens_and_keeps_health_open(rabbitmq, launcher, certs, tokens):
