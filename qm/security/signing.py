@@ -15,6 +15,7 @@ may wait in its queue longer than the submit window.
 """
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import hashlib
 import hmac
@@ -29,6 +30,9 @@ MAGIC = b"qm2"
 NONCE_BYTES = 16
 DIGEST_BYTES = 32
 _HEADER_TAIL = struct.Struct(">Q16s")  # expires_at_ms, nonce
+#: The idempotency key of the submission being validated (set by qm-server around a
+#: task type's validator): a submit retried under its key is not a replay.
+SUBMISSION_KEY: contextvars.ContextVar[str] = contextvars.ContextVar("qm_submission_key", default="")
 
 
 class SignatureError(ValidationError):
@@ -107,18 +111,24 @@ class Keyring:
 
 
 class ReplayGuard:
-    """Nonces seen until their expiry: the second submission of a signed payload is refused."""
+    """Nonces seen until their expiry: a signed payload is accepted for one submission.
+
+    The same submission retried (the same idempotency key, e.g. after the broker was
+    unavailable) passes; under another key, or none, it is a replay. A replay under the
+    same key is harmless: the server answers it with the task of that key."""
 
     def __init__(self) -> None:
-        self._seen: dict[bytes, int] = {}
+        self._seen: dict[bytes, tuple[int, str]] = {}  # nonce -> (expires_at_ms, idempotency key)
         self._lock = threading.Lock()
 
-    def check(self, signed: Signed, what: str = "payload") -> None:
+    def check(self, signed: Signed, what: str = "payload", key: str | None = None) -> None:
+        key = SUBMISSION_KEY.get() if key is None else key
         now_ms = time.time() * 1000
         with self._lock:
             if len(self._seen) > 1024:
-                self._seen = {nonce: expiry for nonce, expiry in self._seen.items() if expiry >= now_ms}
-            if signed.nonce in self._seen:
+                self._seen = {nonce: seen for nonce, seen in self._seen.items() if seen[0] >= now_ms}
+            first = self._seen.get(signed.nonce)
+            if first is not None and not (key and first[1] == key):
                 raise SignatureError(what, "this signed payload was submitted before (replay); qm.Executor signs "
                                            "every call afresh")
-            self._seen[signed.nonce] = signed.expires_at_ms
+            self._seen[signed.nonce] = (signed.expires_at_ms, key)

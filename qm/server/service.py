@@ -30,6 +30,7 @@ from qm.metrics import ServerMetrics
 from qm.protocol import Command, Control, Header
 from qm.registry import Registry
 from qm.retry import RetryPolicy
+from qm.security import signing
 from qm.server import idempotency, maintenance
 from qm.server.dead_letters import DeadLetters
 from qm.server.events import EventApplier
@@ -192,7 +193,13 @@ class TaskService:
     async def _accept(self, task_type: str, payload: bytes, queue: str, timeout_s: float, memory_limit_mb: int,
                       idempotency_key: str, retry_options: dict, soft_timeout_s: float = 0.0,
                       request_digest: str = "") -> TaskRecord:
-        self.validate(task_type, payload, queue)
+        # The idempotency key travels to validators that need it (qm/security/signing.py: a
+        # retried submit is not a replay of its signed payload).
+        submission = signing.SUBMISSION_KEY.set(idempotency_key)
+        try:
+            self.validate(task_type, payload, queue)
+        finally:
+            signing.SUBMISSION_KEY.reset(submission)
         declared = self.registry.get(task_type)
         limits = task_limits.resolve(
             declared, timeout_s, memory_limit_mb, default_timeout_s=self.default_timeout_s,

@@ -117,3 +117,25 @@ def test_a_short_executor_secret_stops_the_start_naming_the_key(rabbitmq, launch
     server = launcher.server(rabbitmq.url, env={"QM_EXECUTOR__SECRET": "too-short"}, wait_ready=False)
     assert server.wait(60) == 2
     assert "executor.secret" in server.stderr and "at least 32 characters" in server.stderr
+
+
+def test_a_submit_retried_under_its_key_after_a_broker_outage_is_not_taken_for_a_replay(own_rabbitmq, launcher):
+    """The server validates (and records the nonce) before it publishes: while RabbitMQ is
+    down the submit is UNAVAILABLE, and the client's retry under the same idempotency key
+    must be accepted once RabbitMQ is back; the same payload under another key is a replay."""
+    launcher.forget_queues(own_rabbitmq.url)  # the private node is gone before teardown
+    queue = launcher.queue(own_rabbitmq.url)
+    server = launcher.server(own_rabbitmq.url, env={"QM_EXECUTOR__SECRET": NEW_SECRET,
+                                                    "QM_BROKER__RECONNECT_MAX_DELAY_S": "1"})
+    payload = _call_payload(Keyring("1", {"1": NEW_SECRET}))
+    with stub(server.address) as client:
+        own_rabbitmq.stop()
+        down = refused(lambda: client.SubmitTask(_python_request(payload, queue, "retried"), timeout=30))
+        assert down.code() is grpc.StatusCode.UNAVAILABLE, down
+        mark = server.line_count()
+        own_rabbitmq.start()
+        server.wait_for_line(r"connected to RabbitMQ", 120, start=mark)
+        accepted = client.SubmitTask(_python_request(payload, queue, "retried"), timeout=30)
+        assert accepted.task_id
+        replay = refused(lambda: client.SubmitTask(_python_request(payload, queue, "another"), timeout=30))
+    assert replay.code() is grpc.StatusCode.INVALID_ARGUMENT and "replay" in replay.details()

@@ -53,6 +53,16 @@ def test_the_replay_guard_accepts_each_nonce_once():
         guard.check(keys.verify(blob))
 
 
+def test_a_submission_retried_under_its_idempotency_key_is_not_a_replay():
+    keys, guard = Keyring("1", {"1": SECRET}), ReplayGuard()
+    signed = keys.verify(keys.sign(b"data", 60))
+    guard.check(signed, key="k1")
+    guard.check(signed, key="k1")  # the client's retry after UNAVAILABLE: same key
+    for other in ("k2", ""):
+        with pytest.raises(SignatureError, match="replay"):
+            guard.check(signed, key=other)
+
+
 def test_tokens_are_stored_hashed_0600_and_expire_or_get_revoked(tmp_path):
     path = tmp_path / "tokens.json"
     tokens = TokenFile(str(path))
