@@ -9,6 +9,7 @@ from qm.errors import ConfigError
 from qm.security.tokens import TokenFile
 from qm.server.app import check_exposure
 from qm.worker.status import StatusEndpoint
+from tests.unit.aio import run
 
 
 @pytest.fixture
@@ -56,9 +57,11 @@ def test_certificate_roles_need_mtls_and_a_missing_tokens_file_names_its_key(tls
 
 def test_the_worker_status_endpoint_off_loopback_needs_tls_and_tokens_or_status_insecure():
     exposed = {"QM_WORKER__STATUS_LISTEN": "0.0.0.0:0"}
+
+    async def build(env: dict[str, str]) -> StatusEndpoint:  # grpc.aio objects want a loop
+        return StatusEndpoint.from_config(None, load_config(env=env).worker)  # type: ignore[arg-type]
+
     with pytest.raises(ConfigError) as refused:
-        StatusEndpoint.from_config(None, load_config(env=exposed).worker)  # type: ignore[arg-type]
+        run(build, exposed)
     assert refused.value.path == "worker.status_listen"
-    allowed = load_config(env=exposed | {"QM_WORKER__STATUS_INSECURE": "1"}).worker
-    endpoint = StatusEndpoint.from_config(None, allowed)  # type: ignore[arg-type]
-    assert endpoint.tls is None
+    assert run(build, exposed | {"QM_WORKER__STATUS_INSECURE": "1"}).tls is None
