@@ -103,7 +103,7 @@ def test_secret_bearing_variables_are_dropped_from_the_environment():
 
 
 def test_the_executor_secret_and_the_broker_password_can_come_from_files(tmp_path):
-    from qm.security.amqp import broker_url
+    from qm.security.amqp import broker_urls
 
     secret_file, password_file = tmp_path / "executor-secret", tmp_path / "rabbitmq-password"
     secret_file.write_text(SECRET + "\n")
@@ -113,11 +113,11 @@ def test_the_executor_secret_and_the_broker_password_can_come_from_files(tmp_pat
                               "QM_BROKER__PASSWORD_FILE": str(password_file)})
     keys = Keyring.from_config(config.executor)
     assert keys is not None and keys.verify(Keyring("7", {"7": SECRET}).sign(b"x", 60)).key_id == "7"
-    assert broker_url(config.broker) == "amqp://qm:p%40ss%2Fword@rabbit:5672/qm"
+    assert broker_urls(config.broker) == ["amqp://qm:p%40ss%2Fword@rabbit:5672/qm"]
 
     secret_file.write_text("short\n")
     with pytest.raises(ConfigError, match="at least 32"):
         Keyring.from_config(config.executor)
     with pytest.raises(ConfigError) as missing:
-        broker_url(load_config(env={"QM_BROKER__PASSWORD_FILE": str(tmp_path / "nope")}).broker)
+        broker_urls(load_config(env={"QM_BROKER__PASSWORD_FILE": str(tmp_path / "nope")}).broker)
     assert missing.value.path == "broker.password_file"
