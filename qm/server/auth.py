@@ -6,8 +6,8 @@ looked up in the tokens file, qm/security/tokens.py) or, when no token is sent, 
 verified client certificate of an mTLS connection whose common name is mapped to a role
 (`server.client_cert_roles`). Then its method's role is checked (`METHOD_ROLES`):
 
-    no credentials, unknown/expired/revoked token  → UNAUTHENTICATED
-    a role without the method's rights             → PERMISSION_DENIED
+    no credentials, unknown/expired/revoked token  → UNAUTHENTICATED (reason UNAUTHENTICATED)
+    a role without the method's rights             → PERMISSION_DENIED (reason PERMISSION_DENIED)
     grpc.health.v1                                 → always open (probes)
 
 The principal of an admitted call ("NAME:ROLE") is in a contextvar for the handler and
@@ -26,7 +26,9 @@ import time
 
 import grpc
 
+from qm.errors import PermissionDenied, QMError, Unauthenticated
 from qm.security import tokens
+from qm.server.servicer import abort_with
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +55,6 @@ def current_principal() -> str | None:
     """The caller of the RPC being handled, as "NAME:ROLE" (tokens: the token's name;
     client certificates: "CN=<common name>"); None when auth is off."""
     return _principal.get()
-
-
-class Denied(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 @dataclasses.dataclass
@@ -102,40 +97,36 @@ class Authenticator:
                         self.tokens_file, len(self._entries), exc)
 
     def principal(self, metadata, auth_context: dict) -> tuple[str, str]:
-        """(name, role) of the caller, or Denied(UNAUTHENTICATED)."""
+        """(name, role) of the caller; Unauthenticated, or PermissionDenied for a client
+        certificate without a role."""
         header = next((value for key, value in metadata or () if key == AUTHORIZATION_KEY), None)
         if header is not None:
             if not isinstance(header, str) or not header.lower().startswith(BEARER):
-                raise Denied(grpc.StatusCode.UNAUTHENTICATED,
-                             "the authorization metadata must be 'Bearer <token>'")
+                raise Unauthenticated("the authorization metadata must be 'Bearer <token>'")
             if not self.tokens_file:
-                raise Denied(grpc.StatusCode.UNAUTHENTICATED, "this server takes no tokens (no server.tokens_file); "
-                                                              "authenticate with a client certificate")
+                raise Unauthenticated("this server takes no tokens (no server.tokens_file); authenticate with a "
+                                      "client certificate")
             self._refresh()
             match = tokens.lookup(self._entries, header[len(BEARER):].strip())
             if match.entry is None or match.problem:
-                raise Denied(grpc.StatusCode.UNAUTHENTICATED, f"{match.problem}; ask an admin for a new token "
-                                                              "(qm token create)")
+                raise Unauthenticated(f"{match.problem}; ask an admin for a new token (qm token create)")
             return match.entry.name, match.entry.role
         names = [name.decode() for name in auth_context.get("x509_common_name", ())]
         if names:
             role = self.cert_roles.get(names[0])
             if role is None:
-                raise Denied(grpc.StatusCode.PERMISSION_DENIED,
-                             f"client certificate CN={names[0]} has no role: add it to server.client_cert_roles "
-                             "or send a token")
+                raise PermissionDenied(f"client certificate CN={names[0]} has no role: add it to "
+                                       "server.client_cert_roles or send a token")
             return f"CN={names[0]}", role
-        raise Denied(grpc.StatusCode.UNAUTHENTICATED,
-                     "this server needs credentials: send 'authorization: Bearer <token>' (qm --token, "
-                     "QM_CLIENT__TOKEN)" + (" or a client certificate" if self.cert_roles else ""))
+        raise Unauthenticated("this server needs credentials: send 'authorization: Bearer <token>' (qm --token, "
+                              "QM_CLIENT__TOKEN)" + (" or a client certificate" if self.cert_roles else ""))
 
 
 def authorize(method: str, role: str, name: str) -> None:
     service, _, short = method.lstrip("/").rpartition("/")
     needed = METHOD_ROLES.get(short, "admin")
     if not tokens.role_allows(role, needed):
-        raise Denied(grpc.StatusCode.PERMISSION_DENIED,
-                     f"{short} needs role {needed!r}; {name} has role {role!r}")
+        raise PermissionDenied(f"{short} needs role {needed!r}; {name} has role {role!r}")
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
@@ -163,17 +154,17 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         try:
             name, role = self.authenticator.principal(context.invocation_metadata(), context.auth_context())
             authorize(method, role, name)
-        except Denied as denied:
+        except (Unauthenticated, PermissionDenied) as denied:
             self._log_refusal(method, context.peer(), denied)
-            await context.abort(denied.code, denied.message)
+            await abort_with(context, denied)  # the status and reason from the one error map
         _principal.set(f"{name}:{role}")
 
-    def _log_refusal(self, method: str, peer: str, denied: Denied) -> None:
+    def _log_refusal(self, method: str, peer: str, denied: QMError) -> None:
         self._refused_since_log += 1
         now = time.monotonic()
         if now - self._logged_at >= LOG_INTERVAL_S:
             log.warning("refused %d call(s) since the last report; the latest: %s from %s, %s: %s",
-                        self._refused_since_log, method, peer, denied.code.name, denied.message)
+                        self._refused_since_log, method, peer, type(denied).__name__, denied)
             self._refused_since_log, self._logged_at = 0, now
 
     def _unary(self, behavior, method: str):

@@ -23,9 +23,11 @@ from qm.errors import (
     ConfigError,
     IdempotencyKeyReused,
     Overloaded,
+    PermissionDenied,
     QMError,
     TaskAlreadyFinished,
     TaskNotFound,
+    Unauthenticated,
     UnknownTaskType,
     ValidationError,
 )
@@ -46,6 +48,8 @@ _STATUS_OF: dict[type[QMError], tuple[grpc.StatusCode, Reason]] = {
     BrokerRefused: (grpc.StatusCode.FAILED_PRECONDITION, Reason.BROKER_REFUSED),
     IdempotencyKeyReused: (grpc.StatusCode.FAILED_PRECONDITION, Reason.IDEMPOTENCY_KEY_REUSED),
     Overloaded: (grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.OVERLOADED),  # refused by qm/server/admission.py
+    Unauthenticated: (grpc.StatusCode.UNAUTHENTICATED, Reason.UNAUTHENTICATED),  # refused by qm/server/auth.py
+    PermissionDenied: (grpc.StatusCode.PERMISSION_DENIED, Reason.PERMISSION_DENIED),
 }
 #: Any other domain error.
 _OTHER = (grpc.StatusCode.INTERNAL, Reason.SERVER_ERROR)

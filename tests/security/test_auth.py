@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 import qm
 import qm.aio
 from qm._proto.qm.v1 import task_queue_pb2
+from qm.client.common import error_reason
 from qm.client.credentials import ChannelSecurity
 from qm.security.tokens import TokenFile
 from tests.processes import run_qm, wait_until
@@ -81,6 +82,7 @@ def test_missing_wrong_malformed_expired_and_revoked_tokens_are_unauthenticated(
         error = refused(hostile)
         assert error.code() is UNAUTHENTICATED, (case, error)
         assert words in error.details(), (case, error.details())
+        assert error_reason(error) == "UNAUTHENTICATED"  # ErrorInfo, for clients that decide by reason
 
     malformed = refused(lambda: _submit_with_header(server.address, "Basic dXNlcjpwYXNz", queue))
     assert malformed.code() is UNAUTHENTICATED and "Bearer" in malformed.details()
@@ -104,7 +106,7 @@ def test_a_role_without_the_right_is_permission_denied_and_the_right_role_is_ser
             with attack(hostile):
                 assert_answers_normal_client(server.address, tokens.read)
             error = refused(hostile)
-            assert error.code() is PERMISSION_DENIED, (case, error)
+            assert error.code() is PERMISSION_DENIED and error_reason(error) == "PERMISSION_DENIED", (case, error)
             assert "needs role" in error.details(), (case, error.details())
         assert "SubmitTask needs role 'submit'; reader has role 'read'" in refused(denied["read submits"]).details()
         assert_nothing_stored(server, rabbitmq.url, queue)
