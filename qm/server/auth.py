@@ -123,7 +123,8 @@ class Authenticator:
 
 
 def authorize(method: str, role: str, name: str) -> None:
-    service, _, short = method.lstrip("/").rpartition("/")
+    """PermissionDenied unless `role` has the rights `method` ("/pkg.Service/Name") needs."""
+    short = method.rpartition("/")[2]
     needed = METHOD_ROLES.get(short, "admin")
     if not tokens.role_allows(role, needed):
         raise PermissionDenied(f"{short} needs role {needed!r}; {name} has role {role!r}")
