@@ -51,12 +51,12 @@ class ServerApp:
         self.registry = registry or plugin_registry.discover()
         self.broker = RabbitMQBroker(config.broker.url, config.broker.heartbeat_s,
                                      config.broker.reconnect_max_delay_s, connection_name="qm-server")
-        self.store = Store(self.identity.store_path)
+        metrics = ServerMetrics()
+        self.store = Store(self.identity.store_path, observer=metrics)
         server = config.server
         default_retry = RetryPolicy(server.default_max_retries, server.default_retry_backoff_s,
                                     server.default_retry_backoff_max_s, server.default_retry_jitter,
                                     server.default_retry_on_timeout)
-        metrics = ServerMetrics()
         self.service = TaskService(self.registry, self.store, self.broker,
                                    max_payload_bytes=server.max_payload_bytes,
                                    queue_type=config.broker.queue_type,
