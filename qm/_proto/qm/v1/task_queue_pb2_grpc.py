@@ -30,13 +30,22 @@ class TaskQueueStub:
     them, and inspect workers, task types and dead letters. Also served on the same port:
     grpc.health.v1.Health (service "" and "qm.v1.TaskQueue") and server reflection.
 
+    Every error qm-server answers on purpose carries a reason code: a google.rpc.ErrorInfo
+    in the status details (google.rpc.Status in the grpc-status-details-bin trailer), with
+    domain "qm.v1" and reason an ErrorReason name without its prefix ("BROKER_UNAVAILABLE").
+    Decide on the code and reason, never on the message text. An error without one came
+    from gRPC (qm-server not reached, deadline, cancel, message too large) or from a bug
+    in qm-server (UNKNOWN).
+
     Errors:
     - UNAVAILABLE: qm-server cannot be reached, or is shutting down. Safe to retry
     SubmitTask with the same idempotency_key.
     - DEADLINE_EXCEEDED: the deadline the client set passed before the answer came.
     - CANCELLED: the client cancelled the call.
     - RESOURCE_EXHAUSTED: the request is larger than gRPC's message size limit (4 MiB);
-    a payload under it but over server.max_payload_bytes gets INVALID_ARGUMENT.
+    a payload under it but over server.max_payload_bytes gets INVALID_ARGUMENT. Or
+    (reason OVERLOADED): server.max_concurrent_rpcs calls are in flight; retry after the
+    retry-pushback-ms trailer (milliseconds).
     - INTERNAL: an error qm-server has no more specific code for; the message says what
     happened.
     - UNKNOWN: an unexpected error in qm-server (a bug).
@@ -105,13 +114,22 @@ class TaskQueueServicer:
     them, and inspect workers, task types and dead letters. Also served on the same port:
     grpc.health.v1.Health (service "" and "qm.v1.TaskQueue") and server reflection.
 
+    Every error qm-server answers on purpose carries a reason code: a google.rpc.ErrorInfo
+    in the status details (google.rpc.Status in the grpc-status-details-bin trailer), with
+    domain "qm.v1" and reason an ErrorReason name without its prefix ("BROKER_UNAVAILABLE").
+    Decide on the code and reason, never on the message text. An error without one came
+    from gRPC (qm-server not reached, deadline, cancel, message too large) or from a bug
+    in qm-server (UNKNOWN).
+
     Errors:
     - UNAVAILABLE: qm-server cannot be reached, or is shutting down. Safe to retry
     SubmitTask with the same idempotency_key.
     - DEADLINE_EXCEEDED: the deadline the client set passed before the answer came.
     - CANCELLED: the client cancelled the call.
     - RESOURCE_EXHAUSTED: the request is larger than gRPC's message size limit (4 MiB);
-    a payload under it but over server.max_payload_bytes gets INVALID_ARGUMENT.
+    a payload under it but over server.max_payload_bytes gets INVALID_ARGUMENT. Or
+    (reason OVERLOADED): server.max_concurrent_rpcs calls are in flight; retry after the
+    retry-pushback-ms trailer (milliseconds).
     - INTERNAL: an error qm-server has no more specific code for; the message says what
     happened.
     - UNKNOWN: an unexpected error in qm-server (a bug).
@@ -309,13 +327,22 @@ class TaskQueue:
     them, and inspect workers, task types and dead letters. Also served on the same port:
     grpc.health.v1.Health (service "" and "qm.v1.TaskQueue") and server reflection.
 
+    Every error qm-server answers on purpose carries a reason code: a google.rpc.ErrorInfo
+    in the status details (google.rpc.Status in the grpc-status-details-bin trailer), with
+    domain "qm.v1" and reason an ErrorReason name without its prefix ("BROKER_UNAVAILABLE").
+    Decide on the code and reason, never on the message text. An error without one came
+    from gRPC (qm-server not reached, deadline, cancel, message too large) or from a bug
+    in qm-server (UNKNOWN).
+
     Errors:
     - UNAVAILABLE: qm-server cannot be reached, or is shutting down. Safe to retry
     SubmitTask with the same idempotency_key.
     - DEADLINE_EXCEEDED: the deadline the client set passed before the answer came.
     - CANCELLED: the client cancelled the call.
     - RESOURCE_EXHAUSTED: the request is larger than gRPC's message size limit (4 MiB);
-    a payload under it but over server.max_payload_bytes gets INVALID_ARGUMENT.
+    a payload under it but over server.max_payload_bytes gets INVALID_ARGUMENT. Or
+    (reason OVERLOADED): server.max_concurrent_rpcs calls are in flight; retry after the
+    retry-pushback-ms trailer (milliseconds).
     - INTERNAL: an error qm-server has no more specific code for; the message says what
     happened.
     - UNKNOWN: an unexpected error in qm-server (a bug).
