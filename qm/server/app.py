@@ -66,12 +66,12 @@ class ServerApp:
                         "events, dead-letter and heartbeat queues live on one node, and while that node is "
                         "down the server gets no events; set broker.server_queue_type: quorum (see "
                         "docs/architecture.md, 'A RabbitMQ cluster')", len(config.broker.node_urls))
-        self.store = Store(self.identity.store_path)
+        metrics = ServerMetrics()
+        self.store = Store(self.identity.store_path, observer=metrics)
         server = config.server
         default_retry = RetryPolicy(server.default_max_retries, server.default_retry_backoff_s,
                                     server.default_retry_backoff_max_s, server.default_retry_jitter,
                                     server.default_retry_on_timeout)
-        metrics = ServerMetrics()
         self.service = TaskService(self.registry, self.store, self.broker,
                                    max_payload_bytes=server.max_payload_bytes,
                                    queue_type=config.broker.queue_type,
@@ -147,7 +147,7 @@ class ServerApp:
         """Stop consuming, disconnect, close the store, then let go of the data directory."""
         await self.service.stop_events()
         await self.broker.close()
-        self.store.close()
+        await self.store.close()
         self.identity.release()
 
 
