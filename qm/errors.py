@@ -42,6 +42,21 @@ class BrokerUnavailable(QMError):
     """The message broker cannot be reached or refused the message."""
 
 
+class QueueFull(BrokerUnavailable):
+    """RabbitMQ refused a message (basic.nack): its work queue is at its length cap
+    (broker.max_queue_length, overflow reject-publish). A BrokerUnavailable for code that
+    retries publishes; the API answers it RESOURCE_EXHAUSTED."""
+
+
+class ValidatorsBusy(QMError):
+    """Every payload-validator thread is still busy after the time budget (validators
+    that run long): the submission was not checked; a later retry may be."""
+
+    def __init__(self, threads: int, timeout_s: float):
+        super().__init__(f"all {threads} payload validator threads (server.validate_threads) are busy with "
+                         f"validations over their budget of {timeout_s:g} s; retry later")
+
+
 class BrokerRefused(QMError):
     """The broker refused a declaration or look-up (AMQP 404 NOT_FOUND, 406
     PRECONDITION_FAILED: a queue exists with other arguments); the connection stays up."""

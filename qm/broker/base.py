@@ -9,11 +9,12 @@ the broker has already requeued it.
 from __future__ import annotations
 
 import abc
+import asyncio
 import dataclasses
 import logging
 from typing import Any, Callable
 
-from qm.errors import BrokerUnavailable
+from qm.errors import BrokerUnavailable, QueueFull
 
 log = logging.getLogger(__name__)
 
@@ -132,16 +133,30 @@ class Broker(abc.ABC):
 
 #: Longest wait for the broker to come back before trying a publish again.
 REPUBLISH_WAIT_S = 5.0
+#: Publishes RabbitMQ refused (basic.nack: a full queue) tried again before giving up.
+MAX_REFUSED_PUBLISHES = 5
+#: Pause after a refused publish, doubled each time (0.5 + 1 + 2 + 4 s before giving up).
+REFUSED_BACKOFF_S = 0.5
 
 
 async def publish_until_confirmed(broker: Broker, exchange: str, routing_key: str, body: bytes,
                                   headers: dict[str, Any], what: str) -> None:
     """Publish until the broker confirms, waiting out disconnections (for messages that are
-    a task's value or its only copy). `what` names the message in the warning."""
+    a task's value or its only copy). `what` names the message in the warning. A message
+    the broker refuses (QueueFull) is tried MAX_REFUSED_PUBLISHES times, then the refusal
+    is raised: a refusal does not pass by waiting for a connection."""
+    refused = 0
     while True:
         try:
             await broker.publish(exchange, routing_key, body, headers)
             return
+        except QueueFull:
+            refused += 1
+            if refused >= MAX_REFUSED_PUBLISHES:
+                raise
+            log.warning("%s: %s refused the message (%d of %d tries); retrying", what, exchange or "(default)",
+                        refused, MAX_REFUSED_PUBLISHES)
+            await asyncio.sleep(REFUSED_BACKOFF_S * 2 ** (refused - 1))
         except BrokerUnavailable as exc:
             log.warning("%s: cannot publish to %s yet (%s); retrying", what, exchange or "(default)", exc)
             await broker.wait_connected(REPUBLISH_WAIT_S)

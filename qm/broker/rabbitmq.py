@@ -41,7 +41,7 @@ from pika.adapters.asyncio_connection import AsyncioConnection
 from pika.adapters.utils import connection_workflow
 
 from qm.broker.base import EXCHANGE_KINDS, Broker, Delivery, DeliveryCallback
-from qm.errors import BrokerRefused, BrokerUnavailable, ConsumerRefused
+from qm.errors import BrokerRefused, BrokerUnavailable, ConsumerRefused, QueueFull
 
 log = logging.getLogger(__name__)
 
@@ -319,7 +319,9 @@ class RabbitMQBroker(Broker):
             if future is None or future.done():
                 continue
             if refused:
-                future.set_exception(BrokerUnavailable(f"RabbitMQ at {self._where} refused the message"))
+                future.set_exception(QueueFull(
+                    f"RabbitMQ at {self._where} refused the message (basic.nack): its queue is full "
+                    "(broker.max_queue_length); retry later, once workers have taken tasks from it"))
             else:
                 future.set_result(None)
 
