@@ -15,7 +15,7 @@ from qm import registry as plugin_registry
 from qm._proto.qm.v1 import task_queue_pb2, task_queue_pb2_grpc
 from qm.broker import topology
 from qm.broker.rabbitmq import RabbitMQBroker
-from qm.config import Config, export_executor_secret, load_config, parse_host_port
+from qm.config import Config, ServerConfig, export_executor_secret, load_config, parse_host_port
 from qm.errors import ConfigError, ConsumerRefused, DuplicateServer, ServerIdentityError
 from qm.logs import setup_logging
 from qm.metrics import ServerMetrics
@@ -23,9 +23,12 @@ from qm.metrics import serve as serve_metrics
 from qm.retry import RetryPolicy
 from qm.server import identity
 from qm.server.admission import CORE_OPTIONS, AdmissionInterceptor
+from qm.server.caps import SubmitCaps
+from qm.server.quotas import QuotaInterceptor, SubmitRateLimiter
 from qm.server.service import TaskService
 from qm.server.servicer import TaskQueueServicer
 from qm.server.store import Store
+from qm.server.validators import PayloadValidators
 
 log = logging.getLogger("qm.server")
 
@@ -45,6 +48,7 @@ class ServerApp:
     """
 
     def __init__(self, config: Config, registry: plugin_registry.Registry | None = None) -> None:
+        check_caps(config)
         self.config = config
         self.identity = identity.claim(config.server.data_dir, config.server.id)
         self.server_id = self.identity.server_id
@@ -68,12 +72,24 @@ class ServerApp:
                                    metrics=metrics, worker_lost_after_s=server.worker_lost_after_s,
                                    reconcile_interval_s=server.reconcile_interval_s,
                                    reconcile_after_s=server.reconcile_after_s,
-                                   max_batch_items=server.max_batch_items)
+                                   max_batch_items=server.max_batch_items,
+                                   caps=SubmitCaps(server.queues, server.max_task_timeout_s,
+                                                   server.max_task_memory_limit_mb, server.max_retries),
+                                   validators=PayloadValidators(server.validate_timeout_s, server.validate_threads),
+                                   max_queue_length=config.broker.max_queue_length)
+        self.service.dead_letters.max_listed = server.max_dead_letters_listed
+        self.service.dead_letters.retention_s = server.dead_letter_retention_s
         self.health = health.aio.HealthServicer()
         # Overload: calls queue in gRPC (core never sheds them) or are refused with
         # RESOURCE_EXHAUSTED beyond server.max_concurrent_rpcs (qm.server.admission).
         self.admission = AdmissionInterceptor(SERVICE_NAME, server.max_concurrent_rpcs, metrics)
-        self.grpc_server = grpc.aio.server(interceptors=[self.admission], options=CORE_OPTIONS)
+        # Per-caller submit rate and stream caps (qm.server.quotas); message sizes and
+        # streams per connection are gRPC core's (grpc_options).
+        self.quotas = QuotaInterceptor(SERVICE_NAME, SubmitRateLimiter(server.submit_rate_per_s, server.submit_burst),
+                                       server.max_stream_ids, server.max_stream_s,
+                                       on_refused=lambda method: metrics.rate_limited.labels(method).inc())
+        self.grpc_server = grpc.aio.server(interceptors=[self.admission, self.quotas],
+                                           options=CORE_OPTIONS + grpc_options(server))
         self.port = 0
 
     async def start(self) -> int:
@@ -119,9 +135,27 @@ class ServerApp:
     async def _release(self) -> None:
         """Stop consuming, disconnect, close the store, then let go of the data directory."""
         await self.service.stop_events()
+        self.service.validators.close()
         await self.broker.close()
         self.store.close()
         self.identity.release()
+
+
+def grpc_options(server: ServerConfig) -> tuple[tuple[str, int], ...]:
+    """gRPC core's own caps: message sizes both ways (a bigger one is refused
+    RESOURCE_EXHAUSTED by gRPC itself) and concurrent streams (calls) per connection."""
+    return (("grpc.max_receive_message_length", server.max_message_bytes),
+            ("grpc.max_send_message_length", server.max_message_bytes),
+            ("grpc.max_concurrent_streams", server.max_concurrent_streams))
+
+
+def check_caps(config: Config) -> None:
+    """Caps that must agree with each other; ConfigError naming the key otherwise."""
+    server = config.server
+    if server.submit_rate_per_s and server.submit_burst < server.max_batch_items:
+        raise ConfigError("server.submit_burst", (
+            f"{server.submit_burst} is below server.max_batch_items ({server.max_batch_items}): a full batch "
+            "could never be admitted; raise the burst or lower the batch size"))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -143,6 +177,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "(server.id). Default: the id in the data dir's file server-id, generated "
                              "on first start as server-HOSTNAME-RANDOM. Every live server needs its own "
                              "id and data dir; a second one on either is refused (exit 2)")
+    parser.add_argument("--queues", metavar="NAMES",
+                        help="logical queues clients may submit to, comma-separated; a name or a pattern with * "
+                             "('*' = any valid name). Others are refused INVALID_ARGUMENT (server.queues, "
+                             "default: default)")
     parser.add_argument("--metrics-port", metavar="PORT",
                         help="serve Prometheus /metrics on this port; 0 = off (server.metrics_port)")
     parser.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING or ERROR (log.level)")
@@ -170,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             "server.listen": args.listen, "broker.url": args.broker_url,
             "server.data_dir": args.data_dir, "server.id": args.server_id, "log.level": args.log_level,
             "log.format": args.log_format,
-            "server.metrics_port": args.metrics_port})
+            "server.metrics_port": args.metrics_port, "server.queues": args.queues})
     except ConfigError as exc:
         print(f"qm-server: {exc}", file=sys.stderr)
         return EXIT_REFUSED

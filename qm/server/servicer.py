@@ -18,9 +18,11 @@ from qm.errors import (
     ConfigError,
     IdempotencyKeyReused,
     QMError,
+    QueueFull,
     TaskAlreadyFinished,
     TaskNotFound,
     ValidationError,
+    ValidatorsBusy,
 )
 from qm.server.service import TaskService
 from qm.server.store import TaskRecord
@@ -36,6 +38,8 @@ _STATUS_OF: dict[type[QMError], grpc.StatusCode] = {
     ConfigError: grpc.StatusCode.FAILED_PRECONDITION,    # e.g. a work queue of another type
     BrokerRefused: grpc.StatusCode.FAILED_PRECONDITION,
     IdempotencyKeyReused: grpc.StatusCode.FAILED_PRECONDITION,
+    QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,       # the work queue is at broker.max_queue_length
+    ValidatorsBusy: grpc.StatusCode.RESOURCE_EXHAUSTED,  # every validator thread over its budget
 }
 
 
