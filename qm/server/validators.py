@@ -8,8 +8,12 @@ pool of threads (`server.validate_threads`) and the submit waits at most
 
 * over budget → ValidationError("payload", ...) → INVALID_ARGUMENT (the payload is too
   costly to accept; retrying the same one would not help);
-* every thread still busy after the budget (validators that never return) →
-  `ValidatorsBusy` → RESOURCE_EXHAUSTED (others' payloads; a retry may succeed).
+* every thread held by a check already over its budget (validators that never return) →
+  `ValidatorsBusy` → RESOURCE_EXHAUSTED (others' payloads; a retry may succeed). Checks
+  within their budget are waited for: a batch's items queue for the threads.
+
+A task type with no validator and a text or bytes codec is checked inline: decoding is
+linear in a payload already bounded by `server.max_payload_bytes`.
 
 Python cannot stop a thread: a validator over budget keeps its thread until it returns,
 and that thread counts as busy meanwhile, so at most `validate_threads` such runaway
@@ -35,24 +39,50 @@ class PayloadValidators:
         self.threads = threads
         self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="validator")
         self._free = asyncio.Semaphore(threads)
+        self.overdue = 0  # threads held by a check past its budget (a runaway validator)
 
     async def check(self, declared: TaskType, payload: bytes) -> None:
         """Raise ValidationError unless `payload` is acceptable for `declared`."""
+        if declared.validate is None and declared.codec != "json":
+            _check(declared, payload)  # decoding text or bytes only: linear, bounded by max_payload_bytes
+            return
+        await self._acquire()
+        loop = asyncio.get_running_loop()
+        state = {"overdue": False}
+
+        def release() -> None:  # when the thread is really done, however long it took
+            if state["overdue"]:
+                self.overdue -= 1
+            self._free.release()
+
+        done = self._pool.submit(_check, declared, payload)
+        done.add_done_callback(lambda _done: loop.call_soon_threadsafe(release))
         try:
             async with asyncio.timeout(self.timeout_s):
-                await self._free.acquire()
+                await asyncio.wrap_future(done)
         except TimeoutError:
-            raise ValidatorsBusy(self.threads, self.timeout_s) from None
-        future = asyncio.get_running_loop().run_in_executor(self._pool, _check, declared, payload)
-        future.add_done_callback(lambda _done: self._free.release())  # when the thread is really done
-        try:
-            await asyncio.wait_for(asyncio.shield(future), self.timeout_s)
-        except TimeoutError:
+            if not done.done():
+                state["overdue"] = True
+                self.overdue += 1
             log.warning("validator of task type %s ran over its budget of %g s (server.validate_timeout_s)",
                         declared.name, self.timeout_s)
             raise ValidationError("payload", (
                 f"validating this payload for task type {declared.name!r} took over {self.timeout_s:g} s "
                 "(server.validate_timeout_s); send a smaller or simpler payload")) from None
+
+    async def _acquire(self) -> None:
+        """Wait for a free thread; ValidatorsBusy while every thread is held by a runaway.
+        Checks within their budget free their thread soon, so waiting behind them (a batch's
+        items, a burst) is bounded; only runaways are refused."""
+        while True:
+            if self.overdue >= self.threads:
+                raise ValidatorsBusy(self.threads, self.timeout_s)
+            try:
+                async with asyncio.timeout(self.timeout_s):
+                    await self._free.acquire()
+                return
+            except TimeoutError:
+                continue  # look again whether the holders have become runaways
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -139,6 +139,10 @@ def test_with_authentication_the_caller_is_the_principal(monkeypatch):
 
 # -- validators off the loop, within a budget -------------------------------------------
 
+#: A task type whose (quick) validator runs on a validator thread.
+FINE = TaskType("fine", lambda payload: payload, validate=lambda payload: None)
+
+
 def _blocking_type(release: threading.Event) -> TaskType:
     return TaskType("blocking", lambda payload: payload, validate=lambda payload: release.wait(10))
 
@@ -163,20 +167,35 @@ def test_a_validator_over_budget_is_refused_while_the_loop_keeps_serving():
             assert "server.validate_timeout_s" in slow.value.message
             assert ticks > 1, "the event loop was blocked by the validator"
             with pytest.raises(ValidatorsBusy):  # its only thread is still held by the runaway
-                await validators.check(TaskType("fine", lambda p: p), b"x")
+                await validators.check(FINE, b"x")
             release.set()
 
-            async def thread_back():  # each refusal waits out the budget: no busy loop
-                while True:
-                    try:
-                        return await validators.check(TaskType("fine", lambda p: p), b"x")
-                    except ValidatorsBusy:
-                        continue
+            async def thread_back():
+                while validators.overdue:  # the runaway returns once released
+                    await asyncio.sleep(0.01)
 
             await within(thread_back())
+            await validators.check(FINE, b"x")
         finally:
             release.set()
             ticker.cancel()
+            validators.close()
+
+    run(body)
+
+
+def test_a_batch_waits_for_the_threads_instead_of_being_refused():
+    """Checks within their budget are queued for: 150 items of 20 ms on one thread with a
+    1 s budget all pass, though together they take three times the budget."""
+    def takes_20_ms(payload):
+        threading.Event().wait(0.02)
+
+    async def body():
+        validators = PayloadValidators(timeout_s=1.0, threads=1)
+        try:
+            quick = TaskType("quick", lambda p: p, validate=takes_20_ms)
+            await asyncio.gather(*(validators.check(quick, b"x") for _ in range(150)))
+        finally:
             validators.close()
 
     run(body)
