@@ -86,6 +86,36 @@ class DuplicateServer(ServerIdentityError):
     """Another live qm-server already uses this data directory or this server id."""
 
 
+class Overloaded(QMError):
+    """qm-server has server.max_concurrent_rpcs calls in flight: a new call is refused at
+    once (RESOURCE_EXHAUSTED), with a retry hint."""
+
+    def __init__(self, in_flight: int, limit: int, retry_after_ms: int):
+        self.retry_after_ms = retry_after_ms
+        super().__init__(f"qm-server is overloaded: {in_flight} calls in flight, the limit "
+                         f"(server.max_concurrent_rpcs) is {limit}; retry in {retry_after_ms} ms")
+
+
+class RateLimited(QMError):
+    """The caller submitted faster than server.submit_rate_per_s allows: refused at once
+    (RESOURCE_EXHAUSTED), nothing submitted, with the wait until it may."""
+
+    def __init__(self, count: int, rate_per_s: float, burst: int, retry_after_ms: int):
+        self.retry_after_ms = retry_after_ms
+        super().__init__(f"submit rate limit reached: {count} task(s) refused, nothing submitted; this caller may "
+                         f"submit {rate_per_s:g} tasks/s with bursts of {burst} (server.submit_rate_per_s, "
+                         f"server.submit_burst); retry in {retry_after_ms} ms")
+
+
+class StreamExpired(QMError):
+    """A StreamTaskResults stream was open for server.max_stream_s: it ends (UNAVAILABLE);
+    a new one picks up the tasks still followed."""
+
+    def __init__(self, max_stream_s: float):
+        super().__init__(f"this stream was open for {max_stream_s:g} s, the longest a result stream may last "
+                         "(server.max_stream_s); open a new one for the tasks still followed")
+
+
 class TaskNotFound(QMError):
     """No task with that id is known to this server."""
 
@@ -143,12 +173,14 @@ class BatchError(QMError):
 @dataclasses.dataclass(frozen=True)
 class RefusedItem:
     """One refused item of a batch: its position (0-based), task type, the gRPC status code
-    name SubmitTask would have answered it with, and why."""
+    name SubmitTask would have answered it with, why, and qm-server's reason code (a
+    qm.reasons.Reason; None if the call failed without reaching it)."""
 
     index: int
     type: str
     code: str
     message: str
+    reason: str | None = None
 
 
 class TaskError(QMError):

@@ -4,12 +4,13 @@
   caller (`caller_key`); SubmitTask takes one token, SubmitTasks one per item, all or
   none. Refused: RESOURCE_EXHAUSTED, a message saying when to retry, and the wait in the
   trailing metadata `retry-pushback-ms` (what qm clients and gRPC's retry policy read).
-  Nothing of a refused call is validated, stored or enqueued. Rate 0 = no limit.
+  Nothing of a refused call is validated, stored or enqueued. Rate 0 = no limit. Reason
+  code RATE_LIMITED (the servicer's error map, as every refusal).
 * StreamTaskResults: at most `server.max_stream_ids` ids sent on one stream (repeats
   count), else INVALID_ARGUMENT naming the limit (retrying the same stream would not
   help; open another for more); a stream open longer than `server.max_stream_s` ends
-  UNAVAILABLE with a message saying so (qm clients open a new one for the ids still
-  open, as after a server restart).
+  UNAVAILABLE, reason STREAM_EXPIRED, with a message saying so (qm clients open a new one
+  for the ids still open, as after a server restart).
 
 The caller is the authenticated principal when authentication is on
 (`qm.server.auth.current_principal()`), else the peer's address without its port, so
@@ -27,8 +28,9 @@ from typing import Any, Callable
 
 import grpc
 
-from qm.errors import ValidationError
+from qm.errors import RateLimited, StreamExpired, ValidationError
 from qm.server.admission import RETRY_PUSHBACK_KEY
+from qm.server.servicer import abort_with, rich_status
 
 log = logging.getLogger(__name__)
 
@@ -147,12 +149,9 @@ class QuotaInterceptor(grpc.aio.ServerInterceptor):
                         "%g, server.submit_burst %d), the last from %s", self._refused_since_log,
                         self.limiter.rate_per_s, self.limiter.burst, caller_key(context))
             self._refused_since_log, self._logged_at = 0, now
-        await context.abort(
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-            f"submit rate limit reached: {count} task(s) refused, nothing submitted; this caller may submit "
-            f"{self.limiter.rate_per_s:g} tasks/s with bursts of {self.limiter.burst} (server.submit_rate_per_s, "
-            f"server.submit_burst); retry in {retry_ms} ms",
-            trailing_metadata=((RETRY_PUSHBACK_KEY, str(retry_ms)),))
+        status = rich_status(RateLimited(count, self.limiter.rate_per_s, self.limiter.burst, retry_ms))
+        hint = (RETRY_PUSHBACK_KEY, str(retry_ms))
+        await context.abort(status.code, status.details, trailing_metadata=(hint, *status.trailing_metadata))
 
     def _capped_stream(self, behavior):
         async def capped(request_iterator, context):
@@ -166,9 +165,7 @@ class QuotaInterceptor(grpc.aio.ServerInterceptor):
                     except StopAsyncIteration:
                         return
                     except TimeoutError:
-                        await context.abort(grpc.StatusCode.UNAVAILABLE, (
-                            f"this stream was open for {self.max_stream_s:g} s, the longest a result stream may "
-                            "last (server.max_stream_s); open a new one for the tasks still followed"))
+                        await abort_with(context, StreamExpired(self.max_stream_s))
                     yield response
             finally:
                 await responses.aclose()

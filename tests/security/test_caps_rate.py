@@ -14,6 +14,7 @@ import pytest
 
 import qm
 from qm._proto.qm.v1 import task_queue_pb2
+from qm.client.common import error_reason
 from qm.server.admission import RETRY_PUSHBACK_KEY
 from tests.processes import unique, wait_until
 from tests.security.caps_support import (
@@ -60,6 +61,7 @@ def test_a_flood_over_the_rate_limit_is_refused_with_a_retry_hint(stack):
     assert {error.code() for error in refused} == {grpc.StatusCode.RESOURCE_EXHAUSTED}, refused[:3]
     assert BURST <= len(accepted) <= BURST + RATE_PER_S * elapsed_s + 1, (len(accepted), elapsed_s)
     for error in refused:
+        assert error_reason(error) == "RATE_LIMITED", error
         assert "server.submit_rate_per_s" in error.details() and "retry in" in error.details(), error.details()
         assert int(trailing(error)[RETRY_PUSHBACK_KEY]) > 0, trailing(error)
     # Only what was accepted is stored and enqueued.
@@ -81,6 +83,7 @@ def test_a_batch_over_the_rate_limit_is_refused_whole(stack):
     normal.check()
     assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value
     assert f"{BURST} task(s) refused" in refused.value.details(), refused.value.details()
+    assert error_reason(refused.value) == "RATE_LIMITED"
     assert stored_tasks(stack.server) == stored
 
 

@@ -12,6 +12,7 @@ import pytest
 
 import qm
 from qm._proto.qm.v1 import task_queue_pb2
+from qm.client.common import error_reason
 from tests.processes import unique
 from tests.security.caps_support import (
     CALL_TIMEOUT_S,
@@ -58,6 +59,7 @@ def test_an_oversized_message_is_refused_resource_exhausted(stack):
     error = refused_leaves_nothing(stack, lambda: submit_error(stack.stub, "test.echo", five_mib, stack.capped))
     assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED, error
     assert "larger than max" in error.details(), error.details()
+    assert error_reason(error) is None, "refused by gRPC itself, before qm-server read it"
 
 
 def test_100000_ids_in_one_stream_are_refused_invalid_argument(stack):
@@ -72,6 +74,7 @@ def test_100000_ids_in_one_stream_are_refused_invalid_argument(stack):
     error = refused_leaves_nothing(stack, attack)
     assert error.code() is grpc.StatusCode.INVALID_ARGUMENT, error
     assert "server.max_stream_ids" in error.details() and "10000" in error.details(), error.details()
+    assert error_reason(error) == "INVALID_FIELD"
 
 
 def test_an_unknown_queue_is_refused_and_never_declared(stack):
@@ -79,6 +82,7 @@ def test_an_unknown_queue_is_refused_and_never_declared(stack):
     error = refused_leaves_nothing(stack, lambda: submit_error(stack.stub, "math", b"1 + 1", unknown))
     assert error.code() is grpc.StatusCode.INVALID_ARGUMENT, error
     assert "queue" in error.details() and "server.queues" in error.details(), error.details()
+    assert error_reason(error) == "INVALID_FIELD"
     assert ready_messages(stack.broker_url, unknown) is None, "an unknown queue became a RabbitMQ queue"
 
 
@@ -149,3 +153,4 @@ def test_a_full_queue_refuses_resource_exhausted_and_stores_nothing(stack):
     error = refused_leaves_nothing(stack, lambda: submit_error(stack.stub, "test.echo", b"one more", stack.capped))
     assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED, error
     assert "broker.max_queue_length" in error.details(), error.details()
+    assert error_reason(error) == "QUEUE_FULL"

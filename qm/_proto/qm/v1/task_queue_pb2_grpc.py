@@ -30,15 +30,23 @@ class TaskQueueStub:
     them, and inspect workers, task types and dead letters. Also served on the same port:
     grpc.health.v1.Health (service "" and "qm.v1.TaskQueue") and server reflection.
 
+    Every error qm-server answers on purpose carries a reason code: a google.rpc.ErrorInfo
+    in the status details (google.rpc.Status in the grpc-status-details-bin trailer), with
+    domain "qm.v1" and reason an ErrorReason name without its prefix ("BROKER_UNAVAILABLE").
+    Decide on the code and reason, never on the message text. An error without one came
+    from gRPC (qm-server not reached, deadline, cancel, message too large) or from a bug
+    in qm-server (UNKNOWN).
+
     Errors:
     - UNAVAILABLE: qm-server cannot be reached, or is shutting down. Safe to retry
     SubmitTask with the same idempotency_key.
     - DEADLINE_EXCEEDED: the deadline the client set passed before the answer came.
     - CANCELLED: the client cancelled the call.
     - RESOURCE_EXHAUSTED: the request is larger than gRPC's message size limit
-    (server.max_message_bytes, default 4 MiB); a payload under it but over
-    server.max_payload_bytes gets INVALID_ARGUMENT. Or more calls are in flight than
-    server.max_concurrent_rpcs; retry after the trailing metadata retry-pushback-ms.
+    (server.max_message_bytes, default 4 MiB; no reason: gRPC refused it); a payload
+    under it but over server.max_payload_bytes gets INVALID_ARGUMENT. Or (reason
+    OVERLOADED): server.max_concurrent_rpcs calls are in flight; retry after the
+    retry-pushback-ms trailer (milliseconds).
     - INTERNAL: an error qm-server has no more specific code for; the message says what
     happened.
     - UNKNOWN: an unexpected error in qm-server (a bug).
@@ -107,15 +115,23 @@ class TaskQueueServicer:
     them, and inspect workers, task types and dead letters. Also served on the same port:
     grpc.health.v1.Health (service "" and "qm.v1.TaskQueue") and server reflection.
 
+    Every error qm-server answers on purpose carries a reason code: a google.rpc.ErrorInfo
+    in the status details (google.rpc.Status in the grpc-status-details-bin trailer), with
+    domain "qm.v1" and reason an ErrorReason name without its prefix ("BROKER_UNAVAILABLE").
+    Decide on the code and reason, never on the message text. An error without one came
+    from gRPC (qm-server not reached, deadline, cancel, message too large) or from a bug
+    in qm-server (UNKNOWN).
+
     Errors:
     - UNAVAILABLE: qm-server cannot be reached, or is shutting down. Safe to retry
     SubmitTask with the same idempotency_key.
     - DEADLINE_EXCEEDED: the deadline the client set passed before the answer came.
     - CANCELLED: the client cancelled the call.
     - RESOURCE_EXHAUSTED: the request is larger than gRPC's message size limit
-    (server.max_message_bytes, default 4 MiB); a payload under it but over
-    server.max_payload_bytes gets INVALID_ARGUMENT. Or more calls are in flight than
-    server.max_concurrent_rpcs; retry after the trailing metadata retry-pushback-ms.
+    (server.max_message_bytes, default 4 MiB; no reason: gRPC refused it); a payload
+    under it but over server.max_payload_bytes gets INVALID_ARGUMENT. Or (reason
+    OVERLOADED): server.max_concurrent_rpcs calls are in flight; retry after the
+    retry-pushback-ms trailer (milliseconds).
     - INTERNAL: an error qm-server has no more specific code for; the message says what
     happened.
     - UNKNOWN: an unexpected error in qm-server (a bug).
@@ -135,10 +151,11 @@ class TaskQueueServicer:
         consumer_timeout; memory_limit_mb: over server.max_task_memory_limit_mb;
         max_retries: over server.max_retries; retry_backoff_s, retry_backoff_max_s:
         negative; idempotency_key: over 200 characters). Nothing was stored or enqueued.
-        - RESOURCE_EXHAUSTED: this caller submitted faster than server.submit_rate_per_s
-        (the message and the trailing metadata retry-pushback-ms say when to retry); or the
-        work queue holds broker.max_queue_length tasks; or every payload validator thread
-        is busy. Nothing was stored or enqueued; retry later with the same idempotency_key.
+        - RESOURCE_EXHAUSTED: reason RATE_LIMITED: this caller submitted faster than
+        server.submit_rate_per_s (the message and the retry-pushback-ms trailer say when
+        to retry); QUEUE_FULL: the work queue holds broker.max_queue_length tasks;
+        VALIDATORS_BUSY: every payload validator thread is held by a check over its
+        budget. Nothing was stored or enqueued; retry later with the same idempotency_key.
         - UNAVAILABLE: RabbitMQ is unreachable or did not confirm the message (the message
         names RabbitMQ); nothing was stored. Retry with the same idempotency_key.
         - FAILED_PRECONDITION: the idempotency_key was already used for another request (a
@@ -163,8 +180,9 @@ class TaskQueueServicer:
         Errors:
         - INVALID_ARGUMENT: more items than server.max_batch_items (default 1000); the
         message names the limit; nothing was submitted. Per-item errors are in the results.
-        - RESOURCE_EXHAUSTED: the items would take this caller over server.submit_rate_per_s
-        (each item counts); nothing was submitted; retry after retry-pushback-ms.
+        - RESOURCE_EXHAUSTED: reason RATE_LIMITED: the items would take this caller over
+        server.submit_rate_per_s (each item counts); nothing was submitted; retry after
+        retry-pushback-ms.
         - UNAVAILABLE: qm-server cannot be reached; retry the batch with the same keys.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -191,8 +209,8 @@ class TaskQueueServicer:
         - NOT_FOUND: one of the ids is unknown; the stream ends with it, naming the id.
         - INVALID_ARGUMENT: the stream named more ids than server.max_stream_ids (default
         10,000; repeats count); follow more tasks on further streams.
-        - UNAVAILABLE: the stream was open for server.max_stream_s (default 1 h); open a new
-        one for the tasks still followed (qm clients do).
+        - UNAVAILABLE: reason STREAM_EXPIRED: the stream was open for server.max_stream_s
+        (default 1 h); open a new one for the tasks still followed (qm clients do).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -327,15 +345,23 @@ class TaskQueue:
     them, and inspect workers, task types and dead letters. Also served on the same port:
     grpc.health.v1.Health (service "" and "qm.v1.TaskQueue") and server reflection.
 
+    Every error qm-server answers on purpose carries a reason code: a google.rpc.ErrorInfo
+    in the status details (google.rpc.Status in the grpc-status-details-bin trailer), with
+    domain "qm.v1" and reason an ErrorReason name without its prefix ("BROKER_UNAVAILABLE").
+    Decide on the code and reason, never on the message text. An error without one came
+    from gRPC (qm-server not reached, deadline, cancel, message too large) or from a bug
+    in qm-server (UNKNOWN).
+
     Errors:
     - UNAVAILABLE: qm-server cannot be reached, or is shutting down. Safe to retry
     SubmitTask with the same idempotency_key.
     - DEADLINE_EXCEEDED: the deadline the client set passed before the answer came.
     - CANCELLED: the client cancelled the call.
     - RESOURCE_EXHAUSTED: the request is larger than gRPC's message size limit
-    (server.max_message_bytes, default 4 MiB); a payload under it but over
-    server.max_payload_bytes gets INVALID_ARGUMENT. Or more calls are in flight than
-    server.max_concurrent_rpcs; retry after the trailing metadata retry-pushback-ms.
+    (server.max_message_bytes, default 4 MiB; no reason: gRPC refused it); a payload
+    under it but over server.max_payload_bytes gets INVALID_ARGUMENT. Or (reason
+    OVERLOADED): server.max_concurrent_rpcs calls are in flight; retry after the
+    retry-pushback-ms trailer (milliseconds).
     - INTERNAL: an error qm-server has no more specific code for; the message says what
     happened.
     - UNKNOWN: an unexpected error in qm-server (a bug).
