@@ -15,6 +15,7 @@ import pytest
 import qm
 from qm._proto.qm.v1 import task_queue_pb2
 from qm.client.common import error_reason
+from qm.errors import WaitTimeout
 from qm.server.admission import RETRY_PUSHBACK_KEY
 from tests.processes import unique, wait_until
 from tests.security.caps_support import (
@@ -29,13 +30,16 @@ from tests.security.caps_support import (
 RATE_PER_S = 10
 BURST = 20
 FLOOD = 200
+#: server.max_stream_s of this module's server.
+STREAM_S = 2
 
 
 @pytest.fixture(scope="module")
 def stack(rabbitmq, tmp_path_factory):
     queue = unique("caps-rate")
     env = {"QM_SERVER__QUEUES": queue, "QM_SERVER__SUBMIT_RATE_PER_S": str(RATE_PER_S),
-           "QM_SERVER__SUBMIT_BURST": str(BURST), "QM_SERVER__MAX_BATCH_ITEMS": str(BURST)}
+           "QM_SERVER__SUBMIT_BURST": str(BURST), "QM_SERVER__MAX_BATCH_ITEMS": str(BURST),
+           "QM_SERVER__MAX_STREAM_S": str(STREAM_S)}
     with caps_stack(rabbitmq.url, tmp_path_factory.mktemp("rate"), env, [queue]) as stack:
         stack.queue = queue
         yield stack
@@ -95,3 +99,18 @@ def test_a_client_that_honours_the_hint_gets_every_task_in(stack):
         ids = client.submit_many([("math", f"{i} * 2") for i in range(count)], queue=stack.queue)
     assert len(set(ids)) == count
     assert stored_tasks(stack.server) == stored + count
+
+
+def test_a_stream_open_past_its_lifetime_ends_unavailable_and_the_client_resumes(stack):
+    """No worker here: the task stays QUEUED, so only the lifetime can end the stream."""
+    task_id = wait_until(lambda: (lambda outcome: outcome if isinstance(outcome, str) else None)(submit(stack, 7)),
+                         timeout_s=30, message="a submit within the rate limit")
+    request = task_queue_pb2.StreamTaskResultsRequest(task_ids=[task_id])
+    with pytest.raises(grpc.RpcError) as ended:
+        for _ in stack.stub.StreamTaskResults(iter([request]), timeout=CALL_TIMEOUT_S):
+            pass
+    assert ended.value.code() is grpc.StatusCode.UNAVAILABLE, ended.value
+    assert error_reason(ended.value) == "STREAM_EXPIRED" and "server.max_stream_s" in ended.value.details()
+    with qm.Client(stack.server.address) as client:  # a qm client rides it out: resumes on a new stream
+        with pytest.raises(WaitTimeout):
+            list(client.watch([task_id], timeout_s=3 * STREAM_S))
