@@ -44,8 +44,9 @@ class BrokerUnavailable(QMError):
 
 class QueueFull(BrokerUnavailable):
     """RabbitMQ refused a message (basic.nack): its work queue is at its length cap
-    (broker.max_queue_length, overflow reject-publish). A BrokerUnavailable for code that
-    retries publishes; the API answers it RESOURCE_EXHAUSTED."""
+    (broker.max_queue_length, overflow reject-publish), or, on a cluster, a quorum queue
+    has no leader for the moment. A BrokerUnavailable for code that retries publishes;
+    the API answers it RESOURCE_EXHAUSTED (QUEUE_FULL): both pass with time."""
 
 
 class ValidatorsBusy(QMError):
@@ -55,6 +56,11 @@ class ValidatorsBusy(QMError):
     def __init__(self, threads: int, timeout_s: float):
         super().__init__(f"all {threads} payload validator threads (server.validate_threads) are busy with "
                          f"validations over their budget of {timeout_s:g} s; retry later")
+
+
+class PublishOutcomeUnknown(BrokerUnavailable):
+    """The message was handed to the broker, but the connection was lost before its confirm:
+    the broker may hold it (a quorum queue on the surviving nodes) or not."""
 
 
 class BrokerRefused(QMError):

@@ -14,7 +14,7 @@ import dataclasses
 import logging
 from typing import Any, Callable
 
-from qm.errors import BrokerUnavailable, QueueFull
+from qm.errors import BrokerUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -133,30 +133,34 @@ class Broker(abc.ABC):
 
 #: Longest wait for the broker to come back before trying a publish again.
 REPUBLISH_WAIT_S = 5.0
-#: Publishes RabbitMQ refused (basic.nack: a full queue) tried again before giving up.
-MAX_REFUSED_PUBLISHES = 5
-#: Pause after a refused publish, doubled each time (0.5 + 1 + 2 + 4 s before giving up).
-REFUSED_BACKOFF_S = 0.5
+#: First pause after the broker refused (nacked) a publish while connected; doubles up to
+#: REPUBLISH_WAIT_S. A quorum queue nacks while it has no leader (a node of the cluster went
+#: away): trying again at once would only spin.
+REFUSED_BACKOFF_S = 0.1
+#: How long refusals (basic.nack: a full queue, a quorum queue without a leader) are tried
+#: again before the refusal is raised: far beyond a leader election, yet bounded.
+MAX_REFUSED_S = 120.0
 
 
 async def publish_until_confirmed(broker: Broker, exchange: str, routing_key: str, body: bytes,
                                   headers: dict[str, Any], what: str) -> None:
     """Publish until the broker confirms, waiting out disconnections (for messages that are
-    a task's value or its only copy). `what` names the message in the warning. A message
-    the broker refuses (QueueFull) is tried MAX_REFUSED_PUBLISHES times, then the refusal
-    is raised: a refusal does not pass by waiting for a connection."""
-    refused = 0
+    a task's value or its only copy). `what` names the message in the warning. Refusals
+    while connected are tried again with a growing pause for MAX_REFUSED_S, then raised:
+    a refusal that lasts is not waited out for ever."""
+    refused_backoff_s = REFUSED_BACKOFF_S
+    refused_for_s = 0.0
     while True:
         try:
             await broker.publish(exchange, routing_key, body, headers)
             return
-        except QueueFull:
-            refused += 1
-            if refused >= MAX_REFUSED_PUBLISHES:
-                raise
-            log.warning("%s: %s refused the message (%d of %d tries); retrying", what, exchange or "(default)",
-                        refused, MAX_REFUSED_PUBLISHES)
-            await asyncio.sleep(REFUSED_BACKOFF_S * 2 ** (refused - 1))
         except BrokerUnavailable as exc:
             log.warning("%s: cannot publish to %s yet (%s); retrying", what, exchange or "(default)", exc)
-            await broker.wait_connected(REPUBLISH_WAIT_S)
+            if broker.connected:  # refused, not disconnected
+                if refused_for_s >= MAX_REFUSED_S:
+                    raise
+                await asyncio.sleep(refused_backoff_s)
+                refused_for_s += refused_backoff_s
+                refused_backoff_s = min(refused_backoff_s * 2, REPUBLISH_WAIT_S)
+            else:
+                await broker.wait_connected(REPUBLISH_WAIT_S)
