@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import importlib
 import logging
 import math
+import sys
 import time
 from typing import Any, Callable
 
@@ -41,13 +43,24 @@ MAX_TRACKED_CALLERS = 10_000
 LOG_INTERVAL_S = 10.0
 
 
+#: Where authentication (another part of issue 12) exposes `current_principal() -> str | None`.
+AUTH_MODULE = "qm.server.auth"
+
+
+@functools.cache
+def _auth_module():
+    """The authentication module, looked up once (a failed import is not cached by Python,
+    and searching for it on every submit would cost file system look-ups)."""
+    try:
+        return importlib.import_module(AUTH_MODULE)
+    except ImportError:
+        return None
+
+
 def caller_key(context: Any) -> str:
     """Who is calling, for quotas: the principal if authentication named one, else the
     peer address without its port ("ipv4:10.0.0.5", "ipv6:[::1]")."""
-    try:
-        auth = importlib.import_module("qm.server.auth")
-    except ImportError:
-        auth = None
+    auth = sys.modules.get(AUTH_MODULE) or _auth_module()
     principal = auth.current_principal() if auth is not None else None
     if principal:
         return f"principal:{principal}"
