@@ -214,10 +214,19 @@ class Supervisor:
         if new_prefetch is None or self.draining:
             return
         log.info("prefetch now %d per queue (mean task time %.3f s)", new_prefetch, self.prefetch.mean_s)
+        if new_prefetch < previous:
+            self._background.spawn(self._lower_prefetch(new_prefetch))
+            return
         for tag in self._consumer_tags:
             self._background.spawn(self._set_prefetch(tag, new_prefetch))
-        if new_prefetch < previous:
-            self._release_excess(new_prefetch)
+
+    async def _lower_prefetch(self, prefetch: int) -> None:
+        """Swap the consumers to the lower prefetch, then give back the excess. In that order:
+        a copy given back earlier could be in flight to a consumer the swap cancels, and a
+        quorum queue returns such deliveries marked redelivered (suspects again)."""
+        await asyncio.gather(*(self._set_prefetch(tag, prefetch) for tag in self._consumer_tags))
+        if not self.draining:
+            self._release_excess(self.prefetch.value)
 
     def _release_excess(self, prefetch: int) -> None:
         """Tasks turned long: give back deliveries buffered beyond the new prefetch, so an
@@ -227,7 +236,8 @@ class Supervisor:
         waiting = [handler for handler in self._unsettled if handler in self._waiting]
         released = [handler for handler in waiting[room:] if not self._unsettled[handler].redelivered]
         if released:
-            log.info("prefetch dropped: giving back %d waiting deliveries", len(released))
+            log.info("prefetch dropped: giving back %d waiting deliveries (tasks %s)", len(released),
+                     ", ".join(str(self._unsettled[handler].headers.get(Header.TASK_ID)) for handler in released))
         for handler in released:
             self._give_back(handler)
 
