@@ -317,6 +317,7 @@ class ServerConfig:
     worker_lost_after_s: float = _setting(30.0, _to_float, _above(0))
     reconcile_interval_s: float = _setting(30.0, _to_float, _above(0))
     reconcile_after_s: float = _setting(60.0, _to_float, _above(0))
+    max_delay_s: float = _setting(604800.0, _to_float, _above(0), _at_most(604800.0))
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ class TaskMessage:
     memory_limit_mb: int = 0
     retry: RetryPolicy = RetryPolicy()
     soft_timeout_s: float = 0.0  # when the task gets qm.SoftTimeout; 0 = never
+    not_before_s: float | None = None  # run no earlier (a delayed task; qm/scheduling.py)
 
     def encode(self) -> bytes:
         retry = messages_pb2.RetryPolicy(max_retries=self.retry.max_retries, backoff_s=self.retry.backoff_s,
@@ -40,6 +41,8 @@ class TaskMessage:
                                            memory_limit_mb=self.memory_limit_mb, retry=retry,
                                            soft_timeout_s=self.soft_timeout_s)
         message.enqueued_at.FromNanoseconds(int(self.enqueued_at_s * 1e9))
+        if self.not_before_s is not None:
+            message.not_before.FromNanoseconds(int(self.not_before_s * 1e9))
         return message.SerializeToString()
 
     @classmethod
@@ -51,7 +54,8 @@ class TaskMessage:
                             message.retry.jitter, message.retry.on_timeout)
         return cls(message.task_id, message.type, message.payload, message.queue,
                    message.attempt or 1, message.enqueued_at.ToNanoseconds() / 1e9,
-                   message.timeout_s, message.memory_limit_mb, retry, message.soft_timeout_s)
+                   message.timeout_s, message.memory_limit_mb, retry, message.soft_timeout_s,
+                   message.not_before.ToNanoseconds() / 1e9 if message.HasField("not_before") else None)
 
     def headers(self) -> dict[str, object]:
         """AMQP headers naming the task, so operators can read a message without decoding it."""

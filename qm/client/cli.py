@@ -77,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--memory-limit", metavar="MB", type=int, default=0,
                         help="memory limit in MiB (RSS with subprocesses); the task is killed over it "
                              "(MEMORY_EXCEEDED). Default: the task type's, else the server's, else none")
+    when = submit.add_mutually_exclusive_group()
+    when.add_argument("--in", dest="delay", metavar="S", type=float,
+                      help="run no earlier than S seconds from now (SCHEDULED until then; at most "
+                           "server.max_delay_s, default 7 days)")
+    when.add_argument("--at", dest="not_before", metavar="ISO-8601", type=_epoch_s,
+                      help="run no earlier than this time, e.g. 2026-12-24T18:00:00Z (no offset: local "
+                           "time); a time already past runs now")
     submit.add_argument("--max-retries", metavar="N", type=int,
                         help="retries after the first attempt for FAILED/CRASHED (default: the type's, else the "
                              "server's, server.default_max_retries)")
@@ -161,6 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _epoch_s(text: str) -> float:
+    """An ISO-8601 time (`--at`) as seconds since the epoch; without an offset, local time."""
+    try:
+        return datetime.datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO-8601 time, e.g. 2026-12-24T18:00:00Z") from None
+
+
 def _when(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -180,7 +195,8 @@ def _show(status: TaskStatus) -> str:
             ("attempts", status.attempts), ("result", "" if status.result is None else status.result),
             ("error", status.error), ("worker", status.worker or "-"),
             ("limits", f"timeout {status.timeout_s:g} s, memory {memory}, retries {status.max_retries}"),
-            ("next try", _when(status.next_attempt_at)),
+            ("due" if status.state in (TaskState.SCHEDULED, TaskState.QUEUED) else "next try",
+             _when(status.next_attempt_at)),
             ("created", _when(status.created_at)), ("started", _when(status.started_at)),
             ("finished", _when(status.finished_at))]
     return "\n".join(f"{name:<9} {value}" for name, value in rows)
@@ -194,6 +210,8 @@ def _change_line(status: TaskStatus) -> str:
         detail = status.error.splitlines()[0]
         if status.state is TaskState.RETRYING and status.next_attempt_at:
             detail += f" (next attempt at {_when(status.next_attempt_at)})"
+    elif status.state is TaskState.SCHEDULED:
+        detail = f"(due at {_when(status.next_attempt_at)})"
     return f"{_when(status.updated_at)} {status.task_id} {status.state} {detail}".rstrip()
 
 
@@ -202,7 +220,8 @@ def cmd_submit(client: Client, args) -> int:
     options = dict(queue=args.queue, timeout_s=args.timeout, memory_limit_mb=args.memory_limit,
                    max_retries=args.max_retries, retry_backoff_s=args.retry_backoff,
                    retry_backoff_max_s=args.retry_backoff_max, retry_jitter=args.retry_jitter,
-                   retry_on_timeout=args.retry_on_timeout, soft_timeout_s=args.soft_timeout)
+                   retry_on_timeout=args.retry_on_timeout, soft_timeout_s=args.soft_timeout,
+                   delay_s=args.delay, not_before=args.not_before)
     if args.from_file is not None:
         return _submit_lines(client, args, options)
     payload = sys.stdin.read() if args.payload == "-" else args.payload

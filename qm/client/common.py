@@ -222,7 +222,7 @@ _OPTIONAL_FIELDS = ("max_retries", "retry_backoff_s", "retry_backoff_max_s", "re
                     "retry_on_timeout")
 #: Options submit and submit_many take.
 SUBMIT_OPTIONS = ("queue", "timeout_s", "soft_timeout_s", "memory_limit_mb", *_OPTIONAL_FIELDS,
-                  "idempotency_key")
+                  "idempotency_key", "delay_s", "not_before")
 
 
 def submit_request(type: str, payload: Any, *, queue: str = "", timeout_s: float = 0.0,
@@ -230,16 +230,20 @@ def submit_request(type: str, payload: Any, *, queue: str = "", timeout_s: float
                    retry_backoff_s: float | None = None, retry_backoff_max_s: float | None = None,
                    retry_jitter: bool | None = None, retry_on_timeout: bool | None = None,
                    idempotency_key: str | None = None,
-                   soft_timeout_s: float = 0.0) -> task_queue_pb2.SubmitTaskRequest:
+                   soft_timeout_s: float = 0.0, delay_s: float | None = None,
+                   not_before: float | None = None) -> task_queue_pb2.SubmitTaskRequest:
     """The request of one submit; it always carries an idempotency key (a fresh one unless
-    given), so retrying it can never enqueue the task twice."""
+    given), so retrying it can never enqueue the task twice. `delay_s` or `not_before`
+    (seconds since the epoch) make it a delayed task."""
     request = task_queue_pb2.SubmitTaskRequest(
         type=type, payload=encode_payload(payload), queue=queue, timeout_s=timeout_s,
         memory_limit_mb=memory_limit_mb, idempotency_key=idempotency_key or str(uuid.uuid4()),
         soft_timeout_s=soft_timeout_s)
     optional = dict(max_retries=max_retries, retry_backoff_s=retry_backoff_s,
                     retry_backoff_max_s=retry_backoff_max_s, retry_jitter=retry_jitter,
-                    retry_on_timeout=retry_on_timeout)
+                    retry_on_timeout=retry_on_timeout, delay_s=delay_s)
+    if not_before is not None:
+        request.not_before.FromNanoseconds(int(not_before * 1e9))
     for field, value in optional.items():
         if value is not None:
             setattr(request, field, value)
@@ -364,7 +368,7 @@ class TaskStatus:
     timeout_s: float = 0.0         # effective hard time limit
     memory_limit_mb: int = 0       # effective memory limit; 0 = none
     max_retries: int = 0           # effective retry budget
-    next_attempt_at: float | None = None  # while RETRYING
+    next_attempt_at: float | None = None  # while RETRYING; while SCHEDULED (or QUEUED after it): when due
 
     @property
     def terminal(self) -> bool:

@@ -75,7 +75,8 @@ class ServerApp:
                                    metrics=metrics, worker_lost_after_s=server.worker_lost_after_s,
                                    reconcile_interval_s=server.reconcile_interval_s,
                                    reconcile_after_s=server.reconcile_after_s,
-                                   max_batch_items=server.max_batch_items)
+                                   max_batch_items=server.max_batch_items,
+                                   max_delay_s=server.max_delay_s)
         self.health = health.aio.HealthServicer()
         # Overload: calls queue in gRPC (core never sheds them) or are refused with
         # RESOURCE_EXHAUSTED beyond server.max_concurrent_rpcs (qm.server.admission).

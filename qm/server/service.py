@@ -13,7 +13,7 @@ import uuid
 from typing import Sequence
 
 from qm import limits as task_limits
-from qm import retry
+from qm import retry, scheduling
 from qm.broker import topology
 from qm.broker.base import Broker
 from qm.broker.migrate import migrate_legacy_delay_tiers
@@ -67,7 +67,8 @@ class TaskService:
                  consumer_timeout_s: float = 1800.0, default_retry: RetryPolicy = RetryPolicy(),
                  retention_s: float = 7 * 86400.0, metrics: ServerMetrics | None = None,
                  worker_lost_after_s: float = 30.0, reconcile_interval_s: float = 30.0,
-                 reconcile_after_s: float = 60.0, max_batch_items: int = DEFAULT_MAX_BATCH_ITEMS) -> None:
+                 reconcile_after_s: float = 60.0, max_batch_items: int = DEFAULT_MAX_BATCH_ITEMS,
+                 max_delay_s: float = scheduling.DEFAULT_MAX_DELAY_S) -> None:
         self.registry = registry
         self._codecs = {name: declared.codec for name, declared in registry.types.items()}
         self.store = store
@@ -83,8 +84,10 @@ class TaskService:
         self.consumer_timeout_s = consumer_timeout_s
         self.default_retry = default_retry
         self.retention_s = retention_s
+        self.max_delay_s = max_delay_s
         self.metrics = metrics or ServerMetrics()
         self._declared_queues: set[str] = set()
+        self._declared_tiers: set[int] = set()
         self._pending_keys: dict[str, asyncio.Future] = {}
         self._tasks: list[asyncio.Task] = []
         self.events = EventApplier(store, broker, self.hub, self.metrics, self._codecs, delivery_limit)
@@ -111,6 +114,7 @@ class TaskService:
 
     async def submit(self, task_type: str, payload: bytes, queue: str = "", *, timeout_s: float = 0.0,
                      memory_limit_mb: int = 0, idempotency_key: str = "", soft_timeout_s: float = 0.0,
+                     delay_s: float | None = None, not_before_s: float | None = None,
                      **retry_options) -> TaskRecord:
         """Accept a task: it is durable in RabbitMQ when this returns.
 
@@ -118,6 +122,7 @@ class TaskService:
         the first task is returned and nothing is enqueued; with another request,
         IdempotencyKeyReused (qm/server/idempotency.py). `retry_options` are RetryPolicy
         fields (max_retries, backoff_s, backoff_max_s, jitter, on_timeout); None = default.
+        `delay_s` or `not_before_s` (epoch seconds) make a SCHEDULED task (qm/scheduling.py).
         """
         if len(idempotency_key) > MAX_IDEMPOTENCY_KEY_CHARS:
             raise ValidationError("idempotency_key", f"longer than {MAX_IDEMPOTENCY_KEY_CHARS} characters")
@@ -141,7 +146,7 @@ class TaskService:
         try:
             record = await self._accept(task_type, payload, queue or topology.DEFAULT_QUEUE, timeout_s,
                                         memory_limit_mb, idempotency_key, retry_options, soft_timeout_s,
-                                        digest)
+                                        digest, scheduling.Delay(delay_s, not_before_s))
             future.set_result(record)
             self.metrics.submissions.labels(task_type, "accepted").inc()
             return record
@@ -178,7 +183,8 @@ class TaskService:
                 return await self.submit(item.type, item.payload, item.queue, timeout_s=item.timeout_s,
                                          memory_limit_mb=item.memory_limit_mb,
                                          idempotency_key=item.idempotency_key,
-                                         soft_timeout_s=item.soft_timeout_s, **item.retry_options)
+                                         soft_timeout_s=item.soft_timeout_s, delay_s=item.delay_s,
+                                         not_before_s=item.not_before_s, **item.retry_options)
             except QMError as exc:
                 return exc
 
@@ -194,7 +200,7 @@ class TaskService:
 
     async def _accept(self, task_type: str, payload: bytes, queue: str, timeout_s: float, memory_limit_mb: int,
                       idempotency_key: str, retry_options: dict, soft_timeout_s: float = 0.0,
-                      request_digest: str = "") -> TaskRecord:
+                      request_digest: str = "", delay: scheduling.Delay = scheduling.NO_DELAY) -> TaskRecord:
         self.validate(task_type, payload, queue)
         declared = self.registry.get(task_type)
         limits = task_limits.resolve(
@@ -202,14 +208,15 @@ class TaskService:
             default_memory_limit_mb=self.default_memory_limit_mb, consumer_timeout_s=self.consumer_timeout_s,
             soft_timeout_s=soft_timeout_s)
         policy = retry.resolve(declared, self.default_retry, **retry_options)
+        now = time.time()
+        due_s = delay.due_at(now, self.max_delay_s)
         if not self.broker.connected:
             raise self.broker.unavailable()
-        now = time.time()
         record = TaskRecord.queued(str(uuid.uuid4()), task_type, queue, declared.codec, now, limits.timeout_s,
                                    limits.memory_limit_mb, idempotency_key, policy.max_retries,
-                                   request_digest=request_digest)
+                                   request_digest=request_digest, due_s=due_s)
         message = TaskMessage(record.task_id, task_type, payload, queue, 1, now, limits.timeout_s,
-                              limits.memory_limit_mb, policy, limits.soft_timeout_s)
+                              limits.memory_limit_mb, policy, limits.soft_timeout_s, due_s)
         await self.enqueue(record, message)
         return record
 
@@ -220,9 +227,10 @@ class TaskService:
         await self._ensure_queue(message.queue)
         body = message.encode()
         self.store.insert_unconfirmed(record, message.queue, body)
+        exchange = await self._exchange_for(message)
         started = time.perf_counter()
         try:
-            await self.broker.publish(topology.TASKS_EXCHANGE, message.queue, body, message.headers())
+            await self.broker.publish(exchange, message.queue, body, message.headers())
         except PublishOutcomeUnknown:
             # Sent, but the connection died before the confirm: RabbitMQ may hold the task (a
             # quorum queue on the surviving nodes). Keep it, unconfirmed: the client's retry
@@ -236,6 +244,17 @@ class TaskService:
             raise
         self.store.confirm(record.task_id)
         self.metrics.confirm_seconds.observe(time.perf_counter() - started)
+
+    async def _exchange_for(self, message: TaskMessage) -> str:
+        """qm.tasks, or for a delayed task the delay tier it waits in first (qm/scheduling.py),
+        counted from its acceptance (a delay of exactly one tier takes one hop)."""
+        tier_s = scheduling.hop_tier_s(message.not_before_s, message.enqueued_at_s)
+        if tier_s is None:
+            return topology.TASKS_EXCHANGE
+        if tier_s not in self._declared_tiers:
+            await topology.declare_delay_tier(self.broker, tier_s)
+            self._declared_tiers.add(tier_s)
+        return topology.delay_tier_name(tier_s)
 
     async def _publish_unconfirmed(self, task_id: str | None = None) -> None:
         """Publish again what a previous run of this server stored but never saw confirmed

@@ -16,6 +16,7 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from qm import scheduling
 from qm._proto.qm.v1 import task_queue_pb2, task_queue_pb2_grpc
 from qm.errors import (
     BrokerRefused,
@@ -97,9 +98,11 @@ def _maps_errors(method):
 
 
 def record_to_proto(record: TaskRecord) -> task_queue_pb2.TaskStatus:
+    """The TaskStatus users see (a SCHEDULED task past its due time shows QUEUED)."""
+    state = scheduling.shown_state(record.state, record.next_attempt_at, time.time())
     status = task_queue_pb2.TaskStatus(
         task_id=record.task_id, type=record.type, queue=record.queue,
-        state=int(record.state),  # type: ignore[arg-type]  # protoc .pyi: enum fields typed as the enum class; they take ints
+        state=int(state),  # type: ignore[arg-type]  # protoc .pyi: enum fields typed as the enum class; they take ints
         attempts=record.attempts, result=record.result or b"", codec=record.codec,
         error=record.error, worker=record.worker, timeout_s=record.timeout_s,
         memory_limit_mb=record.memory_limit_mb, max_retries=record.max_retries)
@@ -120,7 +123,9 @@ def submission_from_proto(request: task_queue_pb2.SubmitTaskRequest) -> Submissi
     retry_options = {option: getattr(request, field) if request.HasField(field) else None
                      for field, option in _RETRY_FIELDS.items()}
     return Submission(request.type, request.payload, request.queue, request.timeout_s, request.memory_limit_mb,
-                      request.idempotency_key, request.soft_timeout_s, retry_options)
+                      request.idempotency_key, request.soft_timeout_s, retry_options,
+                      request.delay_s if request.HasField("delay_s") else None,
+                      request.not_before.ToNanoseconds() / 1e9 if request.HasField("not_before") else None)
 
 
 class TaskQueueServicer(task_queue_pb2_grpc.TaskQueueServicer):
@@ -133,7 +138,8 @@ class TaskQueueServicer(task_queue_pb2_grpc.TaskQueueServicer):
         record = await self.service.submit(item.type, item.payload, item.queue, timeout_s=item.timeout_s,
                                            memory_limit_mb=item.memory_limit_mb,
                                            idempotency_key=item.idempotency_key,
-                                           soft_timeout_s=item.soft_timeout_s, **item.retry_options)
+                                           soft_timeout_s=item.soft_timeout_s, delay_s=item.delay_s,
+                                           not_before_s=item.not_before_s, **item.retry_options)
         return task_queue_pb2.SubmitTaskResponse(
             task_id=record.task_id,
             state=int(record.state))  # type: ignore[arg-type]  # protoc .pyi: enum fields typed as the enum class; they take ints

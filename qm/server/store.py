@@ -90,6 +90,7 @@ CREATE INDEX IF NOT EXISTS tasks_by_idempotency_key ON tasks (idempotency_key) W
 CREATE INDEX IF NOT EXISTS tasks_by_finished_at ON tasks (finished_at) WHERE finished_at IS NOT NULL;
 CREATE INDEX IF NOT EXISTS retrying_by_due ON tasks (queue, next_attempt_at) WHERE state = {int(TaskState.RETRYING)};
 CREATE INDEX IF NOT EXISTS running_by_deadline ON tasks (started_at + timeout_s) WHERE state = {int(TaskState.RUNNING)};
+CREATE INDEX IF NOT EXISTS scheduled_by_due ON tasks (queue, next_attempt_at) WHERE state = {int(TaskState.SCHEDULED)};
 CREATE INDEX IF NOT EXISTS queued_by_queue ON tasks (queue, created_at) WHERE state = {int(TaskState.QUEUED)};
 CREATE INDEX IF NOT EXISTS dead_letters_by_dead_at ON dead_letters (dead_at);
 """
@@ -125,17 +126,19 @@ class TaskRecord:
     memory_limit_mb: int = 0      # effective memory limit; 0 = none
     idempotency_key: str = ""
     max_retries: int = 0
-    next_attempt_at: float | None = None  # while RETRYING
+    next_attempt_at: float | None = None  # while RETRYING; while SCHEDULED: when due
     starts: int = 0               # RUNNING events seen, redelivered ones too (poison detection)
     request_digest: str = ""      # of the request, kept with its idempotency key (qm/server/idempotency.py)
 
     @classmethod
     def queued(cls, task_id: str, type: str, queue: str, codec: str, at_s: float, timeout_s: float = 0.0,
                memory_limit_mb: int = 0, idempotency_key: str = "", max_retries: int = 0,
-               request_digest: str = "") -> TaskRecord:
-        """A task just accepted (or first heard of), QUEUED at `at_s`."""
-        return cls(task_id, type, queue, codec, TaskState.QUEUED, 0, None, "", "", at_s, None, None, at_s,
-                   timeout_s, memory_limit_mb, idempotency_key, max_retries, request_digest=request_digest)
+               request_digest: str = "", due_s: float | None = None) -> TaskRecord:
+        """A task just accepted (or first heard of), QUEUED at `at_s`; SCHEDULED if due at `due_s`."""
+        state = TaskState.QUEUED if due_s is None else TaskState.SCHEDULED
+        return cls(task_id, type, queue, codec, state, 0, None, "", "", at_s, None, None, at_s,
+                   timeout_s, memory_limit_mb, idempotency_key, max_retries, next_attempt_at=due_s,
+                   request_digest=request_digest)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,6 +288,11 @@ class Store:
     def overdue_retries(self, queue: str, due_before_s: float, limit: int) -> list[TaskRecord]:
         """RETRYING tasks of a logical queue whose next attempt was due before `due_before_s`."""
         return self._select(f"WHERE state = {int(TaskState.RETRYING)} AND queue = ? AND next_attempt_at < ? "
+                            "ORDER BY next_attempt_at LIMIT ?", (queue, due_before_s, limit))
+
+    def overdue_scheduled(self, queue: str, due_before_s: float, limit: int) -> list[TaskRecord]:
+        """SCHEDULED tasks of a logical queue that were due before `due_before_s` (never started)."""
+        return self._select(f"WHERE state = {int(TaskState.SCHEDULED)} AND queue = ? AND next_attempt_at < ? "
                             "ORDER BY next_attempt_at LIMIT ?", (queue, due_before_s, limit))
 
     def overdue_runs(self, deadline_before_s: float, limit: int) -> list[TaskRecord]:

@@ -29,7 +29,7 @@ import time
 
 import qm
 from qm import limits as task_limits
-from qm import retry
+from qm import retry, scheduling
 from qm.background import Background
 from qm.broker import topology
 from qm.broker.base import REPUBLISH_WAIT_S, Broker, Delivery
@@ -148,6 +148,10 @@ class Supervisor:
         if self.control.is_cancelled(message.task_id):
             log.info("task %s was cancelled; dropping it", message.task_id)
             self._settle(handler, ack=True)
+            return
+        hop_s = scheduling.hop_tier_s(message.not_before_s, self.outcomes.clock())
+        if hop_s is not None:  # a delayed task, not yet due: back to a delay tier
+            await self.outcomes.hold(message, hop_s, lambda: self._settle(handler, ack=True))
             return
         starts = self.control.poison_starts(message.task_id)
         if starts is not None:

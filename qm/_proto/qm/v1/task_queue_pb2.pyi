@@ -36,6 +36,7 @@ class TaskState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TASK_STATE_MEMORY_EXCEEDED: _ClassVar[TaskState]
     TASK_STATE_CRASHED: _ClassVar[TaskState]
     TASK_STATE_CANCELLED: _ClassVar[TaskState]
+    TASK_STATE_SCHEDULED: _ClassVar[TaskState]
 ERROR_REASON_UNSPECIFIED: ErrorReason
 ERROR_REASON_INVALID_FIELD: ErrorReason
 ERROR_REASON_UNKNOWN_TASK_TYPE: ErrorReason
@@ -57,9 +58,10 @@ TASK_STATE_TIMED_OUT: TaskState
 TASK_STATE_MEMORY_EXCEEDED: TaskState
 TASK_STATE_CRASHED: TaskState
 TASK_STATE_CANCELLED: TaskState
+TASK_STATE_SCHEDULED: TaskState
 
 class SubmitTaskRequest(_message.Message):
-    __slots__ = ("type", "payload", "queue", "timeout_s", "memory_limit_mb", "max_retries", "retry_backoff_s", "retry_backoff_max_s", "retry_jitter", "retry_on_timeout", "idempotency_key", "soft_timeout_s")
+    __slots__ = ("type", "payload", "queue", "timeout_s", "memory_limit_mb", "max_retries", "retry_backoff_s", "retry_backoff_max_s", "retry_jitter", "retry_on_timeout", "idempotency_key", "soft_timeout_s", "delay_s", "not_before")
     TYPE_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     QUEUE_FIELD_NUMBER: _ClassVar[int]
@@ -72,6 +74,8 @@ class SubmitTaskRequest(_message.Message):
     RETRY_ON_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     SOFT_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    DELAY_S_FIELD_NUMBER: _ClassVar[int]
+    NOT_BEFORE_FIELD_NUMBER: _ClassVar[int]
     type: str
     payload: bytes
     queue: str
@@ -84,7 +88,9 @@ class SubmitTaskRequest(_message.Message):
     retry_on_timeout: bool
     idempotency_key: str
     soft_timeout_s: float
-    def __init__(self, type: _Optional[str] = ..., payload: _Optional[bytes] = ..., queue: _Optional[str] = ..., timeout_s: _Optional[float] = ..., memory_limit_mb: _Optional[int] = ..., max_retries: _Optional[int] = ..., retry_backoff_s: _Optional[float] = ..., retry_backoff_max_s: _Optional[float] = ..., retry_jitter: _Optional[bool] = ..., retry_on_timeout: _Optional[bool] = ..., idempotency_key: _Optional[str] = ..., soft_timeout_s: _Optional[float] = ...) -> None: ...
+    delay_s: float
+    not_before: _timestamp_pb2.Timestamp
+    def __init__(self, type: _Optional[str] = ..., payload: _Optional[bytes] = ..., queue: _Optional[str] = ..., timeout_s: _Optional[float] = ..., memory_limit_mb: _Optional[int] = ..., max_retries: _Optional[int] = ..., retry_backoff_s: _Optional[float] = ..., retry_backoff_max_s: _Optional[float] = ..., retry_jitter: _Optional[bool] = ..., retry_on_timeout: _Optional[bool] = ..., idempotency_key: _Optional[str] = ..., soft_timeout_s: _Optional[float] = ..., delay_s: _Optional[float] = ..., not_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class SubmitTaskResponse(_message.Message):
     __slots__ = ("task_id", "state")

@@ -11,7 +11,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class TaskMessage(_message.Message):
-    __slots__ = ("task_id", "type", "payload", "queue", "attempt", "enqueued_at", "timeout_s", "memory_limit_mb", "retry", "soft_timeout_s")
+    __slots__ = ("task_id", "type", "payload", "queue", "attempt", "enqueued_at", "timeout_s", "memory_limit_mb", "retry", "soft_timeout_s", "not_before")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
@@ -22,6 +22,7 @@ class TaskMessage(_message.Message):
     MEMORY_LIMIT_MB_FIELD_NUMBER: _ClassVar[int]
     RETRY_FIELD_NUMBER: _ClassVar[int]
     SOFT_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    NOT_BEFORE_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     type: str
     payload: bytes
@@ -32,7 +33,8 @@ class TaskMessage(_message.Message):
     memory_limit_mb: int
     retry: RetryPolicy
     soft_timeout_s: float
-    def __init__(self, task_id: _Optional[str] = ..., type: _Optional[str] = ..., payload: _Optional[bytes] = ..., queue: _Optional[str] = ..., attempt: _Optional[int] = ..., enqueued_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., timeout_s: _Optional[float] = ..., memory_limit_mb: _Optional[int] = ..., retry: _Optional[_Union[RetryPolicy, _Mapping]] = ..., soft_timeout_s: _Optional[float] = ...) -> None: ...
+    not_before: _timestamp_pb2.Timestamp
+    def __init__(self, task_id: _Optional[str] = ..., type: _Optional[str] = ..., payload: _Optional[bytes] = ..., queue: _Optional[str] = ..., attempt: _Optional[int] = ..., enqueued_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., timeout_s: _Optional[float] = ..., memory_limit_mb: _Optional[int] = ..., retry: _Optional[_Union[RetryPolicy, _Mapping]] = ..., soft_timeout_s: _Optional[float] = ..., not_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class RetryPolicy(_message.Message):
     __slots__ = ("max_retries", "backoff_s", "backoff_max_s", "jitter", "on_timeout")
