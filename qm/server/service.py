@@ -129,7 +129,8 @@ class TaskService:
         digest = ""
         if idempotency_key:
             digest = idempotency.request_digest(task_type, payload, queue or topology.DEFAULT_QUEUE,
-                                                timeout_s, memory_limit_mb, retry_options, soft_timeout_s)
+                                                timeout_s, memory_limit_mb, retry_options, soft_timeout_s,
+                                                {"delay_s": delay_s, "not_before_s": not_before_s})
             if idempotency_key in self._pending_keys:  # the same key is being submitted right now
                 first = await asyncio.shield(self._pending_keys[idempotency_key])
                 self._check_key_reuse(idempotency_key, first, digest)

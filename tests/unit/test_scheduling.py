@@ -9,7 +9,7 @@ import pytest
 
 from qm import scheduling
 from qm.broker import topology
-from qm.errors import ValidationError
+from qm.errors import IdempotencyKeyReused, ValidationError
 from qm.messages import TaskMessage
 from qm.states import TaskState, supersedes
 from tests.unit.aio import run, within
@@ -118,4 +118,15 @@ def test_a_cancelled_scheduled_task_is_cancelled(tmp_path):
             record = await parts.service.submit("math", b"1 + 1", delay_s=30.0)
             cancelled = await within(parts.service.cancel(record.task_id))
             assert cancelled.state is TaskState.CANCELLED
+    run(body)
+
+
+def test_an_idempotency_key_covers_the_delay(tmp_path):
+    async def body():
+        async with server(tmp_path) as parts:
+            first = await parts.service.submit("math", b"1 + 1", delay_s=30.0, idempotency_key="k")
+            again = await parts.service.submit("math", b"1 + 1", delay_s=30.0, idempotency_key="k")
+            assert again.task_id == first.task_id
+            with pytest.raises(IdempotencyKeyReused):
+                await parts.service.submit("math", b"1 + 1", delay_s=60.0, idempotency_key="k")
     run(body)
