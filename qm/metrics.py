@@ -64,8 +64,11 @@ class WorkerMetrics:
                                       "state (RETRYING = retried)", ["type", "state"], registry=r)
         self.run_seconds = Histogram("qm_worker_task_run_seconds", "Task run time by type", ["type"],
                                      buckets=TASK_SECONDS_BUCKETS, registry=r)
-        self.queue_wait_seconds = Histogram("qm_worker_task_queue_wait_seconds", "Time from enqueue to start",
+        self.queue_wait_seconds = Histogram("qm_worker_task_queue_wait_seconds", "Time from enqueue (a "
+                                            "delayed task: from its due time) to start",
                                             ["type"], buckets=TASK_SECONDS_BUCKETS, registry=r)
+        self.delay_hops = Counter("qm_worker_delay_hops_total", "Delayed tasks that came before their due "
+                                  "time and were sent on to a delay tier, by tier", ["tier_s"], registry=r)
         self.kills = Counter("qm_worker_kills_total", "Children killed or lost, by reason "
                              "(timeout, memory, crash, cancel)", ["reason"], registry=r)
         self.children_busy = Gauge("qm_worker_children_busy", "Children running a task", registry=r)

@@ -224,6 +224,9 @@ _OPTIONAL_FIELDS = ("max_retries", "retry_backoff_s", "retry_backoff_max_s", "re
 SUBMIT_OPTIONS = ("queue", "timeout_s", "soft_timeout_s", "memory_limit_mb", *_OPTIONAL_FIELDS,
                   "idempotency_key", "delay_s", "not_before")
 
+#: The two ways of asking for a delay (qm/scheduling.py); a submission takes one.
+_DELAY_OPTIONS = frozenset({"delay_s", "not_before"})
+
 
 def submit_request(type: str, payload: Any, *, queue: str = "", timeout_s: float = 0.0,
                    memory_limit_mb: int = 0, max_retries: int | None = None,
@@ -252,7 +255,8 @@ def submit_request(type: str, payload: Any, *, queue: str = "", timeout_s: float
 
 def batch_requests(items: Iterable[tuple], options: dict[str, Any]) -> list[task_queue_pb2.SubmitTaskRequest]:
     """One request per item: `(type, payload)` or `(type, payload, {option: value})`, the
-    item's own options over the batch's. A batch `idempotency_key` K gives item i the key
+    item's own options over the batch's (an item's `delay_s` or `not_before` replaces the
+    batch's either). A batch `idempotency_key` K gives item i the key
     "K/i" (so the same batch sent again is the same tasks); else each item gets a fresh key."""
     unknown = set(options) - set(SUBMIT_OPTIONS)
     if unknown:
@@ -264,7 +268,9 @@ def batch_requests(items: Iterable[tuple], options: dict[str, Any]) -> list[task
             raise TypeError(f"item {index}: expected (type, payload) or (type, payload, options), "
                             f"got {item!r}")
         own = dict(item[2]) if len(item) == 3 else {}
-        merged = {**options, **own}
+        batch = options if not _DELAY_OPTIONS & own.keys() else {  # an item's own delay replaces the batch's
+            name: value for name, value in options.items() if name not in _DELAY_OPTIONS}
+        merged = {**batch, **own}
         if "idempotency_key" not in own and batch_key:
             merged["idempotency_key"] = f"{batch_key}/{index}"
         requests.append(submit_request(item[0], item[1], **merged))

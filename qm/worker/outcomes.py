@@ -89,6 +89,7 @@ class Outcomes:
         await self._publish(topology.delay_tier_name(tier_s), message.queue, message.encode(), message.headers(),
                             message.task_id)
         log.debug("task %s is due at %s: back to delay tier %d s", message.task_id, message.not_before_s, tier_s)
+        self.metrics.delay_hops.labels(str(tier_s)).inc()
         ack()
 
     async def ensure_delay_tier(self, tier_s: int) -> None:

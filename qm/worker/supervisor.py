@@ -16,7 +16,8 @@ first: it runs alone, its RUNNING confirmed before it starts, so the servers can
 starts of a task that kills workers. A delivery is acked only after its outcome is
 confirmed by the broker (qm/worker/outcomes.py), so a crash anywhere before that means
 RabbitMQ redelivers the task (at-least-once). Cancels and poison verdicts come from the
-control stream (qm/worker/control.py). Everything runs on one asyncio loop that never
+control stream (qm/worker/control.py). A delayed task that comes before its due time is
+sent on to a delay tier, not run (qm/scheduling.py). Everything runs on one asyncio loop that never
 waits on task work, so AMQP heartbeats keep flowing however long tasks take.
 """
 from __future__ import annotations
@@ -168,7 +169,8 @@ class Supervisor:
         def on_started() -> None:
             nonlocal started_at
             started_at = time.monotonic()
-            self.metrics.queue_wait_seconds.labels(message.type).observe(max(0.0, time.time() - message.enqueued_at_s))
+            ready_s = max(message.enqueued_at_s, message.not_before_s or 0.0)  # a delayed one: once due
+            self.metrics.queue_wait_seconds.labels(message.type).observe(max(0.0, time.time() - ready_s))
             self._waiting.discard(handler)
             # A task still running at this point already tells the prefetch it is long,
             # before it finishes (which may be much later).

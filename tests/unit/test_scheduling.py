@@ -9,6 +9,7 @@ import pytest
 
 from qm import scheduling
 from qm.broker import topology
+from qm.client.common import batch_requests, submit_request
 from qm.errors import IdempotencyKeyReused, ValidationError
 from qm.messages import TaskMessage
 from qm.states import TaskState, supersedes
@@ -109,6 +110,7 @@ def test_a_worker_sends_an_early_task_back_to_a_delay_tier_without_running_it(tm
             assert (held.task_id, held.not_before_s) == ("early-1", NOW_S * 2)
             assert parts.store.get("early-1") is None  # no event: it never ran
             assert parts.broker.queue_depth(WORK_QUEUE) == 0
+            assert parts.supervisor.outcomes.metrics.delay_hops.labels("3600")._value.get() == 1
     run(body)
 
 
@@ -130,3 +132,13 @@ def test_an_idempotency_key_covers_the_delay(tmp_path):
             with pytest.raises(IdempotencyKeyReused):
                 await parts.service.submit("math", b"1 + 1", delay_s=60.0, idempotency_key="k")
     run(body)
+
+
+def test_a_client_request_carries_the_delay_it_was_given():
+    assert not submit_request("math", "1").HasField("delay_s")
+    assert not submit_request("math", "1").HasField("not_before")
+    assert submit_request("math", "1", delay_s=2.5).delay_s == 2.5
+    assert submit_request("math", "1", not_before=NOW_S + 0.25).not_before.ToNanoseconds() == int((NOW_S + 0.25) * 1e9)
+    [first, second] = batch_requests([("math", "1"), ("math", "2", {"not_before": NOW_S})], {"delay_s": 5.0})
+    assert first.delay_s == 5.0 and not first.HasField("not_before")
+    assert second.HasField("not_before") and not second.HasField("delay_s")  # its own delay replaces the batch's
