@@ -7,6 +7,7 @@ clients decide by reason, not by message text (qm/reasons.py).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import time
@@ -34,6 +35,7 @@ from qm.reasons import DOMAIN, Reason
 from qm.server.service import TaskService
 from qm.server.store import TaskRecord
 from qm.server.submission import Submission
+from qm.states import TaskState
 
 log = logging.getLogger(__name__)
 
@@ -245,22 +247,47 @@ class TaskQueueServicer(task_queue_pb2_grpc.TaskQueueServicer):
             updates.put_nowait(None)  # the client half-closed
 
 
+#: A stream shows a SCHEDULED task again (QUEUED) this long after its due time.
+DUE_MARGIN_S = 0.01
+
+
+@dataclasses.dataclass(frozen=True)
+class _CameDue:
+    """A SCHEDULED record a stream sent, put back at its due time to be shown QUEUED."""
+
+    record: TaskRecord
+
+
 async def _stream_until_terminal(updates: asyncio.Queue, followed: set[str]):
-    """Yield protos from queued records; stop when the client is done and all are terminal."""
+    """Yield protos from queued records; stop when the client is done and all are terminal.
+    A SCHEDULED task is shown again, QUEUED, when due, unless a later state was sent first."""
     sent: dict[str, tuple] = {}
     finished: set[str] = set()
     client_done = False
-    while not (client_done and finished >= followed):
-        item = await updates.get()
-        if item is None:
-            client_done = True
-            continue
-        if isinstance(item, QMError):
-            raise item
-        key = (item.state, item.attempts, item.updated_at)
-        if item.task_id in finished or sent.get(item.task_id) == key:
-            continue
-        sent[item.task_id] = key
-        if item.state.terminal:
-            finished.add(item.task_id)
-        yield task_queue_pb2.StreamTaskResultsResponse(status=record_to_proto(item))
+    timers: list[asyncio.TimerHandle] = []
+    try:
+        while not (client_done and finished >= followed):
+            item = await updates.get()
+            if item is None:
+                client_done = True
+                continue
+            if isinstance(item, QMError):
+                raise item
+            if isinstance(item, _CameDue):
+                item = item.record
+                if sent.get(item.task_id) != (TaskState.SCHEDULED, item.attempts, item.updated_at):
+                    continue  # it moved on meanwhile
+            status = record_to_proto(item)
+            key = (TaskState.of_number(status.state), item.attempts, item.updated_at)
+            if item.task_id in finished or sent.get(item.task_id) == key:
+                continue
+            sent[item.task_id] = key
+            if item.state.terminal:
+                finished.add(item.task_id)
+            elif key[0] is TaskState.SCHEDULED and item.next_attempt_at is not None:
+                wait_s = item.next_attempt_at - time.time() + DUE_MARGIN_S
+                timers.append(asyncio.get_running_loop().call_later(wait_s, updates.put_nowait, _CameDue(item)))
+            yield task_queue_pb2.StreamTaskResultsResponse(status=status)
+    finally:
+        for timer in timers:
+            timer.cancel()

@@ -67,3 +67,19 @@ def test_scheduled_tasks_run_once_when_due_after_a_kill_9_of_the_server(rabbitmq
         for task_id in task_ids:
             assert client.result(task_id, timeout_s=RESULT_TIMEOUT_S) == "succeeded on run 1"
     assert [runs(counter) for counter in counters] == [1, 1, 1, 1]
+
+
+def test_a_follower_sees_a_scheduled_task_come_due_as_queued(stack, launcher, rabbitmq):
+    idle = launcher.queue(rabbitmq.url)  # no worker consumes it: once due, the task waits QUEUED
+    submitted_s = time.time()
+    task_id = stack.client.submit("math", "6 * 7", queue=idle, delay_s=3)
+    seen = []
+    for status in stack.client.watch([task_id], timeout_s=RESULT_TIMEOUT_S):
+        seen.append(status.state)
+        if status.state == "QUEUED":
+            assert stack.client.status(task_id).state == "QUEUED"
+            stack.client.cancel(task_id)
+    if seen[0] != "SCHEDULED":  # only a machine stalled over 3 s before the watch began sees this
+        assert seen[0] == "QUEUED" and time.time() - submitted_s >= 3, seen
+        seen.insert(0, "SCHEDULED")
+    assert seen == ["SCHEDULED", "QUEUED", "CANCELLED"], seen
