@@ -7,6 +7,7 @@ reconciler (reconciler.py).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -31,13 +32,16 @@ from qm.metrics import ServerMetrics
 from qm.protocol import Command, Control, Header
 from qm.registry import Registry
 from qm.retry import RetryPolicy
+from qm.security import signing
 from qm.server import idempotency, maintenance
+from qm.server.caps import SubmitCaps
 from qm.server.dead_letters import DeadLetters
 from qm.server.events import EventApplier
 from qm.server.hub import Hub
 from qm.server.reconciler import Reconciler
-from qm.server.store import Store, TaskRecord
+from qm.server.store_api import TaskRecord, TaskStore
 from qm.server.submission import Submission
+from qm.server.validators import PayloadValidators
 from qm.server.workers import WorkerDirectory
 from qm.states import TaskState
 
@@ -53,6 +57,8 @@ DEFAULT_MAX_BATCH_ITEMS = 1000
 UNCONFIRMED_RETRY_S = 5.0
 #: Least time between two updates of the store size gauges.
 STORE_GAUGES_INTERVAL_S = 5.0
+#: Longest wait at stop for dead letters still being recorded.
+STOP_WAIT_S = 5.0
 #: Longest pause between two retention sweeps.
 RETENTION_SWEEP_MAX_S = 3600.0
 
@@ -60,7 +66,7 @@ RETENTION_SWEEP_MAX_S = 3600.0
 class TaskService:
     """What the TaskQueue RPCs do: submit, status, cancel; and the server's parts."""
 
-    def __init__(self, registry: Registry, store: Store, broker: Broker, *,
+    def __init__(self, registry: Registry, store: TaskStore, broker: Broker, *,
                  max_payload_bytes: int, queue_type: str = "quorum", delivery_limit: int = 5,
                  server_queue_type: str = "classic",
                  default_timeout_s: float = 600.0, default_memory_limit_mb: int = 0,
@@ -68,7 +74,9 @@ class TaskService:
                  retention_s: float = 7 * 86400.0, metrics: ServerMetrics | None = None,
                  worker_lost_after_s: float = 30.0, reconcile_interval_s: float = 30.0,
                  reconcile_after_s: float = 60.0, max_batch_items: int = DEFAULT_MAX_BATCH_ITEMS,
-                 max_delay_s: float = scheduling.DEFAULT_MAX_DELAY_S) -> None:
+                 max_delay_s: float = scheduling.DEFAULT_MAX_DELAY_S,
+                 caps: SubmitCaps | None = None, validators: PayloadValidators | None = None,
+                 max_queue_length: int = 0) -> None:
         self.registry = registry
         self._codecs = {name: declared.codec for name, declared in registry.types.items()}
         self.store = store
@@ -85,6 +93,9 @@ class TaskService:
         self.default_retry = default_retry
         self.retention_s = retention_s
         self.max_delay_s = max_delay_s
+        self.caps = caps or SubmitCaps()  # qm/server/caps.py: allowed queues, server-wide maxima
+        self.validators = validators or PayloadValidators()  # off the event loop, within a budget
+        self.max_queue_length = max_queue_length
         self.metrics = metrics or ServerMetrics()
         self._declared_queues: set[str] = set()
         self._declared_tiers: set[int] = set()
@@ -99,18 +110,16 @@ class TaskService:
 
     # -- submit / status -------------------------------------------------------------
 
-    def validate(self, task_type: str, payload: bytes, queue: str) -> None:
+    async def validate(self, task_type: str, payload: bytes, queue: str) -> None:
         """Raise ValidationError naming the field unless the submission is acceptable."""
         if not task_type:
             raise ValidationError("type", "missing; name a task type (see the installed plugins)")
         declared = self.registry.get(task_type)
-        problem = topology.queue_name_problem(queue)
-        if problem:
-            raise ValidationError("queue", problem)
+        self.caps.check_queue(queue)
         if len(payload) > self.max_payload_bytes:
             raise ValidationError("payload", f"{len(payload)} bytes exceeds the limit of "
                                              f"{self.max_payload_bytes} bytes (server.max_payload_bytes)")
-        declared.check_payload(payload)
+        await self.validators.check(declared, payload)
 
     async def submit(self, task_type: str, payload: bytes, queue: str = "", *, timeout_s: float = 0.0,
                      memory_limit_mb: int = 0, idempotency_key: str = "", soft_timeout_s: float = 0.0,
@@ -135,7 +144,7 @@ class TaskService:
                 first = await asyncio.shield(self._pending_keys[idempotency_key])
                 self._check_key_reuse(idempotency_key, first, digest)
                 return first
-            existing = self.store.find_by_idempotency_key(idempotency_key)
+            existing = await self.store.find_by_idempotency_key(idempotency_key)
             if existing is not None:
                 self._check_key_reuse(idempotency_key, existing, digest)
                 await self._publish_unconfirmed(existing.task_id)  # durable before we say so
@@ -202,13 +211,22 @@ class TaskService:
     async def _accept(self, task_type: str, payload: bytes, queue: str, timeout_s: float, memory_limit_mb: int,
                       idempotency_key: str, retry_options: dict, soft_timeout_s: float = 0.0,
                       request_digest: str = "", delay: scheduling.Delay = scheduling.NO_DELAY) -> TaskRecord:
-        self.validate(task_type, payload, queue)
+        # The idempotency key travels to validators that need it (qm/security/signing.py: a
+        # retried submit is not a replay of its signed payload).
+        submission = signing.SUBMISSION_KEY.set(idempotency_key)
+        try:
+            await self.validate(task_type, payload, queue)
+        finally:
+            signing.SUBMISSION_KEY.reset(submission)
         declared = self.registry.get(task_type)
+        self.caps.check_requested(timeout_s, memory_limit_mb, retry_options)
         limits = task_limits.resolve(
             declared, timeout_s, memory_limit_mb, default_timeout_s=self.default_timeout_s,
             default_memory_limit_mb=self.default_memory_limit_mb, consumer_timeout_s=self.consumer_timeout_s,
-            soft_timeout_s=soft_timeout_s)
+            soft_timeout_s=soft_timeout_s, max_timeout_s=self.caps.max_timeout_s,
+            max_memory_limit_mb=self.caps.max_memory_limit_mb)
         policy = retry.resolve(declared, self.default_retry, **retry_options)
+        policy = dataclasses.replace(policy, max_retries=self.caps.retries(policy.max_retries))
         now = time.time()
         due_s = delay.due_at(now, self.max_delay_s)
         if not self.broker.connected:
@@ -222,13 +240,14 @@ class TaskService:
         return record
 
     async def enqueue(self, record: TaskRecord, message: TaskMessage) -> None:
-        """Store (with the message, until confirmed), publish, await the confirm; if the
-        publish fails nothing stays stored. If this process dies in between, the stored
-        message is published again at start-up or on the client's retry (same key)."""
+        """Store (with the message, until confirmed; committed before the publish), publish,
+        await the confirm; if the publish fails nothing stays stored. One store transaction:
+        the confirm mark rides with the next one. If this process dies before that, the
+        stored message is published again at start-up or on the client's retry (same key)."""
         await self._ensure_queue(message.queue)
         body = message.encode()
-        self.store.insert_unconfirmed(record, message.queue, body)
         exchange = await self._exchange_for(message)
+        await self.store.insert_unconfirmed(record, message.queue, body)
         started = time.perf_counter()
         try:
             await self.broker.publish(exchange, message.queue, body, message.headers())
@@ -241,9 +260,9 @@ class TaskService:
                         record.task_id)
             raise
         except BaseException:
-            self.store.delete(record.task_id)  # never a stored half-task
+            await self.store.delete(record.task_id)  # never a stored half-task
             raise
-        self.store.confirm(record.task_id)
+        await self.store.confirm(record.task_id)
         self.metrics.confirm_seconds.observe(time.perf_counter() - started)
 
     async def _exchange_for(self, message: TaskMessage) -> str:
@@ -260,17 +279,23 @@ class TaskService:
     async def _publish_unconfirmed(self, task_id: str | None = None) -> None:
         """Publish again what a previous run of this server stored but never saw confirmed
         (at-least-once: it may have reached RabbitMQ; a duplicate delivery is harmless)."""
-        for stored_id, queue, body in self.store.unconfirmed(task_id):
+        for stored_id, queue, body in await self.store.unconfirmed(task_id):
+            record = await self.store.get(stored_id)
+            if record is not None and record.state is not TaskState.QUEUED:
+                # A worker reported on it: the message reached RabbitMQ, only its confirm
+                # mark was not written (they are deferred): publishing it again would run it twice.
+                await self.store.confirm(stored_id)
+                continue
             await self._ensure_queue(queue)
             message = TaskMessage.decode(body)
             await self.broker.publish(topology.TASKS_EXCHANGE, queue, body, message.headers())
-            self.store.confirm(stored_id)
+            await self.store.confirm(stored_id)
             log.info("task %s: published again (its first publish was never confirmed)", stored_id)
 
     async def _publish_unconfirmed_until_done(self) -> None:
         """At start-up: the rows left unconfirmed by the previous run (not the ones this
         run is publishing right now)."""
-        left = [task_id for task_id, _queue, _body in self.store.unconfirmed()]
+        left = [task_id for task_id, _queue, _body in await self.store.unconfirmed()]
         while left:
             try:
                 await self._publish_unconfirmed(left[0])
@@ -281,11 +306,12 @@ class TaskService:
 
     async def _ensure_queue(self, queue: str) -> None:
         if queue not in self._declared_queues:
-            await topology.declare_work_queue(self.broker, queue, self.queue_type, self.delivery_limit)
+            await topology.declare_work_queue(self.broker, queue, self.queue_type, self.delivery_limit,
+                                              self.max_queue_length)
             self._declared_queues.add(queue)
 
-    def status(self, task_id: str) -> TaskRecord:
-        record = self.store.get(task_id)
+    async def status(self, task_id: str) -> TaskRecord:
+        record = await self.store.get(task_id)
         if record is None:
             raise TaskNotFound(task_id)
         return record
@@ -293,7 +319,7 @@ class TaskService:
     async def cancel(self, task_id: str) -> TaskRecord:
         """Make a task CANCELLED: tell every worker (a queued one is dropped when it comes
         up, a running one killed), then record the final state through the events queue."""
-        record = self.status(task_id)
+        record = await self.status(task_id)
         if record.state.terminal:
             raise TaskAlreadyFinished(task_id, record.state.name)
         if not self.broker.connected:
@@ -302,8 +328,8 @@ class TaskService:
         event = TaskEvent(task_id, record.type, record.queue, max(record.attempts, 1), TaskState.CANCELLED,
                           error="cancelled by request")
         await self.broker.publish(topology.EVENTS_EXCHANGE, "", event.encode(), {Header.TASK_ID: task_id})
-        self.events.apply([event])  # answer with the final state; the queued copy is then a duplicate
-        return self.status(task_id)
+        await self.events.apply([event])  # answer with the final state; the queued copy is then a duplicate
+        return await self.status(task_id)
 
     async def _broadcast_cancel(self, task_id: str) -> None:
         body, headers = Control(Command.CANCEL, task_id).encode()
@@ -336,12 +362,13 @@ class TaskService:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.dead_letters.wait_recorded(STOP_WAIT_S)
 
     async def _refresh_store_gauges(self) -> None:
         """Sizes from the store's counters (kept in its transactions: no COUNT(*) here)."""
         while True:
-            self.metrics.store_tasks.set(self.store.count())
-            self.metrics.store_dead_letters.set(self.store.count_dead_letters())
+            self.metrics.store_tasks.set(await self.store.count())
+            self.metrics.store_dead_letters.set(await self.store.count_dead_letters())
             await asyncio.sleep(STORE_GAUGES_INTERVAL_S)
 
     async def _sweep_retention(self) -> None:
@@ -350,5 +377,9 @@ class TaskService:
             removed = await maintenance.purge_finished(self.store, time.time() - self.retention_s)
             if removed:
                 log.info("retention: removed %d task(s) finished over %g s ago", removed, self.retention_s)
+            expired = await self.dead_letters.expire(time.time())
+            if expired:
+                log.info("retention: removed %d dead letter(s) older than %g s (server.dead_letter_retention_s)",
+                         expired, self.dead_letters.retention_s)
             await asyncio.sleep(min(self.retention_s / 10, RETENTION_SWEEP_MAX_S))
 

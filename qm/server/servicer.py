@@ -25,15 +25,21 @@ from qm.errors import (
     ConfigError,
     IdempotencyKeyReused,
     Overloaded,
+    PermissionDenied,
     QMError,
+    QueueFull,
+    RateLimited,
+    StreamExpired,
     TaskAlreadyFinished,
     TaskNotFound,
+    Unauthenticated,
     UnknownTaskType,
     ValidationError,
+    ValidatorsBusy,
 )
 from qm.reasons import DOMAIN, Reason
 from qm.server.service import TaskService
-from qm.server.store import TaskRecord
+from qm.server.store_api import TaskRecord
 from qm.server.submission import Submission
 from qm.states import TaskState
 
@@ -49,6 +55,12 @@ _STATUS_OF: dict[type[QMError], tuple[grpc.StatusCode, Reason]] = {
     BrokerRefused: (grpc.StatusCode.FAILED_PRECONDITION, Reason.BROKER_REFUSED),
     IdempotencyKeyReused: (grpc.StatusCode.FAILED_PRECONDITION, Reason.IDEMPOTENCY_KEY_REUSED),
     Overloaded: (grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.OVERLOADED),  # refused by qm/server/admission.py
+    Unauthenticated: (grpc.StatusCode.UNAUTHENTICATED, Reason.UNAUTHENTICATED),  # refused by qm/server/auth.py
+    PermissionDenied: (grpc.StatusCode.PERMISSION_DENIED, Reason.PERMISSION_DENIED),
+    RateLimited: (grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.RATE_LIMITED),  # refused by qm/server/quotas.py
+    QueueFull: (grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.QUEUE_FULL),  # the work queue is at broker.max_queue_length
+    ValidatorsBusy: (grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.VALIDATORS_BUSY),  # every validator thread a runaway's
+    StreamExpired: (grpc.StatusCode.UNAVAILABLE, Reason.STREAM_EXPIRED),  # open for server.max_stream_s
 }
 #: Any other domain error.
 _OTHER = (grpc.StatusCode.INTERNAL, Reason.SERVER_ERROR)
@@ -190,7 +202,7 @@ class TaskQueueServicer(task_queue_pb2_grpc.TaskQueueServicer):
 
     @_maps_errors
     async def ListDeadLetters(self, request, context):
-        letters, total = self.service.dead_letters.list(request.limit)
+        letters, total = await self.service.dead_letters.list(request.limit)
         response = task_queue_pb2.ListDeadLettersResponse(total=total)
         for letter in letters:
             item = response.dead_letters.add(task_id=letter.task_id, type=letter.type, queue=letter.queue,
@@ -212,7 +224,7 @@ class TaskQueueServicer(task_queue_pb2_grpc.TaskQueueServicer):
 
     @_maps_errors
     async def GetTaskStatus(self, request, context):
-        record = self.service.status(request.task_id)
+        record = await self.service.status(request.task_id)
         return task_queue_pb2.GetTaskStatusResponse(status=record_to_proto(record))
 
     async def StreamTaskResults(self, request_iterator, context):
@@ -240,7 +252,7 @@ class TaskQueueServicer(task_queue_pb2_grpc.TaskQueueServicer):
                         continue
                     self.service.hub.follow(task_id, updates)  # follow first: no change is missed
                     followed.add(task_id)
-                    updates.put_nowait(self.service.status(task_id))
+                    updates.put_nowait(await self.service.status(task_id))
         except QMError as exc:
             updates.put_nowait(exc)  # the stream loop raises it as the stream's status
         finally:

@@ -69,7 +69,7 @@ def test_a_delayed_task_is_stored_scheduled_and_waits_in_a_delay_tier(tmp_path):
             record = await parts.service.submit("math", b"1 + 1", delay_s=7.0)
             assert record.state is TaskState.SCHEDULED
             assert record.next_attempt_at == pytest.approx(record.created_at + 7.0)
-            assert parts.store.get(record.task_id).state is TaskState.SCHEDULED
+            assert (await parts.store.get(record.task_id)).state is TaskState.SCHEDULED
             assert parts.broker.queue_depth(WORK_QUEUE) == 0
             [message] = await take_messages(parts.broker, topology.delay_tier_name(5), 1)
             assert message.not_before_s == pytest.approx(record.created_at + 7.0)
@@ -81,7 +81,7 @@ def test_a_refused_delay_stores_nothing(tmp_path):
         async with server(tmp_path) as parts:
             with pytest.raises(ValidationError) as refused:
                 await parts.service.submit("math", b"1 + 1", delay_s=1.0, not_before_s=NOW_S)
-            assert refused.value.field == "delay_s" and parts.store.count() == 0
+            assert refused.value.field == "delay_s" and await parts.store.count() == 0
     run(body)
 
 
@@ -108,7 +108,7 @@ def test_a_worker_sends_an_early_task_back_to_a_delay_tier_without_running_it(tm
             await parts.broker.publish(topology.TASKS_EXCHANGE, "default", early.encode(), early.headers())
             [held] = await take_messages(parts.broker, topology.delay_tier_name(3600), 1)
             assert (held.task_id, held.not_before_s) == ("early-1", NOW_S * 2)
-            assert parts.store.get("early-1") is None  # no event: it never ran
+            assert await parts.store.get("early-1") is None  # no event: it never ran
             assert parts.broker.queue_depth(WORK_QUEUE) == 0
             assert parts.supervisor.outcomes.metrics.delay_hops.labels("3600")._value.get() == 1
     run(body)
