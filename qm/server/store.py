@@ -21,6 +21,7 @@ import threading
 from typing import Iterable
 
 from qm.messages import TaskEvent
+from qm.server.progress import next_progress
 from qm.states import TaskState, supersedes
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,11 @@ CREATE TABLE IF NOT EXISTS tasks (
     max_retries INTEGER NOT NULL DEFAULT 0,
     next_attempt_at REAL,
     starts      INTEGER NOT NULL DEFAULT 0,
-    request_digest TEXT NOT NULL DEFAULT ''
+    request_digest TEXT NOT NULL DEFAULT '',
+    progress    REAL NOT NULL DEFAULT 0,
+    progress_message TEXT NOT NULL DEFAULT '',
+    progress_detail_json TEXT NOT NULL DEFAULT '',
+    progress_at REAL
 );
 CREATE TABLE IF NOT EXISTS unconfirmed (
     task_id TEXT PRIMARY KEY,
@@ -101,7 +106,9 @@ _COUNTED_TABLES = ("tasks", "dead_letters")
 _ADDED_COLUMNS = {"timeout_s": "REAL NOT NULL DEFAULT 0", "memory_limit_mb": "INTEGER NOT NULL DEFAULT 0",
                   "idempotency_key": "TEXT NOT NULL DEFAULT ''", "max_retries": "INTEGER NOT NULL DEFAULT 0",
                   "next_attempt_at": "REAL", "starts": "INTEGER NOT NULL DEFAULT 0",
-                  "request_digest": "TEXT NOT NULL DEFAULT ''"}
+                  "request_digest": "TEXT NOT NULL DEFAULT ''", "progress": "REAL NOT NULL DEFAULT 0",
+                  "progress_message": "TEXT NOT NULL DEFAULT ''", "progress_detail_json": "TEXT NOT NULL DEFAULT ''",
+                  "progress_at": "REAL"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +135,10 @@ class TaskRecord:
     next_attempt_at: float | None = None  # while RETRYING
     starts: int = 0               # RUNNING events seen, redelivered ones too (poison detection)
     request_digest: str = ""      # of the request, kept with its idempotency key (qm/server/idempotency.py)
+    progress: float = 0.0         # the latest qm.progress() of the current attempt, 0..1 (qm/server/progress.py)
+    progress_message: str = ""
+    progress_detail_json: str = ""
+    progress_at: float | None = None  # when that report was made
 
     @classmethod
     def queued(cls, task_id: str, type: str, queue: str, codec: str, at_s: float, timeout_s: float = 0.0,
@@ -374,6 +385,12 @@ class Store:
                     current = self.get(event.task_id)
                     if current is not None:
                         stored[event.task_id] = current
+                if event.progress is not None:  # advisory: never a state change, never a start
+                    updated = next_progress(current, event)
+                    if updated is not None:
+                        latest[event.task_id] = updated
+                        changes.append(updated)
+                    continue
                 updated = _next_record(current, event, codec_of.get(event.type, "text"))
                 if event.state is TaskState.RUNNING and _is_new_start(current, event):
                     started = updated or current  # every start counts, a redelivered one too
@@ -384,7 +401,9 @@ class Store:
                         new_attempt = current is None or event.attempt > current.attempts
                         updated = dataclasses.replace(
                             started, starts=1 if new_attempt else started.starts + 1, started_at=event.at_s,
-                            updated_at=event.at_s, worker=event.worker or started.worker)
+                            updated_at=event.at_s, worker=event.worker or started.worker,
+                            # a run starts from nothing: the progress of an earlier one is gone
+                            progress=0.0, progress_message="", progress_detail_json="", progress_at=None)
                 if updated is not None:
                     latest[event.task_id] = updated
                     changes.append(updated)
