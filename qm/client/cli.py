@@ -13,6 +13,7 @@ import datetime
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 from typing import Iterator, Sequence
@@ -23,6 +24,7 @@ from qm.client.client import Client, RemoteError, TaskStatus
 from qm.config import load_config
 from qm.errors import BatchError, ConfigError, TaskError, ValidationError, WaitTimeout
 from qm.states import TaskState
+from qm.task_progress import Progress
 
 EXIT_TASK_FAILED, EXIT_BAD_INPUT, EXIT_UNAVAILABLE, EXIT_INTERRUPTED = 1, 2, 3, 130
 #: --wait-timeout expired (what timeout(1) returns).
@@ -33,7 +35,7 @@ EPILOG = """examples:
   qm submit -T math --from-file exprs.txt      one task per line; prints the ids in order
   qm submit -T math --from-file - --wait       from stdin; prints the results in order
   qm status TASK_ID --json
-  qm watch TASK_ID [TASK_ID ...]
+  qm watch TASK_ID [TASK_ID ...]               a progress bar on a terminal, lines otherwise
   qm cancel TASK_ID
   qm types                                       task types the server accepts
   qm run -T math -P "2 ** 10"                    run one task here, no server (plugin authors)
@@ -169,7 +171,7 @@ def _when(seconds: float | None) -> str:
 
 def _as_json(status: TaskStatus, extra: dict | None = None) -> str:
     data = {**(extra or {}), **status.to_dict()}
-    for key in ("created_at", "started_at", "finished_at", "updated_at"):
+    for key in ("created_at", "started_at", "finished_at", "updated_at", "progress_at"):
         data[key] = _when(data[key]) if data[key] is not None else None
     return json.dumps(data)
 
@@ -180,15 +182,36 @@ def _show(status: TaskStatus) -> str:
             ("attempts", status.attempts), ("result", "" if status.result is None else status.result),
             ("error", status.error), ("worker", status.worker or "-"),
             ("limits", f"timeout {status.timeout_s:g} s, memory {memory}, retries {status.max_retries}"),
-            ("next try", _when(status.next_attempt_at)),
+            ("next try", _when(status.next_attempt_at)), ("progress", _progress_text(status) or "-"),
             ("created", _when(status.created_at)), ("started", _when(status.started_at)),
             ("finished", _when(status.finished_at))]
     return "\n".join(f"{name:<9} {value}" for name, value in rows)
 
 
+#: Width of `qm watch`'s progress bar, in characters.
+PROGRESS_BAR_CHARS = 30
+#: Erase the terminal's current line and return to its start.
+CLEAR_LINE = "\r\x1b[K"
+
+
+def _progress_text(status: TaskStatus) -> str:
+    """ "42% message", or "" if the task has not reported progress."""
+    if status.progress_at is None:
+        return ""
+    return f"{status.progress * 100:.0f}% {status.progress_message}".rstrip()
+
+
+def _progress_bar(status: TaskStatus) -> str:
+    filled = round(status.progress * PROGRESS_BAR_CHARS)
+    bar = "#" * filled + "." * (PROGRESS_BAR_CHARS - filled)
+    return f"{status.task_id} [{bar}] {status.progress * 100:3.0f}% {status.progress_message}".rstrip()
+
+
 def _change_line(status: TaskStatus) -> str:
     detail = ""
-    if status.state is TaskState.SUCCEEDED:
+    if status.state is TaskState.RUNNING:
+        detail = _progress_text(status)
+    elif status.state is TaskState.SUCCEEDED:
         detail = status.result
     elif status.error and (status.terminal or status.state is TaskState.RETRYING):
         detail = status.error.splitlines()[0]
@@ -324,12 +347,26 @@ def cmd_status(client: Client, args) -> int:
 
 def cmd_watch(client: Client, args) -> int:
     final: dict[str, str] = {}
+    # On a terminal, progress reports redraw one bar line; state changes print lines above it.
+    bar = not args.json and sys.stdout.isatty()
+    bar_shown = False
     try:
         for status in client.watch(args.task_ids, args.wait_timeout):
+            if bar and status.state is TaskState.RUNNING and status.progress_at is not None:
+                width = shutil.get_terminal_size().columns - 1
+                sys.stdout.write(CLEAR_LINE + _progress_bar(status)[:width])
+                sys.stdout.flush()
+                bar_shown = True
+                continue
+            if bar_shown:
+                sys.stdout.write(CLEAR_LINE)
+                bar_shown = False
             print(_as_json(status) if args.json else _change_line(status), flush=True)
             if status.terminal:
                 final[status.task_id] = status.state
     except WaitTimeout as exc:
+        if bar_shown:
+            sys.stdout.write(CLEAR_LINE)
         print(f"qm: {exc}; they go on: qm watch {' '.join(exc.task_ids)}", file=sys.stderr)
         return EXIT_TIMEOUT
     return 0 if all(state is TaskState.SUCCEEDED for state in final.values()) else EXIT_TASK_FAILED
@@ -370,8 +407,12 @@ def cmd_run(args) -> int:
 
     logging.getLogger("qm").setLevel(logging.ERROR)  # the outcome line below says it all
     payload = sys.stdin.read() if args.payload == "-" else args.payload
+
+    def show_progress(update: Progress) -> None:
+        print(f"progress {update.fraction * 100:.0f}% {update.message}".rstrip(), file=sys.stderr, flush=True)
+
     outcome = run_task(args.type, payload, timeout_s=args.timeout, memory_limit_mb=args.memory_limit,
-                       soft_timeout_s=args.soft_timeout)
+                       soft_timeout_s=args.soft_timeout, on_progress=show_progress)
     if outcome.succeeded:
         print(outcome.value if isinstance(outcome.value, str) else json.dumps(outcome.value))
         return 0
