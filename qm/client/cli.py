@@ -104,14 +104,18 @@ def build_parser() -> argparse.ArgumentParser:
                              "exit 124 (the tasks go on; follow them with qm watch)")
     submit.add_argument("--json", action="store_true", help="print JSON (the task id, or its full status with --wait)")
 
-    status = commands.add_parser("status", help="show a task's state, attempts, result, error, times, worker",
+    status = commands.add_parser("status", help="show a task's state, attempts, result, error, times, worker, "
+                                               "progress",
                                  description="Show one task's current status.")
     status.add_argument("task_id", metavar="ID", help="task id printed by qm submit")
     status.add_argument("--json", action="store_true", help="print one JSON object")
 
-    watch = commands.add_parser("watch", help="print each state change live until all tasks are terminal",
+    watch = commands.add_parser("watch", help="print each state change and progress report live until all "
+                                             "tasks are terminal",
                                 description="Follow tasks live: the current state of each first, then "
-                                            "every change. Exits when all are terminal: 0 if all "
+                                            "every change and progress report (qm.progress in the task): "
+                                            "a progress bar on a terminal, 'RUNNING 40% message' lines "
+                                            "otherwise. Exits when all are terminal: 0 if all "
                                             "SUCCEEDED, else 1.")
     watch.add_argument("task_ids", metavar="ID", nargs="+", help="task ids to follow")
     watch.add_argument("--wait-timeout", metavar="S", type=float,
@@ -132,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run one task here, without server or broker (for plugin authors)",
                               description="Run one task locally through the same child-process path a "
                                           "worker uses, with its time and memory limits enforced; prints "
-                                          "the result. Exit 0 if it SUCCEEDED, 1 otherwise, 2 on bad input.")
+                                          "the result (progress reports go to stderr). Exit 0 if it "
+                                          "SUCCEEDED, 1 otherwise, 2 on bad input.")
     run.add_argument("-T", "--type", required=True, help="task type")
     run.add_argument("-P", "--payload", required=True, help="payload; - reads stdin")
     run.add_argument("--timeout", metavar="S", type=float, default=0.0,

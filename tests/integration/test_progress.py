@@ -4,6 +4,7 @@ and qm-worker processes. A task reporting steps is seen advancing by a watcher a
 server receives at most about 10 reports a second of it."""
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import subprocess
@@ -12,6 +13,7 @@ import urllib.request
 import pytest
 
 import qm
+import qm.aio
 from qm.testing.rabbitmq import free_port
 from tests.processes import command, wait_until
 
@@ -52,6 +54,14 @@ def test_a_watcher_sees_the_steps_advance_then_success_and_status_shows_the_last
         assert (status.progress_message, status.progress_detail) == (f"step {step}", {"step": step}), logs
     # The outcome keeps the last report that arrived, never one from after it.
     assert (seen[-1].progress, seen[-1].progress_message) == (fractions[-1], reports[-1].progress_message), logs
+
+    async def aio_watch():  # the task is over: its one status, with the progress it ended with
+        async with qm.aio.Client(server.address) as aio_client:
+            return [status async for status in aio_client.watch([task_id], timeout_s=STATE_TIMEOUT_S)]
+
+    [aio_final] = asyncio.run(aio_watch())
+    assert (aio_final.state, aio_final.progress, aio_final.progress_detail) == (
+        "SUCCEEDED", seen[-1].progress, seen[-1].progress_detail)
 
     shown = subprocess.run([command("qm"), "--server", server.address, "status", task_id, "--json"],
                            capture_output=True, text=True, timeout=60)
