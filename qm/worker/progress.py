@@ -58,9 +58,9 @@ class ChildReporter:
                 return
             self._pending = update
             self._changed.notify()
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._send_forever, name="qm-progress", daemon=True)
-            self._thread.start()
+            if self._thread is None:  # under the lock: threads of the task may report at once
+                self._thread = threading.Thread(target=self._send_forever, name="qm-progress", daemon=True)
+                self._thread.start()
 
     def _send_forever(self) -> None:
         while True:

@@ -7,7 +7,9 @@ import argparse
 import json
 import logging
 import math
+import multiprocessing
 import sys
+import threading
 
 import pytest
 
@@ -21,8 +23,9 @@ from qm.server.servicer import record_to_proto
 from qm.server.store import Store, TaskRecord
 from qm.states import TaskState
 from qm.task_progress import DETAIL_MAX_BYTES, MESSAGE_MAX_CHARS, Progress
+from qm.worker.jobs import ReplyKind
 from qm.worker.pool import Job, Pool
-from qm.worker.progress import ProgressLimiter
+from qm.worker.progress import ChildReporter, ProgressLimiter
 from tests.unit.aio import run, within
 
 S = TaskState
@@ -227,6 +230,33 @@ def test_progress_travels_the_wire_to_the_client_status(store):
 def test_an_old_event_without_progress_decodes_as_a_state_change():
     event = lifecycle(S.RUNNING, T0)
     assert TaskEvent.decode(event.encode()).progress is None
+
+
+# -- the child's reporter ------------------------------------------------------------------
+
+def test_the_child_reporter_keeps_the_latest_and_drops_what_comes_after_its_task_ended():
+    parent, child = multiprocessing.Pipe()
+    reporter = ChildReporter(child, threading.Lock(), interval_s=0.01)
+    reporter.begin("t1")
+    workers = [threading.Thread(target=lambda: [reporter.report(Progress(n / 1000)) for n in range(1000)])
+               for _ in range(3)]  # the task's threads report too
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(PROMPT_S)
+    assert parent.poll(PROMPT_S)
+    reporter.end()
+    reporter.report(Progress(1.0, "after the end"))  # dropped: no task runs
+    reporter.begin("t2")
+    reporter.report(Progress(0.5, "next task"))
+    got = []
+    while not got or got[-1].value != "t2":
+        assert parent.poll(PROMPT_S), got
+        got.append(parent.recv())
+    assert {reply.kind for reply in got} == {ReplyKind.PROGRESS}
+    assert [reply.value for reply in got[:-1]] == ["t1"] * (len(got) - 1)  # fewer than the 3,000 calls
+    assert len(got) < 3000 and all(reply.progress.message != "after the end" for reply in got)
+    assert got[-1].progress == Progress(0.5, "next task")
 
 
 # -- real children ----------------------------------------------------------------------
