@@ -222,7 +222,9 @@ def _change_line(status: TaskStatus) -> str:
         detail = status.error.splitlines()[0]
         if status.state is TaskState.RETRYING and status.next_attempt_at:
             detail += f" (next attempt at {_when(status.next_attempt_at)})"
-    return f"{_when(status.updated_at)} {status.task_id} {status.state} {detail}".rstrip()
+    # A progress report's line carries the report's time; a state change's, the change's.
+    when = status.progress_at if status.state is TaskState.RUNNING and status.progress_at else status.updated_at
+    return f"{_when(when)} {status.task_id} {status.state} {detail}".rstrip()
 
 
 def cmd_submit(client: Client, args) -> int:
