@@ -34,14 +34,19 @@ def counter(url: str, name: str, labels: str = "") -> float:
     return float(found.group(1)) if found else 0.0
 
 
-def test_a_watcher_sees_the_steps_advance_then_success_and_status_shows_the_last(rabbitmq, launcher):
+def test_a_watcher_sees_the_steps_advance_then_success_and_status_shows_the_last(rabbitmq, launcher, gates):
     queue = launcher.queue(rabbitmq.url)
     server = launcher.server(rabbitmq.url)
     launcher.worker(rabbitmq.url, procs=1, queues=queue)
+    gate = gates()  # the task waits after step 1 until the watcher has seen it
 
     with qm.Client(server.address) as client:
-        task_id = client.submit("test.progress", "5:0.3", queue=queue)
-        seen = list(client.watch([task_id], timeout_s=STATE_TIMEOUT_S))
+        task_id = client.submit("test.progress", f"5:0.3:{gate.path}", queue=queue)
+        seen = []
+        for status in client.watch([task_id], timeout_s=STATE_TIMEOUT_S):
+            seen.append(status)
+            if status.progress_at is not None:
+                gate.open()
 
     reports = [status for status in seen if status.progress_at is not None and not status.terminal]
     fractions = [status.progress for status in reports]
