@@ -86,6 +86,14 @@ class Overloaded(QMError):
                          f"(server.max_concurrent_rpcs) is {limit}; retry in {retry_after_ms} ms")
 
 
+class Unauthenticated(QMError):
+    """A call without credentials the server accepts (qm/server/auth.py)."""
+
+
+class PermissionDenied(QMError):
+    """A caller whose role lacks the right for the method (qm/server/auth.py)."""
+
+
 class TaskNotFound(QMError):
     """No task with that id is known to this server."""
 

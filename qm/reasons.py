@@ -32,6 +32,8 @@ class Reason(enum.StrEnum):
     CONFIG_CONFLICT = "CONFIG_CONFLICT"
     SERVER_ERROR = "SERVER_ERROR"
     OVERLOADED = "OVERLOADED"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
+    PERMISSION_DENIED = "PERMISSION_DENIED"
 
 
 def parse_reason(text: str) -> str | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 
@@ -15,17 +16,21 @@ from qm import registry as plugin_registry
 from qm._proto.qm.v1 import task_queue_pb2, task_queue_pb2_grpc
 from qm.broker import topology
 from qm.broker.rabbitmq import RabbitMQBroker
-from qm.config import Config, export_executor_secret, load_config, parse_host_port
+from qm.config import Config, load_config, parse_host_port, scrub_secret_env
 from qm.errors import ConfigError, ConsumerRefused, DuplicateServer, ServerIdentityError
 from qm.logs import setup_logging
 from qm.metrics import ServerMetrics
 from qm.metrics import serve as serve_metrics
 from qm.retry import RetryPolicy
-from qm.server import identity
+from qm.security import amqp
+from qm.security.signing import Keyring
+from qm.security.tls import ServerTLS
+from qm.server import auth, identity
 from qm.server.admission import CORE_OPTIONS, AdmissionInterceptor
 from qm.server.service import TaskService
 from qm.server.servicer import TaskQueueServicer
 from qm.server.store import Store
+from qm.tasks import python as python_task
 
 log = logging.getLogger("qm.server")
 
@@ -46,23 +51,27 @@ class ServerApp:
 
     def __init__(self, config: Config, registry: plugin_registry.Registry | None = None) -> None:
         self.config = config
+        self.tls, self.authenticator = check_exposure(config)
+        python_task.configure(Keyring.from_config(config.executor), config.executor.signature_ttl_s)
+        broker_urls, broker_tls = amqp.broker_urls(config.broker), amqp.ssl_context(config.broker)
         self.identity = identity.claim(config.server.data_dir, config.server.id)
         self.server_id = self.identity.server_id
         self.registry = registry or plugin_registry.discover()
-        self.broker = RabbitMQBroker(config.broker.node_urls, config.broker.heartbeat_s,
+        self.broker = RabbitMQBroker(broker_urls, config.broker.heartbeat_s,
                                      config.broker.reconnect_max_delay_s, connection_name="qm-server",
-                                     quorum_initial_group_size=config.broker.quorum_initial_group_size)
+                                     quorum_initial_group_size=config.broker.quorum_initial_group_size,
+                                     ssl_context=broker_tls)
         if len(config.broker.node_urls) > 1 and config.broker.server_queue_type == "classic":
             log.warning("broker.urls lists %d nodes but broker.server_queue_type is classic: this server's "
                         "events, dead-letter and heartbeat queues live on one node, and while that node is "
                         "down the server gets no events; set broker.server_queue_type: quorum (see "
                         "docs/architecture.md, 'A RabbitMQ cluster')", len(config.broker.node_urls))
-        self.store = Store(self.identity.store_path)
+        metrics = ServerMetrics()
+        self.store = Store(self.identity.store_path, observer=metrics)
         server = config.server
         default_retry = RetryPolicy(server.default_max_retries, server.default_retry_backoff_s,
                                     server.default_retry_backoff_max_s, server.default_retry_jitter,
                                     server.default_retry_on_timeout)
-        metrics = ServerMetrics()
         self.service = TaskService(self.registry, self.store, self.broker,
                                    max_payload_bytes=server.max_payload_bytes,
                                    queue_type=config.broker.queue_type,
@@ -80,7 +89,11 @@ class ServerApp:
         # Overload: calls queue in gRPC (core never sheds them) or are refused with
         # RESOURCE_EXHAUSTED beyond server.max_concurrent_rpcs (qm.server.admission).
         self.admission = AdmissionInterceptor(SERVICE_NAME, server.max_concurrent_rpcs, metrics)
-        self.grpc_server = grpc.aio.server(interceptors=[self.admission], options=CORE_OPTIONS)
+        # Auth first: a stranger's call is refused before it counts against the admission limit.
+        interceptors: list[grpc.aio.ServerInterceptor] = [self.admission]
+        if self.authenticator.enabled:
+            interceptors.insert(0, auth.AuthInterceptor(self.authenticator))
+        self.grpc_server = grpc.aio.server(interceptors=interceptors, options=CORE_OPTIONS)
         self.port = 0
 
     async def start(self) -> int:
@@ -104,7 +117,10 @@ class ServerApp:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc_server)
         listen = self.config.server.listen
-        self.port = self.grpc_server.add_insecure_port(listen)
+        if self.tls is not None:
+            self.port = self.grpc_server.add_secure_port(listen, self.tls.credentials())
+        else:
+            self.port = self.grpc_server.add_insecure_port(listen)
         if self.port == 0:
             raise ConfigError("server.listen", f"cannot bind {listen}")
         await self.grpc_server.start()
@@ -114,8 +130,12 @@ class ServerApp:
             log.info("metrics on http://%s:%d/metrics", host, metrics_port)
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("qm-server %s listening on %s (port %d)", self.server_id, listen, self.port)
+        log.info("qm-server %s listening on %s (port %d)%s", self.server_id, listen, self.port, self._security_note())
         return self.port
+
+    def _security_note(self) -> str:
+        tls = "off" if self.tls is None else ("mTLS" if self.tls.client_ca else "on")
+        return f" with TLS {tls}, auth {'on' if self.authenticator.enabled else 'off'}"
 
     async def stop(self) -> None:
         await self.health.enter_graceful_shutdown()
@@ -127,8 +147,30 @@ class ServerApp:
         """Stop consuming, disconnect, close the store, then let go of the data directory."""
         await self.service.stop_events()
         await self.broker.close()
-        self.store.close()
+        await self.store.close()
         self.identity.release()
+
+
+def check_exposure(config: Config) -> tuple[ServerTLS | None, auth.Authenticator]:
+    """TLS material and authenticator from config; refuses (ConfigError) a listen address
+    off loopback without both TLS and auth, unless server.insecure says so."""
+    server = config.server
+    tls = ServerTLS.load(server.tls_cert, server.tls_key, server.tls_client_ca, "server.")
+    roles = dict(item.rpartition(":")[::2] for item in server.client_cert_roles)
+    if roles and (tls is None or tls.client_ca is None):
+        raise ConfigError("server.client_cert_roles", "needs mTLS: set server.tls_client_ca (and tls_cert, tls_key)")
+    authenticator = auth.Authenticator(server.tokens_file, roles)
+    authenticator.load()
+    host = parse_host_port(server.listen)[0]
+    if not auth.is_loopback(host) and not (tls and authenticator.enabled):
+        missing = " and ".join(what for what, off in (("TLS (--tls-cert, --tls-key)", tls is None),
+                                                       ("auth (--tokens-file)", not authenticator.enabled)) if off)
+        if not server.insecure:
+            raise ConfigError("server.listen", f"{server.listen} is not a loopback address and {missing} is off: "
+                                               "anyone who can reach it could submit and read tasks. Turn "
+                                               f"{missing} on, or pass --insecure (server.insecure) to accept that")
+        log.warning("serving %s without %s (--insecure): anyone who can reach it may call it", server.listen, missing)
+    return tls, authenticator
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -154,6 +196,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "id and data dir; a second one on either is refused (exit 2)")
     parser.add_argument("--metrics-port", metavar="PORT",
                         help="serve Prometheus /metrics on this port; 0 = off (server.metrics_port)")
+    parser.add_argument("--tls-cert", metavar="FILE", help="PEM certificate to serve TLS with (server.tls_cert)")
+    parser.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert (server.tls_key)")
+    parser.add_argument("--tls-client-ca", metavar="FILE",
+                        help="PEM CA that client certificates must be signed by: mTLS (server.tls_client_ca)")
+    parser.add_argument("--tokens-file", metavar="FILE",
+                        help="JSON file of hashed bearer tokens with roles (qm token create); with it, every "
+                             "call but health checks needs a token (server.tokens_file)")
+    parser.add_argument("--insecure", action="store_const", const=True,
+                        help="allow a listen address off loopback without TLS and auth (server.insecure)")
     parser.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING or ERROR (log.level)")
     parser.add_argument("--log-format", metavar="FORMAT",
                         help="text, or json: one JSON object per line (log.format)")
@@ -179,11 +230,14 @@ def main(argv: list[str] | None = None) -> int:
             "server.listen": args.listen, "broker.urls": args.broker_url,
             "server.data_dir": args.data_dir, "server.id": args.server_id, "log.level": args.log_level,
             "log.format": args.log_format,
-            "server.metrics_port": args.metrics_port})
+            "server.metrics_port": args.metrics_port, "server.tls_cert": args.tls_cert,
+            "server.tls_key": args.tls_key, "server.tls_client_ca": args.tls_client_ca,
+            "server.tokens_file": args.tokens_file, "server.insecure": args.insecure})
     except ConfigError as exc:
         print(f"qm-server: {exc}", file=sys.stderr)
         return EXIT_REFUSED
-    export_executor_secret(config)
+    scrub_secret_env()  # read once into config; nothing this process starts inherits them
+    os.umask(0o077)  # the data directory and everything in it: owner only (0700/0600)
     setup_logging(config.log.level, "qm-server", config.log.format)
     try:
         asyncio.run(serve(config))

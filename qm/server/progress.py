@@ -15,7 +15,7 @@ from qm.messages import TaskEvent
 from qm.states import TaskState
 
 if TYPE_CHECKING:
-    from qm.server.store import TaskRecord
+    from qm.server.store_api import TaskRecord
 
 
 def next_progress(current: TaskRecord | None, event: TaskEvent) -> TaskRecord | None:

@@ -26,7 +26,7 @@ from qm.task_progress import DETAIL_MAX_BYTES, MESSAGE_MAX_CHARS, Progress
 from qm.worker.jobs import ReplyKind
 from qm.worker.pool import Job, Pool
 from qm.worker.progress import ChildReporter, ProgressLimiter
-from tests.unit.aio import run, within
+from tests.unit.aio import Blocking, run, within
 
 S = TaskState
 T0 = 1_700_000_000.0
@@ -170,7 +170,7 @@ def test_closing_drops_the_held_update_so_nothing_follows_the_outcome():
 
 @pytest.fixture
 def store(tmp_path):
-    opened = Store(tmp_path / "tasks.db")
+    opened = Blocking(Store(tmp_path / "tasks.db"))  # its coroutines called as plain calls
     opened.insert(TaskRecord.queued("t1", "math", "default", "text", T0))
     yield opened
     opened.close()

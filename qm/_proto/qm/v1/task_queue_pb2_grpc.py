@@ -46,6 +46,13 @@ class TaskQueueStub:
     a payload under it but over server.max_payload_bytes gets INVALID_ARGUMENT. Or
     (reason OVERLOADED): server.max_concurrent_rpcs calls are in flight; retry after the
     retry-pushback-ms trailer (milliseconds).
+    - UNAUTHENTICATED: (reason UNAUTHENTICATED) the server takes tokens
+    (server.tokens_file) or client certificates, and the call had none it accepts:
+    send "authorization: Bearer <token>"; the message says what was wrong (missing,
+    unknown, expired, revoked). Nothing was done.
+    - PERMISSION_DENIED: (reason PERMISSION_DENIED) the caller's role (read < submit <
+    admin) lacks the right for this method; the message names the role needed. Nothing
+    was done. See docs/security.md.
     - INTERNAL: an error qm-server has no more specific code for; the message says what
     happened.
     - UNKNOWN: an unexpected error in qm-server (a bug).
@@ -130,6 +137,13 @@ class TaskQueueServicer:
     a payload under it but over server.max_payload_bytes gets INVALID_ARGUMENT. Or
     (reason OVERLOADED): server.max_concurrent_rpcs calls are in flight; retry after the
     retry-pushback-ms trailer (milliseconds).
+    - UNAUTHENTICATED: (reason UNAUTHENTICATED) the server takes tokens
+    (server.tokens_file) or client certificates, and the call had none it accepts:
+    send "authorization: Bearer <token>"; the message says what was wrong (missing,
+    unknown, expired, revoked). Nothing was done.
+    - PERMISSION_DENIED: (reason PERMISSION_DENIED) the caller's role (read < submit <
+    admin) lacks the right for this method; the message names the role needed. Nothing
+    was done. See docs/security.md.
     - INTERNAL: an error qm-server has no more specific code for; the message says what
     happened.
     - UNKNOWN: an unexpected error in qm-server (a bug).
@@ -343,6 +357,13 @@ class TaskQueue:
     a payload under it but over server.max_payload_bytes gets INVALID_ARGUMENT. Or
     (reason OVERLOADED): server.max_concurrent_rpcs calls are in flight; retry after the
     retry-pushback-ms trailer (milliseconds).
+    - UNAUTHENTICATED: (reason UNAUTHENTICATED) the server takes tokens
+    (server.tokens_file) or client certificates, and the call had none it accepts:
+    send "authorization: Bearer <token>"; the message says what was wrong (missing,
+    unknown, expired, revoked). Nothing was done.
+    - PERMISSION_DENIED: (reason PERMISSION_DENIED) the caller's role (read < submit <
+    admin) lacks the right for this method; the message names the role needed. Nothing
+    was done. See docs/security.md.
     - INTERNAL: an error qm-server has no more specific code for; the message says what
     happened.
     - UNKNOWN: an unexpected error in qm-server (a bug).
