@@ -256,6 +256,15 @@ def _cert_roles(items: list[str]) -> list[str]:
         if not sep or not name or role not in _ROLES:
             raise ValueError(f"expected COMMON_NAME:ROLE items with a role of {', '.join(_ROLES)}, got {item!r}")
     return items
+def _allowed_queues(names: list[str]) -> list[str]:
+    """server.queues: queue names, or glob patterns (`*` for any run of name characters)."""
+    if not names:
+        raise ValueError("needs at least one queue name, e.g. 'default' or 'default,reports'")
+    for name in names:
+        problem = topology.queue_name_problem(name.replace("*", "x"))
+        if problem:
+            raise ValueError(problem + " (a pattern may use * as well)")
+    return names
 
 
 def parse_host_port(text: str) -> tuple[str, int]:
@@ -322,6 +331,7 @@ class BrokerConfig:
     queue_type: str = _setting("quorum", _to_str, _one_of("classic", "quorum"))
     delivery_limit: int = _setting(5, _to_int, _above(0))
     consumer_timeout_s: float = _setting(1800.0, _to_float, _above(0))
+    max_queue_length: int = _setting(1_000_000, _to_int, _at_least(0))
     quorum_initial_group_size: int = _setting(0, _to_int, _at_least(0))  # 0: RabbitMQ's default
     server_queue_type: str = _setting("classic", _to_str, _one_of("classic", "quorum"))
     #: A file whose first line replaces the password in `url` and every `urls` entry (keeps it
@@ -368,6 +378,21 @@ class ServerConfig:
     #: Roles of mTLS client certificates without a token, as "COMMON_NAME:ROLE" items.
     client_cert_roles: list[str] = _setting([], _to_names, _cert_roles)
     insecure: bool = _setting(False, _to_bool)
+    # Caps and quotas on what a client controls (qm/server/caps.py, qm/server/quotas.py).
+    queues: list[str] = _setting(["default"], _to_names, _allowed_queues)
+    max_task_timeout_s: float = _setting(1800.0, _to_float, _above(0))
+    max_task_memory_limit_mb: int = _setting(0, _to_int, _at_least(0))
+    max_retries: int = _setting(20, _to_int, _at_least(0), _at_most(100))
+    max_message_bytes: int = _setting(4194304, _to_int, _at_least(1024))
+    max_concurrent_streams: int = _setting(1000, _to_int, _above(0))
+    max_stream_ids: int = _setting(10000, _to_int, _above(0))
+    max_stream_s: float = _setting(3600.0, _to_float, _above(0))
+    submit_rate_per_s: float = _setting(2000.0, _to_float, _at_least(0))
+    submit_burst: int = _setting(4000, _to_int, _above(0))
+    validate_timeout_s: float = _setting(1.0, _to_float, _above(0))
+    validate_threads: int = _setting(4, _to_int, _above(0))
+    max_dead_letters_listed: int = _setting(1000, _to_int, _above(0))
+    dead_letter_retention_s: float = _setting(2592000.0, _to_float, _above(0))
 
 
 @dataclass(frozen=True)
@@ -396,6 +421,7 @@ class WorkerConfig:
     status_tokens_file: str = _setting("", _to_str)
     #: Allow status_listen off loopback without TLS and tokens (as server.insecure).
     status_insecure: bool = _setting(False, _to_bool)
+    max_result_bytes: int = _setting(1048576, _to_int, _above(0))
 
 
 @dataclass(frozen=True)

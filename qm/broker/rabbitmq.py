@@ -54,7 +54,7 @@ from pika.adapters.asyncio_connection import AsyncioConnection
 from pika.adapters.utils import connection_workflow
 
 from qm.broker.base import EXCHANGE_KINDS, Broker, Delivery, DeliveryCallback
-from qm.errors import BrokerRefused, BrokerUnavailable, ConsumerRefused, PublishOutcomeUnknown
+from qm.errors import BrokerRefused, BrokerUnavailable, ConsumerRefused, PublishOutcomeUnknown, QueueFull
 
 log = logging.getLogger(__name__)
 
@@ -376,7 +376,10 @@ class RabbitMQBroker(Broker):
             if future is None or future.done():
                 continue
             if refused:
-                future.set_exception(BrokerUnavailable(f"RabbitMQ at {self._where} refused the message"))
+                future.set_exception(QueueFull(
+                    f"RabbitMQ at {self._where} refused the message (basic.nack): its queue is full "
+                    "(broker.max_queue_length), or has no leader for the moment (a cluster node went away); "
+                    "retry later"))
             else:
                 future.set_result(None)
 

@@ -16,7 +16,7 @@ from qm import registry as plugin_registry
 from qm._proto.qm.v1 import task_queue_pb2, task_queue_pb2_grpc
 from qm.broker import topology
 from qm.broker.rabbitmq import RabbitMQBroker
-from qm.config import Config, load_config, parse_host_port, scrub_secret_env
+from qm.config import Config, ServerConfig, load_config, parse_host_port, scrub_secret_env
 from qm.errors import ConfigError, ConsumerRefused, DuplicateServer, ServerIdentityError
 from qm.logs import setup_logging
 from qm.metrics import ServerMetrics
@@ -27,9 +27,12 @@ from qm.security.signing import Keyring
 from qm.security.tls import ServerTLS
 from qm.server import auth, identity
 from qm.server.admission import CORE_OPTIONS, AdmissionInterceptor
+from qm.server.caps import SubmitCaps
+from qm.server.quotas import QuotaInterceptor, SubmitRateLimiter
 from qm.server.service import TaskService
 from qm.server.servicer import TaskQueueServicer
 from qm.server.store import Store
+from qm.server.validators import PayloadValidators
 from qm.tasks import python as python_task
 
 log = logging.getLogger("qm.server")
@@ -50,6 +53,7 @@ class ServerApp:
     """
 
     def __init__(self, config: Config, registry: plugin_registry.Registry | None = None) -> None:
+        check_caps(config)
         self.config = config
         self.tls, self.authenticator = check_exposure(config)
         python_task.configure(Keyring.from_config(config.executor), config.executor.signature_ttl_s)
@@ -84,16 +88,28 @@ class ServerApp:
                                    metrics=metrics, worker_lost_after_s=server.worker_lost_after_s,
                                    reconcile_interval_s=server.reconcile_interval_s,
                                    reconcile_after_s=server.reconcile_after_s,
-                                   max_batch_items=server.max_batch_items)
+                                   max_batch_items=server.max_batch_items,
+                                   caps=SubmitCaps(server.queues, server.max_task_timeout_s,
+                                                   server.max_task_memory_limit_mb, server.max_retries),
+                                   validators=PayloadValidators(server.validate_timeout_s, server.validate_threads),
+                                   max_queue_length=config.broker.max_queue_length)
+        self.service.dead_letters.max_listed = server.max_dead_letters_listed
+        self.service.dead_letters.retention_s = server.dead_letter_retention_s
         self.health = health.aio.HealthServicer()
         # Overload: calls queue in gRPC (core never sheds them) or are refused with
         # RESOURCE_EXHAUSTED beyond server.max_concurrent_rpcs (qm.server.admission).
         self.admission = AdmissionInterceptor(SERVICE_NAME, server.max_concurrent_rpcs, metrics)
-        # Auth first: a stranger's call is refused before it counts against the admission limit.
-        interceptors: list[grpc.aio.ServerInterceptor] = [self.admission]
+        # Per-caller submit rate and stream caps (qm.server.quotas); message sizes and
+        # streams per connection are gRPC core's (grpc_options).
+        self.quotas = QuotaInterceptor(SERVICE_NAME, SubmitRateLimiter(server.submit_rate_per_s, server.submit_burst),
+                                       server.max_stream_ids, server.max_stream_s,
+                                       on_refused=lambda method: metrics.rate_limited.labels(method).inc())
+        # Auth first: a stranger's call is refused before it counts against the admission
+        # limit or its caller's submit rate.
+        interceptors: list[grpc.aio.ServerInterceptor] = [self.admission, self.quotas]
         if self.authenticator.enabled:
             interceptors.insert(0, auth.AuthInterceptor(self.authenticator))
-        self.grpc_server = grpc.aio.server(interceptors=interceptors, options=CORE_OPTIONS)
+        self.grpc_server = grpc.aio.server(interceptors=interceptors, options=CORE_OPTIONS + grpc_options(server))
         self.port = 0
 
     async def start(self) -> int:
@@ -146,6 +162,7 @@ class ServerApp:
     async def _release(self) -> None:
         """Stop consuming, disconnect, close the store, then let go of the data directory."""
         await self.service.stop_events()
+        self.service.validators.close()
         await self.broker.close()
         await self.store.close()
         self.identity.release()
@@ -173,6 +190,23 @@ def check_exposure(config: Config) -> tuple[ServerTLS | None, auth.Authenticator
     return tls, authenticator
 
 
+def grpc_options(server: ServerConfig) -> tuple[tuple[str, int], ...]:
+    """gRPC core's own caps: message sizes both ways (a bigger one is refused
+    RESOURCE_EXHAUSTED by gRPC itself) and concurrent streams (calls) per connection."""
+    return (("grpc.max_receive_message_length", server.max_message_bytes),
+            ("grpc.max_send_message_length", server.max_message_bytes),
+            ("grpc.max_concurrent_streams", server.max_concurrent_streams))
+
+
+def check_caps(config: Config) -> None:
+    """Caps that must agree with each other; ConfigError naming the key otherwise."""
+    server = config.server
+    if server.submit_rate_per_s and server.submit_burst < server.max_batch_items:
+        raise ConfigError("server.submit_burst", (
+            f"{server.submit_burst} is below server.max_batch_items ({server.max_batch_items}): a full batch "
+            "could never be admitted; raise the burst or lower the batch size"))
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="qm-server",
@@ -194,6 +228,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "(server.id). Default: the id in the data dir's file server-id, generated "
                              "on first start as server-HOSTNAME-RANDOM. Every live server needs its own "
                              "id and data dir; a second one on either is refused (exit 2)")
+    parser.add_argument("--queues", metavar="NAMES",
+                        help="logical queues clients may submit to, comma-separated; a name or a pattern with * "
+                             "('*' = any valid name). Others are refused INVALID_ARGUMENT (server.queues, "
+                             "default: default)")
     parser.add_argument("--metrics-port", metavar="PORT",
                         help="serve Prometheus /metrics on this port; 0 = off (server.metrics_port)")
     parser.add_argument("--tls-cert", metavar="FILE", help="PEM certificate to serve TLS with (server.tls_cert)")
@@ -232,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
             "log.format": args.log_format,
             "server.metrics_port": args.metrics_port, "server.tls_cert": args.tls_cert,
             "server.tls_key": args.tls_key, "server.tls_client_ca": args.tls_client_ca,
-            "server.tokens_file": args.tokens_file, "server.insecure": args.insecure})
+            "server.tokens_file": args.tokens_file, "server.insecure": args.insecure,
+            "server.queues": args.queues})
     except ConfigError as exc:
         print(f"qm-server: {exc}", file=sys.stderr)
         return EXIT_REFUSED

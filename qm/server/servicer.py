@@ -25,11 +25,15 @@ from qm.errors import (
     Overloaded,
     PermissionDenied,
     QMError,
+    QueueFull,
+    RateLimited,
+    StreamExpired,
     TaskAlreadyFinished,
     TaskNotFound,
     Unauthenticated,
     UnknownTaskType,
     ValidationError,
+    ValidatorsBusy,
 )
 from qm.reasons import DOMAIN, Reason
 from qm.server.service import TaskService
@@ -50,6 +54,10 @@ _STATUS_OF: dict[type[QMError], tuple[grpc.StatusCode, Reason]] = {
     Overloaded: (grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.OVERLOADED),  # refused by qm/server/admission.py
     Unauthenticated: (grpc.StatusCode.UNAUTHENTICATED, Reason.UNAUTHENTICATED),  # refused by qm/server/auth.py
     PermissionDenied: (grpc.StatusCode.PERMISSION_DENIED, Reason.PERMISSION_DENIED),
+    RateLimited: (grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.RATE_LIMITED),  # refused by qm/server/quotas.py
+    QueueFull: (grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.QUEUE_FULL),  # the work queue is at broker.max_queue_length
+    ValidatorsBusy: (grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.VALIDATORS_BUSY),  # every validator thread a runaway's
+    StreamExpired: (grpc.StatusCode.UNAVAILABLE, Reason.STREAM_EXPIRED),  # open for server.max_stream_s
 }
 #: Any other domain error.
 _OTHER = (grpc.StatusCode.INTERNAL, Reason.SERVER_ERROR)

@@ -99,7 +99,9 @@ def build(config: Config, registry: plugin_registry.Registry) -> tuple[Pool, Rab
     caps = task_limits.Limits(config.worker.task_timeout_s, config.worker.task_memory_limit_mb)
     supervisor = Supervisor(broker, pool, worker_id(config), list(config.worker.queues), prefetch_policy(config),
                             config.broker.queue_type, caps=caps,
-                            delivery_limit=config.broker.delivery_limit)
+                            delivery_limit=config.broker.delivery_limit,
+                            max_queue_length=config.broker.max_queue_length,
+                            max_result_bytes=config.worker.max_result_bytes)
     supervisor.metrics.watch(
         busy=lambda: supervisor.busy, idle=lambda: max(0, pool.procs - supervisor.busy),
         restarts=lambda: pool.restarts, prefetch=lambda: supervisor.prefetch.value,
