@@ -27,6 +27,8 @@ numbers depend on the machine and on what else runs on it (see load/README.md).
 from __future__ import annotations
 
 import argparse
+import asyncio
+import inspect
 import json
 import os
 import pathlib
@@ -140,17 +142,22 @@ def measure_store_calls(db_path: pathlib.Path, ops: int) -> dict[str, Any]:
     """Per-call cost of what a submit and the events applier do to the store, opened as the
     server opens it (with its checkpoint thread, where the store has one)."""
     store = Store(db_path)
+    loop = asyncio.new_event_loop()
+
+    def call(result: Any) -> Any:  # store methods are coroutines since the async seam
+        return loop.run_until_complete(result) if inspect.isawaitable(result) else result
+
     if hasattr(store, "start_checkpoints"):
         store.start_checkpoints()
     try:
         now = time.time()
         records = [TaskRecord(str(uuid.uuid4()), "math", "default", "text", TaskState.QUEUED, 0, None, "", "",
                               now, None, None, now, 600.0, 0, str(uuid.uuid4()), 0) for _ in range(ops)]
-        keys = _timed_loop(records, lambda r: store.find_by_idempotency_key(r.idempotency_key), PHASE_BOUND_S)
+        keys = _timed_loop(records, lambda r: call(store.find_by_idempotency_key(r.idempotency_key)), PHASE_BOUND_S)
 
         def accept(record: TaskRecord) -> None:
-            store.insert_unconfirmed(record, "default", b"message body of about this size" * 4)
-            store.confirm(record.task_id)
+            call(store.insert_unconfirmed(record, "default", b"message body of about this size" * 4))
+            call(store.confirm(record.task_id))
 
         inserts = _timed_loop(records, accept, PHASE_BOUND_S)
         inserted = inserts[0]
@@ -160,11 +167,12 @@ def measure_store_calls(db_path: pathlib.Path, ops: int) -> dict[str, Any]:
                     for r in records[:inserted]]
         events = started + finished
         batches = [events[i:i + APPLY_BATCH] for i in range(0, len(events), APPLY_BATCH)]
-        applies = _timed_loop(batches, lambda batch: store.apply(batch, {"math": "text"}), PHASE_BOUND_S)
+        applies = _timed_loop(batches, lambda batch: call(store.apply(batch, {"math": "text"})), PHASE_BOUND_S)
         applied = sum(len(batch) for batch in batches[:applies[0]])
-        counts = _timed_loop(range(100), lambda _: (store.count(), store.count_dead_letters()), PHASE_BOUND_S)
+        counts = _timed_loop(range(100), lambda _: (call(store.count()), call(store.count_dead_letters())), PHASE_BOUND_S)
     finally:
-        store.close()
+        call(store.close())
+        loop.close()
 
     def per_call_us(measured: tuple[int, float, float]) -> dict[str, float]:
         done, wall_s, cpu_s = measured

@@ -120,7 +120,7 @@ class ServerApp:
         """Stop consuming, disconnect, close the store, then let go of the data directory."""
         await self.service.stop_events()
         await self.broker.close()
-        self.store.close()
+        await self.store.close()
         self.identity.release()
 
 

@@ -14,13 +14,14 @@ import time
 import uuid
 from typing import Awaitable, Callable
 
+from qm.background import Background
 from qm.broker.base import Broker, Delivery
 from qm.errors import TaskNotFound
 from qm.messages import TaskEvent, TaskMessage
 from qm.metrics import ServerMetrics
 from qm.protocol import Header
 from qm.server import maintenance
-from qm.server.store import DeadLetter, Store, TaskRecord
+from qm.server.store_api import DeadLetter, TaskRecord, TaskStore
 from qm.states import TaskState
 
 log = logging.getLogger(__name__)
@@ -33,8 +34,8 @@ MAX_REQUEUE = 10_000
 class DeadLetters:
     """This server's dead letters: recorded from its queue, listed, requeued, purged."""
 
-    def __init__(self, store: Store, broker: Broker, metrics: ServerMetrics, codecs: dict[str, str],
-                 delivery_limit: int, apply: Callable[[list[TaskEvent]], None],
+    def __init__(self, store: TaskStore, broker: Broker, metrics: ServerMetrics, codecs: dict[str, str],
+                 delivery_limit: int, apply: Callable[[list[TaskEvent]], Awaitable[None]],
                  enqueue: Callable[[TaskRecord, TaskMessage], Awaitable[None]]) -> None:
         self.store = store
         self.broker = broker
@@ -43,10 +44,26 @@ class DeadLetters:
         self.delivery_limit = delivery_limit
         self._apply = apply        # events → store (the event applier)
         self._enqueue = enqueue    # store + publish a new task (the submit path)
+        self._background = Background()
 
     def on_delivery(self, delivery: Delivery) -> None:
-        """Record a dead letter. One that RabbitMQ dead-lettered itself (the quorum queue's
-        delivery limit: its worker died every time) has no final event yet: make it one."""
+        """The consumer's callback: record the dead letter on the event loop, then ack it."""
+        self._background.spawn(self._record_logged(delivery), name="dead-letter")
+
+    async def wait_recorded(self, timeout_s: float | None = None) -> None:
+        """Wait for the dead letters being recorded (before the store closes)."""
+        await self._background.wait(timeout_s)
+
+    async def _record_logged(self, delivery: Delivery) -> None:
+        try:
+            await self.record(delivery)
+        except Exception:  # unacked: RabbitMQ delivers it again after a reconnect
+            log.exception("cannot record a dead letter (headers %s)", delivery.headers)
+
+    async def record(self, delivery: Delivery) -> None:
+        """Record a dead letter, then ack it. One that RabbitMQ dead-lettered itself (the
+        quorum queue's delivery limit: its worker died every time) has no final event yet:
+        make it one."""
         try:
             message = TaskMessage.decode(delivery.body)
         except ValueError as exc:
@@ -59,25 +76,25 @@ class DeadLetters:
             reason = rabbitmq_dead_reason(headers, self.delivery_limit)
             error = (f"RabbitMQ dead-lettered task {message.task_id}: {reason}. A task that takes its "
                      "whole worker down each time (not just a child) ends here instead of looping")
-            self._apply([TaskEvent(message.task_id, message.type, message.queue, message.attempt,
+            await self._apply([TaskEvent(message.task_id, message.type, message.queue, message.attempt,
                                    TaskState.CRASHED, error=error)])
             state = TaskState.CRASHED
         else:
             error = str(headers.get(Header.ERROR, ""))
             state = TaskState[str(headers.get(Header.STATE, "FAILED"))]
-        self.store.add_dead_letter(DeadLetter(message.task_id, message.type, message.queue, state,
+        await self.store.add_dead_letter(DeadLetter(message.task_id, message.type, message.queue, state,
                                               message.attempt, str(reason), error, delivery.body, time.time()))
         log.warning("task %s (%s) dead-lettered: %s", message.task_id, message.type, reason)
         self.metrics.dead_letters.labels(message.type if message.type in self.codecs else "unknown").inc()
         self.broker.ack(delivery)
 
-    def list(self, limit: int) -> tuple[builtins.list[DeadLetter], int]:
-        return self.store.dead_letters(limit or DEFAULT_DEAD_LETTER_LIMIT)
+    async def list(self, limit: int) -> tuple[builtins.list[DeadLetter], int]:
+        return await self.store.dead_letters(limit or DEFAULT_DEAD_LETTER_LIMIT)
 
     async def requeue(self, task_ids: builtins.list[str] | None) -> dict[str, str]:
         """Run dead-lettered tasks again, each as a new task (attempt 1, same payload and
         limits); returns old id → new id. Unknown ids raise TaskNotFound."""
-        dead, _total = self.store.dead_letters(MAX_REQUEUE, task_ids)
+        dead, _total = await self.store.dead_letters(MAX_REQUEUE, task_ids)
         if task_ids is not None:
             missing = set(task_ids) - {letter.task_id for letter in dead}
             if missing:
@@ -92,7 +109,7 @@ class DeadLetters:
             record = TaskRecord.queued(message.task_id, old.type, old.queue, self.codecs.get(old.type, "text"),
                                        now, old.timeout_s, old.memory_limit_mb, max_retries=old.retry.max_retries)
             await self._enqueue(record, message)
-            self.store.remove_dead_letters([letter.task_id])
+            await self.store.remove_dead_letters([letter.task_id])
             renamed[letter.task_id] = message.task_id
         return renamed
 

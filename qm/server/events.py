@@ -19,7 +19,7 @@ from qm.messages import TaskEvent
 from qm.metrics import ServerMetrics
 from qm.protocol import Command, Control
 from qm.server.hub import Hub
-from qm.server.store import Store, TaskRecord
+from qm.server.store_api import TaskRecord, TaskStore
 from qm.states import TaskState
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 class EventApplier:
     """Applies task events to the store and wakes the streams following them."""
 
-    def __init__(self, store: Store, broker: Broker, hub: Hub, metrics: ServerMetrics, codecs: dict[str, str],
+    def __init__(self, store: TaskStore, broker: Broker, hub: Hub, metrics: ServerMetrics, codecs: dict[str, str],
                  delivery_limit: int) -> None:
         self.store = store
         self.broker = broker
@@ -46,9 +46,9 @@ class EventApplier:
             batch = [await self.queue.get()]
             while not self.queue.empty():
                 batch.append(self.queue.get_nowait())
-            self.apply_deliveries(batch)
+            await self.apply_deliveries(batch)
 
-    def apply_deliveries(self, deliveries: list[Delivery]) -> None:
+    async def apply_deliveries(self, deliveries: list[Delivery]) -> None:
         """Apply, commit, then ack."""
         events = []
         for delivery in deliveries:
@@ -56,12 +56,12 @@ class EventApplier:
                 events.append(TaskEvent.decode(delivery.body))
             except ValueError as exc:
                 log.error("dropping an undecodable event (headers %s): %s", delivery.headers, exc)
-        self.apply(events)
+        await self.apply(events)
         # One ack frame for the batch: deliveries come in order on one consumer's channel.
         self.broker.ack(deliveries[-1], through=True)
 
-    def apply(self, events: list[TaskEvent]) -> None:
-        changes = self.store.apply(events, self.codecs)
+    async def apply(self, events: list[TaskEvent]) -> None:
+        changes = await self.store.apply(events, self.codecs)
         for record in changes:
             self.hub.publish(record)
         now = time.time()
@@ -73,7 +73,7 @@ class EventApplier:
             # A start that changed nothing came for a task already final: cancelled, maybe.
             # (Any other start counts as one, so only these need the store look-up.)
             if (event.state is TaskState.RUNNING and event.task_id not in changed
-                    and self._is_cancelled(event.task_id)):
+                    and await self._is_cancelled(event.task_id)):
                 self._send(Control(Command.CANCEL, event.task_id))
         self._watch_for_poison(changes)
 
@@ -90,8 +90,8 @@ class EventApplier:
                             record.type, record.starts)
                 self._send(Control(Command.POISON, record.task_id, f"{record.starts}"))
 
-    def _is_cancelled(self, task_id: str) -> bool:
-        record = self.store.get(task_id)
+    async def _is_cancelled(self, task_id: str) -> bool:
+        record = await self.store.get(task_id)
         return record is not None and record.state is TaskState.CANCELLED
 
     def _send(self, control: Control) -> None:

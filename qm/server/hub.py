@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 import collections
 
-from qm.server.store import TaskRecord
+from qm.server.store_api import TaskRecord
 
 
 class Hub:

@@ -11,28 +11,29 @@ WAL checkpoints run on the store's own thread (`Store.start_checkpoints`).
 from __future__ import annotations
 
 import asyncio
-from typing import Callable
+from typing import Awaitable, Callable
 
-from qm.server.store import DELETE_BATCH_ROWS, Store
+from qm.server.store import DELETE_BATCH_ROWS
+from qm.server.store_api import TaskStore
 
 
-async def delete_in_batches(delete_batch: Callable[[int], int], batch_rows: int = DELETE_BATCH_ROWS) -> int:
+async def delete_in_batches(delete_batch: Callable[[int], Awaitable[int]], batch_rows: int = DELETE_BATCH_ROWS) -> int:
     """Call delete_batch(batch_rows) until it deletes fewer than batch_rows; return the
     total. The event loop runs other work between two batches."""
     total = 0
     while True:
-        removed = delete_batch(batch_rows)
+        removed = await delete_batch(batch_rows)
         total += removed
         if removed < batch_rows:
             return total
         await asyncio.sleep(0)
 
 
-async def purge_finished(store: Store, before_s: float, batch_rows: int = DELETE_BATCH_ROWS) -> int:
+async def purge_finished(store: TaskStore, before_s: float, batch_rows: int = DELETE_BATCH_ROWS) -> int:
     """Delete every task that finished before `before_s`, in batches; return how many."""
     return await delete_in_batches(lambda limit: store.purge_finished(before_s, limit), batch_rows)
 
 
-async def purge_dead_letters(store: Store, batch_rows: int = DELETE_BATCH_ROWS) -> int:
+async def purge_dead_letters(store: TaskStore, batch_rows: int = DELETE_BATCH_ROWS) -> int:
     """Delete every dead letter, oldest first, in batches; return how many."""
     return await delete_in_batches(lambda limit: store.remove_dead_letters(None, limit), batch_rows)

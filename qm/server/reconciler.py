@@ -26,7 +26,7 @@ from qm.broker.base import Broker
 from qm.errors import BrokerUnavailable
 from qm.messages import TaskMessage
 from qm.metrics import ServerMetrics
-from qm.server.store import Store, TaskRecord
+from qm.server.store_api import TaskRecord, TaskStore
 from qm.states import TaskState
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ SWEEP_LIMIT = 500
 
 @dataclasses.dataclass
 class Reconciler:
-    store: Store
+    store: TaskStore
     broker: Broker
     metrics: ServerMetrics
     queues: set[str]                                # logical queues this server publishes to
@@ -59,13 +59,13 @@ class Reconciler:
         """Publish again every task that looks lost; return how many."""
         now_s = time.time() if now_s is None else now_s
         cutoff = now_s - self.after_s
-        suspects = [(record, record.attempts) for record in self.store.overdue_runs(cutoff, SWEEP_LIMIT)]
+        suspects = [(record, record.attempts) for record in await self.store.overdue_runs(cutoff, SWEEP_LIMIT)]
         for queue in sorted(self.queues):
             if await self.broker.queue_size(topology.work_queue_name(queue)):
                 continue  # a backlog: overdue tasks may well be waiting in it
             suspects += [(record, record.attempts + 1)
-                         for record in self.store.overdue_retries(queue, cutoff, SWEEP_LIMIT)]
-            suspects += [(record, 1) for record in self.store.queued_before(queue, cutoff, SWEEP_LIMIT)]
+                         for record in await self.store.overdue_retries(queue, cutoff, SWEEP_LIMIT)]
+            suspects += [(record, 1) for record in await self.store.queued_before(queue, cutoff, SWEEP_LIMIT)]
         republished = 0
         for record, attempt in suspects:
             if self._republished_at.get(record.task_id, 0.0) > cutoff:
@@ -77,7 +77,7 @@ class Reconciler:
         return republished
 
     async def _republish(self, record: TaskRecord, attempt: int, now_s: float) -> bool:
-        body = self.store.message(record.task_id)
+        body = await self.store.message(record.task_id)
         if body is None:
             log.debug("task %s looks lost but was submitted through another server; that one publishes it",
                       record.task_id)

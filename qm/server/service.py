@@ -35,7 +35,7 @@ from qm.server.dead_letters import DeadLetters
 from qm.server.events import EventApplier
 from qm.server.hub import Hub
 from qm.server.reconciler import Reconciler
-from qm.server.store import Store, TaskRecord
+from qm.server.store_api import TaskRecord, TaskStore
 from qm.server.submission import Submission
 from qm.server.workers import WorkerDirectory
 from qm.states import TaskState
@@ -52,6 +52,8 @@ DEFAULT_MAX_BATCH_ITEMS = 1000
 UNCONFIRMED_RETRY_S = 5.0
 #: Least time between two updates of the store size gauges.
 STORE_GAUGES_INTERVAL_S = 5.0
+#: Longest wait at stop for dead letters still being recorded.
+STOP_WAIT_S = 5.0
 #: Longest pause between two retention sweeps.
 RETENTION_SWEEP_MAX_S = 3600.0
 
@@ -59,7 +61,7 @@ RETENTION_SWEEP_MAX_S = 3600.0
 class TaskService:
     """What the TaskQueue RPCs do: submit, status, cancel; and the server's parts."""
 
-    def __init__(self, registry: Registry, store: Store, broker: Broker, *,
+    def __init__(self, registry: Registry, store: TaskStore, broker: Broker, *,
                  max_payload_bytes: int, queue_type: str = "quorum", delivery_limit: int = 5,
                  default_timeout_s: float = 600.0, default_memory_limit_mb: int = 0,
                  consumer_timeout_s: float = 1800.0, default_retry: RetryPolicy = RetryPolicy(),
@@ -126,7 +128,7 @@ class TaskService:
                 first = await asyncio.shield(self._pending_keys[idempotency_key])
                 self._check_key_reuse(idempotency_key, first, digest)
                 return first
-            existing = self.store.find_by_idempotency_key(idempotency_key)
+            existing = await self.store.find_by_idempotency_key(idempotency_key)
             if existing is not None:
                 self._check_key_reuse(idempotency_key, existing, digest)
                 await self._publish_unconfirmed(existing.task_id)  # durable before we say so
@@ -216,30 +218,30 @@ class TaskService:
         message is published again at start-up or on the client's retry (same key)."""
         await self._ensure_queue(message.queue)
         body = message.encode()
-        self.store.insert_unconfirmed(record, message.queue, body)
+        await self.store.insert_unconfirmed(record, message.queue, body)
         started = time.perf_counter()
         try:
             await self.broker.publish(topology.TASKS_EXCHANGE, message.queue, body, message.headers())
         except BaseException:
-            self.store.delete(record.task_id)  # never a stored half-task
+            await self.store.delete(record.task_id)  # never a stored half-task
             raise
-        self.store.confirm(record.task_id)
+        await self.store.confirm(record.task_id)
         self.metrics.confirm_seconds.observe(time.perf_counter() - started)
 
     async def _publish_unconfirmed(self, task_id: str | None = None) -> None:
         """Publish again what a previous run of this server stored but never saw confirmed
         (at-least-once: it may have reached RabbitMQ; a duplicate delivery is harmless)."""
-        for stored_id, queue, body in self.store.unconfirmed(task_id):
+        for stored_id, queue, body in await self.store.unconfirmed(task_id):
             await self._ensure_queue(queue)
             message = TaskMessage.decode(body)
             await self.broker.publish(topology.TASKS_EXCHANGE, queue, body, message.headers())
-            self.store.confirm(stored_id)
+            await self.store.confirm(stored_id)
             log.info("task %s: published again (its first publish was never confirmed)", stored_id)
 
     async def _publish_unconfirmed_until_done(self) -> None:
         """At start-up: the rows left unconfirmed by the previous run (not the ones this
         run is publishing right now)."""
-        left = [task_id for task_id, _queue, _body in self.store.unconfirmed()]
+        left = [task_id for task_id, _queue, _body in await self.store.unconfirmed()]
         while left:
             try:
                 await self._publish_unconfirmed(left[0])
@@ -253,8 +255,8 @@ class TaskService:
             await topology.declare_work_queue(self.broker, queue, self.queue_type, self.delivery_limit)
             self._declared_queues.add(queue)
 
-    def status(self, task_id: str) -> TaskRecord:
-        record = self.store.get(task_id)
+    async def status(self, task_id: str) -> TaskRecord:
+        record = await self.store.get(task_id)
         if record is None:
             raise TaskNotFound(task_id)
         return record
@@ -262,7 +264,7 @@ class TaskService:
     async def cancel(self, task_id: str) -> TaskRecord:
         """Make a task CANCELLED: tell every worker (a queued one is dropped when it comes
         up, a running one killed), then record the final state through the events queue."""
-        record = self.status(task_id)
+        record = await self.status(task_id)
         if record.state.terminal:
             raise TaskAlreadyFinished(task_id, record.state.name)
         if not self.broker.connected:
@@ -271,8 +273,8 @@ class TaskService:
         event = TaskEvent(task_id, record.type, record.queue, max(record.attempts, 1), TaskState.CANCELLED,
                           error="cancelled by request")
         await self.broker.publish(topology.EVENTS_EXCHANGE, "", event.encode(), {Header.TASK_ID: task_id})
-        self.events.apply([event])  # answer with the final state; the queued copy is then a duplicate
-        return self.status(task_id)
+        await self.events.apply([event])  # answer with the final state; the queued copy is then a duplicate
+        return await self.status(task_id)
 
     async def _broadcast_cancel(self, task_id: str) -> None:
         body, headers = Control(Command.CANCEL, task_id).encode()
@@ -304,12 +306,13 @@ class TaskService:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.dead_letters.wait_recorded(STOP_WAIT_S)
 
     async def _refresh_store_gauges(self) -> None:
         """Sizes from the store's counters (kept in its transactions: no COUNT(*) here)."""
         while True:
-            self.metrics.store_tasks.set(self.store.count())
-            self.metrics.store_dead_letters.set(self.store.count_dead_letters())
+            self.metrics.store_tasks.set(await self.store.count())
+            self.metrics.store_dead_letters.set(await self.store.count_dead_letters())
             await asyncio.sleep(STORE_GAUGES_INTERVAL_S)
 
     async def _sweep_retention(self) -> None:

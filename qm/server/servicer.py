@@ -23,7 +23,7 @@ from qm.errors import (
     ValidationError,
 )
 from qm.server.service import TaskService
-from qm.server.store import TaskRecord
+from qm.server.store_api import TaskRecord
 from qm.server.submission import Submission
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ class TaskQueueServicer(task_queue_pb2_grpc.TaskQueueServicer):
 
     @_maps_errors
     async def ListDeadLetters(self, request, context):
-        letters, total = self.service.dead_letters.list(request.limit)
+        letters, total = await self.service.dead_letters.list(request.limit)
         response = task_queue_pb2.ListDeadLettersResponse(total=total)
         for letter in letters:
             item = response.dead_letters.add(task_id=letter.task_id, type=letter.type, queue=letter.queue,
@@ -169,7 +169,7 @@ class TaskQueueServicer(task_queue_pb2_grpc.TaskQueueServicer):
 
     @_maps_errors
     async def GetTaskStatus(self, request, context):
-        record = self.service.status(request.task_id)
+        record = await self.service.status(request.task_id)
         return task_queue_pb2.GetTaskStatusResponse(status=record_to_proto(record))
 
     async def StreamTaskResults(self, request_iterator, context):
@@ -197,7 +197,7 @@ class TaskQueueServicer(task_queue_pb2_grpc.TaskQueueServicer):
                         continue
                     self.service.hub.follow(task_id, updates)  # follow first: no change is missed
                     followed.add(task_id)
-                    updates.put_nowait(self.service.status(task_id))
+                    updates.put_nowait(await self.service.status(task_id))
         except QMError as exc:
             updates.put_nowait(exc)  # the stream loop raises it as the stream's status
         finally:

@@ -21,6 +21,7 @@ import threading
 from typing import Iterable
 
 from qm.messages import TaskEvent
+from qm.server.store_api import DeadLetter, TaskRecord
 from qm.states import TaskState, supersedes
 
 log = logging.getLogger(__name__)
@@ -104,55 +105,6 @@ _ADDED_COLUMNS = {"timeout_s": "REAL NOT NULL DEFAULT 0", "memory_limit_mb": "IN
                   "request_digest": "TEXT NOT NULL DEFAULT ''"}
 
 
-@dataclasses.dataclass(frozen=True)
-class TaskRecord:
-    """What the server knows of one task (timestamps in seconds since the epoch)."""
-
-    task_id: str
-    type: str
-    queue: str
-    codec: str
-    state: TaskState
-    attempts: int
-    result: bytes | None
-    error: str
-    worker: str
-    created_at: float
-    started_at: float | None
-    finished_at: float | None
-    updated_at: float
-    timeout_s: float = 0.0        # effective hard time limit
-    memory_limit_mb: int = 0      # effective memory limit; 0 = none
-    idempotency_key: str = ""
-    max_retries: int = 0
-    next_attempt_at: float | None = None  # while RETRYING
-    starts: int = 0               # RUNNING events seen, redelivered ones too (poison detection)
-    request_digest: str = ""      # of the request, kept with its idempotency key (qm/server/idempotency.py)
-
-    @classmethod
-    def queued(cls, task_id: str, type: str, queue: str, codec: str, at_s: float, timeout_s: float = 0.0,
-               memory_limit_mb: int = 0, idempotency_key: str = "", max_retries: int = 0,
-               request_digest: str = "") -> TaskRecord:
-        """A task just accepted (or first heard of), QUEUED at `at_s`."""
-        return cls(task_id, type, queue, codec, TaskState.QUEUED, 0, None, "", "", at_s, None, None, at_s,
-                   timeout_s, memory_limit_mb, idempotency_key, max_retries, request_digest=request_digest)
-
-
-@dataclasses.dataclass(frozen=True)
-class DeadLetter:
-    """A task that failed for good, with the message that can run it again."""
-
-    task_id: str
-    type: str
-    queue: str
-    state: TaskState
-    attempts: int
-    reason: str
-    error: str
-    body: bytes
-    dead_at: float
-
-
 _COLUMNS = [field.name for field in dataclasses.fields(TaskRecord)]
 _DEAD_COLUMNS = [field.name for field in dataclasses.fields(DeadLetter)]
 
@@ -211,7 +163,7 @@ class Store:
             if name not in present:
                 self._db.execute(f"ALTER TABLE tasks ADD COLUMN {name} {declaration}")
 
-    def close(self) -> None:
+    async def close(self) -> None:
         self.stop_checkpoints()
         self._db.close()
 
@@ -238,24 +190,27 @@ class Store:
         """A passive checkpoint now, on this connection: (WAL frames, frames checkpointed)."""
         return _passive_checkpoint(self._db)
 
-    def insert(self, record: TaskRecord) -> None:
+    async def insert(self, record: TaskRecord) -> None:
+        self._insert(record)
+
+    def _insert(self, record: TaskRecord) -> None:
         placeholders = ", ".join("?" for _ in _COLUMNS)
         self._db.execute(f"INSERT INTO tasks ({', '.join(_COLUMNS)}) VALUES ({placeholders})",
                          dataclasses.astuple(record))
 
-    def delete(self, task_id: str) -> None:
+    async def delete(self, task_id: str) -> None:
         self._db.execute("DELETE FROM tasks WHERE task_id = ?", (task_id,))
         self._db.execute("DELETE FROM unconfirmed WHERE task_id = ?", (task_id,))
         self._db.execute("DELETE FROM messages WHERE task_id = ?", (task_id,))
 
     # -- accepted but not yet confirmed by RabbitMQ ---------------------------------------
 
-    def insert_unconfirmed(self, record: TaskRecord, queue: str, body: bytes) -> None:
+    async def insert_unconfirmed(self, record: TaskRecord, queue: str, body: bytes) -> None:
         """Store a task with the message that still has to reach RabbitMQ, in one commit;
         the message is also kept until the task is final (the reconciler's copy)."""
         self._db.execute("BEGIN")
         try:
-            self.insert(record)
+            self._insert(record)
             self._db.execute("INSERT INTO unconfirmed (task_id, queue, body) VALUES (?, ?, ?)",
                              (record.task_id, queue, body))
             self._db.execute("INSERT OR REPLACE INTO messages (task_id, body) VALUES (?, ?)", (record.task_id, body))
@@ -264,11 +219,11 @@ class Store:
             self._db.execute("ROLLBACK")
             raise
 
-    def confirm(self, task_id: str) -> None:
+    async def confirm(self, task_id: str) -> None:
         """RabbitMQ confirmed the task's message: nothing left to resend."""
         self._db.execute("DELETE FROM unconfirmed WHERE task_id = ?", (task_id,))
 
-    def unconfirmed(self, task_id: str | None = None) -> list[tuple[str, str, bytes]]:
+    async def unconfirmed(self, task_id: str | None = None) -> list[tuple[str, str, bytes]]:
         """(task id, queue, message body) of tasks whose publish was never confirmed."""
         query = "SELECT task_id, queue, body FROM unconfirmed"
         if task_id is None:
@@ -277,22 +232,22 @@ class Store:
 
     # -- the reconciler's look-ups (each an indexed range over unfinished tasks) ---------
 
-    def message(self, task_id: str) -> bytes | None:
+    async def message(self, task_id: str) -> bytes | None:
         """The task's first message as submitted here (None once final, or if submitted elsewhere)."""
         row = self._db.execute("SELECT body FROM messages WHERE task_id = ?", (task_id,)).fetchone()
         return row[0] if row else None
 
-    def overdue_retries(self, queue: str, due_before_s: float, limit: int) -> list[TaskRecord]:
+    async def overdue_retries(self, queue: str, due_before_s: float, limit: int) -> list[TaskRecord]:
         """RETRYING tasks of a logical queue whose next attempt was due before `due_before_s`."""
         return self._select(f"WHERE state = {int(TaskState.RETRYING)} AND queue = ? AND next_attempt_at < ? "
                             "ORDER BY next_attempt_at LIMIT ?", (queue, due_before_s, limit))
 
-    def overdue_runs(self, deadline_before_s: float, limit: int) -> list[TaskRecord]:
+    async def overdue_runs(self, deadline_before_s: float, limit: int) -> list[TaskRecord]:
         """RUNNING tasks whose time limit ran out before `deadline_before_s`, oldest first."""
         return self._select(f"WHERE state = {int(TaskState.RUNNING)} AND started_at + timeout_s < ? AND timeout_s > 0 "
                             "ORDER BY started_at + timeout_s LIMIT ?", (deadline_before_s, limit))
 
-    def queued_before(self, queue: str, created_before_s: float, limit: int) -> list[TaskRecord]:
+    async def queued_before(self, queue: str, created_before_s: float, limit: int) -> list[TaskRecord]:
         """QUEUED tasks of a logical queue created before `created_before_s`, oldest first."""
         return self._select(f"WHERE state = {int(TaskState.QUEUED)} AND queue = ? AND created_at < ? "
                             "ORDER BY created_at LIMIT ?", (queue, created_before_s, limit))
@@ -301,19 +256,22 @@ class Store:
         rows = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM tasks {where}", params).fetchall()
         return [_record(row) for row in rows]
 
-    def get(self, task_id: str) -> TaskRecord | None:
+    async def get(self, task_id: str) -> TaskRecord | None:
+        return self._get(task_id)
+
+    def _get(self, task_id: str) -> TaskRecord | None:
         row = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM tasks WHERE task_id = ?",
                                (task_id,)).fetchone()
         return _record(row) if row is not None else None
 
-    def count(self) -> int:
+    async def count(self) -> int:
         """Tasks in the store (kept by triggers: no COUNT(*))."""
         return self._counter("tasks")
 
     def _counter(self, name: str) -> int:
         return self._db.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()[0]
 
-    def find_by_idempotency_key(self, key: str) -> TaskRecord | None:
+    async def find_by_idempotency_key(self, key: str) -> TaskRecord | None:
         # The index holds only non-empty keys; SQLite uses a partial index only when the
         # query itself says so (it cannot prove `= ?` implies `!= ''`): without the second
         # condition this is a scan of every task.
@@ -321,7 +279,7 @@ class Store:
                                "WHERE idempotency_key = ? AND idempotency_key != ''", (key,)).fetchone()
         return _record(row) if row else None
 
-    def purge_finished(self, before_s: float, limit: int = DELETE_BATCH_ROWS) -> int:
+    async def purge_finished(self, before_s: float, limit: int = DELETE_BATCH_ROWS) -> int:
         """Delete up to `limit` tasks that finished before `before_s` (epoch seconds), found
         through the finished_at index; return how many. Call again while it returns `limit`
         (qm.server.maintenance does, yielding to the event loop in between)."""
@@ -331,10 +289,10 @@ class Store:
 
     # -- dead letters ------------------------------------------------------------------
 
-    def add_dead_letter(self, dead: DeadLetter) -> None:
+    async def add_dead_letter(self, dead: DeadLetter) -> None:
         self._db.execute(_upsert_statement("dead_letters", _DEAD_COLUMNS), dataclasses.astuple(dead))
 
-    def dead_letters(self, limit: int, task_ids: list[str] | None = None) -> tuple[list[DeadLetter], int]:
+    async def dead_letters(self, limit: int, task_ids: list[str] | None = None) -> tuple[list[DeadLetter], int]:
         """Dead letters, oldest first (these ids only, if given), and how many there are in all."""
         query = f"SELECT {', '.join(_DEAD_COLUMNS)} FROM dead_letters"
         params: tuple = ()
@@ -342,13 +300,13 @@ class Store:
             query += f" WHERE task_id IN ({', '.join('?' for _ in task_ids)})"
             params = tuple(task_ids)
         rows = self._db.execute(f"{query} ORDER BY dead_at LIMIT ?", (*params, limit)).fetchall()
-        return [_dead_letter(row) for row in rows], self.count_dead_letters()
+        return [_dead_letter(row) for row in rows], self._counter("dead_letters")
 
-    def count_dead_letters(self) -> int:
+    async def count_dead_letters(self) -> int:
         """Dead letters in the store (kept by triggers: no COUNT(*))."""
         return self._counter("dead_letters")
 
-    def remove_dead_letters(self, task_ids: list[str] | None = None, limit: int = DELETE_BATCH_ROWS) -> int:
+    async def remove_dead_letters(self, task_ids: list[str] | None = None, limit: int = DELETE_BATCH_ROWS) -> int:
         """Remove these dead letters, or if None up to `limit` of the oldest (call again
         while it returns `limit`); return how many went."""
         if task_ids is None:
@@ -357,7 +315,7 @@ class Store:
         return self._db.execute(f"DELETE FROM dead_letters WHERE task_id IN ({', '.join('?' for _ in task_ids)})",
                                 tuple(task_ids)).rowcount
 
-    def apply(self, events: Iterable[TaskEvent], codec_of: dict[str, str]) -> list[TaskRecord]:
+    async def apply(self, events: Iterable[TaskEvent], codec_of: dict[str, str]) -> list[TaskRecord]:
         """Apply events in one transaction; return every record change, in order.
 
         Duplicates and stale events change nothing (see qm.states.supersedes). An event
@@ -371,7 +329,7 @@ class Store:
             for event in events:
                 current = latest.get(event.task_id) or stored.get(event.task_id)
                 if current is None:
-                    current = self.get(event.task_id)
+                    current = self._get(event.task_id)
                     if current is not None:
                         stored[event.task_id] = current
                 updated = _next_record(current, event, codec_of.get(event.type, "text"))
@@ -391,7 +349,7 @@ class Store:
             for record in latest.values():
                 before = stored.get(record.task_id)
                 if before is None:
-                    self.insert(record)
+                    self._insert(record)
                 else:
                     self._update(before, record)
                 if record.state.terminal:

@@ -41,7 +41,7 @@ async def server(tmp_path: Path):
     finally:
         await service.stop_events()
         await broker.close()
-        store.close()
+        await store.close()
 
 
 @contextlib.asynccontextmanager

@@ -12,7 +12,7 @@ from qm.messages import TaskEvent
 from qm.server.idempotency import check_reuse, request_digest
 from qm.server.store import Store, TaskRecord
 from qm.states import TaskState
-from tests.unit.aio import run
+from tests.unit.aio import Blocking, run
 from tests.unit.harness import WORK_QUEUE, server
 
 S = TaskState
@@ -66,7 +66,7 @@ def test_an_older_store_gains_the_digest_column_and_keeps_its_keys(tmp_path):
     old.commit()
     old.close()
 
-    store = Store(path)
+    store = Blocking(Store(path))
     try:
         found = store.find_by_idempotency_key("old-key")
         assert found.task_id == "t1" and found.request_digest == ""
@@ -78,7 +78,7 @@ def test_an_older_store_gains_the_digest_column_and_keeps_its_keys(tmp_path):
 
 
 def test_the_key_look_up_is_a_search_of_the_partial_index(tmp_path):
-    store = Store(tmp_path / "s.sqlite3")
+    store = Blocking(Store(tmp_path / "s.sqlite3"))
     try:
         plan = store._db.execute("EXPLAIN QUERY PLAN SELECT task_id FROM tasks "
                                  "WHERE idempotency_key = ? AND idempotency_key != ''", ("k",)).fetchall()
@@ -100,7 +100,7 @@ def test_the_same_key_with_the_same_request_returns_the_first_task(tmp_path):
             same = {**options, "queue": "default", "timeout_s": 5.0}
             again = await parts.service.submit("math", b"1 + 1", **same, backoff_s=None, jitter=None)
             assert again.task_id == first.task_id
-            assert parts.store.count() == 1 and parts.broker.queue_depth(WORK_QUEUE) == 1
+            assert (await parts.store.count()) == 1 and parts.broker.queue_depth(WORK_QUEUE) == 1
     run(body)
 
 
@@ -120,7 +120,7 @@ def test_the_same_key_with_another_request_is_refused_naming_the_key(tmp_path, c
                 await parts.service.submit(**changed, idempotency_key="reused-key")
             message = str(refused.value)
             assert "'reused-key'" in message and "another request" in message and first.task_id in message
-            assert parts.store.count() == 1 and parts.broker.queue_depth(WORK_QUEUE) == 1
+            assert (await parts.store.count()) == 1 and parts.broker.queue_depth(WORK_QUEUE) == 1
     run(body)
 
 
@@ -129,8 +129,8 @@ def test_a_key_stored_without_a_request_digest_is_accepted_for_any_request(tmp_p
     async def body():
         async with server(tmp_path) as parts:
             now = time.time()
-            parts.store.insert(TaskRecord.queued("old-task", "math", "default", "text", now, 600.0,
-                                                 idempotency_key="legacy-key"))
+            await parts.store.insert(TaskRecord.queued("old-task", "math", "default", "text", now, 600.0,
+                                                       idempotency_key="legacy-key"))
             record = await parts.service.submit("math", b"anything + 1", idempotency_key="legacy-key")
             assert record.task_id == "old-task"
     run(body)
@@ -141,8 +141,8 @@ def test_a_key_whose_task_was_forgotten_by_retention_is_free_again(tmp_path):
         async with server(tmp_path) as parts:
             first = await parts.service.submit("math", b"1 + 1", idempotency_key="k")
             done = TaskEvent(first.task_id, "math", "default", 1, S.SUCCEEDED, result=b"2")
-            parts.service.events.apply([done])
-            assert parts.store.purge_finished(time.time() + 1) == 1  # what the retention sweep does
+            await parts.service.events.apply([done])
+            assert (await parts.store.purge_finished(time.time() + 1)) == 1  # what the retention sweep does
 
             second = await parts.service.submit("math", b"2 + 2", idempotency_key="k")
             assert second.task_id != first.task_id and second.state is S.QUEUED

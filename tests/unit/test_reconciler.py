@@ -16,9 +16,9 @@ S = TaskState
 AFTER_S = 60.0
 
 
-def apply(parts, task_id: str, state: TaskState, attempt: int, at_s: float, **fields) -> None:
+async def apply(parts, task_id: str, state: TaskState, attempt: int, at_s: float, **fields) -> None:
     event = TaskEvent(task_id, "math", "default", attempt, state, "w1", at_s=at_s, **fields)
-    parts.service.events.apply([event])
+    await parts.service.events.apply([event])
 
 
 def test_a_retry_whose_message_was_lost_is_published_again_as_its_next_attempt(tmp_path):
@@ -27,8 +27,8 @@ def test_a_retry_whose_message_was_lost_is_published_again_as_its_next_attempt(t
             record = await parts.service.submit("math", b"1 + 1")
             await take_messages(parts.broker, WORK_QUEUE, 1)  # a worker took attempt 1 ...
             start = record.created_at
-            apply(parts, record.task_id, S.RUNNING, 1, start + 1)
-            apply(parts, record.task_id, S.RETRYING, 1, start + 2, next_attempt_at_s=start + 7)
+            await apply(parts, record.task_id, S.RUNNING, 1, start + 1)
+            await apply(parts, record.task_id, S.RETRYING, 1, start + 2, next_attempt_at_s=start + 7)
             # ... and the delayed attempt 2 vanished with a broker restart: no message anywhere.
             reconciler = parts.service.reconciler
             assert await reconciler.sweep(now_s=start + 7 + AFTER_S - 1) == 0  # not overdue yet
@@ -47,8 +47,8 @@ def test_overdue_retries_waiting_behind_a_backlog_are_left_alone(tmp_path):
             record = await parts.service.submit("math", b"1 + 1")
             await take_messages(parts.broker, WORK_QUEUE, 1)
             start = record.created_at
-            apply(parts, record.task_id, S.RUNNING, 1, start + 1)
-            apply(parts, record.task_id, S.RETRYING, 1, start + 2, next_attempt_at_s=start + 3)
+            await apply(parts, record.task_id, S.RUNNING, 1, start + 1)
+            await apply(parts, record.task_id, S.RETRYING, 1, start + 2, next_attempt_at_s=start + 3)
             await parts.service.submit("math", b"2 + 2")  # the work queue holds a ready message
             assert await parts.service.reconciler.sweep(now_s=start + 3 + AFTER_S * 10) == 0
             assert parts.broker.queue_depth(WORK_QUEUE) == 1
@@ -61,7 +61,7 @@ def test_a_task_running_past_its_time_limit_is_published_again(tmp_path):
             record = await parts.service.submit("math", b"3 * 3", timeout_s=10)
             await take_messages(parts.broker, WORK_QUEUE, 1)
             start = record.created_at
-            apply(parts, record.task_id, S.RUNNING, 1, start + 1, timeout_s=10)
+            await apply(parts, record.task_id, S.RUNNING, 1, start + 1, timeout_s=10)
             reconciler = parts.service.reconciler
             assert await reconciler.sweep(now_s=start + 1 + 10 + AFTER_S - 1) == 0
             assert await reconciler.sweep(now_s=start + 1 + 10 + AFTER_S + 1) == 1
@@ -89,10 +89,10 @@ def test_finished_tasks_and_their_stored_messages_are_left_alone(tmp_path):
         async with server(tmp_path) as parts:
             record = await parts.service.submit("math", b"5 * 5")
             await take_messages(parts.broker, WORK_QUEUE, 1)
-            assert parts.store.message(record.task_id) is not None
-            apply(parts, record.task_id, S.RUNNING, 1, record.created_at + 1, timeout_s=1)
-            apply(parts, record.task_id, S.SUCCEEDED, 1, record.created_at + 2, result=b"25")
-            assert parts.store.message(record.task_id) is None  # only unfinished tasks keep a copy
+            assert (await parts.store.message(record.task_id)) is not None
+            await apply(parts, record.task_id, S.RUNNING, 1, record.created_at + 1, timeout_s=1)
+            await apply(parts, record.task_id, S.SUCCEEDED, 1, record.created_at + 2, result=b"25")
+            assert (await parts.store.message(record.task_id)) is None  # only unfinished tasks keep a copy
             assert await parts.service.reconciler.sweep(now_s=record.created_at + AFTER_S * 100) == 0
             assert parts.broker.queue_depth(WORK_QUEUE) == 0
     run(body)

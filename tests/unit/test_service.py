@@ -38,7 +38,7 @@ def test_submit_records_the_task_and_publishes_it(tmp_path):
             record = await parts.service.submit("math", b"1 + 2 * 5")
             assert (record.type, record.queue, record.codec, record.state) == ("math", "default", "text", S.QUEUED)
             assert record.attempts == 0 and record.result is None
-            assert parts.service.status(record.task_id) == record == parts.store.get(record.task_id)
+            assert (await parts.service.status(record.task_id)) == record == (await parts.store.get(record.task_id))
             assert parts.broker.queue_depth(WORK_QUEUE) == 1
             [message] = await take_messages(parts.broker, WORK_QUEUE, 1)
             assert (message.task_id, message.type, message.payload, message.queue, message.attempt) == \
@@ -63,7 +63,7 @@ def test_task_ids_are_unique(tmp_path):
     async def body():
         async with server(tmp_path) as parts:
             ids = {(await parts.service.submit("test.echo", b"x")).task_id for _ in range(20)}
-            assert len(ids) == 20 and parts.store.count() == 20
+            assert len(ids) == 20 and (await parts.store.count()) == 20
     run(body)
 
 
@@ -81,11 +81,11 @@ def test_invalid_submission_is_rejected_and_leaves_no_trace(tmp_path, task_type,
     async def body():
         async with server(tmp_path) as parts:
             await parts.service.submit("math", b"1")
-            before = (parts.store.count(), parts.broker.queue_depth(WORK_QUEUE))
+            before = ((await parts.store.count()), parts.broker.queue_depth(WORK_QUEUE))
             with pytest.raises(error_type) as info:
                 await parts.service.submit(task_type, payload, queue)
             assert info.value.field == field and text in str(info.value)
-            assert (parts.store.count(), parts.broker.queue_depth(WORK_QUEUE)) == before
+            assert ((await parts.store.count()), parts.broker.queue_depth(WORK_QUEUE)) == before
     run(body)
 
 
@@ -93,7 +93,7 @@ def test_payload_at_the_limit_is_accepted(tmp_path):
     async def body():
         async with server(tmp_path) as parts:
             record = await parts.service.submit("test.echo", b"x" * MAX_PAYLOAD_BYTES)
-            assert parts.store.get(record.task_id) is not None
+            assert (await parts.store.get(record.task_id)) is not None
     run(body)
 
 
@@ -103,10 +103,10 @@ def test_submit_while_broker_is_down_raises_and_stores_nothing(tmp_path):
             await parts.broker.close()
             with pytest.raises(BrokerUnavailable):
                 await parts.service.submit("math", b"1 + 1")
-            assert parts.store.count() == 0
+            assert (await parts.store.count()) == 0
             await parts.broker.connect()
             await parts.service.submit("math", b"1 + 1")  # works again once reconnected
-            assert parts.store.count() == 1
+            assert (await parts.store.count()) == 1
     run(body)
 
 
@@ -127,8 +127,8 @@ def test_refused_publish_leaves_no_stored_task(tmp_path):
         await broker.connect()
         with pytest.raises(BrokerUnavailable, match="refused"):
             await service.submit("math", b"1")
-        assert store.count() == 0
-        store.close()
+        assert await store.count() == 0
+        await store.close()
     run(body)
 
 
@@ -136,7 +136,7 @@ def test_status_of_unknown_task_raises_task_not_found(tmp_path):
     async def body():
         async with server(tmp_path) as parts:
             with pytest.raises(TaskNotFound, match="'nope'"):
-                parts.service.status("nope")
+                await parts.service.status("nope")
     run(body)
 
 
@@ -158,7 +158,7 @@ def test_events_update_the_store_and_reach_followers(tmp_path):
                                                         b"11"))
             done = await within(updates.get())
             assert (done.state, done.result) == (S.SUCCEEDED, b"11")
-            assert parts.service.status(record.task_id) == done
+            assert (await parts.service.status(record.task_id)) == done
             parts.service.hub.unfollow(record.task_id, updates)
             assert parts.service.hub.open_follows == 0
     run(body)
@@ -183,5 +183,5 @@ def test_duplicate_and_undecodable_events_are_harmless(tmp_path):
             await within(marker.get())
             assert updates.empty()
             assert (record.state, record.result, record.worker) == (S.SUCCEEDED, b"hi", "w2")
-            assert parts.store.get(task_id) == record and parts.store.count() == 2
+            assert (await parts.store.get(task_id)) == record and (await parts.store.count()) == 2
     run(body)

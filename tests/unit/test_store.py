@@ -11,14 +11,20 @@ import pytest
 from qm.messages import TaskEvent
 from qm.server.store import DeadLetter, Store, TaskRecord
 from qm.states import TaskState
+from tests.unit.aio import Blocking
 
 S = TaskState
 T0 = 1_700_000_000.0
 
 
+def open_store(path) -> Blocking:
+    """A Store whose coroutine methods are called as plain calls (tests.unit.aio.Blocking)."""
+    return Blocking(Store(path))
+
+
 @pytest.fixture
 def store(tmp_path):
-    opened = Store(tmp_path / "tasks.db")
+    opened = open_store(tmp_path / "tasks.db")
     yield opened
     opened.close()
 
@@ -175,13 +181,13 @@ def test_a_failing_batch_changes_nothing(store):
 
 def test_records_survive_closing_and_reopening(tmp_path):
     path = tmp_path / "tasks.db"
-    first = Store(path)
+    first = open_store(path)
     first.insert(queued("a"))
     first.insert(queued("b"))
     first.apply([event(S.SUCCEEDED, T0 + 2, task_id="a", result=b"\x00\xffbinary")], CODECS)
     expected = (first.get("a"), first.get("b"))
     first.close()
-    second = Store(path)
+    second = open_store(path)
     try:
         assert (second.get("a"), second.get("b")) == expected
         assert second.get("a").result == b"\x00\xffbinary"
@@ -191,10 +197,9 @@ def test_records_survive_closing_and_reopening(tmp_path):
 
 
 def test_retention_forgets_finished_tasks_and_their_idempotency_keys(tmp_path):
-    from qm.server.store import Store, TaskRecord
     from qm.states import TaskState
 
-    store = Store(tmp_path / "retention.sqlite3")
+    store = open_store(tmp_path / "retention.sqlite3")
 
     def record(task_id, finished_at, key):
         state = TaskState.SUCCEEDED if finished_at else TaskState.RUNNING
@@ -213,10 +218,9 @@ def test_retention_forgets_finished_tasks_and_their_idempotency_keys(tmp_path):
 
 def test_starts_count_every_later_run_of_a_task_but_not_a_replayed_event(tmp_path):
     from qm.messages import TaskEvent
-    from qm.server.store import Store
     from qm.states import TaskState
 
-    store = Store(tmp_path / "starts.sqlite3")
+    store = open_store(tmp_path / "starts.sqlite3")
 
     def running(at_s, worker):
         return TaskEvent("t1", "math", "default", 1, TaskState.RUNNING, worker, at_s=at_s)
@@ -232,10 +236,9 @@ def test_starts_count_every_later_run_of_a_task_but_not_a_replayed_event(tmp_pat
 
 def test_starts_count_per_attempt_so_ordinary_retries_are_not_poison(tmp_path):
     from qm.messages import TaskEvent
-    from qm.server.store import Store
     from qm.states import TaskState
 
-    store = Store(tmp_path / "retries.sqlite3")
+    store = open_store(tmp_path / "retries.sqlite3")
     for attempt in range(1, 8):  # a task failing normally 7 times, retried each time
         at_s = attempt * 10.0
         store.apply([TaskEvent("t1", "test.fail", "default", attempt, TaskState.RUNNING, "w1", at_s=at_s),
@@ -269,7 +272,7 @@ def dead(task_id: str, at: float, body: bytes = b"body") -> DeadLetter:
 
 def test_sizes_follow_every_change_without_counting_rows(tmp_path):
     path = tmp_path / "counts.db"
-    store = Store(path)
+    store = open_store(path)
     try:
         def sizes_match() -> tuple[int, int]:
             sizes = (store.count(), store.count_dead_letters())
@@ -303,7 +306,7 @@ def test_sizes_follow_every_change_without_counting_rows(tmp_path):
 
 def test_a_store_written_before_the_counters_is_counted_once_when_opened(tmp_path):
     path = tmp_path / "old.db"
-    store = Store(path)
+    store = open_store(path)
     for task_id in ("a", "b", "c"):
         store.insert(queued(task_id))
     store.add_dead_letter(dead("d", T0))
@@ -314,7 +317,7 @@ def test_a_store_written_before_the_counters_is_counted_once_when_opened(tmp_pat
     db.execute("DROP TABLE counters")
     db.close()
 
-    reopened = Store(path)
+    reopened = open_store(path)
     try:
         assert (reopened.count(), reopened.count_dead_letters()) == (3, 1)
         reopened.insert(queued("d"))
@@ -324,7 +327,7 @@ def test_a_store_written_before_the_counters_is_counted_once_when_opened(tmp_pat
 
 
 def test_retention_deletes_at_most_a_batch_per_call_and_never_unfinished_tasks(tmp_path):
-    store = Store(tmp_path / "batches.db")
+    store = open_store(tmp_path / "batches.db")
     try:
         for i in range(25):
             store.insert(finished(f"old{i}", T0 + i, key=f"k{i}"))
@@ -340,7 +343,7 @@ def test_retention_deletes_at_most_a_batch_per_call_and_never_unfinished_tasks(t
 def test_a_long_retention_sweep_lets_the_event_loop_serve_between_batches(tmp_path):
     from qm.server import maintenance
 
-    store = Store(tmp_path / "sweep.db")
+    store = open_store(tmp_path / "sweep.db")
     for i in range(1000):
         store.insert(finished(f"old{i}", T0 + i))
     store.insert(queued("running"))
@@ -352,19 +355,19 @@ def test_a_long_retention_sweep_lets_the_event_loop_serve_between_batches(tmp_pa
         async def serve() -> None:  # stands for submits and events arriving meanwhile
             nonlocal served
             while not stop.is_set():
-                assert store.get("running") is not None
+                assert await store.target.get("running") is not None
                 served += 1
                 await asyncio.sleep(0)
 
         server = asyncio.create_task(serve())
         await asyncio.sleep(0)
-        removed = await maintenance.purge_finished(store, T0 + 5000, batch_rows=100)
+        removed = await maintenance.purge_finished(store.target, T0 + 5000, batch_rows=100)
         stop.set()
         await server
         return removed, served
 
     try:
-        removed, served = asyncio.run(sweep_while_serving())
+        removed, served = store.run(sweep_while_serving())
         assert removed == 1000 and store.count() == 1
         assert served >= 10  # served between each of the ten batches, not once after all of them
     finally:
@@ -374,11 +377,11 @@ def test_a_long_retention_sweep_lets_the_event_loop_serve_between_batches(tmp_pa
 def test_purging_dead_letters_removes_every_one_in_batches(tmp_path):
     from qm.server import maintenance
 
-    store = Store(tmp_path / "purge.db")
+    store = open_store(tmp_path / "purge.db")
     try:
         for i in range(7):
             store.add_dead_letter(dead(f"d{i}", T0 + i))
-        assert asyncio.run(maintenance.purge_dead_letters(store, batch_rows=3)) == 7
+        assert store.run(maintenance.purge_dead_letters(store.target, batch_rows=3)) == 7
         assert store.count_dead_letters() == 0 and store.dead_letters(10) == ([], 0)
     finally:
         store.close()
@@ -391,7 +394,7 @@ def test_the_checkpoint_thread_cuts_the_wal_back_after_a_burst(tmp_path, monkeyp
     monkeypatch.setattr(store_module, "WAL_SIZE_LIMIT_BYTES", limit)
     path = tmp_path / "wal.db"
     wal = tmp_path / "wal.db-wal"
-    store = Store(path)
+    store = open_store(path)
     try:
         store.start_checkpoints(interval_s=0.01)
         for i in range(8):  # 4 MiB of WAL, far below the backstop: only the thread checkpoints

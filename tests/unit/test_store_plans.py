@@ -27,7 +27,7 @@ import dataclasses
 import inspect
 import re
 import sqlite3
-from typing import Callable
+from typing import Awaitable, Callable
 
 import pytest
 
@@ -39,7 +39,7 @@ from qm.registry import discover
 from qm.server.service import TaskService
 from qm.server.store import DeadLetter, Store, TaskRecord
 from qm.states import TaskState
-from tests.unit.aio import run, within
+from tests.unit.aio import Blocking, run, within
 from tests.unit.harness import MAX_PAYLOAD_BYTES
 
 S = TaskState
@@ -274,7 +274,7 @@ class CallsSeen:
 
 
 def test_every_store_path_finds_its_rows_through_an_index(tmp_path, recorded):
-    store = Store(tmp_path / "plans.db")
+    store = Blocking(Store(tmp_path / "plans.db"))
     try:
         recorded.clear()  # what opening ran is not a serving path
         seen = CallsSeen(store)
@@ -293,15 +293,16 @@ def test_every_store_path_finds_its_rows_through_an_index(tmp_path, recorded):
 # -- workload 2: the service with its background loops ------------------------------------
 
 
-async def wait_for(condition: Callable[[], bool]) -> None:
+async def wait_for(condition: Callable[[], Awaitable[bool]]) -> None:
     async def poll() -> None:
-        while not condition():
+        while not await condition():
             await asyncio.sleep(0.01)
     await within(poll())
 
 
-async def serve_a_little(tmp_path, recorded: list[Recorded]) -> Store:
-    """Submits, events, status, cancel and dead letters through a TaskService."""
+async def serve_a_little(tmp_path, recorded: list[Recorded]) -> str:
+    """Submits, events, status, cancel and dead letters through a TaskService; returns
+    the store's path (the store is closed)."""
     store = Store(tmp_path / "service.db")
     recorded.clear()  # what opening ran is not a serving path
     broker = MemoryBroker()
@@ -316,32 +317,40 @@ async def serve_a_little(tmp_path, recorded: list[Recorded]) -> Store:
         for state in (S.RUNNING, S.SUCCEEDED):
             update = TaskEvent(first.task_id, "math", "default", 1, state, "w1", b"2")
             await broker.publish(topology.EVENTS_EXCHANGE, "", update.encode(), {})
-        await wait_for(lambda: service.status(first.task_id).state is S.SUCCEEDED)
+        async def first_succeeded() -> bool:
+            return (await service.status(first.task_id)).state is S.SUCCEEDED
+
+        async def one_dead_letter() -> bool:
+            return await store.count_dead_letters() == 1
+
+        await wait_for(first_succeeded)
         assert (await service.cancel(second.task_id)).state is S.CANCELLED
         message = TaskMessage("gone", "math", b"1/0", "default", 1, T0, 60.0, 0)
         headers = dead_letter_headers(message.headers(), "failed", "FAILED", "boom")
         await broker.publish(topology.DEAD_EXCHANGE, "", message.encode(), headers)
-        await wait_for(lambda: store.count_dead_letters() == 1)
-        letters, total = service.dead_letters.list(10)
+        await wait_for(one_dead_letter)
+        letters, total = await service.dead_letters.list(10)
         assert [letter.task_id for letter in letters] == ["gone"] and total == 1
         renamed = await service.dead_letters.requeue(["gone"])
-        assert service.status(renamed["gone"]).state is S.QUEUED
+        assert (await service.status(renamed["gone"])).state is S.QUEUED
         await broker.publish(topology.DEAD_EXCHANGE, "", message.encode(), headers)
-        await wait_for(lambda: store.count_dead_letters() == 1)
+        await wait_for(one_dead_letter)
         assert await service.dead_letters.purge() == 1
         await service.reconciler.sweep()  # its look-ups too (nothing is overdue here)
     finally:
         await service.stop_events()
         await broker.close()
-    return store
+        await store.close()
+    return store.path
 
 
 def test_every_serving_path_of_the_server_finds_its_rows_through_an_index(tmp_path, recorded):
-    store = run(serve_a_little, tmp_path, recorded)
+    path = run(serve_a_little, tmp_path, recorded)
+    db = sqlite3.connect(path)
     try:
-        assert_indexed(store._db, recorded)
+        assert_indexed(db, recorded)
     finally:
-        store.close()
+        db.close()
 
 
 # -- the check itself ---------------------------------------------------------------------
@@ -349,7 +358,7 @@ def test_every_serving_path_of_the_server_finds_its_rows_through_an_index(tmp_pa
 
 def test_the_check_fails_the_look_up_that_made_every_submit_scan_all_tasks(tmp_path):
     """Issue #18's statement: the partial index on idempotency_key is unusable for `= ?`."""
-    store = Store(tmp_path / "check.db")
+    store = Blocking(Store(tmp_path / "check.db"))
     try:
         key = "some-key"
         old = Recorded("SELECT task_id FROM tasks WHERE idempotency_key = ?", (key,))

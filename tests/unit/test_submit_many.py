@@ -32,8 +32,8 @@ def test_a_batch_gives_one_outcome_per_item_in_order_and_a_refused_item_stops_no
                 [("math", "default", S.QUEUED), ("test.echo", "batch.q", S.QUEUED),
                  ("math", "default", S.QUEUED)]
             assert len({r.task_id for r in accepted}) == 3
-            assert all(parts.store.get(r.task_id) == r for r in accepted)  # durable, nothing else stored
-            assert parts.store.count() == 3
+            assert [await parts.store.get(r.task_id) for r in accepted] == accepted  # durable, nothing else stored
+            assert await parts.store.count() == 3
             assert parts.broker.queue_depth(WORK_QUEUE) == 2
             assert parts.broker.queue_depth("qm.tasks.batch.q") == 1
     run(body)
@@ -53,7 +53,7 @@ def test_each_item_is_idempotent_like_a_lone_submit(tmp_path):
             assert first[0].task_id == earlier.task_id
             assert first[1].task_id == first[2].task_id != first[3].task_id
             assert [r.task_id for r in again] == [r.task_id for r in first]
-            assert parts.store.count() == 3 and parts.broker.queue_depth(WORK_QUEUE) == 3
+            assert await parts.store.count() == 3 and parts.broker.queue_depth(WORK_QUEUE) == 3
     run(body)
 
 
@@ -64,7 +64,7 @@ def test_a_batch_over_the_cap_is_refused_whole_naming_the_setting(tmp_path):
             cap = r"4 items exceed the limit of 3 .*server\.max_batch_items"
             with pytest.raises(ValidationError, match=cap):
                 await parts.service.submit_many([Submission("math", b"1")] * 4)
-            assert parts.store.count() == 0
+            assert await parts.store.count() == 0
             assert len(await parts.service.submit_many([Submission("math", b"1")] * 3)) == 3
     run(body)
 
@@ -77,5 +77,5 @@ def test_a_reused_key_is_refused_while_the_first_request_is_still_in_flight(tmp_
             assert isinstance(outcomes[0], TaskRecord)
             assert isinstance(outcomes[1], IdempotencyKeyReused)
             assert outcomes[1].task_id == outcomes[0].task_id
-            assert parts.store.count() == 1
+            assert await parts.store.count() == 1
     run(body)

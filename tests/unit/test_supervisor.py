@@ -21,7 +21,7 @@ def test_math_task_succeeds_with_result_and_worker(tmp_path):
             done = seen[-1]
             assert (done.result, done.worker, done.attempts, done.error) == (b"11", "w1", 1, "")
             assert done.created_at <= done.started_at <= done.finished_at
-            assert parts.service.status(done.task_id) == done
+            assert (await parts.service.status(done.task_id)) == done
             assert parts.broker.queue_depth(WORK_QUEUE) == 0
     run(body)
 
@@ -59,9 +59,9 @@ def test_fifty_tasks_each_succeed_exactly_once(tmp_path):
             successes = collections.Counter(r.task_id for r in seen if r.state is S.SUCCEEDED)
             assert successes == collections.Counter(set(expected))  # each id exactly once
             assert not [r for r in seen if r.state.terminal and r.state is not S.SUCCEEDED]
-            assert parts.store.count() == 50
+            assert (await parts.store.count()) == 50
             for task_id, result in expected.items():
-                record = parts.store.get(task_id)
+                record = await parts.store.get(task_id)
                 assert (record.state, record.result, record.attempts) == (S.SUCCEEDED, result, 1)
             assert parts.broker.queue_depth(WORK_QUEUE) == 0
     run(body)
@@ -75,7 +75,7 @@ def test_undecodable_task_message_is_dropped_and_others_run(tmp_path):
             done = (await submit_and_wait(parts.service, "test.echo", b"after garbage"))[-1]
             assert (done.state, done.result) == (S.SUCCEEDED, b"after garbage")
             assert parts.broker.queue_depth(WORK_QUEUE) == 0  # not requeued forever
-            assert parts.store.count() == 2
+            assert (await parts.store.count()) == 2
     run(body)
 
 
@@ -97,7 +97,7 @@ def test_stop_returns_unstarted_tasks_and_finishes_the_running_one(tmp_path):
             assert parts.supervisor.busy == 0
             [done] = await records_until_terminal(updates, {first.task_id})
             assert (done.task_id, done.state, done.result) == (first.task_id, S.SUCCEEDED, b"0.5")
-            others = [parts.store.get(task_id) for task_id in ids if task_id != first.task_id]
+            others = [(await parts.store.get(task_id)) for task_id in ids if task_id != first.task_id]
             assert [record.state for record in others] == [S.QUEUED, S.QUEUED]  # never started
             assert updates.empty()
     run(body)

@@ -1,0 +1,135 @@
+"""The store seam: what the server asks of a task store, whatever holds it.
+
+`TaskStore` is the interface; `qm.server.store.Store` (SQLite, one server) implements it,
+and so may another store (e.g. PostgreSQL shared by several servers). Every method is a
+coroutine: an implementation may run its statements on a thread (SQLite) or over the
+network (PostgreSQL), never blocking the event loop for long.
+
+What every implementation promises:
+- `insert_unconfirmed` is durable when it returns (a kill -9 after it keeps the task and
+  its message); the server publishes only after it.
+- `confirm` may be deferred: it is written with a later write (at most a short while
+  later), and from the moment it returns `unconfirmed()` leaves that task out. A crash
+  before it is written makes the next start publish the message again: at-least-once.
+- `apply` is idempotent and order-safe (`qm.states.supersedes`); its changes are durable
+  when it returns (the caller acks the events after it).
+- Every look-up finds its rows through an index: the cost of a call does not grow with
+  the number of tasks stored.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable, Protocol
+
+from qm.messages import TaskEvent
+from qm.states import TaskState
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskRecord:
+    """What the server knows of one task (timestamps in seconds since the epoch)."""
+
+    task_id: str
+    type: str
+    queue: str
+    codec: str
+    state: TaskState
+    attempts: int
+    result: bytes | None
+    error: str
+    worker: str
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    updated_at: float
+    timeout_s: float = 0.0        # effective hard time limit
+    memory_limit_mb: int = 0      # effective memory limit; 0 = none
+    idempotency_key: str = ""
+    max_retries: int = 0
+    next_attempt_at: float | None = None  # while RETRYING
+    starts: int = 0               # RUNNING events seen, redelivered ones too (poison detection)
+    request_digest: str = ""      # of the request, kept with its idempotency key (qm/server/idempotency.py)
+
+    @classmethod
+    def queued(cls, task_id: str, type: str, queue: str, codec: str, at_s: float, timeout_s: float = 0.0,
+               memory_limit_mb: int = 0, idempotency_key: str = "", max_retries: int = 0,
+               request_digest: str = "") -> TaskRecord:
+        """A task just accepted (or first heard of), QUEUED at `at_s`."""
+        return cls(task_id, type, queue, codec, TaskState.QUEUED, 0, None, "", "", at_s, None, None, at_s,
+                   timeout_s, memory_limit_mb, idempotency_key, max_retries, request_digest=request_digest)
+
+
+@dataclasses.dataclass(frozen=True)
+class DeadLetter:
+    """A task that failed for good, with the message that can run it again."""
+
+    task_id: str
+    type: str
+    queue: str
+    state: TaskState
+    attempts: int
+    reason: str
+    error: str
+    body: bytes
+    dead_at: float
+
+
+class TaskStore(Protocol):
+    """Task records, their first messages and dead letters (see the module docstring)."""
+
+    async def insert(self, record: TaskRecord) -> None:
+        """Add a task record as it is (no message kept); an existing id raises."""
+
+    async def insert_unconfirmed(self, record: TaskRecord, queue: str, body: bytes) -> None:
+        """Add a task with the message still to be confirmed by RabbitMQ; durable on return."""
+
+    async def confirm(self, task_id: str) -> None:
+        """RabbitMQ confirmed the task's message: nothing left to resend (may be written later)."""
+
+    async def delete(self, task_id: str) -> None:
+        """Forget a task whose publish failed: its record, unconfirmed row and message."""
+
+    async def unconfirmed(self, task_id: str | None = None) -> list[tuple[str, str, bytes]]:
+        """(task id, queue, body) of tasks stored but never confirmed (this one only, if given)."""
+
+    async def get(self, task_id: str) -> TaskRecord | None:
+        """The task's record, or None."""
+
+    async def find_by_idempotency_key(self, key: str) -> TaskRecord | None:
+        """The task submitted under this (non-empty) idempotency key, or None."""
+
+    async def message(self, task_id: str) -> bytes | None:
+        """The task's first message as submitted here; None once final or if submitted elsewhere."""
+
+    async def overdue_retries(self, queue: str, due_before_s: float, limit: int) -> list[TaskRecord]:
+        """RETRYING tasks of a logical queue whose next attempt was due before `due_before_s`."""
+
+    async def overdue_runs(self, deadline_before_s: float, limit: int) -> list[TaskRecord]:
+        """RUNNING tasks whose time limit ran out before `deadline_before_s`, oldest first."""
+
+    async def queued_before(self, queue: str, created_before_s: float, limit: int) -> list[TaskRecord]:
+        """QUEUED tasks of a logical queue created before `created_before_s`, oldest first."""
+
+    async def count(self) -> int:
+        """Tasks in the store (from a kept counter, not a count of rows)."""
+
+    async def purge_finished(self, before_s: float, limit: int) -> int:
+        """Delete up to `limit` tasks finished before `before_s`; return how many."""
+
+    async def apply(self, events: Iterable[TaskEvent], codec_of: dict[str, str]) -> list[TaskRecord]:
+        """Apply events (idempotently, durably); return every record change, in order."""
+
+    async def add_dead_letter(self, dead: DeadLetter) -> None:
+        """Record a dead letter (replacing the task's earlier one)."""
+
+    async def dead_letters(self, limit: int, task_ids: list[str] | None = None) -> tuple[list[DeadLetter], int]:
+        """Dead letters oldest first (these ids only, if given), and how many there are in all."""
+
+    async def count_dead_letters(self) -> int:
+        """Dead letters in the store (from a kept counter)."""
+
+    async def remove_dead_letters(self, task_ids: list[str] | None = None, limit: int = 1000) -> int:
+        """Remove these dead letters, or if None up to `limit` of the oldest; return how many."""
+
+    async def close(self) -> None:
+        """Write what is pending, then release connections and threads."""
