@@ -18,7 +18,7 @@ import logging
 import os
 import sqlite3
 import threading
-from typing import Iterable
+from typing import Callable, Iterable
 
 from qm.messages import TaskEvent
 from qm.server.store_api import DeadLetter, TaskRecord
@@ -321,31 +321,9 @@ class Store:
         Duplicates and stale events change nothing (see qm.states.supersedes). An event
         for a task this replica never saw (submitted through another server) creates it.
         """
-        latest: dict[str, TaskRecord] = {}
-        stored: dict[str, TaskRecord] = {}  # as they were in the store before this batch
-        changes: list[TaskRecord] = []  # intermediate states too: followers see RUNNING
         self._db.execute("BEGIN")
         try:
-            for event in events:
-                current = latest.get(event.task_id) or stored.get(event.task_id)
-                if current is None:
-                    current = self._get(event.task_id)
-                    if current is not None:
-                        stored[event.task_id] = current
-                updated = _next_record(current, event, codec_of.get(event.type, "text"))
-                if event.state is TaskState.RUNNING and _is_new_start(current, event):
-                    started = updated or current  # every start counts, a redelivered one too
-                    assert started is not None  # _next_record makes a record for a task's first start
-                    if not started.state.terminal:  # a redelivery: the worker running it now
-                        # Starts count per attempt: a task that fails and retries normally is
-                        # never mistaken for one that takes its workers down.
-                        new_attempt = current is None or event.attempt > current.attempts
-                        updated = dataclasses.replace(
-                            started, starts=1 if new_attempt else started.starts + 1, started_at=event.at_s,
-                            updated_at=event.at_s, worker=event.worker or started.worker)
-                if updated is not None:
-                    latest[event.task_id] = updated
-                    changes.append(updated)
+            latest, stored, changes = fold_events(events, self._get, codec_of)
             for record in latest.values():
                 before = stored.get(record.task_id)
                 if before is None:
@@ -369,6 +347,41 @@ class Store:
             values = [getattr(after, column) for column in changed]
             self._db.execute(f"UPDATE tasks SET {', '.join(f'{column} = ?' for column in changed)} "
                              "WHERE task_id = ?", (*values, after.task_id))
+
+
+def fold_events(events: Iterable[TaskEvent], load: Callable[[str], TaskRecord | None],
+                codec_of: dict[str, str]) -> tuple[dict[str, TaskRecord], dict[str, TaskRecord], list[TaskRecord]]:
+    """Fold a batch of events into task records (every store applies events this way).
+
+    `load(task_id)` gives a task's stored record (None: unknown here, the event creates
+    it). Returns (each changed task's record after the batch, the stored records it read,
+    every change in order: intermediate states too, so followers see RUNNING).
+    Duplicates and stale events change nothing (qm.states.supersedes).
+    """
+    latest: dict[str, TaskRecord] = {}
+    stored: dict[str, TaskRecord] = {}  # as they were in the store before this batch
+    changes: list[TaskRecord] = []
+    for event in events:
+        current = latest.get(event.task_id) or stored.get(event.task_id)
+        if current is None:
+            current = load(event.task_id)
+            if current is not None:
+                stored[event.task_id] = current
+        updated = _next_record(current, event, codec_of.get(event.type, "text"))
+        if event.state is TaskState.RUNNING and _is_new_start(current, event):
+            started = updated or current  # every start counts, a redelivered one too
+            assert started is not None  # _next_record makes a record for a task's first start
+            if not started.state.terminal:  # a redelivery: the worker running it now
+                # Starts count per attempt: a task that fails and retries normally is
+                # never mistaken for one that takes its workers down.
+                new_attempt = current is None or event.attempt > current.attempts
+                updated = dataclasses.replace(
+                    started, starts=1 if new_attempt else started.starts + 1, started_at=event.at_s,
+                    updated_at=event.at_s, worker=event.worker or started.worker)
+        if updated is not None:
+            latest[event.task_id] = updated
+            changes.append(updated)
+    return latest, stored, changes
 
 
 def _upsert_statement(table: str, columns: list[str]) -> str:
