@@ -7,6 +7,7 @@ arrives in its store: `qm dead list / requeue / purge`.
 """
 from __future__ import annotations
 
+import asyncio
 import builtins
 import dataclasses
 import logging
@@ -16,11 +17,12 @@ from typing import Awaitable, Callable
 
 from qm.background import Background
 from qm.broker.base import Broker, Delivery
-from qm.errors import TaskNotFound
+from qm.errors import StoreUnavailable, TaskNotFound
 from qm.messages import TaskEvent, TaskMessage
 from qm.metrics import ServerMetrics
 from qm.protocol import Header
 from qm.server import maintenance
+from qm.server.events import STORE_RETRY_MAX_S, STORE_RETRY_MIN_S
 from qm.server.store_api import DeadLetter, TaskRecord, TaskStore
 from qm.states import TaskState
 
@@ -55,10 +57,18 @@ class DeadLetters:
         await self._background.wait(timeout_s)
 
     async def _record_logged(self, delivery: Delivery) -> None:
-        try:
-            await self.record(delivery)
-        except Exception:  # unacked: RabbitMQ delivers it again after a reconnect
-            log.exception("cannot record a dead letter (headers %s)", delivery.headers)
+        delay_s = STORE_RETRY_MIN_S
+        while True:
+            try:
+                await self.record(delivery)
+                return
+            except StoreUnavailable as exc:  # a PostgreSQL restart: unacked until recorded
+                log.warning("dead letter waits for the store (again in %.1f s): %s", delay_s, exc)
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, STORE_RETRY_MAX_S)
+            except Exception:  # unacked: RabbitMQ delivers it again after a reconnect
+                log.exception("cannot record a dead letter (headers %s)", delivery.headers)
+                return
 
     async def record(self, delivery: Delivery) -> None:
         """Record a dead letter, then ack it. One that RabbitMQ dead-lettered itself (the

@@ -18,6 +18,7 @@ from qm.errors import (
     ConfigError,
     IdempotencyKeyReused,
     QMError,
+    StoreUnavailable,
     TaskAlreadyFinished,
     TaskNotFound,
     ValidationError,
@@ -32,6 +33,7 @@ _STATUS_OF: dict[type[QMError], grpc.StatusCode] = {
     ValidationError: grpc.StatusCode.INVALID_ARGUMENT,
     TaskNotFound: grpc.StatusCode.NOT_FOUND,
     BrokerUnavailable: grpc.StatusCode.UNAVAILABLE,
+    StoreUnavailable: grpc.StatusCode.UNAVAILABLE,       # PostgreSQL down or restarting: retry
     TaskAlreadyFinished: grpc.StatusCode.FAILED_PRECONDITION,
     ConfigError: grpc.StatusCode.FAILED_PRECONDITION,    # e.g. a work queue of another type
     BrokerRefused: grpc.StatusCode.FAILED_PRECONDITION,

@@ -81,43 +81,53 @@ def is_postgres_url(url: str) -> bool:
 
 
 class PgStore:
-    """The TaskStore seam on PostgreSQL. `await PgStore.open(url, server_id)` connects,
-    migrates the schema and returns the store; `store_id` names what its servers share."""
+    """The TaskStore seam on PostgreSQL. `PgStore(url, server_id)`, then `await connect()`
+    (or `await PgStore.open(url, server_id)`): connects, migrates the schema; `store_id`
+    then names what the servers of this store share."""
 
-    def __init__(self, url: str, server_id: str, pool: asyncpg.Pool, store_id: str) -> None:
+    def __init__(self, url: str, server_id: str, pool_size: int = 10) -> None:
         self.url = url
         self.server_id = server_id
-        self.store_id = store_id
-        self._pool = pool
+        self.pool_size = pool_size
+        self.store_id = ""
+        self._pool: asyncpg.Pool | None = None
 
     @classmethod
     async def open(cls, url: str, server_id: str, pool_size: int = 10) -> PgStore:
+        store = cls(url, server_id, pool_size)
+        await store.connect()
+        return store
+
+    async def connect(self) -> None:
         """Connect a pool of up to `pool_size` connections and bring the schema to this
         code's version. Unreachable: StoreUnavailable; a newer schema: StoreSchemaError."""
-        shown = redact_url(url)
+        shown = redact_url(self.url)
         try:
-            pool = await asyncpg.create_pool(url, min_size=1, max_size=pool_size, timeout=CONNECT_TIMEOUT_S,
-                                             server_settings={"application_name": f"qm-server {server_id}"})
+            pool = await asyncpg.create_pool(self.url, min_size=1, max_size=self.pool_size,
+                                             timeout=CONNECT_TIMEOUT_S,
+                                             server_settings={"application_name": f"qm-server {self.server_id}"})
         except _UNREACHABLE as exc:
             raise StoreUnavailable(f"PostgreSQL store {shown} cannot be reached: {_describe(exc)}") from exc
         except asyncpg.PostgresError as exc:  # e.g. no such database, authentication
             raise StoreUnavailable(f"PostgreSQL store {shown} refused the connection: {_describe(exc)}") from exc
         try:
             async with pool.acquire() as connection:
-                store_id = await migrate(connection, shown)
+                self.store_id = await migrate(connection, shown)
         except BaseException:
             await pool.close()
             raise
-        return cls(url, server_id, pool, store_id)
+        self._pool = pool
 
     async def close(self) -> None:
-        await self._pool.close()
+        if self._pool is not None:
+            await self._pool.close()
 
     # -- plumbing ----------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
     async def _connection(self, transaction: bool = False) -> AsyncIterator[asyncpg.Connection]:
         """A pooled connection (in a transaction, if asked); unreachable → StoreUnavailable."""
+        assert self._pool is not None, "PgStore used before connect()"
         try:
             async with self._pool.acquire(timeout=CONNECT_TIMEOUT_S) as connection:
                 if transaction:
