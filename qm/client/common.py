@@ -105,8 +105,10 @@ def retry_pushback_s(trailing_metadata) -> float | None:
 
 
 def _names_broker(details: str) -> bool:
+    """Whether qm-server itself said what is unavailable behind it (RabbitMQ, or its
+    PostgreSQL store): then the message is its own, not gRPC failing to reach it."""
     text = details.lower()
-    return "broker" in text or "rabbitmq" in text
+    return "broker" in text or "rabbitmq" in text or "postgresql store" in text
 
 
 # -- addresses and retries ---------------------------------------------------------------

@@ -58,12 +58,14 @@ CREATE INDEX retrying_by_due ON tasks (queue, next_attempt_at) WHERE state = {_R
 CREATE INDEX running_by_deadline ON tasks ((started_at + timeout_s)) WHERE state = {_RUNNING};
 CREATE INDEX queued_by_queue ON tasks (queue, created_at) WHERE state = {_QUEUED};
 
--- Messages stored but not yet confirmed by RabbitMQ, with the server that publishes them.
+-- Messages stored but not yet confirmed by RabbitMQ, with the server that publishes them
+-- and when (the database's clock: the servers' clocks may differ).
 CREATE TABLE unconfirmed (
     task_id   text PRIMARY KEY,
     queue     text NOT NULL,
     body      bytea NOT NULL,
-    server_id text NOT NULL
+    server_id text NOT NULL,
+    stored_at timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX unconfirmed_by_server ON unconfirmed (server_id);
 -- Every unfinished task's first message: any server of the store can publish it again.

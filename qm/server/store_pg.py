@@ -54,6 +54,10 @@ NOTIFY_PAYLOAD_BYTES = 7000
 CONNECT_TIMEOUT_S = 5.0
 #: Longest pause between two attempts of the change listener to connect again.
 LISTEN_RETRY_MAX_S = 5.0
+#: How long a repeated submit waits for the server that stored its task to get the
+#: message confirmed, and how often it looks (a confirm takes milliseconds).
+OTHERS_CONFIRM_WAIT_S = 5.0
+OTHERS_CONFIRM_POLL_S = 0.02
 #: Times a batch of events is tried again after a conflict with another server's batch
 #: (a deadlock or a task both inserted first); each try is a fresh transaction.
 APPLY_CONFLICT_TRIES = 5
@@ -177,13 +181,24 @@ class PgStore:
 
     async def unconfirmed(self, task_id: str | None = None) -> list[tuple[str, str, bytes]]:
         """This server's unconfirmed messages (another live server publishes its own), or
-        the one of `task_id` whoever stored it (an idempotent retry landing here)."""
+        the one of `task_id` whoever stored it: a repeated submit landing here. If another
+        server stored it just now, it is publishing it: wait (up to OTHERS_CONFIRM_WAIT_S)
+        for its confirm rather than publish a second copy; still there after that, that
+        server is gone, and this one publishes it."""
         if task_id is None:
             rows = await self._fetch("SELECT task_id, queue, body FROM unconfirmed WHERE server_id = $1",
                                      self.server_id)
-        else:
-            rows = await self._fetch("SELECT task_id, queue, body FROM unconfirmed WHERE task_id = $1", task_id)
-        return [(row[0], row[1], bytes(row[2])) for row in rows]
+            return [(row[0], row[1], bytes(row[2])) for row in rows]
+        deadline = asyncio.get_running_loop().time() + OTHERS_CONFIRM_WAIT_S
+        while True:
+            row = await self._fetchrow(
+                "SELECT task_id, queue, body, server_id <> $2 AND stored_at > now() - make_interval(secs => $3) "
+                "FROM unconfirmed WHERE task_id = $1", task_id, self.server_id, OTHERS_CONFIRM_WAIT_S)
+            if row is None:
+                return []
+            if not row[3] or asyncio.get_running_loop().time() >= deadline:
+                return [(row[0], row[1], bytes(row[2]))]
+            await asyncio.sleep(OTHERS_CONFIRM_POLL_S)
 
     async def get(self, task_id: str) -> TaskRecord | None:
         row = await self._fetchrow(f"{_SELECT_TASK} WHERE task_id = $1", task_id)
