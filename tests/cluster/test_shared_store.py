@@ -30,7 +30,7 @@ from qm.testing.postgres import LocalPostgres
 from tests.faults.support import (SETTLE_TIMEOUT_S, Spec, Watcher, check_and_report, mixed_workload, statuses,
                                   submit_all, wait_dead_letters, wait_settled)
 from tests.postgres_fixtures import fresh_database, own_postgres, postgres  # noqa: F401  (fixtures)
-from tests.processes import Launcher, Server, wait_until
+from tests.processes import Launcher, Process, Server, wait_until
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.processes, pytest.mark.faults, pytest.mark.slow,
               pytest.mark.timeout(240)]
@@ -53,36 +53,42 @@ def start_pair(launcher: Launcher, broker_url: str, store_url: str, queue: str) 
     return types.SimpleNamespace(a=servers[0], b=servers[1], worker=worker, queue=queue, store_id=store_id)
 
 
-@pytest.fixture
-def pair(rabbitmq, launcher, postgres):  # noqa: F811  (the imported fixture)
-    return start_pair(launcher, rabbitmq.url, fresh_database(postgres), launcher.queue(rabbitmq.url))
+@pytest.fixture(scope="module")
+def pair(rabbitmq, postgres, tmp_path_factory):  # noqa: F811  (the imported fixture)
+    """One pair of servers and a worker for the scenarios below that do not restart
+    PostgreSQL (starting three processes costs more than any of them): each uses its own
+    task ids, keys and dead letters, and the kill -9 scenario comes last in the file."""
+    launcher = Launcher(tmp_path_factory.mktemp("pair"))
+    try:
+        yield start_pair(launcher, rabbitmq.url, fresh_database(postgres), launcher.queue(rabbitmq.url))
+    finally:
+        launcher.cleanup()
+
+
+class LogsFrom:
+    """A process's log from now on: what the fault suite's checks read (`stderr`, `name`,
+    `pid`, `alive`), so a scenario on the shared pair counts only its own executions."""
+
+    def __init__(self, process: Process) -> None:
+        self.process = process
+        self.name = process.name
+        self.pid = process.pid
+        self._start = process.line_count()
+
+    @property
+    def stderr(self) -> str:
+        return "\n".join(self.process.stderr.splitlines()[self._start:])
+
+    def alive(self) -> bool:
+        return self.process.alive()
 
 
 def client_of(*servers: Server, **options) -> qm.Client:
     return qm.Client(",".join(server.address for server in servers), **options)
 
 
-def test_kill_9_of_one_server_mid_run_the_other_serves_every_task(pair):
-    specs = mixed_workload(60, sleep_every=6)
-    with client_of(pair.a, submit_retry_s=SUBMIT_RETRY_S) as via_a, \
-            client_of(pair.b, submit_retry_s=SUBMIT_RETRY_S) as via_b:
-        accepted = {**submit_all(via_a, specs[0::2], pair.queue), **submit_all(via_b, specs[1::2], pair.queue)}
-        # Follows every task through B alone, those submitted through A too: their changes are
-        # applied by whichever server took the event, and reach B's stream either way.
-        watcher = Watcher(pair.b.address, accepted)
-        wait_until(lambda: watcher.terminal_count() >= 10, 60.0, message="10 tasks finished")
-        killed_mid_run = len(accepted) - watcher.terminal_count()
-        assert pair.a.kill() == -9
-        wait_settled(watcher, SETTLE_TIMEOUT_S, [pair.b, pair.worker])
-        final = statuses(via_b, accepted)
-    counts = check_and_report("shared store: kill -9 of one server", accepted, watcher, final, [pair.worker],
-                              logs_of=[pair.a, pair.b],
-                              extra={"open_when_killed": killed_mid_run, "lost": _lost(final)})
-    assert killed_mid_run > 0, "every task finished before the kill: the scenario proved nothing"
-    assert counts["succeeded"] == len(accepted)
-
-
 def test_one_idempotency_key_submitted_to_both_servers_at_once_is_one_task(pair):
+    worker = LogsFrom(pair.worker)
     specs = mixed_workload(20, sleep_every=100)
     ids: dict[str, list[str]] = {spec.key: [] for spec in specs}
     errors: list[BaseException] = []
@@ -113,7 +119,7 @@ def test_one_idempotency_key_submitted_to_both_servers_at_once_is_one_task(pair)
     finally:
         for client in clients:
             client.close()
-    counts = check_and_report("shared store: one key at both servers", accepted, watcher, final, [pair.worker],
+    counts = check_and_report("shared store: one key at both servers", accepted, watcher, final, [worker],
                               logs_of=[pair.a, pair.b],
                               extra={"submits": 2 * len(specs), "lost": _lost(final)})
     assert counts["duplicates_executed"] == 0
@@ -144,6 +150,27 @@ def test_a_dead_letter_made_through_one_server_is_requeued_through_the_other_onc
         assert total == 1  # the requeued task's new dead letter, and nothing else
     print(f"\n[faults] shared store: dead letter across servers: dead={failing}, requeued_as={rerun}, "
           f"dead_letters_after={total}", flush=True)
+
+
+def test_kill_9_of_one_server_mid_run_the_other_serves_every_task(pair):
+    worker = LogsFrom(pair.worker)
+    specs = mixed_workload(60, sleep_every=6)
+    with client_of(pair.a, submit_retry_s=SUBMIT_RETRY_S) as via_a, \
+            client_of(pair.b, submit_retry_s=SUBMIT_RETRY_S) as via_b:
+        accepted = {**submit_all(via_a, specs[0::2], pair.queue), **submit_all(via_b, specs[1::2], pair.queue)}
+        # Follows every task through B alone, those submitted through A too: their changes are
+        # applied by whichever server took the event, and reach B's stream either way.
+        watcher = Watcher(pair.b.address, accepted)
+        wait_until(lambda: watcher.terminal_count() >= 10, 60.0, message="10 tasks finished")
+        killed_mid_run = len(accepted) - watcher.terminal_count()
+        assert pair.a.kill() == -9
+        wait_settled(watcher, SETTLE_TIMEOUT_S, [pair.b, pair.worker])
+        final = statuses(via_b, accepted)
+    counts = check_and_report("shared store: kill -9 of one server", accepted, watcher, final, [worker],
+                              logs_of=[pair.a, pair.b],
+                              extra={"open_when_killed": killed_mid_run, "lost": _lost(final)})
+    assert killed_mid_run > 0, "every task finished before the kill: the scenario proved nothing"
+    assert counts["succeeded"] == len(accepted)
 
 
 def test_a_postgresql_restart_mid_run_is_ridden_out(rabbitmq, launcher, own_postgres):  # noqa: F811
