@@ -17,6 +17,10 @@ from prometheus_client.core import CounterMetricFamily
 TASK_SECONDS_BUCKETS = (0.005, 0.025, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 1800, 3600)
 #: Buckets for RPC handling and publish confirms.
 FAST_SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
+#: Buckets for the event loop's time in a store call (the budget is 100 us).
+LOOP_SECONDS_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.01)
+#: Buckets for the writes one store transaction carries.
+WRITES_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 class ServerMetrics:
@@ -52,6 +56,22 @@ class ServerMetrics:
         self.store_tasks = Gauge("qm_server_store_tasks", "Tasks in this server's store", registry=r)
         self.store_dead_letters = Gauge("qm_server_store_dead_letters", "Dead letters in this server's store",
                                         registry=r)
+        self.store_loop_seconds = Histogram("qm_server_store_loop_seconds", "Event-loop time of one store call "
+                                            "(point reads; writes run on the writer thread), by call", ["call"],
+                                            buckets=LOOP_SECONDS_BUCKETS, registry=r)
+        self.store_transaction_writes = Histogram("qm_server_store_transaction_writes", "Writes (submits, event "
+                                                  "batches, confirm marks, ...) one store transaction committed",
+                                                  buckets=WRITES_BUCKETS, registry=r)
+        self.store_transaction_seconds = Histogram("qm_server_store_transaction_seconds", "Time of one store "
+                                                   "transaction on the writer thread, commit included",
+                                                   buckets=FAST_SECONDS_BUCKETS, registry=r)
+
+    def store_loop_call(self, call: str, seconds: float) -> None:
+        self.store_loop_seconds.labels(call).observe(seconds)
+
+    def store_transaction(self, writes: int, seconds: float) -> None:
+        self.store_transaction_writes.observe(writes)
+        self.store_transaction_seconds.observe(seconds)
 
 
 class WorkerMetrics:

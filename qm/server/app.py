@@ -60,13 +60,13 @@ class ServerApp:
         self.registry = registry or plugin_registry.discover()
         self.broker = RabbitMQBroker(config.broker.url, config.broker.heartbeat_s,
                                      config.broker.reconnect_max_delay_s, connection_name="qm-server")
-        self.store = make_store(config, self.identity.store_path, self.server_id)
+        metrics = ServerMetrics()
+        self.store = make_store(config, self.identity.store_path, self.server_id, metrics)
         self._changes: ChangeListener | None = None
         server = config.server
         default_retry = RetryPolicy(server.default_max_retries, server.default_retry_backoff_s,
                                     server.default_retry_backoff_max_s, server.default_retry_jitter,
                                     server.default_retry_on_timeout)
-        metrics = ServerMetrics()
         self.service = TaskService(self.registry, self.store, self.broker,
                                    max_payload_bytes=server.max_payload_bytes,
                                    queue_type=config.broker.queue_type,
@@ -160,14 +160,15 @@ class ServerApp:
         self.identity.release()
 
 
-def make_store(config: Config, default_path: str | os.PathLike, server_id: str) -> Store | PgStore:
+def make_store(config: Config, default_path: str | os.PathLike, server_id: str,
+               metrics: ServerMetrics) -> Store | PgStore:
     """The store server.store_url names: SQLite in the data dir ("" ), a SQLite file, or a
     PostgreSQL database (connected in ServerApp.start)."""
     url = config.server.store_url
     if not url:
-        return Store(default_path)
+        return Store(default_path, observer=metrics)
     if url.startswith(SQLITE_URL_PREFIX):
-        return Store(url[len(SQLITE_URL_PREFIX):])
+        return Store(url[len(SQLITE_URL_PREFIX):], observer=metrics)
     return PgStore(url, server_id, config.server.store_pool_size)
 
 

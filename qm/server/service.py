@@ -252,6 +252,12 @@ class TaskService:
         """Publish again what a previous run of this server stored but never saw confirmed
         (at-least-once: it may have reached RabbitMQ; a duplicate delivery is harmless)."""
         for stored_id, queue, body in await self.store.unconfirmed(task_id):
+            record = await self.store.get(stored_id)
+            if record is not None and record.state is not TaskState.QUEUED:
+                # A worker reported on it: the message reached RabbitMQ, only its confirm
+                # mark was not written (they are deferred): publishing it again would run it twice.
+                await self.store.confirm(stored_id)
+                continue
             await self._ensure_queue(queue)
             message = TaskMessage.decode(body)
             await self.broker.publish(topology.TASKS_EXCHANGE, queue, body, message.headers())

@@ -8,8 +8,11 @@ Cost must not grow with the store: every statement the server issues while it se
 finds its rows through an index (SEARCH, never a SCAN of tasks or dead_letters; proved by
 tests/unit/test_store_plans.py), sizes are kept in `counters` by triggers in the same
 transactions (no COUNT(*)), retention deletes in bounded batches, and WAL checkpoints run
-on a thread of their own (`start_checkpoints`), leaving the event loop only the short
+on a thread of their own (`start_checkpoints`), leaving the writer thread only the short
 checkpoint that lets the WAL start over every 32 MiB.
+
+The event loop runs no write: writes are grouped into shared transactions on the writer
+thread (qm/server/group_commit.py); the loop runs only point reads by key (measured).
 """
 from __future__ import annotations
 
@@ -18,9 +21,11 @@ import logging
 import os
 import sqlite3
 import threading
-from typing import Callable, Iterable
+import time
+from typing import Callable, Iterable, Protocol
 
 from qm.messages import TaskEvent
+from qm.server.group_commit import GroupCommit, TransactionObserver
 from qm.server.store_api import DeadLetter, TaskRecord
 from qm.states import TaskState, supersedes
 
@@ -109,31 +114,46 @@ _COLUMNS = [field.name for field in dataclasses.fields(TaskRecord)]
 _DEAD_COLUMNS = [field.name for field in dataclasses.fields(DeadLetter)]
 
 
+class LoopObserver(TransactionObserver, Protocol):
+    def store_loop_call(self, call: str, seconds: float) -> None:
+        """A store call ran `seconds` on the event loop (a point read; writes only hand over)."""
+
+
 class Store:
-    """Task records in one SQLite file; used from one thread (the server's event loop),
-    plus, once started, a checkpoint thread with a connection of its own."""
+    """Task records in one SQLite file (implements qm.server.store_api.TaskStore).
+
+    Writes run on the writer thread, grouped into shared transactions
+    (qm/server/group_commit.py); a confirm mark rides with the next one. Point reads by
+    key (a task, an idempotency key, a message, a counter) run on the event loop through a
+    connection of their own: one index search, measured (`LoopObserver.store_loop_call`,
+    the `qm_server_store_loop_seconds` histogram). Range reads run on the writer thread.
+    Once started, a checkpoint thread has a third connection.
+    """
 
     #: The sqlite3.Connection subclass every connection of the store is made with (a test
     #: records the statements the store runs through it).
     connection_factory: type[sqlite3.Connection] = sqlite3.Connection
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, observer: LoopObserver | None = None) -> None:
         self.path = os.fspath(path)
-        self._db = self._connect()
+        self._observer = observer
+        self._db = self._connect()  # the event loop's: schema at opening, then point reads
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        # A REPLACE that deletes a row fires the delete triggers too: counts stay right
-        # whatever form a statement takes.
-        self._db.execute("PRAGMA recursive_triggers=ON")
-        self._db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT_BYTES}")
         self._db.executescript(_SCHEMA)
         self._add_missing_columns()
         self._db.executescript(_INDEXES)
         self._keep_counts()
+        self._writes: GroupCommit[str] = GroupCommit(self._connect, _write_confirms, observer)
         self._checkpointer: _Checkpointer | None = None
 
     def _connect(self) -> sqlite3.Connection:
-        return sqlite3.connect(self.path, isolation_level=None, factory=self.connection_factory)
+        db = sqlite3.connect(self.path, isolation_level=None, factory=self.connection_factory)
+        db.execute("PRAGMA synchronous=NORMAL")
+        # A REPLACE that deletes a row fires the delete triggers too: counts stay right
+        # whatever form a statement takes.
+        db.execute("PRAGMA recursive_triggers=ON")
+        db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT_BYTES}")
+        return db
 
     def _keep_counts(self) -> None:
         """Triggers keep each counted table's size in `counters`, in the transaction that
@@ -164,6 +184,8 @@ class Store:
                 self._db.execute(f"ALTER TABLE tasks ADD COLUMN {name} {declaration}")
 
     async def close(self) -> None:
+        """Write what is pending (confirm marks too), then close every connection."""
+        await self._writes.close()
         self.stop_checkpoints()
         self._db.close()
 
@@ -171,126 +193,135 @@ class Store:
 
     def start_checkpoints(self, interval_s: float = CHECKPOINT_INTERVAL_S) -> None:
         """Checkpoint the WAL every interval_s on a thread with its own connection, so the
-        event loop's commits no longer copy the WAL into the database. Under sustained
+        writer's commits no longer copy the WAL into the database. Under sustained
         writes a passive checkpoint never finds the WAL completely copied (commits keep
-        coming), so the WAL starts over when this connection's own checkpoint runs at the
+        coming), so the WAL starts over when the writer's own checkpoint runs at the
         backstop; by then the thread has copied all but the last interval's frames.
         Stopped by close()."""
         if self._checkpointer is None:
             self._checkpointer = _Checkpointer(self._connect, interval_s)
-            self._db.execute(f"PRAGMA wal_autocheckpoint={BACKSTOP_AUTOCHECKPOINT_PAGES}")
+            self._set_autocheckpoint(BACKSTOP_AUTOCHECKPOINT_PAGES)
 
     def stop_checkpoints(self) -> None:
         if self._checkpointer is not None:
             self._checkpointer.stop()
             self._checkpointer = None
-            self._db.execute(f"PRAGMA wal_autocheckpoint={SQLITE_AUTOCHECKPOINT_PAGES}")
+            self._set_autocheckpoint(SQLITE_AUTOCHECKPOINT_PAGES)
+
+    def _set_autocheckpoint(self, pages: int) -> None:
+        """On every connection that commits (the writer's; the loop's opens the store)."""
+        self._db.execute(f"PRAGMA wal_autocheckpoint={pages}")
+        if not self._writes.closed:
+            self._writes.call(lambda db: db.execute(f"PRAGMA wal_autocheckpoint={pages}"))
 
     def checkpoint(self) -> tuple[int, int]:
-        """A passive checkpoint now, on this connection: (WAL frames, frames checkpointed)."""
+        """A passive checkpoint now, on the loop's connection: (WAL frames, frames checkpointed)."""
         return _passive_checkpoint(self._db)
 
-    async def insert(self, record: TaskRecord) -> None:
-        self._insert(record)
+    # -- point reads on the event loop -------------------------------------------------
 
-    def _insert(self, record: TaskRecord) -> None:
-        placeholders = ", ".join("?" for _ in _COLUMNS)
-        self._db.execute(f"INSERT INTO tasks ({', '.join(_COLUMNS)}) VALUES ({placeholders})",
-                         dataclasses.astuple(record))
+    def _read(self, call: str, query: str, params: tuple) -> list[tuple]:
+        """One indexed look-up on the loop's connection, timed for the loop-time histogram."""
+        started = time.perf_counter()
+        rows = self._db.execute(query, params).fetchall()
+        if self._observer is not None:
+            self._observer.store_loop_call(call, time.perf_counter() - started)
+        return rows
 
-    async def delete(self, task_id: str) -> None:
-        self._db.execute("DELETE FROM tasks WHERE task_id = ?", (task_id,))
-        self._db.execute("DELETE FROM unconfirmed WHERE task_id = ?", (task_id,))
-        self._db.execute("DELETE FROM messages WHERE task_id = ?", (task_id,))
+    async def get(self, task_id: str) -> TaskRecord | None:
+        rows = self._read("get", _SELECT_TASK_BY_ID, (task_id,))
+        return _record(rows[0]) if rows else None
+
+    async def find_by_idempotency_key(self, key: str) -> TaskRecord | None:
+        rows = self._read("find_by_idempotency_key", _SELECT_TASK_BY_KEY, (key,))
+        return _record(rows[0]) if rows else None
+
+    async def message(self, task_id: str) -> bytes | None:
+        """The task's first message as submitted here (None once final, or if submitted elsewhere)."""
+        rows = self._read("message", "SELECT body FROM messages WHERE task_id = ?", (task_id,))
+        return rows[0][0] if rows else None
+
+    async def count(self) -> int:
+        """Tasks in the store (kept by triggers: no COUNT(*))."""
+        return self._read("count", _SELECT_COUNTER, ("tasks",))[0][0]
+
+    async def count_dead_letters(self) -> int:
+        """Dead letters in the store (kept by triggers: no COUNT(*))."""
+        return self._read("count_dead_letters", _SELECT_COUNTER, ("dead_letters",))[0][0]
 
     # -- accepted but not yet confirmed by RabbitMQ ---------------------------------------
 
     async def insert_unconfirmed(self, record: TaskRecord, queue: str, body: bytes) -> None:
-        """Store a task with the message that still has to reach RabbitMQ, in one commit;
-        the message is also kept until the task is final (the reconciler's copy)."""
-        self._db.execute("BEGIN")
-        try:
-            self._insert(record)
-            self._db.execute("INSERT INTO unconfirmed (task_id, queue, body) VALUES (?, ?, ?)",
-                             (record.task_id, queue, body))
-            self._db.execute("INSERT OR REPLACE INTO messages (task_id, body) VALUES (?, ?)", (record.task_id, body))
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
+        """Store a task with the message that still has to reach RabbitMQ, committed when
+        this returns; the message is also kept until the task is final (the reconciler's copy)."""
+        def write(db: sqlite3.Connection) -> None:
+            _insert(db, record)
+            db.execute("INSERT INTO unconfirmed (task_id, queue, body) VALUES (?, ?, ?)",
+                       (record.task_id, queue, body))
+            db.execute("INSERT OR REPLACE INTO messages (task_id, body) VALUES (?, ?)", (record.task_id, body))
+        await self._writes.write(write)
 
     async def confirm(self, task_id: str) -> None:
-        """RabbitMQ confirmed the task's message: nothing left to resend."""
-        self._db.execute("DELETE FROM unconfirmed WHERE task_id = ?", (task_id,))
+        """RabbitMQ confirmed the task's message: nothing left to resend. Written with the
+        next transaction (no transaction of its own); `unconfirmed` leaves it out from now."""
+        self._writes.defer(task_id)
 
     async def unconfirmed(self, task_id: str | None = None) -> list[tuple[str, str, bytes]]:
         """(task id, queue, message body) of tasks whose publish was never confirmed."""
         query = "SELECT task_id, queue, body FROM unconfirmed"
         if task_id is None:
-            return self._db.execute(query).fetchall()
-        return self._db.execute(f"{query} WHERE task_id = ?", (task_id,)).fetchall()
+            rows = await self._writes.write(lambda db: db.execute(query).fetchall())
+        else:
+            rows = self._read("unconfirmed", f"{query} WHERE task_id = ?", (task_id,))
+        return [row for row in rows if not self._writes.unwritten(row[0])]
+
+    async def insert(self, record: TaskRecord) -> None:
+        await self._writes.write(lambda db: _insert(db, record))
+
+    async def delete(self, task_id: str) -> None:
+        def write(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM tasks WHERE task_id = ?", (task_id,))
+            db.execute("DELETE FROM unconfirmed WHERE task_id = ?", (task_id,))
+            db.execute("DELETE FROM messages WHERE task_id = ?", (task_id,))
+        await self._writes.write(write)
 
     # -- the reconciler's look-ups (each an indexed range over unfinished tasks) ---------
 
-    async def message(self, task_id: str) -> bytes | None:
-        """The task's first message as submitted here (None once final, or if submitted elsewhere)."""
-        row = self._db.execute("SELECT body FROM messages WHERE task_id = ?", (task_id,)).fetchone()
-        return row[0] if row else None
-
     async def overdue_retries(self, queue: str, due_before_s: float, limit: int) -> list[TaskRecord]:
         """RETRYING tasks of a logical queue whose next attempt was due before `due_before_s`."""
-        return self._select(f"WHERE state = {int(TaskState.RETRYING)} AND queue = ? AND next_attempt_at < ? "
-                            "ORDER BY next_attempt_at LIMIT ?", (queue, due_before_s, limit))
+        return await self._select(f"WHERE state = {int(TaskState.RETRYING)} AND queue = ? AND next_attempt_at < ? "
+                                  "ORDER BY next_attempt_at LIMIT ?", (queue, due_before_s, limit))
 
     async def overdue_runs(self, deadline_before_s: float, limit: int) -> list[TaskRecord]:
         """RUNNING tasks whose time limit ran out before `deadline_before_s`, oldest first."""
-        return self._select(f"WHERE state = {int(TaskState.RUNNING)} AND started_at + timeout_s < ? AND timeout_s > 0 "
-                            "ORDER BY started_at + timeout_s LIMIT ?", (deadline_before_s, limit))
+        return await self._select(f"WHERE state = {int(TaskState.RUNNING)} AND started_at + timeout_s < ? "
+                                  "AND timeout_s > 0 ORDER BY started_at + timeout_s LIMIT ?",
+                                  (deadline_before_s, limit))
 
     async def queued_before(self, queue: str, created_before_s: float, limit: int) -> list[TaskRecord]:
         """QUEUED tasks of a logical queue created before `created_before_s`, oldest first."""
-        return self._select(f"WHERE state = {int(TaskState.QUEUED)} AND queue = ? AND created_at < ? "
-                            "ORDER BY created_at LIMIT ?", (queue, created_before_s, limit))
+        return await self._select(f"WHERE state = {int(TaskState.QUEUED)} AND queue = ? AND created_at < ? "
+                                  "ORDER BY created_at LIMIT ?", (queue, created_before_s, limit))
 
-    def _select(self, where: str, params: tuple) -> list[TaskRecord]:
-        rows = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM tasks {where}", params).fetchall()
+    async def _select(self, where: str, params: tuple) -> list[TaskRecord]:
+        """Up to LIMIT records, read on the writer thread (too many rows for the loop)."""
+        rows = await self._writes.write(
+            lambda db: db.execute(f"SELECT {', '.join(_COLUMNS)} FROM tasks {where}", params).fetchall())
         return [_record(row) for row in rows]
-
-    async def get(self, task_id: str) -> TaskRecord | None:
-        return self._get(task_id)
-
-    def _get(self, task_id: str) -> TaskRecord | None:
-        row = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM tasks WHERE task_id = ?",
-                               (task_id,)).fetchone()
-        return _record(row) if row is not None else None
-
-    async def count(self) -> int:
-        """Tasks in the store (kept by triggers: no COUNT(*))."""
-        return self._counter("tasks")
-
-    def _counter(self, name: str) -> int:
-        return self._db.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()[0]
-
-    async def find_by_idempotency_key(self, key: str) -> TaskRecord | None:
-        # The index holds only non-empty keys; SQLite uses a partial index only when the
-        # query itself says so (it cannot prove `= ?` implies `!= ''`): without the second
-        # condition this is a scan of every task.
-        row = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM tasks "
-                               "WHERE idempotency_key = ? AND idempotency_key != ''", (key,)).fetchone()
-        return _record(row) if row else None
 
     async def purge_finished(self, before_s: float, limit: int = DELETE_BATCH_ROWS) -> int:
         """Delete up to `limit` tasks that finished before `before_s` (epoch seconds), found
         through the finished_at index; return how many. Call again while it returns `limit`
-        (qm.server.maintenance does, yielding to the event loop in between)."""
-        return self._db.execute(
+        (qm.server.maintenance does, letting other writes commit in between)."""
+        return await self._writes.write(lambda db: db.execute(
             "DELETE FROM tasks WHERE rowid IN (SELECT rowid FROM tasks "
-            "WHERE finished_at IS NOT NULL AND finished_at < ? LIMIT ?)", (before_s, limit)).rowcount
+            "WHERE finished_at IS NOT NULL AND finished_at < ? LIMIT ?)", (before_s, limit)).rowcount)
 
     # -- dead letters ------------------------------------------------------------------
 
     async def add_dead_letter(self, dead: DeadLetter) -> None:
-        self._db.execute(_upsert_statement("dead_letters", _DEAD_COLUMNS), dataclasses.astuple(dead))
+        await self._writes.write(
+            lambda db: db.execute(_upsert_statement("dead_letters", _DEAD_COLUMNS), dataclasses.astuple(dead)))
 
     async def dead_letters(self, limit: int, task_ids: list[str] | None = None) -> tuple[list[DeadLetter], int]:
         """Dead letters, oldest first (these ids only, if given), and how many there are in all."""
@@ -299,54 +330,80 @@ class Store:
         if task_ids is not None:
             query += f" WHERE task_id IN ({', '.join('?' for _ in task_ids)})"
             params = tuple(task_ids)
-        rows = self._db.execute(f"{query} ORDER BY dead_at LIMIT ?", (*params, limit)).fetchall()
-        return [_dead_letter(row) for row in rows], self._counter("dead_letters")
 
-    async def count_dead_letters(self) -> int:
-        """Dead letters in the store (kept by triggers: no COUNT(*))."""
-        return self._counter("dead_letters")
+        def read(db: sqlite3.Connection) -> tuple[list[DeadLetter], int]:
+            rows = db.execute(f"{query} ORDER BY dead_at LIMIT ?", (*params, limit)).fetchall()
+            return [_dead_letter(row) for row in rows], db.execute(_SELECT_COUNTER, ("dead_letters",)).fetchone()[0]
+        return await self._writes.write(read)
 
     async def remove_dead_letters(self, task_ids: list[str] | None = None, limit: int = DELETE_BATCH_ROWS) -> int:
         """Remove these dead letters, or if None up to `limit` of the oldest (call again
         while it returns `limit`); return how many went."""
         if task_ids is None:
-            return self._db.execute("DELETE FROM dead_letters WHERE rowid IN (SELECT rowid FROM dead_letters "
-                                    "ORDER BY dead_at LIMIT ?)", (limit,)).rowcount
-        return self._db.execute(f"DELETE FROM dead_letters WHERE task_id IN ({', '.join('?' for _ in task_ids)})",
-                                tuple(task_ids)).rowcount
+            return await self._writes.write(lambda db: db.execute(
+                "DELETE FROM dead_letters WHERE rowid IN (SELECT rowid FROM dead_letters "
+                "ORDER BY dead_at LIMIT ?)", (limit,)).rowcount)
+        return await self._writes.write(lambda db: db.execute(
+            f"DELETE FROM dead_letters WHERE task_id IN ({', '.join('?' for _ in task_ids)})",
+            tuple(task_ids)).rowcount)
 
     async def apply(self, events: Iterable[TaskEvent], codec_of: dict[str, str]) -> list[TaskRecord]:
-        """Apply events in one transaction; return every record change, in order.
+        """Apply events, committed when this returns (in a transaction shared with other
+        writes; a batch that fails changes nothing); return every record change, in order.
 
         Duplicates and stale events change nothing (see qm.states.supersedes). An event
         for a task this replica never saw (submitted through another server) creates it.
         """
-        self._db.execute("BEGIN")
-        try:
-            latest, stored, changes = fold_events(events, self._get, codec_of)
-            for record in latest.values():
-                before = stored.get(record.task_id)
-                if before is None:
-                    self._insert(record)
-                else:
-                    self._update(before, record)
-                if record.state.terminal:
-                    self._db.execute("DELETE FROM messages WHERE task_id = ?", (record.task_id,))
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        return changes
+        return await self._writes.write(lambda db: _apply(db, events, codec_of))
 
-    def _update(self, before: TaskRecord, after: TaskRecord) -> None:
-        """Write only the columns that changed: an index whose column is not set is not
-        touched (setting the idempotency key to itself would rewrite its entry, on a random
-        page of that index, for every event)."""
-        changed = [column for column in _COLUMNS if getattr(before, column) != getattr(after, column)]
-        if changed:
-            values = [getattr(after, column) for column in changed]
-            self._db.execute(f"UPDATE tasks SET {', '.join(f'{column} = ?' for column in changed)} "
-                             "WHERE task_id = ?", (*values, after.task_id))
+
+_SELECT_TASK_BY_ID = f"SELECT {', '.join(_COLUMNS)} FROM tasks WHERE task_id = ?"
+# The index holds only non-empty keys; SQLite uses a partial index only when the query
+# itself says so (it cannot prove `= ?` implies `!= ''`): without the second condition this
+# is a scan of every task.
+_SELECT_TASK_BY_KEY = (f"SELECT {', '.join(_COLUMNS)} FROM tasks "
+                       "WHERE idempotency_key = ? AND idempotency_key != ''")
+_SELECT_COUNTER = "SELECT value FROM counters WHERE name = ?"
+
+
+def _write_confirms(db: sqlite3.Connection, task_ids: list[str]) -> None:
+    """The deferred confirm marks: their messages reached RabbitMQ."""
+    db.executemany("DELETE FROM unconfirmed WHERE task_id = ?", [(task_id,) for task_id in task_ids])
+
+
+def _insert(db: sqlite3.Connection, record: TaskRecord) -> None:
+    placeholders = ", ".join("?" for _ in _COLUMNS)
+    db.execute(f"INSERT INTO tasks ({', '.join(_COLUMNS)}) VALUES ({placeholders})", dataclasses.astuple(record))
+
+
+def _get(db: sqlite3.Connection, task_id: str) -> TaskRecord | None:
+    row = db.execute(_SELECT_TASK_BY_ID, (task_id,)).fetchone()
+    return _record(row) if row is not None else None
+
+
+def _apply(db: sqlite3.Connection, events: Iterable[TaskEvent], codec_of: dict[str, str]) -> list[TaskRecord]:
+    """Store.apply's work, inside the writer's transaction."""
+    latest, stored, changes = fold_events(events, lambda task_id: _get(db, task_id), codec_of)
+    for record in latest.values():
+        before = stored.get(record.task_id)
+        if before is None:
+            _insert(db, record)
+        else:
+            _update(db, before, record)
+        if record.state.terminal:
+            db.execute("DELETE FROM messages WHERE task_id = ?", (record.task_id,))
+    return changes
+
+
+def _update(db: sqlite3.Connection, before: TaskRecord, after: TaskRecord) -> None:
+    """Write only the columns that changed: an index whose column is not set is not
+    touched (setting the idempotency key to itself would rewrite its entry, on a random
+    page of that index, for every event)."""
+    changed = [column for column in _COLUMNS if getattr(before, column) != getattr(after, column)]
+    if changed:
+        values = [getattr(after, column) for column in changed]
+        db.execute(f"UPDATE tasks SET {', '.join(f'{column} = ?' for column in changed)} "
+                   "WHERE task_id = ?", (*values, after.task_id))
 
 
 def fold_events(events: Iterable[TaskEvent], load: Callable[[str], TaskRecord | None],
