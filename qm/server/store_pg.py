@@ -133,7 +133,9 @@ class PgStore:
         """A pooled connection (in a transaction, if asked); unreachable → StoreUnavailable."""
         assert self._pool is not None, "PgStore used before connect()"
         try:
-            async with self._pool.acquire(timeout=CONNECT_TIMEOUT_S) as connection:
+            # No acquire timeout: a busy pool is queued for, not "unavailable"; a new
+            # connection's attempt is bounded by the pool's connect timeout.
+            async with self._pool.acquire() as connection:
                 if transaction:
                     async with connection.transaction():
                         yield connection

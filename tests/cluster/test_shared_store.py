@@ -27,12 +27,22 @@ import pytest
 import qm
 from qm.client.client import RemoteError
 from qm.testing.postgres import LocalPostgres
-from tests.faults.support import (SETTLE_TIMEOUT_S, Spec, Watcher, check_and_report, mixed_workload, statuses,
-                                  submit_all, wait_dead_letters, wait_settled)
+from tests.faults.support import (
+    SETTLE_TIMEOUT_S,
+    Spec,
+    Watcher,
+    check_and_report,
+    mixed_workload,
+    statuses,
+    submit_all,
+    wait_dead_letters,
+    wait_settled,
+)
 from tests.postgres_fixtures import fresh_database, own_postgres, postgres  # noqa: F401  (fixtures)
 from tests.processes import Launcher, Process, Server, wait_until
 
-pytestmark = [pytest.mark.rabbitmq, pytest.mark.processes, pytest.mark.faults, pytest.mark.slow,
+pytestmark = [pytest.mark.rabbitmq, pytest.mark.postgres, pytest.mark.processes, pytest.mark.faults,
+              pytest.mark.slow,
               pytest.mark.timeout(240)]
 
 STORE_READY = re.compile(r"task store: PostgreSQL \S+ \(store id (?P<store_id>\S+),")

@@ -192,7 +192,13 @@ class TestSQLiteStore(StoreContract):
         return Blocking(Store(request.getfixturevalue("tmp_path") / "tasks.sqlite3"))
 
 
+#: A real PostgreSQL server process: out of the fast lane (`-m "not rabbitmq and not slow"`).
+ON_POSTGRES = [pytest.mark.postgres, pytest.mark.processes, pytest.mark.slow]
+
+
 class TestPostgresStore(StoreContract):
+    pytestmark = ON_POSTGRES
+
     def open(self, request) -> Blocking:
         return open_pg(fresh_database(request.getfixturevalue("postgres")))
 
@@ -212,6 +218,8 @@ def two_servers(database):
 
 
 class TestSharedPostgresStore:
+    pytestmark = ON_POSTGRES
+
     def test_two_servers_share_one_store_id_and_one_row_per_task(self, two_servers):
         a, b = two_servers
         assert a.target.store_id == b.target.store_id

@@ -28,6 +28,8 @@ from qm.states import TaskState
 from tests.postgres_fixtures import fresh_database, postgres  # noqa: F401  (fixture)
 from tests.unit.aio import run
 
+pytestmark = [pytest.mark.postgres, pytest.mark.processes, pytest.mark.slow]
+
 S = TaskState
 T0 = 1_700_000_000.0
 #: Rows seeded: enough that a scan costs the planner far more than an index look-up.

@@ -1,0 +1,149 @@
+"""Scale-out benchmark: one vs two qm-servers on a shared PostgreSQL store, and the events
+each server applies per task with SQLite replicas vs the shared store.
+
+    .venv/bin/python load/bench_scale.py                  # ~2 minutes
+    .venv/bin/python load/bench_scale.py --tasks 4000 --json out.json
+
+Starts a private RabbitMQ node and a private PostgreSQL (qm.testing: loopback, temp
+dirs), one qm-worker per scenario, and for each scenario fresh servers (tests/processes.py):
+
+- `postgres x1`: one server on a fresh PostgreSQL database;
+- `postgres x2`: two servers on one fresh database (one store; competing consumers of
+  its events queue);
+- `sqlite x2`: two servers with their own SQLite stores (a replica each).
+
+N `math` tasks are submitted with qm.aio.Client.submit_many, split evenly over the
+scenario's servers (one client per server, concurrently), and followed to the end
+through them. Reported: end-to-end rate = N / (last finished_at - first created_at) and
+submit rate = N / (time until the last share was accepted), each with its ratio to
+`postgres x1`, and per server the task events it applied
+(`qm_server_events_total` from its /metrics) divided by N. Everything runs on one box,
+so the rates are a ratio on this machine, not a capacity; asserts nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import pathlib
+import re
+import sys
+import tempfile
+import time
+import urllib.request
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import qm.aio  # noqa: E402
+from qm.testing.postgres import LocalPostgres  # noqa: E402
+from qm.testing.rabbitmq import LocalRabbitMQ, free_port  # noqa: E402
+from tests.processes import Server, start_server, start_worker, unique  # noqa: E402
+
+#: Longest wait for a scenario's tasks to finish.
+FINISH_TIMEOUT_S = 600.0
+EVENTS_LINE = re.compile(r'^qm_server_events_total\{state="(?P<state>\w+)"\} (?P<value>[0-9.e+]+)$', re.M)
+
+
+def events_applied(server: Server, metrics_port: int) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return sum(float(match["value"]) for match in EVENTS_LINE.finditer(text))
+
+
+async def submit_and_follow(addresses: list[str], queue: str, count: int) -> tuple[list, float]:
+    """Submit `count` tasks split over the servers, follow each share through its server;
+    every final status, and how long the submit phase took (the last share accepted)."""
+    started = time.perf_counter()
+    submitted: list[float] = []
+
+    async def share(address: str, part: list[tuple[str, str]]) -> list:
+        async with qm.aio.Client(address) as client:
+            ids = await client.submit_many(part, queue=queue)
+            submitted.append(time.perf_counter() - started)
+            return [status async for status in client.results(ids, timeout_s=FINISH_TIMEOUT_S)]
+
+    items = [("math", f"{i} * 2") for i in range(count)]
+    shares = [items[i::len(addresses)] for i in range(len(addresses))]
+    finals = await asyncio.gather(*(share(address, part) for address, part in zip(addresses, shares, strict=True)))
+    return [status for part in finals for status in part], max(submitted)
+
+
+def scenario(name: str, broker_url: str, store_urls: list[str | None], base: pathlib.Path, count: int,
+             procs: int) -> dict:
+    queue = unique("scale")
+    servers: list[tuple[Server, int]] = []
+    worker = start_worker(broker_url, procs=procs, queues=queue)
+    try:
+        for store_url in store_urls:
+            metrics_port = free_port()
+            extra = ["--metrics-port", str(metrics_port)] + (["--store-url", store_url] if store_url else [])
+            servers.append((start_server(broker_url, base, extra_args=extra), metrics_port))
+        asyncio.run(warm([s.address for s, _ in servers], queue))
+        before = [events_applied(server, port) for server, port in servers]
+        started = time.perf_counter()
+        finals, submit_s = asyncio.run(submit_and_follow([s.address for s, _ in servers], queue, count))
+        wall_s = time.perf_counter() - started
+        after = [events_applied(server, port) for server, port in servers]
+    finally:
+        for server, _port in servers:
+            server.stop()
+        worker.stop()
+    succeeded = sum(status.state == "SUCCEEDED" for status in finals)
+    span_s = max(s.finished_at for s in finals) - min(s.created_at for s in finals)
+    return {"scenario": name, "tasks": count, "succeeded": succeeded, "wall_s": round(wall_s, 2),
+            "end_to_end_per_s": round(count / span_s, 1), "submit_per_s": round(count / submit_s, 1),
+            "events_per_task_per_server": [round((a - b) / count, 2) for a, b in zip(after, before, strict=True)]}
+
+
+async def warm(addresses: list[str], queue: str) -> None:
+    for address in addresses:  # connections, queue declarations, the worker's first task
+        async with qm.aio.Client(address) as client:
+            [task_id] = await client.submit_many([("math", "1 + 1")], queue=queue)
+            async for _status in client.results([task_id], timeout_s=120.0):
+                pass
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", type=int, default=2000, help="tasks per scenario (default 2000)")
+    parser.add_argument("--procs", type=int, default=2, help="worker children (default 2)")
+    parser.add_argument("--durable", action="store_true",
+                        help="PostgreSQL with fsync on (default off: a killed server loses nothing, "
+                             "a crashed host would)")
+    parser.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="qm-bench-scale-") as tmp:
+        base = pathlib.Path(tmp)
+        rabbitmq = LocalRabbitMQ(base / "rabbitmq")
+        broker_url = rabbitmq.start()
+        postgres = LocalPostgres(base / "postgres", durable=args.durable)
+        postgres.start()
+        results = []
+        try:
+            plans = [("postgres x1", [postgres.create_database("scale_one")]),
+                     ("postgres x2", [postgres.create_database("scale_two")] * 2),
+                     ("sqlite x2", [None, None])]
+            for name, store_urls in plans:
+                result = scenario(name, broker_url, store_urls, base, args.tasks, args.procs)
+                results.append(result)
+                print(json.dumps(result), flush=True)
+        finally:
+            postgres.cleanup()
+            rabbitmq.stop()
+    baseline = results[0]["end_to_end_per_s"]
+    submit_baseline = results[0]["submit_per_s"]
+    print(f"\n{'scenario':<14} {'end to end/s':>12} {'ratio':>6} {'submit/s':>9} {'ratio':>6}  "
+          "events applied per task, per server")
+    for result in results:
+        print(f"{result['scenario']:<14} {result['end_to_end_per_s']:>12.1f} "
+              f"{result['end_to_end_per_s'] / baseline:>6.2f} {result['submit_per_s']:>9.1f} "
+              f"{result['submit_per_s'] / submit_baseline:>6.2f}  {result['events_per_task_per_server']}")
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
