@@ -58,6 +58,10 @@ LISTEN_RETRY_MAX_S = 5.0
 #: message confirmed, and how often it looks (a confirm takes milliseconds).
 OTHERS_CONFIRM_WAIT_S = 5.0
 OTHERS_CONFIRM_POLL_S = 0.02
+#: Pause before writing confirm marks again while the store is unavailable.
+CONFIRM_RETRY_S = 1.0
+#: Longest wait at close for the confirm marks still to be written.
+CLOSE_FLUSH_S = 5.0
 #: Times a batch of events is tried again after a conflict with another server's batch
 #: (a deadlock or a task both inserted first); each try is a fresh transaction.
 APPLY_CONFLICT_TRIES = 5
@@ -67,6 +71,12 @@ _DEAD_COLUMNS = [field.name for field in dataclasses.fields(DeadLetter)]
 _SELECT_TASK = f"SELECT {', '.join(_COLUMNS)} FROM tasks"
 _INSERT_TASK = (f"INSERT INTO tasks ({', '.join(_COLUMNS)}) "
                 f"VALUES ({', '.join(f'${n}' for n in range(1, len(_COLUMNS) + 1))})")
+_INSERT_UNCONFIRMED = (
+    f"WITH task AS ({_INSERT_TASK}), "
+    f"pending AS (INSERT INTO unconfirmed (task_id, queue, body, server_id) "
+    f"VALUES ($1, ${len(_COLUMNS) + 1}, ${len(_COLUMNS) + 2}, ${len(_COLUMNS) + 3})) "
+    f"INSERT INTO messages (task_id, body) VALUES ($1, ${len(_COLUMNS) + 2}) "
+    "ON CONFLICT (task_id) DO UPDATE SET body = excluded.body")
 _UPDATE_TASK = (f"UPDATE tasks SET {', '.join(f'{c} = ${n}' for n, c in enumerate(_COLUMNS[1:], start=2))} "
                 "WHERE task_id = $1")
 _UPSERT_DEAD = (f"INSERT INTO dead_letters ({', '.join(_DEAD_COLUMNS)}) "
@@ -75,8 +85,10 @@ _UPSERT_DEAD = (f"INSERT INTO dead_letters ({', '.join(_DEAD_COLUMNS)}) "
                 f"{', '.join(f'{c} = excluded.{c}' for c in _DEAD_COLUMNS[1:])}")
 
 #: What asyncpg raises when the server cannot be reached or went away mid-call.
+#: InternalClientError ("cannot switch to state ...; another operation is in progress") is
+#: what a session the server cut mid-operation (a fast shutdown) raises on its next use.
 _UNREACHABLE = (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError,
-                asyncpg.OperatorInterventionError, asyncpg.InterfaceError)
+                asyncpg.OperatorInterventionError, asyncpg.InterfaceError, asyncpg.InternalClientError)
 _CONFLICTS = (asyncpg.DeadlockDetectedError, asyncpg.UniqueViolationError, asyncpg.SerializationError)
 
 
@@ -95,6 +107,8 @@ class PgStore:
         self.pool_size = pool_size
         self.store_id = ""
         self._pool: asyncpg.Pool | None = None
+        self._confirmed: set[str] = set()  # confirm marks not yet written
+        self._flusher: asyncio.Task | None = None
 
     @classmethod
     async def open(cls, url: str, server_id: str, pool_size: int = 10) -> PgStore:
@@ -108,7 +122,7 @@ class PgStore:
         shown = redact_url(self.url)
         try:
             pool = await asyncpg.create_pool(self.url, min_size=1, max_size=self.pool_size,
-                                             timeout=CONNECT_TIMEOUT_S,
+                                             timeout=CONNECT_TIMEOUT_S, reset=_keep_session,
                                              server_settings={"application_name": f"qm-server {self.server_id}"})
         except _UNREACHABLE as exc:
             raise StoreUnavailable(f"PostgreSQL store {shown} cannot be reached: {_describe(exc)}") from exc
@@ -123,6 +137,12 @@ class PgStore:
         self._pool = pool
 
     async def close(self) -> None:
+        """Write the pending confirm marks (for up to CLOSE_FLUSH_S), then disconnect."""
+        if self._flusher is not None and not self._flusher.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(self._flusher), CLOSE_FLUSH_S)
+            except asyncio.TimeoutError:
+                self._flusher.cancel()
         if self._pool is not None:
             await self._pool.close()
 
@@ -136,11 +156,15 @@ class PgStore:
             # No acquire timeout: a busy pool is queued for, not "unavailable"; a new
             # connection's attempt is bounded by the pool's connect timeout.
             async with self._pool.acquire() as connection:
-                if transaction:
-                    async with connection.transaction():
+                try:
+                    if transaction:
+                        async with connection.transaction():
+                            yield connection
+                    else:
                         yield connection
-                else:
-                    yield connection
+                except _UNREACHABLE:
+                    connection.terminate()  # never back into the pool half-broken
+                    raise
         except _UNREACHABLE as exc:
             raise StoreUnavailable(f"PostgreSQL store {redact_url(self.url)} is unavailable: "
                                    f"{_describe(exc)}; retry when it is back") from exc
@@ -164,17 +188,37 @@ class PgStore:
             await _insert_task(connection, record)
 
     async def insert_unconfirmed(self, record: TaskRecord, queue: str, body: bytes) -> None:
-        """Store a task with the message this server still has to get confirmed, in one
-        commit. A key another server stored first: IdempotencyKeyTaken (nothing stored)."""
-        async with self._connection(transaction=True) as connection:
-            await _insert_task(connection, record)
-            await connection.execute("INSERT INTO unconfirmed (task_id, queue, body, server_id) "
-                                     "VALUES ($1, $2, $3, $4)", record.task_id, queue, body, self.server_id)
-            await connection.execute("INSERT INTO messages (task_id, body) VALUES ($1, $2) "
-                                     "ON CONFLICT (task_id) DO UPDATE SET body = excluded.body", record.task_id, body)
+        """Store a task with the message this server still has to get confirmed: one
+        statement (one round trip, its own transaction). A key another server stored
+        first: IdempotencyKeyTaken (nothing stored)."""
+        async with self._connection() as connection:
+            try:
+                await connection.execute(_INSERT_UNCONFIRMED, *_row(record), queue, body, self.server_id)
+            except asyncpg.UniqueViolationError as exc:
+                if exc.constraint_name == "tasks_by_idempotency_key":
+                    raise IdempotencyKeyTaken(record.idempotency_key) from None
+                raise
 
     async def confirm(self, task_id: str) -> None:
-        await self._execute("DELETE FROM unconfirmed WHERE task_id = $1", task_id)
+        """Deferred (as the seam allows): the confirms of one loop turn, or of the time the
+        previous flush took, are deleted in one statement, off the submit's path; until
+        then `unconfirmed()` leaves them out. Lost in a crash, they only make the restarted
+        server publish those messages again (at-least-once)."""
+        self._confirmed.add(task_id)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush_confirms(), name="store-confirms")
+
+    async def _flush_confirms(self) -> None:
+        await asyncio.sleep(0)  # let the other confirms of this loop turn join
+        while self._confirmed:
+            batch = list(self._confirmed)
+            try:
+                await self._execute("DELETE FROM unconfirmed WHERE task_id = ANY($1::text[])", batch)
+            except StoreUnavailable as exc:
+                log.warning("%d confirm mark(s) wait for the store: %s", len(batch), exc)
+                await asyncio.sleep(CONFIRM_RETRY_S)
+                continue
+            self._confirmed.difference_update(batch)
 
     async def delete(self, task_id: str) -> None:
         async with self._connection(transaction=True) as connection:
@@ -190,7 +234,9 @@ class PgStore:
         if task_id is None:
             rows = await self._fetch("SELECT task_id, queue, body FROM unconfirmed WHERE server_id = $1",
                                      self.server_id)
-            return [(row[0], row[1], bytes(row[2])) for row in rows]
+            return [(row[0], row[1], bytes(row[2])) for row in rows if row[0] not in self._confirmed]
+        if task_id in self._confirmed:
+            return []
         deadline = asyncio.get_running_loop().time() + OTHERS_CONFIRM_WAIT_S
         while True:
             row = await self._fetchrow(
@@ -287,8 +333,10 @@ class PgStore:
             final = [record.task_id for record in latest.values() if record.state.terminal]
             if final:
                 await connection.execute("DELETE FROM messages WHERE task_id = ANY($1::text[])", final)
-            for payload in _notifications(self.server_id, [record.task_id for record in latest.values()]):
-                await connection.execute("SELECT pg_notify($1, $2)", CHANGES_CHANNEL, payload)
+            payloads = _notifications(self.server_id, [record.task_id for record in latest.values()])
+            if payloads:
+                await connection.execute("SELECT pg_notify($1, payload) FROM unnest($2::text[]) AS payload",
+                                         CHANGES_CHANNEL, payloads)
         return changes
 
     # -- dead letters ------------------------------------------------------------------
@@ -415,6 +463,12 @@ async def migrate(connection: asyncpg.Connection, shown_url: str) -> str:
             await connection.execute("UPDATE qm_schema SET version = $1", number)
             log.info("PostgreSQL store %s: schema migrated to version %d", shown_url, number)
     return store_id
+
+
+async def _keep_session(_connection: asyncpg.Connection) -> None:
+    """The pool's reset of a released connection. asyncpg's default runs a reset query
+    (RESET ALL, UNLISTEN *, ...) on every release: a round trip per store call, for session
+    state this store never sets (an open transaction is still rolled back first)."""
 
 
 async def _insert_task(connection: asyncpg.Connection, record: TaskRecord) -> None:
