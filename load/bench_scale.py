@@ -1,7 +1,8 @@
 """Scale-out benchmark: one vs two qm-servers on a shared PostgreSQL store, and the events
 each server applies per task with SQLite replicas vs the shared store.
 
-    .venv/bin/python load/bench_scale.py                  # ~2 minutes
+    .venv/bin/python load/bench_scale.py                  # ~2 minutes a round
+    .venv/bin/python load/bench_scale.py --rounds 3       # medians of 3 interleaved rounds
     .venv/bin/python load/bench_scale.py --tasks 4000 --json out.json
 
 Starts a private RabbitMQ node and a private PostgreSQL (qm.testing: loopback, temp
@@ -27,6 +28,7 @@ import asyncio
 import json
 import pathlib
 import re
+import statistics
 import sys
 import tempfile
 import time
@@ -105,10 +107,35 @@ async def warm(addresses: list[str], queue: str) -> None:
                 pass
 
 
+def print_table(results: list[dict]) -> None:
+    """Per scenario: the median over the rounds [min-max], and its ratio to postgres x1's."""
+    by_name: dict[str, list[dict]] = {}
+    for result in results:
+        by_name.setdefault(result["scenario"], []).append(result)
+
+    def median(name: str, key: str) -> float:
+        return statistics.median(r[key] for r in by_name[name])
+
+    def spread(name: str, key: str) -> str:
+        values = [r[key] for r in by_name[name]]
+        return f"{median(name, key):.0f} [{min(values):.0f}-{max(values):.0f}]"
+
+    print(f"\n{'scenario':<12} {'end to end/s':>18} {'ratio':>6} {'submit/s':>18} {'ratio':>6}  "
+          "events applied per task, per server (each round)")
+    for name in by_name:
+        print(f"{name:<12} {spread(name, 'end_to_end_per_s'):>18} "
+              f"{median(name, 'end_to_end_per_s') / median('postgres x1', 'end_to_end_per_s'):>6.2f} "
+              f"{spread(name, 'submit_per_s'):>18} "
+              f"{median(name, 'submit_per_s') / median('postgres x1', 'submit_per_s'):>6.2f}  "
+              f"{[r['events_per_task_per_server'] for r in by_name[name]]}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=2000, help="tasks per scenario (default 2000)")
     parser.add_argument("--procs", type=int, default=2, help="worker children (default 2)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="rounds of all scenarios, interleaved; medians reported (default 1)")
     parser.add_argument("--durable", action="store_true",
                         help="PostgreSQL with fsync on (default off: a killed server loses nothing, "
                              "a crashed host would)")
@@ -120,26 +147,21 @@ def main() -> int:
         broker_url = rabbitmq.start()
         postgres = LocalPostgres(base / "postgres", durable=args.durable)
         postgres.start()
-        results = []
+        results: list[dict] = []
         try:
-            plans = [("postgres x1", [postgres.create_database("scale_one")]),
-                     ("postgres x2", [postgres.create_database("scale_two")] * 2),
-                     ("sqlite x2", [None, None])]
-            for name, store_urls in plans:
-                result = scenario(name, broker_url, store_urls, base, args.tasks, args.procs)
-                results.append(result)
-                print(json.dumps(result), flush=True)
+            for round_number in range(1, args.rounds + 1):  # interleaved: load drifts hit all alike
+                plans = [("postgres x1", [postgres.create_database(f"scale_one_{round_number}")]),
+                         ("postgres x2", [postgres.create_database(f"scale_two_{round_number}")] * 2),
+                         ("sqlite x2", [None, None])]
+                for name, store_urls in plans:
+                    result = scenario(name, broker_url, store_urls, base, args.tasks, args.procs)
+                    result["round"] = round_number
+                    results.append(result)
+                    print(json.dumps(result), flush=True)
         finally:
             postgres.cleanup()
             rabbitmq.stop()
-    baseline = results[0]["end_to_end_per_s"]
-    submit_baseline = results[0]["submit_per_s"]
-    print(f"\n{'scenario':<14} {'end to end/s':>12} {'ratio':>6} {'submit/s':>9} {'ratio':>6}  "
-          "events applied per task, per server")
-    for result in results:
-        print(f"{result['scenario']:<14} {result['end_to_end_per_s']:>12.1f} "
-              f"{result['end_to_end_per_s'] / baseline:>6.2f} {result['submit_per_s']:>9.1f} "
-              f"{result['submit_per_s'] / submit_baseline:>6.2f}  {result['events_per_task_per_server']}")
+    print_table(results)
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
