@@ -45,7 +45,7 @@ import grpc  # noqa: E402
 from locust import User, events, task  # noqa: E402
 
 from qm._proto.qm.v1 import task_queue_pb2, task_queue_pb2_grpc  # noqa: E402
-from qm.states import TERMINAL_STATES, state_name  # noqa: E402
+from qm.states import TaskState, state_name  # noqa: E402
 
 DEFAULT_SERVER = "127.0.0.1:50051"
 DEFAULT_TYPES = "auto"
@@ -206,7 +206,7 @@ class QueueMasterUser(User):
         last = None
         for response in self.stub.StreamTaskResults(requests, timeout=self.task_timeout_s):
             last = response.status
-            if last.state in TERMINAL_STATES:
+            if TaskState.of_number(last.state).terminal:
                 return last
         state = state_name(last.state) if last is not None else "nothing"
         raise TaskFailed(f"stream ended without a terminal state (last: {state})")

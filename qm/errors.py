@@ -88,6 +88,16 @@ class DuplicateServer(ServerIdentityError):
     """Another live qm-server already uses this data directory or this server id."""
 
 
+class Overloaded(QMError):
+    """qm-server has server.max_concurrent_rpcs calls in flight: a new call is refused at
+    once (RESOURCE_EXHAUSTED), with a retry hint."""
+
+    def __init__(self, in_flight: int, limit: int, retry_after_ms: int):
+        self.retry_after_ms = retry_after_ms
+        super().__init__(f"qm-server is overloaded: {in_flight} calls in flight, the limit "
+                         f"(server.max_concurrent_rpcs) is {limit}; retry in {retry_after_ms} ms")
+
+
 class TaskNotFound(QMError):
     """No task with that id is known to this server."""
 
@@ -145,12 +155,14 @@ class BatchError(QMError):
 @dataclasses.dataclass(frozen=True)
 class RefusedItem:
     """One refused item of a batch: its position (0-based), task type, the gRPC status code
-    name SubmitTask would have answered it with, and why."""
+    name SubmitTask would have answered it with, why, and qm-server's reason code (a
+    qm.reasons.Reason; None if the call failed without reaching it)."""
 
     index: int
     type: str
     code: str
     message: str
+    reason: str | None = None
 
 
 class TaskError(QMError):

@@ -22,7 +22,7 @@ import grpc
 from qm._proto.qm.v1 import task_queue_pb2
 from qm.client.client import Client
 from qm.errors import TaskError
-from qm.states import TERMINAL_STATES, state_name
+from qm.states import TaskState
 from qm.tasks import python as python_task
 
 #: Sentinel ending the stream's request iterator.
@@ -88,7 +88,7 @@ class Executor(concurrent.futures.Executor):
     def _read_stream(self) -> None:
         try:
             for response in self._stream:
-                if response.status.state in TERMINAL_STATES:
+                if TaskState.of_number(response.status.state).terminal:
                     self._settle(response.status)
         except grpc.RpcError as exc:
             error = ConnectionError(f"status stream from {self._client.server} ended: {exc.details()}")
@@ -102,15 +102,15 @@ class Executor(concurrent.futures.Executor):
             future = self._futures.pop(status.task_id, None)
         if future is None or future.done():
             return
-        state = state_name(status.state)
-        if state == "SUCCEEDED":
+        state = TaskState.of_number(status.state)
+        if state is TaskState.SUCCEEDED:
             try:
                 kind, value = cloudpickle.loads(python_task.verify(self._secret, status.result, "result"))
             except Exception as exc:  # a result we cannot trust or read
                 future.set_exception(exc)
                 return
             future.set_result(value) if kind == "ok" else future.set_exception(value)
-        elif state == "TIMED_OUT":
+        elif state is TaskState.TIMED_OUT:
             future.set_exception(TimeoutError(f"task {status.task_id}: {status.error}"))
         else:
             future.set_exception(TaskError(status.task_id, state, status.error))

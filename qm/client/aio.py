@@ -34,8 +34,11 @@ from qm.client.common import (
     Follow,
     RemoteError,
     TaskStatus,
+    TaskTypeInfo,
+    WorkerInfo,
     batch_requests,
     dead_letters_from_proto,
+    error_reason,
     final_value,
     parse_servers,
     retry_pushback_s,
@@ -97,7 +100,7 @@ class Client:
                 return response
             except grpc.RpcError as exc:
                 delay_s = attempts.failed(address, exc.code(), exc.details() or "",
-                                          retry_pushback_s(exc.trailing_metadata()))
+                                          retry_pushback_s(exc.trailing_metadata()), error_reason(exc))
             await asyncio.sleep(delay_s)
 
     # -- submitting ----------------------------------------------------------------------
@@ -129,11 +132,12 @@ class Client:
                 chunk = batch.record(chunk, response)
                 if not chunk:
                     return
-                code, details, hint = grpc.StatusCode.UNAVAILABLE, batch.refused[chunk[0]].message, None
+                refused = batch.refused[chunk[0]]
+                code, details, hint, reason = grpc.StatusCode.UNAVAILABLE, refused.message, None, refused.reason
             except grpc.RpcError as exc:
-                code, details = exc.code(), exc.details() or ""
+                code, details, reason = exc.code(), exc.details() or "", error_reason(exc)
                 hint = retry_pushback_s(exc.trailing_metadata())
-            await asyncio.sleep(attempts.failed(address, code, details, hint))
+            await asyncio.sleep(attempts.failed(address, code, details, hint, reason))
 
     # -- following -----------------------------------------------------------------------
 
@@ -145,18 +149,18 @@ class Client:
         while not follow.done:
             address = follow.address
             call = self._stub_at(address).StreamTaskResults(follow.requests(), timeout=follow.call_timeout())
-            code = details = None
+            code = details = reason = None
             try:
                 async for response in call:
                     status = follow.accept(response.status)
                     if status is not None:
                         yield status
             except grpc.RpcError as exc:
-                code, details = exc.code(), exc.details()
+                code, details, reason = exc.code(), exc.details(), error_reason(exc)
             finally:
                 call.cancel()
             if not follow.done:
-                await asyncio.sleep(follow.interrupted(address, code, details))
+                await asyncio.sleep(follow.interrupted(address, code, details, reason))
 
     async def results(self, task_ids: Iterable[str],
                       timeout_s: float | None = None) -> AsyncIterator[TaskStatus]:
@@ -180,10 +184,10 @@ class Client:
         request = task_queue_pb2.CancelTaskRequest(task_id=task_id)
         return status_from_proto((await self._call("CancelTask", request)).status)
 
-    async def workers(self) -> list[dict[str, Any]]:
+    async def workers(self) -> list[WorkerInfo]:
         return workers_from_proto(await self._call("ListWorkers", task_queue_pb2.ListWorkersRequest()))
 
-    async def task_types(self) -> tuple[list[dict[str, Any]], list[str]]:
+    async def task_types(self) -> tuple[list[TaskTypeInfo], list[str]]:
         return task_types_from_proto(await self._call("ListTaskTypes", task_queue_pb2.ListTaskTypesRequest()))
 
     async def dead_letters(self, limit: int = 100) -> tuple[list[DeadLetter], int]:

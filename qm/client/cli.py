@@ -22,6 +22,7 @@ import grpc
 from qm.client.client import Client, RemoteError, TaskStatus
 from qm.config import load_config
 from qm.errors import BatchError, ConfigError, TaskError, ValidationError, WaitTimeout
+from qm.states import TaskState
 
 EXIT_TASK_FAILED, EXIT_BAD_INPUT, EXIT_UNAVAILABLE, EXIT_INTERRUPTED = 1, 2, 3, 130
 #: --wait-timeout expired (what timeout(1) returns).
@@ -187,11 +188,11 @@ def _show(status: TaskStatus) -> str:
 
 def _change_line(status: TaskStatus) -> str:
     detail = ""
-    if status.state == "SUCCEEDED":
+    if status.state is TaskState.SUCCEEDED:
         detail = status.result
-    elif status.error and (status.terminal or status.state == "RETRYING"):
+    elif status.error and (status.terminal or status.state is TaskState.RETRYING):
         detail = status.error.splitlines()[0]
-        if status.state == "RETRYING" and status.next_attempt_at:
+        if status.state is TaskState.RETRYING and status.next_attempt_at:
             detail += f" (next attempt at {_when(status.next_attempt_at)})"
     return f"{_when(status.updated_at)} {status.task_id} {status.state} {detail}".rstrip()
 
@@ -224,11 +225,11 @@ def _print_final(final: TaskStatus, args, line: int | None = None) -> bool:
     where = f"line {line}: " if line is not None else ""
     if args.json:
         print(_as_json(final, {"line": line} if line is not None else {}))
-    elif final.state == "SUCCEEDED":
+    elif final.state is TaskState.SUCCEEDED:
         print(final.result if isinstance(final.result, str) else json.dumps(final.result))
-    if final.state != "SUCCEEDED":
+    if final.state is not TaskState.SUCCEEDED:
         print(f"qm: {where}task {final.task_id} ended {final.state}: {final.error}", file=sys.stderr)
-    return final.state != "SUCCEEDED"
+    return final.state is not TaskState.SUCCEEDED
 
 
 def _payload_lines(lines) -> Iterator[tuple[int, str]]:
@@ -331,21 +332,21 @@ def cmd_watch(client: Client, args) -> int:
     except WaitTimeout as exc:
         print(f"qm: {exc}; they go on: qm watch {' '.join(exc.task_ids)}", file=sys.stderr)
         return EXIT_TIMEOUT
-    return 0 if all(state == "SUCCEEDED" for state in final.values()) else EXIT_TASK_FAILED
+    return 0 if all(state is TaskState.SUCCEEDED for state in final.values()) else EXIT_TASK_FAILED
 
 
 def cmd_workers(client: Client, args) -> int:
     listed = client.workers()
     for worker in listed:
         if args.json:
-            print(json.dumps({**worker, "last_seen": _when(worker["last_seen"])}))
+            print(json.dumps({**dataclasses.asdict(worker), "last_seen": _when(worker.last_seen)}))
         else:
-            print(f"{worker['worker_id']:<28} {worker['state']:<8} {worker['host']} pid {worker['pid']} "
-                  f"busy {worker['busy']}/{worker['procs']} queues {','.join(worker['queues'])} "
-                  f"v{worker['version']} last seen {_when(worker['last_seen'])} "
-                  f"types {','.join(worker['types'])}")
+            print(f"{worker.worker_id:<28} {worker.state:<8} {worker.host} pid {worker.pid} "
+                  f"busy {worker.busy}/{worker.procs} queues {','.join(worker.queues)} "
+                  f"v{worker.version} last seen {_when(worker.last_seen)} "
+                  f"types {','.join(worker.types)}")
     if not args.json:
-        print(f"{sum(w['state'] == 'active' for w in listed)} active worker(s)")
+        print(f"{sum(w.state == 'active' for w in listed)} active worker(s)")
     return 0
 
 
@@ -353,12 +354,12 @@ def cmd_types(client: Client, args) -> int:
     types, errors = client.task_types()
     for item in types:
         if args.json:
-            print(json.dumps(item))
+            print(json.dumps(dataclasses.asdict(item)))
             continue
-        memory = f"{item['default_memory_limit_mb']} MiB" if item["default_memory_limit_mb"] else "unlimited"
-        print(f"{item['name']:<20} {item['codec']:<5} timeout {item['default_timeout_s']:g} s"
-              f"{' (max ' + format(item['max_timeout_s'], 'g') + ' s)' if item['max_timeout_s'] else ''}, "
-              f"memory {memory}, retries {item['default_max_retries']}  {item['description']}")
+        memory = f"{item.default_memory_limit_mb} MiB" if item.default_memory_limit_mb else "unlimited"
+        print(f"{item.name:<20} {item.codec:<5} timeout {item.default_timeout_s:g} s"
+              f"{' (max ' + format(item.max_timeout_s, 'g') + ' s)' if item.max_timeout_s else ''}, "
+              f"memory {memory}, retries {item.default_max_retries}  {item.description}")
     for error in errors:
         print(f"qm: server could not load a plugin: {error}", file=sys.stderr)
     return 0

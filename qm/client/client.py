@@ -33,8 +33,11 @@ from qm.client.common import (
     Follow,
     RemoteError,
     TaskStatus,
+    TaskTypeInfo,
+    WorkerInfo,
     batch_requests,
     dead_letters_from_proto,
+    error_reason,
     final_value,
     parse_servers,
     retry_pushback_s,
@@ -44,10 +47,12 @@ from qm.client.common import (
     workers_from_proto,
 )
 from qm.errors import WaitTimeout
+from qm.reasons import Reason
+from qm.states import TaskState
 
-__all__ = ["Client", "DeadLetter", "RemoteError", "TaskStatus", "WaitTimeout", "TERMINAL_STATE_NAMES",
-           "DEFAULT_CALL_TIMEOUT_S", "DEFAULT_SUBMIT_RETRY_S", "DEFAULT_RECONNECT_S", "SUBMIT_RETRY_CODES",
-           "retry_pushback_s", "status_from_proto"]
+__all__ = ["Client", "DeadLetter", "Reason", "RemoteError", "TaskState", "TaskStatus", "TaskTypeInfo",
+           "WaitTimeout", "WorkerInfo", "TERMINAL_STATE_NAMES", "DEFAULT_CALL_TIMEOUT_S", "DEFAULT_SUBMIT_RETRY_S",
+           "DEFAULT_RECONNECT_S", "SUBMIT_RETRY_CODES", "retry_pushback_s", "status_from_proto"]
 
 
 class Client:
@@ -110,7 +115,7 @@ class Client:
                 return response
             except grpc.RpcError as exc:
                 delay_s = attempts.failed(address, exc.code(), exc.details() or "",
-                                          retry_pushback_s(exc.trailing_metadata()))
+                                          retry_pushback_s(exc.trailing_metadata()), error_reason(exc))
             time.sleep(delay_s)
 
     # -- submitting ----------------------------------------------------------------------
@@ -166,11 +171,12 @@ class Client:
                 chunk = batch.record(chunk, response)
                 if not chunk:
                     return
-                code, details, hint = grpc.StatusCode.UNAVAILABLE, batch.refused[chunk[0]].message, None
+                refused = batch.refused[chunk[0]]
+                code, details, hint, reason = grpc.StatusCode.UNAVAILABLE, refused.message, None, refused.reason
             except grpc.RpcError as exc:
-                code, details = exc.code(), exc.details() or ""
+                code, details, reason = exc.code(), exc.details() or "", error_reason(exc)
                 hint = retry_pushback_s(exc.trailing_metadata())
-            time.sleep(attempts.failed(address, code, details, hint))
+            time.sleep(attempts.failed(address, code, details, hint, reason))
 
     # -- following -----------------------------------------------------------------------
 
@@ -185,18 +191,18 @@ class Client:
             address = follow.address
             call = self._stub_at(address).StreamTaskResults(iter(follow.requests()),
                                                             timeout=follow.call_timeout())
-            code = details = None
+            code = details = reason = None
             try:
                 for response in call:
                     status = follow.accept(response.status)
                     if status is not None:
                         yield status
             except grpc.RpcError as exc:
-                code, details = exc.code(), exc.details()
+                code, details, reason = exc.code(), exc.details(), error_reason(exc)
             finally:
                 call.cancel()
             if not follow.done:
-                time.sleep(follow.interrupted(address, code, details))
+                time.sleep(follow.interrupted(address, code, details, reason))
 
     def results(self, task_ids: Iterable[str], timeout_s: float | None = None) -> Iterator[TaskStatus]:
         """The final status of each task as it finishes (over one stream, resumed like
@@ -221,13 +227,13 @@ class Client:
         request = task_queue_pb2.CancelTaskRequest(task_id=task_id)
         return status_from_proto(self._call("CancelTask", request).status)
 
-    def workers(self) -> list[dict[str, Any]]:
+    def workers(self) -> list[WorkerInfo]:
         """Workers the server has heard from, with state active, draining, stopped or lost."""
         return workers_from_proto(self._call("ListWorkers", task_queue_pb2.ListWorkersRequest()))
 
-    def task_types(self) -> tuple[list[dict[str, Any]], list[str]]:
-        """The task types the server accepts (dicts of name, codec, limits, description) and
-        the plugins that failed to load there."""
+    def task_types(self) -> tuple[list[TaskTypeInfo], list[str]]:
+        """The task types the server accepts (name, codec, limits, description) and the
+        plugins that failed to load there."""
         return task_types_from_proto(self._call("ListTaskTypes", task_queue_pb2.ListTaskTypesRequest()))
 
     def dead_letters(self, limit: int = 100) -> tuple[list[DeadLetter], int]:

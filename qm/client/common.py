@@ -4,8 +4,10 @@ Each client is a thin loop around these pieces: it makes the gRPC calls and slee
 time.sleep or asyncio.sleep) for as long as the pieces here say.
 
     request building  submit_request, batch_requests, Batch (chunks, per-item outcomes)
-    conversion        status_from_proto, workers/task types/dead letters from their protos
-    errors            RemoteError (a gRPC status, worded for a user), BatchError, WaitTimeout
+    conversion        status_from_proto, workers/task types/dead letters from their protos,
+                      into dataclasses whose states are qm.states.TaskState
+    errors            RemoteError (a gRPC status and qm-server's reason code, worded for a
+                      user), BatchError, WaitTimeout
     retries           Attempts: one call's tries over the server addresses (fail over at
                       once to the next address, back off after a whole round) within a window
     resume            Follow: the state of a watch over many tasks: which ids are still open,
@@ -23,12 +25,15 @@ import uuid
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from qm._proto.qm.v1 import task_queue_pb2
 from qm.codecs import decode_result, encode_payload
 from qm.config import parse_host_port
 from qm.errors import BatchError, QMError, RefusedItem, TaskError, WaitTimeout
-from qm.states import state_name
+from qm.reasons import DOMAIN, parse_reason
+from qm.states import TERMINAL_STATES, TaskState
 
 #: Deadline of unary calls (submit, status, ...).
 DEFAULT_CALL_TIMEOUT_S = 30.0
@@ -56,8 +61,8 @@ FOLLOW_IDS_PER_REQUEST = 1000
 #: gRPC's default backoff (up to 120 s), so a resumed wait sees the new process soon.
 CHANNEL_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000))
 
-TERMINAL_STATE_NAMES = frozenset({"SUCCEEDED", "FAILED", "TIMED_OUT", "MEMORY_EXCEEDED", "CRASHED",
-                                  "CANCELLED"})
+#: Kept for code written against 0.2: qm.states.TERMINAL_STATES, whose states equal their names.
+TERMINAL_STATE_NAMES = TERMINAL_STATES
 #: Codes after which a call is tried again on the next address (the server could not be
 #: reached, went away, or its broker is down: nothing was done, or a retry with the same
 #: idempotency key finds it done).
@@ -76,16 +81,21 @@ RETRY_PUSHBACK_KEY = "retry-pushback-ms"
 # -- errors ------------------------------------------------------------------------------
 
 class RemoteError(QMError):
-    """qm-server answered with an error status (or could not be reached)."""
+    """qm-server answered with an error status (or could not be reached).
 
-    def __init__(self, code: grpc.StatusCode, details: str, server: str, retry_after_s: float | None = None):
+    `reason`: qm-server's reason code (a qm.reasons.Reason, e.g. "BROKER_UNAVAILABLE"),
+    None for an error from gRPC itself (qm-server not reached, deadline, cancelled).
+    """
+
+    def __init__(self, code: grpc.StatusCode, details: str, server: str, retry_after_s: float | None = None,
+                 reason: str | None = None):
         self.code = code
         self.details = details
         self.retry_after_s = retry_after_s  # the server's retry hint, if it gave one
-        # UNAVAILABLE from qm-server itself names RabbitMQ/the broker ("RabbitMQ at ... is
-        # unreachable", "connection to RabbitMQ at ... lost"); anything else is gRPC failing
-        # to reach qm-server.
-        if code is grpc.StatusCode.UNAVAILABLE and not _names_broker(details):
+        self.reason = reason
+        # UNAVAILABLE with a reason is qm-server's own answer (its broker is away); without
+        # one, gRPC could not reach qm-server.
+        if code is grpc.StatusCode.UNAVAILABLE and reason is None:
             details = (f"cannot reach qm-server at {server} ({details}); is it running? "
                        "Point --server / QM_CLIENT__SERVER at it")
         elif code is grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -104,11 +114,19 @@ def retry_pushback_s(trailing_metadata) -> float | None:
     return None
 
 
-def _names_broker(details: str) -> bool:
-    """Whether qm-server itself said what is unavailable behind it (RabbitMQ, or its
-    PostgreSQL store): then the message is its own, not gRPC failing to reach it."""
-    text = details.lower()
-    return "broker" in text or "rabbitmq" in text or "postgresql store" in text
+def error_reason(error: grpc.RpcError) -> str | None:
+    """qm-server's reason code on an error (its ErrorInfo in the status details), or None:
+    an error gRPC raised without reaching qm-server carries none. Works on the errors of
+    grpc and grpc.aio calls alike."""
+    try:
+        status = rpc_status.from_call(error)  # an RpcError of a call is that call
+    except ValueError:  # details that do not match the status: not qm-server's
+        return None
+    for detail in status.details if status is not None else ():
+        info = error_details_pb2.ErrorInfo()
+        if detail.Is(info.DESCRIPTOR) and detail.Unpack(info) and info.domain == DOMAIN:
+            return parse_reason(info.reason)
+    return None
 
 
 # -- addresses and retries ---------------------------------------------------------------
@@ -177,12 +195,12 @@ class Attempts:
         self._deadline = self._clock() + self.window_s
 
     def failed(self, address: str, code: grpc.StatusCode, details: str,
-               retry_after_s: float | None = None) -> float:
-        """The call to `address` failed with `code` (the server's retry hint: `retry_after_s`):
-        the pause before the next try, or RemoteError if the code is not one to retry or the
-        window is spent."""
+               retry_after_s: float | None = None, reason: str | None = None) -> float:
+        """The call to `address` failed with `code` (the server's retry hint: `retry_after_s`,
+        its reason code: `reason`): the pause before the next try, or RemoteError if the
+        code is not one to retry or the window is spent."""
         if code not in self.retry_codes:
-            raise RemoteError(code, details or "", address, retry_after_s)
+            raise RemoteError(code, details or "", address, retry_after_s, reason)
         self.failover.failed(address)
         self._failures += 1
         if self._failures % len(self.failover.addresses):
@@ -193,7 +211,7 @@ class Attempts:
         if self._clock() + delay_s > self._deadline:
             where = self.failover.describe()
             tried = f"{details or code.name}; tried for {self.window_s:g} s" if self.window_s else details
-            raise RemoteError(code, tried or "", where, retry_after_s)
+            raise RemoteError(code, tried or "", where, retry_after_s, reason)
         return delay_s
 
 
@@ -290,14 +308,15 @@ class Batch:
                 self.task_ids[index] = result.task_id
                 self.refused.pop(index, None)
             else:
-                self.refuse([index], code, result.message)
+                self.refuse([index], code, result.message, parse_reason(result.reason))
                 if code in FAILOVER_CODES:
                     again.append(index)
         return again
 
-    def refuse(self, indexes: Iterable[int], code: grpc.StatusCode, message: str) -> None:
+    def refuse(self, indexes: Iterable[int], code: grpc.StatusCode, message: str,
+               reason: str | None = None) -> None:
         for index in indexes:
-            self.refused[index] = RefusedItem(index, self.requests[index].type, code.name, message)
+            self.refused[index] = RefusedItem(index, self.requests[index].type, code.name, message, reason)
 
     def give_up(self, error: RemoteError) -> None:
         """A call failed for good: re-raise it if nothing was accepted, else every item not
@@ -308,7 +327,7 @@ class Batch:
             refused = self.refused.get(index)
             if task_id is None and (refused is None or refused.code == grpc.StatusCode.UNAVAILABLE.name):
                 self.refused[index] = RefusedItem(index, self.requests[index].type, error.code.name,
-                                                  str(error))
+                                                  str(error), error.reason)
 
     def task_ids_or_raise(self) -> list[str]:
         """The ids in order, or BatchError naming each refused item (accepted ids on it)."""
@@ -333,7 +352,7 @@ class TaskStatus:
     task_id: str
     type: str
     queue: str
-    state: str
+    state: TaskState               # a str-enum: == "SUCCEEDED" holds too
     attempts: int
     result: Any
     error: str
@@ -349,11 +368,12 @@ class TaskStatus:
 
     @property
     def terminal(self) -> bool:
-        return self.state in TERMINAL_STATE_NAMES
+        return self.state.terminal
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: "id" first, the state by name, bytes results in hex (`qm status --json`)."""
         data = dataclasses.asdict(self)
-        data = {"id": data.pop("task_id"), **data}
+        data = {"id": data.pop("task_id"), **data, "state": self.state.value}
         if isinstance(self.result, bytes):
             data["result"] = self.result.hex()
         return data
@@ -361,14 +381,47 @@ class TaskStatus:
 
 @dataclasses.dataclass(frozen=True)
 class DeadLetter:
+    """A task whose last attempt failed for good; `reason`: why it was dead-lettered."""
+
     task_id: str
     type: str
     queue: str
-    state: str
+    state: TaskState
     attempts: int
     reason: str
     error: str
     dead_at: float | None
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerInfo:
+    """A worker the server has heard from; state: active, draining, stopped or lost;
+    last_seen: seconds since the epoch."""
+
+    worker_id: str
+    host: str
+    pid: int
+    procs: int
+    busy: int
+    queues: list[str]
+    types: list[str]
+    version: str
+    state: str
+    last_seen: float | None
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskTypeInfo:
+    """A task type the server accepts: codec, description, limits (0: none)."""
+
+    name: str
+    codec: str
+    description: str
+    default_timeout_s: float
+    max_timeout_s: float
+    default_memory_limit_mb: int
+    max_memory_limit_mb: int
+    default_max_retries: int
 
 
 def _seconds(timestamp) -> float | None:
@@ -378,7 +431,7 @@ def _seconds(timestamp) -> float | None:
 def status_from_proto(status: task_queue_pb2.TaskStatus) -> TaskStatus:
     return TaskStatus(
         task_id=status.task_id, type=status.type, queue=status.queue,
-        state=state_name(status.state), attempts=status.attempts,
+        state=TaskState.of_number(status.state), attempts=status.attempts,
         result=(decode_result(status.codec, status.result)
                 if status.state == task_queue_pb2.TASK_STATE_SUCCEEDED else None),
         error=status.error, worker=status.worker, created_at=_seconds(status.created_at),
@@ -392,29 +445,26 @@ def final_value(task_id: str, last: TaskStatus | None) -> Any:
     """What result() returns for a task whose last status is `last`: its result, or TaskError."""
     if last is None or not last.terminal:  # the server ends a stream only at a final state
         raise QMError(f"status stream for task {task_id} ended before the task did")
-    if last.state != "SUCCEEDED":
+    if last.state is not TaskState.SUCCEEDED:
         raise TaskError(task_id, last.state, last.error)
     return last.result
 
 
-def workers_from_proto(response: task_queue_pb2.ListWorkersResponse) -> list[dict[str, Any]]:
-    return [{"worker_id": w.worker_id, "host": w.host, "pid": w.pid, "procs": w.procs, "busy": w.busy,
-             "queues": list(w.queues), "types": list(w.types), "version": w.version, "state": w.state,
-             "last_seen": _seconds(w.last_seen)} for w in response.workers]
+def workers_from_proto(response: task_queue_pb2.ListWorkersResponse) -> list[WorkerInfo]:
+    return [WorkerInfo(w.worker_id, w.host, w.pid, w.procs, w.busy, list(w.queues), list(w.types), w.version,
+                       w.state, _seconds(w.last_seen)) for w in response.workers]
 
 
 def task_types_from_proto(response: task_queue_pb2.ListTaskTypesResponse
-                          ) -> tuple[list[dict[str, Any]], list[str]]:
-    types = [{"name": t.name, "codec": t.codec, "description": t.description,
-              "default_timeout_s": t.default_timeout_s, "max_timeout_s": t.max_timeout_s,
-              "default_memory_limit_mb": t.default_memory_limit_mb,
-              "max_memory_limit_mb": t.max_memory_limit_mb, "default_max_retries": t.default_max_retries}
+                          ) -> tuple[list[TaskTypeInfo], list[str]]:
+    types = [TaskTypeInfo(t.name, t.codec, t.description, t.default_timeout_s, t.max_timeout_s,
+                          t.default_memory_limit_mb, t.max_memory_limit_mb, t.default_max_retries)
              for t in response.types]
     return types, list(response.plugin_errors)
 
 
 def dead_letters_from_proto(response: task_queue_pb2.ListDeadLettersResponse) -> tuple[list[DeadLetter], int]:
-    letters = [DeadLetter(d.task_id, d.type, d.queue, state_name(d.state), d.attempts,
+    letters = [DeadLetter(d.task_id, d.type, d.queue, TaskState.of_number(d.state), d.attempts,
                           d.reason, d.error, _seconds(d.dead_at)) for d in response.dead_letters]
     return letters, response.total
 
@@ -484,13 +534,15 @@ class Follow:
             self._delivered.pop(proto.task_id, None)
         return status
 
-    def interrupted(self, address: str, code: grpc.StatusCode | None, details: str | None) -> float:
-        """The stream from `address` ended (code None: cleanly) with tasks still open: the
-        pause before opening it again; raises WaitTimeout or RemoteError when it cannot go on."""
+    def interrupted(self, address: str, code: grpc.StatusCode | None, details: str | None,
+                    reason: str | None = None) -> float:
+        """The stream from `address` ended (code None: cleanly; `reason`: qm-server's reason
+        code) with tasks still open: the pause before opening it again; raises WaitTimeout
+        or RemoteError when it cannot go on."""
         if code is grpc.StatusCode.DEADLINE_EXCEEDED:
             raise self.timed_out()
         delay_s = self._attempts.failed(address, code or grpc.StatusCode.UNAVAILABLE,
-                                        details or "the stream ended before the tasks did")
+                                        details or "the stream ended before the tasks did", reason=reason)
         if self._deadline is not None and self._clock() + delay_s >= self._deadline:
             raise self.timed_out()
         self.resumed += 1

@@ -14,9 +14,10 @@ So qm-server:
 * turns core's shedding off (`CORE_OPTIONS`): a burst waits in core's queue until the
   event loop takes each call; the client's deadline bounds the wait;
 * enforces its own, documented limit instead (`server.max_concurrent_rpcs`): a TaskQueue
-  call that would exceed it is answered at once with RESOURCE_EXHAUSTED, a message naming
-  the limit and a retry hint, the trailing metadata `retry-pushback-ms` (the key gRPC's
-  retry policy reads), and counted in `qm_server_grpc_refused_total`;
+  call that would exceed it is answered at once with RESOURCE_EXHAUSTED (reason code
+  OVERLOADED, from the servicer's error map), a message naming the limit and a retry hint,
+  the trailing metadata `retry-pushback-ms` (the key gRPC's retry policy reads), and
+  counted in `qm_server_grpc_refused_total`;
 * handles every call it took to completion (a call is only cancelled by its client or its
   deadline, or by the server's stop after `server.grace_s`).
 
@@ -29,7 +30,9 @@ import time
 
 import grpc
 
+from qm.errors import Overloaded
 from qm.metrics import ServerMetrics
+from qm.server.servicer import rich_status
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +111,6 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
             log.warning("overloaded: refused %d call(s) with RESOURCE_EXHAUSTED: %d calls in flight, the limit "
                         "(server.max_concurrent_rpcs) is %d", self._refused_since_log, self.in_flight, self.limit)
             self._refused_since_log, self._logged_at = 0, now
-        await context.abort(
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-            f"qm-server is overloaded: {self.in_flight} calls in flight, the limit (server.max_concurrent_rpcs) "
-            f"is {self.limit}; retry in {self.retry_after_ms} ms",
-            trailing_metadata=((RETRY_PUSHBACK_KEY, str(self.retry_after_ms)),))
+        status = rich_status(Overloaded(self.in_flight, self.limit, self.retry_after_ms))
+        hint = (RETRY_PUSHBACK_KEY, str(self.retry_after_ms))
+        await context.abort(status.code, status.details, trailing_metadata=(hint, *status.trailing_metadata))

@@ -1,6 +1,8 @@
 """gRPC servicer for qm.v1.TaskQueue: proto ↔ domain only; logic lives in TaskService.
 
-Domain errors become gRPC status codes in one place, `_STATUS_OF`.
+Domain errors become gRPC statuses in one place, `_STATUS_OF`: a status code and a reason
+code, sent as a google.rpc.ErrorInfo in the status details (grpcio-status packs it), so
+clients decide by reason, not by message text (qm/reasons.py).
 """
 from __future__ import annotations
 
@@ -10,6 +12,9 @@ import logging
 import time
 
 import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from qm._proto.qm.v1 import task_queue_pb2, task_queue_pb2_grpc
 from qm.errors import (
@@ -17,35 +22,64 @@ from qm.errors import (
     BrokerUnavailable,
     ConfigError,
     IdempotencyKeyReused,
+    Overloaded,
     QMError,
     StoreUnavailable,
     TaskAlreadyFinished,
     TaskNotFound,
+    UnknownTaskType,
     ValidationError,
 )
+from qm.reasons import DOMAIN, Reason
 from qm.server.service import TaskService
 from qm.server.store_api import TaskRecord
 from qm.server.submission import Submission
 
 log = logging.getLogger(__name__)
 
-_STATUS_OF: dict[type[QMError], grpc.StatusCode] = {
-    ValidationError: grpc.StatusCode.INVALID_ARGUMENT,
-    TaskNotFound: grpc.StatusCode.NOT_FOUND,
-    BrokerUnavailable: grpc.StatusCode.UNAVAILABLE,
-    StoreUnavailable: grpc.StatusCode.UNAVAILABLE,       # PostgreSQL down or restarting: retry
-    TaskAlreadyFinished: grpc.StatusCode.FAILED_PRECONDITION,
-    ConfigError: grpc.StatusCode.FAILED_PRECONDITION,    # e.g. a work queue of another type
-    BrokerRefused: grpc.StatusCode.FAILED_PRECONDITION,
-    IdempotencyKeyReused: grpc.StatusCode.FAILED_PRECONDITION,
+_STATUS_OF: dict[type[QMError], tuple[grpc.StatusCode, Reason]] = {
+    ValidationError: (grpc.StatusCode.INVALID_ARGUMENT, Reason.INVALID_FIELD),
+    UnknownTaskType: (grpc.StatusCode.INVALID_ARGUMENT, Reason.UNKNOWN_TASK_TYPE),
+    TaskNotFound: (grpc.StatusCode.NOT_FOUND, Reason.TASK_NOT_FOUND),
+    BrokerUnavailable: (grpc.StatusCode.UNAVAILABLE, Reason.BROKER_UNAVAILABLE),
+    StoreUnavailable: (grpc.StatusCode.UNAVAILABLE, Reason.STORE_UNAVAILABLE),  # PostgreSQL down or restarting
+    TaskAlreadyFinished: (grpc.StatusCode.FAILED_PRECONDITION, Reason.TASK_ALREADY_FINISHED),
+    ConfigError: (grpc.StatusCode.FAILED_PRECONDITION, Reason.CONFIG_CONFLICT),  # e.g. a work queue of another type
+    BrokerRefused: (grpc.StatusCode.FAILED_PRECONDITION, Reason.BROKER_REFUSED),
+    IdempotencyKeyReused: (grpc.StatusCode.FAILED_PRECONDITION, Reason.IDEMPOTENCY_KEY_REUSED),
+    Overloaded: (grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.OVERLOADED),  # refused by qm/server/admission.py
 }
+#: Any other domain error.
+_OTHER = (grpc.StatusCode.INTERNAL, Reason.SERVER_ERROR)
+#: Attributes of a domain error that ErrorInfo.metadata carries: what the error is about.
+_METADATA_ATTRIBUTES = ("field", "task_id")
 
 
-def status_code_for(error: QMError) -> grpc.StatusCode:
+def error_status(error: QMError) -> tuple[grpc.StatusCode, Reason]:
+    """The status code and reason code of a domain error (its closest mapped class)."""
     for error_class in type(error).__mro__:
         if error_class in _STATUS_OF:
             return _STATUS_OF[error_class]
-    return grpc.StatusCode.INTERNAL
+    return _OTHER
+
+
+def status_code_for(error: QMError) -> grpc.StatusCode:
+    return error_status(error)[0]
+
+
+def rich_status(error: QMError) -> grpc.Status:
+    """The gRPC status of a domain error, its ErrorInfo packed in the details trailer."""
+    code, reason = error_status(error)
+    metadata = {name: str(getattr(error, name)) for name in _METADATA_ATTRIBUTES if getattr(error, name, None)}
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=metadata))
+    return rpc_status.to_status(status_pb2.Status(code=code.value[0], message=str(error), details=[detail]))
+
+
+async def abort_with(context, error: QMError) -> None:
+    """End the call with the error's status (raises, as context.abort does)."""
+    status = rich_status(error)
+    await context.abort(status.code, status.details, status.trailing_metadata)
 
 
 def _maps_errors(method):
@@ -57,7 +91,7 @@ def _maps_errors(method):
             return await method(self, request, context)
         except QMError as exc:
             code = status_code_for(exc)
-            await context.abort(code, str(exc))
+            await abort_with(context, exc)
         finally:
             self.service.metrics.rpc_seconds.labels(method.__name__, code.name).observe(
                 time.perf_counter() - started)
@@ -112,7 +146,8 @@ class TaskQueueServicer(task_queue_pb2_grpc.TaskQueueServicer):
         response = task_queue_pb2.SubmitTasksResponse()
         for outcome in outcomes:
             if isinstance(outcome, QMError):
-                response.results.add(code=status_code_for(outcome).value[0], message=str(outcome))
+                code, reason = error_status(outcome)
+                response.results.add(code=code.value[0], message=str(outcome), reason=reason)
             else:
                 response.results.add(task_id=outcome.task_id, state=int(outcome.state))
         return response
@@ -184,7 +219,7 @@ class TaskQueueServicer(task_queue_pb2_grpc.TaskQueueServicer):
             async for status in _stream_until_terminal(updates, followed):
                 yield status
         except QMError as exc:
-            await context.abort(status_code_for(exc), str(exc))
+            await abort_with(context, exc)
         finally:
             self.service.metrics.open_streams.dec()
             reader.cancel()

@@ -223,6 +223,7 @@ def test_a_postgresql_restart_mid_run_is_ridden_out(rabbitmq, launcher, gates, o
         with pytest.raises(RemoteError) as refused:
             impatient.submit("test.echo", "while the store is down", queue=pair.queue)
     assert refused.value.code is grpc.StatusCode.UNAVAILABLE
+    assert refused.value.reason == "STORE_UNAVAILABLE", refused.value
     assert "PostgreSQL store" in refused.value.details, refused.value.details
     time.sleep(max(0.0, DOWN_S - (time.monotonic() - down_at)))  # keep the outage DOWN_S long at least
     pg.start()

@@ -4,6 +4,8 @@ from __future__ import annotations
 import grpc
 import pika
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from qm._proto.qm.v1 import task_queue_pb2, task_queue_pb2_grpc
 
@@ -33,6 +35,20 @@ def submit_error(stub, type: str, payload: bytes, queue: str) -> grpc.RpcError:
     pytest.fail(f"submission of {type} {payload[:40]!r} was accepted as task {response.task_id}")
 
 
+def error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo:
+    """The ErrorInfo in the error's status details, as any gRPC client reads it."""
+    status = rpc_status.from_call(error)
+    assert status is not None, f"no status details on {error}"
+    found = []
+    for detail in status.details:
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            found.append(info)
+    assert len(found) == 1, status
+    assert found[0].domain == "qm.v1", found[0]
+    return found[0]
+
+
 def ready_messages(broker_url: str, queue: str) -> int:
     """Messages waiting in the logical queue's AMQP queue (0 if it was never declared)."""
     with pika.BlockingConnection(pika.URLParameters(broker_url)) as connection:
@@ -50,6 +66,7 @@ def test_submissions_that_are_refused_name_the_field_and_enqueue_nothing(rabbitm
     unknown = submit_error(stub, "nosuchtype", b"1", queue)
     assert unknown.code() is grpc.StatusCode.INVALID_ARGUMENT, unknown
     assert "type" in unknown.details() and "nosuchtype" in unknown.details()
+    assert (error_info(unknown).reason, dict(error_info(unknown).metadata)) == ("UNKNOWN_TASK_TYPE", {"field": "type"})
 
     invalid = submit_error(stub, "math", b"1 +", queue)
     assert invalid.code() is grpc.StatusCode.INVALID_ARGUMENT, invalid
@@ -62,6 +79,7 @@ def test_submissions_that_are_refused_name_the_field_and_enqueue_nothing(rabbitm
     bad_queue = submit_error(stub, "test.echo", b"x", "no spaces allowed")
     assert bad_queue.code() is grpc.StatusCode.INVALID_ARGUMENT, bad_queue
     assert "queue" in bad_queue.details()
+    assert (error_info(bad_queue).reason, dict(error_info(bad_queue).metadata)) == ("INVALID_FIELD", {"field": "queue"})
 
     assert ready_messages(rabbitmq.url, queue) == 0
 
@@ -82,9 +100,12 @@ def test_unknown_task_id_is_not_found(stub):
         stub.GetTaskStatus(task_queue_pb2.GetTaskStatusRequest(task_id="no-such-task"), timeout=CALL_TIMEOUT_S)
     assert status.value.code() is grpc.StatusCode.NOT_FOUND
     assert "no-such-task" in status.value.details()
+    assert (error_info(status.value).reason, error_info(status.value).metadata["task_id"]) == \
+        ("TASK_NOT_FOUND", "no-such-task")
 
     request = task_queue_pb2.StreamTaskResultsRequest(task_ids=["no-such-task"])
     with pytest.raises(grpc.RpcError) as stream:
         list(stub.StreamTaskResults(iter([request]), timeout=CALL_TIMEOUT_S))
     assert stream.value.code() is grpc.StatusCode.NOT_FOUND
     assert "no-such-task" in stream.value.details()
+    assert error_info(stream.value).reason == "TASK_NOT_FOUND"  # a stream's status carries it too

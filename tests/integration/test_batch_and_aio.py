@@ -138,8 +138,8 @@ def test_the_asyncio_client_has_the_methods_of_the_blocking_one(stack, launcher)
             queued = await client.submit("test.echo", "never", queue=idle_queue)
             assert (await client.cancel(queued)).state == "CANCELLED"
             assert await client.task_types() == stack.client.task_types()
-            assert {w["worker_id"] for w in await client.workers()} == \
-                {w["worker_id"] for w in stack.client.workers()}
+            assert {w.worker_id for w in await client.workers()} == \
+                {w.worker_id for w in stack.client.workers()}
             wait_until(lambda: stack.client.dead_letters()[1] == 1, RESULT_TIMEOUT_S,
                        message="the dead letter")
             letters, total = await client.dead_letters()

@@ -2,6 +2,7 @@
 again afterwards without restarting anything; no accepted task is lost."""
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
@@ -9,7 +10,11 @@ import grpc
 import pytest
 
 import qm
+import qm.aio
+from qm._proto.qm.v1 import task_queue_pb2, task_queue_pb2_grpc
 from qm.client.client import RemoteError
+from qm.client.common import error_reason
+from qm.reasons import Reason
 
 #: Bound on the server and worker reconnecting after the node is back.
 RECONNECT_TIMEOUT_S = 60.0
@@ -65,6 +70,23 @@ class Submitters:
             assert not thread.is_alive(), "a submission neither succeeded nor failed"
 
 
+async def submit_once_aio(address: str, queue: str) -> RemoteError:
+    """qm.aio.Client's error for one submit without client-side retries."""
+    async with qm.aio.Client(address, submit_retry_s=0) as client:
+        with pytest.raises(RemoteError) as refused:
+            await client.submit("math", "1 + 4", queue=queue)
+    return refused.value
+
+
+def raw_submit_error(address: str, queue: str) -> grpc.RpcError:
+    """A plain gRPC client's error for one submit: what any language sees."""
+    with grpc.insecure_channel(address) as channel:
+        stub = task_queue_pb2_grpc.TaskQueueStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.SubmitTask(task_queue_pb2.SubmitTaskRequest(type="math", payload=b"1", queue=queue), timeout=30)
+    return refused.value
+
+
 def test_submit_fails_fast_while_rabbitmq_is_down_and_works_after_it_returns(own_rabbitmq, launcher):
     queue = launcher.queue(own_rabbitmq.url)
     launcher.forget_queues(own_rabbitmq.url)  # the private node is gone before teardown
@@ -87,10 +109,17 @@ def test_submit_fails_fast_while_rabbitmq_is_down_and_works_after_it_returns(own
         assert answered_s < FAIL_FAST_S, f"UNAVAILABLE took {answered_s:.2f} s while RabbitMQ is down"
         message = str(down.value)
         assert "RabbitMQ" in message and "unreachable" in message, message
-        # Submissions cut off mid-flight say it is RabbitMQ, not qm-server, that is gone.
+        # The server says why by reason code, to both clients and to any gRPC client.
+        assert down.value.reason is Reason.BROKER_UNAVAILABLE
+        assert asyncio.run(submit_once_aio(server.address, queue)).reason is Reason.BROKER_UNAVAILABLE
+        assert error_reason(raw_submit_error(server.address, queue)) == "BROKER_UNAVAILABLE"
+        # Submissions cut off mid-flight say it is RabbitMQ, not qm-server, that is gone,
+        # after retrying for the client's whole window (same key), as before reason codes.
         for error in busy.errors:
             assert error.code is grpc.StatusCode.UNAVAILABLE, error
+            assert error.reason is Reason.BROKER_UNAVAILABLE, error
             assert "RabbitMQ" in str(error) and "cannot reach qm-server" not in str(error), error
+            assert f"tried for {client.submit_retry_s:g} s" in str(error), error
         # The server itself still answers what it knows.
         assert client.status(before).state == "SUCCEEDED"
 

@@ -129,7 +129,7 @@ def test_a_client_of_two_servers_works_through_the_second_when_the_first_is_dead
         task_id = client.submit("math", "6 * 7", queue=queue)
         assert client.result(task_id, timeout_s=RESULT_TIMEOUT_S) == "42"
         assert client.submit_many([("math", "1 + 1"), ("math", "2 + 2")], queue=queue)
-        assert "math" in {item["name"] for item in client.task_types()[0]}
+        assert "math" in {item.name for item in client.task_types()[0]}
 
 
 def test_a_wait_fails_over_when_the_server_it_talks_to_dies(rabbitmq, launcher):

@@ -9,7 +9,9 @@ import sys
 import pytest
 
 import qm.errors
-from qm.server.servicer import status_code_for
+from qm._proto.qm.v1 import task_queue_pb2
+from qm.reasons import PROTO_PREFIX, Reason
+from qm.server.servicer import error_status, status_code_for
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -41,6 +43,15 @@ def test_every_status_code_the_server_maps_errors_to_is_documented():
     # status_code_for looks only at the error's class, so an uninitialised instance will do
     mapped = {status_code_for(cls.__new__(cls)).name for cls in domain_error_classes()}
     assert mapped <= task_queue, f"codes the servicer returns, not in docs/api.md: {mapped - task_queue}"
+
+
+def test_every_reason_code_the_server_sends_is_a_documented_error_reason():
+    """The error map's reasons are qm.v1.ErrorReason values (each documented: the generator
+    refuses a value without a comment), all of them used, and qm.reasons.Reason mirrors them."""
+    documented = {name.removeprefix(PROTO_PREFIX) for name in task_queue_pb2.ErrorReason.keys()} - {"UNSPECIFIED"}
+    mapped = {error_status(cls.__new__(cls))[1] for cls in domain_error_classes()}
+    assert mapped == documented == set(Reason)
+    assert "ErrorReason" in gen_api_docs.render(gen_api_docs.load_files())
 
 
 def test_the_rpcs_documented_codes_are_the_ones_users_meet():

@@ -7,8 +7,11 @@ import pytest
 
 from qm._proto.qm.v1 import task_queue_pb2
 from qm.client.common import (RETRY_INITIAL_DELAY_S, RETRY_MAX_DELAY_S, SUBMIT_RETRY_CODES, Attempts, Batch,
-                              Failover, Follow, RemoteError, batch_requests, parse_servers, submit_request)
-from qm.errors import BatchError, WaitTimeout
+                              Failover, Follow, RemoteError, batch_requests, error_reason, parse_servers,
+                              submit_request)
+from qm.errors import BatchError, BrokerUnavailable, ValidationError, WaitTimeout
+from qm.reasons import Reason
+from qm.server.servicer import rich_status
 
 UNAVAILABLE, OK = grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.OK
 
@@ -239,3 +242,50 @@ def test_a_submit_retries_an_overloaded_server_after_its_hint():
     with pytest.raises(RemoteError) as caught:
         attempts.failed("a:1", grpc.StatusCode.RESOURCE_EXHAUSTED, "overloaded", 60.0)
     assert caught.value.retry_after_s == 60.0
+
+
+# -- reason codes --------------------------------------------------------------------------
+
+class CallError(grpc.RpcError):
+    """A failed call as grpc raises it: code, details, trailing metadata (the public Call
+    methods error_reason reads)."""
+
+    def __init__(self, status: grpc.Status) -> None:
+        self._status = status
+
+    def code(self):
+        return self._status.code
+
+    def details(self):
+        return self._status.details
+
+    def trailing_metadata(self):
+        return self._status.trailing_metadata
+
+
+def test_the_reason_a_server_sends_is_the_reason_a_client_reads():
+    broker_down = CallError(rich_status(BrokerUnavailable("RabbitMQ at 127.0.0.1:5672 is unreachable")))
+    assert error_reason(broker_down) is Reason.BROKER_UNAVAILABLE
+    bad_queue = rich_status(ValidationError("queue", "not 1-100 of letters"))
+    assert error_reason(CallError(bad_queue)) == "INVALID_FIELD"
+    no_server = grpc.Status()  # what gRPC raises without reaching anyone: no details trailer
+    no_server.code, no_server.details, no_server.trailing_metadata = UNAVAILABLE, "connection refused", ()
+    assert error_reason(CallError(no_server)) is None
+
+
+def test_unavailable_is_worded_by_the_servers_reason_never_by_its_text():
+    broker = RemoteError(UNAVAILABLE, "RabbitMQ at r:5672 is unreachable", "a:1",
+                         reason=Reason.BROKER_UNAVAILABLE)
+    assert str(broker) == "RabbitMQ at r:5672 is unreachable" and broker.reason == "BROKER_UNAVAILABLE"
+    # a proxy's or gRPC's own words that happen to name a broker: still qm-server not reached
+    unreached = RemoteError(UNAVAILABLE, "upstream broker connect error", "a:1")
+    assert str(unreached).startswith("cannot reach qm-server at a:1") and unreached.reason is None
+
+
+def test_a_batch_item_refused_for_the_broker_is_sent_again_and_keeps_its_reason():
+    batch = Batch(batch_requests([("math", "1"), ("math", "2")], {}))
+    response = task_queue_pb2.SubmitTasksResponse()
+    response.results.add(task_id="t0")
+    response.results.add(code=UNAVAILABLE.value[0], message="RabbitMQ did not confirm", reason="BROKER_UNAVAILABLE")
+    assert batch.record([0, 1], response) == [1]
+    assert batch.refused[1].reason is Reason.BROKER_UNAVAILABLE

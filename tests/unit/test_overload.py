@@ -13,7 +13,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from qm._proto.qm.v1 import task_queue_pb2, task_queue_pb2_grpc
 from qm.client.client import Client, RemoteError
+from qm.client.common import error_reason
 from qm.metrics import ServerMetrics
+from qm.reasons import Reason
 from qm.server.admission import CORE_OPTIONS, RETRY_PUSHBACK_KEY, AdmissionInterceptor
 from tests.unit.aio import run, within
 
@@ -70,6 +72,7 @@ async def _admission_refuses_beyond_the_limit_with_a_hint():
             assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "server.max_concurrent_rpcs" in refused.value.details()
             assert (RETRY_PUSHBACK_KEY, "150") in tuple(refused.value.trailing_metadata())
+            assert error_reason(refused.value) is Reason.OVERLOADED  # what clients decide on
 
             stream = stub.StreamTaskResults(iter([task_queue_pb2.StreamTaskResultsRequest(task_ids=["x"])]))
             with pytest.raises(grpc.aio.AioRpcError) as stream_refused:

@@ -1,8 +1,12 @@
 """Task lifecycle ordering: duplicate and late events must not move a task backwards."""
 from __future__ import annotations
 
+import json
+import sqlite3
+
 import pytest
 
+from qm._proto.qm.v1 import task_queue_pb2
 from qm.states import TERMINAL_STATES, TaskState, state_name, supersedes
 
 S = TaskState
@@ -51,3 +55,27 @@ def test_state_names_users_see_drop_the_proto_prefix():
     assert [state_name(state) for state in TaskState] == [state.name for state in TaskState]
     assert state_name(TaskState.MEMORY_EXCEEDED) == "MEMORY_EXCEEDED"
     assert state_name(0) == "UNSPECIFIED"
+
+
+def test_a_state_reads_as_its_name_and_travels_as_its_wire_number():
+    """Users see names (`status.state == "SUCCEEDED"`, JSON, printing); protos and the
+    store see the qm.v1.TaskState number."""
+    assert S.SUCCEEDED == "SUCCEEDED" and "CANCELLED" in TERMINAL_STATES
+    assert f"{S.TIMED_OUT} {S.QUEUED:<8}|" == "TIMED_OUT QUEUED  |"
+    assert json.dumps({"state": S.CRASHED}) == '{"state": "CRASHED"}'
+    for state in TaskState:
+        number = task_queue_pb2.TaskState.Value(f"TASK_STATE_{state.name}")
+        assert int(state) == number
+        assert TaskState.of_number(number) is state and TaskState(number) is state
+    for not_a_state in (0, 99):  # UNSPECIFIED, or a state newer than this code
+        with pytest.raises(ValueError, match=str(not_a_state)):
+            TaskState.of_number(not_a_state)
+    with pytest.raises(ValueError):
+        TaskState(True)  # a bool is not a wire number
+
+
+def test_sqlite_stores_a_state_as_its_number():
+    db = sqlite3.connect(":memory:")
+    db.execute("CREATE TABLE tasks (state INTEGER NOT NULL)")
+    db.execute("INSERT INTO tasks VALUES (?)", (S.RETRYING,))
+    assert db.execute("SELECT state, typeof(state) FROM tasks").fetchone() == (int(S.RETRYING), "integer")

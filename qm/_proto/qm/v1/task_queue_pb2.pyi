@@ -10,6 +10,21 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ERROR_REASON_UNSPECIFIED: _ClassVar[ErrorReason]
+    ERROR_REASON_INVALID_FIELD: _ClassVar[ErrorReason]
+    ERROR_REASON_UNKNOWN_TASK_TYPE: _ClassVar[ErrorReason]
+    ERROR_REASON_TASK_NOT_FOUND: _ClassVar[ErrorReason]
+    ERROR_REASON_TASK_ALREADY_FINISHED: _ClassVar[ErrorReason]
+    ERROR_REASON_IDEMPOTENCY_KEY_REUSED: _ClassVar[ErrorReason]
+    ERROR_REASON_BROKER_UNAVAILABLE: _ClassVar[ErrorReason]
+    ERROR_REASON_BROKER_REFUSED: _ClassVar[ErrorReason]
+    ERROR_REASON_CONFIG_CONFLICT: _ClassVar[ErrorReason]
+    ERROR_REASON_SERVER_ERROR: _ClassVar[ErrorReason]
+    ERROR_REASON_OVERLOADED: _ClassVar[ErrorReason]
+    ERROR_REASON_STORE_UNAVAILABLE: _ClassVar[ErrorReason]
+
 class TaskState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     TASK_STATE_UNSPECIFIED: _ClassVar[TaskState]
@@ -22,6 +37,18 @@ class TaskState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TASK_STATE_MEMORY_EXCEEDED: _ClassVar[TaskState]
     TASK_STATE_CRASHED: _ClassVar[TaskState]
     TASK_STATE_CANCELLED: _ClassVar[TaskState]
+ERROR_REASON_UNSPECIFIED: ErrorReason
+ERROR_REASON_INVALID_FIELD: ErrorReason
+ERROR_REASON_UNKNOWN_TASK_TYPE: ErrorReason
+ERROR_REASON_TASK_NOT_FOUND: ErrorReason
+ERROR_REASON_TASK_ALREADY_FINISHED: ErrorReason
+ERROR_REASON_IDEMPOTENCY_KEY_REUSED: ErrorReason
+ERROR_REASON_BROKER_UNAVAILABLE: ErrorReason
+ERROR_REASON_BROKER_REFUSED: ErrorReason
+ERROR_REASON_CONFIG_CONFLICT: ErrorReason
+ERROR_REASON_SERVER_ERROR: ErrorReason
+ERROR_REASON_OVERLOADED: ErrorReason
+ERROR_REASON_STORE_UNAVAILABLE: ErrorReason
 TASK_STATE_UNSPECIFIED: TaskState
 TASK_STATE_QUEUED: TaskState
 TASK_STATE_RUNNING: TaskState
@@ -82,16 +109,18 @@ class SubmitTasksResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[SubmitTasksResult, _Mapping]]] = ...) -> None: ...
 
 class SubmitTasksResult(_message.Message):
-    __slots__ = ("task_id", "state", "code", "message")
+    __slots__ = ("task_id", "state", "code", "message", "reason")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     state: TaskState
     code: int
     message: str
-    def __init__(self, task_id: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+    reason: str
+    def __init__(self, task_id: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class GetTaskStatusRequest(_message.Message):
     __slots__ = ("task_id",)

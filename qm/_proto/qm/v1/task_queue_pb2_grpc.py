@@ -30,13 +30,23 @@ class TaskQueueStub:
     them, and inspect workers, task types and dead letters. Also served on the same port:
     grpc.health.v1.Health (service "" and "qm.v1.TaskQueue") and server reflection.
 
+    Every error qm-server answers on purpose carries a reason code: a google.rpc.ErrorInfo
+    in the status details (google.rpc.Status in the grpc-status-details-bin trailer), with
+    domain "qm.v1" and reason an ErrorReason name without its prefix ("BROKER_UNAVAILABLE").
+    Decide on the code and reason, never on the message text. An error without one came
+    from gRPC (qm-server not reached, deadline, cancel, message too large) or from a bug
+    in qm-server (UNKNOWN).
+
     Errors:
-    - UNAVAILABLE: qm-server cannot be reached, or is shutting down. Safe to retry
-    SubmitTask with the same idempotency_key.
+    - UNAVAILABLE: qm-server cannot be reached, or is shutting down, or (reasons
+    BROKER_UNAVAILABLE, STORE_UNAVAILABLE) cannot reach RabbitMQ or its PostgreSQL store.
+    Safe to retry SubmitTask with the same idempotency_key.
     - DEADLINE_EXCEEDED: the deadline the client set passed before the answer came.
     - CANCELLED: the client cancelled the call.
     - RESOURCE_EXHAUSTED: the request is larger than gRPC's message size limit (4 MiB);
-    a payload under it but over server.max_payload_bytes gets INVALID_ARGUMENT.
+    a payload under it but over server.max_payload_bytes gets INVALID_ARGUMENT. Or
+    (reason OVERLOADED): server.max_concurrent_rpcs calls are in flight; retry after the
+    retry-pushback-ms trailer (milliseconds).
     - INTERNAL: an error qm-server has no more specific code for; the message says what
     happened.
     - UNKNOWN: an unexpected error in qm-server (a bug).
@@ -105,13 +115,23 @@ class TaskQueueServicer:
     them, and inspect workers, task types and dead letters. Also served on the same port:
     grpc.health.v1.Health (service "" and "qm.v1.TaskQueue") and server reflection.
 
+    Every error qm-server answers on purpose carries a reason code: a google.rpc.ErrorInfo
+    in the status details (google.rpc.Status in the grpc-status-details-bin trailer), with
+    domain "qm.v1" and reason an ErrorReason name without its prefix ("BROKER_UNAVAILABLE").
+    Decide on the code and reason, never on the message text. An error without one came
+    from gRPC (qm-server not reached, deadline, cancel, message too large) or from a bug
+    in qm-server (UNKNOWN).
+
     Errors:
-    - UNAVAILABLE: qm-server cannot be reached, or is shutting down. Safe to retry
-    SubmitTask with the same idempotency_key.
+    - UNAVAILABLE: qm-server cannot be reached, or is shutting down, or (reasons
+    BROKER_UNAVAILABLE, STORE_UNAVAILABLE) cannot reach RabbitMQ or its PostgreSQL store.
+    Safe to retry SubmitTask with the same idempotency_key.
     - DEADLINE_EXCEEDED: the deadline the client set passed before the answer came.
     - CANCELLED: the client cancelled the call.
     - RESOURCE_EXHAUSTED: the request is larger than gRPC's message size limit (4 MiB);
-    a payload under it but over server.max_payload_bytes gets INVALID_ARGUMENT.
+    a payload under it but over server.max_payload_bytes gets INVALID_ARGUMENT. Or
+    (reason OVERLOADED): server.max_concurrent_rpcs calls are in flight; retry after the
+    retry-pushback-ms trailer (milliseconds).
     - INTERNAL: an error qm-server has no more specific code for; the message says what
     happened.
     - UNKNOWN: an unexpected error in qm-server (a bug).
@@ -130,7 +150,8 @@ class TaskQueueServicer:
         100; retry_backoff_s, retry_backoff_max_s: negative; idempotency_key: over 200
         characters). Nothing was stored or enqueued.
         - UNAVAILABLE: RabbitMQ is unreachable or did not confirm the message (the message
-        names RabbitMQ); nothing was stored. Retry with the same idempotency_key.
+        names RabbitMQ), or the PostgreSQL store is unreachable (reason STORE_UNAVAILABLE);
+        nothing was stored. Retry with the same idempotency_key.
         - FAILED_PRECONDITION: the idempotency_key was already used for another request (a
         different type, payload, queue, limits or retry options); the message names the
         key and the first task; nothing was submitted. Or: RabbitMQ refused the work queue,
@@ -309,13 +330,23 @@ class TaskQueue:
     them, and inspect workers, task types and dead letters. Also served on the same port:
     grpc.health.v1.Health (service "" and "qm.v1.TaskQueue") and server reflection.
 
+    Every error qm-server answers on purpose carries a reason code: a google.rpc.ErrorInfo
+    in the status details (google.rpc.Status in the grpc-status-details-bin trailer), with
+    domain "qm.v1" and reason an ErrorReason name without its prefix ("BROKER_UNAVAILABLE").
+    Decide on the code and reason, never on the message text. An error without one came
+    from gRPC (qm-server not reached, deadline, cancel, message too large) or from a bug
+    in qm-server (UNKNOWN).
+
     Errors:
-    - UNAVAILABLE: qm-server cannot be reached, or is shutting down. Safe to retry
-    SubmitTask with the same idempotency_key.
+    - UNAVAILABLE: qm-server cannot be reached, or is shutting down, or (reasons
+    BROKER_UNAVAILABLE, STORE_UNAVAILABLE) cannot reach RabbitMQ or its PostgreSQL store.
+    Safe to retry SubmitTask with the same idempotency_key.
     - DEADLINE_EXCEEDED: the deadline the client set passed before the answer came.
     - CANCELLED: the client cancelled the call.
     - RESOURCE_EXHAUSTED: the request is larger than gRPC's message size limit (4 MiB);
-    a payload under it but over server.max_payload_bytes gets INVALID_ARGUMENT.
+    a payload under it but over server.max_payload_bytes gets INVALID_ARGUMENT. Or
+    (reason OVERLOADED): server.max_concurrent_rpcs calls are in flight; retry after the
+    retry-pushback-ms trailer (milliseconds).
     - INTERNAL: an error qm-server has no more specific code for; the message says what
     happened.
     - UNKNOWN: an unexpected error in qm-server (a bug).
