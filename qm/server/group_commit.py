@@ -26,7 +26,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import queue
 import sqlite3
+import threading
 import time
 from typing import Any, Callable, Generic, Hashable, Protocol, TypeVar
 
@@ -55,8 +57,12 @@ class GroupCommit(Generic[Item]):
     def __init__(self, connect: Callable[[], sqlite3.Connection],
                  flush: Callable[[sqlite3.Connection, list[Item]], None],
                  observer: TransactionObserver | None = None, name: str = "store-writer") -> None:
-        self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
-        self._db: sqlite3.Connection = self._thread.submit(connect).result()
+        # A plain thread fed by a SimpleQueue (C): the hand-over costs one put and one
+        # call_soon_threadsafe per transaction, less than a ThreadPoolExecutor's locks.
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread.start()
+        self._db: sqlite3.Connection = self._on_thread(connect).result()
         self._flush = flush
         self._observer = observer
         self._pending: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future]] = []
@@ -95,7 +101,7 @@ class GroupCommit(Generic[Item]):
 
     def call(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """Run work(db) on the writer thread now and wait for it (set-up only, not serving)."""
-        return self._thread.submit(work, self._db).result()
+        return self._on_thread(work, self._db).result()
 
     async def close(self) -> None:
         """Write everything pending (deferred items too), then stop the thread."""
@@ -105,8 +111,9 @@ class GroupCommit(Generic[Item]):
             await self._writer
         if not self._closed:
             self._closed = True
-            self._thread.submit(self._db.close).result()
-            self._thread.shutdown()
+            self._on_thread(self._db.close).result()
+            self._jobs.put(None)
+            self._thread.join()
 
     def _start(self) -> asyncio.AbstractEventLoop:
         loop = asyncio.get_running_loop()
@@ -152,8 +159,7 @@ class GroupCommit(Generic[Item]):
                 self._linger.cancel()
                 self._linger = None
             try:
-                outcomes = await loop.run_in_executor(self._thread, self._commit, [work for work, _ in group],
-                                                      deferred)
+                outcomes = await self._commit_on_thread(loop, [work for work, _ in group], deferred)
             except BaseException as exc:  # the transaction failed as a whole: every caller hears it
                 self._deferred[:0] = deferred  # not written: they ride with the next transaction
                 for _work, future in group:
@@ -171,6 +177,38 @@ class GroupCommit(Generic[Item]):
                     future.set_result(value)
                 else:
                     future.set_exception(value)
+
+    def _serve(self) -> None:
+        """The writer thread: run jobs until None."""
+        while (job := self._jobs.get()) is not None:
+            job()
+
+    def _on_thread(self, function: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
+        """Run function(*args) on the writer thread (set-up and close; not the hot path)."""
+        result: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def job() -> None:
+            try:
+                result.set_result(function(*args))
+            except BaseException as exc:
+                result.set_exception(exc)
+        self._jobs.put(job)
+        return result
+
+    def _commit_on_thread(self, loop: asyncio.AbstractEventLoop, group: list[Callable[[sqlite3.Connection], Any]],
+                          deferred: list[Item]) -> asyncio.Future[list[tuple[bool, Any]]]:
+        """_commit on the writer thread; its outcome comes back with one call_soon_threadsafe."""
+        done: asyncio.Future[list[tuple[bool, Any]]] = loop.create_future()
+
+        def job() -> None:
+            try:
+                outcomes = self._commit(group, deferred)
+            except BaseException as exc:
+                loop.call_soon_threadsafe(_settle_error, done, exc)
+            else:
+                loop.call_soon_threadsafe(_settle, done, outcomes)
+        self._jobs.put(job)
+        return done
 
     def _commit(self, group: list[Callable[[sqlite3.Connection], Any]],
                 deferred: list[Item]) -> list[tuple[bool, Any]]:
@@ -198,3 +236,13 @@ class GroupCommit(Generic[Item]):
         if self._observer is not None:
             self._observer.store_transaction(len(group) + len(deferred), time.perf_counter() - started)
         return outcomes
+
+
+def _settle(future: asyncio.Future[T], value: T) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _settle_error(future: asyncio.Future, error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)

@@ -233,9 +233,10 @@ class TaskService:
         return record
 
     async def enqueue(self, record: TaskRecord, message: TaskMessage) -> None:
-        """Store (with the message, until confirmed), publish, await the confirm; if the
-        publish fails nothing stays stored. If this process dies in between, the stored
-        message is published again at start-up or on the client's retry (same key)."""
+        """Store (with the message, until confirmed; committed before the publish), publish,
+        await the confirm; if the publish fails nothing stays stored. One store transaction:
+        the confirm mark rides with the next one. If this process dies before that, the
+        stored message is published again at start-up or on the client's retry (same key)."""
         await self._ensure_queue(message.queue)
         body = message.encode()
         await self.store.insert_unconfirmed(record, message.queue, body)
