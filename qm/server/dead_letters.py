@@ -103,7 +103,11 @@ class DeadLetters:
 
     async def requeue(self, task_ids: builtins.list[str] | None) -> dict[str, str]:
         """Run dead-lettered tasks again, each as a new task (attempt 1, same payload and
-        limits); returns old id → new id. Unknown ids raise TaskNotFound."""
+        limits); returns old id → new id. Unknown ids raise TaskNotFound.
+
+        Each letter is taken out of the store before its task is enqueued (and put back
+        if that fails): with a store shared by several servers, two requeueing the same
+        letter at once make one new task; the one that finds it gone leaves it out."""
         dead, _total = await self.store.dead_letters(MAX_REQUEUE, task_ids)
         if task_ids is not None:
             missing = set(task_ids) - {letter.task_id for letter in dead}
@@ -118,8 +122,13 @@ class DeadLetters:
             message = dataclasses.replace(old, task_id=str(uuid.uuid4()), attempt=1, enqueued_at_s=now)
             record = TaskRecord.queued(message.task_id, old.type, old.queue, self.codecs.get(old.type, "text"),
                                        now, old.timeout_s, old.memory_limit_mb, max_retries=old.retry.max_retries)
-            await self._enqueue(record, message)
-            await self.store.remove_dead_letters([letter.task_id])
+            if not await self.store.remove_dead_letters([letter.task_id]):
+                continue  # another server took it a moment ago, and requeues it
+            try:
+                await self._enqueue(record, message)
+            except BaseException:
+                await self.store.add_dead_letter(letter)  # nothing was requeued: keep it listed
+                raise
             renamed[letter.task_id] = message.task_id
         return renamed
 

@@ -161,8 +161,30 @@ def test_a_dead_letter_made_through_one_server_is_requeued_through_the_other_onc
         assert rerun in letters and failing not in letters
         _letters, total = via_b.dead_letters(limit=1000)
         assert total == 1  # the requeued task's new dead letter, and nothing else
+
+        # The same letter requeued through both servers at the same moment: one new task.
+        both_at_once = threading.Barrier(2)
+        renamings: list[dict[str, str]] = []
+
+        def requeue_through(client: qm.Client) -> None:
+            both_at_once.wait(30.0)
+            try:
+                renamings.append(client.requeue_dead_letters([rerun]))
+            except RemoteError as exc:  # the other server took it before this one looked
+                assert exc.code is grpc.StatusCode.NOT_FOUND, exc
+                renamings.append({})
+
+        racers = [threading.Thread(target=requeue_through, args=(client,)) for client in (via_a, via_b)]
+        for racer in racers:
+            racer.start()
+        for racer in racers:
+            racer.join(60.0)
+        made = [new for renaming in renamings for new in renaming.values()]
+        assert len(renamings) == 2 and len(made) == 1, renamings
+        [third] = list(via_b.results(made, timeout_s=60.0))
+        assert third.state == "FAILED"
     print(f"\n[faults] shared store: dead letter across servers: dead={failing}, requeued_as={rerun}, "
-          f"dead_letters_after={total}", flush=True)
+          f"dead_letters_after_first_requeue={total}, new_tasks_from_a_racing_requeue={len(made)}", flush=True)
 
 
 def test_kill_9_of_one_server_mid_run_the_other_serves_every_task(pair):
