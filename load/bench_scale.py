@@ -41,14 +41,17 @@ if str(REPO) not in sys.path:
 import qm.aio  # noqa: E402
 from qm.testing.postgres import LocalPostgres  # noqa: E402
 from qm.testing.rabbitmq import LocalRabbitMQ, free_port  # noqa: E402
-from tests.processes import Server, start_server, start_worker, unique  # noqa: E402
+from tests.processes import Server, delete_queues, start_server, start_worker, unique  # noqa: E402
 
 #: Longest wait for a scenario's tasks to finish.
 FINISH_TIMEOUT_S = 600.0
+#: Longest wait for every server to have applied the events of the tasks it followed.
+EVENTS_SETTLE_S = 30.0
+STORE_LINE = re.compile(r"\(store id (?P<store_id>\S+),")
 EVENTS_LINE = re.compile(r'^qm_server_events_total\{state="(?P<state>\w+)"\} (?P<value>[0-9.e+]+)$', re.M)
 
 
-def events_applied(server: Server, metrics_port: int) -> float:
+def events_applied(_server: Server, metrics_port: int) -> float:
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
         text = response.read().decode()
     return sum(float(match["value"]) for match in EVENTS_LINE.finditer(text))
@@ -83,20 +86,47 @@ def scenario(name: str, broker_url: str, store_urls: list[str | None], base: pat
             extra = ["--metrics-port", str(metrics_port)] + (["--store-url", store_url] if store_url else [])
             servers.append((start_server(broker_url, base, extra_args=extra), metrics_port))
         asyncio.run(warm([s.address for s, _ in servers], queue))
-        before = [events_applied(server, port) for server, port in servers]
+        # Each warm-up task makes 2 events (RUNNING, SUCCEEDED), applied by every SQLite
+        # replica, or once by one of the servers of a shared store.
+        copies = len(servers) if store_urls[0] is None else 1
+        before = settled_events(servers, [0.0] * len(servers), 2 * len(servers) * copies)
         started = time.perf_counter()
         finals, submit_s = asyncio.run(submit_and_follow([s.address for s, _ in servers], queue, count))
         wall_s = time.perf_counter() - started
-        after = [events_applied(server, port) for server, port in servers]
+        after = settled_events(servers, before, 2 * count * copies)
     finally:
         for server, _port in servers:
             server.stop()
         worker.stop()
+        delete_queues(broker_url, scenario_queues([server for server, _port in servers], queue))
     succeeded = sum(status.state == "SUCCEEDED" for status in finals)
     span_s = max(s.finished_at for s in finals) - min(s.created_at for s in finals)
     return {"scenario": name, "tasks": count, "succeeded": succeeded, "wall_s": round(wall_s, 2),
             "end_to_end_per_s": round(count / span_s, 1), "submit_per_s": round(count / submit_s, 1),
             "events_per_task_per_server": [round((a - b) / count, 2) for a, b in zip(after, before, strict=True)]}
+
+
+def settled_events(servers: list[tuple[Server, int]], since: list[float], expected: int) -> list[float]:
+    """Each server's applied-events counter, once they add up to `expected` more than
+    `since` (a server's followers may have their results before another server applied
+    its copy of the events), or after EVENTS_SETTLE_S."""
+    deadline = time.monotonic() + EVENTS_SETTLE_S
+    while True:
+        counts = [events_applied(server, port) for server, port in servers]
+        if sum(counts) - sum(since) >= expected or time.monotonic() >= deadline:
+            return counts
+        time.sleep(0.1)
+
+
+def scenario_queues(servers: list[Server], queue: str) -> set[str]:
+    """The durable queues a scenario left on RabbitMQ (a shared node outlives the run)."""
+    names = {f"qm.tasks.{queue}"}
+    for server in servers:
+        names |= {f"qm.events.{server.server_id}", f"qm.dead.{server.server_id}", f"qm.heartbeats.{server.server_id}"}
+        store = STORE_LINE.search(server.stderr)
+        if store:
+            names |= {f"qm.events.{store['store_id']}", f"qm.dead.{store['store_id']}"}
+    return names
 
 
 async def warm(addresses: list[str], queue: str) -> None:
@@ -139,12 +169,14 @@ def main() -> int:
     parser.add_argument("--durable", action="store_true",
                         help="PostgreSQL with fsync on (default off: a killed server loses nothing, "
                              "a crashed host would)")
+    parser.add_argument("--broker-url", metavar="URL",
+                        help="use this RabbitMQ instead of starting one (its queues are the runs' own)")
     parser.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="qm-bench-scale-") as tmp:
         base = pathlib.Path(tmp)
-        rabbitmq = LocalRabbitMQ(base / "rabbitmq")
-        broker_url = rabbitmq.start()
+        rabbitmq = None if args.broker_url else LocalRabbitMQ(base / "rabbitmq")
+        broker_url = args.broker_url or rabbitmq.start()  # type: ignore[union-attr]
         postgres = LocalPostgres(base / "postgres", durable=args.durable)
         postgres.start()
         results: list[dict] = []
@@ -160,7 +192,8 @@ def main() -> int:
                     print(json.dumps(result), flush=True)
         finally:
             postgres.cleanup()
-            rabbitmq.stop()
+            if rabbitmq is not None:
+                rabbitmq.stop()
     print_table(results)
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(results, indent=2))
