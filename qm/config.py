@@ -204,6 +204,17 @@ def _store_url(value: str) -> str:
                      f"postgresql://USER@HOST:PORT/DATABASE, got {redact_url(text)!r}")
 
 
+def _to_amqp_urls(raw: Any) -> list[str]:
+    """A list of AMQP URLs, or one comma-separated string of them (a comma inside a URL is %2C)."""
+    if isinstance(raw, str):
+        items = raw.split(",")
+    elif isinstance(raw, (list, tuple)) and all(isinstance(i, str) for i in raw):
+        items = list(raw)
+    else:
+        raise ValueError(f"expected a list of AMQP URLs or one comma-separated string of them, got {raw!r}")
+    return [_amqp_url(item) for item in items if item.strip()]
+
+
 #: Longest server id, in UTF-8 bytes: it goes into AMQP queue names (at most 255 bytes,
 #: e.g. "qm.heartbeats.<id>") and into the store's file name ("<id>.sqlite3").
 SERVER_ID_MAX_BYTES = 200
@@ -290,11 +301,19 @@ class BrokerConfig:
     """RabbitMQ connection settings."""
 
     url: str = _setting("amqp://guest:guest@127.0.0.1:5672/%2F", _to_str, _amqp_url)
+    urls: list[str] = _setting([], _to_amqp_urls)  # one per cluster node; when set, `url` is not used
     heartbeat_s: int = _setting(30, _to_int, _at_least(0), _at_most(65535))
     reconnect_max_delay_s: float = _setting(10.0, _to_float, _above(0))
     queue_type: str = _setting("quorum", _to_str, _one_of("classic", "quorum"))
     delivery_limit: int = _setting(5, _to_int, _above(0))
     consumer_timeout_s: float = _setting(1800.0, _to_float, _above(0))
+    quorum_initial_group_size: int = _setting(0, _to_int, _at_least(0))  # 0: RabbitMQ's default
+    server_queue_type: str = _setting("classic", _to_str, _one_of("classic", "quorum"))
+
+    @property
+    def node_urls(self) -> list[str]:
+        """The nodes to connect to, in order: `urls` if set, else the one `url`."""
+        return list(self.urls) if self.urls else [self.url]
 
 
 @dataclass(frozen=True)
@@ -383,6 +402,7 @@ class Config:
         data = asdict(self)
         if redact:
             data["broker"]["url"] = redact_url(data["broker"]["url"])
+            data["broker"]["urls"] = [redact_url(url) for url in data["broker"]["urls"]]
             data["server"]["store_url"] = redact_url(data["server"]["store_url"])
             data["executor"]["secret"] = "***" if data["executor"]["secret"] else ""
         return data

@@ -42,6 +42,11 @@ class BrokerUnavailable(QMError):
     """The message broker cannot be reached or refused the message."""
 
 
+class PublishOutcomeUnknown(BrokerUnavailable):
+    """The message was handed to the broker, but the connection was lost before its confirm:
+    the broker may hold it (a quorum queue on the surviving nodes) or not."""
+
+
 class BrokerRefused(QMError):
     """The broker refused a declaration or look-up (AMQP 404 NOT_FOUND, 406
     PRECONDITION_FAILED: a queue exists with other arguments); the connection stays up."""

@@ -13,10 +13,10 @@ from tests.requirements import require_rabbitmq
 
 
 #: Directories whose tests start real processes, and those that are slow as a whole.
-PROCESS_DIRS = {"integration", "e2e", "faults", "load", "observability"}
-SLOW_DIRS = {"faults", "load", "observability"}
+PROCESS_DIRS = {"integration", "e2e", "faults", "load", "observability", "cluster"}
+SLOW_DIRS = {"faults", "load", "observability", "cluster"}
 #: Fixtures that start (or need) a real RabbitMQ node.
-RABBITMQ_FIXTURES = {"rabbitmq", "own_rabbitmq", "stack", "launcher"}
+RABBITMQ_FIXTURES = {"rabbitmq", "own_rabbitmq", "stack", "launcher", "rabbitmq_cluster", "cluster"}
 
 
 def pytest_collection_modifyitems(config, items) -> None:
@@ -28,7 +28,7 @@ def pytest_collection_modifyitems(config, items) -> None:
             item.add_marker(pytest.mark.processes)
         if parts & SLOW_DIRS or item.path.name == "test_math_fuzz.py":
             item.add_marker(pytest.mark.slow)
-        if "faults" in parts:
+        if parts & {"faults", "cluster"}:
             item.add_marker(pytest.mark.faults)
         if RABBITMQ_FIXTURES & set(getattr(item, "fixturenames", ())) or parts & PROCESS_DIRS:
             item.add_marker(pytest.mark.rabbitmq)

@@ -9,6 +9,7 @@ the broker has already requeued it.
 from __future__ import annotations
 
 import abc
+import asyncio
 import dataclasses
 import logging
 from typing import Any, Callable
@@ -132,16 +133,25 @@ class Broker(abc.ABC):
 
 #: Longest wait for the broker to come back before trying a publish again.
 REPUBLISH_WAIT_S = 5.0
+#: First pause after the broker refused (nacked) a publish while connected; doubles up to
+#: REPUBLISH_WAIT_S. A quorum queue nacks while it has no leader (a node of the cluster went
+#: away): trying again at once would only spin.
+REFUSED_BACKOFF_S = 0.1
 
 
 async def publish_until_confirmed(broker: Broker, exchange: str, routing_key: str, body: bytes,
                                   headers: dict[str, Any], what: str) -> None:
     """Publish until the broker confirms, waiting out disconnections (for messages that are
     a task's value or its only copy). `what` names the message in the warning."""
+    refused_backoff_s = REFUSED_BACKOFF_S
     while True:
         try:
             await broker.publish(exchange, routing_key, body, headers)
             return
         except BrokerUnavailable as exc:
             log.warning("%s: cannot publish to %s yet (%s); retrying", what, exchange or "(default)", exc)
-            await broker.wait_connected(REPUBLISH_WAIT_S)
+            if broker.connected:  # refused, not disconnected
+                await asyncio.sleep(refused_backoff_s)
+                refused_backoff_s = min(refused_backoff_s * 2, REPUBLISH_WAIT_S)
+            else:
+                await broker.wait_connected(REPUBLISH_WAIT_S)

@@ -7,6 +7,18 @@ Connection management
     exponential backoff (capped by `reconnect_max_delay_s`) it reconnects, replays
     every declaration and re-establishes every consumer.
 
+Several nodes (a RabbitMQ cluster)
+    The broker takes a list of AMQP URLs, one per node. It connects to the first node
+    that answers, in the given order; when that connection is lost (the node stopped,
+    killed, partitioned away) the next attempt goes to the next node in the list, and
+    so on around it. Only after every node refused in one round does the keeper back
+    off, so failing over to a live node costs one connection set-up, not a delay. What
+    lives in the lost connection is rebuilt on the new node exactly as after a one-node
+    reconnect: declarations replayed (a quorum queue keeps its messages on the other
+    members), consumers re-registered, unconfirmed publishes failed to their callers
+    (who publish again), unacked deliveries requeued by RabbitMQ. Every quorum queue
+    declared gets `x-quorum-initial-group-size` when one is configured.
+
 Exclusive consumers
     `consume(..., exclusive=True)` passes AMQP's exclusive flag. RabbitMQ answers a
     refused basic.consume by closing that consumer's channel with 403 ACCESS_REFUSED
@@ -33,7 +45,7 @@ import asyncio
 import dataclasses
 import itertools
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import pika
 import pika.exceptions
@@ -41,7 +53,7 @@ from pika.adapters.asyncio_connection import AsyncioConnection
 from pika.adapters.utils import connection_workflow
 
 from qm.broker.base import EXCHANGE_KINDS, Broker, Delivery, DeliveryCallback
-from qm.errors import BrokerRefused, BrokerUnavailable, ConsumerRefused
+from qm.errors import BrokerRefused, BrokerUnavailable, ConsumerRefused, PublishOutcomeUnknown
 
 log = logging.getLogger(__name__)
 
@@ -71,15 +83,15 @@ class _ConsumerSpec:
 class RabbitMQBroker(Broker):
     """The production broker; see the module docstring for the connection model."""
 
-    def __init__(self, url: str, heartbeat_s: int = 30, reconnect_max_delay_s: float = 10.0,
-                 connection_name: str = "qm") -> None:
-        self._params = pika.URLParameters(url)
-        self._params.heartbeat = heartbeat_s
-        self._params.connection_attempts = 1
-        self._params.socket_timeout = 5
-        self._params.blocked_connection_timeout = 30
-        self._params.client_properties = {"connection_name": connection_name}
-        self._where = f"{self._params.host}:{self._params.port}"
+    def __init__(self, urls: str | Sequence[str], heartbeat_s: int = 30, reconnect_max_delay_s: float = 10.0,
+                 connection_name: str = "qm", quorum_initial_group_size: int = 0) -> None:
+        """`urls`: one AMQP URL, or one per node of a cluster (tried in this order)."""
+        self._nodes = [_parameters(url, heartbeat_s, connection_name)
+                       for url in ([urls] if isinstance(urls, str) else urls)]
+        if not self._nodes:
+            raise ValueError("RabbitMQBroker needs at least one AMQP URL")
+        self._node_index = 0
+        self._quorum_initial_group_size = quorum_initial_group_size
         self._reconnect_max_delay_s = reconnect_max_delay_s
         self._declarations: list[tuple[str, tuple]] = []
         self._consumers: dict[str, _ConsumerSpec] = {}
@@ -99,6 +111,24 @@ class RabbitMQBroker(Broker):
         self._closing = False
         self._last_error = "not connected yet"
         self.connections = 0  # established so far; reconnects = connections - 1
+
+    @property
+    def _params(self) -> pika.URLParameters:
+        return self._nodes[self._node_index]
+
+    @property
+    def _where(self) -> str:
+        """host:port of the node in use (or tried next)."""
+        return f"{self._params.host}:{self._params.port}"
+
+    @property
+    def node(self) -> str:
+        """host:port of the node connected to (or tried next)."""
+        return self._where
+
+    def _next_node(self) -> None:
+        """Move on to the next node in the list (around it)."""
+        self._node_index = (self._node_index + 1) % len(self._nodes)
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -140,11 +170,17 @@ class RabbitMQBroker(Broker):
 
     def unavailable(self) -> BrokerUnavailable:
         """The error publishes raise while disconnected, naming the broker and the cause."""
-        return BrokerUnavailable(f"RabbitMQ at {self._where} is unreachable ({self._last_error}); "
-                                 "check that it is running and that broker.url is right")
+        if len(self._nodes) == 1:
+            return BrokerUnavailable(f"RabbitMQ at {self._where} is unreachable ({self._last_error}); "
+                                     "check that it is running and that broker.url is right")
+        nodes = ", ".join(f"{node.host}:{node.port}" for node in self._nodes)
+        return BrokerUnavailable(f"RabbitMQ is unreachable on every node ({nodes}; last tried {self._where}: "
+                                 f"{self._last_error}); check that the cluster runs and that broker.urls "
+                                 "is right")
 
     async def _keep_connected(self) -> None:
         delay_s = RECONNECT_INITIAL_DELAY_S
+        failed = 0  # attempts failed since the last connection or backoff
         while not self._closing:
             try:
                 await self._open()
@@ -152,11 +188,19 @@ class RabbitMQBroker(Broker):
                     asyncio.TimeoutError) as exc:
                 self._last_error = _describe(exc)
                 self._drop(self._last_error)
-                self._log_failed_attempt(exc, delay_s)
-                await asyncio.sleep(delay_s)
-                delay_s = min(delay_s * 2, self._reconnect_max_delay_s)
+                # Another node may answer at once; back off only after a whole round failed
+                # (with one node, every attempt is a round).
+                tried = self._where
+                self._next_node()
+                failed += 1
+                round_over = failed >= len(self._nodes)
+                self._log_failed_attempt(exc, tried, delay_s if round_over else None)
+                if round_over:
+                    failed = 0
+                    await asyncio.sleep(delay_s)
+                    delay_s = min(delay_s * 2, self._reconnect_max_delay_s)
                 continue
-            delay_s = RECONNECT_INITIAL_DELAY_S
+            delay_s, failed = RECONNECT_INITIAL_DELAY_S, 0
             self.connections += 1
             self._connected.set()
             log.info("connected to RabbitMQ at %s", self._where)
@@ -165,17 +209,22 @@ class RabbitMQBroker(Broker):
             self._last_error = reason
             self._drop(reason)
             if not self._closing:
-                log.warning("lost connection to RabbitMQ at %s: %s; reconnecting", self._where, reason)
+                lost = self._where
+                if len(self._nodes) > 1:
+                    self._next_node()  # the lost node is likely down: try the others first
+                log.warning("lost connection to RabbitMQ at %s: %s; reconnecting (to %s)", lost, reason,
+                            self._where)
 
-    def _log_failed_attempt(self, error: Exception, delay_s: float) -> None:
+    def _log_failed_attempt(self, error: Exception, tried: str, delay_s: float | None) -> None:
+        """`delay_s` None: the next node is tried at once."""
+        then = f"trying {self._where} next" if delay_s is None else f"retrying in {delay_s:.1f} s"
         if isinstance(error, ConsumerRefused):  # loud: someone else may be doing our job
             log.error("RabbitMQ at %s refused to re-establish the exclusive consumer of queue %s after "
                       "a reconnect: another live process consumes it (for a qm-server: another server "
                       "with the same server id), or RabbitMQ has not yet noticed that our previous "
-                      "connection ended; retrying in %.1f s", self._where, error.queue, delay_s)
+                      "connection ended; %s", tried, error.queue, then)
         else:
-            log.warning("cannot connect to RabbitMQ at %s: %s; retrying in %.1f s",
-                        self._where, self._last_error, delay_s)
+            log.warning("cannot connect to RabbitMQ at %s: %s; %s", tried, self._last_error, then)
 
     async def _open(self) -> None:
         loop = asyncio.get_running_loop()
@@ -215,8 +264,13 @@ class RabbitMQBroker(Broker):
     def _drop(self, reason: str) -> None:
         """Forget the lost connection: fail whatever waits on it."""
         self._connected.clear()
-        error = BrokerUnavailable(f"connection to RabbitMQ at {self._where} lost ({reason})")
-        for future in list(self._pending.values()) + list(self._waiters):
+        lost = f"connection to RabbitMQ at {self._where} lost ({reason})"
+        unknown = PublishOutcomeUnknown(f"{lost} before the message was confirmed")
+        for future in self._pending.values():  # sent, never confirmed: RabbitMQ may hold them
+            if not future.done():
+                future.set_exception(unknown)
+        error = BrokerUnavailable(lost)
+        for future in self._waiters:
             if not future.done():
                 future.set_exception(error)
         self._pending.clear()
@@ -351,12 +405,19 @@ class RabbitMQBroker(Broker):
                 exchange=name, exchange_type=exchange_type, durable=True, callback=cb))
         elif kind == "queue":
             name, arguments = args
+            declared = self._with_group_size(dict(arguments))
             await self._admin(lambda channel, cb: channel.queue_declare(
-                queue=name, durable=True, arguments=dict(arguments), callback=cb))
+                queue=name, durable=True, arguments=declared, callback=cb))
         else:
             queue, exchange, routing_key = args
             await self._admin(lambda channel, cb: channel.queue_bind(
                 queue=queue, exchange=exchange, routing_key=routing_key, callback=cb))
+
+    def _with_group_size(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        """A quorum queue's arguments plus the configured initial group size (members)."""
+        if self._quorum_initial_group_size and arguments.get("x-queue-type") == "quorum":
+            arguments.setdefault("x-quorum-initial-group-size", self._quorum_initial_group_size)
+        return arguments
 
     async def queue_size(self, queue: str) -> int | None:
         try:
@@ -498,6 +559,17 @@ class RabbitMQBroker(Broker):
         channel = self._settle_channel(delivery)
         if channel is not None:
             channel.basic_nack(delivery.delivery_tag, requeue=requeue)
+
+
+def _parameters(url: str, heartbeat_s: int, connection_name: str) -> pika.URLParameters:
+    """Connection parameters of one node: one attempt each (the keeper retries)."""
+    params = pika.URLParameters(url)
+    params.heartbeat = heartbeat_s
+    params.connection_attempts = 1
+    params.socket_timeout = 5
+    params.blocked_connection_timeout = 30
+    params.client_properties = {"connection_name": connection_name}
+    return params
 
 
 def _describe(error: object) -> str:

@@ -166,15 +166,39 @@ async def declare_delay_tier(broker: Broker, tier_s: int) -> str:
     return await _declare_on_fanout(broker, name, name, delay_tier_arguments(tier_s))
 
 
-async def declare_dead_queue(broker: Broker, server_id: str) -> str:
+def server_queue_arguments(queue_type: str, **arguments: object) -> dict[str, object]:
+    """Arguments of a server's own queue. Classic: on one node, and an exclusive consumer is
+    enforced. Quorum: replicated over the cluster; RabbitMQ records but does not enforce an
+    exclusive consumer on it, so the events queue gets a single active consumer instead
+    (a second server under the same id waits rather than applying events alongside)."""
+    return {"x-queue-type": queue_type, **arguments}
+
+
+async def _declare_server_queue(broker: Broker, exchange: str, queue: str, arguments: dict[str, object]) -> str:
+    """A server's own queue; one that exists as another type stops the server with the way out."""
+    try:
+        return await _declare_on_fanout(broker, exchange, queue, arguments)
+    except BrokerRefused as refused:
+        if refused.code != 406:
+            raise
+        raise ConfigError("broker.server_queue_type", (
+            f"the queue {queue} in RabbitMQ exists with other arguments than this server declares "
+            f"({arguments}): {refused.text}. RabbitMQ cannot change a queue's type or arguments: stop this "
+            f"server, let it be drained or accept losing what it holds, delete it (rabbitmqctl delete_queue "
+            f"{queue}), then start the server again; or set broker.server_queue_type back")) from None
+
+
+async def declare_dead_queue(broker: Broker, server_id: str, queue_type: str = "classic") -> str:
     """Declare the dead-letter exchange and this replica's durable queue on it."""
-    return await _declare_on_fanout(broker, DEAD_EXCHANGE, dead_queue_name(server_id), {"x-queue-type": "classic"})
+    return await _declare_server_queue(broker, DEAD_EXCHANGE, dead_queue_name(server_id),
+                                       server_queue_arguments(queue_type))
 
 
-async def declare_events_queue(broker: Broker, server_id: str) -> str:
+async def declare_events_queue(broker: Broker, server_id: str, queue_type: str = "classic") -> str:
     """Declare the events exchange and this replica's durable queue on it."""
-    return await _declare_on_fanout(broker, EVENTS_EXCHANGE, events_queue_name(server_id),
-                                    {"x-queue-type": "classic"})
+    single = {"x-single-active-consumer": True} if queue_type == "quorum" else {}
+    return await _declare_server_queue(broker, EVENTS_EXCHANGE, events_queue_name(server_id),
+                                       server_queue_arguments(queue_type, **single))
 
 
 async def declare_cancel_stream(broker: Broker) -> str:
@@ -184,8 +208,10 @@ async def declare_cancel_stream(broker: Broker) -> str:
                                     {"x-queue-type": "stream", "x-max-age": CANCEL_STREAM_MAX_AGE})
 
 
-async def declare_heartbeats_queue(broker: Broker, server_id: str) -> str:
+async def declare_heartbeats_queue(broker: Broker, server_id: str, queue_type: str = "classic") -> str:
     """This replica's queue of worker heartbeats: old ones expire, and the queue goes
-    away once its server has been gone a while (heartbeats are not worth keeping)."""
-    return await _declare_on_fanout(broker, HEARTBEATS_EXCHANGE, f"qm.heartbeats.{server_id}", {
-        "x-queue-type": "classic", "x-message-ttl": HEARTBEAT_TTL_MS, "x-expires": HEARTBEAT_QUEUE_EXPIRES_MS})
+    away once its server has been gone a while (heartbeats are not worth keeping; a
+    quorum one is replicated only so that it can be declared again while a node is down)."""
+    arguments = server_queue_arguments(queue_type, **{"x-message-ttl": HEARTBEAT_TTL_MS,
+                                                      "x-expires": HEARTBEAT_QUEUE_EXPIRES_MS})
+    return await _declare_server_queue(broker, HEARTBEATS_EXCHANGE, f"qm.heartbeats.{server_id}", arguments)

@@ -58,8 +58,14 @@ class ServerApp:
         self.identity = identity.claim(config.server.data_dir, config.server.id)
         self.server_id = self.identity.server_id
         self.registry = registry or plugin_registry.discover()
-        self.broker = RabbitMQBroker(config.broker.url, config.broker.heartbeat_s,
-                                     config.broker.reconnect_max_delay_s, connection_name="qm-server")
+        self.broker = RabbitMQBroker(config.broker.node_urls, config.broker.heartbeat_s,
+                                     config.broker.reconnect_max_delay_s, connection_name="qm-server",
+                                     quorum_initial_group_size=config.broker.quorum_initial_group_size)
+        if len(config.broker.node_urls) > 1 and config.broker.server_queue_type == "classic":
+            log.warning("broker.urls lists %d nodes but broker.server_queue_type is classic: this server's "
+                        "events, dead-letter and heartbeat queues live on one node, and while that node is "
+                        "down the server gets no events; set broker.server_queue_type: quorum (see "
+                        "docs/architecture.md, 'A RabbitMQ cluster')", len(config.broker.node_urls))
         metrics = ServerMetrics()
         self.store = make_store(config, self.identity.store_path, self.server_id, metrics)
         self._changes: ChangeListener | None = None
@@ -71,6 +77,7 @@ class ServerApp:
                                    max_payload_bytes=server.max_payload_bytes,
                                    queue_type=config.broker.queue_type,
                                    delivery_limit=config.broker.delivery_limit,
+                                   server_queue_type=config.broker.server_queue_type,
                                    default_timeout_s=server.default_task_timeout_s,
                                    default_memory_limit_mb=server.default_task_memory_limit_mb,
                                    consumer_timeout_s=config.broker.consumer_timeout_s,
@@ -182,7 +189,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", metavar="PATH", help="YAML config file (default: $QM_CONFIG, else none)")
     parser.add_argument("--listen", metavar="HOST:PORT",
                         help="address to serve gRPC on; port 0 picks a free one (server.listen)")
-    parser.add_argument("--broker-url", metavar="URL", help="RabbitMQ AMQP URL (broker.url)")
+    parser.add_argument("--broker-url", metavar="URL[,URL...]",
+                        help="RabbitMQ AMQP URL, or one per node of a cluster, comma-separated: the first "
+                             "that answers is used, the next on failover (broker.urls)")
     parser.add_argument("--data-dir", metavar="DIR",
                         help="directory of the SQLite task store and the server id; one live server per "
                              "directory (server.data_dir)")
@@ -218,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         config = load_config(args.config, overrides={
-            "server.listen": args.listen, "broker.url": args.broker_url,
+            "server.listen": args.listen, "broker.urls": args.broker_url,
             "server.data_dir": args.data_dir, "server.id": args.server_id, "server.store_url": args.store_url,
             "log.level": args.log_level,
             "log.format": args.log_format,

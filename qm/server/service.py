@@ -21,6 +21,7 @@ from qm.errors import (
     BrokerUnavailable,
     IdempotencyKeyReused,
     IdempotencyKeyTaken,
+    PublishOutcomeUnknown,
     QMError,
     StoreUnavailable,
     TaskAlreadyFinished,
@@ -65,6 +66,7 @@ class TaskService:
 
     def __init__(self, registry: Registry, store: TaskStore, broker: Broker, *,
                  max_payload_bytes: int, queue_type: str = "quorum", delivery_limit: int = 5,
+                 server_queue_type: str = "classic",
                  default_timeout_s: float = 600.0, default_memory_limit_mb: int = 0,
                  consumer_timeout_s: float = 1800.0, default_retry: RetryPolicy = RetryPolicy(),
                  retention_s: float = 7 * 86400.0, metrics: ServerMetrics | None = None,
@@ -78,6 +80,7 @@ class TaskService:
         self.max_payload_bytes = max_payload_bytes
         self.max_batch_items = max_batch_items
         self.queue_type = queue_type
+        self.server_queue_type = server_queue_type  # of this server's events, dead-letter, heartbeat queues
         self.delivery_limit = delivery_limit
         self.default_timeout_s = default_timeout_s
         self.default_memory_limit_mb = default_memory_limit_mb
@@ -243,6 +246,14 @@ class TaskService:
         started = time.perf_counter()
         try:
             await self.broker.publish(topology.TASKS_EXCHANGE, message.queue, body, message.headers())
+        except PublishOutcomeUnknown:
+            # Sent, but the connection died before the confirm: RabbitMQ may hold the task (a
+            # quorum queue on the surviving nodes). Keep it, unconfirmed: the client's retry
+            # with the same key publishes it again and gets this id; a task deleted here
+            # would run under an id nobody knows, next to the retry's new one.
+            log.warning("task %s: connection lost before RabbitMQ confirmed it; kept to be published again",
+                        record.task_id)
+            raise
         except BaseException:
             await self.store.delete(record.task_id)  # never a stored half-task
             raise
@@ -326,17 +337,18 @@ class TaskService:
         for tier_s in retry.DELAY_TIERS_S:  # long before any retry: see Supervisor.start
             await topology.declare_delay_tier(self.broker, tier_s)
         shared = shared_store_id is not None
-        heartbeats = await topology.declare_heartbeats_queue(self.broker, server_id)
+        heartbeats = await topology.declare_heartbeats_queue(self.broker, server_id, self.server_queue_type)
         await self.broker.consume(heartbeats, self.workers.on_heartbeat, EVENTS_PREFETCH, exclusive=shared)
-        events = await topology.declare_events_queue(self.broker, shared_store_id or server_id)
-        dead = await topology.declare_dead_queue(self.broker, shared_store_id or server_id)
+        events = await topology.declare_events_queue(self.broker, shared_store_id or server_id, self.server_queue_type)
+        dead = await topology.declare_dead_queue(self.broker, shared_store_id or server_id, self.server_queue_type)
         self._tasks = [asyncio.create_task(self.events.run(), name="events-applier"),
                        asyncio.create_task(self._sweep_retention(), name="retention"),
                        asyncio.create_task(self._refresh_store_gauges(), name="store-gauges"),
                        asyncio.create_task(self._publish_unconfirmed_until_done(), name="unconfirmed"),
                        asyncio.create_task(self.reconciler.run(), name="reconciler")]
         # Exclusive (one store per server): while this server lives, another one under the
-        # same id is refused here.
+        # same id is refused here (classic queues; RabbitMQ does not enforce it on quorum
+        # queues: see topology).
         await self.broker.consume(events, self.events.queue.put_nowait, EVENTS_PREFETCH, exclusive=not shared)
         await self.broker.consume(dead, self.dead_letters.on_delivery, EVENTS_PREFETCH)
 

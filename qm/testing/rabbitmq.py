@@ -23,6 +23,10 @@ import psutil
 
 #: Where Debian's package puts the real start script (/usr/sbin's wrapper switches user).
 SERVER_SCRIPT_PATHS = ("/usr/lib/rabbitmq/bin/rabbitmq-server", "/usr/lib/rabbitmq/sbin/rabbitmq-server")
+#: ... and the real rabbitmqctl.
+CTL_SCRIPT_PATHS = ("/usr/lib/rabbitmq/bin/rabbitmqctl", "/usr/lib/rabbitmq/sbin/rabbitmqctl")
+#: How long one rabbitmqctl command may take.
+CTL_TIMEOUT_S = 120.0
 #: How long a node may take to accept AMQP connections after start.
 START_TIMEOUT_S = 90.0
 #: How long a graceful stop may take before the node is killed.
@@ -41,6 +45,14 @@ def find_server_script() -> str:
                                "`sudo apt-get install rabbitmq-server` (scripts/setup does this)")
 
 
+def find_ctl_script() -> str:
+    for path in CTL_SCRIPT_PATHS:
+        if os.access(path, os.X_OK):
+            return path
+    raise RabbitMQNotInstalled("rabbitmqctl is not installed; on Debian/Ubuntu run "
+                               "`sudo apt-get install rabbitmq-server` (scripts/setup does this)")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -51,16 +63,25 @@ class LocalRabbitMQ:
     """One RabbitMQ node; `start`, `stop` (graceful), `kill` (SIGKILL) and `start` again.
 
     Data survives stop/kill and restart (same directory, same ports), as on a real host.
+    A node of a cluster (qm.testing.rabbitmq_cluster) is given the cluster's epmd port,
+    which it then leaves running when it stops, and the cluster's Erlang cookie.
     """
 
     def __init__(self, base_dir: str | os.PathLike, amqp_port: int = 0,
-                 consumer_timeout_ms: int = 1_800_000) -> None:
+                 consumer_timeout_ms: int = 1_800_000, epmd_port: int = 0, cookie: str = "") -> None:
         self.base_dir = pathlib.Path(base_dir).resolve()
         self.amqp_port = amqp_port or free_port()
         self.dist_port = free_port()
-        self.epmd_port = free_port()
+        self.own_epmd = not epmd_port
+        self.epmd_port = epmd_port or free_port()
+        self.cookie = cookie
         self.consumer_timeout_ms = consumer_timeout_ms
         self.process: subprocess.Popen | None = None
+
+    @property
+    def node_name(self) -> str:
+        """The Erlang node name, unique per AMQP port."""
+        return f"qm{self.amqp_port}@localhost"
 
     @property
     def url(self) -> str:
@@ -78,7 +99,7 @@ class LocalRabbitMQ:
             "RABBITMQ_LOG_BASE": str(base / "log"),
             "RABBITMQ_LOGS": str(base / "log" / "rabbit.log"),
             "RABBITMQ_PID_FILE": str(base / "rabbit.pid"),
-            "RABBITMQ_NODENAME": f"qm{self.amqp_port}@localhost",
+            "RABBITMQ_NODENAME": self.node_name,
             "RABBITMQ_DIST_PORT": str(self.dist_port),
             "ERL_EPMD_PORT": str(self.epmd_port),
             "ERL_EPMD_ADDRESS": "127.0.0.1",
@@ -93,9 +114,18 @@ class LocalRabbitMQ:
             f"consumer_timeout = {self.consumer_timeout_ms}\n"
             "disk_free_limit.absolute = 50MB\n")
         (self.base_dir / "enabled_plugins").write_text("[].\n")
+        cookie = self.base_dir / ".erlang.cookie"  # in HOME: read by the node and by rabbitmqctl
+        if self.cookie and not cookie.exists():
+            cookie.write_text(self.cookie)
+            cookie.chmod(0o400)  # Erlang refuses a cookie file others can read
 
     def start(self, timeout_s: float = START_TIMEOUT_S) -> str:
         """Start the node and wait until it accepts AMQP connections; return its URL."""
+        self.launch()
+        return self.wait_ready(timeout_s)
+
+    def launch(self) -> None:
+        """Start the node's process without waiting for it (see wait_ready)."""
         script = find_server_script()
         self._write_config()
         output = open(self.base_dir / "log" / "stdout.log", "ab")
@@ -103,6 +133,10 @@ class LocalRabbitMQ:
                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                         start_new_session=True)
         output.close()
+
+    def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> str:
+        """Wait until the launched node accepts AMQP connections; return its URL."""
+        assert self.process is not None, "launch() first"
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -114,6 +148,19 @@ class LocalRabbitMQ:
         self.kill()
         raise RuntimeError(f"rabbitmq-server did not accept connections in {timeout_s:.0f} s; "
                            f"see {self.base_dir / 'log'}")
+
+    def rabbitmqctl(self, *args: str, timeout_s: float = CTL_TIMEOUT_S) -> str:
+        """Run `rabbitmqctl -n <this node> ARGS` as this node's environment; its output.
+        RuntimeError with the output when it fails."""
+        env = self._environment()
+        ctl_port = str(free_port())  # the CLI is an Erlang node too: its own free dist port
+        env.update({"RABBITMQ_CTL_DIST_PORT_MIN": ctl_port, "RABBITMQ_CTL_DIST_PORT_MAX": ctl_port})
+        done = subprocess.run([find_ctl_script(), "-n", self.node_name, *args], env=env, capture_output=True,
+                              text=True, timeout=timeout_s, stdin=subprocess.DEVNULL)
+        if done.returncode != 0:
+            raise RuntimeError(f"rabbitmqctl {' '.join(args)} on {self.node_name} failed "
+                               f"({done.returncode}): {done.stdout}{done.stderr}")
+        return done.stdout
 
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
         """Graceful shutdown (SIGTERM to the node's process group), then SIGKILL."""
@@ -141,7 +188,8 @@ class LocalRabbitMQ:
         if self.process is not None:
             self.process.wait(STOP_TIMEOUT_S)
             self.process = None
-        _kill_epmd(self.epmd_port)
+        if self.own_epmd:
+            kill_epmd(self.epmd_port)
 
     def __enter__(self) -> "LocalRabbitMQ":
         self.start()
@@ -161,7 +209,7 @@ def _amqp_ready(port: int) -> bool:
         return False
 
 
-def _kill_epmd(port: int) -> None:
+def kill_epmd(port: int) -> None:
     """End the private epmd: it daemonizes out of the node's process group."""
     for process in psutil.process_iter(["name"]):
         if process.info["name"] != "epmd":

@@ -58,7 +58,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add = parser.add_argument
     add("--config", metavar="PATH", help="YAML config file (default: $QM_CONFIG, else none)")
     add("--procs", metavar="N", help="child processes running tasks; 0 = one per CPU (worker.procs)")
-    add("--broker-url", metavar="URL", help="RabbitMQ AMQP URL (broker.url)")
+    add("--broker-url", metavar="URL[,URL...]", help="RabbitMQ AMQP URL, or one per node of a cluster, "
+                                                     "comma-separated: the first that answers is used, the "
+                                                     "next on failover (broker.urls)")
     add("--queues", metavar="Q1,Q2", help="logical queues to consume, comma-separated (worker.queues)")
     add("--prefetch", metavar="N|auto", help="unacked deliveries per queue; auto = 1 per child for long "
                                              "tasks, up to 4 per child for very short ones (worker.prefetch)")
@@ -87,8 +89,9 @@ def build(config: Config, registry: plugin_registry.Registry) -> tuple[Pool, Rab
                 max_tasks_per_child=config.worker.max_tasks_per_child,
                 max_idle_rss_mb=config.worker.max_child_idle_rss_mb,
                 address_space_limit=config.worker.address_space_limit)
-    broker = RabbitMQBroker(config.broker.url, config.broker.heartbeat_s,
-                            config.broker.reconnect_max_delay_s, connection_name="qm-worker")
+    broker = RabbitMQBroker(config.broker.node_urls, config.broker.heartbeat_s,
+                            config.broker.reconnect_max_delay_s, connection_name="qm-worker",
+                            quorum_initial_group_size=config.broker.quorum_initial_group_size)
     caps = task_limits.Limits(config.worker.task_timeout_s, config.worker.task_memory_limit_mb)
     supervisor = Supervisor(broker, pool, worker_id(config), list(config.worker.queues), prefetch_policy(config),
                             config.broker.queue_type, caps=caps,
@@ -180,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         config = load_config(args.config, overrides={
-            "worker.procs": args.procs, "broker.url": args.broker_url, "worker.queues": args.queues,
+            "worker.procs": args.procs, "broker.urls": args.broker_url, "worker.queues": args.queues,
             "worker.prefetch": args.prefetch, "worker.task_timeout_s": args.task_timeout,
             "worker.task_memory_limit_mb": args.task_memory_limit,
             "worker.max_tasks_per_child": args.max_tasks_per_child,

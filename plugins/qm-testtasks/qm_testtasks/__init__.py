@@ -40,6 +40,15 @@ def spin(payload: str) -> str:
     return str(count)
 
 
+def spin_timed(payload: str) -> str:
+    """test.spin, timed by the child itself: "PID START END LOOPS", the times from
+    time.time() just before and after the spin. A benchmark pairs one task's END with the
+    next START of the same PID: how long the child sat idle between two tasks."""
+    started = time.time()
+    loops = spin(payload)
+    return f"{os.getpid()} {started:.6f} {time.time():.6f} {loops}"
+
+
 def exit_now(payload: str) -> str:
     """Leave the process at once with os._exit(payload as int)."""
     os._exit(int(payload or 3))
