@@ -41,13 +41,13 @@ def test_a_retry_after_a_lost_confirm_answers_the_same_task(tmp_path):
             raise AssertionError("the lost confirm must reach the caller (UNAVAILABLE: retry)")
         except BrokerUnavailable:
             pass
-        assert store.count() == 1  # kept: RabbitMQ may hold its message
+        assert await store.count() == 1  # kept: RabbitMQ may hold its message
         retried = await service.submit("math", b"1 + 1", idempotency_key="k1")
-        assert [task_id for task_id, _queue, _body in store.unconfirmed()] == []
+        assert [task_id for task_id, _queue, _body in await store.unconfirmed()] == []
         assert broker.queue_depth(WORK_QUEUE) == 2  # the same task, twice: a harmless duplicate
         got: asyncio.Queue = asyncio.Queue()
         await broker.consume(WORK_QUEUE, got.put_nowait, prefetch=2)
         ids = {TaskMessage.decode((await within(got.get())).body).task_id for _ in range(2)}
         assert ids == {retried.task_id}
-        store.close()
+        await store.close()
     run(body)
