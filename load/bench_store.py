@@ -90,12 +90,19 @@ def _finished_rows(count: int, now: float):
                finished - 0.02, finished - 0.01, finished, finished, 600.0, 0, str(uuid.uuid4()), 0, 1)
 
 
+def close_store(store: Store) -> None:
+    """Close a store, awaiting close() where it is a coroutine (since the async seam)."""
+    result: Any = store.close()
+    if inspect.isawaitable(result):
+        asyncio.run(result)
+
+
 def fill_store(db_path: pathlib.Path, count: int) -> float:
     """Create the store (its schema from qm.server.store) and add `count` finished tasks in
     one transaction; return the seconds it took."""
     t0 = time.monotonic()
     db_path.parent.mkdir(parents=True, exist_ok=True)
-    Store(db_path).close()  # schema, indexes (and whatever else this version keeps) as the server makes them
+    close_store(Store(db_path))  # schema, indexes (and whatever else this version keeps) as the server makes them
     db = sqlite3.connect(db_path, isolation_level=None)
     try:
         # Straight into the file, no journal, no fsync: a failed fill is thrown away anyway.
@@ -169,7 +176,8 @@ def measure_store_calls(db_path: pathlib.Path, ops: int) -> dict[str, Any]:
         batches = [events[i:i + APPLY_BATCH] for i in range(0, len(events), APPLY_BATCH)]
         applies = _timed_loop(batches, lambda batch: call(store.apply(batch, {"math": "text"})), PHASE_BOUND_S)
         applied = sum(len(batch) for batch in batches[:applies[0]])
-        counts = _timed_loop(range(100), lambda _: (call(store.count()), call(store.count_dead_letters())), PHASE_BOUND_S)
+        counts = _timed_loop(range(100), lambda _: (call(store.count()), call(store.count_dead_letters())),
+                             PHASE_BOUND_S)
     finally:
         call(store.close())
         loop.close()

@@ -23,6 +23,10 @@ Options (after the usual Locust ones; each also from the environment variable sh
                             asked once with ListTaskTypes; the mix used is logged)
   --qm-task-timeout S       bound on waiting for a task's end, seconds (LOCUST_QM_TASK_TIMEOUT; default 60)
   --qm-wait S               think time between a user's tasks, seconds (LOCUST_QM_WAIT; default 0.1)
+
+TLS and auth come from the environment as for `qm`: QM_CLIENT__TLS_CA (the server's CA:
+connect with TLS), QM_CLIENT__TOKEN (a `submit` token), QM_CLIENT__TLS_CERT and
+QM_CLIENT__TLS_KEY (mTLS).
 """
 from __future__ import annotations
 
@@ -45,6 +49,7 @@ import grpc  # noqa: E402
 from locust import User, events, task  # noqa: E402
 
 from qm._proto.qm.v1 import task_queue_pb2, task_queue_pb2_grpc  # noqa: E402
+from qm.client.credentials import ChannelSecurity  # noqa: E402
 from qm.states import TaskState, state_name  # noqa: E402
 
 DEFAULT_SERVER = "127.0.0.1:50051"
@@ -157,7 +162,10 @@ class QueueMasterUser(User):
         options = self.environment.parsed_options
         self.queue = options.qm_queue if options else ""
         self.task_timeout_s = options.qm_task_timeout if options else 60.0
-        self.channel = grpc.insecure_channel(server_address(self.host))
+        # TLS and token as for every client: QM_CLIENT__TLS_CA, QM_CLIENT__TOKEN, QM_CLIENT__TLS_CERT/KEY.
+        security = ChannelSecurity.load(*(os.environ.get(f"QM_CLIENT__{key}") for key in
+                                          ("TLS_CA", "TOKEN", "TLS_CERT", "TLS_KEY")))
+        self.channel = security.channel(server_address(self.host))
         self.stub = task_queue_pb2_grpc.TaskQueueStub(self.channel)
         self.types = task_mix(options.qm_types if options else DEFAULT_TYPES, self.stub)
         self.weights = [WEIGHTS[t] for t in self.types]

@@ -7,6 +7,7 @@ client encodes what a caller passes and decodes results with the codec the serve
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 CODECS = ("text", "json", "bytes")
@@ -17,7 +18,12 @@ def decode_payload(codec: str, payload: bytes) -> Any:
     if codec == "bytes":
         return payload
     text = payload.decode("utf-8")  # UnicodeDecodeError is a ValueError
-    return json.loads(text) if codec == "json" else text
+    if codec != "json":
+        return text
+    try:
+        return json.loads(text)
+    except RecursionError:  # json's C parser counts nesting against Python's recursion limit
+        raise ValueError(f"JSON nested deeper than {sys.getrecursionlimit()} levels") from None
 
 
 def encode_result(codec: str, value: Any) -> bytes:

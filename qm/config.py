@@ -12,7 +12,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -243,6 +243,52 @@ def _queue_names(names: list[str]) -> list[str]:
     return names
 
 
+#: Shortest executor secret: 32 characters (e.g. `python -c "import secrets; print(secrets.token_urlsafe(32))"`).
+MIN_SECRET_LENGTH = 32
+_KEY_ID = re.compile(r"[A-Za-z0-9_.-]{1,32}")
+_ROLES = ("read", "submit", "admin")
+
+
+def _secret_length(value: str) -> str:
+    if value and len(value) < MIN_SECRET_LENGTH:
+        raise ValueError(f"must be at least {MIN_SECRET_LENGTH} characters, got {len(value)}; generate one with "
+                         "python -c 'import secrets; print(secrets.token_urlsafe(32))'")
+    return value
+
+
+def _key_id(value: str) -> str:
+    if not _KEY_ID.fullmatch(value):
+        raise ValueError(f"expected 1 to 32 letters, digits, _ . -, got {value!r}")
+    return value
+
+
+def _previous_secrets(items: list[str]) -> list[str]:
+    for item in items:
+        key_id, sep, secret = item.partition(":")
+        if not sep:
+            raise ValueError("expected KEY_ID:SECRET items, e.g. '1:<old secret>'")
+        _key_id(key_id)
+        _secret_length(secret)
+    return items
+
+
+def _cert_roles(items: list[str]) -> list[str]:
+    for item in items:
+        name, sep, role = item.rpartition(":")
+        if not sep or not name or role not in _ROLES:
+            raise ValueError(f"expected COMMON_NAME:ROLE items with a role of {', '.join(_ROLES)}, got {item!r}")
+    return items
+def _allowed_queues(names: list[str]) -> list[str]:
+    """server.queues: queue names, or glob patterns (`*` for any run of name characters)."""
+    if not names:
+        raise ValueError("needs at least one queue name, e.g. 'default' or 'default,reports'")
+    for name in names:
+        problem = topology.queue_name_problem(name.replace("*", "x"))
+        if problem:
+            raise ValueError(problem + " (a pattern may use * as well)")
+    return names
+
+
 def parse_host_port(text: str) -> tuple[str, int]:
     """Split ``HOST:PORT`` (IPv6 as ``[::1]:PORT``) into (host, port), port 0..65535.
 
@@ -307,8 +353,16 @@ class BrokerConfig:
     queue_type: str = _setting("quorum", _to_str, _one_of("classic", "quorum"))
     delivery_limit: int = _setting(5, _to_int, _above(0))
     consumer_timeout_s: float = _setting(1800.0, _to_float, _above(0))
+    max_queue_length: int = _setting(1_000_000, _to_int, _at_least(0))
     quorum_initial_group_size: int = _setting(0, _to_int, _at_least(0))  # 0: RabbitMQ's default
     server_queue_type: str = _setting("classic", _to_str, _one_of("classic", "quorum"))
+    #: A file whose first line replaces the password in `url` and every `urls` entry (keeps it
+    #: off command lines).
+    password_file: str = _setting("", _to_str)
+    #: amqps:// (TLS): the CA of RabbitMQ's certificate, and this client's own for mutual TLS.
+    tls_ca: str = _setting("", _to_str)
+    tls_cert: str = _setting("", _to_str)
+    tls_key: str = _setting("", _to_str)
 
     @property
     def node_urls(self) -> list[str]:
@@ -341,6 +395,28 @@ class ServerConfig:
     worker_lost_after_s: float = _setting(30.0, _to_float, _above(0))
     reconcile_interval_s: float = _setting(30.0, _to_float, _above(0))
     reconcile_after_s: float = _setting(60.0, _to_float, _above(0))
+    tls_cert: str = _setting("", _to_str)
+    tls_key: str = _setting("", _to_str)
+    tls_client_ca: str = _setting("", _to_str)
+    tokens_file: str = _setting("", _to_str)
+    #: Roles of mTLS client certificates without a token, as "COMMON_NAME:ROLE" items.
+    client_cert_roles: list[str] = _setting([], _to_names, _cert_roles)
+    insecure: bool = _setting(False, _to_bool)
+    # Caps and quotas on what a client controls (qm/server/caps.py, qm/server/quotas.py).
+    queues: list[str] = _setting(["default"], _to_names, _allowed_queues)
+    max_task_timeout_s: float = _setting(1800.0, _to_float, _above(0))
+    max_task_memory_limit_mb: int = _setting(0, _to_int, _at_least(0))
+    max_retries: int = _setting(20, _to_int, _at_least(0), _at_most(100))
+    max_message_bytes: int = _setting(4194304, _to_int, _at_least(1024))
+    max_concurrent_streams: int = _setting(1000, _to_int, _above(0))
+    max_stream_ids: int = _setting(10000, _to_int, _above(0))
+    max_stream_s: float = _setting(3600.0, _to_float, _above(0))
+    submit_rate_per_s: float = _setting(2000.0, _to_float, _at_least(0))
+    submit_burst: int = _setting(4000, _to_int, _above(0))
+    validate_timeout_s: float = _setting(1.0, _to_float, _above(0))
+    validate_threads: int = _setting(4, _to_int, _above(0))
+    max_dead_letters_listed: int = _setting(1000, _to_int, _above(0))
+    dead_letter_retention_s: float = _setting(2592000.0, _to_float, _above(0))
 
 
 @dataclass(frozen=True)
@@ -362,6 +438,14 @@ class WorkerConfig:
     status_listen: str = _setting("127.0.0.1:0", _to_str, _optional_host_port)
     metrics_port: int = _setting(0, _to_int, _at_least(0), _at_most(65535))
     heartbeat_interval_s: float = _setting(5.0, _to_float, _above(0))
+    #: The status endpoint's TLS and tokens, as server.tls_* and server.tokens_file.
+    status_tls_cert: str = _setting("", _to_str)
+    status_tls_key: str = _setting("", _to_str)
+    status_tls_client_ca: str = _setting("", _to_str)
+    status_tokens_file: str = _setting("", _to_str)
+    #: Allow status_listen off loopback without TLS and tokens (as server.insecure).
+    status_insecure: bool = _setting(False, _to_bool)
+    max_result_bytes: int = _setting(1048576, _to_int, _above(0))
 
 
 @dataclass(frozen=True)
@@ -369,13 +453,25 @@ class ClientConfig:
     """Client settings."""
 
     server: str = _setting("127.0.0.1:50051", _to_str, _host_ports)
+    tls_ca: str = _setting("", _to_str)
+    tls_cert: str = _setting("", _to_str)
+    tls_key: str = _setting("", _to_str)
+    token: str = _setting("", _to_str)
 
 
 @dataclass(frozen=True)
 class ExecutorConfig:
     """The `python` task type (qm.Executor): off unless a shared secret is set."""
 
-    secret: str = _setting("", _to_str)
+    secret: str = _setting("", _to_str, _secret_length)
+    #: A file holding the secret (first line), instead of `secret`.
+    secret_file: str = _setting("", _to_str)
+    #: Id of `secret`, written into every signature (rotation: see previous_secrets).
+    key_id: str = _setting("1", _to_str, _key_id)
+    #: Older secrets still accepted, as "KEY_ID:SECRET" items; new signatures use `secret`.
+    previous_secrets: list[str] = _setting([], _to_names, _previous_secrets)
+    #: How long a signed payload may be submitted after it was signed (replay window).
+    signature_ttl_s: float = _setting(300.0, _to_float, _above(0))
 
 
 @dataclass(frozen=True)
@@ -405,6 +501,9 @@ class Config:
             data["broker"]["urls"] = [redact_url(url) for url in data["broker"]["urls"]]
             data["server"]["store_url"] = redact_url(data["server"]["store_url"])
             data["executor"]["secret"] = "***" if data["executor"]["secret"] else ""
+            data["executor"]["previous_secrets"] = [f"{item.partition(':')[0]}:***"
+                                                    for item in data["executor"]["previous_secrets"]]
+            data["client"]["token"] = "***" if data["client"]["token"] else ""
         return data
 
 
@@ -582,8 +681,26 @@ def load_config(
     return Config(**{name: cls(**values[name]) for name, cls in _sections().items()})
 
 
-def export_executor_secret(config: Config) -> None:
-    """Hand executor.secret to the `python` task type (server validator, worker children)
-    through the environment, whichever layer set it."""
-    if config.executor.secret:
-        os.environ["QM_EXECUTOR__SECRET"] = config.executor.secret
+def read_secret_file(path: str, key: str) -> str:
+    """The first line of a secret file (`*_file` keys); ConfigError naming `key`."""
+    try:
+        with open(path, encoding="utf-8") as stream:
+            secret = stream.readline().rstrip("\r\n")
+    except OSError as exc:
+        raise ConfigError(key, f"cannot read {path!r}: {exc.strerror or exc}") from None
+    if not secret:
+        raise ConfigError(key, f"{path!r} is empty; its first line must hold the secret")
+    return secret
+
+
+#: Environment variables that may carry secrets: dropped from the process environment once
+#: the configuration is read, so child processes (task code) never inherit them.
+SECRET_ENV_PREFIXES = ("QM_EXECUTOR__", "QM_BROKER__URL", "QM_BROKER__PASSWORD", "QM_CLIENT__TOKEN")
+
+
+def scrub_secret_env(environ: MutableMapping[str, str] = os.environ) -> list[str]:
+    """Remove secret-bearing QM_* variables from the environment; return their names."""
+    names = [name for name in environ if name.startswith(SECRET_ENV_PREFIXES)]
+    for name in names:
+        del environ[name]
+    return names

@@ -42,6 +42,22 @@ class BrokerUnavailable(QMError):
     """The message broker cannot be reached or refused the message."""
 
 
+class QueueFull(BrokerUnavailable):
+    """RabbitMQ refused a message (basic.nack): its work queue is at its length cap
+    (broker.max_queue_length, overflow reject-publish), or, on a cluster, a quorum queue
+    has no leader for the moment. A BrokerUnavailable for code that retries publishes;
+    the API answers it RESOURCE_EXHAUSTED (QUEUE_FULL): both pass with time."""
+
+
+class ValidatorsBusy(QMError):
+    """Every payload-validator thread is still busy after the time budget (validators
+    that run long): the submission was not checked; a later retry may be."""
+
+    def __init__(self, threads: int, timeout_s: float):
+        super().__init__(f"all {threads} payload validator threads (server.validate_threads) are busy with "
+                         f"validations over their budget of {timeout_s:g} s; retry later")
+
+
 class PublishOutcomeUnknown(BrokerUnavailable):
     """The message was handed to the broker, but the connection was lost before its confirm:
     the broker may hold it (a quorum queue on the surviving nodes) or not."""
@@ -101,6 +117,32 @@ class Overloaded(QMError):
         self.retry_after_ms = retry_after_ms
         super().__init__(f"qm-server is overloaded: {in_flight} calls in flight, the limit "
                          f"(server.max_concurrent_rpcs) is {limit}; retry in {retry_after_ms} ms")
+
+
+class Unauthenticated(QMError):
+    """A call without credentials the server accepts (qm/server/auth.py)."""
+
+
+class PermissionDenied(QMError):
+    """A caller whose role lacks the right for the method (qm/server/auth.py)."""
+class RateLimited(QMError):
+    """The caller submitted faster than server.submit_rate_per_s allows: refused at once
+    (RESOURCE_EXHAUSTED), nothing submitted, with the wait until it may."""
+
+    def __init__(self, count: int, rate_per_s: float, burst: int, retry_after_ms: int):
+        self.retry_after_ms = retry_after_ms
+        super().__init__(f"submit rate limit reached: {count} task(s) refused, nothing submitted; this caller may "
+                         f"submit {rate_per_s:g} tasks/s with bursts of {burst} (server.submit_rate_per_s, "
+                         f"server.submit_burst); retry in {retry_after_ms} ms")
+
+
+class StreamExpired(QMError):
+    """A StreamTaskResults stream was open for server.max_stream_s: it ends (UNAVAILABLE);
+    a new one picks up the tasks still followed."""
+
+    def __init__(self, max_stream_s: float):
+        super().__init__(f"this stream was open for {max_stream_s:g} s, the longest a result stream may last "
+                         "(server.max_stream_s); open a new one for the tasks still followed")
 
 
 class TaskNotFound(QMError):

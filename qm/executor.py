@@ -3,8 +3,9 @@
     with qm.Executor(server="127.0.0.1:50051", secret=...) as executor:
         squares = list(executor.map(lambda x: x * x, range(200)))
 
-Each call is pickled with cloudpickle, signed (see qm/tasks/python.py for the trust
-model), submitted as a `python` task with the executor's limits, and its future resolved
+Each call is pickled with cloudpickle, signed under `key_id` with a nonce and an expiry
+(see qm/tasks/python.py for the trust model, qm/security/signing.py for the format),
+submitted as a `python` task with the executor's limits, and its future resolved
 from one status stream that the executor feeds with ids as it submits them. A call that
 raises gives its future that exception; a call killed at its time limit gives
 TimeoutError; any other failure (memory, crash, cancel) gives qm.errors.TaskError.
@@ -21,9 +22,10 @@ import grpc
 
 from qm._proto.qm.v1 import task_queue_pb2
 from qm.client.client import Client
+from qm.config import MIN_SECRET_LENGTH
 from qm.errors import TaskError
+from qm.security.signing import Keyring
 from qm.states import TaskState
-from qm.tasks import python as python_task
 
 #: Sentinel ending the stream's request iterator.
 _CLOSE = object()
@@ -33,11 +35,15 @@ class Executor(concurrent.futures.Executor):
     """Runs callables as `python` tasks; futures complete as the tasks finish."""
 
     def __init__(self, server: str = "127.0.0.1:50051", *, secret: str, timeout_s: float = 0.0,
-                 memory_limit_mb: int = 0, queue: str = "", max_retries: int | None = None) -> None:
-        if not secret:
-            raise ValueError("qm.Executor needs the shared executor.secret of the servers and workers")
-        self._client = Client(server)
-        self._secret = secret
+                 memory_limit_mb: int = 0, queue: str = "", max_retries: int | None = None,
+                 key_id: str = "1", signature_ttl_s: float = 300.0, tls_ca: str | None = None,
+                 token: str | None = None, tls_cert: str | None = None, tls_key: str | None = None) -> None:
+        if len(secret or "") < MIN_SECRET_LENGTH:
+            raise ValueError(f"qm.Executor needs the shared executor.secret of the servers and workers (at least "
+                             f"{MIN_SECRET_LENGTH} characters) and its executor.key_id")
+        self._client = Client(server, tls_ca=tls_ca, token=token, tls_cert=tls_cert, tls_key=tls_key)
+        self._keys = Keyring(key_id, {key_id: secret})
+        self._signature_ttl_s = signature_ttl_s
         self._options: dict[str, Any] = dict(queue=queue, timeout_s=timeout_s, memory_limit_mb=memory_limit_mb,
                                              max_retries=max_retries)
         self._futures: dict[str, concurrent.futures.Future] = {}
@@ -51,7 +57,7 @@ class Executor(concurrent.futures.Executor):
     def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
         if self._shutdown:
             raise RuntimeError("cannot submit after shutdown")
-        payload = python_task.sign(self._secret, cloudpickle.dumps((fn, args, kwargs)))
+        payload = self._keys.sign(cloudpickle.dumps((fn, args, kwargs)), self._signature_ttl_s)
         future: concurrent.futures.Future = concurrent.futures.Future()
         task_id = self._client.submit("python", payload, **self._options)
         with self._lock:
@@ -105,7 +111,7 @@ class Executor(concurrent.futures.Executor):
         state = TaskState.of_number(status.state)
         if state is TaskState.SUCCEEDED:
             try:
-                kind, value = cloudpickle.loads(python_task.verify(self._secret, status.result, "result"))
+                kind, value = cloudpickle.loads(self._keys.verify(status.result, "result", check_expiry=False).data)
             except Exception as exc:  # a result we cannot trust or read
                 future.set_exception(exc)
                 return

@@ -45,12 +45,16 @@ def _armed(soft_timeout_s: float, timeout_s: float) -> float:
 
 
 def resolve(task_type: TaskType, timeout_s: float, memory_limit_mb: int, *, default_timeout_s: float,
-            default_memory_limit_mb: int, consumer_timeout_s: float, soft_timeout_s: float = 0.0) -> Limits:
-    """The limits a submission runs under; ValidationError names the field at fault."""
+            default_memory_limit_mb: int, consumer_timeout_s: float, soft_timeout_s: float = 0.0,
+            max_timeout_s: float = 0.0, max_memory_limit_mb: int = 0) -> Limits:
+    """The limits a submission runs under; ValidationError names the field at fault.
+
+    `max_timeout_s` / `max_memory_limit_mb` are the server's maxima (0 = none), capping
+    like the type's; with a memory maximum, "no limit" becomes that maximum."""
     if not math.isfinite(timeout_s) or timeout_s < 0:
         raise ValidationError("timeout_s", f"must be a positive number of seconds, got {timeout_s}")
     timeout: float | None = timeout_s or task_type.default_timeout_s or default_timeout_s
-    timeout = _smallest(timeout, task_type.max_timeout_s)
+    timeout = _smallest(timeout, task_type.max_timeout_s, max_timeout_s)
     assert timeout is not None  # default_timeout_s > 0 (config), so one of them is set
     if timeout >= consumer_timeout_s:
         raise ValidationError(
@@ -59,7 +63,7 @@ def resolve(task_type: TaskType, timeout_s: float, memory_limit_mb: int, *, defa
             "consumer_timeout in rabbitmq.conf and broker.consumer_timeout_s (QM_BROKER__CONSUMER_TIMEOUT_S) "
             "together")
     memory = memory_limit_mb or task_type.default_memory_limit_mb or default_memory_limit_mb
-    memory = _smallest(memory, task_type.max_memory_limit_mb) or 0
+    memory = _smallest(memory, task_type.max_memory_limit_mb, max_memory_limit_mb) or 0
     if not math.isfinite(soft_timeout_s) or soft_timeout_s < 0:
         raise ValidationError("soft_timeout_s", f"must be a positive number of seconds, got {soft_timeout_s}")
     if soft_timeout_s and soft_timeout_s >= timeout:

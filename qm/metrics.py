@@ -39,6 +39,9 @@ class ServerMetrics:
         self.grpc_refused = Counter("qm_server_grpc_refused_total", "TaskQueue calls refused with "
                                     "RESOURCE_EXHAUSTED because server.max_concurrent_rpcs calls were in flight, "
                                     "by method", ["method"], registry=r)
+        self.rate_limited = Counter("qm_server_rate_limited_total", "Submit calls refused with RESOURCE_EXHAUSTED "
+                                    "by the per-caller rate limit (server.submit_rate_per_s), by method",
+                                    ["method"], registry=r)
         self.grpc_in_flight = Gauge("qm_server_grpc_in_flight", "TaskQueue calls being handled (streams included)",
                                     registry=r)
         self.open_streams = Gauge("qm_server_open_streams", "StreamTaskResults streams open", registry=r)

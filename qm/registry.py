@@ -8,7 +8,9 @@ the task type. It resolves either to a `TaskType` or to a plain function
 - find: list entry points, sorted by name; imports nothing.
 - load: import each; an import error becomes a PluginError naming the distribution,
   and one broken plugin does not stop the others.
-- validate: declarations are checked (names, codecs, duplicates).
+- validate: declarations are checked (names, codecs, duplicates); a plugin that names a
+  built-in type (`math`, `python`, from the queuemaster distribution) is refused with an
+  error naming both distributions, whatever the order: it cannot silently replace one.
 """
 from __future__ import annotations
 
@@ -24,6 +26,9 @@ from qm.errors import PluginError, UnknownTaskType, ValidationError
 ENTRY_POINT_GROUP = "qm.tasks"
 #: Payload/result encodings a task type may declare.
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
+#: The distribution whose entry points are the built-in types, and their names.
+BUILTIN_DISTRIBUTION = "queuemaster"
+BUILTIN_TYPES = frozenset({"math", "python"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +51,13 @@ class TaskType:
     soft_timeout_s: float | None = None
     #: Retry policy for this type (qm.retry.RetryPolicy); None = the server's default.
     retry: Any = None
+    #: The distribution whose entry point declared it (set when loaded; "" if unknown); not
+    #: part of equality: the same declaration is equal wherever it was loaded from.
+    distribution: str = dataclasses.field(default="", compare=False)
+
+    @property
+    def builtin(self) -> bool:
+        return self.name in BUILTIN_TYPES and self.distribution == BUILTIN_DISTRIBUTION
 
     def decode_payload(self, payload: bytes) -> Any:
         """Bytes on the wire → the handler's argument (raises ValidationError)."""
@@ -99,10 +111,10 @@ def _load_one(ep: importlib.metadata.EntryPoint) -> TaskType | PluginError:
         error.__cause__ = exc
         return error
     if isinstance(target, TaskType):
-        return dataclasses.replace(target, name=ep.name) if target.name != ep.name else target
+        return dataclasses.replace(target, name=ep.name, distribution=package)
     if callable(target):
         doc = (getattr(target, "__doc__", None) or "").strip().splitlines()
-        return TaskType(name=ep.name, handler=target, description=doc[0] if doc else "")
+        return TaskType(name=ep.name, handler=target, description=doc[0] if doc else "", distribution=package)
     return PluginError(f"plugin {ep.name!r} from {package} resolves to {type(target).__name__}, "
                        "expected a qm.registry.TaskType or a function")
 
@@ -111,7 +123,10 @@ def validate(loaded: Iterable[TaskType | PluginError]) -> Registry:
     """Check declarations; bad or duplicate ones are reported, the rest are served."""
     types: dict[str, TaskType] = {}
     errors: list[PluginError] = []
-    for item in loaded:
+    items = list(loaded)
+    # Built-ins first, so no plugin sorted before them can take their name.
+    items.sort(key=lambda item: not (isinstance(item, TaskType) and item.builtin))
+    for item in items:
         if isinstance(item, PluginError):
             errors.append(item)
             continue
@@ -135,7 +150,13 @@ def _check(task_type: TaskType, seen: dict[str, TaskType]) -> PluginError | None
         if value is not None and not (isinstance(value, (int, float)) and value > 0):
             return PluginError(f"task type {task_type.name!r} declares {limit}={value!r}; "
                                "expected a positive number or None")
-    if task_type.name in seen:
+    first = seen.get(task_type.name)
+    if first is not None and (first.builtin or task_type.name in BUILTIN_TYPES):
+        return PluginError(f"plugin {task_type.name!r} from {task_type.distribution or 'unknown distribution'} "
+                           f"would replace the built-in task type {task_type.name!r} from "
+                           f"{first.distribution or 'unknown distribution'}: refused; give the plugin's entry "
+                           "point another name")
+    if first is not None:
         return PluginError(f"task type {task_type.name!r} is registered twice; the first one is used")
     return None
 

@@ -228,6 +228,10 @@ class Worker(Process):
         self.queues = queues
 
 
+#: What test servers get unless a test says otherwise (see start_server).
+TEST_SERVER_ENV = {"QM_SERVER__QUEUES": "*", "QM_SERVER__SUBMIT_RATE_PER_S": "0"}
+
+
 def start_server(broker_url: str, tmp_path: pathlib.Path, *, server_id: str | None = None,
                  kept_id: bool = False, data_dir: pathlib.Path | None = None,
                  env: dict[str, str] | None = None, log_level: str | None = None,
@@ -237,8 +241,12 @@ def start_server(broker_url: str, tmp_path: pathlib.Path, *, server_id: str | No
     serving (unless wait_ready=False: for a server expected to refuse to start).
 
     It gets --server-id (`server_id`, else a unique one) unless kept_id=True: then it uses
-    the id kept in its data dir, generated on its first start there.
+    the id kept in its data dir, generated on its first start there. Tests make up their
+    own queue names and submit in bursts, so unless `env` says otherwise the server
+    accepts every valid queue name and has no submit rate limit (TEST_SERVER_ENV); the
+    caps themselves are tested in tests/security.
     """
+    env = {**TEST_SERVER_ENV, **(env or {})}
     if kept_id:
         assert server_id is None, "kept_id=True means no --server-id"
         data_dir = data_dir or tmp_path / unique("data")

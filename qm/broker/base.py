@@ -137,13 +137,19 @@ REPUBLISH_WAIT_S = 5.0
 #: REPUBLISH_WAIT_S. A quorum queue nacks while it has no leader (a node of the cluster went
 #: away): trying again at once would only spin.
 REFUSED_BACKOFF_S = 0.1
+#: How long refusals (basic.nack: a full queue, a quorum queue without a leader) are tried
+#: again before the refusal is raised: far beyond a leader election, yet bounded.
+MAX_REFUSED_S = 120.0
 
 
 async def publish_until_confirmed(broker: Broker, exchange: str, routing_key: str, body: bytes,
                                   headers: dict[str, Any], what: str) -> None:
     """Publish until the broker confirms, waiting out disconnections (for messages that are
-    a task's value or its only copy). `what` names the message in the warning."""
+    a task's value or its only copy). `what` names the message in the warning. Refusals
+    while connected are tried again with a growing pause for MAX_REFUSED_S, then raised:
+    a refusal that lasts is not waited out for ever."""
     refused_backoff_s = REFUSED_BACKOFF_S
+    refused_for_s = 0.0
     while True:
         try:
             await broker.publish(exchange, routing_key, body, headers)
@@ -151,7 +157,10 @@ async def publish_until_confirmed(broker: Broker, exchange: str, routing_key: st
         except BrokerUnavailable as exc:
             log.warning("%s: cannot publish to %s yet (%s); retrying", what, exchange or "(default)", exc)
             if broker.connected:  # refused, not disconnected
+                if refused_for_s >= MAX_REFUSED_S:
+                    raise
                 await asyncio.sleep(refused_backoff_s)
+                refused_for_s += refused_backoff_s
                 refused_backoff_s = min(refused_backoff_s * 2, REPUBLISH_WAIT_S)
             else:
                 await broker.wait_connected(REPUBLISH_WAIT_S)

@@ -45,6 +45,7 @@ import asyncio
 import dataclasses
 import itertools
 import logging
+import ssl
 from typing import Any, Callable, Sequence
 
 import pika
@@ -53,7 +54,7 @@ from pika.adapters.asyncio_connection import AsyncioConnection
 from pika.adapters.utils import connection_workflow
 
 from qm.broker.base import EXCHANGE_KINDS, Broker, Delivery, DeliveryCallback
-from qm.errors import BrokerRefused, BrokerUnavailable, ConsumerRefused, PublishOutcomeUnknown
+from qm.errors import BrokerRefused, BrokerUnavailable, ConsumerRefused, PublishOutcomeUnknown, QueueFull
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +85,11 @@ class RabbitMQBroker(Broker):
     """The production broker; see the module docstring for the connection model."""
 
     def __init__(self, urls: str | Sequence[str], heartbeat_s: int = 30, reconnect_max_delay_s: float = 10.0,
-                 connection_name: str = "qm", quorum_initial_group_size: int = 0) -> None:
-        """`urls`: one AMQP URL, or one per node of a cluster (tried in this order)."""
-        self._nodes = [_parameters(url, heartbeat_s, connection_name)
+                 connection_name: str = "qm", quorum_initial_group_size: int = 0,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        """`urls`: one AMQP URL, or one per node of a cluster (tried in this order).
+        `ssl_context`: for amqps:// nodes, with CA/cert/key from config (qm/security/amqp.py)."""
+        self._nodes = [_parameters(url, heartbeat_s, connection_name, ssl_context)
                        for url in ([urls] if isinstance(urls, str) else urls)]
         if not self._nodes:
             raise ValueError("RabbitMQBroker needs at least one AMQP URL")
@@ -373,7 +376,10 @@ class RabbitMQBroker(Broker):
             if future is None or future.done():
                 continue
             if refused:
-                future.set_exception(BrokerUnavailable(f"RabbitMQ at {self._where} refused the message"))
+                future.set_exception(QueueFull(
+                    f"RabbitMQ at {self._where} refused the message (basic.nack): its queue is full "
+                    "(broker.max_queue_length), or has no leader for the moment (a cluster node went away); "
+                    "retry later"))
             else:
                 future.set_result(None)
 
@@ -561,9 +567,12 @@ class RabbitMQBroker(Broker):
             channel.basic_nack(delivery.delivery_tag, requeue=requeue)
 
 
-def _parameters(url: str, heartbeat_s: int, connection_name: str) -> pika.URLParameters:
+def _parameters(url: str, heartbeat_s: int, connection_name: str,
+                ssl_context: ssl.SSLContext | None = None) -> pika.URLParameters:
     """Connection parameters of one node: one attempt each (the keeper retries)."""
     params = pika.URLParameters(url)
+    if ssl_context is not None and params.ssl_options is not None:  # an amqps:// node
+        params.ssl_options = pika.SSLOptions(ssl_context, server_hostname=params.host)
     params.heartbeat = heartbeat_s
     params.connection_attempts = 1
     params.socket_timeout = 5

@@ -76,66 +76,92 @@ def dead_queue_name(server_id: str) -> str:
     return f"qm.dead.{server_id}"
 
 
-def work_queue_arguments(queue_type: str, delivery_limit: int) -> dict[str, object]:
+def work_queue_arguments(queue_type: str, delivery_limit: int, max_length: int = 0) -> dict[str, object]:
     """A task that kills whole workers is stopped by the servers counting its starts
     (broker.delivery_limit, see TaskService._watch_for_poison). Quorum queues add a
     backstop: RabbitMQ counts every return, also those of tasks that were only waiting in
     a dying worker's buffer, so its limit is set well above ours and only catches what the
-    start count could not (x-delivery-limit counts redeliveries: N allows N + 1)."""
+    start count could not (x-delivery-limit counts redeliveries: N allows N + 1).
+
+    `max_length` (broker.max_queue_length; 0 = none) caps the ready messages: past it
+    RabbitMQ refuses a publish (basic.nack, overflow reject-publish) instead of growing
+    the queue without bound, and the server answers that submit RESOURCE_EXHAUSTED."""
     arguments: dict[str, object] = {"x-queue-type": queue_type, "x-dead-letter-exchange": DEAD_EXCHANGE}
     if queue_type == "quorum":
         arguments["x-delivery-limit"] = delivery_limit * DELIVERY_BACKSTOP_FACTOR
         arguments.update(AT_LEAST_ONCE_DEAD_LETTERING)
+    if max_length:
+        arguments.update({"x-max-length": max_length, "x-overflow": "reject-publish"})
     return arguments
 
 
 async def declare_work_queue(broker: Broker, queue: str, queue_type: str = "quorum",
-                             delivery_limit: int = 5) -> str:
+                             delivery_limit: int = 5, max_length: int = 0) -> str:
     """Declare the tasks exchange and one work queue bound to it; return the AMQP name.
 
-    A quorum work queue declared by a version before 0.2 lacks at-least-once
-    dead-lettering, and RabbitMQ cannot add it to an existing queue: it is used as it
-    is, with a warning saying how to migrate (its only RabbitMQ dead-lettering is the
-    delivery-limit backstop, and the server's reconciler covers what that could drop).
-    A queue of the other type than `broker.queue_type` stops start-up with the way out.
+    RabbitMQ cannot change an existing queue's arguments (406 PRECONDITION_FAILED), so a
+    work queue declared by an older version is used as it is, with a warning saying how
+    to migrate: one from before the length cap (broker.max_queue_length; the cap can be
+    put on it with a RabbitMQ policy instead), or a quorum queue from before 0.2 without
+    at-least-once dead-lettering (its only RabbitMQ dead-lettering is the delivery-limit
+    backstop, and the server's reconciler covers what that could drop). A queue of the
+    other type than `broker.queue_type`, or with another cap, stops with the way out.
     """
     name = work_queue_name(queue)
     await broker.declare_exchange(TASKS_EXCHANGE, "direct")
     await broker.declare_exchange(DEAD_EXCHANGE, "fanout")
-    arguments = work_queue_arguments(queue_type, delivery_limit)
+    arguments = work_queue_arguments(queue_type, delivery_limit, max_length)
     try:
         await broker.declare_queue(name, arguments)
     except BrokerRefused as refused:
         if refused.code != 406:
             raise
-        await _declare_legacy_work_queue(broker, name, queue_type, delivery_limit)
+        await _declare_legacy_work_queue(broker, name, queue_type, delivery_limit, max_length)
     await broker.bind_queue(name, TASKS_EXCHANGE, queue)
     return name
 
 
-def _without_strategy(arguments: dict[str, object]) -> dict[str, object]:
-    return {key: value for key, value in arguments.items() if key not in AT_LEAST_ONCE_DEAD_LETTERING}
+def _without(arguments: dict[str, object], *keys: str) -> dict[str, object]:
+    return {key: value for key, value in arguments.items() if key not in keys}
 
 
-async def _declare_legacy_work_queue(broker: Broker, name: str, queue_type: str, delivery_limit: int) -> None:
+#: Policy command that puts the length cap on a work queue declared before it (logged).
+_CAP_POLICY = ("rabbitmqctl set_policy --apply-to queues qm-work-cap '^qm\\.tasks\\.' "
+               "'{{\"max-length\": {max_length}, \"overflow\": \"reject-publish\"}}'")
+
+
+async def _declare_legacy_work_queue(broker: Broker, name: str, queue_type: str, delivery_limit: int,
+                                     max_length: int) -> None:
     """The work queue exists with other arguments than this version declares. Declared by
-    a version before 0.2 (no at-least-once strategy): use it as it is. Otherwise (another
-    type, another delivery limit): stop with what it is and the way out."""
-    try:
-        await broker.declare_queue(name, _without_strategy(work_queue_arguments(queue_type, delivery_limit)))
-        log.warning("work queue %s was declared by an older version without at-least-once dead-lettering; "
-                    "using it as it is. To migrate: drain it, delete it (rabbitmqctl delete_queue %s) and "
-                    "restart; see docs/architecture.md (Topology)", name, name)
+    an older version (no length cap; before 0.2 no at-least-once strategy either): use it
+    as it is. Otherwise (another type, delivery limit or cap): stop with the way out."""
+    current = work_queue_arguments(queue_type, delivery_limit, max_length)
+    uncapped = work_queue_arguments(queue_type, delivery_limit)
+    detail = ""
+    for legacy, missing in ((uncapped, "the length cap (broker.max_queue_length)"),
+                            (_without(uncapped, *AT_LEAST_ONCE_DEAD_LETTERING),
+                             "at-least-once dead-lettering and the length cap")):
+        if legacy == current:
+            continue
+        try:
+            await broker.declare_queue(name, legacy)
+        except BrokerRefused as refused:
+            detail = refused.text
+            continue
+        policy = f"; meanwhile a policy can cap it: {_CAP_POLICY.format(max_length=max_length)}" if max_length else ""
+        log.warning("work queue %s was declared by an older version without %s; using it as it is. To migrate: "
+                    "drain it, delete it (rabbitmqctl delete_queue %s) and restart%s; see docs/architecture.md "
+                    "(Topology)", name, missing, name, policy)
         return
-    except BrokerRefused as refused:
-        detail = refused.text
     other = "classic" if queue_type == "quorum" else "quorum"
     try:  # is it simply the other type (broker.queue_type changed)?
-        await broker.declare_queue(name, _without_strategy(work_queue_arguments(other, delivery_limit)))
+        await broker.declare_queue(name, _without(work_queue_arguments(other, delivery_limit),
+                                                  *AT_LEAST_ONCE_DEAD_LETTERING))
         what = f"is a {other} queue, but broker.queue_type is {queue_type!r}"
     except BrokerRefused:
         what = (f"exists with other arguments than a {queue_type!r} work queue with delivery limit "
-                f"{delivery_limit} (broker.queue_type or broker.delivery_limit changed?): {detail}")
+                f"{delivery_limit} and length cap {max_length or 'none'} (broker.queue_type, "
+                f"broker.delivery_limit or broker.max_queue_length changed?): {detail}")
     raise ConfigError("broker.queue_type", (
         f"the work queue {name} in RabbitMQ {what}. RabbitMQ cannot change a queue's type or arguments: "
         f"stop the workers of queue {name.removeprefix('qm.tasks.')} once it is drained, delete it "

@@ -47,6 +47,7 @@ from qm.client.common import (
     task_types_from_proto,
     workers_from_proto,
 )
+from qm.client.credentials import ChannelSecurity
 
 
 class Client:
@@ -57,8 +58,11 @@ class Client:
     def __init__(self, server: str | Sequence[str] = "127.0.0.1:50051",
                  call_timeout_s: float = DEFAULT_CALL_TIMEOUT_S,
                  submit_retry_s: float = DEFAULT_SUBMIT_RETRY_S, reconnect_s: float = DEFAULT_RECONNECT_S,
-                 batch_items: int = DEFAULT_BATCH_ITEMS, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT):
+                 batch_items: int = DEFAULT_BATCH_ITEMS, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+                 *, tls_ca: str | None = None, token: str | None = None, tls_cert: str | None = None,
+                 tls_key: str | None = None):
         self.servers = parse_servers(server)
+        self._security = ChannelSecurity.load(tls_ca, token, tls_cert, tls_key)
         self.server = ",".join(self.servers)
         self.call_timeout_s = call_timeout_s
         self.submit_retry_s = submit_retry_s
@@ -81,7 +85,7 @@ class Client:
 
     def _stub_at(self, address: str) -> task_queue_pb2_grpc.TaskQueueStub:
         if address not in self._channels:
-            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            channel = self._security.aio_channel(address, CHANNEL_OPTIONS)
             self._channels[address] = (channel, task_queue_pb2_grpc.TaskQueueStub(channel))
         return self._channels[address][1]
 

@@ -2,7 +2,8 @@
 
 Exit codes: 0 success; 1 a task did not succeed (--wait, watch) or a server-side error;
 2 bad input (usage, unknown type, invalid payload, bad config); 3 server or broker
-unreachable; 124 --wait-timeout expired; 130 interrupted.
+unreachable; 4 refused: no or a bad token (UNAUTHENTICATED) or a role without the right
+(PERMISSION_DENIED); 124 --wait-timeout expired; 130 interrupted.
 """
 from __future__ import annotations
 
@@ -24,7 +25,9 @@ from qm.config import load_config
 from qm.errors import BatchError, ConfigError, TaskError, ValidationError, WaitTimeout
 from qm.states import TaskState
 
-EXIT_TASK_FAILED, EXIT_BAD_INPUT, EXIT_UNAVAILABLE, EXIT_INTERRUPTED = 1, 2, 3, 130
+EXIT_TASK_FAILED, EXIT_BAD_INPUT, EXIT_UNAVAILABLE, EXIT_DENIED, EXIT_INTERRUPTED = 1, 2, 3, 4, 130
+#: gRPC codes of a call refused for who made it (exit EXIT_DENIED).
+DENIED_CODES = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 #: --wait-timeout expired (what timeout(1) returns).
 EXIT_TIMEOUT = 124
 
@@ -38,13 +41,18 @@ EPILOG = """examples:
   qm types                                       task types the server accepts
   qm run -T math -P "2 ** 10"                    run one task here, no server (plugin authors)
   qm dead list | qm dead requeue TASK_ID... | --all | qm dead purge
+  qm token create --role submit --tokens-file tokens.json --name ci
+                                                 prints a new token once; stores its hash
+  qm --server host:50051 --tls-ca ca.pem --token qm_... status TASK_ID
 
 The server address comes from --server, else QM_CLIENT__SERVER, else client.server in the
 config file (--config or QM_CONFIG), else 127.0.0.1:50051. Several, comma-separated
 (a:50051,b:50051): each call fails over to the next when one cannot be reached, and a
 wait (--wait, watch) rides out a server restart.
+TLS and token: --tls-ca/--token, else QM_CLIENT__TLS_CA/QM_CLIENT__TOKEN, else client.tls_ca
+and client.token in the config file (docs/security.md).
 exit codes: 0 ok, 1 task did not succeed / server error, 2 bad input, 3 unreachable,
-124 --wait-timeout expired, 130 interrupted"""
+4 not authenticated / not allowed, 124 --wait-timeout expired, 130 interrupted"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,6 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="qm-server address, or several comma-separated to fail over between "
                              "(client.server)")
     parser.add_argument("--config", metavar="PATH", help="YAML config file (default: $QM_CONFIG, else none)")
+    parser.add_argument("--tls-ca", metavar="FILE",
+                        help="PEM CA of the server's certificate: connect with TLS (client.tls_ca)")
+    parser.add_argument("--tls-cert", metavar="FILE", help="this client's PEM certificate, for mTLS (client.tls_cert)")
+    parser.add_argument("--tls-key", metavar="FILE", help="the PEM key of --tls-cert (client.tls_key)")
+    parser.add_argument("--token", metavar="TOKEN",
+                        help="bearer token from `qm token create` (client.token; prefer QM_CLIENT__TOKEN: a "
+                             "flag shows in the process list)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     submit = commands.add_parser("submit", help="submit a task; prints its id (or its result with --wait)",
@@ -158,7 +173,58 @@ def build_parser() -> argparse.ArgumentParser:
     requeue.add_argument("task_ids", metavar="ID", nargs="*", help="dead task ids to requeue")
     requeue.add_argument("--all", action="store_true", help="requeue every dead letter")
     dead_commands.add_parser("purge", help="forget every dead letter")
+    _add_token_commands(commands)
     return parser
+
+
+def _add_token_commands(commands) -> None:
+    token = commands.add_parser("token", help="create, list or revoke the server's bearer tokens (a local file)",
+                                description="Manage a tokens file (server.tokens_file) on the server's host: "
+                                            "only SHA-256 hashes are stored; a new token is printed once. The "
+                                            "server rereads the file when it changes. Roles: read (status, "
+                                            "watch, types, workers), submit (+ submit, cancel), admin (+ dead).")
+    token_commands = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    create = token_commands.add_parser("create", help="add a token and print it (the only time it is shown)")
+    create.add_argument("--role", required=True, choices=("read", "submit", "admin"), help="what the token may do")
+    create.add_argument("--name", help="a unique name, shown in logs and to revoke it (default: ROLE-RANDOM)")
+    create.add_argument("--ttl", metavar="S", type=float, help="expires after S seconds (default: never)")
+    listing = token_commands.add_parser("list", help="list tokens: name, role, created, expires, revoked")
+    listing.add_argument("--json", action="store_true", help="print one JSON object per token")
+    revoke = token_commands.add_parser("revoke", help="revoke a token by name (effective at the next call)")
+    revoke.add_argument("name", metavar="NAME", help="the token's name")
+    for sub in (create, listing, revoke):
+        sub.add_argument("--tokens-file", metavar="FILE",
+                         help="the server's tokens file (server.tokens_file, QM_SERVER__TOKENS_FILE)")
+
+
+def cmd_token(args) -> int:
+    import secrets as random_names
+
+    from qm.security.tokens import TokenFile
+
+    path = args.tokens_file or load_config(args.config).server.tokens_file
+    if not path:
+        print("qm: token: name the file with --tokens-file (or server.tokens_file)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    tokens = TokenFile(path, "--tokens-file")
+    try:
+        if args.token_command == "create":
+            name = args.name or f"{args.role}-{random_names.token_hex(3)}"
+            print(tokens.create(args.role, name, args.ttl))
+            print(f"qm: token {name!r} ({args.role}) added to {path}; it is not shown again", file=sys.stderr)
+        elif args.token_command == "revoke":
+            entry = tokens.revoke(args.name)
+            print(f"revoked {entry.name} ({entry.role})")
+        else:
+            for entry in tokens.read():
+                data = {key: value for key, value in entry.to_json().items() if key != "sha256"}
+                print(json.dumps(data) if args.json else
+                      f"{entry.name:<24} {entry.role:<6} created {data['created_at']} expires "
+                      f"{data['expires_at'] or 'never'} revoked {data['revoked_at'] or 'no'}")
+    except ValueError as exc:
+        print(f"qm: token: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
 
 
 def _when(seconds: float | None) -> str:
@@ -435,8 +501,14 @@ def _main(argv: Sequence[str] | None) -> int:
     try:
         if args.command == "run":
             return cmd_run(args)
-        config = load_config(args.config, overrides={"client.server": args.server})
-        with Client(config.client.server) as client:
+        if args.command == "token":
+            return cmd_token(args)
+        config = load_config(args.config, overrides={
+            "client.server": args.server, "client.tls_ca": args.tls_ca, "client.tls_cert": args.tls_cert,
+            "client.tls_key": args.tls_key, "client.token": args.token})
+        client_config = config.client
+        with Client(client_config.server, tls_ca=client_config.tls_ca, token=client_config.token,
+                    tls_cert=client_config.tls_cert, tls_key=client_config.tls_key) as client:
             return COMMANDS[args.command](client, args)
     except (ConfigError, ValidationError) as exc:
         print(f"qm: {exc}", file=sys.stderr)
@@ -445,6 +517,8 @@ def _main(argv: Sequence[str] | None) -> int:
         print(f"qm: {exc}", file=sys.stderr)
         if exc.code is grpc.StatusCode.INVALID_ARGUMENT:
             return EXIT_BAD_INPUT
+        if exc.code in DENIED_CODES:
+            return EXIT_DENIED
         return EXIT_UNAVAILABLE if exc.code is grpc.StatusCode.UNAVAILABLE else EXIT_TASK_FAILED
     except TaskError as exc:
         print(f"qm: {exc}", file=sys.stderr)

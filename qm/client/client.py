@@ -46,6 +46,7 @@ from qm.client.common import (
     task_types_from_proto,
     workers_from_proto,
 )
+from qm.client.credentials import ChannelSecurity
 from qm.errors import WaitTimeout
 from qm.reasons import Reason
 from qm.states import TaskState
@@ -61,14 +62,19 @@ class Client:
     call_timeout_s: deadline of each unary call. submit_retry_s: how long submit and
     submit_many keep retrying (same idempotency keys) while no server or broker is
     available. reconnect_s: how long a wait that has reached a server keeps reconnecting
-    while none answers. batch_items: items per SubmitTasks call.
+    while none answers. batch_items: items per SubmitTasks call. tls_ca: PEM file of the CA
+    that signed the servers' certificates (TLS; else plaintext); tls_cert/tls_key: this
+    client's certificate for mTLS; token: a bearer token (`qm token create`).
     """
 
     def __init__(self, server: str | Sequence[str] = "127.0.0.1:50051",
                  call_timeout_s: float = DEFAULT_CALL_TIMEOUT_S,
                  submit_retry_s: float = DEFAULT_SUBMIT_RETRY_S, reconnect_s: float = DEFAULT_RECONNECT_S,
-                 batch_items: int = DEFAULT_BATCH_ITEMS):
+                 batch_items: int = DEFAULT_BATCH_ITEMS,
+                 *, tls_ca: str | None = None, token: str | None = None, tls_cert: str | None = None,
+                 tls_key: str | None = None):
         self.servers = parse_servers(server)
+        self._security = ChannelSecurity.load(tls_ca, token, tls_cert, tls_key)
         self.server = ",".join(self.servers)
         self.call_timeout_s = call_timeout_s
         self.submit_retry_s = submit_retry_s
@@ -93,7 +99,7 @@ class Client:
     def _stub_at(self, address: str) -> task_queue_pb2_grpc.TaskQueueStub:
         with self._lock:
             if address not in self._channels:
-                channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+                channel = self._security.channel(address, CHANNEL_OPTIONS)
                 self._channels[address] = (channel, task_queue_pb2_grpc.TaskQueueStub(channel))
             return self._channels[address][1]
 

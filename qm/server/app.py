@@ -16,7 +16,15 @@ from qm import registry as plugin_registry
 from qm._proto.qm.v1 import task_queue_pb2, task_queue_pb2_grpc
 from qm.broker import topology
 from qm.broker.rabbitmq import RabbitMQBroker
-from qm.config import SQLITE_URL_PREFIX, Config, export_executor_secret, load_config, parse_host_port, redact_url
+from qm.config import (
+    SQLITE_URL_PREFIX,
+    Config,
+    ServerConfig,
+    load_config,
+    parse_host_port,
+    redact_url,
+    scrub_secret_env,
+)
 from qm.errors import (
     ConfigError,
     ConsumerRefused,
@@ -29,12 +37,19 @@ from qm.logs import setup_logging
 from qm.metrics import ServerMetrics
 from qm.metrics import serve as serve_metrics
 from qm.retry import RetryPolicy
-from qm.server import identity
+from qm.security import amqp
+from qm.security.signing import Keyring
+from qm.security.tls import ServerTLS
+from qm.server import auth, identity
 from qm.server.admission import CORE_OPTIONS, AdmissionInterceptor
+from qm.server.caps import SubmitCaps
+from qm.server.quotas import QuotaInterceptor, SubmitRateLimiter
 from qm.server.service import TaskService
 from qm.server.servicer import TaskQueueServicer
 from qm.server.store import Store
 from qm.server.store_pg import ChangeListener, PgStore
+from qm.server.validators import PayloadValidators
+from qm.tasks import python as python_task
 
 log = logging.getLogger("qm.server")
 
@@ -54,13 +69,18 @@ class ServerApp:
     """
 
     def __init__(self, config: Config, registry: plugin_registry.Registry | None = None) -> None:
+        check_caps(config)
         self.config = config
+        self.tls, self.authenticator = check_exposure(config)
+        python_task.configure(Keyring.from_config(config.executor), config.executor.signature_ttl_s)
+        broker_urls, broker_tls = amqp.broker_urls(config.broker), amqp.ssl_context(config.broker)
         self.identity = identity.claim(config.server.data_dir, config.server.id)
         self.server_id = self.identity.server_id
         self.registry = registry or plugin_registry.discover()
-        self.broker = RabbitMQBroker(config.broker.node_urls, config.broker.heartbeat_s,
+        self.broker = RabbitMQBroker(broker_urls, config.broker.heartbeat_s,
                                      config.broker.reconnect_max_delay_s, connection_name="qm-server",
-                                     quorum_initial_group_size=config.broker.quorum_initial_group_size)
+                                     quorum_initial_group_size=config.broker.quorum_initial_group_size,
+                                     ssl_context=broker_tls)
         if len(config.broker.node_urls) > 1 and config.broker.server_queue_type == "classic":
             log.warning("broker.urls lists %d nodes but broker.server_queue_type is classic: this server's "
                         "events, dead-letter and heartbeat queues live on one node, and while that node is "
@@ -85,12 +105,28 @@ class ServerApp:
                                    metrics=metrics, worker_lost_after_s=server.worker_lost_after_s,
                                    reconcile_interval_s=server.reconcile_interval_s,
                                    reconcile_after_s=server.reconcile_after_s,
-                                   max_batch_items=server.max_batch_items)
+                                   max_batch_items=server.max_batch_items,
+                                   caps=SubmitCaps(server.queues, server.max_task_timeout_s,
+                                                   server.max_task_memory_limit_mb, server.max_retries),
+                                   validators=PayloadValidators(server.validate_timeout_s, server.validate_threads),
+                                   max_queue_length=config.broker.max_queue_length)
+        self.service.dead_letters.max_listed = server.max_dead_letters_listed
+        self.service.dead_letters.retention_s = server.dead_letter_retention_s
         self.health = health.aio.HealthServicer()
         # Overload: calls queue in gRPC (core never sheds them) or are refused with
         # RESOURCE_EXHAUSTED beyond server.max_concurrent_rpcs (qm.server.admission).
         self.admission = AdmissionInterceptor(SERVICE_NAME, server.max_concurrent_rpcs, metrics)
-        self.grpc_server = grpc.aio.server(interceptors=[self.admission], options=CORE_OPTIONS)
+        # Per-caller submit rate and stream caps (qm.server.quotas); message sizes and
+        # streams per connection are gRPC core's (grpc_options).
+        self.quotas = QuotaInterceptor(SERVICE_NAME, SubmitRateLimiter(server.submit_rate_per_s, server.submit_burst),
+                                       server.max_stream_ids, server.max_stream_s,
+                                       on_refused=lambda method: metrics.rate_limited.labels(method).inc())
+        # Auth first: a stranger's call is refused before it counts against the admission
+        # limit or its caller's submit rate.
+        interceptors: list[grpc.aio.ServerInterceptor] = [self.admission, self.quotas]
+        if self.authenticator.enabled:
+            interceptors.insert(0, auth.AuthInterceptor(self.authenticator))
+        self.grpc_server = grpc.aio.server(interceptors=interceptors, options=CORE_OPTIONS + grpc_options(server))
         self.port = 0
 
     async def start(self) -> int:
@@ -129,7 +165,10 @@ class ServerApp:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc_server)
         listen = self.config.server.listen
-        self.port = self.grpc_server.add_insecure_port(listen)
+        if self.tls is not None:
+            self.port = self.grpc_server.add_secure_port(listen, self.tls.credentials())
+        else:
+            self.port = self.grpc_server.add_insecure_port(listen)
         if self.port == 0:
             raise ConfigError("server.listen", f"cannot bind {listen}")
         await self.grpc_server.start()
@@ -139,8 +178,12 @@ class ServerApp:
             log.info("metrics on http://%s:%d/metrics", host, metrics_port)
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("qm-server %s listening on %s (port %d)", self.server_id, listen, self.port)
+        log.info("qm-server %s listening on %s (port %d)%s", self.server_id, listen, self.port, self._security_note())
         return self.port
+
+    def _security_note(self) -> str:
+        tls = "off" if self.tls is None else ("mTLS" if self.tls.client_ca else "on")
+        return f" with TLS {tls}, auth {'on' if self.authenticator.enabled else 'off'}"
 
     async def stop(self) -> None:
         await self.health.enter_graceful_shutdown()
@@ -162,9 +205,49 @@ class ServerApp:
         if self._changes is not None:
             await self._changes.stop()
         await self.service.stop_events()
+        self.service.validators.close()
         await self.broker.close()
         await self.store.close()
         self.identity.release()
+
+
+def check_exposure(config: Config) -> tuple[ServerTLS | None, auth.Authenticator]:
+    """TLS material and authenticator from config; refuses (ConfigError) a listen address
+    off loopback without both TLS and auth, unless server.insecure says so."""
+    server = config.server
+    tls = ServerTLS.load(server.tls_cert, server.tls_key, server.tls_client_ca, "server.")
+    roles = dict(item.rpartition(":")[::2] for item in server.client_cert_roles)
+    if roles and (tls is None or tls.client_ca is None):
+        raise ConfigError("server.client_cert_roles", "needs mTLS: set server.tls_client_ca (and tls_cert, tls_key)")
+    authenticator = auth.Authenticator(server.tokens_file, roles)
+    authenticator.load()
+    host = parse_host_port(server.listen)[0]
+    if not auth.is_loopback(host) and not (tls and authenticator.enabled):
+        missing = " and ".join(what for what, off in (("TLS (--tls-cert, --tls-key)", tls is None),
+                                                       ("auth (--tokens-file)", not authenticator.enabled)) if off)
+        if not server.insecure:
+            raise ConfigError("server.listen", f"{server.listen} is not a loopback address and {missing} is off: "
+                                               "anyone who can reach it could submit and read tasks. Turn "
+                                               f"{missing} on, or pass --insecure (server.insecure) to accept that")
+        log.warning("serving %s without %s (--insecure): anyone who can reach it may call it", server.listen, missing)
+    return tls, authenticator
+
+
+def grpc_options(server: ServerConfig) -> tuple[tuple[str, int], ...]:
+    """gRPC core's own caps: message sizes both ways (a bigger one is refused
+    RESOURCE_EXHAUSTED by gRPC itself) and concurrent streams (calls) per connection."""
+    return (("grpc.max_receive_message_length", server.max_message_bytes),
+            ("grpc.max_send_message_length", server.max_message_bytes),
+            ("grpc.max_concurrent_streams", server.max_concurrent_streams))
+
+
+def check_caps(config: Config) -> None:
+    """Caps that must agree with each other; ConfigError naming the key otherwise."""
+    server = config.server
+    if server.submit_rate_per_s and server.submit_burst < server.max_batch_items:
+        raise ConfigError("server.submit_burst", (
+            f"{server.submit_burst} is below server.max_batch_items ({server.max_batch_items}): a full batch "
+            "could never be admitted; raise the burst or lower the batch size"))
 
 
 def make_store(config: Config, default_path: str | os.PathLike, server_id: str,
@@ -203,8 +286,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "(server.id). Default: the id in the data dir's file server-id, generated "
                              "on first start as server-HOSTNAME-RANDOM. Every live server needs its own "
                              "id and data dir; a second one on either is refused (exit 2)")
+    parser.add_argument("--queues", metavar="NAMES",
+                        help="logical queues clients may submit to, comma-separated; a name or a pattern with * "
+                             "('*' = any valid name). Others are refused INVALID_ARGUMENT (server.queues, "
+                             "default: default)")
     parser.add_argument("--metrics-port", metavar="PORT",
                         help="serve Prometheus /metrics on this port; 0 = off (server.metrics_port)")
+    parser.add_argument("--tls-cert", metavar="FILE", help="PEM certificate to serve TLS with (server.tls_cert)")
+    parser.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert (server.tls_key)")
+    parser.add_argument("--tls-client-ca", metavar="FILE",
+                        help="PEM CA that client certificates must be signed by: mTLS (server.tls_client_ca)")
+    parser.add_argument("--tokens-file", metavar="FILE",
+                        help="JSON file of hashed bearer tokens with roles (qm token create); with it, every "
+                             "call but health checks needs a token (server.tokens_file)")
+    parser.add_argument("--insecure", action="store_const", const=True,
+                        help="allow a listen address off loopback without TLS and auth (server.insecure)")
     parser.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING or ERROR (log.level)")
     parser.add_argument("--log-format", metavar="FORMAT",
                         help="text, or json: one JSON object per line (log.format)")
@@ -231,11 +327,15 @@ def main(argv: list[str] | None = None) -> int:
             "server.data_dir": args.data_dir, "server.id": args.server_id, "server.store_url": args.store_url,
             "log.level": args.log_level,
             "log.format": args.log_format,
-            "server.metrics_port": args.metrics_port})
+            "server.metrics_port": args.metrics_port, "server.tls_cert": args.tls_cert,
+            "server.tls_key": args.tls_key, "server.tls_client_ca": args.tls_client_ca,
+            "server.tokens_file": args.tokens_file, "server.insecure": args.insecure,
+            "server.queues": args.queues})
     except ConfigError as exc:
         print(f"qm-server: {exc}", file=sys.stderr)
         return EXIT_REFUSED
-    export_executor_secret(config)
+    scrub_secret_env()  # read once into config; nothing this process starts inherits them
+    os.umask(0o077)  # the data directory and everything in it: owner only (0700/0600)
     setup_logging(config.log.level, "qm-server", config.log.format)
     try:
         asyncio.run(serve(config))

@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)
 #: Dead letters listed when the request names no limit, and the most one requeue moves.
 DEFAULT_DEAD_LETTER_LIMIT = 100
 MAX_REQUEUE = 10_000
+#: Most dead letters one ListDeadLetters answers, unless server.max_dead_letters_listed says otherwise.
+MAX_LISTED = 1000
+#: How long a dead letter is kept, unless server.dead_letter_retention_s says otherwise (30 days).
+RETENTION_S = 30 * 86400.0
 
 
 class DeadLetters:
@@ -47,6 +51,8 @@ class DeadLetters:
         self._apply = apply        # events → store (the event applier)
         self._enqueue = enqueue    # store + publish a new task (the submit path)
         self._background = Background()
+        self.max_listed = MAX_LISTED
+        self.retention_s = RETENTION_S
 
     def on_delivery(self, delivery: Delivery) -> None:
         """The consumer's callback: record the dead letter on the event loop, then ack it."""
@@ -99,7 +105,13 @@ class DeadLetters:
         self.broker.ack(delivery)
 
     async def list(self, limit: int) -> tuple[builtins.list[DeadLetter], int]:
-        return await self.store.dead_letters(limit or DEFAULT_DEAD_LETTER_LIMIT)
+        """The oldest dead letters, at most `limit` (0 = the default) and never over
+        max_listed; their message bodies are not read (the answer carries none)."""
+        return await self.store.dead_letters(min(limit or DEFAULT_DEAD_LETTER_LIMIT, self.max_listed), bodies=False)
+
+    async def expire(self, now_s: float) -> int:
+        """Forget dead letters older than the retention, in batches; return how many."""
+        return await maintenance.purge_dead_letters(self.store, dead_before_s=now_s - self.retention_s)
 
     async def requeue(self, task_ids: builtins.list[str] | None) -> dict[str, str]:
         """Run dead-lettered tasks again, each as a new task (attempt 1, same payload and

@@ -74,7 +74,10 @@ def claim(data_dir: str | os.PathLike, configured_id: str = "",
     """
     directory = pathlib.Path(data_dir)
     try:
-        directory.mkdir(parents=True, exist_ok=True)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if directory.stat().st_mode & 0o077:  # made by an older version, or by hand
+            log.warning("data directory %s was open to other users; now 0700 (owner only)", directory)
+            directory.chmod(0o700)
     except OSError as exc:
         raise ServerIdentityError(f"cannot create the data directory {directory} (server.data_dir): "
                                   f"{exc.strerror or exc}") from None
@@ -118,7 +121,7 @@ def _unusable_id_file(path: pathlib.Path, why: str) -> ServerIdentityError:
 def _lock(directory: pathlib.Path) -> int:
     path = directory / LOCK_FILE
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as exc:
         raise ServerIdentityError(f"cannot open the lock file {path}: {exc.strerror or exc}; "
                                   "check the permissions of the data directory (server.data_dir)") from None
@@ -195,7 +198,7 @@ def _record(directory: pathlib.Path, server_id: str) -> None:
     path = directory / ID_FILE
     temporary = directory / f".{ID_FILE}.{os.getpid()}.tmp"
     try:
-        with open(temporary, "w", encoding="utf-8") as stream:
+        with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8") as stream:
             stream.write(server_id + "\n")
             stream.flush()
             os.fsync(stream.fileno())

@@ -7,6 +7,7 @@ reconciler (reconciler.py).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -33,13 +34,16 @@ from qm.metrics import ServerMetrics
 from qm.protocol import Command, Control, Header
 from qm.registry import Registry
 from qm.retry import RetryPolicy
+from qm.security import signing
 from qm.server import idempotency, maintenance
+from qm.server.caps import SubmitCaps
 from qm.server.dead_letters import DeadLetters
 from qm.server.events import EventApplier
 from qm.server.hub import Hub
 from qm.server.reconciler import Reconciler
 from qm.server.store_api import TaskRecord, TaskStore
 from qm.server.submission import Submission
+from qm.server.validators import PayloadValidators
 from qm.server.workers import WorkerDirectory
 from qm.states import TaskState
 
@@ -71,7 +75,9 @@ class TaskService:
                  consumer_timeout_s: float = 1800.0, default_retry: RetryPolicy = RetryPolicy(),
                  retention_s: float = 7 * 86400.0, metrics: ServerMetrics | None = None,
                  worker_lost_after_s: float = 30.0, reconcile_interval_s: float = 30.0,
-                 reconcile_after_s: float = 60.0, max_batch_items: int = DEFAULT_MAX_BATCH_ITEMS) -> None:
+                 reconcile_after_s: float = 60.0, max_batch_items: int = DEFAULT_MAX_BATCH_ITEMS,
+                 caps: SubmitCaps | None = None, validators: PayloadValidators | None = None,
+                 max_queue_length: int = 0) -> None:
         self.registry = registry
         self._codecs = {name: declared.codec for name, declared in registry.types.items()}
         self.store = store
@@ -87,6 +93,9 @@ class TaskService:
         self.consumer_timeout_s = consumer_timeout_s
         self.default_retry = default_retry
         self.retention_s = retention_s
+        self.caps = caps or SubmitCaps()  # qm/server/caps.py: allowed queues, server-wide maxima
+        self.validators = validators or PayloadValidators()  # off the event loop, within a budget
+        self.max_queue_length = max_queue_length
         self.metrics = metrics or ServerMetrics()
         self._declared_queues: set[str] = set()
         self._pending_keys: dict[str, asyncio.Future] = {}
@@ -100,18 +109,16 @@ class TaskService:
 
     # -- submit / status -------------------------------------------------------------
 
-    def validate(self, task_type: str, payload: bytes, queue: str) -> None:
+    async def validate(self, task_type: str, payload: bytes, queue: str) -> None:
         """Raise ValidationError naming the field unless the submission is acceptable."""
         if not task_type:
             raise ValidationError("type", "missing; name a task type (see the installed plugins)")
         declared = self.registry.get(task_type)
-        problem = topology.queue_name_problem(queue)
-        if problem:
-            raise ValidationError("queue", problem)
+        self.caps.check_queue(queue)
         if len(payload) > self.max_payload_bytes:
             raise ValidationError("payload", f"{len(payload)} bytes exceeds the limit of "
                                              f"{self.max_payload_bytes} bytes (server.max_payload_bytes)")
-        declared.check_payload(payload)
+        await self.validators.check(declared, payload)
 
     async def submit(self, task_type: str, payload: bytes, queue: str = "", *, timeout_s: float = 0.0,
                      memory_limit_mb: int = 0, idempotency_key: str = "", soft_timeout_s: float = 0.0,
@@ -217,13 +224,22 @@ class TaskService:
     async def _accept(self, task_type: str, payload: bytes, queue: str, timeout_s: float, memory_limit_mb: int,
                       idempotency_key: str, retry_options: dict, soft_timeout_s: float = 0.0,
                       request_digest: str = "") -> TaskRecord:
-        self.validate(task_type, payload, queue)
+        # The idempotency key travels to validators that need it (qm/security/signing.py: a
+        # retried submit is not a replay of its signed payload).
+        submission = signing.SUBMISSION_KEY.set(idempotency_key)
+        try:
+            await self.validate(task_type, payload, queue)
+        finally:
+            signing.SUBMISSION_KEY.reset(submission)
         declared = self.registry.get(task_type)
+        self.caps.check_requested(timeout_s, memory_limit_mb, retry_options)
         limits = task_limits.resolve(
             declared, timeout_s, memory_limit_mb, default_timeout_s=self.default_timeout_s,
             default_memory_limit_mb=self.default_memory_limit_mb, consumer_timeout_s=self.consumer_timeout_s,
-            soft_timeout_s=soft_timeout_s)
+            soft_timeout_s=soft_timeout_s, max_timeout_s=self.caps.max_timeout_s,
+            max_memory_limit_mb=self.caps.max_memory_limit_mb)
         policy = retry.resolve(declared, self.default_retry, **retry_options)
+        policy = dataclasses.replace(policy, max_retries=self.caps.retries(policy.max_retries))
         if not self.broker.connected:
             raise self.broker.unavailable()
         now = time.time()
@@ -293,7 +309,8 @@ class TaskService:
 
     async def _ensure_queue(self, queue: str) -> None:
         if queue not in self._declared_queues:
-            await topology.declare_work_queue(self.broker, queue, self.queue_type, self.delivery_limit)
+            await topology.declare_work_queue(self.broker, queue, self.queue_type, self.delivery_limit,
+                                              self.max_queue_length)
             self._declared_queues.add(queue)
 
     async def status(self, task_id: str) -> TaskRecord:
@@ -378,5 +395,9 @@ class TaskService:
                 removed = 0
             if removed:
                 log.info("retention: removed %d task(s) finished over %g s ago", removed, self.retention_s)
+            expired = await self.dead_letters.expire(time.time())
+            if expired:
+                log.info("retention: removed %d dead letter(s) older than %g s (server.dead_letter_retention_s)",
+                         expired, self.dead_letters.retention_s)
             await asyncio.sleep(min(self.retention_s / 10, RETENTION_SWEEP_MAX_S))
 

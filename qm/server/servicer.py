@@ -23,12 +23,18 @@ from qm.errors import (
     ConfigError,
     IdempotencyKeyReused,
     Overloaded,
+    PermissionDenied,
     QMError,
+    QueueFull,
+    RateLimited,
     StoreUnavailable,
+    StreamExpired,
     TaskAlreadyFinished,
     TaskNotFound,
+    Unauthenticated,
     UnknownTaskType,
     ValidationError,
+    ValidatorsBusy,
 )
 from qm.reasons import DOMAIN, Reason
 from qm.server.service import TaskService
@@ -48,6 +54,12 @@ _STATUS_OF: dict[type[QMError], tuple[grpc.StatusCode, Reason]] = {
     BrokerRefused: (grpc.StatusCode.FAILED_PRECONDITION, Reason.BROKER_REFUSED),
     IdempotencyKeyReused: (grpc.StatusCode.FAILED_PRECONDITION, Reason.IDEMPOTENCY_KEY_REUSED),
     Overloaded: (grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.OVERLOADED),  # refused by qm/server/admission.py
+    Unauthenticated: (grpc.StatusCode.UNAUTHENTICATED, Reason.UNAUTHENTICATED),  # refused by qm/server/auth.py
+    PermissionDenied: (grpc.StatusCode.PERMISSION_DENIED, Reason.PERMISSION_DENIED),
+    RateLimited: (grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.RATE_LIMITED),  # refused by qm/server/quotas.py
+    QueueFull: (grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.QUEUE_FULL),  # the work queue is at broker.max_queue_length
+    ValidatorsBusy: (grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.VALIDATORS_BUSY),  # every validator thread a runaway's
+    StreamExpired: (grpc.StatusCode.UNAVAILABLE, Reason.STREAM_EXPIRED),  # open for server.max_stream_s
 }
 #: Any other domain error.
 _OTHER = (grpc.StatusCode.INTERNAL, Reason.SERVER_ERROR)

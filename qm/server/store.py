@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import sqlite3
 import threading
@@ -136,6 +137,8 @@ class Store:
 
     def __init__(self, path: str | os.PathLike, observer: LoopObserver | None = None) -> None:
         self.path = os.fspath(path)
+        if self.path != ":memory:":  # owner only; SQLite gives its -wal and -shm files the same mode
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
         self._observer = observer
         self._db = self._connect()  # the event loop's: schema at opening, then point reads
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -323,9 +326,12 @@ class Store:
         await self._writes.write(
             lambda db: db.execute(_upsert_statement("dead_letters", _DEAD_COLUMNS), dataclasses.astuple(dead)))
 
-    async def dead_letters(self, limit: int, task_ids: list[str] | None = None) -> tuple[list[DeadLetter], int]:
-        """Dead letters, oldest first (these ids only, if given), and how many there are in all."""
-        query = f"SELECT {', '.join(_DEAD_COLUMNS)} FROM dead_letters"
+    async def dead_letters(self, limit: int, task_ids: list[str] | None = None,
+                           bodies: bool = True) -> tuple[list[DeadLetter], int]:
+        """Dead letters, oldest first (these ids only, if given), and how many there are in all;
+        bodies=False leaves the message bodies unread (b"": listing needs none)."""
+        columns = _DEAD_COLUMNS if bodies else [c if c != "body" else "x'' AS body" for c in _DEAD_COLUMNS]
+        query = f"SELECT {', '.join(columns)} FROM dead_letters"
         params: tuple = ()
         if task_ids is not None:
             query += f" WHERE task_id IN ({', '.join('?' for _ in task_ids)})"
@@ -336,13 +342,15 @@ class Store:
             return [_dead_letter(row) for row in rows], db.execute(_SELECT_COUNTER, ("dead_letters",)).fetchone()[0]
         return await self._writes.write(read)
 
-    async def remove_dead_letters(self, task_ids: list[str] | None = None, limit: int = DELETE_BATCH_ROWS) -> int:
-        """Remove these dead letters, or if None up to `limit` of the oldest (call again
-        while it returns `limit`); return how many went."""
+    async def remove_dead_letters(self, task_ids: list[str] | None = None, limit: int = DELETE_BATCH_ROWS,
+                                  dead_before_s: float = math.inf) -> int:
+        """Remove these dead letters, or if None up to `limit` of the oldest (those dead
+        before `dead_before_s` only: retention; call again while it returns `limit`);
+        return how many went."""
         if task_ids is None:
             return await self._writes.write(lambda db: db.execute(
                 "DELETE FROM dead_letters WHERE rowid IN (SELECT rowid FROM dead_letters "
-                "ORDER BY dead_at LIMIT ?)", (limit,)).rowcount)
+                "WHERE dead_at < ? ORDER BY dead_at LIMIT ?)", (dead_before_s, limit)).rowcount)
         return await self._writes.write(lambda db: db.execute(
             f"DELETE FROM dead_letters WHERE task_id IN ({', '.join('?' for _ in task_ids)})",
             tuple(task_ids)).rowcount)

@@ -19,6 +19,7 @@ What every implementation promises:
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Iterable, Protocol
 
 from qm.messages import TaskEvent
@@ -122,14 +123,18 @@ class TaskStore(Protocol):
     async def add_dead_letter(self, dead: DeadLetter) -> None:
         """Record a dead letter (replacing the task's earlier one)."""
 
-    async def dead_letters(self, limit: int, task_ids: list[str] | None = None) -> tuple[list[DeadLetter], int]:
-        """Dead letters oldest first (these ids only, if given), and how many there are in all."""
+    async def dead_letters(self, limit: int, task_ids: list[str] | None = None,
+                           bodies: bool = True) -> tuple[list[DeadLetter], int]:
+        """Dead letters oldest first (these ids only, if given), and how many there are in all;
+        bodies=False leaves the message bodies unread (b"")."""
 
     async def count_dead_letters(self) -> int:
         """Dead letters in the store (from a kept counter)."""
 
-    async def remove_dead_letters(self, task_ids: list[str] | None = None, limit: int = 1000) -> int:
-        """Remove these dead letters, or if None up to `limit` of the oldest; return how many."""
+    async def remove_dead_letters(self, task_ids: list[str] | None = None, limit: int = 1000,
+                                  dead_before_s: float = math.inf) -> int:
+        """Remove these dead letters, or if None up to `limit` of the oldest (dead before
+        `dead_before_s` only); return how many."""
 
     async def close(self) -> None:
         """Write what is pending, then release connections and threads."""

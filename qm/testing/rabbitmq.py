@@ -11,6 +11,7 @@ service is not used.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import pathlib
 import signal
@@ -59,6 +60,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@dataclasses.dataclass(frozen=True)
+class TLSListener:
+    """Opt-in amqps listener: the node's PEM certificate and key, and the CA it checks
+    client certificates against (`require_client_cert`: RabbitMQ's fail_if_no_peer_cert)."""
+
+    cert: str
+    key: str
+    ca: str
+    require_client_cert: bool = False
+
+
 class LocalRabbitMQ:
     """One RabbitMQ node; `start`, `stop` (graceful), `kill` (SIGKILL) and `start` again.
 
@@ -68,7 +80,8 @@ class LocalRabbitMQ:
     """
 
     def __init__(self, base_dir: str | os.PathLike, amqp_port: int = 0,
-                 consumer_timeout_ms: int = 1_800_000, epmd_port: int = 0, cookie: str = "") -> None:
+                 consumer_timeout_ms: int = 1_800_000, epmd_port: int = 0, cookie: str = "",
+                 tls: TLSListener | None = None) -> None:
         self.base_dir = pathlib.Path(base_dir).resolve()
         self.amqp_port = amqp_port or free_port()
         self.dist_port = free_port()
@@ -76,6 +89,8 @@ class LocalRabbitMQ:
         self.epmd_port = epmd_port or free_port()
         self.cookie = cookie
         self.consumer_timeout_ms = consumer_timeout_ms
+        self.tls = tls
+        self.amqps_port = free_port() if tls else 0
         self.process: subprocess.Popen | None = None
 
     @property
@@ -86,6 +101,12 @@ class LocalRabbitMQ:
     @property
     def url(self) -> str:
         return f"amqp://guest:guest@127.0.0.1:{self.amqp_port}/%2F"
+
+    @property
+    def amqps_url(self) -> str:
+        """The TLS listener's URL (only with `tls`); guest may log in as it is on loopback."""
+        assert self.tls is not None, "LocalRabbitMQ(tls=TLSListener(...)) has the amqps listener"
+        return f"amqps://guest:guest@127.0.0.1:{self.amqps_port}/%2F"
 
     def _environment(self) -> dict[str, str]:
         base = self.base_dir
@@ -112,12 +133,22 @@ class LocalRabbitMQ:
         (self.base_dir / "rabbitmq.conf").write_text(
             f"listeners.tcp.default = 127.0.0.1:{self.amqp_port}\n"
             f"consumer_timeout = {self.consumer_timeout_ms}\n"
-            "disk_free_limit.absolute = 50MB\n")
+            "disk_free_limit.absolute = 50MB\n" + self._tls_config())
         (self.base_dir / "enabled_plugins").write_text("[].\n")
         cookie = self.base_dir / ".erlang.cookie"  # in HOME: read by the node and by rabbitmqctl
         if self.cookie and not cookie.exists():
             cookie.write_text(self.cookie)
             cookie.chmod(0o400)  # Erlang refuses a cookie file others can read
+
+    def _tls_config(self) -> str:
+        if self.tls is None:
+            return ""
+        return (f"listeners.ssl.default = 127.0.0.1:{self.amqps_port}\n"
+                f"ssl_options.cacertfile = {self.tls.ca}\n"
+                f"ssl_options.certfile = {self.tls.cert}\n"
+                f"ssl_options.keyfile = {self.tls.key}\n"
+                "ssl_options.verify = verify_peer\n"
+                f"ssl_options.fail_if_no_peer_cert = {str(self.tls.require_client_cert).lower()}\n")
 
     def start(self, timeout_s: float = START_TIMEOUT_S) -> str:
         """Start the node and wait until it accepts AMQP connections; return its URL."""

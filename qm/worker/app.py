@@ -12,10 +12,12 @@ import sys
 from qm import limits as task_limits
 from qm import registry as plugin_registry
 from qm.broker.rabbitmq import RabbitMQBroker
-from qm.config import Config, export_executor_secret, load_config, parse_host_port
+from qm.config import Config, load_config, parse_host_port, scrub_secret_env
 from qm.errors import ConfigError
 from qm.logs import setup_logging
 from qm.metrics import serve as serve_metrics
+from qm.security import amqp
+from qm.security.signing import Keyring
 from qm.worker.pool import Pool
 from qm.worker.prefetch import AutoPrefetch, FixedPrefetch
 from qm.worker.status import StatusEndpoint
@@ -88,14 +90,18 @@ def build(config: Config, registry: plugin_registry.Registry) -> tuple[Pool, Rab
                 memory_check_interval_s=config.worker.memory_check_interval_s,
                 max_tasks_per_child=config.worker.max_tasks_per_child,
                 max_idle_rss_mb=config.worker.max_child_idle_rss_mb,
-                address_space_limit=config.worker.address_space_limit)
-    broker = RabbitMQBroker(config.broker.node_urls, config.broker.heartbeat_s,
+                address_space_limit=config.worker.address_space_limit,
+                executor_keys=(Keyring.from_config(config.executor), config.executor.signature_ttl_s))
+    broker = RabbitMQBroker(amqp.broker_urls(config.broker), config.broker.heartbeat_s,
                             config.broker.reconnect_max_delay_s, connection_name="qm-worker",
-                            quorum_initial_group_size=config.broker.quorum_initial_group_size)
+                            quorum_initial_group_size=config.broker.quorum_initial_group_size,
+                            ssl_context=amqp.ssl_context(config.broker))
     caps = task_limits.Limits(config.worker.task_timeout_s, config.worker.task_memory_limit_mb)
     supervisor = Supervisor(broker, pool, worker_id(config), list(config.worker.queues), prefetch_policy(config),
                             config.broker.queue_type, caps=caps,
-                            delivery_limit=config.broker.delivery_limit)
+                            delivery_limit=config.broker.delivery_limit,
+                            max_queue_length=config.broker.max_queue_length,
+                            max_result_bytes=config.worker.max_result_bytes)
     supervisor.metrics.watch(
         busy=lambda: supervisor.busy, idle=lambda: max(0, pool.procs - supervisor.busy),
         restarts=lambda: pool.restarts, prefetch=lambda: supervisor.prefetch.value,
@@ -129,7 +135,7 @@ async def run_worker(config: Config) -> None:
     finally:
         signal.signal(signal.SIGINT, previous)
     loop.add_signal_handler(signal.SIGINT, signals.put_nowait, signal.SIGINT)
-    status = StatusEndpoint(supervisor, config.worker.status_listen) if config.worker.status_listen else None
+    status = StatusEndpoint.from_config(supervisor, config.worker) if config.worker.status_listen else None
     background: list[asyncio.Task] = []
     try:  # whatever happens from here, the pool stops (its children ignore SIGTERM)
         if status:
@@ -193,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"qm-worker: {exc}", file=sys.stderr)
         return 2
-    export_executor_secret(config)
+    scrub_secret_env()  # read once into config; the children (task code) never inherit them
     setup_logging(config.log.level, "qm-worker", config.log.format)
     try:
         asyncio.run(run_worker(config))

@@ -33,13 +33,14 @@ MIB = 1024 * 1024
 
 
 def child_main(conn: Connection, lifeline: Connection, address_space_limit: bool = True,
-               die_with_parent: bool = True) -> None:
+               die_with_parent: bool = True, executor_keys: tuple = (None, 0.0)) -> None:
     """Entry point of a pool child; returns when the supervisor closes the pipe.
 
     `lifeline` is the read end of a pipe whose write end only the supervisor holds: EOF
     on it means the supervisor is gone, and the child kills its whole process group.
     `die_with_parent` adds the kernel's parent-death signal (forkserver start method,
-    where the parent is the forkserver, which outlives the children by design)."""
+    where the parent is the forkserver, which outlives the children by design).
+    `executor_keys`: the `python` task type's (Keyring, signature ttl), if enabled."""
     os.setsid()
     _watch_lifeline(lifeline)
     if die_with_parent:
@@ -50,6 +51,9 @@ def child_main(conn: Connection, lifeline: Connection, address_space_limit: bool
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGALRM, _raise_soft_timeout)
     registry = discover()
+    if executor_keys[0] is not None:  # the `python` type's keys, from the supervisor (not the environment)
+        from qm.tasks import python as python_task
+        python_task.configure(*executor_keys)
     try:
         conn.send(Reply(ReplyKind.READY, os.getpid()))
     except (BrokenPipeError, OSError):

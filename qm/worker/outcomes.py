@@ -34,17 +34,32 @@ class Outcomes:
     """Publishes events, retries and dead letters for one worker."""
 
     def __init__(self, broker: Broker, worker_id: str, metrics: WorkerMetrics,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, max_result_bytes: int = 0) -> None:
         self.broker = broker
         self.clock = clock  # wall clock: due times are compared across hosts
         self.worker_id = worker_id
         self.metrics = metrics
+        self.max_result_bytes = max_result_bytes  # worker.max_result_bytes; 0 = no cap
         self._delay_tiers: set[int] = set()
 
     async def settle(self, message: TaskMessage, outcome: Outcome, ack: Callable[[], None]) -> None:
         """Publish what follows the attempt, each confirmed, and only then `ack()`."""
-        await self._report(message, outcome)
+        await self._report(message, self._capped(message, outcome))
         ack()
+
+    def _capped(self, message: TaskMessage, outcome: Outcome) -> Outcome:
+        """A result over worker.max_result_bytes ends the task FAILED, for good (the same
+        run would return it again), with an error saying so: it is never published, so it
+        can never break a RabbitMQ channel or a gRPC message on its way to the client."""
+        size = len(outcome.result)
+        if not self.max_result_bytes or size <= self.max_result_bytes:
+            return outcome
+        log.warning("task %s (%s): result of %d bytes is over worker.max_result_bytes (%d); failing it",
+                    message.task_id, message.type, size, self.max_result_bytes)
+        return Outcome(TaskState.FAILED, permanent=True, error=(
+            f"the task's result is {size} bytes, over the limit of {self.max_result_bytes} bytes "
+            "(worker.max_result_bytes); return less (e.g. write big outputs to shared storage and return "
+            "their location)"))
 
     async def _report(self, message: TaskMessage, outcome: Outcome) -> None:
         if outcome.state in (TaskState.SUCCEEDED, TaskState.CANCELLED):

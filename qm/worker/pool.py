@@ -94,12 +94,16 @@ class Pool:
 
     def __init__(self, procs: int, start_method: str = "forkserver", preload_modules: Sequence[str] = (),
                  *, memory_check_interval_s: float = 0.05, max_tasks_per_child: int = 0,
-                 max_idle_rss_mb: int = 0, address_space_limit: bool = True) -> None:
+                 max_idle_rss_mb: int = 0, address_space_limit: bool = True,
+                 executor_keys: tuple = (None, 0.0)) -> None:
         self.procs = procs
         self.memory_check_interval_s = memory_check_interval_s
         self.max_tasks_per_child = max_tasks_per_child
         self.max_idle_rss_mb = max_idle_rss_mb
         self.address_space_limit = address_space_limit
+        #: (qm.security.signing.Keyring | None, signature ttl): handed to each child as it
+        #: starts, over the start pipe, never in its environment.
+        self.executor_keys = executor_keys
         self._context = multiprocessing.get_context(start_method)
         self._forkserver = start_method == "forkserver"
         if self._forkserver:
@@ -127,7 +131,8 @@ class Pool:
         parent_conn, child_conn = self._context.Pipe(duplex=True)
         # typeshed: get_context() returns BaseContext, which lacks Process; every concrete context has it.
         process = self._context.Process(  # type: ignore[attr-defined]
-            target=child_main, args=(child_conn, self._lifeline_r, self.address_space_limit, self._forkserver),
+            target=child_main, args=(child_conn, self._lifeline_r, self.address_space_limit, self._forkserver,
+                                     self.executor_keys),
             name=f"qm-child-{index}", daemon=True)
         process.start()
         child_conn.close()

@@ -59,7 +59,8 @@ class Supervisor:
     def __init__(self, broker: Broker, pool: Pool, worker_id: str, queues: list[str],
                  prefetch: AutoPrefetch | FixedPrefetch | int, queue_type: str = "quorum", *,
                  caps: task_limits.Limits = task_limits.Limits(0.0, 0),
-                 delivery_limit: int = 5, metrics: WorkerMetrics | None = None) -> None:
+                 delivery_limit: int = 5, metrics: WorkerMetrics | None = None, max_queue_length: int = 0,
+                 max_result_bytes: int = 0) -> None:
         self.broker = broker
         self.pool = pool
         self.worker_id = worker_id
@@ -67,11 +68,12 @@ class Supervisor:
         self.prefetch = FixedPrefetch(prefetch) if isinstance(prefetch, int) else prefetch
         self.queue_type = queue_type
         self.delivery_limit = delivery_limit
+        self.max_queue_length = max_queue_length
         self.metrics = metrics or WorkerMetrics()
         self.caps = caps
         self.draining = False
         self.control = ControlFollower(broker, worker_id, self._cancel)
-        self.outcomes = Outcomes(broker, worker_id, self.metrics)
+        self.outcomes = Outcomes(broker, worker_id, self.metrics, max_result_bytes=max_result_bytes)
         self._consumer_tags: list[str] = []
         self._isolation = Isolation()
         self._unsettled: dict[asyncio.Task, Delivery] = {}  # handler → its delivery, until settled
@@ -88,7 +90,8 @@ class Supervisor:
         for tier_s in retry.DELAY_TIERS_S:
             await self.outcomes.ensure_delay_tier(tier_s)
         for queue in self.queues:
-            name = await topology.declare_work_queue(self.broker, queue, self.queue_type, self.delivery_limit)
+            name = await topology.declare_work_queue(self.broker, queue, self.queue_type, self.delivery_limit,
+                                                     self.max_queue_length)
             self._consumer_tags.append(await self.broker.consume(name, self._on_delivery, self.prefetch.value))
         log.info("worker %s consuming %s with prefetch %d per queue (%s), %d children",
                  self.worker_id, ", ".join(self.queues), self.prefetch.value,

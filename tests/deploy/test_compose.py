@@ -35,6 +35,8 @@ RABBITMQ_CONF = ROOT / "deploy" / "rabbitmq" / "rabbitmq.conf"
 ENABLED_PLUGINS = ROOT / "deploy" / "rabbitmq" / "enabled_plugins"
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
 GRAFANA_DIR = ROOT / "deploy" / "grafana"
+COMPOSE_ENV = ROOT / "deploy" / "compose-env"
+ENV_EXAMPLE = ROOT / "deploy" / "compose.env.example"
 
 SERVICES = ("rabbitmq", "qm-server", "qm-worker", "prometheus", "grafana")
 #: Where the image's config lives (Dockerfile ENV QM_CONFIG; compose mounts over it).
@@ -51,12 +53,34 @@ def service(name: str) -> dict:
     return compose()["services"][name]
 
 
+def example_env() -> dict[str, str]:
+    """deploy/compose.env.example as KEY=VALUE pairs (# comments skipped)."""
+    pairs = [line.split("=", 1) for line in ENV_EXAMPLE.read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    return {key: value for key, value in pairs}
+
+
+_VARIABLE = re.compile(r"\$\{(?P<name>\w+)(?::(?P<op>[?-])(?P<arg>[^}]*))?\}")
+
+
+def interpolate(value: str, env: dict[str, str]) -> str:
+    """Compose's ${NAME}, ${NAME:-default} and ${NAME:?error} against `env`."""
+    def one(match: re.Match) -> str:
+        name, op, arg = match["name"], match["op"], match["arg"]
+        if env.get(name):
+            return env[name]
+        assert op == "-", f"${{{name}}} is not set (compose says: {arg})"
+        return arg
+    return _VARIABLE.sub(one, value)
+
+
 def environment(spec: dict) -> dict[str, str]:
-    """A service's environment as a dict (compose allows a mapping or KEY=VALUE items)."""
+    """A service's environment as a dict (compose allows a mapping or KEY=VALUE items),
+    interpolated with deploy/compose.env.example as compose would with that env file."""
     env = spec.get("environment") or {}
     if isinstance(env, list):
         env = dict(item.split("=", 1) for item in env)
-    return {key: "" if value is None else str(value) for key, value in env.items()}
+    return {key: "" if value is None else interpolate(str(value), example_env()) for key, value in env.items()}
 
 
 def qm_env(name: str) -> dict[str, str]:
@@ -65,6 +89,11 @@ def qm_env(name: str) -> dict[str, str]:
     assert env.get("QM_CONFIG") == CONTAINER_CONFIG, f"{name}: QM_CONFIG must be {CONTAINER_CONFIG}"
     env["QM_CONFIG"] = str(QM_CONFIG)
     return env
+
+
+def environment_raw(name: str) -> dict[str, str]:
+    """A service's environment as written in docker-compose.yml (not interpolated)."""
+    return {key: str(value) for key, value in (service(name).get("environment") or {}).items()}
 
 
 def deploy_config(name: str):
@@ -215,8 +244,9 @@ def scrape_targets(config: dict) -> dict[str, set[int]]:
 
 
 def rabbitmq_credentials() -> tuple[str, str]:
-    conf = rabbitmq_conf()
-    return conf.get("default_user", "guest"), conf.get("default_pass", "guest")
+    """The account compose has RabbitMQ create (its password from the example env file)."""
+    env = environment(service("rabbitmq"))
+    return env["RABBITMQ_DEFAULT_USER"], env["RABBITMQ_DEFAULT_PASS"]
 
 
 # ---------------------------------------------------------------- compose ---
@@ -224,10 +254,84 @@ def rabbitmq_credentials() -> tuple[str, str]:
 def test_compose_parses_and_has_every_service():
     data = compose()
     assert set(SERVICES) <= set(data["services"]), sorted(data["services"])
-    assert service("rabbitmq")["image"].startswith("rabbitmq:3.10-management")
-    assert service("prometheus")["image"].startswith("prom/prometheus")
-    assert service("grafana")["image"].startswith("grafana/grafana")
+    assert re.fullmatch(r"rabbitmq:3\.10\.\d+-management", service("rabbitmq")["image"])
+    assert service("prometheus")["image"].startswith("prom/prometheus:")
+    assert service("grafana")["image"].startswith("grafana/grafana:")
     assert service("qm-worker")["image"] == service("qm-server")["image"], "one image for server and worker"
+
+
+def test_every_pulled_image_is_pinned_to_a_version():
+    for name, spec in compose()["services"].items():
+        if "build" in spec:
+            continue
+        repository, _, tag = spec["image"].rpartition(":")
+        assert repository and re.fullmatch(r"v?\d+\.\d+\.\d+(-[\w.]+)?", tag), \
+            f"{name}: pin {spec['image']} to a release (x.y.z), not a moving tag"
+
+
+def test_published_ports_are_bound_to_loopback_only():
+    for name, spec in compose()["services"].items():
+        for host_ip, host_port, _ in published(spec):
+            assert host_ip == "127.0.0.1", f"{name} publishes {host_port} on {host_ip or 'every interface'}"
+
+
+def test_credentials_come_only_from_the_uncommitted_env_file():
+    text = COMPOSE.read_text() + QM_CONFIG.read_text() + RABBITMQ_CONF.read_text()
+    assert "queuemaster:queuemaster" not in text and "default_pass" not in text
+    assert "${QM_RABBITMQ_PASSWORD:?" in environment_raw("rabbitmq")["RABBITMQ_DEFAULT_PASS"]
+    assert "${GRAFANA_ADMIN_PASSWORD:?" in environment_raw("grafana")["GF_SECURITY_ADMIN_PASSWORD"]
+    for name in ("qm-server", "qm-worker"):
+        assert "${QM_RABBITMQ_PASSWORD:?" in environment_raw(name)["QM_BROKER__URL"]
+    ignored = subprocess.run(["git", "check-ignore", "-q", ".env"], cwd=ROOT, timeout=30)
+    assert ignored.returncode == 0, ".env must be in .gitignore"
+    assert dockerignored(".env"), ".env must stay out of the image's build context"
+
+
+def test_env_example_is_what_the_generator_prints_and_the_generator_makes_secrets(tmp_path):
+    example = subprocess.run([str(COMPOSE_ENV), "--example"], capture_output=True, text=True, timeout=30)
+    assert example.returncode == 0, example.stderr
+    assert example.stdout == ENV_EXAMPLE.read_text(), "regenerate: deploy/compose-env --example > " \
+                                                      "deploy/compose.env.example"
+    written = []
+    for attempt in range(2):
+        target = tmp_path / f"env-{attempt}"
+        made = subprocess.run([str(COMPOSE_ENV), "--output", str(target)], capture_output=True, text=True,
+                              timeout=30)
+        assert made.returncode == 0, made.stderr
+        assert target.stat().st_mode & 0o777 == 0o600
+        values = dict(line.split("=", 1) for line in target.read_text().splitlines()
+                      if line and not line.startswith("#"))
+        assert values.keys() == example_env().keys()
+        written.append(values)
+    for key in ("QM_RABBITMQ_PASSWORD", "GRAFANA_ADMIN_PASSWORD"):
+        assert written[0][key] != written[1][key] and len(written[0][key]) >= 32
+        assert re.fullmatch(r"[A-Za-z0-9_-]+", written[0][key]), "must fit in an AMQP URL unquoted"
+    kept = subprocess.run([str(COMPOSE_ENV), "--output", str(tmp_path / "env-0")], capture_output=True,
+                          text=True, timeout=30)
+    assert kept.returncode == 1 and "exists" in kept.stderr, "an existing .env is never overwritten silently"
+
+
+def test_grafana_has_no_anonymous_access_and_no_sign_up():
+    env = environment(service("grafana"))
+    assert env.get("GF_AUTH_ANONYMOUS_ENABLED") == "false"
+    assert env.get("GF_USERS_ALLOW_SIGN_UP") == "false"
+    assert env["GF_SECURITY_ADMIN_PASSWORD"] != "admin"
+
+
+def test_workers_have_cpu_memory_and_process_limits_and_as_many_children_as_cpus():
+    worker = service("qm-worker")
+    env = example_env()
+    assert float(interpolate(str(worker["cpus"]), env)) > 0
+    assert re.fullmatch(r"\d+[kmg]", interpolate(str(worker["mem_limit"]), env))
+    assert int(worker["pids_limit"]) > 0
+    assert deploy_config("qm-worker").worker.procs == int(float(interpolate(str(worker["cpus"]), env)))
+
+
+def test_rabbitmq_account_is_not_an_administrator_and_only_has_rights_on_qm_names():
+    conf = rabbitmq_conf()
+    assert conf.get("default_user_tags.administrator") == "false"
+    for right in ("configure", "read", "write"):
+        assert conf[f"default_permissions.{right}"] == "^qm\\.", right
 
 
 def test_depends_on_names_existing_services_and_waits_for_a_healthy_rabbitmq():
@@ -323,10 +427,12 @@ def test_broker_url_names_the_rabbitmq_service_and_its_configured_user():
         url = urllib.parse.urlsplit(deploy_config(name).broker.url)
         assert url.hostname == "rabbitmq" and (url.port or 5672) == 5672, name
         assert (url.username, url.password) == (user, password), f"{name}: broker URL user differs " \
-                                                                  "from rabbitmq.conf default_user/pass"
-        file_url = load_config(QM_CONFIG, env={}).broker.url
-        assert file_url == deploy_config(name).broker.url, "compose's QM_BROKER__URL and " \
-                                                           "deploy/qm/config.yaml broker.url differ"
+                                                                  "from RABBITMQ_DEFAULT_USER/PASS"
+        file_url = urllib.parse.urlsplit(load_config(QM_CONFIG, env={}).broker.url)
+        assert file_url.password is None, "no password in deploy/qm/config.yaml: it comes from .env"
+        assert (file_url.username, file_url.hostname, file_url.port, file_url.path) == \
+            (url.username, url.hostname, url.port, url.path), \
+            "compose's QM_BROKER__URL and deploy/qm/config.yaml broker.url name another account or vhost"
 
 
 def test_deploy_config_loads_alone_and_with_each_services_environment():
@@ -455,9 +561,16 @@ def _compose_command() -> list[str]:
     missing("neither `docker compose` (the CLI's compose plugin) nor docker-compose is installed")
 
 
-def test_docker_compose_config_validates():
+def test_docker_compose_config_validates(tmp_path):
     """Compose's own schema check and interpolation (needs the CLI only, no engine)."""
-    command = _compose_command() + ["-f", str(COMPOSE)]
+    command = _compose_command()
+    empty = tmp_path / "empty.env"
+    empty.write_text("")
+    shell_env = {key: value for key, value in os.environ.items() if key not in example_env()}
+    unset = subprocess.run(command + ["--env-file", str(empty), "-f", str(COMPOSE), "config", "--quiet"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=60, env=shell_env)
+    assert unset.returncode != 0 and "deploy/compose-env" in unset.stderr, "no .env: compose must say what to run"
+    command += ["--env-file", str(ENV_EXAMPLE), "-f", str(COMPOSE)]
     result = subprocess.run(command + ["config", "--quiet"], cwd=ROOT, capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 0, result.stderr
@@ -531,6 +644,10 @@ def deploy_rabbitmq(tmp_path_factory):
             (self.base_dir / "rabbitmq.conf").write_text("\n".join(lines) + "\n")
             (self.base_dir / "enabled_plugins").write_text(ENABLED_PLUGINS.read_text())
 
+        def _environment(self):  # the account, as compose creates it (docker-compose.yml)
+            user, password = rabbitmq_credentials()
+            return {**super()._environment(), "RABBITMQ_DEFAULT_USER": user, "RABBITMQ_DEFAULT_PASS": password}
+
     node = DeployRabbitMQ(tmp_path_factory.mktemp("deploy-rabbitmq"))
     node.start()
     yield node
@@ -556,6 +673,22 @@ def _healthcheck(target: str) -> subprocess.CompletedProcess:
                           text=True, timeout=60)
 
 
+def _assert_rights_only_on_qm_names(broker_url: str) -> None:
+    """The account may declare a qm.* queue, and is refused (403) anything else."""
+    import pika
+
+    with pika.BlockingConnection(pika.URLParameters(broker_url)) as connection:
+        channel = connection.channel()
+        name = unique("qm.rights")
+        channel.queue_declare(name, auto_delete=True)
+        channel.queue_delete(name)
+        for kind, declare in (("queue", lambda ch: ch.queue_declare(unique("other"), auto_delete=True)),
+                              ("exchange", lambda ch: ch.exchange_declare(unique("other"), "fanout"))):
+            with pytest.raises(pika.exceptions.ChannelClosedByBroker) as refused:
+                declare(connection.channel())
+            assert refused.value.reply_code == 403, (kind, refused.value)
+
+
 @pytest.mark.rabbitmq
 def test_deploy_config_runs_a_stack_on_the_deploy_rabbitmq(deploy_rabbitmq, launcher):
     """RabbitMQ with deploy/rabbitmq/*; qm-server and qm-worker with deploy/qm/config.yaml and
@@ -567,10 +700,12 @@ def test_deploy_config_runs_a_stack_on_the_deploy_rabbitmq(deploy_rabbitmq, laun
     user, password = rabbitmq_credentials()
     whoami = json.loads(_http_get(f"http://127.0.0.1:{deploy_rabbitmq.management_port}/api/whoami",
                                   user, password))
-    assert whoami["name"] == user and "administrator" in str(whoami.get("tags"))
+    assert whoami["name"] == user and "administrator" not in str(whoami.get("tags")), whoami
+    assert "management" in str(whoami.get("tags")), whoami
+    broker_url = f"amqp://{user}:{password}@127.0.0.1:{deploy_rabbitmq.amqp_port}/%2F"
+    _assert_rights_only_on_qm_names(broker_url)
     assert "rabbitmq_" in _http_get(f"http://127.0.0.1:{deploy_rabbitmq.prometheus_port}/metrics")
 
-    broker_url = f"amqp://{user}:{password}@127.0.0.1:{deploy_rabbitmq.amqp_port}/%2F"
     launcher.forget_queues(broker_url)  # a private node, gone after the test
     server_metrics, worker_metrics, status_port = free_port(), free_port(), free_port()
     server_env = {**qm_env("qm-server"), "QM_BROKER__URL": broker_url}

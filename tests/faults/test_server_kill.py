@@ -233,3 +233,46 @@ def test_a_submission_cut_off_before_its_publish_reached_rabbitmq_is_not_lost(ra
                 f"(attempts {status.attempts}) after {RESULT_TIMEOUT_S} s; worker executed it: {ran}; "
                 f"work queue qm.tasks.{queue} holds {depth} ready messages\n{tails(processes)}") from None
     assert (final.state, final.result) == ("SUCCEEDED", token), (final, tails(processes))
+
+
+def unconfirmed_rows(server) -> set[str]:
+    """Task ids in a server's `unconfirmed` table (its publish not yet marked confirmed)."""
+    path = server.data_dir / f"{server.server_id}.sqlite3"
+    store = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+    try:
+        return {task_id for (task_id,) in store.execute("SELECT task_id FROM unconfirmed")}
+    finally:
+        store.close()
+
+
+def test_kill_9_right_after_submits_whose_confirm_marks_were_not_yet_written(rabbitmq, launcher):
+    """Confirm marks are written with the next store transaction (group commit): a server
+    killed right after answering leaves rows unconfirmed. Every answered task must still
+    run, once restarted (published again only if nobody reported on it), and the
+    restarted server ends with no row left unconfirmed."""
+    queue = launcher.queue(rabbitmq.url)
+    server = launcher.server(rabbitmq.url)
+    tokens = [f"token-{i}-{uuid.uuid4().hex[:8]}" for i in range(30)]
+    with qm.Client(server.address) as client:
+        ids = [client.submit("test.echo", token, queue=queue) for token in tokens]
+    server.kill()
+    left_unconfirmed = unconfirmed_rows(server)
+    assert queue_depth(rabbitmq.url, queue) == len(ids)  # OK came after each confirm
+    restarted = launcher.server(rabbitmq.url, server_id=server.server_id,
+                                extra_args=["--listen", f"127.0.0.1:{server.port}"])
+    worker = launcher.worker(rabbitmq.url, procs=2, queues=queue)
+    processes = [server, restarted, worker]
+    with qm.Client(restarted.address) as client:
+        finals = {}
+        for status in client.watch(ids, timeout_s=RESULT_TIMEOUT_S * 3):
+            if status.terminal:
+                finals[status.task_id] = status
+    assert {task_id: (s.state, s.result) for task_id, s in finals.items()} == \
+        {task_id: ("SUCCEEDED", token) for task_id, token in zip(ids, tokens, strict=True)}, tails(processes)
+    wait_until(lambda: not unconfirmed_rows(restarted), RESULT_TIMEOUT_S, message="every confirm mark written")
+    ran = collections.Counter(run.task_id for run in executions([worker]))
+    print(f"\n[faults] kill -9 after submits: {len(left_unconfirmed)} of {len(ids)} confirm marks unwritten at "
+          f"the kill; executions logged once all were final {sum(ran.values())} "
+          f"(run twice {sum(1 for n in ran.values() if n > 1)}; a republished copy may still be queued)",
+          flush=True)
+    assert set(ran) == set(ids)

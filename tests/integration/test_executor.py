@@ -21,7 +21,7 @@ from qm.tasks.python import SignatureError, sign
 from tests.processes import GATE_BOUND_S, wait_until, worker_status
 from tests.time_limits import assert_ended_at_limit
 
-SECRET = "s3cret-for-tests"
+SECRET = "s3cret-for-tests-0123456789abcdefgh"  # executor.secret: at least 32 characters
 RESULT_TIMEOUT_S = 120.0
 #: Bound on a call killed at a 1 s limit reaching its future (queueing and events included).
 KILLED_CALL_TIMEOUT_S = 30.0
@@ -116,7 +116,7 @@ def test_unsigned_or_wrongly_signed_payloads_are_rejected_at_submit(cluster):
 def test_a_worker_with_another_secret_refuses_to_unpickle(rabbitmq, launcher):
     queue = launcher.queue(rabbitmq.url)
     server = launcher.server(rabbitmq.url, env={"QM_EXECUTOR__SECRET": SECRET})
-    launcher.worker(rabbitmq.url, procs=1, queues=queue, env={"QM_EXECUTOR__SECRET": "not-the-same"})
+    launcher.worker(rabbitmq.url, procs=1, queues=queue, env={"QM_EXECUTOR__SECRET": "not-the-same-secret-0123456789abcdefgh"})
 
     with qm.Executor(server.address, secret=SECRET, queue=queue) as executor:
         with pytest.raises(TaskError) as error:

@@ -71,7 +71,7 @@ def test_a_server_on_several_nodes_with_classic_server_queues_says_what_to_set(t
 
     async def body():  # grpc.aio builds its server on the running loop; nothing connects before start()
         app = ServerApp(config, discover())
-        app.store.close()
+        await app.store.close()
         app.identity.release()
 
     asyncio.run(body())

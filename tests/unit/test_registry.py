@@ -64,7 +64,9 @@ TASK = TaskType(name="double", handler=double, codec="json", description="Double
 def test_task_type_object_is_used_as_is(plugin):
     ep = plugin(TASK_TYPE_OBJECT, "TASK", "double")
     [loaded] = registry.load([ep])
-    assert loaded is ep.load()
+    # As declared; only the distribution it came from is recorded (a fake entry point has none).
+    assert loaded == ep.load() and loaded.handler is ep.load().handler
+    assert loaded.distribution == "unknown distribution"
     assert (loaded.codec, loaded.description) == ("json", "Doubles numbers")
     assert loaded.encode_result(loaded.handler(loaded.decode_payload(b"[1, 2]"))) == b"[2, 4]"
 
@@ -205,3 +207,23 @@ def test_check_payload_runs_the_plugin_validator_on_the_decoded_payload():
     with pytest.raises(ValidationError, match="n must be >= 0"):
         task_type.check_payload(b'{"n": -1}')
     assert seen == [{"n": 1}, {"n": -1}]
+
+
+def _installed_builtin(name: str) -> TaskType:
+    [ep] = [ep for ep in registry.find() if ep.name == name]
+    [loaded] = registry.load([ep])
+    assert isinstance(loaded, TaskType)
+    return loaded
+
+
+@pytest.mark.parametrize("name", ["math", "python"])
+@pytest.mark.parametrize("plugin_first", [True, False])
+def test_a_plugin_cannot_replace_a_built_in_type(name, plugin_first):
+    """A plugin distribution registering `math` or `python` is a load error naming both
+    distributions, whichever entry point comes first; the built-in is served."""
+    builtin = _installed_builtin(name)
+    impostor = TaskType(name, _handler, description="impostor", distribution="evil-plugin")
+    served = registry.validate([impostor, builtin] if plugin_first else [builtin, impostor])
+    assert served.types[name] is builtin and builtin.distribution == "queuemaster"
+    [error] = served.errors
+    assert "evil-plugin" in str(error) and "queuemaster" in str(error) and f"built-in task type {name!r}" in str(error)

@@ -53,11 +53,8 @@ SMALL_TABLES = {
 #: Scans allowed because they stop after LIMIT rows: a walk of an index in its order with no
 #: sort. Checked: the plan walks an index, sorts nothing, and the statement has a LIMIT.
 LIMITED_WALKS = {
-    re.compile(r"^SELECT [\w, ]+ FROM dead_letters ORDER BY dead_at LIMIT \?$"):
-        "dead letters, oldest first: walks dead_letters_by_dead_at, stops at the limit",
-    re.compile(r"^DELETE FROM dead_letters WHERE rowid IN "
-               r"\(SELECT rowid FROM dead_letters ORDER BY dead_at LIMIT \?\)$"):
-        "purging all dead letters, one batch of the oldest at a time",
+    re.compile(r"^SELECT [\w, ']+ FROM dead_letters ORDER BY dead_at LIMIT \?$"):
+        "dead letters, oldest first (with or without bodies): walks dead_letters_by_dead_at, stops at the limit",
 }
 #: Statement kinds that touch no rows (schema, transactions, settings).
 NOT_PLANNED = ("PRAGMA", "BEGIN", "COMMIT", "ROLLBACK", "END", "SAVEPOINT", "RELEASE", "CREATE", "DROP",
@@ -228,6 +225,8 @@ def dead_letters(store: Store) -> None:
     assert [letter.task_id for letter in letters] == ["d1", "d2"] and total == 4
     assert [letter.task_id for letter in store.dead_letters(10, ["d3", "d1"])[0]] == ["d1", "d3"]
     assert store.remove_dead_letters(["d1"]) == 1
+    assert [letter.body for letter in store.dead_letters(10, bodies=False)[0]] == [b""] * 3
+    assert store.remove_dead_letters(None, limit=2, dead_before_s=0.0) == 0  # retention: none that old
     assert store.remove_dead_letters(None, limit=2) == 2 and store.count_dead_letters() == 1
 
 

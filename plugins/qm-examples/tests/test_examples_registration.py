@@ -47,7 +47,8 @@ def test_installed_entry_points_are_discovered_without_errors():
                 if "qm-examples" in str(error) or any(name in str(error) for name in TASK_TYPES)]
     assert problems == []
     for name, declared in TASK_TYPES.items():
-        assert found.get(name) is declared
+        served = found.get(name)  # the declaration, with the distribution it came from recorded
+        assert served == declared and served.distribution == "qm-examples"
 
 
 def test_runs_through_a_real_pool_child_with_its_limits():

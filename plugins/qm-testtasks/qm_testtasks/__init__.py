@@ -10,6 +10,7 @@ import sys
 import time
 
 import qm
+from qm.registry import TaskType
 
 _LEAKED: list[bytearray] = []
 
@@ -210,3 +211,24 @@ def hold_gil(payload: str) -> str:
     import re
 
     return str(bool(re.match(r"(a+)+$", "a" * int(payload) + "b")))
+
+
+def big_result(payload: str) -> str:
+    """Return a result of the payload's number of bytes (the worker's result cap)."""
+    return "x" * int(payload)
+
+
+def _validate_slowly(value) -> None:
+    """Sleep for value["validate_sleep_s"] when given: a validator that takes its time."""
+    if isinstance(value, dict):
+        time.sleep(float(value.get("validate_sleep_s", 0)))
+
+
+#: A JSON task type whose server-side validator can be made slow (the validator budget);
+#: it returns its payload.
+def _return_value(value):
+    return value
+
+
+json_check = TaskType("test.json_check", handler=_return_value, codec="json", validate=_validate_slowly,
+                      description="returns its JSON payload; validate_sleep_s makes its validator slow")

@@ -23,6 +23,12 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ERROR_REASON_CONFIG_CONFLICT: _ClassVar[ErrorReason]
     ERROR_REASON_SERVER_ERROR: _ClassVar[ErrorReason]
     ERROR_REASON_OVERLOADED: _ClassVar[ErrorReason]
+    ERROR_REASON_UNAUTHENTICATED: _ClassVar[ErrorReason]
+    ERROR_REASON_PERMISSION_DENIED: _ClassVar[ErrorReason]
+    ERROR_REASON_RATE_LIMITED: _ClassVar[ErrorReason]
+    ERROR_REASON_QUEUE_FULL: _ClassVar[ErrorReason]
+    ERROR_REASON_VALIDATORS_BUSY: _ClassVar[ErrorReason]
+    ERROR_REASON_STREAM_EXPIRED: _ClassVar[ErrorReason]
     ERROR_REASON_STORE_UNAVAILABLE: _ClassVar[ErrorReason]
 
 class TaskState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
@@ -48,6 +54,12 @@ ERROR_REASON_BROKER_REFUSED: ErrorReason
 ERROR_REASON_CONFIG_CONFLICT: ErrorReason
 ERROR_REASON_SERVER_ERROR: ErrorReason
 ERROR_REASON_OVERLOADED: ErrorReason
+ERROR_REASON_UNAUTHENTICATED: ErrorReason
+ERROR_REASON_PERMISSION_DENIED: ErrorReason
+ERROR_REASON_RATE_LIMITED: ErrorReason
+ERROR_REASON_QUEUE_FULL: ErrorReason
+ERROR_REASON_VALIDATORS_BUSY: ErrorReason
+ERROR_REASON_STREAM_EXPIRED: ErrorReason
 ERROR_REASON_STORE_UNAVAILABLE: ErrorReason
 TASK_STATE_UNSPECIFIED: TaskState
 TASK_STATE_QUEUED: TaskState

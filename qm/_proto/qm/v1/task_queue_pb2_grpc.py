@@ -43,10 +43,18 @@ class TaskQueueStub:
     Safe to retry SubmitTask with the same idempotency_key.
     - DEADLINE_EXCEEDED: the deadline the client set passed before the answer came.
     - CANCELLED: the client cancelled the call.
-    - RESOURCE_EXHAUSTED: the request is larger than gRPC's message size limit (4 MiB);
-    a payload under it but over server.max_payload_bytes gets INVALID_ARGUMENT. Or
-    (reason OVERLOADED): server.max_concurrent_rpcs calls are in flight; retry after the
+    - RESOURCE_EXHAUSTED: the request is larger than gRPC's message size limit
+    (server.max_message_bytes, default 4 MiB; no reason: gRPC refused it); a payload
+    under it but over server.max_payload_bytes gets INVALID_ARGUMENT. Or (reason
+    OVERLOADED): server.max_concurrent_rpcs calls are in flight; retry after the
     retry-pushback-ms trailer (milliseconds).
+    - UNAUTHENTICATED: (reason UNAUTHENTICATED) the server takes tokens
+    (server.tokens_file) or client certificates, and the call had none it accepts:
+    send "authorization: Bearer <token>"; the message says what was wrong (missing,
+    unknown, expired, revoked). Nothing was done.
+    - PERMISSION_DENIED: (reason PERMISSION_DENIED) the caller's role (read < submit <
+    admin) lacks the right for this method; the message names the role needed. Nothing
+    was done. See docs/security.md.
     - INTERNAL: an error qm-server has no more specific code for; the message says what
     happened.
     - UNKNOWN: an unexpected error in qm-server (a bug).
@@ -128,10 +136,18 @@ class TaskQueueServicer:
     Safe to retry SubmitTask with the same idempotency_key.
     - DEADLINE_EXCEEDED: the deadline the client set passed before the answer came.
     - CANCELLED: the client cancelled the call.
-    - RESOURCE_EXHAUSTED: the request is larger than gRPC's message size limit (4 MiB);
-    a payload under it but over server.max_payload_bytes gets INVALID_ARGUMENT. Or
-    (reason OVERLOADED): server.max_concurrent_rpcs calls are in flight; retry after the
+    - RESOURCE_EXHAUSTED: the request is larger than gRPC's message size limit
+    (server.max_message_bytes, default 4 MiB; no reason: gRPC refused it); a payload
+    under it but over server.max_payload_bytes gets INVALID_ARGUMENT. Or (reason
+    OVERLOADED): server.max_concurrent_rpcs calls are in flight; retry after the
     retry-pushback-ms trailer (milliseconds).
+    - UNAUTHENTICATED: (reason UNAUTHENTICATED) the server takes tokens
+    (server.tokens_file) or client certificates, and the call had none it accepts:
+    send "authorization: Bearer <token>"; the message says what was wrong (missing,
+    unknown, expired, revoked). Nothing was done.
+    - PERMISSION_DENIED: (reason PERMISSION_DENIED) the caller's role (read < submit <
+    admin) lacks the right for this method; the message names the role needed. Nothing
+    was done. See docs/security.md.
     - INTERNAL: an error qm-server has no more specific code for; the message says what
     happened.
     - UNKNOWN: an unexpected error in qm-server (a bug).
@@ -144,11 +160,18 @@ class TaskQueueServicer:
 
         Errors:
         - INVALID_ARGUMENT: a field is wrong; the message names it (type: unknown or
-        missing task type; payload: too large for server.max_payload_bytes, or refused by
-        the task type's validation; queue: not 1-100 of letters, digits, _ . -;
-        timeout_s: negative, or not below RabbitMQ's consumer_timeout; max_retries: over
-        100; retry_backoff_s, retry_backoff_max_s: negative; idempotency_key: over 200
-        characters). Nothing was stored or enqueued.
+        missing task type; payload: too large for server.max_payload_bytes, refused by
+        the task type's validation, or its check took over server.validate_timeout_s;
+        queue: not exactly 1-100 of letters, digits, _ . -, or not one of server.queues;
+        timeout_s: negative, over server.max_task_timeout_s, or not below RabbitMQ's
+        consumer_timeout; memory_limit_mb: over server.max_task_memory_limit_mb;
+        max_retries: over server.max_retries; retry_backoff_s, retry_backoff_max_s:
+        negative; idempotency_key: over 200 characters). Nothing was stored or enqueued.
+        - RESOURCE_EXHAUSTED: reason RATE_LIMITED: this caller submitted faster than
+        server.submit_rate_per_s (the message and the retry-pushback-ms trailer say when
+        to retry); QUEUE_FULL: the work queue holds broker.max_queue_length tasks;
+        VALIDATORS_BUSY: every payload validator thread is held by a check over its
+        budget. Nothing was stored or enqueued; retry later with the same idempotency_key.
         - UNAVAILABLE: RabbitMQ is unreachable or did not confirm the message (the message
         names RabbitMQ), or the PostgreSQL store is unreachable (reason STORE_UNAVAILABLE);
         nothing was stored. Retry with the same idempotency_key.
@@ -174,6 +197,9 @@ class TaskQueueServicer:
         Errors:
         - INVALID_ARGUMENT: more items than server.max_batch_items (default 1000); the
         message names the limit; nothing was submitted. Per-item errors are in the results.
+        - RESOURCE_EXHAUSTED: reason RATE_LIMITED: the items would take this caller over
+        server.submit_rate_per_s (each item counts); nothing was submitted; retry after
+        retry-pushback-ms.
         - UNAVAILABLE: qm-server cannot be reached; retry the batch with the same keys.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -198,6 +224,10 @@ class TaskQueueServicer:
 
         Errors:
         - NOT_FOUND: one of the ids is unknown; the stream ends with it, naming the id.
+        - INVALID_ARGUMENT: the stream named more ids than server.max_stream_ids (default
+        10,000; repeats count); follow more tasks on further streams.
+        - UNAVAILABLE: reason STREAM_EXPIRED: the stream was open for server.max_stream_s
+        (default 1 h); open a new one for the tasks still followed (qm clients do).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -235,7 +265,9 @@ class TaskQueueServicer:
 
     def ListDeadLetters(self, request, context):
         """Tasks whose last attempt failed for good (or that kept killing their workers),
-        oldest first.
+        oldest first: at most limit (default 100), never more than
+        server.max_dead_letters_listed (default 1000). Dead letters are kept for
+        server.dead_letter_retention_s (default 30 days).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -343,10 +375,18 @@ class TaskQueue:
     Safe to retry SubmitTask with the same idempotency_key.
     - DEADLINE_EXCEEDED: the deadline the client set passed before the answer came.
     - CANCELLED: the client cancelled the call.
-    - RESOURCE_EXHAUSTED: the request is larger than gRPC's message size limit (4 MiB);
-    a payload under it but over server.max_payload_bytes gets INVALID_ARGUMENT. Or
-    (reason OVERLOADED): server.max_concurrent_rpcs calls are in flight; retry after the
+    - RESOURCE_EXHAUSTED: the request is larger than gRPC's message size limit
+    (server.max_message_bytes, default 4 MiB; no reason: gRPC refused it); a payload
+    under it but over server.max_payload_bytes gets INVALID_ARGUMENT. Or (reason
+    OVERLOADED): server.max_concurrent_rpcs calls are in flight; retry after the
     retry-pushback-ms trailer (milliseconds).
+    - UNAUTHENTICATED: (reason UNAUTHENTICATED) the server takes tokens
+    (server.tokens_file) or client certificates, and the call had none it accepts:
+    send "authorization: Bearer <token>"; the message says what was wrong (missing,
+    unknown, expired, revoked). Nothing was done.
+    - PERMISSION_DENIED: (reason PERMISSION_DENIED) the caller's role (read < submit <
+    admin) lacks the right for this method; the message names the role needed. Nothing
+    was done. See docs/security.md.
     - INTERNAL: an error qm-server has no more specific code for; the message says what
     happened.
     - UNKNOWN: an unexpected error in qm-server (a bug).
