@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import secrets
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 
@@ -344,8 +345,12 @@ class PgStore:
     async def add_dead_letter(self, dead: DeadLetter) -> None:
         await self._execute(_UPSERT_DEAD, *_dead_row(dead))
 
-    async def dead_letters(self, limit: int, task_ids: list[str] | None = None) -> tuple[list[DeadLetter], int]:
-        query = f"SELECT {', '.join(_DEAD_COLUMNS)} FROM dead_letters"
+    async def dead_letters(self, limit: int, task_ids: list[str] | None = None,
+                           bodies: bool = True) -> tuple[list[DeadLetter], int]:
+        """Dead letters, oldest first (these ids only, if given), and how many in all;
+        bodies=False leaves the message bodies unread (b"")."""
+        columns = _DEAD_COLUMNS if bodies else [c if c != "body" else "''::bytea AS body" for c in _DEAD_COLUMNS]
+        query = f"SELECT {', '.join(columns)} FROM dead_letters"
         if task_ids is None:
             rows = await self._fetch(f"{query} ORDER BY dead_at LIMIT $1", limit)
         else:
@@ -356,11 +361,14 @@ class PgStore:
     async def count_dead_letters(self) -> int:
         return await self._counter("dead_letters")
 
-    async def remove_dead_letters(self, task_ids: list[str] | None = None, limit: int = DELETE_BATCH_ROWS) -> int:
+    async def remove_dead_letters(self, task_ids: list[str] | None = None, limit: int = DELETE_BATCH_ROWS,
+                                  dead_before_s: float = math.inf) -> int:
+        """Remove these dead letters, or if None up to `limit` of the oldest (dead before
+        `dead_before_s` only: retention), skipping rows another server is deleting."""
         if task_ids is None:
             return await self._execute(
                 "DELETE FROM dead_letters WHERE task_id = ANY(ARRAY(SELECT task_id FROM dead_letters "
-                "ORDER BY dead_at LIMIT $1 FOR UPDATE SKIP LOCKED))", limit)
+                "WHERE dead_at < $1 ORDER BY dead_at LIMIT $2 FOR UPDATE SKIP LOCKED))", dead_before_s, limit)
         return await self._execute("DELETE FROM dead_letters WHERE task_id = ANY($1::text[])", list(task_ids))
 
     # -- other servers' changes --------------------------------------------------------

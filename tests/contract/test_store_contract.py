@@ -185,6 +185,10 @@ class StoreContract:
         store.add_dead_letter(dead("d3", T0 + 4))
         assert store.remove_dead_letters(None, 1) == 1  # the oldest
         assert [d.task_id for d in store.dead_letters(10)[0]] == ["d3"] and store.count_dead_letters() == 1
+        assert [(d.task_id, d.body) for d in store.dead_letters(10, bodies=False)[0]] == [("d3", b"")]
+        store.add_dead_letter(dead("d4", T0 + 10))
+        assert store.remove_dead_letters(None, 10, dead_before_s=T0 + 5) == 1  # retention: d3 only
+        assert [d.task_id for d in store.dead_letters(10)[0]] == ["d4"]
 
 
 class TestSQLiteStore(StoreContract):

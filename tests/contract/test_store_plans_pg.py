@@ -121,10 +121,12 @@ async def retention(store: PgStore) -> None:
 async def dead_letters(store: PgStore) -> None:
     await store.add_dead_letter(DeadLetter("new-dead", "math", "default", S.FAILED, 1, "r", "e", b"b", T0))
     await store.dead_letters(100)
+    await store.dead_letters(100, bodies=False)
     await store.dead_letters(100, ["new-dead", "dead-3"])
     await store.count_dead_letters()
     await store.remove_dead_letters(["new-dead"])
     await store.remove_dead_letters(None, 1000)
+    await store.remove_dead_letters(None, 1000, dead_before_s=T0 + 10)
 
 
 async def seed(url: str) -> None:
