@@ -265,7 +265,9 @@ def test_every_pulled_image_is_pinned_to_a_version():
         if "build" in spec:
             continue
         repository, _, tag = spec["image"].rpartition(":")
-        assert repository and re.fullmatch(r"v?\d+\.\d+\.\d+(-[\w.]+)?", tag), \
+        # PostgreSQL numbers its releases major.minor (15.10: the tenth of 15), not x.y.z.
+        release = r"\d+\.\d+" if repository == "postgres" else r"v?\d+\.\d+\.\d+(-[\w.]+)?"
+        assert repository and re.fullmatch(release, tag), \
             f"{name}: pin {spec['image']} to a release (x.y.z), not a moving tag"
 
 
@@ -754,7 +756,7 @@ def test_the_shared_store_profile_runs_two_servers_on_its_postgresql():
         spec = services[name]
         assert spec["profiles"] == ["shared-store"], f"{name} only runs with --profile shared-store"
         assert spec["depends_on"]["postgres"]["condition"] == "service_healthy", name
-        config = load_config(QM_CONFIG, env=environment(spec))
+        config = deploy_config(name)
         url = urllib.parse.urlsplit(config.server.store_url)
         assert (url.scheme, url.hostname, url.port) == ("postgresql", "postgres", 5432), name
         assert (url.username, url.password, url.path) == (env["POSTGRES_USER"], env["POSTGRES_PASSWORD"],
@@ -766,3 +768,4 @@ def test_the_shared_store_profile_runs_two_servers_on_its_postgresql():
     assert len(data_volumes) == 2, "and its own data dir (it holds the server's lock)"
     assert len(host_ports) == 2
     assert "profiles" not in services["qm-server"], "the default stack stays one server on SQLite"
+    assert "${QM_POSTGRES_PASSWORD:?" in environment_raw("postgres")["POSTGRES_PASSWORD"]
