@@ -14,6 +14,7 @@ from qm._proto.qm.internal.v1 import messages_pb2
 from qm.protocol import Header
 from qm.retry import RetryPolicy
 from qm.states import TaskState
+from qm.task_progress import Progress
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +75,7 @@ class TaskEvent:
     timeout_s: float = 0.0        # limits the worker applied (RUNNING); 0 = unchanged
     memory_limit_mb: int = 0
     next_attempt_at_s: float | None = None  # RETRYING: when the next attempt is due
+    progress: Progress | None = None  # a progress report (state RUNNING, but no start)
 
     def encode(self) -> bytes:
         event = messages_pb2.TaskEvent(task_id=self.task_id, type=self.type, queue=self.queue,
@@ -84,6 +86,10 @@ class TaskEvent:
         event.at.FromNanoseconds(int(self.at_s * 1e9))
         if self.next_attempt_at_s is not None:
             event.next_attempt_at.FromNanoseconds(int(self.next_attempt_at_s * 1e9))
+        if self.progress is not None:
+            event.progress.fraction = self.progress.fraction
+            event.progress.message = self.progress.message
+            event.progress.detail_json = self.progress.detail_json
         return event.SerializeToString()
 
     @classmethod
@@ -94,7 +100,9 @@ class TaskEvent:
         return cls(event.task_id, event.type, event.queue, event.attempt, TaskState(event.state),
                    event.worker, event.result, event.error, event.at.ToNanoseconds() / 1e9,
                    event.timeout_s, event.memory_limit_mb,
-                   event.next_attempt_at.ToNanoseconds() / 1e9 if event.HasField("next_attempt_at") else None)
+                   event.next_attempt_at.ToNanoseconds() / 1e9 if event.HasField("next_attempt_at") else None,
+                   Progress(event.progress.fraction, event.progress.message, event.progress.detail_json)
+                   if event.HasField("progress") else None)
 
 
 def _parse(message_class, body: bytes):

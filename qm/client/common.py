@@ -20,6 +20,7 @@ call starts at the address that last answered and fails over to the next on UNAV
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 import uuid
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -365,6 +366,10 @@ class TaskStatus:
     memory_limit_mb: int = 0       # effective memory limit; 0 = none
     max_retries: int = 0           # effective retry budget
     next_attempt_at: float | None = None  # while RETRYING
+    progress: float = 0.0          # 0..1, the latest qm.progress() of the current attempt
+    progress_message: str = ""
+    progress_detail: Any = None    # its JSON detail, decoded; None if none
+    progress_at: float | None = None  # when that report was made
 
     @property
     def terminal(self) -> bool:
@@ -438,7 +443,16 @@ def status_from_proto(status: task_queue_pb2.TaskStatus) -> TaskStatus:
         started_at=_seconds(status.started_at), finished_at=_seconds(status.finished_at),
         updated_at=_seconds(status.updated_at), timeout_s=status.timeout_s,
         memory_limit_mb=status.memory_limit_mb, max_retries=status.max_retries,
-        next_attempt_at=_seconds(status.next_attempt_at))
+        next_attempt_at=_seconds(status.next_attempt_at), progress=status.progress,
+        progress_message=status.progress_message, progress_detail=_json_or_none(status.progress_detail_json),
+        progress_at=_seconds(status.progress_at))
+
+
+def _json_or_none(text: str) -> Any:
+    try:
+        return json.loads(text) if text else None
+    except ValueError:
+        return None  # the server stores what a worker sent: a bad one is no reason to fail a watch
 
 
 def final_value(task_id: str, last: TaskStatus | None) -> Any:
@@ -488,6 +502,7 @@ class Follow:
         self.open = dict.fromkeys(task_ids)             # ids not yet terminal, in order
         self.timeout_s = timeout_s
         self._delivered: dict[str, set[tuple]] = {}
+        self._progress_ns: dict[str, int] = {}  # task id → time of the latest progress delivered
         self._clock = clock
         self._deadline = None if timeout_s is None else clock() + timeout_s
         self._attempts = Attempts(failover, reconnect_s if failover.reached else 0.0, clock)
@@ -525,13 +540,18 @@ class Follow:
         self._attempts.reached()
         key = (proto.state, proto.attempts, proto.updated_at.seconds, proto.updated_at.nanos)
         seen = self._delivered.setdefault(proto.task_id, set())
-        if proto.task_id not in self.open or key in seen:
+        # Progress reports: only the time of the latest delivered is kept (there may be many).
+        progress_ns = proto.progress_at.ToNanoseconds() if proto.progress_at.ByteSize() else 0
+        newer_progress = progress_ns > self._progress_ns.get(proto.task_id, 0)
+        if proto.task_id not in self.open or (key in seen and not newer_progress):
             return None
         seen.add(key)
+        self._progress_ns[proto.task_id] = progress_ns
         status = status_from_proto(proto)
         if status.terminal:
             del self.open[proto.task_id]
             self._delivered.pop(proto.task_id, None)
+            self._progress_ns.pop(proto.task_id, None)
         return status
 
     def interrupted(self, address: str, code: grpc.StatusCode | None, details: str | None,

@@ -83,13 +83,15 @@ class EventApplier:
             self.hub.publish(record)
         now = time.time()
         for event in events:
-            self.metrics.events.labels(event.state.name).inc()
+            self.metrics.events.labels("PROGRESS" if event.progress else event.state.name).inc()
             self.metrics.events_lag_seconds.observe(max(0.0, now - event.at_s))
         changed = {record.task_id for record in changes}
+        self.metrics.progress_ignored.inc(sum(1 for event in events if event.progress and
+                                              event.task_id not in changed))
         for event in events:  # a worker that missed the cancel (started after it) is told again
             # A start that changed nothing came for a task already final: cancelled, maybe.
             # (Any other start counts as one, so only these need the store look-up.)
-            if (event.state is TaskState.RUNNING and event.task_id not in changed
+            if (event.state is TaskState.RUNNING and event.progress is None and event.task_id not in changed
                     and await self._is_cancelled(event.task_id)):
                 self._send(Control(Command.CANCEL, event.task_id))
         self._watch_for_poison(changes)

@@ -117,8 +117,16 @@ CREATE TRIGGER dead_letters_count_delete AFTER DELETE ON dead_letters
     REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION qm_count_rows();
 """
 
+# Task progress (qm.progress(): the latest report of the current attempt).
+_VERSION_2 = """
+ALTER TABLE tasks ADD COLUMN progress double precision NOT NULL DEFAULT 0;
+ALTER TABLE tasks ADD COLUMN progress_message text NOT NULL DEFAULT '';
+ALTER TABLE tasks ADD COLUMN progress_detail_json text NOT NULL DEFAULT '';
+ALTER TABLE tasks ADD COLUMN progress_at double precision;
+"""
+
 #: Migration n (1-based) takes a store from schema version n-1 to n.
-MIGRATIONS: tuple[str, ...] = (_VERSION_1,)
+MIGRATIONS: tuple[str, ...] = (_VERSION_1, _VERSION_2)
 #: The newest schema this code knows.
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -116,10 +116,11 @@ def record_to_proto(record: TaskRecord) -> task_queue_pb2.TaskStatus:
         state=int(record.state),  # type: ignore[arg-type]  # protoc .pyi: enum fields typed as the enum class; they take ints
         attempts=record.attempts, result=record.result or b"", codec=record.codec,
         error=record.error, worker=record.worker, timeout_s=record.timeout_s,
-        memory_limit_mb=record.memory_limit_mb, max_retries=record.max_retries)
+        memory_limit_mb=record.memory_limit_mb, max_retries=record.max_retries, progress=record.progress,
+        progress_message=record.progress_message, progress_detail_json=record.progress_detail_json)
     for field, seconds in (("created_at", record.created_at), ("started_at", record.started_at),
                            ("finished_at", record.finished_at), ("updated_at", record.updated_at),
-                           ("next_attempt_at", record.next_attempt_at)):
+                           ("next_attempt_at", record.next_attempt_at), ("progress_at", record.progress_at)):
         if seconds is not None:
             getattr(status, field).FromNanoseconds(int(seconds * 1e9))
     return status
@@ -265,7 +266,7 @@ async def _stream_until_terminal(updates: asyncio.Queue, followed: set[str]):
             continue
         if isinstance(item, QMError):
             raise item
-        key = (item.state, item.attempts, item.updated_at)
+        key = (item.state, item.attempts, item.updated_at, item.progress_at)
         if item.task_id in finished or sent.get(item.task_id) == key:
             continue
         sent[item.task_id] = key

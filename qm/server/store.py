@@ -27,6 +27,7 @@ from typing import Callable, Iterable, Protocol
 
 from qm.messages import TaskEvent
 from qm.server.group_commit import GroupCommit, TransactionObserver
+from qm.server.progress import next_progress
 from qm.server.store_api import DeadLetter, TaskRecord
 from qm.states import TaskState, supersedes
 
@@ -65,7 +66,11 @@ CREATE TABLE IF NOT EXISTS tasks (
     max_retries INTEGER NOT NULL DEFAULT 0,
     next_attempt_at REAL,
     starts      INTEGER NOT NULL DEFAULT 0,
-    request_digest TEXT NOT NULL DEFAULT ''
+    request_digest TEXT NOT NULL DEFAULT '',
+    progress    REAL NOT NULL DEFAULT 0,
+    progress_message TEXT NOT NULL DEFAULT '',
+    progress_detail_json TEXT NOT NULL DEFAULT '',
+    progress_at REAL
 );
 CREATE TABLE IF NOT EXISTS unconfirmed (
     task_id TEXT PRIMARY KEY,
@@ -108,7 +113,9 @@ _COUNTED_TABLES = ("tasks", "dead_letters")
 _ADDED_COLUMNS = {"timeout_s": "REAL NOT NULL DEFAULT 0", "memory_limit_mb": "INTEGER NOT NULL DEFAULT 0",
                   "idempotency_key": "TEXT NOT NULL DEFAULT ''", "max_retries": "INTEGER NOT NULL DEFAULT 0",
                   "next_attempt_at": "REAL", "starts": "INTEGER NOT NULL DEFAULT 0",
-                  "request_digest": "TEXT NOT NULL DEFAULT ''"}
+                  "request_digest": "TEXT NOT NULL DEFAULT ''", "progress": "REAL NOT NULL DEFAULT 0",
+                  "progress_message": "TEXT NOT NULL DEFAULT ''", "progress_detail_json": "TEXT NOT NULL DEFAULT ''",
+                  "progress_at": "REAL"}
 
 
 _COLUMNS = [field.name for field in dataclasses.fields(TaskRecord)]
@@ -432,6 +439,12 @@ def fold_events(events: Iterable[TaskEvent], load: Callable[[str], TaskRecord | 
             current = load(event.task_id)
             if current is not None:
                 stored[event.task_id] = current
+        if event.progress is not None:  # advisory: never a state change, never a start
+            updated = next_progress(current, event)
+            if updated is not None:
+                latest[event.task_id] = updated
+                changes.append(updated)
+            continue
         updated = _next_record(current, event, codec_of.get(event.type, "text"))
         if event.state is TaskState.RUNNING and _is_new_start(current, event):
             started = updated or current  # every start counts, a redelivered one too
@@ -442,7 +455,9 @@ def fold_events(events: Iterable[TaskEvent], load: Callable[[str], TaskRecord | 
                 new_attempt = current is None or event.attempt > current.attempts
                 updated = dataclasses.replace(
                     started, starts=1 if new_attempt else started.starts + 1, started_at=event.at_s,
-                    updated_at=event.at_s, worker=event.worker or started.worker)
+                    updated_at=event.at_s, worker=event.worker or started.worker,
+                    # a run starts from nothing: the progress of an earlier one is gone
+                    progress=0.0, progress_message="", progress_detail_json="", progress_at=None)
         if updated is not None:
             latest[event.task_id] = updated
             changes.append(updated)

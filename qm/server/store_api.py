@@ -12,7 +12,10 @@ What every implementation promises:
   later), and from the moment it returns `unconfirmed()` leaves that task out. A crash
   before it is written makes the next start publish the message again: at-least-once.
 - `apply` is idempotent and order-safe (`qm.states.supersedes`); its changes are durable
-  when it returns (the caller acks the events after it).
+  when it returns (the caller acks the events after it). A progress event (one with
+  `progress`) goes only through `qm.server.progress.next_progress` (the four progress
+  columns, never the state or the start count), and a RUNNING event counted as a start
+  clears those columns.
 - Every look-up finds its rows through an index: the cost of a call does not grow with
   the number of tasks stored.
 """
@@ -50,6 +53,10 @@ class TaskRecord:
     next_attempt_at: float | None = None  # while RETRYING
     starts: int = 0               # RUNNING events seen, redelivered ones too (poison detection)
     request_digest: str = ""      # of the request, kept with its idempotency key (qm/server/idempotency.py)
+    progress: float = 0.0         # the latest qm.progress() of the current attempt, 0..1 (qm/server/progress.py)
+    progress_message: str = ""
+    progress_detail_json: str = ""
+    progress_at: float | None = None  # when that report was made
 
     @classmethod
     def queued(cls, task_id: str, type: str, queue: str, codec: str, at_s: float, timeout_s: float = 0.0,

@@ -2,12 +2,15 @@
 
     supervisor → child: Job                       one task to run
     child → supervisor: Reply(READY, pid)         once, after start-up (own session by then)
+                        Reply(PROGRESS, task id, progress=update)   any number, while a task runs
                         Reply(OK, result bytes) | Reply(<failure kind>, error text)
 """
 from __future__ import annotations
 
 import dataclasses
 import enum
+
+from qm.task_progress import Progress
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +31,7 @@ class ReplyKind(enum.Enum):
     MEMORY = "memory"               # MemoryError under the address-space cap
     RETRY = "retry"                 # the task raised qm.Retry (retry_delay_s: its delay)
     PERMANENT = "permanent"         # the task raised qm.PermanentError: never retried
+    PROGRESS = "progress"           # value: the task id; progress: what qm.progress() reported
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,3 +39,4 @@ class Reply:
     kind: ReplyKind
     value: bytes | str | int = b""
     retry_delay_s: float | None = None
+    progress: Progress | None = None

@@ -4,6 +4,7 @@
         ▲            │                     │
         │            ├─ deadline timer ────┼──► kill process group → TIMED_OUT
         │            └─ RSS sampler ───────┼──► kill process group → MEMORY_EXCEEDED
+        ├── on_progress ◄── PROGRESS replies ◄─┤ (qm.progress() in the task, any number)
         └── Outcome ◄── pipe reply ◄───────┘
                    ◄── sentinel readable (child died) → CRASHED (or the killer's outcome),
                                                         slot respawned
@@ -25,6 +26,7 @@ import time
 from typing import Callable, Sequence, cast
 
 from qm.states import TaskState
+from qm.task_progress import Progress
 from qm.worker import procfs
 from qm.worker.child import MIB, child_main
 from qm.worker.jobs import Job, Reply, ReplyKind
@@ -67,6 +69,7 @@ class Slot:
     tasks_done: int = 0
     rss_bytes: int = 0
     peak_rss_bytes: int = 0
+    on_progress: Callable[[Progress], None] | None = None
 
     @property
     def pid(self) -> int:
@@ -142,8 +145,10 @@ class Pool:
         loop.add_reader(process.sentinel, self._on_exit, slot)
         return slot
 
-    async def run(self, job: Job, on_started: Callable[[], None] | None = None) -> Outcome:
-        """Run a job on a child; `on_started` is called once a child has it.
+    async def run(self, job: Job, on_started: Callable[[], None] | None = None,
+                  on_progress: Callable[[Progress], None] | None = None) -> Outcome:
+        """Run a job on a child; `on_started` is called once a child has it, `on_progress`
+        with each update the task reports (qm.progress), all before the outcome.
 
         Cancelled while waiting for a child: the job never ran. Cancelled while running:
         the child is killed (and replaced) and the cancellation propagates.
@@ -152,6 +157,7 @@ class Pool:
         while not slot.alive:
             slot = await self._idle.get()
         self._assign(slot, job)
+        slot.on_progress = on_progress
         if on_started is not None:
             on_started()
         try:
@@ -180,7 +186,7 @@ class Pool:
             pass  # the child just died: its sentinel resolves the future as CRASHED
 
     def _finish(self, slot: Slot, outcome: Outcome) -> None:
-        future, slot.future, slot.job = slot.future, None, None
+        future, slot.future, slot.job, slot.on_progress = slot.future, None, None, None
         if slot.deadline is not None:
             slot.deadline.cancel()
             slot.deadline = None
@@ -194,6 +200,12 @@ class Pool:
         except (EOFError, OSError):
             asyncio.get_running_loop().remove_reader(slot.conn.fileno())
             return  # the child is gone; _on_exit reports it
+        if reply.kind is ReplyKind.PROGRESS:
+            # An update sent just before its task ended may trail it: it names its task.
+            if slot.on_progress is not None and slot.job is not None and reply.value == slot.job.task_id:
+                assert reply.progress is not None  # a PROGRESS reply always carries one
+                slot.on_progress(reply.progress)
+            return
         if reply.kind is ReplyKind.READY:
             slot.ready = True
             self._readiness.set()

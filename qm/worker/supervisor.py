@@ -5,6 +5,7 @@
                                                                       │ cap its limits
                                                                       ▼
                           publish RUNNING event ◄── on_started ── Pool.run(job)
+          progress events (≤ 10/s, advisory) ◄── on_progress ──┤ (qm/worker/progress_events.py)
                                                                       │ Outcome (the pool's
                                                                       │ deadline and RSS
                                                                       ▼ watchdogs kill)
@@ -43,6 +44,7 @@ from qm.worker.isolation import Isolation
 from qm.worker.outcomes import Outcomes
 from qm.worker.pool import Job, Outcome, Pool
 from qm.worker.prefetch import AutoPrefetch, FixedPrefetch
+from qm.worker.progress_events import ProgressEvents
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +81,7 @@ class Supervisor:
         self._unsettled: dict[asyncio.Task, Delivery] = {}  # handler → its delivery, until settled
         self._waiting: set[asyncio.Task] = set()              # handlers whose job has not started
         self._background = Background()
+        self.progress = ProgressEvents(broker, worker_id, self.metrics, self._background)
         self._by_task: dict[str, asyncio.Task] = {}              # task id → its handler
 
     async def start(self) -> None:
@@ -178,14 +181,16 @@ class Supervisor:
                 self._background.spawn(self.outcomes.publish_event(
                     self.outcomes.event(message, TaskState.RUNNING, job=job)))
 
+        progress = self.progress.open(message)
         try:
             await self._isolation.enter(suspect)
             try:
                 if suspect:
                     await self.outcomes.publish_event(self.outcomes.event(message, TaskState.RUNNING, job=job))
-                outcome = await self.pool.run(job, on_started)
+                outcome = await self.pool.run(job, on_started, progress.offer)
             finally:
                 self._isolation.leave(suspect)
+                self.progress.close(progress)  # nothing of it after the outcome
         except asyncio.CancelledError:
             self._settle(handler, ack=False)  # back to the queue: another worker runs it
             raise
