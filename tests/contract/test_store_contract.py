@@ -357,3 +357,41 @@ class TestSharedPostgresStore:
         url = f"postgresql://postgres@127.0.0.1:{free_port()}/qm"
         with pytest.raises(StoreUnavailable, match="cannot be reached"):
             open_pg(url)
+
+
+@pytest.mark.postgres
+@pytest.mark.processes
+@pytest.mark.slow
+def test_a_store_of_an_older_schema_is_migrated_at_open_and_keeps_its_rows(database):
+    """A store written at schema version 1 (before task progress) is brought to the current
+    version when a server opens it; its tasks read back with the new columns' defaults."""
+    async def write_version_1() -> None:
+        connection = await asyncpg.connect(database)
+        try:
+            async with connection.transaction():
+                await connection.execute(pg_schema.BOOKKEEPING)
+                await connection.execute(pg_schema.MIGRATIONS[0])
+                await connection.execute("INSERT INTO qm_schema (version, store_id) VALUES (1, 'pg-old')")
+                await connection.execute(
+                    "INSERT INTO tasks (task_id, type, queue, codec, state, attempts, created_at, updated_at) "
+                    "VALUES ('old-task', 'math', 'default', 'text', $1, 0, $2, $2)", int(S.QUEUED), T0)
+        finally:
+            await connection.close()
+
+    async def version() -> int:
+        connection = await asyncpg.connect(database)
+        try:
+            return await connection.fetchval("SELECT version FROM qm_schema")
+        finally:
+            await connection.close()
+
+    asyncio.run(write_version_1())
+    store = open_pg(database)
+    try:
+        assert store.target.store_id == "pg-old"  # the store keeps its id (its queues' names)
+        assert store.get("old-task") == queued("old-task")
+        store.apply([event(S.RUNNING, T0 + 1, task_id="old-task")], CODECS)
+        assert store.get("old-task").state is S.RUNNING
+    finally:
+        store.close()
+    assert asyncio.run(version()) == pg_schema.SCHEMA_VERSION >= 2
