@@ -17,6 +17,8 @@ from prometheus_client.core import CounterMetricFamily
 TASK_SECONDS_BUCKETS = (0.005, 0.025, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 1800, 3600)
 #: Buckets for RPC handling and publish confirms.
 FAST_SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
+#: Buckets for a child's idle gap between two tasks (sub-millisecond is the norm).
+GAP_SECONDS_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 1)
 #: Buckets for the event loop's time in a store call (the budget is 100 us).
 LOOP_SECONDS_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.01)
 #: Buckets for the writes one store transaction carries.
@@ -92,6 +94,10 @@ class WorkerMetrics:
                                      buckets=TASK_SECONDS_BUCKETS, registry=r)
         self.queue_wait_seconds = Histogram("qm_worker_task_queue_wait_seconds", "Time from enqueue to start",
                                             ["type"], buckets=TASK_SECONDS_BUCKETS, registry=r)
+        self.child_idle_gap_seconds = Histogram(
+            "qm_worker_child_idle_gap_seconds", "A child's idle time between the end of one task and "
+            "the start of the next, observed only when that next task was already waiting for a child",
+            buckets=GAP_SECONDS_BUCKETS, registry=r)
         self.kills = Counter("qm_worker_kills_total", "Children killed or lost, by reason "
                              "(timeout, memory, crash, cancel)", ["reason"], registry=r)
         self.children_busy = Gauge("qm_worker_children_busy", "Children running a task", registry=r)

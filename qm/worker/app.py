@@ -102,6 +102,7 @@ def build(config: Config, registry: plugin_registry.Registry) -> tuple[Pool, Rab
                             delivery_limit=config.broker.delivery_limit,
                             max_queue_length=config.broker.max_queue_length,
                             max_result_bytes=config.worker.max_result_bytes)
+    pool.on_idle_gap = supervisor.metrics.child_idle_gap_seconds.observe
     supervisor.metrics.watch(
         busy=lambda: supervisor.busy, idle=lambda: max(0, pool.procs - supervisor.busy),
         restarts=lambda: pool.restarts, prefetch=lambda: supervisor.prefetch.value,

@@ -11,10 +11,12 @@ Limits inside the child are the second layer; the supervisor enforces the real o
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
 import resource
 import signal
 import threading
+import time
 import traceback
 from multiprocessing.connection import Connection
 
@@ -35,14 +37,17 @@ MIB = 1024 * 1024
 
 
 def child_main(conn: Connection, lifeline: Connection, address_space_limit: bool = True,
-               die_with_parent: bool = True, executor_keys: tuple = (None, 0.0)) -> None:
+               die_with_parent: bool = True, executor_keys: tuple = (None, 0.0),
+               report_idle_rss: bool = False) -> None:
     """Entry point of a pool child; returns when the supervisor closes the pipe.
 
     `lifeline` is the read end of a pipe whose write end only the supervisor holds: EOF
     on it means the supervisor is gone, and the child kills its whole process group.
     `die_with_parent` adds the kernel's parent-death signal (forkserver start method,
     where the parent is the forkserver, which outlives the children by design).
-    `executor_keys`: the `python` task type's (Keyring, signature ttl), if enabled."""
+    `executor_keys`: the `python` task type's (Keyring, signature ttl), if enabled.
+    `report_idle_rss`: each reply carries this process's RSS after the task (one /proc
+    read), for idle-RSS recycling, which cannot read it later if a next task is queued."""
     os.setsid()
     _watch_lifeline(lifeline)
     if die_with_parent:
@@ -68,6 +73,7 @@ def child_main(conn: Connection, lifeline: Connection, address_space_limit: bool
             message = conn.recv()
         except (EOFError, OSError):
             return
+        received_at_s = time.monotonic()
         job: Job = message
         limit_bytes = job.memory_limit_mb * MIB if address_space_limit else 0
         reporter.begin(job.task_id)
@@ -77,8 +83,10 @@ def child_main(conn: Connection, lifeline: Connection, address_space_limit: bool
             reply = Reply(ReplyKind.SOFT_TIMEOUT, f"SoftTimeout: {exc}")
         reporter.end()
         _kill_leftover_descendants()
+        idle_rss_bytes = procfs.rss_bytes(os.getpid()) if report_idle_rss else 0
         with send_lock:
-            conn.send(reply)
+            conn.send(dataclasses.replace(reply, received_at_s=received_at_s, replied_at_s=time.monotonic(),
+                                          idle_rss_bytes=idle_rss_bytes))
 
 
 def _watch_lifeline(lifeline: Connection) -> None:

@@ -4,6 +4,10 @@
     child → supervisor: Reply(READY, pid)         once, after start-up (own session by then)
                         Reply(PROGRESS, task id, progress=update)   any number, while a task runs
                         Reply(OK, result bytes) | Reply(<failure kind>, error text)
+
+A job's reply carries when the child took the job and when it sent the reply, on the
+child's `time.monotonic()` (CLOCK_MONOTONIC, one clock for every process of the host):
+the supervisor measures a child's idle gap between two tasks from them.
 """
 from __future__ import annotations
 
@@ -40,3 +44,6 @@ class Reply:
     value: bytes | str | int = b""
     retry_delay_s: float | None = None
     progress: Progress | None = None
+    received_at_s: float = 0.0      # monotonic: the child took the job off the pipe
+    replied_at_s: float = 0.0       # monotonic: the child is sending this reply
+    idle_rss_bytes: int = 0         # the child's RSS after the task (if the pool asked for it)

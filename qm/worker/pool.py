@@ -10,13 +10,18 @@
                                                         slot respawned
 
 The loop waits on each child's pipe and process sentinel with `add_reader`; nothing
-waits for task work. A child joins the idle queue only after it says "ready" (it has its
-own session by then). After a task, a child past `max_tasks_per_child` or with an idle
-RSS over `max_idle_rss_mb` is retired and replaced. The pool knows nothing of AMQP/gRPC.
+waits for task work. A child joins the idle set only after it says "ready" (it has its
+own session by then). A job waiting for a child is sent to the next child that replies
+in the callback that reads the reply: no loop iteration between one task's end and the
+next one's start. That gap, from the child's own timestamps, is reported to `on_idle_gap`
+for every job that was waiting when the previous task ended. After a task, a child past
+`max_tasks_per_child` or with an idle RSS over `max_idle_rss_mb` is retired and replaced.
+The pool knows nothing of AMQP/gRPC.
 """
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import multiprocessing
@@ -70,6 +75,9 @@ class Slot:
     rss_bytes: int = 0
     peak_rss_bytes: int = 0
     on_progress: Callable[[Progress], None] | None = None
+    gap_from_s: float | None = None  # end of its last task (monotonic) if its job was waiting then
+    queued: _Waiting | None = None   # sent behind the running job; the child starts it next
+    recycle_reason: str = ""         # to be recycled once the job queued in it is done
 
     @property
     def pid(self) -> int:
@@ -92,14 +100,28 @@ class Slot:
         return total
 
 
+@dataclasses.dataclass(eq=False)
+class _Waiting:
+    """A job not started yet; `slot` resolves when a child starts it."""
+
+    job: Job
+    on_started: Callable[[], None] | None
+    on_sent: Callable[[], None] | None
+    slot: asyncio.Future[Slot]
+    cancel_outcome: Outcome | None = None  # cancelled while queued in a child: killed as it starts
+    on_progress: Callable[[Progress], None] | None = None  # the task's qm.progress() updates
+
+
 class Pool:
     """`procs` children; `await run(job)` runs one job on the next idle child."""
 
     def __init__(self, procs: int, start_method: str = "forkserver", preload_modules: Sequence[str] = (),
                  *, memory_check_interval_s: float = 0.05, max_tasks_per_child: int = 0,
                  max_idle_rss_mb: int = 0, address_space_limit: bool = True,
-                 executor_keys: tuple = (None, 0.0)) -> None:
+                 executor_keys: tuple = (None, 0.0),
+                 on_idle_gap: Callable[[float], None] | None = None) -> None:
         self.procs = procs
+        self.on_idle_gap = on_idle_gap
         self.memory_check_interval_s = memory_check_interval_s
         self.max_tasks_per_child = max_tasks_per_child
         self.max_idle_rss_mb = max_idle_rss_mb
@@ -115,7 +137,11 @@ class Pool:
         # Only this process holds the write end: EOF in a child = the supervisor is gone.
         self._lifeline_r, self._lifeline_w = self._context.Pipe(duplex=False)
         self.slots: list[Slot] = []
-        self._idle: asyncio.Queue[Slot] = asyncio.Queue()
+        self._idle: collections.deque[Slot] = collections.deque()
+        self._waiting: collections.deque[_Waiting] = collections.deque()
+        #: While tasks are short, each busy child also holds its next job in its pipe and
+        #: starts it without waiting for this process (the supervisor sets it).
+        self.pipeline = False
         self._closing = False
         self._sampler: asyncio.TimerHandle | None = None
         self._readiness = asyncio.Event()
@@ -135,7 +161,7 @@ class Pool:
         # typeshed: get_context() returns BaseContext, which lacks Process; every concrete context has it.
         process = self._context.Process(  # type: ignore[attr-defined]
             target=child_main, args=(child_conn, self._lifeline_r, self.address_space_limit, self._forkserver,
-                                     self.executor_keys),
+                                     self.executor_keys, self.max_idle_rss_mb > 0),
             name=f"qm-child-{index}", daemon=True)
         process.start()
         child_conn.close()
@@ -146,32 +172,122 @@ class Pool:
         return slot
 
     async def run(self, job: Job, on_started: Callable[[], None] | None = None,
-                  on_progress: Callable[[Progress], None] | None = None) -> Outcome:
-        """Run a job on a child; `on_started` is called once a child has it, `on_progress`
-        with each update the task reports (qm.progress), all before the outcome.
+                  on_progress: Callable[[Progress], None] | None = None,
+                  on_sent: Callable[[], None] | None = None) -> Outcome:
+        """Run a job on a child; `on_started` is called once a child has started it,
+        `on_progress` with each update the task reports (qm.progress), all before the
+        outcome, and `on_sent` once it is in a child's pipe (with `pipeline`, possibly behind
+        a job the child is still running: it is committed to that child from then on).
 
-        Cancelled while waiting for a child: the job never ran. Cancelled while running:
-        the child is killed (and replaced) and the cancellation propagates.
+        Cancelled before a child has it: the job never ran. Cancelled later: the child is
+        killed (and replaced) as the job runs or starts, and the cancellation propagates.
         """
-        slot = await self._idle.get()
-        while not slot.alive:
-            slot = await self._idle.get()
-        self._assign(slot, job)
-        slot.on_progress = on_progress
-        if on_started is not None:
-            on_started()
+        waiting = _Waiting(job, on_started, on_sent, asyncio.get_running_loop().create_future(),
+                           on_progress=on_progress)
+        slot = self._next_idle()
+        if slot is not None:
+            self._start(slot, waiting, send=True)
+        else:
+            self._waiting.append(waiting)
+            self._fill_pipelines()
+        try:
+            slot = await waiting.slot
+        except asyncio.CancelledError:
+            if waiting in self._waiting:
+                self._waiting.remove(waiting)
+            elif waiting.slot.done() and not waiting.slot.cancelled():
+                started = waiting.slot.result()  # started just before the cancel came
+                if started.job is job:
+                    started.kill(None)
+            raise  # if queued in a child, _start kills it as it starts (waiting.slot is cancelled)
         try:
             future = slot.future
-            assert future is not None  # set by _assign
+            assert future is not None  # set by _start
             return await future
         except asyncio.CancelledError:
             if slot.job is job:
                 slot.kill(None)
             raise
 
-    def _assign(self, slot: Slot, job: Job) -> None:
+    def kill_task(self, task_id: str, outcome: Outcome) -> bool:
+        """End the task with `outcome`: kill its child if it runs, or as it starts if it is
+        queued in a child. False if no child has it."""
+        for slot in self.slots:
+            if slot.job is not None and slot.job.task_id == task_id:
+                slot.kill(outcome)
+                return True
+            if slot.queued is not None and slot.queued.job.task_id == task_id:
+                slot.queued.cancel_outcome = outcome
+                return True
+        return False
+
+    @property
+    def busy(self) -> int:
+        """Children running a job."""
+        return sum(1 for slot in self.slots if slot.alive and slot.job is not None)
+
+    @property
+    def idle(self) -> int:
+        """Children ready and waiting for a job."""
+        return sum(1 for slot in self._idle if slot.alive)
+
+    def _next_idle(self) -> Slot | None:
+        while self._idle:
+            slot = self._idle.popleft()
+            if slot.alive:
+                return slot
+        return None
+
+    def _next_waiting(self) -> _Waiting | None:
+        while self._waiting:
+            waiting = self._waiting.popleft()
+            if not waiting.slot.done():  # not cancelled meanwhile
+                return waiting
+        return None
+
+    def _release(self, slot: Slot, ended_at_s: float | None = None) -> None:
+        """A ready child with nothing to do: give it the next waiting job at once, else idle.
+        `ended_at_s`: when its last task ended (child's clock), for the idle-gap measure."""
+        waiting = self._next_waiting()
+        if waiting is None:
+            slot.gap_from_s = None
+            self._idle.append(slot)
+            return
+        self._start(slot, waiting, send=True)
+        slot.gap_from_s = ended_at_s
+        self._fill_pipelines()
+
+    def _fill_pipelines(self) -> None:
+        """With `pipeline`, queue waiting jobs behind running ones, one per busy child (not
+        behind a child's last task before it is recycled by count)."""
+        if not self.pipeline:
+            return
+        for slot in self.slots:
+            if not self._waiting:
+                return
+            last_task = self.max_tasks_per_child and slot.tasks_done + 1 >= self.max_tasks_per_child
+            if (slot.alive and slot.job is not None and slot.queued is None and slot.kill_outcome is None
+                    and not slot.retired and not slot.recycle_reason and not last_task):
+                waiting = self._next_waiting()
+                if waiting is None:
+                    return
+                slot.queued = waiting
+                self._send(slot, waiting)
+
+    def _send(self, slot: Slot, waiting: _Waiting) -> None:
+        try:
+            slot.conn.send(waiting.job)
+        except OSError:
+            pass  # the child just died: its sentinel resolves the job (or requeues a queued one)
+        if waiting.on_sent is not None:
+            waiting.on_sent()
+
+    def _start(self, slot: Slot, waiting: _Waiting, send: bool) -> None:
+        """The child starts `waiting.job` now (sent now, or already queued in its pipe)."""
+        job = waiting.job
         loop = asyncio.get_running_loop()
         slot.job, slot.started_at_s, slot.kill_outcome = job, time.time(), None
+        slot.on_progress = waiting.on_progress
         slot.peak_rss_bytes = 0
         slot.future = loop.create_future()
         if job.timeout_s > 0:
@@ -180,10 +296,16 @@ class Pool:
                                            f"{job.timeout_s:g} s and was killed"))
         if job.memory_limit_mb > 0:
             self._ensure_sampler()
-        try:
-            slot.conn.send(job)
-        except OSError:
-            pass  # the child just died: its sentinel resolves the future as CRASHED
+        if send:
+            self._send(slot, waiting)
+        if waiting.slot.done():  # its caller was cancelled while it was queued in this child
+            slot.kill(waiting.cancel_outcome)
+            return
+        waiting.slot.set_result(slot)
+        if waiting.cancel_outcome is not None:
+            slot.kill(waiting.cancel_outcome)
+        if waiting.on_started is not None:
+            waiting.on_started()
 
     def _finish(self, slot: Slot, outcome: Outcome) -> None:
         future, slot.future, slot.job, slot.on_progress = slot.future, None, None, None
@@ -200,6 +322,9 @@ class Pool:
         except (EOFError, OSError):
             asyncio.get_running_loop().remove_reader(slot.conn.fileno())
             return  # the child is gone; _on_exit reports it
+        self._handle_reply(slot, reply)
+
+    def _handle_reply(self, slot: Slot, reply: Reply) -> None:
         if reply.kind is ReplyKind.PROGRESS:
             # An update sent just before its task ended may trail it: it names its task.
             if slot.on_progress is not None and slot.job is not None and reply.value == slot.job.task_id:
@@ -209,27 +334,52 @@ class Pool:
         if reply.kind is ReplyKind.READY:
             slot.ready = True
             self._readiness.set()
-            self._idle.put_nowait(slot)
+            self._release(slot)
             return
+        if slot.gap_from_s is not None and self.on_idle_gap is not None:
+            self.on_idle_gap(max(0.0, reply.received_at_s - slot.gap_from_s))
         self._finish(slot, _reply_outcome(reply, slot))
         slot.tasks_done += 1
         if slot.kill_outcome is not None:
             return  # a killed child is dying: _on_exit replaces the slot
-        reason = self._recycle_reason(slot)
+        reason = slot.recycle_reason or self._recycle_reason(slot, reply.idle_rss_bytes)
+        if slot.queued is not None:  # the child went straight on to the job behind it
+            waiting, slot.queued = slot.queued, None
+            slot.recycle_reason = reason  # if any: after that job, with nothing queued behind it
+            self._start(slot, waiting, send=False)
+            slot.gap_from_s = reply.replied_at_s
+            self._fill_pipelines()
+            return
+        if not slot.alive:
+            return  # replies read from a dead child's pipe (_on_exit)
         if reason:
             log.info("recycling child %d (pid %d): %s", slot.index, slot.process.pid, reason)
             slot.retired = True
             asyncio.get_running_loop().remove_reader(slot.conn.fileno())
             slot.conn.close()  # the child exits on EOF; _on_exit spawns its successor
         else:
-            self._idle.put_nowait(slot)
+            self._release(slot, reply.replied_at_s)
 
-    def _recycle_reason(self, slot: Slot) -> str:
+    def _drain_replies(self, slot: Slot) -> None:
+        """Read the replies a dead child sent before it died, in order: a job it finished
+        is reported as it ended, and a queued job it went on to counts as started (what
+        killed the child is then blamed on that job, not on the one before)."""
+        while slot.kill_outcome is None:
+            try:
+                if not slot.conn.poll():
+                    return
+                reply: Reply = slot.conn.recv()
+            except (EOFError, OSError):
+                return
+            if reply.kind is not ReplyKind.READY:
+                self._handle_reply(slot, reply)
+
+    def _recycle_reason(self, slot: Slot, idle_rss: int) -> str:
+        """Why to retire the child now that its task is done; `idle_rss` is the RSS it
+        reported after the task (it has no descendants left then: child.py kills them)."""
         if self.max_tasks_per_child and slot.tasks_done >= self.max_tasks_per_child:
             return f"ran {slot.tasks_done} tasks (max_tasks_per_child)"
         if self.max_idle_rss_mb:
-            # An idle child has no descendants left (child.py kills them): its own RSS, one read.
-            idle_rss = procfs.rss_bytes(slot.pid)
             if idle_rss > self.max_idle_rss_mb * MIB:
                 return (f"idle RSS {idle_rss // MIB} MiB over {self.max_idle_rss_mb} MiB "
                         "(max_child_idle_rss_mb; a task leaks memory?)")
@@ -238,10 +388,11 @@ class Pool:
     def _on_exit(self, slot: Slot) -> None:
         loop = asyncio.get_running_loop()
         loop.remove_reader(slot.process.sentinel)
+        slot.alive = False
         if not slot.conn.closed:
             loop.remove_reader(slot.conn.fileno())
+            self._drain_replies(slot)  # what it finished before it died is not lost
             slot.conn.close()
-        slot.alive = False
         slot.process.join()
         if slot.job is not None:
             outcome = slot.kill_outcome or Outcome(TaskState.CRASHED, error=describe_exit(
@@ -249,6 +400,10 @@ class Pool:
             log.warning("task %s: child %d (pid %d) ended: %s", slot.job.task_id, slot.index,
                         slot.process.pid, outcome.error)
             self._finish(slot, outcome)
+        if slot.queued is not None:  # never started: first in line for the next child
+            waiting, slot.queued = slot.queued, None
+            if not waiting.slot.done():
+                self._waiting.appendleft(waiting)
         if self._closing:
             return
         if not slot.retired:

@@ -17,6 +17,11 @@ LEVELS = ((1, None, None), (2, 0.5, 1.0), (4, 0.02, 0.04))
 EWMA_ALPHA = 0.2
 #: A run this long (seconds; the slowest level's threshold) sets the average at once.
 LONG_TASK_S = LEVELS[1][2]
+#: While the mean task time is below this (seconds), each busy child also holds its next
+#: task in its pipe and starts it the moment it finishes, without waiting for the
+#: supervisor (qm/worker/pool.py `pipeline`). At most one task per child waits behind a
+#: running one that way; a run past LONG_TASK_S sets the mean above this at once.
+PIPELINE_BELOW_S = 0.25
 
 
 class AutoPrefetch:
@@ -49,6 +54,11 @@ class AutoPrefetch:
         self.level = level
         return self.value
 
+    @property
+    def short(self) -> bool:
+        """Tasks are short enough for each busy child to hold its next one."""
+        return self.mean_s is not None and self.mean_s < PIPELINE_BELOW_S
+
 
 class FixedPrefetch:
     """`--prefetch N`: never changes."""
@@ -59,6 +69,11 @@ class FixedPrefetch:
 
     def observe(self, duration_s: float) -> int | None:
         return None
+
+    @property
+    def short(self) -> bool:
+        """A fixed prefetch is the operator's call: no task waits in a child's pipe."""
+        return False
 
 
 def _threshold(value: float | None) -> float:

@@ -10,15 +10,18 @@
                                                                       │ deadline and RSS
                                                                       ▼ watchdogs kill)
     qm.events exchange ◄── publish outcome event (await confirm) ── then ack delivery
+                                                  │     (batched: qm/worker/acks.py)
                                                   └──► prefetch.observe(run time) → set_prefetch
 
 A redelivered delivery (its last holder may have died of it) passes the Isolation gate
 first: it runs alone, its RUNNING confirmed before it starts, so the servers can count the
 starts of a task that kills workers. A delivery is acked only after its outcome is
 confirmed by the broker (qm/worker/outcomes.py), so a crash anywhere before that means
-RabbitMQ redelivers the task (at-least-once). Cancels and poison verdicts come from the
-control stream (qm/worker/control.py). Everything runs on one asyncio loop that never
-waits on task work, so AMQP heartbeats keep flowing however long tasks take.
+RabbitMQ redelivers the task (at-least-once); acks of deliveries whose outcomes are
+confirmed in the same loop turn go out as one `multiple` ack. Cancels and poison verdicts
+come from the control stream (qm/worker/control.py). Everything runs on one asyncio loop
+that never waits on task work, so AMQP heartbeats keep flowing however long tasks take.
+While tasks are short the pool pipelines (a busy child holds its next job: Pool.pipeline).
 """
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ from qm.messages import Heartbeat, TaskMessage
 from qm.metrics import WorkerMetrics
 from qm.protocol import Header
 from qm.states import TaskState
+from qm.worker.acks import AckBatcher
 from qm.worker.control import ControlFollower
 from qm.worker.isolation import Isolation
 from qm.worker.outcomes import Outcomes
@@ -76,6 +80,7 @@ class Supervisor:
         self.draining = False
         self.control = ControlFollower(broker, worker_id, self._cancel)
         self.outcomes = Outcomes(broker, worker_id, self.metrics, max_result_bytes=max_result_bytes)
+        self.acks = AckBatcher(broker)
         self._consumer_tags: list[str] = []
         self._isolation = Isolation()
         self._unsettled: dict[asyncio.Task, Delivery] = {}  # handler → its delivery, until settled
@@ -110,12 +115,11 @@ class Supervisor:
             self._settle(handler, ack=True)
             handler.cancel()
             return
-        for slot in self.pool.slots:
-            if slot.job is not None and slot.job.task_id == task_id:
-                log.info("task %s cancelled while running: killing child %d", task_id, slot.index)
-                slot.kill(Outcome(TaskState.CANCELLED, error="cancelled by request while running"))
+        if self.pool.kill_task(task_id, Outcome(TaskState.CANCELLED, error="cancelled by request while running")):
+            log.info("task %s cancelled while running (or about to start): killing its child", task_id)
 
     def _on_delivery(self, delivery: Delivery) -> None:
+        self.acks.track(delivery)
         handler = asyncio.create_task(self._handle(delivery))
         self._unsettled[handler] = delivery
         self._waiting.add(handler)
@@ -130,7 +134,7 @@ class Supervisor:
     def _settle(self, handler: asyncio.Task, ack: bool) -> None:
         delivery = self._unsettled.pop(handler, None)
         if delivery is not None:
-            self.broker.ack(delivery) if ack else self.broker.nack(delivery, requeue=True)
+            self.acks.done(delivery) if ack else self.acks.nack(delivery, requeue=True)
 
     def job_for(self, message: TaskMessage) -> Job:
         """The job with the smallest limits that apply (the task's, then this worker's caps).
@@ -149,7 +153,7 @@ class Supervisor:
         except ValueError as exc:
             log.error("rejecting an undecodable task message (headers %s): %s", delivery.headers, exc)
             self._unsettled.pop(handler, None)
-            self.broker.nack(delivery, requeue=False)
+            self.acks.nack(delivery, requeue=False)
             return
         if self.control.is_cancelled(message.task_id):
             log.info("task %s was cancelled; dropping it", message.task_id)
@@ -187,7 +191,8 @@ class Supervisor:
             try:
                 if suspect:
                     await self.outcomes.publish_event(self.outcomes.event(message, TaskState.RUNNING, job=job))
-                outcome = await self.pool.run(job, on_started, progress.offer)
+                outcome = await self.pool.run(job, on_started, progress.offer,
+                                              on_sent=lambda: self._waiting.discard(handler))
             finally:
                 self._isolation.leave(suspect)
                 self.progress.close(progress)  # nothing of it after the outcome
@@ -206,6 +211,7 @@ class Supervisor:
     def _observe(self, duration_s: float) -> None:
         previous = self.prefetch.value
         new_prefetch = self.prefetch.observe(duration_s)
+        self.pool.pipeline = self.prefetch.short and not self.draining
         if new_prefetch is None or self.draining:
             return
         log.info("prefetch now %d per queue (mean task time %.3f s)", new_prefetch, self.prefetch.mean_s)
@@ -219,7 +225,7 @@ class Supervisor:
         worker can take them now. Each delivery is returned this way at most once (a
         redelivered one stays): on a quorum queue every return counts toward its delivery
         limit."""
-        room = max(0, prefetch * len(self.queues) - self.busy)
+        room = max(0, prefetch * len(self.queues) - self.committed)
         waiting = [handler for handler in self._unsettled if handler in self._waiting]
         for handler in waiting[room:]:
             if not self._unsettled[handler].redelivered:
@@ -236,6 +242,7 @@ class Supervisor:
         """Drain: stop consuming, return unstarted deliveries, let running tasks finish up
         to `drain_timeout_s`, then kill the rest and return them to the queue too."""
         self.draining = True
+        self.pool.pipeline = False
         for tag in [*self._consumer_tags, self.control.tag]:
             try:
                 await self.broker.cancel(tag)
@@ -255,6 +262,7 @@ class Supervisor:
                     handler.cancel()
                 await asyncio.wait(late)
         await self._background.wait(REPUBLISH_WAIT_S)
+        self.acks.flush()
 
     async def send_heartbeats(self, interval_s: float, types: list[str]) -> None:
         """Announce this worker to the servers every `interval_s` until cancelled."""
@@ -273,6 +281,7 @@ class Supervisor:
     async def abort(self) -> None:
         """Second signal: kill every running task and return all deliveries to the queue now."""
         self.draining = True
+        self.pool.pipeline = False
         handlers = [handler for handler in self._unsettled if not handler.done()]
         for handler in handlers:
             handler.cancel()
@@ -281,6 +290,12 @@ class Supervisor:
 
     @property
     def busy(self) -> int:
+        """Children running a task."""
+        return self.pool.busy
+
+    @property
+    def committed(self) -> int:
+        """Deliveries a child has: running, or queued in its pipe behind a running one."""
         return len(self._unsettled) - len(self._waiting)
 
     @property
