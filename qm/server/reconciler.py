@@ -25,7 +25,7 @@ from typing import Awaitable, Callable
 
 from qm.broker import topology
 from qm.broker.base import Broker
-from qm.errors import BrokerUnavailable
+from qm.errors import BrokerUnavailable, StoreUnavailable
 from qm.messages import TaskMessage
 from qm.metrics import ServerMetrics
 from qm.server.store_api import TaskRecord, TaskStore
@@ -56,6 +56,8 @@ class Reconciler:
                 await self.sweep()
             except BrokerUnavailable as exc:
                 log.warning("reconciler: RabbitMQ unavailable, next sweep in %g s: %s", self.interval_s, exc)
+            except StoreUnavailable as exc:
+                log.warning("reconciler: store unavailable, next sweep in %g s: %s", self.interval_s, exc)
 
     async def sweep(self, now_s: float | None = None) -> int:
         """Publish again every task that looks lost; return how many."""

@@ -21,8 +21,10 @@ from qm.broker.migrate import migrate_legacy_delay_tiers
 from qm.errors import (
     BrokerUnavailable,
     IdempotencyKeyReused,
+    IdempotencyKeyTaken,
     PublishOutcomeUnknown,
     QMError,
+    StoreUnavailable,
     TaskAlreadyFinished,
     TaskNotFound,
     ValidationError,
@@ -146,17 +148,19 @@ class TaskService:
                 return first
             existing = await self.store.find_by_idempotency_key(idempotency_key)
             if existing is not None:
-                self._check_key_reuse(idempotency_key, existing, digest)
-                await self._publish_unconfirmed(existing.task_id)  # durable before we say so
-                self.metrics.submissions.labels(existing.type, "duplicate").inc()
-                return existing
+                return await self._answer_duplicate(idempotency_key, existing, digest)
         future = asyncio.get_running_loop().create_future()
         if idempotency_key:
             self._pending_keys[idempotency_key] = future
         try:
-            record = await self._accept(task_type, payload, queue or topology.DEFAULT_QUEUE, timeout_s,
-                                        memory_limit_mb, idempotency_key, retry_options, soft_timeout_s,
-                                        digest, scheduling.Delay(delay_s, not_before_s))
+            try:
+                record = await self._accept(task_type, payload, queue or topology.DEFAULT_QUEUE, timeout_s,
+                                            memory_limit_mb, idempotency_key, retry_options, soft_timeout_s,
+                                            digest, scheduling.Delay(delay_s, not_before_s))
+            except IdempotencyKeyTaken:  # another server of a shared store stored the key first
+                record = await self._answer_duplicate(idempotency_key, await self._taken(idempotency_key), digest)
+                future.set_result(record)
+                return record
             future.set_result(record)
             self.metrics.submissions.labels(task_type, "accepted").inc()
             return record
@@ -167,6 +171,22 @@ class TaskService:
             raise
         finally:
             self._pending_keys.pop(idempotency_key, None)
+
+    async def _answer_duplicate(self, key: str, existing: TaskRecord, digest: str) -> TaskRecord:
+        """A repeated submit: the first task, once its message is durable (it may still be
+        unconfirmed, stored by a crashed run or by another server of a shared store)."""
+        self._check_key_reuse(key, existing, digest)
+        await self._publish_unconfirmed(existing.task_id)  # durable before we say so
+        self.metrics.submissions.labels(existing.type, "duplicate").inc()
+        return existing
+
+    async def _taken(self, key: str) -> TaskRecord:
+        """The task another server stored under `key` (its insert committed before ours failed)."""
+        existing = await self.store.find_by_idempotency_key(key)
+        if existing is None:  # that server's publish failed and it removed the task again
+            raise StoreUnavailable(f"idempotency key {key!r} was being submitted through another server, "
+                                   "which gave up; submit again")
+        return existing
 
     def _check_key_reuse(self, key: str, first: TaskRecord, digest: str) -> None:
         try:
@@ -303,6 +323,9 @@ class TaskService:
             except BrokerUnavailable as exc:
                 log.warning("cannot yet publish tasks left unconfirmed by a crash: %s", exc)
                 await self.broker.wait_connected(UNCONFIRMED_RETRY_S)
+            except StoreUnavailable as exc:
+                log.warning("cannot yet publish tasks left unconfirmed by a crash: %s", exc)
+                await asyncio.sleep(UNCONFIRMED_RETRY_S)
 
     async def _ensure_queue(self, queue: str) -> None:
         if queue not in self._declared_queues:
@@ -337,25 +360,33 @@ class TaskService:
 
     # -- the server's background jobs ---------------------------------------------------
 
-    async def start_events(self, server_id: str) -> None:
+    async def start_events(self, server_id: str, shared_store_id: str | None = None) -> None:
         """Consume this replica's durable events, dead-letter and heartbeat queues, and
-        start the background jobs (event applier, retention, gauges, reconciler)."""
+        start the background jobs (event applier, retention, gauges, reconciler).
+
+        With a store shared by several servers (`shared_store_id`), the events and dead
+        letters come from the store's queues instead, consumed by all its servers as
+        competing consumers: each event is applied once per store. Heartbeats stay per
+        server, and their consumer is the exclusive one that refuses a second live server
+        under this id."""
         await topology.declare_cancel_stream(self.broker)  # cancels are kept even before any worker runs
         await migrate_legacy_delay_tiers(self.broker, retry.DELAY_TIERS_S)
         for tier_s in retry.DELAY_TIERS_S:  # long before any retry: see Supervisor.start
             await topology.declare_delay_tier(self.broker, tier_s)
+        shared = shared_store_id is not None
         heartbeats = await topology.declare_heartbeats_queue(self.broker, server_id, self.server_queue_type)
-        await self.broker.consume(heartbeats, self.workers.on_heartbeat, EVENTS_PREFETCH)
-        events = await topology.declare_events_queue(self.broker, server_id, self.server_queue_type)
-        dead = await topology.declare_dead_queue(self.broker, server_id, self.server_queue_type)
+        await self.broker.consume(heartbeats, self.workers.on_heartbeat, EVENTS_PREFETCH, exclusive=shared)
+        events = await topology.declare_events_queue(self.broker, shared_store_id or server_id, self.server_queue_type)
+        dead = await topology.declare_dead_queue(self.broker, shared_store_id or server_id, self.server_queue_type)
         self._tasks = [asyncio.create_task(self.events.run(), name="events-applier"),
                        asyncio.create_task(self._sweep_retention(), name="retention"),
                        asyncio.create_task(self._refresh_store_gauges(), name="store-gauges"),
                        asyncio.create_task(self._publish_unconfirmed_until_done(), name="unconfirmed"),
                        asyncio.create_task(self.reconciler.run(), name="reconciler")]
-        # Exclusive: while this server lives, another one under the same id is refused here
-        # (classic queues; RabbitMQ does not enforce it on quorum queues: see topology).
-        await self.broker.consume(events, self.events.queue.put_nowait, EVENTS_PREFETCH, exclusive=True)
+        # Exclusive (one store per server): while this server lives, another one under the
+        # same id is refused here (classic queues; RabbitMQ does not enforce it on quorum
+        # queues: see topology).
+        await self.broker.consume(events, self.events.queue.put_nowait, EVENTS_PREFETCH, exclusive=not shared)
         await self.broker.consume(dead, self.dead_letters.on_delivery, EVENTS_PREFETCH)
 
     async def stop_events(self) -> None:
@@ -367,14 +398,21 @@ class TaskService:
     async def _refresh_store_gauges(self) -> None:
         """Sizes from the store's counters (kept in its transactions: no COUNT(*) here)."""
         while True:
-            self.metrics.store_tasks.set(await self.store.count())
-            self.metrics.store_dead_letters.set(await self.store.count_dead_letters())
+            try:
+                self.metrics.store_tasks.set(await self.store.count())
+                self.metrics.store_dead_letters.set(await self.store.count_dead_letters())
+            except StoreUnavailable as exc:
+                log.warning("store gauges not updated: %s", exc)
             await asyncio.sleep(STORE_GAUGES_INTERVAL_S)
 
     async def _sweep_retention(self) -> None:
         """Forget finished tasks (and so their idempotency keys) older than the retention."""
         while True:
-            removed = await maintenance.purge_finished(self.store, time.time() - self.retention_s)
+            try:
+                removed = await maintenance.purge_finished(self.store, time.time() - self.retention_s)
+            except StoreUnavailable as exc:
+                log.warning("retention sweep put off: %s", exc)
+                removed = 0
             if removed:
                 log.info("retention: removed %d task(s) finished over %g s ago", removed, self.retention_s)
             expired = await self.dead_letters.expire(time.time())

@@ -29,6 +29,7 @@ from qm.errors import (
     QMError,
     QueueFull,
     RateLimited,
+    StoreUnavailable,
     StreamExpired,
     TaskAlreadyFinished,
     TaskNotFound,
@@ -50,6 +51,7 @@ _STATUS_OF: dict[type[QMError], tuple[grpc.StatusCode, Reason]] = {
     UnknownTaskType: (grpc.StatusCode.INVALID_ARGUMENT, Reason.UNKNOWN_TASK_TYPE),
     TaskNotFound: (grpc.StatusCode.NOT_FOUND, Reason.TASK_NOT_FOUND),
     BrokerUnavailable: (grpc.StatusCode.UNAVAILABLE, Reason.BROKER_UNAVAILABLE),
+    StoreUnavailable: (grpc.StatusCode.UNAVAILABLE, Reason.STORE_UNAVAILABLE),  # PostgreSQL down or restarting
     TaskAlreadyFinished: (grpc.StatusCode.FAILED_PRECONDITION, Reason.TASK_ALREADY_FINISHED),
     ConfigError: (grpc.StatusCode.FAILED_PRECONDITION, Reason.CONFIG_CONFLICT),  # e.g. a work queue of another type
     BrokerRefused: (grpc.StatusCode.FAILED_PRECONDITION, Reason.BROKER_REFUSED),

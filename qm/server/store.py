@@ -23,7 +23,7 @@ import os
 import sqlite3
 import threading
 import time
-from typing import Iterable, Protocol
+from typing import Callable, Iterable, Protocol
 
 from qm.messages import TaskEvent
 from qm.server.group_commit import GroupCommit, TransactionObserver
@@ -404,13 +404,45 @@ def _get(db: sqlite3.Connection, task_id: str) -> TaskRecord | None:
 
 def _apply(db: sqlite3.Connection, events: Iterable[TaskEvent], codec_of: dict[str, str]) -> list[TaskRecord]:
     """Store.apply's work, inside the writer's transaction."""
+    latest, stored, changes = fold_events(events, lambda task_id: _get(db, task_id), codec_of)
+    for record in latest.values():
+        before = stored.get(record.task_id)
+        if before is None:
+            _insert(db, record)
+        else:
+            _update(db, before, record)
+        if record.state.terminal:
+            db.execute("DELETE FROM messages WHERE task_id = ?", (record.task_id,))
+    return changes
+
+
+def _update(db: sqlite3.Connection, before: TaskRecord, after: TaskRecord) -> None:
+    """Write only the columns that changed: an index whose column is not set is not
+    touched (setting the idempotency key to itself would rewrite its entry, on a random
+    page of that index, for every event)."""
+    changed = [column for column in _COLUMNS if getattr(before, column) != getattr(after, column)]
+    if changed:
+        values = [getattr(after, column) for column in changed]
+        db.execute(f"UPDATE tasks SET {', '.join(f'{column} = ?' for column in changed)} "
+                   "WHERE task_id = ?", (*values, after.task_id))
+
+
+def fold_events(events: Iterable[TaskEvent], load: Callable[[str], TaskRecord | None],
+                codec_of: dict[str, str]) -> tuple[dict[str, TaskRecord], dict[str, TaskRecord], list[TaskRecord]]:
+    """Fold a batch of events into task records (every store applies events this way).
+
+    `load(task_id)` gives a task's stored record (None: unknown here, the event creates
+    it). Returns (each changed task's record after the batch, the stored records it read,
+    every change in order: intermediate states too, so followers see RUNNING).
+    Duplicates and stale events change nothing (qm.states.supersedes).
+    """
     latest: dict[str, TaskRecord] = {}
     stored: dict[str, TaskRecord] = {}  # as they were in the store before this batch
-    changes: list[TaskRecord] = []  # intermediate states too: followers see RUNNING
+    changes: list[TaskRecord] = []
     for event in events:
         current = latest.get(event.task_id) or stored.get(event.task_id)
         if current is None:
-            current = _get(db, event.task_id)
+            current = load(event.task_id)
             if current is not None:
                 stored[event.task_id] = current
         if event.progress is not None:  # advisory: never a state change, never a start
@@ -435,26 +467,7 @@ def _apply(db: sqlite3.Connection, events: Iterable[TaskEvent], codec_of: dict[s
         if updated is not None:
             latest[event.task_id] = updated
             changes.append(updated)
-    for record in latest.values():
-        before = stored.get(record.task_id)
-        if before is None:
-            _insert(db, record)
-        else:
-            _update(db, before, record)
-        if record.state.terminal:
-            db.execute("DELETE FROM messages WHERE task_id = ?", (record.task_id,))
-    return changes
-
-
-def _update(db: sqlite3.Connection, before: TaskRecord, after: TaskRecord) -> None:
-    """Write only the columns that changed: an index whose column is not set is not
-    touched (setting the idempotency key to itself would rewrite its entry, on a random
-    page of that index, for every event)."""
-    changed = [column for column in _COLUMNS if getattr(before, column) != getattr(after, column)]
-    if changed:
-        values = [getattr(after, column) for column in changed]
-        db.execute(f"UPDATE tasks SET {', '.join(f'{column} = ?' for column in changed)} "
-                   "WHERE task_id = ?", (*values, after.task_id))
+    return latest, stored, changes
 
 
 def _upsert_statement(table: str, columns: list[str]) -> str:
