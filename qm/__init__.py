@@ -5,12 +5,13 @@ from typing import TYPE_CHECKING
 
 __version__ = "0.2.0"  # the one version source (pyproject.toml reads it)
 
-__all__ = ["Client", "Executor", "PermanentError", "Retry", "SoftTimeout", "__version__"]
+__all__ = ["Client", "Executor", "PermanentError", "Retry", "SoftTimeout", "__version__", "progress"]
 
 if TYPE_CHECKING:  # what type checkers see; at run time the names load lazily below
     from qm.client.client import Client
     from qm.errors import PermanentError, Retry, SoftTimeout
     from qm.executor import Executor
+    from qm.task_progress import progress
 
 
 def __getattr__(name: str):
@@ -24,6 +25,9 @@ def __getattr__(name: str):
     if name == "Executor":
         from qm.executor import Executor
         return Executor
+    if name == "progress":
+        from qm.task_progress import progress
+        return progress
     if name in ("SoftTimeout", "Retry", "PermanentError"):
         from qm import errors
         return getattr(errors, name)

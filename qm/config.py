@@ -182,6 +182,28 @@ def _amqp_url(value: str) -> str:
     return value.strip()
 
 
+#: Schemes of server.store_url: the embedded SQLite store, or a PostgreSQL shared by servers.
+SQLITE_URL_PREFIX = "sqlite:///"
+POSTGRES_URL_SCHEMES = ("postgresql", "postgres")
+
+
+def _store_url(value: str) -> str:
+    """"" (SQLite in the data dir), sqlite:///PATH, or postgresql://USER@HOST:PORT/DB."""
+    text = value.strip()
+    if text == "":
+        return text
+    if text.startswith(SQLITE_URL_PREFIX) and len(text) > len(SQLITE_URL_PREFIX):
+        return text
+    try:
+        parts = urlsplit(text)
+    except ValueError:
+        parts = urlsplit("")
+    if parts.scheme.lower() in POSTGRES_URL_SCHEMES and parts.hostname and parts.path.strip("/"):
+        return text
+    raise ValueError("expected sqlite:///PATH (relative; sqlite:////abs/path for an absolute one) or "
+                     f"postgresql://USER@HOST:PORT/DATABASE, got {redact_url(text)!r}")
+
+
 def _to_amqp_urls(raw: Any) -> list[str]:
     """A list of AMQP URLs, or one comma-separated string of them (a comma inside a URL is %2C)."""
     if isinstance(raw, str):
@@ -355,6 +377,8 @@ class ServerConfig:
     listen: str = _setting("127.0.0.1:50051", _to_str, _host_port(allow_port_zero=True))
     data_dir: str = _setting("qm-data", _to_str, _non_empty)
     id: str = _setting("", _to_str, check_server_id)
+    store_url: str = _setting("", _to_str, _store_url)
+    store_pool_size: int = _setting(10, _to_int, _above(0), _at_most(1000))
     max_payload_bytes: int = _setting(1048576, _to_int, _above(0))
     max_batch_items: int = _setting(1000, _to_int, _above(0))
     grace_s: float = _setting(5.0, _to_float, _at_least(0))
@@ -371,6 +395,7 @@ class ServerConfig:
     worker_lost_after_s: float = _setting(30.0, _to_float, _above(0))
     reconcile_interval_s: float = _setting(30.0, _to_float, _above(0))
     reconcile_after_s: float = _setting(60.0, _to_float, _above(0))
+    max_delay_s: float = _setting(604800.0, _to_float, _above(0), _at_most(604800.0))
     tls_cert: str = _setting("", _to_str)
     tls_key: str = _setting("", _to_str)
     tls_client_ca: str = _setting("", _to_str)
@@ -475,6 +500,7 @@ class Config:
         if redact:
             data["broker"]["url"] = redact_url(data["broker"]["url"])
             data["broker"]["urls"] = [redact_url(url) for url in data["broker"]["urls"]]
+            data["server"]["store_url"] = redact_url(data["server"]["store_url"])
             data["executor"]["secret"] = "***" if data["executor"]["secret"] else ""
             data["executor"]["previous_secrets"] = [f"{item.partition(':')[0]}:***"
                                                     for item in data["executor"]["previous_secrets"]]

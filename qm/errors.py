@@ -84,6 +84,23 @@ class ConsumerRefused(QMError):
         super().__init__(f"the broker refused a consumer on queue {queue}: it is in exclusive use{why}")
 
 
+class StoreUnavailable(QMError):
+    """The task store (a PostgreSQL server) cannot be reached right now; retry later."""
+
+
+class StoreSchemaError(QMError):
+    """The task store's schema is one this QueueMaster cannot use (e.g. written by a newer one)."""
+
+
+class IdempotencyKeyTaken(QMError):
+    """Another server stored a task under this idempotency key first (the store's unique
+    index refused the second); the submit answers with that task instead."""
+
+    def __init__(self, key: str):
+        self.key = key
+        super().__init__(f"idempotency key {key!r} is already taken")
+
+
 class ServerIdentityError(QMError):
     """qm-server cannot establish who it is: its data directory or recorded id is unusable."""
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Callable
 
 from qm import limits as task_limits
 from qm.codecs import decode_result, encode_payload
 from qm.registry import Registry, discover
 from qm.states import TaskState
+from qm.task_progress import Progress
 from qm.worker.pool import Job, Pool
 
 #: Hard limit when neither the call nor the task type sets one (as server.default_task_timeout_s).
@@ -40,17 +41,19 @@ class LocalResult:
 
 def run_task(task_type: str, payload: Any, *, timeout_s: float = 0.0, memory_limit_mb: int = 0,
              soft_timeout_s: float = 0.0, start_method: str = "spawn",
-             registry: Registry | None = None) -> LocalResult:
+             registry: Registry | None = None, on_progress: Callable[[Progress], None] | None = None) -> LocalResult:
     """Run one task in a child process with its limits; ValidationError for a bad payload
-    or limit (a soft_timeout_s not below the time limit, as the server refuses it)."""
+    or limit (a soft_timeout_s not below the time limit, as the server refuses it).
+    `on_progress` gets each update the task reports with qm.progress() (not rate-limited)."""
     return asyncio.run(run_task_async(task_type, payload, timeout_s=timeout_s, memory_limit_mb=memory_limit_mb,
                                       soft_timeout_s=soft_timeout_s, start_method=start_method,
-                                      registry=registry))
+                                      registry=registry, on_progress=on_progress))
 
 
 async def run_task_async(task_type: str, payload: Any, *, timeout_s: float = 0.0, memory_limit_mb: int = 0,
                          soft_timeout_s: float = 0.0, start_method: str = "spawn",
-                         registry: Registry | None = None) -> LocalResult:
+                         registry: Registry | None = None,
+                         on_progress: Callable[[Progress], None] | None = None) -> LocalResult:
     registry = registry or discover()
     declared = registry.get(task_type)
     raw = encode_payload(payload)
@@ -62,7 +65,7 @@ async def run_task_async(task_type: str, payload: Any, *, timeout_s: float = 0.0
     pool = Pool(1, start_method)
     await pool.start()
     try:
-        outcome = await pool.run(job)
+        outcome = await pool.run(job, on_progress=on_progress)
     finally:
         await pool.stop()
     value = decode_result(declared.codec, outcome.result) if outcome.state is TaskState.SUCCEEDED else None

@@ -14,6 +14,7 @@ from qm._proto.qm.internal.v1 import messages_pb2
 from qm.protocol import Header
 from qm.retry import RetryPolicy
 from qm.states import TaskState
+from qm.task_progress import Progress
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +31,7 @@ class TaskMessage:
     memory_limit_mb: int = 0
     retry: RetryPolicy = RetryPolicy()
     soft_timeout_s: float = 0.0  # when the task gets qm.SoftTimeout; 0 = never
+    not_before_s: float | None = None  # run no earlier (a delayed task; qm/scheduling.py)
 
     def encode(self) -> bytes:
         retry = messages_pb2.RetryPolicy(max_retries=self.retry.max_retries, backoff_s=self.retry.backoff_s,
@@ -40,6 +42,8 @@ class TaskMessage:
                                            memory_limit_mb=self.memory_limit_mb, retry=retry,
                                            soft_timeout_s=self.soft_timeout_s)
         message.enqueued_at.FromNanoseconds(int(self.enqueued_at_s * 1e9))
+        if self.not_before_s is not None:
+            message.not_before.FromNanoseconds(int(self.not_before_s * 1e9))
         return message.SerializeToString()
 
     @classmethod
@@ -51,7 +55,8 @@ class TaskMessage:
                             message.retry.jitter, message.retry.on_timeout)
         return cls(message.task_id, message.type, message.payload, message.queue,
                    message.attempt or 1, message.enqueued_at.ToNanoseconds() / 1e9,
-                   message.timeout_s, message.memory_limit_mb, retry, message.soft_timeout_s)
+                   message.timeout_s, message.memory_limit_mb, retry, message.soft_timeout_s,
+                   message.not_before.ToNanoseconds() / 1e9 if message.HasField("not_before") else None)
 
     def headers(self) -> dict[str, object]:
         """AMQP headers naming the task, so operators can read a message without decoding it."""
@@ -74,6 +79,7 @@ class TaskEvent:
     timeout_s: float = 0.0        # limits the worker applied (RUNNING); 0 = unchanged
     memory_limit_mb: int = 0
     next_attempt_at_s: float | None = None  # RETRYING: when the next attempt is due
+    progress: Progress | None = None  # a progress report (state RUNNING, but no start)
 
     def encode(self) -> bytes:
         event = messages_pb2.TaskEvent(task_id=self.task_id, type=self.type, queue=self.queue,
@@ -84,6 +90,10 @@ class TaskEvent:
         event.at.FromNanoseconds(int(self.at_s * 1e9))
         if self.next_attempt_at_s is not None:
             event.next_attempt_at.FromNanoseconds(int(self.next_attempt_at_s * 1e9))
+        if self.progress is not None:
+            event.progress.fraction = self.progress.fraction
+            event.progress.message = self.progress.message
+            event.progress.detail_json = self.progress.detail_json
         return event.SerializeToString()
 
     @classmethod
@@ -94,7 +104,9 @@ class TaskEvent:
         return cls(event.task_id, event.type, event.queue, event.attempt, TaskState(event.state),
                    event.worker, event.result, event.error, event.at.ToNanoseconds() / 1e9,
                    event.timeout_s, event.memory_limit_mb,
-                   event.next_attempt_at.ToNanoseconds() / 1e9 if event.HasField("next_attempt_at") else None)
+                   event.next_attempt_at.ToNanoseconds() / 1e9 if event.HasField("next_attempt_at") else None,
+                   Progress(event.progress.fraction, event.progress.message, event.progress.detail_json)
+                   if event.HasField("progress") else None)
 
 
 def _parse(message_class, body: bytes):

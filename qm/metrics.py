@@ -51,7 +51,10 @@ class ServerMetrics:
                                          "confirm of a submitted task", buckets=FAST_SECONDS_BUCKETS, registry=r)
         self.events_lag_seconds = Histogram("qm_server_events_lag_seconds", "Age of task events when applied "
                                             "to the store", buckets=FAST_SECONDS_BUCKETS, registry=r)
-        self.events = Counter("qm_server_events_total", "Task events applied, by state", ["state"], registry=r)
+        self.events = Counter("qm_server_events_total", "Task events applied, by state (PROGRESS: "
+                              "progress reports)", ["state"], registry=r)
+        self.progress_ignored = Counter("qm_server_progress_ignored_total", "Progress reports ignored: the "
+                                        "task was terminal, in another attempt, or unknown", registry=r)
         self.dead_letters = Counter("qm_server_dead_letters_total", "Tasks dead-lettered", ["type"], registry=r)
         self.reconciled = Counter("qm_server_reconciled_total", "Tasks published again by the reconciler "
                                   "because their message looked lost, by the state they were in", ["state"],
@@ -89,8 +92,11 @@ class WorkerMetrics:
                                       "state (RETRYING = retried)", ["type", "state"], registry=r)
         self.run_seconds = Histogram("qm_worker_task_run_seconds", "Task run time by type", ["type"],
                                      buckets=TASK_SECONDS_BUCKETS, registry=r)
-        self.queue_wait_seconds = Histogram("qm_worker_task_queue_wait_seconds", "Time from enqueue to start",
+        self.queue_wait_seconds = Histogram("qm_worker_task_queue_wait_seconds", "Time from enqueue (a "
+                                            "delayed task: from its due time) to start",
                                             ["type"], buckets=TASK_SECONDS_BUCKETS, registry=r)
+        self.delay_hops = Counter("qm_worker_delay_hops_total", "Delayed tasks that came before their due "
+                                  "time and were sent on to a delay tier, by tier", ["tier_s"], registry=r)
         self.child_idle_gap_seconds = Histogram(
             "qm_worker_child_idle_gap_seconds", "A child's idle time between the end of one task and "
             "the start of the next, observed only when that next task was already waiting for a child",
@@ -105,6 +111,14 @@ class WorkerMetrics:
         self.unacked = Gauge("qm_worker_unacked_deliveries", "Deliveries held and not yet acked", registry=r)
         for reason in ("timeout", "memory", "crash", "cancel"):
             self.kills.labels(reason)  # present from the start, so rate() sees the first kill
+        self.progress_events = Counter("qm_worker_progress_events_total", "Progress events published "
+                                       "(at most 10 a second per task)", registry=r)
+        self.progress_dropped = Counter("qm_worker_progress_dropped_total", "Progress updates not published, "
+                                        "by reason (rate_limit: a later one replaced it within 0.1 s; ended: "
+                                        "the task ended first; broker: RabbitMQ was away)", ["reason"],
+                                        registry=r)
+        for reason in ("rate_limit", "ended", "broker"):
+            self.progress_dropped.labels(reason)
         self._counters = _CallbackCounters()
         r.register(self._counters)
 

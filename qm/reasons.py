@@ -38,6 +38,7 @@ class Reason(enum.StrEnum):
     QUEUE_FULL = "QUEUE_FULL"
     VALIDATORS_BUSY = "VALIDATORS_BUSY"
     STREAM_EXPIRED = "STREAM_EXPIRED"
+    STORE_UNAVAILABLE = "STORE_UNAVAILABLE"
 
 
 def parse_reason(text: str) -> str | None:

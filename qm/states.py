@@ -1,7 +1,10 @@
 """Task lifecycle and the rule that makes duplicate or late events harmless.
 
-    QUEUED → RUNNING → SUCCEEDED | FAILED | TIMED_OUT | MEMORY_EXCEEDED | CRASHED | CANCELLED
-                  ↘ RETRYING → RUNNING (next attempt)
+    [SCHEDULED →] QUEUED → RUNNING → SUCCEEDED | FAILED | TIMED_OUT | MEMORY_EXCEEDED | CRASHED | CANCELLED
+                                ↘ RETRYING → RUNNING (next attempt)
+
+A SCHEDULED task (submitted with a delay) is stored as such until its first attempt
+starts; the server shows it QUEUED once due (qm/scheduling.py `shown_state`).
 
 Events may arrive twice (at-least-once delivery) or out of order (a redelivered attempt
 racing its own late event). `supersedes` orders them: terminal states are final, a later
@@ -31,6 +34,7 @@ class TaskState(enum.StrEnum):
     MEMORY_EXCEEDED = "MEMORY_EXCEEDED"
     CRASHED = "CRASHED"
     CANCELLED = "CANCELLED"
+    SCHEDULED = "SCHEDULED"
 
     @property
     def terminal(self) -> bool:
@@ -79,7 +83,7 @@ TERMINAL_STATES = frozenset({TaskState.SUCCEEDED, TaskState.FAILED, TaskState.TI
                              TaskState.MEMORY_EXCEEDED, TaskState.CRASHED, TaskState.CANCELLED})
 
 #: Progress within one attempt; terminal states share the highest rank.
-_RANK = {TaskState.QUEUED: 0, TaskState.RUNNING: 1, TaskState.RETRYING: 2}
+_RANK = {TaskState.SCHEDULED: -1, TaskState.QUEUED: 0, TaskState.RUNNING: 1, TaskState.RETRYING: 2}
 _TERMINAL_RANK = 3
 
 

@@ -14,6 +14,7 @@ import datetime
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 from typing import Iterator, Sequence
@@ -24,6 +25,7 @@ from qm.client.client import Client, RemoteError, TaskStatus
 from qm.config import load_config
 from qm.errors import BatchError, ConfigError, TaskError, ValidationError, WaitTimeout
 from qm.states import TaskState
+from qm.task_progress import Progress
 
 EXIT_TASK_FAILED, EXIT_BAD_INPUT, EXIT_UNAVAILABLE, EXIT_DENIED, EXIT_INTERRUPTED = 1, 2, 3, 4, 130
 #: gRPC codes of a call refused for who made it (exit EXIT_DENIED).
@@ -36,7 +38,7 @@ EPILOG = """examples:
   qm submit -T math --from-file exprs.txt      one task per line; prints the ids in order
   qm submit -T math --from-file - --wait       from stdin; prints the results in order
   qm status TASK_ID --json
-  qm watch TASK_ID [TASK_ID ...]
+  qm watch TASK_ID [TASK_ID ...]               a progress bar on a terminal, lines otherwise
   qm cancel TASK_ID
   qm types                                       task types the server accepts
   qm run -T math -P "2 ** 10"                    run one task here, no server (plugin authors)
@@ -92,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--memory-limit", metavar="MB", type=int, default=0,
                         help="memory limit in MiB (RSS with subprocesses); the task is killed over it "
                              "(MEMORY_EXCEEDED). Default: the task type's, else the server's, else none")
+    when = submit.add_mutually_exclusive_group()
+    when.add_argument("--in", dest="delay", metavar="S", type=float,
+                      help="run no earlier than S seconds from now (SCHEDULED until then; at most "
+                           "server.max_delay_s, default 7 days)")
+    when.add_argument("--at", dest="not_before", metavar="ISO-8601", type=_epoch_s,
+                      help="run no earlier than this time, e.g. 2026-12-24T18:00:00Z (no offset: local "
+                           "time); a time already past runs now")
     submit.add_argument("--max-retries", metavar="N", type=int,
                         help="retries after the first attempt for FAILED/CRASHED (default: the type's, else the "
                              "server's, server.default_max_retries)")
@@ -117,14 +126,18 @@ def build_parser() -> argparse.ArgumentParser:
                              "exit 124 (the tasks go on; follow them with qm watch)")
     submit.add_argument("--json", action="store_true", help="print JSON (the task id, or its full status with --wait)")
 
-    status = commands.add_parser("status", help="show a task's state, attempts, result, error, times, worker",
+    status = commands.add_parser("status", help="show a task's state, attempts, result, error, times, worker, "
+                                               "progress",
                                  description="Show one task's current status.")
     status.add_argument("task_id", metavar="ID", help="task id printed by qm submit")
     status.add_argument("--json", action="store_true", help="print one JSON object")
 
-    watch = commands.add_parser("watch", help="print each state change live until all tasks are terminal",
+    watch = commands.add_parser("watch", help="print each state change and progress report live until all "
+                                             "tasks are terminal",
                                 description="Follow tasks live: the current state of each first, then "
-                                            "every change. Exits when all are terminal: 0 if all "
+                                            "every change and progress report (qm.progress in the task): "
+                                            "a progress bar on a terminal, 'RUNNING 40% message' lines "
+                                            "otherwise. Exits when all are terminal: 0 if all "
                                             "SUCCEEDED, else 1.")
     watch.add_argument("task_ids", metavar="ID", nargs="+", help="task ids to follow")
     watch.add_argument("--wait-timeout", metavar="S", type=float,
@@ -145,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run one task here, without server or broker (for plugin authors)",
                               description="Run one task locally through the same child-process path a "
                                           "worker uses, with its time and memory limits enforced; prints "
-                                          "the result. Exit 0 if it SUCCEEDED, 1 otherwise, 2 on bad input.")
+                                          "the result (progress reports go to stderr). Exit 0 if it "
+                                          "SUCCEEDED, 1 otherwise, 2 on bad input.")
     run.add_argument("-T", "--type", required=True, help="task type")
     run.add_argument("-P", "--payload", required=True, help="payload; - reads stdin")
     run.add_argument("--timeout", metavar="S", type=float, default=0.0,
@@ -175,6 +189,14 @@ def build_parser() -> argparse.ArgumentParser:
     dead_commands.add_parser("purge", help="forget every dead letter")
     _add_token_commands(commands)
     return parser
+
+
+def _epoch_s(text: str) -> float:
+    """An ISO-8601 time (`--at`) as seconds since the epoch; without an offset, local time."""
+    try:
+        return datetime.datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO-8601 time, e.g. 2026-12-24T18:00:00Z") from None
 
 
 def _add_token_commands(commands) -> None:
@@ -235,7 +257,7 @@ def _when(seconds: float | None) -> str:
 
 def _as_json(status: TaskStatus, extra: dict | None = None) -> str:
     data = {**(extra or {}), **status.to_dict()}
-    for key in ("created_at", "started_at", "finished_at", "updated_at"):
+    for key in ("created_at", "started_at", "finished_at", "updated_at", "progress_at"):
         data[key] = _when(data[key]) if data[key] is not None else None
     return json.dumps(data)
 
@@ -246,21 +268,47 @@ def _show(status: TaskStatus) -> str:
             ("attempts", status.attempts), ("result", "" if status.result is None else status.result),
             ("error", status.error), ("worker", status.worker or "-"),
             ("limits", f"timeout {status.timeout_s:g} s, memory {memory}, retries {status.max_retries}"),
-            ("next try", _when(status.next_attempt_at)),
+            ("due" if status.state in (TaskState.SCHEDULED, TaskState.QUEUED) else "next try",
+             _when(status.next_attempt_at)), ("progress", _progress_text(status) or "-"),
             ("created", _when(status.created_at)), ("started", _when(status.started_at)),
             ("finished", _when(status.finished_at))]
     return "\n".join(f"{name:<9} {value}" for name, value in rows)
 
 
+#: Width of `qm watch`'s progress bar, in characters.
+PROGRESS_BAR_CHARS = 30
+#: Erase the terminal's current line and return to its start.
+CLEAR_LINE = "\r\x1b[K"
+
+
+def _progress_text(status: TaskStatus) -> str:
+    """ "42% message", or "" if the task has not reported progress."""
+    if status.progress_at is None:
+        return ""
+    return f"{status.progress * 100:.0f}% {status.progress_message}".rstrip()
+
+
+def _progress_bar(status: TaskStatus) -> str:
+    filled = round(status.progress * PROGRESS_BAR_CHARS)
+    bar = "#" * filled + "." * (PROGRESS_BAR_CHARS - filled)
+    return f"{status.task_id} [{bar}] {status.progress * 100:3.0f}% {status.progress_message}".rstrip()
+
+
 def _change_line(status: TaskStatus) -> str:
     detail = ""
-    if status.state is TaskState.SUCCEEDED:
+    if status.state is TaskState.RUNNING:
+        detail = _progress_text(status)
+    elif status.state is TaskState.SUCCEEDED:
         detail = status.result
     elif status.error and (status.terminal or status.state is TaskState.RETRYING):
         detail = status.error.splitlines()[0]
         if status.state is TaskState.RETRYING and status.next_attempt_at:
             detail += f" (next attempt at {_when(status.next_attempt_at)})"
-    return f"{_when(status.updated_at)} {status.task_id} {status.state} {detail}".rstrip()
+    elif status.state is TaskState.SCHEDULED:
+        detail = f"(due at {_when(status.next_attempt_at)})"
+    # A progress report's line carries the report's time; a state change's, the change's.
+    when = status.progress_at if status.state is TaskState.RUNNING and status.progress_at else status.updated_at
+    return f"{_when(when)} {status.task_id} {status.state} {detail}".rstrip()
 
 
 def cmd_submit(client: Client, args) -> int:
@@ -268,7 +316,8 @@ def cmd_submit(client: Client, args) -> int:
     options = dict(queue=args.queue, timeout_s=args.timeout, memory_limit_mb=args.memory_limit,
                    max_retries=args.max_retries, retry_backoff_s=args.retry_backoff,
                    retry_backoff_max_s=args.retry_backoff_max, retry_jitter=args.retry_jitter,
-                   retry_on_timeout=args.retry_on_timeout, soft_timeout_s=args.soft_timeout)
+                   retry_on_timeout=args.retry_on_timeout, soft_timeout_s=args.soft_timeout,
+                   delay_s=args.delay, not_before=args.not_before)
     if args.from_file is not None:
         return _submit_lines(client, args, options)
     payload = sys.stdin.read() if args.payload == "-" else args.payload
@@ -390,12 +439,26 @@ def cmd_status(client: Client, args) -> int:
 
 def cmd_watch(client: Client, args) -> int:
     final: dict[str, str] = {}
+    # On a terminal, progress reports redraw one bar line; state changes print lines above it.
+    bar = not args.json and sys.stdout.isatty()
+    bar_shown = False
     try:
         for status in client.watch(args.task_ids, args.wait_timeout):
+            if bar and status.state is TaskState.RUNNING and status.progress_at is not None:
+                width = shutil.get_terminal_size().columns - 1
+                sys.stdout.write(CLEAR_LINE + _progress_bar(status)[:width])
+                sys.stdout.flush()
+                bar_shown = True
+                continue
+            if bar_shown:
+                sys.stdout.write(CLEAR_LINE)
+                bar_shown = False
             print(_as_json(status) if args.json else _change_line(status), flush=True)
             if status.terminal:
                 final[status.task_id] = status.state
     except WaitTimeout as exc:
+        if bar_shown:
+            sys.stdout.write(CLEAR_LINE)
         print(f"qm: {exc}; they go on: qm watch {' '.join(exc.task_ids)}", file=sys.stderr)
         return EXIT_TIMEOUT
     return 0 if all(state is TaskState.SUCCEEDED for state in final.values()) else EXIT_TASK_FAILED
@@ -436,8 +499,12 @@ def cmd_run(args) -> int:
 
     logging.getLogger("qm").setLevel(logging.ERROR)  # the outcome line below says it all
     payload = sys.stdin.read() if args.payload == "-" else args.payload
+
+    def show_progress(update: Progress) -> None:
+        print(f"progress {update.fraction * 100:.0f}% {update.message}".rstrip(), file=sys.stderr, flush=True)
+
     outcome = run_task(args.type, payload, timeout_s=args.timeout, memory_limit_mb=args.memory_limit,
-                       soft_timeout_s=args.soft_timeout)
+                       soft_timeout_s=args.soft_timeout, on_progress=show_progress)
     if outcome.succeeded:
         print(outcome.value if isinstance(outcome.value, str) else json.dumps(outcome.value))
         return 0

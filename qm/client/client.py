@@ -130,8 +130,12 @@ class Client:
                memory_limit_mb: int = 0, max_retries: int | None = None, retry_backoff_s: float | None = None,
                retry_backoff_max_s: float | None = None, retry_jitter: bool | None = None,
                retry_on_timeout: bool | None = None, idempotency_key: str | None = None,
-               soft_timeout_s: float = 0.0) -> str:
+               soft_timeout_s: float = 0.0, delay_s: float | None = None,
+               not_before: float | None = None) -> str:
         """Submit a task; returns its id once the server has made it durable.
+
+        `delay_s` (seconds from now) or `not_before` (seconds since the epoch; one already
+        past runs now), not both: the task is SCHEDULED, held in RabbitMQ, until then.
 
         Limits and retry options left at 0/None take the task type's, else the server's
         defaults; `soft_timeout_s` is when the task gets qm.SoftTimeout (0: the type's, else
@@ -146,7 +150,8 @@ class Client:
                                  memory_limit_mb=memory_limit_mb, max_retries=max_retries,
                                  retry_backoff_s=retry_backoff_s, retry_backoff_max_s=retry_backoff_max_s,
                                  retry_jitter=retry_jitter, retry_on_timeout=retry_on_timeout,
-                                 idempotency_key=idempotency_key, soft_timeout_s=soft_timeout_s)
+                                 idempotency_key=idempotency_key, soft_timeout_s=soft_timeout_s,
+                                 delay_s=delay_s, not_before=not_before)
         return self._call("SubmitTask", request, self.submit_retry_s, SUBMIT_RETRY_CODES).task_id
 
     def submit_many(self, items: Iterable[tuple], **options) -> list[str]:

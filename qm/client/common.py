@@ -20,6 +20,7 @@ call starts at the address that last answered and fails over to the next on UNAV
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 import uuid
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -222,7 +223,10 @@ _OPTIONAL_FIELDS = ("max_retries", "retry_backoff_s", "retry_backoff_max_s", "re
                     "retry_on_timeout")
 #: Options submit and submit_many take.
 SUBMIT_OPTIONS = ("queue", "timeout_s", "soft_timeout_s", "memory_limit_mb", *_OPTIONAL_FIELDS,
-                  "idempotency_key")
+                  "idempotency_key", "delay_s", "not_before")
+
+#: The two ways of asking for a delay (qm/scheduling.py); a submission takes one.
+_DELAY_OPTIONS = frozenset({"delay_s", "not_before"})
 
 
 def submit_request(type: str, payload: Any, *, queue: str = "", timeout_s: float = 0.0,
@@ -230,16 +234,20 @@ def submit_request(type: str, payload: Any, *, queue: str = "", timeout_s: float
                    retry_backoff_s: float | None = None, retry_backoff_max_s: float | None = None,
                    retry_jitter: bool | None = None, retry_on_timeout: bool | None = None,
                    idempotency_key: str | None = None,
-                   soft_timeout_s: float = 0.0) -> task_queue_pb2.SubmitTaskRequest:
+                   soft_timeout_s: float = 0.0, delay_s: float | None = None,
+                   not_before: float | None = None) -> task_queue_pb2.SubmitTaskRequest:
     """The request of one submit; it always carries an idempotency key (a fresh one unless
-    given), so retrying it can never enqueue the task twice."""
+    given), so retrying it can never enqueue the task twice. `delay_s` or `not_before`
+    (seconds since the epoch) make it a delayed task."""
     request = task_queue_pb2.SubmitTaskRequest(
         type=type, payload=encode_payload(payload), queue=queue, timeout_s=timeout_s,
         memory_limit_mb=memory_limit_mb, idempotency_key=idempotency_key or str(uuid.uuid4()),
         soft_timeout_s=soft_timeout_s)
     optional = dict(max_retries=max_retries, retry_backoff_s=retry_backoff_s,
                     retry_backoff_max_s=retry_backoff_max_s, retry_jitter=retry_jitter,
-                    retry_on_timeout=retry_on_timeout)
+                    retry_on_timeout=retry_on_timeout, delay_s=delay_s)
+    if not_before is not None:
+        request.not_before.FromNanoseconds(int(not_before * 1e9))
     for field, value in optional.items():
         if value is not None:
             setattr(request, field, value)
@@ -248,7 +256,8 @@ def submit_request(type: str, payload: Any, *, queue: str = "", timeout_s: float
 
 def batch_requests(items: Iterable[tuple], options: dict[str, Any]) -> list[task_queue_pb2.SubmitTaskRequest]:
     """One request per item: `(type, payload)` or `(type, payload, {option: value})`, the
-    item's own options over the batch's. A batch `idempotency_key` K gives item i the key
+    item's own options over the batch's (an item's `delay_s` or `not_before` replaces the
+    batch's either). A batch `idempotency_key` K gives item i the key
     "K/i" (so the same batch sent again is the same tasks); else each item gets a fresh key."""
     unknown = set(options) - set(SUBMIT_OPTIONS)
     if unknown:
@@ -260,7 +269,9 @@ def batch_requests(items: Iterable[tuple], options: dict[str, Any]) -> list[task
             raise TypeError(f"item {index}: expected (type, payload) or (type, payload, options), "
                             f"got {item!r}")
         own = dict(item[2]) if len(item) == 3 else {}
-        merged = {**options, **own}
+        batch = options if not _DELAY_OPTIONS & own.keys() else {  # an item's own delay replaces the batch's
+            name: value for name, value in options.items() if name not in _DELAY_OPTIONS}
+        merged = {**batch, **own}
         if "idempotency_key" not in own and batch_key:
             merged["idempotency_key"] = f"{batch_key}/{index}"
         requests.append(submit_request(item[0], item[1], **merged))
@@ -364,7 +375,11 @@ class TaskStatus:
     timeout_s: float = 0.0         # effective hard time limit
     memory_limit_mb: int = 0       # effective memory limit; 0 = none
     max_retries: int = 0           # effective retry budget
-    next_attempt_at: float | None = None  # while RETRYING
+    next_attempt_at: float | None = None  # while RETRYING; while SCHEDULED (or QUEUED after it): when due
+    progress: float = 0.0          # 0..1, the latest qm.progress() of the current attempt
+    progress_message: str = ""
+    progress_detail: Any = None    # its JSON detail, decoded; None if none
+    progress_at: float | None = None  # when that report was made
 
     @property
     def terminal(self) -> bool:
@@ -438,7 +453,16 @@ def status_from_proto(status: task_queue_pb2.TaskStatus) -> TaskStatus:
         started_at=_seconds(status.started_at), finished_at=_seconds(status.finished_at),
         updated_at=_seconds(status.updated_at), timeout_s=status.timeout_s,
         memory_limit_mb=status.memory_limit_mb, max_retries=status.max_retries,
-        next_attempt_at=_seconds(status.next_attempt_at))
+        next_attempt_at=_seconds(status.next_attempt_at), progress=status.progress,
+        progress_message=status.progress_message, progress_detail=_json_or_none(status.progress_detail_json),
+        progress_at=_seconds(status.progress_at))
+
+
+def _json_or_none(text: str) -> Any:
+    try:
+        return json.loads(text) if text else None
+    except ValueError:
+        return None  # the server stores what a worker sent: a bad one is no reason to fail a watch
 
 
 def final_value(task_id: str, last: TaskStatus | None) -> Any:
@@ -488,6 +512,7 @@ class Follow:
         self.open = dict.fromkeys(task_ids)             # ids not yet terminal, in order
         self.timeout_s = timeout_s
         self._delivered: dict[str, set[tuple]] = {}
+        self._progress_ns: dict[str, int] = {}  # task id → time of the latest progress delivered
         self._clock = clock
         self._deadline = None if timeout_s is None else clock() + timeout_s
         self._attempts = Attempts(failover, reconnect_s if failover.reached else 0.0, clock)
@@ -525,13 +550,18 @@ class Follow:
         self._attempts.reached()
         key = (proto.state, proto.attempts, proto.updated_at.seconds, proto.updated_at.nanos)
         seen = self._delivered.setdefault(proto.task_id, set())
-        if proto.task_id not in self.open or key in seen:
+        # Progress reports: only the time of the latest delivered is kept (there may be many).
+        progress_ns = proto.progress_at.ToNanoseconds() if proto.progress_at.ByteSize() else 0
+        newer_progress = progress_ns > self._progress_ns.get(proto.task_id, 0)
+        if proto.task_id not in self.open or (key in seen and not newer_progress):
             return None
         seen.add(key)
+        self._progress_ns[proto.task_id] = progress_ns
         status = status_from_proto(proto)
         if status.terminal:
             del self.open[proto.task_id]
             self._delivered.pop(proto.task_id, None)
+            self._progress_ns.pop(proto.task_id, None)
         return status
 
     def interrupted(self, address: str, code: grpc.StatusCode | None, details: str | None,

@@ -16,8 +16,23 @@ from qm import registry as plugin_registry
 from qm._proto.qm.v1 import task_queue_pb2, task_queue_pb2_grpc
 from qm.broker import topology
 from qm.broker.rabbitmq import RabbitMQBroker
-from qm.config import Config, ServerConfig, load_config, parse_host_port, scrub_secret_env
-from qm.errors import ConfigError, ConsumerRefused, DuplicateServer, ServerIdentityError
+from qm.config import (
+    SQLITE_URL_PREFIX,
+    Config,
+    ServerConfig,
+    load_config,
+    parse_host_port,
+    redact_url,
+    scrub_secret_env,
+)
+from qm.errors import (
+    ConfigError,
+    ConsumerRefused,
+    DuplicateServer,
+    ServerIdentityError,
+    StoreSchemaError,
+    StoreUnavailable,
+)
 from qm.logs import setup_logging
 from qm.metrics import ServerMetrics
 from qm.metrics import serve as serve_metrics
@@ -32,6 +47,7 @@ from qm.server.quotas import QuotaInterceptor, SubmitRateLimiter
 from qm.server.service import TaskService
 from qm.server.servicer import TaskQueueServicer
 from qm.server.store import Store
+from qm.server.store_pg import ChangeListener, PgStore
 from qm.server.validators import PayloadValidators
 from qm.tasks import python as python_task
 
@@ -71,7 +87,8 @@ class ServerApp:
                         "down the server gets no events; set broker.server_queue_type: quorum (see "
                         "docs/architecture.md, 'A RabbitMQ cluster')", len(config.broker.node_urls))
         metrics = ServerMetrics()
-        self.store = Store(self.identity.store_path, observer=metrics)
+        self.store = make_store(config, self.identity.store_path, self.server_id, metrics)
+        self._changes: ChangeListener | None = None
         server = config.server
         default_retry = RetryPolicy(server.default_max_retries, server.default_retry_backoff_s,
                                     server.default_retry_backoff_max_s, server.default_retry_jitter,
@@ -89,6 +106,7 @@ class ServerApp:
                                    reconcile_interval_s=server.reconcile_interval_s,
                                    reconcile_after_s=server.reconcile_after_s,
                                    max_batch_items=server.max_batch_items,
+                                   max_delay_s=server.max_delay_s,
                                    caps=SubmitCaps(server.queues, server.max_task_timeout_s,
                                                    server.max_task_memory_limit_mb, server.max_retries),
                                    validators=PayloadValidators(server.validate_timeout_s, server.validate_threads),
@@ -117,17 +135,32 @@ class ServerApp:
         for error in self.registry.errors:
             log.error("%s", error)
         log.info("serving task types: %s", ", ".join(sorted(self.registry.types)) or "none")
+        shared_store_id = None
+        if isinstance(self.store, PgStore):
+            try:
+                await self.store.connect()  # and migrate its schema
+            except (StoreUnavailable, StoreSchemaError):
+                self.identity.release()
+                raise
+            shared_store_id = self.store.store_id
+            log.info("task store: PostgreSQL %s (store id %s, shared by its servers)",
+                     redact_url(self.store.url), shared_store_id)
+        else:
+            self.store.start_checkpoints()  # most WAL checkpoint I/O off the event loop
         await self.broker.connect()
-        self.store.start_checkpoints()  # most WAL checkpoint I/O off the event loop
         try:
-            await self.service.start_events(self.server_id)
+            await self.service.start_events(self.server_id, shared_store_id)
         except ConsumerRefused:
             await self._release()
-            events = topology.events_queue_name(self.server_id)
+            queue = (f"qm.heartbeats.{self.server_id}" if shared_store_id
+                     else topology.events_queue_name(self.server_id))
             raise DuplicateServer(
-                f"another live qm-server already uses server id {self.server_id} (its events queue {events} "
+                f"another live qm-server already uses server id {self.server_id} (its queue {queue} "
                 "has an exclusive consumer); give this server its own --data-dir or a different "
                 "server.id") from None
+        if isinstance(self.store, PgStore):  # other servers' changes wake this one's streams
+            self._changes = self.store.listen(self._wake_followers)
+            self._changes.start()
         task_queue_pb2_grpc.add_TaskQueueServicer_to_server(TaskQueueServicer(self.service), self.grpc_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         reflection.enable_server_reflection(
@@ -159,8 +192,19 @@ class ServerApp:
         await self._release()
         log.info("qm-server stopped")
 
+    async def _wake_followers(self, task_ids: list[str] | None) -> None:
+        """Another server of the shared store changed these tasks (None: maybe any): send
+        their records to the streams here that follow them."""
+        assert isinstance(self.store, PgStore)
+        followed = self.service.hub.following(task_ids)
+        if followed:
+            for record in await self.store.get_many(followed):
+                self.service.hub.publish(record)
+
     async def _release(self) -> None:
         """Stop consuming, disconnect, close the store, then let go of the data directory."""
+        if self._changes is not None:
+            await self._changes.stop()
         await self.service.stop_events()
         self.service.validators.close()
         await self.broker.close()
@@ -207,6 +251,18 @@ def check_caps(config: Config) -> None:
             "could never be admitted; raise the burst or lower the batch size"))
 
 
+def make_store(config: Config, default_path: str | os.PathLike, server_id: str,
+               metrics: ServerMetrics) -> Store | PgStore:
+    """The store server.store_url names: SQLite in the data dir ("" ), a SQLite file, or a
+    PostgreSQL database (connected in ServerApp.start)."""
+    url = config.server.store_url
+    if not url:
+        return Store(default_path, observer=metrics)
+    if url.startswith(SQLITE_URL_PREFIX):
+        return Store(url[len(SQLITE_URL_PREFIX):], observer=metrics)
+    return PgStore(url, server_id, config.server.store_pool_size)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="qm-server",
@@ -223,6 +279,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data-dir", metavar="DIR",
                         help="directory of the SQLite task store and the server id; one live server per "
                              "directory (server.data_dir)")
+    parser.add_argument("--store-url", metavar="URL",
+                        help="task store: sqlite:///PATH (default: SQLite in the data dir, one per server) or "
+                             "postgresql://USER@HOST:PORT/DB, shared by several servers (server.store_url)")
     parser.add_argument("--server-id", metavar="ID",
                         help="this server's id, naming its durable RabbitMQ queues and its store file "
                              "(server.id). Default: the id in the data dir's file server-id, generated "
@@ -266,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, overrides={
             "server.listen": args.listen, "broker.urls": args.broker_url,
-            "server.data_dir": args.data_dir, "server.id": args.server_id, "log.level": args.log_level,
+            "server.data_dir": args.data_dir, "server.id": args.server_id, "server.store_url": args.store_url,
+            "log.level": args.log_level,
             "log.format": args.log_format,
             "server.metrics_port": args.metrics_port, "server.tls_cert": args.tls_cert,
             "server.tls_key": args.tls_key, "server.tls_client_ca": args.tls_client_ca,
@@ -280,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(config.log.level, "qm-server", config.log.format)
     try:
         asyncio.run(serve(config))
-    except (ServerIdentityError, ConfigError) as exc:
+    except (ServerIdentityError, ConfigError, StoreSchemaError, StoreUnavailable) as exc:
         print(f"qm-server: {exc}", file=sys.stderr)
         return EXIT_REFUSED
     return 0

@@ -7,6 +7,7 @@ arrives in its store: `qm dead list / requeue / purge`.
 """
 from __future__ import annotations
 
+import asyncio
 import builtins
 import dataclasses
 import logging
@@ -16,11 +17,12 @@ from typing import Awaitable, Callable
 
 from qm.background import Background
 from qm.broker.base import Broker, Delivery
-from qm.errors import TaskNotFound
+from qm.errors import StoreUnavailable, TaskNotFound
 from qm.messages import TaskEvent, TaskMessage
 from qm.metrics import ServerMetrics
 from qm.protocol import Header
 from qm.server import maintenance
+from qm.server.events import STORE_RETRY_MAX_S, STORE_RETRY_MIN_S
 from qm.server.store_api import DeadLetter, TaskRecord, TaskStore
 from qm.states import TaskState
 
@@ -61,10 +63,18 @@ class DeadLetters:
         await self._background.wait(timeout_s)
 
     async def _record_logged(self, delivery: Delivery) -> None:
-        try:
-            await self.record(delivery)
-        except Exception:  # unacked: RabbitMQ delivers it again after a reconnect
-            log.exception("cannot record a dead letter (headers %s)", delivery.headers)
+        delay_s = STORE_RETRY_MIN_S
+        while True:
+            try:
+                await self.record(delivery)
+                return
+            except StoreUnavailable as exc:  # a PostgreSQL restart: unacked until recorded
+                log.warning("dead letter waits for the store (again in %.1f s): %s", delay_s, exc)
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, STORE_RETRY_MAX_S)
+            except Exception:  # unacked: RabbitMQ delivers it again after a reconnect
+                log.exception("cannot record a dead letter (headers %s)", delivery.headers)
+                return
 
     async def record(self, delivery: Delivery) -> None:
         """Record a dead letter, then ack it. One that RabbitMQ dead-lettered itself (the
@@ -105,7 +115,11 @@ class DeadLetters:
 
     async def requeue(self, task_ids: builtins.list[str] | None) -> dict[str, str]:
         """Run dead-lettered tasks again, each as a new task (attempt 1, same payload and
-        limits); returns old id → new id. Unknown ids raise TaskNotFound."""
+        limits); returns old id → new id. Unknown ids raise TaskNotFound.
+
+        Each letter is taken out of the store before its task is enqueued (and put back
+        if that fails): with a store shared by several servers, two requeueing the same
+        letter at once make one new task; the one that finds it gone leaves it out."""
         dead, _total = await self.store.dead_letters(MAX_REQUEUE, task_ids)
         if task_ids is not None:
             missing = set(task_ids) - {letter.task_id for letter in dead}
@@ -120,8 +134,13 @@ class DeadLetters:
             message = dataclasses.replace(old, task_id=str(uuid.uuid4()), attempt=1, enqueued_at_s=now)
             record = TaskRecord.queued(message.task_id, old.type, old.queue, self.codecs.get(old.type, "text"),
                                        now, old.timeout_s, old.memory_limit_mb, max_retries=old.retry.max_retries)
-            await self._enqueue(record, message)
-            await self.store.remove_dead_letters([letter.task_id])
+            if not await self.store.remove_dead_letters([letter.task_id]):
+                continue  # another server took it a moment ago, and requeues it
+            try:
+                await self._enqueue(record, message)
+            except BaseException:
+                await self.store.add_dead_letter(letter)  # nothing was requeued: keep it listed
+                raise
             renamed[letter.task_id] = message.task_id
         return renamed
 

@@ -14,7 +14,7 @@ import time
 from qm.background import Background
 from qm.broker import topology
 from qm.broker.base import Broker, Delivery
-from qm.errors import BrokerUnavailable
+from qm.errors import BrokerUnavailable, StoreUnavailable
 from qm.messages import TaskEvent
 from qm.metrics import ServerMetrics
 from qm.protocol import Command, Control
@@ -23,6 +23,10 @@ from qm.server.store_api import TaskRecord, TaskStore
 from qm.states import TaskState
 
 log = logging.getLogger(__name__)
+
+#: First and longest pause before applying a batch again while the store is unavailable.
+STORE_RETRY_MIN_S = 0.2
+STORE_RETRY_MAX_S = 2.0
 
 
 class EventApplier:
@@ -46,7 +50,20 @@ class EventApplier:
             batch = [await self.queue.get()]
             while not self.queue.empty():
                 batch.append(self.queue.get_nowait())
-            await self.apply_deliveries(batch)
+            await self._apply_until_stored(batch)
+
+    async def _apply_until_stored(self, deliveries: list[Delivery]) -> None:
+        """Apply a batch, trying again while the store is unavailable (a PostgreSQL restart):
+        the events stay unacked meanwhile, so nothing is lost if this server dies too."""
+        delay_s = STORE_RETRY_MIN_S
+        while True:
+            try:
+                await self.apply_deliveries(deliveries)
+                return
+            except StoreUnavailable as exc:
+                log.warning("%d event(s) wait for the store (again in %.1f s): %s", len(deliveries), delay_s, exc)
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, STORE_RETRY_MAX_S)
 
     async def apply_deliveries(self, deliveries: list[Delivery]) -> None:
         """Apply, commit, then ack."""
@@ -66,13 +83,15 @@ class EventApplier:
             self.hub.publish(record)
         now = time.time()
         for event in events:
-            self.metrics.events.labels(event.state.name).inc()
+            self.metrics.events.labels("PROGRESS" if event.progress else event.state.name).inc()
             self.metrics.events_lag_seconds.observe(max(0.0, now - event.at_s))
         changed = {record.task_id for record in changes}
+        self.metrics.progress_ignored.inc(sum(1 for event in events if event.progress and
+                                              event.task_id not in changed))
         for event in events:  # a worker that missed the cancel (started after it) is told again
             # A start that changed nothing came for a task already final: cancelled, maybe.
             # (Any other start counts as one, so only these need the store look-up.)
-            if (event.state is TaskState.RUNNING and event.task_id not in changed
+            if (event.state is TaskState.RUNNING and event.progress is None and event.task_id not in changed
                     and await self._is_cancelled(event.task_id)):
                 self._send(Control(Command.CANCEL, event.task_id))
         self._watch_for_poison(changes)

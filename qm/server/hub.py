@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+from typing import Iterable
 
 from qm.server.store_api import TaskRecord
 
@@ -26,6 +27,12 @@ class Hub:
     def publish(self, record: TaskRecord) -> None:
         for updates in self._followers.get(record.task_id, ()):
             updates.put_nowait(record)
+
+    def following(self, task_ids: Iterable[str] | None = None) -> list[str]:
+        """The ids among `task_ids` (all, if None) that some stream follows."""
+        if task_ids is None:
+            return list(self._followers)
+        return [task_id for task_id in task_ids if task_id in self._followers]
 
     @property
     def open_follows(self) -> int:

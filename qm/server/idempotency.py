@@ -7,8 +7,9 @@ caller never mistakes the first task's result for the answer to its second reque
 
 The digest covers the request as the client sent it, after validation: task type,
 payload, logical queue (empty = "default"), time limits (hard and soft), memory limit,
-and the retry options (an option left unset, None, differs from one set to the task
-type's value: it may resolve differently). It does not cover what the server resolves
+the retry options (an option left unset, None, differs from one set to the task
+type's value: it may resolve differently), and a delay (delay_s or not_before) when
+set. It does not cover what the server resolves
 from its own settings, so a retry after a configuration change or an upgrade is still
 the same request.
 
@@ -28,7 +29,8 @@ DIGEST_VERSION = "v1"
 
 
 def request_digest(task_type: str, payload: bytes, queue: str, timeout_s: float, memory_limit_mb: int,
-                   retry_options: dict[str, Any], soft_timeout_s: float = 0.0) -> str:
+                   retry_options: dict[str, Any], soft_timeout_s: float = 0.0,
+                   delay: dict[str, float | None] | None = None) -> str:
     """`v1:` + SHA-256 over a canonical encoding of the request (sorted JSON, the payload
     by its own SHA-256, floats as floats: `timeout_s` 5 and 5.0 are one request)."""
     fields = {"type": task_type, "payload_sha256": hashlib.sha256(payload).hexdigest(), "queue": queue,
@@ -36,6 +38,9 @@ def request_digest(task_type: str, payload: bytes, queue: str, timeout_s: float,
               "memory_limit_mb": int(memory_limit_mb),
               "retry": {name: _canonical(value) for name, value in sorted(retry_options.items())
                         if value is not None}}
+    asked = {name: float(value) for name, value in sorted((delay or {}).items()) if value is not None}
+    if asked:  # absent otherwise: the digest of a request without a delay is as before
+        fields["delay"] = asked
     text = json.dumps(fields, sort_keys=True, separators=(",", ":"), allow_nan=True)
     return f"{DIGEST_VERSION}:{hashlib.sha256(text.encode('utf-8')).hexdigest()}"
 

@@ -4,9 +4,11 @@ publish them again from the copy the store keeps until a task is final.
 A task is looked at when it is
 - RUNNING and its time limit ran out over `after_s` ago (the worker would have killed it
   and reported; the message was lost with the worker, or dropped on a dead-lettering);
-- RETRYING and its next attempt was due over `after_s` ago, or QUEUED for over
-  `after_s`, while its work queue holds no ready message: it is not waiting behind a
-  backlog there (the delayed message never came back: a dead-lettering RabbitMQ dropped).
+- RETRYING and its next attempt was due over `after_s` ago, SCHEDULED (a delayed task,
+  qm/scheduling.py) and due over `after_s` ago, or QUEUED for over `after_s`, while its
+  work queue holds no ready message: it is not waiting behind a backlog there (the delayed
+  message never came back: a dead-lettering RabbitMQ dropped). A SCHEDULED task not yet
+  due is never published: its message waits in a delay tier.
 Such a task is published again to its work queue (the next attempt for a retry, the same
 attempt otherwise). A duplicate is harmless: attempts are idempotent and events are
 ordered by `qm.states.supersedes`. Each publish is logged with the task id and counted
@@ -23,7 +25,7 @@ from typing import Awaitable, Callable
 
 from qm.broker import topology
 from qm.broker.base import Broker
-from qm.errors import BrokerUnavailable
+from qm.errors import BrokerUnavailable, StoreUnavailable
 from qm.messages import TaskMessage
 from qm.metrics import ServerMetrics
 from qm.server.store_api import TaskRecord, TaskStore
@@ -54,6 +56,8 @@ class Reconciler:
                 await self.sweep()
             except BrokerUnavailable as exc:
                 log.warning("reconciler: RabbitMQ unavailable, next sweep in %g s: %s", self.interval_s, exc)
+            except StoreUnavailable as exc:
+                log.warning("reconciler: store unavailable, next sweep in %g s: %s", self.interval_s, exc)
 
     async def sweep(self, now_s: float | None = None) -> int:
         """Publish again every task that looks lost; return how many."""
@@ -65,6 +69,7 @@ class Reconciler:
                 continue  # a backlog: overdue tasks may well be waiting in it
             suspects += [(record, record.attempts + 1)
                          for record in await self.store.overdue_retries(queue, cutoff, SWEEP_LIMIT)]
+            suspects += [(record, 1) for record in await self.store.overdue_scheduled(queue, cutoff, SWEEP_LIMIT)]
             suspects += [(record, 1) for record in await self.store.queued_before(queue, cutoff, SWEEP_LIMIT)]
         republished = 0
         for record, attempt in suspects:
@@ -93,6 +98,7 @@ class Reconciler:
 
 
 def _since(record: TaskRecord) -> str:
-    at = {TaskState.RETRYING: record.next_attempt_at, TaskState.RUNNING: record.started_at}.get(
+    at = {TaskState.RETRYING: record.next_attempt_at, TaskState.SCHEDULED: record.next_attempt_at,
+          TaskState.RUNNING: record.started_at}.get(
         record.state, record.created_at)
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at or record.updated_at))

@@ -14,15 +14,17 @@ import uuid
 from typing import Sequence
 
 from qm import limits as task_limits
-from qm import retry
+from qm import retry, scheduling
 from qm.broker import topology
 from qm.broker.base import Broker
 from qm.broker.migrate import migrate_legacy_delay_tiers
 from qm.errors import (
     BrokerUnavailable,
     IdempotencyKeyReused,
+    IdempotencyKeyTaken,
     PublishOutcomeUnknown,
     QMError,
+    StoreUnavailable,
     TaskAlreadyFinished,
     TaskNotFound,
     ValidationError,
@@ -74,6 +76,7 @@ class TaskService:
                  retention_s: float = 7 * 86400.0, metrics: ServerMetrics | None = None,
                  worker_lost_after_s: float = 30.0, reconcile_interval_s: float = 30.0,
                  reconcile_after_s: float = 60.0, max_batch_items: int = DEFAULT_MAX_BATCH_ITEMS,
+                 max_delay_s: float = scheduling.DEFAULT_MAX_DELAY_S,
                  caps: SubmitCaps | None = None, validators: PayloadValidators | None = None,
                  max_queue_length: int = 0) -> None:
         self.registry = registry
@@ -91,11 +94,13 @@ class TaskService:
         self.consumer_timeout_s = consumer_timeout_s
         self.default_retry = default_retry
         self.retention_s = retention_s
+        self.max_delay_s = max_delay_s
         self.caps = caps or SubmitCaps()  # qm/server/caps.py: allowed queues, server-wide maxima
         self.validators = validators or PayloadValidators()  # off the event loop, within a budget
         self.max_queue_length = max_queue_length
         self.metrics = metrics or ServerMetrics()
         self._declared_queues: set[str] = set()
+        self._declared_tiers: set[int] = set()
         self._pending_keys: dict[str, asyncio.Future] = {}
         self._tasks: list[asyncio.Task] = []
         self.events = EventApplier(store, broker, self.hub, self.metrics, self._codecs, delivery_limit)
@@ -120,6 +125,7 @@ class TaskService:
 
     async def submit(self, task_type: str, payload: bytes, queue: str = "", *, timeout_s: float = 0.0,
                      memory_limit_mb: int = 0, idempotency_key: str = "", soft_timeout_s: float = 0.0,
+                     delay_s: float | None = None, not_before_s: float | None = None,
                      **retry_options) -> TaskRecord:
         """Accept a task: it is durable in RabbitMQ when this returns.
 
@@ -127,30 +133,34 @@ class TaskService:
         the first task is returned and nothing is enqueued; with another request,
         IdempotencyKeyReused (qm/server/idempotency.py). `retry_options` are RetryPolicy
         fields (max_retries, backoff_s, backoff_max_s, jitter, on_timeout); None = default.
+        `delay_s` or `not_before_s` (epoch seconds) make a SCHEDULED task (qm/scheduling.py).
         """
         if len(idempotency_key) > MAX_IDEMPOTENCY_KEY_CHARS:
             raise ValidationError("idempotency_key", f"longer than {MAX_IDEMPOTENCY_KEY_CHARS} characters")
         digest = ""
         if idempotency_key:
             digest = idempotency.request_digest(task_type, payload, queue or topology.DEFAULT_QUEUE,
-                                                timeout_s, memory_limit_mb, retry_options, soft_timeout_s)
+                                                timeout_s, memory_limit_mb, retry_options, soft_timeout_s,
+                                                {"delay_s": delay_s, "not_before_s": not_before_s})
             if idempotency_key in self._pending_keys:  # the same key is being submitted right now
                 first = await asyncio.shield(self._pending_keys[idempotency_key])
                 self._check_key_reuse(idempotency_key, first, digest)
                 return first
             existing = await self.store.find_by_idempotency_key(idempotency_key)
             if existing is not None:
-                self._check_key_reuse(idempotency_key, existing, digest)
-                await self._publish_unconfirmed(existing.task_id)  # durable before we say so
-                self.metrics.submissions.labels(existing.type, "duplicate").inc()
-                return existing
+                return await self._answer_duplicate(idempotency_key, existing, digest)
         future = asyncio.get_running_loop().create_future()
         if idempotency_key:
             self._pending_keys[idempotency_key] = future
         try:
-            record = await self._accept(task_type, payload, queue or topology.DEFAULT_QUEUE, timeout_s,
-                                        memory_limit_mb, idempotency_key, retry_options, soft_timeout_s,
-                                        digest)
+            try:
+                record = await self._accept(task_type, payload, queue or topology.DEFAULT_QUEUE, timeout_s,
+                                            memory_limit_mb, idempotency_key, retry_options, soft_timeout_s,
+                                            digest, scheduling.Delay(delay_s, not_before_s))
+            except IdempotencyKeyTaken:  # another server of a shared store stored the key first
+                record = await self._answer_duplicate(idempotency_key, await self._taken(idempotency_key), digest)
+                future.set_result(record)
+                return record
             future.set_result(record)
             self.metrics.submissions.labels(task_type, "accepted").inc()
             return record
@@ -161,6 +171,22 @@ class TaskService:
             raise
         finally:
             self._pending_keys.pop(idempotency_key, None)
+
+    async def _answer_duplicate(self, key: str, existing: TaskRecord, digest: str) -> TaskRecord:
+        """A repeated submit: the first task, once its message is durable (it may still be
+        unconfirmed, stored by a crashed run or by another server of a shared store)."""
+        self._check_key_reuse(key, existing, digest)
+        await self._publish_unconfirmed(existing.task_id)  # durable before we say so
+        self.metrics.submissions.labels(existing.type, "duplicate").inc()
+        return existing
+
+    async def _taken(self, key: str) -> TaskRecord:
+        """The task another server stored under `key` (its insert committed before ours failed)."""
+        existing = await self.store.find_by_idempotency_key(key)
+        if existing is None:  # that server's publish failed and it removed the task again
+            raise StoreUnavailable(f"idempotency key {key!r} was being submitted through another server, "
+                                   "which gave up; submit again")
+        return existing
 
     def _check_key_reuse(self, key: str, first: TaskRecord, digest: str) -> None:
         try:
@@ -187,7 +213,8 @@ class TaskService:
                 return await self.submit(item.type, item.payload, item.queue, timeout_s=item.timeout_s,
                                          memory_limit_mb=item.memory_limit_mb,
                                          idempotency_key=item.idempotency_key,
-                                         soft_timeout_s=item.soft_timeout_s, **item.retry_options)
+                                         soft_timeout_s=item.soft_timeout_s, delay_s=item.delay_s,
+                                         not_before_s=item.not_before_s, **item.retry_options)
             except QMError as exc:
                 return exc
 
@@ -203,7 +230,7 @@ class TaskService:
 
     async def _accept(self, task_type: str, payload: bytes, queue: str, timeout_s: float, memory_limit_mb: int,
                       idempotency_key: str, retry_options: dict, soft_timeout_s: float = 0.0,
-                      request_digest: str = "") -> TaskRecord:
+                      request_digest: str = "", delay: scheduling.Delay = scheduling.NO_DELAY) -> TaskRecord:
         # The idempotency key travels to validators that need it (qm/security/signing.py: a
         # retried submit is not a replay of its signed payload).
         submission = signing.SUBMISSION_KEY.set(idempotency_key)
@@ -220,14 +247,15 @@ class TaskService:
             max_memory_limit_mb=self.caps.max_memory_limit_mb)
         policy = retry.resolve(declared, self.default_retry, **retry_options)
         policy = dataclasses.replace(policy, max_retries=self.caps.retries(policy.max_retries))
+        now = time.time()
+        due_s = delay.due_at(now, self.max_delay_s)
         if not self.broker.connected:
             raise self.broker.unavailable()
-        now = time.time()
         record = TaskRecord.queued(str(uuid.uuid4()), task_type, queue, declared.codec, now, limits.timeout_s,
                                    limits.memory_limit_mb, idempotency_key, policy.max_retries,
-                                   request_digest=request_digest)
+                                   request_digest=request_digest, due_s=due_s)
         message = TaskMessage(record.task_id, task_type, payload, queue, 1, now, limits.timeout_s,
-                              limits.memory_limit_mb, policy, limits.soft_timeout_s)
+                              limits.memory_limit_mb, policy, limits.soft_timeout_s, due_s)
         await self.enqueue(record, message)
         return record
 
@@ -238,10 +266,11 @@ class TaskService:
         stored message is published again at start-up or on the client's retry (same key)."""
         await self._ensure_queue(message.queue)
         body = message.encode()
+        exchange = await self._exchange_for(message)
         await self.store.insert_unconfirmed(record, message.queue, body)
         started = time.perf_counter()
         try:
-            await self.broker.publish(topology.TASKS_EXCHANGE, message.queue, body, message.headers())
+            await self.broker.publish(exchange, message.queue, body, message.headers())
         except PublishOutcomeUnknown:
             # Sent, but the connection died before the confirm: RabbitMQ may hold the task (a
             # quorum queue on the surviving nodes). Keep it, unconfirmed: the client's retry
@@ -255,6 +284,17 @@ class TaskService:
             raise
         await self.store.confirm(record.task_id)
         self.metrics.confirm_seconds.observe(time.perf_counter() - started)
+
+    async def _exchange_for(self, message: TaskMessage) -> str:
+        """qm.tasks, or for a delayed task the delay tier it waits in first (qm/scheduling.py),
+        counted from its acceptance (a delay of exactly one tier takes one hop)."""
+        tier_s = scheduling.hop_tier_s(message.not_before_s, message.enqueued_at_s)
+        if tier_s is None:
+            return topology.TASKS_EXCHANGE
+        if tier_s not in self._declared_tiers:
+            await topology.declare_delay_tier(self.broker, tier_s)
+            self._declared_tiers.add(tier_s)
+        return topology.delay_tier_name(tier_s)
 
     async def _publish_unconfirmed(self, task_id: str | None = None) -> None:
         """Publish again what a previous run of this server stored but never saw confirmed
@@ -283,6 +323,9 @@ class TaskService:
             except BrokerUnavailable as exc:
                 log.warning("cannot yet publish tasks left unconfirmed by a crash: %s", exc)
                 await self.broker.wait_connected(UNCONFIRMED_RETRY_S)
+            except StoreUnavailable as exc:
+                log.warning("cannot yet publish tasks left unconfirmed by a crash: %s", exc)
+                await asyncio.sleep(UNCONFIRMED_RETRY_S)
 
     async def _ensure_queue(self, queue: str) -> None:
         if queue not in self._declared_queues:
@@ -317,25 +360,33 @@ class TaskService:
 
     # -- the server's background jobs ---------------------------------------------------
 
-    async def start_events(self, server_id: str) -> None:
+    async def start_events(self, server_id: str, shared_store_id: str | None = None) -> None:
         """Consume this replica's durable events, dead-letter and heartbeat queues, and
-        start the background jobs (event applier, retention, gauges, reconciler)."""
+        start the background jobs (event applier, retention, gauges, reconciler).
+
+        With a store shared by several servers (`shared_store_id`), the events and dead
+        letters come from the store's queues instead, consumed by all its servers as
+        competing consumers: each event is applied once per store. Heartbeats stay per
+        server, and their consumer is the exclusive one that refuses a second live server
+        under this id."""
         await topology.declare_cancel_stream(self.broker)  # cancels are kept even before any worker runs
         await migrate_legacy_delay_tiers(self.broker, retry.DELAY_TIERS_S)
         for tier_s in retry.DELAY_TIERS_S:  # long before any retry: see Supervisor.start
             await topology.declare_delay_tier(self.broker, tier_s)
+        shared = shared_store_id is not None
         heartbeats = await topology.declare_heartbeats_queue(self.broker, server_id, self.server_queue_type)
-        await self.broker.consume(heartbeats, self.workers.on_heartbeat, EVENTS_PREFETCH)
-        events = await topology.declare_events_queue(self.broker, server_id, self.server_queue_type)
-        dead = await topology.declare_dead_queue(self.broker, server_id, self.server_queue_type)
+        await self.broker.consume(heartbeats, self.workers.on_heartbeat, EVENTS_PREFETCH, exclusive=shared)
+        events = await topology.declare_events_queue(self.broker, shared_store_id or server_id, self.server_queue_type)
+        dead = await topology.declare_dead_queue(self.broker, shared_store_id or server_id, self.server_queue_type)
         self._tasks = [asyncio.create_task(self.events.run(), name="events-applier"),
                        asyncio.create_task(self._sweep_retention(), name="retention"),
                        asyncio.create_task(self._refresh_store_gauges(), name="store-gauges"),
                        asyncio.create_task(self._publish_unconfirmed_until_done(), name="unconfirmed"),
                        asyncio.create_task(self.reconciler.run(), name="reconciler")]
-        # Exclusive: while this server lives, another one under the same id is refused here
-        # (classic queues; RabbitMQ does not enforce it on quorum queues: see topology).
-        await self.broker.consume(events, self.events.queue.put_nowait, EVENTS_PREFETCH, exclusive=True)
+        # Exclusive (one store per server): while this server lives, another one under the
+        # same id is refused here (classic queues; RabbitMQ does not enforce it on quorum
+        # queues: see topology).
+        await self.broker.consume(events, self.events.queue.put_nowait, EVENTS_PREFETCH, exclusive=not shared)
         await self.broker.consume(dead, self.dead_letters.on_delivery, EVENTS_PREFETCH)
 
     async def stop_events(self) -> None:
@@ -347,14 +398,21 @@ class TaskService:
     async def _refresh_store_gauges(self) -> None:
         """Sizes from the store's counters (kept in its transactions: no COUNT(*) here)."""
         while True:
-            self.metrics.store_tasks.set(await self.store.count())
-            self.metrics.store_dead_letters.set(await self.store.count_dead_letters())
+            try:
+                self.metrics.store_tasks.set(await self.store.count())
+                self.metrics.store_dead_letters.set(await self.store.count_dead_letters())
+            except StoreUnavailable as exc:
+                log.warning("store gauges not updated: %s", exc)
             await asyncio.sleep(STORE_GAUGES_INTERVAL_S)
 
     async def _sweep_retention(self) -> None:
         """Forget finished tasks (and so their idempotency keys) older than the retention."""
         while True:
-            removed = await maintenance.purge_finished(self.store, time.time() - self.retention_s)
+            try:
+                removed = await maintenance.purge_finished(self.store, time.time() - self.retention_s)
+            except StoreUnavailable as exc:
+                log.warning("retention sweep put off: %s", exc)
+                removed = 0
             if removed:
                 log.info("retention: removed %d task(s) finished over %g s ago", removed, self.retention_s)
             expired = await self.dead_letters.expire(time.time())

@@ -7,6 +7,7 @@ clients decide by reason, not by message text (qm/reasons.py).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import time
@@ -16,6 +17,7 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from qm import scheduling
 from qm._proto.qm.v1 import task_queue_pb2, task_queue_pb2_grpc
 from qm.errors import (
     BrokerRefused,
@@ -27,6 +29,7 @@ from qm.errors import (
     QMError,
     QueueFull,
     RateLimited,
+    StoreUnavailable,
     StreamExpired,
     TaskAlreadyFinished,
     TaskNotFound,
@@ -39,6 +42,7 @@ from qm.reasons import DOMAIN, Reason
 from qm.server.service import TaskService
 from qm.server.store_api import TaskRecord
 from qm.server.submission import Submission
+from qm.states import TaskState
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +51,7 @@ _STATUS_OF: dict[type[QMError], tuple[grpc.StatusCode, Reason]] = {
     UnknownTaskType: (grpc.StatusCode.INVALID_ARGUMENT, Reason.UNKNOWN_TASK_TYPE),
     TaskNotFound: (grpc.StatusCode.NOT_FOUND, Reason.TASK_NOT_FOUND),
     BrokerUnavailable: (grpc.StatusCode.UNAVAILABLE, Reason.BROKER_UNAVAILABLE),
+    StoreUnavailable: (grpc.StatusCode.UNAVAILABLE, Reason.STORE_UNAVAILABLE),  # PostgreSQL down or restarting
     TaskAlreadyFinished: (grpc.StatusCode.FAILED_PRECONDITION, Reason.TASK_ALREADY_FINISHED),
     ConfigError: (grpc.StatusCode.FAILED_PRECONDITION, Reason.CONFIG_CONFLICT),  # e.g. a work queue of another type
     BrokerRefused: (grpc.StatusCode.FAILED_PRECONDITION, Reason.BROKER_REFUSED),
@@ -109,15 +114,18 @@ def _maps_errors(method):
 
 
 def record_to_proto(record: TaskRecord) -> task_queue_pb2.TaskStatus:
+    """The TaskStatus users see (a SCHEDULED task past its due time shows QUEUED)."""
+    state = scheduling.shown_state(record.state, record.next_attempt_at, time.time())
     status = task_queue_pb2.TaskStatus(
         task_id=record.task_id, type=record.type, queue=record.queue,
-        state=int(record.state),  # type: ignore[arg-type]  # protoc .pyi: enum fields typed as the enum class; they take ints
+        state=int(state),  # type: ignore[arg-type]  # protoc .pyi: enum fields typed as the enum class; they take ints
         attempts=record.attempts, result=record.result or b"", codec=record.codec,
         error=record.error, worker=record.worker, timeout_s=record.timeout_s,
-        memory_limit_mb=record.memory_limit_mb, max_retries=record.max_retries)
+        memory_limit_mb=record.memory_limit_mb, max_retries=record.max_retries, progress=record.progress,
+        progress_message=record.progress_message, progress_detail_json=record.progress_detail_json)
     for field, seconds in (("created_at", record.created_at), ("started_at", record.started_at),
                            ("finished_at", record.finished_at), ("updated_at", record.updated_at),
-                           ("next_attempt_at", record.next_attempt_at)):
+                           ("next_attempt_at", record.next_attempt_at), ("progress_at", record.progress_at)):
         if seconds is not None:
             getattr(status, field).FromNanoseconds(int(seconds * 1e9))
     return status
@@ -132,7 +140,9 @@ def submission_from_proto(request: task_queue_pb2.SubmitTaskRequest) -> Submissi
     retry_options = {option: getattr(request, field) if request.HasField(field) else None
                      for field, option in _RETRY_FIELDS.items()}
     return Submission(request.type, request.payload, request.queue, request.timeout_s, request.memory_limit_mb,
-                      request.idempotency_key, request.soft_timeout_s, retry_options)
+                      request.idempotency_key, request.soft_timeout_s, retry_options,
+                      request.delay_s if request.HasField("delay_s") else None,
+                      request.not_before.ToNanoseconds() / 1e9 if request.HasField("not_before") else None)
 
 
 class TaskQueueServicer(task_queue_pb2_grpc.TaskQueueServicer):
@@ -145,7 +155,8 @@ class TaskQueueServicer(task_queue_pb2_grpc.TaskQueueServicer):
         record = await self.service.submit(item.type, item.payload, item.queue, timeout_s=item.timeout_s,
                                            memory_limit_mb=item.memory_limit_mb,
                                            idempotency_key=item.idempotency_key,
-                                           soft_timeout_s=item.soft_timeout_s, **item.retry_options)
+                                           soft_timeout_s=item.soft_timeout_s, delay_s=item.delay_s,
+                                           not_before_s=item.not_before_s, **item.retry_options)
         return task_queue_pb2.SubmitTaskResponse(
             task_id=record.task_id,
             state=int(record.state))  # type: ignore[arg-type]  # protoc .pyi: enum fields typed as the enum class; they take ints
@@ -251,22 +262,48 @@ class TaskQueueServicer(task_queue_pb2_grpc.TaskQueueServicer):
             updates.put_nowait(None)  # the client half-closed
 
 
+#: A stream shows a SCHEDULED task again (QUEUED) this long after its due time.
+DUE_MARGIN_S = 0.01
+
+
+@dataclasses.dataclass(frozen=True)
+class _CameDue:
+    """A SCHEDULED record a stream sent, put back at its due time to be shown QUEUED."""
+
+    record: TaskRecord
+
+
 async def _stream_until_terminal(updates: asyncio.Queue, followed: set[str]):
-    """Yield protos from queued records; stop when the client is done and all are terminal."""
+    """Yield protos from queued records; stop when the client is done and all are terminal.
+    A SCHEDULED task is shown again, QUEUED, when due, unless a later state was sent first."""
     sent: dict[str, tuple] = {}
     finished: set[str] = set()
     client_done = False
-    while not (client_done and finished >= followed):
-        item = await updates.get()
-        if item is None:
-            client_done = True
-            continue
-        if isinstance(item, QMError):
-            raise item
-        key = (item.state, item.attempts, item.updated_at)
-        if item.task_id in finished or sent.get(item.task_id) == key:
-            continue
-        sent[item.task_id] = key
-        if item.state.terminal:
-            finished.add(item.task_id)
-        yield task_queue_pb2.StreamTaskResultsResponse(status=record_to_proto(item))
+    timers: list[asyncio.TimerHandle] = []
+    try:
+        while not (client_done and finished >= followed):
+            item = await updates.get()
+            if item is None:
+                client_done = True
+                continue
+            if isinstance(item, QMError):
+                raise item
+            if isinstance(item, _CameDue):
+                item = item.record
+                if sent.get(item.task_id) != (TaskState.SCHEDULED, item.attempts, item.updated_at,
+                                              item.progress_at):
+                    continue  # it moved on meanwhile
+            status = record_to_proto(item)
+            key = (TaskState.of_number(status.state), item.attempts, item.updated_at, item.progress_at)
+            if item.task_id in finished or sent.get(item.task_id) == key:
+                continue
+            sent[item.task_id] = key
+            if item.state.terminal:
+                finished.add(item.task_id)
+            elif key[0] is TaskState.SCHEDULED and item.next_attempt_at is not None:
+                wait_s = item.next_attempt_at - time.time() + DUE_MARGIN_S
+                timers.append(asyncio.get_running_loop().call_later(wait_s, updates.put_nowait, _CameDue(item)))
+            yield task_queue_pb2.StreamTaskResultsResponse(status=status)
+    finally:
+        for timer in timers:
+            timer.cancel()

@@ -23,10 +23,11 @@ import os
 import sqlite3
 import threading
 import time
-from typing import Iterable, Protocol
+from typing import Callable, Iterable, Protocol
 
 from qm.messages import TaskEvent
 from qm.server.group_commit import GroupCommit, TransactionObserver
+from qm.server.progress import next_progress
 from qm.server.store_api import DeadLetter, TaskRecord
 from qm.states import TaskState, supersedes
 
@@ -65,7 +66,11 @@ CREATE TABLE IF NOT EXISTS tasks (
     max_retries INTEGER NOT NULL DEFAULT 0,
     next_attempt_at REAL,
     starts      INTEGER NOT NULL DEFAULT 0,
-    request_digest TEXT NOT NULL DEFAULT ''
+    request_digest TEXT NOT NULL DEFAULT '',
+    progress    REAL NOT NULL DEFAULT 0,
+    progress_message TEXT NOT NULL DEFAULT '',
+    progress_detail_json TEXT NOT NULL DEFAULT '',
+    progress_at REAL
 );
 CREATE TABLE IF NOT EXISTS unconfirmed (
     task_id TEXT PRIMARY KEY,
@@ -97,6 +102,7 @@ CREATE INDEX IF NOT EXISTS tasks_by_idempotency_key ON tasks (idempotency_key) W
 CREATE INDEX IF NOT EXISTS tasks_by_finished_at ON tasks (finished_at) WHERE finished_at IS NOT NULL;
 CREATE INDEX IF NOT EXISTS retrying_by_due ON tasks (queue, next_attempt_at) WHERE state = {int(TaskState.RETRYING)};
 CREATE INDEX IF NOT EXISTS running_by_deadline ON tasks (started_at + timeout_s) WHERE state = {int(TaskState.RUNNING)};
+CREATE INDEX IF NOT EXISTS scheduled_by_due ON tasks (queue, next_attempt_at) WHERE state = {int(TaskState.SCHEDULED)};
 CREATE INDEX IF NOT EXISTS queued_by_queue ON tasks (queue, created_at) WHERE state = {int(TaskState.QUEUED)};
 CREATE INDEX IF NOT EXISTS dead_letters_by_dead_at ON dead_letters (dead_at);
 """
@@ -108,7 +114,9 @@ _COUNTED_TABLES = ("tasks", "dead_letters")
 _ADDED_COLUMNS = {"timeout_s": "REAL NOT NULL DEFAULT 0", "memory_limit_mb": "INTEGER NOT NULL DEFAULT 0",
                   "idempotency_key": "TEXT NOT NULL DEFAULT ''", "max_retries": "INTEGER NOT NULL DEFAULT 0",
                   "next_attempt_at": "REAL", "starts": "INTEGER NOT NULL DEFAULT 0",
-                  "request_digest": "TEXT NOT NULL DEFAULT ''"}
+                  "request_digest": "TEXT NOT NULL DEFAULT ''", "progress": "REAL NOT NULL DEFAULT 0",
+                  "progress_message": "TEXT NOT NULL DEFAULT ''", "progress_detail_json": "TEXT NOT NULL DEFAULT ''",
+                  "progress_at": "REAL"}
 
 
 _COLUMNS = [field.name for field in dataclasses.fields(TaskRecord)]
@@ -295,6 +303,11 @@ class Store:
         return await self._select(f"WHERE state = {int(TaskState.RETRYING)} AND queue = ? AND next_attempt_at < ? "
                                   "ORDER BY next_attempt_at LIMIT ?", (queue, due_before_s, limit))
 
+    async def overdue_scheduled(self, queue: str, due_before_s: float, limit: int) -> list[TaskRecord]:
+        """SCHEDULED tasks of a logical queue that were due before `due_before_s` (never started)."""
+        return await self._select(f"WHERE state = {int(TaskState.SCHEDULED)} AND queue = ? AND next_attempt_at < ? "
+                                  "ORDER BY next_attempt_at LIMIT ?", (queue, due_before_s, limit))
+
     async def overdue_runs(self, deadline_before_s: float, limit: int) -> list[TaskRecord]:
         """RUNNING tasks whose time limit ran out before `deadline_before_s`, oldest first."""
         return await self._select(f"WHERE state = {int(TaskState.RUNNING)} AND started_at + timeout_s < ? "
@@ -391,29 +404,7 @@ def _get(db: sqlite3.Connection, task_id: str) -> TaskRecord | None:
 
 def _apply(db: sqlite3.Connection, events: Iterable[TaskEvent], codec_of: dict[str, str]) -> list[TaskRecord]:
     """Store.apply's work, inside the writer's transaction."""
-    latest: dict[str, TaskRecord] = {}
-    stored: dict[str, TaskRecord] = {}  # as they were in the store before this batch
-    changes: list[TaskRecord] = []  # intermediate states too: followers see RUNNING
-    for event in events:
-        current = latest.get(event.task_id) or stored.get(event.task_id)
-        if current is None:
-            current = _get(db, event.task_id)
-            if current is not None:
-                stored[event.task_id] = current
-        updated = _next_record(current, event, codec_of.get(event.type, "text"))
-        if event.state is TaskState.RUNNING and _is_new_start(current, event):
-            started = updated or current  # every start counts, a redelivered one too
-            assert started is not None  # _next_record makes a record for a task's first start
-            if not started.state.terminal:  # a redelivery: the worker running it now
-                # Starts count per attempt: a task that fails and retries normally is
-                # never mistaken for one that takes its workers down.
-                new_attempt = current is None or event.attempt > current.attempts
-                updated = dataclasses.replace(
-                    started, starts=1 if new_attempt else started.starts + 1, started_at=event.at_s,
-                    updated_at=event.at_s, worker=event.worker or started.worker)
-        if updated is not None:
-            latest[event.task_id] = updated
-            changes.append(updated)
+    latest, stored, changes = fold_events(events, lambda task_id: _get(db, task_id), codec_of)
     for record in latest.values():
         before = stored.get(record.task_id)
         if before is None:
@@ -434,6 +425,49 @@ def _update(db: sqlite3.Connection, before: TaskRecord, after: TaskRecord) -> No
         values = [getattr(after, column) for column in changed]
         db.execute(f"UPDATE tasks SET {', '.join(f'{column} = ?' for column in changed)} "
                    "WHERE task_id = ?", (*values, after.task_id))
+
+
+def fold_events(events: Iterable[TaskEvent], load: Callable[[str], TaskRecord | None],
+                codec_of: dict[str, str]) -> tuple[dict[str, TaskRecord], dict[str, TaskRecord], list[TaskRecord]]:
+    """Fold a batch of events into task records (every store applies events this way).
+
+    `load(task_id)` gives a task's stored record (None: unknown here, the event creates
+    it). Returns (each changed task's record after the batch, the stored records it read,
+    every change in order: intermediate states too, so followers see RUNNING).
+    Duplicates and stale events change nothing (qm.states.supersedes).
+    """
+    latest: dict[str, TaskRecord] = {}
+    stored: dict[str, TaskRecord] = {}  # as they were in the store before this batch
+    changes: list[TaskRecord] = []
+    for event in events:
+        current = latest.get(event.task_id) or stored.get(event.task_id)
+        if current is None:
+            current = load(event.task_id)
+            if current is not None:
+                stored[event.task_id] = current
+        if event.progress is not None:  # advisory: never a state change, never a start
+            updated = next_progress(current, event)
+            if updated is not None:
+                latest[event.task_id] = updated
+                changes.append(updated)
+            continue
+        updated = _next_record(current, event, codec_of.get(event.type, "text"))
+        if event.state is TaskState.RUNNING and _is_new_start(current, event):
+            started = updated or current  # every start counts, a redelivered one too
+            assert started is not None  # _next_record makes a record for a task's first start
+            if not started.state.terminal:  # a redelivery: the worker running it now
+                # Starts count per attempt: a task that fails and retries normally is
+                # never mistaken for one that takes its workers down.
+                new_attempt = current is None or event.attempt > current.attempts
+                updated = dataclasses.replace(
+                    started, starts=1 if new_attempt else started.starts + 1, started_at=event.at_s,
+                    updated_at=event.at_s, worker=event.worker or started.worker,
+                    # a run starts from nothing: the progress of an earlier one is gone
+                    progress=0.0, progress_message="", progress_detail_json="", progress_at=None)
+        if updated is not None:
+            latest[event.task_id] = updated
+            changes.append(updated)
+    return latest, stored, changes
 
 
 def _upsert_statement(table: str, columns: list[str]) -> str:

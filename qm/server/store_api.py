@@ -12,7 +12,10 @@ What every implementation promises:
   later), and from the moment it returns `unconfirmed()` leaves that task out. A crash
   before it is written makes the next start publish the message again: at-least-once.
 - `apply` is idempotent and order-safe (`qm.states.supersedes`); its changes are durable
-  when it returns (the caller acks the events after it).
+  when it returns (the caller acks the events after it). A progress event (one with
+  `progress`) goes only through `qm.server.progress.next_progress` (the four progress
+  columns, never the state or the start count), and a RUNNING event counted as a start
+  clears those columns.
 - Every look-up finds its rows through an index: the cost of a call does not grow with
   the number of tasks stored.
 """
@@ -47,17 +50,23 @@ class TaskRecord:
     memory_limit_mb: int = 0      # effective memory limit; 0 = none
     idempotency_key: str = ""
     max_retries: int = 0
-    next_attempt_at: float | None = None  # while RETRYING
+    next_attempt_at: float | None = None  # while RETRYING; while SCHEDULED: when due
     starts: int = 0               # RUNNING events seen, redelivered ones too (poison detection)
     request_digest: str = ""      # of the request, kept with its idempotency key (qm/server/idempotency.py)
+    progress: float = 0.0         # the latest qm.progress() of the current attempt, 0..1 (qm/server/progress.py)
+    progress_message: str = ""
+    progress_detail_json: str = ""
+    progress_at: float | None = None  # when that report was made
 
     @classmethod
     def queued(cls, task_id: str, type: str, queue: str, codec: str, at_s: float, timeout_s: float = 0.0,
                memory_limit_mb: int = 0, idempotency_key: str = "", max_retries: int = 0,
-               request_digest: str = "") -> TaskRecord:
-        """A task just accepted (or first heard of), QUEUED at `at_s`."""
-        return cls(task_id, type, queue, codec, TaskState.QUEUED, 0, None, "", "", at_s, None, None, at_s,
-                   timeout_s, memory_limit_mb, idempotency_key, max_retries, request_digest=request_digest)
+               request_digest: str = "", due_s: float | None = None) -> TaskRecord:
+        """A task just accepted (or first heard of), QUEUED at `at_s`; SCHEDULED if due at `due_s`."""
+        state = TaskState.QUEUED if due_s is None else TaskState.SCHEDULED
+        return cls(task_id, type, queue, codec, state, 0, None, "", "", at_s, None, None, at_s,
+                   timeout_s, memory_limit_mb, idempotency_key, max_retries, next_attempt_at=due_s,
+                   request_digest=request_digest)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +116,9 @@ class TaskStore(Protocol):
 
     async def overdue_runs(self, deadline_before_s: float, limit: int) -> list[TaskRecord]:
         """RUNNING tasks whose time limit ran out before `deadline_before_s`, oldest first."""
+
+    async def overdue_scheduled(self, queue: str, due_before_s: float, limit: int) -> list[TaskRecord]:
+        """SCHEDULED tasks of a logical queue that were due before `due_before_s` (never started)."""
 
     async def queued_before(self, queue: str, created_before_s: float, limit: int) -> list[TaskRecord]:
         """QUEUED tasks of a logical queue created before `created_before_s`, oldest first."""

@@ -22,3 +22,5 @@ class Submission:
     idempotency_key: str = ""
     soft_timeout_s: float = 0.0
     retry_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    delay_s: float | None = None       # run no earlier than this after acceptance (qm/scheduling.py)
+    not_before_s: float | None = None  # run no earlier than this time, epoch seconds

@@ -20,10 +20,12 @@ import time
 import traceback
 from multiprocessing.connection import Connection
 
+from qm import task_progress
 from qm.errors import PermanentError, QMError, Retry, SoftTimeout
 from qm.registry import Registry, discover
 from qm.worker import procfs
 from qm.worker.jobs import Job, Reply, ReplyKind
+from qm.worker.progress import ChildReporter
 
 #: prctl option: signal to receive when the parent process dies (linux/prctl.h).
 PR_SET_PDEATHSIG = 1
@@ -63,6 +65,9 @@ def child_main(conn: Connection, lifeline: Connection, address_space_limit: bool
         conn.send(Reply(ReplyKind.READY, os.getpid()))
     except (BrokenPipeError, OSError):
         return  # the pool stopped while this child was starting
+    send_lock = threading.Lock()  # qm.progress()'s thread writes on the pipe too
+    reporter = ChildReporter(conn, send_lock)
+    task_progress.install(reporter)
     while True:
         try:
             message = conn.recv()
@@ -71,14 +76,17 @@ def child_main(conn: Connection, lifeline: Connection, address_space_limit: bool
         received_at_s = time.monotonic()
         job: Job = message
         limit_bytes = job.memory_limit_mb * MIB if address_space_limit else 0
+        reporter.begin(job.task_id)
         try:
             reply = run_limited(registry, job.type, job.payload, job.soft_timeout_s, limit_bytes)
         except SoftTimeout as exc:  # the alarm fired between the task's end and disarming
             reply = Reply(ReplyKind.SOFT_TIMEOUT, f"SoftTimeout: {exc}")
+        reporter.end()
         _kill_leftover_descendants()
         idle_rss_bytes = procfs.rss_bytes(os.getpid()) if report_idle_rss else 0
-        conn.send(dataclasses.replace(reply, received_at_s=received_at_s, replied_at_s=time.monotonic(),
-                                      idle_rss_bytes=idle_rss_bytes))
+        with send_lock:
+            conn.send(dataclasses.replace(reply, received_at_s=received_at_s, replied_at_s=time.monotonic(),
+                                          idle_rss_bytes=idle_rss_bytes))
 
 
 def _watch_lifeline(lifeline: Connection) -> None:

@@ -2,6 +2,7 @@
 
     supervisor → child: Job                       one task to run
     child → supervisor: Reply(READY, pid)         once, after start-up (own session by then)
+                        Reply(PROGRESS, task id, progress=update)   any number, while a task runs
                         Reply(OK, result bytes) | Reply(<failure kind>, error text)
 
 A job's reply carries when the child took the job and when it sent the reply, on the
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+
+from qm.task_progress import Progress
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +35,7 @@ class ReplyKind(enum.Enum):
     MEMORY = "memory"               # MemoryError under the address-space cap
     RETRY = "retry"                 # the task raised qm.Retry (retry_delay_s: its delay)
     PERMANENT = "permanent"         # the task raised qm.PermanentError: never retried
+    PROGRESS = "progress"           # value: the task id; progress: what qm.progress() reported
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +43,7 @@ class Reply:
     kind: ReplyKind
     value: bytes | str | int = b""
     retry_delay_s: float | None = None
+    progress: Progress | None = None
     received_at_s: float = 0.0      # monotonic: the child took the job off the pipe
     replied_at_s: float = 0.0       # monotonic: the child is sending this reply
     idle_rss_bytes: int = 0         # the child's RSS after the task (if the pool asked for it)

@@ -97,6 +97,16 @@ class Outcomes:
         await self.publish_event(self.event(message, outcome.state, outcome))
         self.metrics.tasks_finished.labels(message.type, outcome.state.name).inc()
 
+    async def hold(self, message: TaskMessage, tier_s: int, ack: Callable[[], None]) -> None:
+        """A delayed task came before its due time (qm/scheduling.py): send it on to the
+        delay tier `tier_s` (confirmed), then `ack()`; it never waits in this worker."""
+        await self.ensure_delay_tier(tier_s)
+        await self._publish(topology.delay_tier_name(tier_s), message.queue, message.encode(), message.headers(),
+                            message.task_id)
+        log.debug("task %s is due at %s: back to delay tier %d s", message.task_id, message.not_before_s, tier_s)
+        self.metrics.delay_hops.labels(str(tier_s)).inc()
+        ack()
+
     async def ensure_delay_tier(self, tier_s: int) -> None:
         if tier_s not in self._delay_tiers:
             await topology.declare_delay_tier(self.broker, tier_s)

@@ -4,6 +4,7 @@
         ▲            │                     │
         │            ├─ deadline timer ────┼──► kill process group → TIMED_OUT
         │            └─ RSS sampler ───────┼──► kill process group → MEMORY_EXCEEDED
+        ├── on_progress ◄── PROGRESS replies ◄─┤ (qm.progress() in the task, any number)
         └── Outcome ◄── pipe reply ◄───────┘
                    ◄── sentinel readable (child died) → CRASHED (or the killer's outcome),
                                                         slot respawned
@@ -30,6 +31,7 @@ import time
 from typing import Callable, Sequence, cast
 
 from qm.states import TaskState
+from qm.task_progress import Progress
 from qm.worker import procfs
 from qm.worker.child import MIB, child_main
 from qm.worker.jobs import Job, Reply, ReplyKind
@@ -72,6 +74,7 @@ class Slot:
     tasks_done: int = 0
     rss_bytes: int = 0
     peak_rss_bytes: int = 0
+    on_progress: Callable[[Progress], None] | None = None
     gap_from_s: float | None = None  # end of its last task (monotonic) if its job was waiting then
     queued: _Waiting | None = None   # sent behind the running job; the child starts it next
     recycle_reason: str = ""         # to be recycled once the job queued in it is done
@@ -106,6 +109,7 @@ class _Waiting:
     on_sent: Callable[[], None] | None
     slot: asyncio.Future[Slot]
     cancel_outcome: Outcome | None = None  # cancelled while queued in a child: killed as it starts
+    on_progress: Callable[[Progress], None] | None = None  # the task's qm.progress() updates
 
 
 class Pool:
@@ -168,15 +172,18 @@ class Pool:
         return slot
 
     async def run(self, job: Job, on_started: Callable[[], None] | None = None,
+                  on_progress: Callable[[Progress], None] | None = None,
                   on_sent: Callable[[], None] | None = None) -> Outcome:
         """Run a job on a child; `on_started` is called once a child has started it,
-        `on_sent` once it is in a child's pipe (with `pipeline`, possibly behind a job the
-        child is still running: it is committed to that child from then on).
+        `on_progress` with each update the task reports (qm.progress), all before the
+        outcome, and `on_sent` once it is in a child's pipe (with `pipeline`, possibly behind
+        a job the child is still running: it is committed to that child from then on).
 
         Cancelled before a child has it: the job never ran. Cancelled later: the child is
         killed (and replaced) as the job runs or starts, and the cancellation propagates.
         """
-        waiting = _Waiting(job, on_started, on_sent, asyncio.get_running_loop().create_future())
+        waiting = _Waiting(job, on_started, on_sent, asyncio.get_running_loop().create_future(),
+                           on_progress=on_progress)
         slot = self._next_idle()
         if slot is not None:
             self._start(slot, waiting, send=True)
@@ -280,6 +287,7 @@ class Pool:
         job = waiting.job
         loop = asyncio.get_running_loop()
         slot.job, slot.started_at_s, slot.kill_outcome = job, time.time(), None
+        slot.on_progress = waiting.on_progress
         slot.peak_rss_bytes = 0
         slot.future = loop.create_future()
         if job.timeout_s > 0:
@@ -300,7 +308,7 @@ class Pool:
             waiting.on_started()
 
     def _finish(self, slot: Slot, outcome: Outcome) -> None:
-        future, slot.future, slot.job = slot.future, None, None
+        future, slot.future, slot.job, slot.on_progress = slot.future, None, None, None
         if slot.deadline is not None:
             slot.deadline.cancel()
             slot.deadline = None
@@ -317,6 +325,12 @@ class Pool:
         self._handle_reply(slot, reply)
 
     def _handle_reply(self, slot: Slot, reply: Reply) -> None:
+        if reply.kind is ReplyKind.PROGRESS:
+            # An update sent just before its task ended may trail it: it names its task.
+            if slot.on_progress is not None and slot.job is not None and reply.value == slot.job.task_id:
+                assert reply.progress is not None  # a PROGRESS reply always carries one
+                slot.on_progress(reply.progress)
+            return
         if reply.kind is ReplyKind.READY:
             slot.ready = True
             self._readiness.set()

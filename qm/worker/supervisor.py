@@ -5,6 +5,7 @@
                                                                       │ cap its limits
                                                                       ▼
                           publish RUNNING event ◄── on_started ── Pool.run(job)
+          progress events (≤ 10/s, advisory) ◄── on_progress ──┤ (qm/worker/progress_events.py)
                                                                       │ Outcome (the pool's
                                                                       │ deadline and RSS
                                                                       ▼ watchdogs kill)
@@ -20,9 +21,10 @@ not suspects. A delivery is acked only after its outcome is confirmed by the bro
 (qm/worker/outcomes.py), so a crash anywhere before that means RabbitMQ redelivers the
 task (at-least-once); acks of deliveries whose outcomes are confirmed in the same loop
 turn go out as one `multiple` ack. Cancels and poison verdicts come from the control
-stream (qm/worker/control.py). Everything runs on one asyncio loop that never waits on
-task work, so AMQP heartbeats keep flowing however long tasks take. While tasks are short
-the pool pipelines (a busy child holds its next job: Pool.pipeline).
+stream (qm/worker/control.py). A delayed task that comes before its due time is sent on to
+a delay tier, not run (qm/scheduling.py). Everything runs on one asyncio loop that never
+waits on task work, so AMQP heartbeats keep flowing however long tasks take. While tasks
+are short the pool pipelines (a busy child holds its next job: Pool.pipeline).
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ import time
 
 import qm
 from qm import limits as task_limits
-from qm import retry
+from qm import retry, scheduling
 from qm.background import Background
 from qm.broker import topology
 from qm.broker.base import REPUBLISH_WAIT_S, Broker, Delivery
@@ -49,6 +51,7 @@ from qm.worker.isolation import Isolation
 from qm.worker.outcomes import Outcomes
 from qm.worker.pool import Job, Outcome, Pool
 from qm.worker.prefetch import AutoPrefetch, FixedPrefetch
+from qm.worker.progress_events import ProgressEvents
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +89,7 @@ class Supervisor:
         self._unsettled: dict[asyncio.Task, Delivery] = {}  # handler → its delivery, until settled
         self._waiting: set[asyncio.Task] = set()              # handlers whose job has not started
         self._background = Background()
+        self.progress = ProgressEvents(broker, worker_id, self.metrics, self._background)
         self._by_task: dict[str, asyncio.Task] = {}              # task id → its handler
         self._queue_of: dict[str, str] = {}                      # consumer tag → logical queue
 
@@ -161,6 +165,10 @@ class Supervisor:
             log.info("task %s was cancelled; dropping it", message.task_id)
             self._settle(handler, ack=True)
             return
+        hop_s = scheduling.hop_tier_s(message.not_before_s, self.outcomes.clock())
+        if hop_s is not None:  # a delayed task, not yet due: back to a delay tier
+            await self.outcomes.hold(message, hop_s, lambda: self._settle(handler, ack=True))
+            return
         starts = self.control.poison_starts(message.task_id)
         if starts is not None:
             await self.outcomes.dead_letter_poison(message, starts, lambda: self._settle(handler, ack=True))
@@ -176,7 +184,8 @@ class Supervisor:
         def on_started() -> None:
             nonlocal started_at
             started_at = time.monotonic()
-            self.metrics.queue_wait_seconds.labels(message.type).observe(max(0.0, time.time() - message.enqueued_at_s))
+            ready_s = max(message.enqueued_at_s, message.not_before_s or 0.0)  # a delayed one: once due
+            self.metrics.queue_wait_seconds.labels(message.type).observe(max(0.0, time.time() - ready_s))
             self._waiting.discard(handler)
             # A task still running at this point already tells the prefetch it is long,
             # before it finishes (which may be much later).
@@ -187,14 +196,17 @@ class Supervisor:
                 self._background.spawn(self.outcomes.publish_event(
                     self.outcomes.event(message, TaskState.RUNNING, job=job)))
 
+        progress = self.progress.open(message)
         try:
             await self._isolation.enter(suspect)
             try:
                 if suspect:
                     await self.outcomes.publish_event(self.outcomes.event(message, TaskState.RUNNING, job=job))
-                outcome = await self.pool.run(job, on_started, on_sent=lambda: self._waiting.discard(handler))
+                outcome = await self.pool.run(job, on_started, progress.offer,
+                                              on_sent=lambda: self._waiting.discard(handler))
             finally:
                 self._isolation.leave(suspect)
+                self.progress.close(progress)  # nothing of it after the outcome
         except asyncio.CancelledError:
             self._settle(handler, ack=False)  # back to the queue: another worker runs it
             raise

@@ -265,7 +265,9 @@ def test_every_pulled_image_is_pinned_to_a_version():
         if "build" in spec:
             continue
         repository, _, tag = spec["image"].rpartition(":")
-        assert repository and re.fullmatch(r"v?\d+\.\d+\.\d+(-[\w.]+)?", tag), \
+        # PostgreSQL numbers its releases major.minor (15.10: the tenth of 15), not x.y.z.
+        release = r"\d+\.\d+" if repository == "postgres" else r"v?\d+\.\d+\.\d+(-[\w.]+)?"
+        assert repository and re.fullmatch(release, tag), \
             f"{name}: pin {spec['image']} to a release (x.y.z), not a moving tag"
 
 
@@ -741,3 +743,29 @@ def test_deploy_config_runs_a_stack_on_the_deploy_rabbitmq(deploy_rabbitmq, laun
             assert entry["process"] == process.name.split()[0]
         if process is worker:
             assert any(entry.get("task_id") == task_id for entry in entries), process.logs
+
+
+def test_the_shared_store_profile_runs_two_servers_on_its_postgresql():
+    services = compose()["services"]
+    postgres = services["postgres"]
+    assert postgres["profiles"] == ["shared-store"] and postgres["image"].startswith("postgres:")
+    env = environment(postgres)
+    shared = ("qm-server-a", "qm-server-b")
+    ids, data_volumes, host_ports = set(), set(), set()
+    for name in shared:
+        spec = services[name]
+        assert spec["profiles"] == ["shared-store"], f"{name} only runs with --profile shared-store"
+        assert spec["depends_on"]["postgres"]["condition"] == "service_healthy", name
+        config = deploy_config(name)
+        url = urllib.parse.urlsplit(config.server.store_url)
+        assert (url.scheme, url.hostname, url.port) == ("postgresql", "postgres", 5432), name
+        assert (url.username, url.password, url.path) == (env["POSTGRES_USER"], env["POSTGRES_PASSWORD"],
+                                                          "/" + env["POSTGRES_DB"]), name
+        ids.add(config.server.id)
+        data_volumes.update(v for v in named_volumes(spec))
+        host_ports.update(port for _, port, _ in published(spec))
+    assert len(ids) == 2, "each server of the store needs its own id"
+    assert len(data_volumes) == 2, "and its own data dir (it holds the server's lock)"
+    assert len(host_ports) == 2
+    assert "profiles" not in services["qm-server"], "the default stack stays one server on SQLite"
+    assert "${QM_POSTGRES_PASSWORD:?" in environment_raw("postgres")["POSTGRES_PASSWORD"]

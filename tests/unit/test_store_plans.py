@@ -241,6 +241,8 @@ def reconciler(store: Store) -> None:
     store.apply([event("stuck-running", S.RUNNING, T0 + 1, timeout_s=5.0)], {"math": "text"})
     assert "stuck-running" in [record.task_id for record in store.overdue_runs(T0 + 100, 10)]
     assert "stuck-queued" in [record.task_id for record in store.queued_before("default", T0 + 100, 10)]
+    store.insert(TaskRecord.queued("scheduled", "math", "default", "text", T0, due_s=T0 + 5))
+    assert "scheduled" in [record.task_id for record in store.overdue_scheduled("default", T0 + 100, 10)]
 
 
 @step
@@ -250,7 +252,7 @@ def retention(store: Store) -> None:
 
 @step
 def sizes(store: Store) -> None:
-    assert (store.count(), store.count_dead_letters()) == (6, 1)  # what the steps above left (three of them the reconciler's)
+    assert (store.count(), store.count_dead_letters()) == (7, 1)  # what the steps above left (four of them the reconciler's)
 
 
 @step

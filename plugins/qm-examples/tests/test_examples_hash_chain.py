@@ -83,3 +83,23 @@ def test_soft_timeout_propagates_and_ends_the_task_timed_out():
         signal.signal(signal.SIGALRM, previous)
     assert reply.kind is ReplyKind.SOFT_TIMEOUT
     assert "SoftTimeout" in reply.value
+
+
+def test_it_reports_progress_round_by_round_in_a_worker_child():
+    """qm run / a worker see "round N of M" updates, in order, from the child."""
+    from qm.testing import run_task
+
+    seen = []
+    rounds = 6 * hash_chain.PROGRESS_EVERY_ROUNDS
+    result = run_task("examples.hash_chain", f"{rounds}:x", on_progress=seen.append)
+    assert result.succeeded and result.value == hash_chain.hash_chain(b"x", rounds)
+    assert seen, "no progress reached the caller"
+    assert [update.fraction for update in seen] == sorted(update.fraction for update in seen)
+    for update in seen:
+        done = round(update.fraction * rounds)
+        assert update.message == f"round {done:,} of {rounds:,}" and done % hash_chain.PROGRESS_EVERY_ROUNDS == 0
+
+
+def test_outside_a_worker_the_handler_runs_and_its_reports_go_nowhere():
+    assert hash_chain.run(f"{hash_chain.PROGRESS_EVERY_ROUNDS + 1}:x") == hash_chain.hash_chain(
+        b"x", hash_chain.PROGRESS_EVERY_ROUNDS + 1)

@@ -213,6 +213,33 @@ def hold_gil(payload: str) -> str:
     return str(bool(re.match(r"(a+)+$", "a" * int(payload) + "b")))
 
 
+def progress_steps(payload: str) -> str:
+    """Payload "STEPS:PAUSE_S[:GATE]": report progress (k/STEPS, "step k", {"step": k})
+    STEPS times, PAUSE_S apart; with GATE, after the first report wait for that file (at
+    most 120 s) before the rest. Return "done STEPS"."""
+    steps_text, pause_text, *gate = payload.split(":", 2)
+    steps, pause_s = int(steps_text), float(pause_text)
+    for step in range(1, steps + 1):
+        qm.progress(step / steps, f"step {step}", {"step": step})
+        if gate and step == 1:
+            wait_for(f"120:{gate[0]}")
+        time.sleep(pause_s)
+    return f"done {steps}"
+
+
+def progress_spam(payload: str) -> str:
+    """Payload "N[:SPREAD_S]": call qm.progress N times, as fast as it can or spread over
+    about SPREAD_S seconds of work, then return "spammed N"."""
+    count_text, _, spread_text = payload.partition(":")
+    count = int(count_text)
+    pause_s = float(spread_text or 0) / count
+    for index in range(count):
+        qm.progress((index + 1) / count, f"call {index + 1}")
+        if pause_s:
+            time.sleep(pause_s)
+    return f"spammed {count}"
+
+
 def big_result(payload: str) -> str:
     """Return a result of the payload's number of bytes (the worker's result cap)."""
     return "x" * int(payload)

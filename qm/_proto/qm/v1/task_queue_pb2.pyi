@@ -29,6 +29,7 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ERROR_REASON_QUEUE_FULL: _ClassVar[ErrorReason]
     ERROR_REASON_VALIDATORS_BUSY: _ClassVar[ErrorReason]
     ERROR_REASON_STREAM_EXPIRED: _ClassVar[ErrorReason]
+    ERROR_REASON_STORE_UNAVAILABLE: _ClassVar[ErrorReason]
 
 class TaskState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -42,6 +43,7 @@ class TaskState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TASK_STATE_MEMORY_EXCEEDED: _ClassVar[TaskState]
     TASK_STATE_CRASHED: _ClassVar[TaskState]
     TASK_STATE_CANCELLED: _ClassVar[TaskState]
+    TASK_STATE_SCHEDULED: _ClassVar[TaskState]
 ERROR_REASON_UNSPECIFIED: ErrorReason
 ERROR_REASON_INVALID_FIELD: ErrorReason
 ERROR_REASON_UNKNOWN_TASK_TYPE: ErrorReason
@@ -59,6 +61,7 @@ ERROR_REASON_RATE_LIMITED: ErrorReason
 ERROR_REASON_QUEUE_FULL: ErrorReason
 ERROR_REASON_VALIDATORS_BUSY: ErrorReason
 ERROR_REASON_STREAM_EXPIRED: ErrorReason
+ERROR_REASON_STORE_UNAVAILABLE: ErrorReason
 TASK_STATE_UNSPECIFIED: TaskState
 TASK_STATE_QUEUED: TaskState
 TASK_STATE_RUNNING: TaskState
@@ -69,9 +72,10 @@ TASK_STATE_TIMED_OUT: TaskState
 TASK_STATE_MEMORY_EXCEEDED: TaskState
 TASK_STATE_CRASHED: TaskState
 TASK_STATE_CANCELLED: TaskState
+TASK_STATE_SCHEDULED: TaskState
 
 class SubmitTaskRequest(_message.Message):
-    __slots__ = ("type", "payload", "queue", "timeout_s", "memory_limit_mb", "max_retries", "retry_backoff_s", "retry_backoff_max_s", "retry_jitter", "retry_on_timeout", "idempotency_key", "soft_timeout_s")
+    __slots__ = ("type", "payload", "queue", "timeout_s", "memory_limit_mb", "max_retries", "retry_backoff_s", "retry_backoff_max_s", "retry_jitter", "retry_on_timeout", "idempotency_key", "soft_timeout_s", "delay_s", "not_before")
     TYPE_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     QUEUE_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +88,8 @@ class SubmitTaskRequest(_message.Message):
     RETRY_ON_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     SOFT_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    DELAY_S_FIELD_NUMBER: _ClassVar[int]
+    NOT_BEFORE_FIELD_NUMBER: _ClassVar[int]
     type: str
     payload: bytes
     queue: str
@@ -96,7 +102,9 @@ class SubmitTaskRequest(_message.Message):
     retry_on_timeout: bool
     idempotency_key: str
     soft_timeout_s: float
-    def __init__(self, type: _Optional[str] = ..., payload: _Optional[bytes] = ..., queue: _Optional[str] = ..., timeout_s: _Optional[float] = ..., memory_limit_mb: _Optional[int] = ..., max_retries: _Optional[int] = ..., retry_backoff_s: _Optional[float] = ..., retry_backoff_max_s: _Optional[float] = ..., retry_jitter: _Optional[bool] = ..., retry_on_timeout: _Optional[bool] = ..., idempotency_key: _Optional[str] = ..., soft_timeout_s: _Optional[float] = ...) -> None: ...
+    delay_s: float
+    not_before: _timestamp_pb2.Timestamp
+    def __init__(self, type: _Optional[str] = ..., payload: _Optional[bytes] = ..., queue: _Optional[str] = ..., timeout_s: _Optional[float] = ..., memory_limit_mb: _Optional[int] = ..., max_retries: _Optional[int] = ..., retry_backoff_s: _Optional[float] = ..., retry_backoff_max_s: _Optional[float] = ..., retry_jitter: _Optional[bool] = ..., retry_on_timeout: _Optional[bool] = ..., idempotency_key: _Optional[str] = ..., soft_timeout_s: _Optional[float] = ..., delay_s: _Optional[float] = ..., not_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class SubmitTaskResponse(_message.Message):
     __slots__ = ("task_id", "state")
@@ -169,7 +177,7 @@ class CancelTaskResponse(_message.Message):
     def __init__(self, status: _Optional[_Union[TaskStatus, _Mapping]] = ...) -> None: ...
 
 class TaskStatus(_message.Message):
-    __slots__ = ("task_id", "type", "queue", "state", "attempts", "result", "codec", "error", "worker", "created_at", "started_at", "finished_at", "updated_at", "timeout_s", "memory_limit_mb", "max_retries", "next_attempt_at")
+    __slots__ = ("task_id", "type", "queue", "state", "attempts", "result", "codec", "error", "worker", "created_at", "started_at", "finished_at", "updated_at", "timeout_s", "memory_limit_mb", "max_retries", "next_attempt_at", "progress", "progress_message", "progress_detail_json", "progress_at")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
     QUEUE_FIELD_NUMBER: _ClassVar[int]
@@ -187,6 +195,10 @@ class TaskStatus(_message.Message):
     MEMORY_LIMIT_MB_FIELD_NUMBER: _ClassVar[int]
     MAX_RETRIES_FIELD_NUMBER: _ClassVar[int]
     NEXT_ATTEMPT_AT_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_DETAIL_JSON_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_AT_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     type: str
     queue: str
@@ -204,7 +216,11 @@ class TaskStatus(_message.Message):
     memory_limit_mb: int
     max_retries: int
     next_attempt_at: _timestamp_pb2.Timestamp
-    def __init__(self, task_id: _Optional[str] = ..., type: _Optional[str] = ..., queue: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., attempts: _Optional[int] = ..., result: _Optional[bytes] = ..., codec: _Optional[str] = ..., error: _Optional[str] = ..., worker: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., timeout_s: _Optional[float] = ..., memory_limit_mb: _Optional[int] = ..., max_retries: _Optional[int] = ..., next_attempt_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    progress: float
+    progress_message: str
+    progress_detail_json: str
+    progress_at: _timestamp_pb2.Timestamp
+    def __init__(self, task_id: _Optional[str] = ..., type: _Optional[str] = ..., queue: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., attempts: _Optional[int] = ..., result: _Optional[bytes] = ..., codec: _Optional[str] = ..., error: _Optional[str] = ..., worker: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., timeout_s: _Optional[float] = ..., memory_limit_mb: _Optional[int] = ..., max_retries: _Optional[int] = ..., next_attempt_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., progress: _Optional[float] = ..., progress_message: _Optional[str] = ..., progress_detail_json: _Optional[str] = ..., progress_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ListWorkersRequest(_message.Message):
     __slots__ = ()

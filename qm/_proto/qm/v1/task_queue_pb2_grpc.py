@@ -38,8 +38,9 @@ class TaskQueueStub:
     in qm-server (UNKNOWN).
 
     Errors:
-    - UNAVAILABLE: qm-server cannot be reached, or is shutting down. Safe to retry
-    SubmitTask with the same idempotency_key.
+    - UNAVAILABLE: qm-server cannot be reached, or is shutting down, or (reasons
+    BROKER_UNAVAILABLE, STORE_UNAVAILABLE) cannot reach RabbitMQ or its PostgreSQL store.
+    Safe to retry SubmitTask with the same idempotency_key.
     - DEADLINE_EXCEEDED: the deadline the client set passed before the answer came.
     - CANCELLED: the client cancelled the call.
     - RESOURCE_EXHAUSTED: the request is larger than gRPC's message size limit
@@ -130,8 +131,9 @@ class TaskQueueServicer:
     in qm-server (UNKNOWN).
 
     Errors:
-    - UNAVAILABLE: qm-server cannot be reached, or is shutting down. Safe to retry
-    SubmitTask with the same idempotency_key.
+    - UNAVAILABLE: qm-server cannot be reached, or is shutting down, or (reasons
+    BROKER_UNAVAILABLE, STORE_UNAVAILABLE) cannot reach RabbitMQ or its PostgreSQL store.
+    Safe to retry SubmitTask with the same idempotency_key.
     - DEADLINE_EXCEEDED: the deadline the client set passed before the answer came.
     - CANCELLED: the client cancelled the call.
     - RESOURCE_EXHAUSTED: the request is larger than gRPC's message size limit
@@ -171,7 +173,8 @@ class TaskQueueServicer:
         VALIDATORS_BUSY: every payload validator thread is held by a check over its
         budget. Nothing was stored or enqueued; retry later with the same idempotency_key.
         - UNAVAILABLE: RabbitMQ is unreachable or did not confirm the message (the message
-        names RabbitMQ); nothing was stored. Retry with the same idempotency_key.
+        names RabbitMQ), or the PostgreSQL store is unreachable (reason STORE_UNAVAILABLE);
+        nothing was stored. Retry with the same idempotency_key.
         - FAILED_PRECONDITION: the idempotency_key was already used for another request (a
         different type, payload, queue, limits or retry options); the message names the
         key and the first task; nothing was submitted. Or: RabbitMQ refused the work queue,
@@ -367,8 +370,9 @@ class TaskQueue:
     in qm-server (UNKNOWN).
 
     Errors:
-    - UNAVAILABLE: qm-server cannot be reached, or is shutting down. Safe to retry
-    SubmitTask with the same idempotency_key.
+    - UNAVAILABLE: qm-server cannot be reached, or is shutting down, or (reasons
+    BROKER_UNAVAILABLE, STORE_UNAVAILABLE) cannot reach RabbitMQ or its PostgreSQL store.
+    Safe to retry SubmitTask with the same idempotency_key.
     - DEADLINE_EXCEEDED: the deadline the client set passed before the answer came.
     - CANCELLED: the client cancelled the call.
     - RESOURCE_EXHAUSTED: the request is larger than gRPC's message size limit

@@ -11,7 +11,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class TaskMessage(_message.Message):
-    __slots__ = ("task_id", "type", "payload", "queue", "attempt", "enqueued_at", "timeout_s", "memory_limit_mb", "retry", "soft_timeout_s")
+    __slots__ = ("task_id", "type", "payload", "queue", "attempt", "enqueued_at", "timeout_s", "memory_limit_mb", "retry", "soft_timeout_s", "not_before")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
@@ -22,6 +22,7 @@ class TaskMessage(_message.Message):
     MEMORY_LIMIT_MB_FIELD_NUMBER: _ClassVar[int]
     RETRY_FIELD_NUMBER: _ClassVar[int]
     SOFT_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    NOT_BEFORE_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     type: str
     payload: bytes
@@ -32,7 +33,8 @@ class TaskMessage(_message.Message):
     memory_limit_mb: int
     retry: RetryPolicy
     soft_timeout_s: float
-    def __init__(self, task_id: _Optional[str] = ..., type: _Optional[str] = ..., payload: _Optional[bytes] = ..., queue: _Optional[str] = ..., attempt: _Optional[int] = ..., enqueued_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., timeout_s: _Optional[float] = ..., memory_limit_mb: _Optional[int] = ..., retry: _Optional[_Union[RetryPolicy, _Mapping]] = ..., soft_timeout_s: _Optional[float] = ...) -> None: ...
+    not_before: _timestamp_pb2.Timestamp
+    def __init__(self, task_id: _Optional[str] = ..., type: _Optional[str] = ..., payload: _Optional[bytes] = ..., queue: _Optional[str] = ..., attempt: _Optional[int] = ..., enqueued_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., timeout_s: _Optional[float] = ..., memory_limit_mb: _Optional[int] = ..., retry: _Optional[_Union[RetryPolicy, _Mapping]] = ..., soft_timeout_s: _Optional[float] = ..., not_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class RetryPolicy(_message.Message):
     __slots__ = ("max_retries", "backoff_s", "backoff_max_s", "jitter", "on_timeout")
@@ -49,7 +51,7 @@ class RetryPolicy(_message.Message):
     def __init__(self, max_retries: _Optional[int] = ..., backoff_s: _Optional[float] = ..., backoff_max_s: _Optional[float] = ..., jitter: _Optional[bool] = ..., on_timeout: _Optional[bool] = ...) -> None: ...
 
 class TaskEvent(_message.Message):
-    __slots__ = ("task_id", "type", "queue", "attempt", "state", "result", "error", "worker", "at", "timeout_s", "memory_limit_mb", "next_attempt_at", "max_retries")
+    __slots__ = ("task_id", "type", "queue", "attempt", "state", "result", "error", "worker", "at", "timeout_s", "memory_limit_mb", "next_attempt_at", "max_retries", "progress")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
     QUEUE_FIELD_NUMBER: _ClassVar[int]
@@ -63,6 +65,7 @@ class TaskEvent(_message.Message):
     MEMORY_LIMIT_MB_FIELD_NUMBER: _ClassVar[int]
     NEXT_ATTEMPT_AT_FIELD_NUMBER: _ClassVar[int]
     MAX_RETRIES_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     type: str
     queue: str
@@ -76,7 +79,18 @@ class TaskEvent(_message.Message):
     memory_limit_mb: int
     next_attempt_at: _timestamp_pb2.Timestamp
     max_retries: int
-    def __init__(self, task_id: _Optional[str] = ..., type: _Optional[str] = ..., queue: _Optional[str] = ..., attempt: _Optional[int] = ..., state: _Optional[_Union[_task_queue_pb2.TaskState, str]] = ..., result: _Optional[bytes] = ..., error: _Optional[str] = ..., worker: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., timeout_s: _Optional[float] = ..., memory_limit_mb: _Optional[int] = ..., next_attempt_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., max_retries: _Optional[int] = ...) -> None: ...
+    progress: TaskProgress
+    def __init__(self, task_id: _Optional[str] = ..., type: _Optional[str] = ..., queue: _Optional[str] = ..., attempt: _Optional[int] = ..., state: _Optional[_Union[_task_queue_pb2.TaskState, str]] = ..., result: _Optional[bytes] = ..., error: _Optional[str] = ..., worker: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., timeout_s: _Optional[float] = ..., memory_limit_mb: _Optional[int] = ..., next_attempt_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., max_retries: _Optional[int] = ..., progress: _Optional[_Union[TaskProgress, _Mapping]] = ...) -> None: ...
+
+class TaskProgress(_message.Message):
+    __slots__ = ("fraction", "message", "detail_json")
+    FRACTION_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_JSON_FIELD_NUMBER: _ClassVar[int]
+    fraction: float
+    message: str
+    detail_json: str
+    def __init__(self, fraction: _Optional[float] = ..., message: _Optional[str] = ..., detail_json: _Optional[str] = ...) -> None: ...
 
 class WorkerHeartbeat(_message.Message):
     __slots__ = ("worker_id", "host", "pid", "procs", "busy", "queues", "types", "version", "draining", "stopped", "at")
