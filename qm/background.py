@@ -1,4 +1,5 @@
 """Fire-and-forget coroutines that are still owned: kept until done, awaited on stop."""
+
 from __future__ import annotations
 
 import asyncio

@@ -4,6 +4,7 @@ A task type declares one codec: "text" (UTF-8 str), "json" (any JSON value) or "
 The server and the worker decode payloads and encode results with the type's codec; the
 client encodes what a caller passes and decodes results with the codec the server names.
 """
+
 from __future__ import annotations
 
 import json

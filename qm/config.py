@@ -148,9 +148,7 @@ def _host_port(allow_port_zero: bool) -> Callable[[str], str]:
     def check(value: str) -> str:
         _, port = parse_host_port(value)
         if port == 0 and not allow_port_zero:
-            raise ValueError(
-                f"port 0 only makes sense for server.listen; give the server's real port, got {value!r}"
-            )
+            raise ValueError(f"port 0 only makes sense for server.listen; give the server's real port, got {value!r}")
         return value.strip()
 
     return check
@@ -188,7 +186,7 @@ POSTGRES_URL_SCHEMES = ("postgresql", "postgres")
 
 
 def _store_url(value: str) -> str:
-    """"" (SQLite in the data dir), sqlite:///PATH, or postgresql://USER@HOST:PORT/DB."""
+    """ "" (SQLite in the data dir), sqlite:///PATH, or postgresql://USER@HOST:PORT/DB."""
     text = value.strip()
     if text == "":
         return text
@@ -200,8 +198,10 @@ def _store_url(value: str) -> str:
         parts = urlsplit("")
     if parts.scheme.lower() in POSTGRES_URL_SCHEMES and parts.hostname and parts.path.strip("/"):
         return text
-    raise ValueError("expected sqlite:///PATH (relative; sqlite:////abs/path for an absolute one) or "
-                     f"postgresql://USER@HOST:PORT/DATABASE, got {redact_url(text)!r}")
+    raise ValueError(
+        "expected sqlite:///PATH (relative; sqlite:////abs/path for an absolute one) or "
+        f"postgresql://USER@HOST:PORT/DATABASE, got {redact_url(text)!r}"
+    )
 
 
 def _to_amqp_urls(raw: Any) -> list[str]:
@@ -224,10 +224,15 @@ def check_server_id(value: str) -> str:
     """A server id names files and RabbitMQ queues; "" means "not set"."""
     if value == "":
         return value
-    if (len(value.encode("utf-8")) > SERVER_ID_MAX_BYTES or value in (".", "..")
-            or any(ch == "/" or ch.isspace() or not ch.isprintable() for ch in value)):
-        raise ValueError(f"a server id names files and RabbitMQ queues: 1 to {SERVER_ID_MAX_BYTES} bytes, "
-                         f"no '/', spaces or control characters, not '.' or '..'; got {value!r}")
+    if (
+        len(value.encode("utf-8")) > SERVER_ID_MAX_BYTES
+        or value in (".", "..")
+        or any(ch == "/" or ch.isspace() or not ch.isprintable() for ch in value)
+    ):
+        raise ValueError(
+            f"a server id names files and RabbitMQ queues: 1 to {SERVER_ID_MAX_BYTES} bytes, "
+            f"no '/', spaces or control characters, not '.' or '..'; got {value!r}"
+        )
     return value
 
 
@@ -251,8 +256,10 @@ _ROLES = ("read", "submit", "admin")
 
 def _secret_length(value: str) -> str:
     if value and len(value) < MIN_SECRET_LENGTH:
-        raise ValueError(f"must be at least {MIN_SECRET_LENGTH} characters, got {len(value)}; generate one with "
-                         "python -c 'import secrets; print(secrets.token_urlsafe(32))'")
+        raise ValueError(
+            f"must be at least {MIN_SECRET_LENGTH} characters, got {len(value)}; generate one with "
+            "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+        )
     return value
 
 
@@ -278,6 +285,8 @@ def _cert_roles(items: list[str]) -> list[str]:
         if not sep or not name or role not in _ROLES:
             raise ValueError(f"expected COMMON_NAME:ROLE items with a role of {', '.join(_ROLES)}, got {item!r}")
     return items
+
+
 def _allowed_queues(names: list[str]) -> list[str]:
     """server.queues: queue names, or glob patterns (`*` for any run of name characters)."""
     if not names:
@@ -502,8 +511,9 @@ class Config:
             data["broker"]["urls"] = [redact_url(url) for url in data["broker"]["urls"]]
             data["server"]["store_url"] = redact_url(data["server"]["store_url"])
             data["executor"]["secret"] = "***" if data["executor"]["secret"] else ""
-            data["executor"]["previous_secrets"] = [f"{item.partition(':')[0]}:***"
-                                                    for item in data["executor"]["previous_secrets"]]
+            data["executor"]["previous_secrets"] = [
+                f"{item.partition(':')[0]}:***" for item in data["executor"]["previous_secrets"]
+            ]
             data["client"]["token"] = "***" if data["client"]["token"] else ""
         return data
 
@@ -534,10 +544,14 @@ def _section_fields(section: str, source: str) -> dict[str, Any]:
 #: Keys that are still accepted (and checked) so that existing configurations keep
 #: starting, but no longer do anything; a warning says so, naming where they were set.
 DEPRECATED_KEYS: dict[str, tuple[Callable[[Any], Any], str]] = {
-    "worker.soft_timeout_grace_s": (_to_float, (
-        "is deprecated and ignored: the soft timeout is no longer derived from the time limit (it shortened "
-        "the time a task gets). A task gets qm.SoftTimeout only at an explicit soft_timeout_s, of its task "
-        "type or its submission (qm submit --soft-timeout)")),
+    "worker.soft_timeout_grace_s": (
+        _to_float,
+        (
+            "is deprecated and ignored: the soft timeout is no longer derived from the time limit (it shortened "
+            "the time a task gets). A task gets qm.SoftTimeout only at an explicit soft_timeout_s, of its task "
+            "type or its submission (qm submit --soft-timeout)"
+        ),
+    ),
 }
 
 
@@ -633,7 +647,7 @@ def _env_entries(env: Mapping[str, str]) -> Iterator[_Entry]:
     for name in sorted(env):
         if not name.startswith(_ENV_PREFIX) or name == _CONFIG_ENV:
             continue
-        section, sep, key = name[len(_ENV_PREFIX):].lower().partition("__")
+        section, sep, key = name[len(_ENV_PREFIX) :].lower().partition("__")
         if not sep:
             # Not of the QM_<SECTION>__<KEY> form: someone else's variable (QM_SRC=...), not
             # a typo of ours. Names of that form are checked strictly: a typo stops start-up.
@@ -641,7 +655,7 @@ def _env_entries(env: Mapping[str, str]) -> Iterator[_Entry]:
             continue
         if not section or not key:
             raise ConfigError(
-                name[len(_ENV_PREFIX):].lower(),
+                name[len(_ENV_PREFIX) :].lower(),
                 f"environment variable {name} names no setting; use QM_<SECTION>__<KEY> "
                 f"such as QM_SERVER__LISTEN (sections: {', '.join(_sections())}) or unset it",
             )

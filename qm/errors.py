@@ -1,4 +1,5 @@
 """Domain errors. Every error a user sees names what happened and what to change."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -54,8 +55,10 @@ class ValidatorsBusy(QMError):
     that run long): the submission was not checked; a later retry may be."""
 
     def __init__(self, threads: int, timeout_s: float):
-        super().__init__(f"all {threads} payload validator threads (server.validate_threads) are busy with "
-                         f"validations over their budget of {timeout_s:g} s; retry later")
+        super().__init__(
+            f"all {threads} payload validator threads (server.validate_threads) are busy with "
+            f"validations over their budget of {timeout_s:g} s; retry later"
+        )
 
 
 class PublishOutcomeUnknown(BrokerUnavailable):
@@ -115,8 +118,10 @@ class Overloaded(QMError):
 
     def __init__(self, in_flight: int, limit: int, retry_after_ms: int):
         self.retry_after_ms = retry_after_ms
-        super().__init__(f"qm-server is overloaded: {in_flight} calls in flight, the limit "
-                         f"(server.max_concurrent_rpcs) is {limit}; retry in {retry_after_ms} ms")
+        super().__init__(
+            f"qm-server is overloaded: {in_flight} calls in flight, the limit "
+            f"(server.max_concurrent_rpcs) is {limit}; retry in {retry_after_ms} ms"
+        )
 
 
 class Unauthenticated(QMError):
@@ -125,15 +130,19 @@ class Unauthenticated(QMError):
 
 class PermissionDenied(QMError):
     """A caller whose role lacks the right for the method (qm/server/auth.py)."""
+
+
 class RateLimited(QMError):
     """The caller submitted faster than server.submit_rate_per_s allows: refused at once
     (RESOURCE_EXHAUSTED), nothing submitted, with the wait until it may."""
 
     def __init__(self, count: int, rate_per_s: float, burst: int, retry_after_ms: int):
         self.retry_after_ms = retry_after_ms
-        super().__init__(f"submit rate limit reached: {count} task(s) refused, nothing submitted; this caller may "
-                         f"submit {rate_per_s:g} tasks/s with bursts of {burst} (server.submit_rate_per_s, "
-                         f"server.submit_burst); retry in {retry_after_ms} ms")
+        super().__init__(
+            f"submit rate limit reached: {count} task(s) refused, nothing submitted; this caller may "
+            f"submit {rate_per_s:g} tasks/s with bursts of {burst} (server.submit_rate_per_s, "
+            f"server.submit_burst); retry in {retry_after_ms} ms"
+        )
 
 
 class StreamExpired(QMError):
@@ -141,8 +150,10 @@ class StreamExpired(QMError):
     a new one picks up the tasks still followed."""
 
     def __init__(self, max_stream_s: float):
-        super().__init__(f"this stream was open for {max_stream_s:g} s, the longest a result stream may last "
-                         "(server.max_stream_s); open a new one for the tasks still followed")
+        super().__init__(
+            f"this stream was open for {max_stream_s:g} s, the longest a result stream may last "
+            "(server.max_stream_s); open a new one for the tasks still followed"
+        )
 
 
 class TaskNotFound(QMError):
@@ -172,7 +183,8 @@ class IdempotencyKeyReused(QMError):
         super().__init__(
             f"idempotency key {key!r} was already used for another request (task {task_id}, with a different "
             "type, payload, queue, limits or retry options); nothing was submitted. Use a new key for a new "
-            "request, or send exactly the first request again to get its task")
+            "request, or send exactly the first request again to get its task"
+        )
 
 
 class BatchError(QMError):
@@ -186,12 +198,13 @@ class BatchError(QMError):
     def __init__(self, task_ids: list[str | None], refused: list[RefusedItem]):
         self.task_ids = task_ids
         self.refused = refused
-        shown = "; ".join(f"item {item.index} ({item.type}): {item.code} {item.message}"
-                          for item in refused[:20])
+        shown = "; ".join(f"item {item.index} ({item.type}): {item.code} {item.message}" for item in refused[:20])
         more = f"; and {len(refused) - 20} more" if len(refused) > 20 else ""
         accepted = len(task_ids) - len(refused)
-        super().__init__(f"{len(refused)} of {len(task_ids)} items refused ({accepted} accepted, durable and "
-                         f"on this error's task_ids): {shown}{more}")
+        super().__init__(
+            f"{len(refused)} of {len(task_ids)} items refused ({accepted} accepted, durable and "
+            f"on this error's task_ids): {shown}{more}"
+        )
 
     @property
     def accepted_ids(self) -> list[str]:
@@ -229,8 +242,9 @@ class WaitTimeout(TimeoutError):
     def __init__(self, task_ids: list[str], timeout_s: float):
         self.task_ids = list(task_ids)
         self.timeout_s = timeout_s
-        shown = ", ".join(self.task_ids[:10]) + (f" and {len(self.task_ids) - 10} more"
-                                                  if len(self.task_ids) > 10 else "")
+        shown = ", ".join(self.task_ids[:10]) + (
+            f" and {len(self.task_ids) - 10} more" if len(self.task_ids) > 10 else ""
+        )
         super().__init__(f"tasks {shown} not finished within {timeout_s:g} s")
 
 

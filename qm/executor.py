@@ -10,6 +10,7 @@ from one status stream that the executor feeds with ids as it submits them. A ca
 raises gives its future that exception; a call killed at its time limit gives
 TimeoutError; any other failure (memory, crash, cancel) gives qm.errors.TaskError.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -34,18 +35,33 @@ _CLOSE = object()
 class Executor(concurrent.futures.Executor):
     """Runs callables as `python` tasks; futures complete as the tasks finish."""
 
-    def __init__(self, server: str = "127.0.0.1:50051", *, secret: str, timeout_s: float = 0.0,
-                 memory_limit_mb: int = 0, queue: str = "", max_retries: int | None = None,
-                 key_id: str = "1", signature_ttl_s: float = 300.0, tls_ca: str | None = None,
-                 token: str | None = None, tls_cert: str | None = None, tls_key: str | None = None) -> None:
+    def __init__(
+        self,
+        server: str = "127.0.0.1:50051",
+        *,
+        secret: str,
+        timeout_s: float = 0.0,
+        memory_limit_mb: int = 0,
+        queue: str = "",
+        max_retries: int | None = None,
+        key_id: str = "1",
+        signature_ttl_s: float = 300.0,
+        tls_ca: str | None = None,
+        token: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+    ) -> None:
         if len(secret or "") < MIN_SECRET_LENGTH:
-            raise ValueError(f"qm.Executor needs the shared executor.secret of the servers and workers (at least "
-                             f"{MIN_SECRET_LENGTH} characters) and its executor.key_id")
+            raise ValueError(
+                f"qm.Executor needs the shared executor.secret of the servers and workers (at least "
+                f"{MIN_SECRET_LENGTH} characters) and its executor.key_id"
+            )
         self._client = Client(server, tls_ca=tls_ca, token=token, tls_cert=tls_cert, tls_key=tls_key)
         self._keys = Keyring(key_id, {key_id: secret})
         self._signature_ttl_s = signature_ttl_s
-        self._options: dict[str, Any] = dict(queue=queue, timeout_s=timeout_s, memory_limit_mb=memory_limit_mb,
-                                             max_retries=max_retries)
+        self._options: dict[str, Any] = dict(
+            queue=queue, timeout_s=timeout_s, memory_limit_mb=memory_limit_mb, max_retries=max_retries
+        )
         self._futures: dict[str, concurrent.futures.Future] = {}
         self._lock = threading.Lock()
         self._requests: queue_module.Queue = queue_module.Queue()
@@ -120,4 +136,3 @@ class Executor(concurrent.futures.Executor):
             future.set_exception(TimeoutError(f"task {status.task_id}: {status.error}"))
         else:
             future.set_exception(TaskError(status.task_id, state, status.error))
-

@@ -14,6 +14,7 @@ below the effective time limit (ValidationError naming `soft_timeout_s`); a task
 default that is not below the limit a submission (or a worker's cap) brings it down to is
 simply not armed: the hard limit comes first, and it is the one the task was given.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,9 +45,18 @@ def _armed(soft_timeout_s: float, timeout_s: float) -> float:
     return soft_timeout_s if 0 < soft_timeout_s and (not timeout_s or soft_timeout_s < timeout_s) else 0.0
 
 
-def resolve(task_type: TaskType, timeout_s: float, memory_limit_mb: int, *, default_timeout_s: float,
-            default_memory_limit_mb: int, consumer_timeout_s: float, soft_timeout_s: float = 0.0,
-            max_timeout_s: float = 0.0, max_memory_limit_mb: int = 0) -> Limits:
+def resolve(
+    task_type: TaskType,
+    timeout_s: float,
+    memory_limit_mb: int,
+    *,
+    default_timeout_s: float,
+    default_memory_limit_mb: int,
+    consumer_timeout_s: float,
+    soft_timeout_s: float = 0.0,
+    max_timeout_s: float = 0.0,
+    max_memory_limit_mb: int = 0,
+) -> Limits:
     """The limits a submission runs under; ValidationError names the field at fault.
 
     `max_timeout_s` / `max_memory_limit_mb` are the server's maxima (0 = none), capping
@@ -58,19 +68,23 @@ def resolve(task_type: TaskType, timeout_s: float, memory_limit_mb: int, *, defa
     assert timeout is not None  # default_timeout_s > 0 (config), so one of them is set
     if timeout >= consumer_timeout_s:
         raise ValidationError(
-            "timeout_s", f"{timeout:g} s is not below RabbitMQ's consumer_timeout of {consumer_timeout_s:g} s: "
+            "timeout_s",
+            f"{timeout:g} s is not below RabbitMQ's consumer_timeout of {consumer_timeout_s:g} s: "
             "RabbitMQ would take the task away from its worker mid-run. Use a shorter timeout, or raise "
             "consumer_timeout in rabbitmq.conf and broker.consumer_timeout_s (QM_BROKER__CONSUMER_TIMEOUT_S) "
-            "together")
+            "together",
+        )
     memory = memory_limit_mb or task_type.default_memory_limit_mb or default_memory_limit_mb
     memory = _smallest(memory, task_type.max_memory_limit_mb, max_memory_limit_mb) or 0
     if not math.isfinite(soft_timeout_s) or soft_timeout_s < 0:
         raise ValidationError("soft_timeout_s", f"must be a positive number of seconds, got {soft_timeout_s}")
     if soft_timeout_s and soft_timeout_s >= timeout:
         raise ValidationError(
-            "soft_timeout_s", f"{soft_timeout_s:g} s is not below the task's time limit of {timeout:g} s: "
+            "soft_timeout_s",
+            f"{soft_timeout_s:g} s is not below the task's time limit of {timeout:g} s: "
             "qm.SoftTimeout would never come before the hard kill. Use a shorter soft timeout, or a longer "
-            "timeout_s")
+            "timeout_s",
+        )
     soft = _armed(soft_timeout_s or task_type.soft_timeout_s or 0.0, timeout)
     return Limits(timeout, int(memory), soft)
 
@@ -79,5 +93,8 @@ def cap(limits: Limits, worker_timeout_s: float, worker_memory_limit_mb: int) ->
     """The limits after this worker's caps (0 = no cap). A soft timeout the capped time
     limit no longer leaves room for is not armed."""
     timeout = _smallest(limits.timeout_s, worker_timeout_s) or 0.0
-    return Limits(timeout, int(_smallest(limits.memory_limit_mb, worker_memory_limit_mb) or 0),
-                  _armed(limits.soft_timeout_s, timeout))
+    return Limits(
+        timeout,
+        int(_smallest(limits.memory_limit_mb, worker_memory_limit_mb) or 0),
+        _armed(limits.soft_timeout_s, timeout),
+    )

@@ -5,6 +5,7 @@ The payload is checked by the type's validator (as the server would), limits are
 resolved as the server would, and the job runs in a fresh pool child with the hard
 deadline, RSS watchdog and soft timeout (if one applies) enforced.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -39,28 +40,58 @@ class LocalResult:
         return self.state == "SUCCEEDED"
 
 
-def run_task(task_type: str, payload: Any, *, timeout_s: float = 0.0, memory_limit_mb: int = 0,
-             soft_timeout_s: float = 0.0, start_method: str = "spawn",
-             registry: Registry | None = None, on_progress: Callable[[Progress], None] | None = None) -> LocalResult:
+def run_task(
+    task_type: str,
+    payload: Any,
+    *,
+    timeout_s: float = 0.0,
+    memory_limit_mb: int = 0,
+    soft_timeout_s: float = 0.0,
+    start_method: str = "spawn",
+    registry: Registry | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+) -> LocalResult:
     """Run one task in a child process with its limits; ValidationError for a bad payload
     or limit (a soft_timeout_s not below the time limit, as the server refuses it).
     `on_progress` gets each update the task reports with qm.progress() (not rate-limited)."""
-    return asyncio.run(run_task_async(task_type, payload, timeout_s=timeout_s, memory_limit_mb=memory_limit_mb,
-                                      soft_timeout_s=soft_timeout_s, start_method=start_method,
-                                      registry=registry, on_progress=on_progress))
+    return asyncio.run(
+        run_task_async(
+            task_type,
+            payload,
+            timeout_s=timeout_s,
+            memory_limit_mb=memory_limit_mb,
+            soft_timeout_s=soft_timeout_s,
+            start_method=start_method,
+            registry=registry,
+            on_progress=on_progress,
+        )
+    )
 
 
-async def run_task_async(task_type: str, payload: Any, *, timeout_s: float = 0.0, memory_limit_mb: int = 0,
-                         soft_timeout_s: float = 0.0, start_method: str = "spawn",
-                         registry: Registry | None = None,
-                         on_progress: Callable[[Progress], None] | None = None) -> LocalResult:
+async def run_task_async(
+    task_type: str,
+    payload: Any,
+    *,
+    timeout_s: float = 0.0,
+    memory_limit_mb: int = 0,
+    soft_timeout_s: float = 0.0,
+    start_method: str = "spawn",
+    registry: Registry | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+) -> LocalResult:
     registry = registry or discover()
     declared = registry.get(task_type)
     raw = encode_payload(payload)
     declared.check_payload(raw)
-    limits = task_limits.resolve(declared, timeout_s, memory_limit_mb, default_timeout_s=DEFAULT_TIMEOUT_S,
-                                 default_memory_limit_mb=0, consumer_timeout_s=math.inf,
-                                 soft_timeout_s=soft_timeout_s)
+    limits = task_limits.resolve(
+        declared,
+        timeout_s,
+        memory_limit_mb,
+        default_timeout_s=DEFAULT_TIMEOUT_S,
+        default_memory_limit_mb=0,
+        consumer_timeout_s=math.inf,
+        soft_timeout_s=soft_timeout_s,
+    )
     job = Job("local", task_type, raw, limits.timeout_s, limits.memory_limit_mb, limits.soft_timeout_s)
     pool = Pool(1, start_method)
     await pool.start()
@@ -69,5 +100,6 @@ async def run_task_async(task_type: str, payload: Any, *, timeout_s: float = 0.0
     finally:
         await pool.stop()
     value = decode_result(declared.codec, outcome.result) if outcome.state is TaskState.SUCCEEDED else None
-    return LocalResult(outcome.state.name, value, outcome.error, limits.timeout_s, limits.memory_limit_mb,
-                       limits.soft_timeout_s)
+    return LocalResult(
+        outcome.state.name, value, outcome.error, limits.timeout_s, limits.memory_limit_mb, limits.soft_timeout_s
+    )

@@ -7,6 +7,7 @@ event is about one task; ``exc`` with the traceback when one was logged. The tas
 from ``extra={"task_id": ...}`` on the log call, else from a message of the form
 ``"task %s ..."`` (its first argument), which is how the server and worker word them.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -28,7 +29,8 @@ class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = {
             "ts": datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
-                  .isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            .isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z"),
             "level": record.levelname,
             "logger": record.name,
             "process": self.process_name,
@@ -54,8 +56,13 @@ def task_id_of(record: logging.LogRecord) -> str | None:
     if task_id:
         return str(task_id)
     args = record.args
-    if (isinstance(record.msg, str) and record.msg.startswith("task %s") and isinstance(args, tuple)
-            and args and isinstance(args[0], str)):
+    if (
+        isinstance(record.msg, str)
+        and record.msg.startswith("task %s")
+        and isinstance(args, tuple)
+        and args
+        and isinstance(args[0], str)
+    ):
         return args[0]
     return None
 

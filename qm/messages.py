@@ -3,6 +3,7 @@
 Domain code handles the dataclasses; only this module knows the wire format
 (protos/qm/internal/v1/messages.proto).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,13 +35,24 @@ class TaskMessage:
     not_before_s: float | None = None  # run no earlier (a delayed task; qm/scheduling.py)
 
     def encode(self) -> bytes:
-        retry = messages_pb2.RetryPolicy(max_retries=self.retry.max_retries, backoff_s=self.retry.backoff_s,
-                                         backoff_max_s=self.retry.backoff_max_s, jitter=self.retry.jitter,
-                                         on_timeout=self.retry.on_timeout)
-        message = messages_pb2.TaskMessage(task_id=self.task_id, type=self.type, payload=self.payload,
-                                           queue=self.queue, attempt=self.attempt, timeout_s=self.timeout_s,
-                                           memory_limit_mb=self.memory_limit_mb, retry=retry,
-                                           soft_timeout_s=self.soft_timeout_s)
+        retry = messages_pb2.RetryPolicy(
+            max_retries=self.retry.max_retries,
+            backoff_s=self.retry.backoff_s,
+            backoff_max_s=self.retry.backoff_max_s,
+            jitter=self.retry.jitter,
+            on_timeout=self.retry.on_timeout,
+        )
+        message = messages_pb2.TaskMessage(
+            task_id=self.task_id,
+            type=self.type,
+            payload=self.payload,
+            queue=self.queue,
+            attempt=self.attempt,
+            timeout_s=self.timeout_s,
+            memory_limit_mb=self.memory_limit_mb,
+            retry=retry,
+            soft_timeout_s=self.soft_timeout_s,
+        )
         message.enqueued_at.FromNanoseconds(int(self.enqueued_at_s * 1e9))
         if self.not_before_s is not None:
             message.not_before.FromNanoseconds(int(self.not_before_s * 1e9))
@@ -51,12 +63,26 @@ class TaskMessage:
         message = _parse(messages_pb2.TaskMessage, body)
         if not message.task_id or not message.type:
             raise ValueError("task message without task_id or type")
-        retry = RetryPolicy(message.retry.max_retries, message.retry.backoff_s, message.retry.backoff_max_s,
-                            message.retry.jitter, message.retry.on_timeout)
-        return cls(message.task_id, message.type, message.payload, message.queue,
-                   message.attempt or 1, message.enqueued_at.ToNanoseconds() / 1e9,
-                   message.timeout_s, message.memory_limit_mb, retry, message.soft_timeout_s,
-                   message.not_before.ToNanoseconds() / 1e9 if message.HasField("not_before") else None)
+        retry = RetryPolicy(
+            message.retry.max_retries,
+            message.retry.backoff_s,
+            message.retry.backoff_max_s,
+            message.retry.jitter,
+            message.retry.on_timeout,
+        )
+        return cls(
+            message.task_id,
+            message.type,
+            message.payload,
+            message.queue,
+            message.attempt or 1,
+            message.enqueued_at.ToNanoseconds() / 1e9,
+            message.timeout_s,
+            message.memory_limit_mb,
+            retry,
+            message.soft_timeout_s,
+            message.not_before.ToNanoseconds() / 1e9 if message.HasField("not_before") else None,
+        )
 
     def headers(self) -> dict[str, object]:
         """AMQP headers naming the task, so operators can read a message without decoding it."""
@@ -76,17 +102,24 @@ class TaskEvent:
     result: bytes = b""
     error: str = ""
     at_s: float = dataclasses.field(default_factory=time.time)
-    timeout_s: float = 0.0        # limits the worker applied (RUNNING); 0 = unchanged
+    timeout_s: float = 0.0  # limits the worker applied (RUNNING); 0 = unchanged
     memory_limit_mb: int = 0
     next_attempt_at_s: float | None = None  # RETRYING: when the next attempt is due
     progress: Progress | None = None  # a progress report (state RUNNING, but no start)
 
     def encode(self) -> bytes:
-        event = messages_pb2.TaskEvent(task_id=self.task_id, type=self.type, queue=self.queue,
-                                       attempt=self.attempt, state=int(self.state),  # type: ignore[arg-type]  # protoc .pyi: enum fields typed as the enum class; they take ints
-                                       result=self.result,
-                                       error=self.error, worker=self.worker, timeout_s=self.timeout_s,
-                                       memory_limit_mb=self.memory_limit_mb)
+        event = messages_pb2.TaskEvent(
+            task_id=self.task_id,
+            type=self.type,
+            queue=self.queue,
+            attempt=self.attempt,
+            state=int(self.state),  # type: ignore[arg-type]  # protoc .pyi: enum fields typed as the enum class; they take ints
+            result=self.result,
+            error=self.error,
+            worker=self.worker,
+            timeout_s=self.timeout_s,
+            memory_limit_mb=self.memory_limit_mb,
+        )
         event.at.FromNanoseconds(int(self.at_s * 1e9))
         if self.next_attempt_at_s is not None:
             event.next_attempt_at.FromNanoseconds(int(self.next_attempt_at_s * 1e9))
@@ -101,12 +134,23 @@ class TaskEvent:
         event = _parse(messages_pb2.TaskEvent, body)
         if not event.task_id:
             raise ValueError("task event without task_id")
-        return cls(event.task_id, event.type, event.queue, event.attempt, TaskState(event.state),
-                   event.worker, event.result, event.error, event.at.ToNanoseconds() / 1e9,
-                   event.timeout_s, event.memory_limit_mb,
-                   event.next_attempt_at.ToNanoseconds() / 1e9 if event.HasField("next_attempt_at") else None,
-                   Progress(event.progress.fraction, event.progress.message, event.progress.detail_json)
-                   if event.HasField("progress") else None)
+        return cls(
+            event.task_id,
+            event.type,
+            event.queue,
+            event.attempt,
+            TaskState(event.state),
+            event.worker,
+            event.result,
+            event.error,
+            event.at.ToNanoseconds() / 1e9,
+            event.timeout_s,
+            event.memory_limit_mb,
+            event.next_attempt_at.ToNanoseconds() / 1e9 if event.HasField("next_attempt_at") else None,
+            Progress(event.progress.fraction, event.progress.message, event.progress.detail_json)
+            if event.HasField("progress")
+            else None,
+        )
 
 
 def _parse(message_class, body: bytes):
@@ -136,9 +180,17 @@ class Heartbeat:
 
     def encode(self) -> bytes:
         beat = messages_pb2.WorkerHeartbeat(
-            worker_id=self.worker_id, host=self.host, pid=self.pid, procs=self.procs, busy=self.busy,
-            queues=self.queues, types=self.types, version=self.version, draining=self.draining,
-            stopped=self.stopped)
+            worker_id=self.worker_id,
+            host=self.host,
+            pid=self.pid,
+            procs=self.procs,
+            busy=self.busy,
+            queues=self.queues,
+            types=self.types,
+            version=self.version,
+            draining=self.draining,
+            stopped=self.stopped,
+        )
         beat.at.FromNanoseconds(int(self.at_s * 1e9))
         return beat.SerializeToString()
 
@@ -147,5 +199,16 @@ class Heartbeat:
         beat = _parse(messages_pb2.WorkerHeartbeat, body)
         if not beat.worker_id:
             raise ValueError("heartbeat without worker_id")
-        return cls(beat.worker_id, beat.host, beat.pid, beat.procs, beat.busy, tuple(beat.queues),
-                   tuple(beat.types), beat.version, beat.draining, beat.stopped, beat.at.ToNanoseconds() / 1e9)
+        return cls(
+            beat.worker_id,
+            beat.host,
+            beat.pid,
+            beat.procs,
+            beat.busy,
+            tuple(beat.queues),
+            tuple(beat.types),
+            beat.version,
+            beat.draining,
+            beat.stopped,
+            beat.at.ToNanoseconds() / 1e9,
+        )

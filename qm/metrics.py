@@ -6,6 +6,7 @@ are bounded: task types come from installed plugins, states and methods are enum
 Values that already live in the process (busy children, prefetch, store size) are read
 when scraped through callbacks, not copied on every change.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -31,48 +32,96 @@ class ServerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.submissions = Counter("qm_server_submissions_total", "Submissions by task type and outcome "
-                                   "(accepted, duplicate, key_reused, invalid, unavailable)", ["type", "outcome"],
-                                   registry=r)
-        self.rejects = Counter("qm_server_validation_rejects_total", "Rejected submissions by the field at fault",
-                               ["field"], registry=r)
-        self.rpc_seconds = Histogram("qm_server_grpc_handling_seconds", "gRPC handling time by method and code",
-                                     ["method", "code"], buckets=FAST_SECONDS_BUCKETS, registry=r)
-        self.grpc_refused = Counter("qm_server_grpc_refused_total", "TaskQueue calls refused with "
-                                    "RESOURCE_EXHAUSTED because server.max_concurrent_rpcs calls were in flight, "
-                                    "by method", ["method"], registry=r)
-        self.rate_limited = Counter("qm_server_rate_limited_total", "Submit calls refused with RESOURCE_EXHAUSTED "
-                                    "by the per-caller rate limit (server.submit_rate_per_s), by method",
-                                    ["method"], registry=r)
-        self.grpc_in_flight = Gauge("qm_server_grpc_in_flight", "TaskQueue calls being handled (streams included)",
-                                    registry=r)
+        self.submissions = Counter(
+            "qm_server_submissions_total",
+            "Submissions by task type and outcome (accepted, duplicate, key_reused, invalid, unavailable)",
+            ["type", "outcome"],
+            registry=r,
+        )
+        self.rejects = Counter(
+            "qm_server_validation_rejects_total", "Rejected submissions by the field at fault", ["field"], registry=r
+        )
+        self.rpc_seconds = Histogram(
+            "qm_server_grpc_handling_seconds",
+            "gRPC handling time by method and code",
+            ["method", "code"],
+            buckets=FAST_SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.grpc_refused = Counter(
+            "qm_server_grpc_refused_total",
+            "TaskQueue calls refused with "
+            "RESOURCE_EXHAUSTED because server.max_concurrent_rpcs calls were in flight, "
+            "by method",
+            ["method"],
+            registry=r,
+        )
+        self.rate_limited = Counter(
+            "qm_server_rate_limited_total",
+            "Submit calls refused with RESOURCE_EXHAUSTED "
+            "by the per-caller rate limit (server.submit_rate_per_s), by method",
+            ["method"],
+            registry=r,
+        )
+        self.grpc_in_flight = Gauge(
+            "qm_server_grpc_in_flight", "TaskQueue calls being handled (streams included)", registry=r
+        )
         self.open_streams = Gauge("qm_server_open_streams", "StreamTaskResults streams open", registry=r)
-        self.confirm_seconds = Histogram("qm_server_publish_confirm_seconds", "Time from publish to RabbitMQ's "
-                                         "confirm of a submitted task", buckets=FAST_SECONDS_BUCKETS, registry=r)
-        self.events_lag_seconds = Histogram("qm_server_events_lag_seconds", "Age of task events when applied "
-                                            "to the store", buckets=FAST_SECONDS_BUCKETS, registry=r)
-        self.events = Counter("qm_server_events_total", "Task events applied, by state (PROGRESS: "
-                              "progress reports)", ["state"], registry=r)
-        self.progress_ignored = Counter("qm_server_progress_ignored_total", "Progress reports ignored: the "
-                                        "task was terminal, in another attempt, or unknown", registry=r)
+        self.confirm_seconds = Histogram(
+            "qm_server_publish_confirm_seconds",
+            "Time from publish to RabbitMQ's confirm of a submitted task",
+            buckets=FAST_SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.events_lag_seconds = Histogram(
+            "qm_server_events_lag_seconds",
+            "Age of task events when applied to the store",
+            buckets=FAST_SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.events = Counter(
+            "qm_server_events_total",
+            "Task events applied, by state (PROGRESS: progress reports)",
+            ["state"],
+            registry=r,
+        )
+        self.progress_ignored = Counter(
+            "qm_server_progress_ignored_total",
+            "Progress reports ignored: the task was terminal, in another attempt, or unknown",
+            registry=r,
+        )
         self.dead_letters = Counter("qm_server_dead_letters_total", "Tasks dead-lettered", ["type"], registry=r)
-        self.reconciled = Counter("qm_server_reconciled_total", "Tasks published again by the reconciler "
-                                  "because their message looked lost, by the state they were in", ["state"],
-                                  registry=r)
+        self.reconciled = Counter(
+            "qm_server_reconciled_total",
+            "Tasks published again by the reconciler because their message looked lost, by the state they were in",
+            ["state"],
+            registry=r,
+        )
         for state in ("QUEUED", "RUNNING", "RETRYING"):
             self.reconciled.labels(state)  # present from the start, so rate() sees the first
         self.store_tasks = Gauge("qm_server_store_tasks", "Tasks in this server's store", registry=r)
-        self.store_dead_letters = Gauge("qm_server_store_dead_letters", "Dead letters in this server's store",
-                                        registry=r)
-        self.store_loop_seconds = Histogram("qm_server_store_loop_seconds", "Event-loop time of one store call "
-                                            "(point reads; writes run on the writer thread), by call", ["call"],
-                                            buckets=LOOP_SECONDS_BUCKETS, registry=r)
-        self.store_transaction_writes = Histogram("qm_server_store_transaction_writes", "Writes (submits, event "
-                                                  "batches, confirm marks, ...) one store transaction committed",
-                                                  buckets=WRITES_BUCKETS, registry=r)
-        self.store_transaction_seconds = Histogram("qm_server_store_transaction_seconds", "Time of one store "
-                                                   "transaction on the writer thread, commit included",
-                                                   buckets=FAST_SECONDS_BUCKETS, registry=r)
+        self.store_dead_letters = Gauge(
+            "qm_server_store_dead_letters", "Dead letters in this server's store", registry=r
+        )
+        self.store_loop_seconds = Histogram(
+            "qm_server_store_loop_seconds",
+            "Event-loop time of one store call (point reads; writes run on the writer thread), by call",
+            ["call"],
+            buckets=LOOP_SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.store_transaction_writes = Histogram(
+            "qm_server_store_transaction_writes",
+            "Writes (submits, event batches, confirm marks, ...) one store transaction committed",
+            buckets=WRITES_BUCKETS,
+            registry=r,
+        )
+        self.store_transaction_seconds = Histogram(
+            "qm_server_store_transaction_seconds",
+            "Time of one store transaction on the writer thread, commit included",
+            buckets=FAST_SECONDS_BUCKETS,
+            registry=r,
+        )
 
     def store_loop_call(self, call: str, seconds: float) -> None:
         self.store_loop_seconds.labels(call).observe(seconds)
@@ -88,49 +137,84 @@ class WorkerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.tasks_finished = Counter("qm_worker_tasks_finished_total", "Attempts finished by task type and "
-                                      "state (RETRYING = retried)", ["type", "state"], registry=r)
-        self.run_seconds = Histogram("qm_worker_task_run_seconds", "Task run time by type", ["type"],
-                                     buckets=TASK_SECONDS_BUCKETS, registry=r)
-        self.queue_wait_seconds = Histogram("qm_worker_task_queue_wait_seconds", "Time from enqueue (a "
-                                            "delayed task: from its due time) to start",
-                                            ["type"], buckets=TASK_SECONDS_BUCKETS, registry=r)
-        self.delay_hops = Counter("qm_worker_delay_hops_total", "Delayed tasks that came before their due "
-                                  "time and were sent on to a delay tier, by tier", ["tier_s"], registry=r)
+        self.tasks_finished = Counter(
+            "qm_worker_tasks_finished_total",
+            "Attempts finished by task type and state (RETRYING = retried)",
+            ["type", "state"],
+            registry=r,
+        )
+        self.run_seconds = Histogram(
+            "qm_worker_task_run_seconds", "Task run time by type", ["type"], buckets=TASK_SECONDS_BUCKETS, registry=r
+        )
+        self.queue_wait_seconds = Histogram(
+            "qm_worker_task_queue_wait_seconds",
+            "Time from enqueue (a delayed task: from its due time) to start",
+            ["type"],
+            buckets=TASK_SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.delay_hops = Counter(
+            "qm_worker_delay_hops_total",
+            "Delayed tasks that came before their due time and were sent on to a delay tier, by tier",
+            ["tier_s"],
+            registry=r,
+        )
         self.child_idle_gap_seconds = Histogram(
-            "qm_worker_child_idle_gap_seconds", "A child's idle time between the end of one task and "
+            "qm_worker_child_idle_gap_seconds",
+            "A child's idle time between the end of one task and "
             "the start of the next, observed only when that next task was already waiting for a child",
-            buckets=GAP_SECONDS_BUCKETS, registry=r)
-        self.kills = Counter("qm_worker_kills_total", "Children killed or lost, by reason "
-                             "(timeout, memory, crash, cancel)", ["reason"], registry=r)
+            buckets=GAP_SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.kills = Counter(
+            "qm_worker_kills_total",
+            "Children killed or lost, by reason (timeout, memory, crash, cancel)",
+            ["reason"],
+            registry=r,
+        )
         self.children_busy = Gauge("qm_worker_children_busy", "Children running a task", registry=r)
         self.children_idle = Gauge("qm_worker_children_idle", "Children waiting for a task", registry=r)
-        self.child_rss_bytes = Gauge("qm_worker_child_rss_bytes", "RSS of each child with its descendants, "
-                                     "as last sampled", ["slot"], registry=r)
+        self.child_rss_bytes = Gauge(
+            "qm_worker_child_rss_bytes", "RSS of each child with its descendants, as last sampled", ["slot"], registry=r
+        )
         self.prefetch = Gauge("qm_worker_prefetch", "Current prefetch per consumed queue", registry=r)
         self.unacked = Gauge("qm_worker_unacked_deliveries", "Deliveries held and not yet acked", registry=r)
         for reason in ("timeout", "memory", "crash", "cancel"):
             self.kills.labels(reason)  # present from the start, so rate() sees the first kill
-        self.progress_events = Counter("qm_worker_progress_events_total", "Progress events published "
-                                       "(at most 10 a second per task)", registry=r)
-        self.progress_dropped = Counter("qm_worker_progress_dropped_total", "Progress updates not published, "
-                                        "by reason (rate_limit: a later one replaced it within 0.1 s; ended: "
-                                        "the task ended first; broker: RabbitMQ was away)", ["reason"],
-                                        registry=r)
+        self.progress_events = Counter(
+            "qm_worker_progress_events_total", "Progress events published (at most 10 a second per task)", registry=r
+        )
+        self.progress_dropped = Counter(
+            "qm_worker_progress_dropped_total",
+            "Progress updates not published, "
+            "by reason (rate_limit: a later one replaced it within 0.1 s; ended: "
+            "the task ended first; broker: RabbitMQ was away)",
+            ["reason"],
+            registry=r,
+        )
         for reason in ("rate_limit", "ended", "broker"):
             self.progress_dropped.labels(reason)
         self._counters = _CallbackCounters()
         r.register(self._counters)
 
-    def watch(self, *, busy: Callable[[], float], idle: Callable[[], float], restarts: Callable[[], float],
-              prefetch: Callable[[], float], unacked: Callable[[], float], reconnects: Callable[[], float]) -> None:
+    def watch(
+        self,
+        *,
+        busy: Callable[[], float],
+        idle: Callable[[], float],
+        restarts: Callable[[], float],
+        prefetch: Callable[[], float],
+        unacked: Callable[[], float],
+        reconnects: Callable[[], float],
+    ) -> None:
         self.children_busy.set_function(busy)
         self.children_idle.set_function(idle)
         self.prefetch.set_function(prefetch)
         self.unacked.set_function(unacked)
         self._counters.sources = {
             "qm_worker_child_restarts": ("Children replaced after dying", restarts),
-            "qm_worker_broker_reconnects": ("Reconnections to RabbitMQ", reconnects)}
+            "qm_worker_broker_reconnects": ("Reconnections to RabbitMQ", reconnects),
+        }
 
 
 class _CallbackCounters:

@@ -1,6 +1,7 @@
 """The names qm-server and qm-worker share on RabbitMQ, in one place: AMQP headers and the
 control commands of the `qm.cancels` stream. Message bodies are protobuf (qm/messages.py).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,9 +35,9 @@ DEAD_ERROR_MAX_CHARS = 2000
 class Command(str, enum.Enum):
     """What a message on the control stream asks of every worker."""
 
-    CANCEL = "cancel"   # body: task id; drop it if it waits, kill it if it runs
-    POISON = "poison"   # body: task id, detail: starts counted; dead-letter it when it comes
-    MARKER = "marker"   # body: a worker's own marker; reading it back = caught up
+    CANCEL = "cancel"  # body: task id; drop it if it waits, kill it if it runs
+    POISON = "poison"  # body: task id, detail: starts counted; dead-letter it when it comes
+    MARKER = "marker"  # body: a worker's own marker; reading it back = caught up
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +45,7 @@ class Control:
     """One message of the control stream."""
 
     command: Command
-    subject: str        # a task id, or a marker
+    subject: str  # a task id, or a marker
     detail: str = ""
 
     def encode(self) -> tuple[bytes, dict[str, Any]]:
@@ -63,5 +64,9 @@ class Control:
 
 def dead_letter_headers(task_headers: dict[str, Any], reason: str, state_name: str, error: str) -> dict[str, Any]:
     """Headers of a task message sent to qm.dead: why, in which state, with what error."""
-    return {**task_headers, Header.DEAD_REASON: reason, Header.STATE: state_name,
-            Header.ERROR: error[:DEAD_ERROR_MAX_CHARS]}
+    return {
+        **task_headers,
+        Header.DEAD_REASON: reason,
+        Header.STATE: state_name,
+        Header.ERROR: error[:DEAD_ERROR_MAX_CHARS],
+    }

@@ -9,6 +9,7 @@ error without a reason came from gRPC itself: qm-server was not reached.
 str-enum of the value names without their ERROR_REASON_ prefix, as ErrorInfo.reason
 carries them, so `error.reason == "BROKER_UNAVAILABLE"` holds.
 """
+
 from __future__ import annotations
 
 import enum

@@ -12,6 +12,7 @@ the task type. It resolves either to a `TaskType` or to a plain function
   built-in type (`math`, `python`, from the queuemaster distribution) is refused with an
   error naming both distributions, whatever the order: it cannot silently replace one.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -106,8 +107,9 @@ def _load_one(ep: importlib.metadata.EntryPoint) -> TaskType | PluginError:
     try:
         target = ep.load()
     except Exception as exc:  # any import-time failure of third-party code
-        error = PluginError(f"plugin {ep.name!r} from {package} failed to load ({ep.value}): "
-                            f"{type(exc).__name__}: {exc}")
+        error = PluginError(
+            f"plugin {ep.name!r} from {package} failed to load ({ep.value}): {type(exc).__name__}: {exc}"
+        )
         error.__cause__ = exc
         return error
     if isinstance(target, TaskType):
@@ -115,8 +117,10 @@ def _load_one(ep: importlib.metadata.EntryPoint) -> TaskType | PluginError:
     if callable(target):
         doc = (getattr(target, "__doc__", None) or "").strip().splitlines()
         return TaskType(name=ep.name, handler=target, description=doc[0] if doc else "", distribution=package)
-    return PluginError(f"plugin {ep.name!r} from {package} resolves to {type(target).__name__}, "
-                       "expected a qm.registry.TaskType or a function")
+    return PluginError(
+        f"plugin {ep.name!r} from {package} resolves to {type(target).__name__}, "
+        "expected a qm.registry.TaskType or a function"
+    )
 
 
 def validate(loaded: Iterable[TaskType | PluginError]) -> Registry:
@@ -142,20 +146,30 @@ def _check(task_type: TaskType, seen: dict[str, TaskType]) -> PluginError | None
     if not _NAME_RE.match(task_type.name):
         return PluginError(f"task type name {task_type.name!r} is invalid: use letters, digits, _ . -")
     if task_type.codec not in codecs.CODECS:
-        return PluginError(f"task type {task_type.name!r} declares codec {task_type.codec!r}; "
-                           f"expected one of {', '.join(codecs.CODECS)}")
-    for limit in ("default_timeout_s", "max_timeout_s", "default_memory_limit_mb", "max_memory_limit_mb",
-                  "soft_timeout_s"):
+        return PluginError(
+            f"task type {task_type.name!r} declares codec {task_type.codec!r}; "
+            f"expected one of {', '.join(codecs.CODECS)}"
+        )
+    for limit in (
+        "default_timeout_s",
+        "max_timeout_s",
+        "default_memory_limit_mb",
+        "max_memory_limit_mb",
+        "soft_timeout_s",
+    ):
         value = getattr(task_type, limit)
         if value is not None and not (isinstance(value, (int, float)) and value > 0):
-            return PluginError(f"task type {task_type.name!r} declares {limit}={value!r}; "
-                               "expected a positive number or None")
+            return PluginError(
+                f"task type {task_type.name!r} declares {limit}={value!r}; expected a positive number or None"
+            )
     first = seen.get(task_type.name)
     if first is not None and (first.builtin or task_type.name in BUILTIN_TYPES):
-        return PluginError(f"plugin {task_type.name!r} from {task_type.distribution or 'unknown distribution'} "
-                           f"would replace the built-in task type {task_type.name!r} from "
-                           f"{first.distribution or 'unknown distribution'}: refused; give the plugin's entry "
-                           "point another name")
+        return PluginError(
+            f"plugin {task_type.name!r} from {task_type.distribution or 'unknown distribution'} "
+            f"would replace the built-in task type {task_type.name!r} from "
+            f"{first.distribution or 'unknown distribution'}: refused; give the plugin's entry "
+            "point another name"
+        )
     if first is not None:
         return PluginError(f"task type {task_type.name!r} is registered twice; the first one is used")
     return None

@@ -11,6 +11,7 @@ queue of a fixed delay tier (`x-message-ttl` = the tier), whose dead-letter exch
 lands back on its work queue. One queue per tier, because a per-message TTL only expires
 at the head of a queue: mixing delays in one queue would hold short ones behind long ones.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -60,9 +61,16 @@ def tier_for(delay_s: float) -> int:
     return DELAY_TIERS_S[max(0, index)]
 
 
-def resolve(task_type: TaskType, default: RetryPolicy, *, max_retries: int | None = None,
-            backoff_s: float | None = None, backoff_max_s: float | None = None, jitter: bool | None = None,
-            on_timeout: bool | None = None) -> RetryPolicy:
+def resolve(
+    task_type: TaskType,
+    default: RetryPolicy,
+    *,
+    max_retries: int | None = None,
+    backoff_s: float | None = None,
+    backoff_max_s: float | None = None,
+    jitter: bool | None = None,
+    on_timeout: bool | None = None,
+) -> RetryPolicy:
     """The policy of one submission: its own values, else the task type's, else the server's."""
     base = task_type.retry or default
     policy = RetryPolicy(
@@ -70,7 +78,8 @@ def resolve(task_type: TaskType, default: RetryPolicy, *, max_retries: int | Non
         backoff_s=base.backoff_s if backoff_s is None else backoff_s,
         backoff_max_s=base.backoff_max_s if backoff_max_s is None else backoff_max_s,
         jitter=base.jitter if jitter is None else jitter,
-        on_timeout=base.on_timeout if on_timeout is None else on_timeout)
+        on_timeout=base.on_timeout if on_timeout is None else on_timeout,
+    )
     if policy.max_retries > MAX_RETRIES_LIMIT:
         raise ValidationError("max_retries", f"{policy.max_retries} is more than {MAX_RETRIES_LIMIT}")
     for field in ("backoff_s", "backoff_max_s"):

@@ -14,6 +14,7 @@ tiers, any publish of the task (the reconciler's, a restart's) is safe whenever 
 and the task never waits in a worker's memory. It is stored SCHEDULED with its due time
 (the record's `next_attempt_at`) until its first attempt starts, and shown QUEUED once due.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,8 +45,9 @@ class Delay:
 NO_DELAY = Delay()
 
 
-def due_at(delay_s: float | None, not_before_s: float | None, now_s: float,
-           max_delay_s: float = DEFAULT_MAX_DELAY_S) -> float | None:
+def due_at(
+    delay_s: float | None, not_before_s: float | None, now_s: float, max_delay_s: float = DEFAULT_MAX_DELAY_S
+) -> float | None:
     """The time a submission is due, or None to run it now; ValidationError naming the field
     for both set, a negative or non-finite delay, or one over `max_delay_s`
     (server.max_delay_s). A `not_before` already past runs the task now."""
@@ -66,8 +68,9 @@ def due_at(delay_s: float | None, not_before_s: float | None, now_s: float,
 
 def _check_within(max_delay_s: float, wait_s: float, field: str) -> None:
     if wait_s > max_delay_s:
-        raise ValidationError(field, f"{wait_s:.0f} s from now is more than the longest delay of "
-                                     f"{max_delay_s:.0f} s (server.max_delay_s)")
+        raise ValidationError(
+            field, f"{wait_s:.0f} s from now is more than the longest delay of {max_delay_s:.0f} s (server.max_delay_s)"
+        )
 
 
 def hop_tier_s(due_s: float | None, now_s: float) -> int | None:

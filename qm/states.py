@@ -10,6 +10,7 @@ Events may arrive twice (at-least-once delivery) or out of order (a redelivered 
 racing its own late event). `supersedes` orders them: terminal states are final, a later
 attempt beats an earlier one, and within one attempt a state only moves forward.
 """
+
 from __future__ import annotations
 
 import enum
@@ -79,8 +80,16 @@ def state_name(number: int) -> str:
     return task_queue_pb2.TaskState.Name(int(number)).removeprefix(PROTO_PREFIX)
 
 
-TERMINAL_STATES = frozenset({TaskState.SUCCEEDED, TaskState.FAILED, TaskState.TIMED_OUT,
-                             TaskState.MEMORY_EXCEEDED, TaskState.CRASHED, TaskState.CANCELLED})
+TERMINAL_STATES = frozenset(
+    {
+        TaskState.SUCCEEDED,
+        TaskState.FAILED,
+        TaskState.TIMED_OUT,
+        TaskState.MEMORY_EXCEEDED,
+        TaskState.CRASHED,
+        TaskState.CANCELLED,
+    }
+)
 
 #: Progress within one attempt; terminal states share the highest rank.
 _RANK = {TaskState.SCHEDULED: -1, TaskState.QUEUED: 0, TaskState.RUNNING: 1, TaskState.RETRYING: 2}

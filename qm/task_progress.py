@@ -17,6 +17,7 @@ child of its own and prints each update to stderr.
 (The module is not named `qm.progress`: importing it would put the module where the
 function `qm.progress` is.)
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -93,6 +94,8 @@ def make(fraction: float, message: str = "", detail: Any = None) -> Progress:
             raise TypeError(f"qm.progress: detail must be JSON-encodable: {exc}") from None
         size_bytes = len(detail_json.encode())
         if size_bytes > DETAIL_MAX_BYTES:
-            raise ValueError(f"qm.progress: detail is {size_bytes} bytes as JSON, over the "
-                             f"{DETAIL_MAX_BYTES}-byte limit; send a summary, return the rest as the result")
+            raise ValueError(
+                f"qm.progress: detail is {size_bytes} bytes as JSON, over the "
+                f"{DETAIL_MAX_BYTES}-byte limit; send a summary, return the rest as the result"
+            )
     return Progress(float(fraction), message[:MESSAGE_MAX_CHARS], detail_json)

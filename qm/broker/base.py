@@ -6,6 +6,7 @@ Consumers get `Delivery` objects through a plain callback and settle them with `
 `nack`; settling a delivery from a channel that has since been lost is a no-op, because
 the broker has already requeued it.
 """
+
 from __future__ import annotations
 
 import abc
@@ -87,8 +88,9 @@ class Broker(abc.ABC):
         """Delete an exchange (no-op if absent); it is no longer re-declared."""
 
     @abc.abstractmethod
-    async def publish(self, exchange: str, routing_key: str, body: bytes,
-                      headers: dict[str, Any] | None = None) -> None:
+    async def publish(
+        self, exchange: str, routing_key: str, body: bytes, headers: dict[str, Any] | None = None
+    ) -> None:
         """Publish a persistent message; return once the broker confirmed it.
 
         Raises BrokerUnavailable when disconnected, or when the broker refuses the message.
@@ -96,8 +98,14 @@ class Broker(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def consume(self, queue: str, on_delivery: DeliveryCallback, prefetch: int,
-                      arguments: dict[str, Any] | None = None, exclusive: bool = False) -> str:
+    async def consume(
+        self,
+        queue: str,
+        on_delivery: DeliveryCallback,
+        prefetch: int,
+        arguments: dict[str, Any] | None = None,
+        exclusive: bool = False,
+    ) -> str:
         """Start a consumer with at most `prefetch` unacked deliveries; return its tag.
 
         The consumer is re-established after reconnects. On a stream queue
@@ -142,8 +150,9 @@ REFUSED_BACKOFF_S = 0.1
 MAX_REFUSED_S = 120.0
 
 
-async def publish_until_confirmed(broker: Broker, exchange: str, routing_key: str, body: bytes,
-                                  headers: dict[str, Any], what: str) -> None:
+async def publish_until_confirmed(
+    broker: Broker, exchange: str, routing_key: str, body: bytes, headers: dict[str, Any], what: str
+) -> None:
     """Publish until the broker confirms, waiting out disconnections (for messages that are
     a task's value or its only copy). `what` names the message in the warning. Refusals
     while connected are tried again with a growing pause for MAX_REFUSED_S, then raised:

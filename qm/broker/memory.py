@@ -6,6 +6,7 @@ deliveries returned when the broker closes (as on a lost connection): later acks
 are ignored. Stream queues give every consumer every message from the start. An exclusive
 consumer is refused while its queue has another active consumer and refuses all others.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -91,8 +92,11 @@ class MemoryBroker(Broker):
         existing = self._queue_arguments.setdefault(name, arguments)
         for key in sorted(set(existing) | set(arguments)):
             if existing.get(key) != arguments.get(key):  # as RabbitMQ: no silent change of a queue
-                raise BrokerRefused(406, f"PRECONDITION_FAILED - inequivalent arg '{key}' for queue '{name}': "
-                                         f"received {arguments.get(key)!r} but current is {existing.get(key)!r}")
+                raise BrokerRefused(
+                    406,
+                    f"PRECONDITION_FAILED - inequivalent arg '{key}' for queue '{name}': "
+                    f"received {arguments.get(key)!r} but current is {existing.get(key)!r}",
+                )
         self._queues.setdefault(name, collections.deque())
         if (arguments or {}).get("x-queue-type") == "stream":
             self._streams.setdefault(name, [])
@@ -122,8 +126,9 @@ class MemoryBroker(Broker):
         self._exchanges.pop(exchange, None)
         self._bindings.pop(exchange, None)
 
-    async def publish(self, exchange: str, routing_key: str, body: bytes,
-                      headers: dict[str, Any] | None = None) -> None:
+    async def publish(
+        self, exchange: str, routing_key: str, body: bytes, headers: dict[str, Any] | None = None
+    ) -> None:
         self._check_connected()
         if exchange not in self._exchanges:
             raise BrokerUnavailable(f"no exchange {exchange!r}")
@@ -140,8 +145,14 @@ class MemoryBroker(Broker):
             self._queues[queue].append(message)
             self._schedule_dispatch(queue)
 
-    async def consume(self, queue: str, on_delivery: DeliveryCallback, prefetch: int,
-                      arguments: dict[str, Any] | None = None, exclusive: bool = False) -> str:
+    async def consume(
+        self,
+        queue: str,
+        on_delivery: DeliveryCallback,
+        prefetch: int,
+        arguments: dict[str, Any] | None = None,
+        exclusive: bool = False,
+    ) -> str:
         self._check_connected()
         if queue not in self._queues:
             raise BrokerUnavailable(f"no queue {queue!r}")
@@ -226,5 +237,6 @@ class MemoryBroker(Broker):
     def _deliver(self, consumer: _Consumer, message: _Message) -> None:
         tag = next(self._tags)
         consumer.unacked[tag] = message
-        consumer.callback(Delivery(message.body, dict(message.headers), message.redelivered,
-                                   tag, consumer.tag, self._generation))
+        consumer.callback(
+            Delivery(message.body, dict(message.headers), message.redelivered, tag, consumer.tag, self._generation)
+        )

@@ -8,6 +8,7 @@ successor (each message published with a confirm before it is acked: nothing is 
 crash in between leaves a duplicate at worst) and then deleted. A moved message waits its
 tier's delay again from the move.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -41,11 +42,20 @@ async def migrate_legacy_delay_tiers(broker: Broker, tiers_s: Iterable[int], tim
         try:
             await broker.delete_queue(legacy, if_empty=True)
             await broker.delete_exchange(legacy)
-            log.warning("migrated the legacy delay queue %s: %d waiting retries moved to %s; it is deleted",
-                        legacy, count, target)
+            log.warning(
+                "migrated the legacy delay queue %s: %d waiting retries moved to %s; it is deleted",
+                legacy,
+                count,
+                target,
+            )
         except BrokerRefused:
-            log.warning("the legacy delay queue %s still receives retries (a worker older than 0.2?); %d moved "
-                        "to %s, the rest at the next start of a server", legacy, count, target)
+            log.warning(
+                "the legacy delay queue %s still receives retries (a worker older than 0.2?); %d moved "
+                "to %s, the rest at the next start of a server",
+                legacy,
+                count,
+                target,
+            )
     return moved
 
 

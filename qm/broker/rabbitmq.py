@@ -39,6 +39,7 @@ Publisher confirms are pipelined: each publish registers a future under its sequ
 number and returns when the broker acks that number (or a `multiple` ack covering it);
 nothing waits for one message before sending the next.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -84,13 +85,21 @@ class _ConsumerSpec:
 class RabbitMQBroker(Broker):
     """The production broker; see the module docstring for the connection model."""
 
-    def __init__(self, urls: str | Sequence[str], heartbeat_s: int = 30, reconnect_max_delay_s: float = 10.0,
-                 connection_name: str = "qm", quorum_initial_group_size: int = 0,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self,
+        urls: str | Sequence[str],
+        heartbeat_s: int = 30,
+        reconnect_max_delay_s: float = 10.0,
+        connection_name: str = "qm",
+        quorum_initial_group_size: int = 0,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         """`urls`: one AMQP URL, or one per node of a cluster (tried in this order).
         `ssl_context`: for amqps:// nodes, with CA/cert/key from config (qm/security/amqp.py)."""
-        self._nodes = [_parameters(url, heartbeat_s, connection_name, ssl_context)
-                       for url in ([urls] if isinstance(urls, str) else urls)]
+        self._nodes = [
+            _parameters(url, heartbeat_s, connection_name, ssl_context)
+            for url in ([urls] if isinstance(urls, str) else urls)
+        ]
         if not self._nodes:
             raise ValueError("RabbitMQBroker needs at least one AMQP URL")
         self._node_index = 0
@@ -144,8 +153,9 @@ class RabbitMQBroker(Broker):
         if self._runner is None:
             self._runner = asyncio.create_task(self._keep_connected(), name="rabbitmq-keeper")
         if not await self.wait_connected(first_attempt_timeout_s):
-            log.warning("RabbitMQ at %s is not reachable yet (%s); retrying in the background",
-                        self._where, self._last_error)
+            log.warning(
+                "RabbitMQ at %s is not reachable yet (%s); retrying in the background", self._where, self._last_error
+            )
 
     async def close(self) -> None:
         self._closing = True
@@ -174,12 +184,16 @@ class RabbitMQBroker(Broker):
     def unavailable(self) -> BrokerUnavailable:
         """The error publishes raise while disconnected, naming the broker and the cause."""
         if len(self._nodes) == 1:
-            return BrokerUnavailable(f"RabbitMQ at {self._where} is unreachable ({self._last_error}); "
-                                     "check that it is running and that broker.url is right")
+            return BrokerUnavailable(
+                f"RabbitMQ at {self._where} is unreachable ({self._last_error}); "
+                "check that it is running and that broker.url is right"
+            )
         nodes = ", ".join(f"{node.host}:{node.port}" for node in self._nodes)
-        return BrokerUnavailable(f"RabbitMQ is unreachable on every node ({nodes}; last tried {self._where}: "
-                                 f"{self._last_error}); check that the cluster runs and that broker.urls "
-                                 "is right")
+        return BrokerUnavailable(
+            f"RabbitMQ is unreachable on every node ({nodes}; last tried {self._where}: "
+            f"{self._last_error}); check that the cluster runs and that broker.urls "
+            "is right"
+        )
 
     async def _keep_connected(self) -> None:
         delay_s = RECONNECT_INITIAL_DELAY_S
@@ -187,8 +201,13 @@ class RabbitMQBroker(Broker):
         while not self._closing:
             try:
                 await self._open()
-            except (BrokerUnavailable, ConsumerRefused, pika.exceptions.AMQPError, OSError,
-                    asyncio.TimeoutError) as exc:
+            except (
+                BrokerUnavailable,
+                ConsumerRefused,
+                pika.exceptions.AMQPError,
+                OSError,
+                asyncio.TimeoutError,
+            ) as exc:
                 self._last_error = _describe(exc)
                 self._drop(self._last_error)
                 # Another node may answer at once; back off only after a whole round failed
@@ -215,17 +234,21 @@ class RabbitMQBroker(Broker):
                 lost = self._where
                 if len(self._nodes) > 1:
                     self._next_node()  # the lost node is likely down: try the others first
-                log.warning("lost connection to RabbitMQ at %s: %s; reconnecting (to %s)", lost, reason,
-                            self._where)
+                log.warning("lost connection to RabbitMQ at %s: %s; reconnecting (to %s)", lost, reason, self._where)
 
     def _log_failed_attempt(self, error: Exception, tried: str, delay_s: float | None) -> None:
         """`delay_s` None: the next node is tried at once."""
         then = f"trying {self._where} next" if delay_s is None else f"retrying in {delay_s:.1f} s"
         if isinstance(error, ConsumerRefused):  # loud: someone else may be doing our job
-            log.error("RabbitMQ at %s refused to re-establish the exclusive consumer of queue %s after "
-                      "a reconnect: another live process consumes it (for a qm-server: another server "
-                      "with the same server id), or RabbitMQ has not yet noticed that our previous "
-                      "connection ended; %s", tried, error.queue, then)
+            log.error(
+                "RabbitMQ at %s refused to re-establish the exclusive consumer of queue %s after "
+                "a reconnect: another live process consumes it (for a qm-server: another server "
+                "with the same server id), or RabbitMQ has not yet noticed that our previous "
+                "connection ended; %s",
+                tried,
+                error.queue,
+                then,
+            )
         else:
             log.warning("cannot connect to RabbitMQ at %s: %s; %s", tried, self._last_error, then)
 
@@ -249,8 +272,7 @@ class RabbitMQBroker(Broker):
             if not opened.done():
                 opened.set_exception(BrokerUnavailable(_describe(reason)))
 
-        self._connection = AsyncioConnection(self._params, on_open, on_open_error, on_close,
-                                             custom_ioloop=loop)
+        self._connection = AsyncioConnection(self._params, on_open, on_open_error, on_close, custom_ioloop=loop)
         await asyncio.wait_for(opened, RPC_TIMEOUT_S)
         self._publish_channel = await self._open_channel()
         self._publish_seq = 0
@@ -295,6 +317,7 @@ class RabbitMQBroker(Broker):
             future = asyncio.get_running_loop().create_future()
         self._waiters.add(future)
         try:
+
             def on_reply(frame: Any = None) -> None:
                 if not future.done():
                     future.set_result(frame)
@@ -311,8 +334,7 @@ class RabbitMQBroker(Broker):
         assert connection is not None  # called only once connected (_open, consume)
         channel = await self._rpc(lambda cb: connection.channel(on_open_callback=cb))
         generation = self._generation
-        channel.add_on_close_callback(
-            lambda ch, reason: self._on_channel_closed(generation, reason, consumer))
+        channel.add_on_close_callback(lambda ch, reason: self._on_channel_closed(generation, reason, consumer))
         return channel
 
     async def _admin(self, call: Callable[[Any, Callable], Any]) -> Any:
@@ -349,12 +371,19 @@ class RabbitMQBroker(Broker):
         # connection down so the keeper rebuilds a consistent state; our own closes and
         # channels of an earlier connection pass. A refused exclusive consume loses only
         # its own channel: the consume fails with ConsumerRefused.
-        if (self._closing or generation != self._generation
-                or not isinstance(reason, pika.exceptions.ChannelClosedByBroker)):
+        if (
+            self._closing
+            or generation != self._generation
+            or not isinstance(reason, pika.exceptions.ChannelClosedByBroker)
+        ):
             return  # a lost connection is reported by the connection's own close callback
         starting = consumer.starting if consumer is not None else None
-        if (consumer is not None and reason.reply_code == pika.spec.ACCESS_REFUSED and starting is not None
-                and not starting.done()):
+        if (
+            consumer is not None
+            and reason.reply_code == pika.spec.ACCESS_REFUSED
+            and starting is not None
+            and not starting.done()
+        ):
             starting.set_exception(ConsumerRefused(consumer.queue, reason.reply_text))
             return
         error = BrokerUnavailable(f"RabbitMQ closed a channel: {_describe(reason)}")
@@ -376,10 +405,13 @@ class RabbitMQBroker(Broker):
             if future is None or future.done():
                 continue
             if refused:
-                future.set_exception(QueueFull(
-                    f"RabbitMQ at {self._where} refused the message (basic.nack): its queue is full "
-                    "(broker.max_queue_length), or has no leader for the moment (a cluster node went away); "
-                    "retry later"))
+                future.set_exception(
+                    QueueFull(
+                        f"RabbitMQ at {self._where} refused the message (basic.nack): its queue is full "
+                        "(broker.max_queue_length), or has no leader for the moment (a cluster node went away); "
+                        "retry later"
+                    )
+                )
             else:
                 future.set_result(None)
 
@@ -407,17 +439,24 @@ class RabbitMQBroker(Broker):
     async def _apply_declaration(self, kind: str, args: tuple) -> None:
         if kind == "exchange":
             name, exchange_type = args
-            await self._admin(lambda channel, cb: channel.exchange_declare(
-                exchange=name, exchange_type=exchange_type, durable=True, callback=cb))
+            await self._admin(
+                lambda channel, cb: channel.exchange_declare(
+                    exchange=name, exchange_type=exchange_type, durable=True, callback=cb
+                )
+            )
         elif kind == "queue":
             name, arguments = args
             declared = self._with_group_size(dict(arguments))
-            await self._admin(lambda channel, cb: channel.queue_declare(
-                queue=name, durable=True, arguments=declared, callback=cb))
+            await self._admin(
+                lambda channel, cb: channel.queue_declare(queue=name, durable=True, arguments=declared, callback=cb)
+            )
         else:
             queue, exchange, routing_key = args
-            await self._admin(lambda channel, cb: channel.queue_bind(
-                queue=queue, exchange=exchange, routing_key=routing_key, callback=cb))
+            await self._admin(
+                lambda channel, cb: channel.queue_bind(
+                    queue=queue, exchange=exchange, routing_key=routing_key, callback=cb
+                )
+            )
 
     def _with_group_size(self, arguments: dict[str, Any]) -> dict[str, Any]:
         """A quorum queue's arguments plus the configured initial group size (members)."""
@@ -427,8 +466,7 @@ class RabbitMQBroker(Broker):
 
     async def queue_size(self, queue: str) -> int | None:
         try:
-            frame = await self._admin(lambda channel, cb: channel.queue_declare(
-                queue=queue, passive=True, callback=cb))
+            frame = await self._admin(lambda channel, cb: channel.queue_declare(queue=queue, passive=True, callback=cb))
         except BrokerRefused as exc:
             if exc.code == 404:
                 return None
@@ -436,15 +474,19 @@ class RabbitMQBroker(Broker):
         return frame.method.message_count
 
     async def delete_queue(self, queue: str, if_empty: bool = False) -> None:
-        self._declarations = [(kind, args) for kind, args in self._declarations
-                              if not (kind in ("queue", "bind") and args[0] == queue)]
+        self._declarations = [
+            (kind, args) for kind, args in self._declarations if not (kind in ("queue", "bind") and args[0] == queue)
+        ]
         await self._admin_ignoring_absent(
-            lambda channel, cb: channel.queue_delete(queue=queue, if_empty=if_empty, callback=cb))
+            lambda channel, cb: channel.queue_delete(queue=queue, if_empty=if_empty, callback=cb)
+        )
 
     async def delete_exchange(self, exchange: str) -> None:
-        self._declarations = [(kind, args) for kind, args in self._declarations
-                              if not ((kind == "exchange" and args[0] == exchange)
-                                      or (kind == "bind" and args[1] == exchange))]
+        self._declarations = [
+            (kind, args)
+            for kind, args in self._declarations
+            if not ((kind == "exchange" and args[0] == exchange) or (kind == "bind" and args[1] == exchange))
+        ]
         await self._admin_ignoring_absent(lambda channel, cb: channel.exchange_delete(exchange=exchange, callback=cb))
 
     async def _admin_ignoring_absent(self, call: Callable[[Any, Callable], Any]) -> None:
@@ -456,13 +498,15 @@ class RabbitMQBroker(Broker):
 
     # -- publishing ------------------------------------------------------------------
 
-    async def publish(self, exchange: str, routing_key: str, body: bytes,
-                      headers: dict[str, Any] | None = None) -> None:
+    async def publish(
+        self, exchange: str, routing_key: str, body: bytes, headers: dict[str, Any] | None = None
+    ) -> None:
         channel = self._publish_channel
         if not self.connected or channel is None or not channel.is_open:
             raise self.unavailable()
-        properties = pika.BasicProperties(delivery_mode=PERSISTENT, headers=headers or {},
-                                          content_type="application/x-protobuf")
+        properties = pika.BasicProperties(
+            delivery_mode=PERSISTENT, headers=headers or {}, content_type="application/x-protobuf"
+        )
         try:
             channel.basic_publish(exchange, routing_key, body, properties)
         except pika.exceptions.AMQPError as exc:
@@ -474,10 +518,17 @@ class RabbitMQBroker(Broker):
 
     # -- consuming -------------------------------------------------------------------
 
-    async def consume(self, queue: str, on_delivery: DeliveryCallback, prefetch: int,
-                      arguments: dict[str, Any] | None = None, exclusive: bool = False) -> str:
-        spec = _ConsumerSpec(f"qm-consumer-{next(self._consumer_ids)}", queue, on_delivery, prefetch,
-                             arguments, exclusive)
+    async def consume(
+        self,
+        queue: str,
+        on_delivery: DeliveryCallback,
+        prefetch: int,
+        arguments: dict[str, Any] | None = None,
+        exclusive: bool = False,
+    ) -> str:
+        spec = _ConsumerSpec(
+            f"qm-consumer-{next(self._consumer_ids)}", queue, on_delivery, prefetch, arguments, exclusive
+        )
         self._consumers[spec.tag] = spec
         if self.connected:
             try:
@@ -504,15 +555,27 @@ class RabbitMQBroker(Broker):
         channel, generation = spec.channel, spec.generation
 
         def on_message(_channel, method, properties, body):
-            spec.callback(Delivery(body, dict(properties.headers or {}), method.redelivered,
-                                   method.delivery_tag, spec.tag, generation))
+            spec.callback(
+                Delivery(
+                    body, dict(properties.headers or {}), method.redelivered, method.delivery_tag, spec.tag, generation
+                )
+            )
 
         spec.amqp_tag = f"{spec.tag}.{next(self._consumer_ids)}"
         spec.starting = asyncio.get_running_loop().create_future()
         try:
-            await self._rpc(lambda cb: channel.basic_consume(
-                spec.queue, on_message, auto_ack=False, exclusive=spec.exclusive, consumer_tag=spec.amqp_tag,
-                arguments=spec.arguments, callback=cb), spec.starting)
+            await self._rpc(
+                lambda cb: channel.basic_consume(
+                    spec.queue,
+                    on_message,
+                    auto_ack=False,
+                    exclusive=spec.exclusive,
+                    consumer_tag=spec.amqp_tag,
+                    arguments=spec.arguments,
+                    callback=cb,
+                ),
+                spec.starting,
+            )
         finally:
             spec.starting = None
 
@@ -567,8 +630,9 @@ class RabbitMQBroker(Broker):
             channel.basic_nack(delivery.delivery_tag, requeue=requeue)
 
 
-def _parameters(url: str, heartbeat_s: int, connection_name: str,
-                ssl_context: ssl.SSLContext | None = None) -> pika.URLParameters:
+def _parameters(
+    url: str, heartbeat_s: int, connection_name: str, ssl_context: ssl.SSLContext | None = None
+) -> pika.URLParameters:
     """Connection parameters of one node: one attempt each (the keeper retries)."""
     params = pika.URLParameters(url)
     if ssl_context is not None and params.ssl_options is not None:  # an amqps:// node

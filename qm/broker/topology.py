@@ -1,4 +1,5 @@
 """RabbitMQ names and declarations shared by qm-server and qm-worker (idempotent)."""
+
 from __future__ import annotations
 
 import logging
@@ -95,8 +96,9 @@ def work_queue_arguments(queue_type: str, delivery_limit: int, max_length: int =
     return arguments
 
 
-async def declare_work_queue(broker: Broker, queue: str, queue_type: str = "quorum",
-                             delivery_limit: int = 5, max_length: int = 0) -> str:
+async def declare_work_queue(
+    broker: Broker, queue: str, queue_type: str = "quorum", delivery_limit: int = 5, max_length: int = 0
+) -> str:
     """Declare the tasks exchange and one work queue bound to it; return the AMQP name.
 
     RabbitMQ cannot change an existing queue's arguments (406 PRECONDITION_FAILED), so a
@@ -126,21 +128,25 @@ def _without(arguments: dict[str, object], *keys: str) -> dict[str, object]:
 
 
 #: Policy command that puts the length cap on a work queue declared before it (logged).
-_CAP_POLICY = ("rabbitmqctl set_policy --apply-to queues qm-work-cap '^qm\\.tasks\\.' "
-               "'{{\"max-length\": {max_length}, \"overflow\": \"reject-publish\"}}'")
+_CAP_POLICY = (
+    "rabbitmqctl set_policy --apply-to queues qm-work-cap '^qm\\.tasks\\.' "
+    '\'{{"max-length": {max_length}, "overflow": "reject-publish"}}\''
+)
 
 
-async def _declare_legacy_work_queue(broker: Broker, name: str, queue_type: str, delivery_limit: int,
-                                     max_length: int) -> None:
+async def _declare_legacy_work_queue(
+    broker: Broker, name: str, queue_type: str, delivery_limit: int, max_length: int
+) -> None:
     """The work queue exists with other arguments than this version declares. Declared by
     an older version (no length cap; before 0.2 no at-least-once strategy either): use it
     as it is. Otherwise (another type, delivery limit or cap): stop with the way out."""
     current = work_queue_arguments(queue_type, delivery_limit, max_length)
     uncapped = work_queue_arguments(queue_type, delivery_limit)
     detail = ""
-    for legacy, missing in ((uncapped, "the length cap (broker.max_queue_length)"),
-                            (_without(uncapped, *AT_LEAST_ONCE_DEAD_LETTERING),
-                             "at-least-once dead-lettering and the length cap")):
+    for legacy, missing in (
+        (uncapped, "the length cap (broker.max_queue_length)"),
+        (_without(uncapped, *AT_LEAST_ONCE_DEAD_LETTERING), "at-least-once dead-lettering and the length cap"),
+    ):
         if legacy == current:
             continue
         try:
@@ -149,23 +155,36 @@ async def _declare_legacy_work_queue(broker: Broker, name: str, queue_type: str,
             detail = refused.text
             continue
         policy = f"; meanwhile a policy can cap it: {_CAP_POLICY.format(max_length=max_length)}" if max_length else ""
-        log.warning("work queue %s was declared by an older version without %s; using it as it is. To migrate: "
-                    "drain it, delete it (rabbitmqctl delete_queue %s) and restart%s; see docs/architecture.md "
-                    "(Topology)", name, missing, name, policy)
+        log.warning(
+            "work queue %s was declared by an older version without %s; using it as it is. To migrate: "
+            "drain it, delete it (rabbitmqctl delete_queue %s) and restart%s; see docs/architecture.md "
+            "(Topology)",
+            name,
+            missing,
+            name,
+            policy,
+        )
         return
     other = "classic" if queue_type == "quorum" else "quorum"
     try:  # is it simply the other type (broker.queue_type changed)?
-        await broker.declare_queue(name, _without(work_queue_arguments(other, delivery_limit),
-                                                  *AT_LEAST_ONCE_DEAD_LETTERING))
+        await broker.declare_queue(
+            name, _without(work_queue_arguments(other, delivery_limit), *AT_LEAST_ONCE_DEAD_LETTERING)
+        )
         what = f"is a {other} queue, but broker.queue_type is {queue_type!r}"
     except BrokerRefused:
-        what = (f"exists with other arguments than a {queue_type!r} work queue with delivery limit "
-                f"{delivery_limit} and length cap {max_length or 'none'} (broker.queue_type, "
-                f"broker.delivery_limit or broker.max_queue_length changed?): {detail}")
-    raise ConfigError("broker.queue_type", (
-        f"the work queue {name} in RabbitMQ {what}. RabbitMQ cannot change a queue's type or arguments: "
-        f"stop the workers of queue {name.removeprefix('qm.tasks.')} once it is drained, delete it "
-        f"(rabbitmqctl delete_queue {name}), then start the servers and workers again")) from None
+        what = (
+            f"exists with other arguments than a {queue_type!r} work queue with delivery limit "
+            f"{delivery_limit} and length cap {max_length or 'none'} (broker.queue_type, "
+            f"broker.delivery_limit or broker.max_queue_length changed?): {detail}"
+        )
+    raise ConfigError(
+        "broker.queue_type",
+        (
+            f"the work queue {name} in RabbitMQ {what}. RabbitMQ cannot change a queue's type or arguments: "
+            f"stop the workers of queue {name.removeprefix('qm.tasks.')} once it is drained, delete it "
+            f"(rabbitmqctl delete_queue {name}), then start the servers and workers again"
+        ),
+    ) from None
 
 
 async def _declare_on_fanout(broker: Broker, exchange: str, queue: str, arguments: dict[str, object]) -> str:
@@ -180,8 +199,12 @@ def delay_tier_arguments(tier_s: int) -> dict[str, object]:
     """A quorum queue whose messages expire after `tier_s` and are dead-lettered to
     qm.tasks at least once: an expired message stays until its work queue confirmed it,
     so a broker restart or a leader election while it expires cannot drop it."""
-    return {"x-queue-type": "quorum", "x-message-ttl": tier_s * 1000, "x-dead-letter-exchange": TASKS_EXCHANGE,
-            **AT_LEAST_ONCE_DEAD_LETTERING}
+    return {
+        "x-queue-type": "quorum",
+        "x-message-ttl": tier_s * 1000,
+        "x-dead-letter-exchange": TASKS_EXCHANGE,
+        **AT_LEAST_ONCE_DEAD_LETTERING,
+    }
 
 
 async def declare_delay_tier(broker: Broker, tier_s: int) -> str:
@@ -207,37 +230,45 @@ async def _declare_server_queue(broker: Broker, exchange: str, queue: str, argum
     except BrokerRefused as refused:
         if refused.code != 406:
             raise
-        raise ConfigError("broker.server_queue_type", (
-            f"the queue {queue} in RabbitMQ exists with other arguments than this server declares "
-            f"({arguments}): {refused.text}. RabbitMQ cannot change a queue's type or arguments: stop this "
-            f"server, let it be drained or accept losing what it holds, delete it (rabbitmqctl delete_queue "
-            f"{queue}), then start the server again; or set broker.server_queue_type back")) from None
+        raise ConfigError(
+            "broker.server_queue_type",
+            (
+                f"the queue {queue} in RabbitMQ exists with other arguments than this server declares "
+                f"({arguments}): {refused.text}. RabbitMQ cannot change a queue's type or arguments: stop this "
+                f"server, let it be drained or accept losing what it holds, delete it (rabbitmqctl delete_queue "
+                f"{queue}), then start the server again; or set broker.server_queue_type back"
+            ),
+        ) from None
 
 
 async def declare_dead_queue(broker: Broker, server_id: str, queue_type: str = "classic") -> str:
     """Declare the dead-letter exchange and this replica's durable queue on it."""
-    return await _declare_server_queue(broker, DEAD_EXCHANGE, dead_queue_name(server_id),
-                                       server_queue_arguments(queue_type))
+    return await _declare_server_queue(
+        broker, DEAD_EXCHANGE, dead_queue_name(server_id), server_queue_arguments(queue_type)
+    )
 
 
 async def declare_events_queue(broker: Broker, server_id: str, queue_type: str = "classic") -> str:
     """Declare the events exchange and this replica's durable queue on it."""
     single = {"x-single-active-consumer": True} if queue_type == "quorum" else {}
-    return await _declare_server_queue(broker, EVENTS_EXCHANGE, events_queue_name(server_id),
-                                       server_queue_arguments(queue_type, **single))
+    return await _declare_server_queue(
+        broker, EVENTS_EXCHANGE, events_queue_name(server_id), server_queue_arguments(queue_type, **single)
+    )
 
 
 async def declare_cancel_stream(broker: Broker) -> str:
     """The stream of cancelled task ids: every worker reads it from the start (within
     CANCEL_STREAM_MAX_AGE), so one that starts after a cancel still drops that task."""
-    return await _declare_on_fanout(broker, CONTROL_EXCHANGE, CANCEL_STREAM,
-                                    {"x-queue-type": "stream", "x-max-age": CANCEL_STREAM_MAX_AGE})
+    return await _declare_on_fanout(
+        broker, CONTROL_EXCHANGE, CANCEL_STREAM, {"x-queue-type": "stream", "x-max-age": CANCEL_STREAM_MAX_AGE}
+    )
 
 
 async def declare_heartbeats_queue(broker: Broker, server_id: str, queue_type: str = "classic") -> str:
     """This replica's queue of worker heartbeats: old ones expire, and the queue goes
     away once its server has been gone a while (heartbeats are not worth keeping; a
     quorum one is replicated only so that it can be declared again while a node is down)."""
-    arguments = server_queue_arguments(queue_type, **{"x-message-ttl": HEARTBEAT_TTL_MS,
-                                                      "x-expires": HEARTBEAT_QUEUE_EXPIRES_MS})
+    arguments = server_queue_arguments(
+        queue_type, **{"x-message-ttl": HEARTBEAT_TTL_MS, "x-expires": HEARTBEAT_QUEUE_EXPIRES_MS}
+    )
     return await _declare_server_queue(broker, HEARTBEATS_EXCHANGE, f"qm.heartbeats.{server_id}", arguments)

@@ -10,6 +10,7 @@ Requests, conversions, errors, retries, failover and the resume of waits are the
 of qm/client/common.py that qm.Client uses too; this module only awaits where that one
 blocks. Channels open on first use, on the running event loop.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -55,12 +56,20 @@ class Client:
     `await close()`. Same options and methods as qm.Client, awaited; `max_in_flight`
     bounds the unary calls in flight at once (the rest wait their turn)."""
 
-    def __init__(self, server: str | Sequence[str] = "127.0.0.1:50051",
-                 call_timeout_s: float = DEFAULT_CALL_TIMEOUT_S,
-                 submit_retry_s: float = DEFAULT_SUBMIT_RETRY_S, reconnect_s: float = DEFAULT_RECONNECT_S,
-                 batch_items: int = DEFAULT_BATCH_ITEMS, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
-                 *, tls_ca: str | None = None, token: str | None = None, tls_cert: str | None = None,
-                 tls_key: str | None = None):
+    def __init__(
+        self,
+        server: str | Sequence[str] = "127.0.0.1:50051",
+        call_timeout_s: float = DEFAULT_CALL_TIMEOUT_S,
+        submit_retry_s: float = DEFAULT_SUBMIT_RETRY_S,
+        reconnect_s: float = DEFAULT_RECONNECT_S,
+        batch_items: int = DEFAULT_BATCH_ITEMS,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        *,
+        tls_ca: str | None = None,
+        token: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+    ):
         self.servers = parse_servers(server)
         self._security = ChannelSecurity.load(tls_ca, token, tls_cert, tls_key)
         self.server = ",".join(self.servers)
@@ -89,8 +98,7 @@ class Client:
             self._channels[address] = (channel, task_queue_pb2_grpc.TaskQueueStub(channel))
         return self._channels[address][1]
 
-    async def _call(self, method: str, request, window_s: float = 0.0,
-                    retry_codes: frozenset = FAILOVER_CODES):
+    async def _call(self, method: str, request, window_s: float = 0.0, retry_codes: frozenset = FAILOVER_CODES):
         """A unary call, failing over between the servers on UNAVAILABLE (and retrying
         `retry_codes`) for `window_s`."""
         attempts = Attempts(self._failover, window_s, retry_codes=retry_codes)
@@ -103,8 +111,13 @@ class Client:
                 attempts.reached()
                 return response
             except grpc.RpcError as exc:
-                delay_s = attempts.failed(address, exc.code(), exc.details() or "",
-                                          retry_pushback_s(exc.trailing_metadata()), error_reason(exc))
+                delay_s = attempts.failed(
+                    address,
+                    exc.code(),
+                    exc.details() or "",
+                    retry_pushback_s(exc.trailing_metadata()),
+                    error_reason(exc),
+                )
             await asyncio.sleep(delay_s)
 
     # -- submitting ----------------------------------------------------------------------
@@ -130,8 +143,9 @@ class Client:
             address = attempts.address
             try:
                 async with self._in_flight:
-                    response = await self._stub_at(address).SubmitTasks(batch.request(chunk),
-                                                                        timeout=self.call_timeout_s)
+                    response = await self._stub_at(address).SubmitTasks(
+                        batch.request(chunk), timeout=self.call_timeout_s
+                    )
                 self._failover.reached = True
                 chunk = batch.record(chunk, response)
                 if not chunk:
@@ -145,8 +159,7 @@ class Client:
 
     # -- following -----------------------------------------------------------------------
 
-    async def watch(self, task_ids: Iterable[str],
-                    timeout_s: float | None = None) -> AsyncIterator[TaskStatus]:
+    async def watch(self, task_ids: Iterable[str], timeout_s: float | None = None) -> AsyncIterator[TaskStatus]:
         """qm.Client.watch as an async iterator: resumed across server restarts and
         failover, no state delivered twice, WaitTimeout at `timeout_s`."""
         follow = Follow(task_ids, self._failover, timeout_s, self.reconnect_s)
@@ -166,8 +179,7 @@ class Client:
             if not follow.done:
                 await asyncio.sleep(follow.interrupted(address, code, details, reason))
 
-    async def results(self, task_ids: Iterable[str],
-                      timeout_s: float | None = None) -> AsyncIterator[TaskStatus]:
+    async def results(self, task_ids: Iterable[str], timeout_s: float | None = None) -> AsyncIterator[TaskStatus]:
         """The final status of each task as it finishes, over one (resumed) stream."""
         async for status in self.watch(task_ids, timeout_s):
             if status.terminal:

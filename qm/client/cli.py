@@ -5,6 +5,7 @@ Exit codes: 0 success; 1 a task did not succeed (--wait, watch) or a server-side
 unreachable; 4 refused: no or a bad token (UNAUTHENTICATED) or a role without the right
 (PERMISSION_DENIED); 124 --wait-timeout expired; 130 interrupted.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,127 +59,232 @@ exit codes: 0 ok, 1 task did not succeed / server error, 2 bad input, 3 unreacha
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qm", description="QueueMaster command-line client.",
-                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--server", metavar="HOST:PORT[,...]",
-                        help="qm-server address, or several comma-separated to fail over between "
-                             "(client.server)")
+    parser = argparse.ArgumentParser(
+        prog="qm",
+        description="QueueMaster command-line client.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--server",
+        metavar="HOST:PORT[,...]",
+        help="qm-server address, or several comma-separated to fail over between (client.server)",
+    )
     parser.add_argument("--config", metavar="PATH", help="YAML config file (default: $QM_CONFIG, else none)")
-    parser.add_argument("--tls-ca", metavar="FILE",
-                        help="PEM CA of the server's certificate: connect with TLS (client.tls_ca)")
+    parser.add_argument(
+        "--tls-ca", metavar="FILE", help="PEM CA of the server's certificate: connect with TLS (client.tls_ca)"
+    )
     parser.add_argument("--tls-cert", metavar="FILE", help="this client's PEM certificate, for mTLS (client.tls_cert)")
     parser.add_argument("--tls-key", metavar="FILE", help="the PEM key of --tls-cert (client.tls_key)")
-    parser.add_argument("--token", metavar="TOKEN",
-                        help="bearer token from `qm token create` (client.token; prefer QM_CLIENT__TOKEN: a "
-                             "flag shows in the process list)")
+    parser.add_argument(
+        "--token",
+        metavar="TOKEN",
+        help="bearer token from `qm token create` (client.token; prefer QM_CLIENT__TOKEN: a "
+        "flag shows in the process list)",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    submit = commands.add_parser("submit", help="submit a task; prints its id (or its result with --wait)",
-                                 description="Submit a task. The server validates the type and payload "
-                                             "before accepting; the id is printed once the task is durable.")
+    submit = commands.add_parser(
+        "submit",
+        help="submit a task; prints its id (or its result with --wait)",
+        description="Submit a task. The server validates the type and payload "
+        "before accepting; the id is printed once the task is durable.",
+    )
     submit.add_argument("-T", "--type", required=True, help="task type, e.g. math")
     payload = submit.add_mutually_exclusive_group(required=True)
-    payload.add_argument("-P", "--payload",
-                         help="payload text for the task type (e.g. an expression); - reads stdin")
-    payload.add_argument("--from-file", metavar="FILE",
-                         help="one task per line of FILE (- reads stdin), blank lines skipped, sent in "
-                              "batches (SubmitTasks); prints one id per line in order; a refused line is "
-                              "named by its number on stderr and the others are still submitted")
+    payload.add_argument("-P", "--payload", help="payload text for the task type (e.g. an expression); - reads stdin")
+    payload.add_argument(
+        "--from-file",
+        metavar="FILE",
+        help="one task per line of FILE (- reads stdin), blank lines skipped, sent in "
+        "batches (SubmitTasks); prints one id per line in order; a refused line is "
+        "named by its number on stderr and the others are still submitted",
+    )
     submit.add_argument("--queue", default="", help="logical queue (default: default)")
-    submit.add_argument("--timeout", metavar="S", type=float, default=0.0,
-                        help="hard time limit in seconds; the task is killed at it (TIMED_OUT). "
-                             "Default: the task type's, else the server's (server.default_task_timeout_s)")
-    submit.add_argument("--soft-timeout", metavar="S", type=float, default=0.0,
-                        help="soft time limit in seconds: the task gets qm.SoftTimeout then, to clean up; "
-                             "below the time limit. Default: the task type's, else none")
-    submit.add_argument("--memory-limit", metavar="MB", type=int, default=0,
-                        help="memory limit in MiB (RSS with subprocesses); the task is killed over it "
-                             "(MEMORY_EXCEEDED). Default: the task type's, else the server's, else none")
+    submit.add_argument(
+        "--timeout",
+        metavar="S",
+        type=float,
+        default=0.0,
+        help="hard time limit in seconds; the task is killed at it (TIMED_OUT). "
+        "Default: the task type's, else the server's (server.default_task_timeout_s)",
+    )
+    submit.add_argument(
+        "--soft-timeout",
+        metavar="S",
+        type=float,
+        default=0.0,
+        help="soft time limit in seconds: the task gets qm.SoftTimeout then, to clean up; "
+        "below the time limit. Default: the task type's, else none",
+    )
+    submit.add_argument(
+        "--memory-limit",
+        metavar="MB",
+        type=int,
+        default=0,
+        help="memory limit in MiB (RSS with subprocesses); the task is killed over it "
+        "(MEMORY_EXCEEDED). Default: the task type's, else the server's, else none",
+    )
     when = submit.add_mutually_exclusive_group()
-    when.add_argument("--in", dest="delay", metavar="S", type=float,
-                      help="run no earlier than S seconds from now (SCHEDULED until then; at most "
-                           "server.max_delay_s, default 7 days)")
-    when.add_argument("--at", dest="not_before", metavar="ISO-8601", type=_epoch_s,
-                      help="run no earlier than this time, e.g. 2026-12-24T18:00:00Z (no offset: local "
-                           "time); a time already past runs now")
-    submit.add_argument("--max-retries", metavar="N", type=int,
-                        help="retries after the first attempt for FAILED/CRASHED (default: the type's, else the "
-                             "server's, server.default_max_retries)")
-    submit.add_argument("--retry-backoff", metavar="S", type=float,
-                        help="delay before the first retry, doubling each time (rounded down to a delay tier)")
+    when.add_argument(
+        "--in",
+        dest="delay",
+        metavar="S",
+        type=float,
+        help="run no earlier than S seconds from now (SCHEDULED until then; at most "
+        "server.max_delay_s, default 7 days)",
+    )
+    when.add_argument(
+        "--at",
+        dest="not_before",
+        metavar="ISO-8601",
+        type=_epoch_s,
+        help="run no earlier than this time, e.g. 2026-12-24T18:00:00Z (no offset: local "
+        "time); a time already past runs now",
+    )
+    submit.add_argument(
+        "--max-retries",
+        metavar="N",
+        type=int,
+        help="retries after the first attempt for FAILED/CRASHED (default: the type's, else the "
+        "server's, server.default_max_retries)",
+    )
+    submit.add_argument(
+        "--retry-backoff",
+        metavar="S",
+        type=float,
+        help="delay before the first retry, doubling each time (rounded down to a delay tier)",
+    )
     submit.add_argument("--retry-backoff-max", metavar="S", type=float, help="cap of the retry delay")
-    submit.add_argument("--retry-on-timeout", action="store_true", default=None,
-                        help="retry TIMED_OUT attempts too (MEMORY_EXCEEDED never retries)")
-    submit.add_argument("--no-retry-jitter", dest="retry_jitter", action="store_false", default=None,
-                        help="exact retry delays (default: each scaled by a random factor in [0.5, 1])")
-    submit.add_argument("--idempotency-key", metavar="KEY",
-                        help="a repeated submit with the same key (and the same request) returns the first "
-                             "task instead of a new one; with --from-file, line N gets KEY/N (default: a "
-                             "fresh key, reused by this command's own retries)")
-    submit.add_argument("--retry-for", metavar="S", type=float, default=30.0,
-                        help="keep retrying while the server or its broker is unavailable, up to S seconds "
-                             "(default 30; 0 = fail at once)")
-    submit.add_argument("--wait", action="store_true",
-                        help="wait for the task(s) and print the result(s), in order; exit 0 only if all "
-                             "SUCCEEDED. Rides out a restart of the server")
-    submit.add_argument("--wait-timeout", metavar="S", type=float,
-                        help="with --wait: stop waiting after S seconds, print the id(s) still running and "
-                             "exit 124 (the tasks go on; follow them with qm watch)")
+    submit.add_argument(
+        "--retry-on-timeout",
+        action="store_true",
+        default=None,
+        help="retry TIMED_OUT attempts too (MEMORY_EXCEEDED never retries)",
+    )
+    submit.add_argument(
+        "--no-retry-jitter",
+        dest="retry_jitter",
+        action="store_false",
+        default=None,
+        help="exact retry delays (default: each scaled by a random factor in [0.5, 1])",
+    )
+    submit.add_argument(
+        "--idempotency-key",
+        metavar="KEY",
+        help="a repeated submit with the same key (and the same request) returns the first "
+        "task instead of a new one; with --from-file, line N gets KEY/N (default: a "
+        "fresh key, reused by this command's own retries)",
+    )
+    submit.add_argument(
+        "--retry-for",
+        metavar="S",
+        type=float,
+        default=30.0,
+        help="keep retrying while the server or its broker is unavailable, up to S seconds "
+        "(default 30; 0 = fail at once)",
+    )
+    submit.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait for the task(s) and print the result(s), in order; exit 0 only if all "
+        "SUCCEEDED. Rides out a restart of the server",
+    )
+    submit.add_argument(
+        "--wait-timeout",
+        metavar="S",
+        type=float,
+        help="with --wait: stop waiting after S seconds, print the id(s) still running and "
+        "exit 124 (the tasks go on; follow them with qm watch)",
+    )
     submit.add_argument("--json", action="store_true", help="print JSON (the task id, or its full status with --wait)")
 
-    status = commands.add_parser("status", help="show a task's state, attempts, result, error, times, worker, "
-                                               "progress",
-                                 description="Show one task's current status.")
+    status = commands.add_parser(
+        "status",
+        help="show a task's state, attempts, result, error, times, worker, progress",
+        description="Show one task's current status.",
+    )
     status.add_argument("task_id", metavar="ID", help="task id printed by qm submit")
     status.add_argument("--json", action="store_true", help="print one JSON object")
 
-    watch = commands.add_parser("watch", help="print each state change and progress report live until all "
-                                             "tasks are terminal",
-                                description="Follow tasks live: the current state of each first, then "
-                                            "every change and progress report (qm.progress in the task): "
-                                            "a progress bar on a terminal, 'RUNNING 40% message' lines "
-                                            "otherwise. Exits when all are terminal: 0 if all "
-                                            "SUCCEEDED, else 1.")
+    watch = commands.add_parser(
+        "watch",
+        help="print each state change and progress report live until all tasks are terminal",
+        description="Follow tasks live: the current state of each first, then "
+        "every change and progress report (qm.progress in the task): "
+        "a progress bar on a terminal, 'RUNNING 40% message' lines "
+        "otherwise. Exits when all are terminal: 0 if all "
+        "SUCCEEDED, else 1.",
+    )
     watch.add_argument("task_ids", metavar="ID", nargs="+", help="task ids to follow")
-    watch.add_argument("--wait-timeout", metavar="S", type=float,
-                       help="stop after S seconds; the ids still running are named on stderr; exit 124")
+    watch.add_argument(
+        "--wait-timeout",
+        metavar="S",
+        type=float,
+        help="stop after S seconds; the ids still running are named on stderr; exit 124",
+    )
     watch.add_argument("--json", action="store_true", help="print one JSON object per change")
 
-    workers = commands.add_parser("workers", help="list workers: host, pid, procs, busy, queues, types, last seen",
-                                  description="Workers the server has heard from through their heartbeats; one "
-                                              "silent longer than server.worker_lost_after_s is shown as lost.")
+    workers = commands.add_parser(
+        "workers",
+        help="list workers: host, pid, procs, busy, queues, types, last seen",
+        description="Workers the server has heard from through their heartbeats; one "
+        "silent longer than server.worker_lost_after_s is shown as lost.",
+    )
     workers.add_argument("--json", action="store_true", help="print one JSON object per worker")
 
-    types = commands.add_parser("types", help="list the task types the server accepts",
-                                description="The task types the server accepts, with codec, default and "
-                                            "maximum limits, and description; plugins that failed to load "
-                                            "on the server are named too.")
+    types = commands.add_parser(
+        "types",
+        help="list the task types the server accepts",
+        description="The task types the server accepts, with codec, default and "
+        "maximum limits, and description; plugins that failed to load "
+        "on the server are named too.",
+    )
     types.add_argument("--json", action="store_true", help="print one JSON object per task type")
 
-    run = commands.add_parser("run", help="run one task here, without server or broker (for plugin authors)",
-                              description="Run one task locally through the same child-process path a "
-                                          "worker uses, with its time and memory limits enforced; prints "
-                                          "the result (progress reports go to stderr). Exit 0 if it "
-                                          "SUCCEEDED, 1 otherwise, 2 on bad input.")
+    run = commands.add_parser(
+        "run",
+        help="run one task here, without server or broker (for plugin authors)",
+        description="Run one task locally through the same child-process path a "
+        "worker uses, with its time and memory limits enforced; prints "
+        "the result (progress reports go to stderr). Exit 0 if it "
+        "SUCCEEDED, 1 otherwise, 2 on bad input.",
+    )
     run.add_argument("-T", "--type", required=True, help="task type")
     run.add_argument("-P", "--payload", required=True, help="payload; - reads stdin")
-    run.add_argument("--timeout", metavar="S", type=float, default=0.0,
-                     help="hard time limit, seconds (default: the type's, else 600)")
-    run.add_argument("--soft-timeout", metavar="S", type=float, default=0.0,
-                     help="when the task gets qm.SoftTimeout, seconds, below the time limit "
-                          "(default: the type's, else none)")
-    run.add_argument("--memory-limit", metavar="MB", type=int, default=0,
-                     help="memory limit, MiB (default: the type's, else none)")
+    run.add_argument(
+        "--timeout",
+        metavar="S",
+        type=float,
+        default=0.0,
+        help="hard time limit, seconds (default: the type's, else 600)",
+    )
+    run.add_argument(
+        "--soft-timeout",
+        metavar="S",
+        type=float,
+        default=0.0,
+        help="when the task gets qm.SoftTimeout, seconds, below the time limit (default: the type's, else none)",
+    )
+    run.add_argument(
+        "--memory-limit", metavar="MB", type=int, default=0, help="memory limit, MiB (default: the type's, else none)"
+    )
 
-    cancel = commands.add_parser("cancel", help="cancel a task: a queued one never runs, a running one is killed",
-                                 description="Cancel a task. Its state becomes CANCELLED; a task that already "
-                                             "ended cannot be cancelled (exit 1).")
+    cancel = commands.add_parser(
+        "cancel",
+        help="cancel a task: a queued one never runs, a running one is killed",
+        description="Cancel a task. Its state becomes CANCELLED; a task that already "
+        "ended cannot be cancelled (exit 1).",
+    )
     cancel.add_argument("task_id", metavar="ID", help="task id")
 
-    dead = commands.add_parser("dead", help="inspect and replay dead letters (tasks that failed for good)",
-                               description="Tasks whose last attempt failed, crashed, timed out or ran out "
-                                           "of memory with no retry left, or that RabbitMQ dead-lettered after "
-                                           "its delivery limit.")
+    dead = commands.add_parser(
+        "dead",
+        help="inspect and replay dead letters (tasks that failed for good)",
+        description="Tasks whose last attempt failed, crashed, timed out or ran out "
+        "of memory with no retry left, or that RabbitMQ dead-lettered after "
+        "its delivery limit.",
+    )
     dead_commands = dead.add_subparsers(dest="dead_command", required=True, metavar="ACTION")
     dead_list = dead_commands.add_parser("list", help="list dead letters, oldest first")
     dead_list.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
@@ -200,11 +306,14 @@ def _epoch_s(text: str) -> float:
 
 
 def _add_token_commands(commands) -> None:
-    token = commands.add_parser("token", help="create, list or revoke the server's bearer tokens (a local file)",
-                                description="Manage a tokens file (server.tokens_file) on the server's host: "
-                                            "only SHA-256 hashes are stored; a new token is printed once. The "
-                                            "server rereads the file when it changes. Roles: read (status, "
-                                            "watch, types, workers), submit (+ submit, cancel), admin (+ dead).")
+    token = commands.add_parser(
+        "token",
+        help="create, list or revoke the server's bearer tokens (a local file)",
+        description="Manage a tokens file (server.tokens_file) on the server's host: "
+        "only SHA-256 hashes are stored; a new token is printed once. The "
+        "server rereads the file when it changes. Roles: read (status, "
+        "watch, types, workers), submit (+ submit, cancel), admin (+ dead).",
+    )
     token_commands = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
     create = token_commands.add_parser("create", help="add a token and print it (the only time it is shown)")
     create.add_argument("--role", required=True, choices=("read", "submit", "admin"), help="what the token may do")
@@ -215,8 +324,11 @@ def _add_token_commands(commands) -> None:
     revoke = token_commands.add_parser("revoke", help="revoke a token by name (effective at the next call)")
     revoke.add_argument("name", metavar="NAME", help="the token's name")
     for sub in (create, listing, revoke):
-        sub.add_argument("--tokens-file", metavar="FILE",
-                         help="the server's tokens file (server.tokens_file, QM_SERVER__TOKENS_FILE)")
+        sub.add_argument(
+            "--tokens-file",
+            metavar="FILE",
+            help="the server's tokens file (server.tokens_file, QM_SERVER__TOKENS_FILE)",
+        )
 
 
 def cmd_token(args) -> int:
@@ -240,9 +352,12 @@ def cmd_token(args) -> int:
         else:
             for entry in tokens.read():
                 data = {key: value for key, value in entry.to_json().items() if key != "sha256"}
-                print(json.dumps(data) if args.json else
-                      f"{entry.name:<24} {entry.role:<6} created {data['created_at']} expires "
-                      f"{data['expires_at'] or 'never'} revoked {data['revoked_at'] or 'no'}")
+                print(
+                    json.dumps(data)
+                    if args.json
+                    else f"{entry.name:<24} {entry.role:<6} created {data['created_at']} expires "
+                    f"{data['expires_at'] or 'never'} revoked {data['revoked_at'] or 'no'}"
+                )
     except ValueError as exc:
         print(f"qm: token: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -264,14 +379,25 @@ def _as_json(status: TaskStatus, extra: dict | None = None) -> str:
 
 def _show(status: TaskStatus) -> str:
     memory = f"{status.memory_limit_mb} MiB" if status.memory_limit_mb else "unlimited"
-    rows = [("id", status.task_id), ("type", status.type), ("queue", status.queue), ("state", status.state),
-            ("attempts", status.attempts), ("result", "" if status.result is None else status.result),
-            ("error", status.error), ("worker", status.worker or "-"),
-            ("limits", f"timeout {status.timeout_s:g} s, memory {memory}, retries {status.max_retries}"),
-            ("due" if status.state in (TaskState.SCHEDULED, TaskState.QUEUED) else "next try",
-             _when(status.next_attempt_at)), ("progress", _progress_text(status) or "-"),
-            ("created", _when(status.created_at)), ("started", _when(status.started_at)),
-            ("finished", _when(status.finished_at))]
+    rows = [
+        ("id", status.task_id),
+        ("type", status.type),
+        ("queue", status.queue),
+        ("state", status.state),
+        ("attempts", status.attempts),
+        ("result", "" if status.result is None else status.result),
+        ("error", status.error),
+        ("worker", status.worker or "-"),
+        ("limits", f"timeout {status.timeout_s:g} s, memory {memory}, retries {status.max_retries}"),
+        (
+            "due" if status.state in (TaskState.SCHEDULED, TaskState.QUEUED) else "next try",
+            _when(status.next_attempt_at),
+        ),
+        ("progress", _progress_text(status) or "-"),
+        ("created", _when(status.created_at)),
+        ("started", _when(status.started_at)),
+        ("finished", _when(status.finished_at)),
+    ]
     return "\n".join(f"{name:<9} {value}" for name, value in rows)
 
 
@@ -313,11 +439,19 @@ def _change_line(status: TaskStatus) -> str:
 
 def cmd_submit(client: Client, args) -> int:
     client.submit_retry_s = args.retry_for
-    options = dict(queue=args.queue, timeout_s=args.timeout, memory_limit_mb=args.memory_limit,
-                   max_retries=args.max_retries, retry_backoff_s=args.retry_backoff,
-                   retry_backoff_max_s=args.retry_backoff_max, retry_jitter=args.retry_jitter,
-                   retry_on_timeout=args.retry_on_timeout, soft_timeout_s=args.soft_timeout,
-                   delay_s=args.delay, not_before=args.not_before)
+    options = dict(
+        queue=args.queue,
+        timeout_s=args.timeout,
+        memory_limit_mb=args.memory_limit,
+        max_retries=args.max_retries,
+        retry_backoff_s=args.retry_backoff,
+        retry_backoff_max_s=args.retry_backoff_max,
+        retry_jitter=args.retry_jitter,
+        retry_on_timeout=args.retry_on_timeout,
+        soft_timeout_s=args.soft_timeout,
+        delay_s=args.delay,
+        not_before=args.not_before,
+    )
     if args.from_file is not None:
         return _submit_lines(client, args, options)
     payload = sys.stdin.read() if args.payload == "-" else args.payload
@@ -370,8 +504,7 @@ def _submit_lines(client: Client, args, options: dict) -> int:
     """--from-file: submit_many in batches as the lines come; print each accepted id in order
     (unless waiting); name each refused line on stderr; then wait, with --wait."""
     try:
-        source = contextlib.nullcontext(sys.stdin) if args.from_file == "-" else open(args.from_file,
-                                                                                      encoding="utf-8")
+        source = contextlib.nullcontext(sys.stdin) if args.from_file == "-" else open(args.from_file, encoding="utf-8")
     except OSError as exc:
         print(f"qm: cannot read {args.from_file}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -380,13 +513,16 @@ def _submit_lines(client: Client, args, options: dict) -> int:
     return max(code, _wait_lines(client, args, accepted)) if args.wait else code
 
 
-def _submit_batches(client: Client, args, options: dict,
-                    lines: Iterator[tuple[int, str]]) -> tuple[list[tuple[int, str]], int]:
+def _submit_batches(
+    client: Client, args, options: dict, lines: Iterator[tuple[int, str]]
+) -> tuple[list[tuple[int, str]], int]:
     accepted: list[tuple[int, str]] = []  # (line number, task id)
     code = 0
     for batch in _batches(lines, client.batch_items):
-        keys = [{"idempotency_key": f"{args.idempotency_key}/{number}"} if args.idempotency_key else {}
-                for number, _payload in batch]
+        keys = [
+            {"idempotency_key": f"{args.idempotency_key}/{number}"} if args.idempotency_key else {}
+            for number, _payload in batch
+        ]
         try:
             items = [(args.type, payload, key) for (_, payload), key in zip(batch, keys, strict=True)]
             ids: list[str | None] = list(client.submit_many(items, **options))
@@ -425,8 +561,11 @@ def _wait_lines(client: Client, args, accepted: list[tuple[int, str]]) -> int:
                 failed |= _print_final(finals[task_id], args, line_of[task_id])
             else:
                 print(f"qm: line {line_of[task_id]}: task {task_id} not finished", file=sys.stderr)
-        print(f"qm: {len(exc.task_ids)} task(s) not finished within {exc.timeout_s:g} s; they go on: "
-              f"qm watch {' '.join(exc.task_ids)}", file=sys.stderr)
+        print(
+            f"qm: {len(exc.task_ids)} task(s) not finished within {exc.timeout_s:g} s; they go on: "
+            f"qm watch {' '.join(exc.task_ids)}",
+            file=sys.stderr,
+        )
         return EXIT_TIMEOUT
     return EXIT_TASK_FAILED if failed else 0
 
@@ -470,10 +609,12 @@ def cmd_workers(client: Client, args) -> int:
         if args.json:
             print(json.dumps({**dataclasses.asdict(worker), "last_seen": _when(worker.last_seen)}))
         else:
-            print(f"{worker.worker_id:<28} {worker.state:<8} {worker.host} pid {worker.pid} "
-                  f"busy {worker.busy}/{worker.procs} queues {','.join(worker.queues)} "
-                  f"v{worker.version} last seen {_when(worker.last_seen)} "
-                  f"types {','.join(worker.types)}")
+            print(
+                f"{worker.worker_id:<28} {worker.state:<8} {worker.host} pid {worker.pid} "
+                f"busy {worker.busy}/{worker.procs} queues {','.join(worker.queues)} "
+                f"v{worker.version} last seen {_when(worker.last_seen)} "
+                f"types {','.join(worker.types)}"
+            )
     if not args.json:
         print(f"{sum(w.state == 'active' for w in listed)} active worker(s)")
     return 0
@@ -486,9 +627,11 @@ def cmd_types(client: Client, args) -> int:
             print(json.dumps(dataclasses.asdict(item)))
             continue
         memory = f"{item.default_memory_limit_mb} MiB" if item.default_memory_limit_mb else "unlimited"
-        print(f"{item.name:<20} {item.codec:<5} timeout {item.default_timeout_s:g} s"
-              f"{' (max ' + format(item.max_timeout_s, 'g') + ' s)' if item.max_timeout_s else ''}, "
-              f"memory {memory}, retries {item.default_max_retries}  {item.description}")
+        print(
+            f"{item.name:<20} {item.codec:<5} timeout {item.default_timeout_s:g} s"
+            f"{' (max ' + format(item.max_timeout_s, 'g') + ' s)' if item.max_timeout_s else ''}, "
+            f"memory {memory}, retries {item.default_max_retries}  {item.description}"
+        )
     for error in errors:
         print(f"qm: server could not load a plugin: {error}", file=sys.stderr)
     return 0
@@ -503,8 +646,14 @@ def cmd_run(args) -> int:
     def show_progress(update: Progress) -> None:
         print(f"progress {update.fraction * 100:.0f}% {update.message}".rstrip(), file=sys.stderr, flush=True)
 
-    outcome = run_task(args.type, payload, timeout_s=args.timeout, memory_limit_mb=args.memory_limit,
-                       soft_timeout_s=args.soft_timeout, on_progress=show_progress)
+    outcome = run_task(
+        args.type,
+        payload,
+        timeout_s=args.timeout,
+        memory_limit_mb=args.memory_limit,
+        soft_timeout_s=args.soft_timeout,
+        on_progress=show_progress,
+    )
     if outcome.succeeded:
         print(outcome.value if isinstance(outcome.value, str) else json.dumps(outcome.value))
         return 0
@@ -525,8 +674,10 @@ def cmd_dead(client: Client, args) -> int:
             if args.json:
                 print(json.dumps({**dataclasses.asdict(letter), "dead_at": _when(letter.dead_at)}))
             else:
-                print(f"{_when(letter.dead_at)} {letter.task_id} {letter.type} {letter.state} "
-                      f"attempts={letter.attempts}: {letter.reason}")
+                print(
+                    f"{_when(letter.dead_at)} {letter.task_id} {letter.type} {letter.state} "
+                    f"attempts={letter.attempts}: {letter.reason}"
+                )
         if not args.json:
             print(f"{total} dead letter(s)" + (f", {len(letters)} shown" if len(letters) < total else ""))
         return 0
@@ -543,8 +694,15 @@ def cmd_dead(client: Client, args) -> int:
     return 0
 
 
-COMMANDS = {"submit": cmd_submit, "status": cmd_status, "watch": cmd_watch, "workers": cmd_workers,
-            "types": cmd_types, "cancel": cmd_cancel, "dead": cmd_dead}
+COMMANDS = {
+    "submit": cmd_submit,
+    "status": cmd_status,
+    "watch": cmd_watch,
+    "workers": cmd_workers,
+    "types": cmd_types,
+    "cancel": cmd_cancel,
+    "dead": cmd_dead,
+}
 
 
 #: Exit status of a Unix tool whose reader went away (128 + SIGPIPE), as a shell reports it.
@@ -570,12 +728,24 @@ def _main(argv: Sequence[str] | None) -> int:
             return cmd_run(args)
         if args.command == "token":
             return cmd_token(args)
-        config = load_config(args.config, overrides={
-            "client.server": args.server, "client.tls_ca": args.tls_ca, "client.tls_cert": args.tls_cert,
-            "client.tls_key": args.tls_key, "client.token": args.token})
+        config = load_config(
+            args.config,
+            overrides={
+                "client.server": args.server,
+                "client.tls_ca": args.tls_ca,
+                "client.tls_cert": args.tls_cert,
+                "client.tls_key": args.tls_key,
+                "client.token": args.token,
+            },
+        )
         client_config = config.client
-        with Client(client_config.server, tls_ca=client_config.tls_ca, token=client_config.token,
-                    tls_cert=client_config.tls_cert, tls_key=client_config.tls_key) as client:
+        with Client(
+            client_config.server,
+            tls_ca=client_config.tls_ca,
+            token=client_config.token,
+            tls_cert=client_config.tls_cert,
+            tls_key=client_config.tls_key,
+        ) as client:
             return COMMANDS[args.command](client, args)
     except (ConfigError, ValidationError) as exc:
         print(f"qm: {exc}", file=sys.stderr)

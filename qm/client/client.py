@@ -8,6 +8,7 @@
 Waits (result, watch, results) ride out a server restart: see qm/client/common.py, which
 holds everything this client shares with the asyncio one (qm.aio.Client).
 """
+
 from __future__ import annotations
 
 import threading
@@ -51,9 +52,24 @@ from qm.errors import WaitTimeout
 from qm.reasons import Reason
 from qm.states import TaskState
 
-__all__ = ["Client", "DeadLetter", "Reason", "RemoteError", "TaskState", "TaskStatus", "TaskTypeInfo",
-           "WaitTimeout", "WorkerInfo", "TERMINAL_STATE_NAMES", "DEFAULT_CALL_TIMEOUT_S", "DEFAULT_SUBMIT_RETRY_S",
-           "DEFAULT_RECONNECT_S", "SUBMIT_RETRY_CODES", "retry_pushback_s", "status_from_proto"]
+__all__ = [
+    "Client",
+    "DeadLetter",
+    "Reason",
+    "RemoteError",
+    "TaskState",
+    "TaskStatus",
+    "TaskTypeInfo",
+    "WaitTimeout",
+    "WorkerInfo",
+    "TERMINAL_STATE_NAMES",
+    "DEFAULT_CALL_TIMEOUT_S",
+    "DEFAULT_SUBMIT_RETRY_S",
+    "DEFAULT_RECONNECT_S",
+    "SUBMIT_RETRY_CODES",
+    "retry_pushback_s",
+    "status_from_proto",
+]
 
 
 class Client:
@@ -67,12 +83,19 @@ class Client:
     client's certificate for mTLS; token: a bearer token (`qm token create`).
     """
 
-    def __init__(self, server: str | Sequence[str] = "127.0.0.1:50051",
-                 call_timeout_s: float = DEFAULT_CALL_TIMEOUT_S,
-                 submit_retry_s: float = DEFAULT_SUBMIT_RETRY_S, reconnect_s: float = DEFAULT_RECONNECT_S,
-                 batch_items: int = DEFAULT_BATCH_ITEMS,
-                 *, tls_ca: str | None = None, token: str | None = None, tls_cert: str | None = None,
-                 tls_key: str | None = None):
+    def __init__(
+        self,
+        server: str | Sequence[str] = "127.0.0.1:50051",
+        call_timeout_s: float = DEFAULT_CALL_TIMEOUT_S,
+        submit_retry_s: float = DEFAULT_SUBMIT_RETRY_S,
+        reconnect_s: float = DEFAULT_RECONNECT_S,
+        batch_items: int = DEFAULT_BATCH_ITEMS,
+        *,
+        tls_ca: str | None = None,
+        token: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+    ):
         self.servers = parse_servers(server)
         self._security = ChannelSecurity.load(tls_ca, token, tls_cert, tls_key)
         self.server = ",".join(self.servers)
@@ -120,18 +143,35 @@ class Client:
                 attempts.reached()
                 return response
             except grpc.RpcError as exc:
-                delay_s = attempts.failed(address, exc.code(), exc.details() or "",
-                                          retry_pushback_s(exc.trailing_metadata()), error_reason(exc))
+                delay_s = attempts.failed(
+                    address,
+                    exc.code(),
+                    exc.details() or "",
+                    retry_pushback_s(exc.trailing_metadata()),
+                    error_reason(exc),
+                )
             time.sleep(delay_s)
 
     # -- submitting ----------------------------------------------------------------------
 
-    def submit(self, type: str, payload: Any, *, queue: str = "", timeout_s: float = 0.0,
-               memory_limit_mb: int = 0, max_retries: int | None = None, retry_backoff_s: float | None = None,
-               retry_backoff_max_s: float | None = None, retry_jitter: bool | None = None,
-               retry_on_timeout: bool | None = None, idempotency_key: str | None = None,
-               soft_timeout_s: float = 0.0, delay_s: float | None = None,
-               not_before: float | None = None) -> str:
+    def submit(
+        self,
+        type: str,
+        payload: Any,
+        *,
+        queue: str = "",
+        timeout_s: float = 0.0,
+        memory_limit_mb: int = 0,
+        max_retries: int | None = None,
+        retry_backoff_s: float | None = None,
+        retry_backoff_max_s: float | None = None,
+        retry_jitter: bool | None = None,
+        retry_on_timeout: bool | None = None,
+        idempotency_key: str | None = None,
+        soft_timeout_s: float = 0.0,
+        delay_s: float | None = None,
+        not_before: float | None = None,
+    ) -> str:
         """Submit a task; returns its id once the server has made it durable.
 
         `delay_s` (seconds from now) or `not_before` (seconds since the epoch; one already
@@ -146,12 +186,22 @@ class Client:
         turn, for up to `submit_retry_s`, and a retry can never enqueue the task twice. A key
         already used for another request: RemoteError FAILED_PRECONDITION.
         """
-        request = submit_request(type, payload, queue=queue, timeout_s=timeout_s,
-                                 memory_limit_mb=memory_limit_mb, max_retries=max_retries,
-                                 retry_backoff_s=retry_backoff_s, retry_backoff_max_s=retry_backoff_max_s,
-                                 retry_jitter=retry_jitter, retry_on_timeout=retry_on_timeout,
-                                 idempotency_key=idempotency_key, soft_timeout_s=soft_timeout_s,
-                                 delay_s=delay_s, not_before=not_before)
+        request = submit_request(
+            type,
+            payload,
+            queue=queue,
+            timeout_s=timeout_s,
+            memory_limit_mb=memory_limit_mb,
+            max_retries=max_retries,
+            retry_backoff_s=retry_backoff_s,
+            retry_backoff_max_s=retry_backoff_max_s,
+            retry_jitter=retry_jitter,
+            retry_on_timeout=retry_on_timeout,
+            idempotency_key=idempotency_key,
+            soft_timeout_s=soft_timeout_s,
+            delay_s=delay_s,
+            not_before=not_before,
+        )
         return self._call("SubmitTask", request, self.submit_retry_s, SUBMIT_RETRY_CODES).task_id
 
     def submit_many(self, items: Iterable[tuple], **options) -> list[str]:
@@ -176,8 +226,7 @@ class Client:
         while True:
             address = attempts.address
             try:
-                response = self._stub_at(address).SubmitTasks(batch.request(chunk),
-                                                              timeout=self.call_timeout_s)
+                response = self._stub_at(address).SubmitTasks(batch.request(chunk), timeout=self.call_timeout_s)
                 self._failover.reached = True
                 chunk = batch.record(chunk, response)
                 if not chunk:
@@ -200,8 +249,7 @@ class Client:
         follow = Follow(task_ids, self._failover, timeout_s, self.reconnect_s)
         while not follow.done:
             address = follow.address
-            call = self._stub_at(address).StreamTaskResults(iter(follow.requests()),
-                                                            timeout=follow.call_timeout())
+            call = self._stub_at(address).StreamTaskResults(iter(follow.requests()), timeout=follow.call_timeout())
             code = details = reason = None
             try:
                 for response in call:

@@ -17,6 +17,7 @@ time.sleep or asyncio.sleep) for as long as the pieces here say.
 Addresses: `server` is one HOST:PORT or several, comma-separated ("a:50051,b:50051"); every
 call starts at the address that last answered and fails over to the next on UNAVAILABLE.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -73,13 +74,20 @@ FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
 #: server overloaded (RESOURCE_EXHAUSTED, with a retry-pushback-ms hint), or a call that
 #: ended without an answer (CANCELLED, DEADLINE_EXCEEDED: the task may or may not have
 #: been accepted; the key settles it).
-SUBMIT_RETRY_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED})
+SUBMIT_RETRY_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+    }
+)
 #: Trailing metadata key of the server's retry hint, in milliseconds.
 RETRY_PUSHBACK_KEY = "retry-pushback-ms"
 
 
 # -- errors ------------------------------------------------------------------------------
+
 
 class RemoteError(QMError):
     """qm-server answered with an error status (or could not be reached).
@@ -88,8 +96,14 @@ class RemoteError(QMError):
     None for an error from gRPC itself (qm-server not reached, deadline, cancelled).
     """
 
-    def __init__(self, code: grpc.StatusCode, details: str, server: str, retry_after_s: float | None = None,
-                 reason: str | None = None):
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        details: str,
+        server: str,
+        retry_after_s: float | None = None,
+        reason: str | None = None,
+    ):
         self.code = code
         self.details = details
         self.retry_after_s = retry_after_s  # the server's retry hint, if it gave one
@@ -97,8 +111,10 @@ class RemoteError(QMError):
         # UNAVAILABLE with a reason is qm-server's own answer (its broker is away); without
         # one, gRPC could not reach qm-server.
         if code is grpc.StatusCode.UNAVAILABLE and reason is None:
-            details = (f"cannot reach qm-server at {server} ({details}); is it running? "
-                       "Point --server / QM_CLIENT__SERVER at it")
+            details = (
+                f"cannot reach qm-server at {server} ({details}); is it running? "
+                "Point --server / QM_CLIENT__SERVER at it"
+            )
         elif code is grpc.StatusCode.DEADLINE_EXCEEDED:
             details = f"qm-server at {server} did not answer in time ({details})"
         super().__init__(details)
@@ -132,8 +148,9 @@ def error_reason(error: grpc.RpcError) -> str | None:
 
 # -- addresses and retries ---------------------------------------------------------------
 
+
 def parse_servers(server: str | Sequence[str]) -> list[str]:
-    """"a:1,b:2" (or a list) → ["a:1", "b:2"]; ValueError naming a malformed address."""
+    """ "a:1,b:2" (or a list) → ["a:1", "b:2"]; ValueError naming a malformed address."""
     parts = server.split(",") if isinstance(server, str) else list(server)
     addresses = [part.strip() for part in parts if part.strip()]
     if not addresses:
@@ -174,8 +191,13 @@ class Attempts:
     answered) opens the window again: a stream that was connected may lose its server for
     `window_s` before it gives up."""
 
-    def __init__(self, failover: Failover, window_s: float, clock: Callable[[], float] = time.monotonic,
-                 retry_codes: frozenset = FAILOVER_CODES):
+    def __init__(
+        self,
+        failover: Failover,
+        window_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        retry_codes: frozenset = FAILOVER_CODES,
+    ):
         self.failover = failover
         self.window_s = window_s
         self.retry_codes = retry_codes
@@ -195,8 +217,14 @@ class Attempts:
         self._delay_s = RETRY_INITIAL_DELAY_S
         self._deadline = self._clock() + self.window_s
 
-    def failed(self, address: str, code: grpc.StatusCode, details: str,
-               retry_after_s: float | None = None, reason: str | None = None) -> float:
+    def failed(
+        self,
+        address: str,
+        code: grpc.StatusCode,
+        details: str,
+        retry_after_s: float | None = None,
+        reason: str | None = None,
+    ) -> float:
         """The call to `address` failed with `code` (the server's retry hint: `retry_after_s`,
         its reason code: `reason`): the pause before the next try, or RemoteError if the
         code is not one to retry or the window is spent."""
@@ -219,33 +247,60 @@ class Attempts:
 # -- submitting --------------------------------------------------------------------------
 
 #: SubmitTaskRequest's optional fields (None = the task type's, else the server's default).
-_OPTIONAL_FIELDS = ("max_retries", "retry_backoff_s", "retry_backoff_max_s", "retry_jitter",
-                    "retry_on_timeout")
+_OPTIONAL_FIELDS = ("max_retries", "retry_backoff_s", "retry_backoff_max_s", "retry_jitter", "retry_on_timeout")
 #: Options submit and submit_many take.
-SUBMIT_OPTIONS = ("queue", "timeout_s", "soft_timeout_s", "memory_limit_mb", *_OPTIONAL_FIELDS,
-                  "idempotency_key", "delay_s", "not_before")
+SUBMIT_OPTIONS = (
+    "queue",
+    "timeout_s",
+    "soft_timeout_s",
+    "memory_limit_mb",
+    *_OPTIONAL_FIELDS,
+    "idempotency_key",
+    "delay_s",
+    "not_before",
+)
 
 #: The two ways of asking for a delay (qm/scheduling.py); a submission takes one.
 _DELAY_OPTIONS = frozenset({"delay_s", "not_before"})
 
 
-def submit_request(type: str, payload: Any, *, queue: str = "", timeout_s: float = 0.0,
-                   memory_limit_mb: int = 0, max_retries: int | None = None,
-                   retry_backoff_s: float | None = None, retry_backoff_max_s: float | None = None,
-                   retry_jitter: bool | None = None, retry_on_timeout: bool | None = None,
-                   idempotency_key: str | None = None,
-                   soft_timeout_s: float = 0.0, delay_s: float | None = None,
-                   not_before: float | None = None) -> task_queue_pb2.SubmitTaskRequest:
+def submit_request(
+    type: str,
+    payload: Any,
+    *,
+    queue: str = "",
+    timeout_s: float = 0.0,
+    memory_limit_mb: int = 0,
+    max_retries: int | None = None,
+    retry_backoff_s: float | None = None,
+    retry_backoff_max_s: float | None = None,
+    retry_jitter: bool | None = None,
+    retry_on_timeout: bool | None = None,
+    idempotency_key: str | None = None,
+    soft_timeout_s: float = 0.0,
+    delay_s: float | None = None,
+    not_before: float | None = None,
+) -> task_queue_pb2.SubmitTaskRequest:
     """The request of one submit; it always carries an idempotency key (a fresh one unless
     given), so retrying it can never enqueue the task twice. `delay_s` or `not_before`
     (seconds since the epoch) make it a delayed task."""
     request = task_queue_pb2.SubmitTaskRequest(
-        type=type, payload=encode_payload(payload), queue=queue, timeout_s=timeout_s,
-        memory_limit_mb=memory_limit_mb, idempotency_key=idempotency_key or str(uuid.uuid4()),
-        soft_timeout_s=soft_timeout_s)
-    optional = dict(max_retries=max_retries, retry_backoff_s=retry_backoff_s,
-                    retry_backoff_max_s=retry_backoff_max_s, retry_jitter=retry_jitter,
-                    retry_on_timeout=retry_on_timeout, delay_s=delay_s)
+        type=type,
+        payload=encode_payload(payload),
+        queue=queue,
+        timeout_s=timeout_s,
+        memory_limit_mb=memory_limit_mb,
+        idempotency_key=idempotency_key or str(uuid.uuid4()),
+        soft_timeout_s=soft_timeout_s,
+    )
+    optional = dict(
+        max_retries=max_retries,
+        retry_backoff_s=retry_backoff_s,
+        retry_backoff_max_s=retry_backoff_max_s,
+        retry_jitter=retry_jitter,
+        retry_on_timeout=retry_on_timeout,
+        delay_s=delay_s,
+    )
     if not_before is not None:
         request.not_before.FromNanoseconds(int(not_before * 1e9))
     for field, value in optional.items():
@@ -266,11 +321,15 @@ def batch_requests(items: Iterable[tuple], options: dict[str, Any]) -> list[task
     requests = []
     for index, item in enumerate(items):
         if not isinstance(item, (tuple, list)) or len(item) not in (2, 3):
-            raise TypeError(f"item {index}: expected (type, payload) or (type, payload, options), "
-                            f"got {item!r}")
+            raise TypeError(f"item {index}: expected (type, payload) or (type, payload, options), got {item!r}")
         own = dict(item[2]) if len(item) == 3 else {}
-        batch = options if not _DELAY_OPTIONS & own.keys() else {  # an item's own delay replaces the batch's
-            name: value for name, value in options.items() if name not in _DELAY_OPTIONS}
+        batch = (
+            options
+            if not _DELAY_OPTIONS & own.keys()
+            else {  # an item's own delay replaces the batch's
+                name: value for name, value in options.items() if name not in _DELAY_OPTIONS
+            }
+        )
         merged = {**batch, **own}
         if "idempotency_key" not in own and batch_key:
             merged["idempotency_key"] = f"{batch_key}/{index}"
@@ -283,8 +342,12 @@ class Batch:
     each item's outcome, and which items to send again (refused UNAVAILABLE: the server's
     broker was away; their idempotency keys make the retry safe)."""
 
-    def __init__(self, requests: list[task_queue_pb2.SubmitTaskRequest], max_items: int = DEFAULT_BATCH_ITEMS,
-                 max_bytes: int = MAX_BATCH_BYTES):
+    def __init__(
+        self,
+        requests: list[task_queue_pb2.SubmitTaskRequest],
+        max_items: int = DEFAULT_BATCH_ITEMS,
+        max_bytes: int = MAX_BATCH_BYTES,
+    ):
         self.requests = requests
         self.max_items = max_items
         self.max_bytes = max_bytes
@@ -324,8 +387,7 @@ class Batch:
                     again.append(index)
         return again
 
-    def refuse(self, indexes: Iterable[int], code: grpc.StatusCode, message: str,
-               reason: str | None = None) -> None:
+    def refuse(self, indexes: Iterable[int], code: grpc.StatusCode, message: str, reason: str | None = None) -> None:
         for index in indexes:
             self.refused[index] = RefusedItem(index, self.requests[index].type, code.name, message, reason)
 
@@ -337,8 +399,9 @@ class Batch:
         for index, task_id in enumerate(self.task_ids):
             refused = self.refused.get(index)
             if task_id is None and (refused is None or refused.code == grpc.StatusCode.UNAVAILABLE.name):
-                self.refused[index] = RefusedItem(index, self.requests[index].type, error.code.name,
-                                                  str(error), error.reason)
+                self.refused[index] = RefusedItem(
+                    index, self.requests[index].type, error.code.name, str(error), error.reason
+                )
 
     def task_ids_or_raise(self) -> list[str]:
         """The ids in order, or BatchError naming each refused item (accepted ids on it)."""
@@ -356,6 +419,7 @@ def _status_code(number: int) -> grpc.StatusCode:
 
 # -- statuses ----------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class TaskStatus:
     """A task's state as the server reports it; times are seconds since the epoch or None."""
@@ -363,7 +427,7 @@ class TaskStatus:
     task_id: str
     type: str
     queue: str
-    state: TaskState               # a str-enum: == "SUCCEEDED" holds too
+    state: TaskState  # a str-enum: == "SUCCEEDED" holds too
     attempts: int
     result: Any
     error: str
@@ -372,13 +436,13 @@ class TaskStatus:
     started_at: float | None
     finished_at: float | None
     updated_at: float | None
-    timeout_s: float = 0.0         # effective hard time limit
-    memory_limit_mb: int = 0       # effective memory limit; 0 = none
-    max_retries: int = 0           # effective retry budget
+    timeout_s: float = 0.0  # effective hard time limit
+    memory_limit_mb: int = 0  # effective memory limit; 0 = none
+    max_retries: int = 0  # effective retry budget
     next_attempt_at: float | None = None  # while RETRYING; while SCHEDULED (or QUEUED after it): when due
-    progress: float = 0.0          # 0..1, the latest qm.progress() of the current attempt
+    progress: float = 0.0  # 0..1, the latest qm.progress() of the current attempt
     progress_message: str = ""
-    progress_detail: Any = None    # its JSON detail, decoded; None if none
+    progress_detail: Any = None  # its JSON detail, decoded; None if none
     progress_at: float | None = None  # when that report was made
 
     @property
@@ -445,17 +509,29 @@ def _seconds(timestamp) -> float | None:
 
 def status_from_proto(status: task_queue_pb2.TaskStatus) -> TaskStatus:
     return TaskStatus(
-        task_id=status.task_id, type=status.type, queue=status.queue,
-        state=TaskState.of_number(status.state), attempts=status.attempts,
-        result=(decode_result(status.codec, status.result)
-                if status.state == task_queue_pb2.TASK_STATE_SUCCEEDED else None),
-        error=status.error, worker=status.worker, created_at=_seconds(status.created_at),
-        started_at=_seconds(status.started_at), finished_at=_seconds(status.finished_at),
-        updated_at=_seconds(status.updated_at), timeout_s=status.timeout_s,
-        memory_limit_mb=status.memory_limit_mb, max_retries=status.max_retries,
-        next_attempt_at=_seconds(status.next_attempt_at), progress=status.progress,
-        progress_message=status.progress_message, progress_detail=_json_or_none(status.progress_detail_json),
-        progress_at=_seconds(status.progress_at))
+        task_id=status.task_id,
+        type=status.type,
+        queue=status.queue,
+        state=TaskState.of_number(status.state),
+        attempts=status.attempts,
+        result=(
+            decode_result(status.codec, status.result) if status.state == task_queue_pb2.TASK_STATE_SUCCEEDED else None
+        ),
+        error=status.error,
+        worker=status.worker,
+        created_at=_seconds(status.created_at),
+        started_at=_seconds(status.started_at),
+        finished_at=_seconds(status.finished_at),
+        updated_at=_seconds(status.updated_at),
+        timeout_s=status.timeout_s,
+        memory_limit_mb=status.memory_limit_mb,
+        max_retries=status.max_retries,
+        next_attempt_at=_seconds(status.next_attempt_at),
+        progress=status.progress,
+        progress_message=status.progress_message,
+        progress_detail=_json_or_none(status.progress_detail_json),
+        progress_at=_seconds(status.progress_at),
+    )
 
 
 def _json_or_none(text: str) -> Any:
@@ -475,25 +551,52 @@ def final_value(task_id: str, last: TaskStatus | None) -> Any:
 
 
 def workers_from_proto(response: task_queue_pb2.ListWorkersResponse) -> list[WorkerInfo]:
-    return [WorkerInfo(w.worker_id, w.host, w.pid, w.procs, w.busy, list(w.queues), list(w.types), w.version,
-                       w.state, _seconds(w.last_seen)) for w in response.workers]
+    return [
+        WorkerInfo(
+            w.worker_id,
+            w.host,
+            w.pid,
+            w.procs,
+            w.busy,
+            list(w.queues),
+            list(w.types),
+            w.version,
+            w.state,
+            _seconds(w.last_seen),
+        )
+        for w in response.workers
+    ]
 
 
-def task_types_from_proto(response: task_queue_pb2.ListTaskTypesResponse
-                          ) -> tuple[list[TaskTypeInfo], list[str]]:
-    types = [TaskTypeInfo(t.name, t.codec, t.description, t.default_timeout_s, t.max_timeout_s,
-                          t.default_memory_limit_mb, t.max_memory_limit_mb, t.default_max_retries)
-             for t in response.types]
+def task_types_from_proto(response: task_queue_pb2.ListTaskTypesResponse) -> tuple[list[TaskTypeInfo], list[str]]:
+    types = [
+        TaskTypeInfo(
+            t.name,
+            t.codec,
+            t.description,
+            t.default_timeout_s,
+            t.max_timeout_s,
+            t.default_memory_limit_mb,
+            t.max_memory_limit_mb,
+            t.default_max_retries,
+        )
+        for t in response.types
+    ]
     return types, list(response.plugin_errors)
 
 
 def dead_letters_from_proto(response: task_queue_pb2.ListDeadLettersResponse) -> tuple[list[DeadLetter], int]:
-    letters = [DeadLetter(d.task_id, d.type, d.queue, TaskState.of_number(d.state), d.attempts,
-                          d.reason, d.error, _seconds(d.dead_at)) for d in response.dead_letters]
+    letters = [
+        DeadLetter(
+            d.task_id, d.type, d.queue, TaskState.of_number(d.state), d.attempts, d.reason, d.error, _seconds(d.dead_at)
+        )
+        for d in response.dead_letters
+    ]
     return letters, response.total
 
 
 # -- following tasks, across server restarts -----------------------------------------------
+
 
 class Follow:
     """One wait over tasks (watch, result, results), over as many streams as it takes.
@@ -507,9 +610,15 @@ class Follow:
     caller's `timeout_s` bounds everything (WaitTimeout).
     """
 
-    def __init__(self, task_ids: Iterable[str], failover: Failover, timeout_s: float | None,
-                 reconnect_s: float, clock: Callable[[], float] = time.monotonic):
-        self.open = dict.fromkeys(task_ids)             # ids not yet terminal, in order
+    def __init__(
+        self,
+        task_ids: Iterable[str],
+        failover: Failover,
+        timeout_s: float | None,
+        reconnect_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.open = dict.fromkeys(task_ids)  # ids not yet terminal, in order
         self.timeout_s = timeout_s
         self._delivered: dict[str, set[tuple]] = {}
         self._progress_ns: dict[str, int] = {}  # task id → time of the latest progress delivered
@@ -517,7 +626,7 @@ class Follow:
         self._deadline = None if timeout_s is None else clock() + timeout_s
         self._attempts = Attempts(failover, reconnect_s if failover.reached else 0.0, clock)
         self._reconnect_s = reconnect_s
-        self.resumed = 0                                 # streams opened again
+        self.resumed = 0  # streams opened again
 
     @property
     def done(self) -> bool:
@@ -529,8 +638,10 @@ class Follow:
 
     def requests(self) -> list[task_queue_pb2.StreamTaskResultsRequest]:
         ids = list(self.open)
-        return [task_queue_pb2.StreamTaskResultsRequest(task_ids=ids[i:i + FOLLOW_IDS_PER_REQUEST])
-                for i in range(0, len(ids), FOLLOW_IDS_PER_REQUEST)]
+        return [
+            task_queue_pb2.StreamTaskResultsRequest(task_ids=ids[i : i + FOLLOW_IDS_PER_REQUEST])
+            for i in range(0, len(ids), FOLLOW_IDS_PER_REQUEST)
+        ]
 
     def call_timeout(self) -> float | None:
         """The stream's gRPC deadline: what is left of the caller's; WaitTimeout if nothing is."""
@@ -564,15 +675,20 @@ class Follow:
             self._progress_ns.pop(proto.task_id, None)
         return status
 
-    def interrupted(self, address: str, code: grpc.StatusCode | None, details: str | None,
-                    reason: str | None = None) -> float:
+    def interrupted(
+        self, address: str, code: grpc.StatusCode | None, details: str | None, reason: str | None = None
+    ) -> float:
         """The stream from `address` ended (code None: cleanly; `reason`: qm-server's reason
         code) with tasks still open: the pause before opening it again; raises WaitTimeout
         or RemoteError when it cannot go on."""
         if code is grpc.StatusCode.DEADLINE_EXCEEDED:
             raise self.timed_out()
-        delay_s = self._attempts.failed(address, code or grpc.StatusCode.UNAVAILABLE,
-                                        details or "the stream ended before the tasks did", reason=reason)
+        delay_s = self._attempts.failed(
+            address,
+            code or grpc.StatusCode.UNAVAILABLE,
+            details or "the stream ended before the tasks did",
+            reason=reason,
+        )
         if self._deadline is not None and self._clock() + delay_s >= self._deadline:
             raise self.timed_out()
         self.resumed += 1

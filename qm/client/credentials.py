@@ -5,6 +5,7 @@ The token travels as metadata `authorization: Bearer <token>`; gRPC's own call
 credentials would refuse a plaintext channel, and a loopback server without TLS may
 still want tokens, so an interceptor adds it instead.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,8 +26,13 @@ class ChannelSecurity:
     token: str = ""
 
     @classmethod
-    def load(cls, tls_ca: str | None = None, token: str | None = None, tls_cert: str | None = None,
-             tls_key: str | None = None) -> "ChannelSecurity":
+    def load(
+        cls,
+        tls_ca: str | None = None,
+        token: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+    ) -> "ChannelSecurity":
         """From file paths and a token (None/empty: not given); ConfigError for a bad file."""
         return cls(ClientTLS.load(tls_ca, tls_cert, tls_key), token or "")
 
@@ -47,8 +53,7 @@ class ChannelSecurity:
         """An asyncio channel to `address`."""
         interceptors = [cls(self._metadata()) for cls in _AIO_INTERCEPTORS] if self.token else None
         if self.tls is not None:
-            return grpc.aio.secure_channel(address, self.tls.credentials(), options=options,
-                                           interceptors=interceptors)
+            return grpc.aio.secure_channel(address, self.tls.credentials(), options=options, interceptors=interceptors)
         return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
 
 
@@ -60,17 +65,26 @@ class _Details(grpc.ClientCallDetails):
         self.credentials, self.wait_for_ready, self.compression = credentials, wait_for_ready, compression
 
 
-class _TokenInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
-                        grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+class _TokenInterceptor(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
     """Adds the authorization metadata to every call of a blocking channel."""
 
     def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
         self.metadata = metadata
 
     def _details(self, details) -> _Details:
-        return _Details(details.method, details.timeout, tuple(details.metadata or ()) + self.metadata,
-                        details.credentials, getattr(details, "wait_for_ready", None),
-                        getattr(details, "compression", None))
+        return _Details(
+            details.method,
+            details.timeout,
+            tuple(details.metadata or ()) + self.metadata,
+            details.credentials,
+            getattr(details, "wait_for_ready", None),
+            getattr(details, "compression", None),
+        )
 
     def intercept_unary_unary(self, continuation, client_call_details, request):
         return continuation(self._details(client_call_details), request)

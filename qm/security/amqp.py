@@ -1,6 +1,7 @@
 """What qm-server and qm-worker hand pika for RabbitMQ: the node URLs with the password
 from `broker.password_file`, and an SSLContext for amqps:// nodes from `broker.tls_*`
 keys (so CA, certificate and key are config keys, not pika URL query strings)."""
+
 from __future__ import annotations
 
 import ssl
@@ -31,12 +32,17 @@ def ssl_context(broker: BrokerConfig) -> ssl.SSLContext | None:
     CAs) with this client's certificate for mutual TLS; None when no node is amqps://."""
     if not any(urlsplit(url).scheme.lower() == "amqps" for url in broker.node_urls):
         if broker.tls_ca or broker.tls_cert:
-            raise ConfigError("broker.url", "broker.tls_* keys are set but no broker URL is amqps://; use "
-                                            "amqps:// (RabbitMQ's TLS port, 5671 by default)")
+            raise ConfigError(
+                "broker.url",
+                "broker.tls_* keys are set but no broker URL is amqps://; use "
+                "amqps:// (RabbitMQ's TLS port, 5671 by default)",
+            )
         return None
     if bool(broker.tls_cert) != bool(broker.tls_key):
-        raise ConfigError("broker.tls_cert" if not broker.tls_cert else "broker.tls_key",
-                          "a client certificate needs its key and the key its certificate")
+        raise ConfigError(
+            "broker.tls_cert" if not broker.tls_cert else "broker.tls_key",
+            "a client certificate needs its key and the key its certificate",
+        )
     try:
         context = ssl.create_default_context(cafile=broker.tls_ca or None)
     except (OSError, ssl.SSLError) as exc:
@@ -45,6 +51,7 @@ def ssl_context(broker: BrokerConfig) -> ssl.SSLContext | None:
         try:
             context.load_cert_chain(broker.tls_cert, broker.tls_key)
         except (OSError, ssl.SSLError) as exc:
-            raise ConfigError("broker.tls_cert", f"cannot load {broker.tls_cert!r} with key "
-                                                 f"{broker.tls_key!r}: {exc}") from None
+            raise ConfigError(
+                "broker.tls_cert", f"cannot load {broker.tls_cert!r} with key {broker.tls_key!r}: {exc}"
+            ) from None
     return context

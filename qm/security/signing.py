@@ -13,6 +13,7 @@ Replay: the server refuses a payload past its expiry, and one whose nonce it has
 before (ReplayGuard, kept until the expiry). A worker checks the signature only: a task
 may wait in its queue longer than the submit window.
 """
+
 from __future__ import annotations
 
 import contextvars
@@ -62,10 +63,13 @@ class Keyring:
         secret = executor.secret
         if executor.secret_file:
             from qm.config import MIN_SECRET_LENGTH, read_secret_file
+
             secret = read_secret_file(executor.secret_file, "executor.secret_file")
             if len(secret) < MIN_SECRET_LENGTH:
-                raise ConfigError("executor.secret_file", f"the secret must be at least {MIN_SECRET_LENGTH} "
-                                                          f"characters, got {len(secret)}")
+                raise ConfigError(
+                    "executor.secret_file",
+                    f"the secret must be at least {MIN_SECRET_LENGTH} characters, got {len(secret)}",
+                )
         if not secret:
             return None
         keys = dict(item.partition(":")[::2] for item in executor.previous_secrets)
@@ -77,31 +81,43 @@ class Keyring:
         the payload came with, so a client not yet rotated can read its result)."""
         key_id = key_id or self.current
         name = key_id.encode()
-        header = MAGIC + bytes([len(name)]) + name + _HEADER_TAIL.pack(
-            int((time.time() + ttl_s) * 1000), secrets.token_bytes(NONCE_BYTES))
+        header = (
+            MAGIC
+            + bytes([len(name)])
+            + name
+            + _HEADER_TAIL.pack(int((time.time() + ttl_s) * 1000), secrets.token_bytes(NONCE_BYTES))
+        )
         return header + self._mac(key_id, header, data) + data
 
     def verify(self, blob: bytes, what: str = "payload", check_expiry: bool = True) -> Signed:
         """The signed data, or SignatureError naming what is wrong."""
         if not blob.startswith(MAGIC) or len(blob) < len(MAGIC) + 1:
-            raise SignatureError(what, "not a signed qm.Executor blob (unsigned, corrupted, or from a client "
-                                       "older than the qm2 format)")
+            raise SignatureError(
+                what, "not a signed qm.Executor blob (unsigned, corrupted, or from a client older than the qm2 format)"
+            )
         id_end = len(MAGIC) + 1 + blob[len(MAGIC)]
         header_end = id_end + _HEADER_TAIL.size
         if len(blob) < header_end + DIGEST_BYTES:
             raise SignatureError(what, "truncated signature")
-        key_id = blob[len(MAGIC) + 1:id_end].decode(errors="replace")
+        key_id = blob[len(MAGIC) + 1 : id_end].decode(errors="replace")
         expires_at_ms, nonce = _HEADER_TAIL.unpack(blob[id_end:header_end])
-        digest, data = blob[header_end:header_end + DIGEST_BYTES], blob[header_end + DIGEST_BYTES:]
+        digest, data = blob[header_end : header_end + DIGEST_BYTES], blob[header_end + DIGEST_BYTES :]
         if key_id not in self.secrets:
-            raise SignatureError(what, f"signed with key id {key_id!r}, which this side does not hold (known: "
-                                       f"{', '.join(sorted(self.secrets))}); rotate executor.key_id everywhere")
+            raise SignatureError(
+                what,
+                f"signed with key id {key_id!r}, which this side does not hold (known: "
+                f"{', '.join(sorted(self.secrets))}); rotate executor.key_id everywhere",
+            )
         if not hmac.compare_digest(digest, self._mac(key_id, blob[:header_end], data)):
-            raise SignatureError(what, f"signature does not match key id {key_id!r}: signed with another "
-                                       "executor.secret, or altered")
+            raise SignatureError(
+                what, f"signature does not match key id {key_id!r}: signed with another executor.secret, or altered"
+            )
         if check_expiry and expires_at_ms < time.time() * 1000:
-            raise SignatureError(what, "the signature has expired (executor.signature_ttl_s): sign again; a "
-                                       "captured payload is not accepted forever")
+            raise SignatureError(
+                what,
+                "the signature has expired (executor.signature_ttl_s): sign again; a "
+                "captured payload is not accepted forever",
+            )
         return Signed(data, key_id, expires_at_ms, nonce)
 
     def _mac(self, key_id: str, header: bytes, data: bytes) -> bytes:
@@ -129,6 +145,7 @@ class ReplayGuard:
                 self._seen = {nonce: seen for nonce, seen in self._seen.items() if seen[0] >= now_ms}
             first = self._seen.get(signed.nonce)
             if first is not None and not (key and first[1] == key):
-                raise SignatureError(what, "this signed payload was submitted before (replay); qm.Executor signs "
-                                           "every call afresh")
+                raise SignatureError(
+                    what, "this signed payload was submitted before (replay); qm.Executor signs every call afresh"
+                )
             self._seen[signed.nonce] = (signed.expires_at_ms, key)

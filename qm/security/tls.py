@@ -4,6 +4,7 @@ Server: a certificate and its key, plus optionally a CA whose certificates clien
 present (mTLS: `require_client_auth`). Client: the CA that signed the server's
 certificate, plus optionally its own certificate and key for mTLS.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,9 +37,12 @@ def check_pair(cert: str, key: str, prefix: str) -> None:
     try:
         ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
     except ssl.SSLError as exc:
-        raise ConfigError(f"{prefix}tls_key", f"{key!r} and the certificate {cert!r} do not make a pair "
-                                              f"({exc.reason or exc}): is it the certificate's own key, "
-                                              "unencrypted PEM?") from None
+        raise ConfigError(
+            f"{prefix}tls_key",
+            f"{key!r} and the certificate {cert!r} do not make a pair "
+            f"({exc.reason or exc}): is it the certificate's own key, "
+            "unencrypted PEM?",
+        ) from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,19 +59,24 @@ class ServerTLS:
         or "worker.status_"); None when TLS is off."""
         if not cert and not key:
             if client_ca:
-                raise ConfigError(f"{prefix}tls_client_ca", f"needs {prefix}tls_cert and {prefix}tls_key "
-                                                            "(mTLS runs on top of TLS)")
+                raise ConfigError(
+                    f"{prefix}tls_client_ca", f"needs {prefix}tls_cert and {prefix}tls_key (mTLS runs on top of TLS)"
+                )
             return None
         if not cert or not key:
             missing = "tls_cert" if not cert else "tls_key"
             raise ConfigError(f"{prefix}{missing}", "TLS needs both a certificate and its private key")
         check_pair(cert, key, prefix)
-        return cls(read_pem(cert, f"{prefix}tls_cert"), read_pem(key, f"{prefix}tls_key"),
-                   read_pem(client_ca, f"{prefix}tls_client_ca") if client_ca else None)
+        return cls(
+            read_pem(cert, f"{prefix}tls_cert"),
+            read_pem(key, f"{prefix}tls_key"),
+            read_pem(client_ca, f"{prefix}tls_client_ca") if client_ca else None,
+        )
 
     def credentials(self) -> grpc.ServerCredentials:
-        return grpc.ssl_server_credentials([(self.key, self.cert)], root_certificates=self.client_ca,
-                                           require_client_auth=self.client_ca is not None)
+        return grpc.ssl_server_credentials(
+            [(self.key, self.cert)], root_certificates=self.client_ca, require_client_auth=self.client_ca is not None
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,8 +88,9 @@ class ClientTLS:
     key: bytes | None = None
 
     @classmethod
-    def load(cls, ca: str | None, cert: str | None = None, key: str | None = None,
-             section: str = "client") -> "ClientTLS | None":
+    def load(
+        cls, ca: str | None, cert: str | None = None, key: str | None = None, section: str = "client"
+    ) -> "ClientTLS | None":
         """From file paths (None/empty: not given); None when TLS is off."""
         if bool(cert) != bool(key):
             missing = "tls_cert" if not cert else "tls_key"
@@ -91,10 +101,13 @@ class ClientTLS:
             return None
         if cert and key:
             check_pair(cert, key, f"{section}.")
-        return cls(read_pem(ca, f"{section}.tls_ca"),
-                   read_pem(cert, f"{section}.tls_cert") if cert else None,
-                   read_pem(key, f"{section}.tls_key") if key else None)
+        return cls(
+            read_pem(ca, f"{section}.tls_ca"),
+            read_pem(cert, f"{section}.tls_cert") if cert else None,
+            read_pem(key, f"{section}.tls_key") if key else None,
+        )
 
     def credentials(self) -> grpc.ChannelCredentials:
-        return grpc.ssl_channel_credentials(root_certificates=self.ca, private_key=self.key,
-                                            certificate_chain=self.cert)
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.ca, private_key=self.key, certificate_chain=self.cert
+        )

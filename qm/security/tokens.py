@@ -12,6 +12,7 @@ Roles, each including the ones before it: `read` (status, stream, list types and
 workers, reflection), `submit` (+ submit and cancel), `admin` (+ dead letters, requeue,
 purge).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -72,10 +73,14 @@ class TokenEntry:
         return None
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "role": self.role, "sha256": self.sha256,
-                "created_at": self.created_at.isoformat(),
-                "expires_at": self.expires_at.isoformat() if self.expires_at else None,
-                "revoked_at": self.revoked_at.isoformat() if self.revoked_at else None}
+        return {
+            "name": self.name,
+            "role": self.role,
+            "sha256": self.sha256,
+            "created_at": self.created_at.isoformat(),
+            "expires_at": self.expires_at.isoformat() if self.expires_at else None,
+            "revoked_at": self.revoked_at.isoformat() if self.revoked_at else None,
+        }
 
     @classmethod
     def from_json(cls, item: Any) -> "TokenEntry":
@@ -86,8 +91,14 @@ class TokenEntry:
             raise ValueError(f"token {item.get('name')!r} has role {role!r}; expected one of {', '.join(ROLES)}")
         if not isinstance(digest, str) or len(digest) != 64:
             raise ValueError(f"token {item.get('name')!r} has no sha256 of 64 hex digits")
-        return cls(str(item["name"]), role, digest.lower(), datetime.datetime.fromisoformat(item["created_at"]),
-                   _parse_time(item.get("expires_at")), _parse_time(item.get("revoked_at")))
+        return cls(
+            str(item["name"]),
+            role,
+            digest.lower(),
+            datetime.datetime.fromisoformat(item["created_at"]),
+            _parse_time(item.get("expires_at")),
+            _parse_time(item.get("revoked_at")),
+        )
 
 
 class TokenFile:
@@ -104,15 +115,18 @@ class TokenFile:
         except FileNotFoundError:
             if missing_ok:
                 return []
-            raise ConfigError(self.key, f"tokens file {self.path!r} not found; create it with "
-                                        f"`qm token create --tokens-file {self.path} --role admin`") from None
+            raise ConfigError(
+                self.key,
+                f"tokens file {self.path!r} not found; create it with "
+                f"`qm token create --tokens-file {self.path} --role admin`",
+            ) from None
         except OSError as exc:
             raise ConfigError(self.key, f"cannot read tokens file {self.path!r}: {exc.strerror or exc}") from None
         except ValueError as exc:
             raise ConfigError(self.key, f"tokens file {self.path!r} is not valid JSON: {exc}") from None
         try:
             if not isinstance(data, dict) or data.get("version") != FILE_VERSION:
-                raise ValueError(f"expected an object with \"version\": {FILE_VERSION}")
+                raise ValueError(f'expected an object with "version": {FILE_VERSION}')
             return [TokenEntry.from_json(item) for item in data.get("tokens", [])]
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(self.key, f"tokens file {self.path!r}: {exc}") from None

@@ -23,6 +23,7 @@ So qm-server:
 
 Health checks and reflection are never refused, so probes keep working under overload.
 """
+
 from __future__ import annotations
 
 import logging
@@ -54,8 +55,7 @@ LOG_INTERVAL_S = 10.0
 class AdmissionInterceptor(grpc.aio.ServerInterceptor):
     """Count the calls of `service` being handled; refuse one beyond `limit` (0 = no limit)."""
 
-    def __init__(self, service: str, limit: int, metrics: ServerMetrics,
-                 retry_after_ms: int = RETRY_AFTER_MS) -> None:
+    def __init__(self, service: str, limit: int, metrics: ServerMetrics, retry_after_ms: int = RETRY_AFTER_MS) -> None:
         self.prefix = f"/{service}/"
         self.limit = limit
         self.metrics = metrics
@@ -69,7 +69,7 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or not self.limit or not handler_call_details.method.startswith(self.prefix):
             return handler
-        method = handler_call_details.method[len(self.prefix):]
+        method = handler_call_details.method[len(self.prefix) :]
         if handler.unary_unary is not None:
             return handler._replace(unary_unary=self._unary(handler.unary_unary, method))
         if handler.stream_stream is not None:
@@ -85,6 +85,7 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
                 return await behavior(request, context)
             finally:
                 self.in_flight -= 1
+
         return admitted
 
     def _streaming(self, behavior, method: str):
@@ -95,6 +96,7 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
                     yield response
             finally:
                 self.in_flight -= 1
+
         return admitted
 
     async def _enter(self, context, method: str) -> None:
@@ -108,8 +110,13 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
         self._refused_since_log += 1
         now = time.monotonic()
         if now - self._logged_at >= LOG_INTERVAL_S:
-            log.warning("overloaded: refused %d call(s) with RESOURCE_EXHAUSTED: %d calls in flight, the limit "
-                        "(server.max_concurrent_rpcs) is %d", self._refused_since_log, self.in_flight, self.limit)
+            log.warning(
+                "overloaded: refused %d call(s) with RESOURCE_EXHAUSTED: %d calls in flight, the limit "
+                "(server.max_concurrent_rpcs) is %d",
+                self._refused_since_log,
+                self.in_flight,
+                self.limit,
+            )
             self._refused_since_log, self._logged_at = 0, now
         status = rich_status(Overloaded(self.in_flight, self.limit, self.retry_after_ms))
         hint = (RETRY_PUSHBACK_KEY, str(self.retry_after_ms))

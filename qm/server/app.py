@@ -1,4 +1,5 @@
 """qm-server composition root: config → registry, broker, store → gRPC server."""
+
 from __future__ import annotations
 
 import argparse
@@ -77,40 +78,58 @@ class ServerApp:
         self.identity = identity.claim(config.server.data_dir, config.server.id)
         self.server_id = self.identity.server_id
         self.registry = registry or plugin_registry.discover()
-        self.broker = RabbitMQBroker(broker_urls, config.broker.heartbeat_s,
-                                     config.broker.reconnect_max_delay_s, connection_name="qm-server",
-                                     quorum_initial_group_size=config.broker.quorum_initial_group_size,
-                                     ssl_context=broker_tls)
+        self.broker = RabbitMQBroker(
+            broker_urls,
+            config.broker.heartbeat_s,
+            config.broker.reconnect_max_delay_s,
+            connection_name="qm-server",
+            quorum_initial_group_size=config.broker.quorum_initial_group_size,
+            ssl_context=broker_tls,
+        )
         if len(config.broker.node_urls) > 1 and config.broker.server_queue_type == "classic":
-            log.warning("broker.urls lists %d nodes but broker.server_queue_type is classic: this server's "
-                        "events, dead-letter and heartbeat queues live on one node, and while that node is "
-                        "down the server gets no events; set broker.server_queue_type: quorum (see "
-                        "docs/architecture.md, 'A RabbitMQ cluster')", len(config.broker.node_urls))
+            log.warning(
+                "broker.urls lists %d nodes but broker.server_queue_type is classic: this server's "
+                "events, dead-letter and heartbeat queues live on one node, and while that node is "
+                "down the server gets no events; set broker.server_queue_type: quorum (see "
+                "docs/architecture.md, 'A RabbitMQ cluster')",
+                len(config.broker.node_urls),
+            )
         metrics = ServerMetrics()
         self.store = make_store(config, self.identity.store_path, self.server_id, metrics)
         self._changes: ChangeListener | None = None
         server = config.server
-        default_retry = RetryPolicy(server.default_max_retries, server.default_retry_backoff_s,
-                                    server.default_retry_backoff_max_s, server.default_retry_jitter,
-                                    server.default_retry_on_timeout)
-        self.service = TaskService(self.registry, self.store, self.broker,
-                                   max_payload_bytes=server.max_payload_bytes,
-                                   queue_type=config.broker.queue_type,
-                                   delivery_limit=config.broker.delivery_limit,
-                                   server_queue_type=config.broker.server_queue_type,
-                                   default_timeout_s=server.default_task_timeout_s,
-                                   default_memory_limit_mb=server.default_task_memory_limit_mb,
-                                   consumer_timeout_s=config.broker.consumer_timeout_s,
-                                   default_retry=default_retry, retention_s=server.retention_s,
-                                   metrics=metrics, worker_lost_after_s=server.worker_lost_after_s,
-                                   reconcile_interval_s=server.reconcile_interval_s,
-                                   reconcile_after_s=server.reconcile_after_s,
-                                   max_batch_items=server.max_batch_items,
-                                   max_delay_s=server.max_delay_s,
-                                   caps=SubmitCaps(server.queues, server.max_task_timeout_s,
-                                                   server.max_task_memory_limit_mb, server.max_retries),
-                                   validators=PayloadValidators(server.validate_timeout_s, server.validate_threads),
-                                   max_queue_length=config.broker.max_queue_length)
+        default_retry = RetryPolicy(
+            server.default_max_retries,
+            server.default_retry_backoff_s,
+            server.default_retry_backoff_max_s,
+            server.default_retry_jitter,
+            server.default_retry_on_timeout,
+        )
+        self.service = TaskService(
+            self.registry,
+            self.store,
+            self.broker,
+            max_payload_bytes=server.max_payload_bytes,
+            queue_type=config.broker.queue_type,
+            delivery_limit=config.broker.delivery_limit,
+            server_queue_type=config.broker.server_queue_type,
+            default_timeout_s=server.default_task_timeout_s,
+            default_memory_limit_mb=server.default_task_memory_limit_mb,
+            consumer_timeout_s=config.broker.consumer_timeout_s,
+            default_retry=default_retry,
+            retention_s=server.retention_s,
+            metrics=metrics,
+            worker_lost_after_s=server.worker_lost_after_s,
+            reconcile_interval_s=server.reconcile_interval_s,
+            reconcile_after_s=server.reconcile_after_s,
+            max_batch_items=server.max_batch_items,
+            max_delay_s=server.max_delay_s,
+            caps=SubmitCaps(
+                server.queues, server.max_task_timeout_s, server.max_task_memory_limit_mb, server.max_retries
+            ),
+            validators=PayloadValidators(server.validate_timeout_s, server.validate_threads),
+            max_queue_length=config.broker.max_queue_length,
+        )
         self.service.dead_letters.max_listed = server.max_dead_letters_listed
         self.service.dead_letters.retention_s = server.dead_letter_retention_s
         self.health = health.aio.HealthServicer()
@@ -119,9 +138,13 @@ class ServerApp:
         self.admission = AdmissionInterceptor(SERVICE_NAME, server.max_concurrent_rpcs, metrics)
         # Per-caller submit rate and stream caps (qm.server.quotas); message sizes and
         # streams per connection are gRPC core's (grpc_options).
-        self.quotas = QuotaInterceptor(SERVICE_NAME, SubmitRateLimiter(server.submit_rate_per_s, server.submit_burst),
-                                       server.max_stream_ids, server.max_stream_s,
-                                       on_refused=lambda method: metrics.rate_limited.labels(method).inc())
+        self.quotas = QuotaInterceptor(
+            SERVICE_NAME,
+            SubmitRateLimiter(server.submit_rate_per_s, server.submit_burst),
+            server.max_stream_ids,
+            server.max_stream_s,
+            on_refused=lambda method: metrics.rate_limited.labels(method).inc(),
+        )
         # Auth first: a stranger's call is refused before it counts against the admission
         # limit or its caller's submit rate.
         interceptors: list[grpc.aio.ServerInterceptor] = [self.admission, self.quotas]
@@ -143,8 +166,11 @@ class ServerApp:
                 self.identity.release()
                 raise
             shared_store_id = self.store.store_id
-            log.info("task store: PostgreSQL %s (store id %s, shared by its servers)",
-                     redact_url(self.store.url), shared_store_id)
+            log.info(
+                "task store: PostgreSQL %s (store id %s, shared by its servers)",
+                redact_url(self.store.url),
+                shared_store_id,
+            )
         else:
             self.store.start_checkpoints()  # most WAL checkpoint I/O off the event loop
         await self.broker.connect()
@@ -152,19 +178,20 @@ class ServerApp:
             await self.service.start_events(self.server_id, shared_store_id)
         except ConsumerRefused:
             await self._release()
-            queue = (f"qm.heartbeats.{self.server_id}" if shared_store_id
-                     else topology.events_queue_name(self.server_id))
+            queue = f"qm.heartbeats.{self.server_id}" if shared_store_id else topology.events_queue_name(self.server_id)
             raise DuplicateServer(
                 f"another live qm-server already uses server id {self.server_id} (its queue {queue} "
                 "has an exclusive consumer); give this server its own --data-dir or a different "
-                "server.id") from None
+                "server.id"
+            ) from None
         if isinstance(self.store, PgStore):  # other servers' changes wake this one's streams
             self._changes = self.store.listen(self._wake_followers)
             self._changes.start()
         task_queue_pb2_grpc.add_TaskQueueServicer_to_server(TaskQueueServicer(self.service), self.grpc_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc_server)
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc_server
+        )
         listen = self.config.server.listen
         if self.tls is not None:
             self.port = self.grpc_server.add_secure_port(listen, self.tls.credentials())
@@ -224,12 +251,21 @@ def check_exposure(config: Config) -> tuple[ServerTLS | None, auth.Authenticator
     authenticator.load()
     host = parse_host_port(server.listen)[0]
     if not auth.is_loopback(host) and not (tls and authenticator.enabled):
-        missing = " and ".join(what for what, off in (("TLS (--tls-cert, --tls-key)", tls is None),
-                                                       ("auth (--tokens-file)", not authenticator.enabled)) if off)
+        missing = " and ".join(
+            what
+            for what, off in (
+                ("TLS (--tls-cert, --tls-key)", tls is None),
+                ("auth (--tokens-file)", not authenticator.enabled),
+            )
+            if off
+        )
         if not server.insecure:
-            raise ConfigError("server.listen", f"{server.listen} is not a loopback address and {missing} is off: "
-                                               "anyone who can reach it could submit and read tasks. Turn "
-                                               f"{missing} on, or pass --insecure (server.insecure) to accept that")
+            raise ConfigError(
+                "server.listen",
+                f"{server.listen} is not a loopback address and {missing} is off: "
+                "anyone who can reach it could submit and read tasks. Turn "
+                f"{missing} on, or pass --insecure (server.insecure) to accept that",
+            )
         log.warning("serving %s without %s (--insecure): anyone who can reach it may call it", server.listen, missing)
     return tls, authenticator
 
@@ -237,29 +273,36 @@ def check_exposure(config: Config) -> tuple[ServerTLS | None, auth.Authenticator
 def grpc_options(server: ServerConfig) -> tuple[tuple[str, int], ...]:
     """gRPC core's own caps: message sizes both ways (a bigger one is refused
     RESOURCE_EXHAUSTED by gRPC itself) and concurrent streams (calls) per connection."""
-    return (("grpc.max_receive_message_length", server.max_message_bytes),
-            ("grpc.max_send_message_length", server.max_message_bytes),
-            ("grpc.max_concurrent_streams", server.max_concurrent_streams))
+    return (
+        ("grpc.max_receive_message_length", server.max_message_bytes),
+        ("grpc.max_send_message_length", server.max_message_bytes),
+        ("grpc.max_concurrent_streams", server.max_concurrent_streams),
+    )
 
 
 def check_caps(config: Config) -> None:
     """Caps that must agree with each other; ConfigError naming the key otherwise."""
     server = config.server
     if server.submit_rate_per_s and server.submit_burst < server.max_batch_items:
-        raise ConfigError("server.submit_burst", (
-            f"{server.submit_burst} is below server.max_batch_items ({server.max_batch_items}): a full batch "
-            "could never be admitted; raise the burst or lower the batch size"))
+        raise ConfigError(
+            "server.submit_burst",
+            (
+                f"{server.submit_burst} is below server.max_batch_items ({server.max_batch_items}): a full batch "
+                "could never be admitted; raise the burst or lower the batch size"
+            ),
+        )
 
 
-def make_store(config: Config, default_path: str | os.PathLike, server_id: str,
-               metrics: ServerMetrics) -> Store | PgStore:
+def make_store(
+    config: Config, default_path: str | os.PathLike, server_id: str, metrics: ServerMetrics
+) -> Store | PgStore:
     """The store server.store_url names: SQLite in the data dir ("" ), a SQLite file, or a
     PostgreSQL database (connected in ServerApp.start)."""
     url = config.server.store_url
     if not url:
         return Store(default_path, observer=metrics)
     if url.startswith(SQLITE_URL_PREFIX):
-        return Store(url[len(SQLITE_URL_PREFIX):], observer=metrics)
+        return Store(url[len(SQLITE_URL_PREFIX) :], observer=metrics)
     return PgStore(url, server_id, config.server.store_pool_size)
 
 
@@ -267,44 +310,70 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="qm-server",
         description="QueueMaster API server: accepts tasks over gRPC, makes each durable in "
-                    "RabbitMQ before answering, and follows their state from the events queue.",
+        "RabbitMQ before answering, and follows their state from the events queue.",
         epilog="Every flag can also be set in the config file or as QM_<SECTION>__<KEY> "
-               "(e.g. QM_SERVER__LISTEN); precedence: flag > env > file > default.")
+        "(e.g. QM_SERVER__LISTEN); precedence: flag > env > file > default.",
+    )
     parser.add_argument("--config", metavar="PATH", help="YAML config file (default: $QM_CONFIG, else none)")
-    parser.add_argument("--listen", metavar="HOST:PORT",
-                        help="address to serve gRPC on; port 0 picks a free one (server.listen)")
-    parser.add_argument("--broker-url", metavar="URL[,URL...]",
-                        help="RabbitMQ AMQP URL, or one per node of a cluster, comma-separated: the first "
-                             "that answers is used, the next on failover (broker.urls)")
-    parser.add_argument("--data-dir", metavar="DIR",
-                        help="directory of the SQLite task store and the server id; one live server per "
-                             "directory (server.data_dir)")
-    parser.add_argument("--store-url", metavar="URL",
-                        help="task store: sqlite:///PATH (default: SQLite in the data dir, one per server) or "
-                             "postgresql://USER@HOST:PORT/DB, shared by several servers (server.store_url)")
-    parser.add_argument("--server-id", metavar="ID",
-                        help="this server's id, naming its durable RabbitMQ queues and its store file "
-                             "(server.id). Default: the id in the data dir's file server-id, generated "
-                             "on first start as server-HOSTNAME-RANDOM. Every live server needs its own "
-                             "id and data dir; a second one on either is refused (exit 2)")
-    parser.add_argument("--queues", metavar="NAMES",
-                        help="logical queues clients may submit to, comma-separated; a name or a pattern with * "
-                             "('*' = any valid name). Others are refused INVALID_ARGUMENT (server.queues, "
-                             "default: default)")
-    parser.add_argument("--metrics-port", metavar="PORT",
-                        help="serve Prometheus /metrics on this port; 0 = off (server.metrics_port)")
+    parser.add_argument(
+        "--listen", metavar="HOST:PORT", help="address to serve gRPC on; port 0 picks a free one (server.listen)"
+    )
+    parser.add_argument(
+        "--broker-url",
+        metavar="URL[,URL...]",
+        help="RabbitMQ AMQP URL, or one per node of a cluster, comma-separated: the first "
+        "that answers is used, the next on failover (broker.urls)",
+    )
+    parser.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="directory of the SQLite task store and the server id; one live server per directory (server.data_dir)",
+    )
+    parser.add_argument(
+        "--store-url",
+        metavar="URL",
+        help="task store: sqlite:///PATH (default: SQLite in the data dir, one per server) or "
+        "postgresql://USER@HOST:PORT/DB, shared by several servers (server.store_url)",
+    )
+    parser.add_argument(
+        "--server-id",
+        metavar="ID",
+        help="this server's id, naming its durable RabbitMQ queues and its store file "
+        "(server.id). Default: the id in the data dir's file server-id, generated "
+        "on first start as server-HOSTNAME-RANDOM. Every live server needs its own "
+        "id and data dir; a second one on either is refused (exit 2)",
+    )
+    parser.add_argument(
+        "--queues",
+        metavar="NAMES",
+        help="logical queues clients may submit to, comma-separated; a name or a pattern with * "
+        "('*' = any valid name). Others are refused INVALID_ARGUMENT (server.queues, "
+        "default: default)",
+    )
+    parser.add_argument(
+        "--metrics-port", metavar="PORT", help="serve Prometheus /metrics on this port; 0 = off (server.metrics_port)"
+    )
     parser.add_argument("--tls-cert", metavar="FILE", help="PEM certificate to serve TLS with (server.tls_cert)")
     parser.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert (server.tls_key)")
-    parser.add_argument("--tls-client-ca", metavar="FILE",
-                        help="PEM CA that client certificates must be signed by: mTLS (server.tls_client_ca)")
-    parser.add_argument("--tokens-file", metavar="FILE",
-                        help="JSON file of hashed bearer tokens with roles (qm token create); with it, every "
-                             "call but health checks needs a token (server.tokens_file)")
-    parser.add_argument("--insecure", action="store_const", const=True,
-                        help="allow a listen address off loopback without TLS and auth (server.insecure)")
+    parser.add_argument(
+        "--tls-client-ca",
+        metavar="FILE",
+        help="PEM CA that client certificates must be signed by: mTLS (server.tls_client_ca)",
+    )
+    parser.add_argument(
+        "--tokens-file",
+        metavar="FILE",
+        help="JSON file of hashed bearer tokens with roles (qm token create); with it, every "
+        "call but health checks needs a token (server.tokens_file)",
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_const",
+        const=True,
+        help="allow a listen address off loopback without TLS and auth (server.insecure)",
+    )
     parser.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING or ERROR (log.level)")
-    parser.add_argument("--log-format", metavar="FORMAT",
-                        help="text, or json: one JSON object per line (log.format)")
+    parser.add_argument("--log-format", metavar="FORMAT", help="text, or json: one JSON object per line (log.format)")
     return parser.parse_args(argv)
 
 
@@ -323,15 +392,25 @@ async def serve(config: Config) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        config = load_config(args.config, overrides={
-            "server.listen": args.listen, "broker.urls": args.broker_url,
-            "server.data_dir": args.data_dir, "server.id": args.server_id, "server.store_url": args.store_url,
-            "log.level": args.log_level,
-            "log.format": args.log_format,
-            "server.metrics_port": args.metrics_port, "server.tls_cert": args.tls_cert,
-            "server.tls_key": args.tls_key, "server.tls_client_ca": args.tls_client_ca,
-            "server.tokens_file": args.tokens_file, "server.insecure": args.insecure,
-            "server.queues": args.queues})
+        config = load_config(
+            args.config,
+            overrides={
+                "server.listen": args.listen,
+                "broker.urls": args.broker_url,
+                "server.data_dir": args.data_dir,
+                "server.id": args.server_id,
+                "server.store_url": args.store_url,
+                "log.level": args.log_level,
+                "log.format": args.log_format,
+                "server.metrics_port": args.metrics_port,
+                "server.tls_cert": args.tls_cert,
+                "server.tls_key": args.tls_key,
+                "server.tls_client_ca": args.tls_client_ca,
+                "server.tokens_file": args.tokens_file,
+                "server.insecure": args.insecure,
+                "server.queues": args.queues,
+            },
+        )
     except ConfigError as exc:
         print(f"qm-server: {exc}", file=sys.stderr)
         return EXIT_REFUSED

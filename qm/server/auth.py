@@ -15,6 +15,7 @@ anything it calls: `current_principal()` (None when auth is off). Task ids are s
 within a deployment: any `read` principal may read any task, any `submit` one may cancel
 any task (docs/security.md says why and how to separate tenants).
 """
+
 from __future__ import annotations
 
 import contextvars
@@ -35,9 +36,16 @@ log = logging.getLogger(__name__)
 #: Role needed per method name (the last part of the gRPC path); a method not listed here
 #: under a guarded service needs `admin`, so a new RPC is closed until someone opens it.
 METHOD_ROLES = {
-    "SubmitTask": "submit", "SubmitTasks": "submit", "CancelTask": "submit",
-    "GetTaskStatus": "read", "StreamTaskResults": "read", "ListWorkers": "read", "ListTaskTypes": "read",
-    "ListDeadLetters": "admin", "RequeueDeadLetters": "admin", "PurgeDeadLetters": "admin",
+    "SubmitTask": "submit",
+    "SubmitTasks": "submit",
+    "CancelTask": "submit",
+    "GetTaskStatus": "read",
+    "StreamTaskResults": "read",
+    "ListWorkers": "read",
+    "ListTaskTypes": "read",
+    "ListDeadLetters": "admin",
+    "RequeueDeadLetters": "admin",
+    "PurgeDeadLetters": "admin",
     "GetWorkerStatus": "read",
     "ServerReflectionInfo": "read",  # reflection follows auth
 }
@@ -93,8 +101,12 @@ class Authenticator:
         try:
             self.load()
         except Exception as exc:  # a half-written or deleted file: keep serving the last good one
-            log.warning("tokens file %s unreadable, keeping the %d tokens read before: %s",
-                        self.tokens_file, len(self._entries), exc)
+            log.warning(
+                "tokens file %s unreadable, keeping the %d tokens read before: %s",
+                self.tokens_file,
+                len(self._entries),
+                exc,
+            )
 
     def principal(self, metadata, auth_context: dict) -> tuple[str, str]:
         """(name, role) of the caller; Unauthenticated, or PermissionDenied for a client
@@ -104,10 +116,11 @@ class Authenticator:
             if not isinstance(header, str) or not header.lower().startswith(BEARER):
                 raise Unauthenticated("the authorization metadata must be 'Bearer <token>'")
             if not self.tokens_file:
-                raise Unauthenticated("this server takes no tokens (no server.tokens_file); authenticate with a "
-                                      "client certificate")
+                raise Unauthenticated(
+                    "this server takes no tokens (no server.tokens_file); authenticate with a client certificate"
+                )
             self._refresh()
-            match = tokens.lookup(self._entries, header[len(BEARER):].strip())
+            match = tokens.lookup(self._entries, header[len(BEARER) :].strip())
             if match.entry is None or match.problem:
                 raise Unauthenticated(f"{match.problem}; ask an admin for a new token (qm token create)")
             return match.entry.name, match.entry.role
@@ -115,11 +128,14 @@ class Authenticator:
         if names:
             role = self.cert_roles.get(names[0])
             if role is None:
-                raise PermissionDenied(f"client certificate CN={names[0]} has no role: add it to "
-                                       "server.client_cert_roles or send a token")
+                raise PermissionDenied(
+                    f"client certificate CN={names[0]} has no role: add it to server.client_cert_roles or send a token"
+                )
             return f"CN={names[0]}", role
-        raise Unauthenticated("this server needs credentials: send 'authorization: Bearer <token>' (qm --token, "
-                              "QM_CLIENT__TOKEN)" + (" or a client certificate" if self.cert_roles else ""))
+        raise Unauthenticated(
+            "this server needs credentials: send 'authorization: Bearer <token>' (qm --token, "
+            "QM_CLIENT__TOKEN)" + (" or a client certificate" if self.cert_roles else "")
+        )
 
 
 def authorize(method: str, role: str, name: str) -> None:
@@ -164,14 +180,21 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         self._refused_since_log += 1
         now = time.monotonic()
         if now - self._logged_at >= LOG_INTERVAL_S:
-            log.warning("refused %d call(s) since the last report; the latest: %s from %s, %s: %s",
-                        self._refused_since_log, method, peer, type(denied).__name__, denied)
+            log.warning(
+                "refused %d call(s) since the last report; the latest: %s from %s, %s: %s",
+                self._refused_since_log,
+                method,
+                peer,
+                type(denied).__name__,
+                denied,
+            )
             self._refused_since_log, self._logged_at = 0, now
 
     def _unary(self, behavior, method: str):
         async def authenticated(request, context):
             await self._admit(context, method)
             return await behavior(request, context)
+
         return authenticated
 
     def _streaming(self, behavior, method: str):
@@ -179,6 +202,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             await self._admit(context, method)
             async for response in behavior(request, context):
                 yield response
+
         return authenticated
 
 

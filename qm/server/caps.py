@@ -12,6 +12,7 @@
   server's) are brought down to them, and with a memory maximum set, "no limit" becomes
   that maximum. 0 for the memory maximum = no server-wide cap.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,21 +43,28 @@ class SubmitCaps:
         if problem:
             raise ValidationError("queue", problem)
         if not any(pattern.fullmatch(queue) for pattern in self._patterns):
-            raise ValidationError("queue", f"unknown queue {queue!r}; this server accepts {', '.join(self.queues)} "
-                                           "(server.queues)")
+            raise ValidationError(
+                "queue", f"unknown queue {queue!r}; this server accepts {', '.join(self.queues)} (server.queues)"
+            )
 
     def check_requested(self, timeout_s: float, memory_limit_mb: int, retry_options: dict[str, Any]) -> None:
         """Refuse a submitted value above a server maximum (0 / None = not submitted)."""
         if self.max_timeout_s and timeout_s > self.max_timeout_s:
-            raise ValidationError("timeout_s", f"{timeout_s:g} s exceeds the server's maximum of "
-                                               f"{self.max_timeout_s:g} s (server.max_task_timeout_s)")
+            raise ValidationError(
+                "timeout_s",
+                f"{timeout_s:g} s exceeds the server's maximum of {self.max_timeout_s:g} s (server.max_task_timeout_s)",
+            )
         if self.max_memory_limit_mb and memory_limit_mb > self.max_memory_limit_mb:
-            raise ValidationError("memory_limit_mb", f"{memory_limit_mb} MB exceeds the server's maximum of "
-                                                     f"{self.max_memory_limit_mb} MB (server.max_task_memory_limit_mb)")
+            raise ValidationError(
+                "memory_limit_mb",
+                f"{memory_limit_mb} MB exceeds the server's maximum of "
+                f"{self.max_memory_limit_mb} MB (server.max_task_memory_limit_mb)",
+            )
         retries = retry_options.get("max_retries")
         if self.max_retries and retries is not None and retries > self.max_retries:
-            raise ValidationError("max_retries", f"{retries} exceeds the server's maximum of {self.max_retries} "
-                                                 "(server.max_retries)")
+            raise ValidationError(
+                "max_retries", f"{retries} exceeds the server's maximum of {self.max_retries} (server.max_retries)"
+            )
 
     def timeout_s(self, resolved_s: float) -> float:
         return min(resolved_s, self.max_timeout_s) if self.max_timeout_s else resolved_s

@@ -5,6 +5,7 @@ headers); RabbitMQ sends one there itself when a quorum work queue's delivery li
 backstop) is reached. Each server keeps its own queue on the exchange and records what
 arrives in its store: `qm dead list / requeue / purge`.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -40,16 +41,23 @@ RETENTION_S = 30 * 86400.0
 class DeadLetters:
     """This server's dead letters: recorded from its queue, listed, requeued, purged."""
 
-    def __init__(self, store: TaskStore, broker: Broker, metrics: ServerMetrics, codecs: dict[str, str],
-                 delivery_limit: int, apply: Callable[[list[TaskEvent]], Awaitable[None]],
-                 enqueue: Callable[[TaskRecord, TaskMessage], Awaitable[None]]) -> None:
+    def __init__(
+        self,
+        store: TaskStore,
+        broker: Broker,
+        metrics: ServerMetrics,
+        codecs: dict[str, str],
+        delivery_limit: int,
+        apply: Callable[[list[TaskEvent]], Awaitable[None]],
+        enqueue: Callable[[TaskRecord, TaskMessage], Awaitable[None]],
+    ) -> None:
         self.store = store
         self.broker = broker
         self.metrics = metrics
         self.codecs = codecs
         self.delivery_limit = delivery_limit
-        self._apply = apply        # events → store (the event applier)
-        self._enqueue = enqueue    # store + publish a new task (the submit path)
+        self._apply = apply  # events → store (the event applier)
+        self._enqueue = enqueue  # store + publish a new task (the submit path)
         self._background = Background()
         self.max_listed = MAX_LISTED
         self.retention_s = RETENTION_S
@@ -90,16 +98,34 @@ class DeadLetters:
         reason = headers.get(Header.DEAD_REASON)
         if reason is None:
             reason = rabbitmq_dead_reason(headers, self.delivery_limit)
-            error = (f"RabbitMQ dead-lettered task {message.task_id}: {reason}. A task that takes its "
-                     "whole worker down each time (not just a child) ends here instead of looping")
-            await self._apply([TaskEvent(message.task_id, message.type, message.queue, message.attempt,
-                                   TaskState.CRASHED, error=error)])
+            error = (
+                f"RabbitMQ dead-lettered task {message.task_id}: {reason}. A task that takes its "
+                "whole worker down each time (not just a child) ends here instead of looping"
+            )
+            await self._apply(
+                [
+                    TaskEvent(
+                        message.task_id, message.type, message.queue, message.attempt, TaskState.CRASHED, error=error
+                    )
+                ]
+            )
             state = TaskState.CRASHED
         else:
             error = str(headers.get(Header.ERROR, ""))
             state = TaskState[str(headers.get(Header.STATE, "FAILED"))]
-        await self.store.add_dead_letter(DeadLetter(message.task_id, message.type, message.queue, state,
-                                              message.attempt, str(reason), error, delivery.body, time.time()))
+        await self.store.add_dead_letter(
+            DeadLetter(
+                message.task_id,
+                message.type,
+                message.queue,
+                state,
+                message.attempt,
+                str(reason),
+                error,
+                delivery.body,
+                time.time(),
+            )
+        )
         log.warning("task %s (%s) dead-lettered: %s", message.task_id, message.type, reason)
         self.metrics.dead_letters.labels(message.type if message.type in self.codecs else "unknown").inc()
         self.broker.ack(delivery)
@@ -132,8 +158,16 @@ class DeadLetters:
             old = TaskMessage.decode(letter.body)
             now = time.time()
             message = dataclasses.replace(old, task_id=str(uuid.uuid4()), attempt=1, enqueued_at_s=now)
-            record = TaskRecord.queued(message.task_id, old.type, old.queue, self.codecs.get(old.type, "text"),
-                                       now, old.timeout_s, old.memory_limit_mb, max_retries=old.retry.max_retries)
+            record = TaskRecord.queued(
+                message.task_id,
+                old.type,
+                old.queue,
+                self.codecs.get(old.type, "text"),
+                now,
+                old.timeout_s,
+                old.memory_limit_mb,
+                max_retries=old.retry.max_retries,
+            )
             if not await self.store.remove_dead_letters([letter.task_id]):
                 continue  # another server took it a moment ago, and requeues it
             try:

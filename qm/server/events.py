@@ -5,6 +5,7 @@ acked: an event is never acked before it is stored, so a crash replays it. After
 batch the poison watch looks at the starts counted: a task started `delivery_limit`
 times without an outcome is announced to every worker on the control stream.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -32,8 +33,15 @@ STORE_RETRY_MAX_S = 2.0
 class EventApplier:
     """Applies task events to the store and wakes the streams following them."""
 
-    def __init__(self, store: TaskStore, broker: Broker, hub: Hub, metrics: ServerMetrics, codecs: dict[str, str],
-                 delivery_limit: int) -> None:
+    def __init__(
+        self,
+        store: TaskStore,
+        broker: Broker,
+        hub: Hub,
+        metrics: ServerMetrics,
+        codecs: dict[str, str],
+        delivery_limit: int,
+    ) -> None:
         self.store = store
         self.broker = broker
         self.hub = hub
@@ -86,13 +94,16 @@ class EventApplier:
             self.metrics.events.labels("PROGRESS" if event.progress else event.state.name).inc()
             self.metrics.events_lag_seconds.observe(max(0.0, now - event.at_s))
         changed = {record.task_id for record in changes}
-        self.metrics.progress_ignored.inc(sum(1 for event in events if event.progress and
-                                              event.task_id not in changed))
+        self.metrics.progress_ignored.inc(sum(1 for event in events if event.progress and event.task_id not in changed))
         for event in events:  # a worker that missed the cancel (started after it) is told again
             # A start that changed nothing came for a task already final: cancelled, maybe.
             # (Any other start counts as one, so only these need the store look-up.)
-            if (event.state is TaskState.RUNNING and event.progress is None and event.task_id not in changed
-                    and await self._is_cancelled(event.task_id)):
+            if (
+                event.state is TaskState.RUNNING
+                and event.progress is None
+                and event.task_id not in changed
+                and await self._is_cancelled(event.task_id)
+            ):
                 self._send(Control(Command.CANCEL, event.task_id))
         self._watch_for_poison(changes)
 
@@ -102,11 +113,18 @@ class EventApplier:
         next arrives. Counting starts, not deliveries, spares the tasks that were only
         waiting in the dying workers' buffers."""
         for record in changes:
-            if (record.state is TaskState.RUNNING and record.starts >= self.delivery_limit
-                    and record.task_id not in self._poison_reported):
+            if (
+                record.state is TaskState.RUNNING
+                and record.starts >= self.delivery_limit
+                and record.task_id not in self._poison_reported
+            ):
                 self._poison_reported.add(record.task_id)
-                log.warning("task %s (%s) started %d times without finishing: poison", record.task_id,
-                            record.type, record.starts)
+                log.warning(
+                    "task %s (%s) started %d times without finishing: poison",
+                    record.task_id,
+                    record.type,
+                    record.starts,
+                )
                 self._send(Control(Command.POISON, record.task_id, f"{record.starts}"))
 
     async def _is_cancelled(self, task_id: str) -> bool:

@@ -21,6 +21,7 @@ item (a confirm mark) never starts a transaction by itself until `DEFERRED_LINGE
 passed: it rides with the next write. The loop never runs SQLite here; it only hands work
 over and takes results back.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -54,9 +55,13 @@ class GroupCommit(Generic[Item]):
     `close()` writes what is pending and stops the thread.
     """
 
-    def __init__(self, connect: Callable[[], sqlite3.Connection],
-                 flush: Callable[[sqlite3.Connection, list[Item]], None],
-                 observer: TransactionObserver | None = None, name: str = "store-writer") -> None:
+    def __init__(
+        self,
+        connect: Callable[[], sqlite3.Connection],
+        flush: Callable[[sqlite3.Connection, list[Item]], None],
+        observer: TransactionObserver | None = None,
+        name: str = "store-writer",
+    ) -> None:
         # A plain thread fed by a SimpleQueue (C): the hand-over costs one put and one
         # call_soon_threadsafe per transaction, less than a ThreadPoolExecutor's locks.
         self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
@@ -192,11 +197,13 @@ class GroupCommit(Generic[Item]):
                 result.set_result(function(*args))
             except BaseException as exc:
                 result.set_exception(exc)
+
         self._jobs.put(job)
         return result
 
-    def _commit_on_thread(self, loop: asyncio.AbstractEventLoop, group: list[Callable[[sqlite3.Connection], Any]],
-                          deferred: list[Item]) -> asyncio.Future[list[tuple[bool, Any]]]:
+    def _commit_on_thread(
+        self, loop: asyncio.AbstractEventLoop, group: list[Callable[[sqlite3.Connection], Any]], deferred: list[Item]
+    ) -> asyncio.Future[list[tuple[bool, Any]]]:
         """_commit on the writer thread; its outcome comes back with one call_soon_threadsafe."""
         done: asyncio.Future[list[tuple[bool, Any]]] = loop.create_future()
 
@@ -207,11 +214,11 @@ class GroupCommit(Generic[Item]):
                 loop.call_soon_threadsafe(_settle_error, done, exc)
             else:
                 loop.call_soon_threadsafe(_settle, done, outcomes)
+
         self._jobs.put(job)
         return done
 
-    def _commit(self, group: list[Callable[[sqlite3.Connection], Any]],
-                deferred: list[Item]) -> list[tuple[bool, Any]]:
+    def _commit(self, group: list[Callable[[sqlite3.Connection], Any]], deferred: list[Item]) -> list[tuple[bool, Any]]:
         """On the writer thread: one transaction for the group; each work in a savepoint."""
         started = time.perf_counter()
         db = self._db

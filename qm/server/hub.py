@@ -1,4 +1,5 @@
 """Fan-out of task record changes to the status streams following them (no polling)."""
+
 from __future__ import annotations
 
 import asyncio

@@ -16,6 +16,7 @@ the same request.
 Keys live as long as their task's row: until server.retention_s after the task finished.
 A row written before digests were kept has none; a key found there is accepted as before.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -28,16 +29,27 @@ from qm.errors import IdempotencyKeyReused
 DIGEST_VERSION = "v1"
 
 
-def request_digest(task_type: str, payload: bytes, queue: str, timeout_s: float, memory_limit_mb: int,
-                   retry_options: dict[str, Any], soft_timeout_s: float = 0.0,
-                   delay: dict[str, float | None] | None = None) -> str:
+def request_digest(
+    task_type: str,
+    payload: bytes,
+    queue: str,
+    timeout_s: float,
+    memory_limit_mb: int,
+    retry_options: dict[str, Any],
+    soft_timeout_s: float = 0.0,
+    delay: dict[str, float | None] | None = None,
+) -> str:
     """`v1:` + SHA-256 over a canonical encoding of the request (sorted JSON, the payload
     by its own SHA-256, floats as floats: `timeout_s` 5 and 5.0 are one request)."""
-    fields = {"type": task_type, "payload_sha256": hashlib.sha256(payload).hexdigest(), "queue": queue,
-              "timeout_s": float(timeout_s), "soft_timeout_s": float(soft_timeout_s),
-              "memory_limit_mb": int(memory_limit_mb),
-              "retry": {name: _canonical(value) for name, value in sorted(retry_options.items())
-                        if value is not None}}
+    fields = {
+        "type": task_type,
+        "payload_sha256": hashlib.sha256(payload).hexdigest(),
+        "queue": queue,
+        "timeout_s": float(timeout_s),
+        "soft_timeout_s": float(soft_timeout_s),
+        "memory_limit_mb": int(memory_limit_mb),
+        "retry": {name: _canonical(value) for name, value in sorted(retry_options.items()) if value is not None},
+    }
     asked = {name: float(value) for name, value in sorted((delay or {}).items()) if value is not None}
     if asked:  # absent otherwise: the digest of a request without a delay is as before
         fields["delay"] = asked

@@ -21,6 +21,7 @@ The lock only sees servers sharing the directory on one host; two servers given 
 id from different directories (or hosts) are refused by RabbitMQ instead: the server
 consumes its events queue as an exclusive consumer (see qm.server.app).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -65,8 +66,7 @@ class ServerIdentity:
             self.lock_fd = -1
 
 
-def claim(data_dir: str | os.PathLike, configured_id: str = "",
-          hostname: str | None = None) -> ServerIdentity:
+def claim(data_dir: str | os.PathLike, configured_id: str = "", hostname: str | None = None) -> ServerIdentity:
     """Lock `data_dir` for this process and settle the server id (see the module docstring).
 
     Raises DuplicateServer if another live server holds the directory, and
@@ -79,8 +79,9 @@ def claim(data_dir: str | os.PathLike, configured_id: str = "",
             log.warning("data directory %s was open to other users; now 0700 (owner only)", directory)
             directory.chmod(0o700)
     except OSError as exc:
-        raise ServerIdentityError(f"cannot create the data directory {directory} (server.data_dir): "
-                                  f"{exc.strerror or exc}") from None
+        raise ServerIdentityError(
+            f"cannot create the data directory {directory} (server.data_dir): {exc.strerror or exc}"
+        ) from None
     lock_fd = _lock(directory)
     try:
         server_id = _resolve(directory, configured_id, hostname or socket.gethostname())
@@ -112,7 +113,8 @@ def recorded_id(data_dir: pathlib.Path) -> str | None:
 def _unusable_id_file(path: pathlib.Path, why: str) -> ServerIdentityError:
     return ServerIdentityError(
         f"{path} holds no usable server id ({why}); write this server's id into it (the name of its "
-        f"<id>.sqlite3 store in {path.parent}), or set server.id")
+        f"<id>.sqlite3 store in {path.parent}), or set server.id"
+    )
 
 
 # -- the lock ---------------------------------------------------------------------------
@@ -123,8 +125,10 @@ def _lock(directory: pathlib.Path) -> int:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as exc:
-        raise ServerIdentityError(f"cannot open the lock file {path}: {exc.strerror or exc}; "
-                                  "check the permissions of the data directory (server.data_dir)") from None
+        raise ServerIdentityError(
+            f"cannot open the lock file {path}: {exc.strerror or exc}; "
+            "check the permissions of the data directory (server.data_dir)"
+        ) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
@@ -134,7 +138,8 @@ def _lock(directory: pathlib.Path) -> int:
             raise ServerIdentityError(f"cannot lock {path}: {exc.strerror or exc}") from None
         raise DuplicateServer(
             f"another live qm-server already uses the data directory {directory} ({holder} holds the lock "
-            f"{path}); give each server its own --data-dir (server.data_dir)") from None
+            f"{path}); give each server its own --data-dir (server.data_dir)"
+        ) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
     return fd
@@ -162,18 +167,29 @@ def _resolve(directory: pathlib.Path, configured_id: str, hostname: str) -> str:
         if recorded is None:
             _record(directory, configured_id)
         elif recorded != configured_id:
-            log.warning("server.id %s differs from the id %s recorded in %s: this run uses %s (store "
-                        "%s.sqlite3, queue qm.events.%s); without server.id the server is %s again",
-                        configured_id, recorded, directory / ID_FILE, configured_id, configured_id,
-                        configured_id, recorded)
+            log.warning(
+                "server.id %s differs from the id %s recorded in %s: this run uses %s (store "
+                "%s.sqlite3, queue qm.events.%s); without server.id the server is %s again",
+                configured_id,
+                recorded,
+                directory / ID_FILE,
+                configured_id,
+                configured_id,
+                configured_id,
+                recorded,
+            )
         return configured_id
     recorded = recorded_id(directory)
     if recorded is not None:
         return recorded
     legacy = f"server-{hostname}"
     if (directory / f"{legacy}.sqlite3").exists():
-        log.info("data directory %s holds %s.sqlite3 from before server ids were recorded: "
-                 "keeping the id %s", directory, legacy, legacy)
+        log.info(
+            "data directory %s holds %s.sqlite3 from before server ids were recorded: keeping the id %s",
+            directory,
+            legacy,
+            legacy,
+        )
         server_id = legacy
     else:
         server_id = f"server-{_NOT_IN_ID.sub('-', hostname)}-{secrets.token_hex(ID_SUFFIX_BYTES)}"
@@ -188,9 +204,13 @@ def _warn_of_other_stores(directory: pathlib.Path, server_id: str) -> None:
     not used: say so, since their tasks will not show."""
     others = sorted(path.stem for path in directory.glob("*.sqlite3"))
     if others:
-        log.warning("data directory %s holds the stores of server ids %s, which this server (new id %s) "
-                    "does not use; to keep using one, set server.id to its id", directory, ", ".join(others),
-                    server_id)
+        log.warning(
+            "data directory %s holds the stores of server ids %s, which this server (new id %s) "
+            "does not use; to keep using one, set server.id to its id",
+            directory,
+            ", ".join(others),
+            server_id,
+        )
 
 
 def _record(directory: pathlib.Path, server_id: str) -> None:

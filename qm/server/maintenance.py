@@ -8,6 +8,7 @@ streams are served while a retention sweep or a purge of a million rows goes on.
 Store sizes for the gauges come from the store's counters (kept by triggers, no COUNT(*));
 WAL checkpoints run on the store's own thread (`Store.start_checkpoints`).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -35,8 +36,9 @@ async def purge_finished(store: TaskStore, before_s: float, batch_rows: int = DE
     return await delete_in_batches(lambda limit: store.purge_finished(before_s, limit), batch_rows)
 
 
-async def purge_dead_letters(store: TaskStore, batch_rows: int = DELETE_BATCH_ROWS,
-                             dead_before_s: float = math.inf) -> int:
+async def purge_dead_letters(
+    store: TaskStore, batch_rows: int = DELETE_BATCH_ROWS, dead_before_s: float = math.inf
+) -> int:
     """Delete every dead letter (dead before `dead_before_s`, if given), oldest first, in
     batches; return how many."""
     return await delete_in_batches(lambda limit: store.remove_dead_letters(None, limit, dead_before_s), batch_rows)

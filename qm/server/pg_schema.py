@@ -15,6 +15,7 @@ triggers in the transactions that insert or delete (no COUNT(*) of a growing tab
 Each backend adds to its own shard row (`pg_backend_pid() % COUNTER_SHARDS`), so servers
 inserting at once do not queue on one hot counter row; a count sums the shards.
 """
+
 from __future__ import annotations
 
 from qm.states import TaskState

@@ -6,6 +6,7 @@ lifecycle. It is applied only while its very attempt is RUNNING and only if it i
 than the progress stored: a report that comes late — after the outcome (the task is
 terminal), after a retry began, or behind a newer report — changes nothing.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,5 +27,10 @@ def next_progress(current: TaskRecord | None, event: TaskEvent) -> TaskRecord | 
         return None
     if current.progress_at is not None and event.at_s <= current.progress_at:
         return None
-    return dataclasses.replace(current, progress=update.fraction, progress_message=update.message,
-                               progress_detail_json=update.detail_json, progress_at=event.at_s)
+    return dataclasses.replace(
+        current,
+        progress=update.fraction,
+        progress_message=update.message,
+        progress_detail_json=update.detail_json,
+        progress_at=event.at_s,
+    )

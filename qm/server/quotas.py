@@ -16,6 +16,7 @@ The caller is the authenticated principal when authentication is on
 (`qm.server.auth.current_principal()`), else the peer's address without its port, so
 one host's connections share one bucket.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -94,8 +95,13 @@ class TokenBucket:
 class SubmitRateLimiter:
     """One TokenBucket per caller key, the least recently used forgotten past `max_callers`."""
 
-    def __init__(self, rate_per_s: float, burst: int, clock: Callable[[], float] = time.monotonic,
-                 max_callers: int = MAX_TRACKED_CALLERS) -> None:
+    def __init__(
+        self,
+        rate_per_s: float,
+        burst: int,
+        clock: Callable[[], float] = time.monotonic,
+        max_callers: int = MAX_TRACKED_CALLERS,
+    ) -> None:
         self.rate_per_s = rate_per_s
         self.burst = burst
         self.clock = clock
@@ -117,8 +123,14 @@ class SubmitRateLimiter:
 class QuotaInterceptor(grpc.aio.ServerInterceptor):
     """Applies the submit rate limit and the stream caps to the TaskQueue service."""
 
-    def __init__(self, service: str, limiter: SubmitRateLimiter, max_stream_ids: int, max_stream_s: float,
-                 on_refused: Callable[[str], None] = lambda method: None) -> None:
+    def __init__(
+        self,
+        service: str,
+        limiter: SubmitRateLimiter,
+        max_stream_ids: int,
+        max_stream_s: float,
+        on_refused: Callable[[str], None] = lambda method: None,
+    ) -> None:
         self.prefix = f"/{service}/"
         self.limiter = limiter
         self.max_stream_ids = max_stream_ids
@@ -132,12 +144,11 @@ class QuotaInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or not method.startswith(self.prefix):
             return handler
-        name = method[len(self.prefix):]
+        name = method[len(self.prefix) :]
         if name == "SubmitTask" and handler.unary_unary is not None:
             return handler._replace(unary_unary=self._rate_limited(handler.unary_unary, name, lambda r: 1))
         if name == "SubmitTasks" and handler.unary_unary is not None:
-            return handler._replace(unary_unary=self._rate_limited(handler.unary_unary, name,
-                                                                   lambda r: len(r.items)))
+            return handler._replace(unary_unary=self._rate_limited(handler.unary_unary, name, lambda r: len(r.items)))
         if name == "StreamTaskResults" and handler.stream_stream is not None:
             return handler._replace(stream_stream=self._capped_stream(handler.stream_stream))
         return handler
@@ -150,6 +161,7 @@ class QuotaInterceptor(grpc.aio.ServerInterceptor):
                 if wait_s:
                     await self._refuse(context, method, count, wait_s)
             return await behavior(request, context)
+
         return limited
 
     async def _refuse(self, context, method: str, count: int, wait_s: float) -> None:
@@ -158,9 +170,14 @@ class QuotaInterceptor(grpc.aio.ServerInterceptor):
         self._refused_since_log += 1
         now = time.monotonic()
         if now - self._logged_at >= LOG_INTERVAL_S:
-            log.warning("rate limit: refused %d submit call(s) with RESOURCE_EXHAUSTED (server.submit_rate_per_s "
-                        "%g, server.submit_burst %d), the last from %s", self._refused_since_log,
-                        self.limiter.rate_per_s, self.limiter.burst, caller_key(context))
+            log.warning(
+                "rate limit: refused %d submit call(s) with RESOURCE_EXHAUSTED (server.submit_rate_per_s "
+                "%g, server.submit_burst %d), the last from %s",
+                self._refused_since_log,
+                self.limiter.rate_per_s,
+                self.limiter.burst,
+                caller_key(context),
+            )
             self._refused_since_log, self._logged_at = 0, now
         status = rich_status(RateLimited(count, self.limiter.rate_per_s, self.limiter.burst, retry_ms))
         hint = (RETRY_PUSHBACK_KEY, str(retry_ms))
@@ -182,6 +199,7 @@ class QuotaInterceptor(grpc.aio.ServerInterceptor):
                     yield response
             finally:
                 await responses.aclose()
+
         return capped
 
     async def _counted(self, request_iterator):
@@ -190,7 +208,11 @@ class QuotaInterceptor(grpc.aio.ServerInterceptor):
         async for request in request_iterator:
             sent += len(request.task_ids)
             if sent > self.max_stream_ids:
-                raise ValidationError("task_ids", (
-                    f"{sent} task ids sent on one stream, over the limit of {self.max_stream_ids} "
-                    "(server.max_stream_ids); follow more tasks on further streams"))
+                raise ValidationError(
+                    "task_ids",
+                    (
+                        f"{sent} task ids sent on one stream, over the limit of {self.max_stream_ids} "
+                        "(server.max_stream_ids); follow more tasks on further streams"
+                    ),
+                )
             yield request

@@ -15,6 +15,7 @@ ordered by `qm.states.supersedes`. Each publish is logged with the task id and c
 (`qm_server_reconciled_total{state}`); a task is published again at most once per
 `after_s`. Every look-up is an indexed range over unfinished tasks (qm/server/store.py).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -42,7 +43,7 @@ class Reconciler:
     store: TaskStore
     broker: Broker
     metrics: ServerMetrics
-    queues: set[str]                                # logical queues this server publishes to
+    queues: set[str]  # logical queues this server publishes to
     ensure_queue: Callable[[str], Awaitable[None]]  # declares a work queue (once)
     interval_s: float = 30.0
     after_s: float = 60.0
@@ -67,8 +68,9 @@ class Reconciler:
         for queue in sorted(self.queues):
             if await self.broker.queue_size(topology.work_queue_name(queue)):
                 continue  # a backlog: overdue tasks may well be waiting in it
-            suspects += [(record, record.attempts + 1)
-                         for record in await self.store.overdue_retries(queue, cutoff, SWEEP_LIMIT)]
+            suspects += [
+                (record, record.attempts + 1) for record in await self.store.overdue_retries(queue, cutoff, SWEEP_LIMIT)
+            ]
             suspects += [(record, 1) for record in await self.store.overdue_scheduled(queue, cutoff, SWEEP_LIMIT)]
             suspects += [(record, 1) for record in await self.store.queued_before(queue, cutoff, SWEEP_LIMIT)]
         republished = 0
@@ -84,21 +86,31 @@ class Reconciler:
     async def _republish(self, record: TaskRecord, attempt: int, now_s: float) -> bool:
         body = await self.store.message(record.task_id)
         if body is None:
-            log.debug("task %s looks lost but was submitted through another server; that one publishes it",
-                      record.task_id)
+            log.debug(
+                "task %s looks lost but was submitted through another server; that one publishes it", record.task_id
+            )
             return False
         message = dataclasses.replace(TaskMessage.decode(body), attempt=max(1, attempt), enqueued_at_s=now_s)
         await self.ensure_queue(message.queue)
         await self.broker.publish(topology.TASKS_EXCHANGE, message.queue, message.encode(), message.headers())
         self._republished_at[record.task_id] = now_s
         self.metrics.reconciled.labels(record.state.name).inc()
-        log.warning("reconciler: task %s (%s) %s since %s looked lost; published attempt %d again to %s",
-                    record.task_id, record.type, record.state.name, _since(record), message.attempt, message.queue)
+        log.warning(
+            "reconciler: task %s (%s) %s since %s looked lost; published attempt %d again to %s",
+            record.task_id,
+            record.type,
+            record.state.name,
+            _since(record),
+            message.attempt,
+            message.queue,
+        )
         return True
 
 
 def _since(record: TaskRecord) -> str:
-    at = {TaskState.RETRYING: record.next_attempt_at, TaskState.SCHEDULED: record.next_attempt_at,
-          TaskState.RUNNING: record.started_at}.get(
-        record.state, record.created_at)
+    at = {
+        TaskState.RETRYING: record.next_attempt_at,
+        TaskState.SCHEDULED: record.next_attempt_at,
+        TaskState.RUNNING: record.started_at,
+    }.get(record.state, record.created_at)
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at or record.updated_at))

@@ -4,6 +4,7 @@ The other jobs of a server live next door and are composed here: event ingestion
 (events.py), dead letters (dead_letters.py), the worker directory (workers.py), the
 reconciler (reconciler.py).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -68,17 +69,31 @@ RETENTION_SWEEP_MAX_S = 3600.0
 class TaskService:
     """What the TaskQueue RPCs do: submit, status, cancel; and the server's parts."""
 
-    def __init__(self, registry: Registry, store: TaskStore, broker: Broker, *,
-                 max_payload_bytes: int, queue_type: str = "quorum", delivery_limit: int = 5,
-                 server_queue_type: str = "classic",
-                 default_timeout_s: float = 600.0, default_memory_limit_mb: int = 0,
-                 consumer_timeout_s: float = 1800.0, default_retry: RetryPolicy = RetryPolicy(),
-                 retention_s: float = 7 * 86400.0, metrics: ServerMetrics | None = None,
-                 worker_lost_after_s: float = 30.0, reconcile_interval_s: float = 30.0,
-                 reconcile_after_s: float = 60.0, max_batch_items: int = DEFAULT_MAX_BATCH_ITEMS,
-                 max_delay_s: float = scheduling.DEFAULT_MAX_DELAY_S,
-                 caps: SubmitCaps | None = None, validators: PayloadValidators | None = None,
-                 max_queue_length: int = 0) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        store: TaskStore,
+        broker: Broker,
+        *,
+        max_payload_bytes: int,
+        queue_type: str = "quorum",
+        delivery_limit: int = 5,
+        server_queue_type: str = "classic",
+        default_timeout_s: float = 600.0,
+        default_memory_limit_mb: int = 0,
+        consumer_timeout_s: float = 1800.0,
+        default_retry: RetryPolicy = RetryPolicy(),
+        retention_s: float = 7 * 86400.0,
+        metrics: ServerMetrics | None = None,
+        worker_lost_after_s: float = 30.0,
+        reconcile_interval_s: float = 30.0,
+        reconcile_after_s: float = 60.0,
+        max_batch_items: int = DEFAULT_MAX_BATCH_ITEMS,
+        max_delay_s: float = scheduling.DEFAULT_MAX_DELAY_S,
+        caps: SubmitCaps | None = None,
+        validators: PayloadValidators | None = None,
+        max_queue_length: int = 0,
+    ) -> None:
         self.registry = registry
         self._codecs = {name: declared.codec for name, declared in registry.types.items()}
         self.store = store
@@ -104,11 +119,19 @@ class TaskService:
         self._pending_keys: dict[str, asyncio.Future] = {}
         self._tasks: list[asyncio.Task] = []
         self.events = EventApplier(store, broker, self.hub, self.metrics, self._codecs, delivery_limit)
-        self.dead_letters = DeadLetters(store, broker, self.metrics, self._codecs, delivery_limit,
-                                        self.events.apply, self.enqueue)
+        self.dead_letters = DeadLetters(
+            store, broker, self.metrics, self._codecs, delivery_limit, self.events.apply, self.enqueue
+        )
         self.workers = WorkerDirectory(broker, worker_lost_after_s)
-        self.reconciler = Reconciler(store, broker, self.metrics, self._declared_queues, self._ensure_queue,
-                                     reconcile_interval_s, reconcile_after_s)
+        self.reconciler = Reconciler(
+            store,
+            broker,
+            self.metrics,
+            self._declared_queues,
+            self._ensure_queue,
+            reconcile_interval_s,
+            reconcile_after_s,
+        )
 
     # -- submit / status -------------------------------------------------------------
 
@@ -119,14 +142,26 @@ class TaskService:
         declared = self.registry.get(task_type)
         self.caps.check_queue(queue)
         if len(payload) > self.max_payload_bytes:
-            raise ValidationError("payload", f"{len(payload)} bytes exceeds the limit of "
-                                             f"{self.max_payload_bytes} bytes (server.max_payload_bytes)")
+            raise ValidationError(
+                "payload",
+                f"{len(payload)} bytes exceeds the limit of {self.max_payload_bytes} bytes (server.max_payload_bytes)",
+            )
         await self.validators.check(declared, payload)
 
-    async def submit(self, task_type: str, payload: bytes, queue: str = "", *, timeout_s: float = 0.0,
-                     memory_limit_mb: int = 0, idempotency_key: str = "", soft_timeout_s: float = 0.0,
-                     delay_s: float | None = None, not_before_s: float | None = None,
-                     **retry_options) -> TaskRecord:
+    async def submit(
+        self,
+        task_type: str,
+        payload: bytes,
+        queue: str = "",
+        *,
+        timeout_s: float = 0.0,
+        memory_limit_mb: int = 0,
+        idempotency_key: str = "",
+        soft_timeout_s: float = 0.0,
+        delay_s: float | None = None,
+        not_before_s: float | None = None,
+        **retry_options,
+    ) -> TaskRecord:
         """Accept a task: it is durable in RabbitMQ when this returns.
 
         With an idempotency key already seen (within the retention) and the same request,
@@ -139,9 +174,16 @@ class TaskService:
             raise ValidationError("idempotency_key", f"longer than {MAX_IDEMPOTENCY_KEY_CHARS} characters")
         digest = ""
         if idempotency_key:
-            digest = idempotency.request_digest(task_type, payload, queue or topology.DEFAULT_QUEUE,
-                                                timeout_s, memory_limit_mb, retry_options, soft_timeout_s,
-                                                {"delay_s": delay_s, "not_before_s": not_before_s})
+            digest = idempotency.request_digest(
+                task_type,
+                payload,
+                queue or topology.DEFAULT_QUEUE,
+                timeout_s,
+                memory_limit_mb,
+                retry_options,
+                soft_timeout_s,
+                {"delay_s": delay_s, "not_before_s": not_before_s},
+            )
             if idempotency_key in self._pending_keys:  # the same key is being submitted right now
                 first = await asyncio.shield(self._pending_keys[idempotency_key])
                 self._check_key_reuse(idempotency_key, first, digest)
@@ -154,9 +196,18 @@ class TaskService:
             self._pending_keys[idempotency_key] = future
         try:
             try:
-                record = await self._accept(task_type, payload, queue or topology.DEFAULT_QUEUE, timeout_s,
-                                            memory_limit_mb, idempotency_key, retry_options, soft_timeout_s,
-                                            digest, scheduling.Delay(delay_s, not_before_s))
+                record = await self._accept(
+                    task_type,
+                    payload,
+                    queue or topology.DEFAULT_QUEUE,
+                    timeout_s,
+                    memory_limit_mb,
+                    idempotency_key,
+                    retry_options,
+                    soft_timeout_s,
+                    digest,
+                    scheduling.Delay(delay_s, not_before_s),
+                )
             except IdempotencyKeyTaken:  # another server of a shared store stored the key first
                 record = await self._answer_duplicate(idempotency_key, await self._taken(idempotency_key), digest)
                 future.set_result(record)
@@ -184,8 +235,9 @@ class TaskService:
         """The task another server stored under `key` (its insert committed before ours failed)."""
         existing = await self.store.find_by_idempotency_key(key)
         if existing is None:  # that server's publish failed and it removed the task again
-            raise StoreUnavailable(f"idempotency key {key!r} was being submitted through another server, "
-                                   "which gave up; submit again")
+            raise StoreUnavailable(
+                f"idempotency key {key!r} was being submitted through another server, which gave up; submit again"
+            )
         return existing
 
     def _check_key_reuse(self, key: str, first: TaskRecord, digest: str) -> None:
@@ -205,16 +257,26 @@ class TaskService:
         batch waits about one confirm round trip.
         """
         if len(items) > self.max_batch_items:
-            raise ValidationError("items", f"{len(items)} items exceed the limit of {self.max_batch_items} "
-                                           "per batch (server.max_batch_items); send smaller batches")
+            raise ValidationError(
+                "items",
+                f"{len(items)} items exceed the limit of {self.max_batch_items} "
+                "per batch (server.max_batch_items); send smaller batches",
+            )
 
         async def one(item: Submission) -> TaskRecord | QMError:
             try:
-                return await self.submit(item.type, item.payload, item.queue, timeout_s=item.timeout_s,
-                                         memory_limit_mb=item.memory_limit_mb,
-                                         idempotency_key=item.idempotency_key,
-                                         soft_timeout_s=item.soft_timeout_s, delay_s=item.delay_s,
-                                         not_before_s=item.not_before_s, **item.retry_options)
+                return await self.submit(
+                    item.type,
+                    item.payload,
+                    item.queue,
+                    timeout_s=item.timeout_s,
+                    memory_limit_mb=item.memory_limit_mb,
+                    idempotency_key=item.idempotency_key,
+                    soft_timeout_s=item.soft_timeout_s,
+                    delay_s=item.delay_s,
+                    not_before_s=item.not_before_s,
+                    **item.retry_options,
+                )
             except QMError as exc:
                 return exc
 
@@ -228,9 +290,19 @@ class TaskService:
         elif isinstance(error, BrokerUnavailable):
             self.metrics.submissions.labels(known_type, "unavailable").inc()
 
-    async def _accept(self, task_type: str, payload: bytes, queue: str, timeout_s: float, memory_limit_mb: int,
-                      idempotency_key: str, retry_options: dict, soft_timeout_s: float = 0.0,
-                      request_digest: str = "", delay: scheduling.Delay = scheduling.NO_DELAY) -> TaskRecord:
+    async def _accept(
+        self,
+        task_type: str,
+        payload: bytes,
+        queue: str,
+        timeout_s: float,
+        memory_limit_mb: int,
+        idempotency_key: str,
+        retry_options: dict,
+        soft_timeout_s: float = 0.0,
+        request_digest: str = "",
+        delay: scheduling.Delay = scheduling.NO_DELAY,
+    ) -> TaskRecord:
         # The idempotency key travels to validators that need it (qm/security/signing.py: a
         # retried submit is not a replay of its signed payload).
         submission = signing.SUBMISSION_KEY.set(idempotency_key)
@@ -241,21 +313,48 @@ class TaskService:
         declared = self.registry.get(task_type)
         self.caps.check_requested(timeout_s, memory_limit_mb, retry_options)
         limits = task_limits.resolve(
-            declared, timeout_s, memory_limit_mb, default_timeout_s=self.default_timeout_s,
-            default_memory_limit_mb=self.default_memory_limit_mb, consumer_timeout_s=self.consumer_timeout_s,
-            soft_timeout_s=soft_timeout_s, max_timeout_s=self.caps.max_timeout_s,
-            max_memory_limit_mb=self.caps.max_memory_limit_mb)
+            declared,
+            timeout_s,
+            memory_limit_mb,
+            default_timeout_s=self.default_timeout_s,
+            default_memory_limit_mb=self.default_memory_limit_mb,
+            consumer_timeout_s=self.consumer_timeout_s,
+            soft_timeout_s=soft_timeout_s,
+            max_timeout_s=self.caps.max_timeout_s,
+            max_memory_limit_mb=self.caps.max_memory_limit_mb,
+        )
         policy = retry.resolve(declared, self.default_retry, **retry_options)
         policy = dataclasses.replace(policy, max_retries=self.caps.retries(policy.max_retries))
         now = time.time()
         due_s = delay.due_at(now, self.max_delay_s)
         if not self.broker.connected:
             raise self.broker.unavailable()
-        record = TaskRecord.queued(str(uuid.uuid4()), task_type, queue, declared.codec, now, limits.timeout_s,
-                                   limits.memory_limit_mb, idempotency_key, policy.max_retries,
-                                   request_digest=request_digest, due_s=due_s)
-        message = TaskMessage(record.task_id, task_type, payload, queue, 1, now, limits.timeout_s,
-                              limits.memory_limit_mb, policy, limits.soft_timeout_s, due_s)
+        record = TaskRecord.queued(
+            str(uuid.uuid4()),
+            task_type,
+            queue,
+            declared.codec,
+            now,
+            limits.timeout_s,
+            limits.memory_limit_mb,
+            idempotency_key,
+            policy.max_retries,
+            request_digest=request_digest,
+            due_s=due_s,
+        )
+        message = TaskMessage(
+            record.task_id,
+            task_type,
+            payload,
+            queue,
+            1,
+            now,
+            limits.timeout_s,
+            limits.memory_limit_mb,
+            policy,
+            limits.soft_timeout_s,
+            due_s,
+        )
         await self.enqueue(record, message)
         return record
 
@@ -276,8 +375,9 @@ class TaskService:
             # quorum queue on the surviving nodes). Keep it, unconfirmed: the client's retry
             # with the same key publishes it again and gets this id; a task deleted here
             # would run under an id nobody knows, next to the retry's new one.
-            log.warning("task %s: connection lost before RabbitMQ confirmed it; kept to be published again",
-                        record.task_id)
+            log.warning(
+                "task %s: connection lost before RabbitMQ confirmed it; kept to be published again", record.task_id
+            )
             raise
         except BaseException:
             await self.store.delete(record.task_id)  # never a stored half-task
@@ -329,8 +429,9 @@ class TaskService:
 
     async def _ensure_queue(self, queue: str) -> None:
         if queue not in self._declared_queues:
-            await topology.declare_work_queue(self.broker, queue, self.queue_type, self.delivery_limit,
-                                              self.max_queue_length)
+            await topology.declare_work_queue(
+                self.broker, queue, self.queue_type, self.delivery_limit, self.max_queue_length
+            )
             self._declared_queues.add(queue)
 
     async def status(self, task_id: str) -> TaskRecord:
@@ -348,8 +449,14 @@ class TaskService:
         if not self.broker.connected:
             raise self.broker.unavailable()
         await self._broadcast_cancel(task_id)
-        event = TaskEvent(task_id, record.type, record.queue, max(record.attempts, 1), TaskState.CANCELLED,
-                          error="cancelled by request")
+        event = TaskEvent(
+            task_id,
+            record.type,
+            record.queue,
+            max(record.attempts, 1),
+            TaskState.CANCELLED,
+            error="cancelled by request",
+        )
         await self.broker.publish(topology.EVENTS_EXCHANGE, "", event.encode(), {Header.TASK_ID: task_id})
         await self.events.apply([event])  # answer with the final state; the queued copy is then a duplicate
         return await self.status(task_id)
@@ -378,11 +485,13 @@ class TaskService:
         await self.broker.consume(heartbeats, self.workers.on_heartbeat, EVENTS_PREFETCH, exclusive=shared)
         events = await topology.declare_events_queue(self.broker, shared_store_id or server_id, self.server_queue_type)
         dead = await topology.declare_dead_queue(self.broker, shared_store_id or server_id, self.server_queue_type)
-        self._tasks = [asyncio.create_task(self.events.run(), name="events-applier"),
-                       asyncio.create_task(self._sweep_retention(), name="retention"),
-                       asyncio.create_task(self._refresh_store_gauges(), name="store-gauges"),
-                       asyncio.create_task(self._publish_unconfirmed_until_done(), name="unconfirmed"),
-                       asyncio.create_task(self.reconciler.run(), name="reconciler")]
+        self._tasks = [
+            asyncio.create_task(self.events.run(), name="events-applier"),
+            asyncio.create_task(self._sweep_retention(), name="retention"),
+            asyncio.create_task(self._refresh_store_gauges(), name="store-gauges"),
+            asyncio.create_task(self._publish_unconfirmed_until_done(), name="unconfirmed"),
+            asyncio.create_task(self.reconciler.run(), name="reconciler"),
+        ]
         # Exclusive (one store per server): while this server lives, another one under the
         # same id is refused here (classic queues; RabbitMQ does not enforce it on quorum
         # queues: see topology).
@@ -417,7 +526,9 @@ class TaskService:
                 log.info("retention: removed %d task(s) finished over %g s ago", removed, self.retention_s)
             expired = await self.dead_letters.expire(time.time())
             if expired:
-                log.info("retention: removed %d dead letter(s) older than %g s (server.dead_letter_retention_s)",
-                         expired, self.dead_letters.retention_s)
+                log.info(
+                    "retention: removed %d dead letter(s) older than %g s (server.dead_letter_retention_s)",
+                    expired,
+                    self.dead_letters.retention_s,
+                )
             await asyncio.sleep(min(self.retention_s / 10, RETENTION_SWEEP_MAX_S))
-

@@ -4,6 +4,7 @@ Domain errors become gRPC statuses in one place, `_STATUS_OF`: a status code and
 code, sent as a google.rpc.ErrorInfo in the status details (grpcio-status packs it), so
 clients decide by reason, not by message text (qm/reasons.py).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -99,6 +100,7 @@ async def abort_with(context, error: QMError) -> None:
 
 def _maps_errors(method):
     """Turn a domain error raised by a unary handler into its gRPC status; time the call."""
+
     @functools.wraps(method)
     async def wrapper(self, request, context):
         started, code = time.perf_counter(), grpc.StatusCode.OK
@@ -108,8 +110,8 @@ def _maps_errors(method):
             code = status_code_for(exc)
             await abort_with(context, exc)
         finally:
-            self.service.metrics.rpc_seconds.labels(method.__name__, code.name).observe(
-                time.perf_counter() - started)
+            self.service.metrics.rpc_seconds.labels(method.__name__, code.name).observe(time.perf_counter() - started)
+
     return wrapper
 
 
@@ -117,32 +119,61 @@ def record_to_proto(record: TaskRecord) -> task_queue_pb2.TaskStatus:
     """The TaskStatus users see (a SCHEDULED task past its due time shows QUEUED)."""
     state = scheduling.shown_state(record.state, record.next_attempt_at, time.time())
     status = task_queue_pb2.TaskStatus(
-        task_id=record.task_id, type=record.type, queue=record.queue,
+        task_id=record.task_id,
+        type=record.type,
+        queue=record.queue,
         state=int(state),  # type: ignore[arg-type]  # protoc .pyi: enum fields typed as the enum class; they take ints
-        attempts=record.attempts, result=record.result or b"", codec=record.codec,
-        error=record.error, worker=record.worker, timeout_s=record.timeout_s,
-        memory_limit_mb=record.memory_limit_mb, max_retries=record.max_retries, progress=record.progress,
-        progress_message=record.progress_message, progress_detail_json=record.progress_detail_json)
-    for field, seconds in (("created_at", record.created_at), ("started_at", record.started_at),
-                           ("finished_at", record.finished_at), ("updated_at", record.updated_at),
-                           ("next_attempt_at", record.next_attempt_at), ("progress_at", record.progress_at)):
+        attempts=record.attempts,
+        result=record.result or b"",
+        codec=record.codec,
+        error=record.error,
+        worker=record.worker,
+        timeout_s=record.timeout_s,
+        memory_limit_mb=record.memory_limit_mb,
+        max_retries=record.max_retries,
+        progress=record.progress,
+        progress_message=record.progress_message,
+        progress_detail_json=record.progress_detail_json,
+    )
+    for field, seconds in (
+        ("created_at", record.created_at),
+        ("started_at", record.started_at),
+        ("finished_at", record.finished_at),
+        ("updated_at", record.updated_at),
+        ("next_attempt_at", record.next_attempt_at),
+        ("progress_at", record.progress_at),
+    ):
         if seconds is not None:
             getattr(status, field).FromNanoseconds(int(seconds * 1e9))
     return status
 
 
 #: SubmitTaskRequest's optional retry fields → RetryPolicy field names (TaskService.submit's options).
-_RETRY_FIELDS = {"max_retries": "max_retries", "retry_backoff_s": "backoff_s",
-                 "retry_backoff_max_s": "backoff_max_s", "retry_jitter": "jitter", "retry_on_timeout": "on_timeout"}
+_RETRY_FIELDS = {
+    "max_retries": "max_retries",
+    "retry_backoff_s": "backoff_s",
+    "retry_backoff_max_s": "backoff_max_s",
+    "retry_jitter": "jitter",
+    "retry_on_timeout": "on_timeout",
+}
 
 
 def submission_from_proto(request: task_queue_pb2.SubmitTaskRequest) -> Submission:
-    retry_options = {option: getattr(request, field) if request.HasField(field) else None
-                     for field, option in _RETRY_FIELDS.items()}
-    return Submission(request.type, request.payload, request.queue, request.timeout_s, request.memory_limit_mb,
-                      request.idempotency_key, request.soft_timeout_s, retry_options,
-                      request.delay_s if request.HasField("delay_s") else None,
-                      request.not_before.ToNanoseconds() / 1e9 if request.HasField("not_before") else None)
+    retry_options = {
+        option: getattr(request, field) if request.HasField(field) else None for field, option in _RETRY_FIELDS.items()
+    }
+    return Submission(
+        request.type,
+        request.payload,
+        request.queue,
+        request.timeout_s,
+        request.memory_limit_mb,
+        request.idempotency_key,
+        request.soft_timeout_s,
+        retry_options,
+        request.delay_s if request.HasField("delay_s") else None,
+        request.not_before.ToNanoseconds() / 1e9 if request.HasField("not_before") else None,
+    )
 
 
 class TaskQueueServicer(task_queue_pb2_grpc.TaskQueueServicer):
@@ -152,14 +183,19 @@ class TaskQueueServicer(task_queue_pb2_grpc.TaskQueueServicer):
     @_maps_errors
     async def SubmitTask(self, request, context):
         item = submission_from_proto(request)
-        record = await self.service.submit(item.type, item.payload, item.queue, timeout_s=item.timeout_s,
-                                           memory_limit_mb=item.memory_limit_mb,
-                                           idempotency_key=item.idempotency_key,
-                                           soft_timeout_s=item.soft_timeout_s, delay_s=item.delay_s,
-                                           not_before_s=item.not_before_s, **item.retry_options)
-        return task_queue_pb2.SubmitTaskResponse(
-            task_id=record.task_id,
-            state=int(record.state))  # type: ignore[arg-type]  # protoc .pyi: enum fields typed as the enum class; they take ints
+        record = await self.service.submit(
+            item.type,
+            item.payload,
+            item.queue,
+            timeout_s=item.timeout_s,
+            memory_limit_mb=item.memory_limit_mb,
+            idempotency_key=item.idempotency_key,
+            soft_timeout_s=item.soft_timeout_s,
+            delay_s=item.delay_s,
+            not_before_s=item.not_before_s,
+            **item.retry_options,
+        )
+        return task_queue_pb2.SubmitTaskResponse(task_id=record.task_id, state=int(record.state))  # type: ignore[arg-type]  # protoc .pyi: enum fields typed as the enum class; they take ints
 
     @_maps_errors
     async def SubmitTasks(self, request, context):
@@ -177,25 +213,36 @@ class TaskQueueServicer(task_queue_pb2_grpc.TaskQueueServicer):
     async def ListWorkers(self, request, context):
         response = task_queue_pb2.ListWorkersResponse()
         for beat, seen_at, state in self.service.workers.list():
-            info = response.workers.add(worker_id=beat.worker_id, host=beat.host, pid=beat.pid, procs=beat.procs,
-                                        busy=beat.busy, queues=beat.queues, types=beat.types,
-                                        version=beat.version, state=state)
+            info = response.workers.add(
+                worker_id=beat.worker_id,
+                host=beat.host,
+                pid=beat.pid,
+                procs=beat.procs,
+                busy=beat.busy,
+                queues=beat.queues,
+                types=beat.types,
+                version=beat.version,
+                state=state,
+            )
             info.last_seen.FromNanoseconds(int(seen_at * 1e9))
         return response
 
     @_maps_errors
     async def ListTaskTypes(self, request, context):
         service = self.service
-        response = task_queue_pb2.ListTaskTypesResponse(
-            plugin_errors=[str(error) for error in service.registry.errors])
+        response = task_queue_pb2.ListTaskTypesResponse(plugin_errors=[str(error) for error in service.registry.errors])
         for name, declared in sorted(service.registry.types.items()):
             policy = declared.retry or service.default_retry
             response.types.add(
-                name=name, codec=declared.codec, description=declared.description,
+                name=name,
+                codec=declared.codec,
+                description=declared.description,
                 default_timeout_s=declared.default_timeout_s or service.default_timeout_s,
                 max_timeout_s=declared.max_timeout_s or 0,
                 default_memory_limit_mb=declared.default_memory_limit_mb or service.default_memory_limit_mb,
-                max_memory_limit_mb=declared.max_memory_limit_mb or 0, default_max_retries=policy.max_retries)
+                max_memory_limit_mb=declared.max_memory_limit_mb or 0,
+                default_max_retries=policy.max_retries,
+            )
         return response
 
     @_maps_errors
@@ -208,9 +255,15 @@ class TaskQueueServicer(task_queue_pb2_grpc.TaskQueueServicer):
         letters, total = await self.service.dead_letters.list(request.limit)
         response = task_queue_pb2.ListDeadLettersResponse(total=total)
         for letter in letters:
-            item = response.dead_letters.add(task_id=letter.task_id, type=letter.type, queue=letter.queue,
-                                             state=int(letter.state), attempts=letter.attempts,
-                                             reason=letter.reason, error=letter.error)
+            item = response.dead_letters.add(
+                task_id=letter.task_id,
+                type=letter.type,
+                queue=letter.queue,
+                state=int(letter.state),
+                attempts=letter.attempts,
+                reason=letter.reason,
+                error=letter.error,
+            )
             item.dead_at.FromNanoseconds(int(letter.dead_at * 1e9))
         return response
 
@@ -290,8 +343,7 @@ async def _stream_until_terminal(updates: asyncio.Queue, followed: set[str]):
                 raise item
             if isinstance(item, _CameDue):
                 item = item.record
-                if sent.get(item.task_id) != (TaskState.SCHEDULED, item.attempts, item.updated_at,
-                                              item.progress_at):
+                if sent.get(item.task_id) != (TaskState.SCHEDULED, item.attempts, item.updated_at, item.progress_at):
                     continue  # it moved on meanwhile
             status = record_to_proto(item)
             key = (TaskState.of_number(status.state), item.attempts, item.updated_at, item.progress_at)

@@ -14,6 +14,7 @@ checkpoint that lets the WAL start over every 32 MiB.
 The event loop runs no write: writes are grouped into shared transactions on the writer
 thread (qm/server/group_commit.py); the loop runs only point reads by key (measured).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -111,12 +112,19 @@ _COUNTED_TABLES = ("tasks", "dead_letters")
 
 
 #: Columns added after the first release, with their declarations.
-_ADDED_COLUMNS = {"timeout_s": "REAL NOT NULL DEFAULT 0", "memory_limit_mb": "INTEGER NOT NULL DEFAULT 0",
-                  "idempotency_key": "TEXT NOT NULL DEFAULT ''", "max_retries": "INTEGER NOT NULL DEFAULT 0",
-                  "next_attempt_at": "REAL", "starts": "INTEGER NOT NULL DEFAULT 0",
-                  "request_digest": "TEXT NOT NULL DEFAULT ''", "progress": "REAL NOT NULL DEFAULT 0",
-                  "progress_message": "TEXT NOT NULL DEFAULT ''", "progress_detail_json": "TEXT NOT NULL DEFAULT ''",
-                  "progress_at": "REAL"}
+_ADDED_COLUMNS = {
+    "timeout_s": "REAL NOT NULL DEFAULT 0",
+    "memory_limit_mb": "INTEGER NOT NULL DEFAULT 0",
+    "idempotency_key": "TEXT NOT NULL DEFAULT ''",
+    "max_retries": "INTEGER NOT NULL DEFAULT 0",
+    "next_attempt_at": "REAL",
+    "starts": "INTEGER NOT NULL DEFAULT 0",
+    "request_digest": "TEXT NOT NULL DEFAULT ''",
+    "progress": "REAL NOT NULL DEFAULT 0",
+    "progress_message": "TEXT NOT NULL DEFAULT ''",
+    "progress_detail_json": "TEXT NOT NULL DEFAULT ''",
+    "progress_at": "REAL",
+}
 
 
 _COLUMNS = [field.name for field in dataclasses.fields(TaskRecord)]
@@ -175,13 +183,13 @@ class Store:
             present = {name for (name,) in self._db.execute("SELECT name FROM counters")}
             for table in _COUNTED_TABLES:
                 if table not in present:
-                    self._db.execute(f"INSERT INTO counters (name, value) "
-                                     f"SELECT '{table}', COUNT(*) FROM {table}")
+                    self._db.execute(f"INSERT INTO counters (name, value) SELECT '{table}', COUNT(*) FROM {table}")
                 for event, change in (("INSERT", "+ 1"), ("DELETE", "- 1")):
                     self._db.execute(
                         f"CREATE TRIGGER IF NOT EXISTS {table}_count_{event.lower()} "
                         f"AFTER {event} ON {table} "
-                        f"BEGIN UPDATE counters SET value = value {change} WHERE name = '{table}'; END")
+                        f"BEGIN UPDATE counters SET value = value {change} WHERE name = '{table}'; END"
+                    )
             self._db.execute("COMMIT")
         except BaseException:
             self._db.execute("ROLLBACK")
@@ -265,11 +273,12 @@ class Store:
     async def insert_unconfirmed(self, record: TaskRecord, queue: str, body: bytes) -> None:
         """Store a task with the message that still has to reach RabbitMQ, committed when
         this returns; the message is also kept until the task is final (the reconciler's copy)."""
+
         def write(db: sqlite3.Connection) -> None:
             _insert(db, record)
-            db.execute("INSERT INTO unconfirmed (task_id, queue, body) VALUES (?, ?, ?)",
-                       (record.task_id, queue, body))
+            db.execute("INSERT INTO unconfirmed (task_id, queue, body) VALUES (?, ?, ?)", (record.task_id, queue, body))
             db.execute("INSERT OR REPLACE INTO messages (task_id, body) VALUES (?, ?)", (record.task_id, body))
+
         await self._writes.write(write)
 
     async def confirm(self, task_id: str) -> None:
@@ -294,53 +303,73 @@ class Store:
             db.execute("DELETE FROM tasks WHERE task_id = ?", (task_id,))
             db.execute("DELETE FROM unconfirmed WHERE task_id = ?", (task_id,))
             db.execute("DELETE FROM messages WHERE task_id = ?", (task_id,))
+
         await self._writes.write(write)
 
     # -- the reconciler's look-ups (each an indexed range over unfinished tasks) ---------
 
     async def overdue_retries(self, queue: str, due_before_s: float, limit: int) -> list[TaskRecord]:
         """RETRYING tasks of a logical queue whose next attempt was due before `due_before_s`."""
-        return await self._select(f"WHERE state = {int(TaskState.RETRYING)} AND queue = ? AND next_attempt_at < ? "
-                                  "ORDER BY next_attempt_at LIMIT ?", (queue, due_before_s, limit))
+        return await self._select(
+            f"WHERE state = {int(TaskState.RETRYING)} AND queue = ? AND next_attempt_at < ? "
+            "ORDER BY next_attempt_at LIMIT ?",
+            (queue, due_before_s, limit),
+        )
 
     async def overdue_scheduled(self, queue: str, due_before_s: float, limit: int) -> list[TaskRecord]:
         """SCHEDULED tasks of a logical queue that were due before `due_before_s` (never started)."""
-        return await self._select(f"WHERE state = {int(TaskState.SCHEDULED)} AND queue = ? AND next_attempt_at < ? "
-                                  "ORDER BY next_attempt_at LIMIT ?", (queue, due_before_s, limit))
+        return await self._select(
+            f"WHERE state = {int(TaskState.SCHEDULED)} AND queue = ? AND next_attempt_at < ? "
+            "ORDER BY next_attempt_at LIMIT ?",
+            (queue, due_before_s, limit),
+        )
 
     async def overdue_runs(self, deadline_before_s: float, limit: int) -> list[TaskRecord]:
         """RUNNING tasks whose time limit ran out before `deadline_before_s`, oldest first."""
-        return await self._select(f"WHERE state = {int(TaskState.RUNNING)} AND started_at + timeout_s < ? "
-                                  "AND timeout_s > 0 ORDER BY started_at + timeout_s LIMIT ?",
-                                  (deadline_before_s, limit))
+        return await self._select(
+            f"WHERE state = {int(TaskState.RUNNING)} AND started_at + timeout_s < ? "
+            "AND timeout_s > 0 ORDER BY started_at + timeout_s LIMIT ?",
+            (deadline_before_s, limit),
+        )
 
     async def queued_before(self, queue: str, created_before_s: float, limit: int) -> list[TaskRecord]:
         """QUEUED tasks of a logical queue created before `created_before_s`, oldest first."""
-        return await self._select(f"WHERE state = {int(TaskState.QUEUED)} AND queue = ? AND created_at < ? "
-                                  "ORDER BY created_at LIMIT ?", (queue, created_before_s, limit))
+        return await self._select(
+            f"WHERE state = {int(TaskState.QUEUED)} AND queue = ? AND created_at < ? ORDER BY created_at LIMIT ?",
+            (queue, created_before_s, limit),
+        )
 
     async def _select(self, where: str, params: tuple) -> list[TaskRecord]:
         """Up to LIMIT records, read on the writer thread (too many rows for the loop)."""
         rows = await self._writes.write(
-            lambda db: db.execute(f"SELECT {', '.join(_COLUMNS)} FROM tasks {where}", params).fetchall())
+            lambda db: db.execute(f"SELECT {', '.join(_COLUMNS)} FROM tasks {where}", params).fetchall()
+        )
         return [_record(row) for row in rows]
 
     async def purge_finished(self, before_s: float, limit: int = DELETE_BATCH_ROWS) -> int:
         """Delete up to `limit` tasks that finished before `before_s` (epoch seconds), found
         through the finished_at index; return how many. Call again while it returns `limit`
         (qm.server.maintenance does, letting other writes commit in between)."""
-        return await self._writes.write(lambda db: db.execute(
-            "DELETE FROM tasks WHERE rowid IN (SELECT rowid FROM tasks "
-            "WHERE finished_at IS NOT NULL AND finished_at < ? LIMIT ?)", (before_s, limit)).rowcount)
+        return await self._writes.write(
+            lambda db: (
+                db.execute(
+                    "DELETE FROM tasks WHERE rowid IN (SELECT rowid FROM tasks "
+                    "WHERE finished_at IS NOT NULL AND finished_at < ? LIMIT ?)",
+                    (before_s, limit),
+                ).rowcount
+            )
+        )
 
     # -- dead letters ------------------------------------------------------------------
 
     async def add_dead_letter(self, dead: DeadLetter) -> None:
         await self._writes.write(
-            lambda db: db.execute(_upsert_statement("dead_letters", _DEAD_COLUMNS), dataclasses.astuple(dead)))
+            lambda db: db.execute(_upsert_statement("dead_letters", _DEAD_COLUMNS), dataclasses.astuple(dead))
+        )
 
-    async def dead_letters(self, limit: int, task_ids: list[str] | None = None,
-                           bodies: bool = True) -> tuple[list[DeadLetter], int]:
+    async def dead_letters(
+        self, limit: int, task_ids: list[str] | None = None, bodies: bool = True
+    ) -> tuple[list[DeadLetter], int]:
         """Dead letters, oldest first (these ids only, if given), and how many there are in all;
         bodies=False leaves the message bodies unread (b"": listing needs none)."""
         columns = _DEAD_COLUMNS if bodies else [c if c != "body" else "x'' AS body" for c in _DEAD_COLUMNS]
@@ -353,20 +382,32 @@ class Store:
         def read(db: sqlite3.Connection) -> tuple[list[DeadLetter], int]:
             rows = db.execute(f"{query} ORDER BY dead_at LIMIT ?", (*params, limit)).fetchall()
             return [_dead_letter(row) for row in rows], db.execute(_SELECT_COUNTER, ("dead_letters",)).fetchone()[0]
+
         return await self._writes.write(read)
 
-    async def remove_dead_letters(self, task_ids: list[str] | None = None, limit: int = DELETE_BATCH_ROWS,
-                                  dead_before_s: float = math.inf) -> int:
+    async def remove_dead_letters(
+        self, task_ids: list[str] | None = None, limit: int = DELETE_BATCH_ROWS, dead_before_s: float = math.inf
+    ) -> int:
         """Remove these dead letters, or if None up to `limit` of the oldest (those dead
         before `dead_before_s` only: retention; call again while it returns `limit`);
         return how many went."""
         if task_ids is None:
-            return await self._writes.write(lambda db: db.execute(
-                "DELETE FROM dead_letters WHERE rowid IN (SELECT rowid FROM dead_letters "
-                "WHERE dead_at < ? ORDER BY dead_at LIMIT ?)", (dead_before_s, limit)).rowcount)
-        return await self._writes.write(lambda db: db.execute(
-            f"DELETE FROM dead_letters WHERE task_id IN ({', '.join('?' for _ in task_ids)})",
-            tuple(task_ids)).rowcount)
+            return await self._writes.write(
+                lambda db: (
+                    db.execute(
+                        "DELETE FROM dead_letters WHERE rowid IN (SELECT rowid FROM dead_letters "
+                        "WHERE dead_at < ? ORDER BY dead_at LIMIT ?)",
+                        (dead_before_s, limit),
+                    ).rowcount
+                )
+            )
+        return await self._writes.write(
+            lambda db: (
+                db.execute(
+                    f"DELETE FROM dead_letters WHERE task_id IN ({', '.join('?' for _ in task_ids)})", tuple(task_ids)
+                ).rowcount
+            )
+        )
 
     async def apply(self, events: Iterable[TaskEvent], codec_of: dict[str, str]) -> list[TaskRecord]:
         """Apply events, committed when this returns (in a transaction shared with other
@@ -382,8 +423,7 @@ _SELECT_TASK_BY_ID = f"SELECT {', '.join(_COLUMNS)} FROM tasks WHERE task_id = ?
 # The index holds only non-empty keys; SQLite uses a partial index only when the query
 # itself says so (it cannot prove `= ?` implies `!= ''`): without the second condition this
 # is a scan of every task.
-_SELECT_TASK_BY_KEY = (f"SELECT {', '.join(_COLUMNS)} FROM tasks "
-                       "WHERE idempotency_key = ? AND idempotency_key != ''")
+_SELECT_TASK_BY_KEY = f"SELECT {', '.join(_COLUMNS)} FROM tasks WHERE idempotency_key = ? AND idempotency_key != ''"
 _SELECT_COUNTER = "SELECT value FROM counters WHERE name = ?"
 
 
@@ -423,12 +463,15 @@ def _update(db: sqlite3.Connection, before: TaskRecord, after: TaskRecord) -> No
     changed = [column for column in _COLUMNS if getattr(before, column) != getattr(after, column)]
     if changed:
         values = [getattr(after, column) for column in changed]
-        db.execute(f"UPDATE tasks SET {', '.join(f'{column} = ?' for column in changed)} "
-                   "WHERE task_id = ?", (*values, after.task_id))
+        db.execute(
+            f"UPDATE tasks SET {', '.join(f'{column} = ?' for column in changed)} WHERE task_id = ?",
+            (*values, after.task_id),
+        )
 
 
-def fold_events(events: Iterable[TaskEvent], load: Callable[[str], TaskRecord | None],
-                codec_of: dict[str, str]) -> tuple[dict[str, TaskRecord], dict[str, TaskRecord], list[TaskRecord]]:
+def fold_events(
+    events: Iterable[TaskEvent], load: Callable[[str], TaskRecord | None], codec_of: dict[str, str]
+) -> tuple[dict[str, TaskRecord], dict[str, TaskRecord], list[TaskRecord]]:
     """Fold a batch of events into task records (every store applies events this way).
 
     `load(task_id)` gives a task's stored record (None: unknown here, the event creates
@@ -460,10 +503,17 @@ def fold_events(events: Iterable[TaskEvent], load: Callable[[str], TaskRecord | 
                 # never mistaken for one that takes its workers down.
                 new_attempt = current is None or event.attempt > current.attempts
                 updated = dataclasses.replace(
-                    started, starts=1 if new_attempt else started.starts + 1, started_at=event.at_s,
-                    updated_at=event.at_s, worker=event.worker or started.worker,
+                    started,
+                    starts=1 if new_attempt else started.starts + 1,
+                    started_at=event.at_s,
+                    updated_at=event.at_s,
+                    worker=event.worker or started.worker,
                     # a run starts from nothing: the progress of an earlier one is gone
-                    progress=0.0, progress_message="", progress_detail_json="", progress_at=None)
+                    progress=0.0,
+                    progress_message="",
+                    progress_detail_json="",
+                    progress_at=None,
+                )
         if updated is not None:
             latest[event.task_id] = updated
             changes.append(updated)
@@ -474,8 +524,10 @@ def _upsert_statement(table: str, columns: list[str]) -> str:
     """Insert a row, or update the one with its key (the first column) in place: unlike
     INSERT OR REPLACE, the row keeps its place and only changed index entries are rewritten."""
     updates = ", ".join(f"{column} = excluded.{column}" for column in columns[1:])
-    return (f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' for _ in columns)}) "
-            f"ON CONFLICT ({columns[0]}) DO UPDATE SET {updates}")
+    return (
+        f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' for _ in columns)}) "
+        f"ON CONFLICT ({columns[0]}) DO UPDATE SET {updates}"
+    )
 
 
 def _passive_checkpoint(db: sqlite3.Connection) -> tuple[int, int]:

@@ -19,6 +19,7 @@ What every implementation promises:
 - Every look-up finds its rows through an index: the cost of a call does not grow with
   the number of tasks stored.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -46,27 +47,56 @@ class TaskRecord:
     started_at: float | None
     finished_at: float | None
     updated_at: float
-    timeout_s: float = 0.0        # effective hard time limit
-    memory_limit_mb: int = 0      # effective memory limit; 0 = none
+    timeout_s: float = 0.0  # effective hard time limit
+    memory_limit_mb: int = 0  # effective memory limit; 0 = none
     idempotency_key: str = ""
     max_retries: int = 0
     next_attempt_at: float | None = None  # while RETRYING; while SCHEDULED: when due
-    starts: int = 0               # RUNNING events seen, redelivered ones too (poison detection)
-    request_digest: str = ""      # of the request, kept with its idempotency key (qm/server/idempotency.py)
-    progress: float = 0.0         # the latest qm.progress() of the current attempt, 0..1 (qm/server/progress.py)
+    starts: int = 0  # RUNNING events seen, redelivered ones too (poison detection)
+    request_digest: str = ""  # of the request, kept with its idempotency key (qm/server/idempotency.py)
+    progress: float = 0.0  # the latest qm.progress() of the current attempt, 0..1 (qm/server/progress.py)
     progress_message: str = ""
     progress_detail_json: str = ""
     progress_at: float | None = None  # when that report was made
 
     @classmethod
-    def queued(cls, task_id: str, type: str, queue: str, codec: str, at_s: float, timeout_s: float = 0.0,
-               memory_limit_mb: int = 0, idempotency_key: str = "", max_retries: int = 0,
-               request_digest: str = "", due_s: float | None = None) -> TaskRecord:
+    def queued(
+        cls,
+        task_id: str,
+        type: str,
+        queue: str,
+        codec: str,
+        at_s: float,
+        timeout_s: float = 0.0,
+        memory_limit_mb: int = 0,
+        idempotency_key: str = "",
+        max_retries: int = 0,
+        request_digest: str = "",
+        due_s: float | None = None,
+    ) -> TaskRecord:
         """A task just accepted (or first heard of), QUEUED at `at_s`; SCHEDULED if due at `due_s`."""
         state = TaskState.QUEUED if due_s is None else TaskState.SCHEDULED
-        return cls(task_id, type, queue, codec, state, 0, None, "", "", at_s, None, None, at_s,
-                   timeout_s, memory_limit_mb, idempotency_key, max_retries, next_attempt_at=due_s,
-                   request_digest=request_digest)
+        return cls(
+            task_id,
+            type,
+            queue,
+            codec,
+            state,
+            0,
+            None,
+            "",
+            "",
+            at_s,
+            None,
+            None,
+            at_s,
+            timeout_s,
+            memory_limit_mb,
+            idempotency_key,
+            max_retries,
+            next_attempt_at=due_s,
+            request_digest=request_digest,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,16 +165,18 @@ class TaskStore(Protocol):
     async def add_dead_letter(self, dead: DeadLetter) -> None:
         """Record a dead letter (replacing the task's earlier one)."""
 
-    async def dead_letters(self, limit: int, task_ids: list[str] | None = None,
-                           bodies: bool = True) -> tuple[list[DeadLetter], int]:
+    async def dead_letters(
+        self, limit: int, task_ids: list[str] | None = None, bodies: bool = True
+    ) -> tuple[list[DeadLetter], int]:
         """Dead letters oldest first (these ids only, if given), and how many there are in all;
         bodies=False leaves the message bodies unread (b"")."""
 
     async def count_dead_letters(self) -> int:
         """Dead letters in the store (from a kept counter)."""
 
-    async def remove_dead_letters(self, task_ids: list[str] | None = None, limit: int = 1000,
-                                  dead_before_s: float = math.inf) -> int:
+    async def remove_dead_letters(
+        self, task_ids: list[str] | None = None, limit: int = 1000, dead_before_s: float = math.inf
+    ) -> int:
         """Remove these dead letters, or if None up to `limit` of the oldest (dead before
         `dead_before_s` only); return how many."""
 

@@ -25,6 +25,7 @@ replaces broken connections by itself, so nothing needs a restart when it comes 
 
 Schema: qm/server/pg_schema.py (versioned, migrated at start).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -70,26 +71,37 @@ APPLY_CONFLICT_TRIES = 5
 _COLUMNS = [field.name for field in dataclasses.fields(TaskRecord)]
 _DEAD_COLUMNS = [field.name for field in dataclasses.fields(DeadLetter)]
 _SELECT_TASK = f"SELECT {', '.join(_COLUMNS)} FROM tasks"
-_INSERT_TASK = (f"INSERT INTO tasks ({', '.join(_COLUMNS)}) "
-                f"VALUES ({', '.join(f'${n}' for n in range(1, len(_COLUMNS) + 1))})")
+_INSERT_TASK = (
+    f"INSERT INTO tasks ({', '.join(_COLUMNS)}) VALUES ({', '.join(f'${n}' for n in range(1, len(_COLUMNS) + 1))})"
+)
 _INSERT_UNCONFIRMED = (
     f"WITH task AS ({_INSERT_TASK}), "
     f"pending AS (INSERT INTO unconfirmed (task_id, queue, body, server_id) "
     f"VALUES ($1, ${len(_COLUMNS) + 1}, ${len(_COLUMNS) + 2}, ${len(_COLUMNS) + 3})) "
     f"INSERT INTO messages (task_id, body) VALUES ($1, ${len(_COLUMNS) + 2}) "
-    "ON CONFLICT (task_id) DO UPDATE SET body = excluded.body")
-_UPDATE_TASK = (f"UPDATE tasks SET {', '.join(f'{c} = ${n}' for n, c in enumerate(_COLUMNS[1:], start=2))} "
-                "WHERE task_id = $1")
-_UPSERT_DEAD = (f"INSERT INTO dead_letters ({', '.join(_DEAD_COLUMNS)}) "
-                f"VALUES ({', '.join(f'${n}' for n in range(1, len(_DEAD_COLUMNS) + 1))}) "
-                f"ON CONFLICT (task_id) DO UPDATE SET "
-                f"{', '.join(f'{c} = excluded.{c}' for c in _DEAD_COLUMNS[1:])}")
+    "ON CONFLICT (task_id) DO UPDATE SET body = excluded.body"
+)
+_UPDATE_TASK = (
+    f"UPDATE tasks SET {', '.join(f'{c} = ${n}' for n, c in enumerate(_COLUMNS[1:], start=2))} WHERE task_id = $1"
+)
+_UPSERT_DEAD = (
+    f"INSERT INTO dead_letters ({', '.join(_DEAD_COLUMNS)}) "
+    f"VALUES ({', '.join(f'${n}' for n in range(1, len(_DEAD_COLUMNS) + 1))}) "
+    f"ON CONFLICT (task_id) DO UPDATE SET "
+    f"{', '.join(f'{c} = excluded.{c}' for c in _DEAD_COLUMNS[1:])}"
+)
 
 #: What asyncpg raises when the server cannot be reached or went away mid-call.
 #: InternalClientError ("cannot switch to state ...; another operation is in progress") is
 #: what a session the server cut mid-operation (a fast shutdown) raises on its next use.
-_UNREACHABLE = (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError,
-                asyncpg.OperatorInterventionError, asyncpg.InterfaceError, asyncpg.InternalClientError)
+_UNREACHABLE = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.OperatorInterventionError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
 _CONFLICTS = (asyncpg.DeadlockDetectedError, asyncpg.UniqueViolationError, asyncpg.SerializationError)
 
 
@@ -122,9 +134,14 @@ class PgStore:
         code's version. Unreachable: StoreUnavailable; a newer schema: StoreSchemaError."""
         shown = redact_url(self.url)
         try:
-            pool = await asyncpg.create_pool(self.url, min_size=1, max_size=self.pool_size,
-                                             timeout=CONNECT_TIMEOUT_S, reset=_keep_session,
-                                             server_settings={"application_name": f"qm-server {self.server_id}"})
+            pool = await asyncpg.create_pool(
+                self.url,
+                min_size=1,
+                max_size=self.pool_size,
+                timeout=CONNECT_TIMEOUT_S,
+                reset=_keep_session,
+                server_settings={"application_name": f"qm-server {self.server_id}"},
+            )
         except _UNREACHABLE as exc:
             raise StoreUnavailable(f"PostgreSQL store {shown} cannot be reached: {_describe(exc)}") from exc
         except asyncpg.PostgresError as exc:  # e.g. no such database, authentication
@@ -167,8 +184,9 @@ class PgStore:
                     connection.terminate()  # never back into the pool half-broken
                     raise
         except _UNREACHABLE as exc:
-            raise StoreUnavailable(f"PostgreSQL store {redact_url(self.url)} is unavailable: "
-                                   f"{_describe(exc)}; retry when it is back") from exc
+            raise StoreUnavailable(
+                f"PostgreSQL store {redact_url(self.url)} is unavailable: {_describe(exc)}; retry when it is back"
+            ) from exc
 
     async def _fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
         async with self._connection() as connection:
@@ -233,8 +251,9 @@ class PgStore:
         for its confirm rather than publish a second copy; still there after that, that
         server is gone, and this one publishes it."""
         if task_id is None:
-            rows = await self._fetch("SELECT task_id, queue, body FROM unconfirmed WHERE server_id = $1",
-                                     self.server_id)
+            rows = await self._fetch(
+                "SELECT task_id, queue, body FROM unconfirmed WHERE server_id = $1", self.server_id
+            )
             return [(row[0], row[1], bytes(row[2])) for row in rows if row[0] not in self._confirmed]
         if task_id in self._confirmed:
             return []
@@ -242,7 +261,11 @@ class PgStore:
         while True:
             row = await self._fetchrow(
                 "SELECT task_id, queue, body, server_id <> $2 AND stored_at > now() - make_interval(secs => $3) "
-                "FROM unconfirmed WHERE task_id = $1", task_id, self.server_id, OTHERS_CONFIRM_WAIT_S)
+                "FROM unconfirmed WHERE task_id = $1",
+                task_id,
+                self.server_id,
+                OTHERS_CONFIRM_WAIT_S,
+            )
             if row is None:
                 return []
             if not row[3] or asyncio.get_running_loop().time() >= deadline:
@@ -268,26 +291,43 @@ class PgStore:
         return bytes(row[0]) if row is not None else None
 
     async def overdue_retries(self, queue: str, due_before_s: float, limit: int) -> list[TaskRecord]:
-        rows = await self._fetch(f"{_SELECT_TASK} WHERE state = {int(TaskState.RETRYING)} AND queue = $1 "
-                                 "AND next_attempt_at < $2 ORDER BY next_attempt_at LIMIT $3",
-                                 queue, due_before_s, limit)
+        rows = await self._fetch(
+            f"{_SELECT_TASK} WHERE state = {int(TaskState.RETRYING)} AND queue = $1 "
+            "AND next_attempt_at < $2 ORDER BY next_attempt_at LIMIT $3",
+            queue,
+            due_before_s,
+            limit,
+        )
         return [_record(row) for row in rows]
 
     async def overdue_scheduled(self, queue: str, due_before_s: float, limit: int) -> list[TaskRecord]:
-        rows = await self._fetch(f"{_SELECT_TASK} WHERE state = {int(TaskState.SCHEDULED)} AND queue = $1 "
-                                 "AND next_attempt_at < $2 ORDER BY next_attempt_at LIMIT $3",
-                                 queue, due_before_s, limit)
+        rows = await self._fetch(
+            f"{_SELECT_TASK} WHERE state = {int(TaskState.SCHEDULED)} AND queue = $1 "
+            "AND next_attempt_at < $2 ORDER BY next_attempt_at LIMIT $3",
+            queue,
+            due_before_s,
+            limit,
+        )
         return [_record(row) for row in rows]
 
     async def overdue_runs(self, deadline_before_s: float, limit: int) -> list[TaskRecord]:
-        rows = await self._fetch(f"{_SELECT_TASK} WHERE state = {int(TaskState.RUNNING)} "
-                                 "AND started_at + timeout_s < $1 AND timeout_s > 0 "
-                                 "ORDER BY started_at + timeout_s LIMIT $2", deadline_before_s, limit)
+        rows = await self._fetch(
+            f"{_SELECT_TASK} WHERE state = {int(TaskState.RUNNING)} "
+            "AND started_at + timeout_s < $1 AND timeout_s > 0 "
+            "ORDER BY started_at + timeout_s LIMIT $2",
+            deadline_before_s,
+            limit,
+        )
         return [_record(row) for row in rows]
 
     async def queued_before(self, queue: str, created_before_s: float, limit: int) -> list[TaskRecord]:
-        rows = await self._fetch(f"{_SELECT_TASK} WHERE state = {int(TaskState.QUEUED)} AND queue = $1 "
-                                 "AND created_at < $2 ORDER BY created_at LIMIT $3", queue, created_before_s, limit)
+        rows = await self._fetch(
+            f"{_SELECT_TASK} WHERE state = {int(TaskState.QUEUED)} AND queue = $1 "
+            "AND created_at < $2 ORDER BY created_at LIMIT $3",
+            queue,
+            created_before_s,
+            limit,
+        )
         return [_record(row) for row in rows]
 
     async def count(self) -> int:
@@ -304,7 +344,10 @@ class PgStore:
         sequential scan of the table; an array of ids is looked up through the key.)"""
         return await self._execute(
             "DELETE FROM tasks WHERE task_id = ANY(ARRAY(SELECT task_id FROM tasks WHERE finished_at IS NOT NULL "
-            "AND finished_at < $1 ORDER BY finished_at LIMIT $2 FOR UPDATE SKIP LOCKED))", before_s, limit)
+            "AND finished_at < $1 ORDER BY finished_at LIMIT $2 FOR UPDATE SKIP LOCKED))",
+            before_s,
+            limit,
+        )
 
     # -- events ------------------------------------------------------------------------
 
@@ -326,13 +369,17 @@ class PgStore:
     async def _apply_once(self, events: list[TaskEvent], codec_of: dict[str, str]) -> list[TaskRecord]:
         task_ids = sorted({event.task_id for event in events})
         async with self._connection(transaction=True) as connection:
-            rows = await connection.fetch(f"{_SELECT_TASK} WHERE task_id = ANY($1::text[]) "
-                                          "ORDER BY task_id FOR UPDATE", task_ids)
+            rows = await connection.fetch(
+                f"{_SELECT_TASK} WHERE task_id = ANY($1::text[]) ORDER BY task_id FOR UPDATE", task_ids
+            )
             locked = {row["task_id"]: _record(row) for row in rows}
             latest, stored, changes = fold_events(events, locked.get, codec_of)
             new = [_row(record) for record in latest.values() if record.task_id not in stored]
-            updated = [_row(record) for record in latest.values()
-                       if record.task_id in stored and record != stored[record.task_id]]
+            updated = [
+                _row(record)
+                for record in latest.values()
+                if record.task_id in stored and record != stored[record.task_id]
+            ]
             if new:
                 await connection.executemany(_INSERT_TASK, new)
             if updated:
@@ -342,8 +389,9 @@ class PgStore:
                 await connection.execute("DELETE FROM messages WHERE task_id = ANY($1::text[])", final)
             payloads = _notifications(self.server_id, [record.task_id for record in latest.values()])
             if payloads:
-                await connection.execute("SELECT pg_notify($1, payload) FROM unnest($2::text[]) AS payload",
-                                         CHANGES_CHANNEL, payloads)
+                await connection.execute(
+                    "SELECT pg_notify($1, payload) FROM unnest($2::text[]) AS payload", CHANGES_CHANNEL, payloads
+                )
         return changes
 
     # -- dead letters ------------------------------------------------------------------
@@ -351,8 +399,9 @@ class PgStore:
     async def add_dead_letter(self, dead: DeadLetter) -> None:
         await self._execute(_UPSERT_DEAD, *_dead_row(dead))
 
-    async def dead_letters(self, limit: int, task_ids: list[str] | None = None,
-                           bodies: bool = True) -> tuple[list[DeadLetter], int]:
+    async def dead_letters(
+        self, limit: int, task_ids: list[str] | None = None, bodies: bool = True
+    ) -> tuple[list[DeadLetter], int]:
         """Dead letters, oldest first (these ids only, if given), and how many in all;
         bodies=False leaves the message bodies unread (b"")."""
         columns = _DEAD_COLUMNS if bodies else [c if c != "body" else "''::bytea AS body" for c in _DEAD_COLUMNS]
@@ -360,21 +409,26 @@ class PgStore:
         if task_ids is None:
             rows = await self._fetch(f"{query} ORDER BY dead_at LIMIT $1", limit)
         else:
-            rows = await self._fetch(f"{query} WHERE task_id = ANY($1::text[]) ORDER BY dead_at LIMIT $2",
-                                     list(task_ids), limit)
+            rows = await self._fetch(
+                f"{query} WHERE task_id = ANY($1::text[]) ORDER BY dead_at LIMIT $2", list(task_ids), limit
+            )
         return [_dead_letter(row) for row in rows], await self.count_dead_letters()
 
     async def count_dead_letters(self) -> int:
         return await self._counter("dead_letters")
 
-    async def remove_dead_letters(self, task_ids: list[str] | None = None, limit: int = DELETE_BATCH_ROWS,
-                                  dead_before_s: float = math.inf) -> int:
+    async def remove_dead_letters(
+        self, task_ids: list[str] | None = None, limit: int = DELETE_BATCH_ROWS, dead_before_s: float = math.inf
+    ) -> int:
         """Remove these dead letters, or if None up to `limit` of the oldest (dead before
         `dead_before_s` only: retention), skipping rows another server is deleting."""
         if task_ids is None:
             return await self._execute(
                 "DELETE FROM dead_letters WHERE task_id = ANY(ARRAY(SELECT task_id FROM dead_letters "
-                "WHERE dead_at < $1 ORDER BY dead_at LIMIT $2 FOR UPDATE SKIP LOCKED))", dead_before_s, limit)
+                "WHERE dead_at < $1 ORDER BY dead_at LIMIT $2 FOR UPDATE SKIP LOCKED))",
+                dead_before_s,
+                limit,
+            )
         return await self._execute("DELETE FROM dead_letters WHERE task_id = ANY($1::text[])", list(task_ids))
 
     # -- other servers' changes --------------------------------------------------------
@@ -410,8 +464,12 @@ class ChangeListener:
             try:
                 connection = await asyncpg.connect(self.url, timeout=CONNECT_TIMEOUT_S)
             except (*_UNREACHABLE, asyncpg.PostgresError) as exc:
-                log.warning("store change listener: cannot connect to %s: %s; again in %.1f s",
-                            redact_url(self.url), _describe(exc), delay_s)
+                log.warning(
+                    "store change listener: cannot connect to %s: %s; again in %.1f s",
+                    redact_url(self.url),
+                    _describe(exc),
+                    delay_s,
+                )
                 await asyncio.sleep(delay_s)
                 delay_s = min(delay_s * 2, LISTEN_RETRY_MAX_S)
                 continue
@@ -471,7 +529,8 @@ async def migrate(connection: asyncpg.Connection, shown_url: str) -> str:
             raise StoreSchemaError(
                 f"the PostgreSQL store {shown_url} has schema version {version}, newer than this QueueMaster "
                 f"knows (up to {pg_schema.SCHEMA_VERSION}): a newer qm-server migrated it. Run that version "
-                "(or newer) here too; an older server must not write a store it does not understand")
+                "(or newer) here too; an older server must not write a store it does not understand"
+            )
         for number in range(version + 1, pg_schema.SCHEMA_VERSION + 1):
             await connection.execute(pg_schema.MIGRATIONS[number - 1])
             await connection.execute("UPDATE qm_schema SET version = $1", number)

@@ -1,4 +1,5 @@
 """One submission as the service takes it, whichever RPC brought it (SubmitTask, SubmitTasks)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,5 +23,5 @@ class Submission:
     idempotency_key: str = ""
     soft_timeout_s: float = 0.0
     retry_options: dict[str, Any] = dataclasses.field(default_factory=dict)
-    delay_s: float | None = None       # run no earlier than this after acceptance (qm/scheduling.py)
+    delay_s: float | None = None  # run no earlier than this after acceptance (qm/scheduling.py)
     not_before_s: float | None = None  # run no earlier than this time, epoch seconds

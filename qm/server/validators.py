@@ -19,6 +19,7 @@ Python cannot stop a thread: a validator over budget keeps its thread until it r
 and that thread counts as busy meanwhile, so at most `validate_threads` such runaway
 validators exist at once; the event loop itself never waits on one.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -67,11 +68,18 @@ class PayloadValidators:
             if not done.done():
                 state["overdue"] = True
                 self.overdue += 1
-            log.warning("validator of task type %s ran over its budget of %g s (server.validate_timeout_s)",
-                        declared.name, self.timeout_s)
-            raise ValidationError("payload", (
-                f"validating this payload for task type {declared.name!r} took over {self.timeout_s:g} s "
-                "(server.validate_timeout_s); send a smaller or simpler payload")) from None
+            log.warning(
+                "validator of task type %s ran over its budget of %g s (server.validate_timeout_s)",
+                declared.name,
+                self.timeout_s,
+            )
+            raise ValidationError(
+                "payload",
+                (
+                    f"validating this payload for task type {declared.name!r} took over {self.timeout_s:g} s "
+                    "(server.validate_timeout_s); send a smaller or simpler payload"
+                ),
+            ) from None
 
     async def _acquire(self) -> None:
         """Wait for a free thread; ValidatorsBusy while every thread is held by a runaway.
@@ -100,5 +108,6 @@ def _check(declared: TaskType, payload: bytes) -> None:
     except RecursionError:
         raise ValidationError("payload", f"nested too deeply for task type {declared.name!r}") from None
     except Exception as exc:  # plugin code may raise anything; the client gets a clear refusal
-        raise ValidationError("payload", f"refused by the validator of task type {declared.name!r}: "
-                                         f"{type(exc).__name__}: {exc}") from None
+        raise ValidationError(
+            "payload", f"refused by the validator of task type {declared.name!r}: {type(exc).__name__}: {exc}"
+        ) from None

@@ -1,4 +1,5 @@
 """The worker directory: who is out there, from the heartbeats on the server's own queue."""
+
 from __future__ import annotations
 
 import logging
@@ -14,8 +15,7 @@ log = logging.getLogger(__name__)
 class WorkerDirectory:
     """The last heartbeat of every worker heard from, and what that says of it."""
 
-    def __init__(self, broker: Broker, lost_after_s: float = 30.0,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, broker: Broker, lost_after_s: float = 30.0, clock: Callable[[], float] = time.time) -> None:
         self.broker = broker
         self.lost_after_s = lost_after_s
         self.clock = clock

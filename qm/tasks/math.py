@@ -106,38 +106,55 @@ _MAX_UTF8_BYTES_PER_CHAR = 4
 
 _CONSTANTS: MappingProxyType[str, float] = MappingProxyType({"pi": math.pi, "e": math.e})
 
-_ALLOWED_BINARY: MappingProxyType[type, str] = MappingProxyType({
-    ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/",
-    ast.FloorDiv: "//", ast.Mod: "%", ast.Pow: "**",
-})
+_ALLOWED_BINARY: MappingProxyType[type, str] = MappingProxyType(
+    {
+        ast.Add: "+",
+        ast.Sub: "-",
+        ast.Mult: "*",
+        ast.Div: "/",
+        ast.FloorDiv: "//",
+        ast.Mod: "%",
+        ast.Pow: "**",
+    }
+)
 _ALLOWED_UNARY: MappingProxyType[type, str] = MappingProxyType({ast.UAdd: "+", ast.USub: "-"})
-_REJECTED_OPERATORS: MappingProxyType[type, str] = MappingProxyType({
-    ast.MatMult: "@", ast.LShift: "<<", ast.RShift: ">>", ast.BitOr: "|",
-    ast.BitXor: "^", ast.BitAnd: "&", ast.Invert: "~", ast.Not: "not",
-})
-_REJECTED_NODES: MappingProxyType[type, str] = MappingProxyType({
-    ast.Attribute: "attribute access is not allowed",
-    ast.Subscript: "subscripts (indexing) are not allowed",
-    ast.Slice: "slices are not allowed",
-    ast.Lambda: "lambda expressions are not allowed",
-    ast.ListComp: "comprehensions are not allowed",
-    ast.SetComp: "comprehensions are not allowed",
-    ast.DictComp: "comprehensions are not allowed",
-    ast.GeneratorExp: "generator expressions are not allowed",
-    ast.Compare: "comparisons are not allowed",
-    ast.BoolOp: "boolean operators ('and', 'or') are not allowed",
-    ast.IfExp: "conditional expressions ('... if ... else ...') are not allowed",
-    ast.NamedExpr: "assignment expressions (':=') are not allowed",
-    ast.List: "list literals are not allowed",
-    ast.Tuple: "tuples are not allowed",
-    ast.Set: "set literals are not allowed",
-    ast.Dict: "dict literals are not allowed",
-    ast.JoinedStr: "f-strings are not allowed",
-    ast.Starred: "starred arguments are not allowed",
-    ast.Await: "'await' is not allowed",
-    ast.Yield: "'yield' is not allowed",
-    ast.YieldFrom: "'yield' is not allowed",
-})
+_REJECTED_OPERATORS: MappingProxyType[type, str] = MappingProxyType(
+    {
+        ast.MatMult: "@",
+        ast.LShift: "<<",
+        ast.RShift: ">>",
+        ast.BitOr: "|",
+        ast.BitXor: "^",
+        ast.BitAnd: "&",
+        ast.Invert: "~",
+        ast.Not: "not",
+    }
+)
+_REJECTED_NODES: MappingProxyType[type, str] = MappingProxyType(
+    {
+        ast.Attribute: "attribute access is not allowed",
+        ast.Subscript: "subscripts (indexing) are not allowed",
+        ast.Slice: "slices are not allowed",
+        ast.Lambda: "lambda expressions are not allowed",
+        ast.ListComp: "comprehensions are not allowed",
+        ast.SetComp: "comprehensions are not allowed",
+        ast.DictComp: "comprehensions are not allowed",
+        ast.GeneratorExp: "generator expressions are not allowed",
+        ast.Compare: "comparisons are not allowed",
+        ast.BoolOp: "boolean operators ('and', 'or') are not allowed",
+        ast.IfExp: "conditional expressions ('... if ... else ...') are not allowed",
+        ast.NamedExpr: "assignment expressions (':=') are not allowed",
+        ast.List: "list literals are not allowed",
+        ast.Tuple: "tuples are not allowed",
+        ast.Set: "set literals are not allowed",
+        ast.Dict: "dict literals are not allowed",
+        ast.JoinedStr: "f-strings are not allowed",
+        ast.Starred: "starred arguments are not allowed",
+        ast.Await: "'await' is not allowed",
+        ast.Yield: "'yield' is not allowed",
+        ast.YieldFrom: "'yield' is not allowed",
+    }
+)
 
 
 class MathError(ValidationError):
@@ -159,8 +176,7 @@ def _short(number: int | float) -> str:
 
 def _too_many_digits() -> MathError:
     return MathError(
-        f"integer result would have more than {MAX_RESULT_DIGITS} digits "
-        f"(limit MAX_RESULT_DIGITS={MAX_RESULT_DIGITS})"
+        f"integer result would have more than {MAX_RESULT_DIGITS} digits (limit MAX_RESULT_DIGITS={MAX_RESULT_DIGITS})"
     )
 
 
@@ -219,12 +235,16 @@ def _power(base: int | float, exponent: int | float) -> int | float:
     return base**exponent
 
 
-_BINARY_FUNCS: MappingProxyType[type, Callable[[int | float, int | float], int | float]] = (
-    MappingProxyType({
-        ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: _multiply,
-        ast.Div: operator.truediv, ast.FloorDiv: operator.floordiv,
-        ast.Mod: operator.mod, ast.Pow: _power,
-    })
+_BINARY_FUNCS: MappingProxyType[type, Callable[[int | float, int | float], int | float]] = MappingProxyType(
+    {
+        ast.Add: operator.add,
+        ast.Sub: operator.sub,
+        ast.Mult: _multiply,
+        ast.Div: operator.truediv,
+        ast.FloorDiv: operator.floordiv,
+        ast.Mod: operator.mod,
+        ast.Pow: _power,
+    }
 )
 _UNARY_FUNCS: MappingProxyType[type, Callable[[int | float], int | float]] = MappingProxyType(
     {ast.UAdd: operator.pos, ast.USub: operator.neg}
@@ -264,18 +284,26 @@ def _factorial(value: int | float) -> int:
 
 
 #: name -> (implementation, fewest arguments, most arguments or None for any number)
-_FUNCTIONS: MappingProxyType[str, tuple[Callable[..., int | float], int, int | None]] = (
-    MappingProxyType({
-        "abs": (abs, 1, 1), "min": (_min, 1, None), "max": (_max, 1, None),
-        "round": (_round, 1, 2), "sqrt": (math.sqrt, 1, 1), "floor": (math.floor, 1, 1),
-        "ceil": (math.ceil, 1, 1), "log": (math.log, 1, 2), "exp": (math.exp, 1, 1),
-        "sin": (math.sin, 1, 1), "cos": (math.cos, 1, 1), "tan": (math.tan, 1, 1),
-        "hypot": (math.hypot, 1, None), "factorial": (_factorial, 1, 1),
-    })
+_FUNCTIONS: MappingProxyType[str, tuple[Callable[..., int | float], int, int | None]] = MappingProxyType(
+    {
+        "abs": (abs, 1, 1),
+        "min": (_min, 1, None),
+        "max": (_max, 1, None),
+        "round": (_round, 1, 2),
+        "sqrt": (math.sqrt, 1, 1),
+        "floor": (math.floor, 1, 1),
+        "ceil": (math.ceil, 1, 1),
+        "log": (math.log, 1, 2),
+        "exp": (math.exp, 1, 1),
+        "sin": (math.sin, 1, 1),
+        "cos": (math.cos, 1, 1),
+        "tan": (math.tan, 1, 1),
+        "hypot": (math.hypot, 1, None),
+        "factorial": (_factorial, 1, 1),
+    }
 )
 _ALLOWED_NAMES_TEXT = (
-    f"allowed names: {', '.join(sorted(_CONSTANTS))}; "
-    f"allowed functions: {', '.join(sorted(_FUNCTIONS))}"
+    f"allowed names: {', '.join(sorted(_CONSTANTS))}; allowed functions: {', '.join(sorted(_FUNCTIONS))}"
 )
 
 

@@ -15,6 +15,7 @@ The keys reach this module through `configure()`: called by the qm-server and qm
 composition roots, and in each worker child with the keys the supervisor hands it on
 its start (never through the environment, which task code and its subprocesses see).
 """
+
 from __future__ import annotations
 
 import cloudpickle
@@ -42,8 +43,11 @@ def sign(secret: str, data: bytes, key_id: str = "1", ttl_s: float = 300.0) -> b
 def _keys(side: str) -> Keyring:
     keys = _state["keys"]
     if keys is None:
-        raise ValidationError("type", f"the python task type is disabled on this {side}: set executor.secret "
-                                      "(or executor.secret_file) to the same value on servers, workers and clients")
+        raise ValidationError(
+            "type",
+            f"the python task type is disabled on this {side}: set executor.secret "
+            "(or executor.secret_file) to the same value on servers, workers and clients",
+        )
     return keys
 
 
@@ -72,5 +76,10 @@ def run(payload: bytes) -> bytes:
 
 
 #: Registered through the package's entry points like any plugin.
-TASK_TYPE = TaskType(name="python", handler=run, codec="bytes", validate=validate,
-                     description="Pickled Python callables from qm.Executor (needs executor.secret)")
+TASK_TYPE = TaskType(
+    name="python",
+    handler=run,
+    codec="bytes",
+    validate=validate,
+    description="Pickled Python callables from qm.Executor (needs executor.secret)",
+)

@@ -7,6 +7,7 @@
 - `qm.testing.rabbitmq_cluster.LocalRabbitMQCluster`: several such nodes joined as one
   RabbitMQ cluster (for `broker.urls` and failover).
 """
+
 from qm.local import LocalResult, run_task
 
 __all__ = ["LocalResult", "run_task"]

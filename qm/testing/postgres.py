@@ -15,6 +15,7 @@ crash of the machine would; commits stay synchronous.
 
     python -m qm.testing.postgres DIR   # run one until Ctrl-C, print its URL
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,11 +50,14 @@ class PostgresNotInstalled(RuntimeError):
 
 def find_bin_dir() -> pathlib.Path:
     """The bin directory of the newest PostgreSQL installed the Debian way."""
-    candidates = [pathlib.Path(path) for path in glob.glob(BIN_DIR_PATTERN)
-                  if os.access(pathlib.Path(path) / "postgres", os.X_OK)]
+    candidates = [
+        pathlib.Path(path) for path in glob.glob(BIN_DIR_PATTERN) if os.access(pathlib.Path(path) / "postgres", os.X_OK)
+    ]
     if not candidates:
-        raise PostgresNotInstalled("PostgreSQL is not installed; on Debian/Ubuntu run "
-                                   "`sudo apt-get install postgresql` (scripts/setup --test does this)")
+        raise PostgresNotInstalled(
+            "PostgreSQL is not installed; on Debian/Ubuntu run "
+            "`sudo apt-get install postgresql` (scripts/setup --test does this)"
+        )
     return max(candidates, key=lambda path: _version_key(path.parent.name))
 
 
@@ -96,17 +100,38 @@ class LocalPostgres:
     def _command(self, name: str, *args: str) -> list[str]:
         argv = [str(self.bin_dir / name), *args]
         if self._as_root:
-            return ["setpriv", f"--reuid={SERVICE_USER}", f"--regid={SERVICE_USER}", "--init-groups",
-                    "--reset-env", *argv]
+            return [
+                "setpriv",
+                f"--reuid={SERVICE_USER}",
+                f"--regid={SERVICE_USER}",
+                "--init-groups",
+                "--reset-env",
+                *argv,
+            ]
         return argv
 
     def _initdb(self) -> None:
         if (self.data_dir / "PG_VERSION").exists():
             return
         result = subprocess.run(
-            self._command("initdb", "-D", str(self.data_dir), "--username", SERVICE_USER, "--auth", "trust",
-                          "--encoding", "UTF8", "--no-locale", "--no-sync"),
-            capture_output=True, text=True, timeout=START_TIMEOUT_S, stdin=subprocess.DEVNULL)
+            self._command(
+                "initdb",
+                "-D",
+                str(self.data_dir),
+                "--username",
+                SERVICE_USER,
+                "--auth",
+                "trust",
+                "--encoding",
+                "UTF8",
+                "--no-locale",
+                "--no-sync",
+            ),
+            capture_output=True,
+            text=True,
+            timeout=START_TIMEOUT_S,
+            stdin=subprocess.DEVNULL,
+        )
         if result.returncode != 0:
             raise RuntimeError(f"initdb failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
 
@@ -114,16 +139,26 @@ class LocalPostgres:
         """initdb (first time only), start the server and wait until it accepts
         connections; return its URL."""
         self._initdb()
-        settings = {"listen_addresses": "127.0.0.1", "port": str(self.port), "unix_socket_directories": "",
-                    "max_connections": "200", "shared_buffers": "64MB", "logging_collector": "off",
-                    "fsync": "on" if self.durable else "off",
-                    "full_page_writes": "on" if self.durable else "off"}
+        settings = {
+            "listen_addresses": "127.0.0.1",
+            "port": str(self.port),
+            "unix_socket_directories": "",
+            "max_connections": "200",
+            "shared_buffers": "64MB",
+            "logging_collector": "off",
+            "fsync": "on" if self.durable else "off",
+            "full_page_writes": "on" if self.durable else "off",
+        }
         args = [arg for name, value in settings.items() for arg in ("-c", f"{name}={value}")]
         log = self._open_log()
         try:
-            self.process = subprocess.Popen(self._command("postgres", "-D", str(self.data_dir), *args),
-                                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            start_new_session=True)
+            self.process = subprocess.Popen(
+                self._command("postgres", "-D", str(self.data_dir), *args),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         finally:
             os.close(log)
         deadline = time.monotonic() + timeout_s
@@ -141,9 +176,25 @@ class LocalPostgres:
         return fd
 
     def _ready(self) -> bool:
-        result = subprocess.run([str(self.bin_dir / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(self.port),
-                                 "-U", SERVICE_USER, "-d", "postgres", "-t", "2"],
-                                stdin=subprocess.DEVNULL, capture_output=True, timeout=10)
+        result = subprocess.run(
+            [
+                str(self.bin_dir / "pg_isready"),
+                "-q",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-U",
+                SERVICE_USER,
+                "-d",
+                "postgres",
+                "-t",
+                "2",
+            ],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=10,
+        )
         return result.returncode == 0
 
     def log_tail(self, lines: int = 40) -> str:
@@ -154,9 +205,13 @@ class LocalPostgres:
 
     def create_database(self, name: str) -> str:
         """Create a database (a fresh one per test keeps tests apart); return its URL."""
-        result = subprocess.run([str(self.bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(self.port),
-                                 "-U", SERVICE_USER, name], capture_output=True, text=True,
-                                timeout=START_TIMEOUT_S, stdin=subprocess.DEVNULL)
+        result = subprocess.run(
+            [str(self.bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", SERVICE_USER, name],
+            capture_output=True,
+            text=True,
+            timeout=START_TIMEOUT_S,
+            stdin=subprocess.DEVNULL,
+        )
         if result.returncode != 0:
             raise RuntimeError(f"createdb {name} failed: {result.stderr.strip()}")
         return self.database_url(name)
@@ -209,8 +264,9 @@ def _service_ids() -> tuple[int, int]:
     try:
         entry = pwd.getpwnam(SERVICE_USER)
     except KeyError:
-        raise PostgresNotInstalled(f"no '{SERVICE_USER}' user: install Debian's postgresql package "
-                                   "(it creates the user that runs the server)") from None
+        raise PostgresNotInstalled(
+            f"no '{SERVICE_USER}' user: install Debian's postgresql package (it creates the user that runs the server)"
+        ) from None
     return entry.pw_uid, entry.pw_gid
 
 

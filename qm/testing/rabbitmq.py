@@ -8,6 +8,7 @@ service is not used.
 
     python -m qm.testing.rabbitmq DIR    # run a node until Ctrl-C, print its URL
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,16 +43,20 @@ def find_server_script() -> str:
     for path in SERVER_SCRIPT_PATHS:
         if os.access(path, os.X_OK):
             return path
-    raise RabbitMQNotInstalled("rabbitmq-server is not installed; on Debian/Ubuntu run "
-                               "`sudo apt-get install rabbitmq-server` (scripts/setup does this)")
+    raise RabbitMQNotInstalled(
+        "rabbitmq-server is not installed; on Debian/Ubuntu run "
+        "`sudo apt-get install rabbitmq-server` (scripts/setup does this)"
+    )
 
 
 def find_ctl_script() -> str:
     for path in CTL_SCRIPT_PATHS:
         if os.access(path, os.X_OK):
             return path
-    raise RabbitMQNotInstalled("rabbitmqctl is not installed; on Debian/Ubuntu run "
-                               "`sudo apt-get install rabbitmq-server` (scripts/setup does this)")
+    raise RabbitMQNotInstalled(
+        "rabbitmqctl is not installed; on Debian/Ubuntu run "
+        "`sudo apt-get install rabbitmq-server` (scripts/setup does this)"
+    )
 
 
 def free_port() -> int:
@@ -79,9 +84,15 @@ class LocalRabbitMQ:
     which it then leaves running when it stops, and the cluster's Erlang cookie.
     """
 
-    def __init__(self, base_dir: str | os.PathLike, amqp_port: int = 0,
-                 consumer_timeout_ms: int = 1_800_000, epmd_port: int = 0, cookie: str = "",
-                 tls: TLSListener | None = None) -> None:
+    def __init__(
+        self,
+        base_dir: str | os.PathLike,
+        amqp_port: int = 0,
+        consumer_timeout_ms: int = 1_800_000,
+        epmd_port: int = 0,
+        cookie: str = "",
+        tls: TLSListener | None = None,
+    ) -> None:
         self.base_dir = pathlib.Path(base_dir).resolve()
         self.amqp_port = amqp_port or free_port()
         self.dist_port = free_port()
@@ -111,20 +122,22 @@ class LocalRabbitMQ:
     def _environment(self) -> dict[str, str]:
         base = self.base_dir
         env = {k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "ERL_"))}
-        env.update({
-            "HOME": str(base),
-            "RABBITMQ_BASE": str(base),
-            "RABBITMQ_CONFIG_FILE": str(base / "rabbitmq.conf"),
-            "RABBITMQ_ENABLED_PLUGINS_FILE": str(base / "enabled_plugins"),
-            "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
-            "RABBITMQ_LOG_BASE": str(base / "log"),
-            "RABBITMQ_LOGS": str(base / "log" / "rabbit.log"),
-            "RABBITMQ_PID_FILE": str(base / "rabbit.pid"),
-            "RABBITMQ_NODENAME": self.node_name,
-            "RABBITMQ_DIST_PORT": str(self.dist_port),
-            "ERL_EPMD_PORT": str(self.epmd_port),
-            "ERL_EPMD_ADDRESS": "127.0.0.1",
-        })
+        env.update(
+            {
+                "HOME": str(base),
+                "RABBITMQ_BASE": str(base),
+                "RABBITMQ_CONFIG_FILE": str(base / "rabbitmq.conf"),
+                "RABBITMQ_ENABLED_PLUGINS_FILE": str(base / "enabled_plugins"),
+                "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
+                "RABBITMQ_LOG_BASE": str(base / "log"),
+                "RABBITMQ_LOGS": str(base / "log" / "rabbit.log"),
+                "RABBITMQ_PID_FILE": str(base / "rabbit.pid"),
+                "RABBITMQ_NODENAME": self.node_name,
+                "RABBITMQ_DIST_PORT": str(self.dist_port),
+                "ERL_EPMD_PORT": str(self.epmd_port),
+                "ERL_EPMD_ADDRESS": "127.0.0.1",
+            }
+        )
         return env
 
     def _write_config(self) -> None:
@@ -133,7 +146,8 @@ class LocalRabbitMQ:
         (self.base_dir / "rabbitmq.conf").write_text(
             f"listeners.tcp.default = 127.0.0.1:{self.amqp_port}\n"
             f"consumer_timeout = {self.consumer_timeout_ms}\n"
-            "disk_free_limit.absolute = 50MB\n" + self._tls_config())
+            "disk_free_limit.absolute = 50MB\n" + self._tls_config()
+        )
         (self.base_dir / "enabled_plugins").write_text("[].\n")
         cookie = self.base_dir / ".erlang.cookie"  # in HOME: read by the node and by rabbitmqctl
         if self.cookie and not cookie.exists():
@@ -143,12 +157,14 @@ class LocalRabbitMQ:
     def _tls_config(self) -> str:
         if self.tls is None:
             return ""
-        return (f"listeners.ssl.default = 127.0.0.1:{self.amqps_port}\n"
-                f"ssl_options.cacertfile = {self.tls.ca}\n"
-                f"ssl_options.certfile = {self.tls.cert}\n"
-                f"ssl_options.keyfile = {self.tls.key}\n"
-                "ssl_options.verify = verify_peer\n"
-                f"ssl_options.fail_if_no_peer_cert = {str(self.tls.require_client_cert).lower()}\n")
+        return (
+            f"listeners.ssl.default = 127.0.0.1:{self.amqps_port}\n"
+            f"ssl_options.cacertfile = {self.tls.ca}\n"
+            f"ssl_options.certfile = {self.tls.cert}\n"
+            f"ssl_options.keyfile = {self.tls.key}\n"
+            "ssl_options.verify = verify_peer\n"
+            f"ssl_options.fail_if_no_peer_cert = {str(self.tls.require_client_cert).lower()}\n"
+        )
 
     def start(self, timeout_s: float = START_TIMEOUT_S) -> str:
         """Start the node and wait until it accepts AMQP connections; return its URL."""
@@ -160,9 +176,14 @@ class LocalRabbitMQ:
         script = find_server_script()
         self._write_config()
         output = open(self.base_dir / "log" / "stdout.log", "ab")
-        self.process = subprocess.Popen([script], env=self._environment(), stdout=output,
-                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        start_new_session=True)
+        self.process = subprocess.Popen(
+            [script],
+            env=self._environment(),
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         output.close()
 
     def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> str:
@@ -171,14 +192,16 @@ class LocalRabbitMQ:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"rabbitmq-server exited with {self.process.returncode}; "
-                                   f"see {self.base_dir / 'log'}")
+                raise RuntimeError(
+                    f"rabbitmq-server exited with {self.process.returncode}; see {self.base_dir / 'log'}"
+                )
             if _amqp_ready(self.amqp_port):
                 return self.url
             time.sleep(0.2)
         self.kill()
-        raise RuntimeError(f"rabbitmq-server did not accept connections in {timeout_s:.0f} s; "
-                           f"see {self.base_dir / 'log'}")
+        raise RuntimeError(
+            f"rabbitmq-server did not accept connections in {timeout_s:.0f} s; see {self.base_dir / 'log'}"
+        )
 
     def rabbitmqctl(self, *args: str, timeout_s: float = CTL_TIMEOUT_S) -> str:
         """Run `rabbitmqctl -n <this node> ARGS` as this node's environment; its output.
@@ -186,11 +209,19 @@ class LocalRabbitMQ:
         env = self._environment()
         ctl_port = str(free_port())  # the CLI is an Erlang node too: its own free dist port
         env.update({"RABBITMQ_CTL_DIST_PORT_MIN": ctl_port, "RABBITMQ_CTL_DIST_PORT_MAX": ctl_port})
-        done = subprocess.run([find_ctl_script(), "-n", self.node_name, *args], env=env, capture_output=True,
-                              text=True, timeout=timeout_s, stdin=subprocess.DEVNULL)
+        done = subprocess.run(
+            [find_ctl_script(), "-n", self.node_name, *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            stdin=subprocess.DEVNULL,
+        )
         if done.returncode != 0:
-            raise RuntimeError(f"rabbitmqctl {' '.join(args)} on {self.node_name} failed "
-                               f"({done.returncode}): {done.stdout}{done.stderr}")
+            raise RuntimeError(
+                f"rabbitmqctl {' '.join(args)} on {self.node_name} failed "
+                f"({done.returncode}): {done.stdout}{done.stderr}"
+            )
         return done.stdout
 
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:

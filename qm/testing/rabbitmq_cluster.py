@@ -10,6 +10,7 @@ remembers the cluster).
 
     python -m qm.testing.rabbitmq_cluster DIR    # run 3 nodes until Ctrl-C, print their URLs
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,14 +32,21 @@ class LocalRabbitMQCluster:
     """`start()` every node and join them; `stop()` them all; `nodes[i]` to stop, kill or
     start one (see LocalRabbitMQ); `urls` for `broker.urls`."""
 
-    def __init__(self, base_dir: str | os.PathLike, nodes: int = DEFAULT_NODES,
-                 consumer_timeout_ms: int = 1_800_000) -> None:
+    def __init__(
+        self, base_dir: str | os.PathLike, nodes: int = DEFAULT_NODES, consumer_timeout_ms: int = 1_800_000
+    ) -> None:
         self.base_dir = pathlib.Path(base_dir).resolve()
         self.epmd_port = free_port()
         cookie = secrets.token_hex(16).upper()
-        self.nodes = [LocalRabbitMQ(self.base_dir / f"node-{i + 1}", consumer_timeout_ms=consumer_timeout_ms,
-                                    epmd_port=self.epmd_port, cookie=cookie)
-                      for i in range(nodes)]
+        self.nodes = [
+            LocalRabbitMQ(
+                self.base_dir / f"node-{i + 1}",
+                consumer_timeout_ms=consumer_timeout_ms,
+                epmd_port=self.epmd_port,
+                cookie=cookie,
+            )
+            for i in range(nodes)
+        ]
 
     @property
     def urls(self) -> list[str]:
@@ -92,8 +100,10 @@ class LocalRabbitMQCluster:
                         node.wait_ready(max(1.0, deadline - time.monotonic()))
                 return
             if time.monotonic() >= deadline:
-                raise RuntimeError(f"RabbitMQ cluster in {self.base_dir}: {len(running)} of {want} nodes "
-                                   f"running after {timeout_s:.0f} s ({sorted(running)}); see the nodes' logs")
+                raise RuntimeError(
+                    f"RabbitMQ cluster in {self.base_dir}: {len(running)} of {want} nodes "
+                    f"running after {timeout_s:.0f} s ({sorted(running)}); see the nodes' logs"
+                )
             time.sleep(0.5)
 
     def stop(self) -> None:

@@ -14,6 +14,7 @@ acks (and with them the prefetch window) of the short ones after it. A delivery 
 lost channel is acked like any other: the broker drops that ack (it requeued the
 delivery already).
 """
+
 from __future__ import annotations
 
 import asyncio

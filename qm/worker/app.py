@@ -1,4 +1,5 @@
 """qm-worker composition root: config → broker, pool, supervisor; signals → drain."""
+
 from __future__ import annotations
 
 import argparse
@@ -51,29 +52,47 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="qm-worker",
         description="QueueMaster worker: one supervisor per host feeding a pool of child "
-                    "processes with tasks from RabbitMQ, enforcing each task's time and memory "
-                    "limits by killing its process group. SIGTERM or Ctrl-C drains: stop taking "
-                    "tasks, return the unstarted ones to the queue, let running ones finish up to "
-                    "--drain-timeout; a second signal returns everything at once and exits.",
+        "processes with tasks from RabbitMQ, enforcing each task's time and memory "
+        "limits by killing its process group. SIGTERM or Ctrl-C drains: stop taking "
+        "tasks, return the unstarted ones to the queue, let running ones finish up to "
+        "--drain-timeout; a second signal returns everything at once and exits.",
         epilog="Every flag can also be set in the config file or as QM_<SECTION>__<KEY> "
-               "(e.g. QM_WORKER__PROCS); precedence: flag > env > file > default.")
+        "(e.g. QM_WORKER__PROCS); precedence: flag > env > file > default.",
+    )
     add = parser.add_argument
     add("--config", metavar="PATH", help="YAML config file (default: $QM_CONFIG, else none)")
     add("--procs", metavar="N", help="child processes running tasks; 0 = one per CPU (worker.procs)")
-    add("--broker-url", metavar="URL[,URL...]", help="RabbitMQ AMQP URL, or one per node of a cluster, "
-                                                     "comma-separated: the first that answers is used, the "
-                                                     "next on failover (broker.urls)")
+    add(
+        "--broker-url",
+        metavar="URL[,URL...]",
+        help="RabbitMQ AMQP URL, or one per node of a cluster, "
+        "comma-separated: the first that answers is used, the "
+        "next on failover (broker.urls)",
+    )
     add("--queues", metavar="Q1,Q2", help="logical queues to consume, comma-separated (worker.queues)")
-    add("--prefetch", metavar="N|auto", help="unacked deliveries per queue; auto = 1 per child for long "
-                                             "tasks, up to 4 per child for very short ones (worker.prefetch)")
+    add(
+        "--prefetch",
+        metavar="N|auto",
+        help="unacked deliveries per queue; auto = 1 per child for long "
+        "tasks, up to 4 per child for very short ones (worker.prefetch)",
+    )
     add("--task-timeout", metavar="S", help="cap on any task's time limit, seconds; 0 = no cap (worker.task_timeout_s)")
-    add("--task-memory-limit", metavar="MB",
-        help="cap on any task's memory limit, MiB; 0 = no cap (worker.task_memory_limit_mb)")
-    add("--max-tasks-per-child", metavar="N",
-        help="restart a child after N tasks; 0 = never (worker.max_tasks_per_child)")
+    add(
+        "--task-memory-limit",
+        metavar="MB",
+        help="cap on any task's memory limit, MiB; 0 = no cap (worker.task_memory_limit_mb)",
+    )
+    add(
+        "--max-tasks-per-child",
+        metavar="N",
+        help="restart a child after N tasks; 0 = never (worker.max_tasks_per_child)",
+    )
     add("--drain-timeout", metavar="S", help="on SIGTERM, how long running tasks may finish (worker.drain_timeout_s)")
-    add("--status-listen", metavar="HOST:PORT",
-        help="gRPC health + status endpoint; port 0 picks one; '' disables (worker.status_listen)")
+    add(
+        "--status-listen",
+        metavar="HOST:PORT",
+        help="gRPC health + status endpoint; port 0 picks one; '' disables (worker.status_listen)",
+    )
     add("--metrics-port", metavar="PORT", help="serve Prometheus /metrics on this port; 0 = off (worker.metrics_port)")
     add("--worker-id", metavar="ID", help="name reported in task events (worker.id; default host:pid)")
     add("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING or ERROR (log.level)")
@@ -86,27 +105,46 @@ def build(config: Config, registry: plugin_registry.Registry) -> tuple[Pool, Rab
     # Preload only plugins that loaded cleanly here: the forkserver dies on any import error
     # other than ImportError, and one broken plugin must not stop the worker.
     modules = sorted({ep.module for ep in plugin_registry.find() if ep.name in registry.types})
-    pool = Pool(effective_procs(config), config.worker.start_method, preload_modules=modules,
-                memory_check_interval_s=config.worker.memory_check_interval_s,
-                max_tasks_per_child=config.worker.max_tasks_per_child,
-                max_idle_rss_mb=config.worker.max_child_idle_rss_mb,
-                address_space_limit=config.worker.address_space_limit,
-                executor_keys=(Keyring.from_config(config.executor), config.executor.signature_ttl_s))
-    broker = RabbitMQBroker(amqp.broker_urls(config.broker), config.broker.heartbeat_s,
-                            config.broker.reconnect_max_delay_s, connection_name="qm-worker",
-                            quorum_initial_group_size=config.broker.quorum_initial_group_size,
-                            ssl_context=amqp.ssl_context(config.broker))
+    pool = Pool(
+        effective_procs(config),
+        config.worker.start_method,
+        preload_modules=modules,
+        memory_check_interval_s=config.worker.memory_check_interval_s,
+        max_tasks_per_child=config.worker.max_tasks_per_child,
+        max_idle_rss_mb=config.worker.max_child_idle_rss_mb,
+        address_space_limit=config.worker.address_space_limit,
+        executor_keys=(Keyring.from_config(config.executor), config.executor.signature_ttl_s),
+    )
+    broker = RabbitMQBroker(
+        amqp.broker_urls(config.broker),
+        config.broker.heartbeat_s,
+        config.broker.reconnect_max_delay_s,
+        connection_name="qm-worker",
+        quorum_initial_group_size=config.broker.quorum_initial_group_size,
+        ssl_context=amqp.ssl_context(config.broker),
+    )
     caps = task_limits.Limits(config.worker.task_timeout_s, config.worker.task_memory_limit_mb)
-    supervisor = Supervisor(broker, pool, worker_id(config), list(config.worker.queues), prefetch_policy(config),
-                            config.broker.queue_type, caps=caps,
-                            delivery_limit=config.broker.delivery_limit,
-                            max_queue_length=config.broker.max_queue_length,
-                            max_result_bytes=config.worker.max_result_bytes)
+    supervisor = Supervisor(
+        broker,
+        pool,
+        worker_id(config),
+        list(config.worker.queues),
+        prefetch_policy(config),
+        config.broker.queue_type,
+        caps=caps,
+        delivery_limit=config.broker.delivery_limit,
+        max_queue_length=config.broker.max_queue_length,
+        max_result_bytes=config.worker.max_result_bytes,
+    )
     pool.on_idle_gap = supervisor.metrics.child_idle_gap_seconds.observe
     supervisor.metrics.watch(
-        busy=lambda: supervisor.busy, idle=lambda: max(0, pool.procs - supervisor.busy),
-        restarts=lambda: pool.restarts, prefetch=lambda: supervisor.prefetch.value,
-        unacked=lambda: supervisor.unacked, reconnects=lambda: max(0, broker.connections - 1))
+        busy=lambda: supervisor.busy,
+        idle=lambda: max(0, pool.procs - supervisor.busy),
+        restarts=lambda: pool.restarts,
+        prefetch=lambda: supervisor.prefetch.value,
+        unacked=lambda: supervisor.unacked,
+        reconnects=lambda: max(0, broker.connections - 1),
+    )
     return pool, broker, supervisor
 
 
@@ -169,11 +207,17 @@ async def run_worker(config: Config) -> None:
     log.info("worker stopped")
 
 
-async def _drain(supervisor: Supervisor, status: StatusEndpoint | None, signals: asyncio.Queue[int], signum: int,
-                 drain_timeout_s: float) -> None:
+async def _drain(
+    supervisor: Supervisor,
+    status: StatusEndpoint | None,
+    signals: asyncio.Queue[int],
+    signum: int,
+    drain_timeout_s: float,
+) -> None:
     """First signal: drain up to the timeout; a second one: return everything now."""
-    log.info("%s: draining for up to %g s (send it again to stop at once)", signal.Signals(signum).name,
-             drain_timeout_s)
+    log.info(
+        "%s: draining for up to %g s (send it again to stop at once)", signal.Signals(signum).name, drain_timeout_s
+    )
     if status:
         await status.draining()
     drain = asyncio.create_task(supervisor.stop(drain_timeout_s))
@@ -189,14 +233,24 @@ async def _drain(supervisor: Supervisor, status: StatusEndpoint | None, signals:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        config = load_config(args.config, overrides={
-            "worker.procs": args.procs, "broker.urls": args.broker_url, "worker.queues": args.queues,
-            "worker.prefetch": args.prefetch, "worker.task_timeout_s": args.task_timeout,
-            "worker.task_memory_limit_mb": args.task_memory_limit,
-            "worker.max_tasks_per_child": args.max_tasks_per_child,
-            "worker.drain_timeout_s": args.drain_timeout, "worker.status_listen": args.status_listen,
-            "worker.id": args.worker_id, "worker.metrics_port": args.metrics_port,
-            "log.level": args.log_level, "log.format": args.log_format})
+        config = load_config(
+            args.config,
+            overrides={
+                "worker.procs": args.procs,
+                "broker.urls": args.broker_url,
+                "worker.queues": args.queues,
+                "worker.prefetch": args.prefetch,
+                "worker.task_timeout_s": args.task_timeout,
+                "worker.task_memory_limit_mb": args.task_memory_limit,
+                "worker.max_tasks_per_child": args.max_tasks_per_child,
+                "worker.drain_timeout_s": args.drain_timeout,
+                "worker.status_listen": args.status_listen,
+                "worker.id": args.worker_id,
+                "worker.metrics_port": args.metrics_port,
+                "log.level": args.log_level,
+                "log.format": args.log_format,
+            },
+        )
     except ConfigError as exc:
         print(f"qm-worker: {exc}", file=sys.stderr)
         return 2

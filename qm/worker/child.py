@@ -8,6 +8,7 @@ still hit. What travels on the pipe: qm/worker/jobs.py.
 Limits inside the child are the second layer; the supervisor enforces the real ones
 (hard deadline, RSS) by killing the process group.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -36,9 +37,14 @@ ADDRESS_SPACE_FACTOR = 2
 MIB = 1024 * 1024
 
 
-def child_main(conn: Connection, lifeline: Connection, address_space_limit: bool = True,
-               die_with_parent: bool = True, executor_keys: tuple = (None, 0.0),
-               report_idle_rss: bool = False) -> None:
+def child_main(
+    conn: Connection,
+    lifeline: Connection,
+    address_space_limit: bool = True,
+    die_with_parent: bool = True,
+    executor_keys: tuple = (None, 0.0),
+    report_idle_rss: bool = False,
+) -> None:
     """Entry point of a pool child; returns when the supervisor closes the pipe.
 
     `lifeline` is the read end of a pipe whose write end only the supervisor holds: EOF
@@ -60,6 +66,7 @@ def child_main(conn: Connection, lifeline: Connection, address_space_limit: bool
     registry = discover()
     if executor_keys[0] is not None:  # the `python` type's keys, from the supervisor (not the environment)
         from qm.tasks import python as python_task
+
         python_task.configure(*executor_keys)
     try:
         conn.send(Reply(ReplyKind.READY, os.getpid()))
@@ -85,8 +92,11 @@ def child_main(conn: Connection, lifeline: Connection, address_space_limit: bool
         _kill_leftover_descendants()
         idle_rss_bytes = procfs.rss_bytes(os.getpid()) if report_idle_rss else 0
         with send_lock:
-            conn.send(dataclasses.replace(reply, received_at_s=received_at_s, replied_at_s=time.monotonic(),
-                                          idle_rss_bytes=idle_rss_bytes))
+            conn.send(
+                dataclasses.replace(
+                    reply, received_at_s=received_at_s, replied_at_s=time.monotonic(), idle_rss_bytes=idle_rss_bytes
+                )
+            )
 
 
 def _watch_lifeline(lifeline: Connection) -> None:
@@ -94,6 +104,7 @@ def _watch_lifeline(lifeline: Connection) -> None:
     and then SIGKILLs this child's process group: the task and everything it started.
     It blocks in read(2) without the GIL, so a task spinning in Python does not delay it
     past one switch interval."""
+
     def wait_then_kill() -> None:
         try:
             while True:
@@ -130,8 +141,9 @@ def _raise_soft_timeout(signum, frame) -> None:
     raise SoftTimeout("the task reached its soft timeout; the hard kill comes at its time limit")
 
 
-def run_limited(registry: Registry, task_type: str, payload: bytes, soft_timeout_s: float,
-                memory_limit_bytes: int) -> Reply:
+def run_limited(
+    registry: Registry, task_type: str, payload: bytes, soft_timeout_s: float, memory_limit_bytes: int
+) -> Reply:
     """Run one job under the soft timeout and address-space cap, then lift both."""
     previous_as = resource.getrlimit(resource.RLIMIT_AS)
     if memory_limit_bytes:
@@ -153,8 +165,11 @@ def run_job(registry: Registry, task_type: str, payload: bytes) -> Reply:
     try:
         declared = registry.get(task_type)
     except QMError:
-        return Reply(ReplyKind.ERROR, f"task type {task_type!r} is not installed on this worker "
-                         f"(it serves: {', '.join(sorted(registry.types)) or 'none'})")
+        return Reply(
+            ReplyKind.ERROR,
+            f"task type {task_type!r} is not installed on this worker "
+            f"(it serves: {', '.join(sorted(registry.types)) or 'none'})",
+        )
     try:
         value = declared.handler(declared.decode_payload(payload))
         return Reply(ReplyKind.OK, declared.encode_result(value))
@@ -165,8 +180,11 @@ def run_job(registry: Registry, task_type: str, payload: bytes) -> Reply:
     except PermanentError as exc:
         return Reply(ReplyKind.PERMANENT, _describe(exc))
     except MemoryError:
-        return Reply(ReplyKind.MEMORY, "MemoryError: the task tried to allocate beyond its memory limit "
-                          "(address-space cap, worker.address_space_limit)")
+        return Reply(
+            ReplyKind.MEMORY,
+            "MemoryError: the task tried to allocate beyond its memory limit "
+            "(address-space cap, worker.address_space_limit)",
+        )
     except Exception as exc:  # task code may raise anything; it must not kill the child
         return Reply(ReplyKind.ERROR, _describe(exc))
 

@@ -4,6 +4,7 @@ Every worker reads the stream from its start, so one started after a cancel stil
 it. Before the worker takes any task it publishes a marker of its own into the stream and
 waits to read it back: every earlier cancel has been read by then.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -41,8 +42,7 @@ class ControlFollower:
     async def start(self, catch_up_timeout_s: float = CATCH_UP_TIMEOUT_S) -> None:
         """Follow the stream and read it up to now (bounded)."""
         cancels = await topology.declare_cancel_stream(self.broker)
-        self.tag = await self.broker.consume(cancels, self._on_delivery, CONTROL_PREFETCH,
-                                             topology.FROM_STREAM_START)
+        self.tag = await self.broker.consume(cancels, self._on_delivery, CONTROL_PREFETCH, topology.FROM_STREAM_START)
         body, headers = Control(Command.MARKER, self._marker).encode()
         await self.broker.publish(topology.CONTROL_EXCHANGE, "", body, headers)
         try:

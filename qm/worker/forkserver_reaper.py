@@ -12,6 +12,7 @@ Importing this module starts the watching thread and makes the forkserver ignore
 signals; that is its only purpose, and only Pool lists it in the forkserver's preload.
 Its cost: one thread blocked in poll(2).
 """
+
 from __future__ import annotations
 
 import os
@@ -77,8 +78,9 @@ def _start() -> None:
     supervisor_pid = os.getppid()
     if supervisor_pid == 1:  # the supervisor died before the forkserver got here
         os._exit(0)
-    threading.Thread(target=_reap_when_supervisor_dies, args=(supervisor_pid,),
-                     name="qm-forkserver-reaper", daemon=True).start()
+    threading.Thread(
+        target=_reap_when_supervisor_dies, args=(supervisor_pid,), name="qm-forkserver-reaper", daemon=True
+    ).start()
 
 
 _start()

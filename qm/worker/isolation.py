@@ -6,6 +6,7 @@ So it waits until nothing else runs, and nothing else starts while it runs. Work
 back unstarted deliveries as copies (`Supervisor._give_back`), so a redelivery means
 its holder died or lost its connection, not that it returned the task on purpose.
 """
+
 from __future__ import annotations
 
 import asyncio

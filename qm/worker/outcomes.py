@@ -11,6 +11,7 @@ are idempotent; the servers order events with qm.states.supersedes). A publish t
 fails because RabbitMQ is away is retried until it is confirmed: an outcome is the task's
 value, worth waiting for.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,8 +34,14 @@ log = logging.getLogger(__name__)
 class Outcomes:
     """Publishes events, retries and dead letters for one worker."""
 
-    def __init__(self, broker: Broker, worker_id: str, metrics: WorkerMetrics,
-                 clock: Callable[[], float] = time.time, max_result_bytes: int = 0) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        worker_id: str,
+        metrics: WorkerMetrics,
+        clock: Callable[[], float] = time.time,
+        max_result_bytes: int = 0,
+    ) -> None:
         self.broker = broker
         self.clock = clock  # wall clock: due times are compared across hosts
         self.worker_id = worker_id
@@ -54,12 +61,22 @@ class Outcomes:
         size = len(outcome.result)
         if not self.max_result_bytes or size <= self.max_result_bytes:
             return outcome
-        log.warning("task %s (%s): result of %d bytes is over worker.max_result_bytes (%d); failing it",
-                    message.task_id, message.type, size, self.max_result_bytes)
-        return Outcome(TaskState.FAILED, permanent=True, error=(
-            f"the task's result is {size} bytes, over the limit of {self.max_result_bytes} bytes "
-            "(worker.max_result_bytes); return less (e.g. write big outputs to shared storage and return "
-            "their location)"))
+        log.warning(
+            "task %s (%s): result of %d bytes is over worker.max_result_bytes (%d); failing it",
+            message.task_id,
+            message.type,
+            size,
+            self.max_result_bytes,
+        )
+        return Outcome(
+            TaskState.FAILED,
+            permanent=True,
+            error=(
+                f"the task's result is {size} bytes, over the limit of {self.max_result_bytes} bytes "
+                "(worker.max_result_bytes); return less (e.g. write big outputs to shared storage and return "
+                "their location)"
+            ),
+        )
 
     async def _report(self, message: TaskMessage, outcome: Outcome) -> None:
         if outcome.state in (TaskState.SUCCEEDED, TaskState.CANCELLED):
@@ -72,8 +89,13 @@ class Outcomes:
             tier_s = retry.tier_for(policy.delay_s(message.attempt) if requested is None else requested)
             await self.ensure_delay_tier(tier_s)
             following = dataclasses.replace(message, attempt=message.attempt + 1, enqueued_at_s=self.clock())
-            await self._publish(topology.delay_tier_name(tier_s), message.queue, following.encode(),
-                                following.headers(), message.task_id)
+            await self._publish(
+                topology.delay_tier_name(tier_s),
+                message.queue,
+                following.encode(),
+                following.headers(),
+                message.task_id,
+            )
             event = self.event(message, TaskState.RETRYING, outcome)
             await self.publish_event(dataclasses.replace(event, next_attempt_at_s=self.clock() + tier_s))
             self.metrics.tasks_finished.labels(message.type, TaskState.RETRYING.name).inc()
@@ -83,10 +105,11 @@ class Outcomes:
     async def dead_letter_poison(self, message: TaskMessage, starts: str, ack: Callable[[], None]) -> None:
         """The servers saw this task start `starts` times without an outcome: each time it
         took its worker down. End it CRASHED in the dead letters instead of running it."""
-        reason = (f"started {starts} times and each time its worker died before it finished "
-                  "(broker.delivery_limit)")
-        error = (f"task {message.task_id} dead-lettered: it took its whole worker down on every run, "
-                 f"{reason}. A task that kills workers, not just a child, ends here instead of looping")
+        reason = f"started {starts} times and each time its worker died before it finished (broker.delivery_limit)"
+        error = (
+            f"task {message.task_id} dead-lettered: it took its whole worker down on every run, "
+            f"{reason}. A task that kills workers, not just a child, ends here instead of looping"
+        )
         log.warning("task %s (%s) is poison: %s", message.task_id, message.type, reason)
         await self._dead_letter(message, Outcome(TaskState.CRASHED, error=error), reason)
         ack()
@@ -101,8 +124,9 @@ class Outcomes:
         """A delayed task came before its due time (qm/scheduling.py): send it on to the
         delay tier `tier_s` (confirmed), then `ack()`; it never waits in this worker."""
         await self.ensure_delay_tier(tier_s)
-        await self._publish(topology.delay_tier_name(tier_s), message.queue, message.encode(), message.headers(),
-                            message.task_id)
+        await self._publish(
+            topology.delay_tier_name(tier_s), message.queue, message.encode(), message.headers(), message.task_id
+        )
         log.debug("task %s is due at %s: back to delay tier %d s", message.task_id, message.not_before_s, tier_s)
         self.metrics.delay_hops.labels(str(tier_s)).inc()
         ack()
@@ -112,12 +136,21 @@ class Outcomes:
             await topology.declare_delay_tier(self.broker, tier_s)
             self._delay_tiers.add(tier_s)
 
-    def event(self, message: TaskMessage, state: TaskState, outcome: Outcome | None = None,
-              job: Job | None = None) -> TaskEvent:
-        return TaskEvent(message.task_id, message.type, message.queue, message.attempt, state,
-                         self.worker_id, outcome.result if outcome else b"", outcome.error if outcome else "",
-                         timeout_s=job.timeout_s if job else 0.0,
-                         memory_limit_mb=job.memory_limit_mb if job else 0)
+    def event(
+        self, message: TaskMessage, state: TaskState, outcome: Outcome | None = None, job: Job | None = None
+    ) -> TaskEvent:
+        return TaskEvent(
+            message.task_id,
+            message.type,
+            message.queue,
+            message.attempt,
+            state,
+            self.worker_id,
+            outcome.result if outcome else b"",
+            outcome.error if outcome else "",
+            timeout_s=job.timeout_s if job else 0.0,
+            memory_limit_mb=job.memory_limit_mb if job else 0,
+        )
 
     async def publish_event(self, event: TaskEvent) -> None:
         headers = {Header.TASK_ID: event.task_id, Header.STATE: event.state.name}

@@ -18,6 +18,7 @@ for every job that was waiting when the previous task ended. After a task, a chi
 `max_tasks_per_child` or with an idle RSS over `max_idle_rss_mb` is retired and replaced.
 The pool knows nothing of AMQP/gRPC.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -51,9 +52,9 @@ class Outcome:
     state: TaskState
     result: bytes = b""
     error: str = ""
-    retry_requested: bool = False       # the task raised qm.Retry
+    retry_requested: bool = False  # the task raised qm.Retry
     retry_delay_s: float | None = None  # ... with this delay
-    permanent: bool = False             # the task raised qm.PermanentError: never retry
+    permanent: bool = False  # the task raised qm.PermanentError: never retry
 
 
 @dataclasses.dataclass(eq=False)
@@ -76,8 +77,8 @@ class Slot:
     peak_rss_bytes: int = 0
     on_progress: Callable[[Progress], None] | None = None
     gap_from_s: float | None = None  # end of its last task (monotonic) if its job was waiting then
-    queued: _Waiting | None = None   # sent behind the running job; the child starts it next
-    recycle_reason: str = ""         # to be recycled once the job queued in it is done
+    queued: _Waiting | None = None  # sent behind the running job; the child starts it next
+    recycle_reason: str = ""  # to be recycled once the job queued in it is done
 
     @property
     def pid(self) -> int:
@@ -115,11 +116,19 @@ class _Waiting:
 class Pool:
     """`procs` children; `await run(job)` runs one job on the next idle child."""
 
-    def __init__(self, procs: int, start_method: str = "forkserver", preload_modules: Sequence[str] = (),
-                 *, memory_check_interval_s: float = 0.05, max_tasks_per_child: int = 0,
-                 max_idle_rss_mb: int = 0, address_space_limit: bool = True,
-                 executor_keys: tuple = (None, 0.0),
-                 on_idle_gap: Callable[[float], None] | None = None) -> None:
+    def __init__(
+        self,
+        procs: int,
+        start_method: str = "forkserver",
+        preload_modules: Sequence[str] = (),
+        *,
+        memory_check_interval_s: float = 0.05,
+        max_tasks_per_child: int = 0,
+        max_idle_rss_mb: int = 0,
+        address_space_limit: bool = True,
+        executor_keys: tuple = (None, 0.0),
+        on_idle_gap: Callable[[float], None] | None = None,
+    ) -> None:
         self.procs = procs
         self.on_idle_gap = on_idle_gap
         self.memory_check_interval_s = memory_check_interval_s
@@ -132,8 +141,7 @@ class Pool:
         self._context = multiprocessing.get_context(start_method)
         self._forkserver = start_method == "forkserver"
         if self._forkserver:
-            self._context.set_forkserver_preload(
-                ["qm.worker.child", "qm.worker.forkserver_reaper", *preload_modules])
+            self._context.set_forkserver_preload(["qm.worker.child", "qm.worker.forkserver_reaper", *preload_modules])
         # Only this process holds the write end: EOF in a child = the supervisor is gone.
         self._lifeline_r, self._lifeline_w = self._context.Pipe(duplex=False)
         self.slots: list[Slot] = []
@@ -160,9 +168,18 @@ class Pool:
         parent_conn, child_conn = self._context.Pipe(duplex=True)
         # typeshed: get_context() returns BaseContext, which lacks Process; every concrete context has it.
         process = self._context.Process(  # type: ignore[attr-defined]
-            target=child_main, args=(child_conn, self._lifeline_r, self.address_space_limit, self._forkserver,
-                                     self.executor_keys, self.max_idle_rss_mb > 0),
-            name=f"qm-child-{index}", daemon=True)
+            target=child_main,
+            args=(
+                child_conn,
+                self._lifeline_r,
+                self.address_space_limit,
+                self._forkserver,
+                self.executor_keys,
+                self.max_idle_rss_mb > 0,
+            ),
+            name=f"qm-child-{index}",
+            daemon=True,
+        )
         process.start()
         child_conn.close()
         slot = Slot(index, process, parent_conn)
@@ -171,9 +188,13 @@ class Pool:
         loop.add_reader(process.sentinel, self._on_exit, slot)
         return slot
 
-    async def run(self, job: Job, on_started: Callable[[], None] | None = None,
-                  on_progress: Callable[[Progress], None] | None = None,
-                  on_sent: Callable[[], None] | None = None) -> Outcome:
+    async def run(
+        self,
+        job: Job,
+        on_started: Callable[[], None] | None = None,
+        on_progress: Callable[[Progress], None] | None = None,
+        on_sent: Callable[[], None] | None = None,
+    ) -> Outcome:
         """Run a job on a child; `on_started` is called once a child has started it,
         `on_progress` with each update the task reports (qm.progress), all before the
         outcome, and `on_sent` once it is in a child's pipe (with `pipeline`, possibly behind
@@ -182,8 +203,9 @@ class Pool:
         Cancelled before a child has it: the job never ran. Cancelled later: the child is
         killed (and replaced) as the job runs or starts, and the cancellation propagates.
         """
-        waiting = _Waiting(job, on_started, on_sent, asyncio.get_running_loop().create_future(),
-                           on_progress=on_progress)
+        waiting = _Waiting(
+            job, on_started, on_sent, asyncio.get_running_loop().create_future(), on_progress=on_progress
+        )
         slot = self._next_idle()
         if slot is not None:
             self._start(slot, waiting, send=True)
@@ -266,8 +288,15 @@ class Pool:
             if not self._waiting:
                 return
             last_task = self.max_tasks_per_child and slot.tasks_done + 1 >= self.max_tasks_per_child
-            if (slot.alive and slot.job is not None and slot.queued is None and slot.kill_outcome is None
-                    and not slot.retired and not slot.recycle_reason and not last_task):
+            if (
+                slot.alive
+                and slot.job is not None
+                and slot.queued is None
+                and slot.kill_outcome is None
+                and not slot.retired
+                and not slot.recycle_reason
+                and not last_task
+            ):
                 waiting = self._next_waiting()
                 if waiting is None:
                     return
@@ -291,9 +320,15 @@ class Pool:
         slot.peak_rss_bytes = 0
         slot.future = loop.create_future()
         if job.timeout_s > 0:
-            slot.deadline = loop.call_later(job.timeout_s, slot.kill, Outcome(
-                TaskState.TIMED_OUT, error=f"task {job.task_id} ({job.type}) exceeded its time limit of "
-                                           f"{job.timeout_s:g} s and was killed"))
+            slot.deadline = loop.call_later(
+                job.timeout_s,
+                slot.kill,
+                Outcome(
+                    TaskState.TIMED_OUT,
+                    error=f"task {job.task_id} ({job.type}) exceeded its time limit of "
+                    f"{job.timeout_s:g} s and was killed",
+                ),
+            )
         if job.memory_limit_mb > 0:
             self._ensure_sampler()
         if send:
@@ -381,8 +416,10 @@ class Pool:
             return f"ran {slot.tasks_done} tasks (max_tasks_per_child)"
         if self.max_idle_rss_mb:
             if idle_rss > self.max_idle_rss_mb * MIB:
-                return (f"idle RSS {idle_rss // MIB} MiB over {self.max_idle_rss_mb} MiB "
-                        "(max_child_idle_rss_mb; a task leaks memory?)")
+                return (
+                    f"idle RSS {idle_rss // MIB} MiB over {self.max_idle_rss_mb} MiB "
+                    "(max_child_idle_rss_mb; a task leaks memory?)"
+                )
         return ""
 
     def _on_exit(self, slot: Slot) -> None:
@@ -395,10 +432,12 @@ class Pool:
             slot.conn.close()
         slot.process.join()
         if slot.job is not None:
-            outcome = slot.kill_outcome or Outcome(TaskState.CRASHED, error=describe_exit(
-                slot.process.exitcode, slot.job))
-            log.warning("task %s: child %d (pid %d) ended: %s", slot.job.task_id, slot.index,
-                        slot.process.pid, outcome.error)
+            outcome = slot.kill_outcome or Outcome(
+                TaskState.CRASHED, error=describe_exit(slot.process.exitcode, slot.job)
+            )
+            log.warning(
+                "task %s: child %d (pid %d) ended: %s", slot.job.task_id, slot.index, slot.process.pid, outcome.error
+            )
             self._finish(slot, outcome)
         if slot.queued is not None:  # never started: first in line for the next child
             waiting, slot.queued = slot.queued, None
@@ -411,8 +450,13 @@ class Pool:
         if slot.ready:
             self.slots[slot.index] = self._spawn(slot.index)
         else:  # died during start-up (a plugin that crashes on import?): do not spin
-            log.error("child %d (pid %d) exited with %s before it was ready; restarting it in %.0f s",
-                      slot.index, slot.process.pid, slot.process.exitcode, STARTUP_FAILURE_DELAY_S)
+            log.error(
+                "child %d (pid %d) exited with %s before it was ready; restarting it in %.0f s",
+                slot.index,
+                slot.process.pid,
+                slot.process.exitcode,
+                STARTUP_FAILURE_DELAY_S,
+            )
             loop.call_later(STARTUP_FAILURE_DELAY_S, self._respawn, slot.index)
 
     def _respawn(self, index: int) -> None:
@@ -432,10 +476,16 @@ class Pool:
         for slot, job in limited:
             limit = job.memory_limit_mb * MIB
             if slot.sample_rss() > limit and slot.kill_outcome is None:
-                slot.kill(Outcome(TaskState.MEMORY_EXCEEDED, error=(
-                    f"task {job.task_id} ({job.type}) used {slot.peak_rss_bytes / MIB:.0f} MiB "
-                    f"(with its subprocesses), over its memory limit of {job.memory_limit_mb} MiB, "
-                    "and was killed")))
+                slot.kill(
+                    Outcome(
+                        TaskState.MEMORY_EXCEEDED,
+                        error=(
+                            f"task {job.task_id} ({job.type}) used {slot.peak_rss_bytes / MIB:.0f} MiB "
+                            f"(with its subprocesses), over its memory limit of {job.memory_limit_mb} MiB, "
+                            "and was killed"
+                        ),
+                    )
+                )
         if limited:
             self._ensure_sampler()
 
@@ -476,8 +526,10 @@ def _reply_outcome(reply: Reply, slot: Slot) -> Outcome:
     job = slot.job
     if kind is ReplyKind.SOFT_TIMEOUT:
         assert job is not None  # a child sends this only while it runs a job
-        return Outcome(TaskState.TIMED_OUT, error=f"{value} (soft timeout {job.soft_timeout_s:g} s, "
-                                                  f"time limit {job.timeout_s:g} s)")
+        return Outcome(
+            TaskState.TIMED_OUT,
+            error=f"{value} (soft timeout {job.soft_timeout_s:g} s, time limit {job.timeout_s:g} s)",
+        )
     if kind is ReplyKind.MEMORY:
         assert job is not None  # a child sends this only while it runs a job
         return Outcome(TaskState.MEMORY_EXCEEDED, error=f"{value}; memory limit {job.memory_limit_mb} MiB")
@@ -517,5 +569,7 @@ def describe_exit(exitcode: int | None, job: Job) -> str:
         name = signal.Signals(signum).name if signum in signal.Signals._value2member_map_ else str(signum)
         cause = _SIGNAL_CAUSES.get(signum, "killed by a signal")
         return f"{prefix} died from signal {name} ({cause})"
-    return (f"{prefix} exited with code {exitcode} while the task ran "
-            "(the task called os._exit() or sys.exit(), or the interpreter aborted)")
+    return (
+        f"{prefix} exited with code {exitcode} while the task ran "
+        "(the task called os._exit() or sys.exit(), or the interpreter aborted)"
+    )

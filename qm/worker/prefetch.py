@@ -8,6 +8,7 @@ more as they get shorter, judged from a moving average of observed run times, wi
 hysteresis so the value does not flap around a threshold. A single long run (over
 LONG_TASK_S, also reported while the task still runs) drops it to one per child at once.
 """
+
 from __future__ import annotations
 
 #: (deliveries per child, mean task time to move to this level from a slower one,

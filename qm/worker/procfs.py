@@ -7,6 +7,7 @@ thread, CONFIG_PROC_CHILDREN, present in the common distribution kernels), so sa
 task costs one read per process of that task. Where the kernel lacks those files, psutil
 is the fallback (and `CHILDREN_LISTED` says so).
 """
+
 from __future__ import annotations
 
 import os

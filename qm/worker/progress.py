@@ -11,6 +11,7 @@ supervisor publishes without waiting for the confirm. A task's limiter is closed
 its outcome is reported, so the last update kept but not sent is dropped, never sent
 after the outcome (a server ignores one that comes late anyway).
 """
+
 from __future__ import annotations
 
 import threading
@@ -33,8 +34,7 @@ class ChildReporter:
     (this thread's and the child's replies), so an update of a task is always sent before
     its outcome reply, never after it."""
 
-    def __init__(self, conn: Connection, send_lock: threading.Lock,
-                 interval_s: float = CHILD_SEND_INTERVAL_S) -> None:
+    def __init__(self, conn: Connection, send_lock: threading.Lock, interval_s: float = CHILD_SEND_INTERVAL_S) -> None:
         self._conn = conn
         self._send_lock = send_lock
         self._interval_s = interval_s
@@ -92,8 +92,13 @@ class ProgressLimiter:
     later ones within `interval_s` of the last sent wait for the window to close, and
     only the latest of them is sent then (the ones it replaced count as `coalesced`)."""
 
-    def __init__(self, send: Callable[[Progress], None], call_later: Scheduler,
-                 clock: Callable[[], float] = time.monotonic, interval_s: float = EVENT_INTERVAL_S) -> None:
+    def __init__(
+        self,
+        send: Callable[[Progress], None],
+        call_later: Scheduler,
+        clock: Callable[[], float] = time.monotonic,
+        interval_s: float = EVENT_INTERVAL_S,
+    ) -> None:
         self._send = send
         self._call_later = call_later
         self._clock = clock

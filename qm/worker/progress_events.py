@@ -4,6 +4,7 @@ Progress events are advisory (qm/task_progress.py): each is published once, with
 waiting for its confirm and without retrying; RabbitMQ away means it is dropped (and
 counted). The outcome path (qm/worker/outcomes.py) never waits for one.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -37,8 +38,16 @@ class ProgressEvents:
         loop = asyncio.get_running_loop()
 
         def send(update: Progress) -> None:
-            event = TaskEvent(message.task_id, message.type, message.queue, message.attempt, TaskState.RUNNING,
-                              self.worker_id, at_s=time.time(), progress=update)
+            event = TaskEvent(
+                message.task_id,
+                message.type,
+                message.queue,
+                message.attempt,
+                TaskState.RUNNING,
+                self.worker_id,
+                at_s=time.time(),
+                progress=update,
+            )
             self._background.spawn(self._publish(event))
 
         return ProgressLimiter(send, loop.call_later)

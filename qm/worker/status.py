@@ -4,6 +4,7 @@ qm.v1.WorkerStatus (children, what each runs and since when, RSS).
 Secured like qm-server (docs/security.md): TLS/mTLS from worker.status_tls_*, tokens
 from worker.status_tokens_file (WorkerStatus needs role `read`; health stays open); off
 loopback it refuses to start without both, as qm-server does without --insecure."""
+
 from __future__ import annotations
 
 import logging
@@ -28,13 +29,21 @@ class WorkerStatusServicer(worker_status_pb2_grpc.WorkerStatusServicer):
     async def GetWorkerStatus(self, request, context):
         supervisor, pool = self.supervisor, self.supervisor.pool
         response = worker_status_pb2.GetWorkerStatusResponse(
-            worker_id=supervisor.worker_id, draining=supervisor.draining, procs=pool.procs,
-            prefetch=supervisor.prefetch.value, queues=supervisor.queues,
-            tasks_finished=pool.tasks_finished, child_restarts=pool.restarts)
+            worker_id=supervisor.worker_id,
+            draining=supervisor.draining,
+            procs=pool.procs,
+            prefetch=supervisor.prefetch.value,
+            queues=supervisor.queues,
+            tasks_finished=pool.tasks_finished,
+            child_restarts=pool.restarts,
+        )
         for slot in pool.slots:
-            child = response.children.add(slot=slot.index, pid=slot.process.pid or 0,
-                                          rss_bytes=slot.sample_rss() if slot.alive else 0,
-                                          tasks_done=slot.tasks_done)
+            child = response.children.add(
+                slot=slot.index,
+                pid=slot.process.pid or 0,
+                rss_bytes=slot.sample_rss() if slot.alive else 0,
+                tasks_done=slot.tasks_done,
+            )
             if slot.job is not None:
                 child.task_id, child.type = slot.job.task_id, slot.job.type
                 child.running_since.FromNanoseconds(int(slot.started_at_s * 1e9))
@@ -44,34 +53,43 @@ class WorkerStatusServicer(worker_status_pb2_grpc.WorkerStatusServicer):
 class StatusEndpoint:
     """A small grpc.aio server next to the supervisor, on worker.status_listen."""
 
-    def __init__(self, supervisor: Supervisor, listen: str, tls: ServerTLS | None = None,
-                 authenticator: auth.Authenticator | None = None) -> None:
+    def __init__(
+        self,
+        supervisor: Supervisor,
+        listen: str,
+        tls: ServerTLS | None = None,
+        authenticator: auth.Authenticator | None = None,
+    ) -> None:
         self.listen = listen
         self.tls = tls
         self.health = health.aio.HealthServicer()
         interceptors = [auth.AuthInterceptor(authenticator)] if authenticator and authenticator.enabled else None
         self.server = grpc.aio.server(interceptors=interceptors)
-        worker_status_pb2_grpc.add_WorkerStatusServicer_to_server(WorkerStatusServicer(supervisor),
-                                                                  self.server)
+        worker_status_pb2_grpc.add_WorkerStatusServicer_to_server(WorkerStatusServicer(supervisor), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.port = 0
 
     @classmethod
     def from_config(cls, supervisor: Supervisor, worker: WorkerConfig) -> "StatusEndpoint":
-        tls = ServerTLS.load(worker.status_tls_cert, worker.status_tls_key, worker.status_tls_client_ca,
-                             "worker.status_")
+        tls = ServerTLS.load(
+            worker.status_tls_cert, worker.status_tls_key, worker.status_tls_client_ca, "worker.status_"
+        )
         authenticator = auth.Authenticator(worker.status_tokens_file, key="worker.status_tokens_file")
         authenticator.load()
         exposed = not auth.is_loopback(parse_host_port(worker.status_listen)[0])
         if exposed and not (tls and authenticator.enabled):
             if not worker.status_insecure:
-                raise ConfigError("worker.status_listen", f"{worker.status_listen} is not a loopback address: set "
-                                                          "worker.status_tls_cert, worker.status_tls_key and "
-                                                          "worker.status_tokens_file, listen on 127.0.0.1, or set "
-                                                          "worker.status_insecure to accept that anyone who can "
-                                                          "reach it may read it")
-            log.warning("worker status endpoint on %s without TLS and tokens (worker.status_insecure)",
-                        worker.status_listen)
+                raise ConfigError(
+                    "worker.status_listen",
+                    f"{worker.status_listen} is not a loopback address: set "
+                    "worker.status_tls_cert, worker.status_tls_key and "
+                    "worker.status_tokens_file, listen on 127.0.0.1, or set "
+                    "worker.status_insecure to accept that anyone who can "
+                    "reach it may read it",
+                )
+            log.warning(
+                "worker status endpoint on %s without TLS and tokens (worker.status_insecure)", worker.status_listen
+            )
         return cls(supervisor, worker.status_listen, tls, authenticator)
 
     async def start(self) -> int:

@@ -26,6 +26,7 @@ a delay tier, not run (qm/scheduling.py). Everything runs on one asyncio loop th
 waits on task work, so AMQP heartbeats keep flowing however long tasks take. While tasks
 are short the pool pipelines (a busy child holds its next job: Pool.pipeline).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -56,8 +57,12 @@ from qm.worker.progress_events import ProgressEvents
 log = logging.getLogger(__name__)
 
 #: Outcomes that mean the child was killed or lost, and their `reason` label.
-KILL_REASONS = {TaskState.TIMED_OUT: "timeout", TaskState.MEMORY_EXCEEDED: "memory",
-                TaskState.CRASHED: "crash", TaskState.CANCELLED: "cancel"}
+KILL_REASONS = {
+    TaskState.TIMED_OUT: "timeout",
+    TaskState.MEMORY_EXCEEDED: "memory",
+    TaskState.CRASHED: "crash",
+    TaskState.CANCELLED: "cancel",
+}
 #: Run time after which a running task counts as long for the prefetch, before it ends.
 LONG_TASK_S = 1.0
 
@@ -65,11 +70,21 @@ LONG_TASK_S = 1.0
 class Supervisor:
     """Consumes tasks, runs them on the pool, reports outcomes, acks."""
 
-    def __init__(self, broker: Broker, pool: Pool, worker_id: str, queues: list[str],
-                 prefetch: AutoPrefetch | FixedPrefetch | int, queue_type: str = "quorum", *,
-                 caps: task_limits.Limits = task_limits.Limits(0.0, 0),
-                 delivery_limit: int = 5, metrics: WorkerMetrics | None = None, max_queue_length: int = 0,
-                 max_result_bytes: int = 0) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        pool: Pool,
+        worker_id: str,
+        queues: list[str],
+        prefetch: AutoPrefetch | FixedPrefetch | int,
+        queue_type: str = "quorum",
+        *,
+        caps: task_limits.Limits = task_limits.Limits(0.0, 0),
+        delivery_limit: int = 5,
+        metrics: WorkerMetrics | None = None,
+        max_queue_length: int = 0,
+        max_result_bytes: int = 0,
+    ) -> None:
         self.broker = broker
         self.pool = pool
         self.worker_id = worker_id
@@ -87,11 +102,11 @@ class Supervisor:
         self._consumer_tags: list[str] = []
         self._isolation = Isolation()
         self._unsettled: dict[asyncio.Task, Delivery] = {}  # handler → its delivery, until settled
-        self._waiting: set[asyncio.Task] = set()              # handlers whose job has not started
+        self._waiting: set[asyncio.Task] = set()  # handlers whose job has not started
         self._background = Background()
         self.progress = ProgressEvents(broker, worker_id, self.metrics, self._background)
-        self._by_task: dict[str, asyncio.Task] = {}              # task id → its handler
-        self._queue_of: dict[str, str] = {}                      # consumer tag → logical queue
+        self._by_task: dict[str, asyncio.Task] = {}  # task id → its handler
+        self._queue_of: dict[str, str] = {}  # consumer tag → logical queue
 
     async def start(self) -> None:
         await self.broker.declare_exchange(topology.EVENTS_EXCHANGE, "fanout")
@@ -102,14 +117,20 @@ class Supervisor:
         for tier_s in retry.DELAY_TIERS_S:
             await self.outcomes.ensure_delay_tier(tier_s)
         for queue in self.queues:
-            name = await topology.declare_work_queue(self.broker, queue, self.queue_type, self.delivery_limit,
-                                                     self.max_queue_length)
+            name = await topology.declare_work_queue(
+                self.broker, queue, self.queue_type, self.delivery_limit, self.max_queue_length
+            )
             tag = await self.broker.consume(name, self._on_delivery, self.prefetch.value)
             self._consumer_tags.append(tag)
             self._queue_of[tag] = queue
-        log.info("worker %s consuming %s with prefetch %d per queue (%s), %d children",
-                 self.worker_id, ", ".join(self.queues), self.prefetch.value,
-                 "auto" if isinstance(self.prefetch, AutoPrefetch) else "fixed", self.pool.procs)
+        log.info(
+            "worker %s consuming %s with prefetch %d per queue (%s), %d children",
+            self.worker_id,
+            ", ".join(self.queues),
+            self.prefetch.value,
+            "auto" if isinstance(self.prefetch, AutoPrefetch) else "fixed",
+            self.pool.procs,
+        )
 
     def _cancel(self, task_id: str) -> None:
         """A cancel from the control stream: drop the task if it waits here, kill it if it runs."""
@@ -134,9 +155,9 @@ class Supervisor:
 
     def _on_handler_done(self, handler: asyncio.Task) -> None:
         if not handler.cancelled() and handler.exception() is not None:
-            log.error("task handler failed; the delivery returns to the queue",
-                      exc_info=handler.exception())
+            log.error("task handler failed; the delivery returns to the queue", exc_info=handler.exception())
         self._settle(handler, ack=False)  # no-op when the handler settled it
+
     def _settle(self, handler: asyncio.Task, ack: bool) -> None:
         delivery = self._unsettled.pop(handler, None)
         if delivery is not None:
@@ -147,9 +168,17 @@ class Supervisor:
         The soft timeout is the one the server resolved, if the capped limit leaves room for it."""
         limits = task_limits.cap(
             task_limits.Limits(message.timeout_s, message.memory_limit_mb, message.soft_timeout_s),
-            self.caps.timeout_s, self.caps.memory_limit_mb)
-        return Job(message.task_id, message.type, message.payload, limits.timeout_s,
-                   limits.memory_limit_mb, limits.soft_timeout_s)
+            self.caps.timeout_s,
+            self.caps.memory_limit_mb,
+        )
+        return Job(
+            message.task_id,
+            message.type,
+            message.payload,
+            limits.timeout_s,
+            limits.memory_limit_mb,
+            limits.soft_timeout_s,
+        )
 
     async def _handle(self, delivery: Delivery) -> None:
         handler = asyncio.current_task()
@@ -190,11 +219,13 @@ class Supervisor:
             # A task still running at this point already tells the prefetch it is long,
             # before it finishes (which may be much later).
             still_running = asyncio.get_running_loop().call_later(
-                LONG_TASK_S, lambda: self._observe(time.monotonic() - started_at))
+                LONG_TASK_S, lambda: self._observe(time.monotonic() - started_at)
+            )
             handler.add_done_callback(lambda _: still_running.cancel())
             if not suspect:
-                self._background.spawn(self.outcomes.publish_event(
-                    self.outcomes.event(message, TaskState.RUNNING, job=job)))
+                self._background.spawn(
+                    self.outcomes.publish_event(self.outcomes.event(message, TaskState.RUNNING, job=job))
+                )
 
         progress = self.progress.open(message)
         try:
@@ -202,16 +233,23 @@ class Supervisor:
             try:
                 if suspect:
                     await self.outcomes.publish_event(self.outcomes.event(message, TaskState.RUNNING, job=job))
-                outcome = await self.pool.run(job, on_started, progress.offer,
-                                              on_sent=lambda: self._waiting.discard(handler))
+                outcome = await self.pool.run(
+                    job, on_started, progress.offer, on_sent=lambda: self._waiting.discard(handler)
+                )
             finally:
                 self._isolation.leave(suspect)
                 self.progress.close(progress)  # nothing of it after the outcome
         except asyncio.CancelledError:
             self._settle(handler, ack=False)  # back to the queue: another worker runs it
             raise
-        log.info("task %s (%s) attempt %d: %s%s", message.task_id, message.type, message.attempt,
-                 outcome.state.name, f": {outcome.error.splitlines()[0]}" if outcome.error else "")
+        log.info(
+            "task %s (%s) attempt %d: %s%s",
+            message.task_id,
+            message.type,
+            message.attempt,
+            outcome.state.name,
+            f": {outcome.error.splitlines()[0]}" if outcome.error else "",
+        )
         run_s = time.monotonic() - started_at
         self._observe(run_s)
         self.metrics.run_seconds.labels(message.type).observe(run_s)
@@ -248,8 +286,11 @@ class Supervisor:
         waiting = [handler for handler in self._unsettled if handler in self._waiting]
         released = [handler for handler in waiting[room:] if not self._unsettled[handler].redelivered]
         if released:
-            log.info("prefetch dropped: giving back %d waiting deliveries (tasks %s)", len(released),
-                     ", ".join(str(self._unsettled[handler].headers.get(Header.TASK_ID)) for handler in released))
+            log.info(
+                "prefetch dropped: giving back %d waiting deliveries (tasks %s)",
+                len(released),
+                ", ".join(str(self._unsettled[handler].headers.get(Header.TASK_ID)) for handler in released),
+            )
         for handler in released:
             self._give_back(handler)
 
@@ -276,8 +317,9 @@ class Supervisor:
         # and a copy must not carry one anyway.
         headers = {key: value for key, value in delivery.headers.items() if key != "x-delivery-count"}
         try:
-            await self.broker.publish(topology.TASKS_EXCHANGE, self._queue_of[delivery.consumer_tag],
-                                      delivery.body, headers)
+            await self.broker.publish(
+                topology.TASKS_EXCHANGE, self._queue_of[delivery.consumer_tag], delivery.body, headers
+            )
         except BrokerUnavailable as exc:  # PublishOutcomeUnknown too: a copy may exist, a duplicate
             log.warning("giving a delivery back as a copy failed (%s); returning it as it is", exc)
             self.acks.nack(delivery, requeue=True)  # no-op on a lost channel: RabbitMQ requeued it
@@ -305,8 +347,11 @@ class Supervisor:
             self._give_back(handler)
         running = [handler for handler in self._unsettled if not handler.done()]
         if running:
-            log.info("draining: waiting up to %s s for %d running task(s)",
-                     "unbounded" if drain_timeout_s is None else f"{drain_timeout_s:g}", len(running))
+            log.info(
+                "draining: waiting up to %s s for %d running task(s)",
+                "unbounded" if drain_timeout_s is None else f"{drain_timeout_s:g}",
+                len(running),
+            )
             _done, late = await asyncio.wait(running, timeout=drain_timeout_s)
             if late:
                 log.warning("drain timeout: killing %d running task(s); they return to the queue", len(late))
@@ -323,8 +368,18 @@ class Supervisor:
             await asyncio.sleep(interval_s)
 
     async def send_heartbeat(self, types: list[str], stopped: bool = False) -> None:
-        beat = Heartbeat(self.worker_id, socket.gethostname(), os.getpid(), self.pool.procs, self.busy,
-                         tuple(self.queues), tuple(types), qm.__version__, self.draining, stopped)
+        beat = Heartbeat(
+            self.worker_id,
+            socket.gethostname(),
+            os.getpid(),
+            self.pool.procs,
+            self.busy,
+            tuple(self.queues),
+            tuple(types),
+            qm.__version__,
+            self.draining,
+            stopped,
+        )
         try:
             await self.broker.publish(topology.HEARTBEATS_EXCHANGE, "", beat.encode(), {Header.WORKER: self.worker_id})
         except BrokerUnavailable:
@@ -353,4 +408,3 @@ class Supervisor:
     @property
     def unacked(self) -> int:
         return len(self._unsettled)
-
