@@ -137,7 +137,7 @@ def test_a_second_server_with_the_same_id_is_refused_and_the_first_keeps_every_e
                              wait_ready=False)
 
     stderr = refused(second)
-    assert (f"qm-server: another live qm-server already uses server id {shared_id} (its events queue "
+    assert (f"qm-server: another live qm-server already uses server id {shared_id} (its queue "
             f"qm.events.{shared_id} has an exclusive consumer); give this server its own --data-dir or a "
             f"different server.id") in stderr, stderr
     # Nothing was split: the first server sees every task of a batch through to the end.
