@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 
+from qm.testing.process_group import STOP_TIMEOUT_S, GroupService
 from qm.testing.rabbitmq import free_port
 
 #: Where Debian's packages put each major version's binaries (newest first wins).
@@ -38,8 +39,6 @@ BIN_DIR_PATTERN = "/usr/lib/postgresql/*/bin"
 SERVICE_USER = "postgres"
 #: How long a server may take to accept connections after start.
 START_TIMEOUT_S = 60.0
-#: How long a fast shutdown may take before the server is killed.
-STOP_TIMEOUT_S = 30.0
 #: Pause between two readiness probes.
 PROBE_INTERVAL_S = 0.1
 
@@ -65,10 +64,13 @@ def _version_key(name: str) -> tuple[int, ...]:
     return tuple(int(part) for part in name.split(".") if part.isdigit())
 
 
-class LocalPostgres:
-    """One PostgreSQL server; `start`, `stop` (fast shutdown), `kill` (SIGKILL of the whole
+class LocalPostgres(GroupService):
+    """One PostgreSQL server; `start`, `stop` (fast shutdown: SIGINT cuts open sessions and
+    keeps everything committed), `kill` (SIGKILL of the whole
     server) and `start` again, keeping its data and port, as a real host would; `cleanup`
     stops it and deletes its directory. `create_database(name)` gives each test its own."""
+
+    STOP_SIGNAL = signal.SIGINT
 
     def __init__(self, base_dir: str | os.PathLike, port: int = 0, durable: bool = False) -> None:
         self.bin_dir = find_bin_dir()
@@ -216,36 +218,8 @@ class LocalPostgres:
             raise RuntimeError(f"createdb {name} failed: {result.stderr.strip()}")
         return self.database_url(name)
 
-    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
-        """Fast shutdown (SIGINT: open sessions are cut, everything committed is kept),
-        then SIGKILL of the whole server if it lingers."""
-        self._signal(signal.SIGINT)
-        try:
-            if self.process is not None:
-                self.process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self._signal(signal.SIGKILL)
-        self._reap()
-
-    def kill(self) -> None:
-        """SIGKILL the postmaster and every backend (its process group): a crash; the next
-        start recovers from the WAL."""
-        self._signal(signal.SIGKILL)
-        self._reap()
-
-    def _signal(self, signum: int) -> None:
-        if self.process is not None and self.process.poll() is None:
-            try:
-                os.killpg(self.process.pid, signum)
-            except ProcessLookupError:
-                pass
-
-    def _reap(self) -> None:
-        if self.process is not None:
-            group = self.process.pid  # its own session: the group id is its pid
-            self.process.wait(STOP_TIMEOUT_S)
-            self.process = None
-            _wait_group_gone(group)  # the next start needs every old backend gone
+    def _after_reap(self, group: int) -> None:
+        _wait_group_gone(group)  # the next start needs every old backend gone
 
     def cleanup(self) -> None:
         """Stop, then delete the server's directory."""

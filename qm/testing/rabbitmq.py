@@ -23,6 +23,8 @@ import time
 
 import psutil
 
+from qm.testing.process_group import GroupService
+
 #: Where Debian's package puts the real start script (/usr/sbin's wrapper switches user).
 SERVER_SCRIPT_PATHS = ("/usr/lib/rabbitmq/bin/rabbitmq-server", "/usr/lib/rabbitmq/sbin/rabbitmq-server")
 #: ... and the real rabbitmqctl.
@@ -31,8 +33,6 @@ CTL_SCRIPT_PATHS = ("/usr/lib/rabbitmq/bin/rabbitmqctl", "/usr/lib/rabbitmq/sbin
 CTL_TIMEOUT_S = 120.0
 #: How long a node may take to accept AMQP connections after start.
 START_TIMEOUT_S = 90.0
-#: How long a graceful stop may take before the node is killed.
-STOP_TIMEOUT_S = 30.0
 
 
 class RabbitMQNotInstalled(RuntimeError):
@@ -76,8 +76,8 @@ class TLSListener:
     require_client_cert: bool = False
 
 
-class LocalRabbitMQ:
-    """One RabbitMQ node; `start`, `stop` (graceful), `kill` (SIGKILL) and `start` again.
+class LocalRabbitMQ(GroupService):
+    """One RabbitMQ node; `start`, `stop` (graceful: SIGTERM), `kill` (SIGKILL) and `start` again.
 
     Data survives stop/kill and restart (same directory, same ports), as on a real host.
     A node of a cluster (qm.testing.rabbitmq_cluster) is given the cluster's epmd port,
@@ -224,32 +224,7 @@ class LocalRabbitMQ:
             )
         return done.stdout
 
-    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
-        """Graceful shutdown (SIGTERM to the node's process group), then SIGKILL."""
-        self._signal(signal.SIGTERM)
-        try:
-            if self.process is not None:
-                self.process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self._signal(signal.SIGKILL)
-        self._reap()
-
-    def kill(self) -> None:
-        """SIGKILL the node and everything it started (epmd included)."""
-        self._signal(signal.SIGKILL)
-        self._reap()
-
-    def _signal(self, signum: int) -> None:
-        if self.process is not None and self.process.poll() is None:
-            try:
-                os.killpg(self.process.pid, signum)
-            except ProcessLookupError:
-                pass
-
-    def _reap(self) -> None:
-        if self.process is not None:
-            self.process.wait(STOP_TIMEOUT_S)
-            self.process = None
+    def _after_reap(self, group: int) -> None:
         if self.own_epmd:
             kill_epmd(self.epmd_port)
 
