@@ -265,22 +265,26 @@ class TaskService:
 
         async def one(item: Submission) -> TaskRecord | QMError:
             try:
-                return await self.submit(
-                    item.type,
-                    item.payload,
-                    item.queue,
-                    timeout_s=item.timeout_s,
-                    memory_limit_mb=item.memory_limit_mb,
-                    idempotency_key=item.idempotency_key,
-                    soft_timeout_s=item.soft_timeout_s,
-                    delay_s=item.delay_s,
-                    not_before_s=item.not_before_s,
-                    **item.retry_options,
-                )
+                return await self.submit_item(item)
             except QMError as exc:
                 return exc
 
         return list(await asyncio.gather(*(one(item) for item in items)))
+
+    async def submit_item(self, item: Submission) -> TaskRecord:
+        """`submit` of a request's decoded fields (qm/server/submission.py)."""
+        return await self.submit(
+            item.type,
+            item.payload,
+            item.queue,
+            timeout_s=item.timeout_s,
+            memory_limit_mb=item.memory_limit_mb,
+            idempotency_key=item.idempotency_key,
+            soft_timeout_s=item.soft_timeout_s,
+            delay_s=item.delay_s,
+            not_before_s=item.not_before_s,
+            **item.retry_options,
+        )
 
     def _count_refusal(self, task_type: str, error: BaseException) -> None:
         known_type = task_type if task_type in self.registry.types else "unknown"

@@ -182,19 +182,7 @@ class TaskQueueServicer(task_queue_pb2_grpc.TaskQueueServicer):
 
     @_maps_errors
     async def SubmitTask(self, request, context):
-        item = submission_from_proto(request)
-        record = await self.service.submit(
-            item.type,
-            item.payload,
-            item.queue,
-            timeout_s=item.timeout_s,
-            memory_limit_mb=item.memory_limit_mb,
-            idempotency_key=item.idempotency_key,
-            soft_timeout_s=item.soft_timeout_s,
-            delay_s=item.delay_s,
-            not_before_s=item.not_before_s,
-            **item.retry_options,
-        )
+        record = await self.service.submit_item(submission_from_proto(request))
         return task_queue_pb2.SubmitTaskResponse(task_id=record.task_id, state=int(record.state))  # type: ignore[arg-type]  # protoc .pyi: enum fields typed as the enum class; they take ints
 
     @_maps_errors

@@ -310,17 +310,16 @@ class Store:
 
     async def overdue_retries(self, queue: str, due_before_s: float, limit: int) -> list[TaskRecord]:
         """RETRYING tasks of a logical queue whose next attempt was due before `due_before_s`."""
-        return await self._select(
-            f"WHERE state = {int(TaskState.RETRYING)} AND queue = ? AND next_attempt_at < ? "
-            "ORDER BY next_attempt_at LIMIT ?",
-            (queue, due_before_s, limit),
-        )
+        return await self._due(TaskState.RETRYING, queue, due_before_s, limit)
 
     async def overdue_scheduled(self, queue: str, due_before_s: float, limit: int) -> list[TaskRecord]:
         """SCHEDULED tasks of a logical queue that were due before `due_before_s` (never started)."""
+        return await self._due(TaskState.SCHEDULED, queue, due_before_s, limit)
+
+    async def _due(self, state: TaskState, queue: str, due_before_s: float, limit: int) -> list[TaskRecord]:
+        """Tasks in `state` of a queue whose next_attempt_at passed, by due time (a partial index each)."""
         return await self._select(
-            f"WHERE state = {int(TaskState.SCHEDULED)} AND queue = ? AND next_attempt_at < ? "
-            "ORDER BY next_attempt_at LIMIT ?",
+            f"WHERE state = {int(state)} AND queue = ? AND next_attempt_at < ? ORDER BY next_attempt_at LIMIT ?",
             (queue, due_before_s, limit),
         )
 

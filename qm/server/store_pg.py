@@ -291,18 +291,15 @@ class PgStore:
         return bytes(row[0]) if row is not None else None
 
     async def overdue_retries(self, queue: str, due_before_s: float, limit: int) -> list[TaskRecord]:
-        rows = await self._fetch(
-            f"{_SELECT_TASK} WHERE state = {int(TaskState.RETRYING)} AND queue = $1 "
-            "AND next_attempt_at < $2 ORDER BY next_attempt_at LIMIT $3",
-            queue,
-            due_before_s,
-            limit,
-        )
-        return [_record(row) for row in rows]
+        return await self._due(TaskState.RETRYING, queue, due_before_s, limit)
 
     async def overdue_scheduled(self, queue: str, due_before_s: float, limit: int) -> list[TaskRecord]:
+        return await self._due(TaskState.SCHEDULED, queue, due_before_s, limit)
+
+    async def _due(self, state: TaskState, queue: str, due_before_s: float, limit: int) -> list[TaskRecord]:
+        """Tasks in `state` of a queue whose next_attempt_at passed, by due time (a partial index each)."""
         rows = await self._fetch(
-            f"{_SELECT_TASK} WHERE state = {int(TaskState.SCHEDULED)} AND queue = $1 "
+            f"{_SELECT_TASK} WHERE state = {int(state)} AND queue = $1 "
             "AND next_attempt_at < $2 ORDER BY next_attempt_at LIMIT $3",
             queue,
             due_before_s,
