@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import hashlib
+import heapq
 import hmac
 import secrets
 import struct
@@ -135,17 +136,24 @@ class ReplayGuard:
 
     def __init__(self) -> None:
         self._seen: dict[bytes, tuple[int, str]] = {}  # nonce -> (expires_at_ms, idempotency key)
+        self._expiries: list[tuple[int, bytes]] = []  # heap of (expires_at_ms, nonce): forgotten in order
         self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        """Nonces remembered: only those not yet expired once the next check has run."""
+        return len(self._seen)
 
     def check(self, signed: Signed, what: str = "payload", key: str | None = None) -> None:
         key = SUBMISSION_KEY.get() if key is None else key
         now_ms = time.time() * 1000
         with self._lock:
-            if len(self._seen) > 1024:
-                self._seen = {nonce: seen for nonce, seen in self._seen.items() if seen[0] >= now_ms}
+            while self._expiries and self._expiries[0][0] < now_ms:  # only the expired: O(log n) each
+                self._seen.pop(heapq.heappop(self._expiries)[1], None)
             first = self._seen.get(signed.nonce)
             if first is not None and not (key and first[1] == key):
                 raise SignatureError(
                     what, "this signed payload was submitted before (replay); qm.Executor signs every call afresh"
                 )
+            if first is None:
+                heapq.heappush(self._expiries, (signed.expires_at_ms, signed.nonce))
             self._seen[signed.nonce] = (signed.expires_at_ms, key)

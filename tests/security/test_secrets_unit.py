@@ -53,6 +53,18 @@ def test_the_replay_guard_accepts_each_nonce_once():
         guard.check(keys.verify(blob))
 
 
+def test_the_replay_guard_forgets_nonces_once_they_expire():
+    """Memory is bounded by what is still valid, however many payloads a server has seen."""
+    keys, guard = Keyring("1", {"1": SECRET}), ReplayGuard()
+    valid = keys.verify(keys.sign(b"new", 60))
+    guard.check(valid)
+    for _ in range(2000):  # signed long ago: past their expiry (workers read them without the check)
+        guard.check(keys.verify(keys.sign(b"old", ttl_s=-1), check_expiry=False))
+    assert len(guard) == 2  # the valid nonce and the last expired one, not 2,001
+    with pytest.raises(SignatureError, match="replay"):
+        guard.check(valid)
+
+
 def test_a_submission_retried_under_its_idempotency_key_is_not_a_replay():
     keys, guard = Keyring("1", {"1": SECRET}), ReplayGuard()
     signed = keys.verify(keys.sign(b"data", 60))
