@@ -1,27 +1,23 @@
 """What the caps tests share: a real qm-server (and worker) per module, a hostile raw gRPC
-client, a normal client probing the server while the attack runs, and looks at what was
-stored (the server's SQLite) and enqueued (RabbitMQ) so a refused request can be shown to
-have left nothing behind.
+client, and a normal client probing the server while the attack runs. What was stored and
+enqueued is read with tests/security/support.py, as for the auth and TLS tests.
 """
 from __future__ import annotations
 
 import contextlib
 import pathlib
-import sqlite3
 import threading
 import types
 
 import grpc
-import pika
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from qm._proto.qm.v1 import task_queue_pb2, task_queue_pb2_grpc
 from tests.processes import delete_queues, start_server, start_worker
+from tests.security.support import NORMAL_DEADLINE_S, probe
 
 #: Deadline of a hostile call: long enough to get its answer on a loaded machine.
 CALL_TIMEOUT_S = 30.0
-#: What "the server stays up" means here: a normal client's call answered within this.
-NORMAL_ANSWER_S = 1.0
 #: Pause between two probes of the normal client.
 PROBE_INTERVAL_S = 0.1
 
@@ -48,23 +44,6 @@ def caps_stack(broker_url: str, directory: pathlib.Path, env: dict[str, str], qu
                       + [f"qm.events.{server.server_id}", f"qm.dead.{server.server_id}"])
 
 
-def stored_tasks(server) -> int:
-    """Tasks in the server's store (read-only, beside the running server)."""
-    path = server.data_dir / f"{server.server_id}.sqlite3"
-    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
-        return db.execute("SELECT COUNT(*) FROM tasks").fetchone()[0]
-
-
-def ready_messages(broker_url: str, queue: str) -> int | None:
-    """Messages waiting in the logical queue's AMQP queue; None if RabbitMQ has no such queue."""
-    with pika.BlockingConnection(pika.URLParameters(broker_url)) as connection:
-        try:
-            return connection.channel().queue_declare(f"qm.tasks.{queue}", passive=True).method.message_count
-        except pika.exceptions.ChannelClosedByBroker as exc:
-            assert exc.reply_code == 404, exc
-            return None
-
-
 def submit_error(stub, type: str, payload: bytes, queue: str, **fields) -> grpc.RpcError:
     """Submit; return the error (the test fails if a task id came back)."""
     request = task_queue_pb2.SubmitTaskRequest(type=type, payload=payload, queue=queue, **fields)
@@ -80,8 +59,8 @@ def trailing(error: grpc.RpcError) -> dict[str, str]:
 
 
 class NormalClient:
-    """A well-behaved client asking the server over and over, each call with a deadline of
-    NORMAL_ANSWER_S, while an attack runs: a health check and ListTaskTypes on its own
+    """A well-behaved client asking the server over and over, each probe with a deadline of
+    NORMAL_DEADLINE_S (tests/security/support.py: PROBE_TRIES tries), while an attack runs: a health check and ListTaskTypes on its own
     channel. `failures` lists every call not answered in time."""
 
     def __init__(self, address: str) -> None:
@@ -105,14 +84,17 @@ class NormalClient:
             grpc.channel_ready_future(channel).result(timeout=CALL_TIMEOUT_S)  # connecting is not answering
             health = health_pb2_grpc.HealthStub(channel)
             stub = task_queue_pb2_grpc.TaskQueueStub(channel)
-            try:
-                reply = health.Check(health_pb2.HealthCheckRequest(service="qm.v1.TaskQueue"),
-                                     timeout=NORMAL_ANSWER_S)
-                assert reply.status == health_pb2.HealthCheckResponse.SERVING, reply
-                assert stub.ListTaskTypes(task_queue_pb2.ListTaskTypesRequest(), timeout=NORMAL_ANSWER_S).types
+
+            def check(deadline_s: float) -> None:
+                request = health_pb2.HealthCheckRequest(service="qm.v1.TaskQueue")
+                assert health.Check(request, timeout=deadline_s).status == health_pb2.HealthCheckResponse.SERVING
+                assert stub.ListTaskTypes(task_queue_pb2.ListTaskTypesRequest(), timeout=deadline_s).types
+
+            code = probe(check)
+            if code is None:
                 self.answered += 1
-            except grpc.RpcError as exc:
-                self.failures.append(f"{exc.code().name}: {exc.details()}")
+            else:
+                self.failures.append(code.name)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -121,5 +103,5 @@ class NormalClient:
 
     def check(self) -> None:
         assert self.answered >= 1 and not self.failures, (
-            f"the normal client was not answered within {NORMAL_ANSWER_S} s: {self.failures[:5]} "
+            f"the normal client was not answered within {NORMAL_DEADLINE_S} s: {self.failures[:5]} "
             f"({self.answered} answered)")

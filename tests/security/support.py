@@ -131,22 +131,31 @@ def submit_request(queue: str, payload: bytes = b"1 + 1", key: str = "") -> task
 
 # ----------------------------------------------------------------- the end checks ---
 
+def probe(call: Callable[[float], object]) -> grpc.StatusCode | None:
+    """One probe of a normal client: `call(deadline_s)` answered within NORMAL_DEADLINE_S at
+    one of PROBE_TRIES tries; None if so, else the last try's status code."""
+    code = None
+    for _ in range(PROBE_TRIES):
+        try:
+            call(NORMAL_DEADLINE_S)
+            return None
+        except grpc.RpcError as exc:
+            code = exc.code()
+    return code
+
+
 def assert_answers_normal_client(address: str, token: str = "", tls: ClientTLS | None = None,
                                  probes: int = 3) -> None:
     """`probes` times: a normal client's ListTaskTypes answers within NORMAL_DEADLINE_S
     (a gRPC deadline, up to PROBE_TRIES tries each)."""
     with stub(address, token, tls) as normal:
+        def list_types(deadline_s: float) -> None:
+            types = normal.ListTaskTypes(task_queue_pb2.ListTaskTypesRequest(), timeout=deadline_s)
+            assert "math" in [t.name for t in types.types]
+
         for _ in range(probes):
-            errors = []
-            for _ in range(PROBE_TRIES):
-                try:
-                    types = normal.ListTaskTypes(task_queue_pb2.ListTaskTypesRequest(), timeout=NORMAL_DEADLINE_S)
-                    assert "math" in [t.name for t in types.types]
-                    break
-                except grpc.RpcError as exc:
-                    errors.append(exc.code())
-            else:
-                raise AssertionError(f"a normal client got no answer within {NORMAL_DEADLINE_S} s: {errors}")
+            code = probe(list_types)
+            assert code is None, f"a normal client got no answer within {NORMAL_DEADLINE_S} s: {code}"
 
 
 @contextlib.contextmanager
@@ -185,20 +194,20 @@ def stored_tasks(data_dir: pathlib.Path) -> int:
         return db.execute("SELECT COUNT(*) FROM tasks").fetchone()[0]
 
 
+def ready_messages(broker_url: str, queue: str) -> int | None:
+    """Messages waiting in the logical queue's RabbitMQ queue; None if RabbitMQ has no such
+    queue (a refused name must never become one)."""
+    with pika.BlockingConnection(pika.URLParameters(broker_url)) as connection:
+        try:
+            return connection.channel().queue_declare(topology.work_queue_name(queue), passive=True).method.message_count
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            assert exc.reply_code == 404, exc
+            return None
+
+
 def queued_messages(broker_url: str, queue: str) -> int:
     """Messages in the logical queue's RabbitMQ queue (0 if it was never declared)."""
-    connection = pika.BlockingConnection(pika.URLParameters(broker_url))
-    try:
-        channel = connection.channel()
-        try:
-            return channel.queue_declare(topology.work_queue_name(queue), passive=True).method.message_count
-        except pika.exceptions.ChannelClosedByBroker as exc:
-            if exc.reply_code == 404:
-                return 0
-            raise
-    finally:
-        if connection.is_open:
-            connection.close()
+    return ready_messages(broker_url, queue) or 0
 
 
 def assert_nothing_stored(server, broker_url: str, queue: str) -> None:

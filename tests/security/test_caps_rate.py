@@ -22,10 +22,9 @@ from tests.security.caps_support import (
     CALL_TIMEOUT_S,
     NormalClient,
     caps_stack,
-    ready_messages,
-    stored_tasks,
     trailing,
 )
+from tests.security.support import ready_messages, stored_tasks
 
 RATE_PER_S = 10
 BURST = 20
@@ -54,7 +53,7 @@ def submit(stack, index: int) -> grpc.RpcError | str:
 
 
 def test_a_flood_over_the_rate_limit_is_refused_with_a_retry_hint(stack):
-    stored = stored_tasks(stack.server)
+    stored = stored_tasks(stack.server.data_dir)
     with NormalClient(stack.server.address) as normal, concurrent.futures.ThreadPoolExecutor(16) as pool:
         started = time.monotonic()
         outcomes = list(pool.map(lambda i: submit(stack, i), range(FLOOD)))
@@ -69,7 +68,7 @@ def test_a_flood_over_the_rate_limit_is_refused_with_a_retry_hint(stack):
         assert "server.submit_rate_per_s" in error.details() and "retry in" in error.details(), error.details()
         assert int(trailing(error)[RETRY_PUSHBACK_KEY]) > 0, trailing(error)
     # Only what was accepted is stored and enqueued.
-    assert stored_tasks(stack.server) == stored + len(accepted)
+    assert stored_tasks(stack.server.data_dir) == stored + len(accepted)
     assert ready_messages(stack.broker_url, stack.queue) == len(accepted)
     # The hint is honest: after it, this caller may submit again.
     hint_ms = int(trailing(refused[-1])[RETRY_PUSHBACK_KEY])
@@ -81,24 +80,24 @@ def test_a_batch_over_the_rate_limit_is_refused_whole(stack):
     with NormalClient(stack.server.address) as normal:
         while isinstance(submit(stack, 0), str):  # use up the bucket (bounded: it holds BURST)
             pass
-        stored = stored_tasks(stack.server)
+        stored = stored_tasks(stack.server.data_dir)
         with pytest.raises(grpc.RpcError) as refused:
             stack.stub.SubmitTasks(task_queue_pb2.SubmitTasksRequest(items=items), timeout=CALL_TIMEOUT_S)
     normal.check()
     assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value
     assert f"{BURST} task(s) refused" in refused.value.details(), refused.value.details()
     assert error_reason(refused.value) == "RATE_LIMITED"
-    assert stored_tasks(stack.server) == stored
+    assert stored_tasks(stack.server.data_dir) == stored
 
 
 def test_a_client_that_honours_the_hint_gets_every_task_in(stack):
     """qm.Client retries RESOURCE_EXHAUSTED after retry-pushback-ms, with the same keys."""
-    stored = stored_tasks(stack.server)
+    stored = stored_tasks(stack.server.data_dir)
     count = 3 * BURST
     with qm.Client(stack.server.address, submit_retry_s=60, batch_items=BURST) as client:
         ids = client.submit_many([("math", f"{i} * 2") for i in range(count)], queue=stack.queue)
     assert len(set(ids)) == count
-    assert stored_tasks(stack.server) == stored + count
+    assert stored_tasks(stack.server.data_dir) == stored + count
 
 
 def test_a_stream_open_past_its_lifetime_ends_unavailable_and_the_client_resumes(stack):

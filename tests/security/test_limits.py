@@ -18,10 +18,9 @@ from tests.security.caps_support import (
     CALL_TIMEOUT_S,
     NormalClient,
     caps_stack,
-    ready_messages,
-    stored_tasks,
     submit_error,
 )
+from tests.security.support import ready_messages, stored_tasks
 
 #: Tasks the capped work queue holds (broker.max_queue_length for this module's stack).
 QUEUE_CAP = 5
@@ -45,11 +44,11 @@ def stack(rabbitmq, tmp_path_factory):
 def refused_leaves_nothing(stack, attack) -> grpc.RpcError:
     """Run `attack()` (returning the gRPC error it met) while a normal client asks the
     server; check the normal client was answered and nothing was stored or enqueued."""
-    stored, waiting = stored_tasks(stack.server), ready_messages(stack.broker_url, stack.capped)
+    stored, waiting = stored_tasks(stack.server.data_dir), ready_messages(stack.broker_url, stack.capped)
     with NormalClient(stack.server.address) as normal:
         error = attack()
     normal.check()
-    assert stored_tasks(stack.server) == stored, "a refused request left a task in the store"
+    assert stored_tasks(stack.server.data_dir) == stored, "a refused request left a task in the store"
     assert ready_messages(stack.broker_url, stack.capped) == waiting, "a refused request enqueued a message"
     return error
 
