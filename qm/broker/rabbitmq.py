@@ -65,6 +65,11 @@ RPC_TIMEOUT_S = 10.0
 RECONNECT_INITIAL_DELAY_S = 0.2
 #: AMQP delivery mode for messages that survive a broker restart.
 PERSISTENT = pika.DeliveryMode.Persistent
+#: How long a declaration refused because its queue's node is still starting is tried again.
+NODE_STARTING_WAIT_S = 30.0
+#: What RabbitMQ says of a durable queue whose node (or local replica) is not up yet, right
+#: after a restart: the declaration is right, the queue just cannot answer yet.
+_NODE_STARTING = ("is down or inaccessible", "does not have a replica on the local node")
 
 
 @dataclasses.dataclass
@@ -429,11 +434,22 @@ class RabbitMQBroker(Broker):
         await self._declare("bind", (queue, exchange, routing_key))
 
     async def _declare(self, kind: str, args: tuple) -> None:
-        """Record a declaration (replayed on every reconnect) and apply it if connected."""
+        """Record a declaration (replayed on every reconnect) and apply it if connected.
+        A refusal because the queue's node is still starting is tried again, with a growing
+        pause, for NODE_STARTING_WAIT_S; any other refusal is raised at once."""
         if (kind, args) in self._declarations:
             return
-        if self.connected:
-            await self._apply_declaration(kind, args)
+        waited_s, pause_s = 0.0, RECONNECT_INITIAL_DELAY_S
+        while self.connected:
+            try:
+                await self._apply_declaration(kind, args)
+                break
+            except BrokerRefused as refused:
+                if not _node_starting(refused) or waited_s >= NODE_STARTING_WAIT_S:
+                    raise
+                log.warning("%s: %s; trying again in %.1f s", self._where, refused.text, pause_s)
+                await asyncio.sleep(pause_s)
+                waited_s, pause_s = waited_s + pause_s, min(pause_s * 2, 2.0)
         self._declarations.append((kind, args))
 
     async def _apply_declaration(self, kind: str, args: tuple) -> None:
@@ -536,6 +552,8 @@ class RabbitMQBroker(Broker):
             except ConsumerRefused:
                 del self._consumers[spec.tag]  # refused for good: never replayed
                 raise
+            except BrokerUnavailable as lost:  # e.g. a stream replica still starting closed it
+                log.warning("consumer on %s starts once RabbitMQ is back: %s", queue, lost)
         return spec.tag
 
     async def _start_consumer(self, spec: _ConsumerSpec) -> None:
@@ -665,3 +683,8 @@ def _describe(error: object) -> str:
     if isinstance(error, BaseException):
         return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
     return str(error)
+
+
+def _node_starting(refused: BrokerRefused) -> bool:
+    """A refusal that only says the queue's node or replica is not up yet (see _NODE_STARTING)."""
+    return refused.code in (404, 406) and any(text in refused.text for text in _NODE_STARTING)

@@ -15,15 +15,12 @@ from typing import Callable
 
 from qm.broker import topology
 from qm.broker.base import Broker, Delivery
-from qm.errors import BrokerRefused
 from qm.protocol import Command, Control
 
 log = logging.getLogger(__name__)
 
 #: Longest wait to read the cancel stream up to now before taking tasks anyway.
 CATCH_UP_TIMEOUT_S = 30.0
-#: How long a cancel stream that is still starting on a (re)started node is waited for.
-STREAM_START_WAIT_S = 30.0
 #: Unacked messages from the cancel stream the worker may hold (streams need a prefetch).
 CONTROL_PREFETCH = 1000
 #: How many cancelled task ids a worker remembers (to drop them if they arrive later).
@@ -44,33 +41,14 @@ class ControlFollower:
 
     async def start(self, catch_up_timeout_s: float = CATCH_UP_TIMEOUT_S) -> None:
         """Follow the stream and read it up to now (bounded)."""
-        self.tag = await self._follow()
+        cancels = await topology.declare_cancel_stream(self.broker)
+        self.tag = await self.broker.consume(cancels, self._on_delivery, CONTROL_PREFETCH, topology.FROM_STREAM_START)
         body, headers = Control(Command.MARKER, self._marker).encode()
         await self.broker.publish(topology.CONTROL_EXCHANGE, "", body, headers)
         try:
             await asyncio.wait_for(self._caught_up.wait(), catch_up_timeout_s)
         except asyncio.TimeoutError:
             log.warning("cancel stream not read to its end within %g s; starting anyway", catch_up_timeout_s)
-
-    async def _follow(self) -> str:
-        """Declare and consume the cancel stream. Right after a RabbitMQ node (re)starts, the
-        stream's replica there may not be up yet (404 "home node ... is down", 406 "does not
-        have a replica on the local node"): tried again for a bounded time, not fatal."""
-        waited_s, pause_s = 0.0, 0.2
-        while True:
-            try:
-                cancels = await topology.declare_cancel_stream(self.broker)
-                return await self.broker.consume(
-                    cancels, self._on_delivery, CONTROL_PREFETCH, topology.FROM_STREAM_START
-                )
-            except BrokerRefused as refused:
-                starting = refused.code in (404, 406) and ("home node" in refused.text or "replica" in refused.text)
-                if not starting or waited_s >= STREAM_START_WAIT_S:
-                    raise
-                log.warning("cancel stream not available yet (%s); trying again in %.1f s", refused.text, pause_s)
-                await asyncio.sleep(pause_s)
-                waited_s += pause_s
-                pause_s = min(pause_s * 2, 2.0)
 
     def is_cancelled(self, task_id: str) -> bool:
         return task_id in self._cancelled
