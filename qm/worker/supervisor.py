@@ -37,6 +37,7 @@ import time
 
 import qm
 from qm import limits as task_limits
+from qm import priority as priorities
 from qm import retry, scheduling
 from qm.background import Background
 from qm.broker import topology
@@ -53,6 +54,7 @@ from qm.worker.outcomes import Outcomes
 from qm.worker.pool import Job, Outcome, Pool
 from qm.worker.prefetch import AutoPrefetch, FixedPrefetch
 from qm.worker.progress_events import ProgressEvents
+from qm.worker.ready import priority_of_body
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +108,7 @@ class Supervisor:
         self._background = Background()
         self.progress = ProgressEvents(broker, worker_id, self.metrics, self._background)
         self._by_task: dict[str, asyncio.Task] = {}  # task id → its handler
-        self._queue_of: dict[str, str] = {}  # consumer tag → logical queue
+        self._queue_of: dict[str, str] = {}  # consumer tag → routing key of its work queue (band)
 
     async def start(self) -> None:
         await self.broker.declare_exchange(topology.EVENTS_EXCHANGE, "fanout")
@@ -117,20 +119,28 @@ class Supervisor:
         for tier_s in retry.DELAY_TIERS_S:
             await self.outcomes.ensure_delay_tier(tier_s)
         for queue in self.queues:
-            name = await topology.declare_work_queue(
-                self.broker, queue, self.queue_type, self.delivery_limit, self.max_queue_length
-            )
-            tag = await self.broker.consume(name, self._on_delivery, self.prefetch.value)
-            self._consumer_tags.append(tag)
-            self._queue_of[tag] = queue
+            await self._consume_bands(queue)
         log.info(
-            "worker %s consuming %s with prefetch %d per queue (%s), %d children",
+            "worker %s consuming %s (3 priority bands each) with prefetch %d per band (%s), %d children",
             self.worker_id,
             ", ".join(self.queues),
             self.prefetch.value,
             "auto" if isinstance(self.prefetch, AutoPrefetch) else "fixed",
             self.pool.procs,
         )
+
+    async def _consume_bands(self, queue: str) -> None:
+        """Consume the work queue of each priority band of `queue`, highest first (qm/priority.py).
+        Each consumer has its own prefetch (basic.qos per consumer: RabbitMQ's `global`
+        false), so a backlog held from one band never keeps another band's tasks from being
+        delivered; the pool then starts the highest priority held (qm/worker/ready.py)."""
+        for band in priorities.band_priorities():
+            name = await topology.declare_work_queue(
+                self.broker, queue, self.queue_type, self.delivery_limit, self.max_queue_length, priority=band
+            )
+            tag = await self.broker.consume(name, self._on_delivery, self.prefetch.value)
+            self._consumer_tags.append(tag)
+            self._queue_of[tag] = topology.routing_key(queue, priority=band)
 
     def _cancel(self, task_id: str) -> None:
         """A cancel from the control stream: drop the task if it waits here, kill it if it runs."""
@@ -178,6 +188,7 @@ class Supervisor:
             limits.timeout_s,
             limits.memory_limit_mb,
             limits.soft_timeout_s,
+            message.priority,
         )
 
     async def _handle(self, delivery: Delivery) -> None:
@@ -229,7 +240,7 @@ class Supervisor:
 
         progress = self.progress.open(message)
         try:
-            await self._isolation.enter(suspect)
+            await self._isolation.enter(suspect, message.priority)
             try:
                 if suspect:
                     await self.outcomes.publish_event(self.outcomes.event(message, TaskState.RUNNING, job=job))
@@ -282,8 +293,10 @@ class Supervisor:
         """Tasks turned long: give back deliveries buffered beyond the new prefetch, so an
         idle worker can take them now. A redelivered one stays (it would only go back as a
         suspect again, and on a quorum queue each return counts toward its delivery limit)."""
-        room = max(0, prefetch * len(self.queues) - self.committed)
+        room = max(0, prefetch * len(self._consumer_tags) - self.committed)
         waiting = [handler for handler in self._unsettled if handler in self._waiting]
+        # the highest priorities stay (stable: the oldest of a priority first)
+        waiting.sort(key=lambda handler: -priority_of_body(self._unsettled[handler].body))
         released = [handler for handler in waiting[room:] if not self._unsettled[handler].redelivered]
         if released:
             log.info(
