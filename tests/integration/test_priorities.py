@@ -140,3 +140,29 @@ def test_priority_is_shown_validated_and_defaulted_for_users(rabbitmq, launcher)
     assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert refused.value.details().startswith("priority:"), refused.value.details()
     assert ready_messages(rabbitmq.url, f"qm.tasks.{queue}.p7") == 1  # only the CLI's task
+
+
+def test_delayed_and_requeued_tasks_return_to_their_priority_band(rabbitmq, launcher):
+    """A delayed task waits in a delay tier and is dead-lettered back by RabbitMQ with its
+    routing key: it must land in its band's queue (retries take the same way). A dead letter
+    requeued goes back to its band too, with its priority."""
+    queue = launcher.queue(rabbitmq.url)
+    server = launcher.server(rabbitmq.url)
+    launcher.track_queue(rabbitmq.url, f"qm.dead.{server.server_id}")
+    with qm.Client(server.address) as client:
+        client.submit("test.echo", "declare the normal band", queue=queue)
+        delayed = client.submit("test.echo", "later", queue=queue, priority=9, delay_s=1.0)
+        wait_until(lambda: ready_messages(rabbitmq.url, f"qm.tasks.{queue}.p7") == 1, WAIT_S,
+                   message="the delayed task back in the high band")
+        assert ready_messages(rabbitmq.url, f"qm.tasks.{queue}") == 1  # only the first task
+        assert client.status(delayed).priority == 9
+
+        worker = launcher.worker(rabbitmq.url, procs=PROCS, queues=queue)
+        failed = client.submit("test.fail", "boom", queue=queue, priority=1, max_retries=0)
+        assert next(iter(client.results([failed], timeout_s=SETTLE_S))).state == "FAILED"
+        wait_until(lambda: any(letter.task_id == failed for letter in client.dead_letters()[0]), WAIT_S,
+                   message="the failed task in the dead letters")
+        worker.stop()
+        requeued = client.requeue_dead_letters([failed])[failed]
+        assert client.status(requeued).priority == 1
+        assert ready_messages(rabbitmq.url, f"qm.tasks.{queue}.p0") == 1

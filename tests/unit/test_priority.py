@@ -17,7 +17,7 @@ from qm.worker.isolation import Isolation
 from qm.worker.pool import Job, Pool
 from qm.worker.ready import ReadyJobs
 from tests.unit.aio import run, within
-from tests.unit.harness import WORK_QUEUE, server
+from tests.unit.harness import WORK_QUEUE, records_until_terminal, server
 from tests.unit.test_service import take_messages
 
 #: Bound on the pool and gate scenarios (real children on a busy machine).
@@ -189,3 +189,35 @@ def test_the_pool_starts_the_highest_priority_job_next():
             await within(pool.stop(), PROMPT_S)
 
     assert run(body) == ["busy", "high", "normal", "low-1", "low-2"]
+
+
+def test_a_delivery_held_unstarted_too_long_is_given_back_and_still_runs_once(tmp_path, caplog):
+    """Higher priorities keep a low task's delivery waiting in the worker: past half of
+    RabbitMQ's consumer_timeout it goes back to its queue (a copy, not a suspect) instead of
+    being held into the timeout; it runs once the child is free, once."""
+    from qm.worker.supervisor import Supervisor
+
+    async def body():
+        async with server(tmp_path) as parts:
+            pool = Pool(1, "forkserver")
+            await pool.start()
+            supervisor = Supervisor(parts.broker, pool, "w1", ["default"], prefetch=4, consumer_timeout_s=0.4)
+            await supervisor.start()
+            try:
+                updates: asyncio.Queue = asyncio.Queue()
+                busy = await parts.service.submit("test.sleep", b"1.0", priority=9)
+                low = await parts.service.submit("test.echo", b"low", priority=0)
+                parts.service.hub.follow(low.task_id, updates)
+                parts.service.hub.follow(busy.task_id, updates)
+                seen = await records_until_terminal(updates, {busy.task_id, low.task_id})
+            finally:
+                await within(supervisor.stop(drain_timeout_s=5.0), PROMPT_S)
+                await within(pool.stop(), PROMPT_S)
+            return seen
+
+    with caplog.at_level("WARNING", logger="qm.worker.supervisor"):
+        seen = run(body)
+    finals = {record.task_id: record for record in seen if record.state.terminal}
+    assert [record.state.name for record in finals.values()] == ["SUCCEEDED", "SUCCEEDED"]
+    assert all(record.attempts == 1 for record in finals.values())
+    assert "held unstarted" in caplog.text
