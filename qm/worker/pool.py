@@ -11,10 +11,11 @@
 
 The loop waits on each child's pipe and process sentinel with `add_reader`; nothing
 waits for task work. A child joins the idle set only after it says "ready" (it has its
-own session by then). A job waiting for a child is sent to the next child that replies
-in the callback that reads the reply: no loop iteration between one task's end and the
-next one's start. That gap, from the child's own timestamps, is reported to `on_idle_gap`
-for every job that was waiting when the previous task ended. After a task, a child past
+own session by then). A job waiting for a child (the highest priority first:
+qm/worker/ready.py) is sent to the next child that replies in the callback that reads the
+reply: no loop iteration between one task's end and the next one's start. That gap,
+from the child's own timestamps, is reported to `on_idle_gap` for every job that was
+waiting when the previous task ended. After a task, a child past
 `max_tasks_per_child` or with an idle RSS over `max_idle_rss_mb` is retired and replaced.
 The pool knows nothing of AMQP/gRPC.
 """
