@@ -44,6 +44,8 @@ class Isolation:
         if suspect:
             self._suspects.append(priority)
         try:
+            if suspect:  # deliveries that came together (a restart, a reconnect) all register
+                await asyncio.sleep(0)  # before the first is let in: the highest goes first
             while True:
                 self._changed.clear()
                 if self._may_enter(suspect, priority):

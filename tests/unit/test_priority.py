@@ -163,6 +163,22 @@ def test_an_urgent_ordinary_task_is_not_held_back_by_a_low_priority_suspect():
     assert run(scenario) == 2
 
 
+def test_suspects_that_arrive_together_start_highest_first_even_when_the_low_one_came_first():
+    async def scenario():
+        gate, order = Isolation(), []
+
+        async def task(name, level):
+            await gate.enter(True, level)
+            order.append(name)
+            gate.leave(True)
+
+        # nothing runs, as in a worker just restarted: both are created in one loop turn
+        await within(asyncio.gather(asyncio.create_task(task("low", 0)), asyncio.create_task(task("high", 9))))
+        return order
+
+    assert run(scenario) == ["high", "low"]
+
+
 async def _until(condition) -> None:
     while not condition():
         await asyncio.sleep(0)
