@@ -12,6 +12,7 @@ import time
 from google.protobuf.message import DecodeError
 
 from qm._proto.qm.internal.v1 import messages_pb2
+from qm.priority import DEFAULT_PRIORITY, MAX_PRIORITY
 from qm.protocol import Header
 from qm.retry import RetryPolicy
 from qm.states import TaskState
@@ -33,6 +34,7 @@ class TaskMessage:
     retry: RetryPolicy = RetryPolicy()
     soft_timeout_s: float = 0.0  # when the task gets qm.SoftTimeout; 0 = never
     not_before_s: float | None = None  # run no earlier (a delayed task; qm/scheduling.py)
+    priority: int = DEFAULT_PRIORITY  # 0-9, higher first: picks its work queue band (qm/priority.py)
 
     def encode(self) -> bytes:
         retry = messages_pb2.RetryPolicy(
@@ -52,6 +54,7 @@ class TaskMessage:
             memory_limit_mb=self.memory_limit_mb,
             retry=retry,
             soft_timeout_s=self.soft_timeout_s,
+            priority=self.priority,
         )
         message.enqueued_at.FromNanoseconds(int(self.enqueued_at_s * 1e9))
         if self.not_before_s is not None:
@@ -82,6 +85,7 @@ class TaskMessage:
             retry,
             message.soft_timeout_s,
             message.not_before.ToNanoseconds() / 1e9 if message.HasField("not_before") else None,
+            min(message.priority, MAX_PRIORITY) if message.HasField("priority") else DEFAULT_PRIORITY,
         )
 
     def headers(self) -> dict[str, object]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 
+from qm import priority as priorities
 from qm.broker.base import Broker
 from qm.errors import BrokerRefused, ConfigError
 
@@ -42,18 +43,30 @@ AT_LEAST_ONCE_DEAD_LETTERING = {"x-dead-letter-strategy": "at-least-once", "x-ov
 
 #: Logical queue names: what RabbitMQ accepts in a queue name, kept short and plain.
 QUEUE_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,100}")
+#: Endings a logical queue name may not have: they name the priority bands of another
+#: queue ("jobs.p7" would be the high band of "jobs").
+_BAND_SUFFIX_RE = re.compile(r"\.p[0-9]$")
 
 
 def queue_name_problem(queue: str) -> str | None:
     """Why `queue` cannot be a logical queue name (the one rule for servers and workers), or None."""
-    if QUEUE_NAME_RE.fullmatch(queue):
-        return None
-    return f"{queue!r} is not a valid queue name (1-100 of letters, digits, _ . -)"
+    if not QUEUE_NAME_RE.fullmatch(queue):
+        return f"{queue!r} is not a valid queue name (1-100 of letters, digits, _ . -)"
+    if _BAND_SUFFIX_RE.search(queue):
+        return f"{queue!r} ends like a priority band's work queue (.p<digit>); choose another name"
+    return None
 
 
-def work_queue_name(queue: str) -> str:
-    """The durable AMQP queue behind a logical queue name."""
-    return f"qm.tasks.{queue}"
+def work_queue_name(queue: str, *, priority: int = priorities.DEFAULT_PRIORITY) -> str:
+    """The durable AMQP queue behind a logical queue name, for tasks of `priority`
+    (qm/priority.py: the default band keeps the plain name, others add `.p<N>`)."""
+    return f"qm.tasks.{routing_key(queue, priority=priority)}"
+
+
+def routing_key(queue: str, *, priority: int = priorities.DEFAULT_PRIORITY) -> str:
+    """Routing key on qm.tasks (and through the delay tiers, which keep it) of a task of
+    `queue` and `priority`: its band's work queue is bound with it."""
+    return f"{queue}{priorities.suffix(priority)}"
 
 
 def events_queue_name(server_id: str) -> str:
@@ -97,9 +110,16 @@ def work_queue_arguments(queue_type: str, delivery_limit: int, max_length: int =
 
 
 async def declare_work_queue(
-    broker: Broker, queue: str, queue_type: str = "quorum", delivery_limit: int = 5, max_length: int = 0
+    broker: Broker,
+    queue: str,
+    queue_type: str = "quorum",
+    delivery_limit: int = 5,
+    max_length: int = 0,
+    *,
+    priority: int = priorities.DEFAULT_PRIORITY,
 ) -> str:
-    """Declare the tasks exchange and one work queue bound to it; return the AMQP name.
+    """Declare the tasks exchange and one work queue bound to it (the band of `priority`:
+    each band is a queue of its own, with the same arguments); return the AMQP name.
 
     RabbitMQ cannot change an existing queue's arguments (406 PRECONDITION_FAILED), so a
     work queue declared by an older version is used as it is, with a warning saying how
@@ -109,7 +129,7 @@ async def declare_work_queue(
     backstop, and the server's reconciler covers what that could drop). A queue of the
     other type than `broker.queue_type`, or with another cap, stops with the way out.
     """
-    name = work_queue_name(queue)
+    name = work_queue_name(queue, priority=priority)
     await broker.declare_exchange(TASKS_EXCHANGE, "direct")
     await broker.declare_exchange(DEAD_EXCHANGE, "fanout")
     arguments = work_queue_arguments(queue_type, delivery_limit, max_length)
@@ -119,7 +139,7 @@ async def declare_work_queue(
         if refused.code != 406:
             raise
         await _declare_legacy_work_queue(broker, name, queue_type, delivery_limit, max_length)
-    await broker.bind_queue(name, TASKS_EXCHANGE, queue)
+    await broker.bind_queue(name, TASKS_EXCHANGE, routing_key(queue, priority=priority))
     return name
 
 

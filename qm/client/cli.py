@@ -125,6 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="memory limit in MiB (RSS with subprocesses); the task is killed over it "
         "(MEMORY_EXCEEDED). Default: the task type's, else the server's, else none",
     )
+    submit.add_argument(
+        "--priority",
+        metavar="N",
+        type=_priority,
+        help="0 (lowest) to 9 (highest): among the tasks of the queue waiting for a worker, "
+        "higher ones start first (default: the task type's, else 5)",
+    )
     when = submit.add_mutually_exclusive_group()
     when.add_argument(
         "--in",
@@ -364,6 +371,17 @@ def cmd_token(args) -> int:
     return 0
 
 
+def _priority(text: str) -> int:
+    """--priority's value: a whole number 0-9 (argparse names the option in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 9:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a priority: use 0 (lowest) to 9 (highest)")
+    return value
+
+
 def _when(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -383,6 +401,7 @@ def _show(status: TaskStatus) -> str:
         ("id", status.task_id),
         ("type", status.type),
         ("queue", status.queue),
+        ("priority", status.priority),
         ("state", status.state),
         ("attempts", status.attempts),
         ("result", "" if status.result is None else status.result),
@@ -451,6 +470,7 @@ def cmd_submit(client: Client, args) -> int:
         soft_timeout_s=args.soft_timeout,
         delay_s=args.delay,
         not_before=args.not_before,
+        priority=args.priority,
     )
     if args.from_file is not None:
         return _submit_lines(client, args, options)
@@ -630,7 +650,8 @@ def cmd_types(client: Client, args) -> int:
         print(
             f"{item.name:<20} {item.codec:<5} timeout {item.default_timeout_s:g} s"
             f"{' (max ' + format(item.max_timeout_s, 'g') + ' s)' if item.max_timeout_s else ''}, "
-            f"memory {memory}, retries {item.default_max_retries}  {item.description}"
+            f"memory {memory}, retries {item.default_max_retries}, priority {item.default_priority}  "
+            f"{item.description}"
         )
     for error in errors:
         print(f"qm: server could not load a plugin: {error}", file=sys.stderr)

@@ -8,10 +8,10 @@ caller never mistakes the first task's result for the answer to its second reque
 The digest covers the request as the client sent it, after validation: task type,
 payload, logical queue (empty = "default"), time limits (hard and soft), memory limit,
 the retry options (an option left unset, None, differs from one set to the task
-type's value: it may resolve differently), and a delay (delay_s or not_before) when
-set. It does not cover what the server resolves
-from its own settings, so a retry after a configuration change or an upgrade is still
-the same request.
+type's value: it may resolve differently), a delay (delay_s or not_before) when
+set, and the priority when set (unset differs from one set to the type's default). It
+does not cover what the server resolves from its own settings, so a retry after a
+configuration change or an upgrade is still the same request.
 
 Keys live as long as their task's row: until server.retention_s after the task finished.
 A row written before digests were kept has none; a key found there is accepted as before.
@@ -38,6 +38,7 @@ def request_digest(
     retry_options: dict[str, Any],
     soft_timeout_s: float = 0.0,
     delay: dict[str, float | None] | None = None,
+    priority: int | None = None,
 ) -> str:
     """`v1:` + SHA-256 over a canonical encoding of the request (sorted JSON, the payload
     by its own SHA-256, floats as floats: `timeout_s` 5 and 5.0 are one request)."""
@@ -53,6 +54,8 @@ def request_digest(
     asked = {name: float(value) for name, value in sorted((delay or {}).items()) if value is not None}
     if asked:  # absent otherwise: the digest of a request without a delay is as before
         fields["delay"] = asked
+    if priority is not None:  # likewise: a request without one digests as before priorities
+        fields["priority"] = int(priority)
     text = json.dumps(fields, sort_keys=True, separators=(",", ":"), allow_nan=True)
     return f"{DIGEST_VERSION}:{hashlib.sha256(text.encode('utf-8')).hexdigest()}"
 

@@ -18,6 +18,7 @@ inserting at once do not queue on one hot counter row; a count sums the shards.
 
 from __future__ import annotations
 
+from qm.priority import DEFAULT_PRIORITY
 from qm.states import TaskState
 
 #: Key of the advisory lock held while the schema is checked and migrated.
@@ -131,8 +132,14 @@ _VERSION_3 = f"""
 CREATE INDEX scheduled_by_due ON tasks (queue, next_attempt_at) WHERE state = {int(TaskState.SCHEDULED)};
 """
 
+# Task priorities (qm/priority.py): kept with the task for `qm status`; rows from before
+# are of the default priority.
+_VERSION_PRIORITY = f"""
+ALTER TABLE tasks ADD COLUMN priority integer NOT NULL DEFAULT {DEFAULT_PRIORITY};
+"""
+
 #: Migration n (1-based) takes a store from schema version n-1 to n.
-MIGRATIONS: tuple[str, ...] = (_VERSION_1, _VERSION_2, _VERSION_3)
+MIGRATIONS: tuple[str, ...] = (_VERSION_1, _VERSION_2, _VERSION_3, _VERSION_PRIORITY)
 #: The newest schema this code knows.
 SCHEMA_VERSION = len(MIGRATIONS)
 

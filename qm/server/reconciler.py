@@ -24,6 +24,7 @@ import logging
 import time
 from typing import Awaitable, Callable
 
+from qm import priority as priorities
 from qm.broker import topology
 from qm.broker.base import Broker
 from qm.errors import BrokerUnavailable, StoreUnavailable
@@ -44,7 +45,7 @@ class Reconciler:
     broker: Broker
     metrics: ServerMetrics
     queues: set[str]  # logical queues this server publishes to
-    ensure_queue: Callable[[str], Awaitable[None]]  # declares a work queue (once)
+    ensure_queue: Callable[[str, int], Awaitable[None]]  # declares a work queue band (once)
     interval_s: float = 30.0
     after_s: float = 60.0
     _republished_at: dict[str, float] = dataclasses.field(default_factory=dict)
@@ -66,7 +67,7 @@ class Reconciler:
         cutoff = now_s - self.after_s
         suspects = [(record, record.attempts) for record in await self.store.overdue_runs(cutoff, SWEEP_LIMIT)]
         for queue in sorted(self.queues):
-            if await self.broker.queue_size(topology.work_queue_name(queue)):
+            if await self._backlog(queue):
                 continue  # a backlog: overdue tasks may well be waiting in it
             suspects += [
                 (record, record.attempts + 1) for record in await self.store.overdue_retries(queue, cutoff, SWEEP_LIMIT)
@@ -83,6 +84,13 @@ class Reconciler:
         self._republished_at = {task_id: at for task_id, at in self._republished_at.items() if task_id in looked_at}
         return republished
 
+    async def _backlog(self, queue: str) -> bool:
+        """Whether any priority band of `queue` holds ready messages (an absent band: none)."""
+        for band in priorities.band_priorities():
+            if await self.broker.queue_size(topology.work_queue_name(queue, priority=band)):
+                return True
+        return False
+
     async def _republish(self, record: TaskRecord, attempt: int, now_s: float) -> bool:
         body = await self.store.message(record.task_id)
         if body is None:
@@ -91,8 +99,9 @@ class Reconciler:
             )
             return False
         message = dataclasses.replace(TaskMessage.decode(body), attempt=max(1, attempt), enqueued_at_s=now_s)
-        await self.ensure_queue(message.queue)
-        await self.broker.publish(topology.TASKS_EXCHANGE, message.queue, message.encode(), message.headers())
+        await self.ensure_queue(message.queue, message.priority)
+        key = topology.routing_key(message.queue, priority=message.priority)
+        await self.broker.publish(topology.TASKS_EXCHANGE, key, message.encode(), message.headers())
         self._republished_at[record.task_id] = now_s
         self.metrics.reconciled.labels(record.state.name).inc()
         log.warning(

@@ -15,6 +15,7 @@ import uuid
 from typing import Sequence
 
 from qm import limits as task_limits
+from qm import priority as priorities
 from qm import retry, scheduling
 from qm.broker import topology
 from qm.broker.base import Broker
@@ -114,7 +115,8 @@ class TaskService:
         self.validators = validators or PayloadValidators()  # off the event loop, within a budget
         self.max_queue_length = max_queue_length
         self.metrics = metrics or ServerMetrics()
-        self._declared_queues: set[str] = set()
+        self._declared_queues: set[str] = set()  # logical queues (for the reconciler)
+        self._declared_bands: set[str] = set()  # their work queues declared so far, one per band used
         self._declared_tiers: set[int] = set()
         self._pending_keys: dict[str, asyncio.Future] = {}
         self._tasks: list[asyncio.Task] = []
@@ -160,6 +162,7 @@ class TaskService:
         soft_timeout_s: float = 0.0,
         delay_s: float | None = None,
         not_before_s: float | None = None,
+        priority: int | None = None,
         **retry_options,
     ) -> TaskRecord:
         """Accept a task: it is durable in RabbitMQ when this returns.
@@ -169,9 +172,11 @@ class TaskService:
         IdempotencyKeyReused (qm/server/idempotency.py). `retry_options` are RetryPolicy
         fields (max_retries, backoff_s, backoff_max_s, jitter, on_timeout); None = default.
         `delay_s` or `not_before_s` (epoch seconds) make a SCHEDULED task (qm/scheduling.py).
+        `priority` 0-9 (None = the task type's default, else 5; qm/priority.py).
         """
         if len(idempotency_key) > MAX_IDEMPOTENCY_KEY_CHARS:
             raise ValidationError("idempotency_key", f"longer than {MAX_IDEMPOTENCY_KEY_CHARS} characters")
+        priorities.resolve(priority, None)  # out of range: refused before any key look-up
         digest = ""
         if idempotency_key:
             digest = idempotency.request_digest(
@@ -183,6 +188,7 @@ class TaskService:
                 retry_options,
                 soft_timeout_s,
                 {"delay_s": delay_s, "not_before_s": not_before_s},
+                priority,
             )
             if idempotency_key in self._pending_keys:  # the same key is being submitted right now
                 first = await asyncio.shield(self._pending_keys[idempotency_key])
@@ -207,6 +213,7 @@ class TaskService:
                     soft_timeout_s,
                     digest,
                     scheduling.Delay(delay_s, not_before_s),
+                    priority,
                 )
             except IdempotencyKeyTaken:  # another server of a shared store stored the key first
                 record = await self._answer_duplicate(idempotency_key, await self._taken(idempotency_key), digest)
@@ -283,6 +290,7 @@ class TaskService:
             soft_timeout_s=item.soft_timeout_s,
             delay_s=item.delay_s,
             not_before_s=item.not_before_s,
+            priority=item.priority,
             **item.retry_options,
         )
 
@@ -306,6 +314,7 @@ class TaskService:
         soft_timeout_s: float = 0.0,
         request_digest: str = "",
         delay: scheduling.Delay = scheduling.NO_DELAY,
+        requested_priority: int | None = None,
     ) -> TaskRecord:
         # The idempotency key travels to validators that need it (qm/security/signing.py: a
         # retried submit is not a replay of its signed payload).
@@ -315,6 +324,7 @@ class TaskService:
         finally:
             signing.SUBMISSION_KEY.reset(submission)
         declared = self.registry.get(task_type)
+        task_priority = priorities.resolve(requested_priority, declared.priority)
         self.caps.check_requested(timeout_s, memory_limit_mb, retry_options)
         limits = task_limits.resolve(
             declared,
@@ -345,6 +355,7 @@ class TaskService:
             policy.max_retries,
             request_digest=request_digest,
             due_s=due_s,
+            priority=task_priority,
         )
         message = TaskMessage(
             record.task_id,
@@ -358,6 +369,7 @@ class TaskService:
             policy,
             limits.soft_timeout_s,
             due_s,
+            task_priority,
         )
         await self.enqueue(record, message)
         return record
@@ -367,13 +379,13 @@ class TaskService:
         await the confirm; if the publish fails nothing stays stored. One store transaction:
         the confirm mark rides with the next one. If this process dies before that, the
         stored message is published again at start-up or on the client's retry (same key)."""
-        await self._ensure_queue(message.queue)
+        await self._ensure_queue(message.queue, message.priority)
         body = message.encode()
         exchange = await self._exchange_for(message)
         await self.store.insert_unconfirmed(record, message.queue, body)
         started = time.perf_counter()
         try:
-            await self.broker.publish(exchange, message.queue, body, message.headers())
+            await self.broker.publish(exchange, _routing_key(message), body, message.headers())
         except PublishOutcomeUnknown:
             # Sent, but the connection died before the confirm: RabbitMQ may hold the task (a
             # quorum queue on the surviving nodes). Keep it, unconfirmed: the client's retry
@@ -410,9 +422,9 @@ class TaskService:
                 # mark was not written (they are deferred): publishing it again would run it twice.
                 await self.store.confirm(stored_id)
                 continue
-            await self._ensure_queue(queue)
             message = TaskMessage.decode(body)
-            await self.broker.publish(topology.TASKS_EXCHANGE, queue, body, message.headers())
+            await self._ensure_queue(queue, message.priority)
+            await self.broker.publish(topology.TASKS_EXCHANGE, _routing_key(message), body, message.headers())
             await self.store.confirm(stored_id)
             log.info("task %s: published again (its first publish was never confirmed)", stored_id)
 
@@ -431,11 +443,15 @@ class TaskService:
                 log.warning("cannot yet publish tasks left unconfirmed by a crash: %s", exc)
                 await asyncio.sleep(UNCONFIRMED_RETRY_S)
 
-    async def _ensure_queue(self, queue: str) -> None:
-        if queue not in self._declared_queues:
+    async def _ensure_queue(self, queue: str, priority: int = priorities.DEFAULT_PRIORITY) -> None:
+        """Declare the work queue of `queue`'s band for `priority` (once): a band's queue
+        exists from the first task of that band on; workers declare every band."""
+        name = topology.work_queue_name(queue, priority=priority)
+        if name not in self._declared_bands:
             await topology.declare_work_queue(
-                self.broker, queue, self.queue_type, self.delivery_limit, self.max_queue_length
+                self.broker, queue, self.queue_type, self.delivery_limit, self.max_queue_length, priority=priority
             )
+            self._declared_bands.add(name)
             self._declared_queues.add(queue)
 
     async def status(self, task_id: str) -> TaskRecord:
@@ -536,3 +552,8 @@ class TaskService:
                     self.dead_letters.retention_s,
                 )
             await asyncio.sleep(min(self.retention_s / 10, RETENTION_SWEEP_MAX_S))
+
+
+def _routing_key(message: TaskMessage) -> str:
+    """Where a task message goes on qm.tasks (or a delay tier): its queue's band for its priority."""
+    return topology.routing_key(message.queue, priority=message.priority)

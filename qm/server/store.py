@@ -27,6 +27,7 @@ import time
 from typing import Callable, Iterable, Protocol
 
 from qm.messages import TaskEvent
+from qm.priority import DEFAULT_PRIORITY
 from qm.server.group_commit import GroupCommit, TransactionObserver
 from qm.server.progress import next_progress
 from qm.server.store_api import DeadLetter, TaskRecord
@@ -124,6 +125,7 @@ _ADDED_COLUMNS = {
     "progress_message": "TEXT NOT NULL DEFAULT ''",
     "progress_detail_json": "TEXT NOT NULL DEFAULT ''",
     "progress_at": "REAL",
+    "priority": f"INTEGER NOT NULL DEFAULT {DEFAULT_PRIORITY}",
 }
 
 

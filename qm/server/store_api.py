@@ -27,6 +27,7 @@ import math
 from typing import Iterable, Protocol
 
 from qm.messages import TaskEvent
+from qm.priority import DEFAULT_PRIORITY
 from qm.states import TaskState
 
 
@@ -58,6 +59,7 @@ class TaskRecord:
     progress_message: str = ""
     progress_detail_json: str = ""
     progress_at: float | None = None  # when that report was made
+    priority: int = DEFAULT_PRIORITY  # 0-9, higher runs first (qm/priority.py)
 
     @classmethod
     def queued(
@@ -73,6 +75,7 @@ class TaskRecord:
         max_retries: int = 0,
         request_digest: str = "",
         due_s: float | None = None,
+        priority: int = DEFAULT_PRIORITY,
     ) -> TaskRecord:
         """A task just accepted (or first heard of), QUEUED at `at_s`; SCHEDULED if due at `due_s`."""
         state = TaskState.QUEUED if due_s is None else TaskState.SCHEDULED
@@ -96,6 +99,7 @@ class TaskRecord:
             max_retries,
             next_attempt_at=due_s,
             request_digest=request_digest,
+            priority=priority,
         )
 
 

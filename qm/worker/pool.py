@@ -11,10 +11,11 @@
 
 The loop waits on each child's pipe and process sentinel with `add_reader`; nothing
 waits for task work. A child joins the idle set only after it says "ready" (it has its
-own session by then). A job waiting for a child is sent to the next child that replies
-in the callback that reads the reply: no loop iteration between one task's end and the
-next one's start. That gap, from the child's own timestamps, is reported to `on_idle_gap`
-for every job that was waiting when the previous task ended. After a task, a child past
+own session by then). A job waiting for a child (the highest priority first:
+qm/worker/ready.py) is sent to the next child that replies in the callback that reads the
+reply: no loop iteration between one task's end and the next one's start. That gap,
+from the child's own timestamps, is reported to `on_idle_gap` for every job that was
+waiting when the previous task ended. After a task, a child past
 `max_tasks_per_child` or with an idle RSS over `max_idle_rss_mb` is retired and replaced.
 The pool knows nothing of AMQP/gRPC.
 """
@@ -36,6 +37,7 @@ from qm.task_progress import Progress
 from qm.worker import procfs
 from qm.worker.child import MIB, child_main
 from qm.worker.jobs import Job, Reply, ReplyKind
+from qm.worker.ready import ReadyJobs
 
 __all__ = ["Job", "Outcome", "Pool", "Slot", "describe_exit"]
 
@@ -146,7 +148,8 @@ class Pool:
         self._lifeline_r, self._lifeline_w = self._context.Pipe(duplex=False)
         self.slots: list[Slot] = []
         self._idle: collections.deque[Slot] = collections.deque()
-        self._waiting: collections.deque[_Waiting] = collections.deque()
+        #: Jobs no child has yet, highest priority first (qm/worker/ready.py).
+        self._waiting: ReadyJobs[_Waiting] = ReadyJobs(lambda waiting: waiting.job.priority)
         #: While tasks are short, each busy child also holds its next job in its pipe and
         #: starts it without waiting for this process (the supervisor sets it).
         self.pipeline = False
@@ -439,7 +442,7 @@ class Pool:
                 "task %s: child %d (pid %d) ended: %s", slot.job.task_id, slot.index, slot.process.pid, outcome.error
             )
             self._finish(slot, outcome)
-        if slot.queued is not None:  # never started: first in line for the next child
+        if slot.queued is not None:  # never started: first in line (of its priority) for the next child
             waiting, slot.queued = slot.queued, None
             if not waiting.slot.done():
                 self._waiting.appendleft(waiting)
