@@ -131,8 +131,18 @@ _VERSION_3 = f"""
 CREATE INDEX scheduled_by_due ON tasks (queue, next_attempt_at) WHERE state = {int(TaskState.SCHEDULED)};
 """
 
+# The reconciler's turn: one server of the store sweeps for lost tasks per interval
+# (PgStore.claim_reconcile), not every server, each publishing the same lost task again.
+_VERSION_4 = """
+CREATE TABLE sweeps (
+    name     text PRIMARY KEY,
+    swept_at double precision NOT NULL
+);
+INSERT INTO sweeps (name, swept_at) VALUES ('reconcile', 0);
+"""
+
 #: Migration n (1-based) takes a store from schema version n-1 to n.
-MIGRATIONS: tuple[str, ...] = (_VERSION_1, _VERSION_2, _VERSION_3)
+MIGRATIONS: tuple[str, ...] = (_VERSION_1, _VERSION_2, _VERSION_3, _VERSION_4)
 #: The newest schema this code knows.
 SCHEMA_VERSION = len(MIGRATIONS)
 
