@@ -132,6 +132,16 @@ _VERSION_3 = f"""
 CREATE INDEX scheduled_by_due ON tasks (queue, next_attempt_at) WHERE state = {int(TaskState.SCHEDULED)};
 """
 
+# The reconciler's turn: one server of the store sweeps for lost tasks per interval
+# (PgStore.claim_reconcile), not every server, each publishing the same lost task again.
+_VERSION_SWEEPS = """
+CREATE TABLE sweeps (
+    name     text PRIMARY KEY,
+    swept_at double precision NOT NULL
+);
+INSERT INTO sweeps (name, swept_at) VALUES ('reconcile', 0);
+"""
+
 # Task priorities (qm/priority.py): kept with the task for `qm status`; rows from before
 # are of the default priority.
 _VERSION_PRIORITY = f"""
@@ -139,7 +149,7 @@ ALTER TABLE tasks ADD COLUMN priority integer NOT NULL DEFAULT {DEFAULT_PRIORITY
 """
 
 #: Migration n (1-based) takes a store from schema version n-1 to n.
-MIGRATIONS: tuple[str, ...] = (_VERSION_1, _VERSION_2, _VERSION_3, _VERSION_PRIORITY)
+MIGRATIONS: tuple[str, ...] = (_VERSION_1, _VERSION_2, _VERSION_3, _VERSION_SWEEPS, _VERSION_PRIORITY)
 #: The newest schema this code knows.
 SCHEMA_VERSION = len(MIGRATIONS)
 

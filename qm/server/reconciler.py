@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 
 #: Most tasks of one kind looked at per sweep (the rest wait for the next sweep).
 SWEEP_LIMIT = 500
+#: A server sweeps when no server of its store swept in the last TURN_FRACTION x interval:
+#: below 1, so the server whose turn it was keeps it despite its timer's jitter.
+TURN_FRACTION = 0.5
 
 
 @dataclasses.dataclass
@@ -62,7 +65,10 @@ class Reconciler:
                 log.warning("reconciler: store unavailable, next sweep in %g s: %s", self.interval_s, exc)
 
     async def sweep(self, now_s: float | None = None) -> int:
-        """Publish again every task that looks lost; return how many."""
+        """Publish again every task that looks lost; return how many. With a store shared
+        by several servers, one of them sweeps per interval (the store says which)."""
+        if not await self.store.claim_reconcile(self.interval_s * TURN_FRACTION):
+            return 0
         now_s = time.time() if now_s is None else now_s
         cutoff = now_s - self.after_s
         suspects = [(record, record.attempts) for record in await self.store.overdue_runs(cutoff, SWEEP_LIMIT)]

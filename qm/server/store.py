@@ -340,6 +340,10 @@ class Store:
             (queue, created_before_s, limit),
         )
 
+    async def claim_reconcile(self, every_s: float) -> bool:
+        """Always: a SQLite store has one server."""
+        return True
+
     async def _select(self, where: str, params: tuple) -> list[TaskRecord]:
         """Up to LIMIT records, read on the writer thread (too many rows for the loop)."""
         rows = await self._writes.write(

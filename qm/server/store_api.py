@@ -157,6 +157,11 @@ class TaskStore(Protocol):
     async def queued_before(self, queue: str, created_before_s: float, limit: int) -> list[TaskRecord]:
         """QUEUED tasks of a logical queue created before `created_before_s`, oldest first."""
 
+    async def claim_reconcile(self, every_s: float) -> bool:
+        """Whether this server sweeps for lost tasks now (qm/server/reconciler.py): with a
+        store shared by several servers, the first to ask once `every_s` has passed since
+        the last sweep of any of them; with a store of one server, always."""
+
     async def count(self) -> int:
         """Tasks in the store (from a kept counter, not a count of rows)."""
 
