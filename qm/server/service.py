@@ -12,10 +12,10 @@ import dataclasses
 import logging
 import time
 import uuid
-from typing import Sequence
+from typing import Awaitable, Callable, Sequence
 
 from qm import limits as task_limits
-from qm import retry, scheduling
+from qm import retry, schedules, scheduling
 from qm.broker import topology
 from qm.broker.base import Broker
 from qm.broker.migrate import migrate_legacy_delay_tiers
@@ -42,6 +42,7 @@ from qm.server.dead_letters import DeadLetters
 from qm.server.events import EventApplier
 from qm.server.hub import Hub
 from qm.server.reconciler import Reconciler
+from qm.server.scheduler import DEFAULT_MAX_SCHEDULES, Scheduler
 from qm.server.store_api import TaskRecord, TaskStore
 from qm.server.submission import Submission
 from qm.server.validators import PayloadValidators
@@ -93,6 +94,8 @@ class TaskService:
         caps: SubmitCaps | None = None,
         validators: PayloadValidators | None = None,
         max_queue_length: int = 0,
+        schedule_grace_s: float = schedules.DEFAULT_GRACE_S,
+        max_schedules: int = DEFAULT_MAX_SCHEDULES,
     ) -> None:
         self.registry = registry
         self._codecs = {name: declared.codec for name, declared in registry.types.items()}
@@ -132,6 +135,7 @@ class TaskService:
             reconcile_interval_s,
             reconcile_after_s,
         )
+        self.scheduler = Scheduler(self, schedule_grace_s, max_schedules)  # periodic schedules
 
     # -- submit / status -------------------------------------------------------------
 
@@ -307,6 +311,38 @@ class TaskService:
         request_digest: str = "",
         delay: scheduling.Delay = scheduling.NO_DELAY,
     ) -> TaskRecord:
+        record, message = await self.prepare(
+            task_type,
+            payload,
+            queue,
+            timeout_s,
+            memory_limit_mb,
+            idempotency_key,
+            retry_options,
+            soft_timeout_s,
+            request_digest,
+            delay,
+        )
+        await self.enqueue(record, message)
+        return record
+
+    async def prepare(
+        self,
+        task_type: str,
+        payload: bytes,
+        queue: str,
+        timeout_s: float,
+        memory_limit_mb: int,
+        idempotency_key: str,
+        retry_options: dict,
+        soft_timeout_s: float = 0.0,
+        request_digest: str = "",
+        delay: scheduling.Delay = scheduling.NO_DELAY,
+        schedule_id: str = "",
+        now_s: float | None = None,
+    ) -> tuple[TaskRecord, TaskMessage]:
+        """Validate a submission and make its record and message (nothing stored or sent):
+        ValidationError naming the field, or BrokerUnavailable while RabbitMQ is away."""
         # The idempotency key travels to validators that need it (qm/security/signing.py: a
         # retried submit is not a replay of its signed payload).
         submission = signing.SUBMISSION_KEY.set(idempotency_key)
@@ -329,7 +365,7 @@ class TaskService:
         )
         policy = retry.resolve(declared, self.default_retry, **retry_options)
         policy = dataclasses.replace(policy, max_retries=self.caps.retries(policy.max_retries))
-        now = time.time()
+        now = time.time() if now_s is None else now_s
         due_s = delay.due_at(now, self.max_delay_s)
         if not self.broker.connected:
             raise self.broker.unavailable()
@@ -345,6 +381,7 @@ class TaskService:
             policy.max_retries,
             request_digest=request_digest,
             due_s=due_s,
+            schedule_id=schedule_id,
         )
         message = TaskMessage(
             record.task_id,
@@ -359,18 +396,30 @@ class TaskService:
             limits.soft_timeout_s,
             due_s,
         )
-        await self.enqueue(record, message)
-        return record
+        return record, message
 
-    async def enqueue(self, record: TaskRecord, message: TaskMessage) -> None:
+    async def enqueue(
+        self,
+        record: TaskRecord,
+        message: TaskMessage,
+        store: Callable[[bytes], Awaitable[bool]] | None = None,
+    ) -> bool:
         """Store (with the message, until confirmed; committed before the publish), publish,
         await the confirm; if the publish fails nothing stays stored. One store transaction:
         the confirm mark rides with the next one. If this process dies before that, the
-        stored message is published again at start-up or on the client's retry (same key)."""
+        stored message is published again at start-up or on the client's retry (same key).
+
+        `store(body)`, if given, stores the task instead of `insert_unconfirmed` (in a
+        transaction of its own making, e.g. with a schedule's tick: qm/server/scheduler.py)
+        and may decline (False: nothing stored, nothing published, False returned). A task
+        stored that way is kept when its publish fails (its caller publishes it again)."""
         await self._ensure_queue(message.queue)
         body = message.encode()
         exchange = await self._exchange_for(message)
-        await self.store.insert_unconfirmed(record, message.queue, body)
+        if store is None:
+            await self.store.insert_unconfirmed(record, message.queue, body)
+        elif not await store(body):
+            return False
         started = time.perf_counter()
         try:
             await self.broker.publish(exchange, message.queue, body, message.headers())
@@ -384,10 +433,12 @@ class TaskService:
             )
             raise
         except BaseException:
-            await self.store.delete(record.task_id)  # never a stored half-task
+            if store is None:
+                await self.store.delete(record.task_id)  # never a stored half-task
             raise
         await self.store.confirm(record.task_id)
         self.metrics.confirm_seconds.observe(time.perf_counter() - started)
+        return True
 
     async def _exchange_for(self, message: TaskMessage) -> str:
         """qm.tasks, or for a delayed task the delay tier it waits in first (qm/scheduling.py),
@@ -399,6 +450,10 @@ class TaskService:
             await topology.declare_delay_tier(self.broker, tier_s)
             self._declared_tiers.add(tier_s)
         return topology.delay_tier_name(tier_s)
+
+    async def publish_unconfirmed(self, task_id: str) -> None:
+        """Publish the task again if its message was never confirmed (see below)."""
+        await self._publish_unconfirmed(task_id)
 
     async def _publish_unconfirmed(self, task_id: str | None = None) -> None:
         """Publish again what a previous run of this server stored but never saw confirmed
@@ -495,6 +550,7 @@ class TaskService:
             asyncio.create_task(self._refresh_store_gauges(), name="store-gauges"),
             asyncio.create_task(self._publish_unconfirmed_until_done(), name="unconfirmed"),
             asyncio.create_task(self.reconciler.run(), name="reconciler"),
+            asyncio.create_task(self.scheduler.run(), name="schedules"),
         ]
         # Exclusive (one store per server): while this server lives, another one under the
         # same id is refused here (classic queues; RabbitMQ does not enforce it on quorum
@@ -514,6 +570,7 @@ class TaskService:
             try:
                 self.metrics.store_tasks.set(await self.store.count())
                 self.metrics.store_dead_letters.set(await self.store.count_dead_letters())
+                self.metrics.store_schedules.set(await self.store.count_schedules())
             except StoreUnavailable as exc:
                 log.warning("store gauges not updated: %s", exc)
             await asyncio.sleep(STORE_GAUGES_INTERVAL_S)
