@@ -153,8 +153,8 @@ class Scheduler:
         return page[:limit], page[limit - 1].schedule_id if len(page) > limit else ""
 
     async def remove(self, schedule_id: str) -> ScheduleRecord:
-        stored = await self.store.get_schedule(schedule_id)
-        if stored is None or not await self.store.remove_schedule(schedule_id):
+        stored = await self.store.remove_schedule(schedule_id)
+        if stored is None:
             raise ScheduleNotFound(schedule_id)
         log.info("schedule %s removed after %d task(s) fired", schedule_id, stored.fires)
         return stored

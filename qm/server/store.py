@@ -470,10 +470,13 @@ class Store:
         )
         return [_schedule(row) for row in rows]
 
-    async def remove_schedule(self, schedule_id: str) -> bool:
-        return await self._writes.write(
-            lambda db: db.execute("DELETE FROM schedules WHERE schedule_id = ?", (schedule_id,)).rowcount == 1
+    async def remove_schedule(self, schedule_id: str) -> ScheduleRecord | None:
+        rows = await self._writes.write(
+            lambda db: db.execute(
+                f"DELETE FROM schedules WHERE schedule_id = ? RETURNING {', '.join(_SCHEDULE_COLUMNS)}", (schedule_id,)
+            ).fetchall()
         )
+        return _schedule(rows[0]) if rows else None
 
     async def count_schedules(self) -> int:
         return self._read("count_schedules", _SELECT_COUNTER, ("schedules",))[0][0]

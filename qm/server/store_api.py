@@ -217,8 +217,8 @@ class TaskStore(Protocol):
     async def list_schedules(self, after_id: str, limit: int) -> list[ScheduleRecord]:
         """Up to `limit` schedules with ids after `after_id` ("" = from the first), by id."""
 
-    async def remove_schedule(self, schedule_id: str) -> bool:
-        """Delete the schedule; False if there was none."""
+    async def remove_schedule(self, schedule_id: str) -> ScheduleRecord | None:
+        """Delete the schedule; the row as deleted (after any claim committed before), or None."""
 
     async def count_schedules(self) -> int:
         """Schedules in the store (from a kept counter)."""

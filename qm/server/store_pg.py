@@ -462,8 +462,12 @@ class PgStore:
         )
         return [_schedule(row) for row in rows]
 
-    async def remove_schedule(self, schedule_id: str) -> bool:
-        return await self._execute("DELETE FROM schedules WHERE schedule_id = $1", schedule_id) == 1
+    async def remove_schedule(self, schedule_id: str) -> ScheduleRecord | None:
+        """Waits for a claim of the row in progress: the row returned has its fires."""
+        row = await self._fetchrow(
+            f"DELETE FROM schedules WHERE schedule_id = $1 RETURNING {', '.join(_SCHEDULE_COLUMNS)}", schedule_id
+        )
+        return _schedule(row) if row is not None else None
 
     async def count_schedules(self) -> int:
         return await self._counter("schedules")

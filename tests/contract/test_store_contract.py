@@ -221,7 +221,7 @@ class StoreContract:
         assert [s.schedule_id for s in store.list_schedules("b", 2)] == ["c"]
         assert store.get_schedule("a") == schedule("a") and store.get_schedule("nope") is None
         assert store.count_schedules() == 3
-        assert store.remove_schedule("a") and not store.remove_schedule("a")
+        assert store.remove_schedule("a") == schedule("a") and store.remove_schedule("a") is None
         assert store.count_schedules() == 2 and store.get_schedule("a") is None
 
     def test_due_schedules_come_earliest_first_from_their_next_tick(self, store):

@@ -277,7 +277,7 @@ def schedules(store: Store) -> None:
     assert store.claim_tick("s1", T0 + 1, T0 + 2, (fired, "default", b"m"), tick_s=T0 + 1)
     assert not store.claim_tick("s1", T0 + 1, T0 + 2, None)  # claimed already
     store.confirm("fired")
-    assert store.remove_schedule("s2") and store.get_schedule("s2") is None
+    assert store.remove_schedule("s2").schedule_id == "s2" and store.get_schedule("s2") is None
 
 
 @step
