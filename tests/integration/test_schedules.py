@@ -144,3 +144,39 @@ def test_a_kill_9_between_ticks_fires_no_tick_twice_and_keeps_the_missed_ticks_p
           f"({len(before)} before, {len(after)} after, {missed_while_down:.0f} coalesced while down, "
           f"{runs(coalesced)} run(s)); skip-4s fired {len(skip_ticks)}, tick {skipped_tick:.0f} skipped",
           flush=True)
+
+
+def test_the_asyncio_client_manages_schedules_and_errors_name_the_field(stack):
+    import asyncio
+
+    import grpc
+
+    import qm.aio
+    from qm.client.client import RemoteError
+
+    async def scenario() -> None:
+        async with qm.aio.Client(stack.server.address) as client:
+            added = await client.add_schedule("math", "6 * 7", cron="0 3 * * *", timezone="Europe/Paris",
+                                              queue=stack.queue, schedule_id="nightly", max_retries=2)
+            assert (added.cron, added.timezone, added.missed, added.fires) == ("0 3 * * *", "Europe/Paris",
+                                                                               "coalesce", 0)
+            # 03:00 in Paris is 01:00 or 02:00 UTC, whichever the date's offset
+            assert datetime.datetime.fromtimestamp(added.next_fire_at, datetime.timezone.utc).hour in (1, 2)
+            again = await client.add_schedule("math", "6 * 7", cron="0 3 * * *", timezone="Europe/Paris",
+                                              queue=stack.queue, schedule_id="nightly", max_retries=2)
+            assert again == added  # a retried add: one schedule
+            assert [s.schedule_id for s in await client.list_schedules()] == ["nightly"]
+            for options, field in (({"cron": "0 3 * * *", "timezone": "Mars/Olympus"}, "timezone"),
+                                   ({"every_s": 0.2}, "every_s"),
+                                   ({"cron": "0 3 * * *", "schedule_id": "nightly"}, "schedule_id")):
+                with pytest.raises(RemoteError) as refused:
+                    await client.add_schedule("math", "6 * 7", queue=stack.queue, **options)
+                assert refused.value.code is grpc.StatusCode.INVALID_ARGUMENT, refused.value
+                assert refused.value.details.startswith(f"{field}:"), refused.value.details
+            assert (await client.remove_schedule("nightly")).schedule_id == "nightly"
+            with pytest.raises(RemoteError) as missing:
+                await client.remove_schedule("nightly")
+            assert (missing.value.code, missing.value.reason) == (grpc.StatusCode.NOT_FOUND, "SCHEDULE_NOT_FOUND")
+            assert await client.list_schedules() == []
+
+    asyncio.run(scenario())
