@@ -379,7 +379,8 @@ def _add_token_commands(commands) -> None:
         description="Manage a tokens file (server.tokens_file) on the server's host: "
         "only SHA-256 hashes are stored; a new token is printed once. The "
         "server rereads the file when it changes. Roles: read (status, "
-        "watch, types, workers), submit (+ submit, cancel), admin (+ dead).",
+        "watch, types, workers, schedule list), submit (+ submit, cancel, schedule "
+        "add/remove), admin (+ dead).",
     )
     token_commands = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
     create = token_commands.add_parser("create", help="add a token and print it (the only time it is shown)")
