@@ -162,17 +162,20 @@ class Scheduler:
     # -- the tick loop -----------------------------------------------------------------
 
     async def run(self) -> None:
-        """Fire due schedules until cancelled."""
+        """Fire due schedules until cancelled: per wake-up one point read of the earliest
+        next tick, and the due schedules only when one is due."""
         while True:
             try:
                 await self._publish_left_over()
-                fired_all = await self.fire_due()
-                wait_s = 0.0 if not fired_all else await self._until_next()
+                wait_s = await self._fire_if_due()
             except StoreUnavailable as exc:
                 log.warning("schedules: cannot fire ticks yet: %s", exc)
                 wait_s = RETRY_S
             except BrokerUnavailable:
                 self._warn_broker()
+                wait_s = RETRY_S
+            except Exception:  # a bug must not stop every schedule of this server for good
+                log.exception("schedules: the tick loop failed; it goes on in %g s", RETRY_S)
                 wait_s = RETRY_S
             self._wake.clear()
             if wait_s > 0:
@@ -181,14 +184,19 @@ class Scheduler:
                 except asyncio.TimeoutError:
                     pass
 
-    async def _until_next(self) -> float:
+    async def _fire_if_due(self) -> float:
+        """Fire what is due; how long to sleep before looking again."""
         next_at = await self.store.next_schedule_at()
+        now = time.time()
         if next_at is None:
             return POLL_S
-        return max(0.0, min(POLL_S, next_at - time.time()))
+        if next_at > now:
+            return min(POLL_S, next_at - now)
+        await self.fire_due(now)
+        return 0.0  # look again at once: more may be due (a full batch), else sleep to the next tick
 
     async def fire_due(self, now_s: float | None = None) -> bool:
-        """Fire every schedule due now; False if there may be more due (a full batch)."""
+        """Fire every schedule due now (a batch of DUE_BATCH); False if there may be more due."""
         now = time.time() if now_s is None else now_s
         due = await self.store.due_schedules(now, DUE_BATCH)
         for schedule in due:
