@@ -39,6 +39,7 @@ from qm.errors import (
     StoreUnavailable,
     ValidationError,
 )
+from qm.server import idempotency
 from qm.server.store_api import ScheduleRecord
 from qm.server.submission import Submission
 
@@ -55,12 +56,14 @@ DEFAULT_LIST_LIMIT = 100
 MAX_LIST_LIMIT = 1000
 #: Default of server.max_schedules.
 DEFAULT_MAX_SCHEDULES = 1000
+#: The idempotency keys of fired tasks start with it; a client's submit may not use it.
+SCHEDULE_KEY_PREFIX = "schedule:"
 
 
 def tick_key(schedule_id: str, tick_s: float) -> str:
     """The idempotency key of the task a tick fires: one task per tick, whoever fires it."""
     when = datetime.datetime.fromtimestamp(tick_s, datetime.timezone.utc)
-    return f"schedule:{schedule_id}:{when.isoformat(timespec='milliseconds').replace('+00:00', 'Z')}"
+    return f"{SCHEDULE_KEY_PREFIX}{schedule_id}:{when.isoformat(timespec='milliseconds').replace('+00:00', 'Z')}"
 
 
 def submission_of(schedule: ScheduleRecord) -> Submission:
@@ -250,15 +253,22 @@ class Scheduler:
         return record.task_id
 
     async def _prepare(self, schedule_id: str, task: Submission, tick_s: float, now_s: float):
+        """The tick's task as a submit makes it (record, message), with its key and digest."""
+        queue = task.queue or "default"
+        digest = idempotency.request_digest(
+            task.type, task.payload, queue, task.timeout_s, task.memory_limit_mb, task.retry_options,
+            task.soft_timeout_s,
+        )  # fmt: skip
         return await self.service.prepare(
             task.type,
             task.payload,
-            task.queue or "default",
+            queue,
             task.timeout_s,
             task.memory_limit_mb,
             tick_key(schedule_id, tick_s),
             task.retry_options,
             task.soft_timeout_s,
+            digest,
             schedule_id=schedule_id,
             now_s=now_s,
         )

@@ -42,7 +42,7 @@ from qm.server.dead_letters import DeadLetters
 from qm.server.events import EventApplier
 from qm.server.hub import Hub
 from qm.server.reconciler import Reconciler
-from qm.server.scheduler import DEFAULT_MAX_SCHEDULES, Scheduler
+from qm.server.scheduler import DEFAULT_MAX_SCHEDULES, SCHEDULE_KEY_PREFIX, Scheduler
 from qm.server.store_api import TaskRecord, TaskStore
 from qm.server.submission import Submission
 from qm.server.validators import PayloadValidators
@@ -176,6 +176,11 @@ class TaskService:
         """
         if len(idempotency_key) > MAX_IDEMPOTENCY_KEY_CHARS:
             raise ValidationError("idempotency_key", f"longer than {MAX_IDEMPOTENCY_KEY_CHARS} characters")
+        if idempotency_key.startswith(SCHEDULE_KEY_PREFIX):
+            raise ValidationError(
+                "idempotency_key",
+                f"keys starting with {SCHEDULE_KEY_PREFIX!r} are the periodic schedules' own; choose another key",
+            )
         digest = ""
         if idempotency_key:
             digest = idempotency.request_digest(

@@ -229,3 +229,17 @@ def test_a_task_its_publish_lost_after_the_claim_is_published_again_not_lost(tmp
             assert (await server.store.get_schedule("p")).fires == 1
 
     run(scenario)
+
+
+def test_a_client_may_not_take_a_tick_key_and_fired_tasks_carry_the_request_digest(tmp_path):
+    async def scenario():
+        async with Server(tmp_path) as server:
+            with pytest.raises(ValidationError) as refused:
+                await server.service.submit("math", b"1", idempotency_key=tick_key("p", T0 + 5))
+            assert refused.value.field == "idempotency_key"
+            await server.scheduler.add("p", When(every_s=5), COALESCE, MATH, now_s=T0)
+            task_id = await server.scheduler.fire(await server.store.get_schedule("p"), T0 + 5.1)
+            record = await server.store.get(task_id)
+            assert record.request_digest.startswith("v1:") and record.created_at == T0 + 5.1
+
+    run(scenario)
