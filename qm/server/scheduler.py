@@ -28,7 +28,7 @@ import datetime
 import json
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qm import schedules
 from qm.errors import (
@@ -42,6 +42,9 @@ from qm.errors import (
 from qm.server import idempotency
 from qm.server.store_api import ScheduleRecord
 from qm.server.submission import Submission
+
+if TYPE_CHECKING:  # the service composes the scheduler: no import at run time
+    from qm.server.service import TaskService
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +81,13 @@ def when_of(schedule: ScheduleRecord) -> schedules.When:
 class Scheduler:
     """The schedules of one server's store (TaskService composes it; see the module docstring)."""
 
-    def __init__(self, service, grace_s: float = schedules.DEFAULT_GRACE_S, max_schedules: int = DEFAULT_MAX_SCHEDULES):
-        self.service = service  # qm.server.service.TaskService: its store, metrics and submit path
+    def __init__(
+        self,
+        service: TaskService,
+        grace_s: float = schedules.DEFAULT_GRACE_S,
+        max_schedules: int = DEFAULT_MAX_SCHEDULES,
+    ):
+        self.service = service  # its store, metrics and submit path (prepare, enqueue)
         self.store = service.store
         self.metrics = service.metrics
         self.grace_s = grace_s
