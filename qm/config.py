@@ -427,6 +427,9 @@ class ServerConfig:
     validate_threads: int = _setting(4, _to_int, _above(0))
     max_dead_letters_listed: int = _setting(1000, _to_int, _above(0))
     dead_letter_retention_s: float = _setting(2592000.0, _to_float, _above(0))
+    # Periodic schedules (qm/server/scheduler.py).
+    max_schedules: int = _setting(1000, _to_int, _above(0))
+    schedule_grace_s: float = _setting(30.0, _to_float, _at_least(0))
 
 
 @dataclass(frozen=True)

@@ -164,6 +164,14 @@ class TaskNotFound(QMError):
         super().__init__(f"no task with id {task_id!r}")
 
 
+class ScheduleNotFound(QMError):
+    """No periodic schedule with this id."""
+
+    def __init__(self, schedule_id: str):
+        self.schedule_id = schedule_id
+        super().__init__(f"no schedule {schedule_id!r}; qm schedule list shows them")
+
+
 class TaskAlreadyFinished(QMError):
     """The task has reached a final state; it cannot be cancelled."""
 

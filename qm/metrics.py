@@ -99,6 +99,29 @@ class ServerMetrics:
         )
         for state in ("QUEUED", "RUNNING", "RETRYING"):
             self.reconciled.labels(state)  # present from the start, so rate() sees the first
+        self.schedule_fires = Counter(
+            "qm_server_schedule_fires_total",
+            "Ticks of periodic schedules fired by this server, by task type and outcome "
+            "(fired: a task was submitted; refused: the task was refused, see the schedule's last_error)",
+            ["type", "outcome"],
+            registry=r,
+        )
+        self.schedule_ticks_missed = Counter(
+            "qm_server_schedule_ticks_missed_total",
+            "Ticks of periodic schedules that fired no task of their own because no server got to them "
+            "in time, by the schedule's missed-ticks policy (coalesce: folded into a later tick; skip: dropped)",
+            ["policy"],
+            registry=r,
+        )
+        for policy in ("coalesce", "skip"):
+            self.schedule_ticks_missed.labels(policy)
+        self.schedule_fire_lateness_seconds = Histogram(
+            "qm_server_schedule_fire_lateness_seconds",
+            "Time from a schedule's tick to its task being fired (coalesced ticks: from the latest)",
+            buckets=TASK_SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.store_schedules = Gauge("qm_server_store_schedules", "Periodic schedules in the store", registry=r)
         self.store_tasks = Gauge("qm_server_store_tasks", "Tasks in this server's store", registry=r)
         self.store_dead_letters = Gauge(
             "qm_server_store_dead_letters", "Dead letters in this server's store", registry=r

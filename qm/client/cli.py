@@ -22,7 +22,7 @@ from typing import Iterator, Sequence
 
 import grpc
 
-from qm.client.client import Client, RemoteError, TaskStatus
+from qm.client.client import Client, RemoteError, Schedule, TaskStatus
 from qm.config import load_config
 from qm.errors import BatchError, ConfigError, TaskError, ValidationError, WaitTimeout
 from qm.states import TaskState
@@ -44,6 +44,8 @@ EPILOG = """examples:
   qm types                                       task types the server accepts
   qm run -T math -P "2 ** 10"                    run one task here, no server (plugin authors)
   qm dead list | qm dead requeue TASK_ID... | --all | qm dead purge
+  qm schedule add --cron "*/5 * * * *" -T math -P "2 ** 10"   a task every 5 minutes
+  qm schedule list | qm schedule remove SCHEDULE_ID
   qm token create --role submit --tokens-file tokens.json --name ci
                                                  prints a new token once; stores its hash
   qm --server host:50051 --tls-ca ca.pem --token qm_... status TASK_ID
@@ -100,38 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         "batches (SubmitTasks); prints one id per line in order; a refused line is "
         "named by its number on stderr and the others are still submitted",
     )
-    submit.add_argument("--queue", default="", help="logical queue (default: default)")
-    submit.add_argument(
-        "--timeout",
-        metavar="S",
-        type=float,
-        default=0.0,
-        help="hard time limit in seconds; the task is killed at it (TIMED_OUT). "
-        "Default: the task type's, else the server's (server.default_task_timeout_s)",
-    )
-    submit.add_argument(
-        "--soft-timeout",
-        metavar="S",
-        type=float,
-        default=0.0,
-        help="soft time limit in seconds: the task gets qm.SoftTimeout then, to clean up; "
-        "below the time limit. Default: the task type's, else none",
-    )
-    submit.add_argument(
-        "--memory-limit",
-        metavar="MB",
-        type=int,
-        default=0,
-        help="memory limit in MiB (RSS with subprocesses); the task is killed over it "
-        "(MEMORY_EXCEEDED). Default: the task type's, else the server's, else none",
-    )
-    submit.add_argument(
-        "--priority",
-        metavar="N",
-        type=_priority,
-        help="0 (lowest) to 9 (highest): among the tasks of the queue waiting for a worker, "
-        "higher ones start first (default: the task type's, else 5)",
-    )
+    _add_task_options(submit)
     when = submit.add_mutually_exclusive_group()
     when.add_argument(
         "--in",
@@ -148,33 +119,6 @@ def build_parser() -> argparse.ArgumentParser:
         type=_epoch_s,
         help="run no earlier than this time, e.g. 2026-12-24T18:00:00Z (no offset: local "
         "time); a time already past runs now",
-    )
-    submit.add_argument(
-        "--max-retries",
-        metavar="N",
-        type=int,
-        help="retries after the first attempt for FAILED/CRASHED (default: the type's, else the "
-        "server's, server.default_max_retries)",
-    )
-    submit.add_argument(
-        "--retry-backoff",
-        metavar="S",
-        type=float,
-        help="delay before the first retry, doubling each time (rounded down to a delay tier)",
-    )
-    submit.add_argument("--retry-backoff-max", metavar="S", type=float, help="cap of the retry delay")
-    submit.add_argument(
-        "--retry-on-timeout",
-        action="store_true",
-        default=None,
-        help="retry TIMED_OUT attempts too (MEMORY_EXCEEDED never retries)",
-    )
-    submit.add_argument(
-        "--no-retry-jitter",
-        dest="retry_jitter",
-        action="store_false",
-        default=None,
-        help="exact retry delays (default: each scaled by a random factor in [0.5, 1])",
     )
     submit.add_argument(
         "--idempotency-key",
@@ -300,8 +244,72 @@ def build_parser() -> argparse.ArgumentParser:
     requeue.add_argument("task_ids", metavar="ID", nargs="*", help="dead task ids to requeue")
     requeue.add_argument("--all", action="store_true", help="requeue every dead letter")
     dead_commands.add_parser("purge", help="forget every dead letter")
+    _add_schedule_commands(commands)
     _add_token_commands(commands)
     return parser
+
+
+def _add_task_options(parser: argparse.ArgumentParser) -> None:
+    """The task options submit and schedule add share: queue, limits, retries."""
+    parser.add_argument("--queue", default="", help="logical queue (default: default)")
+    parser.add_argument(
+        "--timeout",
+        metavar="S",
+        type=float,
+        default=0.0,
+        help="hard time limit in seconds; the task is killed at it (TIMED_OUT). "
+        "Default: the task type's, else the server's (server.default_task_timeout_s)",
+    )
+    parser.add_argument(
+        "--soft-timeout",
+        metavar="S",
+        type=float,
+        default=0.0,
+        help="soft time limit in seconds: the task gets qm.SoftTimeout then, to clean up; "
+        "below the time limit. Default: the task type's, else none",
+    )
+    parser.add_argument(
+        "--memory-limit",
+        metavar="MB",
+        type=int,
+        default=0,
+        help="memory limit in MiB (RSS with subprocesses); the task is killed over it "
+        "(MEMORY_EXCEEDED). Default: the task type's, else the server's, else none",
+    )
+    parser.add_argument(
+        "--max-retries",
+        metavar="N",
+        type=int,
+        help="retries after the first attempt for FAILED/CRASHED (default: the type's, else the "
+        "server's, server.default_max_retries)",
+    )
+    parser.add_argument(
+        "--retry-backoff",
+        metavar="S",
+        type=float,
+        help="delay before the first retry, doubling each time (rounded down to a delay tier)",
+    )
+    parser.add_argument("--retry-backoff-max", metavar="S", type=float, help="cap of the retry delay")
+    parser.add_argument(
+        "--retry-on-timeout",
+        action="store_true",
+        default=None,
+        help="retry TIMED_OUT attempts too (MEMORY_EXCEEDED never retries)",
+    )
+    parser.add_argument(
+        "--no-retry-jitter",
+        dest="retry_jitter",
+        action="store_false",
+        default=None,
+        help="exact retry delays (default: each scaled by a random factor in [0.5, 1])",
+    )
+    parser.add_argument(
+        "--priority",
+        metavar="N",
+        type=_priority,
+        help="0 (lowest) to 9 (highest): among the tasks of the queue waiting for a worker, "
+        "higher ones start first (default: the task type's, else 5)",
+    )
 
 
 def _epoch_s(text: str) -> float:
@@ -312,6 +320,65 @@ def _epoch_s(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not an ISO-8601 time, e.g. 2026-12-24T18:00:00Z") from None
 
 
+def _add_schedule_commands(commands) -> None:
+    schedule = commands.add_parser(
+        "schedule",
+        help="periodic schedules: submit a task at every tick of a cron expression or interval",
+        description="Periodic schedules, kept in the server's store: at each tick the server "
+        "submits the schedule's task as qm submit would (validated, durable, "
+        "with its schedule id), once per tick however many servers share the store. "
+        "Ticks missed while every server was down: --missed coalesce (default) "
+        "fires one task for the latest; skip fires nothing for a tick more than "
+        "server.schedule_grace_s (30 s) late.",
+        epilog="""examples:
+  qm schedule add --cron "*/5 * * * *" -T math -P "2 ** 10"      every 5 minutes (UTC)
+  qm schedule add --cron "0 3 * * *" --tz Europe/Paris -T math -P "1+1"   03:00 Paris time
+  qm schedule add --cron "*/10 * * * * *" -T math -P "1+1"       6 fields: seconds first (every 10 s)
+  qm schedule add --every 30 -T math -P "1+1" --id half-minute   every 30 s, on :00 and :30
+  qm schedule list
+  qm schedule remove half-minute""",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    actions = schedule.add_subparsers(dest="schedule_command", required=True, metavar="ACTION")
+    add = actions.add_parser("add", help="add a schedule; prints its id")
+    when = add.add_mutually_exclusive_group(required=True)
+    when.add_argument(
+        "--cron",
+        metavar="EXPR",
+        help='cron expression: 5 fields "minute hour day-of-month month day-of-week", or 6 with '
+        'seconds first ("*/10 * * * * *"), or @hourly, @daily, @weekly, @monthly, @yearly',
+    )
+    when.add_argument(
+        "--every",
+        metavar="S",
+        type=float,
+        help="a tick every S seconds (at least 1), on whole multiples of S since 1970-01-01 UTC",
+    )
+    add.add_argument("--tz", default="UTC", metavar="ZONE", help="IANA time zone of --cron (default UTC)")
+    add.add_argument(
+        "--missed",
+        choices=("coalesce", "skip"),
+        default="coalesce",
+        help="ticks no server fired in time (all down): coalesce = one task for the latest "
+        "(default); skip = none if more than server.schedule_grace_s late",
+    )
+    add.add_argument(
+        "--id",
+        dest="schedule_id",
+        metavar="ID",
+        help="the schedule's id, 1-100 of letters, digits, _ . : - (default: sch-<random>); "
+        "adding the same id and definition again changes nothing",
+    )
+    add.add_argument("-T", "--type", required=True, help="task type of each tick's task, e.g. math")
+    add.add_argument("-P", "--payload", required=True, help="payload of each tick's task; - reads stdin")
+    _add_task_options(add)
+    add.add_argument("--json", action="store_true", help="print the stored schedule as JSON")
+    listing = actions.add_parser("list", help="list schedules: id, when, task, next tick, fires")
+    listing.add_argument("--json", action="store_true", help="print one JSON object per schedule")
+    remove = actions.add_parser("remove", help="remove a schedule (no tick fires after it)")
+    remove.add_argument("schedule_id", metavar="ID", help="the schedule's id (qm schedule list)")
+
+
 def _add_token_commands(commands) -> None:
     token = commands.add_parser(
         "token",
@@ -319,7 +386,8 @@ def _add_token_commands(commands) -> None:
         description="Manage a tokens file (server.tokens_file) on the server's host: "
         "only SHA-256 hashes are stored; a new token is printed once. The "
         "server rereads the file when it changes. Roles: read (status, "
-        "watch, types, workers), submit (+ submit, cancel), admin (+ dead).",
+        "watch, types, workers, schedule list), submit (+ submit, cancel, schedule "
+        "add/remove), admin (+ dead).",
     )
     token_commands = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
     create = token_commands.add_parser("create", help="add a token and print it (the only time it is shown)")
@@ -413,6 +481,7 @@ def _show(status: TaskStatus) -> str:
             _when(status.next_attempt_at),
         ),
         ("progress", _progress_text(status) or "-"),
+        ("schedule", status.schedule_id or "-"),
         ("created", _when(status.created_at)),
         ("started", _when(status.started_at)),
         ("finished", _when(status.finished_at)),
@@ -688,6 +757,64 @@ def cmd_cancel(client: Client, args) -> int:
     return 0
 
 
+def _schedule_json(schedule: Schedule) -> str:
+    data = dataclasses.asdict(schedule)
+    if isinstance(data["payload"], bytes):
+        data["payload"] = data["payload"].hex()
+    for key in ("created_at", "next_fire_at", "last_fired_at"):
+        data[key] = _when(data[key]) if data[key] is not None else None
+    return json.dumps({"id": data.pop("schedule_id"), **data})
+
+
+def _schedule_line(schedule: Schedule) -> str:
+    line = (
+        f"{schedule.schedule_id:<20} {schedule.when:<22} {schedule.type} {str(schedule.payload)[:40]!r} "
+        f"next {_when(schedule.next_fire_at)} fires {schedule.fires} missed {schedule.missed_ticks} "
+        f"({schedule.missed}) last {schedule.last_task_id or '-'}"
+    )
+    return line + (f" error: {schedule.last_error}" if schedule.last_error else "")
+
+
+def cmd_schedule(client: Client, args) -> int:
+    if args.schedule_command == "add":
+        payload = sys.stdin.read() if args.payload == "-" else args.payload
+        schedule = client.add_schedule(
+            args.type,
+            payload,
+            cron=args.cron,
+            every_s=args.every,
+            timezone=args.tz,
+            missed=args.missed,
+            schedule_id=args.schedule_id,
+            queue=args.queue,
+            timeout_s=args.timeout,
+            memory_limit_mb=args.memory_limit,
+            soft_timeout_s=args.soft_timeout,
+            max_retries=args.max_retries,
+            retry_backoff_s=args.retry_backoff,
+            retry_backoff_max_s=args.retry_backoff_max,
+            retry_jitter=args.retry_jitter,
+            retry_on_timeout=args.retry_on_timeout,
+            priority=args.priority,
+        )
+        if args.json:
+            print(_schedule_json(schedule))
+        else:
+            print(schedule.schedule_id)
+            print(f"qm: first tick at {_when(schedule.next_fire_at)}", file=sys.stderr)
+        return 0
+    if args.schedule_command == "list":
+        listed = client.list_schedules()
+        for schedule in listed:
+            print(_schedule_json(schedule) if args.json else _schedule_line(schedule))
+        if not args.json:
+            print(f"{len(listed)} schedule(s)")
+        return 0
+    removed = client.remove_schedule(args.schedule_id)
+    print(f"removed {removed.schedule_id} ({removed.when}, {removed.fires} task(s) fired)")
+    return 0
+
+
 def cmd_dead(client: Client, args) -> int:
     if args.dead_command == "list":
         letters, total = client.dead_letters(args.limit)
@@ -723,6 +850,7 @@ COMMANDS = {
     "types": cmd_types,
     "cancel": cmd_cancel,
     "dead": cmd_dead,
+    "schedule": cmd_schedule,
 }
 
 

@@ -344,6 +344,102 @@ def batch_requests(items: Iterable[tuple], options: dict[str, Any]) -> list[task
     return requests
 
 
+# -- periodic schedules --------------------------------------------------------------------
+
+#: Missed-ticks policies by name ↔ qm.v1.ScheduleMissedTicks.
+MISSED_TICKS = {
+    "coalesce": task_queue_pb2.SCHEDULE_MISSED_TICKS_COALESCE,
+    "skip": task_queue_pb2.SCHEDULE_MISSED_TICKS_SKIP,
+}
+
+
+def add_schedule_request(
+    type: str,
+    payload: Any,
+    *,
+    cron: str | None = None,
+    every_s: float | None = None,
+    timezone: str = "UTC",
+    missed: str = "coalesce",
+    schedule_id: str | None = None,
+    **options,
+) -> task_queue_pb2.AddScheduleRequest:
+    """The AddSchedule request: when (`cron` or `every_s`), the missed-ticks policy, and the
+    task each tick submits (`options` as submit's, without a key or a delay). It always
+    carries a schedule id (a fresh one unless given), so retrying it adds one schedule."""
+    for refused in ("idempotency_key", "delay_s", "not_before"):
+        if options.get(refused) is not None:
+            raise TypeError(
+                f"add_schedule() takes no {refused}: each tick's task gets its own key and runs at its tick"
+            )
+    if missed not in MISSED_TICKS:
+        raise ValueError(f"missed must be one of {', '.join(MISSED_TICKS)}, got {missed!r}")
+    task = submit_request(type, payload, **options)
+    task.ClearField("idempotency_key")
+    return task_queue_pb2.AddScheduleRequest(
+        schedule_id=schedule_id or f"sch-{uuid.uuid4().hex[:12]}",
+        cron=cron or "",
+        every_s=every_s or 0.0,
+        timezone=timezone,
+        missed_ticks=MISSED_TICKS[missed],
+        task=task,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """A periodic schedule as stored: when (`cron` in `timezone`, or `every_s`), the task
+    each tick submits, and what it did last (times in seconds since the epoch)."""
+
+    schedule_id: str
+    cron: str
+    every_s: float
+    timezone: str
+    missed: str  # coalesce or skip
+    type: str
+    payload: Any  # as the task type's codec reads it back (text, JSON, bytes)
+    queue: str
+    created_at: float | None
+    next_fire_at: float | None
+    last_fired_at: float | None  # the tick that fired last
+    last_task_id: str
+    fires: int
+    missed_ticks: int  # ticks that fired nothing of their own (coalesced, skipped, refused)
+    last_error: str
+
+    @property
+    def when(self) -> str:
+        if self.every_s:
+            return f"every {self.every_s:g}s"
+        return self.cron + ("" if self.timezone == "UTC" else f" ({self.timezone})")
+
+
+def schedule_from_proto(proto: task_queue_pb2.Schedule) -> Schedule:
+    names = {number: name for name, number in MISSED_TICKS.items()}
+    payload = proto.task.payload
+    try:
+        shown: Any = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        shown = payload
+    return Schedule(
+        proto.schedule_id,
+        proto.cron,
+        proto.every_s,
+        proto.timezone,
+        names.get(proto.missed_ticks, "coalesce"),
+        proto.task.type,
+        shown,
+        proto.task.queue,
+        _seconds(proto.created_at),
+        _seconds(proto.next_fire_at),
+        _seconds(proto.last_fired_at),
+        proto.last_task_id,
+        proto.fires,
+        proto.missed,
+        proto.last_error,
+    )
+
+
 class Batch:
     """submit_many's items across SubmitTasks calls: chunks under the count and size caps,
     each item's outcome, and which items to send again (refused UNAVAILABLE: the server's
@@ -452,6 +548,7 @@ class TaskStatus:
     progress_detail: Any = None  # its JSON detail, decoded; None if none
     progress_at: float | None = None  # when that report was made
     priority: int = 5  # 0-9, higher runs first (qm/priority.py)
+    schedule_id: str = ""  # the periodic schedule that submitted it, if one did
 
     @property
     def terminal(self) -> bool:
@@ -541,6 +638,7 @@ def status_from_proto(status: task_queue_pb2.TaskStatus) -> TaskStatus:
         progress_detail=_json_or_none(status.progress_detail_json),
         progress_at=_seconds(status.progress_at),
         priority=status.priority,
+        schedule_id=status.schedule_id,
     )
 
 

@@ -129,6 +129,8 @@ class ServerApp:
             ),
             validators=PayloadValidators(server.validate_timeout_s, server.validate_threads),
             max_queue_length=config.broker.max_queue_length,
+            schedule_grace_s=server.schedule_grace_s,
+            max_schedules=server.max_schedules,
         )
         self.service.dead_letters.max_listed = server.max_dead_letters_listed
         self.service.dead_letters.retention_s = server.dead_letter_retention_s

@@ -46,6 +46,9 @@ METHOD_ROLES = {
     "ListDeadLetters": "admin",
     "RequeueDeadLetters": "admin",
     "PurgeDeadLetters": "admin",
+    "AddSchedule": "submit",  # a schedule submits tasks: what a submit principal may do
+    "RemoveSchedule": "submit",
+    "ListSchedules": "read",
     "GetWorkerStatus": "read",
     "ServerReflectionInfo": "read",  # reflection follows auth
 }

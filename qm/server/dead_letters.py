@@ -49,7 +49,7 @@ class DeadLetters:
         codecs: dict[str, str],
         delivery_limit: int,
         apply: Callable[[list[TaskEvent]], Awaitable[None]],
-        enqueue: Callable[[TaskRecord, TaskMessage], Awaitable[None]],
+        enqueue: Callable[[TaskRecord, TaskMessage], Awaitable[object]],
     ) -> None:
         self.store = store
         self.broker = broker

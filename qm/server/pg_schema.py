@@ -148,8 +148,45 @@ _VERSION_PRIORITY = f"""
 ALTER TABLE tasks ADD COLUMN priority integer NOT NULL DEFAULT {DEFAULT_PRIORITY};
 """
 
+# Periodic schedules (qm/server/scheduler.py): one row per schedule, found by its next tick;
+# the tick loops of every server claim a tick by a compare-and-set of next_fire_at. Tasks
+# carry the schedule that fired them.
+_VERSION_SCHEDULES = """
+ALTER TABLE tasks ADD COLUMN schedule_id text NOT NULL DEFAULT '';
+CREATE TABLE schedules (
+    schedule_id  text PRIMARY KEY,
+    cron         text NOT NULL,
+    every_s      double precision NOT NULL,
+    timezone     text NOT NULL,
+    missed       text NOT NULL,
+    type         text NOT NULL,
+    queue        text NOT NULL,
+    payload      bytea NOT NULL,
+    options_json text NOT NULL,
+    created_at   double precision NOT NULL,
+    next_fire_at double precision NOT NULL,
+    last_tick_at double precision,
+    last_task_id text NOT NULL DEFAULT '',
+    fires        bigint NOT NULL DEFAULT 0,
+    missed_ticks bigint NOT NULL DEFAULT 0,
+    last_error   text NOT NULL DEFAULT ''
+);
+CREATE INDEX schedules_by_next_fire_at ON schedules (next_fire_at);
+CREATE TRIGGER schedules_count_insert AFTER INSERT ON schedules
+    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION qm_count_rows();
+CREATE TRIGGER schedules_count_delete AFTER DELETE ON schedules
+    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION qm_count_rows();
+"""
+
 #: Migration n (1-based) takes a store from schema version n-1 to n.
-MIGRATIONS: tuple[str, ...] = (_VERSION_1, _VERSION_2, _VERSION_3, _VERSION_SWEEPS, _VERSION_PRIORITY)
+MIGRATIONS: tuple[str, ...] = (
+    _VERSION_1,
+    _VERSION_2,
+    _VERSION_3,
+    _VERSION_SWEEPS,
+    _VERSION_PRIORITY,
+    _VERSION_SCHEDULES,
+)
 #: The newest schema this code knows.
 SCHEMA_VERSION = len(MIGRATIONS)
 

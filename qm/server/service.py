@@ -12,11 +12,11 @@ import dataclasses
 import logging
 import time
 import uuid
-from typing import Sequence
+from typing import Awaitable, Callable, Sequence
 
 from qm import limits as task_limits
 from qm import priority as priorities
-from qm import retry, scheduling
+from qm import retry, schedules, scheduling
 from qm.broker import topology
 from qm.broker.base import Broker
 from qm.broker.migrate import migrate_legacy_delay_tiers
@@ -43,6 +43,7 @@ from qm.server.dead_letters import DeadLetters
 from qm.server.events import EventApplier
 from qm.server.hub import Hub
 from qm.server.reconciler import Reconciler
+from qm.server.scheduler import DEFAULT_MAX_SCHEDULES, SCHEDULE_KEY_PREFIX, Scheduler
 from qm.server.store_api import TaskRecord, TaskStore
 from qm.server.submission import Submission
 from qm.server.validators import PayloadValidators
@@ -94,6 +95,8 @@ class TaskService:
         caps: SubmitCaps | None = None,
         validators: PayloadValidators | None = None,
         max_queue_length: int = 0,
+        schedule_grace_s: float = schedules.DEFAULT_GRACE_S,
+        max_schedules: int = DEFAULT_MAX_SCHEDULES,
     ) -> None:
         self.registry = registry
         self._codecs = {name: declared.codec for name, declared in registry.types.items()}
@@ -134,6 +137,7 @@ class TaskService:
             reconcile_interval_s,
             reconcile_after_s,
         )
+        self.scheduler = Scheduler(self, schedule_grace_s, max_schedules)  # periodic schedules
 
     # -- submit / status -------------------------------------------------------------
 
@@ -177,6 +181,11 @@ class TaskService:
         if len(idempotency_key) > MAX_IDEMPOTENCY_KEY_CHARS:
             raise ValidationError("idempotency_key", f"longer than {MAX_IDEMPOTENCY_KEY_CHARS} characters")
         priorities.resolve(priority, None)  # out of range: refused before any key look-up
+        if idempotency_key.startswith(SCHEDULE_KEY_PREFIX):
+            raise ValidationError(
+                "idempotency_key",
+                f"keys starting with {SCHEDULE_KEY_PREFIX!r} are the periodic schedules' own; choose another key",
+            )
         digest = ""
         if idempotency_key:
             digest = idempotency.request_digest(
@@ -316,6 +325,40 @@ class TaskService:
         delay: scheduling.Delay = scheduling.NO_DELAY,
         requested_priority: int | None = None,
     ) -> TaskRecord:
+        record, message = await self.prepare(
+            task_type,
+            payload,
+            queue,
+            timeout_s,
+            memory_limit_mb,
+            idempotency_key,
+            retry_options,
+            soft_timeout_s,
+            request_digest,
+            delay,
+            requested_priority=requested_priority,
+        )
+        await self.enqueue(record, message)
+        return record
+
+    async def prepare(
+        self,
+        task_type: str,
+        payload: bytes,
+        queue: str,
+        timeout_s: float,
+        memory_limit_mb: int,
+        idempotency_key: str,
+        retry_options: dict,
+        soft_timeout_s: float = 0.0,
+        request_digest: str = "",
+        delay: scheduling.Delay = scheduling.NO_DELAY,
+        schedule_id: str = "",
+        now_s: float | None = None,
+        requested_priority: int | None = None,
+    ) -> tuple[TaskRecord, TaskMessage]:
+        """Validate a submission and make its record and message (nothing stored or sent):
+        ValidationError naming the field, or BrokerUnavailable while RabbitMQ is away."""
         # The idempotency key travels to validators that need it (qm/security/signing.py: a
         # retried submit is not a replay of its signed payload).
         submission = signing.SUBMISSION_KEY.set(idempotency_key)
@@ -339,7 +382,7 @@ class TaskService:
         )
         policy = retry.resolve(declared, self.default_retry, **retry_options)
         policy = dataclasses.replace(policy, max_retries=self.caps.retries(policy.max_retries))
-        now = time.time()
+        now = time.time() if now_s is None else now_s
         due_s = delay.due_at(now, self.max_delay_s)
         if not self.broker.connected:
             raise self.broker.unavailable()
@@ -356,6 +399,7 @@ class TaskService:
             request_digest=request_digest,
             due_s=due_s,
             priority=task_priority,
+            schedule_id=schedule_id,
         )
         message = TaskMessage(
             record.task_id,
@@ -371,18 +415,30 @@ class TaskService:
             due_s,
             task_priority,
         )
-        await self.enqueue(record, message)
-        return record
+        return record, message
 
-    async def enqueue(self, record: TaskRecord, message: TaskMessage) -> None:
+    async def enqueue(
+        self,
+        record: TaskRecord,
+        message: TaskMessage,
+        store: Callable[[bytes], Awaitable[bool]] | None = None,
+    ) -> bool:
         """Store (with the message, until confirmed; committed before the publish), publish,
         await the confirm; if the publish fails nothing stays stored. One store transaction:
         the confirm mark rides with the next one. If this process dies before that, the
-        stored message is published again at start-up or on the client's retry (same key)."""
+        stored message is published again at start-up or on the client's retry (same key).
+
+        `store(body)`, if given, stores the task instead of `insert_unconfirmed` (in a
+        transaction of its own making, e.g. with a schedule's tick: qm/server/scheduler.py)
+        and may decline (False: nothing stored, nothing published, False returned). A task
+        stored that way is kept when its publish fails (its caller publishes it again)."""
         await self._ensure_queue(message.queue, message.priority)
         body = message.encode()
         exchange = await self._exchange_for(message)
-        await self.store.insert_unconfirmed(record, message.queue, body)
+        if store is None:
+            await self.store.insert_unconfirmed(record, message.queue, body)
+        elif not await store(body):
+            return False
         started = time.perf_counter()
         try:
             await self.broker.publish(exchange, _routing_key(message), body, message.headers())
@@ -396,10 +452,12 @@ class TaskService:
             )
             raise
         except BaseException:
-            await self.store.delete(record.task_id)  # never a stored half-task
+            if store is None:
+                await self.store.delete(record.task_id)  # never a stored half-task
             raise
         await self.store.confirm(record.task_id)
         self.metrics.confirm_seconds.observe(time.perf_counter() - started)
+        return True
 
     async def _exchange_for(self, message: TaskMessage) -> str:
         """qm.tasks, or for a delayed task the delay tier it waits in first (qm/scheduling.py),
@@ -411,6 +469,10 @@ class TaskService:
             await topology.declare_delay_tier(self.broker, tier_s)
             self._declared_tiers.add(tier_s)
         return topology.delay_tier_name(tier_s)
+
+    async def publish_unconfirmed(self, task_id: str) -> None:
+        """Publish the task again if its message was never confirmed (see below)."""
+        await self._publish_unconfirmed(task_id)
 
     async def _publish_unconfirmed(self, task_id: str | None = None) -> None:
         """Publish again what a previous run of this server stored but never saw confirmed
@@ -511,6 +573,7 @@ class TaskService:
             asyncio.create_task(self._refresh_store_gauges(), name="store-gauges"),
             asyncio.create_task(self._publish_unconfirmed_until_done(), name="unconfirmed"),
             asyncio.create_task(self.reconciler.run(), name="reconciler"),
+            asyncio.create_task(self.scheduler.run(), name="schedules"),
         ]
         # Exclusive (one store per server): while this server lives, another one under the
         # same id is refused here (classic queues; RabbitMQ does not enforce it on quorum
@@ -530,6 +593,7 @@ class TaskService:
             try:
                 self.metrics.store_tasks.set(await self.store.count())
                 self.metrics.store_dead_letters.set(await self.store.count_dead_letters())
+                self.metrics.store_schedules.set(await self.store.count_schedules())
             except StoreUnavailable as exc:
                 log.warning("store gauges not updated: %s", exc)
             await asyncio.sleep(STORE_GAUGES_INTERVAL_S)

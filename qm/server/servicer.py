@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import logging
 import time
+import uuid
 
 import grpc
 from google.protobuf import any_pb2
@@ -19,7 +20,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from qm import priority as priorities
-from qm import scheduling
+from qm import schedules, scheduling
 from qm._proto.qm.v1 import task_queue_pb2, task_queue_pb2_grpc
 from qm.errors import (
     BrokerRefused,
@@ -31,6 +32,7 @@ from qm.errors import (
     QMError,
     QueueFull,
     RateLimited,
+    ScheduleNotFound,
     StoreUnavailable,
     StreamExpired,
     TaskAlreadyFinished,
@@ -41,8 +43,9 @@ from qm.errors import (
     ValidatorsBusy,
 )
 from qm.reasons import DOMAIN, Reason
+from qm.server.scheduler import submission_of
 from qm.server.service import TaskService
-from qm.server.store_api import TaskRecord
+from qm.server.store_api import ScheduleRecord, TaskRecord
 from qm.server.submission import Submission
 from qm.states import TaskState
 
@@ -65,11 +68,12 @@ _STATUS_OF: dict[type[QMError], tuple[grpc.StatusCode, Reason]] = {
     QueueFull: (grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.QUEUE_FULL),  # the work queue is at broker.max_queue_length
     ValidatorsBusy: (grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.VALIDATORS_BUSY),  # every validator thread a runaway's
     StreamExpired: (grpc.StatusCode.UNAVAILABLE, Reason.STREAM_EXPIRED),  # open for server.max_stream_s
+    ScheduleNotFound: (grpc.StatusCode.NOT_FOUND, Reason.SCHEDULE_NOT_FOUND),
 }
 #: Any other domain error.
 _OTHER = (grpc.StatusCode.INTERNAL, Reason.SERVER_ERROR)
 #: Attributes of a domain error that ErrorInfo.metadata carries: what the error is about.
-_METADATA_ATTRIBUTES = ("field", "task_id")
+_METADATA_ATTRIBUTES = ("field", "task_id", "schedule_id")
 
 
 def error_status(error: QMError) -> tuple[grpc.StatusCode, Reason]:
@@ -136,6 +140,7 @@ def record_to_proto(record: TaskRecord) -> task_queue_pb2.TaskStatus:
         progress_message=record.progress_message,
         progress_detail_json=record.progress_detail_json,
         priority=record.priority,
+        schedule_id=record.schedule_id,
     )
     for field, seconds in (
         ("created_at", record.created_at),
@@ -177,6 +182,53 @@ def submission_from_proto(request: task_queue_pb2.SubmitTaskRequest) -> Submissi
         request.not_before.ToNanoseconds() / 1e9 if request.HasField("not_before") else None,
         request.priority if request.HasField("priority") else None,
     )
+
+
+#: ScheduleMissedTicks ↔ qm.schedules policy names.
+_MISSED_OF = {
+    task_queue_pb2.SCHEDULE_MISSED_TICKS_UNSPECIFIED: schedules.COALESCE,
+    task_queue_pb2.SCHEDULE_MISSED_TICKS_COALESCE: schedules.COALESCE,
+    task_queue_pb2.SCHEDULE_MISSED_TICKS_SKIP: schedules.SKIP,
+}
+_MISSED_TO = {
+    schedules.COALESCE: task_queue_pb2.SCHEDULE_MISSED_TICKS_COALESCE,
+    schedules.SKIP: task_queue_pb2.SCHEDULE_MISSED_TICKS_SKIP,
+}
+
+
+def schedule_to_proto(schedule: ScheduleRecord) -> task_queue_pb2.Schedule:
+    task = submission_of(schedule)
+    request = task_queue_pb2.SubmitTaskRequest(
+        type=task.type,
+        payload=task.payload,
+        queue=task.queue,
+        timeout_s=task.timeout_s,
+        memory_limit_mb=task.memory_limit_mb,
+        soft_timeout_s=task.soft_timeout_s,
+    )
+    for field, option in _RETRY_FIELDS.items():
+        if task.retry_options.get(option) is not None:
+            setattr(request, field, task.retry_options[option])
+    proto = task_queue_pb2.Schedule(
+        schedule_id=schedule.schedule_id,
+        cron=schedule.cron,
+        every_s=schedule.every_s,
+        timezone=schedule.timezone,
+        missed_ticks=_MISSED_TO[schedule.missed],
+        task=request,
+        last_task_id=schedule.last_task_id,
+        fires=schedule.fires,
+        missed=schedule.missed_ticks,
+        last_error=schedule.last_error,
+    )
+    for field, seconds in (
+        ("created_at", schedule.created_at),
+        ("next_fire_at", schedule.next_fire_at),
+        ("last_fired_at", schedule.last_tick_at),
+    ):
+        if seconds is not None:
+            getattr(proto, field).FromNanoseconds(int(seconds * 1e9))
+    return proto
 
 
 class TaskQueueServicer(task_queue_pb2_grpc.TaskQueueServicer):
@@ -269,6 +321,31 @@ class TaskQueueServicer(task_queue_pb2_grpc.TaskQueueServicer):
     @_maps_errors
     async def PurgeDeadLetters(self, request, context):
         return task_queue_pb2.PurgeDeadLettersResponse(purged=await self.service.dead_letters.purge())
+
+    @_maps_errors
+    async def AddSchedule(self, request, context):
+        if request.missed_ticks not in _MISSED_OF:
+            raise ValidationError("missed_ticks", f"unknown value {request.missed_ticks}")
+        schedule_id = request.schedule_id or f"sch-{uuid.uuid4().hex[:12]}"
+        stored = await self.service.scheduler.add(
+            schedule_id,
+            schedules.When(request.cron, request.every_s, request.timezone),
+            _MISSED_OF[request.missed_ticks],
+            submission_from_proto(request.task),
+        )
+        return task_queue_pb2.AddScheduleResponse(schedule=schedule_to_proto(stored))
+
+    @_maps_errors
+    async def ListSchedules(self, request, context):
+        page, next_token = await self.service.scheduler.list(request.page_token, request.limit)
+        return task_queue_pb2.ListSchedulesResponse(
+            schedules=[schedule_to_proto(schedule) for schedule in page], next_page_token=next_token
+        )
+
+    @_maps_errors
+    async def RemoveSchedule(self, request, context):
+        removed = await self.service.scheduler.remove(request.schedule_id)
+        return task_queue_pb2.RemoveScheduleResponse(schedule=schedule_to_proto(removed))
 
     @_maps_errors
     async def GetTaskStatus(self, request, context):

@@ -30,7 +30,7 @@ from qm.messages import TaskEvent
 from qm.priority import DEFAULT_PRIORITY
 from qm.server.group_commit import GroupCommit, TransactionObserver
 from qm.server.progress import next_progress
-from qm.server.store_api import DeadLetter, TaskRecord
+from qm.server.store_api import DeadLetter, ScheduleRecord, TaskRecord
 from qm.states import TaskState, supersedes
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     progress    REAL NOT NULL DEFAULT 0,
     progress_message TEXT NOT NULL DEFAULT '',
     progress_detail_json TEXT NOT NULL DEFAULT '',
-    progress_at REAL
+    progress_at REAL,
+    schedule_id TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS unconfirmed (
     task_id TEXT PRIMARY KEY,
@@ -97,6 +98,24 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 CREATE TABLE IF NOT EXISTS counters (
     name  TEXT PRIMARY KEY,
     value INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS schedules (
+    schedule_id  TEXT PRIMARY KEY,
+    cron         TEXT NOT NULL,
+    every_s      REAL NOT NULL,
+    timezone     TEXT NOT NULL,
+    missed       TEXT NOT NULL,
+    type         TEXT NOT NULL,
+    queue        TEXT NOT NULL,
+    payload      BLOB NOT NULL,
+    options_json TEXT NOT NULL,
+    created_at   REAL NOT NULL,
+    next_fire_at REAL NOT NULL,
+    last_tick_at REAL,
+    last_task_id TEXT NOT NULL DEFAULT '',
+    fires        INTEGER NOT NULL DEFAULT 0,
+    missed_ticks INTEGER NOT NULL DEFAULT 0,
+    last_error   TEXT NOT NULL DEFAULT ''
 )
 """
 _INDEXES = f"""
@@ -107,9 +126,10 @@ CREATE INDEX IF NOT EXISTS running_by_deadline ON tasks (started_at + timeout_s)
 CREATE INDEX IF NOT EXISTS scheduled_by_due ON tasks (queue, next_attempt_at) WHERE state = {int(TaskState.SCHEDULED)};
 CREATE INDEX IF NOT EXISTS queued_by_queue ON tasks (queue, created_at) WHERE state = {int(TaskState.QUEUED)};
 CREATE INDEX IF NOT EXISTS dead_letters_by_dead_at ON dead_letters (dead_at);
+CREATE INDEX IF NOT EXISTS schedules_by_next_fire_at ON schedules (next_fire_at);
 """
 #: Tables whose rows `counters` keeps count of (its row names are the table names).
-_COUNTED_TABLES = ("tasks", "dead_letters")
+_COUNTED_TABLES = ("tasks", "dead_letters", "schedules")
 
 
 #: Columns added after the first release, with their declarations.
@@ -126,11 +146,13 @@ _ADDED_COLUMNS = {
     "progress_detail_json": "TEXT NOT NULL DEFAULT ''",
     "progress_at": "REAL",
     "priority": f"INTEGER NOT NULL DEFAULT {DEFAULT_PRIORITY}",
+    "schedule_id": "TEXT NOT NULL DEFAULT ''",
 }
 
 
 _COLUMNS = [field.name for field in dataclasses.fields(TaskRecord)]
 _DEAD_COLUMNS = [field.name for field in dataclasses.fields(DeadLetter)]
+_SCHEDULE_COLUMNS = [field.name for field in dataclasses.fields(ScheduleRecord)]
 
 
 class LoopObserver(TransactionObserver, Protocol):
@@ -423,13 +445,119 @@ class Store:
         """
         return await self._writes.write(lambda db: _apply(db, events, codec_of))
 
+    # -- periodic schedules ------------------------------------------------------------
 
+    async def add_schedule(self, schedule: ScheduleRecord) -> ScheduleRecord:
+        """Store a new schedule; an id already taken changes nothing: the stored one is returned."""
+
+        def write(db: sqlite3.Connection) -> ScheduleRecord:
+            placeholders = ", ".join("?" for _ in _SCHEDULE_COLUMNS)
+            db.execute(
+                f"INSERT INTO schedules ({', '.join(_SCHEDULE_COLUMNS)}) VALUES ({placeholders}) "
+                "ON CONFLICT (schedule_id) DO NOTHING",
+                dataclasses.astuple(schedule),
+            )
+            return _schedule(
+                db.execute(f"{_SELECT_SCHEDULES} WHERE schedule_id = ?", (schedule.schedule_id,)).fetchone()
+            )
+
+        return await self._writes.write(write)
+
+    async def get_schedule(self, schedule_id: str) -> ScheduleRecord | None:
+        rows = self._read("get_schedule", f"{_SELECT_SCHEDULES} WHERE schedule_id = ?", (schedule_id,))
+        return _schedule(rows[0]) if rows else None
+
+    async def list_schedules(self, after_id: str, limit: int) -> list[ScheduleRecord]:
+        """By id, after `after_id` (a walk of the primary key that stops at the limit)."""
+        rows = await self._writes.write(
+            lambda db: db.execute(
+                f"{_SELECT_SCHEDULES} WHERE schedule_id > ? ORDER BY schedule_id LIMIT ?", (after_id, limit)
+            ).fetchall()
+        )
+        return [_schedule(row) for row in rows]
+
+    async def remove_schedule(self, schedule_id: str) -> ScheduleRecord | None:
+        rows = await self._writes.write(
+            lambda db: db.execute(
+                f"DELETE FROM schedules WHERE schedule_id = ? RETURNING {', '.join(_SCHEDULE_COLUMNS)}", (schedule_id,)
+            ).fetchall()
+        )
+        return _schedule(rows[0]) if rows else None
+
+    async def count_schedules(self) -> int:
+        return self._read("count_schedules", _SELECT_COUNTER, ("schedules",))[0][0]
+
+    async def due_schedules(self, now_s: float, limit: int) -> list[ScheduleRecord]:
+        """Earliest first, through the next_fire_at index."""
+        rows = await self._writes.write(
+            lambda db: db.execute(
+                f"{_SELECT_SCHEDULES} WHERE next_fire_at <= ? ORDER BY next_fire_at LIMIT ?", (now_s, limit)
+            ).fetchall()
+        )
+        return [_schedule(row) for row in rows]
+
+    async def next_schedule_at(self) -> float | None:
+        rows = self._read("next_schedule_at", "SELECT next_fire_at FROM schedules ORDER BY next_fire_at LIMIT 1", ())
+        return rows[0][0] if rows else None
+
+    async def claim_tick(
+        self,
+        schedule_id: str,
+        due_s: float,
+        next_s: float,
+        fired: tuple[TaskRecord, str, bytes] | None,
+        *,
+        tick_s: float | None = None,
+        missed: int = 0,
+        error: str = "",
+    ) -> bool:
+        """The compare-and-set of the schedule's next tick and the fired task's rows, in one
+        write of the writer's transaction (a SAVEPOINT: all or nothing)."""
+
+        def write(db: sqlite3.Connection) -> bool:
+            claimed = db.execute(
+                _CLAIM_TICK,
+                (
+                    next_s,
+                    tick_s,
+                    fired[0].task_id if fired else None,
+                    1 if fired else 0,
+                    missed,
+                    error,
+                    schedule_id,
+                    due_s,
+                ),
+            ).rowcount
+            if claimed != 1:
+                return False
+            if fired is not None:
+                record, queue, body = fired
+                _insert(db, record)
+                db.execute(
+                    "INSERT INTO unconfirmed (task_id, queue, body) VALUES (?, ?, ?)", (record.task_id, queue, body)
+                )
+                db.execute("INSERT OR REPLACE INTO messages (task_id, body) VALUES (?, ?)", (record.task_id, body))
+            return True
+
+        return await self._writes.write(write)
+
+
+_SELECT_SCHEDULES = f"SELECT {', '.join(_SCHEDULE_COLUMNS)} FROM schedules"
 _SELECT_TASK_BY_ID = f"SELECT {', '.join(_COLUMNS)} FROM tasks WHERE task_id = ?"
 # The index holds only non-empty keys; SQLite uses a partial index only when the query
 # itself says so (it cannot prove `= ?` implies `!= ''`): without the second condition this
 # is a scan of every task.
 _SELECT_TASK_BY_KEY = f"SELECT {', '.join(_COLUMNS)} FROM tasks WHERE idempotency_key = ? AND idempotency_key != ''"
 _SELECT_COUNTER = "SELECT value FROM counters WHERE name = ?"
+
+
+#: The compare-and-set of a schedule's tick (params: next, tick, task id, fired 0/1, missed,
+#: error, schedule id, the tick expected): a tick that fired nothing keeps the last task.
+_CLAIM_TICK = (
+    "UPDATE schedules SET next_fire_at = ?, last_tick_at = coalesce(?, last_tick_at), "
+    "last_task_id = coalesce(?, last_task_id), fires = fires + ?, missed_ticks = missed_ticks + ?, "
+    "last_error = ? WHERE schedule_id = ? AND next_fire_at = ?"
+)
 
 
 def _write_confirms(db: sqlite3.Connection, task_ids: list[str]) -> None:
@@ -577,6 +705,10 @@ def _record(row: tuple) -> TaskRecord:
     values = dict(zip(_COLUMNS, row, strict=True))
     values["state"] = TaskState(values["state"])
     return TaskRecord(**values)
+
+
+def _schedule(row: tuple) -> ScheduleRecord:
+    return ScheduleRecord(*row)
 
 
 def _dead_letter(row: tuple) -> DeadLetter:

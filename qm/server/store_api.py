@@ -60,6 +60,7 @@ class TaskRecord:
     progress_detail_json: str = ""
     progress_at: float | None = None  # when that report was made
     priority: int = DEFAULT_PRIORITY  # 0-9, higher runs first (qm/priority.py)
+    schedule_id: str = ""  # the periodic schedule that fired it (qm/server/scheduler.py); "" = submitted
 
     @classmethod
     def queued(
@@ -76,6 +77,7 @@ class TaskRecord:
         request_digest: str = "",
         due_s: float | None = None,
         priority: int = DEFAULT_PRIORITY,
+        schedule_id: str = "",
     ) -> TaskRecord:
         """A task just accepted (or first heard of), QUEUED at `at_s`; SCHEDULED if due at `due_s`."""
         state = TaskState.QUEUED if due_s is None else TaskState.SCHEDULED
@@ -100,6 +102,7 @@ class TaskRecord:
             next_attempt_at=due_s,
             request_digest=request_digest,
             priority=priority,
+            schedule_id=schedule_id,
         )
 
 
@@ -116,6 +119,29 @@ class DeadLetter:
     error: str
     body: bytes
     dead_at: float
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleRecord:
+    """A periodic schedule (qm/schedules.py): when it ticks, the task each tick submits (its
+    request fields as JSON, the payload apart), and what it did last (times in epoch seconds)."""
+
+    schedule_id: str
+    cron: str  # "" for an every_s schedule
+    every_s: float  # 0 for a cron schedule
+    timezone: str
+    missed: str  # qm.schedules.COALESCE or SKIP
+    type: str
+    queue: str
+    payload: bytes
+    options_json: str  # the Submission's other fields (limits, retry options)
+    created_at: float
+    next_fire_at: float  # the next tick: what the servers' tick loops look for (indexed)
+    last_tick_at: float | None = None  # the tick that fired last
+    last_task_id: str = ""
+    fires: int = 0  # tasks fired
+    missed_ticks: int = 0  # ticks that fired nothing (coalesced into a later one, or skipped)
+    last_error: str = ""  # why the last tick fired nothing (the task was refused), else ""
 
 
 class TaskStore(Protocol):
@@ -188,6 +214,47 @@ class TaskStore(Protocol):
     ) -> int:
         """Remove these dead letters, or if None up to `limit` of the oldest (dead before
         `dead_before_s` only); return how many."""
+
+    # -- periodic schedules (qm/server/scheduler.py) --------------------------------------
+
+    async def add_schedule(self, schedule: ScheduleRecord) -> ScheduleRecord:
+        """Store a new schedule; if its id is taken, change nothing and return the stored one."""
+
+    async def get_schedule(self, schedule_id: str) -> ScheduleRecord | None:
+        """The schedule, or None."""
+
+    async def list_schedules(self, after_id: str, limit: int) -> list[ScheduleRecord]:
+        """Up to `limit` schedules with ids after `after_id` ("" = from the first), by id."""
+
+    async def remove_schedule(self, schedule_id: str) -> ScheduleRecord | None:
+        """Delete the schedule; the row as deleted (after any claim committed before), or None."""
+
+    async def count_schedules(self) -> int:
+        """Schedules in the store (from a kept counter)."""
+
+    async def due_schedules(self, now_s: float, limit: int) -> list[ScheduleRecord]:
+        """Up to `limit` schedules whose next tick is at or before `now_s`, earliest first."""
+
+    async def next_schedule_at(self) -> float | None:
+        """The earliest next tick of any schedule, or None without schedules."""
+
+    async def claim_tick(
+        self,
+        schedule_id: str,
+        due_s: float,
+        next_s: float,
+        fired: tuple[TaskRecord, str, bytes] | None,
+        *,
+        tick_s: float | None = None,
+        missed: int = 0,
+        error: str = "",
+    ) -> bool:
+        """Move the schedule from its tick due at `due_s` on to `next_s`, only if it is still
+        due there (a compare-and-set: of several servers looking at one tick, one wins), and
+        in the same transaction store `fired` (record, queue, body) as `insert_unconfirmed`
+        does. Records `tick_s` as the last tick fired (with `fired`), adds `missed` to the
+        missed ticks and keeps `error`. Durable on return; False (nothing written) if
+        another server claimed the tick or the schedule is gone."""
 
     async def close(self) -> None:
         """Write what is pending, then release connections and threads."""

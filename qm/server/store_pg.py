@@ -43,7 +43,7 @@ from qm.errors import IdempotencyKeyTaken, StoreSchemaError, StoreUnavailable
 from qm.messages import TaskEvent
 from qm.server import pg_schema
 from qm.server.store import DELETE_BATCH_ROWS, fold_events
-from qm.server.store_api import DeadLetter, TaskRecord
+from qm.server.store_api import DeadLetter, ScheduleRecord, TaskRecord
 from qm.states import TaskState
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,16 @@ APPLY_CONFLICT_TRIES = 5
 
 _COLUMNS = [field.name for field in dataclasses.fields(TaskRecord)]
 _DEAD_COLUMNS = [field.name for field in dataclasses.fields(DeadLetter)]
+_SCHEDULE_COLUMNS = [field.name for field in dataclasses.fields(ScheduleRecord)]
+_SELECT_SCHEDULES = f"SELECT {', '.join(_SCHEDULE_COLUMNS)} FROM schedules"
+#: The compare-and-set of a schedule's tick; see Store's _CLAIM_TICK. Under READ COMMITTED
+#: a second server's UPDATE waits for the first one's row lock, then finds the new
+#: next_fire_at and changes nothing.
+_CLAIM_TICK = (
+    "UPDATE schedules SET next_fire_at = $1, last_tick_at = coalesce($2, last_tick_at), "
+    "last_task_id = coalesce($3, last_task_id), fires = fires + $4, missed_ticks = missed_ticks + $5, "
+    "last_error = $6 WHERE schedule_id = $7 AND next_fire_at = $8"
+)
 _SELECT_TASK = f"SELECT {', '.join(_COLUMNS)} FROM tasks"
 _INSERT_TASK = (
     f"INSERT INTO tasks ({', '.join(_COLUMNS)}) VALUES ({', '.join(f'${n}' for n in range(1, len(_COLUMNS) + 1))})"
@@ -441,6 +451,80 @@ class PgStore:
             )
         return await self._execute("DELETE FROM dead_letters WHERE task_id = ANY($1::text[])", list(task_ids))
 
+    # -- periodic schedules ------------------------------------------------------------
+
+    async def add_schedule(self, schedule: ScheduleRecord) -> ScheduleRecord:
+        """Store a new schedule; an id already taken (by any server) changes nothing."""
+        async with self._connection(transaction=True) as connection:
+            await connection.execute(
+                f"INSERT INTO schedules ({', '.join(_SCHEDULE_COLUMNS)}) "
+                f"VALUES ({', '.join(f'${n}' for n in range(1, len(_SCHEDULE_COLUMNS) + 1))}) "
+                "ON CONFLICT (schedule_id) DO NOTHING",
+                *dataclasses.astuple(schedule),
+            )
+            row = await connection.fetchrow(f"{_SELECT_SCHEDULES} WHERE schedule_id = $1", schedule.schedule_id)
+        return _schedule(row)
+
+    async def get_schedule(self, schedule_id: str) -> ScheduleRecord | None:
+        row = await self._fetchrow(f"{_SELECT_SCHEDULES} WHERE schedule_id = $1", schedule_id)
+        return _schedule(row) if row is not None else None
+
+    async def list_schedules(self, after_id: str, limit: int) -> list[ScheduleRecord]:
+        rows = await self._fetch(
+            f"{_SELECT_SCHEDULES} WHERE schedule_id > $1 ORDER BY schedule_id LIMIT $2", after_id, limit
+        )
+        return [_schedule(row) for row in rows]
+
+    async def remove_schedule(self, schedule_id: str) -> ScheduleRecord | None:
+        """Waits for a claim of the row in progress: the row returned has its fires."""
+        row = await self._fetchrow(
+            f"DELETE FROM schedules WHERE schedule_id = $1 RETURNING {', '.join(_SCHEDULE_COLUMNS)}", schedule_id
+        )
+        return _schedule(row) if row is not None else None
+
+    async def count_schedules(self) -> int:
+        return await self._counter("schedules")
+
+    async def due_schedules(self, now_s: float, limit: int) -> list[ScheduleRecord]:
+        rows = await self._fetch(
+            f"{_SELECT_SCHEDULES} WHERE next_fire_at <= $1 ORDER BY next_fire_at LIMIT $2", now_s, limit
+        )
+        return [_schedule(row) for row in rows]
+
+    async def next_schedule_at(self) -> float | None:
+        row = await self._fetchrow("SELECT next_fire_at FROM schedules ORDER BY next_fire_at LIMIT 1")
+        return row[0] if row is not None else None
+
+    async def claim_tick(
+        self,
+        schedule_id: str,
+        due_s: float,
+        next_s: float,
+        fired: tuple[TaskRecord, str, bytes] | None,
+        *,
+        tick_s: float | None = None,
+        missed: int = 0,
+        error: str = "",
+    ) -> bool:
+        """The compare-and-set and the fired task's rows in one transaction: a crash leaves
+        both or neither; a key another server stored first: IdempotencyKeyTaken, nothing written."""
+        task_id = fired[0].task_id if fired else None
+        async with self._connection(transaction=True) as connection:
+            status = await connection.execute(
+                _CLAIM_TICK, next_s, tick_s, task_id, 1 if fired else 0, missed, error, schedule_id, due_s
+            )
+            if _rowcount(status) != 1:
+                return False
+            if fired is not None:
+                record, queue, body = fired
+                try:
+                    await connection.execute(_INSERT_UNCONFIRMED, *_row(record), queue, body, self.server_id)
+                except asyncpg.UniqueViolationError as exc:
+                    if exc.constraint_name == "tasks_by_idempotency_key":
+                        raise IdempotencyKeyTaken(record.idempotency_key) from None
+                    raise
+        return True
+
     # -- other servers' changes --------------------------------------------------------
 
     def listen(self, on_changes: Callable[[list[str] | None], Awaitable[None]]) -> ChangeListener:
@@ -606,6 +690,12 @@ def _record(row: asyncpg.Record) -> TaskRecord:
     if values["result"] is not None:
         values["result"] = bytes(values["result"])
     return TaskRecord(**values)
+
+
+def _schedule(row: asyncpg.Record) -> ScheduleRecord:
+    values = dict(zip(_SCHEDULE_COLUMNS, row, strict=True))
+    values["payload"] = bytes(values["payload"])
+    return ScheduleRecord(**values)
 
 
 def _dead_letter(row: asyncpg.Record) -> DeadLetter:

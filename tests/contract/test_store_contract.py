@@ -28,7 +28,7 @@ from qm.metrics import ServerMetrics
 from qm.server import pg_schema
 from qm.server.reconciler import Reconciler
 from qm.server.store import Store
-from qm.server.store_api import DeadLetter, TaskRecord
+from qm.server.store_api import DeadLetter, ScheduleRecord, TaskRecord
 from qm.server.store_pg import PgStore
 from qm.states import TaskState
 from tests.postgres_fixtures import fresh_database, postgres  # noqa: F401  (fixture)
@@ -65,6 +65,16 @@ def open_pg(url: str, server_id: str = "server-a") -> Blocking:
     opened = Blocking(None)
     opened.target = opened.run(PgStore.open(url, server_id, pool_size=4))
     return opened
+
+
+def schedule(schedule_id: str, next_at: float = T0 + 5, every_s: float = 5.0) -> ScheduleRecord:
+    return ScheduleRecord(schedule_id, "", every_s, "UTC", "coalesce", "math", "default", b"6 * 7",
+                          '{"timeout_s": 0.0}', T0, next_at)
+
+
+def fired_task(schedule_id: str, tick: float, task_id: str | None = None) -> TaskRecord:
+    return TaskRecord.queued(task_id or f"{schedule_id}@{tick}", "math", "default", "text", tick,
+                             idempotency_key=f"schedule:{schedule_id}:{tick}", schedule_id=schedule_id)
 
 
 class StoreContract:
@@ -204,6 +214,46 @@ class StoreContract:
         store.add_dead_letter(dead("d4", T0 + 10))
         assert store.remove_dead_letters(None, 10, dead_before_s=T0 + 5) == 1  # retention: d3 only
         assert [d.task_id for d in store.dead_letters(10)[0]] == ["d4"]
+
+
+    def test_schedules_are_added_once_listed_by_id_and_removed(self, store):
+        assert store.add_schedule(schedule("b")) == schedule("b")
+        assert store.add_schedule(schedule("b", T0 + 99)) == schedule("b")  # the id is taken: unchanged
+        store.add_schedule(schedule("a"))
+        store.add_schedule(schedule("c", T0 + 1))
+        assert [s.schedule_id for s in store.list_schedules("", 2)] == ["a", "b"]
+        assert [s.schedule_id for s in store.list_schedules("b", 2)] == ["c"]
+        assert store.get_schedule("a") == schedule("a") and store.get_schedule("nope") is None
+        assert store.count_schedules() == 3
+        assert store.remove_schedule("a") == schedule("a") and store.remove_schedule("a") is None
+        assert store.count_schedules() == 2 and store.get_schedule("a") is None
+
+    def test_due_schedules_come_earliest_first_from_their_next_tick(self, store):
+        assert store.next_schedule_at() is None and store.due_schedules(T0 + 100, 10) == []
+        for name, at in (("late", T0 + 30), ("soon", T0 + 10), ("sooner", T0 + 5)):
+            store.add_schedule(schedule(name, at))
+        assert store.next_schedule_at() == T0 + 5
+        assert [s.schedule_id for s in store.due_schedules(T0 + 10, 10)] == ["sooner", "soon"]
+        assert [s.schedule_id for s in store.due_schedules(T0 + 100, 1)] == ["sooner"]
+
+    def test_a_tick_is_claimed_once_with_its_task_in_the_same_write(self, store):
+        store.add_schedule(schedule("s", T0 + 5))
+        task = fired_task("s", T0 + 5)
+        assert store.claim_tick("s", T0 + 5, T0 + 10, (task, "default", b"body"), tick_s=T0 + 5, missed=2)
+        assert store.get(task.task_id) == task and store.unconfirmed() == [(task.task_id, "default", b"body")]
+        again = fired_task("s", T0 + 5, "second-try")
+        assert not store.claim_tick("s", T0 + 5, T0 + 10, (again, "default", b"body"), tick_s=T0 + 5)
+        assert store.get("second-try") is None  # the lost claim stored nothing
+        stored = store.get_schedule("s")
+        assert (stored.next_fire_at, stored.last_tick_at, stored.last_task_id, stored.fires, stored.missed_ticks) == (
+            T0 + 10, T0 + 5, task.task_id, 1, 2)
+        assert store.claim_tick("s", T0 + 10, T0 + 15, None, missed=1, error="type gone")  # fired nothing
+        stored = store.get_schedule("s")
+        assert (stored.last_task_id, stored.fires, stored.missed_ticks, stored.last_error) == (
+            task.task_id, 1, 3, "type gone")
+        store.remove_schedule("s")
+        assert not store.claim_tick("s", T0 + 15, T0 + 20, (fired_task("s", T0 + 15), "default", b"b"))
+        assert store.get(fired_task("s", T0 + 15).task_id) is None
 
 
 class TestSQLiteStore(StoreContract):
@@ -382,6 +432,27 @@ class TestSharedPostgresStore:
                 await b.close()
 
         assert asyncio.run(sweep_both()) == (300, 0)
+
+    def test_two_servers_claiming_one_tick_fire_it_once(self, database):
+        async def race() -> list[object]:
+            stores = [await PgStore.open(database, f"server-{i}", pool_size=2) for i in range(4)]
+            try:
+                await stores[0].add_schedule(schedule("s", T0 + 5))
+                claims = []
+                for tick in (T0 + 5, T0 + 10, T0 + 15):  # every server tries every tick at once
+                    claims += await asyncio.gather(*(
+                        store.claim_tick("s", tick, tick + 5, (fired_task("s", tick, f"{tick}-by-{i}"), "default",
+                                                                b"m"), tick_s=tick)
+                        for i, store in enumerate(stores)))
+                stored = await stores[1].get_schedule("s")
+                assert (stored.fires, stored.next_fire_at, await stores[2].count()) == (3, T0 + 20, 3)
+                return claims
+            finally:
+                for store in stores:
+                    await store.close()
+
+        claims = asyncio.run(race())
+        assert [sum(claims[i:i + 4]) for i in (0, 4, 8)] == [1, 1, 1]
 
     def test_a_schema_newer_than_the_code_is_refused_at_open(self, database):
         async def bump() -> None:

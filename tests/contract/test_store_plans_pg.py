@@ -23,7 +23,7 @@ import asyncpg
 import pytest
 
 from qm.messages import TaskEvent
-from qm.server.store_api import DeadLetter, TaskRecord
+from qm.server.store_api import DeadLetter, ScheduleRecord, TaskRecord
 from qm.server.store_pg import PgStore
 from qm.states import TaskState
 from tests.postgres_fixtures import fresh_database, postgres  # noqa: F401  (fixture)
@@ -36,6 +36,7 @@ T0 = 1_700_000_000.0
 #: Rows seeded: enough that a scan costs the planner far more than an index look-up.
 SEEDED_TASKS = 50_000
 SEEDED_DEAD_LETTERS = 5_000
+SEEDED_SCHEDULES = 5_000
 #: Tables that do not grow with the store.
 SMALL_TABLES = {"counters", "unconfirmed", "sweeps"}
 
@@ -132,6 +133,23 @@ async def dead_letters(store: PgStore) -> None:
     await store.remove_dead_letters(None, 1000, dead_before_s=T0 + 10)
 
 
+@step
+async def schedules(store: PgStore) -> None:
+    new = ScheduleRecord("new-schedule", "", 5.0, "UTC", "coalesce", "math", "default", b"1", "{}", T0, T0 + 5)
+    await store.add_schedule(new)
+    await store.get_schedule("new-schedule")
+    await store.list_schedules("", 100)
+    await store.list_schedules("schedule-2", 100)
+    await store.count_schedules()
+    await store.due_schedules(T0 + 10, 100)
+    await store.next_schedule_at()
+    fired = TaskRecord.queued("fired", "math", "default", "text", T0 + 5, idempotency_key="schedule:new:1",
+                              schedule_id="new-schedule")
+    await store.claim_tick("new-schedule", T0 + 5, T0 + 10, (fired, "default", b"m"), tick_s=T0 + 5)
+    await store.claim_tick("new-schedule", T0 + 10, T0 + 15, None, missed=1)
+    await store.remove_schedule("new-schedule")
+
+
 async def seed(url: str) -> None:
     """Tasks in every state (most finished long ago, as retention leaves them), dead
     letters, kept messages; then ANALYZE, so the planner knows the sizes."""
@@ -155,6 +173,12 @@ async def seed(url: str) -> None:
             INSERT INTO dead_letters (task_id, type, queue, state, attempts, reason, error, body, dead_at)
             SELECT 'dead-' || i, 'math', 'default', {int(S.FAILED)}, 1, 'failed', 'boom', 'body'::bytea, {T0} + i
             FROM generate_series(1, {SEEDED_DEAD_LETTERS}) AS i""")
+        await connection.execute(f"""
+            INSERT INTO schedules (schedule_id, cron, every_s, timezone, missed, type, queue, payload, options_json,
+                                   created_at, next_fire_at)
+            SELECT 'schedule-' || i, '', 60, 'UTC', 'coalesce', 'math', 'default', '1'::bytea, '{{}}', {T0},
+                   {T0} + 3600 + i
+            FROM generate_series(1, {SEEDED_SCHEDULES}) AS i""")
         await connection.execute("ANALYZE")
     finally:
         await connection.close()

@@ -29,7 +29,7 @@ import yaml
 import qm
 from qm.client.client import RemoteError
 from qm.testing.rabbitmq import free_port
-from tests.processes import Launcher
+from tests.processes import Launcher, wait_until
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 PROMETHEUS_DIR = REPO / "deploy" / "prometheus"
@@ -284,18 +284,22 @@ def observed(rabbitmq, tmp_path_factory):
         worker = launcher.worker(rabbitmq.url, procs=2, queues=queue,
                                  extra_args=["--metrics-port", str(worker_metrics)])
         prometheus.wait_ready()
+        idle = launcher.queue(rabbitmq.url)  # no worker: a schedule's tasks move no task counter
         with qm.Client(server.address) as client:
+            client.add_schedule("math", "1 + 1", every_s=1, queue=idle, schedule_id="observe-each-second")
             ids = submit_all(client, queue, tmp)
             final = {}
             for status in client.watch(ids, timeout_s=TASKS_TIMEOUT_S):
                 final[status.task_id] = status
+            wait_until(lambda: client.list_schedules()[0].fires >= 2, TASKS_TIMEOUT_S, message="2 schedule fires")
+            schedule_fires = client.remove_schedule("observe-each-second").fires
         states = sorted(status.state for status in final.values())
         logs = f"{server.logs}\n{worker.logs}\n{prometheus.log}"
         assert len(final) == len(ids) and all(status.terminal for status in final.values()), logs
         expected_states = sorted(["SUCCEEDED"] * (MATH_TASKS + RETRIED_TASKS) + ["FAILED"] * FAILING_TASKS
                                  + ["TIMED_OUT"] * TIMED_OUT_TASKS)
         assert states == expected_states, logs
-        yield types.SimpleNamespace(prometheus=prometheus, server=server, worker=worker,
+        yield types.SimpleNamespace(prometheus=prometheus, server=server, worker=worker, schedule_fires=schedule_fires,
                                     server_metrics=f"http://127.0.0.1:{server_metrics}/metrics",
                                     worker_metrics=f"http://127.0.0.1:{worker_metrics}/metrics")
     finally:
@@ -349,7 +353,9 @@ def test_prometheus_shows_counters_moved_by_exactly_the_tasks_run(observed):
         "sum by (type) (qm_server_dead_letters_total)": {
             (("type", "test.fail"),): FAILING_TASKS, (("type", "test.sleep"),): TIMED_OUT_TASKS},
         'sum(qm_server_grpc_handling_seconds_count{method="SubmitTask"})': {(): total + 1 + invalid},
-        "sum(qm_server_publish_confirm_seconds_count)": {(): total},
+        "sum(qm_server_publish_confirm_seconds_count)": {(): total + observed.schedule_fires},
+        'sum by (outcome) (qm_server_schedule_fires_total)': {(("outcome", "fired"),): observed.schedule_fires},
+        "max(qm_server_store_schedules)": {(): 0},
         "max(qm_server_store_dead_letters)": {(): dead},
         # qm-worker
         'sum(qm_worker_tasks_finished_total{state="SUCCEEDED",type="math"})': {(): MATH_TASKS},

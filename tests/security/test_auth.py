@@ -101,6 +101,10 @@ def test_a_role_without_the_right_is_permission_denied_and_the_right_role_is_ser
                 task_queue_pb2.ListDeadLettersRequest(), timeout=10),
             "submit purges dead letters": lambda: submitter.PurgeDeadLetters(
                 task_queue_pb2.PurgeDeadLettersRequest(), timeout=10),
+            "read adds a schedule": lambda: reader.AddSchedule(task_queue_pb2.AddScheduleRequest(
+                schedule_id="by-reader", every_s=1, task=submit_request(queue)), timeout=10),
+            "read removes a schedule": lambda: reader.RemoveSchedule(
+                task_queue_pb2.RemoveScheduleRequest(schedule_id="by-submitter"), timeout=10),
         }
         for case, hostile in denied.items():
             with attack(hostile):
@@ -112,6 +116,8 @@ def test_a_role_without_the_right_is_permission_denied_and_the_right_role_is_ser
         assert_nothing_stored(server, rabbitmq.url, queue)
 
         # The roles that do have the right are served.
+        listed = reader.ListSchedules(task_queue_pb2.ListSchedulesRequest(), timeout=10)
+        assert list(listed.schedules) == []  # the reader's add never happened
         task_id = submitter.SubmitTask(submit_request(queue), timeout=30).task_id
         status = reader.GetTaskStatus(task_queue_pb2.GetTaskStatusRequest(task_id=task_id), timeout=10)
         assert status.status.task_id == task_id

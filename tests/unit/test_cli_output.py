@@ -8,8 +8,8 @@ import json
 
 from qm._proto.qm.v1 import task_queue_pb2
 from qm.client import cli
-from qm.client.common import (dead_letters_from_proto, status_from_proto, task_types_from_proto,
-                              workers_from_proto)
+from qm.client.common import (dead_letters_from_proto, schedule_from_proto, status_from_proto,
+                              task_types_from_proto, workers_from_proto)
 from qm.states import TaskState
 
 #: 2026-01-01T00:00:00Z and a second later, in seconds since the epoch.
@@ -34,6 +34,9 @@ class AnsweringClient:
     def dead_letters(self, limit):
         return dead_letters_from_proto(self.responses["dead"])
 
+    def list_schedules(self):
+        return [schedule_from_proto(proto) for proto in self.responses["schedules"]]
+
 
 def printed(capsys, command, client, **args) -> list[str]:
     assert command(client, argparse.Namespace(**args)) == 0
@@ -56,7 +59,8 @@ def test_status_json_keeps_its_shape_with_the_state_by_name(capsys):
         ("started_at", None), ("finished_at", None), ("updated_at", "2026-01-01T00:00:01.000+00:00"),
         ("timeout_s", 60.0), ("memory_limit_mb", 0), ("max_retries", 3), ("next_attempt_at", None),
         ("progress", 0.0), ("progress_message", ""), ("progress_detail", None), ("progress_at", None),
-        ("priority", 7)]
+        ("priority", 7),
+        ("schedule_id", "")]
     text = printed(capsys, cli.cmd_status, AnsweringClient(status=proto), task_id="t1", json=False)
     assert "state     SUCCEEDED" in text and "priority  7" in text
 
@@ -105,3 +109,26 @@ def test_dead_letters_print_the_state_by_name(capsys):
     assert json.loads(line) == {"task_id": "t9", "type": "math", "queue": "default", "state": "CRASHED",
                                 "attempts": 4, "reason": "delivery_limit", "error": "killed",
                                 "dead_at": "2026-01-01T00:00:00.000+00:00"}
+
+
+def test_schedule_list_shows_when_the_task_the_next_tick_and_what_it_did(capsys):
+    nightly = task_queue_pb2.Schedule(
+        schedule_id="nightly", cron="0 3 * * *", timezone="Europe/Paris",
+        missed_ticks=task_queue_pb2.SCHEDULE_MISSED_TICKS_SKIP,
+        task=task_queue_pb2.SubmitTaskRequest(type="math", payload=b"6 * 7"), last_task_id="t9", fires=4, missed=1,
+        last_error="type: unknown task type 'math'")
+    nightly.next_fire_at.FromSeconds(T0_S)
+    every = task_queue_pb2.Schedule(schedule_id="each-30s", every_s=30, timezone="UTC",
+                                    missed_ticks=task_queue_pb2.SCHEDULE_MISSED_TICKS_COALESCE,
+                                    task=task_queue_pb2.SubmitTaskRequest(type="math", payload=b"1"))
+    client = AnsweringClient(schedules=[every, nightly])
+    lines = printed(capsys, cli.cmd_schedule, client, schedule_command="list", json=False)
+    assert lines[0].startswith("each-30s ") and "every 30s" in lines[0] and "fires 0 missed 0 (coalesce)" in lines[0]
+    assert "0 3 * * * (Europe/Paris)" in lines[1] and "next 2026-01-01T00:00:00.000+00:00" in lines[1]
+    assert "fires 4 missed 1 (skip) last t9 error: type: unknown task type 'math'" in lines[1]
+    assert lines[2] == "2 schedule(s)"
+    [first, _] = printed(capsys, cli.cmd_schedule, client, schedule_command="list", json=True)
+    assert json.loads(first) == {
+        "id": "each-30s", "cron": "", "every_s": 30.0, "timezone": "UTC", "missed": "coalesce", "type": "math",
+        "payload": "1", "queue": "", "created_at": None, "next_fire_at": None, "last_fired_at": None,
+        "last_task_id": "", "fires": 0, "missed_ticks": 0, "last_error": ""}

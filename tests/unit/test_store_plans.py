@@ -38,6 +38,7 @@ from qm.messages import TaskEvent, TaskMessage
 from qm.registry import discover
 from qm.server.service import TaskService
 from qm.server.store import DeadLetter, Store, TaskRecord
+from qm.server.store_api import ScheduleRecord
 from qm.states import TaskState
 from tests.unit.aio import Blocking, run, within
 from tests.unit.harness import MAX_PAYLOAD_BYTES
@@ -55,6 +56,8 @@ SMALL_TABLES = {
 LIMITED_WALKS = {
     re.compile(r"^SELECT [\w, ']+ FROM dead_letters ORDER BY dead_at LIMIT \?$"):
         "dead letters, oldest first (with or without bodies): walks dead_letters_by_dead_at, stops at the limit",
+    re.compile(r"^SELECT next_fire_at FROM schedules ORDER BY next_fire_at LIMIT 1$"):
+        "the earliest next tick of any schedule: the first entry of schedules_by_next_fire_at",
 }
 #: Statement kinds that touch no rows (schema, transactions, settings).
 NOT_PLANNED = ("PRAGMA", "BEGIN", "COMMIT", "ROLLBACK", "END", "SAVEPOINT", "RELEASE", "CREATE", "DROP",
@@ -254,6 +257,28 @@ def retention(store: Store) -> None:
 @step
 def sizes(store: Store) -> None:
     assert (store.count(), store.count_dead_letters()) == (7, 1)  # what the steps above left (four of them the reconciler's)
+
+
+@step
+def schedules(store: Store) -> None:
+    def schedule(schedule_id: str, next_at: float) -> ScheduleRecord:
+        return ScheduleRecord(schedule_id, "* * * * * *", 0.0, "UTC", "coalesce", "math", "default", b"1 + 1",
+                              "{}", T0, next_at)
+
+    assert store.add_schedule(schedule("s1", T0 + 1)).schedule_id == "s1"
+    assert store.add_schedule(schedule("s1", T0 + 9)).next_fire_at == T0 + 1  # taken: unchanged
+    store.add_schedule(schedule("s2", T0 + 2))
+    assert [s.schedule_id for s in store.list_schedules("", 1)] == ["s1"]
+    assert [s.schedule_id for s in store.list_schedules("s1", 10)] == ["s2"]
+    assert store.get_schedule("s2").next_fire_at == T0 + 2 and store.count_schedules() == 2
+    assert [s.schedule_id for s in store.due_schedules(T0 + 1, 10)] == ["s1"]
+    assert store.next_schedule_at() == T0 + 1
+    fired = TaskRecord.queued("fired", "math", "default", "text", T0 + 1, idempotency_key="schedule:s1:t1",
+                              schedule_id="s1")
+    assert store.claim_tick("s1", T0 + 1, T0 + 2, (fired, "default", b"m"), tick_s=T0 + 1)
+    assert not store.claim_tick("s1", T0 + 1, T0 + 2, None)  # claimed already
+    store.confirm("fired")
+    assert store.remove_schedule("s2").schedule_id == "s2" and store.get_schedule("s2") is None
 
 
 @step

@@ -30,6 +30,7 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ERROR_REASON_VALIDATORS_BUSY: _ClassVar[ErrorReason]
     ERROR_REASON_STREAM_EXPIRED: _ClassVar[ErrorReason]
     ERROR_REASON_STORE_UNAVAILABLE: _ClassVar[ErrorReason]
+    ERROR_REASON_SCHEDULE_NOT_FOUND: _ClassVar[ErrorReason]
 
 class TaskState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -44,6 +45,12 @@ class TaskState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TASK_STATE_CRASHED: _ClassVar[TaskState]
     TASK_STATE_CANCELLED: _ClassVar[TaskState]
     TASK_STATE_SCHEDULED: _ClassVar[TaskState]
+
+class ScheduleMissedTicks(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SCHEDULE_MISSED_TICKS_UNSPECIFIED: _ClassVar[ScheduleMissedTicks]
+    SCHEDULE_MISSED_TICKS_COALESCE: _ClassVar[ScheduleMissedTicks]
+    SCHEDULE_MISSED_TICKS_SKIP: _ClassVar[ScheduleMissedTicks]
 ERROR_REASON_UNSPECIFIED: ErrorReason
 ERROR_REASON_INVALID_FIELD: ErrorReason
 ERROR_REASON_UNKNOWN_TASK_TYPE: ErrorReason
@@ -62,6 +69,7 @@ ERROR_REASON_QUEUE_FULL: ErrorReason
 ERROR_REASON_VALIDATORS_BUSY: ErrorReason
 ERROR_REASON_STREAM_EXPIRED: ErrorReason
 ERROR_REASON_STORE_UNAVAILABLE: ErrorReason
+ERROR_REASON_SCHEDULE_NOT_FOUND: ErrorReason
 TASK_STATE_UNSPECIFIED: TaskState
 TASK_STATE_QUEUED: TaskState
 TASK_STATE_RUNNING: TaskState
@@ -73,6 +81,9 @@ TASK_STATE_MEMORY_EXCEEDED: TaskState
 TASK_STATE_CRASHED: TaskState
 TASK_STATE_CANCELLED: TaskState
 TASK_STATE_SCHEDULED: TaskState
+SCHEDULE_MISSED_TICKS_UNSPECIFIED: ScheduleMissedTicks
+SCHEDULE_MISSED_TICKS_COALESCE: ScheduleMissedTicks
+SCHEDULE_MISSED_TICKS_SKIP: ScheduleMissedTicks
 
 class SubmitTaskRequest(_message.Message):
     __slots__ = ("type", "payload", "queue", "timeout_s", "memory_limit_mb", "max_retries", "retry_backoff_s", "retry_backoff_max_s", "retry_jitter", "retry_on_timeout", "idempotency_key", "soft_timeout_s", "delay_s", "not_before", "priority")
@@ -179,7 +190,7 @@ class CancelTaskResponse(_message.Message):
     def __init__(self, status: _Optional[_Union[TaskStatus, _Mapping]] = ...) -> None: ...
 
 class TaskStatus(_message.Message):
-    __slots__ = ("task_id", "type", "queue", "state", "attempts", "result", "codec", "error", "worker", "created_at", "started_at", "finished_at", "updated_at", "timeout_s", "memory_limit_mb", "max_retries", "next_attempt_at", "progress", "progress_message", "progress_detail_json", "progress_at", "priority")
+    __slots__ = ("task_id", "type", "queue", "state", "attempts", "result", "codec", "error", "worker", "created_at", "started_at", "finished_at", "updated_at", "timeout_s", "memory_limit_mb", "max_retries", "next_attempt_at", "progress", "progress_message", "progress_detail_json", "progress_at", "priority", "schedule_id")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
     QUEUE_FIELD_NUMBER: _ClassVar[int]
@@ -202,6 +213,7 @@ class TaskStatus(_message.Message):
     PROGRESS_DETAIL_JSON_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_AT_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULE_ID_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     type: str
     queue: str
@@ -224,7 +236,8 @@ class TaskStatus(_message.Message):
     progress_detail_json: str
     progress_at: _timestamp_pb2.Timestamp
     priority: int
-    def __init__(self, task_id: _Optional[str] = ..., type: _Optional[str] = ..., queue: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., attempts: _Optional[int] = ..., result: _Optional[bytes] = ..., codec: _Optional[str] = ..., error: _Optional[str] = ..., worker: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., timeout_s: _Optional[float] = ..., memory_limit_mb: _Optional[int] = ..., max_retries: _Optional[int] = ..., next_attempt_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., progress: _Optional[float] = ..., progress_message: _Optional[str] = ..., progress_detail_json: _Optional[str] = ..., progress_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., priority: _Optional[int] = ...) -> None: ...
+    schedule_id: str
+    def __init__(self, task_id: _Optional[str] = ..., type: _Optional[str] = ..., queue: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., attempts: _Optional[int] = ..., result: _Optional[bytes] = ..., codec: _Optional[str] = ..., error: _Optional[str] = ..., worker: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., timeout_s: _Optional[float] = ..., memory_limit_mb: _Optional[int] = ..., max_retries: _Optional[int] = ..., next_attempt_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., progress: _Optional[float] = ..., progress_message: _Optional[str] = ..., progress_detail_json: _Optional[str] = ..., progress_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., priority: _Optional[int] = ..., schedule_id: _Optional[str] = ...) -> None: ...
 
 class ListWorkersRequest(_message.Message):
     __slots__ = ()
@@ -358,3 +371,83 @@ class PurgeDeadLettersResponse(_message.Message):
     PURGED_FIELD_NUMBER: _ClassVar[int]
     purged: int
     def __init__(self, purged: _Optional[int] = ...) -> None: ...
+
+class AddScheduleRequest(_message.Message):
+    __slots__ = ("schedule_id", "cron", "every_s", "timezone", "missed_ticks", "task")
+    SCHEDULE_ID_FIELD_NUMBER: _ClassVar[int]
+    CRON_FIELD_NUMBER: _ClassVar[int]
+    EVERY_S_FIELD_NUMBER: _ClassVar[int]
+    TIMEZONE_FIELD_NUMBER: _ClassVar[int]
+    MISSED_TICKS_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    schedule_id: str
+    cron: str
+    every_s: float
+    timezone: str
+    missed_ticks: ScheduleMissedTicks
+    task: SubmitTaskRequest
+    def __init__(self, schedule_id: _Optional[str] = ..., cron: _Optional[str] = ..., every_s: _Optional[float] = ..., timezone: _Optional[str] = ..., missed_ticks: _Optional[_Union[ScheduleMissedTicks, str]] = ..., task: _Optional[_Union[SubmitTaskRequest, _Mapping]] = ...) -> None: ...
+
+class AddScheduleResponse(_message.Message):
+    __slots__ = ("schedule",)
+    SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    schedule: Schedule
+    def __init__(self, schedule: _Optional[_Union[Schedule, _Mapping]] = ...) -> None: ...
+
+class ListSchedulesRequest(_message.Message):
+    __slots__ = ("limit", "page_token")
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    limit: int
+    page_token: str
+    def __init__(self, limit: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListSchedulesResponse(_message.Message):
+    __slots__ = ("schedules", "next_page_token")
+    SCHEDULES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    schedules: _containers.RepeatedCompositeFieldContainer[Schedule]
+    next_page_token: str
+    def __init__(self, schedules: _Optional[_Iterable[_Union[Schedule, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class RemoveScheduleRequest(_message.Message):
+    __slots__ = ("schedule_id",)
+    SCHEDULE_ID_FIELD_NUMBER: _ClassVar[int]
+    schedule_id: str
+    def __init__(self, schedule_id: _Optional[str] = ...) -> None: ...
+
+class RemoveScheduleResponse(_message.Message):
+    __slots__ = ("schedule",)
+    SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    schedule: Schedule
+    def __init__(self, schedule: _Optional[_Union[Schedule, _Mapping]] = ...) -> None: ...
+
+class Schedule(_message.Message):
+    __slots__ = ("schedule_id", "cron", "every_s", "timezone", "missed_ticks", "task", "created_at", "next_fire_at", "last_fired_at", "last_task_id", "fires", "missed", "last_error")
+    SCHEDULE_ID_FIELD_NUMBER: _ClassVar[int]
+    CRON_FIELD_NUMBER: _ClassVar[int]
+    EVERY_S_FIELD_NUMBER: _ClassVar[int]
+    TIMEZONE_FIELD_NUMBER: _ClassVar[int]
+    MISSED_TICKS_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    NEXT_FIRE_AT_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIRED_AT_FIELD_NUMBER: _ClassVar[int]
+    LAST_TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    FIRES_FIELD_NUMBER: _ClassVar[int]
+    MISSED_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    schedule_id: str
+    cron: str
+    every_s: float
+    timezone: str
+    missed_ticks: ScheduleMissedTicks
+    task: SubmitTaskRequest
+    created_at: _timestamp_pb2.Timestamp
+    next_fire_at: _timestamp_pb2.Timestamp
+    last_fired_at: _timestamp_pb2.Timestamp
+    last_task_id: str
+    fires: int
+    missed: int
+    last_error: str
+    def __init__(self, schedule_id: _Optional[str] = ..., cron: _Optional[str] = ..., every_s: _Optional[float] = ..., timezone: _Optional[str] = ..., missed_ticks: _Optional[_Union[ScheduleMissedTicks, str]] = ..., task: _Optional[_Union[SubmitTaskRequest, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., next_fire_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_fired_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_task_id: _Optional[str] = ..., fires: _Optional[int] = ..., missed: _Optional[int] = ..., last_error: _Optional[str] = ...) -> None: ...

@@ -116,6 +116,21 @@ class TaskQueueStub:
                 request_serializer=qm_dot_v1_dot_task__queue__pb2.PurgeDeadLettersRequest.SerializeToString,
                 response_deserializer=qm_dot_v1_dot_task__queue__pb2.PurgeDeadLettersResponse.FromString,
                 _registered_method=True)
+        self.AddSchedule = channel.unary_unary(
+                '/qm.v1.TaskQueue/AddSchedule',
+                request_serializer=qm_dot_v1_dot_task__queue__pb2.AddScheduleRequest.SerializeToString,
+                response_deserializer=qm_dot_v1_dot_task__queue__pb2.AddScheduleResponse.FromString,
+                _registered_method=True)
+        self.ListSchedules = channel.unary_unary(
+                '/qm.v1.TaskQueue/ListSchedules',
+                request_serializer=qm_dot_v1_dot_task__queue__pb2.ListSchedulesRequest.SerializeToString,
+                response_deserializer=qm_dot_v1_dot_task__queue__pb2.ListSchedulesResponse.FromString,
+                _registered_method=True)
+        self.RemoveSchedule = channel.unary_unary(
+                '/qm.v1.TaskQueue/RemoveSchedule',
+                request_serializer=qm_dot_v1_dot_task__queue__pb2.RemoveScheduleRequest.SerializeToString,
+                response_deserializer=qm_dot_v1_dot_task__queue__pb2.RemoveScheduleResponse.FromString,
+                _registered_method=True)
 
 
 class TaskQueueServicer:
@@ -296,6 +311,42 @@ class TaskQueueServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AddSchedule(self, request, context):
+        """Adds a periodic schedule: at each tick (a cron expression, or every N seconds) the
+        servers of the store submit its task, exactly as SubmitTask would, once per tick
+        however many servers share the store. The task carries schedule_id. Idempotent per
+        schedule_id: adding the same schedule again returns the stored one.
+
+        Errors:
+        - INVALID_ARGUMENT: a field is wrong; the message names it (cron: not 5 fields, or 6
+        with seconds first, or one field out of range, named; every_s: under 1 s or over
+        366 days; cron and every_s both set or neither; timezone: not an IANA name;
+        missed_ticks; schedule_id: not 1-100 of letters, digits, _ . : -, or taken by
+        another schedule; task: as SubmitTask, and idempotency_key, delay_s and not_before
+        must be unset; or server.max_schedules schedules exist). Nothing was stored.
+        - UNAVAILABLE: the PostgreSQL store is unreachable (reason STORE_UNAVAILABLE); retry.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSchedules(self, request, context):
+        """The schedules of the store, by id, a page at a time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveSchedule(self, request, context):
+        """Removes a schedule: no tick fires after the answer. Tasks it fired are unchanged.
+
+        Errors:
+        - NOT_FOUND: no schedule with that id (reason SCHEDULE_NOT_FOUND).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TaskQueueServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -348,6 +399,21 @@ def add_TaskQueueServicer_to_server(servicer, server):
                     servicer.PurgeDeadLetters,
                     request_deserializer=qm_dot_v1_dot_task__queue__pb2.PurgeDeadLettersRequest.FromString,
                     response_serializer=qm_dot_v1_dot_task__queue__pb2.PurgeDeadLettersResponse.SerializeToString,
+            ),
+            'AddSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddSchedule,
+                    request_deserializer=qm_dot_v1_dot_task__queue__pb2.AddScheduleRequest.FromString,
+                    response_serializer=qm_dot_v1_dot_task__queue__pb2.AddScheduleResponse.SerializeToString,
+            ),
+            'ListSchedules': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSchedules,
+                    request_deserializer=qm_dot_v1_dot_task__queue__pb2.ListSchedulesRequest.FromString,
+                    response_serializer=qm_dot_v1_dot_task__queue__pb2.ListSchedulesResponse.SerializeToString,
+            ),
+            'RemoveSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveSchedule,
+                    request_deserializer=qm_dot_v1_dot_task__queue__pb2.RemoveScheduleRequest.FromString,
+                    response_serializer=qm_dot_v1_dot_task__queue__pb2.RemoveScheduleResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -652,6 +718,87 @@ class TaskQueue:
             '/qm.v1.TaskQueue/PurgeDeadLetters',
             qm_dot_v1_dot_task__queue__pb2.PurgeDeadLettersRequest.SerializeToString,
             qm_dot_v1_dot_task__queue__pb2.PurgeDeadLettersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qm.v1.TaskQueue/AddSchedule',
+            qm_dot_v1_dot_task__queue__pb2.AddScheduleRequest.SerializeToString,
+            qm_dot_v1_dot_task__queue__pb2.AddScheduleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSchedules(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qm.v1.TaskQueue/ListSchedules',
+            qm_dot_v1_dot_task__queue__pb2.ListSchedulesRequest.SerializeToString,
+            qm_dot_v1_dot_task__queue__pb2.ListSchedulesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qm.v1.TaskQueue/RemoveSchedule',
+            qm_dot_v1_dot_task__queue__pb2.RemoveScheduleRequest.SerializeToString,
+            qm_dot_v1_dot_task__queue__pb2.RemoveScheduleResponse.FromString,
             options,
             channel_credentials,
             insecure,
