@@ -164,6 +164,14 @@ class TaskNotFound(QMError):
         super().__init__(f"no task with id {task_id!r}")
 
 
+class GroupNotFound(QMError):
+    """No group with that id is known to this server."""
+
+    def __init__(self, group_id: str):
+        self.group_id = group_id
+        super().__init__(f"no group with id {group_id!r} (never submitted here, or finished past server.retention_s)")
+
+
 class TaskAlreadyFinished(QMError):
     """The task has reached a final state; it cannot be cancelled."""
 

@@ -40,6 +40,7 @@ class Reason(enum.StrEnum):
     VALIDATORS_BUSY = "VALIDATORS_BUSY"
     STREAM_EXPIRED = "STREAM_EXPIRED"
     STORE_UNAVAILABLE = "STORE_UNAVAILABLE"
+    GROUP_NOT_FOUND = "GROUP_NOT_FOUND"
 
 
 def parse_reason(text: str) -> str | None:

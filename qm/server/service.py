@@ -40,6 +40,7 @@ from qm.server import idempotency, maintenance
 from qm.server.caps import SubmitCaps
 from qm.server.dead_letters import DeadLetters
 from qm.server.events import EventApplier
+from qm.server.groups import Groups
 from qm.server.hub import Hub
 from qm.server.reconciler import Reconciler
 from qm.server.store_api import TaskRecord, TaskStore
@@ -118,7 +119,20 @@ class TaskService:
         self._declared_tiers: set[int] = set()
         self._pending_keys: dict[str, asyncio.Future] = {}
         self._tasks: list[asyncio.Task] = []
-        self.events = EventApplier(store, broker, self.hub, self.metrics, self._codecs, delivery_limit)
+        self.groups = Groups(
+            store,
+            broker,
+            self.metrics,
+            self.prepare_item,
+            self._publish_message,
+            self._publish_unconfirmed,
+            self._ensure_queue,
+            max_batch_items,
+            MAX_IDEMPOTENCY_KEY_CHARS,
+        )
+        self.events = EventApplier(
+            store, broker, self.hub, self.metrics, self._codecs, delivery_limit, self.groups.publish_callback
+        )
         self.dead_letters = DeadLetters(
             store, broker, self.metrics, self._codecs, delivery_limit, self.events.apply, self.enqueue
         )
@@ -286,6 +300,26 @@ class TaskService:
             **item.retry_options,
         )
 
+    async def prepare_item(self, item: Submission) -> tuple[TaskRecord, TaskMessage]:
+        """`prepare` of a request's decoded fields (a group's member or callback)."""
+        return await self.prepare(
+            item.type,
+            item.payload,
+            item.queue or topology.DEFAULT_QUEUE,
+            item.timeout_s,
+            item.memory_limit_mb,
+            item.idempotency_key,
+            item.retry_options,
+            item.soft_timeout_s,
+            "",
+            scheduling.Delay(item.delay_s, item.not_before_s),
+        )
+
+    async def _publish_message(self, message: TaskMessage, body: bytes) -> None:
+        """Publish a stored task's message (confirmed) to its queue, or its first delay tier."""
+        await self._ensure_queue(message.queue)
+        await self.broker.publish(await self._exchange_for(message), message.queue, body, message.headers())
+
     def _count_refusal(self, task_type: str, error: BaseException) -> None:
         known_type = task_type if task_type in self.registry.types else "unknown"
         if isinstance(error, ValidationError):
@@ -294,7 +328,12 @@ class TaskService:
         elif isinstance(error, BrokerUnavailable):
             self.metrics.submissions.labels(known_type, "unavailable").inc()
 
-    async def _accept(
+    async def _accept(self, *args, **kwargs) -> TaskRecord:
+        record, message = await self.prepare(*args, **kwargs)
+        await self.enqueue(record, message)
+        return record
+
+    async def prepare(
         self,
         task_type: str,
         payload: bytes,
@@ -306,7 +345,9 @@ class TaskService:
         soft_timeout_s: float = 0.0,
         request_digest: str = "",
         delay: scheduling.Delay = scheduling.NO_DELAY,
-    ) -> TaskRecord:
+    ) -> tuple[TaskRecord, TaskMessage]:
+        """Validate a submission and resolve its limits: its QUEUED (or SCHEDULED) record
+        and first message, not yet stored."""
         # The idempotency key travels to validators that need it (qm/security/signing.py: a
         # retried submit is not a replay of its signed payload).
         submission = signing.SUBMISSION_KEY.set(idempotency_key)
@@ -359,8 +400,7 @@ class TaskService:
             limits.soft_timeout_s,
             due_s,
         )
-        await self.enqueue(record, message)
-        return record
+        return record, message
 
     async def enqueue(self, record: TaskRecord, message: TaskMessage) -> None:
         """Store (with the message, until confirmed; committed before the publish), publish,
