@@ -41,7 +41,7 @@ EPILOG = """examples:
   qm submit -T math --from-file exprs.txt      one task per line; prints the ids in order
   qm submit -T math --from-file - --wait       from stdin; prints the results in order
   qm status TASK_ID --json
-  qm submit-group -T math --from-file exprs.txt --then sum.results
+  qm submit-group -T math --from-file exprs.txt --then examples.sum_results
                                                  a group and a callback run once all finished
   qm status GROUP_ID                             a group's members per state and its callback
   qm watch TASK_ID [TASK_ID ...]               a progress bar on a terminal, lines otherwise

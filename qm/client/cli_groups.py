@@ -22,8 +22,8 @@ The group is accepted as a whole or not at all; the group id is printed once eve
 is durable. `qm status GROUP_ID` shows the members per state and the callback."""
 
 EPILOG = """examples:
-  qm submit-group -T math --from-file exprs.txt --then sum.results
-  qm submit-group -T math --from-file - --then sum.results --then-payload '{"scale": 2}' --wait
+  qm submit-group -T math --from-file exprs.txt --then examples.sum_results
+  qm submit-group -T math --from-file - --then examples.sum_results --wait
   qm status GROUP_ID"""
 
 
@@ -47,9 +47,8 @@ def add_parser(commands) -> None:
     group.add_argument(
         "--then-payload",
         metavar="TEXT",
-        default="",
         help="the callback's own payload, given to it as the document's \"payload\" "
-        "(parsed as JSON if its type's codec is json)",
+        "(parsed as JSON if its type's codec is json; default: null)",
     )
     group.add_argument("--queue", default="", help="logical queue of the members and the callback (default: default)")
     group.add_argument("--timeout", metavar="S", type=float, default=0.0, help="hard time limit of each member")

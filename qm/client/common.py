@@ -589,15 +589,17 @@ def group_request(
     items: Iterable[tuple], then: tuple | None, options: dict[str, Any], idempotency_key: str | None
 ) -> task_queue_pb2.SubmitGroupRequest:
     """A SubmitGroup request: items and `then` as submit_many's items, `options` for every
-    member (not the callback: it takes its own in its tuple). It always carries a group
-    idempotency key (a fresh one unless given); members and callback carry none."""
+    member; the callback takes only the `queue` of them (its own options in its tuple win).
+    It always carries a group idempotency key (a fresh one unless given); members and
+    callback carry none."""
     if "idempotency_key" in options:
         raise TypeError("submit_group(): pass idempotency_key as its own argument (it is the group's)")
     request = task_queue_pb2.SubmitGroupRequest(
         items=batch_requests(items, options), idempotency_key=idempotency_key or str(uuid.uuid4())
     )
     if then is not None:
-        request.then.CopyFrom(batch_requests([then], {})[0])
+        queue = {"queue": options["queue"]} if options.get("queue") else {}
+        request.then.CopyFrom(batch_requests([then], queue)[0])
         request.then.idempotency_key = ""
     for item in request.items:
         item.idempotency_key = ""

@@ -245,7 +245,7 @@ def _group_digest(items: Sequence[Submission], then: Submission | None) -> str:
     hasher = hashlib.sha256()
     for item in [*items, *([then] if then is not None else [None])]:
         hasher.update(_item_digest(item).encode() + b"\n")
-    return hasher.hexdigest()
+    return f"group1:{hasher.hexdigest()}"  # versioned, as idempotency.check_reuse compares them
 
 
 def _item_digest(item: Submission | None) -> str:

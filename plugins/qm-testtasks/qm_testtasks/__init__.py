@@ -266,9 +266,15 @@ def _record_group(document: dict) -> dict:
     """A group callback: append one JSON line (its task's view of the group) to the file its
     own payload names ({"log": PATH}), so a test counts how often it ran; return the sum of
     the numeric results and the failed members' indexes."""
-    numbers = [float(value) for value in document["results"] if value is not None]
+    numbers = []
+    for value in document["results"]:
+        try:
+            numbers.append(float(value))
+        except (TypeError, ValueError):
+            pass
     summary = {"group_id": document["group_id"], "sum": sum(numbers), "count": len(numbers),
-               "failed": [failure["index"] for failure in document["failures"]]}
+               "results": document["results"], "failed": [failure["index"] for failure in document["failures"]],
+               "errors": [failure["error"] for failure in document["failures"]]}
     log_path = (document.get("payload") or {}).get("log")
     if log_path:
         with open(log_path, "a") as log:
@@ -277,4 +283,4 @@ def _record_group(document: dict) -> dict:
 
 
 group_record = TaskType("test.group_record", handler=_record_group, codec="json",
-                        description="group callback: logs each run to payload.log, returns the sum of results")
+                        description="group callback: logs each run to payload.log, returns the sum of numeric results")
