@@ -405,6 +405,8 @@ def _show(status: TaskStatus) -> str:
         ("started", _when(status.started_at)),
         ("finished", _when(status.finished_at)),
     ]
+    if status.group_id:
+        rows.append(("group", status.group_id))
     return "\n".join(f"{name:<9} {value}" for name, value in rows)
 
 

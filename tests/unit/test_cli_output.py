@@ -54,7 +54,8 @@ def test_status_json_keeps_its_shape_with_the_state_by_name(capsys):
         ("result", "11"), ("error", ""), ("worker", "w1"), ("created_at", "2026-01-01T00:00:00.000+00:00"),
         ("started_at", None), ("finished_at", None), ("updated_at", "2026-01-01T00:00:01.000+00:00"),
         ("timeout_s", 60.0), ("memory_limit_mb", 0), ("max_retries", 3), ("next_attempt_at", None),
-        ("progress", 0.0), ("progress_message", ""), ("progress_detail", None), ("progress_at", None)]
+        ("progress", 0.0), ("progress_message", ""), ("progress_detail", None), ("progress_at", None),
+        ("group_id", "")]
     text = printed(capsys, cli.cmd_status, AnsweringClient(status=proto), task_id="t1", json=False)
     assert "state     SUCCEEDED" in text
 
