@@ -250,8 +250,8 @@ class Client:
 
         `items` as submit_many's: `(type, payload)` or `(type, payload, {option: value})`,
         `options` for every member (the callback takes their `queue`). `then` = `(type,
-        payload[, {option: value}])`: the callback, run once after every member reached a terminal state (failed or cancelled
-        ones count), with a JSON document as its payload: {"group_id", "payload" (then's
+        payload[, {option: value}])`: the callback, run once after every member reached a
+        terminal state (failed or cancelled ones count), with a JSON document as its payload: {"group_id", "payload" (then's
         payload), "task_ids", "results" (member order; null where a member did not
         succeed), "failures", "succeeded", "failed", "results_omitted"} (see
         docs/architecture.md, "Groups"). One group idempotency key (fresh unless given):
