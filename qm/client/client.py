@@ -251,12 +251,13 @@ class Client:
         `items` as submit_many's: `(type, payload)` or `(type, payload, {option: value})`,
         `options` for every member (the callback takes their `queue`). `then` = `(type,
         payload[, {option: value}])`: the callback, run once after every member reached a
-        terminal state (failed or cancelled ones count), with a JSON document as its payload: {"group_id", "payload" (then's
-        payload), "task_ids", "results" (member order; null where a member did not
-        succeed), "failures", "succeeded", "failed", "results_omitted"} (see
-        docs/architecture.md, "Groups"). One group idempotency key (fresh unless given):
-        retried like submit, a retry never makes a second group. Members and callback take
-        no key of their own. group_status(group_id) shows the counts and the member ids.
+        terminal state (failed or cancelled ones count), with a JSON document as its
+        payload: {"group_id", "payload" (then's payload), "task_ids", "results" (member
+        order; null where a member did not succeed), "failures", "succeeded", "failed",
+        "results_omitted"} (see docs/architecture.md, "Groups"). One group idempotency
+        key (fresh unless given): retried like submit, a retry never makes a second group.
+        Members and callback take no key of their own. group_status(group_id) shows the
+        counts and the member ids.
         """
         return self.submit_group_request(group_request(items, then, options, idempotency_key)).group_id
 
