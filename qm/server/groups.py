@@ -92,6 +92,7 @@ class Groups:
         self._ensure_queue = ensure_queue
         self.max_items = max_items
         self.max_key_chars = max_key_chars
+        self._pending_keys: dict[str, asyncio.Future] = {}  # keys being submitted right now
 
     async def submit(
         self, items: Sequence[Submission], then: Submission | None, idempotency_key: str = ""
@@ -100,10 +101,30 @@ class Groups:
         group and its member ids in order (the first group's, for a repeated key)."""
         self._check_shape(items, then, idempotency_key)
         digest = _group_digest(items, then) if idempotency_key else ""
-        if idempotency_key:
-            existing = await self.store.find_group_by_idempotency_key(idempotency_key)
-            if existing is not None:
-                return await self._answer_duplicate(existing, digest)
+        if not idempotency_key:
+            return await self._accept(items, then, "", "")
+        if idempotency_key in self._pending_keys:  # a retry while the first is still on its way
+            first = await asyncio.shield(self._pending_keys[idempotency_key])
+            return await self._answer_duplicate(first, digest)
+        existing = await self.store.find_group_by_idempotency_key(idempotency_key)
+        if existing is not None:
+            return await self._answer_duplicate(existing, digest)
+        future = asyncio.get_running_loop().create_future()
+        self._pending_keys[idempotency_key] = future
+        try:
+            group, task_ids = await self._accept(items, then, idempotency_key, digest)
+            future.set_result(group)
+            return group, task_ids
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: a lone submit has no one else waiting on it
+            raise
+        finally:
+            self._pending_keys.pop(idempotency_key, None)
+
+    async def _accept(
+        self, items: Sequence[Submission], then: Submission | None, idempotency_key: str, digest: str
+    ) -> tuple[GroupRecord, list[str]]:
         prepared = [await self._prepare_item(f"items[{index}]", item) for index, item in enumerate(items)]
         callback = await self._prepare_item("then", then) if then is not None else None
         group_id = str(uuid.uuid4())

@@ -132,3 +132,18 @@ def test_the_callback_document_leaves_out_results_past_its_limit():
     assert big["results"] == [None, None, None] and big["results_omitted"]
     assert big["failures"] == [{"index": 2, "task_id": "m2", "state": "CANCELLED", "error": "cancelled by request"}]
     assert big["task_ids"] == ["m0", "m1", "m2"] and (big["succeeded"], big["failed"]) == (2, 1)
+
+
+def test_concurrent_submits_of_one_key_make_one_group(tmp_path):
+    async def scenario() -> None:
+        broker = MemoryBroker()
+        await broker.connect()
+        service = service_on(tmp_path / "store.db", broker)
+        items = [Submission("math", b"1"), Submission("math", b"2")]
+        outcomes = await asyncio.gather(*(service.groups.submit(items, None, "one-key") for _ in range(3)))
+        assert len({group.group_id for group, _ids in outcomes}) == 1
+        assert len({tuple(ids) for _group, ids in outcomes}) == 1
+        assert await service.store.count() == 2 and depth(broker, WORK_QUEUE) == 2
+        await service.store.close()
+
+    run(scenario)
