@@ -69,7 +69,7 @@ class ServerMetrics:
         self.open_streams = Gauge("qm_server_open_streams", "StreamTaskResults streams open", registry=r)
         self.groups = Counter(
             "qm_server_groups_total",
-            "Task groups (SubmitGroup) by outcome: accepted, duplicate (a repeated idempotency key)",
+            "Task groups (SubmitGroup) by outcome: accepted, duplicate (a repeated key), key_reused (refused)",
             ["outcome"],
             registry=r,
         )

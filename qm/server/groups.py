@@ -32,6 +32,7 @@ from qm.errors import (
     GroupNotFound,
     IdempotencyKeyReused,
     IdempotencyKeyTaken,
+    QMError,
     StoreUnavailable,
     ValidationError,
 )
@@ -48,7 +49,9 @@ Prepare = Callable[[Submission], Awaitable[tuple[TaskRecord, TaskMessage]]]
 Publish = Callable[[TaskMessage, bytes], Awaitable[None]]
 PublishStored = Callable[[str], Awaitable[None]]
 
-#: Longest pause between two attempts to publish a callback while RabbitMQ or the store is away.
+#: First and longest pause between two attempts to publish a callback while RabbitMQ or
+#: the store is away (it stays stored unconfirmed meanwhile; a restart publishes it too).
+CALLBACK_RETRY_MIN_S = 0.1
 CALLBACK_RETRY_S = 5.0
 
 
@@ -237,16 +240,18 @@ class Groups:
         """Publish a callback the store just made (stored unconfirmed with it), trying
         again while RabbitMQ or the store is away; a crash meanwhile leaves it to the next
         start (`TaskService._publish_unconfirmed_until_done`). Then count it."""
+        delay_s = CALLBACK_RETRY_MIN_S
         while True:
             try:
                 await self._publish_stored(record.task_id)
                 break
-            except BrokerUnavailable as exc:
+            except BrokerUnavailable as exc:  # down, or refusing (a full queue): wait, then again
                 log.warning("group %s: callback %s waits for RabbitMQ: %s", record.group_id, record.task_id, exc)
                 await self.broker.wait_connected(CALLBACK_RETRY_S)
-            except StoreUnavailable as exc:
-                log.warning("group %s: callback %s waits for the store: %s", record.group_id, record.task_id, exc)
-                await asyncio.sleep(CALLBACK_RETRY_S)
+            except QMError as exc:  # the store away, or RabbitMQ refusing the queue: again, later
+                log.warning("group %s: callback %s not yet published: %s", record.group_id, record.task_id, exc)
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, CALLBACK_RETRY_S)
         log.info(
             "group %s: every member finished; callback %s (%s) queued", record.group_id, record.task_id, record.type
         )
