@@ -172,6 +172,14 @@ class ScheduleNotFound(QMError):
         super().__init__(f"no schedule {schedule_id!r}; qm schedule list shows them")
 
 
+class GroupNotFound(QMError):
+    """No group with that id is known to this server."""
+
+    def __init__(self, group_id: str):
+        self.group_id = group_id
+        super().__init__(f"no group with id {group_id!r} (never submitted here, or finished past server.retention_s)")
+
+
 class TaskAlreadyFinished(QMError):
     """The task has reached a final state; it cannot be cancelled."""
 

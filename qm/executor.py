@@ -9,6 +9,11 @@ submitted as a `python` task with the executor's limits, and its future resolved
 from one status stream that the executor feeds with ids as it submits them. A call that
 raises gives its future that exception; a call killed at its time limit gives
 TimeoutError; any other failure (memory, crash, cancel) gives qm.errors.TaskError.
+
+`map` submits its calls as groups (SubmitGroup, up to `GROUP_ITEMS` calls each): one
+call and one confirm wait per group instead of one per item, and the group ids
+(`map_group_ids`) show the map's progress in `qm status GROUP_ID`. A map needs no
+callback (its results come back over the stream, in order), so its groups have none.
 """
 
 from __future__ import annotations
@@ -16,13 +21,15 @@ from __future__ import annotations
 import concurrent.futures
 import queue as queue_module
 import threading
-from typing import Any, Callable
+import time
+from typing import Any, Callable, Iterator
 
 import cloudpickle
 import grpc
 
 from qm._proto.qm.v1 import task_queue_pb2
 from qm.client.client import Client
+from qm.client.common import group_request
 from qm.config import MIN_SECRET_LENGTH
 from qm.errors import TaskError
 from qm.security.signing import Keyring
@@ -30,6 +37,8 @@ from qm.states import TaskState
 
 #: Sentinel ending the stream's request iterator.
 _CLOSE = object()
+#: Calls per group `map` submits (server.max_batch_items is 1000 by default).
+GROUP_ITEMS = 500
 
 
 class Executor(concurrent.futures.Executor):
@@ -66,6 +75,7 @@ class Executor(concurrent.futures.Executor):
         self._lock = threading.Lock()
         self._requests: queue_module.Queue = queue_module.Queue()
         self._shutdown = False
+        self.map_group_ids: list[str] = []  # the groups `map` submitted, in order
         self._stream = self._client._stub.StreamTaskResults(self._follow_requests())
         self._reader = threading.Thread(target=self._read_stream, name="qm-executor", daemon=True)
         self._reader.start()
@@ -81,6 +91,38 @@ class Executor(concurrent.futures.Executor):
         future.set_running_or_notify_cancel()
         self._requests.put(task_id)
         return future
+
+    def map(self, fn: Callable, *iterables: Any, timeout: float | None = None, chunksize: int = 1) -> Iterator[Any]:
+        """Like concurrent.futures.Executor.map: results in order, each call a `python`
+        task; the calls are submitted in groups of GROUP_ITEMS (see the module docstring)."""
+        if self._shutdown:
+            raise RuntimeError("cannot submit after shutdown")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        calls = list(zip(*iterables, strict=False))  # as map: up to the shortest
+        futures: list[concurrent.futures.Future] = []
+        for start in range(0, len(calls), GROUP_ITEMS):
+            futures.extend(self._submit_group(fn, calls[start : start + GROUP_ITEMS]))
+        return self._results_in_order(futures, deadline)
+
+    def _submit_group(self, fn: Callable, calls: list[tuple]) -> list[concurrent.futures.Future]:
+        items = [
+            ("python", self._keys.sign(cloudpickle.dumps((fn, args, {})), self._signature_ttl_s)) for args in calls
+        ]
+        response = self._client.submit_group_request(group_request(items, None, self._options, None))
+        self.map_group_ids.append(response.group_id)
+        futures = []
+        for task_id in response.task_ids:
+            future: concurrent.futures.Future = concurrent.futures.Future()
+            future.set_running_or_notify_cancel()
+            with self._lock:
+                self._futures[task_id] = future
+            futures.append(future)
+        self._requests.put(list(response.task_ids))
+        return futures
+
+    def _results_in_order(self, futures: list[concurrent.futures.Future], deadline: float | None) -> Iterator[Any]:
+        for future in futures:
+            yield future.result(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         self._shutdown = True
@@ -105,7 +147,7 @@ class Executor(concurrent.futures.Executor):
             item = self._requests.get()
             if item is _CLOSE:
                 return
-            yield task_queue_pb2.StreamTaskResultsRequest(task_ids=[item])
+            yield task_queue_pb2.StreamTaskResultsRequest(task_ids=item if isinstance(item, list) else [item])
 
     def _read_stream(self) -> None:
         try:

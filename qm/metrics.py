@@ -67,6 +67,25 @@ class ServerMetrics:
             "qm_server_grpc_in_flight", "TaskQueue calls being handled (streams included)", registry=r
         )
         self.open_streams = Gauge("qm_server_open_streams", "StreamTaskResults streams open", registry=r)
+        self.groups = Counter(
+            "qm_server_groups_total",
+            "Task groups (SubmitGroup) by outcome: accepted, duplicate (a repeated key), key_reused (refused)",
+            ["outcome"],
+            registry=r,
+        )
+        self.group_members = Counter("qm_server_group_members_total", "Member tasks of accepted groups", registry=r)
+        self.group_callbacks = Counter(
+            "qm_server_group_callbacks_total",
+            "Group callbacks made, by whether every member succeeded (all_succeeded, with_failures)",
+            ["outcome"],
+            registry=r,
+        )
+        self.group_seconds = Histogram(
+            "qm_server_group_duration_seconds",
+            "Time from a group's acceptance to its last member finishing (groups with a callback)",
+            buckets=(0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 24 * 3600),
+            registry=r,
+        )
         self.confirm_seconds = Histogram(
             "qm_server_publish_confirm_seconds",
             "Time from publish to RabbitMQ's confirm of a submitted task",

@@ -33,6 +33,7 @@ from qm.client.common import (
     DeadLetter,
     Failover,
     Follow,
+    GroupStatus,
     RemoteError,
     Schedule,
     TaskStatus,
@@ -43,6 +44,8 @@ from qm.client.common import (
     dead_letters_from_proto,
     error_reason,
     final_value,
+    group_request,
+    group_status_from_proto,
     parse_servers,
     retry_pushback_s,
     schedule_from_proto,
@@ -192,6 +195,18 @@ class Client:
         """Wait for the task; return its result, or raise TaskError (or WaitTimeout)."""
         finals = [status async for status in self.results([task_id], timeout_s)]
         return final_value(task_id, finals[-1] if finals else None)
+
+    async def submit_group(
+        self, items: Iterable[tuple], then: tuple | None = None, *, idempotency_key: str | None = None, **options
+    ) -> str:
+        """qm.Client.submit_group, awaited: the group id once every member is durable."""
+        request = group_request(items, then, options, idempotency_key)
+        return (await self._call("SubmitGroup", request, self.submit_retry_s, SUBMIT_RETRY_CODES)).group_id
+
+    async def group_status(self, group_id: str) -> GroupStatus:
+        """qm.Client.group_status, awaited."""
+        request = task_queue_pb2.GetGroupStatusRequest(group_id=group_id)
+        return group_status_from_proto((await self._call("GetGroupStatus", request)).status)
 
     # -- one call each -------------------------------------------------------------------
 

@@ -22,9 +22,11 @@ from typing import Iterator, Sequence
 
 import grpc
 
+from qm.client import cli_groups
 from qm.client.client import Client, RemoteError, Schedule, TaskStatus
 from qm.config import load_config
 from qm.errors import BatchError, ConfigError, TaskError, ValidationError, WaitTimeout
+from qm.reasons import Reason
 from qm.states import TaskState
 from qm.task_progress import Progress
 
@@ -39,6 +41,9 @@ EPILOG = """examples:
   qm submit -T math --from-file exprs.txt      one task per line; prints the ids in order
   qm submit -T math --from-file - --wait       from stdin; prints the results in order
   qm status TASK_ID --json
+  qm submit-group -T math --from-file exprs.txt --then examples.sum_results
+                                                 a group and a callback run once all finished
+  qm status GROUP_ID                             a group's members per state and its callback
   qm watch TASK_ID [TASK_ID ...]               a progress bar on a terminal, lines otherwise
   qm cancel TASK_ID
   qm types                                       task types the server accepts
@@ -150,12 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     submit.add_argument("--json", action="store_true", help="print JSON (the task id, or its full status with --wait)")
 
+    cli_groups.add_parser(commands)
+
     status = commands.add_parser(
         "status",
-        help="show a task's state, attempts, result, error, times, worker, progress",
-        description="Show one task's current status.",
+        help="show a task's state, attempts, result, error, times, worker, progress; or a group's counts",
+        description="Show one task's current status, or a group's members per state and its callback.",
     )
-    status.add_argument("task_id", metavar="ID", help="task id printed by qm submit")
+    status.add_argument("task_id", metavar="ID", help="task id printed by qm submit, or group id by qm submit-group")
     status.add_argument("--json", action="store_true", help="print one JSON object")
 
     watch = commands.add_parser(
@@ -486,6 +493,8 @@ def _show(status: TaskStatus) -> str:
         ("started", _when(status.started_at)),
         ("finished", _when(status.finished_at)),
     ]
+    if status.group_id:
+        rows.append(("group", status.group_id))
     return "\n".join(f"{name:<9} {value}" for name, value in rows)
 
 
@@ -660,7 +669,19 @@ def _wait_lines(client: Client, args, accepted: list[tuple[int, str]]) -> int:
 
 
 def cmd_status(client: Client, args) -> int:
-    status = client.status(args.task_id)
+    try:
+        status = client.status(args.task_id)
+    except RemoteError as exc:
+        if exc.reason != Reason.TASK_NOT_FOUND:
+            raise
+        try:  # not a task: a group?
+            group = client.group_status(args.task_id)
+        except RemoteError as group_exc:
+            if group_exc.reason == Reason.GROUP_NOT_FOUND:
+                raise exc from None  # neither: the task's "not found" says it
+            raise
+        print(cli_groups.group_json(group, _when) if args.json else cli_groups.show_group(group, _when))
+        return 0
     print(_as_json(status) if args.json else _show(status))
     return 0
 
@@ -845,6 +866,7 @@ def cmd_dead(client: Client, args) -> int:
 COMMANDS = {
     "submit": cmd_submit,
     "status": cmd_status,
+    "submit-group": cli_groups.cmd_submit_group,
     "watch": cmd_watch,
     "workers": cmd_workers,
     "types": cmd_types,

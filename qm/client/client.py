@@ -32,6 +32,7 @@ from qm.client.common import (
     DeadLetter,
     Failover,
     Follow,
+    GroupStatus,
     RemoteError,
     Schedule,
     TaskStatus,
@@ -42,6 +43,8 @@ from qm.client.common import (
     dead_letters_from_proto,
     error_reason,
     final_value,
+    group_request,
+    group_status_from_proto,
     parse_servers,
     retry_pushback_s,
     schedule_from_proto,
@@ -58,6 +61,7 @@ from qm.states import TaskState
 __all__ = [
     "Client",
     "DeadLetter",
+    "GroupStatus",
     "Reason",
     "RemoteError",
     "Schedule",
@@ -245,6 +249,35 @@ class Client:
                 code, details, reason = exc.code(), exc.details() or "", error_reason(exc)
                 hint = retry_pushback_s(exc.trailing_metadata())
             time.sleep(attempts.failed(address, code, details, hint, reason))
+
+    def submit_group(
+        self, items: Iterable[tuple], then: tuple | None = None, *, idempotency_key: str | None = None, **options
+    ) -> str:
+        """Submit a group of tasks with an optional callback task; returns the group id once
+        every member is durable.
+
+        `items` as submit_many's: `(type, payload)` or `(type, payload, {option: value})`,
+        `options` for every member (the callback takes their `queue`). `then` = `(type,
+        payload[, {option: value}])`: the callback, run once after every member reached a
+        terminal state (failed or cancelled ones count), with a JSON document as its
+        payload: {"group_id", "payload" (then's payload), "task_ids", "results" (member
+        order; null where a member did not succeed), "failures", "succeeded", "failed",
+        "results_omitted"} (see docs/architecture.md, "Groups"). One group idempotency
+        key (fresh unless given): retried like submit, a retry never makes a second group.
+        Members and callback take no key of their own. group_status(group_id) shows the
+        counts and the member ids.
+        """
+        return self.submit_group_request(group_request(items, then, options, idempotency_key)).group_id
+
+    def submit_group_request(self, request: task_queue_pb2.SubmitGroupRequest) -> task_queue_pb2.SubmitGroupResponse:
+        """SubmitGroup as is (retried as submit_group): the response has the member ids too."""
+        return self._call("SubmitGroup", request, self.submit_retry_s, SUBMIT_RETRY_CODES)
+
+    def group_status(self, group_id: str) -> GroupStatus:
+        """Members per state, the member ids and the callback's id and state
+        (RemoteError NOT_FOUND, reason GROUP_NOT_FOUND, for an unknown id)."""
+        request = task_queue_pb2.GetGroupStatusRequest(group_id=group_id)
+        return group_status_from_proto(self._call("GetGroupStatus", request).status)
 
     # -- following -----------------------------------------------------------------------
 

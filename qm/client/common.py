@@ -549,6 +549,7 @@ class TaskStatus:
     progress_at: float | None = None  # when that report was made
     priority: int = 5  # 0-9, higher runs first (qm/priority.py)
     schedule_id: str = ""  # the periodic schedule that submitted it, if one did
+    group_id: str = ""  # the group (submit_group) it is a member or the callback of
 
     @property
     def terminal(self) -> bool:
@@ -639,7 +640,78 @@ def status_from_proto(status: task_queue_pb2.TaskStatus) -> TaskStatus:
         progress_at=_seconds(status.progress_at),
         priority=status.priority,
         schedule_id=status.schedule_id,
+        group_id=status.group_id,
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupStatus:
+    """A group (submit_group): its members per state and its callback."""
+
+    group_id: str
+    members: int
+    finished: int  # members in a terminal state
+    counts: dict[TaskState, int]  # members per current state
+    callback_task_id: str  # "" without a callback
+    callback_state: TaskState | None  # None while it waits for the members (or without one)
+    created_at: float | None
+    completed_at: float | None  # when the last member finished
+    task_ids: list[str]  # the members, in the order submitted
+
+    @property
+    def done(self) -> bool:
+        """Every member finished and the callback (if any) too."""
+        callback_done = not self.callback_task_id or (self.callback_state is not None and self.callback_state.terminal)
+        return self.finished == self.members and callback_done
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (`qm status GROUP_ID --json`): states by name."""
+        return {
+            "group_id": self.group_id,
+            "members": self.members,
+            "finished": self.finished,
+            "counts": {state.value: count for state, count in self.counts.items()},
+            "callback_task_id": self.callback_task_id,
+            "callback_state": self.callback_state.value if self.callback_state else None,
+            "created_at": self.created_at,
+            "completed_at": self.completed_at,
+            "task_ids": self.task_ids,
+        }
+
+
+def group_status_from_proto(status: task_queue_pb2.GroupStatus) -> GroupStatus:
+    return GroupStatus(
+        group_id=status.group_id,
+        members=status.members,
+        finished=status.finished,
+        counts={TaskState.of_number(count.state): count.count for count in status.counts},
+        callback_task_id=status.callback_task_id,
+        callback_state=TaskState.of_number(status.callback_state) if status.callback_state else None,
+        created_at=_seconds(status.created_at),
+        completed_at=_seconds(status.completed_at),
+        task_ids=list(status.task_ids),
+    )
+
+
+def group_request(
+    items: Iterable[tuple], then: tuple | None, options: dict[str, Any], idempotency_key: str | None
+) -> task_queue_pb2.SubmitGroupRequest:
+    """A SubmitGroup request: items and `then` as submit_many's items, `options` for every
+    member; the callback takes only the `queue` of them (its own options in its tuple win).
+    It always carries a group idempotency key (a fresh one unless given); members and
+    callback carry none."""
+    if "idempotency_key" in options:
+        raise TypeError("submit_group(): pass idempotency_key as its own argument (it is the group's)")
+    request = task_queue_pb2.SubmitGroupRequest(
+        items=batch_requests(items, options), idempotency_key=idempotency_key or str(uuid.uuid4())
+    )
+    if then is not None:
+        queue = {"queue": options["queue"]} if options.get("queue") else {}
+        request.then.CopyFrom(batch_requests([then], queue)[0])
+        request.then.idempotency_key = ""
+    for item in request.items:
+        item.idempotency_key = ""
+    return request
 
 
 def _json_or_none(text: str) -> Any:

@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 METHOD_ROLES = {
     "SubmitTask": "submit",
     "SubmitTasks": "submit",
+    "SubmitGroup": "submit",
+    "GetGroupStatus": "read",
     "CancelTask": "submit",
     "GetTaskStatus": "read",
     "StreamTaskResults": "read",

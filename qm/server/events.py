@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any, Callable, Coroutine
 
 from qm.background import Background
 from qm.broker import topology
@@ -41,6 +42,7 @@ class EventApplier:
         metrics: ServerMetrics,
         codecs: dict[str, str],
         delivery_limit: int,
+        on_callback: Callable[[TaskRecord], Coroutine[Any, Any, None]] | None = None,
     ) -> None:
         self.store = store
         self.broker = broker
@@ -48,6 +50,7 @@ class EventApplier:
         self.metrics = metrics
         self.codecs = codecs
         self.delivery_limit = delivery_limit
+        self.on_callback = on_callback  # publishes a group callback the store just made
         self.queue: asyncio.Queue[Delivery] = asyncio.Queue()
         self._poison_reported: set[str] = set()
         self._background = Background()
@@ -89,6 +92,8 @@ class EventApplier:
         changes = await self.store.apply(events, self.codecs)
         for record in changes:
             self.hub.publish(record)
+            if _new_callback(record) and self.on_callback is not None:
+                self._background.spawn(self.on_callback(record))
         now = time.time()
         for event in events:
             self.metrics.events.labels("PROGRESS" if event.progress else event.state.name).inc()
@@ -140,3 +145,8 @@ class EventApplier:
                 log.warning("task %s: cannot tell workers %s: %s", control.subject, control.command.value, exc)
 
         self._background.spawn(send())
+
+
+def _new_callback(record: TaskRecord) -> bool:
+    """A group callback the store made in this batch (stored unconfirmed, still to publish)."""
+    return bool(record.group_id) and record.group_index < 0 and record.state is TaskState.QUEUED and not record.attempts

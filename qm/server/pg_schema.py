@@ -178,6 +178,29 @@ CREATE TRIGGER schedules_count_delete AFTER DELETE ON schedules
     REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION qm_count_rows();
 """
 
+# Groups with a final callback (qm/server/groups.py): members and callback carry their
+# group; the group row counts finished members (the update that counts the last one makes
+# the callback, once per store).
+_VERSION_GROUPS = """
+ALTER TABLE tasks ADD COLUMN group_id text NOT NULL DEFAULT '';
+ALTER TABLE tasks ADD COLUMN group_index integer NOT NULL DEFAULT -1;
+CREATE INDEX tasks_by_group ON tasks (group_id, group_index) WHERE group_id <> '';
+CREATE TABLE task_groups (
+    group_id         text PRIMARY KEY,
+    members          integer NOT NULL,
+    finished         integer NOT NULL,
+    created_at       double precision NOT NULL,
+    completed_at     double precision,
+    callback_task_id text NOT NULL,
+    callback_queue   text NOT NULL,
+    callback_body    bytea NOT NULL,
+    idempotency_key  text NOT NULL,
+    request_digest   text NOT NULL
+);
+CREATE UNIQUE INDEX task_groups_by_idempotency_key ON task_groups (idempotency_key) WHERE idempotency_key <> '';
+CREATE INDEX task_groups_by_completed_at ON task_groups (completed_at) WHERE completed_at IS NOT NULL;
+"""
+
 #: Migration n (1-based) takes a store from schema version n-1 to n.
 MIGRATIONS: tuple[str, ...] = (
     _VERSION_1,
@@ -186,6 +209,7 @@ MIGRATIONS: tuple[str, ...] = (
     _VERSION_SWEEPS,
     _VERSION_PRIORITY,
     _VERSION_SCHEDULES,
+    _VERSION_GROUPS,
 )
 #: The newest schema this code knows.
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -1,9 +1,10 @@
 """Per-caller quotas on the TaskQueue API: a submit rate limit and caps on result streams.
 
 * Submit rate (`server.submit_rate_per_s`, `server.submit_burst`): a token bucket per
-  caller (`caller_key`); SubmitTask takes one token, SubmitTasks one per item, all or
-  none. Refused: RESOURCE_EXHAUSTED, a message saying when to retry, and the wait in the
-  trailing metadata `retry-pushback-ms` (what qm clients and gRPC's retry policy read).
+  caller (`caller_key`); SubmitTask takes one token, SubmitTasks one per item
+  (SubmitGroup: one per member and callback), all or none. Refused: RESOURCE_EXHAUSTED,
+  a message saying when to retry, and the wait in the trailing metadata
+  `retry-pushback-ms` (what qm clients and gRPC's retry policy read).
   Nothing of a refused call is validated, stored or enqueued. Rate 0 = no limit. Reason
   code RATE_LIMITED (the servicer's error map, as every refusal).
 * StreamTaskResults: at most `server.max_stream_ids` ids sent on one stream (repeats
@@ -149,6 +150,10 @@ class QuotaInterceptor(grpc.aio.ServerInterceptor):
             return handler._replace(unary_unary=self._rate_limited(handler.unary_unary, name, lambda r: 1))
         if name == "SubmitTasks" and handler.unary_unary is not None:
             return handler._replace(unary_unary=self._rate_limited(handler.unary_unary, name, lambda r: len(r.items)))
+        if name == "SubmitGroup" and handler.unary_unary is not None:  # the members and the callback
+            return handler._replace(
+                unary_unary=self._rate_limited(handler.unary_unary, name, lambda r: len(r.items) + r.HasField("then"))
+            )
         if name == "StreamTaskResults" and handler.stream_stream is not None:
             return handler._replace(stream_stream=self._capped_stream(handler.stream_stream))
         return handler

@@ -41,6 +41,7 @@ from qm.server import idempotency, maintenance
 from qm.server.caps import SubmitCaps
 from qm.server.dead_letters import DeadLetters
 from qm.server.events import EventApplier
+from qm.server.groups import Groups
 from qm.server.hub import Hub
 from qm.server.reconciler import Reconciler
 from qm.server.scheduler import DEFAULT_MAX_SCHEDULES, SCHEDULE_KEY_PREFIX, Scheduler
@@ -123,7 +124,20 @@ class TaskService:
         self._declared_tiers: set[int] = set()
         self._pending_keys: dict[str, asyncio.Future] = {}
         self._tasks: list[asyncio.Task] = []
-        self.events = EventApplier(store, broker, self.hub, self.metrics, self._codecs, delivery_limit)
+        self.groups = Groups(
+            store,
+            broker,
+            self.metrics,
+            self.prepare_item,
+            self._publish_message,
+            self._publish_unconfirmed,
+            self._ensure_queue,
+            max_batch_items,
+            MAX_IDEMPOTENCY_KEY_CHARS,
+        )
+        self.events = EventApplier(
+            store, broker, self.hub, self.metrics, self._codecs, delivery_limit, self.groups.publish_callback
+        )
         self.dead_letters = DeadLetters(
             store, broker, self.metrics, self._codecs, delivery_limit, self.events.apply, self.enqueue
         )
@@ -222,7 +236,7 @@ class TaskService:
                     soft_timeout_s,
                     digest,
                     scheduling.Delay(delay_s, not_before_s),
-                    priority,
+                    requested_priority=priority,
                 )
             except IdempotencyKeyTaken:  # another server of a shared store stored the key first
                 record = await self._answer_duplicate(idempotency_key, await self._taken(idempotency_key), digest)
@@ -303,6 +317,27 @@ class TaskService:
             **item.retry_options,
         )
 
+    async def prepare_item(self, item: Submission) -> tuple[TaskRecord, TaskMessage]:
+        """`prepare` of a request's decoded fields (a group's member or callback)."""
+        return await self.prepare(
+            item.type,
+            item.payload,
+            item.queue or topology.DEFAULT_QUEUE,
+            item.timeout_s,
+            item.memory_limit_mb,
+            item.idempotency_key,
+            item.retry_options,
+            item.soft_timeout_s,
+            "",
+            scheduling.Delay(item.delay_s, item.not_before_s),
+            requested_priority=item.priority,
+        )
+
+    async def _publish_message(self, message: TaskMessage, body: bytes) -> None:
+        """Publish a stored task's message (confirmed) to its queue, or its first delay tier."""
+        await self._ensure_queue(message.queue, message.priority)
+        await self.broker.publish(await self._exchange_for(message), _routing_key(message), body, message.headers())
+
     def _count_refusal(self, task_type: str, error: BaseException) -> None:
         known_type = task_type if task_type in self.registry.types else "unknown"
         if isinstance(error, ValidationError):
@@ -311,33 +346,8 @@ class TaskService:
         elif isinstance(error, BrokerUnavailable):
             self.metrics.submissions.labels(known_type, "unavailable").inc()
 
-    async def _accept(
-        self,
-        task_type: str,
-        payload: bytes,
-        queue: str,
-        timeout_s: float,
-        memory_limit_mb: int,
-        idempotency_key: str,
-        retry_options: dict,
-        soft_timeout_s: float = 0.0,
-        request_digest: str = "",
-        delay: scheduling.Delay = scheduling.NO_DELAY,
-        requested_priority: int | None = None,
-    ) -> TaskRecord:
-        record, message = await self.prepare(
-            task_type,
-            payload,
-            queue,
-            timeout_s,
-            memory_limit_mb,
-            idempotency_key,
-            retry_options,
-            soft_timeout_s,
-            request_digest,
-            delay,
-            requested_priority=requested_priority,
-        )
+    async def _accept(self, *args, **kwargs) -> TaskRecord:
+        record, message = await self.prepare(*args, **kwargs)
         await self.enqueue(record, message)
         return record
 
@@ -357,8 +367,9 @@ class TaskService:
         now_s: float | None = None,
         requested_priority: int | None = None,
     ) -> tuple[TaskRecord, TaskMessage]:
-        """Validate a submission and make its record and message (nothing stored or sent):
-        ValidationError naming the field, or BrokerUnavailable while RabbitMQ is away."""
+        """Validate a submission and resolve its limits: its QUEUED (or SCHEDULED) record and
+        first message, not yet stored or sent. ValidationError naming the field, or
+        BrokerUnavailable while RabbitMQ is away."""
         # The idempotency key travels to validators that need it (qm/security/signing.py: a
         # retried submit is not a replay of its signed payload).
         submission = signing.SUBMISSION_KEY.set(idempotency_key)

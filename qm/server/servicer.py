@@ -26,6 +26,7 @@ from qm.errors import (
     BrokerRefused,
     BrokerUnavailable,
     ConfigError,
+    GroupNotFound,
     IdempotencyKeyReused,
     Overloaded,
     PermissionDenied,
@@ -55,6 +56,7 @@ _STATUS_OF: dict[type[QMError], tuple[grpc.StatusCode, Reason]] = {
     ValidationError: (grpc.StatusCode.INVALID_ARGUMENT, Reason.INVALID_FIELD),
     UnknownTaskType: (grpc.StatusCode.INVALID_ARGUMENT, Reason.UNKNOWN_TASK_TYPE),
     TaskNotFound: (grpc.StatusCode.NOT_FOUND, Reason.TASK_NOT_FOUND),
+    GroupNotFound: (grpc.StatusCode.NOT_FOUND, Reason.GROUP_NOT_FOUND),
     BrokerUnavailable: (grpc.StatusCode.UNAVAILABLE, Reason.BROKER_UNAVAILABLE),
     StoreUnavailable: (grpc.StatusCode.UNAVAILABLE, Reason.STORE_UNAVAILABLE),  # PostgreSQL down or restarting
     TaskAlreadyFinished: (grpc.StatusCode.FAILED_PRECONDITION, Reason.TASK_ALREADY_FINISHED),
@@ -73,7 +75,7 @@ _STATUS_OF: dict[type[QMError], tuple[grpc.StatusCode, Reason]] = {
 #: Any other domain error.
 _OTHER = (grpc.StatusCode.INTERNAL, Reason.SERVER_ERROR)
 #: Attributes of a domain error that ErrorInfo.metadata carries: what the error is about.
-_METADATA_ATTRIBUTES = ("field", "task_id", "schedule_id")
+_METADATA_ATTRIBUTES = ("field", "task_id", "schedule_id", "group_id")
 
 
 def error_status(error: QMError) -> tuple[grpc.StatusCode, Reason]:
@@ -141,6 +143,7 @@ def record_to_proto(record: TaskRecord) -> task_queue_pb2.TaskStatus:
         progress_detail_json=record.progress_detail_json,
         priority=record.priority,
         schedule_id=record.schedule_id,
+        group_id=record.group_id,
     )
     for field, seconds in (
         ("created_at", record.created_at),
@@ -251,6 +254,35 @@ class TaskQueueServicer(task_queue_pb2_grpc.TaskQueueServicer):
             else:
                 response.results.add(task_id=outcome.task_id, state=int(outcome.state))
         return response
+
+    @_maps_errors
+    async def SubmitGroup(self, request, context):
+        then = submission_from_proto(request.then) if request.HasField("then") else None
+        group, task_ids = await self.service.groups.submit(
+            [submission_from_proto(item) for item in request.items], then, request.idempotency_key
+        )
+        return task_queue_pb2.SubmitGroupResponse(
+            group_id=group.group_id, task_ids=task_ids, callback_task_id=group.callback_task_id
+        )
+
+    @_maps_errors
+    async def GetGroupStatus(self, request, context):
+        state = await self.service.groups.status(request.group_id)
+        group = state.group
+        status = task_queue_pb2.GroupStatus(
+            group_id=group.group_id,
+            members=group.members,
+            finished=sum(count for member_state, count in state.counts.items() if member_state.terminal),
+            callback_task_id=group.callback_task_id,
+            callback_state=int(state.callback_state or 0),  # type: ignore[arg-type]  # protoc .pyi: enums take ints
+            task_ids=[task_id for task_id, _state in state.members],
+        )
+        for member_state, count in sorted(state.counts.items()):
+            status.counts.add(state=int(member_state), count=count)
+        status.created_at.FromNanoseconds(int(group.created_at * 1e9))
+        if group.completed_at is not None:
+            status.completed_at.FromNanoseconds(int(group.completed_at * 1e9))
+        return task_queue_pb2.GetGroupStatusResponse(status=status)
 
     @_maps_errors
     async def ListWorkers(self, request, context):

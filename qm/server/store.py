@@ -28,9 +28,10 @@ from typing import Callable, Iterable, Protocol
 
 from qm.messages import TaskEvent
 from qm.priority import DEFAULT_PRIORITY
+from qm.server.group_callback import callback_task
 from qm.server.group_commit import GroupCommit, TransactionObserver
 from qm.server.progress import next_progress
-from qm.server.store_api import DeadLetter, ScheduleRecord, TaskRecord
+from qm.server.store_api import DeadLetter, GroupRecord, ScheduleRecord, TaskRecord
 from qm.states import TaskState, supersedes
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,9 @@ CREATE TABLE IF NOT EXISTS tasks (
     progress_message TEXT NOT NULL DEFAULT '',
     progress_detail_json TEXT NOT NULL DEFAULT '',
     progress_at REAL,
-    schedule_id TEXT NOT NULL DEFAULT ''
+    schedule_id TEXT NOT NULL DEFAULT '',
+    group_id    TEXT NOT NULL DEFAULT '',
+    group_index INTEGER NOT NULL DEFAULT -1
 );
 CREATE TABLE IF NOT EXISTS unconfirmed (
     task_id TEXT PRIMARY KEY,
@@ -94,6 +97,18 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     error    TEXT NOT NULL,
     body     BLOB NOT NULL,
     dead_at  REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS task_groups (
+    group_id         TEXT PRIMARY KEY,
+    members          INTEGER NOT NULL,
+    finished         INTEGER NOT NULL,
+    created_at       REAL NOT NULL,
+    completed_at     REAL,
+    callback_task_id TEXT NOT NULL,
+    callback_queue   TEXT NOT NULL,
+    callback_body    BLOB NOT NULL,
+    idempotency_key  TEXT NOT NULL,
+    request_digest   TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS counters (
     name  TEXT PRIMARY KEY,
@@ -127,6 +142,9 @@ CREATE INDEX IF NOT EXISTS scheduled_by_due ON tasks (queue, next_attempt_at) WH
 CREATE INDEX IF NOT EXISTS queued_by_queue ON tasks (queue, created_at) WHERE state = {int(TaskState.QUEUED)};
 CREATE INDEX IF NOT EXISTS dead_letters_by_dead_at ON dead_letters (dead_at);
 CREATE INDEX IF NOT EXISTS schedules_by_next_fire_at ON schedules (next_fire_at);
+CREATE INDEX IF NOT EXISTS tasks_by_group ON tasks (group_id, group_index) WHERE group_id != '';
+CREATE INDEX IF NOT EXISTS task_groups_by_idempotency_key ON task_groups (idempotency_key) WHERE idempotency_key != '';
+CREATE INDEX IF NOT EXISTS task_groups_by_completed_at ON task_groups (completed_at) WHERE completed_at IS NOT NULL;
 """
 #: Tables whose rows `counters` keeps count of (its row names are the table names).
 _COUNTED_TABLES = ("tasks", "dead_letters", "schedules")
@@ -147,12 +165,15 @@ _ADDED_COLUMNS = {
     "progress_at": "REAL",
     "priority": f"INTEGER NOT NULL DEFAULT {DEFAULT_PRIORITY}",
     "schedule_id": "TEXT NOT NULL DEFAULT ''",
+    "group_id": "TEXT NOT NULL DEFAULT ''",
+    "group_index": "INTEGER NOT NULL DEFAULT -1",
 }
 
 
 _COLUMNS = [field.name for field in dataclasses.fields(TaskRecord)]
 _DEAD_COLUMNS = [field.name for field in dataclasses.fields(DeadLetter)]
 _SCHEDULE_COLUMNS = [field.name for field in dataclasses.fields(ScheduleRecord)]
+_GROUP_COLUMNS = [field.name for field in dataclasses.fields(GroupRecord)]
 
 
 class LoopObserver(TransactionObserver, Protocol):
@@ -284,6 +305,20 @@ class Store:
         rows = self._read("message", "SELECT body FROM messages WHERE task_id = ?", (task_id,))
         return rows[0][0] if rows else None
 
+    async def get_group(self, group_id: str) -> GroupRecord | None:
+        rows = self._read("get_group", _SELECT_GROUP_BY_ID, (group_id,))
+        return GroupRecord(*rows[0]) if rows else None
+
+    async def find_group_by_idempotency_key(self, key: str) -> GroupRecord | None:
+        rows = self._read("find_group_by_idempotency_key", _SELECT_GROUP_BY_KEY, (key,))
+        return GroupRecord(*rows[0]) if rows else None
+
+    async def group_members(self, group_id: str) -> list[tuple[str, TaskState]]:
+        """(task id, state) of the members in order: one range of the group index (at most
+        server.max_batch_items rows)."""
+        rows = self._read("group_members", _SELECT_GROUP_MEMBERS, (group_id,))
+        return [(task_id, TaskState(state)) for task_id, state in rows]
+
     async def count(self) -> int:
         """Tasks in the store (kept by triggers: no COUNT(*))."""
         return self._read("count", _SELECT_COUNTER, ("tasks",))[0][0]
@@ -321,6 +356,27 @@ class Store:
 
     async def insert(self, record: TaskRecord) -> None:
         await self._writes.write(lambda db: _insert(db, record))
+
+    async def insert_group(self, group: GroupRecord, members: list[tuple[TaskRecord, str, bytes]]) -> None:
+        """The group row and every member, unconfirmed, in one transaction."""
+
+        def write(db: sqlite3.Connection) -> None:
+            db.execute(_INSERT_GROUP, dataclasses.astuple(group))
+            placeholders = ", ".join("?" for _ in _COLUMNS)
+            db.executemany(
+                f"INSERT INTO tasks ({', '.join(_COLUMNS)}) VALUES ({placeholders})",
+                [dataclasses.astuple(record) for record, _queue, _body in members],
+            )
+            db.executemany(
+                "INSERT INTO unconfirmed (task_id, queue, body) VALUES (?, ?, ?)",
+                [(record.task_id, queue, body) for record, queue, body in members],
+            )
+            db.executemany(
+                "INSERT OR REPLACE INTO messages (task_id, body) VALUES (?, ?)",
+                [(record.task_id, body) for record, _queue, body in members],
+            )
+
+        await self._writes.write(write)
 
     async def delete(self, task_id: str) -> None:
         def write(db: sqlite3.Connection) -> None:
@@ -377,15 +433,21 @@ class Store:
         """Delete up to `limit` tasks that finished before `before_s` (epoch seconds), found
         through the finished_at index; return how many. Call again while it returns `limit`
         (qm.server.maintenance does, letting other writes commit in between)."""
-        return await self._writes.write(
-            lambda db: (
-                db.execute(
-                    "DELETE FROM tasks WHERE rowid IN (SELECT rowid FROM tasks "
-                    "WHERE finished_at IS NOT NULL AND finished_at < ? LIMIT ?)",
-                    (before_s, limit),
-                ).rowcount
+
+        def delete(db: sqlite3.Connection) -> int:
+            # Groups go with their tasks (their own batch: a few rows per thousand tasks).
+            db.execute(
+                "DELETE FROM task_groups WHERE rowid IN (SELECT rowid FROM task_groups "
+                "WHERE completed_at IS NOT NULL AND completed_at < ? LIMIT ?)",
+                (before_s, limit),
             )
-        )
+            return db.execute(
+                "DELETE FROM tasks WHERE rowid IN (SELECT rowid FROM tasks "
+                "WHERE finished_at IS NOT NULL AND finished_at < ? LIMIT ?)",
+                (before_s, limit),
+            ).rowcount
+
+        return await self._writes.write(delete)
 
     # -- dead letters ------------------------------------------------------------------
 
@@ -549,6 +611,17 @@ _SELECT_TASK_BY_ID = f"SELECT {', '.join(_COLUMNS)} FROM tasks WHERE task_id = ?
 # is a scan of every task.
 _SELECT_TASK_BY_KEY = f"SELECT {', '.join(_COLUMNS)} FROM tasks WHERE idempotency_key = ? AND idempotency_key != ''"
 _SELECT_COUNTER = "SELECT value FROM counters WHERE name = ?"
+_INSERT_GROUP = (
+    f"INSERT INTO task_groups ({', '.join(_GROUP_COLUMNS)}) VALUES ({', '.join('?' for _ in _GROUP_COLUMNS)})"
+)
+_SELECT_GROUP_BY_ID = f"SELECT {', '.join(_GROUP_COLUMNS)} FROM task_groups WHERE group_id = ?"
+_SELECT_GROUP_BY_KEY = (
+    f"SELECT {', '.join(_GROUP_COLUMNS)} FROM task_groups WHERE idempotency_key = ? AND idempotency_key != ''"
+)
+# `group_id != ''` lets SQLite use the partial index (see _SELECT_TASK_BY_KEY).
+_SELECT_GROUP_MEMBERS = (
+    "SELECT task_id, state FROM tasks WHERE group_id = ? AND group_id != '' AND group_index >= 0 ORDER BY group_index"
+)
 
 
 #: The compare-and-set of a schedule's tick (params: next, tick, task id, fired 0/1, missed,
@@ -586,7 +659,41 @@ def _apply(db: sqlite3.Connection, events: Iterable[TaskEvent], codec_of: dict[s
             _update(db, before, record)
         if record.state.terminal:
             db.execute("DELETE FROM messages WHERE task_id = ?", (record.task_id,))
+    for group_id, count in newly_finished(latest, stored).items():
+        callback = _count_finished(db, group_id, count, codec_of)
+        if callback is not None:
+            changes.append(callback)
     return changes
+
+
+def _count_finished(db: sqlite3.Connection, group_id: str, count: int, codec_of: dict[str, str]) -> TaskRecord | None:
+    """Count `count` more finished members; the update that counts the last one (one row,
+    in this transaction: once) stores the callback, unconfirmed, and returns its record."""
+    now = time.time()
+    row = db.execute(
+        "UPDATE task_groups SET finished = finished + ?, "
+        "completed_at = CASE WHEN finished + ? >= members THEN ? ELSE NULL END "
+        "WHERE group_id = ? AND completed_at IS NULL RETURNING completed_at",
+        (count, count, now, group_id),
+    ).fetchone()
+    if row is None or row[0] is None:
+        return None
+    group = GroupRecord(*db.execute(_SELECT_GROUP_BY_ID, (group_id,)).fetchone())
+    if not group.callback_body:
+        return None
+    members = [
+        _record(member)
+        for member in db.execute(
+            f"SELECT {', '.join(_COLUMNS)} FROM tasks WHERE group_id = ? AND group_id != '' AND group_index >= 0 "
+            "ORDER BY group_index",
+            (group_id,),
+        )
+    ]
+    record, queue, body = callback_task(group, members, codec_of, now)
+    _insert(db, record)
+    db.execute("INSERT INTO unconfirmed (task_id, queue, body) VALUES (?, ?, ?)", (record.task_id, queue, body))
+    db.execute("INSERT OR REPLACE INTO messages (task_id, body) VALUES (?, ?)", (record.task_id, body))
+    return record
 
 
 def _update(db: sqlite3.Connection, before: TaskRecord, after: TaskRecord) -> None:
@@ -651,6 +758,17 @@ def fold_events(
             latest[event.task_id] = updated
             changes.append(updated)
     return latest, stored, changes
+
+
+def newly_finished(latest: dict[str, TaskRecord], stored: dict[str, TaskRecord]) -> dict[str, int]:
+    """Group id → how many of its members reached a terminal state in this batch (a member
+    already terminal before it is not counted again: terminal states are final)."""
+    counts: dict[str, int] = {}
+    for record in latest.values():
+        before = stored.get(record.task_id)
+        if record.group_member and record.state.terminal and (before is None or not before.state.terminal):
+            counts[record.group_id] = counts.get(record.group_id, 0) + 1
+    return counts
 
 
 def _upsert_statement(table: str, columns: list[str]) -> str:

@@ -16,6 +16,13 @@ What every implementation promises:
   `progress`) goes only through `qm.server.progress.next_progress` (the four progress
   columns, never the state or the start count), and a RUNNING event counted as a start
   clears those columns.
+- Groups (qm/server/groups.py): `insert_group` stores a group with its members, each
+  unconfirmed as `insert_unconfirmed` would, in one transaction. `apply` counts a
+  member's first terminal state in the group row in the same transaction, and the
+  transaction that counts the last one (decided by the database: one row update) stores
+  the group's callback task as unconfirmed and returns its QUEUED record among the
+  changes: the caller publishes it as any unconfirmed task (a crash before is repaired at
+  start-up by `unconfirmed()`). So a callback is made exactly once per store.
 - Every look-up finds its rows through an index: the cost of a call does not grow with
   the number of tasks stored.
 """
@@ -61,6 +68,12 @@ class TaskRecord:
     progress_at: float | None = None  # when that report was made
     priority: int = DEFAULT_PRIORITY  # 0-9, higher runs first (qm/priority.py)
     schedule_id: str = ""  # the periodic schedule that fired it (qm/server/scheduler.py); "" = submitted
+    group_id: str = ""  # the group it is a member or the callback of (qm/server/groups.py)
+    group_index: int = -1  # its place among the group's members; -1: the callback, or no group
+
+    @property
+    def group_member(self) -> bool:
+        return bool(self.group_id) and self.group_index >= 0
 
     @classmethod
     def queued(
@@ -104,6 +117,22 @@ class TaskRecord:
             priority=priority,
             schedule_id=schedule_id,
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupRecord:
+    """A group of tasks and its callback (qm/server/groups.py); times in epoch seconds."""
+
+    group_id: str
+    members: int
+    finished: int  # members that reached a terminal state
+    created_at: float
+    completed_at: float | None  # when the last member finished
+    callback_task_id: str  # "" without a callback
+    callback_queue: str
+    callback_body: bytes  # the callback's TaskMessage as submitted (its payload the caller's)
+    idempotency_key: str = ""
+    request_digest: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,6 +225,20 @@ class TaskStore(Protocol):
 
     async def apply(self, events: Iterable[TaskEvent], codec_of: dict[str, str]) -> list[TaskRecord]:
         """Apply events (idempotently, durably); return every record change, in order."""
+
+    async def insert_group(self, group: GroupRecord, members: list[tuple[TaskRecord, str, bytes]]) -> None:
+        """Store a group and its members (record, queue, message body), each unconfirmed, in
+        one transaction; durable on return. A key another server stored first:
+        IdempotencyKeyTaken (nothing stored)."""
+
+    async def get_group(self, group_id: str) -> GroupRecord | None:
+        """The group's record, or None."""
+
+    async def find_group_by_idempotency_key(self, key: str) -> GroupRecord | None:
+        """The group submitted under this (non-empty) idempotency key, or None."""
+
+    async def group_members(self, group_id: str) -> list[tuple[str, TaskState]]:
+        """(task id, state) of the group's members, in member order."""
 
     async def add_dead_letter(self, dead: DeadLetter) -> None:
         """Record a dead letter (replacing the task's earlier one)."""

@@ -34,6 +34,7 @@ import dataclasses
 import logging
 import math
 import secrets
+import time
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 
 import asyncpg
@@ -42,8 +43,9 @@ from qm.config import redact_url
 from qm.errors import IdempotencyKeyTaken, StoreSchemaError, StoreUnavailable
 from qm.messages import TaskEvent
 from qm.server import pg_schema
-from qm.server.store import DELETE_BATCH_ROWS, fold_events
-from qm.server.store_api import DeadLetter, ScheduleRecord, TaskRecord
+from qm.server.group_callback import callback_task
+from qm.server.store import DELETE_BATCH_ROWS, fold_events, newly_finished
+from qm.server.store_api import DeadLetter, GroupRecord, ScheduleRecord, TaskRecord
 from qm.states import TaskState
 
 log = logging.getLogger(__name__)
@@ -81,6 +83,12 @@ _CLAIM_TICK = (
     "last_error = $6 WHERE schedule_id = $7 AND next_fire_at = $8"
 )
 _SELECT_TASK = f"SELECT {', '.join(_COLUMNS)} FROM tasks"
+_GROUP_COLUMNS = [field.name for field in dataclasses.fields(GroupRecord)]
+_SELECT_GROUP = f"SELECT {', '.join(_GROUP_COLUMNS)} FROM task_groups"
+_INSERT_GROUP = (
+    f"INSERT INTO task_groups ({', '.join(_GROUP_COLUMNS)}) "
+    f"VALUES ({', '.join(f'${n}' for n in range(1, len(_GROUP_COLUMNS) + 1))})"
+)
 _INSERT_TASK = (
     f"INSERT INTO tasks ({', '.join(_COLUMNS)}) VALUES ({', '.join(f'${n}' for n in range(1, len(_COLUMNS) + 1))})"
 )
@@ -254,6 +262,42 @@ class PgStore:
             for table in ("tasks", "unconfirmed", "messages"):
                 await connection.execute(f"DELETE FROM {table} WHERE task_id = $1", task_id)
 
+    async def insert_group(self, group: GroupRecord, members: list[tuple[TaskRecord, str, bytes]]) -> None:
+        """The group row and its members, each unconfirmed (published by this server), in
+        one transaction. A key another server stored first: IdempotencyKeyTaken."""
+        async with self._connection(transaction=True) as connection:
+            try:
+                await connection.execute(_INSERT_GROUP, *dataclasses.astuple(group))
+            except asyncpg.UniqueViolationError as exc:
+                if exc.constraint_name == "task_groups_by_idempotency_key":
+                    raise IdempotencyKeyTaken(group.idempotency_key) from None
+                raise
+            await connection.executemany(_INSERT_TASK, [_row(record) for record, _queue, _body in members])
+            await connection.executemany(
+                "INSERT INTO unconfirmed (task_id, queue, body, server_id) VALUES ($1, $2, $3, $4)",
+                [(record.task_id, queue, body, self.server_id) for record, queue, body in members],
+            )
+            await connection.executemany(
+                "INSERT INTO messages (task_id, body) VALUES ($1, $2)",
+                [(record.task_id, body) for record, _queue, body in members],
+            )
+
+    async def get_group(self, group_id: str) -> GroupRecord | None:
+        row = await self._fetchrow(f"{_SELECT_GROUP} WHERE group_id = $1", group_id)
+        return _group(row) if row is not None else None
+
+    async def find_group_by_idempotency_key(self, key: str) -> GroupRecord | None:
+        row = await self._fetchrow(f"{_SELECT_GROUP} WHERE idempotency_key = $1 AND idempotency_key <> ''", key)
+        return _group(row) if row is not None else None
+
+    async def group_members(self, group_id: str) -> list[tuple[str, TaskState]]:
+        rows = await self._fetch(
+            "SELECT task_id, state FROM tasks WHERE group_id = $1 AND group_id <> '' AND group_index >= 0 "
+            "ORDER BY group_index",
+            group_id,
+        )
+        return [(row[0], TaskState(row[1])) for row in rows]
+
     async def unconfirmed(self, task_id: str | None = None) -> list[tuple[str, str, bytes]]:
         """This server's unconfirmed messages (another live server publishes its own), or
         the one of `task_id` whoever stored it: a repeated submit landing here. If another
@@ -362,6 +406,13 @@ class PgStore:
         server is deleting right now are skipped, so each row is deleted once. (`= ANY(ARRAY(
         ...))`, not `IN (...)`: the planner would hash-join a batch of 1,000 ids against a
         sequential scan of the table; an array of ids is looked up through the key.)"""
+        await self._execute(
+            "DELETE FROM task_groups WHERE group_id = ANY(ARRAY(SELECT group_id FROM task_groups "
+            "WHERE completed_at IS NOT NULL AND completed_at < $1 ORDER BY completed_at LIMIT $2 "
+            "FOR UPDATE SKIP LOCKED))",
+            before_s,
+            limit,
+        )
         return await self._execute(
             "DELETE FROM tasks WHERE task_id = ANY(ARRAY(SELECT task_id FROM tasks WHERE finished_at IS NOT NULL "
             "AND finished_at < $1 ORDER BY finished_at LIMIT $2 FOR UPDATE SKIP LOCKED))",
@@ -407,12 +458,41 @@ class PgStore:
             final = [record.task_id for record in latest.values() if record.state.terminal]
             if final:
                 await connection.execute("DELETE FROM messages WHERE task_id = ANY($1::text[])", final)
+            for group_id, count in sorted(newly_finished(latest, stored).items()):
+                callback = await self._count_finished(connection, group_id, count, codec_of)
+                if callback is not None:
+                    changes.append(callback)
             payloads = _notifications(self.server_id, [record.task_id for record in latest.values()])
             if payloads:
                 await connection.execute(
                     "SELECT pg_notify($1, payload) FROM unnest($2::text[]) AS payload", CHANGES_CHANNEL, payloads
                 )
         return changes
+
+    async def _count_finished(
+        self, connection: asyncpg.Connection, group_id: str, count: int, codec_of: dict[str, str]
+    ) -> TaskRecord | None:
+        """Count `count` more finished members. The group row is locked by the update, so
+        of two servers' batches the second sees the first's count; the one whose update
+        counts the last member (completed_at set by it) stores the callback, unconfirmed,
+        published by this server (or by its restart)."""
+        now = time.time()
+        row = await connection.fetchrow(
+            "UPDATE task_groups SET finished = finished + $1, "
+            "completed_at = CASE WHEN finished + $1 >= members THEN $2::double precision ELSE NULL END "
+            f"WHERE group_id = $3 AND completed_at IS NULL RETURNING {', '.join(_GROUP_COLUMNS)}",
+            count,
+            now,
+            group_id,
+        )
+        if row is None or row["completed_at"] is None or not row["callback_body"]:
+            return None
+        members = await connection.fetch(
+            f"{_SELECT_TASK} WHERE group_id = $1 AND group_id <> '' AND group_index >= 0 ORDER BY group_index", group_id
+        )
+        record, queue, body = callback_task(_group(row), [_record(member) for member in members], codec_of, now)
+        await connection.execute(_INSERT_UNCONFIRMED, *_row(record), queue, body, self.server_id)
+        return record
 
     # -- dead letters ------------------------------------------------------------------
 
@@ -696,6 +776,12 @@ def _schedule(row: asyncpg.Record) -> ScheduleRecord:
     values = dict(zip(_SCHEDULE_COLUMNS, row, strict=True))
     values["payload"] = bytes(values["payload"])
     return ScheduleRecord(**values)
+
+
+def _group(row: asyncpg.Record) -> GroupRecord:
+    values = dict(zip(_GROUP_COLUMNS, row, strict=True))
+    values["callback_body"] = bytes(values["callback_body"])
+    return GroupRecord(**values)
 
 
 def _dead_letter(row: asyncpg.Record) -> DeadLetter:

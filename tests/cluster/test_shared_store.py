@@ -187,6 +187,31 @@ def test_a_dead_letter_made_through_one_server_is_requeued_through_the_other_onc
           f"dead_letters_after_first_requeue={total}, new_tasks_from_a_racing_requeue={len(made)}", flush=True)
 
 
+def test_groups_finished_by_two_servers_call_back_once_each(pair, tmp_path):
+    """Both servers apply the members' events (competing consumers of the store's events
+    queue): the database decides which transaction counts each group's last member, so
+    every callback is made once, whichever server saw it."""
+    log = tmp_path / "callbacks.log"
+    groups = {}
+    with qm.Client(pair.a.address) as via_a, qm.Client(pair.b.address) as via_b:
+        for number in range(8):
+            client = (via_a, via_b)[number % 2]
+            items = [("test.echo", str(member)) for member in range(25)]
+            group_id = client.submit_group(items, then=("test.group_record", {"log": str(log)}), queue=pair.queue)
+            groups[group_id] = client
+        for group_id, client in groups.items():
+            other = via_b if client is via_a else via_a  # the group is seen through either server
+            list(other.results(other.group_status(group_id).task_ids, timeout_s=SETTLE_TIMEOUT_S))
+            callback = other.result(other.group_status(group_id).callback_task_id, timeout_s=SETTLE_TIMEOUT_S)
+            assert callback["results"] == [str(member) for member in range(25)], group_id
+    runs = [line.split('"group_id": "')[1].split('"')[0] for line in log.read_text().splitlines()]
+    assert sorted(runs) == sorted(groups), f"callback runs {runs}"
+    made = [server.stderr.count("every member finished; callback") for server in (pair.a, pair.b)]
+    print(f"[faults] groups on two servers: {len(groups)} groups, callbacks made by server a {made[0]}, "
+          f"by b {made[1]}")
+    assert sum(made) == len(groups)
+
+
 def test_kill_9_of_one_server_mid_run_the_other_serves_every_task(pair):
     worker = LogsFrom(pair.worker)
     specs = mixed_workload(60, sleep_every=6)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
+import time
 import uuid
 
 import asyncpg
@@ -28,7 +30,7 @@ from qm.metrics import ServerMetrics
 from qm.server import pg_schema
 from qm.server.reconciler import Reconciler
 from qm.server.store import Store
-from qm.server.store_api import DeadLetter, ScheduleRecord, TaskRecord
+from qm.server.store_api import DeadLetter, GroupRecord, ScheduleRecord, TaskRecord
 from qm.server.store_pg import PgStore
 from qm.states import TaskState
 from tests.postgres_fixtures import fresh_database, postgres  # noqa: F401  (fixture)
@@ -59,6 +61,21 @@ def finished(task_id: str, at: float, key: str = "") -> TaskRecord:
 
 def dead(task_id: str, at: float, body: bytes = b"body") -> DeadLetter:
     return DeadLetter(task_id, "math", "default", S.FAILED, 1, "failed", "boom", body, at)
+
+
+def group_of(group_id: str, member_ids: list[str], callback_id: str = "cb", key: str = "",
+             payload: bytes = b'{"limit": 10}') -> tuple[GroupRecord, list[tuple[TaskRecord, str, bytes]]]:
+    """A group and its members (math tasks), as SubmitGroup stores them; callback type j (json)."""
+    body = TaskMessage(callback_id, "j", payload, "default").encode() if callback_id else b""
+    group = GroupRecord(group_id, len(member_ids), 0, T0, None, callback_id, "default" if callback_id else "",
+                        body, key, "v1:digest" if key else "")
+    members = [(dataclasses.replace(queued(task_id), group_id=group_id, group_index=index), "default",
+                f"m-{task_id}".encode()) for index, task_id in enumerate(member_ids)]
+    return group, members
+
+
+def callbacks(changes: list[TaskRecord]) -> list[TaskRecord]:
+    return [record for record in changes if record.group_id and record.group_index < 0]
 
 
 def open_pg(url: str, server_id: str = "server-a") -> Blocking:
@@ -255,6 +272,54 @@ class StoreContract:
         assert not store.claim_tick("s", T0 + 15, T0 + 20, (fired_task("s", T0 + 15), "default", b"b"))
         assert store.get(fired_task("s", T0 + 15).task_id) is None
 
+    def test_a_group_is_stored_with_its_members_unconfirmed(self, store):
+        group, members = group_of("g1", ["m0", "m1", "m2"], key="gk")
+        store.insert_group(group, members)
+        assert store.get_group("g1") == group and store.find_group_by_idempotency_key("gk") == group
+        assert store.group_members("g1") == [("m0", S.QUEUED), ("m1", S.QUEUED), ("m2", S.QUEUED)]
+        assert store.get("m1").group_id == "g1" and store.get("m1").group_index == 1
+        assert sorted(row[0] for row in store.unconfirmed()) == ["m0", "m1", "m2"]
+        assert store.get("cb") is None  # the callback exists only once the members are done
+        assert store.get_group("missing") is None and store.group_members("missing") == []
+
+    def test_the_last_member_to_finish_makes_the_callback_once_with_every_outcome(self, store):
+        group, members = group_of("g1", ["m0", "m1", "m2"])
+        store.insert_group(group, members)
+        for task_id, _state in store.group_members("g1"):
+            store.confirm(task_id)
+        assert callbacks(store.apply([event(S.RUNNING, T0 + 1, "m0"), event(S.SUCCEEDED, T0 + 2, "m0", result=b"3"),
+                                      event(S.FAILED, T0 + 2, "m1", error="boom"),
+                                      event(S.RETRYING, T0 + 2, "m2", error="again", next_attempt_at=T0 + 9)],
+                                     CODECS)) == []
+        assert store.get_group("g1").finished == 2 and store.get_group("g1").completed_at is None
+        changes = store.apply([event(S.SUCCEEDED, T0 + 5, "m2", attempt=2, result=b"4")], CODECS)
+        [callback] = callbacks(changes)
+        assert (callback.task_id, callback.type, callback.state, callback.group_id) == ("cb", "j", S.QUEUED, "g1")
+        assert store.get("cb") == callback and store.get_group("g1").completed_at is not None
+        [(task_id, queue, body)] = store.unconfirmed("cb")
+        document = json.loads(TaskMessage.decode(body).payload)
+        assert document["payload"] == {"limit": 10} and document["task_ids"] == ["m0", "m1", "m2"]
+        assert document["results"] == ["3", None, "4"] and document["succeeded"] == 2
+        assert document["failures"] == [{"index": 1, "task_id": "m1", "state": "FAILED", "error": "boom"}]
+        # The same terminal events again (a redelivery, or another replica's copy): no second callback.
+        assert callbacks(store.apply([event(S.SUCCEEDED, T0 + 5, "m2", attempt=2, result=b"4"),
+                                      event(S.FAILED, T0 + 2, "m1", error="boom")], CODECS)) == []
+        assert store.get_group("g1").finished == 3
+
+    def test_a_cancelled_member_counts_and_a_group_without_callback_completes(self, store):
+        group, members = group_of("g2", ["a", "b"], callback_id="")
+        store.insert_group(group, members)
+        store.apply([event(S.CANCELLED, T0 + 1, "a"), event(S.SUCCEEDED, T0 + 2, "b", result=b"1")], CODECS)
+        assert store.get_group("g2").finished == 2 and store.get_group("g2").completed_at is not None
+        assert store.group_members("g2") == [("a", S.CANCELLED), ("b", S.SUCCEEDED)]
+
+    def test_retention_forgets_completed_groups(self, store):
+        group, members = group_of("g3", ["a"], callback_id="")
+        store.insert_group(group, members)
+        store.apply([event(S.SUCCEEDED, T0 + 2, "a", result=b"1")], CODECS)
+        store.purge_finished(time.time() + 10, 100)
+        assert store.get_group("g3") is None and store.get("a") is None
+
 
 class TestSQLiteStore(StoreContract):
     def open(self, request) -> Blocking:
@@ -297,6 +362,31 @@ class TestSharedPostgresStore:
         a.apply([event(S.SUCCEEDED, T0 + 2, result=b"7")], CODECS)
         assert a.get("t1") == b.get("t1") and b.get("t1").result == b"7"
         assert a.count() == b.count() == 1
+
+    def test_two_servers_finishing_the_last_members_make_one_callback(self, database):
+        async def finish_both() -> list[TaskRecord]:
+            a = await PgStore.open(database, "server-a", pool_size=2)
+            b = await PgStore.open(database, "server-b", pool_size=2)
+            try:
+                ids = [f"m{i}" for i in range(20)]
+                await a.insert_group(*group_of("g", ids))
+                changes = await asyncio.gather(
+                    a.apply([event(S.SUCCEEDED, T0 + 1, task_id=i, result=b"1") for i in ids[:10]], CODECS),
+                    b.apply([event(S.SUCCEEDED, T0 + 1, task_id=i, result=b"1") for i in ids[10:]], CODECS))
+                assert (await a.get_group("g")).finished == 20
+                return callbacks(changes[0]) + callbacks(changes[1])
+            finally:
+                await a.close()
+                await b.close()
+
+        assert [record.task_id for record in asyncio.run(finish_both())] == ["cb"]
+
+    def test_a_group_key_is_taken_once_across_servers(self, two_servers):
+        a, b = two_servers
+        a.insert_group(*group_of("g1", ["a1"], callback_id="cb1", key="gk"))
+        with pytest.raises(IdempotencyKeyTaken):
+            b.insert_group(*group_of("g2", ["b1"], callback_id="cb2", key="gk"))
+        assert b.find_group_by_idempotency_key("gk").group_id == "g1" and b.get("b1") is None
 
     def test_an_idempotency_key_is_taken_once_across_servers(self, two_servers):
         a, b = two_servers

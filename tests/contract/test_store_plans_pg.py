@@ -15,6 +15,7 @@ The schema's own statements (run once at start, under the migration lock) are no
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import json
 from typing import Any, AsyncIterator, Awaitable, Callable
@@ -22,8 +23,8 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 import asyncpg
 import pytest
 
-from qm.messages import TaskEvent
-from qm.server.store_api import DeadLetter, ScheduleRecord, TaskRecord
+from qm.messages import TaskEvent, TaskMessage
+from qm.server.store_api import DeadLetter, GroupRecord, ScheduleRecord, TaskRecord
 from qm.server.store_pg import PgStore
 from qm.states import TaskState
 from tests.postgres_fixtures import fresh_database, postgres  # noqa: F401  (fixture)
@@ -37,6 +38,7 @@ T0 = 1_700_000_000.0
 SEEDED_TASKS = 50_000
 SEEDED_DEAD_LETTERS = 5_000
 SEEDED_SCHEDULES = 5_000
+SEEDED_GROUPS = 5_000  # half the seeded tasks are members, 5 each
 #: Tables that do not grow with the store.
 SMALL_TABLES = {"counters", "unconfirmed", "sweeps"}
 
@@ -150,6 +152,19 @@ async def schedules(store: PgStore) -> None:
     await store.remove_schedule("new-schedule")
 
 
+async def groups(store: PgStore) -> None:
+    body = TaskMessage("cb-new", "math", b"0", "default").encode()
+    group = GroupRecord("grp-new", 2, 0, T0, None, "cb-new", "default", body, "gkey-new", "group1:x")
+    members = [(dataclasses.replace(record(f"gm-{i}"), group_id="grp-new", group_index=i), "default", b"m")
+               for i in range(2)]
+    await store.find_group_by_idempotency_key("gkey-new")
+    await store.insert_group(group, members)
+    await store.get_group("grp-new")
+    await store.group_members("grp-new")
+    await store.apply([TaskEvent(f"gm-{i}", "math", "default", 1, S.SUCCEEDED, "w", b"1", at_s=T0 + 5)
+                       for i in range(2)], {})  # the last member: the callback is made
+
+
 async def seed(url: str) -> None:
     """Tasks in every state (most finished long ago, as retention leaves them), dead
     letters, kept messages; then ANALYZE, so the planner knows the sizes."""
@@ -166,6 +181,16 @@ async def seed(url: str) -> None:
                    CASE WHEN i % 2 = 0 THEN 'key-' || i ELSE '' END,
                    CASE WHEN i % 6 = 5 THEN {T0} + i END
             FROM generate_series(1, {SEEDED_TASKS}) AS i""")
+        await connection.execute(f"""
+            UPDATE tasks SET group_id = 'grp-' || (1 + n / 2 % {SEEDED_GROUPS}), group_index = n / 2 / {SEEDED_GROUPS}
+            FROM (SELECT task_id AS id, substr(task_id, 6)::int AS n FROM tasks) AS seeded
+            WHERE task_id = seeded.id AND seeded.n % 2 = 0""")
+        await connection.execute(f"""
+            INSERT INTO task_groups (group_id, members, finished, created_at, completed_at, callback_task_id,
+                                     callback_queue, callback_body, idempotency_key, request_digest)
+            SELECT 'grp-' || i, 5, 5, {T0} - 86400 + i, CASE WHEN i % 2 = 0 THEN {T0} - 86400 + i + 1 END,
+                   'cb-' || i, 'default', 'body'::bytea, CASE WHEN i % 2 = 0 THEN 'gkey-' || i ELSE '' END, ''
+            FROM generate_series(1, {SEEDED_GROUPS}) AS i""")
         await connection.execute(f"""
             INSERT INTO messages (task_id, body) SELECT 'seed-' || i, 'body'::bytea
             FROM generate_series(1, {SEEDED_TASKS}) AS i WHERE i % 6 >= 3""")

@@ -16,9 +16,11 @@ WORKER_FLAGS = ["--config", "--procs", "--broker-url", "--queues", "--prefetch",
 
 
 HELP_CASES = [
-    (["qm", "--help"], ["--server", "--config", "submit", "status", "watch"]),
+    (["qm", "--help"], ["--server", "--config", "submit", "submit-group", "status", "watch"]),
     (["qm", "submit", "--help"], ["--type", "-T", "--payload", "-P", "--queue", "--wait", "--json"]),
-    (["qm", "status", "--help"], ["ID", "--json"]),
+    (["qm", "status", "--help"], ["ID", "--json", "group"]),
+    (["qm", "submit-group", "--help"], ["--type", "-T", "--from-file", "--then", "--then-payload", "--queue",
+                                        "--idempotency-key", "--wait", "--json", "failures"]),
     (["qm", "watch", "--help"], ["ID", "--json"]),
     (["qm-server", "--help"], SERVER_FLAGS),
     (["qm-worker", "--help"], WORKER_FLAGS),

@@ -62,6 +62,11 @@ def test_map_over_200_calls_returns_every_result_in_order(cluster):
         results = list(executor.map(shifted_square, range(200), timeout=RESULT_TIMEOUT_S))
 
     assert results == [x * x + offset for x in range(200)]
+    # Submitted as groups of at most GROUP_ITEMS calls, each visible as `qm status GROUP_ID`.
+    [group_id] = executor.map_group_ids
+    with qm.Client(server.address) as client:
+        group = client.group_status(group_id)
+    assert (group.members, group.counts, group.callback_task_id) == (200, {"SUCCEEDED": 200}, "")
 
 
 def test_an_exception_raised_by_the_call_reaches_its_future(cluster):

@@ -53,6 +53,8 @@ MATH_TASKS = 20
 FAILING_TASKS = 2          # test.fail, no retries: FAILED and dead-lettered
 TIMED_OUT_TASKS = 1        # test.sleep 5 with timeout 1: TIMED_OUT (killed) and dead-lettered
 RETRIED_TASKS = 1          # test.flaky failing once, one retry: RETRYING, then SUCCEEDED
+#: A group of one test.echo member with a test.echo callback: two more tasks, run once each.
+GROUP_TASKS = 2
 #: Submissions refused by validation, by the field at fault.
 INVALID_SUBMITS = {"type": 1, "queue": 1, "payload": 1}
 
@@ -288,11 +290,15 @@ def observed(rabbitmq, tmp_path_factory):
         with qm.Client(server.address) as client:
             client.add_schedule("math", "1 + 1", every_s=1, queue=idle, schedule_id="observe-each-second")
             ids = submit_all(client, queue, tmp)
+            group_id = client.submit_group([("test.echo", "member")], then=("test.echo", None), queue=queue)
             final = {}
             for status in client.watch(ids, timeout_s=TASKS_TIMEOUT_S):
                 final[status.task_id] = status
             wait_until(lambda: client.list_schedules()[0].fires >= 2, TASKS_TIMEOUT_S, message="2 schedule fires")
             schedule_fires = client.remove_schedule("observe-each-second").fires
+            list(client.results(client.group_status(group_id).task_ids, timeout_s=TASKS_TIMEOUT_S))
+            callback_id = client.group_status(group_id).callback_task_id
+            assert client.result(callback_id, timeout_s=TASKS_TIMEOUT_S).startswith('{"group_id"')
         states = sorted(status.state for status in final.values())
         logs = f"{server.logs}\n{worker.logs}\n{prometheus.log}"
         assert len(final) == len(ids) and all(status.terminal for status in final.values()), logs
@@ -335,7 +341,7 @@ def test_metrics_exposition_passes_promtool_check_metrics(observed):
 
 def test_prometheus_shows_counters_moved_by_exactly_the_tasks_run(observed):
     total = MATH_TASKS + FAILING_TASKS + TIMED_OUT_TASKS + RETRIED_TASKS
-    attempts = total + RETRIED_TASKS
+    attempts = total + RETRIED_TASKS + GROUP_TASKS
     dead = FAILING_TASKS + TIMED_OUT_TASKS
     invalid = sum(INVALID_SUBMITS.values())
     expected = {
@@ -357,6 +363,10 @@ def test_prometheus_shows_counters_moved_by_exactly_the_tasks_run(observed):
         'sum by (outcome) (qm_server_schedule_fires_total)': {(("outcome", "fired"),): observed.schedule_fires},
         "max(qm_server_store_schedules)": {(): 0},
         "max(qm_server_store_dead_letters)": {(): dead},
+        'sum(qm_server_groups_total{outcome="accepted"})': {(): 1},
+        "sum(qm_server_group_members_total)": {(): 1},
+        'sum by (outcome) (qm_server_group_callbacks_total)': {(("outcome", "all_succeeded"),): 1},
+        "sum(qm_server_group_duration_seconds_count)": {(): 1},
         # qm-worker
         'sum(qm_worker_tasks_finished_total{state="SUCCEEDED",type="math"})': {(): MATH_TASKS},
         'sum(qm_worker_tasks_finished_total{state="FAILED"})': {(): FAILING_TASKS},
@@ -365,7 +375,8 @@ def test_prometheus_shows_counters_moved_by_exactly_the_tasks_run(observed):
             (("state", "FAILED"), ("type", "test.fail")): FAILING_TASKS,
             (("state", "TIMED_OUT"), ("type", "test.sleep")): TIMED_OUT_TASKS,
             (("state", "RETRYING"), ("type", "test.flaky")): RETRIED_TASKS,
-            (("state", "SUCCEEDED"), ("type", "test.flaky")): RETRIED_TASKS},
+            (("state", "SUCCEEDED"), ("type", "test.flaky")): RETRIED_TASKS,
+            (("state", "SUCCEEDED"), ("type", "test.echo")): GROUP_TASKS},
         # every reason is exported from the start (at 0), so rate() sees a first kill
         'sum by (reason) (qm_worker_kills_total)': {
             (("reason", "timeout"),): TIMED_OUT_TASKS, (("reason", "memory"),): 0,

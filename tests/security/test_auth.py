@@ -97,6 +97,8 @@ def test_a_role_without_the_right_is_permission_denied_and_the_right_role_is_ser
         denied = {
             "read submits": lambda: reader.SubmitTask(submit_request(queue), timeout=10),
             "read cancels": lambda: reader.CancelTask(task_queue_pb2.CancelTaskRequest(task_id="x"), timeout=10),
+            "read submits a group": lambda: reader.SubmitGroup(
+                task_queue_pb2.SubmitGroupRequest(items=[submit_request(queue)]), timeout=10),
             "submit lists dead letters": lambda: submitter.ListDeadLetters(
                 task_queue_pb2.ListDeadLettersRequest(), timeout=10),
             "submit purges dead letters": lambda: submitter.PurgeDeadLetters(

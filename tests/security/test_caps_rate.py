@@ -90,6 +90,23 @@ def test_a_batch_over_the_rate_limit_is_refused_whole(stack):
     assert stored_tasks(stack.server.data_dir) == stored
 
 
+def test_a_group_counts_each_member_and_its_callback_against_the_rate(stack):
+    items = [task_queue_pb2.SubmitTaskRequest(type="math", payload=b"1", queue=stack.queue)] * (BURST - 1)
+    then = task_queue_pb2.SubmitTaskRequest(type="math", payload=b"0", queue=stack.queue)
+    with NormalClient(stack.server.address) as normal:
+        while isinstance(submit(stack, 0), str):  # use up the bucket (bounded: it holds BURST)
+            pass
+        stored = stored_tasks(stack.server.data_dir)
+        with pytest.raises(grpc.RpcError) as refused:
+            stack.stub.SubmitGroup(task_queue_pb2.SubmitGroupRequest(items=items, then=then, idempotency_key="g"),
+                                   timeout=CALL_TIMEOUT_S)
+    normal.check()
+    assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value
+    assert f"{BURST} task(s) refused" in refused.value.details(), refused.value.details()
+    assert error_reason(refused.value) == "RATE_LIMITED"
+    assert stored_tasks(stack.server.data_dir) == stored
+
+
 def test_a_client_that_honours_the_hint_gets_every_task_in(stack):
     """qm.Client retries RESOURCE_EXHAUSTED after retry-pushback-ms, with the same keys."""
     stored = stored_tasks(stack.server.data_dir)

@@ -60,7 +60,8 @@ def test_status_json_keeps_its_shape_with_the_state_by_name(capsys):
         ("timeout_s", 60.0), ("memory_limit_mb", 0), ("max_retries", 3), ("next_attempt_at", None),
         ("progress", 0.0), ("progress_message", ""), ("progress_detail", None), ("progress_at", None),
         ("priority", 7),
-        ("schedule_id", "")]
+        ("schedule_id", ""),
+        ("group_id", "")]
     text = printed(capsys, cli.cmd_status, AnsweringClient(status=proto), task_id="t1", json=False)
     assert "state     SUCCEEDED" in text and "priority  7" in text
 

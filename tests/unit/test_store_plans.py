@@ -38,7 +38,7 @@ from qm.messages import TaskEvent, TaskMessage
 from qm.registry import discover
 from qm.server.service import TaskService
 from qm.server.store import DeadLetter, Store, TaskRecord
-from qm.server.store_api import ScheduleRecord
+from qm.server.store_api import GroupRecord, ScheduleRecord
 from qm.states import TaskState
 from tests.unit.aio import Blocking, run, within
 from tests.unit.harness import MAX_PAYLOAD_BYTES
@@ -286,6 +286,19 @@ def wal(store: Store) -> None:
     store.start_checkpoints(interval_s=0.01)
     store.checkpoint()
     store.stop_checkpoints()
+
+
+@step
+def groups(store: Store) -> None:
+    body = TaskMessage("callback", "math", b"", "default").encode()
+    group = GroupRecord("g", 2, 0, T0, None, "callback", "default", body, "group-key", "v1:x")
+    members = [(dataclasses.replace(queued(f"m{i}"), group_id="g", group_index=i), "default", b"m") for i in range(2)]
+    assert store.find_group_by_idempotency_key("group-key") is None
+    store.insert_group(group, members)
+    store.apply([event("m0", S.SUCCEEDED, T0 + 1, result=b"1"), event("m1", S.FAILED, T0 + 1)], {"math": "text"})
+    assert store.get_group("g").completed_at is not None and store.get("callback").state is S.QUEUED
+    assert store.find_group_by_idempotency_key("group-key").group_id == "g"
+    assert store.group_members("g") == [("m0", S.SUCCEEDED), ("m1", S.FAILED)]
 
 
 class CallsSeen:

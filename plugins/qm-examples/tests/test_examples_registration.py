@@ -4,11 +4,11 @@ import importlib.metadata
 from qm import registry
 from qm.worker.child import run_job
 from qm.worker.jobs import Reply, ReplyKind
-from qm_examples import hash_chain, monte_carlo, primes
+from qm_examples import hash_chain, monte_carlo, primes, sum_results
 from tests.requirements import missing
 
 TASK_TYPES = {"examples.primes": primes.TASK_TYPE, "examples.hash_chain": hash_chain.TASK_TYPE,
-              "examples.monte_carlo_pi": monte_carlo.TASK_TYPE}
+              "examples.monte_carlo_pi": monte_carlo.TASK_TYPE, "examples.sum_results": sum_results.TASK_TYPE}
 
 
 def require_install() -> None:

@@ -3,6 +3,7 @@
 Installed only in test environments (scripts/setup --test); the product never ships them.
 """
 import ctypes
+import json
 import os
 import signal
 import subprocess
@@ -259,3 +260,27 @@ def _return_value(value):
 
 json_check = TaskType("test.json_check", handler=_return_value, codec="json", validate=_validate_slowly,
                       description="returns its JSON payload; validate_sleep_s makes its validator slow")
+
+
+def _record_group(document: dict) -> dict:
+    """A group callback: append one JSON line (its task's view of the group) to the file its
+    own payload names ({"log": PATH}), so a test counts how often it ran; return the sum of
+    the numeric results and the failed members' indexes."""
+    numbers = []
+    for value in document["results"]:
+        try:
+            numbers.append(float(value))
+        except (TypeError, ValueError):
+            pass
+    summary = {"group_id": document["group_id"], "sum": sum(numbers), "count": len(numbers),
+               "results": document["results"], "failed": [failure["index"] for failure in document["failures"]],
+               "errors": [failure["error"] for failure in document["failures"]]}
+    log_path = (document.get("payload") or {}).get("log")
+    if log_path:
+        with open(log_path, "a") as log:
+            log.write(json.dumps(summary) + "\n")
+    return summary
+
+
+group_record = TaskType("test.group_record", handler=_record_group, codec="json",
+                        description="group callback: logs each run to payload.log, returns the sum of numeric results")

@@ -30,6 +30,7 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ERROR_REASON_VALIDATORS_BUSY: _ClassVar[ErrorReason]
     ERROR_REASON_STREAM_EXPIRED: _ClassVar[ErrorReason]
     ERROR_REASON_STORE_UNAVAILABLE: _ClassVar[ErrorReason]
+    ERROR_REASON_GROUP_NOT_FOUND: _ClassVar[ErrorReason]
     ERROR_REASON_SCHEDULE_NOT_FOUND: _ClassVar[ErrorReason]
 
 class TaskState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
@@ -69,6 +70,7 @@ ERROR_REASON_QUEUE_FULL: ErrorReason
 ERROR_REASON_VALIDATORS_BUSY: ErrorReason
 ERROR_REASON_STREAM_EXPIRED: ErrorReason
 ERROR_REASON_STORE_UNAVAILABLE: ErrorReason
+ERROR_REASON_GROUP_NOT_FOUND: ErrorReason
 ERROR_REASON_SCHEDULE_NOT_FOUND: ErrorReason
 TASK_STATE_UNSPECIFIED: TaskState
 TASK_STATE_QUEUED: TaskState
@@ -190,7 +192,7 @@ class CancelTaskResponse(_message.Message):
     def __init__(self, status: _Optional[_Union[TaskStatus, _Mapping]] = ...) -> None: ...
 
 class TaskStatus(_message.Message):
-    __slots__ = ("task_id", "type", "queue", "state", "attempts", "result", "codec", "error", "worker", "created_at", "started_at", "finished_at", "updated_at", "timeout_s", "memory_limit_mb", "max_retries", "next_attempt_at", "progress", "progress_message", "progress_detail_json", "progress_at", "priority", "schedule_id")
+    __slots__ = ("task_id", "type", "queue", "state", "attempts", "result", "codec", "error", "worker", "created_at", "started_at", "finished_at", "updated_at", "timeout_s", "memory_limit_mb", "max_retries", "next_attempt_at", "progress", "progress_message", "progress_detail_json", "progress_at", "priority", "schedule_id", "group_id")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
     QUEUE_FIELD_NUMBER: _ClassVar[int]
@@ -214,6 +216,7 @@ class TaskStatus(_message.Message):
     PROGRESS_AT_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     SCHEDULE_ID_FIELD_NUMBER: _ClassVar[int]
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     type: str
     queue: str
@@ -237,7 +240,8 @@ class TaskStatus(_message.Message):
     progress_at: _timestamp_pb2.Timestamp
     priority: int
     schedule_id: str
-    def __init__(self, task_id: _Optional[str] = ..., type: _Optional[str] = ..., queue: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., attempts: _Optional[int] = ..., result: _Optional[bytes] = ..., codec: _Optional[str] = ..., error: _Optional[str] = ..., worker: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., timeout_s: _Optional[float] = ..., memory_limit_mb: _Optional[int] = ..., max_retries: _Optional[int] = ..., next_attempt_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., progress: _Optional[float] = ..., progress_message: _Optional[str] = ..., progress_detail_json: _Optional[str] = ..., progress_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., priority: _Optional[int] = ..., schedule_id: _Optional[str] = ...) -> None: ...
+    group_id: str
+    def __init__(self, task_id: _Optional[str] = ..., type: _Optional[str] = ..., queue: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., attempts: _Optional[int] = ..., result: _Optional[bytes] = ..., codec: _Optional[str] = ..., error: _Optional[str] = ..., worker: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., timeout_s: _Optional[float] = ..., memory_limit_mb: _Optional[int] = ..., max_retries: _Optional[int] = ..., next_attempt_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., progress: _Optional[float] = ..., progress_message: _Optional[str] = ..., progress_detail_json: _Optional[str] = ..., progress_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., priority: _Optional[int] = ..., schedule_id: _Optional[str] = ..., group_id: _Optional[str] = ...) -> None: ...
 
 class ListWorkersRequest(_message.Message):
     __slots__ = ()
@@ -451,3 +455,65 @@ class Schedule(_message.Message):
     missed: int
     last_error: str
     def __init__(self, schedule_id: _Optional[str] = ..., cron: _Optional[str] = ..., every_s: _Optional[float] = ..., timezone: _Optional[str] = ..., missed_ticks: _Optional[_Union[ScheduleMissedTicks, str]] = ..., task: _Optional[_Union[SubmitTaskRequest, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., next_fire_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_fired_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_task_id: _Optional[str] = ..., fires: _Optional[int] = ..., missed: _Optional[int] = ..., last_error: _Optional[str] = ...) -> None: ...
+
+class SubmitGroupRequest(_message.Message):
+    __slots__ = ("items", "then", "idempotency_key")
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    THEN_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[SubmitTaskRequest]
+    then: SubmitTaskRequest
+    idempotency_key: str
+    def __init__(self, items: _Optional[_Iterable[_Union[SubmitTaskRequest, _Mapping]]] = ..., then: _Optional[_Union[SubmitTaskRequest, _Mapping]] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+
+class SubmitGroupResponse(_message.Message):
+    __slots__ = ("group_id", "task_ids", "callback_task_id")
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    TASK_IDS_FIELD_NUMBER: _ClassVar[int]
+    CALLBACK_TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    group_id: str
+    task_ids: _containers.RepeatedScalarFieldContainer[str]
+    callback_task_id: str
+    def __init__(self, group_id: _Optional[str] = ..., task_ids: _Optional[_Iterable[str]] = ..., callback_task_id: _Optional[str] = ...) -> None: ...
+
+class GetGroupStatusRequest(_message.Message):
+    __slots__ = ("group_id",)
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    group_id: str
+    def __init__(self, group_id: _Optional[str] = ...) -> None: ...
+
+class GetGroupStatusResponse(_message.Message):
+    __slots__ = ("status",)
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    status: GroupStatus
+    def __init__(self, status: _Optional[_Union[GroupStatus, _Mapping]] = ...) -> None: ...
+
+class GroupStatus(_message.Message):
+    __slots__ = ("group_id", "members", "finished", "counts", "callback_task_id", "callback_state", "created_at", "completed_at", "task_ids")
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    CALLBACK_TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    CALLBACK_STATE_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    COMPLETED_AT_FIELD_NUMBER: _ClassVar[int]
+    TASK_IDS_FIELD_NUMBER: _ClassVar[int]
+    group_id: str
+    members: int
+    finished: int
+    counts: _containers.RepeatedCompositeFieldContainer[GroupStateCount]
+    callback_task_id: str
+    callback_state: TaskState
+    created_at: _timestamp_pb2.Timestamp
+    completed_at: _timestamp_pb2.Timestamp
+    task_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, group_id: _Optional[str] = ..., members: _Optional[int] = ..., finished: _Optional[int] = ..., counts: _Optional[_Iterable[_Union[GroupStateCount, _Mapping]]] = ..., callback_task_id: _Optional[str] = ..., callback_state: _Optional[_Union[TaskState, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., completed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., task_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class GroupStateCount(_message.Message):
+    __slots__ = ("state", "count")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    state: TaskState
+    count: int
+    def __init__(self, state: _Optional[_Union[TaskState, str]] = ..., count: _Optional[int] = ...) -> None: ...

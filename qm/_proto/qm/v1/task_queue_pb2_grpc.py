@@ -131,6 +131,16 @@ class TaskQueueStub:
                 request_serializer=qm_dot_v1_dot_task__queue__pb2.RemoveScheduleRequest.SerializeToString,
                 response_deserializer=qm_dot_v1_dot_task__queue__pb2.RemoveScheduleResponse.FromString,
                 _registered_method=True)
+        self.SubmitGroup = channel.unary_unary(
+                '/qm.v1.TaskQueue/SubmitGroup',
+                request_serializer=qm_dot_v1_dot_task__queue__pb2.SubmitGroupRequest.SerializeToString,
+                response_deserializer=qm_dot_v1_dot_task__queue__pb2.SubmitGroupResponse.FromString,
+                _registered_method=True)
+        self.GetGroupStatus = channel.unary_unary(
+                '/qm.v1.TaskQueue/GetGroupStatus',
+                request_serializer=qm_dot_v1_dot_task__queue__pb2.GetGroupStatusRequest.SerializeToString,
+                response_deserializer=qm_dot_v1_dot_task__queue__pb2.GetGroupStatusResponse.FromString,
+                _registered_method=True)
 
 
 class TaskQueueServicer:
@@ -347,6 +357,41 @@ class TaskQueueServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitGroup(self, request, context):
+        """Submits a group of tasks (map) with an optional callback task (reduce) that runs
+        once, after every member reached a terminal state. The members are validated, stored
+        and published as SubmitTasks does (one confirm wait for the lot); the callback is
+        stored with the group and published only when the last member finished. Its payload
+        is a JSON document: {"group_id", "payload" (the callback's own payload), "task_ids",
+        "results" (in member order, null where a member did not succeed), "failures"
+        ([{"index", "task_id", "state", "error"}]), "succeeded", "failed", "results_omitted"}.
+        A failed, cancelled, timed-out or crashed member still counts: the callback runs with
+        the failures listed. A member that retries is not finished until its last attempt.
+
+        Errors:
+        - INVALID_ARGUMENT: no items, more than server.max_batch_items items, an item that
+        SubmitTask would refuse (field "items[i].<field>"), a member with its own
+        idempotency_key, or an invalid callback (field "then.<field>"). Nothing was stored.
+        - FAILED_PRECONDITION: the idempotency_key was used for another group request.
+        - UNAVAILABLE: RabbitMQ or the store is unreachable. Retry with the same
+        idempotency_key: the group is made once; members stored but not yet confirmed are
+        published by the retry.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetGroupStatus(self, request, context):
+        """Counts of a group's members per state, and its callback's id and state.
+
+        Errors:
+        - NOT_FOUND: reason GROUP_NOT_FOUND: no group with that id is known to this server
+        (never submitted, or finished longer ago than server.retention_s).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TaskQueueServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -414,6 +459,16 @@ def add_TaskQueueServicer_to_server(servicer, server):
                     servicer.RemoveSchedule,
                     request_deserializer=qm_dot_v1_dot_task__queue__pb2.RemoveScheduleRequest.FromString,
                     response_serializer=qm_dot_v1_dot_task__queue__pb2.RemoveScheduleResponse.SerializeToString,
+            ),
+            'SubmitGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitGroup,
+                    request_deserializer=qm_dot_v1_dot_task__queue__pb2.SubmitGroupRequest.FromString,
+                    response_serializer=qm_dot_v1_dot_task__queue__pb2.SubmitGroupResponse.SerializeToString,
+            ),
+            'GetGroupStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetGroupStatus,
+                    request_deserializer=qm_dot_v1_dot_task__queue__pb2.GetGroupStatusRequest.FromString,
+                    response_serializer=qm_dot_v1_dot_task__queue__pb2.GetGroupStatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -799,6 +854,60 @@ class TaskQueue:
             '/qm.v1.TaskQueue/RemoveSchedule',
             qm_dot_v1_dot_task__queue__pb2.RemoveScheduleRequest.SerializeToString,
             qm_dot_v1_dot_task__queue__pb2.RemoveScheduleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qm.v1.TaskQueue/SubmitGroup',
+            qm_dot_v1_dot_task__queue__pb2.SubmitGroupRequest.SerializeToString,
+            qm_dot_v1_dot_task__queue__pb2.SubmitGroupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetGroupStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qm.v1.TaskQueue/GetGroupStatus',
+            qm_dot_v1_dot_task__queue__pb2.GetGroupStatusRequest.SerializeToString,
+            qm_dot_v1_dot_task__queue__pb2.GetGroupStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,
