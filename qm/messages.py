@@ -12,6 +12,7 @@ import time
 from google.protobuf.message import DecodeError
 
 from qm._proto.qm.internal.v1 import messages_pb2
+from qm.broker import topology
 from qm.protocol import Header
 from qm.retry import RetryPolicy
 from qm.states import TaskState
@@ -33,6 +34,12 @@ class TaskMessage:
     retry: RetryPolicy = RetryPolicy()
     soft_timeout_s: float = 0.0  # when the task gets qm.SoftTimeout; 0 = never
     not_before_s: float | None = None  # run no earlier (a delayed task; qm/scheduling.py)
+    cpus: int = 1  # CPU slots it takes on a worker (qm/worker/cpu_slots.py)
+
+    @property
+    def routing_key(self) -> str:
+        """Where it goes on qm.tasks: its logical queue's work queue for its size."""
+        return topology.routing_key(self.queue, cpus=self.cpus)
 
     def encode(self) -> bytes:
         retry = messages_pb2.RetryPolicy(
@@ -52,6 +59,7 @@ class TaskMessage:
             memory_limit_mb=self.memory_limit_mb,
             retry=retry,
             soft_timeout_s=self.soft_timeout_s,
+            cpus=self.cpus if self.cpus > 1 else 0,
         )
         message.enqueued_at.FromNanoseconds(int(self.enqueued_at_s * 1e9))
         if self.not_before_s is not None:
@@ -82,6 +90,7 @@ class TaskMessage:
             retry,
             message.soft_timeout_s,
             message.not_before.ToNanoseconds() / 1e9 if message.HasField("not_before") else None,
+            max(1, message.cpus),
         )
 
     def headers(self) -> dict[str, object]:
@@ -177,6 +186,7 @@ class Heartbeat:
     draining: bool = False
     stopped: bool = False
     at_s: float = dataclasses.field(default_factory=time.time)
+    busy_cpus: int = 0  # CPU slots held by running tasks (a cpus=N task holds N)
 
     def encode(self) -> bytes:
         beat = messages_pb2.WorkerHeartbeat(
@@ -190,6 +200,7 @@ class Heartbeat:
             version=self.version,
             draining=self.draining,
             stopped=self.stopped,
+            busy_cpus=self.busy_cpus,
         )
         beat.at.FromNanoseconds(int(self.at_s * 1e9))
         return beat.SerializeToString()
@@ -211,4 +222,5 @@ class Heartbeat:
             beat.draining,
             beat.stopped,
             beat.at.ToNanoseconds() / 1e9,
+            beat.busy_cpus,
         )

@@ -40,6 +40,7 @@ class Reason(enum.StrEnum):
     VALIDATORS_BUSY = "VALIDATORS_BUSY"
     STREAM_EXPIRED = "STREAM_EXPIRED"
     STORE_UNAVAILABLE = "STORE_UNAVAILABLE"
+    NO_WORKER_FITS = "NO_WORKER_FITS"
 
 
 def parse_reason(text: str) -> str | None:

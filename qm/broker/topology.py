@@ -44,16 +44,30 @@ AT_LEAST_ONCE_DEAD_LETTERING = {"x-dead-letter-strategy": "at-least-once", "x-ov
 QUEUE_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,100}")
 
 
+#: Suffix of the work queues of multi-CPU tasks (`qm.tasks.<queue>.cpus<N>`); a logical
+#: queue name may not end in it, so no two queues' work queues share a name.
+CPUS_SUFFIX_RE = re.compile(r".*\.cpus[0-9]+")
+
+
 def queue_name_problem(queue: str) -> str | None:
     """Why `queue` cannot be a logical queue name (the one rule for servers and workers), or None."""
-    if QUEUE_NAME_RE.fullmatch(queue):
-        return None
-    return f"{queue!r} is not a valid queue name (1-100 of letters, digits, _ . -)"
+    if not QUEUE_NAME_RE.fullmatch(queue):
+        return f"{queue!r} is not a valid queue name (1-100 of letters, digits, _ . -)"
+    if CPUS_SUFFIX_RE.fullmatch(queue):
+        return f"{queue!r} ends in .cpus<N>, which names the work queues of multi-CPU tasks; choose another name"
+    return None
 
 
-def work_queue_name(queue: str) -> str:
-    """The durable AMQP queue behind a logical queue name."""
-    return f"qm.tasks.{queue}"
+def routing_key(queue: str, *, cpus: int = 1) -> str:
+    """The qm.tasks routing key of a logical queue's work queue for tasks taking `cpus`
+    CPU slots: the queue name for cpus <= 1, `<queue>.cpus<N>` otherwise (multi-CPU
+    tasks wait in a queue of their own size, consumed only by workers they fit)."""
+    return f"{queue}.cpus{cpus}" if cpus > 1 else queue
+
+
+def work_queue_name(queue: str, *, cpus: int = 1) -> str:
+    """The durable AMQP queue behind a logical queue name (and a task size: `routing_key`)."""
+    return f"qm.tasks.{routing_key(queue, cpus=cpus)}"
 
 
 def events_queue_name(server_id: str) -> str:
@@ -97,7 +111,13 @@ def work_queue_arguments(queue_type: str, delivery_limit: int, max_length: int =
 
 
 async def declare_work_queue(
-    broker: Broker, queue: str, queue_type: str = "quorum", delivery_limit: int = 5, max_length: int = 0
+    broker: Broker,
+    queue: str,
+    queue_type: str = "quorum",
+    delivery_limit: int = 5,
+    max_length: int = 0,
+    *,
+    cpus: int = 1,
 ) -> str:
     """Declare the tasks exchange and one work queue bound to it; return the AMQP name.
 
@@ -108,8 +128,9 @@ async def declare_work_queue(
     at-least-once dead-lettering (its only RabbitMQ dead-lettering is the delivery-limit
     backstop, and the server's reconciler covers what that could drop). A queue of the
     other type than `broker.queue_type`, or with another cap, stops with the way out.
+    `cpus` > 1: the work queue of tasks of that size (`routing_key`).
     """
-    name = work_queue_name(queue)
+    name = work_queue_name(queue, cpus=cpus)
     await broker.declare_exchange(TASKS_EXCHANGE, "direct")
     await broker.declare_exchange(DEAD_EXCHANGE, "fanout")
     arguments = work_queue_arguments(queue_type, delivery_limit, max_length)
@@ -119,7 +140,7 @@ async def declare_work_queue(
         if refused.code != 406:
             raise
         await _declare_legacy_work_queue(broker, name, queue_type, delivery_limit, max_length)
-    await broker.bind_queue(name, TASKS_EXCHANGE, queue)
+    await broker.bind_queue(name, TASKS_EXCHANGE, routing_key(queue, cpus=cpus))
     return name
 
 

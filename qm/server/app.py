@@ -129,6 +129,7 @@ class ServerApp:
             ),
             validators=PayloadValidators(server.validate_timeout_s, server.validate_threads),
             max_queue_length=config.broker.max_queue_length,
+            max_task_cpus=server.max_task_cpus,
         )
         self.service.dead_letters.max_listed = server.max_dead_letters_listed
         self.service.dead_letters.retention_s = server.dead_letter_retention_s

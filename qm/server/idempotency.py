@@ -9,7 +9,7 @@ The digest covers the request as the client sent it, after validation: task type
 payload, logical queue (empty = "default"), time limits (hard and soft), memory limit,
 the retry options (an option left unset, None, differs from one set to the task
 type's value: it may resolve differently), and a delay (delay_s or not_before) when
-set. It does not cover what the server resolves
+set, and cpus when set (as sent: 0, the type's, is not 1). It does not cover what the server resolves
 from its own settings, so a retry after a configuration change or an upgrade is still
 the same request.
 
@@ -38,6 +38,7 @@ def request_digest(
     retry_options: dict[str, Any],
     soft_timeout_s: float = 0.0,
     delay: dict[str, float | None] | None = None,
+    cpus: int = 0,
 ) -> str:
     """`v1:` + SHA-256 over a canonical encoding of the request (sorted JSON, the payload
     by its own SHA-256, floats as floats: `timeout_s` 5 and 5.0 are one request)."""
@@ -53,6 +54,8 @@ def request_digest(
     asked = {name: float(value) for name, value in sorted((delay or {}).items()) if value is not None}
     if asked:  # absent otherwise: the digest of a request without a delay is as before
         fields["delay"] = asked
+    if cpus:  # as sent (0 = the type's); absent when 0, so older digests still match
+        fields["cpus"] = int(cpus)
     text = json.dumps(fields, sort_keys=True, separators=(",", ":"), allow_nan=True)
     return f"{DIGEST_VERSION}:{hashlib.sha256(text.encode('utf-8')).hexdigest()}"
 

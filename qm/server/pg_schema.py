@@ -131,8 +131,14 @@ _VERSION_3 = f"""
 CREATE INDEX scheduled_by_due ON tasks (queue, next_attempt_at) WHERE state = {int(TaskState.SCHEDULED)};
 """
 
+# Resource-aware slots: the CPU slots a task takes (TaskStatus.cpus); rows from before
+# were all single-CPU.
+_VERSION_SLOTS = """
+ALTER TABLE tasks ADD COLUMN cpus integer NOT NULL DEFAULT 1;
+"""
+
 #: Migration n (1-based) takes a store from schema version n-1 to n.
-MIGRATIONS: tuple[str, ...] = (_VERSION_1, _VERSION_2, _VERSION_3)
+MIGRATIONS: tuple[str, ...] = (_VERSION_1, _VERSION_2, _VERSION_3, _VERSION_SLOTS)
 #: The newest schema this code knows.
 SCHEMA_VERSION = len(MIGRATIONS)
 

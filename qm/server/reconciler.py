@@ -44,9 +44,11 @@ class Reconciler:
     broker: Broker
     metrics: ServerMetrics
     queues: set[str]  # logical queues this server publishes to
-    ensure_queue: Callable[[str], Awaitable[None]]  # declares a work queue (once)
+    ensure_queue: Callable[[str, int], Awaitable[None]]  # declares a work queue (once): queue, cpus
     interval_s: float = 30.0
     after_s: float = 60.0
+    #: logical queue → the multi-CPU sizes whose work queues this server declared
+    sizes: dict[str, set[int]] = dataclasses.field(default_factory=dict)
     _republished_at: dict[str, float] = dataclasses.field(default_factory=dict)
 
     async def run(self) -> None:
@@ -66,7 +68,7 @@ class Reconciler:
         cutoff = now_s - self.after_s
         suspects = [(record, record.attempts) for record in await self.store.overdue_runs(cutoff, SWEEP_LIMIT)]
         for queue in sorted(self.queues):
-            if await self.broker.queue_size(topology.work_queue_name(queue)):
+            if await self._backlog(queue):
                 continue  # a backlog: overdue tasks may well be waiting in it
             suspects += [
                 (record, record.attempts + 1) for record in await self.store.overdue_retries(queue, cutoff, SWEEP_LIMIT)
@@ -83,6 +85,13 @@ class Reconciler:
         self._republished_at = {task_id: at for task_id, at in self._republished_at.items() if task_id in looked_at}
         return republished
 
+    async def _backlog(self, queue: str) -> bool:
+        """Whether any work queue of the logical queue (each task size's) holds ready messages."""
+        for cpus in (1, *sorted(self.sizes.get(queue, ()))):
+            if await self.broker.queue_size(topology.work_queue_name(queue, cpus=cpus)):
+                return True
+        return False
+
     async def _republish(self, record: TaskRecord, attempt: int, now_s: float) -> bool:
         body = await self.store.message(record.task_id)
         if body is None:
@@ -91,8 +100,8 @@ class Reconciler:
             )
             return False
         message = dataclasses.replace(TaskMessage.decode(body), attempt=max(1, attempt), enqueued_at_s=now_s)
-        await self.ensure_queue(message.queue)
-        await self.broker.publish(topology.TASKS_EXCHANGE, message.queue, message.encode(), message.headers())
+        await self.ensure_queue(message.queue, message.cpus)
+        await self.broker.publish(topology.TASKS_EXCHANGE, message.routing_key, message.encode(), message.headers())
         self._republished_at[record.task_id] = now_s
         self.metrics.reconciled.labels(record.state.name).inc()
         log.warning(

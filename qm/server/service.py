@@ -36,10 +36,11 @@ from qm.protocol import Command, Control, Header
 from qm.registry import Registry
 from qm.retry import RetryPolicy
 from qm.security import signing
-from qm.server import idempotency, maintenance
+from qm.server import fit, idempotency, maintenance
 from qm.server.caps import SubmitCaps
 from qm.server.dead_letters import DeadLetters
 from qm.server.events import EventApplier
+from qm.server.fit import DEFAULT_MAX_TASK_CPUS
 from qm.server.hub import Hub
 from qm.server.reconciler import Reconciler
 from qm.server.store_api import TaskRecord, TaskStore
@@ -93,6 +94,7 @@ class TaskService:
         caps: SubmitCaps | None = None,
         validators: PayloadValidators | None = None,
         max_queue_length: int = 0,
+        max_task_cpus: int = DEFAULT_MAX_TASK_CPUS,
     ) -> None:
         self.registry = registry
         self._codecs = {name: declared.codec for name, declared in registry.types.items()}
@@ -115,6 +117,8 @@ class TaskService:
         self.max_queue_length = max_queue_length
         self.metrics = metrics or ServerMetrics()
         self._declared_queues: set[str] = set()
+        self._declared_sizes: dict[str, set[int]] = {}  # logical queue → declared cpus > 1
+        self.max_task_cpus = max_task_cpus
         self._declared_tiers: set[int] = set()
         self._pending_keys: dict[str, asyncio.Future] = {}
         self._tasks: list[asyncio.Task] = []
@@ -131,6 +135,7 @@ class TaskService:
             self._ensure_queue,
             reconcile_interval_s,
             reconcile_after_s,
+            self._declared_sizes,
         )
 
     # -- submit / status -------------------------------------------------------------
@@ -160,6 +165,7 @@ class TaskService:
         soft_timeout_s: float = 0.0,
         delay_s: float | None = None,
         not_before_s: float | None = None,
+        cpus: int = 0,
         **retry_options,
     ) -> TaskRecord:
         """Accept a task: it is durable in RabbitMQ when this returns.
@@ -169,6 +175,7 @@ class TaskService:
         IdempotencyKeyReused (qm/server/idempotency.py). `retry_options` are RetryPolicy
         fields (max_retries, backoff_s, backoff_max_s, jitter, on_timeout); None = default.
         `delay_s` or `not_before_s` (epoch seconds) make a SCHEDULED task (qm/scheduling.py).
+        `cpus`: CPU slots it takes on a worker; 0 = the task type's (qm/server/fit.py).
         """
         if len(idempotency_key) > MAX_IDEMPOTENCY_KEY_CHARS:
             raise ValidationError("idempotency_key", f"longer than {MAX_IDEMPOTENCY_KEY_CHARS} characters")
@@ -183,6 +190,7 @@ class TaskService:
                 retry_options,
                 soft_timeout_s,
                 {"delay_s": delay_s, "not_before_s": not_before_s},
+                cpus,
             )
             if idempotency_key in self._pending_keys:  # the same key is being submitted right now
                 first = await asyncio.shield(self._pending_keys[idempotency_key])
@@ -207,6 +215,7 @@ class TaskService:
                     soft_timeout_s,
                     digest,
                     scheduling.Delay(delay_s, not_before_s),
+                    cpus,
                 )
             except IdempotencyKeyTaken:  # another server of a shared store stored the key first
                 record = await self._answer_duplicate(idempotency_key, await self._taken(idempotency_key), digest)
@@ -283,6 +292,7 @@ class TaskService:
             soft_timeout_s=item.soft_timeout_s,
             delay_s=item.delay_s,
             not_before_s=item.not_before_s,
+            cpus=item.cpus,
             **item.retry_options,
         )
 
@@ -306,6 +316,7 @@ class TaskService:
         soft_timeout_s: float = 0.0,
         request_digest: str = "",
         delay: scheduling.Delay = scheduling.NO_DELAY,
+        cpus: int = 0,
     ) -> TaskRecord:
         # The idempotency key travels to validators that need it (qm/security/signing.py: a
         # retried submit is not a replay of its signed payload).
@@ -316,6 +327,8 @@ class TaskService:
             signing.SUBMISSION_KEY.reset(submission)
         declared = self.registry.get(task_type)
         self.caps.check_requested(timeout_s, memory_limit_mb, retry_options)
+        cpus = fit.resolve_cpus(declared, cpus, self.max_task_cpus)
+        fit.check_fits(cpus, queue, self.workers)
         limits = task_limits.resolve(
             declared,
             timeout_s,
@@ -345,6 +358,7 @@ class TaskService:
             policy.max_retries,
             request_digest=request_digest,
             due_s=due_s,
+            cpus=cpus,
         )
         message = TaskMessage(
             record.task_id,
@@ -358,6 +372,7 @@ class TaskService:
             policy,
             limits.soft_timeout_s,
             due_s,
+            cpus,
         )
         await self.enqueue(record, message)
         return record
@@ -367,13 +382,13 @@ class TaskService:
         await the confirm; if the publish fails nothing stays stored. One store transaction:
         the confirm mark rides with the next one. If this process dies before that, the
         stored message is published again at start-up or on the client's retry (same key)."""
-        await self._ensure_queue(message.queue)
+        await self._ensure_queue(message.queue, message.cpus)
         body = message.encode()
         exchange = await self._exchange_for(message)
         await self.store.insert_unconfirmed(record, message.queue, body)
         started = time.perf_counter()
         try:
-            await self.broker.publish(exchange, message.queue, body, message.headers())
+            await self.broker.publish(exchange, message.routing_key, body, message.headers())
         except PublishOutcomeUnknown:
             # Sent, but the connection died before the confirm: RabbitMQ may hold the task (a
             # quorum queue on the surviving nodes). Keep it, unconfirmed: the client's retry
@@ -410,9 +425,9 @@ class TaskService:
                 # mark was not written (they are deferred): publishing it again would run it twice.
                 await self.store.confirm(stored_id)
                 continue
-            await self._ensure_queue(queue)
             message = TaskMessage.decode(body)
-            await self.broker.publish(topology.TASKS_EXCHANGE, queue, body, message.headers())
+            await self._ensure_queue(queue, message.cpus)
+            await self.broker.publish(topology.TASKS_EXCHANGE, message.routing_key, body, message.headers())
             await self.store.confirm(stored_id)
             log.info("task %s: published again (its first publish was never confirmed)", stored_id)
 
@@ -431,7 +446,16 @@ class TaskService:
                 log.warning("cannot yet publish tasks left unconfirmed by a crash: %s", exc)
                 await asyncio.sleep(UNCONFIRMED_RETRY_S)
 
-    async def _ensure_queue(self, queue: str) -> None:
+    async def _ensure_queue(self, queue: str, cpus: int = 1) -> None:
+        """Declare the work queue of `queue` for tasks of `cpus` (once): a size's queue is
+        declared at its first submit, as a logical queue's is."""
+        if cpus > 1:
+            if cpus not in self._declared_sizes.get(queue, ()):
+                await topology.declare_work_queue(
+                    self.broker, queue, self.queue_type, self.delivery_limit, self.max_queue_length, cpus=cpus
+                )
+                self._declared_sizes.setdefault(queue, set()).add(cpus)
+            return
         if queue not in self._declared_queues:
             await topology.declare_work_queue(
                 self.broker, queue, self.queue_type, self.delivery_limit, self.max_queue_length

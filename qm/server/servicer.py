@@ -25,6 +25,7 @@ from qm.errors import (
     BrokerUnavailable,
     ConfigError,
     IdempotencyKeyReused,
+    NoWorkerFits,
     Overloaded,
     PermissionDenied,
     QMError,
@@ -64,6 +65,7 @@ _STATUS_OF: dict[type[QMError], tuple[grpc.StatusCode, Reason]] = {
     QueueFull: (grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.QUEUE_FULL),  # the work queue is at broker.max_queue_length
     ValidatorsBusy: (grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.VALIDATORS_BUSY),  # every validator thread a runaway's
     StreamExpired: (grpc.StatusCode.UNAVAILABLE, Reason.STREAM_EXPIRED),  # open for server.max_stream_s
+    NoWorkerFits: (grpc.StatusCode.FAILED_PRECONDITION, Reason.NO_WORKER_FITS),  # cpus over every live worker's procs
 }
 #: Any other domain error.
 _OTHER = (grpc.StatusCode.INTERNAL, Reason.SERVER_ERROR)
@@ -134,6 +136,7 @@ def record_to_proto(record: TaskRecord) -> task_queue_pb2.TaskStatus:
         progress=record.progress,
         progress_message=record.progress_message,
         progress_detail_json=record.progress_detail_json,
+        cpus=record.cpus,
     )
     for field, seconds in (
         ("created_at", record.created_at),
@@ -173,6 +176,7 @@ def submission_from_proto(request: task_queue_pb2.SubmitTaskRequest) -> Submissi
         retry_options,
         request.delay_s if request.HasField("delay_s") else None,
         request.not_before.ToNanoseconds() / 1e9 if request.HasField("not_before") else None,
+        request.cpus,
     )
 
 
@@ -211,6 +215,7 @@ class TaskQueueServicer(task_queue_pb2_grpc.TaskQueueServicer):
                 types=beat.types,
                 version=beat.version,
                 state=state,
+                busy_cpus=beat.busy_cpus,
             )
             info.last_seen.FromNanoseconds(int(seen_at * 1e9))
         return response
@@ -230,6 +235,7 @@ class TaskQueueServicer(task_queue_pb2_grpc.TaskQueueServicer):
                 default_memory_limit_mb=declared.default_memory_limit_mb or service.default_memory_limit_mb,
                 max_memory_limit_mb=declared.max_memory_limit_mb or 0,
                 default_max_retries=policy.max_retries,
+                cpus=declared.cpus,
             )
         return response
 

@@ -71,7 +71,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     progress    REAL NOT NULL DEFAULT 0,
     progress_message TEXT NOT NULL DEFAULT '',
     progress_detail_json TEXT NOT NULL DEFAULT '',
-    progress_at REAL
+    progress_at REAL,
+    cpus        INTEGER NOT NULL DEFAULT 1
 );
 CREATE TABLE IF NOT EXISTS unconfirmed (
     task_id TEXT PRIMARY KEY,
@@ -124,6 +125,7 @@ _ADDED_COLUMNS = {
     "progress_message": "TEXT NOT NULL DEFAULT ''",
     "progress_detail_json": "TEXT NOT NULL DEFAULT ''",
     "progress_at": "REAL",
+    "cpus": "INTEGER NOT NULL DEFAULT 1",
 }
 
 

@@ -58,6 +58,7 @@ class TaskRecord:
     progress_message: str = ""
     progress_detail_json: str = ""
     progress_at: float | None = None  # when that report was made
+    cpus: int = 1  # CPU slots it takes on a worker (as resolved at submit)
 
     @classmethod
     def queued(
@@ -73,6 +74,7 @@ class TaskRecord:
         max_retries: int = 0,
         request_digest: str = "",
         due_s: float | None = None,
+        cpus: int = 1,
     ) -> TaskRecord:
         """A task just accepted (or first heard of), QUEUED at `at_s`; SCHEDULED if due at `due_s`."""
         state = TaskState.QUEUED if due_s is None else TaskState.SCHEDULED
@@ -96,6 +98,7 @@ class TaskRecord:
             max_retries,
             next_attempt_at=due_s,
             request_digest=request_digest,
+            cpus=cpus,
         )
 
 

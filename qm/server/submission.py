@@ -25,3 +25,4 @@ class Submission:
     retry_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     delay_s: float | None = None  # run no earlier than this after acceptance (qm/scheduling.py)
     not_before_s: float | None = None  # run no earlier than this time, epoch seconds
+    cpus: int = 0  # CPU slots it takes on a worker; 0 = the task type's
