@@ -125,6 +125,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="memory limit in MiB (RSS with subprocesses); the task is killed over it "
         "(MEMORY_EXCEEDED). Default: the task type's, else the server's, else none",
     )
+    submit.add_argument(
+        "--cpus",
+        metavar="N",
+        type=int,
+        default=0,
+        help="CPU slots the task takes on a worker: a worker with --procs P runs at most P "
+        "slots' worth at once; the task may use N threads or processes (qm.task_cpus()). "
+        "Refused if no live worker of the queue has --procs >= N. Default: the type's, else 1",
+    )
     when = submit.add_mutually_exclusive_group()
     when.add_argument(
         "--in",
@@ -227,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     workers = commands.add_parser(
         "workers",
-        help="list workers: host, pid, procs, busy, queues, types, last seen",
+        help="list workers: host, pid, busy children and busy CPU slots of procs, queues, types, last seen",
         description="Workers the server has heard from through their heartbeats; one "
         "silent longer than server.worker_lost_after_s is shown as lost.",
     )
@@ -388,7 +397,10 @@ def _show(status: TaskStatus) -> str:
         ("result", "" if status.result is None else status.result),
         ("error", status.error),
         ("worker", status.worker or "-"),
-        ("limits", f"timeout {status.timeout_s:g} s, memory {memory}, retries {status.max_retries}"),
+        (
+            "limits",
+            f"timeout {status.timeout_s:g} s, memory {memory}, retries {status.max_retries}, cpus {status.cpus}",
+        ),
         (
             "due" if status.state in (TaskState.SCHEDULED, TaskState.QUEUED) else "next try",
             _when(status.next_attempt_at),
@@ -451,6 +463,7 @@ def cmd_submit(client: Client, args) -> int:
         soft_timeout_s=args.soft_timeout,
         delay_s=args.delay,
         not_before=args.not_before,
+        cpus=args.cpus,
     )
     if args.from_file is not None:
         return _submit_lines(client, args, options)
@@ -611,7 +624,8 @@ def cmd_workers(client: Client, args) -> int:
         else:
             print(
                 f"{worker.worker_id:<28} {worker.state:<8} {worker.host} pid {worker.pid} "
-                f"busy {worker.busy}/{worker.procs} queues {','.join(worker.queues)} "
+                f"busy {worker.busy}/{worker.procs} cpus {worker.busy_cpus}/{worker.procs} "
+                f"queues {','.join(worker.queues)} "
                 f"v{worker.version} last seen {_when(worker.last_seen)} "
                 f"types {','.join(worker.types)}"
             )
@@ -630,7 +644,8 @@ def cmd_types(client: Client, args) -> int:
         print(
             f"{item.name:<20} {item.codec:<5} timeout {item.default_timeout_s:g} s"
             f"{' (max ' + format(item.max_timeout_s, 'g') + ' s)' if item.max_timeout_s else ''}, "
-            f"memory {memory}, retries {item.default_max_retries}  {item.description}"
+            f"memory {memory}, retries {item.default_max_retries}"
+            f"{', cpus ' + str(item.cpus) if item.cpus > 1 else ''}  {item.description}"
         )
     for error in errors:
         print(f"qm: server could not load a plugin: {error}", file=sys.stderr)

@@ -258,6 +258,7 @@ SUBMIT_OPTIONS = (
     "idempotency_key",
     "delay_s",
     "not_before",
+    "cpus",
 )
 
 #: The two ways of asking for a delay (qm/scheduling.py); a submission takes one.
@@ -280,10 +281,12 @@ def submit_request(
     soft_timeout_s: float = 0.0,
     delay_s: float | None = None,
     not_before: float | None = None,
+    cpus: int = 0,
 ) -> task_queue_pb2.SubmitTaskRequest:
     """The request of one submit; it always carries an idempotency key (a fresh one unless
     given), so retrying it can never enqueue the task twice. `delay_s` or `not_before`
-    (seconds since the epoch) make it a delayed task."""
+    (seconds since the epoch) make it a delayed task. `cpus`: CPU slots it takes on a
+    worker (0 = the task type's, else 1)."""
     request = task_queue_pb2.SubmitTaskRequest(
         type=type,
         payload=encode_payload(payload),
@@ -292,6 +295,7 @@ def submit_request(
         memory_limit_mb=memory_limit_mb,
         idempotency_key=idempotency_key or str(uuid.uuid4()),
         soft_timeout_s=soft_timeout_s,
+        cpus=cpus,
     )
     optional = dict(
         max_retries=max_retries,
@@ -444,6 +448,7 @@ class TaskStatus:
     progress_message: str = ""
     progress_detail: Any = None  # its JSON detail, decoded; None if none
     progress_at: float | None = None  # when that report was made
+    cpus: int = 1  # CPU slots it takes on a worker
 
     @property
     def terminal(self) -> bool:
@@ -487,6 +492,7 @@ class WorkerInfo:
     version: str
     state: str
     last_seen: float | None
+    busy_cpus: int = 0  # CPU slots held by its running tasks, out of procs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -501,6 +507,7 @@ class TaskTypeInfo:
     default_memory_limit_mb: int
     max_memory_limit_mb: int
     default_max_retries: int
+    cpus: int = 1  # CPU slots a submission without cpus takes
 
 
 def _seconds(timestamp) -> float | None:
@@ -531,6 +538,7 @@ def status_from_proto(status: task_queue_pb2.TaskStatus) -> TaskStatus:
         progress_message=status.progress_message,
         progress_detail=_json_or_none(status.progress_detail_json),
         progress_at=_seconds(status.progress_at),
+        cpus=status.cpus or 1,
     )
 
 
@@ -563,6 +571,7 @@ def workers_from_proto(response: task_queue_pb2.ListWorkersResponse) -> list[Wor
             w.version,
             w.state,
             _seconds(w.last_seen),
+            w.busy_cpus,
         )
         for w in response.workers
     ]
@@ -579,6 +588,7 @@ def task_types_from_proto(response: task_queue_pb2.ListTaskTypesResponse) -> tup
             t.default_memory_limit_mb,
             t.max_memory_limit_mb,
             t.default_max_retries,
+            t.cpus or 1,
         )
         for t in response.types
     ]

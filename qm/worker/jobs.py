@@ -26,6 +26,8 @@ class Job:
     timeout_s: float = 0.0  # hard limit; 0 = none
     memory_limit_mb: int = 0  # RSS limit with descendants; 0 = none
     soft_timeout_s: float = 0.0  # when the task gets qm.SoftTimeout; 0 = never
+    cpus: int = 1  # CPU slots it holds while it runs (qm/worker/cpu_slots.py)
+    cores: tuple[int, ...] = ()  # CPUs the child pins it to; () = not pinned (set as it is sent)
 
 
 class ReplyKind(enum.Enum):

@@ -91,7 +91,7 @@ class Outcomes:
             following = dataclasses.replace(message, attempt=message.attempt + 1, enqueued_at_s=self.clock())
             await self._publish(
                 topology.delay_tier_name(tier_s),
-                message.queue,
+                message.routing_key,  # back to its own work queue (its size's: cpus)
                 following.encode(),
                 following.headers(),
                 message.task_id,
@@ -125,7 +125,7 @@ class Outcomes:
         delay tier `tier_s` (confirmed), then `ack()`; it never waits in this worker."""
         await self.ensure_delay_tier(tier_s)
         await self._publish(
-            topology.delay_tier_name(tier_s), message.queue, message.encode(), message.headers(), message.task_id
+            topology.delay_tier_name(tier_s), message.routing_key, message.encode(), message.headers(), message.task_id
         )
         log.debug("task %s is due at %s: back to delay tier %d s", message.task_id, message.not_before_s, tier_s)
         self.metrics.delay_hops.labels(str(tier_s)).inc()

@@ -25,6 +25,13 @@ stream (qm/worker/control.py). A delayed task that comes before its due time is 
 a delay tier, not run (qm/scheduling.py). Everything runs on one asyncio loop that never
 waits on task work, so AMQP heartbeats keep flowing however long tasks take. While tasks
 are short the pool pipelines (a busy child holds its next job: Pool.pipeline).
+
+Multi-CPU tasks (`cpus` N > 1) come from work queues of their own size,
+`qm.tasks.<queue>.cpus<N>`; a worker with P procs consumes the sizes 2..P of each of its
+queues, each with a fixed prefetch of P // N (as many as could run at once on an idle
+worker; the adaptive prefetch is for single-CPU queues), so it never takes a task it
+could never fit. The pool holds N of its P CPU slots while such a task runs
+(qm/worker/cpu_slots.py).
 """
 
 from __future__ import annotations
@@ -106,7 +113,8 @@ class Supervisor:
         self._background = Background()
         self.progress = ProgressEvents(broker, worker_id, self.metrics, self._background)
         self._by_task: dict[str, asyncio.Task] = {}  # task id → its handler
-        self._queue_of: dict[str, str] = {}  # consumer tag → logical queue
+        self._queue_of: dict[str, str] = {}  # consumer tag → routing key of its work queue
+        self._size_tags: set[str] = set()  # consumers of multi-CPU work queues (fixed prefetch)
 
     async def start(self) -> None:
         await self.broker.declare_exchange(topology.EVENTS_EXCHANGE, "fanout")
@@ -123,6 +131,7 @@ class Supervisor:
             tag = await self.broker.consume(name, self._on_delivery, self.prefetch.value)
             self._consumer_tags.append(tag)
             self._queue_of[tag] = queue
+            await self._consume_sizes(queue)
         log.info(
             "worker %s consuming %s with prefetch %d per queue (%s), %d children",
             self.worker_id,
@@ -131,6 +140,18 @@ class Supervisor:
             "auto" if isinstance(self.prefetch, AutoPrefetch) else "fixed",
             self.pool.procs,
         )
+
+    async def _consume_sizes(self, queue: str) -> None:
+        """Consume the work queues of the multi-CPU task sizes this worker fits, 2..procs,
+        each with prefetch procs // size. Declared here (idempotent), so a size's queue
+        exists for the server's first submit of it."""
+        for cpus in range(2, self.pool.procs + 1):
+            name = await topology.declare_work_queue(
+                self.broker, queue, self.queue_type, self.delivery_limit, self.max_queue_length, cpus=cpus
+            )
+            tag = await self.broker.consume(name, self._on_delivery, self.pool.procs // cpus)
+            self._size_tags.add(tag)
+            self._queue_of[tag] = topology.routing_key(queue, cpus=cpus)
 
     def _cancel(self, task_id: str) -> None:
         """A cancel from the control stream: drop the task if it waits here, kill it if it runs."""
@@ -178,6 +199,7 @@ class Supervisor:
             limits.timeout_s,
             limits.memory_limit_mb,
             limits.soft_timeout_s,
+            message.cpus,
         )
 
     async def _handle(self, delivery: Delivery) -> None:
@@ -201,6 +223,9 @@ class Supervisor:
         starts = self.control.poison_starts(message.task_id)
         if starts is not None:
             await self.outcomes.dead_letter_poison(message, starts, lambda: self._settle(handler, ack=True))
+            return
+        if message.cpus > self.pool.procs:  # only a message put on the wrong queue by hand
+            await self.outcomes.settle(message, self._too_big(message), lambda: self._settle(handler, ack=True))
             return
         self._by_task[message.task_id] = handler
         handler.add_done_callback(lambda _: self._by_task.pop(message.task_id, None))
@@ -257,6 +282,16 @@ class Supervisor:
             self.metrics.kills.labels(KILL_REASONS[outcome.state]).inc()
         await self.outcomes.settle(message, outcome, lambda: self._settle(handler, ack=True))
 
+    def _too_big(self, message: TaskMessage) -> Outcome:
+        error = (
+            f"task {message.task_id} ({message.type}) takes {message.cpus} CPUs but came to worker "
+            f"{self.worker_id}, which has {self.pool.procs} (--procs): its message was on the wrong work "
+            f"queue ({topology.work_queue_name(message.queue)}; tasks of that size belong in "
+            f"{topology.work_queue_name(message.queue, cpus=message.cpus)}). Submit it again"
+        )
+        log.error("%s", error)
+        return Outcome(TaskState.FAILED, error=error, permanent=True)
+
     def _observe(self, duration_s: float) -> None:
         previous = self.prefetch.value
         new_prefetch = self.prefetch.observe(duration_s)
@@ -282,8 +317,12 @@ class Supervisor:
         """Tasks turned long: give back deliveries buffered beyond the new prefetch, so an
         idle worker can take them now. A redelivered one stays (it would only go back as a
         suspect again, and on a quorum queue each return counts toward its delivery limit)."""
-        room = max(0, prefetch * len(self.queues) - self.committed)
-        waiting = [handler for handler in self._unsettled if handler in self._waiting]
+        single = [
+            handler for handler, delivery in self._unsettled.items() if delivery.consumer_tag not in self._size_tags
+        ]
+        committed = sum(1 for handler in single if handler not in self._waiting)
+        room = max(0, prefetch * len(self.queues) - committed)
+        waiting = [handler for handler in single if handler in self._waiting]
         released = [handler for handler in waiting[room:] if not self._unsettled[handler].redelivered]
         if released:
             log.info(
@@ -338,7 +377,7 @@ class Supervisor:
         to the queue too (redelivered: their runs were cut short, so they count as suspects)."""
         self.draining = True
         self.pool.pipeline = False
-        for tag in [*self._consumer_tags, self.control.tag]:
+        for tag in [*self._consumer_tags, *self._size_tags, self.control.tag]:
             try:
                 await self.broker.cancel(tag)
             except BrokerUnavailable:
@@ -379,6 +418,7 @@ class Supervisor:
             qm.__version__,
             self.draining,
             stopped,
+            busy_cpus=self.pool.busy_cpus,
         )
         try:
             await self.broker.publish(topology.HEARTBEATS_EXCHANGE, "", beat.encode(), {Header.WORKER: self.worker_id})
