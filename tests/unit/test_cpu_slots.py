@@ -206,3 +206,12 @@ def test_a_logical_queue_may_not_be_named_like_a_size_queue():
 
     assert "names the work queues of multi-CPU tasks" in (topology.queue_name_problem("a.cpus2") or "")
     assert topology.queue_name_problem("cpus2") is None and topology.queue_name_problem("a.cpus") is None
+
+
+def test_clients_send_cpus_on_submit_and_per_batch_item():
+    from qm.client.common import batch_requests, submit_request
+
+    assert submit_request("test.echo", "x").cpus == 0  # the type's
+    assert submit_request("test.echo", "x", cpus=3).cpus == 3
+    requests = batch_requests([("test.echo", "a"), ("test.echo", "b", {"cpus": 4})], {"cpus": 2})
+    assert [request.cpus for request in requests] == [2, 4]
