@@ -66,7 +66,7 @@ import qm.aio  # noqa: E402
 from qm._proto.qm.v1 import task_queue_pb2, task_queue_pb2_grpc  # noqa: E402
 from qm.client.common import TaskStatus, status_from_proto  # noqa: E402
 from qm.testing.rabbitmq import LocalRabbitMQ  # noqa: E402
-from tests.processes import Server, Worker, delete_queues, start_server, start_worker  # noqa: E402
+from tests.processes import Server, Worker, band_queues, delete_queues, start_server, start_worker  # noqa: E402
 
 #: The trivial task and what it must return.
 MATH_PAYLOAD = "1 + 2 * 5"
@@ -257,7 +257,7 @@ class Stack:
         elif hasattr(self, "server"):  # a shared node: leave no queue of ours behind
             queues = [f"qm.events.{self.server.server_id}"]
             if self.queue != "default":
-                queues.append(f"qm.tasks.{self.queue}")
+                queues += band_queues(self.queue)
             delete_queues(self.broker_url, queues)
 
 

@@ -41,7 +41,7 @@ if str(REPO) not in sys.path:
 import qm.aio  # noqa: E402
 from qm.testing.postgres import LocalPostgres  # noqa: E402
 from qm.testing.rabbitmq import LocalRabbitMQ, free_port  # noqa: E402
-from tests.processes import Server, delete_queues, start_server, start_worker, unique  # noqa: E402
+from tests.processes import Server, band_queues, delete_queues, start_server, start_worker, unique  # noqa: E402
 
 #: Longest wait for a scenario's tasks to finish.
 FINISH_TIMEOUT_S = 600.0
@@ -120,7 +120,7 @@ def settled_events(servers: list[tuple[Server, int]], since: list[float], expect
 
 def scenario_queues(servers: list[Server], queue: str) -> set[str]:
     """The durable queues a scenario left on RabbitMQ (a shared node outlives the run)."""
-    names = {f"qm.tasks.{queue}"}
+    names = set(band_queues(queue))
     for server in servers:
         names |= {f"qm.events.{server.server_id}", f"qm.dead.{server.server_id}", f"qm.heartbeats.{server.server_id}"}
         store = STORE_LINE.search(server.stderr)

@@ -59,7 +59,7 @@ from qm.messages import TaskEvent  # noqa: E402
 from qm.server.store import Store, TaskRecord  # noqa: E402
 from qm.states import TaskState  # noqa: E402
 from qm.testing.rabbitmq import LocalRabbitMQ  # noqa: E402
-from tests.processes import Server, Worker, delete_queues, start_server, start_worker, unique  # noqa: E402
+from tests.processes import Server, Worker, band_queues, delete_queues, start_server, start_worker, unique  # noqa: E402
 
 DEFAULT_SIZES = (0, 100_000, 1_000_000)
 #: Rows written per executemany call while filling a store.
@@ -253,7 +253,7 @@ class Stack:
                 self.worker.stop()
             except Exception:  # keep going: everything must stop
                 traceback.print_exc()
-            delete_queues(self.url, [f"qm.tasks.{self.queue}"])
+            delete_queues(self.url, band_queues(self.queue))
         if self.server is not None:
             self._stop_server(self.server)
         self.server = self.worker = None

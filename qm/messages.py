@@ -13,6 +13,7 @@ from google.protobuf.message import DecodeError
 
 from qm._proto.qm.internal.v1 import messages_pb2
 from qm.broker import topology
+from qm.priority import DEFAULT_PRIORITY, MAX_PRIORITY
 from qm.protocol import Header
 from qm.retry import RetryPolicy
 from qm.states import TaskState
@@ -34,12 +35,15 @@ class TaskMessage:
     retry: RetryPolicy = RetryPolicy()
     soft_timeout_s: float = 0.0  # when the task gets qm.SoftTimeout; 0 = never
     not_before_s: float | None = None  # run no earlier (a delayed task; qm/scheduling.py)
+    priority: int = DEFAULT_PRIORITY  # 0-9, higher first: picks its work queue band (qm/priority.py)
     cpus: int = 1  # CPU slots it takes on a worker (qm/worker/cpu_slots.py)
 
     @property
     def routing_key(self) -> str:
-        """Where it goes on qm.tasks: its logical queue's work queue for its size."""
-        return topology.routing_key(self.queue, cpus=self.cpus)
+        """Where it goes on qm.tasks, the one rule for every publish of a task (submit,
+        replay, reconciler, retry and delay tiers, give-back, dead-letter requeue): its
+        size's work queue for cpus > 1 (no bands there), else its priority band's."""
+        return topology.routing_key(self.queue, priority=self.priority, cpus=self.cpus)
 
     def encode(self) -> bytes:
         retry = messages_pb2.RetryPolicy(
@@ -59,6 +63,7 @@ class TaskMessage:
             memory_limit_mb=self.memory_limit_mb,
             retry=retry,
             soft_timeout_s=self.soft_timeout_s,
+            priority=self.priority,
             cpus=self.cpus if self.cpus > 1 else 0,
         )
         message.enqueued_at.FromNanoseconds(int(self.enqueued_at_s * 1e9))
@@ -90,6 +95,7 @@ class TaskMessage:
             retry,
             message.soft_timeout_s,
             message.not_before.ToNanoseconds() / 1e9 if message.HasField("not_before") else None,
+            min(message.priority, MAX_PRIORITY) if message.HasField("priority") else DEFAULT_PRIORITY,
             max(1, message.cpus),
         )
 

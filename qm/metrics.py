@@ -148,8 +148,8 @@ class WorkerMetrics:
         )
         self.queue_wait_seconds = Histogram(
             "qm_worker_task_queue_wait_seconds",
-            "Time from enqueue (a delayed task: from its due time) to start",
-            ["type"],
+            "Time from enqueue (a delayed task: from its due time) to start, by type and priority (0-9)",
+            ["type", "priority"],
             buckets=TASK_SECONDS_BUCKETS,
             registry=r,
         )

@@ -20,7 +20,7 @@ import importlib.metadata
 import re
 from typing import Any, Callable, Iterable
 
-from qm import codecs
+from qm import codecs, priority
 from qm.errors import PluginError, UnknownTaskType, ValidationError
 
 #: Entry-point group plugins register task types under.
@@ -52,6 +52,9 @@ class TaskType:
     soft_timeout_s: float | None = None
     #: Retry policy for this type (qm.retry.RetryPolicy); None = the server's default.
     retry: Any = None
+    #: Priority 0-9 (higher runs first) a submission of this type gets unless it sets its
+    #: own; None = qm.priority.DEFAULT_PRIORITY (5).
+    priority: int | None = None
     #: CPU slots a task of this type takes on a worker unless the submission says (>= 1):
     #: a worker with --procs P runs at most P slots' worth at once. The task runs in one
     #: child and may use that many threads or processes (qm.task_cpus() says how many).
@@ -166,6 +169,11 @@ def _check(task_type: TaskType, seen: dict[str, TaskType]) -> PluginError | None
             return PluginError(
                 f"task type {task_type.name!r} declares {limit}={value!r}; expected a positive number or None"
             )
+    if task_type.priority is not None and priority.problem(task_type.priority):
+        return PluginError(
+            f"task type {task_type.name!r} declares priority={task_type.priority!r}; "
+            f"expected 0 (lowest) to {priority.MAX_PRIORITY} (highest) or None"
+        )
     if not (isinstance(task_type.cpus, int) and not isinstance(task_type.cpus, bool) and task_type.cpus >= 1):
         return PluginError(
             f"task type {task_type.name!r} declares cpus={task_type.cpus!r}; expected a whole number of at least 1"

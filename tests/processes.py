@@ -377,6 +377,14 @@ def delete_queues(broker_url: str, queues: Iterable[str]) -> None:
         pass
 
 
+def band_queues(queue: str) -> list[str]:
+    """The AMQP work queues of a logical queue: one per priority band (qm/priority.py)."""
+    from qm import priority
+    from qm.broker import topology
+
+    return [topology.work_queue_name(queue, priority=band) for band in priority.band_priorities()]
+
+
 class Launcher:
     """Starts servers and workers for one test and cleans all of them up afterwards."""
 
@@ -397,7 +405,7 @@ class Launcher:
         worker = start_worker(broker_url, procs, queues, **kwargs)
         self.started.append(worker)
         self._queues.setdefault(broker_url, set()).update(
-            f"qm.tasks.{queue}" for queue in worker.queues if queue != "default")
+            name for queue in worker.queues if queue != "default" for name in band_queues(queue))
         self._queues[broker_url].update(  # the work queues of multi-CPU task sizes it declared
             f"qm.tasks.{queue}.cpus{cpus}" for queue in worker.queues if queue != "default"
             for cpus in range(2, procs + 1))
@@ -406,7 +414,7 @@ class Launcher:
     def queue(self, broker_url: str) -> str:
         """A fresh logical queue name for this test, its AMQP queue deleted in teardown."""
         name = unique("q")
-        self._queues.setdefault(broker_url, set()).add(f"qm.tasks.{name}")
+        self._queues.setdefault(broker_url, set()).update(band_queues(name))
         return name
 
     def track_queue(self, broker_url: str, amqp_queue: str) -> None:

@@ -37,7 +37,9 @@ back to a legacy queue's arguments) while publishing and consuming go on.
 
 Publisher confirms are pipelined: each publish registers a future under its sequence
 number and returns when the broker acks that number (or a `multiple` ack covering it);
-nothing waits for one message before sending the next.
+nothing waits for one message before sending the next. After a basic.nack the next publish
+goes on a fresh channel (qm/broker/confirms.py says why: a channel can stay refused by a
+quorum queue whose leader died), and the refused one is closed once it is answered.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ from pika.adapters.asyncio_connection import AsyncioConnection
 from pika.adapters.utils import connection_workflow
 
 from qm.broker.base import EXCHANGE_KINDS, Broker, Delivery, DeliveryCallback
+from qm.broker.confirms import ConfirmChannel
 from qm.errors import BrokerRefused, BrokerUnavailable, ConsumerRefused, PublishOutcomeUnknown, QueueFull
 
 log = logging.getLogger(__name__)
@@ -114,12 +117,12 @@ class RabbitMQBroker(Broker):
         self._consumers: dict[str, _ConsumerSpec] = {}
         self._consumer_ids = itertools.count(1)
         self._connection: AsyncioConnection | None = None
-        self._publish_channel: Any = None
+        self._publisher: ConfirmChannel | None = None
+        self._refused: list[ConfirmChannel] = []  # replaced after a nack, closed once answered
+        self._publisher_lock = asyncio.Lock()
         self._admin_channel: Any = None
         self._admin_lock = asyncio.Lock()
         self._admin_refusal: asyncio.Future | None = None
-        self._publish_seq = 0
-        self._pending: dict[int, asyncio.Future] = {}
         self._waiters: set[asyncio.Future] = set()
         self._generation = 0
         self._connected = asyncio.Event()
@@ -279,9 +282,7 @@ class RabbitMQBroker(Broker):
 
         self._connection = AsyncioConnection(self._params, on_open, on_open_error, on_close, custom_ioloop=loop)
         await asyncio.wait_for(opened, RPC_TIMEOUT_S)
-        self._publish_channel = await self._open_channel()
-        self._publish_seq = 0
-        await self._rpc(lambda cb: self._publish_channel.confirm_delivery(self._on_confirm, callback=cb))
+        self._publisher = await self._open_publisher()
         for kind, args in list(self._declarations):
             try:
                 await self._apply_declaration(kind, args)
@@ -296,16 +297,15 @@ class RabbitMQBroker(Broker):
         self._connected.clear()
         lost = f"connection to RabbitMQ at {self._where} lost ({reason})"
         unknown = PublishOutcomeUnknown(f"{lost} before the message was confirmed")
-        for future in self._pending.values():  # sent, never confirmed: RabbitMQ may hold them
-            if not future.done():
-                future.set_exception(unknown)
+        for publisher in self._publishers():  # sent, never confirmed: RabbitMQ may hold them
+            publisher.fail_all(unknown)
         error = BrokerUnavailable(lost)
         for future in self._waiters:
             if not future.done():
                 future.set_exception(error)
-        self._pending.clear()
         self._waiters.clear()
-        self._publish_channel = None
+        self._publisher = None
+        self._refused.clear()
         self._admin_channel = None
         for spec in self._consumers.values():
             spec.channel = None
@@ -392,33 +392,78 @@ class RabbitMQBroker(Broker):
             starting.set_exception(ConsumerRefused(consumer.queue, reason.reply_text))
             return
         error = BrokerUnavailable(f"RabbitMQ closed a channel: {_describe(reason)}")
-        for future in list(self._waiters) + list(self._pending.values()):
+        for future in list(self._waiters):
             if not future.done():
                 future.set_exception(error)
+        for publisher in self._publishers():
+            publisher.fail_all(error)
         if self._closed is not None and not self._closed.done():
             self._closed.set_result(_describe(reason))
 
-    def _on_confirm(self, frame) -> None:
+    def _on_confirm(self, publisher: ConfirmChannel, frame: Any) -> None:
         method = frame.method
-        refused = isinstance(method, pika.spec.Basic.Nack)
-        if method.multiple:
-            tags = [tag for tag in self._pending if tag <= method.delivery_tag]
-        else:
-            tags = [method.delivery_tag]
-        for tag in tags:
-            future = self._pending.pop(tag, None)
-            if future is None or future.done():
-                continue
-            if refused:
-                future.set_exception(
-                    QueueFull(
-                        f"RabbitMQ at {self._where} refused the message (basic.nack): its queue is full "
-                        "(broker.max_queue_length), or has no leader for the moment (a cluster node went away); "
-                        "retry later"
-                    )
+        refusal = None
+        if isinstance(method, pika.spec.Basic.Nack):
+            where = self._where
+
+            def refusal() -> Exception:
+                return QueueFull(
+                    f"RabbitMQ at {where} refused the message (basic.nack): its queue is full "
+                    "(broker.max_queue_length), or has no leader for the moment (a cluster node went away); "
+                    "retry later"
                 )
+
+        publisher.answer(method.delivery_tag, method.multiple, refusal)
+        if publisher in self._refused and publisher.settled:
+            self._refused.remove(publisher)
+            _close_quietly(publisher.channel)
+
+    def _publishers(self) -> list[ConfirmChannel]:
+        return [publisher for publisher in [self._publisher, *self._refused] if publisher is not None]
+
+    async def _open_publisher(self) -> ConfirmChannel:
+        """A fresh channel in confirm mode."""
+        publisher = ConfirmChannel(await self._open_channel())
+        await self._rpc(
+            lambda cb: publisher.channel.confirm_delivery(lambda frame: self._on_confirm(publisher, frame), callback=cb)
+        )
+        return publisher
+
+    async def _usable_publisher(self) -> ConfirmChannel:
+        """The publishing channel; after a nack on it, a fresh one (opened once, whoever
+        publishes first). The refused one is closed once its last publish is answered."""
+        publisher = self._publisher
+        if not self.connected or publisher is None:
+            raise self.unavailable()
+        if publisher.usable:
+            return publisher
+        async with self._publisher_lock:
+            publisher, generation = self._publisher, self._generation
+            if publisher is None or publisher.usable or not publisher.channel.is_open:
+                return self._current_publisher()
+            try:
+                fresh = await self._open_publisher()
+            except asyncio.TimeoutError:
+                raise BrokerUnavailable(f"RabbitMQ at {self._where} did not open a fresh publishing channel") from None
+            if generation != self._generation or self._publisher is not publisher:
+                _close_quietly(fresh.channel)  # a reconnect came in between: it has its own
+                return self._current_publisher()
+            log.info(
+                "RabbitMQ at %s refused a publish (basic.nack); publishing on a fresh channel from now on",
+                self._where,
+            )
+            self._publisher = fresh
+            if publisher.settled:
+                _close_quietly(publisher.channel)
             else:
-                future.set_result(None)
+                self._refused.append(publisher)
+            return fresh
+
+    def _current_publisher(self) -> ConfirmChannel:
+        publisher = self._publisher
+        if not self.connected or publisher is None or not publisher.channel.is_open:
+            raise self.unavailable()
+        return publisher
 
     # -- declarations ----------------------------------------------------------------
 
@@ -517,20 +562,15 @@ class RabbitMQBroker(Broker):
     async def publish(
         self, exchange: str, routing_key: str, body: bytes, headers: dict[str, Any] | None = None
     ) -> None:
-        channel = self._publish_channel
-        if not self.connected or channel is None or not channel.is_open:
-            raise self.unavailable()
+        publisher = await self._usable_publisher()
         properties = pika.BasicProperties(
             delivery_mode=PERSISTENT, headers=headers or {}, content_type="application/x-protobuf"
         )
         try:
-            channel.basic_publish(exchange, routing_key, body, properties)
+            publisher.channel.basic_publish(exchange, routing_key, body, properties)
         except pika.exceptions.AMQPError as exc:
             raise BrokerUnavailable(f"publish to RabbitMQ failed: {_describe(exc)}") from exc
-        self._publish_seq += 1
-        future = asyncio.get_running_loop().create_future()
-        self._pending[self._publish_seq] = future
-        await future
+        await publisher.sent()
 
     # -- consuming -------------------------------------------------------------------
 
@@ -661,6 +701,15 @@ def _parameters(
     params.blocked_connection_timeout = 30
     params.client_properties = {"connection_name": connection_name}
     return params
+
+
+def _close_quietly(channel: Any) -> None:
+    """Close a channel we are done with; one already closing or closed is left alone."""
+    if channel.is_open:
+        try:
+            channel.close()
+        except pika.exceptions.AMQPError:
+            pass  # its connection is going: nothing left to close
 
 
 def _describe(error: object) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 
+from qm import priority as priorities
 from qm.broker.base import Broker
 from qm.errors import BrokerRefused, ConfigError
 
@@ -42,8 +43,9 @@ AT_LEAST_ONCE_DEAD_LETTERING = {"x-dead-letter-strategy": "at-least-once", "x-ov
 
 #: Logical queue names: what RabbitMQ accepts in a queue name, kept short and plain.
 QUEUE_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,100}")
-
-
+#: Endings a logical queue name may not have: they name the priority bands of another
+#: queue ("jobs.p7" would be the high band of "jobs").
+_BAND_SUFFIX_RE = re.compile(r"\.p[0-9]$")
 #: Suffix of the work queues of multi-CPU tasks (`qm.tasks.<queue>.cpus<N>`); a logical
 #: queue name may not end in it, so no two queues' work queues share a name.
 CPUS_SUFFIX_RE = re.compile(r".*\.cpus[0-9]+")
@@ -53,21 +55,29 @@ def queue_name_problem(queue: str) -> str | None:
     """Why `queue` cannot be a logical queue name (the one rule for servers and workers), or None."""
     if not QUEUE_NAME_RE.fullmatch(queue):
         return f"{queue!r} is not a valid queue name (1-100 of letters, digits, _ . -)"
+    if _BAND_SUFFIX_RE.search(queue):
+        return f"{queue!r} ends like a priority band's work queue (.p<digit>); choose another name"
     if CPUS_SUFFIX_RE.fullmatch(queue):
         return f"{queue!r} ends in .cpus<N>, which names the work queues of multi-CPU tasks; choose another name"
     return None
 
 
-def routing_key(queue: str, *, cpus: int = 1) -> str:
-    """The qm.tasks routing key of a logical queue's work queue for tasks taking `cpus`
-    CPU slots: the queue name for cpus <= 1, `<queue>.cpus<N>` otherwise (multi-CPU
-    tasks wait in a queue of their own size, consumed only by workers they fit)."""
-    return f"{queue}.cpus{cpus}" if cpus > 1 else queue
+def routing_key(queue: str, *, priority: int = priorities.DEFAULT_PRIORITY, cpus: int = 1) -> str:
+    """Routing key on qm.tasks (and through the delay tiers, which keep it) of a task of
+    `queue`, `priority` and `cpus`: its work queue is bound with it. cpus <= 1: the queue
+    name plus the band of `priority` (qm/priority.py: "" for the default band, else
+    `.p<N>`); cpus > 1: `<queue>.cpus<N>`, the work queue of tasks of that size, consumed
+    only by workers they fit. Multi-CPU queues carry no priority bands: priority applies
+    among cpus=1 tasks (a multi-CPU task keeps its priority on record)."""
+    if cpus > 1:
+        return f"{queue}.cpus{cpus}"
+    return f"{queue}{priorities.suffix(priority)}"
 
 
-def work_queue_name(queue: str, *, cpus: int = 1) -> str:
-    """The durable AMQP queue behind a logical queue name (and a task size: `routing_key`)."""
-    return f"qm.tasks.{routing_key(queue, cpus=cpus)}"
+def work_queue_name(queue: str, *, priority: int = priorities.DEFAULT_PRIORITY, cpus: int = 1) -> str:
+    """The durable AMQP queue behind a logical queue name, for tasks of `priority` and
+    `cpus` (`routing_key`: the default band and cpus=1 keep the plain name)."""
+    return f"qm.tasks.{routing_key(queue, priority=priority, cpus=cpus)}"
 
 
 def events_queue_name(server_id: str) -> str:
@@ -117,9 +127,11 @@ async def declare_work_queue(
     delivery_limit: int = 5,
     max_length: int = 0,
     *,
+    priority: int = priorities.DEFAULT_PRIORITY,
     cpus: int = 1,
 ) -> str:
-    """Declare the tasks exchange and one work queue bound to it; return the AMQP name.
+    """Declare the tasks exchange and one work queue bound to it (the band of `priority`:
+    each band is a queue of its own, with the same arguments); return the AMQP name.
 
     RabbitMQ cannot change an existing queue's arguments (406 PRECONDITION_FAILED), so a
     work queue declared by an older version is used as it is, with a warning saying how
@@ -128,9 +140,9 @@ async def declare_work_queue(
     at-least-once dead-lettering (its only RabbitMQ dead-lettering is the delivery-limit
     backstop, and the server's reconciler covers what that could drop). A queue of the
     other type than `broker.queue_type`, or with another cap, stops with the way out.
-    `cpus` > 1: the work queue of tasks of that size (`routing_key`).
+    `cpus` > 1: the work queue of tasks of that size, which has no bands (`routing_key`).
     """
-    name = work_queue_name(queue, cpus=cpus)
+    name = work_queue_name(queue, priority=priority, cpus=cpus)
     await broker.declare_exchange(TASKS_EXCHANGE, "direct")
     await broker.declare_exchange(DEAD_EXCHANGE, "fanout")
     arguments = work_queue_arguments(queue_type, delivery_limit, max_length)
@@ -140,7 +152,7 @@ async def declare_work_queue(
         if refused.code != 406:
             raise
         await _declare_legacy_work_queue(broker, name, queue_type, delivery_limit, max_length)
-    await broker.bind_queue(name, TASKS_EXCHANGE, routing_key(queue, cpus=cpus))
+    await broker.bind_queue(name, TASKS_EXCHANGE, routing_key(queue, priority=priority, cpus=cpus))
     return name
 
 

@@ -134,6 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
         "slots' worth at once; the task may use N threads or processes (qm.task_cpus()). "
         "Refused if no live worker of the queue has --procs >= N. Default: the type's, else 1",
     )
+    submit.add_argument(
+        "--priority",
+        metavar="N",
+        type=_priority,
+        help="0 (lowest) to 9 (highest): among the tasks of the queue waiting for a worker, "
+        "higher ones start first (default: the task type's, else 5; multi-CPU tasks wait "
+        "in their size's queue, which has no priority order)",
+    )
     when = submit.add_mutually_exclusive_group()
     when.add_argument(
         "--in",
@@ -373,6 +381,17 @@ def cmd_token(args) -> int:
     return 0
 
 
+def _priority(text: str) -> int:
+    """--priority's value: a whole number 0-9 (argparse names the option in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 9:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a priority: use 0 (lowest) to 9 (highest)")
+    return value
+
+
 def _when(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -392,6 +411,7 @@ def _show(status: TaskStatus) -> str:
         ("id", status.task_id),
         ("type", status.type),
         ("queue", status.queue),
+        ("priority", status.priority),
         ("state", status.state),
         ("attempts", status.attempts),
         ("result", "" if status.result is None else status.result),
@@ -464,6 +484,7 @@ def cmd_submit(client: Client, args) -> int:
         delay_s=args.delay,
         not_before=args.not_before,
         cpus=args.cpus,
+        priority=args.priority,
     )
     if args.from_file is not None:
         return _submit_lines(client, args, options)
@@ -644,7 +665,7 @@ def cmd_types(client: Client, args) -> int:
         print(
             f"{item.name:<20} {item.codec:<5} timeout {item.default_timeout_s:g} s"
             f"{' (max ' + format(item.max_timeout_s, 'g') + ' s)' if item.max_timeout_s else ''}, "
-            f"memory {memory}, retries {item.default_max_retries}"
+            f"memory {memory}, retries {item.default_max_retries}, priority {item.default_priority}"
             f"{', cpus ' + str(item.cpus) if item.cpus > 1 else ''}  {item.description}"
         )
     for error in errors:

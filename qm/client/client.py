@@ -171,12 +171,15 @@ class Client:
         soft_timeout_s: float = 0.0,
         delay_s: float | None = None,
         not_before: float | None = None,
+        priority: int | None = None,
         cpus: int = 0,
     ) -> str:
         """Submit a task; returns its id once the server has made it durable.
 
         `delay_s` (seconds from now) or `not_before` (seconds since the epoch; one already
         past runs now), not both: the task is SCHEDULED, held in RabbitMQ, until then.
+        `priority` 0 (lowest) to 9 (highest): among the tasks of its queue waiting for a
+        worker, higher ones start first; None = the task type's default, else 5.
 
         Limits and retry options left at 0/None take the task type's, else the server's
         defaults; `soft_timeout_s` is when the task gets qm.SoftTimeout (0: the type's, else
@@ -206,6 +209,7 @@ class Client:
             soft_timeout_s=soft_timeout_s,
             delay_s=delay_s,
             not_before=not_before,
+            priority=priority,
             cpus=cpus,
         )
         return self._call("SubmitTask", request, self.submit_retry_s, SUBMIT_RETRY_CODES).task_id

@@ -258,6 +258,7 @@ SUBMIT_OPTIONS = (
     "idempotency_key",
     "delay_s",
     "not_before",
+    "priority",
     "cpus",
 )
 
@@ -281,12 +282,17 @@ def submit_request(
     soft_timeout_s: float = 0.0,
     delay_s: float | None = None,
     not_before: float | None = None,
+    priority: int | None = None,
     cpus: int = 0,
 ) -> task_queue_pb2.SubmitTaskRequest:
     """The request of one submit; it always carries an idempotency key (a fresh one unless
     given), so retrying it can never enqueue the task twice. `delay_s` or `not_before`
-    (seconds since the epoch) make it a delayed task. `cpus`: CPU slots it takes on a
-    worker (0 = the task type's, else 1)."""
+    (seconds since the epoch) make it a delayed task. `priority` 0-9, higher first (None:
+    the task type's default); the server refuses one above 9, one that cannot be sent at
+    all (negative, not a whole number) is a ValueError here. `cpus`: CPU slots it takes on
+    a worker (0 = the task type's, else 1)."""
+    if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int) or priority < 0):
+        raise ValueError(f"priority: must be a whole number from 0 (lowest) to 9 (highest), got {priority!r}")
     request = task_queue_pb2.SubmitTaskRequest(
         type=type,
         payload=encode_payload(payload),
@@ -304,6 +310,7 @@ def submit_request(
         retry_jitter=retry_jitter,
         retry_on_timeout=retry_on_timeout,
         delay_s=delay_s,
+        priority=priority,
     )
     if not_before is not None:
         request.not_before.FromNanoseconds(int(not_before * 1e9))
@@ -448,6 +455,7 @@ class TaskStatus:
     progress_message: str = ""
     progress_detail: Any = None  # its JSON detail, decoded; None if none
     progress_at: float | None = None  # when that report was made
+    priority: int = 5  # 0-9, higher runs first (qm/priority.py)
     cpus: int = 1  # CPU slots it takes on a worker
 
     @property
@@ -507,6 +515,7 @@ class TaskTypeInfo:
     default_memory_limit_mb: int
     max_memory_limit_mb: int
     default_max_retries: int
+    default_priority: int = 5  # what a submission without priority gets, 0-9 (higher first)
     cpus: int = 1  # CPU slots a submission without cpus takes
 
 
@@ -538,6 +547,7 @@ def status_from_proto(status: task_queue_pb2.TaskStatus) -> TaskStatus:
         progress_message=status.progress_message,
         progress_detail=_json_or_none(status.progress_detail_json),
         progress_at=_seconds(status.progress_at),
+        priority=status.priority,
         cpus=status.cpus or 1,
     )
 
@@ -588,6 +598,7 @@ def task_types_from_proto(response: task_queue_pb2.ListTaskTypesResponse) -> tup
             t.default_memory_limit_mb,
             t.max_memory_limit_mb,
             t.default_max_retries,
+            t.default_priority,
             t.cpus or 1,
         )
         for t in response.types

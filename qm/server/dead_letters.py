@@ -167,6 +167,7 @@ class DeadLetters:
                 old.timeout_s,
                 old.memory_limit_mb,
                 max_retries=old.retry.max_retries,
+                priority=old.priority,  # and its message goes back to that priority's band
                 cpus=old.cpus,
             )
             if not await self.store.remove_dead_letters([letter.task_id]):

@@ -8,8 +8,9 @@ caller never mistakes the first task's result for the answer to its second reque
 The digest covers the request as the client sent it, after validation: task type,
 payload, logical queue (empty = "default"), time limits (hard and soft), memory limit,
 the retry options (an option left unset, None, differs from one set to the task
-type's value: it may resolve differently), and a delay (delay_s or not_before) when
-set, and cpus when set (as sent: 0, the type's, is not 1). It does not cover what the server resolves
+type's value: it may resolve differently), a delay (delay_s or not_before) when
+set, the priority when set (unset differs from one set to the type's default), and cpus
+when set (as sent: 0, the type's, is not 1). It does not cover what the server resolves
 from its own settings, so a retry after a configuration change or an upgrade is still
 the same request.
 
@@ -38,6 +39,7 @@ def request_digest(
     retry_options: dict[str, Any],
     soft_timeout_s: float = 0.0,
     delay: dict[str, float | None] | None = None,
+    priority: int | None = None,
     cpus: int = 0,
 ) -> str:
     """`v1:` + SHA-256 over a canonical encoding of the request (sorted JSON, the payload
@@ -54,6 +56,8 @@ def request_digest(
     asked = {name: float(value) for name, value in sorted((delay or {}).items()) if value is not None}
     if asked:  # absent otherwise: the digest of a request without a delay is as before
         fields["delay"] = asked
+    if priority is not None:  # likewise: a request without one digests as before priorities
+        fields["priority"] = int(priority)
     if cpus:  # as sent (0 = the type's); absent when 0, so older digests still match
         fields["cpus"] = int(cpus)
     text = json.dumps(fields, sort_keys=True, separators=(",", ":"), allow_nan=True)

@@ -18,6 +18,7 @@ inserting at once do not queue on one hot counter row; a count sums the shards.
 
 from __future__ import annotations
 
+from qm.priority import DEFAULT_PRIORITY
 from qm.states import TaskState
 
 #: Key of the advisory lock held while the schema is checked and migrated.
@@ -131,6 +132,22 @@ _VERSION_3 = f"""
 CREATE INDEX scheduled_by_due ON tasks (queue, next_attempt_at) WHERE state = {int(TaskState.SCHEDULED)};
 """
 
+# The reconciler's turn: one server of the store sweeps for lost tasks per interval
+# (PgStore.claim_reconcile), not every server, each publishing the same lost task again.
+_VERSION_SWEEPS = """
+CREATE TABLE sweeps (
+    name     text PRIMARY KEY,
+    swept_at double precision NOT NULL
+);
+INSERT INTO sweeps (name, swept_at) VALUES ('reconcile', 0);
+"""
+
+# Task priorities (qm/priority.py): kept with the task for `qm status`; rows from before
+# are of the default priority.
+_VERSION_PRIORITY = f"""
+ALTER TABLE tasks ADD COLUMN priority integer NOT NULL DEFAULT {DEFAULT_PRIORITY};
+"""
+
 # Resource-aware slots: the CPU slots a task takes (TaskStatus.cpus); rows from before
 # were all single-CPU.
 _VERSION_SLOTS = """
@@ -138,7 +155,14 @@ ALTER TABLE tasks ADD COLUMN cpus integer NOT NULL DEFAULT 1;
 """
 
 #: Migration n (1-based) takes a store from schema version n-1 to n.
-MIGRATIONS: tuple[str, ...] = (_VERSION_1, _VERSION_2, _VERSION_3, _VERSION_SLOTS)
+MIGRATIONS: tuple[str, ...] = (
+    _VERSION_1,
+    _VERSION_2,
+    _VERSION_3,
+    _VERSION_SWEEPS,
+    _VERSION_PRIORITY,
+    _VERSION_SLOTS,
+)
 #: The newest schema this code knows.
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -24,6 +24,7 @@ import logging
 import time
 from typing import Awaitable, Callable
 
+from qm import priority as priorities
 from qm.broker import topology
 from qm.broker.base import Broker
 from qm.errors import BrokerUnavailable, StoreUnavailable
@@ -36,6 +37,9 @@ log = logging.getLogger(__name__)
 
 #: Most tasks of one kind looked at per sweep (the rest wait for the next sweep).
 SWEEP_LIMIT = 500
+#: A server sweeps when no server of its store swept in the last TURN_FRACTION x interval:
+#: below 1, so the server whose turn it was keeps it despite its timer's jitter.
+TURN_FRACTION = 0.5
 
 
 @dataclasses.dataclass
@@ -44,7 +48,8 @@ class Reconciler:
     broker: Broker
     metrics: ServerMetrics
     queues: set[str]  # logical queues this server publishes to
-    ensure_queue: Callable[[str, int], Awaitable[None]]  # declares a work queue (once): queue, cpus
+    #: declares the work queue a task goes to (once): queue, priority, cpus
+    ensure_queue: Callable[[str, int, int], Awaitable[None]]
     interval_s: float = 30.0
     after_s: float = 60.0
     #: logical queue → the multi-CPU sizes whose work queues this server declared
@@ -63,7 +68,10 @@ class Reconciler:
                 log.warning("reconciler: store unavailable, next sweep in %g s: %s", self.interval_s, exc)
 
     async def sweep(self, now_s: float | None = None) -> int:
-        """Publish again every task that looks lost; return how many."""
+        """Publish again every task that looks lost; return how many. With a store shared
+        by several servers, one of them sweeps per interval (the store says which)."""
+        if not await self.store.claim_reconcile(self.interval_s * TURN_FRACTION):
+            return 0
         now_s = time.time() if now_s is None else now_s
         cutoff = now_s - self.after_s
         suspects = [(record, record.attempts) for record in await self.store.overdue_runs(cutoff, SWEEP_LIMIT)]
@@ -86,9 +94,12 @@ class Reconciler:
         return republished
 
     async def _backlog(self, queue: str) -> bool:
-        """Whether any work queue of the logical queue (each task size's) holds ready messages."""
-        for cpus in (1, *sorted(self.sizes.get(queue, ()))):
-            if await self.broker.queue_size(topology.work_queue_name(queue, cpus=cpus)):
+        """Whether any work queue of `queue` holds ready messages: each priority band's and
+        each multi-CPU size's this server declared (an absent one: none)."""
+        names = [topology.work_queue_name(queue, priority=band) for band in priorities.band_priorities()]
+        names += [topology.work_queue_name(queue, cpus=cpus) for cpus in sorted(self.sizes.get(queue, ()))]
+        for name in names:
+            if await self.broker.queue_size(name):
                 return True
         return False
 
@@ -100,7 +111,7 @@ class Reconciler:
             )
             return False
         message = dataclasses.replace(TaskMessage.decode(body), attempt=max(1, attempt), enqueued_at_s=now_s)
-        await self.ensure_queue(message.queue, message.cpus)
+        await self.ensure_queue(message.queue, message.priority, message.cpus)
         await self.broker.publish(topology.TASKS_EXCHANGE, message.routing_key, message.encode(), message.headers())
         self._republished_at[record.task_id] = now_s
         self.metrics.reconciled.labels(record.state.name).inc()

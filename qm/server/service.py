@@ -15,6 +15,7 @@ import uuid
 from typing import Sequence
 
 from qm import limits as task_limits
+from qm import priority as priorities
 from qm import retry, scheduling
 from qm.broker import topology
 from qm.broker.base import Broker
@@ -116,7 +117,8 @@ class TaskService:
         self.validators = validators or PayloadValidators()  # off the event loop, within a budget
         self.max_queue_length = max_queue_length
         self.metrics = metrics or ServerMetrics()
-        self._declared_queues: set[str] = set()
+        self._declared_queues: set[str] = set()  # logical queues (for the reconciler)
+        self._declared_work_queues: set[str] = set()  # declared so far: one per band and size used
         self._declared_sizes: dict[str, set[int]] = {}  # logical queue → declared cpus > 1
         self.max_task_cpus = max_task_cpus
         self._declared_tiers: set[int] = set()
@@ -165,6 +167,7 @@ class TaskService:
         soft_timeout_s: float = 0.0,
         delay_s: float | None = None,
         not_before_s: float | None = None,
+        priority: int | None = None,
         cpus: int = 0,
         **retry_options,
     ) -> TaskRecord:
@@ -175,10 +178,12 @@ class TaskService:
         IdempotencyKeyReused (qm/server/idempotency.py). `retry_options` are RetryPolicy
         fields (max_retries, backoff_s, backoff_max_s, jitter, on_timeout); None = default.
         `delay_s` or `not_before_s` (epoch seconds) make a SCHEDULED task (qm/scheduling.py).
+        `priority` 0-9 (None = the task type's default, else 5; qm/priority.py).
         `cpus`: CPU slots it takes on a worker; 0 = the task type's (qm/server/fit.py).
         """
         if len(idempotency_key) > MAX_IDEMPOTENCY_KEY_CHARS:
             raise ValidationError("idempotency_key", f"longer than {MAX_IDEMPOTENCY_KEY_CHARS} characters")
+        priorities.resolve(priority, None)  # out of range: refused before any key look-up
         digest = ""
         if idempotency_key:
             digest = idempotency.request_digest(
@@ -190,6 +195,7 @@ class TaskService:
                 retry_options,
                 soft_timeout_s,
                 {"delay_s": delay_s, "not_before_s": not_before_s},
+                priority,
                 cpus,
             )
             if idempotency_key in self._pending_keys:  # the same key is being submitted right now
@@ -215,6 +221,7 @@ class TaskService:
                     soft_timeout_s,
                     digest,
                     scheduling.Delay(delay_s, not_before_s),
+                    priority,
                     cpus,
                 )
             except IdempotencyKeyTaken:  # another server of a shared store stored the key first
@@ -292,6 +299,7 @@ class TaskService:
             soft_timeout_s=item.soft_timeout_s,
             delay_s=item.delay_s,
             not_before_s=item.not_before_s,
+            priority=item.priority,
             cpus=item.cpus,
             **item.retry_options,
         )
@@ -316,6 +324,7 @@ class TaskService:
         soft_timeout_s: float = 0.0,
         request_digest: str = "",
         delay: scheduling.Delay = scheduling.NO_DELAY,
+        requested_priority: int | None = None,
         cpus: int = 0,
     ) -> TaskRecord:
         # The idempotency key travels to validators that need it (qm/security/signing.py: a
@@ -326,6 +335,7 @@ class TaskService:
         finally:
             signing.SUBMISSION_KEY.reset(submission)
         declared = self.registry.get(task_type)
+        task_priority = priorities.resolve(requested_priority, declared.priority)
         self.caps.check_requested(timeout_s, memory_limit_mb, retry_options)
         cpus = fit.resolve_cpus(declared, cpus, self.max_task_cpus)
         fit.check_fits(cpus, queue, self.workers)
@@ -358,6 +368,7 @@ class TaskService:
             policy.max_retries,
             request_digest=request_digest,
             due_s=due_s,
+            priority=task_priority,
             cpus=cpus,
         )
         message = TaskMessage(
@@ -372,6 +383,7 @@ class TaskService:
             policy,
             limits.soft_timeout_s,
             due_s,
+            task_priority,
             cpus,
         )
         await self.enqueue(record, message)
@@ -382,7 +394,7 @@ class TaskService:
         await the confirm; if the publish fails nothing stays stored. One store transaction:
         the confirm mark rides with the next one. If this process dies before that, the
         stored message is published again at start-up or on the client's retry (same key)."""
-        await self._ensure_queue(message.queue, message.cpus)
+        await self._ensure_queue(message.queue, message.priority, message.cpus)
         body = message.encode()
         exchange = await self._exchange_for(message)
         await self.store.insert_unconfirmed(record, message.queue, body)
@@ -426,7 +438,7 @@ class TaskService:
                 await self.store.confirm(stored_id)
                 continue
             message = TaskMessage.decode(body)
-            await self._ensure_queue(queue, message.cpus)
+            await self._ensure_queue(queue, message.priority, message.cpus)
             await self.broker.publish(topology.TASKS_EXCHANGE, message.routing_key, body, message.headers())
             await self.store.confirm(stored_id)
             log.info("task %s: published again (its first publish was never confirmed)", stored_id)
@@ -446,20 +458,24 @@ class TaskService:
                 log.warning("cannot yet publish tasks left unconfirmed by a crash: %s", exc)
                 await asyncio.sleep(UNCONFIRMED_RETRY_S)
 
-    async def _ensure_queue(self, queue: str, cpus: int = 1) -> None:
-        """Declare the work queue of `queue` for tasks of `cpus` (once): a size's queue is
-        declared at its first submit, as a logical queue's is."""
-        if cpus > 1:
-            if cpus not in self._declared_sizes.get(queue, ()):
-                await topology.declare_work_queue(
-                    self.broker, queue, self.queue_type, self.delivery_limit, self.max_queue_length, cpus=cpus
-                )
-                self._declared_sizes.setdefault(queue, set()).add(cpus)
-            return
-        if queue not in self._declared_queues:
+    async def _ensure_queue(self, queue: str, priority: int = priorities.DEFAULT_PRIORITY, cpus: int = 1) -> None:
+        """Declare the work queue a task of `queue`, `priority` and `cpus` goes to (once,
+        TaskMessage.routing_key): a band's or a size's queue exists from the first task of
+        it on; workers declare every band and the sizes that fit them."""
+        name = topology.work_queue_name(queue, priority=priority, cpus=cpus)
+        if name not in self._declared_work_queues:
             await topology.declare_work_queue(
-                self.broker, queue, self.queue_type, self.delivery_limit, self.max_queue_length
+                self.broker,
+                queue,
+                self.queue_type,
+                self.delivery_limit,
+                self.max_queue_length,
+                priority=priority,
+                cpus=cpus,
             )
+            self._declared_work_queues.add(name)
+            if cpus > 1:
+                self._declared_sizes.setdefault(queue, set()).add(cpus)
             self._declared_queues.add(queue)
 
     async def status(self, task_id: str) -> TaskRecord:

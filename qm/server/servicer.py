@@ -18,6 +18,7 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from qm import priority as priorities
 from qm import scheduling
 from qm._proto.qm.v1 import task_queue_pb2, task_queue_pb2_grpc
 from qm.errors import (
@@ -136,6 +137,7 @@ def record_to_proto(record: TaskRecord) -> task_queue_pb2.TaskStatus:
         progress=record.progress,
         progress_message=record.progress_message,
         progress_detail_json=record.progress_detail_json,
+        priority=record.priority,
         cpus=record.cpus,
     )
     for field, seconds in (
@@ -176,6 +178,7 @@ def submission_from_proto(request: task_queue_pb2.SubmitTaskRequest) -> Submissi
         retry_options,
         request.delay_s if request.HasField("delay_s") else None,
         request.not_before.ToNanoseconds() / 1e9 if request.HasField("not_before") else None,
+        request.priority if request.HasField("priority") else None,
         request.cpus,
     )
 
@@ -235,6 +238,7 @@ class TaskQueueServicer(task_queue_pb2_grpc.TaskQueueServicer):
                 default_memory_limit_mb=declared.default_memory_limit_mb or service.default_memory_limit_mb,
                 max_memory_limit_mb=declared.max_memory_limit_mb or 0,
                 default_max_retries=policy.max_retries,
+                default_priority=priorities.DEFAULT_PRIORITY if declared.priority is None else declared.priority,
                 cpus=declared.cpus,
             )
         return response

@@ -27,6 +27,7 @@ import time
 from typing import Callable, Iterable, Protocol
 
 from qm.messages import TaskEvent
+from qm.priority import DEFAULT_PRIORITY
 from qm.server.group_commit import GroupCommit, TransactionObserver
 from qm.server.progress import next_progress
 from qm.server.store_api import DeadLetter, TaskRecord
@@ -125,6 +126,7 @@ _ADDED_COLUMNS = {
     "progress_message": "TEXT NOT NULL DEFAULT ''",
     "progress_detail_json": "TEXT NOT NULL DEFAULT ''",
     "progress_at": "REAL",
+    "priority": f"INTEGER NOT NULL DEFAULT {DEFAULT_PRIORITY}",
     "cpus": "INTEGER NOT NULL DEFAULT 1",
 }
 
@@ -339,6 +341,10 @@ class Store:
             f"WHERE state = {int(TaskState.QUEUED)} AND queue = ? AND created_at < ? ORDER BY created_at LIMIT ?",
             (queue, created_before_s, limit),
         )
+
+    async def claim_reconcile(self, every_s: float) -> bool:
+        """Always: a SQLite store has one server."""
+        return True
 
     async def _select(self, where: str, params: tuple) -> list[TaskRecord]:
         """Up to LIMIT records, read on the writer thread (too many rows for the loop)."""

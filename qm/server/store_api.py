@@ -27,6 +27,7 @@ import math
 from typing import Iterable, Protocol
 
 from qm.messages import TaskEvent
+from qm.priority import DEFAULT_PRIORITY
 from qm.states import TaskState
 
 
@@ -58,6 +59,7 @@ class TaskRecord:
     progress_message: str = ""
     progress_detail_json: str = ""
     progress_at: float | None = None  # when that report was made
+    priority: int = DEFAULT_PRIORITY  # 0-9, higher runs first (qm/priority.py)
     cpus: int = 1  # CPU slots it takes on a worker (as resolved at submit)
 
     @classmethod
@@ -74,6 +76,7 @@ class TaskRecord:
         max_retries: int = 0,
         request_digest: str = "",
         due_s: float | None = None,
+        priority: int = DEFAULT_PRIORITY,
         cpus: int = 1,
     ) -> TaskRecord:
         """A task just accepted (or first heard of), QUEUED at `at_s`; SCHEDULED if due at `due_s`."""
@@ -98,6 +101,7 @@ class TaskRecord:
             max_retries,
             next_attempt_at=due_s,
             request_digest=request_digest,
+            priority=priority,
             cpus=cpus,
         )
 
@@ -155,6 +159,11 @@ class TaskStore(Protocol):
 
     async def queued_before(self, queue: str, created_before_s: float, limit: int) -> list[TaskRecord]:
         """QUEUED tasks of a logical queue created before `created_before_s`, oldest first."""
+
+    async def claim_reconcile(self, every_s: float) -> bool:
+        """Whether this server sweeps for lost tasks now (qm/server/reconciler.py): with a
+        store shared by several servers, the first to ask once `every_s` has passed since
+        the last sweep of any of them; with a store of one server, always."""
 
     async def count(self) -> int:
         """Tasks in the store (from a kept counter, not a count of rows)."""

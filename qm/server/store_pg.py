@@ -327,6 +327,19 @@ class PgStore:
         )
         return [_record(row) for row in rows]
 
+    async def claim_reconcile(self, every_s: float) -> bool:
+        """One server of the store per `every_s`: the UPDATE that finds the last sweep old
+        enough wins; another one at the same moment waits on the row, then finds it fresh.
+        Database time, so the servers' clocks need not agree."""
+        return (
+            await self._execute(
+                "UPDATE sweeps SET swept_at = extract(epoch FROM clock_timestamp()) "
+                "WHERE name = 'reconcile' AND swept_at <= extract(epoch FROM clock_timestamp()) - $1",
+                every_s,
+            )
+            == 1
+        )
+
     async def count(self) -> int:
         return await self._counter("tasks")
 

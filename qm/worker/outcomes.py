@@ -91,7 +91,7 @@ class Outcomes:
             following = dataclasses.replace(message, attempt=message.attempt + 1, enqueued_at_s=self.clock())
             await self._publish(
                 topology.delay_tier_name(tier_s),
-                message.routing_key,  # back to its own work queue (its size's: cpus)
+                message.routing_key,  # back to its own work queue (its band's or size's) when the wait ends
                 following.encode(),
                 following.headers(),
                 message.task_id,

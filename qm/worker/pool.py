@@ -11,19 +11,22 @@
 
 The loop waits on each child's pipe and process sentinel with `add_reader`; nothing
 waits for task work. A child joins the idle set only after it says "ready" (it has its
-own session by then). A job waiting for a child is sent to the next child that replies
-in the callback that reads the reply: no loop iteration between one task's end and the
-next one's start. That gap, from the child's own timestamps, is reported to `on_idle_gap`
-for every job that was waiting when the previous task ended. After a task, a child past
+own session by then). A job waiting for a child (the highest priority first:
+qm/worker/ready.py) is sent to the next child that replies in the callback that reads the
+reply: no loop iteration between one task's end and the next one's start. That gap,
+from the child's own timestamps, is reported to `on_idle_gap` for every job that was
+waiting when the previous task ended. After a task, a child past
 `max_tasks_per_child` or with an idle RSS over `max_idle_rss_mb` is retired and replaced.
 The pool knows nothing of AMQP/gRPC.
 
 CPU slots (qm/worker/cpu_slots.py): a job with `cpus` N starts only when N of the `procs`
-slots are free, and holds them until it ends. Jobs start in the order they came: while
-the first waiting job does not fit, none behind it starts (nor is pipelined), so a big
-job is never starved by a stream of small ones; the cost is slots left idle while it
-waits for enough to free. Only single-CPU jobs are pipelined, and only behind
-single-CPU jobs (a pipelined job takes over the slot of the one before it).
+slots are free, and holds them until it ends. Jobs start in the order of the waiting line
+(highest priority first, then arrival: qm/worker/ready.py): while the first waiting job
+does not fit, none behind it starts (nor is pipelined), so a big job is never starved by
+a stream of small ones of its priority or below; the cost is slots left idle while it
+waits for enough to free. A job of higher priority that comes meanwhile goes ahead of it.
+Only single-CPU jobs are pipelined, and only behind single-CPU jobs (a pipelined job takes
+over the slot of the one before it).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from qm.worker import procfs
 from qm.worker.child import MIB, child_main
 from qm.worker.cpu_slots import CpuSlots
 from qm.worker.jobs import Job, Reply, ReplyKind
+from qm.worker.ready import ReadyJobs
 
 __all__ = ["Job", "Outcome", "Pool", "Slot", "describe_exit"]
 
@@ -158,7 +162,8 @@ class Pool:
         self._lifeline_r, self._lifeline_w = self._context.Pipe(duplex=False)
         self.slots: list[Slot] = []
         self._idle: collections.deque[Slot] = collections.deque()
-        self._waiting: collections.deque[_Waiting] = collections.deque()
+        #: Jobs no child has yet, highest priority first (qm/worker/ready.py).
+        self._waiting: ReadyJobs[_Waiting] = ReadyJobs(lambda waiting: waiting.job.priority)
         #: While tasks are short, each busy child also holds its next job in its pipe and
         #: starts it without waiting for this process (the supervisor sets it).
         self.pipeline = False
@@ -225,6 +230,7 @@ class Pool:
             self._start(slot, waiting, send=True)
         else:
             self._waiting.append(waiting)
+            self._dispatch()  # of a higher priority than the first in line, it is first now and may fit
             self._fill_pipelines()
         try:
             slot = await waiting.slot
@@ -284,7 +290,7 @@ class Pool:
         """The first waiting job if it fits the free CPU slots now (`single_cpu`: and takes
         one), taken off the line; None otherwise: nothing overtakes it."""
         while self._waiting:
-            waiting = self._waiting[0]
+            waiting = self._waiting.first()
             if waiting.slot.done():  # cancelled meanwhile
                 self._waiting.popleft()
                 continue
@@ -489,7 +495,7 @@ class Pool:
                 "task %s: child %d (pid %d) ended: %s", slot.job.task_id, slot.index, slot.process.pid, outcome.error
             )
             self._finish(slot, outcome)
-        if slot.queued is not None:  # never started: first in line for the next child
+        if slot.queued is not None:  # never started: first in line (of its priority) for the next child
             waiting, slot.queued = slot.queued, None
             if not waiting.slot.done():
                 waiting.prefer = ()

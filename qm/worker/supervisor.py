@@ -30,8 +30,10 @@ Multi-CPU tasks (`cpus` N > 1) come from work queues of their own size,
 `qm.tasks.<queue>.cpus<N>`; a worker with P procs consumes the sizes 2..P of each of its
 queues, each with a fixed prefetch of P // N (as many as could run at once on an idle
 worker; the adaptive prefetch is for single-CPU queues), so it never takes a task it
-could never fit. The pool holds N of its P CPU slots while such a task runs
-(qm/worker/cpu_slots.py).
+could never fit. Size queues carry no priority bands (priority orders single-CPU tasks,
+each priority band a work queue of its own: qm/priority.py); once held here, a
+multi-CPU task takes its place in the pool's line by its priority like any other. The
+pool holds N of its P CPU slots while such a task runs (qm/worker/cpu_slots.py).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ import time
 
 import qm
 from qm import limits as task_limits
+from qm import priority as priorities
 from qm import retry, scheduling
 from qm.background import Background
 from qm.broker import topology
@@ -60,6 +63,7 @@ from qm.worker.outcomes import Outcomes
 from qm.worker.pool import Job, Outcome, Pool
 from qm.worker.prefetch import AutoPrefetch, FixedPrefetch
 from qm.worker.progress_events import ProgressEvents
+from qm.worker.ready import priority_of_body
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +76,10 @@ KILL_REASONS = {
 }
 #: Run time after which a running task counts as long for the prefetch, before it ends.
 LONG_TASK_S = 1.0
+#: A delivery held unstarted this long, as a share of RabbitMQ's consumer_timeout, is given
+#: back (tasks of higher priority kept overtaking it): an unacked delivery past the timeout
+#: would make RabbitMQ close its channel and return everything on it as suspects.
+HELD_SHARE_OF_CONSUMER_TIMEOUT = 0.5
 
 
 class Supervisor:
@@ -91,6 +99,7 @@ class Supervisor:
         metrics: WorkerMetrics | None = None,
         max_queue_length: int = 0,
         max_result_bytes: int = 0,
+        consumer_timeout_s: float = 1800.0,
     ) -> None:
         self.broker = broker
         self.pool = pool
@@ -113,8 +122,11 @@ class Supervisor:
         self._background = Background()
         self.progress = ProgressEvents(broker, worker_id, self.metrics, self._background)
         self._by_task: dict[str, asyncio.Task] = {}  # task id → its handler
-        self._queue_of: dict[str, str] = {}  # consumer tag → routing key of its work queue
+        self._queue_of: dict[str, str] = {}  # consumer tag → routing key of its work queue (band or size)
         self._size_tags: set[str] = set()  # consumers of multi-CPU work queues (fixed prefetch)
+        self.max_held_s = consumer_timeout_s * HELD_SHARE_OF_CONSUMER_TIMEOUT
+        self._held_since: dict[asyncio.Task, float] = {}  # unstarted handler → when its delivery came
+        self._held_check: asyncio.TimerHandle | None = None
 
     async def start(self) -> None:
         await self.broker.declare_exchange(topology.EVENTS_EXCHANGE, "fanout")
@@ -125,21 +137,32 @@ class Supervisor:
         for tier_s in retry.DELAY_TIERS_S:
             await self.outcomes.ensure_delay_tier(tier_s)
         for queue in self.queues:
-            name = await topology.declare_work_queue(
-                self.broker, queue, self.queue_type, self.delivery_limit, self.max_queue_length
-            )
-            tag = await self.broker.consume(name, self._on_delivery, self.prefetch.value)
-            self._consumer_tags.append(tag)
-            self._queue_of[tag] = queue
+            await self._consume_bands(queue)
             await self._consume_sizes(queue)
+        self._check_held()
         log.info(
-            "worker %s consuming %s with prefetch %d per queue (%s), %d children",
+            "worker %s consuming %s (3 priority bands each, and the multi-CPU sizes up to %d) with "
+            "prefetch %d per band (%s), %d children",
             self.worker_id,
             ", ".join(self.queues),
+            self.pool.procs,
             self.prefetch.value,
             "auto" if isinstance(self.prefetch, AutoPrefetch) else "fixed",
             self.pool.procs,
         )
+
+    async def _consume_bands(self, queue: str) -> None:
+        """Consume the work queue of each priority band of `queue`, highest first (qm/priority.py).
+        Each consumer has its own prefetch (basic.qos per consumer: RabbitMQ's `global`
+        false), so a backlog held from one band never keeps another band's tasks from being
+        delivered; the pool then starts the highest priority held (qm/worker/ready.py)."""
+        for band in priorities.band_priorities():
+            name = await topology.declare_work_queue(
+                self.broker, queue, self.queue_type, self.delivery_limit, self.max_queue_length, priority=band
+            )
+            tag = await self.broker.consume(name, self._on_delivery, self.prefetch.value)
+            self._consumer_tags.append(tag)
+            self._queue_of[tag] = topology.routing_key(queue, priority=band)
 
     async def _consume_sizes(self, queue: str) -> None:
         """Consume the work queues of the multi-CPU task sizes this worker fits, 2..procs,
@@ -152,6 +175,28 @@ class Supervisor:
             tag = await self.broker.consume(name, self._on_delivery, self.pool.procs // cpus)
             self._size_tags.add(tag)
             self._queue_of[tag] = topology.routing_key(queue, cpus=cpus)
+
+    def _check_held(self) -> None:
+        """Give back (as copies: `_give_back`) deliveries held unstarted past `max_held_s`,
+        then look again in a quarter of that; until the drain."""
+        if self.draining:
+            return
+        now_s = time.monotonic()
+        overheld = [
+            handler
+            for handler, since_s in self._held_since.items()
+            if handler in self._waiting and now_s - since_s > self.max_held_s
+        ]
+        if overheld:
+            log.warning(
+                "giving back %d deliveries held unstarted over %.0f s (higher priorities kept coming first, "
+                "or a multi-CPU task first in line waited for CPU slots)",
+                len(overheld),
+                self.max_held_s,
+            )
+        for handler in overheld:
+            self._give_back(handler)
+        self._held_check = asyncio.get_running_loop().call_later(self.max_held_s / 4, self._check_held)
 
     def _cancel(self, task_id: str) -> None:
         """A cancel from the control stream: drop the task if it waits here, kill it if it runs."""
@@ -171,7 +216,9 @@ class Supervisor:
         handler = asyncio.create_task(self._handle(delivery))
         self._unsettled[handler] = delivery
         self._waiting.add(handler)
+        self._held_since[handler] = time.monotonic()
         handler.add_done_callback(self._waiting.discard)
+        handler.add_done_callback(lambda done: self._held_since.pop(done, None))
         handler.add_done_callback(self._on_handler_done)
 
     def _on_handler_done(self, handler: asyncio.Task) -> None:
@@ -199,6 +246,7 @@ class Supervisor:
             limits.timeout_s,
             limits.memory_limit_mb,
             limits.soft_timeout_s,
+            message.priority,
             message.cpus,
         )
 
@@ -239,7 +287,9 @@ class Supervisor:
             nonlocal started_at
             started_at = time.monotonic()
             ready_s = max(message.enqueued_at_s, message.not_before_s or 0.0)  # a delayed one: once due
-            self.metrics.queue_wait_seconds.labels(message.type).observe(max(0.0, time.time() - ready_s))
+            self.metrics.queue_wait_seconds.labels(message.type, str(message.priority)).observe(
+                max(0.0, time.time() - ready_s)
+            )
             self._waiting.discard(handler)
             # A task still running at this point already tells the prefetch it is long,
             # before it finishes (which may be much later).
@@ -254,7 +304,7 @@ class Supervisor:
 
         progress = self.progress.open(message)
         try:
-            await self._isolation.enter(suspect)
+            await self._isolation.enter(suspect, message.priority)
             try:
                 if suspect:
                     await self.outcomes.publish_event(self.outcomes.event(message, TaskState.RUNNING, job=job))
@@ -321,8 +371,10 @@ class Supervisor:
             handler for handler, delivery in self._unsettled.items() if delivery.consumer_tag not in self._size_tags
         ]
         committed = sum(1 for handler in single if handler not in self._waiting)
-        room = max(0, prefetch * len(self.queues) - committed)
+        room = max(0, prefetch * len(self._consumer_tags) - committed)
         waiting = [handler for handler in single if handler in self._waiting]
+        # the highest priorities stay (stable: the oldest of a priority first)
+        waiting.sort(key=lambda handler: -priority_of_body(self._unsettled[handler].body))
         released = [handler for handler in waiting[room:] if not self._unsettled[handler].redelivered]
         if released:
             log.info(
@@ -356,14 +408,20 @@ class Supervisor:
         # and a copy must not carry one anyway.
         headers = {key: value for key, value in delivery.headers.items() if key != "x-delivery-count"}
         try:
-            await self.broker.publish(
-                topology.TASKS_EXCHANGE, self._queue_of[delivery.consumer_tag], delivery.body, headers
-            )
+            await self.broker.publish(topology.TASKS_EXCHANGE, self._routing_key_of(delivery), delivery.body, headers)
         except BrokerUnavailable as exc:  # PublishOutcomeUnknown too: a copy may exist, a duplicate
             log.warning("giving a delivery back as a copy failed (%s); returning it as it is", exc)
             self.acks.nack(delivery, requeue=True)  # no-op on a lost channel: RabbitMQ requeued it
             return
         self.acks.done(delivery)
+
+    def _routing_key_of(self, delivery: Delivery) -> str:
+        """Where a copy given back goes: the task's own work queue (TaskMessage.routing_key,
+        by its priority and cpus), or the queue it came from if it does not decode."""
+        try:
+            return TaskMessage.decode(delivery.body).routing_key
+        except ValueError:
+            return self._queue_of[delivery.consumer_tag]
 
     async def _set_prefetch(self, tag: str, prefetch: int) -> None:
         try:
@@ -377,6 +435,8 @@ class Supervisor:
         to the queue too (redelivered: their runs were cut short, so they count as suspects)."""
         self.draining = True
         self.pool.pipeline = False
+        if self._held_check is not None:
+            self._held_check.cancel()
         for tag in [*self._consumer_tags, *self._size_tags, self.control.tag]:
             try:
                 await self.broker.cancel(tag)

@@ -24,7 +24,7 @@ import pytest
 from qm.broker.base import Broker, Delivery
 from qm.broker.memory import MemoryBroker
 from qm.broker.rabbitmq import RabbitMQBroker
-from qm.errors import BrokerRefused, BrokerUnavailable, ConsumerRefused
+from qm.errors import BrokerRefused, BrokerUnavailable, ConsumerRefused, QueueFull
 from qm.testing.rabbitmq import free_port
 
 #: Bound on every single wait for something to happen.
@@ -728,6 +728,31 @@ class TestRabbitMQBroker(BrokerContract):
                 assert [d.body for d in mine.received] == [b"after-the-outage", b"back"]
             finally:
                 await gate.shut()
+
+        self.run(scenario)
+
+    def test_after_a_refused_publish_later_ones_go_on_a_fresh_channel_and_arrive(self, caplog):
+        """A full queue (overflow reject-publish) refuses a publish with QueueFull; the next
+        publish goes on a fresh channel (a refused channel can stay refused: see
+        qm/broker/confirms.py), so once the queue has room, publishing just works again."""
+        caplog.set_level(logging.INFO, logger="qm.broker.rabbitmq")
+
+        async def scenario(broker: Broker) -> None:
+            exchange, queue = unique("direct"), unique("capped")
+            await broker.declare_exchange(exchange, "direct")
+            await broker.declare_queue(queue, {"x-max-length": 1, "x-overflow": "reject-publish"})
+            await broker.bind_queue(queue, exchange, "work")
+            await broker.publish(exchange, "work", b"fits")
+            for _ in range(2):
+                with pytest.raises(QueueFull, match="basic.nack"):
+                    await broker.publish(exchange, "work", b"refused")
+            renewed = [r for r in caplog.records if "publishing on a fresh channel" in r.getMessage()]
+            assert len(renewed) == 1  # once per refused channel, not once per refusal
+            inbox = Inbox(broker, auto_ack=True)
+            await broker.consume(queue, inbox, prefetch=1)
+            assert (await inbox.next()).body == b"fits"
+            await broker.publish(exchange, "work", b"after")
+            assert (await inbox.next()).body == b"after"
 
         self.run(scenario)
 

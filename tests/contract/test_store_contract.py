@@ -20,9 +20,13 @@ import uuid
 import asyncpg
 import pytest
 
+from qm.broker import topology
+from qm.broker.memory import MemoryBroker
 from qm.errors import IdempotencyKeyTaken, StoreSchemaError, StoreUnavailable
-from qm.messages import TaskEvent
+from qm.messages import TaskEvent, TaskMessage
+from qm.metrics import ServerMetrics
 from qm.server import pg_schema
+from qm.server.reconciler import Reconciler
 from qm.server.store import Store
 from qm.server.store_api import DeadLetter, TaskRecord
 from qm.server.store_pg import PgStore
@@ -256,6 +260,47 @@ class TestSharedPostgresStore:
             b.insert_unconfirmed(queued("second", key="same-key"), "default", b"m2")
         assert b.find_by_idempotency_key("same-key").task_id == "first"
         assert b.get("second") is None and b.unconfirmed("second") == [] and b.count() == 1
+
+    def test_one_server_of_the_store_publishes_a_lost_task_again_not_each(self, database):
+        """Both servers' reconcilers sweep at once for a task whose message RabbitMQ lost:
+        the store gives one of them the turn, so the task is published again once, and
+        the other server takes the turn once the interval has passed."""
+        async def sweep_both() -> tuple[list[int], int, list[int]]:
+            stores = [await PgStore.open(database, f"server-{name}", pool_size=2) for name in "ab"]
+            broker = MemoryBroker()
+            await broker.connect()
+            work_queue = topology.work_queue_name("default")
+            await broker.declare_exchange(topology.TASKS_EXCHANGE, "direct")
+            await broker.declare_queue(work_queue)
+            await broker.bind_queue(work_queue, topology.TASKS_EXCHANGE, "default")
+            try:
+                message = TaskMessage("lost", "math", b"1 + 1", "default", enqueued_at_s=T0)
+                await stores[0].insert_unconfirmed(queued("lost"), "default", message.encode())
+                await stores[0].confirm("lost")
+
+                async def declared(queue: str, priority: int, cpus: int) -> None:
+                    return None
+
+                reconcilers = [Reconciler(store, broker, ServerMetrics(), {"default"}, declared, interval_s=30.0,
+                                          after_s=60.0) for store in stores]
+                late = T0 + 61
+                first = await asyncio.gather(*(reconciler.sweep(now_s=late) for reconciler in reconcilers))
+                published = broker.queue_depth(work_queue)
+                connection = await asyncpg.connect(database)
+                try:  # as if the interval passed since that sweep
+                    await connection.execute("UPDATE sweeps SET swept_at = swept_at - 60")
+                finally:
+                    await connection.close()
+                again = [await stores[1].claim_reconcile(15.0), await stores[0].claim_reconcile(15.0)]
+                return sorted(first), published, again
+            finally:
+                await broker.close()
+                for store in stores:
+                    await store.close()
+
+        first, published, again = asyncio.run(sweep_both())
+        assert first == [0, 1] and published == 1
+        assert again == [True, False]  # either server may take the next turn, one of them
 
     def test_concurrent_inserts_of_one_key_store_one_task(self, database):
         async def race() -> list[object]:

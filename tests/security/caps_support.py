@@ -13,7 +13,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from qm._proto.qm.v1 import task_queue_pb2, task_queue_pb2_grpc
-from tests.processes import delete_queues, start_server, start_worker
+from tests.processes import band_queues, delete_queues, start_server, start_worker
 from tests.security.support import NORMAL_DEADLINE_S, probe
 
 #: Deadline of a hostile call: long enough to get its answer on a loaded machine.
@@ -40,7 +40,7 @@ def caps_stack(broker_url: str, directory: pathlib.Path, env: dict[str, str], qu
         if worker is not None:
             worker.stop()
         server.stop()
-        delete_queues(broker_url, [f"qm.tasks.{queue}" for queue in queues]
+        delete_queues(broker_url, [name for queue in queues for name in band_queues(queue)]
                       + [f"qm.events.{server.server_id}", f"qm.dead.{server.server_id}"])
 
 

@@ -42,7 +42,8 @@ def printed(capsys, command, client, **args) -> list[str]:
 
 def test_status_json_keeps_its_shape_with_the_state_by_name(capsys):
     proto = task_queue_pb2.TaskStatus(task_id="t1", type="math", queue="default", state=4, attempts=1,  # type: ignore[arg-type]
-                                      result=b"11", codec="text", worker="w1", timeout_s=60.0, max_retries=3)
+                                      result=b"11", codec="text", worker="w1", timeout_s=60.0, max_retries=3,
+                                      priority=7)
     proto.created_at.FromSeconds(T0_S)
     proto.updated_at.FromSeconds(T0_S + 1)
     status = status_from_proto(proto)
@@ -54,9 +55,10 @@ def test_status_json_keeps_its_shape_with_the_state_by_name(capsys):
         ("result", "11"), ("error", ""), ("worker", "w1"), ("created_at", "2026-01-01T00:00:00.000+00:00"),
         ("started_at", None), ("finished_at", None), ("updated_at", "2026-01-01T00:00:01.000+00:00"),
         ("timeout_s", 60.0), ("memory_limit_mb", 0), ("max_retries", 3), ("next_attempt_at", None),
-        ("progress", 0.0), ("progress_message", ""), ("progress_detail", None), ("progress_at", None), ("cpus", 1)]
+        ("progress", 0.0), ("progress_message", ""), ("progress_detail", None), ("progress_at", None),
+        ("priority", 7), ("cpus", 1)]
     text = printed(capsys, cli.cmd_status, AnsweringClient(status=proto), task_id="t1", json=False)
-    assert "state     SUCCEEDED" in text
+    assert "state     SUCCEEDED" in text and "priority  7" in text
 
 
 def test_workers_print_the_same_json_objects_and_lines(capsys):
@@ -79,16 +81,17 @@ def test_workers_print_the_same_json_objects_and_lines(capsys):
 def test_task_types_print_the_same_json_objects_and_lines(capsys):
     response = task_queue_pb2.ListTaskTypesResponse()
     response.types.add(name="math", codec="text", description="Safe arithmetic", default_timeout_s=60.0,
-                       max_timeout_s=600.0, default_memory_limit_mb=0, max_memory_limit_mb=0, default_max_retries=3)
+                       max_timeout_s=600.0, default_memory_limit_mb=0, max_memory_limit_mb=0, default_max_retries=3,
+                       default_priority=5)
     client = AnsweringClient(types=response)
 
     [line] = printed(capsys, cli.cmd_types, client, json=True)
     assert list(json.loads(line).items()) == [
         ("name", "math"), ("codec", "text"), ("description", "Safe arithmetic"), ("default_timeout_s", 60.0),
         ("max_timeout_s", 600.0), ("default_memory_limit_mb", 0), ("max_memory_limit_mb", 0),
-        ("default_max_retries", 3), ("cpus", 1)]
+        ("default_max_retries", 3), ("default_priority", 5), ("cpus", 1)]
     assert printed(capsys, cli.cmd_types, client, json=False) == [
-        "math                 text  timeout 60 s (max 600 s), memory unlimited, retries 3  Safe arithmetic"]
+        "math                 text  timeout 60 s (max 600 s), memory unlimited, retries 3, priority 5  Safe arithmetic"]
 
 
 def test_dead_letters_print_the_state_by_name(capsys):

@@ -15,7 +15,7 @@ from qm.server import fit, idempotency
 from qm.server.workers import WorkerDirectory
 from qm.states import TaskState
 from qm.worker.cpu_slots import CpuSlots, pinning_cores
-from qm.worker.pool import Job, Pool
+from qm.worker.pool import Job, Outcome, Pool
 from tests.processes import Gate
 from tests.unit.aio import run, within
 
@@ -215,3 +215,52 @@ def test_clients_send_cpus_on_submit_and_per_batch_item():
     assert submit_request("test.echo", "x", cpus=3).cpus == 3
     requests = batch_requests([("test.echo", "a"), ("test.echo", "b", {"cpus": 4})], {"cpus": 2})
     assert [request.cpus for request in requests] == [2, 4]
+
+
+@pytest.mark.parametrize(
+    ("cpus", "queue", "key"),
+    [(2, "qm.tasks.default.cpus2", "default.cpus2"), (1, "qm.tasks.default.p7", "default.p7")],
+)
+def test_a_priority_9_task_goes_to_its_sizes_queue_or_its_band_and_its_retry_comes_back_there(
+    tmp_path, cpus, queue, key
+):
+    """Multi-CPU queues carry no priority bands: a cpus=2 task of priority 9 waits in the
+    size queue (keeping its priority), a cpus=1 one in the high band; the retry's delay tier
+    keeps the routing key, so the next attempt comes back to the same queue."""
+    from qm import retry
+    from qm.broker import topology
+    from qm.metrics import WorkerMetrics
+    from qm.worker.outcomes import Outcomes
+    from tests.unit.harness import server
+    from tests.unit.test_service import take_messages
+
+    async def body():
+        async with server(tmp_path) as parts:
+            await topology.declare_work_queue(parts.broker, "default", cpus=2)  # as a 2-procs worker does
+            record = await parts.service.submit("test.echo", b"x", cpus=cpus, priority=9, max_retries=1)
+            assert (record.cpus, record.priority) == (cpus, 9)
+            assert topology.work_queue_name("default", priority=9, cpus=cpus) == queue
+            [message] = await take_messages(parts.broker, queue, 1)
+            assert (message.task_id, message.cpus, message.priority, message.routing_key) == (
+                record.task_id, cpus, 9, key)
+
+            published: list[tuple[str, str, bytes]] = []
+            publish = parts.broker.publish
+
+            async def recording(exchange, routing_key, body, headers=None):
+                published.append((exchange, routing_key, body))
+                await publish(exchange, routing_key, body, headers)
+
+            parts.broker.publish = recording  # type: ignore[method-assign]
+            outcomes = Outcomes(parts.broker, "w1", WorkerMetrics())
+            for tier_s in retry.DELAY_TIERS_S:
+                await outcomes.ensure_delay_tier(tier_s)
+            acked = []
+            await within(outcomes.settle(message, Outcome(TaskState.FAILED, error="boom"), lambda: acked.append(1)))
+            [(_tier, tier_key, following)] = [item for item in published if item[0].startswith("qm.delay")]
+            assert tier_key == key and acked == [1]
+            # The tier dead-letters it to qm.tasks with the key it kept (RabbitMQ's rule):
+            await publish(topology.TASKS_EXCHANGE, tier_key, following, {})
+            [again] = await take_messages(parts.broker, queue, 1)
+            assert (again.task_id, again.attempt, again.cpus, again.priority) == (record.task_id, 2, cpus, 9)
+    run(body)

@@ -232,6 +232,7 @@ def dead_letters(store: Store) -> None:
 
 @step
 def reconciler(store: Store) -> None:
+    assert store.claim_reconcile(15.0)  # one server per SQLite store: always its turn
     store.insert_unconfirmed(queued("lost"), "default", b"the message")
     assert store.message("lost") == b"the message"
     store.apply([event("lost", S.RUNNING, T0 + 1, timeout_s=5.0),

@@ -77,7 +77,7 @@ TASK_STATE_CANCELLED: TaskState
 TASK_STATE_SCHEDULED: TaskState
 
 class SubmitTaskRequest(_message.Message):
-    __slots__ = ("type", "payload", "queue", "timeout_s", "memory_limit_mb", "max_retries", "retry_backoff_s", "retry_backoff_max_s", "retry_jitter", "retry_on_timeout", "idempotency_key", "soft_timeout_s", "delay_s", "not_before", "cpus")
+    __slots__ = ("type", "payload", "queue", "timeout_s", "memory_limit_mb", "max_retries", "retry_backoff_s", "retry_backoff_max_s", "retry_jitter", "retry_on_timeout", "idempotency_key", "soft_timeout_s", "delay_s", "not_before", "priority", "cpus")
     TYPE_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     QUEUE_FIELD_NUMBER: _ClassVar[int]
@@ -92,6 +92,7 @@ class SubmitTaskRequest(_message.Message):
     SOFT_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     DELAY_S_FIELD_NUMBER: _ClassVar[int]
     NOT_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     CPUS_FIELD_NUMBER: _ClassVar[int]
     type: str
     payload: bytes
@@ -107,8 +108,9 @@ class SubmitTaskRequest(_message.Message):
     soft_timeout_s: float
     delay_s: float
     not_before: _timestamp_pb2.Timestamp
+    priority: int
     cpus: int
-    def __init__(self, type: _Optional[str] = ..., payload: _Optional[bytes] = ..., queue: _Optional[str] = ..., timeout_s: _Optional[float] = ..., memory_limit_mb: _Optional[int] = ..., max_retries: _Optional[int] = ..., retry_backoff_s: _Optional[float] = ..., retry_backoff_max_s: _Optional[float] = ..., retry_jitter: _Optional[bool] = ..., retry_on_timeout: _Optional[bool] = ..., idempotency_key: _Optional[str] = ..., soft_timeout_s: _Optional[float] = ..., delay_s: _Optional[float] = ..., not_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cpus: _Optional[int] = ...) -> None: ...
+    def __init__(self, type: _Optional[str] = ..., payload: _Optional[bytes] = ..., queue: _Optional[str] = ..., timeout_s: _Optional[float] = ..., memory_limit_mb: _Optional[int] = ..., max_retries: _Optional[int] = ..., retry_backoff_s: _Optional[float] = ..., retry_backoff_max_s: _Optional[float] = ..., retry_jitter: _Optional[bool] = ..., retry_on_timeout: _Optional[bool] = ..., idempotency_key: _Optional[str] = ..., soft_timeout_s: _Optional[float] = ..., delay_s: _Optional[float] = ..., not_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., priority: _Optional[int] = ..., cpus: _Optional[int] = ...) -> None: ...
 
 class SubmitTaskResponse(_message.Message):
     __slots__ = ("task_id", "state")
@@ -181,7 +183,7 @@ class CancelTaskResponse(_message.Message):
     def __init__(self, status: _Optional[_Union[TaskStatus, _Mapping]] = ...) -> None: ...
 
 class TaskStatus(_message.Message):
-    __slots__ = ("task_id", "type", "queue", "state", "attempts", "result", "codec", "error", "worker", "created_at", "started_at", "finished_at", "updated_at", "timeout_s", "memory_limit_mb", "max_retries", "next_attempt_at", "progress", "progress_message", "progress_detail_json", "progress_at", "cpus")
+    __slots__ = ("task_id", "type", "queue", "state", "attempts", "result", "codec", "error", "worker", "created_at", "started_at", "finished_at", "updated_at", "timeout_s", "memory_limit_mb", "max_retries", "next_attempt_at", "progress", "progress_message", "progress_detail_json", "progress_at", "priority", "cpus")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
     QUEUE_FIELD_NUMBER: _ClassVar[int]
@@ -203,6 +205,7 @@ class TaskStatus(_message.Message):
     PROGRESS_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_DETAIL_JSON_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_AT_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     CPUS_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     type: str
@@ -225,8 +228,9 @@ class TaskStatus(_message.Message):
     progress_message: str
     progress_detail_json: str
     progress_at: _timestamp_pb2.Timestamp
+    priority: int
     cpus: int
-    def __init__(self, task_id: _Optional[str] = ..., type: _Optional[str] = ..., queue: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., attempts: _Optional[int] = ..., result: _Optional[bytes] = ..., codec: _Optional[str] = ..., error: _Optional[str] = ..., worker: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., timeout_s: _Optional[float] = ..., memory_limit_mb: _Optional[int] = ..., max_retries: _Optional[int] = ..., next_attempt_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., progress: _Optional[float] = ..., progress_message: _Optional[str] = ..., progress_detail_json: _Optional[str] = ..., progress_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cpus: _Optional[int] = ...) -> None: ...
+    def __init__(self, task_id: _Optional[str] = ..., type: _Optional[str] = ..., queue: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., attempts: _Optional[int] = ..., result: _Optional[bytes] = ..., codec: _Optional[str] = ..., error: _Optional[str] = ..., worker: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., timeout_s: _Optional[float] = ..., memory_limit_mb: _Optional[int] = ..., max_retries: _Optional[int] = ..., next_attempt_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., progress: _Optional[float] = ..., progress_message: _Optional[str] = ..., progress_detail_json: _Optional[str] = ..., progress_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., priority: _Optional[int] = ..., cpus: _Optional[int] = ...) -> None: ...
 
 class ListWorkersRequest(_message.Message):
     __slots__ = ()
@@ -277,7 +281,7 @@ class ListTaskTypesResponse(_message.Message):
     def __init__(self, types: _Optional[_Iterable[_Union[TaskTypeInfo, _Mapping]]] = ..., plugin_errors: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TaskTypeInfo(_message.Message):
-    __slots__ = ("name", "codec", "description", "default_timeout_s", "max_timeout_s", "default_memory_limit_mb", "max_memory_limit_mb", "default_max_retries", "cpus")
+    __slots__ = ("name", "codec", "description", "default_timeout_s", "max_timeout_s", "default_memory_limit_mb", "max_memory_limit_mb", "default_max_retries", "default_priority", "cpus")
     NAME_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
@@ -286,6 +290,7 @@ class TaskTypeInfo(_message.Message):
     DEFAULT_MEMORY_LIMIT_MB_FIELD_NUMBER: _ClassVar[int]
     MAX_MEMORY_LIMIT_MB_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_MAX_RETRIES_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_PRIORITY_FIELD_NUMBER: _ClassVar[int]
     CPUS_FIELD_NUMBER: _ClassVar[int]
     name: str
     codec: str
@@ -295,8 +300,9 @@ class TaskTypeInfo(_message.Message):
     default_memory_limit_mb: int
     max_memory_limit_mb: int
     default_max_retries: int
+    default_priority: int
     cpus: int
-    def __init__(self, name: _Optional[str] = ..., codec: _Optional[str] = ..., description: _Optional[str] = ..., default_timeout_s: _Optional[float] = ..., max_timeout_s: _Optional[float] = ..., default_memory_limit_mb: _Optional[int] = ..., max_memory_limit_mb: _Optional[int] = ..., default_max_retries: _Optional[int] = ..., cpus: _Optional[int] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., codec: _Optional[str] = ..., description: _Optional[str] = ..., default_timeout_s: _Optional[float] = ..., max_timeout_s: _Optional[float] = ..., default_memory_limit_mb: _Optional[int] = ..., max_memory_limit_mb: _Optional[int] = ..., default_max_retries: _Optional[int] = ..., default_priority: _Optional[int] = ..., cpus: _Optional[int] = ...) -> None: ...
 
 class ListDeadLettersRequest(_message.Message):
     __slots__ = ("limit",)

@@ -11,7 +11,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class TaskMessage(_message.Message):
-    __slots__ = ("task_id", "type", "payload", "queue", "attempt", "enqueued_at", "timeout_s", "memory_limit_mb", "retry", "soft_timeout_s", "not_before", "cpus")
+    __slots__ = ("task_id", "type", "payload", "queue", "attempt", "enqueued_at", "timeout_s", "memory_limit_mb", "retry", "soft_timeout_s", "not_before", "priority", "cpus")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +23,7 @@ class TaskMessage(_message.Message):
     RETRY_FIELD_NUMBER: _ClassVar[int]
     SOFT_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     NOT_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     CPUS_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     type: str
@@ -35,8 +36,9 @@ class TaskMessage(_message.Message):
     retry: RetryPolicy
     soft_timeout_s: float
     not_before: _timestamp_pb2.Timestamp
+    priority: int
     cpus: int
-    def __init__(self, task_id: _Optional[str] = ..., type: _Optional[str] = ..., payload: _Optional[bytes] = ..., queue: _Optional[str] = ..., attempt: _Optional[int] = ..., enqueued_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., timeout_s: _Optional[float] = ..., memory_limit_mb: _Optional[int] = ..., retry: _Optional[_Union[RetryPolicy, _Mapping]] = ..., soft_timeout_s: _Optional[float] = ..., not_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cpus: _Optional[int] = ...) -> None: ...
+    def __init__(self, task_id: _Optional[str] = ..., type: _Optional[str] = ..., payload: _Optional[bytes] = ..., queue: _Optional[str] = ..., attempt: _Optional[int] = ..., enqueued_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., timeout_s: _Optional[float] = ..., memory_limit_mb: _Optional[int] = ..., retry: _Optional[_Union[RetryPolicy, _Mapping]] = ..., soft_timeout_s: _Optional[float] = ..., not_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., priority: _Optional[int] = ..., cpus: _Optional[int] = ...) -> None: ...
 
 class RetryPolicy(_message.Message):
     __slots__ = ("max_retries", "backoff_s", "backoff_max_s", "jitter", "on_timeout")
