@@ -6,10 +6,11 @@ from typing import TYPE_CHECKING
 
 __version__ = "0.2.0"  # the one version source (pyproject.toml reads it)
 
-__all__ = ["Client", "Executor", "PermanentError", "Retry", "SoftTimeout", "__version__", "progress"]
+__all__ = ["Client", "Executor", "PermanentError", "Retry", "SoftTimeout", "__version__", "progress", "task_cpus"]
 
 if TYPE_CHECKING:  # what type checkers see; at run time the names load lazily below
     from qm.client.client import Client
+    from qm.cpu_allowance import task_cpus
     from qm.errors import PermanentError, Retry, SoftTimeout
     from qm.executor import Executor
     from qm.task_progress import progress
@@ -33,6 +34,10 @@ def __getattr__(name: str):
         from qm.task_progress import progress
 
         return progress
+    if name == "task_cpus":
+        from qm.cpu_allowance import task_cpus
+
+        return task_cpus
     if name in ("SoftTimeout", "Retry", "PermanentError"):
         from qm import errors
 

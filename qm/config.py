@@ -417,6 +417,7 @@ class ServerConfig:
     max_task_timeout_s: float = _setting(1800.0, _to_float, _above(0))
     max_task_memory_limit_mb: int = _setting(0, _to_int, _at_least(0))
     max_retries: int = _setting(20, _to_int, _at_least(0), _at_most(100))
+    max_task_cpus: int = _setting(64, _to_int, _above(0), _at_most(1024))
     max_message_bytes: int = _setting(4194304, _to_int, _at_least(1024))
     max_concurrent_streams: int = _setting(1000, _to_int, _above(0))
     max_stream_ids: int = _setting(10000, _to_int, _above(0))
@@ -437,6 +438,7 @@ class WorkerConfig:
     """Worker pool settings."""
 
     procs: int = _setting(0, _to_int, _at_least(0))
+    pin_cpus: bool = _setting(True, _to_bool)  # pin tasks to their slots' CPUs when procs <= CPUs
     queues: list[str] = _setting(["default"], _to_names, _queue_names)
     prefetch: int | str = _setting("auto", _to_prefetch)  # a number of deliveries, or "auto"
     id: str = _setting("", _to_str)

@@ -35,6 +35,20 @@ class UnknownTaskType(ValidationError):
         super().__init__("type", f"unknown task type {task_type!r} (known: {known_text})")
 
 
+class NoWorkerFits(ValidationError):
+    """A task asks for more CPU slots than any live worker of its queue has (field cpus)."""
+
+    def __init__(self, cpus: int, queue: str, largest: int):
+        super().__init__(
+            "cpus",
+            f"the task asks for {cpus} CPUs, but the largest live worker consuming queue {queue!r} "
+            f"runs {largest} (qm-worker --procs {largest}); no worker could ever run it. Submit it "
+            f"with cpus <= {largest}, or start a worker with --procs {cpus} or more first",
+        )
+        self.cpus = cpus
+        self.largest = largest
+
+
 class PluginError(QMError):
     """A plugin could not be loaded or declares something invalid."""
 

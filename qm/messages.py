@@ -12,6 +12,7 @@ import time
 from google.protobuf.message import DecodeError
 
 from qm._proto.qm.internal.v1 import messages_pb2
+from qm.broker import topology
 from qm.priority import DEFAULT_PRIORITY, MAX_PRIORITY
 from qm.protocol import Header
 from qm.retry import RetryPolicy
@@ -35,6 +36,14 @@ class TaskMessage:
     soft_timeout_s: float = 0.0  # when the task gets qm.SoftTimeout; 0 = never
     not_before_s: float | None = None  # run no earlier (a delayed task; qm/scheduling.py)
     priority: int = DEFAULT_PRIORITY  # 0-9, higher first: picks its work queue band (qm/priority.py)
+    cpus: int = 1  # CPU slots it takes on a worker (qm/worker/cpu_slots.py)
+
+    @property
+    def routing_key(self) -> str:
+        """Where it goes on qm.tasks, the one rule for every publish of a task (submit,
+        replay, reconciler, retry and delay tiers, give-back, dead-letter requeue): its
+        size's work queue for cpus > 1 (no bands there), else its priority band's."""
+        return topology.routing_key(self.queue, priority=self.priority, cpus=self.cpus)
 
     def encode(self) -> bytes:
         retry = messages_pb2.RetryPolicy(
@@ -55,6 +64,7 @@ class TaskMessage:
             retry=retry,
             soft_timeout_s=self.soft_timeout_s,
             priority=self.priority,
+            cpus=self.cpus if self.cpus > 1 else 0,
         )
         message.enqueued_at.FromNanoseconds(int(self.enqueued_at_s * 1e9))
         if self.not_before_s is not None:
@@ -86,6 +96,7 @@ class TaskMessage:
             message.soft_timeout_s,
             message.not_before.ToNanoseconds() / 1e9 if message.HasField("not_before") else None,
             min(message.priority, MAX_PRIORITY) if message.HasField("priority") else DEFAULT_PRIORITY,
+            max(1, message.cpus),
         )
 
     def headers(self) -> dict[str, object]:
@@ -181,6 +192,7 @@ class Heartbeat:
     draining: bool = False
     stopped: bool = False
     at_s: float = dataclasses.field(default_factory=time.time)
+    busy_cpus: int = 0  # CPU slots held by running tasks (a cpus=N task holds N)
 
     def encode(self) -> bytes:
         beat = messages_pb2.WorkerHeartbeat(
@@ -194,6 +206,7 @@ class Heartbeat:
             version=self.version,
             draining=self.draining,
             stopped=self.stopped,
+            busy_cpus=self.busy_cpus,
         )
         beat.at.FromNanoseconds(int(self.at_s * 1e9))
         return beat.SerializeToString()
@@ -215,4 +228,5 @@ class Heartbeat:
             beat.draining,
             beat.stopped,
             beat.at.ToNanoseconds() / 1e9,
+            beat.busy_cpus,
         )

@@ -220,6 +220,10 @@ class WorkerMetrics:
             "qm_worker_child_rss_bytes", "RSS of each child with its descendants, as last sampled", ["slot"], registry=r
         )
         self.prefetch = Gauge("qm_worker_prefetch", "Current prefetch per consumed queue", registry=r)
+        self.busy_cpus = Gauge(
+            "qm_worker_busy_cpus", "CPU slots held by running tasks (a task with cpus N holds N)", registry=r
+        )
+        self.cpus = Gauge("qm_worker_cpus", "CPU slots of this worker (--procs)", registry=r)
         self.unacked = Gauge("qm_worker_unacked_deliveries", "Deliveries held and not yet acked", registry=r)
         for reason in ("timeout", "memory", "crash", "cancel"):
             self.kills.labels(reason)  # present from the start, so rate() sees the first kill
@@ -248,7 +252,11 @@ class WorkerMetrics:
         prefetch: Callable[[], float],
         unacked: Callable[[], float],
         reconnects: Callable[[], float],
+        busy_cpus: Callable[[], float] = lambda: 0.0,
+        cpus: Callable[[], float] = lambda: 0.0,
     ) -> None:
+        self.busy_cpus.set_function(busy_cpus)
+        self.cpus.set_function(cpus)
         self.children_busy.set_function(busy)
         self.children_idle.set_function(idle)
         self.prefetch.set_function(prefetch)

@@ -55,6 +55,10 @@ class TaskType:
     #: Priority 0-9 (higher runs first) a submission of this type gets unless it sets its
     #: own; None = qm.priority.DEFAULT_PRIORITY (5).
     priority: int | None = None
+    #: CPU slots a task of this type takes on a worker unless the submission says (>= 1):
+    #: a worker with --procs P runs at most P slots' worth at once. The task runs in one
+    #: child and may use that many threads or processes (qm.task_cpus() says how many).
+    cpus: int = 1
     #: The distribution whose entry point declared it (set when loaded; "" if unknown); not
     #: part of equality: the same declaration is equal wherever it was loaded from.
     distribution: str = dataclasses.field(default="", compare=False)
@@ -169,6 +173,10 @@ def _check(task_type: TaskType, seen: dict[str, TaskType]) -> PluginError | None
         return PluginError(
             f"task type {task_type.name!r} declares priority={task_type.priority!r}; "
             f"expected 0 (lowest) to {priority.MAX_PRIORITY} (highest) or None"
+        )
+    if not (isinstance(task_type.cpus, int) and not isinstance(task_type.cpus, bool) and task_type.cpus >= 1):
+        return PluginError(
+            f"task type {task_type.name!r} declares cpus={task_type.cpus!r}; expected a whole number of at least 1"
         )
     first = seen.get(task_type.name)
     if first is not None and (first.builtin or task_type.name in BUILTIN_TYPES):

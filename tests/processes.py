@@ -406,6 +406,9 @@ class Launcher:
         self.started.append(worker)
         self._queues.setdefault(broker_url, set()).update(
             name for queue in worker.queues if queue != "default" for name in band_queues(queue))
+        self._queues[broker_url].update(  # the work queues of multi-CPU task sizes it declared
+            f"qm.tasks.{queue}.cpus{cpus}" for queue in worker.queues if queue != "default"
+            for cpus in range(2, procs + 1))
         return worker
 
     def queue(self, broker_url: str) -> str:

@@ -71,7 +71,7 @@ async def _drain_into(broker: Broker, source: str, target_exchange: str, timeout
             log.error("dropping an undecodable message from %s: %s", source, exc)
             broker.nack(delivery, requeue=False)
             return
-        await broker.publish(target_exchange, message.queue, delivery.body, message.headers())
+        await broker.publish(target_exchange, message.routing_key, delivery.body, message.headers())
         broker.ack(delivery)
         moved += 1
 

@@ -46,6 +46,9 @@ QUEUE_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,100}")
 #: Endings a logical queue name may not have: they name the priority bands of another
 #: queue ("jobs.p7" would be the high band of "jobs").
 _BAND_SUFFIX_RE = re.compile(r"\.p[0-9]$")
+#: Suffix of the work queues of multi-CPU tasks (`qm.tasks.<queue>.cpus<N>`); a logical
+#: queue name may not end in it, so no two queues' work queues share a name.
+CPUS_SUFFIX_RE = re.compile(r".*\.cpus[0-9]+")
 
 
 def queue_name_problem(queue: str) -> str | None:
@@ -54,19 +57,27 @@ def queue_name_problem(queue: str) -> str | None:
         return f"{queue!r} is not a valid queue name (1-100 of letters, digits, _ . -)"
     if _BAND_SUFFIX_RE.search(queue):
         return f"{queue!r} ends like a priority band's work queue (.p<digit>); choose another name"
+    if CPUS_SUFFIX_RE.fullmatch(queue):
+        return f"{queue!r} ends in .cpus<N>, which names the work queues of multi-CPU tasks; choose another name"
     return None
 
 
-def work_queue_name(queue: str, *, priority: int = priorities.DEFAULT_PRIORITY) -> str:
-    """The durable AMQP queue behind a logical queue name, for tasks of `priority`
-    (qm/priority.py: the default band keeps the plain name, others add `.p<N>`)."""
-    return f"qm.tasks.{routing_key(queue, priority=priority)}"
-
-
-def routing_key(queue: str, *, priority: int = priorities.DEFAULT_PRIORITY) -> str:
+def routing_key(queue: str, *, priority: int = priorities.DEFAULT_PRIORITY, cpus: int = 1) -> str:
     """Routing key on qm.tasks (and through the delay tiers, which keep it) of a task of
-    `queue` and `priority`: its band's work queue is bound with it."""
+    `queue`, `priority` and `cpus`: its work queue is bound with it. cpus <= 1: the queue
+    name plus the band of `priority` (qm/priority.py: "" for the default band, else
+    `.p<N>`); cpus > 1: `<queue>.cpus<N>`, the work queue of tasks of that size, consumed
+    only by workers they fit. Multi-CPU queues carry no priority bands: priority applies
+    among cpus=1 tasks (a multi-CPU task keeps its priority on record)."""
+    if cpus > 1:
+        return f"{queue}.cpus{cpus}"
     return f"{queue}{priorities.suffix(priority)}"
+
+
+def work_queue_name(queue: str, *, priority: int = priorities.DEFAULT_PRIORITY, cpus: int = 1) -> str:
+    """The durable AMQP queue behind a logical queue name, for tasks of `priority` and
+    `cpus` (`routing_key`: the default band and cpus=1 keep the plain name)."""
+    return f"qm.tasks.{routing_key(queue, priority=priority, cpus=cpus)}"
 
 
 def events_queue_name(server_id: str) -> str:
@@ -117,6 +128,7 @@ async def declare_work_queue(
     max_length: int = 0,
     *,
     priority: int = priorities.DEFAULT_PRIORITY,
+    cpus: int = 1,
 ) -> str:
     """Declare the tasks exchange and one work queue bound to it (the band of `priority`:
     each band is a queue of its own, with the same arguments); return the AMQP name.
@@ -128,8 +140,9 @@ async def declare_work_queue(
     at-least-once dead-lettering (its only RabbitMQ dead-lettering is the delivery-limit
     backstop, and the server's reconciler covers what that could drop). A queue of the
     other type than `broker.queue_type`, or with another cap, stops with the way out.
+    `cpus` > 1: the work queue of tasks of that size, which has no bands (`routing_key`).
     """
-    name = work_queue_name(queue, priority=priority)
+    name = work_queue_name(queue, priority=priority, cpus=cpus)
     await broker.declare_exchange(TASKS_EXCHANGE, "direct")
     await broker.declare_exchange(DEAD_EXCHANGE, "fanout")
     arguments = work_queue_arguments(queue_type, delivery_limit, max_length)
@@ -139,7 +152,7 @@ async def declare_work_queue(
         if refused.code != 406:
             raise
         await _declare_legacy_work_queue(broker, name, queue_type, delivery_limit, max_length)
-    await broker.bind_queue(name, TASKS_EXCHANGE, routing_key(queue, priority=priority))
+    await broker.bind_queue(name, TASKS_EXCHANGE, routing_key(queue, priority=priority, cpus=cpus))
     return name
 
 

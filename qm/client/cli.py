@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     workers = commands.add_parser(
         "workers",
-        help="list workers: host, pid, procs, busy, queues, types, last seen",
+        help="list workers: host, pid, busy children and busy CPU slots of procs, queues, types, last seen",
         description="Workers the server has heard from through their heartbeats; one "
         "silent longer than server.worker_lost_after_s is shown as lost.",
     )
@@ -315,7 +315,17 @@ def _add_task_options(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         type=_priority,
         help="0 (lowest) to 9 (highest): among the tasks of the queue waiting for a worker, "
-        "higher ones start first (default: the task type's, else 5)",
+        "higher ones start first (default: the task type's, else 5; multi-CPU tasks wait "
+        "in their size's queue, which has no priority order)",
+    )
+    parser.add_argument(
+        "--cpus",
+        metavar="N",
+        type=int,
+        default=0,
+        help="CPU slots the task takes on a worker: a worker with --procs P runs at most P "
+        "slots' worth at once; the task may use N threads or processes (qm.task_cpus()). "
+        "Refused if no live worker of the queue has --procs >= N. Default: the type's, else 1",
     )
 
 
@@ -482,7 +492,10 @@ def _show(status: TaskStatus) -> str:
         ("result", "" if status.result is None else status.result),
         ("error", status.error),
         ("worker", status.worker or "-"),
-        ("limits", f"timeout {status.timeout_s:g} s, memory {memory}, retries {status.max_retries}"),
+        (
+            "limits",
+            f"timeout {status.timeout_s:g} s, memory {memory}, retries {status.max_retries}, cpus {status.cpus}",
+        ),
         (
             "due" if status.state in (TaskState.SCHEDULED, TaskState.QUEUED) else "next try",
             _when(status.next_attempt_at),
@@ -548,6 +561,7 @@ def cmd_submit(client: Client, args) -> int:
         soft_timeout_s=args.soft_timeout,
         delay_s=args.delay,
         not_before=args.not_before,
+        cpus=args.cpus,
         priority=args.priority,
     )
     if args.from_file is not None:
@@ -721,7 +735,8 @@ def cmd_workers(client: Client, args) -> int:
         else:
             print(
                 f"{worker.worker_id:<28} {worker.state:<8} {worker.host} pid {worker.pid} "
-                f"busy {worker.busy}/{worker.procs} queues {','.join(worker.queues)} "
+                f"busy {worker.busy}/{worker.procs} cpus {worker.busy_cpus}/{worker.procs} "
+                f"queues {','.join(worker.queues)} "
                 f"v{worker.version} last seen {_when(worker.last_seen)} "
                 f"types {','.join(worker.types)}"
             )
@@ -740,8 +755,8 @@ def cmd_types(client: Client, args) -> int:
         print(
             f"{item.name:<20} {item.codec:<5} timeout {item.default_timeout_s:g} s"
             f"{' (max ' + format(item.max_timeout_s, 'g') + ' s)' if item.max_timeout_s else ''}, "
-            f"memory {memory}, retries {item.default_max_retries}, priority {item.default_priority}  "
-            f"{item.description}"
+            f"memory {memory}, retries {item.default_max_retries}, priority {item.default_priority}"
+            f"{', cpus ' + str(item.cpus) if item.cpus > 1 else ''}  {item.description}"
         )
     for error in errors:
         print(f"qm: server could not load a plugin: {error}", file=sys.stderr)
@@ -817,6 +832,7 @@ def cmd_schedule(client: Client, args) -> int:
             retry_jitter=args.retry_jitter,
             retry_on_timeout=args.retry_on_timeout,
             priority=args.priority,
+            cpus=args.cpus,
         )
         if args.json:
             print(_schedule_json(schedule))

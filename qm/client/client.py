@@ -180,6 +180,7 @@ class Client:
         delay_s: float | None = None,
         not_before: float | None = None,
         priority: int | None = None,
+        cpus: int = 0,
     ) -> str:
         """Submit a task; returns its id once the server has made it durable.
 
@@ -196,6 +197,10 @@ class Client:
         DEADLINE_EXCEEDED, the client retries with the same key, on each server address in
         turn, for up to `submit_retry_s`, and a retry can never enqueue the task twice. A key
         already used for another request: RemoteError FAILED_PRECONDITION.
+
+        `cpus`: CPU slots the task takes on a worker (0: the type's, else 1); the task may
+        use that many threads or processes (qm.task_cpus()). More than any live worker of
+        the queue has (its --procs): RemoteError FAILED_PRECONDITION, reason NO_WORKER_FITS.
         """
         request = submit_request(
             type,
@@ -213,6 +218,7 @@ class Client:
             delay_s=delay_s,
             not_before=not_before,
             priority=priority,
+            cpus=cpus,
         )
         return self._call("SubmitTask", request, self.submit_retry_s, SUBMIT_RETRY_CODES).task_id
 

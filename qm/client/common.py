@@ -259,6 +259,7 @@ SUBMIT_OPTIONS = (
     "delay_s",
     "not_before",
     "priority",
+    "cpus",
 )
 
 #: The two ways of asking for a delay (qm/scheduling.py); a submission takes one.
@@ -282,12 +283,14 @@ def submit_request(
     delay_s: float | None = None,
     not_before: float | None = None,
     priority: int | None = None,
+    cpus: int = 0,
 ) -> task_queue_pb2.SubmitTaskRequest:
     """The request of one submit; it always carries an idempotency key (a fresh one unless
     given), so retrying it can never enqueue the task twice. `delay_s` or `not_before`
     (seconds since the epoch) make it a delayed task. `priority` 0-9, higher first (None:
     the task type's default); the server refuses one above 9, one that cannot be sent at
-    all (negative, not a whole number) is a ValueError here."""
+    all (negative, not a whole number) is a ValueError here. `cpus`: CPU slots it takes on
+    a worker (0 = the task type's, else 1)."""
     if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int) or priority < 0):
         raise ValueError(f"priority: must be a whole number from 0 (lowest) to 9 (highest), got {priority!r}")
     request = task_queue_pb2.SubmitTaskRequest(
@@ -298,6 +301,7 @@ def submit_request(
         memory_limit_mb=memory_limit_mb,
         idempotency_key=idempotency_key or str(uuid.uuid4()),
         soft_timeout_s=soft_timeout_s,
+        cpus=cpus,
     )
     optional = dict(
         max_retries=max_retries,
@@ -548,6 +552,7 @@ class TaskStatus:
     progress_detail: Any = None  # its JSON detail, decoded; None if none
     progress_at: float | None = None  # when that report was made
     priority: int = 5  # 0-9, higher runs first (qm/priority.py)
+    cpus: int = 1  # CPU slots it takes on a worker
     schedule_id: str = ""  # the periodic schedule that submitted it, if one did
     group_id: str = ""  # the group (submit_group) it is a member or the callback of
 
@@ -593,6 +598,7 @@ class WorkerInfo:
     version: str
     state: str
     last_seen: float | None
+    busy_cpus: int = 0  # CPU slots held by its running tasks, out of procs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -608,6 +614,7 @@ class TaskTypeInfo:
     max_memory_limit_mb: int
     default_max_retries: int
     default_priority: int = 5  # what a submission without priority gets, 0-9 (higher first)
+    cpus: int = 1  # CPU slots a submission without cpus takes
 
 
 def _seconds(timestamp) -> float | None:
@@ -639,6 +646,7 @@ def status_from_proto(status: task_queue_pb2.TaskStatus) -> TaskStatus:
         progress_detail=_json_or_none(status.progress_detail_json),
         progress_at=_seconds(status.progress_at),
         priority=status.priority,
+        cpus=status.cpus or 1,
         schedule_id=status.schedule_id,
         group_id=status.group_id,
     )
@@ -743,6 +751,7 @@ def workers_from_proto(response: task_queue_pb2.ListWorkersResponse) -> list[Wor
             w.version,
             w.state,
             _seconds(w.last_seen),
+            w.busy_cpus,
         )
         for w in response.workers
     ]
@@ -760,6 +769,7 @@ def task_types_from_proto(response: task_queue_pb2.ListTaskTypesResponse) -> tup
             t.max_memory_limit_mb,
             t.default_max_retries,
             t.default_priority,
+            t.cpus or 1,
         )
         for t in response.types
     ]

@@ -131,6 +131,7 @@ class ServerApp:
             max_queue_length=config.broker.max_queue_length,
             schedule_grace_s=server.schedule_grace_s,
             max_schedules=server.max_schedules,
+            max_task_cpus=server.max_task_cpus,
         )
         self.service.dead_letters.max_listed = server.max_dead_letters_listed
         self.service.dead_letters.retention_s = server.dead_letter_retention_s

@@ -168,6 +168,7 @@ class DeadLetters:
                 old.memory_limit_mb,
                 max_retries=old.retry.max_retries,
                 priority=old.priority,  # and its message goes back to that priority's band
+                cpus=old.cpus,
             )
             if not await self.store.remove_dead_letters([letter.task_id]):
                 continue  # another server took it a moment ago, and requeues it

@@ -82,7 +82,7 @@ class Groups:
         prepare: Prepare,
         publish: Publish,
         publish_stored: PublishStored,
-        ensure_queue: Callable[[str, int], Awaitable[None]],
+        ensure_queue: Callable[[str, int, int], Awaitable[None]],
         max_items: int,
         max_key_chars: int,
     ) -> None:
@@ -147,8 +147,8 @@ class Groups:
             idempotency_key,
             digest,
         )
-        for queue, priority in sorted({(message.queue, message.priority) for _record, message in members}):
-            await self._ensure_queue(queue, priority)  # a queue RabbitMQ refuses: nothing stored
+        for queue, priority, cpus in sorted({(m.queue, m.priority, m.cpus) for _record, m in members}):
+            await self._ensure_queue(queue, priority, cpus)  # a queue RabbitMQ refuses: nothing stored
         try:
             await self.store.insert_group(
                 group, [(record, message.queue, message.encode()) for record, message in members]
@@ -287,4 +287,5 @@ def _item_digest(item: Submission | None) -> str:
         item.soft_timeout_s,
         {"delay_s": item.delay_s, "not_before_s": item.not_before_s},
         item.priority,
+        item.cpus,
     )

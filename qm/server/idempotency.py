@@ -9,9 +9,10 @@ The digest covers the request as the client sent it, after validation: task type
 payload, logical queue (empty = "default"), time limits (hard and soft), memory limit,
 the retry options (an option left unset, None, differs from one set to the task
 type's value: it may resolve differently), a delay (delay_s or not_before) when
-set, and the priority when set (unset differs from one set to the type's default). It
-does not cover what the server resolves from its own settings, so a retry after a
-configuration change or an upgrade is still the same request.
+set, the priority when set (unset differs from one set to the type's default), and cpus
+when set (as sent: 0, the type's, is not 1). It does not cover what the server resolves
+from its own settings, so a retry after a configuration change or an upgrade is still
+the same request.
 
 Keys live as long as their task's row: until server.retention_s after the task finished.
 A row written before digests were kept has none; a key found there is accepted as before.
@@ -39,6 +40,7 @@ def request_digest(
     soft_timeout_s: float = 0.0,
     delay: dict[str, float | None] | None = None,
     priority: int | None = None,
+    cpus: int = 0,
 ) -> str:
     """`v1:` + SHA-256 over a canonical encoding of the request (sorted JSON, the payload
     by its own SHA-256, floats as floats: `timeout_s` 5 and 5.0 are one request)."""
@@ -56,6 +58,8 @@ def request_digest(
         fields["delay"] = asked
     if priority is not None:  # likewise: a request without one digests as before priorities
         fields["priority"] = int(priority)
+    if cpus:  # as sent (0 = the type's); absent when 0, so older digests still match
+        fields["cpus"] = int(cpus)
     text = json.dumps(fields, sort_keys=True, separators=(",", ":"), allow_nan=True)
     return f"{DIGEST_VERSION}:{hashlib.sha256(text.encode('utf-8')).hexdigest()}"
 

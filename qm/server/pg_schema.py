@@ -201,6 +201,12 @@ CREATE UNIQUE INDEX task_groups_by_idempotency_key ON task_groups (idempotency_k
 CREATE INDEX task_groups_by_completed_at ON task_groups (completed_at) WHERE completed_at IS NOT NULL;
 """
 
+# Resource-aware slots: the CPU slots a task takes (TaskStatus.cpus); rows from before
+# were all single-CPU.
+_VERSION_SLOTS = """
+ALTER TABLE tasks ADD COLUMN cpus integer NOT NULL DEFAULT 1;
+"""
+
 #: Migration n (1-based) takes a store from schema version n-1 to n.
 MIGRATIONS: tuple[str, ...] = (
     _VERSION_1,
@@ -210,6 +216,7 @@ MIGRATIONS: tuple[str, ...] = (
     _VERSION_PRIORITY,
     _VERSION_SCHEDULES,
     _VERSION_GROUPS,
+    _VERSION_SLOTS,
 )
 #: The newest schema this code knows.
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -48,9 +48,12 @@ class Reconciler:
     broker: Broker
     metrics: ServerMetrics
     queues: set[str]  # logical queues this server publishes to
-    ensure_queue: Callable[[str, int], Awaitable[None]]  # declares a work queue band (once)
+    #: declares the work queue a task goes to (once): queue, priority, cpus
+    ensure_queue: Callable[[str, int, int], Awaitable[None]]
     interval_s: float = 30.0
     after_s: float = 60.0
+    #: logical queue → the multi-CPU sizes whose work queues this server declared
+    sizes: dict[str, set[int]] = dataclasses.field(default_factory=dict)
     _republished_at: dict[str, float] = dataclasses.field(default_factory=dict)
 
     async def run(self) -> None:
@@ -91,9 +94,12 @@ class Reconciler:
         return republished
 
     async def _backlog(self, queue: str) -> bool:
-        """Whether any priority band of `queue` holds ready messages (an absent band: none)."""
-        for band in priorities.band_priorities():
-            if await self.broker.queue_size(topology.work_queue_name(queue, priority=band)):
+        """Whether any work queue of `queue` holds ready messages: each priority band's and
+        each multi-CPU size's this server declared (an absent one: none)."""
+        names = [topology.work_queue_name(queue, priority=band) for band in priorities.band_priorities()]
+        names += [topology.work_queue_name(queue, cpus=cpus) for cpus in sorted(self.sizes.get(queue, ()))]
+        for name in names:
+            if await self.broker.queue_size(name):
                 return True
         return False
 
@@ -105,9 +111,8 @@ class Reconciler:
             )
             return False
         message = dataclasses.replace(TaskMessage.decode(body), attempt=max(1, attempt), enqueued_at_s=now_s)
-        await self.ensure_queue(message.queue, message.priority)
-        key = topology.routing_key(message.queue, priority=message.priority)
-        await self.broker.publish(topology.TASKS_EXCHANGE, key, message.encode(), message.headers())
+        await self.ensure_queue(message.queue, message.priority, message.cpus)
+        await self.broker.publish(topology.TASKS_EXCHANGE, message.routing_key, message.encode(), message.headers())
         self._republished_at[record.task_id] = now_s
         self.metrics.reconciled.labels(record.state.name).inc()
         log.warning(

@@ -121,6 +121,8 @@ class Scheduler:
         }
         if task.priority is not None:  # absent otherwise: definitions from before priorities stay equal
             options["priority"] = priorities.resolve(task.priority, None)
+        if task.cpus:  # absent otherwise, as priority
+            options["cpus"] = task.cpus
         record = ScheduleRecord(
             schedule_id,
             when.cron,
@@ -273,7 +275,7 @@ class Scheduler:
         queue = task.queue or "default"
         digest = idempotency.request_digest(
             task.type, task.payload, queue, task.timeout_s, task.memory_limit_mb, task.retry_options,
-            task.soft_timeout_s, None, task.priority,
+            task.soft_timeout_s, None, task.priority, task.cpus,
         )  # fmt: skip
         return await self.service.prepare(
             task.type,
@@ -288,6 +290,7 @@ class Scheduler:
             schedule_id=schedule_id,
             now_s=now_s,
             requested_priority=task.priority,
+            cpus=task.cpus,
         )
 
     async def _advance(

@@ -37,10 +37,11 @@ from qm.protocol import Command, Control, Header
 from qm.registry import Registry
 from qm.retry import RetryPolicy
 from qm.security import signing
-from qm.server import idempotency, maintenance
+from qm.server import fit, idempotency, maintenance
 from qm.server.caps import SubmitCaps
 from qm.server.dead_letters import DeadLetters
 from qm.server.events import EventApplier
+from qm.server.fit import DEFAULT_MAX_TASK_CPUS
 from qm.server.groups import Groups
 from qm.server.hub import Hub
 from qm.server.reconciler import Reconciler
@@ -98,6 +99,7 @@ class TaskService:
         max_queue_length: int = 0,
         schedule_grace_s: float = schedules.DEFAULT_GRACE_S,
         max_schedules: int = DEFAULT_MAX_SCHEDULES,
+        max_task_cpus: int = DEFAULT_MAX_TASK_CPUS,
     ) -> None:
         self.registry = registry
         self._codecs = {name: declared.codec for name, declared in registry.types.items()}
@@ -120,7 +122,9 @@ class TaskService:
         self.max_queue_length = max_queue_length
         self.metrics = metrics or ServerMetrics()
         self._declared_queues: set[str] = set()  # logical queues (for the reconciler)
-        self._declared_bands: set[str] = set()  # their work queues declared so far, one per band used
+        self._declared_work_queues: set[str] = set()  # declared so far: one per band and size used
+        self._declared_sizes: dict[str, set[int]] = {}  # logical queue → declared cpus > 1
+        self.max_task_cpus = max_task_cpus
         self._declared_tiers: set[int] = set()
         self._pending_keys: dict[str, asyncio.Future] = {}
         self._tasks: list[asyncio.Task] = []
@@ -150,6 +154,7 @@ class TaskService:
             self._ensure_queue,
             reconcile_interval_s,
             reconcile_after_s,
+            self._declared_sizes,
         )
         self.scheduler = Scheduler(self, schedule_grace_s, max_schedules)  # periodic schedules
 
@@ -181,6 +186,7 @@ class TaskService:
         delay_s: float | None = None,
         not_before_s: float | None = None,
         priority: int | None = None,
+        cpus: int = 0,
         **retry_options,
     ) -> TaskRecord:
         """Accept a task: it is durable in RabbitMQ when this returns.
@@ -191,6 +197,7 @@ class TaskService:
         fields (max_retries, backoff_s, backoff_max_s, jitter, on_timeout); None = default.
         `delay_s` or `not_before_s` (epoch seconds) make a SCHEDULED task (qm/scheduling.py).
         `priority` 0-9 (None = the task type's default, else 5; qm/priority.py).
+        `cpus`: CPU slots it takes on a worker; 0 = the task type's (qm/server/fit.py).
         """
         if len(idempotency_key) > MAX_IDEMPOTENCY_KEY_CHARS:
             raise ValidationError("idempotency_key", f"longer than {MAX_IDEMPOTENCY_KEY_CHARS} characters")
@@ -212,6 +219,7 @@ class TaskService:
                 soft_timeout_s,
                 {"delay_s": delay_s, "not_before_s": not_before_s},
                 priority,
+                cpus,
             )
             if idempotency_key in self._pending_keys:  # the same key is being submitted right now
                 first = await asyncio.shield(self._pending_keys[idempotency_key])
@@ -237,6 +245,7 @@ class TaskService:
                     digest,
                     scheduling.Delay(delay_s, not_before_s),
                     requested_priority=priority,
+                    cpus=cpus,
                 )
             except IdempotencyKeyTaken:  # another server of a shared store stored the key first
                 record = await self._answer_duplicate(idempotency_key, await self._taken(idempotency_key), digest)
@@ -314,6 +323,7 @@ class TaskService:
             delay_s=item.delay_s,
             not_before_s=item.not_before_s,
             priority=item.priority,
+            cpus=item.cpus,
             **item.retry_options,
         )
 
@@ -331,12 +341,13 @@ class TaskService:
             "",
             scheduling.Delay(item.delay_s, item.not_before_s),
             requested_priority=item.priority,
+            cpus=item.cpus,
         )
 
     async def _publish_message(self, message: TaskMessage, body: bytes) -> None:
         """Publish a stored task's message (confirmed) to its queue, or its first delay tier."""
-        await self._ensure_queue(message.queue, message.priority)
-        await self.broker.publish(await self._exchange_for(message), _routing_key(message), body, message.headers())
+        await self._ensure_queue(message.queue, message.priority, message.cpus)
+        await self.broker.publish(await self._exchange_for(message), message.routing_key, body, message.headers())
 
     def _count_refusal(self, task_type: str, error: BaseException) -> None:
         known_type = task_type if task_type in self.registry.types else "unknown"
@@ -366,6 +377,7 @@ class TaskService:
         schedule_id: str = "",
         now_s: float | None = None,
         requested_priority: int | None = None,
+        cpus: int = 0,
     ) -> tuple[TaskRecord, TaskMessage]:
         """Validate a submission and resolve its limits: its QUEUED (or SCHEDULED) record and
         first message, not yet stored or sent. ValidationError naming the field, or
@@ -380,6 +392,8 @@ class TaskService:
         declared = self.registry.get(task_type)
         task_priority = priorities.resolve(requested_priority, declared.priority)
         self.caps.check_requested(timeout_s, memory_limit_mb, retry_options)
+        cpus = fit.resolve_cpus(declared, cpus, self.max_task_cpus)
+        fit.check_fits(cpus, queue, self.workers)
         limits = task_limits.resolve(
             declared,
             timeout_s,
@@ -411,6 +425,7 @@ class TaskService:
             due_s=due_s,
             priority=task_priority,
             schedule_id=schedule_id,
+            cpus=cpus,
         )
         message = TaskMessage(
             record.task_id,
@@ -425,6 +440,7 @@ class TaskService:
             limits.soft_timeout_s,
             due_s,
             task_priority,
+            cpus,
         )
         return record, message
 
@@ -443,7 +459,7 @@ class TaskService:
         transaction of its own making, e.g. with a schedule's tick: qm/server/scheduler.py)
         and may decline (False: nothing stored, nothing published, False returned). A task
         stored that way is kept when its publish fails (its caller publishes it again)."""
-        await self._ensure_queue(message.queue, message.priority)
+        await self._ensure_queue(message.queue, message.priority, message.cpus)
         body = message.encode()
         exchange = await self._exchange_for(message)
         if store is None:
@@ -452,7 +468,7 @@ class TaskService:
             return False
         started = time.perf_counter()
         try:
-            await self.broker.publish(exchange, _routing_key(message), body, message.headers())
+            await self.broker.publish(exchange, message.routing_key, body, message.headers())
         except PublishOutcomeUnknown:
             # Sent, but the connection died before the confirm: RabbitMQ may hold the task (a
             # quorum queue on the surviving nodes). Keep it, unconfirmed: the client's retry
@@ -496,8 +512,8 @@ class TaskService:
                 await self.store.confirm(stored_id)
                 continue
             message = TaskMessage.decode(body)
-            await self._ensure_queue(queue, message.priority)
-            await self.broker.publish(topology.TASKS_EXCHANGE, _routing_key(message), body, message.headers())
+            await self._ensure_queue(queue, message.priority, message.cpus)
+            await self.broker.publish(topology.TASKS_EXCHANGE, message.routing_key, body, message.headers())
             await self.store.confirm(stored_id)
             log.info("task %s: published again (its first publish was never confirmed)", stored_id)
 
@@ -516,15 +532,24 @@ class TaskService:
                 log.warning("cannot yet publish tasks left unconfirmed by a crash: %s", exc)
                 await asyncio.sleep(UNCONFIRMED_RETRY_S)
 
-    async def _ensure_queue(self, queue: str, priority: int = priorities.DEFAULT_PRIORITY) -> None:
-        """Declare the work queue of `queue`'s band for `priority` (once): a band's queue
-        exists from the first task of that band on; workers declare every band."""
-        name = topology.work_queue_name(queue, priority=priority)
-        if name not in self._declared_bands:
+    async def _ensure_queue(self, queue: str, priority: int = priorities.DEFAULT_PRIORITY, cpus: int = 1) -> None:
+        """Declare the work queue a task of `queue`, `priority` and `cpus` goes to (once,
+        TaskMessage.routing_key): a band's or a size's queue exists from the first task of
+        it on; workers declare every band and the sizes that fit them."""
+        name = topology.work_queue_name(queue, priority=priority, cpus=cpus)
+        if name not in self._declared_work_queues:
             await topology.declare_work_queue(
-                self.broker, queue, self.queue_type, self.delivery_limit, self.max_queue_length, priority=priority
+                self.broker,
+                queue,
+                self.queue_type,
+                self.delivery_limit,
+                self.max_queue_length,
+                priority=priority,
+                cpus=cpus,
             )
-            self._declared_bands.add(name)
+            self._declared_work_queues.add(name)
+            if cpus > 1:
+                self._declared_sizes.setdefault(queue, set()).add(cpus)
             self._declared_queues.add(queue)
 
     async def status(self, task_id: str) -> TaskRecord:
@@ -627,8 +652,3 @@ class TaskService:
                     self.dead_letters.retention_s,
                 )
             await asyncio.sleep(min(self.retention_s / 10, RETENTION_SWEEP_MAX_S))
-
-
-def _routing_key(message: TaskMessage) -> str:
-    """Where a task message goes on qm.tasks (or a delay tier): its queue's band for its priority."""
-    return topology.routing_key(message.queue, priority=message.priority)

@@ -28,6 +28,7 @@ from qm.errors import (
     ConfigError,
     GroupNotFound,
     IdempotencyKeyReused,
+    NoWorkerFits,
     Overloaded,
     PermissionDenied,
     QMError,
@@ -71,6 +72,7 @@ _STATUS_OF: dict[type[QMError], tuple[grpc.StatusCode, Reason]] = {
     ValidatorsBusy: (grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.VALIDATORS_BUSY),  # every validator thread a runaway's
     StreamExpired: (grpc.StatusCode.UNAVAILABLE, Reason.STREAM_EXPIRED),  # open for server.max_stream_s
     ScheduleNotFound: (grpc.StatusCode.NOT_FOUND, Reason.SCHEDULE_NOT_FOUND),
+    NoWorkerFits: (grpc.StatusCode.FAILED_PRECONDITION, Reason.NO_WORKER_FITS),  # cpus over every live worker's procs
 }
 #: Any other domain error.
 _OTHER = (grpc.StatusCode.INTERNAL, Reason.SERVER_ERROR)
@@ -142,6 +144,7 @@ def record_to_proto(record: TaskRecord) -> task_queue_pb2.TaskStatus:
         progress_message=record.progress_message,
         progress_detail_json=record.progress_detail_json,
         priority=record.priority,
+        cpus=record.cpus,
         schedule_id=record.schedule_id,
         group_id=record.group_id,
     )
@@ -184,6 +187,7 @@ def submission_from_proto(request: task_queue_pb2.SubmitTaskRequest) -> Submissi
         request.delay_s if request.HasField("delay_s") else None,
         request.not_before.ToNanoseconds() / 1e9 if request.HasField("not_before") else None,
         request.priority if request.HasField("priority") else None,
+        request.cpus,
     )
 
 
@@ -298,6 +302,7 @@ class TaskQueueServicer(task_queue_pb2_grpc.TaskQueueServicer):
                 types=beat.types,
                 version=beat.version,
                 state=state,
+                busy_cpus=beat.busy_cpus,
             )
             info.last_seen.FromNanoseconds(int(seen_at * 1e9))
         return response
@@ -318,6 +323,7 @@ class TaskQueueServicer(task_queue_pb2_grpc.TaskQueueServicer):
                 max_memory_limit_mb=declared.max_memory_limit_mb or 0,
                 default_max_retries=policy.max_retries,
                 default_priority=priorities.DEFAULT_PRIORITY if declared.priority is None else declared.priority,
+                cpus=declared.cpus,
             )
         return response
 

@@ -76,7 +76,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     progress_at REAL,
     schedule_id TEXT NOT NULL DEFAULT '',
     group_id    TEXT NOT NULL DEFAULT '',
-    group_index INTEGER NOT NULL DEFAULT -1
+    group_index INTEGER NOT NULL DEFAULT -1,
+    cpus        INTEGER NOT NULL DEFAULT 1
 );
 CREATE TABLE IF NOT EXISTS unconfirmed (
     task_id TEXT PRIMARY KEY,
@@ -167,6 +168,7 @@ _ADDED_COLUMNS = {
     "schedule_id": "TEXT NOT NULL DEFAULT ''",
     "group_id": "TEXT NOT NULL DEFAULT ''",
     "group_index": "INTEGER NOT NULL DEFAULT -1",
+    "cpus": "INTEGER NOT NULL DEFAULT 1",
 }
 
 

@@ -67,6 +67,7 @@ class TaskRecord:
     progress_detail_json: str = ""
     progress_at: float | None = None  # when that report was made
     priority: int = DEFAULT_PRIORITY  # 0-9, higher runs first (qm/priority.py)
+    cpus: int = 1  # CPU slots it takes on a worker (as resolved at submit)
     schedule_id: str = ""  # the periodic schedule that fired it (qm/server/scheduler.py); "" = submitted
     group_id: str = ""  # the group it is a member or the callback of (qm/server/groups.py)
     group_index: int = -1  # its place among the group's members; -1: the callback, or no group
@@ -90,6 +91,7 @@ class TaskRecord:
         request_digest: str = "",
         due_s: float | None = None,
         priority: int = DEFAULT_PRIORITY,
+        cpus: int = 1,
         schedule_id: str = "",
     ) -> TaskRecord:
         """A task just accepted (or first heard of), QUEUED at `at_s`; SCHEDULED if due at `due_s`."""
@@ -115,6 +117,7 @@ class TaskRecord:
             next_attempt_at=due_s,
             request_digest=request_digest,
             priority=priority,
+            cpus=cpus,
             schedule_id=schedule_id,
         )
 

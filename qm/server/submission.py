@@ -26,3 +26,4 @@ class Submission:
     delay_s: float | None = None  # run no earlier than this after acceptance (qm/scheduling.py)
     not_before_s: float | None = None  # run no earlier than this time, epoch seconds
     priority: int | None = None  # 0-9, higher first; None = the task type's default (qm/priority.py)
+    cpus: int = 0  # CPU slots it takes on a worker; 0 = the task type's

@@ -44,3 +44,13 @@ class WorkerDirectory:
                 state = "draining" if beat.draining else "active"
             listed.append((beat, seen_at, state))
         return listed
+
+    def largest_procs(self, queue: str) -> int | None:
+        """The most CPU slots (`--procs`) of a live worker (active or draining) consuming
+        `queue`; None when no such worker is known (qm/server/fit.py)."""
+        sizes = [
+            beat.procs
+            for beat, _seen_at, state in self.list()
+            if state in ("active", "draining") and queue in beat.queues
+        ]
+        return max(sizes, default=None)

@@ -19,6 +19,7 @@ from qm.logs import setup_logging
 from qm.metrics import serve as serve_metrics
 from qm.security import amqp
 from qm.security.signing import Keyring
+from qm.worker.cpu_slots import pinning_cores
 from qm.worker.pool import Pool
 from qm.worker.prefetch import AutoPrefetch, FixedPrefetch
 from qm.worker.status import StatusEndpoint
@@ -61,7 +62,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     add = parser.add_argument
     add("--config", metavar="PATH", help="YAML config file (default: $QM_CONFIG, else none)")
-    add("--procs", metavar="N", help="child processes running tasks; 0 = one per CPU (worker.procs)")
+    add(
+        "--procs",
+        metavar="N",
+        help="child processes running tasks, and CPU slots: a task with cpus=K holds K "
+        "while it runs; 0 = one per CPU (worker.procs)",
+    )
+    add(
+        "--pin-cpus",
+        metavar="true|false",
+        help="pin each task to the CPUs of its slots when --procs is at most the CPUs "
+        "available; otherwise tasks only get QM_TASK_CPUS (worker.pin_cpus)",
+    )
     add(
         "--broker-url",
         metavar="URL[,URL...]",
@@ -105,8 +117,9 @@ def build(config: Config, registry: plugin_registry.Registry) -> tuple[Pool, Rab
     # Preload only plugins that loaded cleanly here: the forkserver dies on any import error
     # other than ImportError, and one broken plugin must not stop the worker.
     modules = sorted({ep.module for ep in plugin_registry.find() if ep.name in registry.types})
+    procs = effective_procs(config)
     pool = Pool(
-        effective_procs(config),
+        procs,
         config.worker.start_method,
         preload_modules=modules,
         memory_check_interval_s=config.worker.memory_check_interval_s,
@@ -114,6 +127,7 @@ def build(config: Config, registry: plugin_registry.Registry) -> tuple[Pool, Rab
         max_idle_rss_mb=config.worker.max_child_idle_rss_mb,
         address_space_limit=config.worker.address_space_limit,
         executor_keys=(Keyring.from_config(config.executor), config.executor.signature_ttl_s),
+        cores=pinning_cores(procs, config.worker.pin_cpus),
     )
     broker = RabbitMQBroker(
         amqp.broker_urls(config.broker),
@@ -141,6 +155,8 @@ def build(config: Config, registry: plugin_registry.Registry) -> tuple[Pool, Rab
     supervisor.metrics.watch(
         busy=lambda: supervisor.busy,
         idle=lambda: max(0, pool.procs - supervisor.busy),
+        busy_cpus=lambda: pool.busy_cpus,
+        cpus=lambda: pool.procs,
         restarts=lambda: pool.restarts,
         prefetch=lambda: supervisor.prefetch.value,
         unacked=lambda: supervisor.unacked,
@@ -238,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             args.config,
             overrides={
                 "worker.procs": args.procs,
+                "worker.pin_cpus": args.pin_cpus,
                 "broker.urls": args.broker_url,
                 "worker.queues": args.queues,
                 "worker.prefetch": args.prefetch,

@@ -21,7 +21,7 @@ import time
 import traceback
 from multiprocessing.connection import Connection
 
-from qm import task_progress
+from qm import cpu_allowance, task_progress
 from qm.errors import PermanentError, QMError, Retry, SoftTimeout
 from qm.registry import Registry, discover
 from qm.worker import procfs
@@ -75,6 +75,7 @@ def child_main(
     send_lock = threading.Lock()  # qm.progress()'s thread writes on the pipe too
     reporter = ChildReporter(conn, send_lock)
     task_progress.install(reporter)
+    every_core = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     while True:
         try:
             message = conn.recv()
@@ -83,6 +84,7 @@ def child_main(
         received_at_s = time.monotonic()
         job: Job = message
         limit_bytes = job.memory_limit_mb * MIB if address_space_limit else 0
+        cpu_allowance.allow(job.cpus, job.cores, every_core)  # its CPUs: qm.task_cpus(), the affinity
         reporter.begin(job.task_id)
         try:
             reply = run_limited(registry, job.type, job.payload, job.soft_timeout_s, limit_bytes)

@@ -28,6 +28,8 @@ class Job:
     memory_limit_mb: int = 0  # RSS limit with descendants; 0 = none
     soft_timeout_s: float = 0.0  # when the task gets qm.SoftTimeout; 0 = never
     priority: int = DEFAULT_PRIORITY  # 0-9: a free child takes the highest waiting (qm/worker/ready.py)
+    cpus: int = 1  # CPU slots it holds while it runs (qm/worker/cpu_slots.py)
+    cores: tuple[int, ...] = ()  # CPUs the child pins it to; () = not pinned (set as it is sent)
 
 
 class ReplyKind(enum.Enum):

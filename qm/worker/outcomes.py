@@ -91,7 +91,7 @@ class Outcomes:
             following = dataclasses.replace(message, attempt=message.attempt + 1, enqueued_at_s=self.clock())
             await self._publish(
                 topology.delay_tier_name(tier_s),
-                _routing_key(message),  # back to its band's work queue when the wait ends
+                message.routing_key,  # back to its own work queue (its band's or size's) when the wait ends
                 following.encode(),
                 following.headers(),
                 message.task_id,
@@ -125,11 +125,7 @@ class Outcomes:
         delay tier `tier_s` (confirmed), then `ack()`; it never waits in this worker."""
         await self.ensure_delay_tier(tier_s)
         await self._publish(
-            topology.delay_tier_name(tier_s),
-            _routing_key(message),
-            message.encode(),
-            message.headers(),
-            message.task_id,
+            topology.delay_tier_name(tier_s), message.routing_key, message.encode(), message.headers(), message.task_id
         )
         log.debug("task %s is due at %s: back to delay tier %d s", message.task_id, message.not_before_s, tier_s)
         self.metrics.delay_hops.labels(str(tier_s)).inc()
@@ -174,8 +170,3 @@ def dead_reason(message: TaskMessage, outcome: Outcome) -> str:
     if outcome.state is TaskState.TIMED_OUT:
         return "TIMED_OUT is not retried unless retry_on_timeout is set"
     return f"{outcome.state.name} is not retried"
-
-
-def _routing_key(message: TaskMessage) -> str:
-    """The routing key a delay tier keeps: the work queue of the task's queue and priority band."""
-    return topology.routing_key(message.queue, priority=message.priority)

@@ -18,6 +18,15 @@ from the child's own timestamps, is reported to `on_idle_gap` for every job that
 waiting when the previous task ended. After a task, a child past
 `max_tasks_per_child` or with an idle RSS over `max_idle_rss_mb` is retired and replaced.
 The pool knows nothing of AMQP/gRPC.
+
+CPU slots (qm/worker/cpu_slots.py): a job with `cpus` N starts only when N of the `procs`
+slots are free, and holds them until it ends. Jobs start in the order of the waiting line
+(highest priority first, then arrival: qm/worker/ready.py): while the first waiting job
+does not fit, none behind it starts (nor is pipelined), so a big job is never starved by
+a stream of small ones of its priority or below; the cost is slots left idle while it
+waits for enough to free. A job of higher priority that comes meanwhile goes ahead of it.
+Only single-CPU jobs are pipelined, and only behind single-CPU jobs (a pipelined job takes
+over the slot of the one before it).
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ from qm.states import TaskState
 from qm.task_progress import Progress
 from qm.worker import procfs
 from qm.worker.child import MIB, child_main
+from qm.worker.cpu_slots import CpuSlots
 from qm.worker.jobs import Job, Reply, ReplyKind
 from qm.worker.ready import ReadyJobs
 
@@ -113,6 +123,7 @@ class _Waiting:
     slot: asyncio.Future[Slot]
     cancel_outcome: Outcome | None = None  # cancelled while queued in a child: killed as it starts
     on_progress: Callable[[Progress], None] | None = None  # the task's qm.progress() updates
+    prefer: tuple[int, ...] = ()  # pipelined: the CPU slots of the job it was queued behind
 
 
 class Pool:
@@ -130,8 +141,11 @@ class Pool:
         address_space_limit: bool = True,
         executor_keys: tuple = (None, 0.0),
         on_idle_gap: Callable[[float], None] | None = None,
+        cores: Sequence[int] = (),
     ) -> None:
         self.procs = procs
+        #: CPU slots held by running jobs; `cores`: the CPU of each slot when pinning.
+        self.cpus = CpuSlots(procs, cores)
         self.on_idle_gap = on_idle_gap
         self.memory_check_interval_s = memory_check_interval_s
         self.max_tasks_per_child = max_tasks_per_child
@@ -206,20 +220,24 @@ class Pool:
         Cancelled before a child has it: the job never ran. Cancelled later: the child is
         killed (and replaced) as the job runs or starts, and the cancellation propagates.
         """
+        if job.cpus > self.procs:  # it would wait first in line for good, and every job behind it
+            raise ValueError(f"task {job.task_id} takes {job.cpus} CPU slots; this pool has {self.procs}")
         waiting = _Waiting(
             job, on_started, on_sent, asyncio.get_running_loop().create_future(), on_progress=on_progress
         )
-        slot = self._next_idle()
+        slot = self._next_idle() if not self._waiting and self.cpus.fits(job.cpus) else None
         if slot is not None:
             self._start(slot, waiting, send=True)
         else:
             self._waiting.append(waiting)
+            self._dispatch()  # of a higher priority than the first in line, it is first now and may fit
             self._fill_pipelines()
         try:
             slot = await waiting.slot
         except asyncio.CancelledError:
             if waiting in self._waiting:
                 self._waiting.remove(waiting)
+                self._dispatch()  # it may have been the one holding the others back
             elif waiting.slot.done() and not waiting.slot.cancelled():
                 started = waiting.slot.result()  # started just before the cancel came
                 if started.job is job:
@@ -252,6 +270,11 @@ class Pool:
         return sum(1 for slot in self.slots if slot.alive and slot.job is not None)
 
     @property
+    def busy_cpus(self) -> int:
+        """CPU slots held by running jobs (a job with cpus N holds N)."""
+        return self.cpus.busy
+
+    @property
     def idle(self) -> int:
         """Children ready and waiting for a job."""
         return sum(1 for slot in self._idle if slot.alive)
@@ -263,12 +286,33 @@ class Pool:
                 return slot
         return None
 
-    def _next_waiting(self) -> _Waiting | None:
+    def _next_waiting(self, single_cpu: bool = False) -> _Waiting | None:
+        """The first waiting job if it fits the free CPU slots now (`single_cpu`: and takes
+        one), taken off the line; None otherwise: nothing overtakes it."""
         while self._waiting:
-            waiting = self._waiting.popleft()
-            if not waiting.slot.done():  # not cancelled meanwhile
-                return waiting
+            waiting = self._waiting.first()
+            if waiting.slot.done():  # cancelled meanwhile
+                self._waiting.popleft()
+                continue
+            if single_cpu and waiting.job.cpus > 1:
+                return None
+            if not single_cpu and not self.cpus.fits(waiting.job.cpus):
+                return None
+            return self._waiting.popleft()
         return None
+
+    def _dispatch(self) -> None:
+        """Start waiting jobs on idle children while the first in line fits (CPU slots
+        just freed may let more than one child start)."""
+        while self._waiting and self._idle:
+            waiting = self._next_waiting()
+            if waiting is None:
+                return
+            slot = self._next_idle()
+            if slot is None:
+                self._waiting.appendleft(waiting)
+                return
+            self._start(slot, waiting, send=True)
 
     def _release(self, slot: Slot, ended_at_s: float | None = None) -> None:
         """A ready child with nothing to do: give it the next waiting job at once, else idle.
@@ -277,14 +321,17 @@ class Pool:
         if waiting is None:
             slot.gap_from_s = None
             self._idle.append(slot)
+            self._dispatch()
             return
         self._start(slot, waiting, send=True)
         slot.gap_from_s = ended_at_s
+        self._dispatch()
         self._fill_pipelines()
 
     def _fill_pipelines(self) -> None:
         """With `pipeline`, queue waiting jobs behind running ones, one per busy child (not
-        behind a child's last task before it is recycled by count)."""
+        behind a child's last task before it is recycled by count). Single-CPU jobs only,
+        behind single-CPU jobs only, and none while a bigger job is first in line."""
         if not self.pipeline:
             return
         for slot in self.slots:
@@ -294,21 +341,25 @@ class Pool:
             if (
                 slot.alive
                 and slot.job is not None
+                and slot.job.cpus == 1
                 and slot.queued is None
                 and slot.kill_outcome is None
                 and not slot.retired
                 and not slot.recycle_reason
                 and not last_task
             ):
-                waiting = self._next_waiting()
+                waiting = self._next_waiting(single_cpu=True)
                 if waiting is None:
                     return
                 slot.queued = waiting
-                self._send(slot, waiting)
+                waiting.prefer = self.cpus.held(slot)  # it takes over this job's slot as it starts
+                self._send(slot, waiting, self.cpus.cores_of(slot))
 
-    def _send(self, slot: Slot, waiting: _Waiting) -> None:
+    def _send(self, slot: Slot, waiting: _Waiting, cores: tuple[int, ...]) -> None:
+        """Send the job with the CPUs its child pins it to (`cores`; () = not pinned)."""
+        job = dataclasses.replace(waiting.job, cores=cores) if cores else waiting.job
         try:
-            slot.conn.send(waiting.job)
+            slot.conn.send(job)
         except OSError:
             pass  # the child just died: its sentinel resolves the job (or requeues a queued one)
         if waiting.on_sent is not None:
@@ -319,6 +370,7 @@ class Pool:
         job = waiting.job
         loop = asyncio.get_running_loop()
         slot.job, slot.started_at_s, slot.kill_outcome = job, time.time(), None
+        cores = self.cpus.take(slot, job.cpus, waiting.prefer)
         slot.on_progress = waiting.on_progress
         slot.peak_rss_bytes = 0
         slot.future = loop.create_future()
@@ -335,7 +387,7 @@ class Pool:
         if job.memory_limit_mb > 0:
             self._ensure_sampler()
         if send:
-            self._send(slot, waiting)
+            self._send(slot, waiting, cores)
         if waiting.slot.done():  # its caller was cancelled while it was queued in this child
             slot.kill(waiting.cancel_outcome)
             return
@@ -347,6 +399,7 @@ class Pool:
 
     def _finish(self, slot: Slot, outcome: Outcome) -> None:
         future, slot.future, slot.job, slot.on_progress = slot.future, None, None, None
+        self.cpus.give_back(slot)
         if slot.deadline is not None:
             slot.deadline.cancel()
             slot.deadline = None
@@ -445,9 +498,11 @@ class Pool:
         if slot.queued is not None:  # never started: first in line (of its priority) for the next child
             waiting, slot.queued = slot.queued, None
             if not waiting.slot.done():
+                waiting.prefer = ()
                 self._waiting.appendleft(waiting)
         if self._closing:
             return
+        self._dispatch()  # the slots its job held are free: idle children may take waiting jobs
         if not slot.retired:
             self.restarts += 1
         if slot.ready:

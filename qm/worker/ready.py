@@ -8,7 +8,8 @@ higher priority waits at most for the tasks the children are already running (an
 tasks are short and pipelined, the one each busy child holds next: qm/worker/pool.py).
 
 A drop-in for the pool's deque of waiting jobs: append, appendleft (first in line among
-its priority: a job a dying child never started), popleft, remove, `in`, len.
+its priority: a job a dying child never started), first (the head, left in line), popleft,
+remove, `in`, len.
 """
 
 from __future__ import annotations
@@ -38,6 +39,12 @@ class ReadyJobs(Generic[T]):
 
     def appendleft(self, item: T) -> None:
         heapq.heappush(self._heap, (-self._priority_of(item), next(self._sooner), next(self._ids), item))
+
+    def first(self) -> T:
+        """The item popleft would return, left in line."""
+        if not self._heap:
+            raise IndexError("first of an empty ReadyJobs")
+        return self._heap[0][3]
 
     def popleft(self) -> T:
         """The item of the highest priority, the first in line of that priority."""

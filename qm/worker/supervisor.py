@@ -25,6 +25,15 @@ stream (qm/worker/control.py). A delayed task that comes before its due time is 
 a delay tier, not run (qm/scheduling.py). Everything runs on one asyncio loop that never
 waits on task work, so AMQP heartbeats keep flowing however long tasks take. While tasks
 are short the pool pipelines (a busy child holds its next job: Pool.pipeline).
+
+Multi-CPU tasks (`cpus` N > 1) come from work queues of their own size,
+`qm.tasks.<queue>.cpus<N>`; a worker with P procs consumes the sizes 2..P of each of its
+queues, each with a fixed prefetch of P // N (as many as could run at once on an idle
+worker; the adaptive prefetch is for single-CPU queues), so it never takes a task it
+could never fit. Size queues carry no priority bands (priority orders single-CPU tasks,
+each priority band a work queue of its own: qm/priority.py); once held here, a
+multi-CPU task takes its place in the pool's line by its priority like any other. The
+pool holds N of its P CPU slots while such a task runs (qm/worker/cpu_slots.py).
 """
 
 from __future__ import annotations
@@ -113,7 +122,8 @@ class Supervisor:
         self._background = Background()
         self.progress = ProgressEvents(broker, worker_id, self.metrics, self._background)
         self._by_task: dict[str, asyncio.Task] = {}  # task id → its handler
-        self._queue_of: dict[str, str] = {}  # consumer tag → routing key of its work queue (band)
+        self._queue_of: dict[str, str] = {}  # consumer tag → routing key of its work queue (band or size)
+        self._size_tags: set[str] = set()  # consumers of multi-CPU work queues (fixed prefetch)
         self.max_held_s = consumer_timeout_s * HELD_SHARE_OF_CONSUMER_TIMEOUT
         self._held_since: dict[asyncio.Task, float] = {}  # unstarted handler → when its delivery came
         self._held_check: asyncio.TimerHandle | None = None
@@ -128,11 +138,14 @@ class Supervisor:
             await self.outcomes.ensure_delay_tier(tier_s)
         for queue in self.queues:
             await self._consume_bands(queue)
+            await self._consume_sizes(queue)
         self._check_held()
         log.info(
-            "worker %s consuming %s (3 priority bands each) with prefetch %d per band (%s), %d children",
+            "worker %s consuming %s (3 priority bands each, and the multi-CPU sizes up to %d) with "
+            "prefetch %d per band (%s), %d children",
             self.worker_id,
             ", ".join(self.queues),
+            self.pool.procs,
             self.prefetch.value,
             "auto" if isinstance(self.prefetch, AutoPrefetch) else "fixed",
             self.pool.procs,
@@ -151,6 +164,18 @@ class Supervisor:
             self._consumer_tags.append(tag)
             self._queue_of[tag] = topology.routing_key(queue, priority=band)
 
+    async def _consume_sizes(self, queue: str) -> None:
+        """Consume the work queues of the multi-CPU task sizes this worker fits, 2..procs,
+        each with prefetch procs // size. Declared here (idempotent), so a size's queue
+        exists for the server's first submit of it."""
+        for cpus in range(2, self.pool.procs + 1):
+            name = await topology.declare_work_queue(
+                self.broker, queue, self.queue_type, self.delivery_limit, self.max_queue_length, cpus=cpus
+            )
+            tag = await self.broker.consume(name, self._on_delivery, self.pool.procs // cpus)
+            self._size_tags.add(tag)
+            self._queue_of[tag] = topology.routing_key(queue, cpus=cpus)
+
     def _check_held(self) -> None:
         """Give back (as copies: `_give_back`) deliveries held unstarted past `max_held_s`,
         then look again in a quarter of that; until the drain."""
@@ -164,7 +189,8 @@ class Supervisor:
         ]
         if overheld:
             log.warning(
-                "giving back %d deliveries held unstarted over %.0f s (higher priorities kept coming first)",
+                "giving back %d deliveries held unstarted over %.0f s (higher priorities kept coming first, "
+                "or a multi-CPU task first in line waited for CPU slots)",
                 len(overheld),
                 self.max_held_s,
             )
@@ -221,6 +247,7 @@ class Supervisor:
             limits.memory_limit_mb,
             limits.soft_timeout_s,
             message.priority,
+            message.cpus,
         )
 
     async def _handle(self, delivery: Delivery) -> None:
@@ -244,6 +271,9 @@ class Supervisor:
         starts = self.control.poison_starts(message.task_id)
         if starts is not None:
             await self.outcomes.dead_letter_poison(message, starts, lambda: self._settle(handler, ack=True))
+            return
+        if message.cpus > self.pool.procs:  # only a message put on the wrong queue by hand
+            await self.outcomes.settle(message, self._too_big(message), lambda: self._settle(handler, ack=True))
             return
         self._by_task[message.task_id] = handler
         handler.add_done_callback(lambda _: self._by_task.pop(message.task_id, None))
@@ -302,6 +332,16 @@ class Supervisor:
             self.metrics.kills.labels(KILL_REASONS[outcome.state]).inc()
         await self.outcomes.settle(message, outcome, lambda: self._settle(handler, ack=True))
 
+    def _too_big(self, message: TaskMessage) -> Outcome:
+        error = (
+            f"task {message.task_id} ({message.type}) takes {message.cpus} CPUs but came to worker "
+            f"{self.worker_id}, which has {self.pool.procs} (--procs): its message was on the wrong work "
+            f"queue ({topology.work_queue_name(message.queue)}; tasks of that size belong in "
+            f"{topology.work_queue_name(message.queue, cpus=message.cpus)}). Submit it again"
+        )
+        log.error("%s", error)
+        return Outcome(TaskState.FAILED, error=error, permanent=True)
+
     def _observe(self, duration_s: float) -> None:
         previous = self.prefetch.value
         new_prefetch = self.prefetch.observe(duration_s)
@@ -327,8 +367,12 @@ class Supervisor:
         """Tasks turned long: give back deliveries buffered beyond the new prefetch, so an
         idle worker can take them now. A redelivered one stays (it would only go back as a
         suspect again, and on a quorum queue each return counts toward its delivery limit)."""
-        room = max(0, prefetch * len(self._consumer_tags) - self.committed)
-        waiting = [handler for handler in self._unsettled if handler in self._waiting]
+        single = [
+            handler for handler, delivery in self._unsettled.items() if delivery.consumer_tag not in self._size_tags
+        ]
+        committed = sum(1 for handler in single if handler not in self._waiting)
+        room = max(0, prefetch * len(self._consumer_tags) - committed)
+        waiting = [handler for handler in single if handler in self._waiting]
         # the highest priorities stay (stable: the oldest of a priority first)
         waiting.sort(key=lambda handler: -priority_of_body(self._unsettled[handler].body))
         released = [handler for handler in waiting[room:] if not self._unsettled[handler].redelivered]
@@ -364,14 +408,20 @@ class Supervisor:
         # and a copy must not carry one anyway.
         headers = {key: value for key, value in delivery.headers.items() if key != "x-delivery-count"}
         try:
-            await self.broker.publish(
-                topology.TASKS_EXCHANGE, self._queue_of[delivery.consumer_tag], delivery.body, headers
-            )
+            await self.broker.publish(topology.TASKS_EXCHANGE, self._routing_key_of(delivery), delivery.body, headers)
         except BrokerUnavailable as exc:  # PublishOutcomeUnknown too: a copy may exist, a duplicate
             log.warning("giving a delivery back as a copy failed (%s); returning it as it is", exc)
             self.acks.nack(delivery, requeue=True)  # no-op on a lost channel: RabbitMQ requeued it
             return
         self.acks.done(delivery)
+
+    def _routing_key_of(self, delivery: Delivery) -> str:
+        """Where a copy given back goes: the task's own work queue (TaskMessage.routing_key,
+        by its priority and cpus), or the queue it came from if it does not decode."""
+        try:
+            return TaskMessage.decode(delivery.body).routing_key
+        except ValueError:
+            return self._queue_of[delivery.consumer_tag]
 
     async def _set_prefetch(self, tag: str, prefetch: int) -> None:
         try:
@@ -387,7 +437,7 @@ class Supervisor:
         self.pool.pipeline = False
         if self._held_check is not None:
             self._held_check.cancel()
-        for tag in [*self._consumer_tags, self.control.tag]:
+        for tag in [*self._consumer_tags, *self._size_tags, self.control.tag]:
             try:
                 await self.broker.cancel(tag)
             except BrokerUnavailable:
@@ -428,6 +478,7 @@ class Supervisor:
             qm.__version__,
             self.draining,
             stopped,
+            busy_cpus=self.pool.busy_cpus,
         )
         try:
             await self.broker.publish(topology.HEARTBEATS_EXCHANGE, "", beat.encode(), {Header.WORKER: self.worker_id})

@@ -117,6 +117,11 @@ class StoreContract:
         assert store.unconfirmed() == [] and store.message("a") == b"message-a"  # the reconciler's copy
         assert store.count() == 1
 
+    def test_a_multi_cpu_task_keeps_its_cpus_through_its_lifecycle(self, store):
+        store.insert_unconfirmed(TaskRecord.queued("big", "math", "default", "text", T0, cpus=4), "default", b"m")
+        store.apply([TaskEvent("big", "math", "default", 1, S.RUNNING, worker="w", at_s=T0 + 1)], CODECS)
+        assert (store.get("big").cpus, store.get("big").state) == (4, S.RUNNING)
+
     def test_a_failed_publish_leaves_nothing_stored(self, store):
         store.insert_unconfirmed(queued("a", key="k-a"), "default", b"m")
         store.delete("a")
@@ -413,7 +418,7 @@ class TestSharedPostgresStore:
                 await stores[0].insert_unconfirmed(queued("lost"), "default", message.encode())
                 await stores[0].confirm("lost")
 
-                async def declared(queue: str) -> None:
+                async def declared(queue: str, priority: int, cpus: int) -> None:
                     return None
 
                 reconcilers = [Reconciler(store, broker, ServerMetrics(), {"default"}, declared, interval_s=30.0,

@@ -152,6 +152,7 @@ async def schedules(store: PgStore) -> None:
     await store.remove_schedule("new-schedule")
 
 
+@step
 async def groups(store: PgStore) -> None:
     body = TaskMessage("cb-new", "math", b"0", "default").encode()
     group = GroupRecord("grp-new", 2, 0, T0, None, "cb-new", "default", body, "gkey-new", "group1:x")

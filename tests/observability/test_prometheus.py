@@ -392,6 +392,8 @@ def test_prometheus_shows_counters_moved_by_exactly_the_tasks_run(observed):
         'sum(qm_worker_task_run_seconds_bucket{type="test.sleep",le="+Inf"})': {(): TIMED_OUT_TASKS},
         "sum(qm_worker_children_busy)": {(): 0},
         "sum(qm_worker_children_idle)": {(): 2},
+        "sum(qm_worker_busy_cpus)": {(): 0},
+        "sum(qm_worker_cpus)": {(): 2},
         "sum(qm_worker_unacked_deliveries)": {(): 0},
         'count(qm_worker_child_rss_bytes > 1000000)': {(): 2},
         # both targets scraped by the jobs the dashboard and alerts name

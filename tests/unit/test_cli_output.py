@@ -59,7 +59,7 @@ def test_status_json_keeps_its_shape_with_the_state_by_name(capsys):
         ("started_at", None), ("finished_at", None), ("updated_at", "2026-01-01T00:00:01.000+00:00"),
         ("timeout_s", 60.0), ("memory_limit_mb", 0), ("max_retries", 3), ("next_attempt_at", None),
         ("progress", 0.0), ("progress_message", ""), ("progress_detail", None), ("progress_at", None),
-        ("priority", 7),
+        ("priority", 7), ("cpus", 1),
         ("schedule_id", ""),
         ("group_id", "")]
     text = printed(capsys, cli.cmd_status, AnsweringClient(status=proto), task_id="t1", json=False)
@@ -77,9 +77,9 @@ def test_workers_print_the_same_json_objects_and_lines(capsys):
     assert list(json.loads(line).items()) == [
         ("worker_id", "w1"), ("host", "h"), ("pid", 7), ("procs", 2), ("busy", 1), ("queues", ["default"]),
         ("types", ["math"]), ("version", "0.2.0"), ("state", "active"),
-        ("last_seen", "2026-01-01T00:00:00.000+00:00")]
+        ("last_seen", "2026-01-01T00:00:00.000+00:00"), ("busy_cpus", 0)]
     assert printed(capsys, cli.cmd_workers, client, json=False) == [
-        "w1                           active   h pid 7 busy 1/2 queues default v0.2.0 last seen "
+        "w1                           active   h pid 7 busy 1/2 cpus 0/2 queues default v0.2.0 last seen "
         "2026-01-01T00:00:00.000+00:00 types math", "1 active worker(s)"]
 
 
@@ -94,7 +94,7 @@ def test_task_types_print_the_same_json_objects_and_lines(capsys):
     assert list(json.loads(line).items()) == [
         ("name", "math"), ("codec", "text"), ("description", "Safe arithmetic"), ("default_timeout_s", 60.0),
         ("max_timeout_s", 600.0), ("default_memory_limit_mb", 0), ("max_memory_limit_mb", 0),
-        ("default_max_retries", 3), ("default_priority", 5)]
+        ("default_max_retries", 3), ("default_priority", 5), ("cpus", 1)]
     assert printed(capsys, cli.cmd_types, client, json=False) == [
         "math                 text  timeout 60 s (max 600 s), memory unlimited, retries 3, priority 5  Safe arithmetic"]
 

@@ -284,3 +284,43 @@ def _record_group(document: dict) -> dict:
 
 group_record = TaskType("test.group_record", handler=_record_group, codec="json",
                         description="group callback: logs each run to payload.log, returns the sum of numeric results")
+
+
+def _slot_probe(value):
+    """JSON {"hold_s": S, "started_file": PATH, "gate": GATE}: what the task was allowed,
+    and when it ran.
+
+    Writes PATH (if given) as it starts; holds S seconds, then waits for the file GATE (if
+    given; at most 120 s), unless PATH existed already (a rerun after its worker died: it
+    goes straight on). Returns its CPU affinity, qm.task_cpus(),
+    QM_TASK_CPUS as its subprocesses see it, and its start and end (wall clock, one for the
+    host), so a test can check what ran at the same time."""
+    value = value or {}
+    started_at = time.time()
+    path = value.get("started_file")
+    rerun = bool(path) and os.path.exists(path)
+    if path and not rerun:
+        _write_atomically(path, str(os.getpid()))
+    if not rerun:
+        time.sleep(float(value.get("hold_s", 0)))
+        if value.get("gate"):
+            wait_for(f"120:{value['gate']}")
+    seen_by_child = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.environ.get('QM_TASK_CPUS', ''))"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()
+    return {
+        "affinity": sorted(os.sched_getaffinity(0)),
+        "task_cpus": qm.task_cpus(),
+        "subprocess_env": seen_by_child,
+        "started_at": started_at,
+        "ended_at": time.time(),
+        "rerun": rerun,
+    }
+
+
+#: The probe as a single-CPU type (cpus per submission) and as a type declaring cpus=2.
+slot_probe = TaskType("test.slot_probe", handler=_slot_probe, codec="json",
+                      description="reports its CPU allowance and when it ran")
+slot_probe2 = TaskType("test.slot_probe2", handler=_slot_probe, codec="json", cpus=2,
+                       description="reports its CPU allowance and when it ran; takes 2 CPUs")

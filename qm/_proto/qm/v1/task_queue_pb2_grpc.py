@@ -191,7 +191,8 @@ class TaskQueueServicer:
         timeout_s: negative, over server.max_task_timeout_s, or not below RabbitMQ's
         consumer_timeout; memory_limit_mb: over server.max_task_memory_limit_mb;
         max_retries: over server.max_retries; retry_backoff_s, retry_backoff_max_s:
-        negative; idempotency_key: over 200 characters). Nothing was stored or enqueued.
+        negative; idempotency_key: over 200 characters; cpus: over server.max_task_cpus).
+        Nothing was stored or enqueued.
         - RESOURCE_EXHAUSTED: reason RATE_LIMITED: this caller submitted faster than
         server.submit_rate_per_s (the message and the retry-pushback-ms trailer say when
         to retry); QUEUE_FULL: the work queue holds broker.max_queue_length tasks;
@@ -204,7 +205,9 @@ class TaskQueueServicer:
         different type, payload, queue, limits or retry options); the message names the
         key and the first task; nothing was submitted. Or: RabbitMQ refused the work queue,
         e.g. it exists with another queue type than broker.queue_type; the message says how
-        to migrate it.
+        to migrate it. Or: reason NO_WORKER_FITS (field cpus): the task asks for more CPUs
+        than the largest --procs of the live workers consuming its queue; nothing was
+        stored or enqueued.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
