@@ -166,6 +166,12 @@ def _check(task_type: TaskType, seen: dict[str, TaskType]) -> PluginError | None
             return PluginError(
                 f"task type {task_type.name!r} declares {limit}={value!r}; expected a positive number or None"
             )
+    inline = task_type.inline_check_max_bytes
+    if not (isinstance(inline, int) and not isinstance(inline, bool) and inline >= 0):
+        return PluginError(
+            f"task type {task_type.name!r} declares inline_check_max_bytes={inline!r}; expected a whole number "
+            "of bytes, 0 or more (0: every payload is checked on a validator thread)"
+        )
     first = seen.get(task_type.name)
     if first is not None and (first.builtin or task_type.name in BUILTIN_TYPES):
         return PluginError(

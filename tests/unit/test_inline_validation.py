@@ -50,3 +50,12 @@ def test_a_small_math_payload_refused_inline_names_the_field_and_the_reason():
             validators.close()
 
     asyncio.run(body())
+
+
+def test_a_negative_inline_bound_fails_the_type_with_the_field_named():
+    from qm import registry
+
+    bad = TaskType("acme.bad", lambda payload: payload, inline_check_max_bytes=-1)
+    loaded = registry.validate([bad])
+    assert "acme.bad" not in loaded.types
+    assert any("inline_check_max_bytes=-1" in str(error) for error in loaded.errors)
