@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import pathlib
+import shutil
 import statistics
 import sys
 import tempfile
@@ -127,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             client.close()
             stack.stop()
         rabbitmq.stop()
+        shutil.rmtree(base, ignore_errors=True)
     print_medians(results)
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
