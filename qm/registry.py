@@ -59,6 +59,10 @@ class TaskType:
     #: a worker with --procs P runs at most P slots' worth at once. The task runs in one
     #: child and may use that many threads or processes (qm.task_cpus() says how many).
     cpus: int = 1
+    #: Payloads up to this many bytes are checked on the server's event loop instead of a
+    #: validator thread (qm/server/validators.py): the type vouches that checking one costs
+    #: under ~100 us of CPU, less than the hand-over to a thread. 0 = always on a thread.
+    inline_check_max_bytes: int = 0
     #: The distribution whose entry point declared it (set when loaded; "" if unknown); not
     #: part of equality: the same declaration is equal wherever it was loaded from.
     distribution: str = dataclasses.field(default="", compare=False)
@@ -177,6 +181,12 @@ def _check(task_type: TaskType, seen: dict[str, TaskType]) -> PluginError | None
     if not (isinstance(task_type.cpus, int) and not isinstance(task_type.cpus, bool) and task_type.cpus >= 1):
         return PluginError(
             f"task type {task_type.name!r} declares cpus={task_type.cpus!r}; expected a whole number of at least 1"
+        )
+    inline = task_type.inline_check_max_bytes
+    if not (isinstance(inline, int) and not isinstance(inline, bool) and inline >= 0):
+        return PluginError(
+            f"task type {task_type.name!r} declares inline_check_max_bytes={inline!r}; expected a whole number "
+            "of bytes, 0 or more (0: every payload is checked on a validator thread)"
         )
     first = seen.get(task_type.name)
     if first is not None and (first.builtin or task_type.name in BUILTIN_TYPES):

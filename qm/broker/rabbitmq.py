@@ -56,6 +56,7 @@ import pika.exceptions
 from pika.adapters.asyncio_connection import AsyncioConnection
 from pika.adapters.utils import connection_workflow
 
+from qm.broker import pika_writes
 from qm.broker.base import EXCHANGE_KINDS, Broker, Delivery, DeliveryCallback
 from qm.broker.confirms import ConfirmChannel
 from qm.errors import BrokerRefused, BrokerUnavailable, ConsumerRefused, PublishOutcomeUnknown, QueueFull
@@ -104,6 +105,7 @@ class RabbitMQBroker(Broker):
     ) -> None:
         """`urls`: one AMQP URL, or one per node of a cluster (tried in this order).
         `ssl_context`: for amqps:// nodes, with CA/cert/key from config (qm/security/amqp.py)."""
+        pika_writes.join_queued_frames()  # one send per burst of frames (qm/broker/pika_writes.py)
         self._nodes = [
             _parameters(url, heartbeat_s, connection_name, ssl_context)
             for url in ([urls] if isinstance(urls, str) else urls)

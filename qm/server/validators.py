@@ -12,8 +12,10 @@ pool of threads (`server.validate_threads`) and the submit waits at most
   `ValidatorsBusy` → RESOURCE_EXHAUSTED (others' payloads; a retry may succeed). Checks
   within their budget are waited for: a batch's items queue for the threads.
 
-A task type with no validator and a text or bytes codec is checked inline: decoding is
-linear in a payload already bounded by `server.max_payload_bytes`.
+Checked inline, on the event loop: a task type with no validator and a text or bytes codec
+(decoding is linear in a payload already bounded by `server.max_payload_bytes`), and a
+payload no longer than its type's `inline_check_max_bytes` (the type vouches such a check
+costs less than the thread hand-over: for `math`, 24 bytes).
 
 Python cannot stop a thread: a validator over budget keeps its thread until it returns,
 and that thread counts as busy meanwhile, so at most `validate_threads` such runaway
@@ -45,8 +47,8 @@ class PayloadValidators:
 
     async def check(self, declared: TaskType, payload: bytes) -> None:
         """Raise ValidationError unless `payload` is acceptable for `declared`."""
-        if declared.validate is None and declared.codec != "json":
-            _check(declared, payload)  # decoding text or bytes only: linear, bounded by max_payload_bytes
+        if (declared.validate is None and declared.codec != "json") or len(payload) <= declared.inline_check_max_bytes:
+            _check(declared, payload)  # linear in a bounded payload, or a small one its type vouches is cheap
             return
         await self._acquire()
         loop = asyncio.get_running_loop()

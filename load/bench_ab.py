@@ -1,0 +1,148 @@
+"""Interleaved before/after: CPU per task of each process for two (or more) code trees.
+
+    git archive OLD qm | tar -x -C /tmp/before          # a tree to compare with
+    .venv/bin/python load/bench_ab.py before=/tmp/before after=. [--batch 150] [--rounds 10]
+
+On a shared machine the load drifts by 2x within minutes, so stacks measured one after
+the other differ by more than most changes do. Here every tree gets its own qm-server and
+`qm-worker --procs 2` (started with the tree first on PYTHONPATH), all up at once on one
+private RabbitMQ, each on a queue of its own; then batches alternate between the stacks
+(the order flips every round), so drift falls on all of them alike. Per batch and stack:
+CPU ms per task of the server and the supervisor (/proc/PID/task/*/schedstat, all
+threads), of the pool children and of RabbitMQ (psutil; RabbitMQ is shared, so its
+column also holds whatever the idle stacks cost it meanwhile), and submit latency.
+Modes (`--modes`): `seq` (qm.Client.submit one after the other, results on one stream),
+`many` (one submit_many), `rt` (submit, then result(), one at a time; a fifth of the
+batch), `spin` (8 x test.spin_timed 0.25 via submit_many: supervisor + server CPU in % of
+a core over the batch). Prints medians over the rounds; asserts nothing about speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+for path in (REPO, REPO / "load"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+from bench_dispatch import MATH_PAYLOAD, Stack, thread_cpu_ns, tree_cpu_s  # noqa: E402
+
+import qm  # noqa: E402
+from qm.testing.rabbitmq import LocalRabbitMQ  # noqa: E402
+
+#: Bound on one batch reaching its terminal states.
+FINISH_BOUND_S = 120.0
+#: CPU-bound tasks per `spin` batch, and their length.
+SPIN_TASKS, SPIN_S = 8, 0.25
+
+
+def own_cpu_s(pid: int) -> float:
+    return sum((thread_cpu_ns(pid) or {}).values()) / 1e9
+
+
+def run_batch(stack: Stack, client: qm.Client, mode: str, batch: int, rabbitmq_pid: int) -> dict[str, float]:
+    meters = {
+        "server": lambda: own_cpu_s(stack.server.pid),
+        "supervisor": lambda: own_cpu_s(stack.worker.pid),
+        "children": lambda: tree_cpu_s(stack.worker.pid, with_root=False),
+        "rabbitmq": lambda: tree_cpu_s(rabbitmq_pid),
+    }
+    before = {name: meter() for name, meter in meters.items()}
+    started, latencies = time.monotonic(), []
+    count = max(10, batch // 5) if mode == "rt" else SPIN_TASKS if mode == "spin" else batch
+    if mode == "seq":
+        ids = []
+        for _ in range(count):
+            t0 = time.perf_counter()
+            ids.append(client.submit("math", MATH_PAYLOAD, queue=stack.queue))
+            latencies.append(time.perf_counter() - t0)
+        list(client.results(ids, timeout_s=FINISH_BOUND_S))
+    elif mode == "many":
+        list(client.results(client.submit_many([("math", MATH_PAYLOAD)] * count, queue=stack.queue),
+                            timeout_s=FINISH_BOUND_S))
+    elif mode == "rt":
+        for _ in range(count):
+            t0 = time.perf_counter()
+            client.result(client.submit("math", MATH_PAYLOAD, queue=stack.queue), timeout_s=FINISH_BOUND_S)
+            latencies.append(time.perf_counter() - t0)
+    elif mode == "spin":
+        ids = client.submit_many([("test.spin_timed", str(SPIN_S))] * count, queue=stack.queue)
+        list(client.results(ids, timeout_s=FINISH_BOUND_S))
+    else:
+        raise ValueError(f"unknown mode {mode!r}")
+    wall_s = time.monotonic() - started
+    used = {name: meter() - before[name] for name, meter in meters.items()}
+    if mode == "spin":
+        return {"supervisor_server_pct": 100.0 * (used["server"] + used["supervisor"]) / wall_s}
+    row = {name: 1000.0 * seconds / count for name, seconds in used.items()}
+    row["all"] = sum(row.values())
+    if latencies:
+        row["p50_ms"] = 1000.0 * statistics.median(latencies)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("trees", nargs="+", help="LABEL=PATH: a checkout (or a copy of its qm/) to run")
+    parser.add_argument("--batch", type=int, default=150, help="math tasks per batch (150)")
+    parser.add_argument("--rounds", type=int, default=10, help="rounds; medians are shown (10)")
+    parser.add_argument("--modes", default="seq,many,rt,spin", help="comma-separated: seq, many, rt, spin")
+    parser.add_argument("--json", help="also write every batch's numbers here")
+    args = parser.parse_args(argv)
+    trees = [tuple(tree.split("=", 1)) for tree in args.trees]
+    modes = args.modes.split(",")
+    results: dict[str, dict[str, list[dict[str, float]]]] = {label: {m: [] for m in modes} for label, _ in trees}
+    base = pathlib.Path(tempfile.mkdtemp(prefix="qm-bench-ab-"))
+    rabbitmq = LocalRabbitMQ(base / "rabbitmq")
+    stacks: dict[str, tuple[Stack, qm.Client]] = {}
+    try:
+        url = rabbitmq.start()
+        assert rabbitmq.process is not None
+        for label, path in trees:
+            os.environ["PYTHONPATH"] = str(pathlib.Path(path).resolve())  # the stack's processes inherit it
+            (base / label).mkdir()
+            stack = Stack(base / label, url, f"ab-{label}")
+            stack.start()
+            client = qm.Client(stack.server.address)
+            stacks[label] = (stack, client)
+            client.result(client.submit("math", MATH_PAYLOAD, queue=stack.queue), timeout_s=60)  # warm-up
+        for number in range(args.rounds):
+            order = trees if number % 2 == 0 else trees[::-1]
+            for mode in modes:
+                for label, _ in order:
+                    stack, client = stacks[label]
+                    results[label][mode].append(run_batch(stack, client, mode, args.batch, rabbitmq.process.pid))
+            print(f"round {number + 1} of {args.rounds}: load average {os.getloadavg()[0]:.1f}", flush=True)
+    finally:
+        for stack, client in stacks.values():
+            client.close()
+            stack.stop()
+        rabbitmq.stop()
+        shutil.rmtree(base, ignore_errors=True)
+    print_medians(results)
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+def print_medians(results: dict[str, Any]) -> None:
+    print("\nmedians over the rounds (CPU ms per task; p50 in ms; spin in % of a core)")
+    for label, by_mode in results.items():
+        for mode, rows in by_mode.items():
+            if rows:
+                cells = " ".join(f"{key}={statistics.median(row[key] for row in rows):.2f}" for key in rows[0])
+                print(f"  {label:>10} {mode:>5}: {cells}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
