@@ -17,6 +17,8 @@ own prefetch on every worker, so ten would multiply what a worker may hold by te
 
 from __future__ import annotations
 
+import argparse
+
 from qm.errors import ValidationError
 
 #: Highest priority; 0 is the lowest.
@@ -65,3 +67,15 @@ def resolve(requested: int | None, type_default: int | None) -> int:
             raise ValidationError("priority", f"{why}; higher runs first, unset = the task type's default")
         return requested
     return DEFAULT_PRIORITY if type_default is None else type_default
+
+
+def option_value(text: str) -> int:
+    """A `--priority` value on a command line: a whole number 0-9 (argparse names the option
+    in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= MAX_PRIORITY:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a priority: use 0 (lowest) to {MAX_PRIORITY} (highest)")
+    return value

@@ -26,6 +26,7 @@ from qm.client import cli_groups
 from qm.client.client import Client, RemoteError, Schedule, TaskStatus
 from qm.config import load_config
 from qm.errors import BatchError, ConfigError, TaskError, ValidationError, WaitTimeout
+from qm.priority import option_value
 from qm.reasons import Reason
 from qm.states import TaskState
 from qm.task_progress import Progress
@@ -313,7 +314,7 @@ def _add_task_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--priority",
         metavar="N",
-        type=_priority,
+        type=option_value,
         help="0 (lowest) to 9 (highest): among the tasks of the queue waiting for a worker, "
         "higher ones start first (default: the task type's, else 5; multi-CPU tasks wait "
         "in their size's queue, which has no priority order)",
@@ -454,17 +455,6 @@ def cmd_token(args) -> int:
         print(f"qm: token: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     return 0
-
-
-def _priority(text: str) -> int:
-    """--priority's value: a whole number 0-9 (argparse names the option in its error)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value <= 9:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a priority: use 0 (lowest) to 9 (highest)")
-    return value
 
 
 def _when(seconds: float | None) -> str:

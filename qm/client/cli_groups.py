@@ -9,6 +9,7 @@ import sys
 
 from qm.client.client import Client, GroupStatus
 from qm.errors import WaitTimeout
+from qm.priority import option_value
 from qm.states import TaskState
 
 EXIT_TASK_FAILED, EXIT_BAD_INPUT, EXIT_TIMEOUT = 1, 2, 124
@@ -54,6 +55,19 @@ def add_parser(commands) -> None:
     group.add_argument("--timeout", metavar="S", type=float, default=0.0, help="hard time limit of each member")
     group.add_argument("--max-retries", metavar="N", type=int, help="retries of each member (default: the type's)")
     group.add_argument(
+        "--priority",
+        metavar="N",
+        type=option_value,
+        help="0 (lowest) to 9 (highest) of each member (default: the type's, else 5)",
+    )
+    group.add_argument(
+        "--cpus",
+        metavar="N",
+        type=int,
+        default=0,
+        help="CPU slots each member takes on a worker (default: the type's, else 1)",
+    )
+    group.add_argument(
         "--idempotency-key",
         metavar="KEY",
         help="the group's key: the same command again returns the first group instead of a "
@@ -88,7 +102,9 @@ def cmd_submit_group(client: Client, args) -> int:
     if not payloads:
         print(f"qm: {args.from_file}: no members (every line is blank)", file=sys.stderr)
         return EXIT_BAD_INPUT
-    options = dict(queue=args.queue, timeout_s=args.timeout, max_retries=args.max_retries)
+    options = dict(
+        queue=args.queue, timeout_s=args.timeout, max_retries=args.max_retries, priority=args.priority, cpus=args.cpus
+    )
     then = (args.then, args.then_payload, {"queue": args.queue}) if args.then else None
     group_id = client.submit_group(
         [(args.type, payload) for payload in payloads], then, idempotency_key=args.idempotency_key, **options

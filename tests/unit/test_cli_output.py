@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 
+import pytest
+
 from qm._proto.qm.v1 import task_queue_pb2
 from qm.client import cli
 from qm.client.common import (dead_letters_from_proto, schedule_from_proto, status_from_proto,
@@ -133,3 +135,33 @@ def test_schedule_list_shows_when_the_task_the_next_tick_and_what_it_did(capsys)
         "id": "each-30s", "cron": "", "every_s": 30.0, "timezone": "UTC", "missed": "coalesce", "type": "math",
         "payload": "1", "queue": "", "created_at": None, "next_fire_at": None, "last_fired_at": None,
         "last_task_id": "", "fires": 0, "missed_ticks": 0, "last_error": ""}
+
+
+def test_submit_group_sends_priority_and_cpus_on_every_member(tmp_path, capsys):
+    from qm.client import cli_groups
+    from qm.client.common import group_request
+
+    sent = []
+
+    class GroupClient:
+        submit_retry_s = 0.0
+
+        def submit_group(self, items, then=None, *, idempotency_key=None, **options):
+            sent.append(group_request(items, then, options, idempotency_key))
+            return "g-1"
+
+    members = tmp_path / "members.txt"
+    members.write_text("1 + 1\n2 + 2\n")
+    args = cli.build_parser().parse_args(
+        ["submit-group", "-T", "math", "--from-file", str(members), "--priority", "8", "--cpus", "2"])
+    assert cli_groups.cmd_submit_group(GroupClient(), args) == 0
+    [request] = sent
+    assert [(item.priority, item.cpus) for item in request.items] == [(8, 2), (8, 2)]
+    assert capsys.readouterr().out.strip() == "g-1"
+
+
+def test_submit_group_refuses_a_priority_over_9_naming_the_option(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.build_parser().parse_args(["submit-group", "-T", "math", "--from-file", "-", "--priority", "10"])
+    assert exit_info.value.code == 2
+    assert "--priority" in capsys.readouterr().err
