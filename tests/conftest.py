@@ -32,6 +32,17 @@ def pytest_collection_modifyitems(config, items) -> None:
             item.add_marker(pytest.mark.faults)
         if RABBITMQ_FIXTURES & set(getattr(item, "fixturenames", ())) or parts & PROCESS_DIRS:
             item.add_marker(pytest.mark.rabbitmq)
+        if shares_module_fixture(item):
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::", 1)[0]))
+
+
+def shares_module_fixture(item) -> bool:
+    """Whether the test uses a fixture set up once per module or class (a RabbitMQ cluster,
+    a server pair): under pytest-xdist (`scripts/test` runs 2 workers, --dist loadgroup) such
+    a module runs whole on one worker, in file order, which starts that fixture once."""
+    info = getattr(item, "_fixtureinfo", None)
+    defs = info.name2fixturedefs.values() if info else ()
+    return any(d[-1].scope in ("module", "class", "package") for d in defs if d)
 
 
 @pytest.fixture(scope="session")

@@ -59,8 +59,10 @@ def unique(kind: str) -> str:
 
 def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The test runner's environment without any QM_* variable (they would configure the
-    process under test), plus `extra`."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("QM_")}
+    process under test) nor COLUMNS / LINES (pytest-xdist workers set 80x24, which would
+    override the size of the terminal a test gives a command), plus `extra`."""
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith("QM_") and key not in ("COLUMNS", "LINES")}
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra or {})
     return env

@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import os
 import pathlib
+import random
 import signal
 import socket
 import subprocess
@@ -59,7 +60,44 @@ def find_ctl_script() -> str:
     )
 
 
+#: Lowest port free_port hands out; it picks between here and the kernel's ephemeral range.
+PICK_LOW_PORT = 10000
+_handed_out: set[int] = set()
+_pick = random.Random()
+
+
+def _pick_range() -> range:
+    """This process's ports to pick from: below the ephemeral range (which port-0 binds and
+    outgoing connections draw from, so none of them takes a picked port before its service
+    binds it), one slice of it per pytest-xdist worker (so two workers never pick alike)."""
+    try:
+        ephemeral_low = int(pathlib.Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768
+    slices = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+    index = int((os.environ.get("PYTEST_XDIST_WORKER") or "gw0").removeprefix("gw") or 0) % slices
+    size = (ephemeral_low - PICK_LOW_PORT) // slices
+    return range(PICK_LOW_PORT + index * size, PICK_LOW_PORT + (index + 1) * size)
+
+
 def free_port() -> int:
+    """A port on 127.0.0.1 that nothing is bound to now, not handed out before by this
+    process, for a service started next (see _pick_range). Falls back to the kernel's
+    choice where the ephemeral range leaves no room below it."""
+    ports = _pick_range()
+    if len(_handed_out) > len(ports) // 2:
+        _handed_out.clear()
+    for _ in range(1000 if len(ports) >= 1000 else 0):
+        port = _pick.choice(ports)
+        if port in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
