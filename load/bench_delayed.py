@@ -19,15 +19,13 @@ import pathlib
 import random
 import statistics
 import sys
-import tempfile
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import qm  # noqa: E402
-from qm.testing.rabbitmq import LocalRabbitMQ  # noqa: E402
-from tests.processes import start_server, start_worker  # noqa: E402
+from tests.processes import local_stack  # noqa: E402
 
 #: Bound on waiting for every task to finish after the longest delay.
 FINISH_BOUND_S = 120.0
@@ -37,24 +35,13 @@ PROCS = 2
 def run(tasks: int, max_delay_s: float, seed: int) -> int:
     rng = random.Random(seed)
     delays_s = [rng.uniform(0.5, max_delay_s) for _ in range(tasks)]
-    with tempfile.TemporaryDirectory(prefix="qm-bench-delayed-") as base_dir:
-        base = pathlib.Path(base_dir)
-        rabbitmq = LocalRabbitMQ(base / "rabbitmq")
-        server = worker = None
-        try:
-            url = rabbitmq.start()
-            server = start_server(url, base)
-            worker = start_worker(url, procs=PROCS, queues="default")
-            with qm.Client(server.address) as client:
-                items = [("math", f"{n} + 1", {"delay_s": delay_s}) for n, delay_s in enumerate(delays_s)]
-                ids = client.submit_many(items)
-                finals = {status.task_id: status
-                          for status in client.results(ids, timeout_s=max_delay_s + FINISH_BOUND_S)}
-        finally:
-            for process in (worker, server):
-                if process is not None:
-                    process.stop()
-            rabbitmq.stop()
+    with local_stack("qm-bench-delayed-", procs=PROCS) as stack:
+        server = stack.server
+        with qm.Client(server.address) as client:
+            items = [("math", f"{n} + 1", {"delay_s": delay_s}) for n, delay_s in enumerate(delays_s)]
+            ids = client.submit_many(items)
+            finals = {status.task_id: status
+                      for status in client.results(ids, timeout_s=max_delay_s + FINISH_BOUND_S)}
     failed = [task_id for task_id in ids if finals[task_id].state != "SUCCEEDED"]
     lateness_s = sorted(finals[task_id].started_at - (finals[task_id].created_at + delay_s)
                         for task_id, delay_s in zip(ids, delays_s, strict=True))

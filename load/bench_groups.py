@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import pathlib
 import sys
-import tempfile
 import time
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -26,8 +25,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import qm  # noqa: E402
-from qm.testing.rabbitmq import LocalRabbitMQ  # noqa: E402
-from tests.processes import start_server, start_worker  # noqa: E402
+from tests.processes import local_stack  # noqa: E402
 
 #: Bound on a round's tasks finishing.
 FINISH_BOUND_S = 300.0
@@ -51,27 +49,16 @@ def one_round(client: qm.Client, members: int) -> tuple[float, float, float, boo
 
 def run(members: int, rounds: int) -> int:
     ok = True
-    with tempfile.TemporaryDirectory(prefix="qm-bench-groups-") as base_dir:
-        base = pathlib.Path(base_dir)
-        rabbitmq = LocalRabbitMQ(base / "rabbitmq")
-        server = worker = None
-        try:
-            url = rabbitmq.start()
-            server = start_server(url, base)
-            worker = start_worker(url, procs=2, queues="default")
-            with qm.Client(server.address, batch_items=1000) as client:
-                client.submit_many([("test.echo", "warm-up")] * 50)
-                for number in range(rounds):
-                    many_s, group_s, callback_s, right = one_round(client, members)
-                    ok &= right
-                    print(f"round {number}: {members} members: submit_many {many_s * 1000:.0f} ms, submit_group "
-                          f"{group_s * 1000:.0f} ms; last member seen -> callback result {callback_s * 1000:.0f} ms"
-                          f"{'' if right else '; CALLBACK MISSED RESULTS'}", flush=True)
-        finally:
-            for process in (worker, server):
-                if process is not None:
-                    process.stop()
-            rabbitmq.stop()
+    with local_stack("qm-bench-groups-", procs=2) as stack:
+        server = stack.server
+        with qm.Client(server.address, batch_items=1000) as client:
+            client.submit_many([("test.echo", "warm-up")] * 50)
+            for number in range(rounds):
+                many_s, group_s, callback_s, right = one_round(client, members)
+                ok &= right
+                print(f"round {number}: {members} members: submit_many {many_s * 1000:.0f} ms, submit_group "
+                      f"{group_s * 1000:.0f} ms; last member seen -> callback result {callback_s * 1000:.0f} ms"
+                      f"{'' if right else '; CALLBACK MISSED RESULTS'}", flush=True)
     return 0 if ok else 1
 
 

@@ -21,7 +21,6 @@ import pathlib
 import sqlite3
 import statistics
 import sys
-import tempfile
 import time
 
 import psutil
@@ -31,8 +30,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import qm  # noqa: E402
-from qm.testing.rabbitmq import LocalRabbitMQ  # noqa: E402
-from tests.processes import start_server, start_worker  # noqa: E402
+from tests.processes import local_stack  # noqa: E402
 
 #: Bound on waiting for every fired task to finish after the schedules are removed.
 FINISH_BOUND_S = 120.0
@@ -44,32 +42,21 @@ def tick_of(key: str) -> float:
 
 
 def run(schedules: int, seconds: float) -> int:
-    with tempfile.TemporaryDirectory(prefix="qm-bench-schedules-") as base_dir:
-        base = pathlib.Path(base_dir)
-        rabbitmq = LocalRabbitMQ(base / "rabbitmq")
-        server = worker = None
-        try:
-            url = rabbitmq.start()
-            server = start_server(url, base)
-            worker = start_worker(url, procs=PROCS, queues="default")
-            cpu = psutil.Process(server.pid)
-            with qm.Client(server.address) as client:
-                for n in range(schedules):
-                    client.add_schedule("math", f"{n} + 1", every_s=1, schedule_id=f"bench-{n:04d}")
-                cpu_before = sum(cpu.cpu_times()[:2])
-                time.sleep(seconds)  # the benchmark's duration, not a wait for a condition
-                cpu_s = sum(cpu.cpu_times()[:2]) - cpu_before
-                removed = [client.remove_schedule(f"bench-{n:04d}") for n in range(schedules)]
-                path = server.data_dir / f"{server.server_id}.sqlite3"
-                with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
-                    rows = db.execute("SELECT idempotency_key, task_id FROM tasks WHERE schedule_id != ''").fetchall()
-                ids = [task_id for _key, task_id in rows]
-                finals = {s.task_id: s for s in client.results(ids, timeout_s=FINISH_BOUND_S)}
-        finally:
-            for process in (worker, server):
-                if process is not None:
-                    process.stop()
-            rabbitmq.stop()
+    with local_stack("qm-bench-schedules-", procs=PROCS) as stack:
+        server = stack.server
+        cpu = psutil.Process(server.pid)
+        with qm.Client(server.address) as client:
+            for n in range(schedules):
+                client.add_schedule("math", f"{n} + 1", every_s=1, schedule_id=f"bench-{n:04d}")
+            cpu_before = sum(cpu.cpu_times()[:2])
+            time.sleep(seconds)  # the benchmark's duration, not a wait for a condition
+            cpu_s = sum(cpu.cpu_times()[:2]) - cpu_before
+            removed = [client.remove_schedule(f"bench-{n:04d}") for n in range(schedules)]
+            path = server.data_dir / f"{server.server_id}.sqlite3"
+            with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+                rows = db.execute("SELECT idempotency_key, task_id FROM tasks WHERE schedule_id != ''").fetchall()
+            ids = [task_id for _key, task_id in rows]
+            finals = {s.task_id: s for s in client.results(ids, timeout_s=FINISH_BOUND_S)}
     keys = [key for key, _task_id in rows]
     doubled = len(keys) - len(set(keys))
     failed = [task_id for task_id in ids if finals[task_id].state != "SUCCEEDED"]

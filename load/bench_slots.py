@@ -19,15 +19,13 @@ import json
 import pathlib
 import statistics
 import sys
-import tempfile
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import qm  # noqa: E402
-from qm.testing.rabbitmq import LocalRabbitMQ  # noqa: E402
-from tests.processes import start_server, start_worker  # noqa: E402
+from tests.processes import local_stack  # noqa: E402
 
 #: Bound on waiting for every task to finish.
 FINISH_BOUND_S = 600.0
@@ -53,22 +51,11 @@ def run(small: int, big: int, hold_s: float) -> int:
         items.append(("test.slot_probe", json.dumps({"hold_s": hold_s}), {"cpus": 2 if is_big else 1}))
     while sum(1 for item in items if item[2]["cpus"] == 2) < big:  # the rest of the big ones at the end
         items.append(("test.slot_probe", json.dumps({"hold_s": hold_s}), {"cpus": 2}))
-    with tempfile.TemporaryDirectory(prefix="qm-bench-slots-") as base_dir:
-        base = pathlib.Path(base_dir)
-        rabbitmq = LocalRabbitMQ(base / "rabbitmq")
-        server = worker = None
-        try:
-            url = rabbitmq.start()
-            server = start_server(url, base)
-            worker = start_worker(url, procs=PROCS, queues="default")
-            with qm.Client(server.address) as client:
-                ids = client.submit_many(items)
-                finals = {status.task_id: status for status in client.results(ids, timeout_s=FINISH_BOUND_S)}
-        finally:
-            for process in (worker, server):
-                if process is not None:
-                    process.stop()
-            rabbitmq.stop()
+    with local_stack("qm-bench-slots-", procs=PROCS) as stack:
+        server = stack.server
+        with qm.Client(server.address) as client:
+            ids = client.submit_many(items)
+            finals = {status.task_id: status for status in client.results(ids, timeout_s=FINISH_BOUND_S)}
     statuses = [finals[task_id] for task_id in ids]
     failed = [status for status in statuses if status.state != "SUCCEEDED"]
     if failed:

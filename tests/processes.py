@@ -18,16 +18,18 @@ that id's queue too.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import pika
 import psutil
@@ -294,6 +296,39 @@ def start_worker(broker_url: str, procs: int = 2, queues: str | Sequence[str] = 
         worker.stop()
         raise
     return worker
+
+
+class Stack(NamedTuple):
+    """What `local_stack` started: the broker's URL, the server, the worker, their directory."""
+
+    url: str
+    server: Server
+    worker: Worker
+    base: pathlib.Path
+
+
+@contextlib.contextmanager
+def local_stack(prefix: str, procs: int = 2, queues: str | Sequence[str] = "default") -> Iterator[Stack]:
+    """A private RabbitMQ, one qm-server and one `qm-worker --procs N` in a temporary
+    directory (for load/ benchmarks); the worker, the server and the broker are stopped and
+    the directory removed on the way out, however it is left."""
+    from qm.testing.rabbitmq import LocalRabbitMQ
+
+    with tempfile.TemporaryDirectory(prefix=prefix) as base_dir:
+        base = pathlib.Path(base_dir)
+        rabbitmq = LocalRabbitMQ(base / "rabbitmq")
+        started: list[Process] = []
+        try:
+            url = rabbitmq.start()
+            started.append(start_server(url, base))
+            started.append(start_worker(url, procs=procs, queues=queues))
+            server, worker = started
+            assert isinstance(server, Server) and isinstance(worker, Worker)
+            yield Stack(url, server, worker, base)
+        finally:
+            for process in reversed(started):
+                process.stop()
+            rabbitmq.stop()
 
 
 def run_qm(*args: str, server: str | None = None, env: dict[str, str] | None = None,
