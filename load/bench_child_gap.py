@@ -15,8 +15,8 @@ task is terminal (one watch stream). Phases:
 - sleepy: M `test.sleep 0.05` tasks (needs qm-testtasks, installed by scripts/setup --test).
 
 Per phase: tasks/s from the worker's start of consuming to the last terminal state; the
-supervisor's CPU ms per task (psutil cpu_times of the qm-worker pid over that span); the
-idle gap p50/p99 from `qm_worker_child_idle_gap_seconds` (interpolated within its buckets,
+supervisor's CPU ms per task (each thread of the qm-worker pid, /proc schedstat, over that
+span); the idle gap p50/p99 from `qm_worker_child_idle_gap_seconds` (interpolated within its buckets,
 as Prometheus' histogram_quantile does) and how many gaps it observed; and the children's
 busy share, sum of worker-timed run times / (procs x span). Nothing is asserted; the median
 over rounds is printed. Every task must end SUCCEEDED with its expected result, or the
@@ -41,6 +41,8 @@ from prometheus_client.parser import text_string_to_metric_families
 REPO = pathlib.Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from bench_dispatch import own_cpu_meter  # noqa: E402  (load/ is the script's directory)
 
 import qm  # noqa: E402
 from qm.testing.rabbitmq import LocalRabbitMQ  # noqa: E402
@@ -93,8 +95,7 @@ def run_phase(url: str, client: qm.Client, task_type: str, payload: str, expecte
                           wait_ready=False)
     try:
         worker.wait_for_line(WORKER_READY, 60)
-        supervisor = psutil.Process(worker.pid)
-        cpu_start = supervisor.cpu_times()
+        supervisor_cpu_s = own_cpu_meter(worker.pid)  # ns-exact: a few trivial tasks are under one 10 ms tick
         t0 = time.monotonic()
         left, wrong = set(ids), []
         for status in client.watch(ids, timeout_s=PHASE_TIMEOUT_S):
@@ -105,7 +106,7 @@ def run_phase(url: str, client: qm.Client, task_type: str, payload: str, expecte
                 if not left:
                     break
         span_s = time.monotonic() - t0
-        cpu_end = supervisor.cpu_times()
+        cpu_s = supervisor_cpu_s()
         metrics = scrape(port)
     finally:
         worker.stop()
@@ -115,7 +116,6 @@ def run_phase(url: str, client: qm.Client, task_type: str, payload: str, expecte
     gaps = [(float(labels["le"]), value) for name, labels, value in metrics.get(GAP_METRIC, [])
             if name.endswith("_bucket")]
     run_sum_s = sum(value for name, _labels, value in metrics[RUN_METRIC] if name.endswith("_sum"))
-    cpu_s = (cpu_end.user + cpu_end.system) - (cpu_start.user + cpu_start.system)
     return {"tasks_per_s": count / span_s, "supervisor_cpu_ms_per_task": 1000 * cpu_s / count,
             "gap_p50_ms": _ms(histogram_quantile(0.5, gaps)), "gap_p99_ms": _ms(histogram_quantile(0.99, gaps)),
             "gaps_observed": max((value for _upper, value in gaps), default=0),
