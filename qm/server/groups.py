@@ -275,17 +275,4 @@ def _group_digest(items: Sequence[Submission], then: Submission | None) -> str:
 
 
 def _item_digest(item: Submission | None) -> str:
-    if item is None:
-        return "no callback"
-    return idempotency.request_digest(
-        item.type,
-        item.payload,
-        item.queue or "default",
-        item.timeout_s,
-        item.memory_limit_mb,
-        item.retry_options,
-        item.soft_timeout_s,
-        {"delay_s": item.delay_s, "not_before_s": item.not_before_s},
-        item.priority,
-        item.cpus,
-    )
+    return "no callback" if item is None else idempotency.submission_digest(item)

@@ -22,9 +22,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qm.errors import IdempotencyKeyReused
+
+if TYPE_CHECKING:
+    from qm.server.submission import Submission
 
 #: Version tag of the canonical encoding; a digest of another version is never compared.
 DIGEST_VERSION = "v1"
@@ -62,6 +65,22 @@ def request_digest(
         fields["cpus"] = int(cpus)
     text = json.dumps(fields, sort_keys=True, separators=(",", ":"), allow_nan=True)
     return f"{DIGEST_VERSION}:{hashlib.sha256(text.encode('utf-8')).hexdigest()}"
+
+
+def submission_digest(item: Submission) -> str:
+    """`request_digest` of a decoded request (a group's item, a schedule's task)."""
+    return request_digest(
+        item.type,
+        item.payload,
+        item.queue or "default",
+        item.timeout_s,
+        item.memory_limit_mb,
+        item.retry_options,
+        item.soft_timeout_s,
+        {"delay_s": item.delay_s, "not_before_s": item.not_before_s},
+        item.priority,
+        item.cpus,
+    )
 
 
 def _canonical(value: Any) -> Any:

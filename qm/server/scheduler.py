@@ -272,25 +272,12 @@ class Scheduler:
 
     async def _prepare(self, schedule_id: str, task: Submission, tick_s: float, now_s: float):
         """The tick's task as a submit makes it (record, message), with its key and digest."""
-        queue = task.queue or "default"
-        digest = idempotency.request_digest(
-            task.type, task.payload, queue, task.timeout_s, task.memory_limit_mb, task.retry_options,
-            task.soft_timeout_s, None, task.priority, task.cpus,
-        )  # fmt: skip
-        return await self.service.prepare(
-            task.type,
-            task.payload,
-            queue,
-            task.timeout_s,
-            task.memory_limit_mb,
-            tick_key(schedule_id, tick_s),
-            task.retry_options,
-            task.soft_timeout_s,
-            digest,
+        return await self.service.prepare_item(
+            task,
+            idempotency_key=tick_key(schedule_id, tick_s),
+            request_digest=idempotency.submission_digest(task),
             schedule_id=schedule_id,
             now_s=now_s,
-            requested_priority=task.priority,
-            cpus=task.cpus,
         )
 
     async def _advance(

@@ -327,19 +327,30 @@ class TaskService:
             **item.retry_options,
         )
 
-    async def prepare_item(self, item: Submission) -> tuple[TaskRecord, TaskMessage]:
-        """`prepare` of a request's decoded fields (a group's member or callback)."""
+    async def prepare_item(
+        self,
+        item: Submission,
+        *,
+        idempotency_key: str | None = None,
+        request_digest: str = "",
+        schedule_id: str = "",
+        now_s: float | None = None,
+    ) -> tuple[TaskRecord, TaskMessage]:
+        """`prepare` of a request's decoded fields (a group's member or callback, a
+        schedule's tick with the tick's own key)."""
         return await self.prepare(
             item.type,
             item.payload,
             item.queue or topology.DEFAULT_QUEUE,
             item.timeout_s,
             item.memory_limit_mb,
-            item.idempotency_key,
+            item.idempotency_key if idempotency_key is None else idempotency_key,
             item.retry_options,
             item.soft_timeout_s,
-            "",
+            request_digest,
             scheduling.Delay(item.delay_s, item.not_before_s),
+            schedule_id=schedule_id,
+            now_s=now_s,
             requested_priority=item.priority,
             cpus=item.cpus,
         )
