@@ -13,6 +13,7 @@ import functools
 import logging
 import time
 import uuid
+from typing import Any
 
 import grpc
 from google.protobuf import any_pb2
@@ -148,17 +149,23 @@ def record_to_proto(record: TaskRecord) -> task_queue_pb2.TaskStatus:
         schedule_id=record.schedule_id,
         group_id=record.group_id,
     )
-    for field, seconds in (
-        ("created_at", record.created_at),
-        ("started_at", record.started_at),
-        ("finished_at", record.finished_at),
-        ("updated_at", record.updated_at),
-        ("next_attempt_at", record.next_attempt_at),
-        ("progress_at", record.progress_at),
-    ):
-        if seconds is not None:
-            getattr(status, field).FromNanoseconds(int(seconds * 1e9))
+    _set_times(
+        status,
+        created_at=record.created_at,
+        started_at=record.started_at,
+        finished_at=record.finished_at,
+        updated_at=record.updated_at,
+        next_attempt_at=record.next_attempt_at,
+        progress_at=record.progress_at,
+    )
     return status
+
+
+def _set_times(message: Any, **epoch_s: float | None) -> None:
+    """Set each named Timestamp field of `message` from epoch seconds; None leaves it unset."""
+    for field, seconds in epoch_s.items():
+        if seconds is not None:
+            getattr(message, field).FromNanoseconds(int(seconds * 1e9))
 
 
 #: SubmitTaskRequest's optional retry fields → RetryPolicy field names (TaskService.submit's options).
@@ -228,13 +235,9 @@ def schedule_to_proto(schedule: ScheduleRecord) -> task_queue_pb2.Schedule:
         missed=schedule.missed_ticks,
         last_error=schedule.last_error,
     )
-    for field, seconds in (
-        ("created_at", schedule.created_at),
-        ("next_fire_at", schedule.next_fire_at),
-        ("last_fired_at", schedule.last_tick_at),
-    ):
-        if seconds is not None:
-            getattr(proto, field).FromNanoseconds(int(seconds * 1e9))
+    _set_times(
+        proto, created_at=schedule.created_at, next_fire_at=schedule.next_fire_at, last_fired_at=schedule.last_tick_at
+    )
     return proto
 
 
@@ -283,9 +286,7 @@ class TaskQueueServicer(task_queue_pb2_grpc.TaskQueueServicer):
         )
         for member_state, count in sorted(state.counts.items()):
             status.counts.add(state=int(member_state), count=count)
-        status.created_at.FromNanoseconds(int(group.created_at * 1e9))
-        if group.completed_at is not None:
-            status.completed_at.FromNanoseconds(int(group.completed_at * 1e9))
+        _set_times(status, created_at=group.created_at, completed_at=group.completed_at)
         return task_queue_pb2.GetGroupStatusResponse(status=status)
 
     @_maps_errors
