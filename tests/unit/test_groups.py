@@ -48,8 +48,12 @@ async def drain(broker: MemoryBroker, queue: str) -> list[TaskMessage]:
         broker.ack(delivery)
 
     tag = await broker.consume(queue, take, prefetch=max(depth, 1))
-    while len(got) < depth:
-        await asyncio.sleep(0.01)
+
+    async def all_taken() -> None:
+        while len(got) < depth:
+            await asyncio.sleep(0.01)
+
+    await within(all_taken())
     await broker.cancel(tag)
     return got
 
