@@ -121,6 +121,9 @@ class TaskEvent:
     memory_limit_mb: int = 0
     next_attempt_at_s: float | None = None  # RETRYING: when the next attempt is due
     progress: Progress | None = None  # a progress report (state RUNNING, but no start)
+    # An outcome whose run no RUNNING event announced (shorter than the worker's
+    # running_event_delay_s): when it started; the store counts the start from it.
+    started_at_s: float | None = None
 
     def encode(self) -> bytes:
         event = messages_pb2.TaskEvent(
@@ -138,6 +141,8 @@ class TaskEvent:
         event.at.FromNanoseconds(int(self.at_s * 1e9))
         if self.next_attempt_at_s is not None:
             event.next_attempt_at.FromNanoseconds(int(self.next_attempt_at_s * 1e9))
+        if self.started_at_s is not None:
+            event.started_at.FromNanoseconds(int(self.started_at_s * 1e9))
         if self.progress is not None:
             event.progress.fraction = self.progress.fraction
             event.progress.message = self.progress.message
@@ -165,6 +170,7 @@ class TaskEvent:
             Progress(event.progress.fraction, event.progress.message, event.progress.detail_json)
             if event.HasField("progress")
             else None,
+            event.started_at.ToNanoseconds() / 1e9 if event.HasField("started_at") else None,
         )
 
 

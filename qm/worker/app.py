@@ -150,6 +150,7 @@ def build(config: Config, registry: plugin_registry.Registry) -> tuple[Pool, Rab
         max_queue_length=config.broker.max_queue_length,
         max_result_bytes=config.worker.max_result_bytes,
         consumer_timeout_s=config.broker.consumer_timeout_s,
+        running_event_delay_s=config.worker.running_event_delay_s,
     )
     pool.on_idle_gap = supervisor.metrics.child_idle_gap_seconds.observe
     supervisor.metrics.watch(

@@ -49,9 +49,19 @@ class Outcomes:
         self.max_result_bytes = max_result_bytes  # worker.max_result_bytes; 0 = no cap
         self._delay_tiers: set[int] = set()
 
-    async def settle(self, message: TaskMessage, outcome: Outcome, ack: Callable[[], None]) -> None:
-        """Publish what follows the attempt, each confirmed, and only then `ack()`."""
-        await self._report(message, self._capped(message, outcome))
+    async def settle(
+        self,
+        message: TaskMessage,
+        outcome: Outcome,
+        ack: Callable[[], None],
+        job: Job | None = None,
+        started_at_s: float | None = None,
+    ) -> None:
+        """Publish what follows the attempt, each confirmed, and only then `ack()`.
+        `started_at_s`: the run started then and no RUNNING event said so; the outcome
+        event carries it (with the job's limits), and the servers count the start from it."""
+        start = (job, started_at_s) if started_at_s is not None else (None, None)
+        await self._report(message, self._capped(message, outcome), *start)
         ack()
 
     def _capped(self, message: TaskMessage, outcome: Outcome) -> Outcome:
@@ -78,9 +88,11 @@ class Outcomes:
             ),
         )
 
-    async def _report(self, message: TaskMessage, outcome: Outcome) -> None:
+    async def _report(
+        self, message: TaskMessage, outcome: Outcome, job: Job | None = None, started_at_s: float | None = None
+    ) -> None:
         if outcome.state in (TaskState.SUCCEEDED, TaskState.CANCELLED):
-            await self.publish_event(self.event(message, outcome.state, outcome))
+            await self.publish_event(self.event(message, outcome.state, outcome, job, started_at_s))
             self.metrics.tasks_finished.labels(message.type, outcome.state.name).inc()
             return
         policy = message.retry
@@ -96,11 +108,11 @@ class Outcomes:
                 following.headers(),
                 message.task_id,
             )
-            event = self.event(message, TaskState.RETRYING, outcome)
+            event = self.event(message, TaskState.RETRYING, outcome, job, started_at_s)
             await self.publish_event(dataclasses.replace(event, next_attempt_at_s=self.clock() + tier_s))
             self.metrics.tasks_finished.labels(message.type, TaskState.RETRYING.name).inc()
             return
-        await self._dead_letter(message, outcome, dead_reason(message, outcome))
+        await self._dead_letter(message, outcome, dead_reason(message, outcome), job, started_at_s)
 
     async def dead_letter_poison(self, message: TaskMessage, starts: str, ack: Callable[[], None]) -> None:
         """The servers saw this task start `starts` times without an outcome: each time it
@@ -114,10 +126,17 @@ class Outcomes:
         await self._dead_letter(message, Outcome(TaskState.CRASHED, error=error), reason)
         ack()
 
-    async def _dead_letter(self, message: TaskMessage, outcome: Outcome, reason: str) -> None:
+    async def _dead_letter(
+        self,
+        message: TaskMessage,
+        outcome: Outcome,
+        reason: str,
+        job: Job | None = None,
+        started_at_s: float | None = None,
+    ) -> None:
         headers = dead_letter_headers(message.headers(), reason, outcome.state.name, outcome.error)
         await self._publish(topology.DEAD_EXCHANGE, "", message.encode(), headers, message.task_id)
-        await self.publish_event(self.event(message, outcome.state, outcome))
+        await self.publish_event(self.event(message, outcome.state, outcome, job, started_at_s))
         self.metrics.tasks_finished.labels(message.type, outcome.state.name).inc()
 
     async def hold(self, message: TaskMessage, tier_s: int, ack: Callable[[], None]) -> None:
@@ -137,7 +156,12 @@ class Outcomes:
             self._delay_tiers.add(tier_s)
 
     def event(
-        self, message: TaskMessage, state: TaskState, outcome: Outcome | None = None, job: Job | None = None
+        self,
+        message: TaskMessage,
+        state: TaskState,
+        outcome: Outcome | None = None,
+        job: Job | None = None,
+        started_at_s: float | None = None,
     ) -> TaskEvent:
         return TaskEvent(
             message.task_id,
@@ -150,6 +174,7 @@ class Outcomes:
             outcome.error if outcome else "",
             timeout_s=job.timeout_s if job else 0.0,
             memory_limit_mb=job.memory_limit_mb if job else 0,
+            started_at_s=started_at_s,
         )
 
     async def publish_event(self, event: TaskEvent) -> None:

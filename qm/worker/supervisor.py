@@ -56,6 +56,7 @@ from qm.messages import Heartbeat, TaskMessage
 from qm.metrics import WorkerMetrics
 from qm.protocol import Header
 from qm.states import TaskState
+from qm.task_progress import Progress
 from qm.worker.acks import AckBatcher
 from qm.worker.control import ControlFollower
 from qm.worker.isolation import Isolation
@@ -100,8 +101,10 @@ class Supervisor:
         max_queue_length: int = 0,
         max_result_bytes: int = 0,
         consumer_timeout_s: float = 1800.0,
+        running_event_delay_s: float = 0.05,
     ) -> None:
         self.broker = broker
+        self.running_event_delay_s = running_event_delay_s  # worker.running_event_delay_s
         self.pool = pool
         self.worker_id = worker_id
         self.queues = queues
@@ -282,9 +285,30 @@ class Supervisor:
         # A redelivered task may be what took its last worker down: it runs alone, and its
         # start is on record (confirmed) before it runs, so the servers can count it.
         suspect = delivery.redelivered
+        # Any other start is announced (a RUNNING event) only once the run has lasted
+        # running_event_delay_s: a shorter run's start rides with its outcome event instead
+        # (started_at), one event per task instead of two (docs/architecture.md, "Performance").
+        unannounced_since_s: float | None = None  # wall clock at the start, until announced
+        announce_timer: asyncio.TimerHandle | None = None
+
+        def announce() -> None:
+            nonlocal unannounced_since_s, announce_timer
+            if unannounced_since_s is None:
+                return
+            unannounced_since_s = None
+            if announce_timer is not None:
+                announce_timer.cancel()
+                announce_timer = None
+            self._background.spawn(
+                self.outcomes.publish_event(self.outcomes.event(message, TaskState.RUNNING, job=job))
+            )
+
+        def on_progress(update: Progress) -> None:
+            announce()  # a task reporting progress is seen running first
+            progress.offer(update)
 
         def on_started() -> None:
-            nonlocal started_at
+            nonlocal started_at, unannounced_since_s, announce_timer
             started_at = time.monotonic()
             ready_s = max(message.enqueued_at_s, message.not_before_s or 0.0)  # a delayed one: once due
             self.metrics.queue_wait_seconds.labels(message.type, str(message.priority)).observe(
@@ -297,10 +321,14 @@ class Supervisor:
                 LONG_TASK_S, lambda: self._observe(time.monotonic() - started_at)
             )
             handler.add_done_callback(lambda _: still_running.cancel())
-            if not suspect:
-                self._background.spawn(
-                    self.outcomes.publish_event(self.outcomes.event(message, TaskState.RUNNING, job=job))
-                )
+            if suspect:
+                return  # announced, confirmed, before it started
+            unannounced_since_s = time.time()
+            if self.running_event_delay_s > 0:
+                announce_timer = asyncio.get_running_loop().call_later(self.running_event_delay_s, announce)
+                handler.add_done_callback(lambda _: announce_timer.cancel() if announce_timer else None)
+            else:
+                announce()
 
         progress = self.progress.open(message)
         try:
@@ -309,7 +337,7 @@ class Supervisor:
                 if suspect:
                     await self.outcomes.publish_event(self.outcomes.event(message, TaskState.RUNNING, job=job))
                 outcome = await self.pool.run(
-                    job, on_started, progress.offer, on_sent=lambda: self._waiting.discard(handler)
+                    job, on_started, on_progress, on_sent=lambda: self._waiting.discard(handler)
                 )
             finally:
                 self._isolation.leave(suspect)
@@ -330,7 +358,11 @@ class Supervisor:
         self.metrics.run_seconds.labels(message.type).observe(run_s)
         if outcome.state in KILL_REASONS:
             self.metrics.kills.labels(KILL_REASONS[outcome.state]).inc()
-        await self.outcomes.settle(message, outcome, lambda: self._settle(handler, ack=True))
+        if announce_timer is not None:
+            announce_timer.cancel()
+        await self.outcomes.settle(
+            message, outcome, lambda: self._settle(handler, ack=True), job=job, started_at_s=unannounced_since_s
+        )
 
     def _too_big(self, message: TaskMessage) -> Outcome:
         error = (

@@ -174,6 +174,32 @@ class StoreContract:
         store.apply([event(S.RUNNING, T0 + 2, worker="w2"), event(S.RUNNING, T0 + 3, worker="w3")], CODECS)
         assert store.get("t1").starts == 3
 
+    def test_an_outcome_carrying_its_start_counts_it_and_followers_see_running_first(self, store):
+        """A run shorter than worker.running_event_delay_s has no RUNNING event: its
+        outcome carries the start (started_at), and the store folds both."""
+        store.insert(queued())
+        quick = dataclasses.replace(event(S.SUCCEEDED, T0 + 2, result=b"11"), started_at_s=T0 + 1,
+                                    timeout_s=30.0, memory_limit_mb=64)
+        changes = store.apply([quick], CODECS)
+        assert [(r.state, r.started_at) for r in changes] == [(S.RUNNING, T0 + 1), (S.SUCCEEDED, T0 + 1)]
+        done = store.get("t1")
+        assert (done.state, done.result, done.starts, done.attempts) == (S.SUCCEEDED, b"11", 1, 1)
+        assert (done.started_at, done.finished_at, done.timeout_s, done.memory_limit_mb) == (T0 + 1, T0 + 2, 30.0, 64)
+        assert store.apply([quick], CODECS) == []  # redelivered: nothing counted twice
+        assert store.get("t1").starts == 1
+
+    def test_a_retry_carrying_its_start_counts_one_start_per_attempt(self, store):
+        store.insert(queued())
+        failed = dataclasses.replace(event(S.RETRYING, T0 + 2, error="boom", next_attempt_at=T0 + 10),
+                                     started_at_s=T0 + 1)
+        store.apply([failed], CODECS)
+        record = store.get("t1")
+        assert (record.state, record.starts, record.started_at, record.error) == (S.RETRYING, 1, T0 + 1, "boom")
+        second = dataclasses.replace(event(S.SUCCEEDED, T0 + 12, attempt=2, result=b"2"), started_at_s=T0 + 11)
+        store.apply([second], CODECS)
+        record = store.get("t1")
+        assert (record.state, record.attempts, record.starts, record.started_at) == (S.SUCCEEDED, 2, 1, T0 + 11)
+
     def test_a_final_state_drops_the_kept_message(self, store):
         store.insert_unconfirmed(queued("a"), "default", b"m")
         store.confirm("a")

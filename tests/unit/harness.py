@@ -45,12 +45,14 @@ async def server(tmp_path: Path):
 
 
 @contextlib.asynccontextmanager
-async def system(tmp_path: Path, procs: int = 2, prefetch: int = 4):
+async def system(tmp_path: Path, procs: int = 2, prefetch: int = 4, running_event_delay_s: float = 0.05):
     """server() plus a worker: Supervisor "w1" on a real Pool, consuming the default queue."""
     async with server(tmp_path) as parts:
         pool = Pool(procs, "forkserver")
         await pool.start()
-        supervisor = Supervisor(parts.broker, pool, "w1", ["default"], prefetch=prefetch)
+        supervisor = Supervisor(
+            parts.broker, pool, "w1", ["default"], prefetch=prefetch, running_event_delay_s=running_event_delay_s
+        )
         try:
             await supervisor.start()
             parts.pool, parts.supervisor = pool, supervisor

@@ -34,6 +34,15 @@ def test_task_event_round_trip(state):
     assert decoded.at_s == pytest.approx(event.at_s, abs=1e-6)
     assert dataclasses.replace(decoded, at_s=event.at_s) == event
     assert decoded.state is state
+    assert decoded.started_at_s is None  # only an outcome of an unannounced run has one
+
+
+def test_an_outcome_keeps_the_start_it_carries():
+    event = TaskEvent("id-1", "math", "default", 1, TaskState.SUCCEEDED, "w1", b"11", at_s=1_700_000_001.5,
+                      timeout_s=30.0, started_at_s=1_700_000_001.25)
+    decoded = TaskEvent.decode(event.encode())
+    assert decoded.started_at_s == pytest.approx(1_700_000_001.25, abs=1e-6)
+    assert (decoded.state, decoded.timeout_s) == (TaskState.SUCCEEDED, 30.0)
 
 
 #: Bodies encoded by the release before the protos were laid out by package (issue 19:

@@ -1,0 +1,98 @@
+"""A run's start is announced (RUNNING event) only once it lasts worker.running_event_delay_s;
+a shorter run's start rides with its outcome event (issue 9: one event per trivial task).
+Real pool children, the in-memory broker: what the worker publishes on qm.events is read
+from a queue bound to that exchange, as a server's events queue is."""
+from __future__ import annotations
+
+import asyncio
+
+from qm.broker import topology
+from qm.messages import TaskEvent
+from qm.states import TaskState
+from tests.unit.aio import run, within
+from tests.unit.harness import records_until_terminal, states, submit_and_wait, system
+
+S = TaskState
+TAP = "test.events-tap"
+
+
+async def tap(parts) -> list[TaskEvent]:
+    """Every event the worker publishes from now on, decoded, in order."""
+    seen: list[TaskEvent] = []
+    await parts.broker.declare_queue(TAP)
+    await parts.broker.bind_queue(TAP, topology.EVENTS_EXCHANGE)
+
+    def on_delivery(delivery) -> None:
+        seen.append(TaskEvent.decode(delivery.body))
+        parts.broker.ack(delivery)
+
+    await parts.broker.consume(TAP, on_delivery, prefetch=100)
+    return seen
+
+
+async def until(condition, timeout_s: float = 30.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+def test_a_quick_run_is_one_event_and_still_counts_as_started(tmp_path):
+    async def body():
+        async with system(tmp_path) as parts:
+            events = await tap(parts)
+            seen = await submit_and_wait(parts.service, "math", b"1 + 2 * 5")
+            assert states(seen) == [S.RUNNING, S.SUCCEEDED]  # followers still see it start
+            await until(lambda: len(events) >= 1)
+            [outcome] = [e for e in events if e.task_id == seen[-1].task_id]
+            assert outcome.state is S.SUCCEEDED and outcome.started_at_s is not None
+            done = await parts.service.status(seen[-1].task_id)
+            assert (done.result, done.starts, done.attempts, done.worker) == (b"11", 1, 1, "w1")
+            assert done.created_at <= done.started_at == outcome.started_at_s <= done.finished_at
+    run(body)
+
+
+def test_a_long_run_is_announced_while_it_runs(tmp_path):
+    async def body():
+        async with system(tmp_path, running_event_delay_s=0.05) as parts:
+            events = await tap(parts)
+            record = await parts.service.submit("test.sleep", b"1.0")
+            await until(lambda: any(e.task_id == record.task_id for e in events))
+            first = events[0]
+            assert (first.state, first.started_at_s) == (S.RUNNING, None)
+            running = await parts.service.status(record.task_id)
+            assert running.state is S.RUNNING and running.starts == 1  # seen running before it ends
+            await until(lambda: len(events) == 2)
+            assert (events[1].state, events[1].started_at_s) == (S.SUCCEEDED, None)
+            done = await parts.service.status(record.task_id)
+            assert (done.state, done.starts, done.started_at) == (S.SUCCEEDED, 1, running.started_at)
+    run(body)
+
+
+def test_no_delay_announces_every_start_at_once(tmp_path):
+    async def body():
+        async with system(tmp_path, running_event_delay_s=0.0) as parts:
+            events = await tap(parts)
+            seen = await submit_and_wait(parts.service, "math", b"2 + 2")
+            await until(lambda: len(events) == 2)
+            assert [(e.state, e.started_at_s) for e in events] == [(S.RUNNING, None), (S.SUCCEEDED, None)]
+            assert states(seen) == [S.RUNNING, S.SUCCEEDED]
+    run(body)
+
+
+def test_a_task_reporting_progress_is_announced_before_its_first_report(tmp_path):
+    """The store takes progress only while a task is RUNNING: announcing at the first
+    report keeps it, however short the run (here delayed 60 s: only the report can announce)."""
+    async def body():
+        async with system(tmp_path, running_event_delay_s=60.0) as parts:
+            events = await tap(parts)
+            record = await parts.service.submit("test.progress", b"2:0.05")
+            updates: asyncio.Queue = asyncio.Queue()
+            parts.service.hub.follow(record.task_id, updates)
+            await records_until_terminal(updates, {record.task_id})
+            await until(lambda: events and events[-1].state.terminal)
+            assert events[0].state is S.RUNNING and events[0].progress is None
+            assert [e.progress is not None for e in events[1:-1]] and all(e.progress for e in events[1:-1])
+            assert events[-1].started_at_s is None  # announced already
+            done = await parts.service.status(record.task_id)
+            assert (done.state, done.result, done.starts, done.progress) == (S.SUCCEEDED, b"done 2", 1, 1.0)
+    run(body)
