@@ -39,6 +39,7 @@ pool holds N of its P CPU slots while such a task runs (qm/worker/cpu_slots.py).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import socket
@@ -295,13 +296,15 @@ class Supervisor:
             nonlocal unannounced_since_s, announce_timer
             if unannounced_since_s is None:
                 return
+            # at the start, not now: started_at is when the run began, however late it is told
+            running = dataclasses.replace(
+                self.outcomes.event(message, TaskState.RUNNING, job=job), at_s=unannounced_since_s
+            )
             unannounced_since_s = None
             if announce_timer is not None:
                 announce_timer.cancel()
                 announce_timer = None
-            self._background.spawn(
-                self.outcomes.publish_event(self.outcomes.event(message, TaskState.RUNNING, job=job))
-            )
+            self._background.spawn(self.outcomes.publish_event(running))
 
         def on_progress(update: Progress) -> None:
             announce()  # a task reporting progress is seen running first
