@@ -453,8 +453,8 @@ class WorkerConfig:
     status_listen: str = _setting("127.0.0.1:0", _to_str, _optional_host_port)
     metrics_port: int = _setting(0, _to_int, _at_least(0), _at_most(65535))
     heartbeat_interval_s: float = _setting(5.0, _to_float, _above(0))
-    #: A run is announced (RUNNING) once it has lasted this long; a shorter one's start
-    #: rides with its outcome event (one event per task instead of two). 0 = at once.
+    #: While recent runs are shorter, a run is announced (RUNNING) once it has lasted this
+    #: long; a shorter one's start rides with its outcome event. 0 = always at once.
     running_event_delay_s: float = _setting(0.05, _to_float, _at_least(0), _at_most(60))
     #: The status endpoint's TLS and tokens, as server.tls_* and server.tokens_file.
     status_tls_cert: str = _setting("", _to_str)

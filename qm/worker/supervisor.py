@@ -78,6 +78,8 @@ KILL_REASONS = {
 }
 #: Run time after which a running task counts as long for the prefetch, before it ends.
 LONG_TASK_S = 1.0
+#: Weight of the latest run in the mean run time that decides how starts are announced.
+RUN_MEAN_ALPHA = 0.2
 #: A delivery held unstarted this long, as a share of RabbitMQ's consumer_timeout, is given
 #: back (tasks of higher priority kept overtaking it): an unacked delivery past the timeout
 #: would make RabbitMQ close its channel and return everything on it as suspects.
@@ -106,6 +108,7 @@ class Supervisor:
     ) -> None:
         self.broker = broker
         self.running_event_delay_s = running_event_delay_s  # worker.running_event_delay_s
+        self._mean_run_s: float | None = None  # recent runs' mean time (EWMA), for announcing
         self.pool = pool
         self.worker_id = worker_id
         self.queues = queues
@@ -327,7 +330,7 @@ class Supervisor:
             if suspect:
                 return  # announced, confirmed, before it started
             unannounced_since_s = time.time()
-            if self.running_event_delay_s > 0:
+            if self._defers_announcements:
                 announce_timer = asyncio.get_running_loop().call_later(self.running_event_delay_s, announce)
                 handler.add_done_callback(lambda _: announce_timer.cancel() if announce_timer else None)
             else:
@@ -358,6 +361,9 @@ class Supervisor:
         )
         run_s = time.monotonic() - started_at
         self._observe(run_s)
+        self._mean_run_s = (
+            run_s if self._mean_run_s is None else RUN_MEAN_ALPHA * run_s + (1 - RUN_MEAN_ALPHA) * self._mean_run_s
+        )
         self.metrics.run_seconds.labels(message.type).observe(run_s)
         if outcome.state in KILL_REASONS:
             self.metrics.kills.labels(KILL_REASONS[outcome.state]).inc()
@@ -366,6 +372,16 @@ class Supervisor:
         await self.outcomes.settle(
             message, outcome, lambda: self._settle(handler, ack=True), job=job, started_at_s=unannounced_since_s
         )
+
+    @property
+    def _defers_announcements(self) -> bool:
+        """Whether a start waits running_event_delay_s to be announced: while recent runs
+        were shorter than that (most then end unannounced, one event instead of two). Once
+        they are longer, each start is announced at once: it would be announced anyway, and
+        told with the outcome before it the server takes both in one batch, not two."""
+        if self.running_event_delay_s <= 0:
+            return False
+        return self._mean_run_s is None or self._mean_run_s < self.running_event_delay_s
 
     def _too_big(self, message: TaskMessage) -> Outcome:
         error = (

@@ -114,3 +114,18 @@ def test_a_task_reporting_progress_is_announced_before_its_first_report(tmp_path
             assert (done.state, done.result, done.starts) == (S.SUCCEEDED, b"done 2", 1)
             assert done.progress >= 0.5  # the first report was kept (the last may come after the outcome)
     run(body)
+
+
+def test_after_long_runs_every_start_is_announced_at_once(tmp_path):
+    """Recent runs longer than the delay: a start would be announced anyway, so it is told
+    at once (in the same batch as the outcome before it), even the start of a quick run."""
+    async def body():
+        async with system(tmp_path, running_event_delay_s=0.1) as parts:
+            events = await tap(parts)
+            await submit_and_wait(parts.service, "test.sleep", b"0.3")  # the mean run is now 0.3 s
+            seen = await submit_and_wait(parts.service, "math", b"3 * 3")
+            quick = seen[-1].task_id
+            await until(lambda: any(e.task_id == quick and e.state.terminal for e in events))
+            assert [(e.state, e.started_at_s) for e in events if e.task_id == quick] == [
+                (S.RUNNING, None), (S.SUCCEEDED, None)]
+    run(body)
