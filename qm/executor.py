@@ -147,7 +147,9 @@ class Executor(concurrent.futures.Executor):
             item = self._requests.get()
             if item is _CLOSE:
                 return
-            yield task_queue_pb2.StreamTaskResultsRequest(task_ids=item if isinstance(item, list) else [item])
+            yield task_queue_pb2.StreamTaskResultsRequest(
+                task_ids=item if isinstance(item, list) else [item], final_only=True
+            )
 
     def _read_stream(self) -> None:
         try:

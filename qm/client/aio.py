@@ -168,7 +168,13 @@ class Client:
     async def watch(self, task_ids: Iterable[str], timeout_s: float | None = None) -> AsyncIterator[TaskStatus]:
         """qm.Client.watch as an async iterator: resumed across server restarts and
         failover, no state delivered twice, WaitTimeout at `timeout_s`."""
-        follow = Follow(task_ids, self._failover, timeout_s, self.reconnect_s)
+        async for status in self._follow(task_ids, timeout_s, final_only=False):
+            yield status
+
+    async def _follow(
+        self, task_ids: Iterable[str], timeout_s: float | None, final_only: bool
+    ) -> AsyncIterator[TaskStatus]:
+        follow = Follow(task_ids, self._failover, timeout_s, self.reconnect_s, final_only=final_only)
         while not follow.done:
             address = follow.address
             call = self._stub_at(address).StreamTaskResults(follow.requests(), timeout=follow.call_timeout())
@@ -186,9 +192,10 @@ class Client:
                 await asyncio.sleep(follow.interrupted(address, code, details, reason))
 
     async def results(self, task_ids: Iterable[str], timeout_s: float | None = None) -> AsyncIterator[TaskStatus]:
-        """The final status of each task as it finishes, over one (resumed) stream."""
-        async for status in self.watch(task_ids, timeout_s):
-            if status.terminal:
+        """The final status of each task as it finishes, over one (resumed) stream; the
+        server sends final states only."""
+        async for status in self._follow(task_ids, timeout_s, final_only=True):
+            if status.terminal:  # a server older than final_only sends every state
                 yield status
 
     async def result(self, task_id: str, timeout_s: float | None = None) -> Any:

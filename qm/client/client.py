@@ -293,7 +293,10 @@ class Client:
         stream is opened again (for `reconnect_s` at most without any server) and no state
         is delivered twice. At `timeout_s`: WaitTimeout (a TimeoutError) naming the ids
         still not finished."""
-        follow = Follow(task_ids, self._failover, timeout_s, self.reconnect_s)
+        return self._follow(task_ids, timeout_s, final_only=False)
+
+    def _follow(self, task_ids: Iterable[str], timeout_s: float | None, final_only: bool) -> Iterator[TaskStatus]:
+        follow = Follow(task_ids, self._failover, timeout_s, self.reconnect_s, final_only=final_only)
         while not follow.done:
             address = follow.address
             call = self._stub_at(address).StreamTaskResults(iter(follow.requests()), timeout=follow.call_timeout())
@@ -312,9 +315,10 @@ class Client:
 
     def results(self, task_ids: Iterable[str], timeout_s: float | None = None) -> Iterator[TaskStatus]:
         """The final status of each task as it finishes (over one stream, resumed like
-        watch): `.state`, `.result` or `.error`. At `timeout_s`: WaitTimeout."""
-        for status in self.watch(task_ids, timeout_s):
-            if status.terminal:
+        watch): `.state`, `.result` or `.error`. At `timeout_s`: WaitTimeout. The server sends
+        final states only (StreamTaskResultsRequest.final_only)."""
+        for status in self._follow(task_ids, timeout_s, final_only=True):
+            if status.terminal:  # a server older than final_only sends every state
                 yield status
 
     def result(self, task_id: str, timeout_s: float | None = None) -> Any:

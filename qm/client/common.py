@@ -808,8 +808,10 @@ class Follow:
         timeout_s: float | None,
         reconnect_s: float,
         clock: Callable[[], float] = time.monotonic,
+        final_only: bool = False,
     ):
         self.open = dict.fromkeys(task_ids)  # ids not yet terminal, in order
+        self.final_only = final_only  # the server sends final states only (results, result)
         self.timeout_s = timeout_s
         self._delivered: dict[str, set[tuple]] = {}
         self._progress_ns: dict[str, int] = {}  # task id → time of the latest progress delivered
@@ -830,7 +832,9 @@ class Follow:
     def requests(self) -> list[task_queue_pb2.StreamTaskResultsRequest]:
         ids = list(self.open)
         return [
-            task_queue_pb2.StreamTaskResultsRequest(task_ids=ids[i : i + FOLLOW_IDS_PER_REQUEST])
+            task_queue_pb2.StreamTaskResultsRequest(
+                task_ids=ids[i : i + FOLLOW_IDS_PER_REQUEST], final_only=self.final_only
+            )
             for i in range(0, len(ids), FOLLOW_IDS_PER_REQUEST)
         ]
 

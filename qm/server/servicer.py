@@ -395,10 +395,11 @@ class TaskQueueServicer(task_queue_pb2_grpc.TaskQueueServicer):
         """Current state of each followed task first, then each change, until terminal."""
         updates: asyncio.Queue = asyncio.Queue()
         followed: set[str] = set()
-        reader = asyncio.create_task(self._read_follow_requests(request_iterator, updates, followed))
+        options = _StreamOptions()
+        reader = asyncio.create_task(self._read_follow_requests(request_iterator, updates, followed, options))
         self.service.metrics.open_streams.inc()
         try:
-            async for status in _stream_until_terminal(updates, followed):
+            async for status in _stream_until_terminal(updates, followed, options):
                 yield status
         except QMError as exc:
             await abort_with(context, exc)
@@ -408,9 +409,13 @@ class TaskQueueServicer(task_queue_pb2_grpc.TaskQueueServicer):
             for task_id in followed:
                 self.service.hub.unfollow(task_id, updates)
 
-    async def _read_follow_requests(self, request_iterator, updates: asyncio.Queue, followed: set[str]):
+    async def _read_follow_requests(
+        self, request_iterator, updates: asyncio.Queue, followed: set[str], options: "_StreamOptions"
+    ):
         try:
             async for request in request_iterator:
+                if not options.read:  # the first request sets the stream's options
+                    options.final_only, options.read = request.final_only, True
                 for task_id in request.task_ids:
                     if task_id in followed:
                         continue
@@ -427,6 +432,14 @@ class TaskQueueServicer(task_queue_pb2_grpc.TaskQueueServicer):
 DUE_MARGIN_S = 0.01
 
 
+@dataclasses.dataclass
+class _StreamOptions:
+    """A stream's options, from its first request (read before any status is queued)."""
+
+    final_only: bool = False  # send terminal states only (StreamTaskResultsRequest.final_only)
+    read: bool = False
+
+
 @dataclasses.dataclass(frozen=True)
 class _CameDue:
     """A SCHEDULED record a stream sent, put back at its due time to be shown QUEUED."""
@@ -434,9 +447,10 @@ class _CameDue:
     record: TaskRecord
 
 
-async def _stream_until_terminal(updates: asyncio.Queue, followed: set[str]):
+async def _stream_until_terminal(updates: asyncio.Queue, followed: set[str], options: _StreamOptions):
     """Yield protos from queued records; stop when the client is done and all are terminal.
-    A SCHEDULED task is shown again, QUEUED, when due, unless a later state was sent first."""
+    A SCHEDULED task is shown again, QUEUED, when due, unless a later state was sent first.
+    With final_only, a record that is not terminal is skipped before it costs a proto."""
     sent: dict[str, tuple] = {}
     finished: set[str] = set()
     client_done = False
@@ -453,6 +467,8 @@ async def _stream_until_terminal(updates: asyncio.Queue, followed: set[str]):
                 item = item.record
                 if sent.get(item.task_id) != (TaskState.SCHEDULED, item.attempts, item.updated_at, item.progress_at):
                     continue  # it moved on meanwhile
+            if options.final_only and not item.state.terminal:
+                continue
             status = record_to_proto(item)
             key = (TaskState.of_number(status.state), item.attempts, item.updated_at, item.progress_at)
             if item.task_id in finished or sent.get(item.task_id) == key:

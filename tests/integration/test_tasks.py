@@ -57,3 +57,24 @@ def test_stream_shows_running_then_succeeded_live(stack):
     # the worker was quicker); then each change, live, in lifecycle order, once each.
     assert states in (["QUEUED", "RUNNING", "SUCCEEDED"], ["RUNNING", "SUCCEEDED"]), \
         f"{states}\n{stack.server.logs}"
+
+
+def test_a_final_only_stream_sends_each_task_once_when_it_ends(stack):
+    """StreamTaskResultsRequest.final_only (what Client.results asks for): one response per
+    task, its final state, and nothing while it is queued or running."""
+    import grpc
+
+    from qm._proto.qm.v1 import task_queue_pb2, task_queue_pb2_grpc
+    from qm.states import TaskState
+
+    done = stack.client.submit("math", "6 * 7", queue=stack.queue)
+    assert stack.client.result(done, timeout_s=RESULT_TIMEOUT_S) == "42"
+    slow = stack.client.submit("test.sleep", "1.0", queue=stack.queue)
+    request = task_queue_pb2.StreamTaskResultsRequest(task_ids=[slow, done], final_only=True)
+    with grpc.insecure_channel(stack.server.address) as channel:
+        stream = task_queue_pb2_grpc.TaskQueueStub(channel).StreamTaskResults(iter([request]),
+                                                                              timeout=RESULT_TIMEOUT_S)
+        sent = [(response.status.task_id, TaskState.of_number(response.status.state).name,
+                 response.status.result) for response in stream]
+
+    assert sent == [(done, "SUCCEEDED", b"42"), (slow, "SUCCEEDED", b"1.0")], stack.server.logs

@@ -172,10 +172,12 @@ class GetTaskStatusResponse(_message.Message):
     def __init__(self, status: _Optional[_Union[TaskStatus, _Mapping]] = ...) -> None: ...
 
 class StreamTaskResultsRequest(_message.Message):
-    __slots__ = ("task_ids",)
+    __slots__ = ("task_ids", "final_only")
     TASK_IDS_FIELD_NUMBER: _ClassVar[int]
+    FINAL_ONLY_FIELD_NUMBER: _ClassVar[int]
     task_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, task_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    final_only: bool
+    def __init__(self, task_ids: _Optional[_Iterable[str]] = ..., final_only: _Optional[bool] = ...) -> None: ...
 
 class StreamTaskResultsResponse(_message.Message):
     __slots__ = ("status",)
