@@ -367,7 +367,11 @@ def _syntax_error(exc: SyntaxError, text: str, lead: str) -> MathError:
     return MathError(f"syntax error at {where}: {reason}")
 
 
-#: Serialises the parser's temporary warnings filter (see _parse).
+#: One parse at a time in the process: it serialises the parser's temporary warnings
+#: filter (see _parse), and CPython 3.11's AST constructor keeps its recursion depth in
+#: state shared by threads, so two parses at once can fail with "SystemError: AST
+#: constructor recursion depth mismatch" (python/cpython#106905): the server parses small
+#: payloads on its loop and larger ones on validator threads at the same time.
 _PARSE_LOCK = threading.Lock()
 #: Text the parser cannot warn about: no letters (keywords, names), quotes or backslashes
 #: (escapes), so no filter is needed around its parse (the common payload; a filter costs
@@ -380,7 +384,8 @@ def _parse(text: str) -> ast.expr:
     lead = text[: len(text) - len(text.lstrip())]
     if _CANNOT_WARN.fullmatch(stripped):
         try:
-            return ast.parse(stripped, mode="eval").body
+            with _PARSE_LOCK:  # one parse at a time in the process, the fast path too (below)
+                return ast.parse(stripped, mode="eval").body
         except SyntaxError as exc:
             raise _syntax_error(exc, stripped, lead) from None
         except (RecursionError, MemoryError):

@@ -528,3 +528,42 @@ def test_integer_arithmetic_matches_python(case: tuple[str, int]) -> None:
     text, expected = case
     assert evaluate(text) == expected
     assert run(text) == str(expected)
+
+
+def test_concurrent_parses_never_fail_with_the_ast_constructors_recursion_error() -> None:
+    """CPython 3.11 keeps the AST constructor's recursion depth in state shared by threads
+    (python/cpython#106905): a parse whose thread loses the GIL mid-construction (here: a
+    finalizer run by the garbage collector, switches forced often) while another thread
+    parses fails with SystemError. The server parses on its loop and on validator threads
+    at once; every parse holds one lock. Without it this failed about 100 times in 48,000."""
+    import gc
+
+    class Finalized:
+        def __del__(self) -> None:
+            sum(range(20))  # Python code run from inside the collector: a switch point
+
+    failures: list[BaseException] = []
+
+    def work() -> None:
+        for _ in range(2000):
+            first, second = Finalized(), Finalized()
+            first.other, second.other = second, first  # a cycle: freed by the collector
+            try:
+                assert evaluate("1 + 2 * (3 + 4) - 5 * ((6))") == -15
+                assert "conditional" in error_of("1if 1 else 2")
+            except SystemError as exc:
+                failures.append(exc)
+
+    interval, thresholds = sys.getswitchinterval(), gc.get_threshold()
+    sys.setswitchinterval(1e-6)
+    gc.set_threshold(50, 2, 2)
+    try:
+        threads = [threading.Thread(target=work) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+        gc.set_threshold(*thresholds)
+    assert failures == []
