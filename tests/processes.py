@@ -339,6 +339,29 @@ def run_qm(*args: str, server: str | None = None, env: dict[str, str] | None = N
                           timeout=timeout_s, stdin=None if input is not None else subprocess.DEVNULL)
 
 
+def run_bounded(argv: Sequence[str], timeout_s: float,
+                env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run a command to completion, text output captured, like subprocess.run with a
+    timeout, except that the bound takes its whole tree down: a load/ script starts its
+    own RabbitMQ, PostgreSQL, servers and workers in sessions of their own, and
+    subprocess.run kills only the script, leaving those running for good. On timeout every
+    descendant is SIGKILLed with it, then TimeoutExpired is raised."""
+    with subprocess.Popen(list(argv), env=clean_env(env), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            try:
+                tree = psutil.Process(process.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                tree = []
+            process.kill()
+            kill_all(tree)
+            stdout, stderr = process.communicate()
+            raise subprocess.TimeoutExpired(process.args, timeout_s, stdout, stderr) from None
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
 def kill_all(processes: Iterable[psutil.Process]) -> None:
     for process in processes:
         try:

@@ -11,12 +11,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import pathlib
-import subprocess
 import sys
 
 import pytest
 
-from tests.processes import clean_env, unique
+from tests.processes import run_bounded, unique
 
 BENCH = pathlib.Path(__file__).resolve().parents[2] / "load" / "bench_dispatch.py"
 RUN_TIMEOUT_S = 240
@@ -33,10 +32,8 @@ def _bench_module():
 @pytest.mark.rabbitmq
 def test_dispatch_benchmark_runs_every_task_to_its_right_result_and_prints_every_row(rabbitmq, tmp_path):
     out = tmp_path / "bench.json"
-    result = subprocess.run([sys.executable, str(BENCH), "--quick", "--broker-url", rabbitmq.url,
-                             "--queue", unique("bench"), "--json", str(out)],
-                            env=clean_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
-                            stdin=subprocess.DEVNULL)
+    result = run_bounded([sys.executable, str(BENCH), "--quick", "--broker-url", rabbitmq.url,
+                          "--queue", unique("bench"), "--json", str(out)], RUN_TIMEOUT_S)
     context = f"{result.stdout}\n{result.stderr}"
     assert result.returncode == 0, context
     report = json.loads(out.read_text())

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import pathlib
 import re
-import subprocess
 import sys
 
 import pytest
 
-from tests.processes import clean_env
+from tests.processes import run_bounded
 
 BENCH = pathlib.Path(__file__).resolve().parents[2] / "load" / "bench_groups.py"
 RUN_TIMEOUT_S = 240
@@ -21,8 +20,7 @@ RUN_TIMEOUT_S = 240
 
 @pytest.mark.rabbitmq
 def test_groups_benchmark_runs_and_its_callbacks_see_every_result(rabbitmq):  # the fixture: RabbitMQ is installed
-    result = subprocess.run([sys.executable, str(BENCH), "--members", "20", "--rounds", "1"], env=clean_env(),
-                            capture_output=True, text=True, timeout=RUN_TIMEOUT_S, stdin=subprocess.DEVNULL)
+    result = run_bounded([sys.executable, str(BENCH), "--members", "20", "--rounds", "1"], RUN_TIMEOUT_S)
     context = f"{result.stdout}\n{result.stderr}"
     assert result.returncode == 0, context
     assert re.search(r"round 0: 20 members: submit_many \d+ ms, submit_group \d+ ms; "

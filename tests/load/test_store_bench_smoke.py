@@ -13,15 +13,15 @@ import sys
 
 import pytest
 
-from tests.processes import clean_env
+from tests.processes import run_bounded
 
 LOAD = pathlib.Path(__file__).resolve().parent.parent.parent / "load"
 RUN_TIMEOUT_S = 120
 
 
 def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(LOAD / name), *args], env=clean_env(), capture_output=True,
-                          text=True, timeout=RUN_TIMEOUT_S, stdin=subprocess.DEVNULL)
+    """Run a load/ script, bounded; on timeout nothing it started is left running."""
+    return run_bounded([sys.executable, str(LOAD / name), *args], RUN_TIMEOUT_S)
 
 
 @pytest.mark.rabbitmq
