@@ -410,7 +410,7 @@ class TaskQueueServicer(task_queue_pb2_grpc.TaskQueueServicer):
                 self.service.hub.unfollow(task_id, updates)
 
     async def _read_follow_requests(
-        self, request_iterator, updates: asyncio.Queue, followed: set[str], options: "_StreamOptions"
+        self, request_iterator, updates: asyncio.Queue, followed: set[str], options: _StreamOptions
     ):
         try:
             async for request in request_iterator:

@@ -57,11 +57,10 @@ class Outcomes:
         job: Job | None = None,
         started_at_s: float | None = None,
     ) -> None:
-        """Publish what follows the attempt, each confirmed, and only then `ack()`.
-        `started_at_s`: the run started then and no RUNNING event said so; the outcome
-        event carries it (with the job's limits), and the servers count the start from it."""
-        start = (job, started_at_s) if started_at_s is not None else (None, None)
-        await self._report(message, self._capped(message, outcome), *start)
+        """Publish what follows the attempt, each confirmed, and only then `ack()`. The
+        outcome event carries the job's limits; `started_at_s`: the run started then and no
+        RUNNING event said so, and the servers count the start from the outcome."""
+        await self._report(message, self._capped(message, outcome), job, started_at_s)
         ack()
 
     def _capped(self, message: TaskMessage, outcome: Outcome) -> Outcome:
@@ -162,7 +161,9 @@ class Outcomes:
         outcome: Outcome | None = None,
         job: Job | None = None,
         started_at_s: float | None = None,
+        at_s: float | None = None,
     ) -> TaskEvent:
+        """The event of `state`, dated `at_s` (default now), with the job's limits if given."""
         return TaskEvent(
             message.task_id,
             message.type,
@@ -172,6 +173,7 @@ class Outcomes:
             self.worker_id,
             outcome.result if outcome else b"",
             outcome.error if outcome else "",
+            time.time() if at_s is None else at_s,
             timeout_s=job.timeout_s if job else 0.0,
             memory_limit_mb=job.memory_limit_mb if job else 0,
             started_at_s=started_at_s,

@@ -39,7 +39,6 @@ pool holds N of its P CPU slots while such a task runs (qm/worker/cpu_slots.py).
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import os
 import socket
@@ -59,6 +58,7 @@ from qm.protocol import Header
 from qm.states import TaskState
 from qm.task_progress import Progress
 from qm.worker.acks import AckBatcher
+from qm.worker.announce import StartAnnouncement
 from qm.worker.control import ControlFollower
 from qm.worker.isolation import Isolation
 from qm.worker.outcomes import Outcomes
@@ -289,32 +289,21 @@ class Supervisor:
         # A redelivered task may be what took its last worker down: it runs alone, and its
         # start is on record (confirmed) before it runs, so the servers can count it.
         suspect = delivery.redelivered
-        # Any other start is announced (a RUNNING event) only once the run has lasted
-        # running_event_delay_s: a shorter run's start rides with its outcome event instead
-        # (started_at), one event per task instead of two (docs/architecture.md, "Performance").
-        unannounced_since_s: float | None = None  # wall clock at the start, until announced
-        announce_timer: asyncio.TimerHandle | None = None
-
-        def announce() -> None:
-            nonlocal unannounced_since_s, announce_timer
-            if unannounced_since_s is None:
-                return
-            # at the start, not now: started_at is when the run began, however late it is told
-            running = dataclasses.replace(
-                self.outcomes.event(message, TaskState.RUNNING, job=job), at_s=unannounced_since_s
+        # Any other start may wait to be announced: a short run's start rides with its
+        # outcome event instead (qm/worker/announce.py).
+        announcement = StartAnnouncement(
+            lambda at_s: self._background.spawn(
+                self.outcomes.publish_event(self.outcomes.event(message, TaskState.RUNNING, job=job, at_s=at_s))
             )
-            unannounced_since_s = None
-            if announce_timer is not None:
-                announce_timer.cancel()
-                announce_timer = None
-            self._background.spawn(self.outcomes.publish_event(running))
+        )
+        handler.add_done_callback(lambda _: announcement.end())
 
         def on_progress(update: Progress) -> None:
-            announce()  # a task reporting progress is seen running first
+            announcement.announce()  # a task reporting progress is seen running first
             progress.offer(update)
 
         def on_started() -> None:
-            nonlocal started_at, unannounced_since_s, announce_timer
+            nonlocal started_at
             started_at = time.monotonic()
             ready_s = max(message.enqueued_at_s, message.not_before_s or 0.0)  # a delayed one: once due
             self.metrics.queue_wait_seconds.labels(message.type, str(message.priority)).observe(
@@ -327,14 +316,8 @@ class Supervisor:
                 LONG_TASK_S, lambda: self._observe(time.monotonic() - started_at)
             )
             handler.add_done_callback(lambda _: still_running.cancel())
-            if suspect:
-                return  # announced, confirmed, before it started
-            unannounced_since_s = time.time()
-            if self._defers_announcements:
-                announce_timer = asyncio.get_running_loop().call_later(self.running_event_delay_s, announce)
-                handler.add_done_callback(lambda _: announce_timer.cancel() if announce_timer else None)
-            else:
-                announce()
+            if not suspect:  # a suspect's start was announced, confirmed, before it started
+                announcement.start(self.running_event_delay_s if self._defers_announcements else None)
 
         progress = self.progress.open(message)
         try:
@@ -367,10 +350,8 @@ class Supervisor:
         self.metrics.run_seconds.labels(message.type).observe(run_s)
         if outcome.state in KILL_REASONS:
             self.metrics.kills.labels(KILL_REASONS[outcome.state]).inc()
-        if announce_timer is not None:
-            announce_timer.cancel()
         await self.outcomes.settle(
-            message, outcome, lambda: self._settle(handler, ack=True), job=job, started_at_s=unannounced_since_s
+            message, outcome, lambda: self._settle(handler, ack=True), job=job, started_at_s=announcement.end()
         )
 
     @property
