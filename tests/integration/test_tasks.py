@@ -77,4 +77,6 @@ def test_a_final_only_stream_sends_each_task_once_when_it_ends(stack):
         sent = [(response.status.task_id, TaskState.of_number(response.status.state).name,
                  response.status.result) for response in stream]
 
-    assert sent == [(done, "SUCCEEDED", b"42"), (slow, "SUCCEEDED", b"1.0")], stack.server.logs
+    # One response each, its final state; in which order depends on whether the slow task
+    # had already ended when the stream opened (a loaded host), so the order is not asserted.
+    assert sorted(sent) == sorted([(done, "SUCCEEDED", b"42"), (slow, "SUCCEEDED", b"1.0")]), stack.server.logs
