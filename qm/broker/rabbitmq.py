@@ -89,6 +89,9 @@ class _ConsumerSpec:
     active: bool = True
     amqp_tag: str = ""
     starting: asyncio.Future | None = None  # the basic.consume awaiting its ConsumeOk
+    #: Settlements held while the consumer is swapped for a new prefetch (set_prefetch):
+    #: (ack?, delivery tag, multiple/requeue), sent in order once the old one is cancelled.
+    held_settles: list[tuple[bool, int, bool]] | None = None
 
 
 class RabbitMQBroker(Broker):
@@ -642,7 +645,13 @@ class RabbitMQBroker(Broker):
     async def set_prefetch(self, consumer_tag: str, prefetch: int) -> None:
         """RabbitMQ applies a per-consumer prefetch to new consumers only: set the new QoS,
         start a new consumer on the same channel, then cancel the old one. An exclusive
-        consumer would refuse its own successor, so it is cancelled first instead."""
+        consumer would refuse its own successor, so it is cancelled first instead.
+
+        Acks and nacks of the consumer's deliveries are held until the old consumer is
+        cancelled: each would give the old consumer room for one more delivery, and one
+        the broker sends it in that window reaches a channel that no longer knows the
+        consumer, so RabbitMQ returns it to the queue marked redelivered (a worker runs
+        such a task alone, as a suspect). The swap takes a few broker round trips."""
         spec = self._consumers.get(consumer_tag)
         if spec is None or spec.prefetch == prefetch:
             return
@@ -650,6 +659,16 @@ class RabbitMQBroker(Broker):
         channel = spec.channel
         if not spec.active or channel is None or not channel.is_open:
             return  # applied when the consumer is next started
+        spec.held_settles = []
+        try:
+            await self._swap_consumer(spec, channel, prefetch)
+        finally:
+            held, spec.held_settles = spec.held_settles, None
+            if channel.is_open and spec.channel is channel:  # else the broker requeued them
+                for ack, delivery_tag, flag in held:
+                    self._send_settle(channel, ack, delivery_tag, flag)
+
+    async def _swap_consumer(self, spec: _ConsumerSpec, channel: Any, prefetch: int) -> None:
         old_tag = spec.amqp_tag
         await self._rpc(lambda cb: channel.basic_qos(prefetch_count=prefetch, callback=cb))
         if not spec.exclusive:
@@ -680,14 +699,29 @@ class RabbitMQBroker(Broker):
         return spec.channel if spec.channel.is_open else None
 
     def ack(self, delivery: Delivery, through: bool = False) -> None:
-        channel = self._settle_channel(delivery)
-        if channel is not None:  # one channel per consumer: `multiple` covers only this consumer's
-            channel.basic_ack(delivery.delivery_tag, multiple=through)
+        self._settle(delivery, True, through)
 
     def nack(self, delivery: Delivery, requeue: bool = True) -> None:
+        self._settle(delivery, False, requeue)
+
+    def _settle(self, delivery: Delivery, ack: bool, flag: bool) -> None:
+        """`flag`: an ack's `multiple`, a nack's `requeue`. One channel per consumer, so
+        `multiple` covers only this consumer's deliveries."""
         channel = self._settle_channel(delivery)
-        if channel is not None:
-            channel.basic_nack(delivery.delivery_tag, requeue=requeue)
+        if channel is None:
+            return
+        spec = self._consumers.get(delivery.consumer_tag)
+        if spec is not None and spec.held_settles is not None:
+            spec.held_settles.append((ack, delivery.delivery_tag, flag))
+            return
+        self._send_settle(channel, ack, delivery.delivery_tag, flag)
+
+    @staticmethod
+    def _send_settle(channel: Any, ack: bool, delivery_tag: int, flag: bool) -> None:
+        if ack:
+            channel.basic_ack(delivery_tag, multiple=flag)
+        else:
+            channel.basic_nack(delivery_tag, requeue=flag)
 
 
 def _parameters(

@@ -254,6 +254,42 @@ class BrokerContract:
 
         self.run(scenario)
 
+    def test_lowering_prefetch_while_acking_redelivers_nothing(self):
+        """A worker lowers its prefetch when tasks turn long, while it keeps acking. A
+        delivery the broker sends the old consumer during the swap is a first delivery all
+        the same: it must reach the callback, not come back marked redelivered (a worker
+        reads that as "its last holder may have died of it" and runs it alone)."""
+
+        async def scenario(broker: Broker) -> None:
+            exchange = unique("direct")
+            queue = unique("quorum")
+            await broker.declare_exchange(exchange, "direct")
+            await broker.declare_queue(queue, {"x-queue-type": "quorum"})
+            await broker.bind_queue(queue, exchange, "work")
+            sent = bodies("job", 60)
+            for body in sent:
+                await broker.publish(exchange, "work", body)
+            inbox = Inbox(broker)
+            tag = await broker.consume(queue, inbox, prefetch=8)
+            held = await inbox.take(8)
+
+            async def ack_through_the_swap() -> None:
+                # one ack per loop turn: some land between the new consumer's start and
+                # the old one's cancel-ok, each giving the old consumer room for one more
+                while held:
+                    inbox.ack(held.pop(0))
+                    await asyncio.sleep(0.001)
+
+            await asyncio.gather(broker.set_prefetch(tag, 4), ack_through_the_swap())
+            while len({d.body for d in inbox.received}) < len(sent):
+                inbox.ack(await inbox.next())
+            redelivered = [d.body for d in inbox.received if d.redelivered]
+            assert redelivered == [], f"first deliveries that came back marked redelivered: {redelivered}"
+            assert sorted(d.body for d in inbox.received) == sorted(sent)
+
+        for _ in range(3):  # the swap's window is a few ms: three tries
+            self.run(scenario)
+
     def test_every_consumer_of_a_stream_reads_it_from_the_start(self):
         async def scenario(broker: Broker) -> None:
             exchange, stream = unique("exchange"), unique("stream")
