@@ -456,6 +456,9 @@ class WorkerConfig:
     #: While recent runs are shorter, a run is announced (RUNNING) once it has lasted this
     #: long; a shorter one's start rides with its outcome event. 0 = always at once.
     running_event_delay_s: float = _setting(0.05, _to_float, _at_least(0), _at_most(60))
+    #: Run the supervisor as SCHED_BATCH: its wake-ups do not preempt running tasks
+    #: (qm/worker/sched_policy.py).
+    sched_batch: bool = _setting(True, _to_bool)
     #: The status endpoint's TLS and tokens, as server.tls_* and server.tokens_file.
     status_tls_cert: str = _setting("", _to_str)
     status_tls_key: str = _setting("", _to_str)

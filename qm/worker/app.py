@@ -19,6 +19,7 @@ from qm.logs import setup_logging
 from qm.metrics import serve as serve_metrics
 from qm.security import amqp
 from qm.security.signing import Keyring
+from qm.worker import sched_policy
 from qm.worker.cpu_slots import pinning_cores
 from qm.worker.pool import Pool
 from qm.worker.prefetch import AutoPrefetch, FixedPrefetch
@@ -186,6 +187,8 @@ async def run_worker(config: Config) -> None:
     # Ctrl-C signals the terminal's whole process group. Start the pool (and with it the
     # forkserver) with SIGINT ignored: the forkserver inherits SIG_IGN, so a Ctrl-C during
     # start-up cannot kill it or a child that has not yet left the group.
+    if config.worker.sched_batch:  # before the pool starts: its children take back the original
+        pool.child_sched_policy = sched_policy.yield_to_tasks()
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         await pool.start()

@@ -25,6 +25,7 @@ from qm import cpu_allowance, task_progress
 from qm.errors import PermanentError, QMError, Retry, SoftTimeout
 from qm.registry import Registry, discover
 from qm.worker import procfs
+from qm.worker import sched_policy as worker_sched_policy
 from qm.worker.jobs import Job, Reply, ReplyKind
 from qm.worker.progress import ChildReporter
 
@@ -44,6 +45,7 @@ def child_main(
     die_with_parent: bool = True,
     executor_keys: tuple = (None, 0.0),
     report_idle_rss: bool = False,
+    sched_policy: int | None = None,
 ) -> None:
     """Entry point of a pool child; returns when the supervisor closes the pipe.
 
@@ -53,8 +55,11 @@ def child_main(
     where the parent is the forkserver, which outlives the children by design).
     `executor_keys`: the `python` task type's (Keyring, signature ttl), if enabled.
     `report_idle_rss`: each reply carries this process's RSS after the task (one /proc
-    read), for idle-RSS recycling, which cannot read it later if a next task is queued."""
+    read), for idle-RSS recycling, which cannot read it later if a next task is queued.
+    `sched_policy`: the CPU scheduling policy the worker was started with, for the tasks
+    (the supervisor's own, inherited, is SCHED_BATCH: qm/worker/sched_policy.py)."""
     os.setsid()
+    worker_sched_policy.take_back(sched_policy)
     _watch_lifeline(lifeline)
     if die_with_parent:
         _die_with_parent()

@@ -154,6 +154,9 @@ class Pool:
         #: (qm.security.signing.Keyring | None, signature ttl): handed to each child as it
         #: starts, over the start pipe, never in its environment.
         self.executor_keys = executor_keys
+        #: The CPU scheduling policy each child takes back before it runs tasks, when the
+        #: supervisor gave up its own (qm/worker/sched_policy.py); None: as inherited.
+        self.child_sched_policy: int | None = None
         self._context = multiprocessing.get_context(start_method)
         self._forkserver = start_method == "forkserver"
         if self._forkserver:
@@ -193,6 +196,7 @@ class Pool:
                 self._forkserver,
                 self.executor_keys,
                 self.max_idle_rss_mb > 0,
+                self.child_sched_policy,
             ),
             name=f"qm-child-{index}",
             daemon=True,

@@ -585,3 +585,26 @@ def test_cpu_bound_task_longer_than_heartbeats_keeps_the_connection(rabbitmq, la
         assert status.attempts == 1
         assert "lost connection" not in r.worker.stderr, r.worker.logs
         assert_worker_carries_on(r, "after a long CPU-bound task")
+
+
+def policy(pid: int) -> int:
+    """A process's scheduling policy, without the reset-on-fork flag."""
+    return os.sched_getscheduler(pid) & ~os.SCHED_RESET_ON_FORK
+
+
+@pytest.mark.parametrize("setting, supervisor_policy", [
+    (None, os.SCHED_BATCH),  # the default
+    ("false", os.SCHED_OTHER),
+])
+def test_the_supervisor_yields_to_tasks_and_the_tasks_keep_the_default_policy(rabbitmq, launcher, setting,
+                                                                               supervisor_policy):
+    """By default the supervisor runs as SCHED_BATCH, so a child's reply does not make it
+    preempt a running task (qm/worker/sched_policy.py); worker.sched_batch false keeps the
+    default policy. Either way the child that runs the tasks has the default policy."""
+    env = {"QM_WORKER__SCHED_BATCH": setting} if setting else None
+    with rig(rabbitmq, launcher, worker_env=env) as r:
+        task_pid = child_pid(r)
+
+        assert policy(r.worker.pid) == supervisor_policy, r.worker.logs
+        assert policy(task_pid) == os.SCHED_OTHER
+        assert_worker_carries_on(r)
