@@ -92,6 +92,8 @@ class _ConsumerSpec:
     #: Settlements held while the consumer is swapped for a new prefetch (set_prefetch):
     #: (ack?, delivery tag, multiple/requeue), sent in order once the old one is cancelled.
     held_settles: list[tuple[bool, int, bool]] | None = None
+    #: One prefetch change at a time (a second waits, then applies the latest value).
+    swapping: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
 
 
 class RabbitMQBroker(Broker):
@@ -651,22 +653,26 @@ class RabbitMQBroker(Broker):
         cancelled: each would give the old consumer room for one more delivery, and one
         the broker sends it in that window reaches a channel that no longer knows the
         consumer, so RabbitMQ returns it to the queue marked redelivered (a worker runs
-        such a task alone, as a suspect). The swap takes a few broker round trips."""
+        such a task alone, as a suspect). The swap takes a few broker round trips; a
+        change asked for meanwhile waits for it, then applies its own value."""
         spec = self._consumers.get(consumer_tag)
-        if spec is None or spec.prefetch == prefetch:
+        if spec is None:
             return
-        spec.prefetch = prefetch
-        channel = spec.channel
-        if not spec.active or channel is None or not channel.is_open:
-            return  # applied when the consumer is next started
-        spec.held_settles = []
-        try:
-            await self._swap_consumer(spec, channel, prefetch)
-        finally:
-            held, spec.held_settles = spec.held_settles, None
-            if channel.is_open and spec.channel is channel:  # else the broker requeued them
-                for ack, delivery_tag, flag in held:
-                    self._send_settle(channel, ack, delivery_tag, flag)
+        async with spec.swapping:
+            if spec.prefetch == prefetch:
+                return
+            spec.prefetch = prefetch
+            channel = spec.channel
+            if not spec.active or channel is None or not channel.is_open:
+                return  # applied when the consumer is next started
+            spec.held_settles = []
+            try:
+                await self._swap_consumer(spec, channel, prefetch)
+            finally:
+                held, spec.held_settles = spec.held_settles, None
+                if channel.is_open and spec.channel is channel:  # else the broker requeued them
+                    for ack, delivery_tag, flag in held:
+                        self._send_settle(channel, ack, delivery_tag, flag)
 
     async def _swap_consumer(self, spec: _ConsumerSpec, channel: Any, prefetch: int) -> None:
         old_tag = spec.amqp_tag

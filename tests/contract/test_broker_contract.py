@@ -290,6 +290,57 @@ class BrokerContract:
         for _ in range(3):  # the swap's window is a few ms: three tries
             self.run(scenario)
 
+    def test_prefetch_changes_that_overlap_end_at_the_last_one(self):
+        """A worker may change its prefetch again before the last change is done (tasks
+        turning long drop it twice). The consumer ends with the last value, no ack is
+        lost on the way, and nothing comes back redelivered."""
+
+        async def scenario(broker: Broker) -> None:
+            exchange = unique("direct")
+            queue = unique("quorum")
+            await broker.declare_exchange(exchange, "direct")
+            await broker.declare_queue(queue, {"x-queue-type": "quorum"})
+            await broker.bind_queue(queue, exchange, "work")
+            sent = bodies("job", 40)
+            for body in sent:
+                await broker.publish(exchange, "work", body)
+            inbox = Inbox(broker)
+            tag = await broker.consume(queue, inbox, prefetch=8)
+            held = await inbox.take(8)
+
+            async def ack_held() -> None:
+                while held:
+                    inbox.ack(held.pop(0))
+                    await asyncio.sleep(0.001)
+
+            async def lower_twice() -> None:
+                first = asyncio.ensure_future(broker.set_prefetch(tag, 4))
+                await asyncio.sleep(0)
+                await asyncio.gather(first, broker.set_prefetch(tag, 2))
+
+            await asyncio.gather(lower_twice(), ack_held())
+            # what each consumer got during the changes is in hand: ack it all; from then on
+            # the consumer holds no more than the last prefetch
+            for delivery in inbox.received[inbox.settled:]:
+                inbox.ack(delivery)
+            await until(lambda: len(inbox.received) - inbox.settled >= 2, "deliveries after the changes")
+            await asyncio.sleep(0.5)  # room for any delivery beyond the prefetch to arrive
+            assert len(inbox.received) - inbox.settled == 2, (
+                f"{len(inbox.received) - inbox.settled} unacked deliveries in hand at prefetch 2")
+
+            def all_in() -> bool:
+                return len({d.body for d in inbox.received}) >= len(sent)
+
+            while not all_in():
+                for delivery in inbox.received[inbox.settled:]:
+                    inbox.ack(delivery)
+                await until(lambda: all_in() or len(inbox.received) > inbox.settled, "the next delivery")
+            redelivered = [d.body for d in inbox.received if d.redelivered]
+            assert redelivered == [], f"first deliveries that came back marked redelivered: {redelivered}"
+            assert sorted(d.body for d in inbox.received) == sorted(sent)
+
+        self.run(scenario)
+
     def test_every_consumer_of_a_stream_reads_it_from_the_start(self):
         async def scenario(broker: Broker) -> None:
             exchange, stream = unique("exchange"), unique("stream")
