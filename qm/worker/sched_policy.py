@@ -40,5 +40,9 @@ def yield_to_tasks() -> int | None:
 
 def take_back(policy: int | None) -> None:
     """In a child: the worker's original policy (`yield_to_tasks`'s result), for its tasks."""
-    if policy is not None:
+    if policy is None:
+        return
+    try:
         os.sched_setscheduler(0, policy, os.sched_param(0))
+    except OSError as exc:  # the tasks then run as SCHED_BATCH too: slower to wake, never wrong
+        log.warning("could not give a child back its scheduling policy %d (%s)", policy, exc)
