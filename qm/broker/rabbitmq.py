@@ -698,12 +698,6 @@ class RabbitMQBroker(Broker):
         if spec.channel is not None and spec.channel.is_open:
             await self._rpc(lambda cb: spec.channel.basic_cancel(spec.amqp_tag, callback=cb))
 
-    def _settle_channel(self, delivery: Delivery) -> Any:
-        spec = self._consumers.get(delivery.consumer_tag)
-        if spec is None or spec.channel is None or spec.generation != delivery.channel_generation:
-            return None
-        return spec.channel if spec.channel.is_open else None
-
     def ack(self, delivery: Delivery, through: bool = False) -> None:
         self._settle(delivery, True, through)
 
@@ -711,16 +705,18 @@ class RabbitMQBroker(Broker):
         self._settle(delivery, False, requeue)
 
     def _settle(self, delivery: Delivery, ack: bool, flag: bool) -> None:
-        """`flag`: an ack's `multiple`, a nack's `requeue`. One channel per consumer, so
-        `multiple` covers only this consumer's deliveries."""
-        channel = self._settle_channel(delivery)
-        if channel is None:
-            return
+        """`flag`: an ack's `multiple`, a nack's `requeue`. On the delivery's own channel
+        (one per consumer, so `multiple` covers only this consumer's deliveries), unless
+        that channel is gone (the broker requeued it); held during a prefetch swap."""
         spec = self._consumers.get(delivery.consumer_tag)
-        if spec is not None and spec.held_settles is not None:
+        if spec is None or spec.channel is None or spec.generation != delivery.channel_generation:
+            return
+        if not spec.channel.is_open:
+            return
+        if spec.held_settles is not None:
             spec.held_settles.append((ack, delivery.delivery_tag, flag))
             return
-        self._send_settle(channel, ack, delivery.delivery_tag, flag)
+        self._send_settle(spec.channel, ack, delivery.delivery_tag, flag)
 
     @staticmethod
     def _send_settle(channel: Any, ack: bool, delivery_tag: int, flag: bool) -> None:

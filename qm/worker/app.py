@@ -184,11 +184,11 @@ async def run_worker(config: Config) -> None:
     signals: asyncio.Queue[int] = asyncio.Queue()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, signals.put_nowait, signal.SIGTERM)
+    if config.worker.sched_batch:  # before the pool starts: its children take back the original
+        pool.child_sched_policy = sched_policy.yield_to_tasks()
     # Ctrl-C signals the terminal's whole process group. Start the pool (and with it the
     # forkserver) with SIGINT ignored: the forkserver inherits SIG_IGN, so a Ctrl-C during
     # start-up cannot kill it or a child that has not yet left the group.
-    if config.worker.sched_batch:  # before the pool starts: its children take back the original
-        pool.child_sched_policy = sched_policy.yield_to_tasks()
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         await pool.start()

@@ -76,6 +76,21 @@ class Inbox:
 Scenario = Callable[[Broker], Awaitable[None]]
 
 
+async def ack_one_per_turn(inbox: Inbox, held: list[Delivery]) -> None:
+    """Ack `held` one delivery per loop turn (about a millisecond apart)."""
+    for delivery in held:
+        inbox.ack(delivery)
+        await asyncio.sleep(0.001)
+
+
+def assert_each_once_none_redelivered(inbox: Inbox, sent: list[bytes]) -> None:
+    """Every message in `sent` reached the consumer once, and none came back redelivered
+    (a worker would run such a first delivery alone, as a poison suspect)."""
+    redelivered = [d.body for d in inbox.received if d.redelivered]
+    assert redelivered == [], f"first deliveries that came back marked redelivered: {redelivered}"
+    assert sorted(d.body for d in inbox.received) == sorted(sent)
+
+
 async def until(condition: Callable[[], object], what: str, timeout_s: float = WAIT_S) -> None:
     """Wait (bounded) until `condition()` holds; for states no callback announces."""
     deadline = time.monotonic() + timeout_s
@@ -141,6 +156,19 @@ class BrokerContract:
         await broker.declare_queue(queue)
         await broker.bind_queue(queue, exchange, routing_key)
         return exchange, queue
+
+    @staticmethod
+    async def consuming_eight_of(broker: Broker, sent: list[bytes]) -> tuple["Inbox", str, list[Delivery]]:
+        """`sent` on a fresh quorum queue, a consumer at prefetch 8, and the 8 it holds."""
+        exchange, queue = unique("direct"), unique("quorum")
+        await broker.declare_exchange(exchange, "direct")
+        await broker.declare_queue(queue, {"x-queue-type": "quorum"})
+        await broker.bind_queue(queue, exchange, "work")
+        for body in sent:
+            await broker.publish(exchange, "work", body)
+        inbox = Inbox(broker)
+        tag = await broker.consume(queue, inbox, prefetch=8)
+        return inbox, tag, await inbox.take(8)
 
     # -- 1. direct routing --------------------------------------------------------------
 
@@ -261,31 +289,15 @@ class BrokerContract:
         reads that as "its last holder may have died of it" and runs it alone)."""
 
         async def scenario(broker: Broker) -> None:
-            exchange = unique("direct")
-            queue = unique("quorum")
-            await broker.declare_exchange(exchange, "direct")
-            await broker.declare_queue(queue, {"x-queue-type": "quorum"})
-            await broker.bind_queue(queue, exchange, "work")
             sent = bodies("job", 60)
-            for body in sent:
-                await broker.publish(exchange, "work", body)
-            inbox = Inbox(broker)
-            tag = await broker.consume(queue, inbox, prefetch=8)
-            held = await inbox.take(8)
+            inbox, tag, held = await self.consuming_eight_of(broker, sent)
 
-            async def ack_through_the_swap() -> None:
-                # one ack per loop turn: some land between the new consumer's start and
-                # the old one's cancel-ok, each giving the old consumer room for one more
-                while held:
-                    inbox.ack(held.pop(0))
-                    await asyncio.sleep(0.001)
-
-            await asyncio.gather(broker.set_prefetch(tag, 4), ack_through_the_swap())
+            # some acks land between the new consumer's start and the old one's cancel-ok,
+            # each giving the old consumer room for one more delivery
+            await asyncio.gather(broker.set_prefetch(tag, 4), ack_one_per_turn(inbox, held))
             while len({d.body for d in inbox.received}) < len(sent):
                 inbox.ack(await inbox.next())
-            redelivered = [d.body for d in inbox.received if d.redelivered]
-            assert redelivered == [], f"first deliveries that came back marked redelivered: {redelivered}"
-            assert sorted(d.body for d in inbox.received) == sorted(sent)
+            assert_each_once_none_redelivered(inbox, sent)
 
         for _ in range(3):  # the swap's window is a few ms: three tries
             self.run(scenario)
@@ -296,29 +308,15 @@ class BrokerContract:
         lost on the way, and nothing comes back redelivered."""
 
         async def scenario(broker: Broker) -> None:
-            exchange = unique("direct")
-            queue = unique("quorum")
-            await broker.declare_exchange(exchange, "direct")
-            await broker.declare_queue(queue, {"x-queue-type": "quorum"})
-            await broker.bind_queue(queue, exchange, "work")
             sent = bodies("job", 40)
-            for body in sent:
-                await broker.publish(exchange, "work", body)
-            inbox = Inbox(broker)
-            tag = await broker.consume(queue, inbox, prefetch=8)
-            held = await inbox.take(8)
-
-            async def ack_held() -> None:
-                while held:
-                    inbox.ack(held.pop(0))
-                    await asyncio.sleep(0.001)
+            inbox, tag, held = await self.consuming_eight_of(broker, sent)
 
             async def lower_twice() -> None:
                 first = asyncio.ensure_future(broker.set_prefetch(tag, 4))
                 await asyncio.sleep(0)
                 await asyncio.gather(first, broker.set_prefetch(tag, 2))
 
-            await asyncio.gather(lower_twice(), ack_held())
+            await asyncio.gather(lower_twice(), ack_one_per_turn(inbox, held))
             # what each consumer got during the changes is in hand: ack it all; from then on
             # the consumer holds no more than the last prefetch
             for delivery in inbox.received[inbox.settled:]:
@@ -335,9 +333,7 @@ class BrokerContract:
                 for delivery in inbox.received[inbox.settled:]:
                     inbox.ack(delivery)
                 await until(lambda: all_in() or len(inbox.received) > inbox.settled, "the next delivery")
-            redelivered = [d.body for d in inbox.received if d.redelivered]
-            assert redelivered == [], f"first deliveries that came back marked redelivered: {redelivered}"
-            assert sorted(d.body for d in inbox.received) == sorted(sent)
+            assert_each_once_none_redelivered(inbox, sent)
 
         self.run(scenario)
 
