@@ -397,17 +397,21 @@ class Supervisor:
 
     def _release_excess(self, prefetch: int) -> None:
         """Tasks turned long: give back deliveries buffered beyond the new prefetch, so an
-        idle worker can take them now. A redelivered one stays (it would only go back as a
-        suspect again, and on a quorum queue each return counts toward its delivery limit)."""
-        single = [
-            handler for handler, delivery in self._unsettled.items() if delivery.consumer_tag not in self._size_tags
-        ]
-        committed = sum(1 for handler in single if handler not in self._waiting)
-        room = max(0, prefetch * len(self._consumer_tags) - committed)
-        waiting = [handler for handler in single if handler in self._waiting]
-        # the highest priorities stay (stable: the oldest of a priority first)
-        waiting.sort(key=lambda handler: -priority_of_body(self._unsettled[handler].body))
-        released = [handler for handler in waiting[room:] if not self._unsettled[handler].redelivered]
+        idle worker can take them now. Counted per band consumer, as RabbitMQ counts them
+        (basic.qos per consumer): each keeps its running deliveries and, while they are fewer
+        than `prefetch`, its waiting ones of the highest priority. A redelivered one stays
+        (it would only go back as a suspect again, and on a quorum queue each return counts
+        toward its delivery limit). On RabbitMQ the consumer swapped in at the lower prefetch
+        counts only its own deliveries, so until the running ones end it may take up to
+        `prefetch` more (qm/broker/rabbitmq.py `set_prefetch`)."""
+        released: list[asyncio.Task] = []
+        for tag in self._consumer_tags:
+            held = [handler for handler, delivery in self._unsettled.items() if delivery.consumer_tag == tag]
+            waiting = [handler for handler in held if handler in self._waiting]
+            room = max(0, prefetch - (len(held) - len(waiting)))
+            # the highest priorities stay (stable: the oldest of a priority first)
+            waiting.sort(key=lambda handler: -priority_of_body(self._unsettled[handler].body))
+            released += [handler for handler in waiting[room:] if not self._unsettled[handler].redelivered]
         if released:
             log.info(
                 "prefetch dropped: giving back %d waiting deliveries (tasks %s)",

@@ -133,3 +133,56 @@ def test_fixed_prefetch_never_changes(value):
     for duration in (SHORT_S, MODERATE_S, LONG_S, 0.0, 1000.0):
         assert feed(policy, duration, 10) == []
         assert policy.value == value
+
+
+def test_a_prefetch_drop_gives_back_every_delivery_waiting_beyond_it(tmp_path, caplog):
+    """A worker with one child at 4 deliveries per child holds four long tasks: one runs,
+    three wait. Once the running one has lasted LONG_TASK_S the prefetch drops to one per
+    child, and each band consumer may keep only that many: all three waiting deliveries go
+    back to the queue, as copies an idle worker can take (not redelivered). Counted across
+    the three band consumers of the queue instead, two would stay hoarded behind the run."""
+    import asyncio
+    import re
+
+    from qm.worker.pool import Pool
+    from qm.worker.supervisor import Supervisor
+    from tests.unit.aio import run, within
+    from tests.unit.harness import WORK_QUEUE, server
+
+    bound_s = 30.0
+
+    async def until(condition, what: str) -> None:
+        deadline = asyncio.get_running_loop().time() + bound_s
+        while not condition():
+            assert asyncio.get_running_loop().time() < deadline, f"no {what} within {bound_s} s"
+            await asyncio.sleep(0.02)
+
+    def given_back() -> int | None:
+        found = re.search(r"giving back (\d+) waiting deliveries", caplog.text)
+        return int(found.group(1)) if found else None
+
+    async def body():
+        async with server(tmp_path) as parts:
+            pool = Pool(1, "forkserver")
+            await pool.start()
+            prefetch = AutoPrefetch(1)
+            prefetch.level = 2  # short tasks came before: 4 per child
+            supervisor = Supervisor(parts.broker, pool, "w1", ["default"], prefetch=prefetch)
+            await supervisor.start()
+            try:
+                for _ in range(4):
+                    await parts.service.submit("test.sleep", b"30")
+                await until(lambda: given_back() is not None, "prefetch drop")
+                await until(lambda: parts.broker.queue_depth(WORK_QUEUE) == given_back(), "copies in the queue")
+                queued = list(parts.broker._queues[WORK_QUEUE])
+                return given_back(), prefetch.value, len(supervisor._unsettled), [m.redelivered for m in queued]
+            finally:
+                await within(supervisor.stop(drain_timeout_s=0.5), bound_s)
+                await within(pool.stop(), bound_s)
+
+    with caplog.at_level("INFO", logger="qm.worker.supervisor"):
+        released, new_prefetch, still_held, redelivered = run(body)
+    assert new_prefetch == 1
+    assert released == 3, caplog.text
+    assert still_held == 1  # the running task
+    assert redelivered == [False, False, False]
