@@ -1,11 +1,19 @@
 """Adaptive prefetch (qm.worker.prefetch): one delivery per child while tasks are long, more
 as they get shorter (2 per child for moderate tasks, 4 for very short ones), without
-flapping around a threshold; `--prefetch N` never changes."""
+flapping around a threshold; `--prefetch N` never changes. When it drops, the worker gives
+back what waits beyond it (over the in-memory broker, with a real pool)."""
 from __future__ import annotations
+
+import asyncio
+import re
 
 import pytest
 
+from qm.worker.pool import Pool
 from qm.worker.prefetch import AutoPrefetch, FixedPrefetch
+from qm.worker.supervisor import Supervisor
+from tests.unit.aio import run, within
+from tests.unit.harness import WORK_QUEUE, server
 
 SHORT_S = 0.01
 MODERATE_S = 0.2
@@ -141,14 +149,6 @@ def test_a_prefetch_drop_gives_back_every_delivery_waiting_beyond_it(tmp_path, c
     child, and each band consumer may keep only that many: all three waiting deliveries go
     back to the queue, as copies an idle worker can take (not redelivered). Counted across
     the three band consumers of the queue instead, two would stay hoarded behind the run."""
-    import asyncio
-    import re
-
-    from qm.worker.pool import Pool
-    from qm.worker.supervisor import Supervisor
-    from tests.unit.aio import run, within
-    from tests.unit.harness import WORK_QUEUE, server
-
     bound_s = 30.0
 
     async def until(condition, what: str) -> None:
