@@ -138,6 +138,11 @@ class Broker(abc.ABC):
     def nack(self, delivery: Delivery, requeue: bool = True) -> None:
         """Return the delivery to its queue (requeue) or drop it."""
 
+    @abc.abstractmethod
+    def settleable(self, delivery: Delivery) -> bool:
+        """Whether an ack or nack of the delivery still reaches the broker: False once its
+        channel is gone (the broker requeued the delivery itself, marked redelivered)."""
+
 
 #: Longest wait for the broker to come back before trying a publish again.
 REPUBLISH_WAIT_S = 5.0

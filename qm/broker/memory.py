@@ -200,6 +200,9 @@ class MemoryBroker(Broker):
                 self._queues[consumer.queue].appendleft(message)
             self._schedule_dispatch(consumer.queue)
 
+    def settleable(self, delivery: Delivery) -> bool:
+        return self.connected and self._settle_target(delivery) is not None
+
     def queue_depth(self, queue: str) -> int:
         """Messages ready in a queue (not counting unacked ones)."""
         return len(self._queues[queue])

@@ -704,6 +704,15 @@ class RabbitMQBroker(Broker):
     def nack(self, delivery: Delivery, requeue: bool = True) -> None:
         self._settle(delivery, False, requeue)
 
+    def settleable(self, delivery: Delivery) -> bool:
+        spec = self._consumers.get(delivery.consumer_tag)
+        return (
+            spec is not None
+            and spec.channel is not None
+            and spec.generation == delivery.channel_generation
+            and spec.channel.is_open
+        )
+
     def _settle(self, delivery: Delivery, ack: bool, flag: bool) -> None:
         """`flag`: an ack's `multiple`, a nack's `requeue`. On the delivery's own channel
         (one per consumer, so `multiple` covers only this consumer's deliveries), unless

@@ -14,7 +14,7 @@ import uuid
 from typing import Callable
 
 from qm.broker import topology
-from qm.broker.base import Broker, Delivery
+from qm.broker.base import Broker, Delivery, publish_until_confirmed
 from qm.protocol import Command, Control
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,9 @@ class ControlFollower:
         cancels = await topology.declare_cancel_stream(self.broker)
         self.tag = await self.broker.consume(cancels, self._on_delivery, CONTROL_PREFETCH, topology.FROM_STREAM_START)
         body, headers = Control(Command.MARKER, self._marker).encode()
-        await self.broker.publish(topology.CONTROL_EXCHANGE, "", body, headers)
+        # Waits out a connection lost meanwhile (a cluster node going away as the worker
+        # starts): the consumer is replayed on the next node, and the marker follows it.
+        await publish_until_confirmed(self.broker, topology.CONTROL_EXCHANGE, "", body, headers, "cancel-stream marker")
         try:
             await asyncio.wait_for(self._caught_up.wait(), catch_up_timeout_s)
         except asyncio.TimeoutError:

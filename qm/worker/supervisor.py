@@ -401,9 +401,11 @@ class Supervisor:
         (basic.qos per consumer): each keeps its running deliveries and, while they are fewer
         than `prefetch`, its waiting ones of the highest priority. A redelivered one stays
         (it would only go back as a suspect again, and on a quorum queue each return counts
-        toward its delivery limit). On RabbitMQ the consumer swapped in at the lower prefetch
-        counts only its own deliveries, so until the running ones end it may take up to
-        `prefetch` more (qm/broker/rabbitmq.py `set_prefetch`)."""
+        toward its delivery limit). So does one whose channel is gone: its copy could not be
+        published, and it still runs here, whatever the broker did with it (a node killed
+        mid-swap left one task nowhere else: tests/cluster/test_broker_failover.py). On
+        RabbitMQ the consumer swapped in at the lower prefetch counts only its own
+        deliveries, so until the running ones end it may take up to `prefetch` more."""
         released: list[asyncio.Task] = []
         for tag in self._consumer_tags:
             held = [handler for handler, delivery in self._unsettled.items() if delivery.consumer_tag == tag]
@@ -411,7 +413,11 @@ class Supervisor:
             room = max(0, prefetch - (len(held) - len(waiting)))
             # the highest priorities stay (stable: the oldest of a priority first)
             waiting.sort(key=lambda handler: -priority_of_body(self._unsettled[handler].body))
-            released += [handler for handler in waiting[room:] if not self._unsettled[handler].redelivered]
+            released += [
+                handler
+                for handler in waiting[room:]
+                if not self._unsettled[handler].redelivered and self.broker.settleable(self._unsettled[handler])
+            ]
         if released:
             log.info(
                 "prefetch dropped: giving back %d waiting deliveries (tasks %s)",
