@@ -186,3 +186,38 @@ def test_a_prefetch_drop_gives_back_every_delivery_waiting_beyond_it(tmp_path, c
     assert released == 3, caplog.text
     assert still_held == 1  # the running task
     assert redelivered == [False, False, False]
+
+
+def test_deliveries_of_a_lost_channel_are_not_given_back_but_still_run_here(tmp_path, caplog):
+    """The connection goes as the prefetch drops: the broker requeued what the channel
+    held, and no copy can be published. Given back, a waiting task would depend on the
+    broker alone to run again (RabbitMQ 3.10 once lost one on a node kill); kept, it runs
+    here as it would have."""
+    bound_s = 30.0
+
+    async def body():
+        async with server(tmp_path) as parts:
+            pool = Pool(1, "forkserver")
+            await pool.start()
+            prefetch = AutoPrefetch(1)
+            prefetch.level = 2  # 4 per child: all four tasks are delivered to this worker
+            supervisor = Supervisor(parts.broker, pool, "w1", ["default"], prefetch=prefetch)
+            await supervisor.start()
+            try:
+                for _ in range(4):
+                    await parts.service.submit("test.sleep", b"30")
+                deadline = asyncio.get_running_loop().time() + bound_s
+                while len(supervisor._unsettled) < 4 or parts.broker.queue_depth(WORK_QUEUE):
+                    assert asyncio.get_running_loop().time() < deadline, "four deliveries held"
+                    await asyncio.sleep(0.02)
+                parts.broker._drop_connection()  # the node goes away
+                supervisor._release_excess(1)
+                return len(supervisor._unsettled)
+            finally:
+                await within(supervisor.stop(drain_timeout_s=0.5), bound_s)
+                await within(pool.stop(), bound_s)
+
+    with caplog.at_level("INFO", logger="qm.worker.supervisor"):
+        held = run(body)
+    assert "giving back" not in caplog.text
+    assert held == 4
