@@ -54,6 +54,9 @@ def test_kill_9_mid_progress_reruns_the_task_to_one_terminal_state(rabbitmq, lau
     assert rerun and rerun[0].progress_at is None, (updates, logs)
     fractions = [status.progress for status in rerun if status.progress_at is not None]
     assert fractions == sorted(fractions), (updates, logs)
+    # The rescuer logs the outcome before it publishes it; the line may still be on its way
+    # through the pipe to this test on a busy machine.
+    rescuer.wait_for_line(rf"task {task_id} \(test\.progress\) attempt \d+: SUCCEEDED", ORPHAN_TIMEOUT_S)
     done = [run for run in executions(workers) if run.task_id == task_id]
     assert [(run.worker, run.state) for run in done] == [(rescuer.name, "SUCCEEDED")], logs
     print(f"[faults] progress kill -9: {len(updates)} statuses streamed, {len(fractions)} progress "
