@@ -201,7 +201,7 @@ class MemoryBroker(Broker):
             self._schedule_dispatch(consumer.queue)
 
     def settleable(self, delivery: Delivery) -> bool:
-        return self.connected and self._settle_target(delivery) is not None
+        return self._settle_target(delivery) is not None  # none once the connection dropped
 
     def queue_depth(self, queue: str) -> int:
         """Messages ready in a queue (not counting unacked ones)."""

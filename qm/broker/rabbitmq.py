@@ -705,22 +705,21 @@ class RabbitMQBroker(Broker):
         self._settle(delivery, False, requeue)
 
     def settleable(self, delivery: Delivery) -> bool:
+        return self._live_spec(delivery) is not None
+
+    def _live_spec(self, delivery: Delivery) -> _ConsumerSpec | None:
+        """The delivery's consumer, if the channel it came on is still its open channel."""
         spec = self._consumers.get(delivery.consumer_tag)
-        return (
-            spec is not None
-            and spec.channel is not None
-            and spec.generation == delivery.channel_generation
-            and spec.channel.is_open
-        )
+        if spec is None or spec.channel is None or spec.generation != delivery.channel_generation:
+            return None
+        return spec if spec.channel.is_open else None
 
     def _settle(self, delivery: Delivery, ack: bool, flag: bool) -> None:
         """`flag`: an ack's `multiple`, a nack's `requeue`. On the delivery's own channel
         (one per consumer, so `multiple` covers only this consumer's deliveries), unless
         that channel is gone (the broker requeued it); held during a prefetch swap."""
-        spec = self._consumers.get(delivery.consumer_tag)
-        if spec is None or spec.channel is None or spec.generation != delivery.channel_generation:
-            return
-        if not spec.channel.is_open:
+        spec = self._live_spec(delivery)
+        if spec is None:
             return
         if spec.held_settles is not None:
             spec.held_settles.append((ack, delivery.delivery_tag, flag))

@@ -406,9 +406,14 @@ class Supervisor:
         mid-swap left one task nowhere else: tests/cluster/test_broker_failover.py). On
         RabbitMQ the consumer swapped in at the lower prefetch counts only its own
         deliveries, so until the running ones end it may take up to `prefetch` more."""
+        # per band consumer (the multi-CPU sizes' consumers keep their fixed prefetch)
+        held_by: dict[str, list[asyncio.Task]] = {tag: [] for tag in self._consumer_tags}
+        for handler, delivery in self._unsettled.items():
+            held = held_by.get(delivery.consumer_tag)
+            if held is not None:
+                held.append(handler)
         released: list[asyncio.Task] = []
-        for tag in self._consumer_tags:
-            held = [handler for handler, delivery in self._unsettled.items() if delivery.consumer_tag == tag]
+        for held in held_by.values():
             waiting = [handler for handler in held if handler in self._waiting]
             room = max(0, prefetch - (len(held) - len(waiting)))
             # the highest priorities stay (stable: the oldest of a priority first)

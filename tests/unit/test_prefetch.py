@@ -5,6 +5,7 @@ back what waits beyond it (over the in-memory broker, with a real pool)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 
 import pytest
@@ -143,42 +144,55 @@ def test_fixed_prefetch_never_changes(value):
         assert policy.value == value
 
 
+#: Bound on each wait of the give-back scenarios (real children on a busy machine).
+HELD_BOUND_S = 30.0
+
+
+async def until(condition, what: str) -> None:
+    """Wait (bounded) until condition() holds."""
+    deadline = asyncio.get_running_loop().time() + HELD_BOUND_S
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, f"no {what} within {HELD_BOUND_S} s"
+        await asyncio.sleep(0.02)
+
+
+@contextlib.asynccontextmanager
+async def four_long_tasks_held(tmp_path, prefetch):
+    """A one-child worker on the in-memory broker, four 30 s tasks submitted to it (at 4 per
+    child it takes them all; one runs); yields (system parts, supervisor)."""
+    async with server(tmp_path) as parts:
+        pool = Pool(1, "forkserver")
+        await pool.start()
+        supervisor = Supervisor(parts.broker, pool, "w1", ["default"], prefetch=prefetch)
+        await supervisor.start()
+        try:
+            for _ in range(4):
+                await parts.service.submit("test.sleep", b"30")
+            yield parts, supervisor
+        finally:
+            await within(supervisor.stop(drain_timeout_s=0.5), HELD_BOUND_S)
+            await within(pool.stop(), HELD_BOUND_S)
+
+
 def test_a_prefetch_drop_gives_back_every_delivery_waiting_beyond_it(tmp_path, caplog):
     """A worker with one child at 4 deliveries per child holds four long tasks: one runs,
     three wait. Once the running one has lasted LONG_TASK_S the prefetch drops to one per
     child, and each band consumer may keep only that many: all three waiting deliveries go
     back to the queue, as copies an idle worker can take (not redelivered). Counted across
     the three band consumers of the queue instead, two would stay hoarded behind the run."""
-    bound_s = 30.0
-
-    async def until(condition, what: str) -> None:
-        deadline = asyncio.get_running_loop().time() + bound_s
-        while not condition():
-            assert asyncio.get_running_loop().time() < deadline, f"no {what} within {bound_s} s"
-            await asyncio.sleep(0.02)
 
     def given_back() -> int | None:
         found = re.search(r"giving back (\d+) waiting deliveries", caplog.text)
         return int(found.group(1)) if found else None
 
     async def body():
-        async with server(tmp_path) as parts:
-            pool = Pool(1, "forkserver")
-            await pool.start()
-            prefetch = AutoPrefetch(1)
-            prefetch.level = 2  # short tasks came before: 4 per child
-            supervisor = Supervisor(parts.broker, pool, "w1", ["default"], prefetch=prefetch)
-            await supervisor.start()
-            try:
-                for _ in range(4):
-                    await parts.service.submit("test.sleep", b"30")
-                await until(lambda: given_back() is not None, "prefetch drop")
-                await until(lambda: parts.broker.queue_depth(WORK_QUEUE) == given_back(), "copies in the queue")
-                queued = list(parts.broker._queues[WORK_QUEUE])
-                return given_back(), prefetch.value, len(supervisor._unsettled), [m.redelivered for m in queued]
-            finally:
-                await within(supervisor.stop(drain_timeout_s=0.5), bound_s)
-                await within(pool.stop(), bound_s)
+        prefetch = AutoPrefetch(1)
+        prefetch.level = 2  # short tasks came before: 4 per child
+        async with four_long_tasks_held(tmp_path, prefetch) as (parts, supervisor):
+            await until(lambda: given_back() is not None, "prefetch drop")
+            await until(lambda: parts.broker.queue_depth(WORK_QUEUE) == given_back(), "copies in the queue")
+            queued = list(parts.broker._queues[WORK_QUEUE])
+            return given_back(), prefetch.value, len(supervisor._unsettled), [m.redelivered for m in queued]
 
     with caplog.at_level("INFO", logger="qm.worker.supervisor"):
         released, new_prefetch, still_held, redelivered = run(body)
@@ -192,30 +206,14 @@ def test_deliveries_of_a_lost_channel_are_not_given_back_but_still_run_here(tmp_
     """The connection goes as the prefetch drops: the broker requeued what the channel
     held, and no copy can be published. Given back, a waiting task would depend on the
     broker alone to run again (RabbitMQ 3.10 once lost one on a node kill); kept, it runs
-    here as it would have."""
-    bound_s = 30.0
+    here as it would have. (A fixed prefetch of 4, so that only this test drops it.)"""
 
     async def body():
-        async with server(tmp_path) as parts:
-            pool = Pool(1, "forkserver")
-            await pool.start()
-            prefetch = AutoPrefetch(1)
-            prefetch.level = 2  # 4 per child: all four tasks are delivered to this worker
-            supervisor = Supervisor(parts.broker, pool, "w1", ["default"], prefetch=prefetch)
-            await supervisor.start()
-            try:
-                for _ in range(4):
-                    await parts.service.submit("test.sleep", b"30")
-                deadline = asyncio.get_running_loop().time() + bound_s
-                while len(supervisor._unsettled) < 4 or parts.broker.queue_depth(WORK_QUEUE):
-                    assert asyncio.get_running_loop().time() < deadline, "four deliveries held"
-                    await asyncio.sleep(0.02)
-                parts.broker._drop_connection()  # the node goes away
-                supervisor._release_excess(1)
-                return len(supervisor._unsettled)
-            finally:
-                await within(supervisor.stop(drain_timeout_s=0.5), bound_s)
-                await within(pool.stop(), bound_s)
+        async with four_long_tasks_held(tmp_path, 4) as (parts, supervisor):
+            await until(lambda: len(supervisor._unsettled) == 4, "four deliveries held")
+            parts.broker._drop_connection()  # the node goes away
+            supervisor._release_excess(1)
+            return len(supervisor._unsettled)
 
     with caplog.at_level("INFO", logger="qm.worker.supervisor"):
         held = run(body)
