@@ -289,3 +289,14 @@ def test_procfs_walks_a_process_tree_from_the_top_without_scanning_the_host():
         os.killpg(parent.pid, signal.SIGKILL)  # the grandchild too
         parent.wait()
     assert procfs.rss_bytes(parent.pid) == 0 and procfs.descendants(parent.pid) == []
+
+
+def test_procfs_reads_a_file_longer_than_one_read_whole(tmp_path):
+    from qm.worker import procfs
+
+    long = tmp_path / "listing"
+    long.write_bytes(b"".join(b"%d " % n for n in range(3 * procfs.READ_CHUNK_BYTES)))
+    assert procfs.read_proc_file(str(long)) == long.read_bytes()
+    exact = tmp_path / "exact"
+    exact.write_bytes(b"7" * procfs.READ_CHUNK_BYTES)  # a full first read: the next one finds the end
+    assert procfs.read_proc_file(str(exact)) == exact.read_bytes()
