@@ -374,7 +374,10 @@ class Pool:
         job = waiting.job
         loop = asyncio.get_running_loop()
         slot.job, slot.started_at_s, slot.kill_outcome = job, time.time(), None
-        cores = self.cpus.take(slot, job.cpus, waiting.prefer)
+        # Child i runs on CPU slot i where it can (its home; a multi-CPU job of another
+        # child may hold it): with pinning, a job on another slot would move the child to
+        # another core (sched_setaffinity, then a migration and a cold cache).
+        cores = self.cpus.take(slot, job.cpus, waiting.prefer or (slot.index,))
         slot.on_progress = waiting.on_progress
         slot.peak_rss_bytes = 0
         slot.future = loop.create_future()

@@ -264,3 +264,31 @@ def test_a_priority_9_task_goes_to_its_sizes_queue_or_its_band_and_its_retry_com
             [again] = await take_messages(parts.broker, queue, 1)
             assert (again.task_id, again.attempt, again.cpus, again.priority) == (record.task_id, 2, cpus, 9)
     run(body)
+
+
+@pytest.mark.skipif(len(ALLOWED) < 2, reason="pinning two slots needs two CPUs")
+def test_a_pinned_child_stays_on_its_core_from_task_to_task(tmp_path):
+    """Rounds of one long and one short task, then a lone one: whichever child is idle
+    first, each child runs every task on the same core (no move between cores)."""
+    async def body():
+        pool = Pool(2, cores=ALLOWED[:2])
+        await pool.start()
+        cores_of: dict[int, set[tuple[int, ...]]] = {}
+
+        async def probed(name: str, hold_s: float) -> None:
+            started = tmp_path / name
+            outcome = await within(pool.run(probe(name, 1, hold_s=hold_s, started_file=str(started))))
+            assert outcome.state is TaskState.SUCCEEDED, outcome.error
+            cores_of.setdefault(int(started.read_text()), set()).add(tuple(json.loads(outcome.result)["affinity"]))
+
+        try:
+            for round_ in range(4):
+                long_s, short_s = (0.4, 0.0) if round_ % 2 else (0.0, 0.4)
+                await asyncio.gather(probed(f"a{round_}", long_s), probed(f"b{round_}", short_s))
+                await probed(f"lone{round_}", 0.0)
+        finally:
+            await within(pool.stop())
+        assert len(cores_of) == 2, cores_of  # both children ran tasks
+        assert all(len(cores) == 1 for cores in cores_of.values()), cores_of
+        assert set().union(*cores_of.values()) == {(ALLOWED[0],), (ALLOWED[1],)}
+    run(body)
