@@ -29,7 +29,7 @@ import grpc
 
 from qm._proto.qm.v1 import task_queue_pb2
 from qm.client.client import Client
-from qm.client.common import group_request
+from qm.client.common import group_request, response_statuses
 from qm.config import MIN_SECRET_LENGTH
 from qm.errors import TaskError
 from qm.security.signing import Keyring
@@ -148,14 +148,15 @@ class Executor(concurrent.futures.Executor):
             if item is _CLOSE:
                 return
             yield task_queue_pb2.StreamTaskResultsRequest(
-                task_ids=item if isinstance(item, list) else [item], final_only=True
+                task_ids=item if isinstance(item, list) else [item], final_only=True, batched=True
             )
 
     def _read_stream(self) -> None:
         try:
             for response in self._stream:
-                if TaskState.of_number(response.status.state).terminal:
-                    self._settle(response.status)
+                for status in response_statuses(response):
+                    if TaskState.of_number(status.state).terminal:
+                        self._settle(status)
         except grpc.RpcError as exc:
             error = ConnectionError(f"status stream from {self._client.server} ended: {exc.details()}")
             with self._lock:

@@ -47,6 +47,7 @@ from qm.client.common import (
     group_request,
     group_status_from_proto,
     parse_servers,
+    response_statuses,
     retry_pushback_s,
     schedule_from_proto,
     status_from_proto,
@@ -181,9 +182,10 @@ class Client:
             code = details = reason = None
             try:
                 async for response in call:
-                    status = follow.accept(response.status)
-                    if status is not None:
-                        yield status
+                    for proto in response_statuses(response):
+                        status = follow.accept(proto)
+                        if status is not None:
+                            yield status
             except grpc.RpcError as exc:
                 code, details, reason = exc.code(), exc.details(), error_reason(exc)
             finally:

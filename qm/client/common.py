@@ -789,6 +789,14 @@ def dead_letters_from_proto(response: task_queue_pb2.ListDeadLettersResponse) ->
 # -- following tasks, across server restarts -----------------------------------------------
 
 
+def response_statuses(
+    response: task_queue_pb2.StreamTaskResultsResponse,
+) -> Sequence[task_queue_pb2.TaskStatus]:
+    """A stream response's statuses: `statuses` (a batched stream), else its one `status`
+    (a server older than StreamTaskResultsRequest.batched)."""
+    return response.statuses or (response.status,)
+
+
 class Follow:
     """One wait over tasks (watch, result, results), over as many streams as it takes.
 
@@ -833,7 +841,7 @@ class Follow:
         ids = list(self.open)
         return [
             task_queue_pb2.StreamTaskResultsRequest(
-                task_ids=ids[i : i + FOLLOW_IDS_PER_REQUEST], final_only=self.final_only
+                task_ids=ids[i : i + FOLLOW_IDS_PER_REQUEST], final_only=self.final_only, batched=True
             )
             for i in range(0, len(ids), FOLLOW_IDS_PER_REQUEST)
         ]

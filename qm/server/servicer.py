@@ -8,12 +8,10 @@ clients decide by reason, not by message text (qm/reasons.py).
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 import logging
 import time
 import uuid
-from typing import Any
 
 import grpc
 from google.protobuf import any_pb2
@@ -21,7 +19,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from qm import priority as priorities
-from qm import schedules, scheduling
+from qm import schedules
 from qm._proto.qm.v1 import task_queue_pb2, task_queue_pb2_grpc
 from qm.errors import (
     BrokerRefused,
@@ -46,11 +44,11 @@ from qm.errors import (
     ValidatorsBusy,
 )
 from qm.reasons import DOMAIN, Reason
+from qm.server.result_stream import StreamOptions, record_to_proto, responses, set_times
 from qm.server.scheduler import submission_of
 from qm.server.service import TaskService
-from qm.server.store_api import ScheduleRecord, TaskRecord
+from qm.server.store_api import ScheduleRecord
 from qm.server.submission import Submission
-from qm.states import TaskState
 
 log = logging.getLogger(__name__)
 
@@ -125,49 +123,6 @@ def _maps_errors(method):
     return wrapper
 
 
-def record_to_proto(record: TaskRecord) -> task_queue_pb2.TaskStatus:
-    """The TaskStatus users see (a SCHEDULED task past its due time shows QUEUED)."""
-    state = scheduling.shown_state(record.state, record.next_attempt_at, time.time())
-    status = task_queue_pb2.TaskStatus(
-        task_id=record.task_id,
-        type=record.type,
-        queue=record.queue,
-        state=int(state),  # type: ignore[arg-type]  # protoc .pyi: enum fields typed as the enum class; they take ints
-        attempts=record.attempts,
-        result=record.result or b"",
-        codec=record.codec,
-        error=record.error,
-        worker=record.worker,
-        timeout_s=record.timeout_s,
-        memory_limit_mb=record.memory_limit_mb,
-        max_retries=record.max_retries,
-        progress=record.progress,
-        progress_message=record.progress_message,
-        progress_detail_json=record.progress_detail_json,
-        priority=record.priority,
-        cpus=record.cpus,
-        schedule_id=record.schedule_id,
-        group_id=record.group_id,
-    )
-    _set_times(
-        status,
-        created_at=record.created_at,
-        started_at=record.started_at,
-        finished_at=record.finished_at,
-        updated_at=record.updated_at,
-        next_attempt_at=record.next_attempt_at,
-        progress_at=record.progress_at,
-    )
-    return status
-
-
-def _set_times(message: Any, **epoch_s: float | None) -> None:
-    """Set each named Timestamp field of `message` from epoch seconds; None leaves it unset."""
-    for field, seconds in epoch_s.items():
-        if seconds is not None:
-            getattr(message, field).FromNanoseconds(int(seconds * 1e9))
-
-
 #: SubmitTaskRequest's optional retry fields → RetryPolicy field names (TaskService.submit's options).
 _RETRY_FIELDS = {
     "max_retries": "max_retries",
@@ -235,7 +190,7 @@ def schedule_to_proto(schedule: ScheduleRecord) -> task_queue_pb2.Schedule:
         missed=schedule.missed_ticks,
         last_error=schedule.last_error,
     )
-    _set_times(
+    set_times(
         proto, created_at=schedule.created_at, next_fire_at=schedule.next_fire_at, last_fired_at=schedule.last_tick_at
     )
     return proto
@@ -286,7 +241,7 @@ class TaskQueueServicer(task_queue_pb2_grpc.TaskQueueServicer):
         )
         for member_state, count in sorted(state.counts.items()):
             status.counts.add(state=int(member_state), count=count)
-        _set_times(status, created_at=group.created_at, completed_at=group.completed_at)
+        set_times(status, created_at=group.created_at, completed_at=group.completed_at)
         return task_queue_pb2.GetGroupStatusResponse(status=status)
 
     @_maps_errors
@@ -395,12 +350,12 @@ class TaskQueueServicer(task_queue_pb2_grpc.TaskQueueServicer):
         """Current state of each followed task first, then each change, until terminal."""
         updates: asyncio.Queue = asyncio.Queue()
         followed: set[str] = set()
-        options = _StreamOptions()
+        options = StreamOptions()
         reader = asyncio.create_task(self._read_follow_requests(request_iterator, updates, followed, options))
         self.service.metrics.open_streams.inc()
         try:
-            async for status in _stream_until_terminal(updates, followed, options):
-                yield status
+            async for response in responses(updates, followed, options):
+                yield response
         except QMError as exc:
             await abort_with(context, exc)
         finally:
@@ -410,12 +365,12 @@ class TaskQueueServicer(task_queue_pb2_grpc.TaskQueueServicer):
                 self.service.hub.unfollow(task_id, updates)
 
     async def _read_follow_requests(
-        self, request_iterator, updates: asyncio.Queue, followed: set[str], options: _StreamOptions
+        self, request_iterator, updates: asyncio.Queue, followed: set[str], options: StreamOptions
     ):
         try:
             async for request in request_iterator:
                 if not options.read:  # the first request sets the stream's options
-                    options.final_only, options.read = request.final_only, True
+                    options.final_only, options.batched, options.read = request.final_only, request.batched, True
                 for task_id in request.task_ids:
                     if task_id in followed:
                         continue
@@ -426,60 +381,3 @@ class TaskQueueServicer(task_queue_pb2_grpc.TaskQueueServicer):
             updates.put_nowait(exc)  # the stream loop raises it as the stream's status
         finally:
             updates.put_nowait(None)  # the client half-closed
-
-
-#: A stream shows a SCHEDULED task again (QUEUED) this long after its due time.
-DUE_MARGIN_S = 0.01
-
-
-@dataclasses.dataclass
-class _StreamOptions:
-    """A stream's options, from its first request (read before any status is queued)."""
-
-    final_only: bool = False  # send terminal states only (StreamTaskResultsRequest.final_only)
-    read: bool = False
-
-
-@dataclasses.dataclass(frozen=True)
-class _CameDue:
-    """A SCHEDULED record a stream sent, put back at its due time to be shown QUEUED."""
-
-    record: TaskRecord
-
-
-async def _stream_until_terminal(updates: asyncio.Queue, followed: set[str], options: _StreamOptions):
-    """Yield protos from queued records; stop when the client is done and all are terminal.
-    A SCHEDULED task is shown again, QUEUED, when due, unless a later state was sent first.
-    With final_only, a record that is not terminal is skipped before it costs a proto."""
-    sent: dict[str, tuple] = {}
-    finished: set[str] = set()
-    client_done = False
-    timers: list[asyncio.TimerHandle] = []
-    try:
-        while not (client_done and finished >= followed):
-            item = await updates.get()
-            if item is None:
-                client_done = True
-                continue
-            if isinstance(item, QMError):
-                raise item
-            if isinstance(item, _CameDue):
-                item = item.record
-                if sent.get(item.task_id) != (TaskState.SCHEDULED, item.attempts, item.updated_at, item.progress_at):
-                    continue  # it moved on meanwhile
-            if options.final_only and not item.state.terminal:
-                continue
-            status = record_to_proto(item)
-            key = (TaskState.of_number(status.state), item.attempts, item.updated_at, item.progress_at)
-            if item.task_id in finished or sent.get(item.task_id) == key:
-                continue
-            sent[item.task_id] = key
-            if item.state.terminal:
-                finished.add(item.task_id)
-            elif key[0] is TaskState.SCHEDULED and item.next_attempt_at is not None:
-                wait_s = item.next_attempt_at - time.time() + DUE_MARGIN_S
-                timers.append(asyncio.get_running_loop().call_later(wait_s, updates.put_nowait, _CameDue(item)))
-            yield task_queue_pb2.StreamTaskResultsResponse(status=status)
-    finally:
-        for timer in timers:
-            timer.cancel()

@@ -80,3 +80,26 @@ def test_a_final_only_stream_sends_each_task_once_when_it_ends(stack):
     # One response each, its final state; in which order depends on whether the slow task
     # had already ended when the stream opened (a loaded host), so the order is not asserted.
     assert sorted(sent) == sorted([(done, "SUCCEEDED", b"42"), (slow, "SUCCEEDED", b"1.0")]), stack.server.logs
+
+
+def test_a_batched_stream_packs_finished_tasks_into_few_responses(stack):
+    """StreamTaskResultsRequest.batched (what the clients ask for): the statuses ready at
+    once come in one response's `statuses`, each task once, with its result."""
+    import grpc
+
+    from qm._proto.qm.v1 import task_queue_pb2, task_queue_pb2_grpc
+    from qm.states import TaskState
+
+    ids = stack.client.submit_many([("math", f"{n} + 1") for n in range(50)], queue=stack.queue)
+    assert len(list(stack.client.results(ids, timeout_s=RESULT_TIMEOUT_S))) == 50  # all finished now
+    request = task_queue_pb2.StreamTaskResultsRequest(task_ids=ids, final_only=True, batched=True)
+    with grpc.insecure_channel(stack.server.address) as channel:
+        stream = task_queue_pb2_grpc.TaskQueueStub(channel).StreamTaskResults(iter([request]),
+                                                                              timeout=RESULT_TIMEOUT_S)
+        responses = list(stream)
+
+    sent = [(status.task_id, TaskState.of_number(status.state).name, status.result)
+            for response in responses for status in response.statuses]
+    assert sorted(sent) == sorted((task_id, "SUCCEEDED", b"%d" % (n + 1)) for n, task_id in enumerate(ids))
+    assert len(responses) < len(ids), f"{len(responses)} responses for {len(ids)} finished tasks"
+    assert not any(response.HasField("status") for response in responses)

@@ -289,3 +289,14 @@ def test_a_batch_item_refused_for_the_broker_is_sent_again_and_keeps_its_reason(
     response.results.add(code=UNAVAILABLE.value[0], message="RabbitMQ did not confirm", reason="BROKER_UNAVAILABLE")
     assert batch.record([0, 1], response) == [1]
     assert batch.refused[1].reason is Reason.BROKER_UNAVAILABLE
+
+
+def test_a_stream_response_gives_its_batched_statuses_or_else_its_one_status():
+    from qm.client.common import response_statuses
+
+    one, two = task_queue_pb2.TaskStatus(task_id="a"), task_queue_pb2.TaskStatus(task_id="b")
+    old_server = task_queue_pb2.StreamTaskResultsResponse(status=one)  # a server older than `batched`
+    batched = task_queue_pb2.StreamTaskResultsResponse(statuses=[one, two])
+    assert [status.task_id for status in response_statuses(old_server)] == ["a"]
+    assert [status.task_id for status in response_statuses(batched)] == ["a", "b"]
+    assert all(request.batched for request in Follow(["a"], Failover(["x:1"]), None, 1.0).requests())

@@ -172,18 +172,22 @@ class GetTaskStatusResponse(_message.Message):
     def __init__(self, status: _Optional[_Union[TaskStatus, _Mapping]] = ...) -> None: ...
 
 class StreamTaskResultsRequest(_message.Message):
-    __slots__ = ("task_ids", "final_only")
+    __slots__ = ("task_ids", "final_only", "batched")
     TASK_IDS_FIELD_NUMBER: _ClassVar[int]
     FINAL_ONLY_FIELD_NUMBER: _ClassVar[int]
+    BATCHED_FIELD_NUMBER: _ClassVar[int]
     task_ids: _containers.RepeatedScalarFieldContainer[str]
     final_only: bool
-    def __init__(self, task_ids: _Optional[_Iterable[str]] = ..., final_only: _Optional[bool] = ...) -> None: ...
+    batched: bool
+    def __init__(self, task_ids: _Optional[_Iterable[str]] = ..., final_only: _Optional[bool] = ..., batched: _Optional[bool] = ...) -> None: ...
 
 class StreamTaskResultsResponse(_message.Message):
-    __slots__ = ("status",)
+    __slots__ = ("status", "statuses")
     STATUS_FIELD_NUMBER: _ClassVar[int]
+    STATUSES_FIELD_NUMBER: _ClassVar[int]
     status: TaskStatus
-    def __init__(self, status: _Optional[_Union[TaskStatus, _Mapping]] = ...) -> None: ...
+    statuses: _containers.RepeatedCompositeFieldContainer[TaskStatus]
+    def __init__(self, status: _Optional[_Union[TaskStatus, _Mapping]] = ..., statuses: _Optional[_Iterable[_Union[TaskStatus, _Mapping]]] = ...) -> None: ...
 
 class CancelTaskRequest(_message.Message):
     __slots__ = ("task_id",)
