@@ -41,7 +41,7 @@ from qm.retry import RetryPolicy
 from qm.security import amqp
 from qm.security.signing import Keyring
 from qm.security.tls import ServerTLS
-from qm.server import auth, identity
+from qm.server import auth, identity, result_stream
 from qm.server.admission import CORE_OPTIONS, AdmissionInterceptor
 from qm.server.caps import SubmitCaps
 from qm.server.quotas import QuotaInterceptor, SubmitRateLimiter
@@ -190,7 +190,10 @@ class ServerApp:
         if isinstance(self.store, PgStore):  # other servers' changes wake this one's streams
             self._changes = self.store.listen(self._wake_followers)
             self._changes.start()
-        task_queue_pb2_grpc.add_TaskQueueServicer_to_server(TaskQueueServicer(self.service), self.grpc_server)
+        task_queue_pb2_grpc.add_TaskQueueServicer_to_server(
+            TaskQueueServicer(self.service, result_stream.response_bytes(self.config.server.max_message_bytes)),
+            self.grpc_server,
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc_server

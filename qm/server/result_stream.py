@@ -6,7 +6,7 @@
                       skip what was sent or is not final (final_only)
                                   ▼
                       one response: `status`, or `statuses` (batched, at most
-                      RESPONSE_BYTES of them, a larger status alone)
+                      `response_bytes` of them, a larger status alone)
 
 A SCHEDULED task is shown again, QUEUED, when due, unless a later state was sent first.
 The stream ends when the client half-closed and every followed task was sent terminal.
@@ -29,8 +29,14 @@ from qm.states import TaskState
 #: A stream shows a SCHEDULED task again (QUEUED) this long after its due time.
 DUE_MARGIN_S = 0.01
 #: Bytes of statuses one response of a batched stream packs at most (a larger status goes
-#: alone, as it would unbatched): far under gRPC's 4 MiB default message limit.
+#: alone, as it would unbatched): far under gRPC's 4 MiB default message limit. A server
+#: with a smaller server.max_message_bytes packs at most half of that (`response_bytes`).
 RESPONSE_BYTES = 64 * 1024
+
+
+def response_bytes(max_message_bytes: int) -> int:
+    """What a batched response packs at most under a gRPC message limit."""
+    return min(RESPONSE_BYTES, max_message_bytes // 2)
 
 
 @dataclasses.dataclass
@@ -39,6 +45,7 @@ class StreamOptions:
 
     final_only: bool = False  # send terminal states only (StreamTaskResultsRequest.final_only)
     batched: bool = False  # pack what is ready into one response (StreamTaskResultsRequest.batched)
+    response_bytes: int = RESPONSE_BYTES  # ... up to this many bytes of statuses
     read: bool = False
 
 
@@ -146,12 +153,12 @@ async def responses(
                     yield task_queue_pb2.StreamTaskResultsResponse(status=status)
                 continue
             batch, size = ([status], status.ByteSize()) if status is not None else ([], 0)
-            while not updates.empty() and not sent.complete(followed) and size < RESPONSE_BYTES:
+            while not updates.empty() and not sent.complete(followed) and size < options.response_bytes:
                 status = sent.status_of(updates.get_nowait())
                 if status is None:
                     continue
                 status_bytes = status.ByteSize()
-                if batch and size + status_bytes > RESPONSE_BYTES:
+                if batch and size + status_bytes > options.response_bytes:
                     yield task_queue_pb2.StreamTaskResultsResponse(statuses=batch)
                     batch, size = [], 0
                 batch.append(status)

@@ -44,7 +44,7 @@ from qm.errors import (
     ValidatorsBusy,
 )
 from qm.reasons import DOMAIN, Reason
-from qm.server.result_stream import StreamOptions, record_to_proto, responses, set_times
+from qm.server.result_stream import RESPONSE_BYTES, StreamOptions, record_to_proto, responses, set_times
 from qm.server.scheduler import submission_of
 from qm.server.service import TaskService
 from qm.server.store_api import ScheduleRecord
@@ -197,8 +197,9 @@ def schedule_to_proto(schedule: ScheduleRecord) -> task_queue_pb2.Schedule:
 
 
 class TaskQueueServicer(task_queue_pb2_grpc.TaskQueueServicer):
-    def __init__(self, service: TaskService) -> None:
+    def __init__(self, service: TaskService, stream_response_bytes: int = RESPONSE_BYTES) -> None:
         self.service = service
+        self.stream_response_bytes = stream_response_bytes  # a batched stream's response, at most
 
     @_maps_errors
     async def SubmitTask(self, request, context):
@@ -350,7 +351,7 @@ class TaskQueueServicer(task_queue_pb2_grpc.TaskQueueServicer):
         """Current state of each followed task first, then each change, until terminal."""
         updates: asyncio.Queue = asyncio.Queue()
         followed: set[str] = set()
-        options = StreamOptions()
+        options = StreamOptions(response_bytes=self.stream_response_bytes)
         reader = asyncio.create_task(self._read_follow_requests(request_iterator, updates, followed, options))
         self.service.metrics.open_streams.inc()
         try:

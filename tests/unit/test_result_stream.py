@@ -89,3 +89,23 @@ def test_a_batched_stream_sends_a_change_that_comes_later_in_a_response_of_its_o
     first, rest = run(body)
     assert [(s.task_id, S.of_number(s.state)) for s in first.statuses] == [("a", S.RUNNING), ("b", S.SUCCEEDED)]
     assert [[(s.task_id, S.of_number(s.state)) for s in r.statuses] for r in rest] == [[("a", S.SUCCEEDED)]]
+
+
+def test_a_server_with_a_small_message_limit_packs_at_most_half_of_it():
+    from qm.server.result_stream import response_bytes
+
+    assert response_bytes(4 * 1024 * 1024) == RESPONSE_BYTES
+    cap = response_bytes(8 * 1024)  # server.max_message_bytes of 8 KiB
+    assert cap == 4 * 1024
+    ids = [f"t{n}" for n in range(40)]
+
+    async def body():
+        updates: asyncio.Queue = asyncio.Queue()
+        for record in [*(finished(task_id, b"x" * 300) for task_id in ids), None]:
+            updates.put_nowait(record)
+        options = StreamOptions(batched=True, response_bytes=cap)
+        return await within(_collect(responses(updates, set(ids), options)))
+
+    got = run(body)
+    assert [status.task_id for response in got for status in response.statuses] == ids
+    assert len(got) > 1 and all(response.ByteSize() <= cap + 8 * len(response.statuses) for response in got)
