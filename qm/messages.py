@@ -126,6 +126,10 @@ class TaskEvent:
     started_at_s: float | None = None
 
     def encode(self) -> bytes:
+        return self.to_proto().SerializeToString()
+
+    def to_proto(self) -> messages_pb2.TaskEvent:
+        """The wire message (for `pack_events`; `encode` serializes it)."""
         event = messages_pb2.TaskEvent(
             task_id=self.task_id,
             type=self.type,
@@ -147,11 +151,23 @@ class TaskEvent:
             event.progress.fraction = self.progress.fraction
             event.progress.message = self.progress.message
             event.progress.detail_json = self.progress.detail_json
-        return event.SerializeToString()
+        return event
 
     @classmethod
     def decode(cls, body: bytes) -> "TaskEvent":
+        """One event; ValueError for a pack (see `decode_all`) or anything undecodable."""
+        return cls._from_proto(_parse(messages_pb2.TaskEvent, body))
+
+    @classmethod
+    def decode_all(cls, body: bytes) -> list["TaskEvent"]:
+        """The events of a message body: one event, or each event of a pack, in order."""
         event = _parse(messages_pb2.TaskEvent, body)
+        if event.packed:
+            return [cls._from_proto(packed) for packed in event.packed]
+        return [cls._from_proto(event)]
+
+    @classmethod
+    def _from_proto(cls, event: messages_pb2.TaskEvent) -> "TaskEvent":
         if not event.task_id:
             raise ValueError("task event without task_id")
         return cls(
@@ -159,7 +175,7 @@ class TaskEvent:
             event.type,
             event.queue,
             event.attempt,
-            TaskState(event.state),
+            TaskState(event.state),  # type: ignore[arg-type]  # protoc .pyi: the enum field is typed as the proto enum, an int at run time
             event.worker,
             event.result,
             event.error,
@@ -172,6 +188,12 @@ class TaskEvent:
             else None,
             event.started_at.ToNanoseconds() / 1e9 if event.HasField("started_at") else None,
         )
+
+
+def pack_events(events: list[messages_pb2.TaskEvent]) -> bytes:
+    """One message body holding `events` in order (TaskEvent.packed); `TaskEvent.decode_all`
+    reads it. Servers that predate packs drop it: see worker.pack_events."""
+    return messages_pb2.TaskEvent(packed=events).SerializeToString()
 
 
 def _parse(message_class, body: bytes):

@@ -1,6 +1,7 @@
 """Event ingestion: the server's own durable events queue → store → stream followers.
 
-Events are applied in batches (everything queued at that moment, one transaction), then
+A message holds one event or a worker's pack of them (qm/worker/event_packs.py), applied
+in order. Events are applied in batches (everything queued at that moment, one transaction), then
 acked: an event is never acked before it is stored, so a crash replays it. After each
 batch the poison watch looks at the starts counted: a task started `delivery_limit`
 times without an outcome is announced to every worker on the control stream.
@@ -81,7 +82,7 @@ class EventApplier:
         events = []
         for delivery in deliveries:
             try:
-                events.append(TaskEvent.decode(delivery.body))
+                events.extend(TaskEvent.decode_all(delivery.body))  # one event, or a worker's pack
             except ValueError as exc:
                 log.error("dropping an undecodable event (headers %s): %s", delivery.headers, exc)
         await self.apply(events)

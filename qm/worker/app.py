@@ -150,6 +150,7 @@ def build(config: Config, registry: plugin_registry.Registry) -> tuple[Pool, Rab
         delivery_limit=config.broker.delivery_limit,
         max_queue_length=config.broker.max_queue_length,
         max_result_bytes=config.worker.max_result_bytes,
+        pack_events=config.worker.pack_events,
         consumer_timeout_s=config.broker.consumer_timeout_s,
         running_event_delay_s=config.worker.running_event_delay_s,
     )

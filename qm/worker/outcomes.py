@@ -9,7 +9,8 @@
 A crash anywhere before the ack makes RabbitMQ redeliver the task: it runs again (attempts
 are idempotent; the servers order events with qm.states.supersedes). A publish that
 fails because RabbitMQ is away is retried until it is confirmed: an outcome is the task's
-value, worth waiting for.
+value, worth waiting for. Events that wait behind another event's confirm go out packed in
+one message (qm/worker/event_packs.py).
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from qm.broker import topology
 from qm.broker.base import Broker, publish_until_confirmed
 from qm.messages import TaskEvent, TaskMessage
 from qm.metrics import WorkerMetrics
-from qm.protocol import Header, dead_letter_headers
+from qm.protocol import dead_letter_headers
 from qm.states import TaskState
+from qm.worker.event_packs import EventPacks
 from qm.worker.pool import Job, Outcome
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,7 @@ class Outcomes:
         metrics: WorkerMetrics,
         clock: Callable[[], float] = time.time,
         max_result_bytes: int = 0,
+        pack_events: bool = True,
     ) -> None:
         self.broker = broker
         self.clock = clock  # wall clock: due times are compared across hosts
@@ -48,6 +51,7 @@ class Outcomes:
         self.metrics = metrics
         self.max_result_bytes = max_result_bytes  # worker.max_result_bytes; 0 = no cap
         self._delay_tiers: set[int] = set()
+        self.events = EventPacks(broker, enabled=pack_events)  # worker.pack_events
 
     async def settle(
         self,
@@ -180,8 +184,9 @@ class Outcomes:
         )
 
     async def publish_event(self, event: TaskEvent) -> None:
-        headers = {Header.TASK_ID: event.task_id, Header.STATE: event.state.name}
-        await self._publish(topology.EVENTS_EXCHANGE, "", event.encode(), headers, event.task_id)
+        """Publish `event` (packed with others waiting meanwhile: qm/worker/event_packs.py);
+        return once it is confirmed."""
+        await self.events.publish(event)
 
     async def _publish(self, exchange: str, routing_key: str, body: bytes, headers: dict, task_id: str) -> None:
         await publish_until_confirmed(self.broker, exchange, routing_key, body, headers, f"task {task_id}")

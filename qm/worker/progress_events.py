@@ -1,8 +1,9 @@
 """The supervisor's progress publisher: one rate limiter per running task, events out.
 
 Progress events are advisory (qm/task_progress.py): each is published once, without
-waiting for its confirm and without retrying; RabbitMQ away means it is dropped (and
-counted). The outcome path (qm/worker/outcomes.py) never waits for one.
+retrying; RabbitMQ away means it is dropped (and counted). They go through the outcome
+events' publisher (qm/worker/event_packs.py), after the events waiting there, so a task's
+RUNNING event comes first. The outcome path (qm/worker/outcomes.py) never waits for one.
 """
 
 from __future__ import annotations
@@ -12,14 +13,12 @@ import logging
 import time
 
 from qm.background import Background
-from qm.broker import topology
-from qm.broker.base import Broker
 from qm.errors import BrokerUnavailable
 from qm.messages import TaskEvent, TaskMessage
 from qm.metrics import WorkerMetrics
-from qm.protocol import Header
 from qm.states import TaskState
 from qm.task_progress import Progress
+from qm.worker.event_packs import EventPacks
 from qm.worker.progress import ProgressLimiter
 
 log = logging.getLogger(__name__)
@@ -28,8 +27,8 @@ log = logging.getLogger(__name__)
 class ProgressEvents:
     """`open(message)` → the limiter for that running attempt; `close` it before its outcome."""
 
-    def __init__(self, broker: Broker, worker_id: str, metrics: WorkerMetrics, background: Background) -> None:
-        self.broker = broker
+    def __init__(self, events: EventPacks, worker_id: str, metrics: WorkerMetrics, background: Background) -> None:
+        self.events = events  # the outcome events' publisher: reports keep their order with them
         self.worker_id = worker_id
         self.metrics = metrics
         self._background = background
@@ -60,9 +59,8 @@ class ProgressEvents:
             self.metrics.progress_dropped.labels("ended").inc(dropped_at_end)
 
     async def _publish(self, event: TaskEvent) -> None:
-        headers = {Header.TASK_ID: event.task_id, Header.STATE: "PROGRESS"}
         try:
-            await self.broker.publish(topology.EVENTS_EXCHANGE, "", event.encode(), headers)
+            await self.events.publish_advisory(event)
         except BrokerUnavailable as exc:
             self.metrics.progress_dropped.labels("broker").inc()
             log.debug("task %s: progress update dropped: %s", event.task_id, exc)

@@ -103,6 +103,7 @@ class Supervisor:
         metrics: WorkerMetrics | None = None,
         max_queue_length: int = 0,
         max_result_bytes: int = 0,
+        pack_events: bool = True,
         consumer_timeout_s: float = 1800.0,
         running_event_delay_s: float = 0.05,
     ) -> None:
@@ -120,14 +121,16 @@ class Supervisor:
         self.caps = caps
         self.draining = False
         self.control = ControlFollower(broker, worker_id, self._cancel)
-        self.outcomes = Outcomes(broker, worker_id, self.metrics, max_result_bytes=max_result_bytes)
+        self.outcomes = Outcomes(
+            broker, worker_id, self.metrics, max_result_bytes=max_result_bytes, pack_events=pack_events
+        )
         self.acks = AckBatcher(broker)
         self._consumer_tags: list[str] = []
         self._isolation = Isolation()
         self._unsettled: dict[asyncio.Task, Delivery] = {}  # handler → its delivery, until settled
         self._waiting: set[asyncio.Task] = set()  # handlers whose job has not started
         self._background = Background()
-        self.progress = ProgressEvents(broker, worker_id, self.metrics, self._background)
+        self.progress = ProgressEvents(self.outcomes.events, worker_id, self.metrics, self._background)
         self._by_task: dict[str, asyncio.Task] = {}  # task id → its handler
         self._queue_of: dict[str, str] = {}  # consumer tag → routing key of its work queue (band or size)
         self._size_tags: set[str] = set()  # consumers of multi-CPU work queues (fixed prefetch)

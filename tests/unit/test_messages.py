@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 
-from qm.messages import TaskEvent, TaskMessage
+from qm.messages import TaskEvent, TaskMessage, pack_events
 from qm.retry import RetryPolicy
 from qm.states import TaskState
 
@@ -81,3 +81,21 @@ def test_messages_without_ids_are_rejected():
         TaskEvent.decode(TaskEvent("", "math", "default", 1, TaskState.RUNNING).encode())
     with pytest.raises(ValueError):
         TaskMessage.decode(b"")
+
+
+def test_a_pack_of_events_decodes_to_each_event_in_order():
+    first = TaskEvent("t1", "math", "default", 1, TaskState.SUCCEEDED, "w1", b"11", at_s=1_700_000_000.5)
+    second = TaskEvent("t2", "math", "high", 2, TaskState.RETRYING, "w1", error="boom", at_s=1_700_000_001.0,
+                       next_attempt_at_s=1_700_000_006.0, started_at_s=1_700_000_000.5)
+    assert TaskEvent.decode_all(pack_events([first.to_proto(), second.to_proto()])) == [first, second]
+    assert TaskEvent.decode_all(first.encode()) == [first]  # a plain event is a list of one
+
+
+def test_a_pack_reads_as_an_event_without_task_id_to_a_reader_that_predates_packs():
+    """What a server older than packs does with one: it drops it as undecodable, loudly
+    (hence worker.pack_events: false until every server is upgraded)."""
+    body = pack_events([TaskEvent("t1", "math", "default", 1, TaskState.SUCCEEDED).to_proto()] * 2)
+    with pytest.raises(ValueError, match="task_id"):
+        TaskEvent.decode(body)
+    with pytest.raises(ValueError, match="task_id"):
+        TaskEvent.decode_all(pack_events([TaskEvent("", "math", "default", 1, TaskState.RUNNING).to_proto()] * 2))

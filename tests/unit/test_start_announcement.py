@@ -26,9 +26,9 @@ async def tap(parts) -> tuple[list[TaskEvent], dict[int, float]]:
     await parts.broker.bind_queue(TAP, topology.EVENTS_EXCHANGE)
 
     def on_delivery(delivery) -> None:
-        event = TaskEvent.decode(delivery.body)
-        seen.append(event)
-        received_at_s[id(event)] = time.time()
+        for event in TaskEvent.decode_all(delivery.body):  # one event, or a pack of them
+            seen.append(event)
+            received_at_s[id(event)] = time.time()
         parts.broker.ack(delivery)
 
     await parts.broker.consume(TAP, on_delivery, prefetch=100)

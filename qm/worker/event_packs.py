@@ -1,0 +1,135 @@
+"""Task events published in packs: one message and one confirm for the events that wait.
+
+    publish(e1) ──► idle: e1 goes out in the next loop turn, alone, as a plain event ──► confirm ─► e1's caller
+    publish(e2) ─┐  (while e1's confirm is awaited, they wait)
+    publish(e3) ─┴► then one message packing e2, e3 (TaskEvent.packed) ─────────────► confirm ─► both callers
+
+Like a group commit: nothing waits for a pack to fill, so one task at a time costs what it
+did (its event goes out at once, unpacked, which any server reads); events handed over in
+the same loop turn (one run's outcome and the next run's start) share a message, and under
+load the events that pile up behind a confirm share the next message, its confirm and the
+servers' delivery. Every caller returns only once the message holding its event is confirmed (the
+worker acks a task only after that), or gets the publish's error. Events leave in the
+order they were handed over, progress reports included (`publish_advisory`), so a task's
+RUNNING event still comes before its first report.
+
+A server older than packs drops one as undecodable (no task_id): `worker.pack_events:
+false` publishes each event alone, for a fleet whose servers are not all upgraded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+from qm._proto.qm.internal.v1 import messages_pb2
+from qm.broker import topology
+from qm.broker.base import Broker, publish_until_confirmed
+from qm.messages import TaskEvent, pack_events
+from qm.protocol import Header
+
+#: Most encoded event bytes in one pack; an event larger than that goes alone.
+PACK_MAX_BYTES = 64 * 1024
+
+
+class EventPacks:
+    """Publishes one worker's task events, packing those that wait behind a confirm."""
+
+    def __init__(self, broker: Broker, enabled: bool = True, max_bytes: int = PACK_MAX_BYTES) -> None:
+        self.broker = broker
+        self.enabled = enabled  # worker.pack_events
+        self.max_bytes = max_bytes
+        self._waiting: list[_Waiting] = []
+        self._sender: asyncio.Task[None] | None = None  # while events wait or one publish is in flight
+
+    async def publish(self, event: TaskEvent) -> None:
+        """Publish `event`, waiting out RabbitMQ outages; return once the message holding it
+        is confirmed."""
+        if not self.enabled:
+            await self._send([_Waiting(event, event.to_proto(), None)])
+            return
+        await self._wait_turn(event)
+
+    async def publish_advisory(self, event: TaskEvent) -> None:
+        """A progress report: out at once, one attempt (BrokerUnavailable if RabbitMQ is
+        away), unless events wait for their turn: then it follows them in their pack."""
+        if not self._waiting or not self.enabled:
+            headers = {Header.TASK_ID: event.task_id, Header.STATE: "PROGRESS"}
+            await self.broker.publish(topology.EVENTS_EXCHANGE, "", event.encode(), headers)
+            return
+        if not self.broker.connected:
+            raise self.broker.unavailable()
+        await self._wait_turn(event)
+
+    async def _wait_turn(self, event: TaskEvent) -> None:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        self._waiting.append(_Waiting(event, event.to_proto(), done))
+        if self._sender is None:  # it starts in the next loop turn: this turn's events go with it
+            self._sender = loop.create_task(self._send_waiting(), name="event-packs")
+        await done
+
+    async def _send_waiting(self) -> None:
+        """Until nothing waits: publish the longest run of waiting events that fits a pack,
+        then settle their callers."""
+        try:
+            while self._waiting:
+                group = self._take()
+                try:
+                    await self._send(group)
+                except asyncio.CancelledError:
+                    for waiting in group:
+                        waiting.cancel()
+                    raise
+                except BaseException as exc:
+                    for waiting in group:
+                        waiting.failed(exc)
+                    continue
+                for waiting in group:
+                    waiting.confirmed()
+        finally:
+            self._sender = None
+            for waiting in self._waiting:  # only when cancelled (stopping): nothing sends them
+                waiting.cancel()
+            self._waiting.clear()
+
+    def _take(self) -> list[_Waiting]:
+        size = 0
+        count = 0
+        for waiting in self._waiting:
+            size += waiting.proto.ByteSize()
+            if count and size > self.max_bytes:
+                break
+            count += 1
+        group, self._waiting = self._waiting[:count], self._waiting[count:]
+        return group
+
+    async def _send(self, group: list[_Waiting]) -> None:
+        if len(group) == 1:
+            event = group[0].event
+            headers = {Header.TASK_ID: event.task_id, Header.STATE: event.state.name}
+            body, what = group[0].proto.SerializeToString(), f"task {event.task_id}"
+        else:
+            headers = {Header.STATE: "PACKED"}
+            body = pack_events([waiting.proto for waiting in group])
+            what = f"{len(group)} task events (task {group[0].event.task_id} first)"
+        await publish_until_confirmed(self.broker, topology.EVENTS_EXCHANGE, "", body, headers, what)
+
+
+@dataclasses.dataclass
+class _Waiting:
+    event: TaskEvent
+    proto: messages_pb2.TaskEvent
+    done: asyncio.Future[None] | None  # None: its caller sends it itself
+
+    def confirmed(self) -> None:
+        if self.done is not None and not self.done.done():
+            self.done.set_result(None)
+
+    def failed(self, error: BaseException) -> None:
+        if self.done is not None and not self.done.done():
+            self.done.set_exception(error)
+
+    def cancel(self) -> None:
+        if self.done is not None:
+            self.done.cancel()
