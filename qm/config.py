@@ -456,8 +456,8 @@ class WorkerConfig:
     #: While recent runs are shorter, a run is announced (RUNNING) once it has lasted this
     #: long; a shorter one's start rides with its outcome event. 0 = always at once.
     running_event_delay_s: float = _setting(0.05, _to_float, _at_least(0), _at_most(60))
-    #: Events that wait behind another event's confirm go out packed in one message
-    #: (qm/worker/event_packs.py). Servers older than packs drop them: false while any is.
+    #: Events handed over together or behind another event's confirm go out packed in one
+    #: message (qm/worker/event_packs.py). Servers older than packs drop them: false while any is.
     pack_events: bool = _setting(True, _to_bool)
     #: Run the supervisor as SCHED_BATCH: its wake-ups do not preempt running tasks
     #: (qm/worker/sched_policy.py).

@@ -1,17 +1,17 @@
 """Task events published in packs: one message and one confirm for the events that wait.
 
-    publish(e1) ──► idle: e1 goes out in the next loop turn, alone, as a plain event ──► confirm ─► e1's caller
-    publish(e2) ─┐  (while e1's confirm is awaited, they wait)
-    publish(e3) ─┴► then one message packing e2, e3 (TaskEvent.packed) ─────────────► confirm ─► both callers
+    publish(e1) ──► nothing in flight: out in the next loop turn, alone ──► confirm ─► e1's caller
+    publish(e2) ─┐  (handed over while e1's confirm is awaited: they wait)
+    publish(e3) ─┴► then one message packing e2, e3 (TaskEvent.packed) ──► confirm ─► both callers
 
-Like a group commit: nothing waits for a pack to fill, so one task at a time costs what it
-did (its event goes out at once, unpacked, which any server reads); events handed over in
+Like a group commit, nothing waits for a pack to fill: one task at a time costs what it
+did (its event goes out alone, unpacked, which any server reads). Events handed over in
 the same loop turn (one run's outcome and the next run's start) share a message, and under
 load the events that pile up behind a confirm share the next message, its confirm and the
-servers' delivery. Every caller returns only once the message holding its event is confirmed (the
-worker acks a task only after that), or gets the publish's error. Events leave in the
-order they were handed over, progress reports included (`publish_advisory`), so a task's
-RUNNING event still comes before its first report.
+servers' delivery. Every caller returns only once the message holding its event is
+confirmed (the worker acks a task only after that), or gets the publish's error. Events
+leave in the order they were handed over, progress reports included (`publish_advisory`),
+so a task's RUNNING event still comes before its first report.
 
 A server older than packs drops one as undecodable (no task_id): `worker.pack_events:
 false` publishes each event alone, for a fleet whose servers are not all upgraded.
