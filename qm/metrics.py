@@ -20,6 +20,8 @@ TASK_SECONDS_BUCKETS = (0.005, 0.025, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300
 FAST_SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
 #: Buckets for a child's idle gap between two tasks (sub-millisecond is the norm).
 GAP_SECONDS_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 1)
+#: Buckets for the task events one message on qm.events carries (a pack holds at most 64 KiB).
+EVENTS_PER_MESSAGE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 #: Buckets for the event loop's time in a store call (the budget is 100 us).
 LOOP_SECONDS_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.01)
 #: Buckets for the writes one store transaction carries.
@@ -206,6 +208,13 @@ class WorkerMetrics:
             "A child's idle time between the end of one task and "
             "the start of the next, observed only when that next task was already waiting for a child",
             buckets=GAP_SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.events_per_message = Histogram(
+            "qm_worker_events_per_message",
+            "Task events in each message the worker published on qm.events for its outcomes and starts "
+            "(1: alone; more: a pack, qm/worker/event_packs.py); sum / count is the mean",
+            buckets=EVENTS_PER_MESSAGE_BUCKETS,
             registry=r,
         )
         self.kills = Counter(

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from typing import Callable
 
 from qm._proto.qm.internal.v1 import messages_pb2
 from qm.broker import topology
@@ -35,10 +36,17 @@ PACK_MAX_BYTES = 64 * 1024
 class EventPacks:
     """Publishes one worker's task events, packing those that wait behind a confirm."""
 
-    def __init__(self, broker: Broker, enabled: bool = True, max_bytes: int = PACK_MAX_BYTES) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        enabled: bool = True,
+        max_bytes: int = PACK_MAX_BYTES,
+        on_message: Callable[[int], None] | None = None,
+    ) -> None:
         self.broker = broker
         self.enabled = enabled  # worker.pack_events
         self.max_bytes = max_bytes
+        self.on_message = on_message  # on_message(events in it), per message confirmed
         self._waiting: list[_Waiting] = []
         self._sender: asyncio.Task[None] | None = None  # while events wait or one publish is in flight
 
@@ -114,6 +122,8 @@ class EventPacks:
             body = pack_events([waiting.proto for waiting in group])
             what = f"{len(group)} task events (task {group[0].event.task_id} first)"
         await publish_until_confirmed(self.broker, topology.EVENTS_EXCHANGE, "", body, headers, what)
+        if self.on_message is not None:
+            self.on_message(len(group))
 
 
 @dataclasses.dataclass

@@ -51,7 +51,7 @@ class Outcomes:
         self.metrics = metrics
         self.max_result_bytes = max_result_bytes  # worker.max_result_bytes; 0 = no cap
         self._delay_tiers: set[int] = set()
-        self.events = EventPacks(broker, enabled=pack_events)  # worker.pack_events
+        self.events = EventPacks(broker, enabled=pack_events, on_message=metrics.events_per_message.observe)
 
     async def settle(
         self,

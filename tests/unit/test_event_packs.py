@@ -11,6 +11,7 @@ from qm.broker import topology
 from qm.broker.memory import MemoryBroker
 from qm.errors import BrokerUnavailable
 from qm.messages import TaskEvent
+from qm.metrics import WorkerMetrics
 from qm.protocol import Header
 from qm.states import TaskState
 from qm.task_progress import Progress
@@ -100,6 +101,27 @@ def test_events_handed_over_in_one_loop_turn_share_a_message():
         await broker.confirm_next()
         await within(both)
         assert messages.empty()
+        await broker.close()
+
+    run(body)
+
+
+def test_the_worker_metric_counts_the_events_in_each_message():
+    """qm_worker_events_per_message: a lone event, then a pack of three (sum 4 over 2)."""
+    async def body():
+        broker = HeldConfirms()
+        await broker.connect()
+        await tapped(broker)
+        metrics = WorkerMetrics()
+        packs = EventPacks(broker, on_message=metrics.events_per_message.observe)
+        first = await started(broker, packs, outcome("t1"))
+        later = [await started(broker, packs, outcome(f"t{n}")) for n in (2, 3, 4)]
+        await broker.confirm_next()
+        await broker.confirm_next()
+        await within(asyncio.gather(first, *later))
+        sample = metrics.registry.get_sample_value
+        assert (sample("qm_worker_events_per_message_count"), sample("qm_worker_events_per_message_sum")) == (2, 4)
+        assert sample("qm_worker_events_per_message_bucket", {"le": "1.0"}) == 1
         await broker.close()
 
     run(body)
