@@ -1,10 +1,11 @@
 """Event ingestion: the server's own durable events queue → store → stream followers.
 
 A message holds one event or a worker's pack of them (qm/worker/event_packs.py), applied
-in order. Events are applied in batches (everything queued at that moment, one transaction), then
-acked: an event is never acked before it is stored, so a crash replays it. After each
-batch the poison watch looks at the starts counted: a task started `delivery_limit`
-times without an outcome is announced to every worker on the control stream.
+in order. Events are applied in batches (everything queued at that moment, one
+transaction), then acked: an event is never acked before it is stored, so a crash
+replays it. After each batch the poison watch looks at the starts counted: a task
+started `delivery_limit` times without an outcome is announced to every worker on the
+control stream.
 """
 
 from __future__ import annotations

@@ -20,7 +20,6 @@ false` publishes each event alone, for a fleet whose servers are not all upgrade
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from typing import Callable
 
 from qm._proto.qm.internal.v1 import messages_pb2
@@ -28,6 +27,7 @@ from qm.broker import topology
 from qm.broker.base import Broker, publish_until_confirmed
 from qm.messages import TaskEvent, pack_events
 from qm.protocol import Header
+from qm.states import TaskState
 
 #: Most encoded event bytes in one pack; an event larger than that goes alone.
 PACK_MAX_BYTES = 64 * 1024
@@ -47,14 +47,14 @@ class EventPacks:
         self.enabled = enabled  # worker.pack_events
         self.max_bytes = max_bytes
         self.on_message = on_message  # on_message(events in it), per message confirmed
-        self._waiting: list[_Waiting] = []
+        self._waiting: list[tuple[messages_pb2.TaskEvent, asyncio.Future[None]]] = []  # event, its caller
         self._sender: asyncio.Task[None] | None = None  # while events wait or one publish is in flight
 
     async def publish(self, event: TaskEvent) -> None:
         """Publish `event`, waiting out RabbitMQ outages; return once the message holding it
         is confirmed."""
         if not self.enabled:
-            await self._send([_Waiting(event, event.to_proto(), None)])
+            await self._send([event.to_proto()])
             return
         await self._wait_turn(event)
 
@@ -72,7 +72,7 @@ class EventPacks:
     async def _wait_turn(self, event: TaskEvent) -> None:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
-        self._waiting.append(_Waiting(event, event.to_proto(), done))
+        self._waiting.append((event.to_proto(), done))
         if self._sender is None:  # it starts in the next loop turn: this turn's events go with it
             self._sender = loop.create_task(self._send_waiting(), name="event-packs")
         await done
@@ -84,62 +84,52 @@ class EventPacks:
             while self._waiting:
                 group = self._take()
                 try:
-                    await self._send(group)
-                except asyncio.CancelledError:
-                    for waiting in group:
-                        waiting.cancel()
-                    raise
+                    await self._send([proto for proto, _done in group])
                 except BaseException as exc:
-                    for waiting in group:
-                        waiting.failed(exc)
+                    for _proto, done in group:
+                        _settle(done, exc)
+                    if isinstance(exc, asyncio.CancelledError):
+                        raise
                     continue
-                for waiting in group:
-                    waiting.confirmed()
+                for _proto, done in group:
+                    _settle(done, None)
         finally:
             self._sender = None
-            for waiting in self._waiting:  # only when cancelled (stopping): nothing sends them
-                waiting.cancel()
+            for _proto, done in self._waiting:  # only when cancelled (stopping): nothing sends them
+                done.cancel()
             self._waiting.clear()
 
-    def _take(self) -> list[_Waiting]:
+    def _take(self) -> list[tuple[messages_pb2.TaskEvent, asyncio.Future[None]]]:
         size = 0
         count = 0
-        for waiting in self._waiting:
-            size += waiting.proto.ByteSize()
+        for proto, _done in self._waiting:
+            size += proto.ByteSize()
             if count and size > self.max_bytes:
                 break
             count += 1
         group, self._waiting = self._waiting[:count], self._waiting[count:]
         return group
 
-    async def _send(self, group: list[_Waiting]) -> None:
-        if len(group) == 1:
-            event = group[0].event
-            headers = {Header.TASK_ID: event.task_id, Header.STATE: event.state.name}
-            body, what = group[0].proto.SerializeToString(), f"task {event.task_id}"
+    async def _send(self, protos: list[messages_pb2.TaskEvent]) -> None:
+        first = protos[0]
+        if len(protos) == 1:
+            headers = {Header.TASK_ID: first.task_id, Header.STATE: TaskState.of_number(first.state).name}
+            body, what = first.SerializeToString(), f"task {first.task_id}"
         else:
             headers = {Header.STATE: "PACKED"}
-            body = pack_events([waiting.proto for waiting in group])
-            what = f"{len(group)} task events (task {group[0].event.task_id} first)"
+            body, what = pack_events(protos), f"{len(protos)} task events (task {first.task_id} first)"
         await publish_until_confirmed(self.broker, topology.EVENTS_EXCHANGE, "", body, headers, what)
         if self.on_message is not None:
-            self.on_message(len(group))
+            self.on_message(len(protos))
 
 
-@dataclasses.dataclass
-class _Waiting:
-    event: TaskEvent
-    proto: messages_pb2.TaskEvent
-    done: asyncio.Future[None] | None  # None: its caller sends it itself
-
-    def confirmed(self) -> None:
-        if self.done is not None and not self.done.done():
-            self.done.set_result(None)
-
-    def failed(self, error: BaseException) -> None:
-        if self.done is not None and not self.done.done():
-            self.done.set_exception(error)
-
-    def cancel(self) -> None:
-        if self.done is not None:
-            self.done.cancel()
+def _settle(done: asyncio.Future[None], error: BaseException | None) -> None:
+    """A caller's turn is over: its message confirmed (no error), failed, or cancelled."""
+    if done.done():
+        return
+    if error is None:
+        done.set_result(None)
+    elif isinstance(error, asyncio.CancelledError):
+        done.cancel()
+    else:
+        done.set_exception(error)

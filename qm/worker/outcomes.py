@@ -9,8 +9,8 @@
 A crash anywhere before the ack makes RabbitMQ redeliver the task: it runs again (attempts
 are idempotent; the servers order events with qm.states.supersedes). A publish that
 fails because RabbitMQ is away is retried until it is confirmed: an outcome is the task's
-value, worth waiting for. Events that wait behind another event's confirm go out packed in
-one message (qm/worker/event_packs.py).
+value, worth waiting for. Events handed over together, or behind another event's confirm,
+go out packed in one message (qm/worker/event_packs.py).
 """
 
 from __future__ import annotations
