@@ -3,16 +3,18 @@
     .venv/bin/python load/bench_submit.py            # ~1 minute
     .venv/bin/python load/bench_submit.py --tasks 5000 --rounds 3 --json out.json
     .venv/bin/python load/bench_submit.py --server-pythonpath /tmp/old-checkout   # before/after
+    .venv/bin/python load/bench_submit.py --postgres     # the server on a PostgreSQL store
 
-Starts a private RabbitMQ node and one qm-server on loopback (tests/processes.py), no
-worker (submission only: every task is stored and confirmed by RabbitMQ before its id
-comes back), and times N `math` tasks submitted by: qm.Client.submit one after the other
-(also its latency p50/p99); qm.Client.submit_many (SubmitTasks calls of 500);
-qm.aio.Client.submit, all at once with asyncio.gather; qm.aio.Client.submit_many. For
-each: tasks per second and the server's CPU ms per task, the median of --rounds rounds
-(the ways take turns). At the end, from the server's /metrics: store transactions (how
-many, writes per transaction) and the event loop's time per store call (the budget of a
-call on the loop is 100 us). Asserts nothing.
+Starts a private RabbitMQ node and one qm-server on loopback (tests/processes.py; with
+`--postgres` on a private PostgreSQL store, else SQLite), no worker (submission only:
+every task is stored and confirmed by RabbitMQ before its id comes back), and times N
+`math` tasks submitted by: qm.Client.submit one after the other (also its latency
+p50/p99); qm.Client.submit_many (SubmitTasks calls of 500); qm.aio.Client.submit, all at
+once with asyncio.gather; qm.aio.Client.submit_many. For each: tasks per second and the
+server's CPU ms per task, the median of --rounds rounds (the ways take turns). At the
+end, from the server's /metrics: store transactions (how many, writes per transaction)
+and the event loop's time per store call (the budget of a call on the loop is 100 us).
+Asserts nothing.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ from bench_worker import cpu_seconds, percentile  # noqa: E402
 
 import qm  # noqa: E402
 import qm.aio  # noqa: E402
+from qm.testing.postgres import LocalPostgres  # noqa: E402
 from qm.testing.rabbitmq import LocalRabbitMQ  # noqa: E402
 from tests.processes import clean_env, start_server, unique  # noqa: E402
 
@@ -131,6 +134,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=1, help="rounds; medians are reported (default 1)")
     parser.add_argument("--server-pythonpath", metavar="DIR",
                         help="run qm-server with PYTHONPATH=DIR (another checkout: before/after numbers)")
+    parser.add_argument("--postgres", action="store_true",
+                        help="store on a private PostgreSQL (qm.testing.postgres), not SQLite")
     parser.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")
     args = parser.parse_args()
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in WAYS}
@@ -138,9 +143,14 @@ def main() -> int:
         base = pathlib.Path(tmp)
         rabbitmq = LocalRabbitMQ(base / "rabbitmq")
         url = rabbitmq.start()
+        postgres = LocalPostgres(base / "postgres") if args.postgres else None
+        store_args: list[str] = []
+        if postgres is not None:
+            postgres.start()
+            store_args = ["--store-url", postgres.create_database("bench_submit")]
         metrics_port = free_port()
         env = clean_env({"PYTHONPATH": args.server_pythonpath} if args.server_pythonpath else None)
-        server = start_server(url, base, env=env, extra_args=["--metrics-port", str(metrics_port)])
+        server = start_server(url, base, env=env, extra_args=["--metrics-port", str(metrics_port), *store_args])
         try:
             batched(server.address, unique("warm"), 10)  # connections, queue declarations
             for _round in range(args.rounds):
@@ -158,6 +168,8 @@ def main() -> int:
             store = store_report(scrape(metrics_port))
         finally:
             server.stop()
+            if postgres is not None:
+                postgres.stop()
             rabbitmq.stop()
     numbers: dict[str, object] = {name: {key: round(statistics.median(run[key] for run in way_runs), 2)
                                          for key in way_runs[0]} for name, way_runs in runs.items()}

@@ -225,15 +225,15 @@ class TaskService:
                 first = await asyncio.shield(self._pending_keys[idempotency_key])
                 self._check_key_reuse(idempotency_key, first, digest)
                 return first
-            existing = await self.store.find_by_idempotency_key(idempotency_key)
-            if existing is not None:
-                return await self._answer_duplicate(idempotency_key, existing, digest)
+        # A key seen before is found by the store's insert (IdempotencyKeyTaken), in its
+        # transaction, not by a look-up ahead of every submit (one read on the loop each).
         future = asyncio.get_running_loop().create_future()
         if idempotency_key:
             self._pending_keys[idempotency_key] = future
         try:
+            existing: TaskRecord | None = None
             try:
-                record = await self._accept(
+                record, message = await self.prepare(
                     task_type,
                     payload,
                     queue or topology.DEFAULT_QUEUE,
@@ -247,12 +247,20 @@ class TaskService:
                     requested_priority=priority,
                     cpus=cpus,
                 )
-            except IdempotencyKeyTaken:  # another server of a shared store stored the key first
-                record = await self._answer_duplicate(idempotency_key, await self._taken(idempotency_key), digest)
-                future.set_result(record)
-                return record
+            except QMError:  # refused before anything was stored: a repeat of a stored task?
+                existing = await self.store.find_by_idempotency_key(idempotency_key) if idempotency_key else None
+                if existing is None:
+                    raise
+            else:
+                try:
+                    await self.enqueue(record, message)
+                except IdempotencyKeyTaken:  # a task stored under this key before (here or elsewhere)
+                    existing = await self._taken(idempotency_key)
+            if existing is not None:
+                record = await self._answer_duplicate(idempotency_key, existing, digest)
+            else:
+                self.metrics.submissions.labels(task_type, "accepted").inc()
             future.set_result(record)
-            self.metrics.submissions.labels(task_type, "accepted").inc()
             return record
         except BaseException as exc:
             self._count_refusal(task_type, exc)
@@ -271,9 +279,10 @@ class TaskService:
         return existing
 
     async def _taken(self, key: str) -> TaskRecord:
-        """The task another server stored under `key` (its insert committed before ours failed)."""
+        """The task stored under `key` before ours (here, or by another server of a shared
+        store: its insert committed before ours failed)."""
         existing = await self.store.find_by_idempotency_key(key)
-        if existing is None:  # that server's publish failed and it removed the task again
+        if existing is None:  # another server's publish failed and it removed the task again
             raise StoreUnavailable(
                 f"idempotency key {key!r} was being submitted through another server, which gave up; submit again"
             )
@@ -367,11 +376,6 @@ class TaskService:
             self.metrics.rejects.labels(error.field).inc()
         elif isinstance(error, BrokerUnavailable):
             self.metrics.submissions.labels(known_type, "unavailable").inc()
-
-    async def _accept(self, *args, **kwargs) -> TaskRecord:
-        record, message = await self.prepare(*args, **kwargs)
-        await self.enqueue(record, message)
-        return record
 
     async def prepare(
         self,

@@ -27,6 +27,7 @@ import threading
 import time
 from typing import Callable, Iterable, Iterator, Protocol
 
+from qm.errors import IdempotencyKeyTaken
 from qm.messages import TaskEvent
 from qm.priority import DEFAULT_PRIORITY
 from qm.server.group_callback import callback_task
@@ -338,9 +339,14 @@ class Store:
 
     async def insert_unconfirmed(self, record: TaskRecord, queue: str, body: bytes) -> None:
         """Store a task with the message that still has to reach RabbitMQ, committed when
-        this returns; the message is also kept until the task is final (the reconciler's copy)."""
+        this returns; the message is also kept until the task is final (the reconciler's copy).
+        A key a stored task already has: IdempotencyKeyTaken, nothing stored (checked in the
+        transaction, on the writer thread: the submit path makes no look-up of its own)."""
 
         def write(db: sqlite3.Connection) -> None:
+            key = record.idempotency_key
+            if key and db.execute(_KEY_TAKEN, (key,)).fetchone() is not None:
+                raise IdempotencyKeyTaken(key)
             _insert(db, record)
             db.execute("INSERT INTO unconfirmed (task_id, queue, body) VALUES (?, ?, ?)", (record.task_id, queue, body))
             db.execute("INSERT OR REPLACE INTO messages (task_id, body) VALUES (?, ?)", (record.task_id, body))
@@ -616,6 +622,7 @@ _SELECT_TASK_BY_ID = f"SELECT {', '.join(_COLUMNS)} FROM tasks WHERE task_id = ?
 # The index holds only non-empty keys; SQLite uses a partial index only when the query
 # itself says so (it cannot prove `= ?` implies `!= ''`): without the second condition this
 # is a scan of every task.
+_KEY_TAKEN = "SELECT 1 FROM tasks WHERE idempotency_key = ? AND idempotency_key != ''"
 _SELECT_TASK_BY_KEY = f"SELECT {', '.join(_COLUMNS)} FROM tasks WHERE idempotency_key = ? AND idempotency_key != ''"
 _SELECT_COUNTER = "SELECT value FROM counters WHERE name = ?"
 _INSERT_GROUP = (

@@ -183,7 +183,9 @@ class TaskStore(Protocol):
         """Add a task record as it is (no message kept); an existing id raises."""
 
     async def insert_unconfirmed(self, record: TaskRecord, queue: str, body: bytes) -> None:
-        """Add a task with the message still to be confirmed by RabbitMQ; durable on return."""
+        """Add a task with the message still to be confirmed by RabbitMQ; durable on return.
+        A key a stored task already has (stored here or by another server of the store):
+        IdempotencyKeyTaken, nothing stored."""
 
     async def confirm(self, task_id: str) -> None:
         """RabbitMQ confirmed the task's message: nothing left to resend (may be written later)."""

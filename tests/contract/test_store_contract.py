@@ -117,6 +117,19 @@ class StoreContract:
         assert store.unconfirmed() == [] and store.message("a") == b"message-a"  # the reconciler's copy
         assert store.count() == 1
 
+    def test_a_key_already_stored_refuses_the_insert_and_stores_nothing(self, store):
+        """The submit path finds a repeated key this way, not by a look-up of its own."""
+        store.insert_unconfirmed(queued("first", key="k-1"), "default", b"m1")
+        store.confirm("first")
+        with pytest.raises(IdempotencyKeyTaken) as refused:
+            store.insert_unconfirmed(queued("second", key="k-1"), "default", b"m2")
+        assert refused.value.key == "k-1"
+        assert store.get("second") is None and store.unconfirmed() == [] and store.message("second") is None
+        assert store.find_by_idempotency_key("k-1").task_id == "first" and store.count() == 1
+        store.insert_unconfirmed(queued("keyless-1"), "default", b"m3")  # no key: never refused
+        store.insert_unconfirmed(queued("keyless-2"), "default", b"m4")
+        assert store.count() == 3
+
     def test_a_multi_cpu_task_keeps_its_cpus_through_its_lifecycle(self, store):
         store.insert_unconfirmed(TaskRecord.queued("big", "math", "default", "text", T0, cpus=4), "default", b"m")
         store.apply([TaskEvent("big", "math", "default", 1, S.RUNNING, worker="w", at_s=T0 + 1)], CODECS)

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from qm.errors import IdempotencyKeyReused
+from qm.errors import BrokerUnavailable, IdempotencyKeyReused, ValidationError
 from qm.messages import TaskEvent
 from qm.server.idempotency import check_reuse, request_digest
 from qm.server.store import Store, TaskRecord
@@ -101,6 +101,33 @@ def test_the_same_key_with_the_same_request_returns_the_first_task(tmp_path):
             again = await parts.service.submit("math", b"1 + 1", **same, backoff_s=None, jitter=None)
             assert again.task_id == first.task_id
             assert (await parts.store.count()) == 1 and parts.broker.queue_depth(WORK_QUEUE) == 1
+    run(body)
+
+
+def test_a_repeat_is_answered_with_the_first_task_while_rabbitmq_is_away(tmp_path):
+    """The client retries a submit whose answer it lost; meanwhile RabbitMQ went away. The
+    first task is durable, so the repeat gets it; only a new task is refused."""
+    async def body():
+        async with server(tmp_path) as parts:
+            first = await parts.service.submit("math", b"1 + 1", idempotency_key="k")
+            parts.broker._drop_connection()
+            again = await parts.service.submit("math", b"1 + 1", idempotency_key="k")
+            assert again.task_id == first.task_id
+            with pytest.raises(BrokerUnavailable):
+                await parts.service.submit("math", b"1 + 1", idempotency_key="new-key")
+            assert (await parts.store.count()) == 1
+    run(body)
+
+
+def test_a_repeat_whose_request_is_refused_now_is_still_told_the_key_was_used(tmp_path):
+    """A key reused for a request that is invalid: the answer names the key, not the payload."""
+    async def body():
+        async with server(tmp_path) as parts:
+            first = await parts.service.submit("math", b"1 + 1", idempotency_key="k")
+            with pytest.raises(IdempotencyKeyReused, match=first.task_id):
+                await parts.service.submit("math", b"1 +", idempotency_key="k")
+            with pytest.raises(ValidationError):
+                await parts.service.submit("math", b"1 +", idempotency_key="other")
     run(body)
 
 
