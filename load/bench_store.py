@@ -12,7 +12,10 @@ shared machine falls on every size alike), each measurement on a fresh copy of t
 1. In process, on that store file (the store calls a submit and the events applier make):
    `find_by_idempotency_key` of a new key, `insert_unconfirmed` + `confirm`, and
    event-apply throughput (RUNNING then SUCCEEDED for each task, in batches of
-   APPLY_BATCH, as the server's applier does). Each phase is bounded in time.
+   APPLY_BATCH, as the server's applier does), and a batched lifecycle (BATCH_TASKS
+   inserts at once as a SubmitTasks call makes them, their confirms, their outcomes in
+   one apply: CPU us per task). Each phase is bounded in time. New tasks get time-ordered
+   ids and keys as the server and qm.Client make them (`--ids random`: uuid4, as before).
 2. End to end: a real qm-server started on that data dir, a real `qm-worker --procs 2`, a
    private RabbitMQ node on loopback (qm.testing.rabbitmq), started with the test
    harness in tests/processes.py as load/bench_worker.py does. `--tasks` math tasks are
@@ -44,7 +47,7 @@ import traceback
 import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Callable
 
 import psutil
 
@@ -55,6 +58,7 @@ for path in (REPO, REPO / "load"):
 
 import qm  # noqa: E402
 from bench_worker import cpu_seconds, percentile, rounded, states_of, wait_all  # noqa: E402
+from qm.ids import time_ordered_id  # noqa: E402
 from qm.messages import TaskEvent  # noqa: E402
 from qm.server.store import Store, TaskRecord  # noqa: E402
 from qm.states import TaskState  # noqa: E402
@@ -62,6 +66,10 @@ from qm.testing.rabbitmq import LocalRabbitMQ  # noqa: E402
 from tests.processes import Server, Worker, band_queues, delete_queues, start_server, start_worker, unique  # noqa: E402
 
 DEFAULT_SIZES = (0, 100_000, 1_000_000)
+#: --ids: how the in-process phase makes the ids and keys of the tasks it adds.
+NEW_IDS: dict[str, Callable[[], str]] = {"time": time_ordered_id, "random": lambda: str(uuid.uuid4())}
+#: Tasks per batch in the in-process batched phase (a SubmitTasks call's inserts share a transaction).
+BATCH_TASKS = 500
 #: Rows written per executemany call while filling a store.
 FILL_CHUNK = 50_000
 #: Events per Store.apply call in the in-process measurement.
@@ -145,9 +153,28 @@ def _timed_loop(items: list, step, bound_s: float) -> tuple[int, float, float]:
     return done, time.perf_counter() - wall0, time.process_time() - cpu0
 
 
-def measure_store_calls(db_path: pathlib.Path, ops: int) -> dict[str, Any]:
+def _batched_lifecycle(store: Store, call: Callable[[Any], Any], new_id: Callable[[], str], ops: int,
+                       now: float) -> tuple[int, float, float]:
+    """`ops` tasks in batches of BATCH_TASKS, as a submit_many and its outcomes reach the
+    store: the batch's inserts at once (they share one transaction), their confirms, their
+    SUCCEEDED events in one apply. (batches done, wall s, CPU s), bounded in time."""
+    async def lifecycle(chunk: list[TaskRecord]) -> None:
+        await asyncio.gather(*(store.insert_unconfirmed(r, "default", b"message body of about this size" * 4)
+                               for r in chunk))
+        for record in chunk:
+            await store.confirm(record.task_id)
+        await store.apply([TaskEvent(r.task_id, "math", "default", 1, TaskState.SUCCEEDED, "w1", b"2", at_s=now + 2)
+                           for r in chunk], {"math": "text"})
+
+    records = [TaskRecord.queued(new_id(), "math", "default", "text", now, 600.0, 0, new_id(), 0) for _ in range(ops)]
+    chunks = [records[i:i + BATCH_TASKS] for i in range(0, len(records), BATCH_TASKS)]
+    return _timed_loop(chunks, lambda chunk: call(lifecycle(chunk)), PHASE_BOUND_S)
+
+
+def measure_store_calls(db_path: pathlib.Path, ops: int, new_id: Callable[[], str] = time_ordered_id) -> dict[str, Any]:
     """Per-call cost of what a submit and the events applier do to the store, opened as the
-    server opens it (with its checkpoint thread, where the store has one)."""
+    server opens it (with its checkpoint thread, where the store has one). New tasks get
+    ids and keys from `new_id`: the server's (time-ordered) by default."""
     store = Store(db_path)
     loop = asyncio.new_event_loop()
 
@@ -158,8 +185,8 @@ def measure_store_calls(db_path: pathlib.Path, ops: int) -> dict[str, Any]:
         store.start_checkpoints()
     try:
         now = time.time()
-        records = [TaskRecord(str(uuid.uuid4()), "math", "default", "text", TaskState.QUEUED, 0, None, "", "",
-                              now, None, None, now, 600.0, 0, str(uuid.uuid4()), 0) for _ in range(ops)]
+        records = [TaskRecord(new_id(), "math", "default", "text", TaskState.QUEUED, 0, None, "", "",
+                              now, None, None, now, 600.0, 0, new_id(), 0) for _ in range(ops)]
         keys = _timed_loop(records, lambda r: call(store.find_by_idempotency_key(r.idempotency_key)), PHASE_BOUND_S)
 
         def accept(record: TaskRecord) -> None:
@@ -176,6 +203,7 @@ def measure_store_calls(db_path: pathlib.Path, ops: int) -> dict[str, Any]:
         batches = [events[i:i + APPLY_BATCH] for i in range(0, len(events), APPLY_BATCH)]
         applies = _timed_loop(batches, lambda batch: call(store.apply(batch, {"math": "text"})), PHASE_BOUND_S)
         applied = sum(len(batch) for batch in batches[:applies[0]])
+        batched = _batched_lifecycle(store, call, new_id, ops, now)
         counts = _timed_loop(range(100), lambda _: (call(store.count()), call(store.count_dead_letters())),
                              PHASE_BOUND_S)
     finally:
@@ -188,6 +216,8 @@ def measure_store_calls(db_path: pathlib.Path, ops: int) -> dict[str, Any]:
 
     return {
         "find_key": per_call_us(keys), "insert_confirm": per_call_us(inserts), "counts": per_call_us(counts),
+        "batched": {"tasks": batched[0] * BATCH_TASKS,
+                    "cpu_us_per_task": 1e6 * batched[2] / max(batched[0] * BATCH_TASKS, 1)},
         "apply": {"events": applied, "events_per_s": applied / applies[1] if applies[1] else None,
                   "events_per_cpu_s": applied / applies[2] if applies[2] else None},
     }
@@ -361,7 +391,7 @@ def measure_once(stack: Stack, size: int, template: pathlib.Path,
     scratch = stack.base / f"scratch-{server_id}.sqlite3"
     try:
         copy_synced(template, scratch)
-        in_process = measure_store_calls(scratch, args.store_ops)
+        in_process = measure_store_calls(scratch, args.store_ops, NEW_IDS[args.ids])
         print(f"  in process: {json.dumps(_rounded_tree(in_process))}", flush=True)
         copy_synced(template, directory / f"{server_id}.sqlite3")
         client = stack.start(server_id)
@@ -413,6 +443,7 @@ ROWS = (("submit ms p50", ("end_to_end", "submit_ms_p50")),
         ("store: insert+confirm us (CPU)", ("in_process", "insert_confirm", "cpu_us")),
         ("store: apply events/CPU s", ("in_process", "apply", "events_per_cpu_s")),
         ("store: apply events/s (wall)", ("in_process", "apply", "events_per_s")),
+        ("store: batched task us (CPU)", ("in_process", "batched", "cpu_us_per_task")),
         ("store: both counts us (CPU)", ("in_process", "counts", "cpu_us")))
 
 
@@ -468,6 +499,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--store-ops", type=int, default=2000, help="calls per in-process measurement")
     parser.add_argument("--repeat", type=int, default=3,
                         help="measurements per size, interleaved across sizes; the table shows medians")
+    parser.add_argument("--ids", choices=sorted(NEW_IDS), default="time",
+                        help="ids and keys of the tasks the in-process phase adds: time-ordered as the server "
+                             "and qm.Client make them (default), or random (uuid4) as before 3 December 2026")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
     parser.add_argument("--broker-url", default="", metavar="URL",
                         help="use this RabbitMQ instead of starting a private node (the smoke test does)")

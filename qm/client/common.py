@@ -34,6 +34,7 @@ from qm._proto.qm.v1 import task_queue_pb2
 from qm.codecs import decode_result, encode_payload
 from qm.config import parse_host_port
 from qm.errors import BatchError, QMError, RefusedItem, TaskError, WaitTimeout
+from qm.ids import time_ordered_id
 from qm.reasons import DOMAIN, parse_reason
 from qm.states import TERMINAL_STATES, TaskState
 
@@ -299,7 +300,7 @@ def submit_request(
         queue=queue,
         timeout_s=timeout_s,
         memory_limit_mb=memory_limit_mb,
-        idempotency_key=idempotency_key or str(uuid.uuid4()),
+        idempotency_key=idempotency_key or time_ordered_id(),
         soft_timeout_s=soft_timeout_s,
         cpus=cpus,
     )
@@ -711,7 +712,7 @@ def group_request(
     if "idempotency_key" in options:
         raise TypeError("submit_group(): pass idempotency_key as its own argument (it is the group's)")
     request = task_queue_pb2.SubmitGroupRequest(
-        items=batch_requests(items, options), idempotency_key=idempotency_key or str(uuid.uuid4())
+        items=batch_requests(items, options), idempotency_key=idempotency_key or time_ordered_id()
     )
     if then is not None:
         queue = {"queue": options["queue"]} if options.get("queue") else {}

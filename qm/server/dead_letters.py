@@ -13,12 +13,12 @@ import builtins
 import dataclasses
 import logging
 import time
-import uuid
 from typing import Awaitable, Callable
 
 from qm.background import Background
 from qm.broker.base import Broker, Delivery
 from qm.errors import StoreUnavailable, TaskNotFound
+from qm.ids import time_ordered_id
 from qm.messages import TaskEvent, TaskMessage
 from qm.metrics import ServerMetrics
 from qm.protocol import Header
@@ -157,7 +157,7 @@ class DeadLetters:
         for letter in dead:
             old = TaskMessage.decode(letter.body)
             now = time.time()
-            message = dataclasses.replace(old, task_id=str(uuid.uuid4()), attempt=1, enqueued_at_s=now)
+            message = dataclasses.replace(old, task_id=time_ordered_id(), attempt=1, enqueued_at_s=now)
             record = TaskRecord.queued(
                 message.task_id,
                 old.type,

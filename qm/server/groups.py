@@ -23,7 +23,6 @@ import dataclasses
 import hashlib
 import logging
 import time
-import uuid
 from typing import Awaitable, Callable, Sequence
 
 from qm.broker.base import Broker
@@ -36,6 +35,7 @@ from qm.errors import (
     StoreUnavailable,
     ValidationError,
 )
+from qm.ids import time_ordered_id
 from qm.messages import TaskMessage
 from qm.metrics import ServerMetrics
 from qm.server import idempotency
@@ -130,7 +130,7 @@ class Groups:
     ) -> tuple[GroupRecord, list[str]]:
         prepared = [await self._prepare_item(f"items[{index}]", item) for index, item in enumerate(items)]
         callback = await self._prepare_item("then", then) if then is not None else None
-        group_id = str(uuid.uuid4())
+        group_id = time_ordered_id()
         members = [
             (dataclasses.replace(record, group_id=group_id, group_index=index), message)
             for index, (record, message) in enumerate(prepared)

@@ -11,7 +11,6 @@ import asyncio
 import dataclasses
 import logging
 import time
-import uuid
 from typing import Awaitable, Callable, Sequence
 
 from qm import limits as task_limits
@@ -31,6 +30,7 @@ from qm.errors import (
     TaskNotFound,
     ValidationError,
 )
+from qm.ids import time_ordered_id
 from qm.messages import TaskEvent, TaskMessage
 from qm.metrics import ServerMetrics
 from qm.protocol import Command, Control, Header
@@ -427,7 +427,7 @@ class TaskService:
         if not self.broker.connected:
             raise self.broker.unavailable()
         record = TaskRecord.queued(
-            str(uuid.uuid4()),
+            time_ordered_id(),
             task_type,
             queue,
             declared.codec,

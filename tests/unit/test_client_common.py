@@ -2,6 +2,8 @@
 failover and backoff, the resume of a wait, batches."""
 from __future__ import annotations
 
+import uuid
+
 import grpc
 import pytest
 
@@ -163,6 +165,8 @@ def test_batch_items_take_the_batch_options_their_own_and_keys_from_a_batch_key(
         ("test.echo", b'{"a": 1}', "q", 2, "K/2")]
     fresh = batch_requests([("math", "1"), ("math", "1")], {})
     assert fresh[0].idempotency_key and fresh[0].idempotency_key != fresh[1].idempotency_key
+    # keys the client makes grow with time, so they land on the right of the store's key index
+    assert {uuid.UUID(r.idempotency_key).version for r in fresh} == {7}
     with pytest.raises(TypeError, match="unexpected options: colour"):
         batch_requests([("math", "1")], {"colour": "red"})
     with pytest.raises(TypeError, match="item 0"):
