@@ -225,6 +225,11 @@ class Store:
         # whatever form a statement takes.
         db.execute("PRAGMA recursive_triggers=ON")
         db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT_BYTES}")
+        # Each write runs in a SAVEPOINT (qm/server/group_commit.py), whose undo copies of
+        # the pages it changes go to a sub-journal: a temp file once one work changed more
+        # than 64 KiB (an events batch), then two pwrite calls per page for the rest of the
+        # transaction. In memory, it is freed at each RELEASE.
+        db.execute("PRAGMA temp_store=MEMORY")
         return db
 
     def _keep_counts(self) -> None:
