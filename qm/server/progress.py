@@ -9,9 +9,9 @@ terminal), after a retry began, or behind a newer report — changes nothing.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import TYPE_CHECKING
 
+from qm.frozen import evolve
 from qm.messages import TaskEvent
 from qm.states import TaskState
 
@@ -27,7 +27,7 @@ def next_progress(current: TaskRecord | None, event: TaskEvent) -> TaskRecord | 
         return None
     if current.progress_at is not None and event.at_s <= current.progress_at:
         return None
-    return dataclasses.replace(
+    return evolve(
         current,
         progress=update.fraction,
         progress_message=update.message,

@@ -28,6 +28,7 @@ import time
 from typing import Callable, Iterable, Iterator, Protocol
 
 from qm.errors import IdempotencyKeyTaken
+from qm.frozen import evolve, from_values
 from qm.messages import TaskEvent
 from qm.priority import DEFAULT_PRIORITY
 from qm.server.group_callback import callback_task
@@ -780,7 +781,7 @@ def fold_events(
                 # Starts count per attempt: a task that fails and retries normally is
                 # never mistaken for one that takes its workers down.
                 new_attempt = current is None or event.attempt > current.attempts
-                updated = dataclasses.replace(
+                updated = evolve(
                     started,
                     starts=1 if new_attempt else started.starts + 1,
                     started_at=event.at_s,
@@ -804,7 +805,7 @@ def with_unannounced_starts(events: Iterable[TaskEvent]) -> Iterator[TaskEvent]:
     and followers see RUNNING, as if the worker had published it."""
     for event in events:
         if event.started_at_s is not None and event.progress is None and event.state is not TaskState.RUNNING:
-            yield dataclasses.replace(
+            yield evolve(
                 event,
                 state=TaskState.RUNNING,
                 result=b"",
@@ -877,8 +878,9 @@ class _Checkpointer:
 
 def _record(row: tuple) -> TaskRecord:
     values = list(row)
-    values[_STATE_INDEX] = TaskState(values[_STATE_INDEX])
-    return TaskRecord(*values)
+    state = values[_STATE_INDEX]  # its wire number, as stored
+    values[_STATE_INDEX] = state if isinstance(state, TaskState) else TaskState.of_number(state)
+    return from_values(TaskRecord, values)
 
 
 def _schedule(row: tuple) -> ScheduleRecord:
@@ -903,7 +905,7 @@ def _next_record(current: TaskRecord | None, event: TaskEvent, codec: str) -> Ta
     elif not supersedes(current.state, current.attempts, event.state, event.attempt):
         return None
     terminal = event.state.terminal
-    return dataclasses.replace(
+    return evolve(
         current,
         state=event.state,
         attempts=max(current.attempts, event.attempt),
