@@ -690,14 +690,20 @@ def _apply(db: sqlite3.Connection, events: Iterable[TaskEvent], codec_of: dict[s
     events = list(events)
     known = _get_many(db, {event.task_id for event in events})
     latest, stored, changes = fold_events(events, known.get, codec_of)
+    updates: dict[tuple[str, ...], list[tuple]] = {}  # changed columns -> rows: one executemany each
+    finished = []
     for record in latest.values():
         before = stored.get(record.task_id)
         if before is None:
             _insert(db, record)
         else:
-            _update(db, before, record)
+            _changed_row(before, record, updates)
         if record.state.terminal:
-            db.execute("DELETE FROM messages WHERE task_id = ?", (record.task_id,))
+            finished.append((record.task_id,))
+    for columns, rows in updates.items():
+        db.executemany(f"UPDATE tasks SET {', '.join(f'{column} = ?' for column in columns)} WHERE task_id = ?", rows)
+    if finished:
+        db.executemany("DELETE FROM messages WHERE task_id = ?", finished)
     for group_id, count in newly_finished(latest, stored).items():
         callback = _count_finished(db, group_id, count, codec_of)
         if callback is not None:
@@ -735,17 +741,14 @@ def _count_finished(db: sqlite3.Connection, group_id: str, count: int, codec_of:
     return record
 
 
-def _update(db: sqlite3.Connection, before: TaskRecord, after: TaskRecord) -> None:
-    """Write only the columns that changed: an index whose column is not set is not
-    touched (setting the idempotency key to itself would rewrite its entry, on a random
-    page of that index, for every event)."""
-    changed = [column for column in _COLUMNS if getattr(before, column) != getattr(after, column)]
+def _changed_row(before: TaskRecord, after: TaskRecord, updates: dict[tuple[str, ...], list[tuple]]) -> None:
+    """Add the task's UPDATE row under the columns that changed (none: nothing). Only
+    those are written: an index whose column is not set is not touched (setting the
+    idempotency key to itself would rewrite its entry in that index for every event)."""
+    old, new = before.__dict__, after.__dict__
+    changed = tuple(column for column in _COLUMNS if old[column] != new[column])
     if changed:
-        values = [getattr(after, column) for column in changed]
-        db.execute(
-            f"UPDATE tasks SET {', '.join(f'{column} = ?' for column in changed)} WHERE task_id = ?",
-            (*values, after.task_id),
-        )
+        updates.setdefault(changed, []).append((*(new[column] for column in changed), after.task_id))
 
 
 def fold_events(
