@@ -111,6 +111,7 @@ class RabbitMQBroker(Broker):
         """`urls`: one AMQP URL, or one per node of a cluster (tried in this order).
         `ssl_context`: for amqps:// nodes, with CA/cert/key from config (qm/security/amqp.py)."""
         pika_writes.join_queued_frames()  # one send per burst of frames (qm/broker/pika_writes.py)
+        pika_writes.flush_at_end_of_turn()  # that send at the end of the loop turn, no watcher toggled
         self._nodes = [
             _parameters(url, heartbeat_s, connection_name, ssl_context)
             for url in ([urls] if isinstance(urls, str) else urls)
