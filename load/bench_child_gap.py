@@ -7,14 +7,15 @@ supervisor costs per task.
 Everything runs on loopback, started and stopped here: a private RabbitMQ node in a
 temporary directory (qm.testing; or --broker-url), one qm-server on port 0, and per phase a fresh
 `qm-worker --procs 2` (default config: quorum queue, auto prefetch) with its metrics on a
-free port. Each phase fills a fresh queue first and only then starts its worker, so the
-queue has work from the worker's first delivery to its last; the phase ends when every
-task is terminal (one watch stream). Phases:
+free port. Each phase starts its worker on a fresh, empty queue, waits for it to be
+ready, starts the supervisor's CPU meter, then submits all its tasks in one `submit_many`
+(one confirm wait for the lot), so the queue has work from the worker's first delivery to
+its last; the phase ends when every task is terminal (one watch stream). Phases:
 
 - trivial: N `math "1 + 2 * 5"` tasks;
 - sleepy: M `test.sleep 0.05` tasks (needs qm-testtasks, installed by scripts/setup --test).
 
-Per phase: tasks/s from the worker's start of consuming to the last terminal state; the
+Per phase: tasks/s from the submit to the last terminal state; the
 supervisor's CPU ms per task (each thread of the qm-worker pid, /proc schedstat, over that
 span); the idle gap p50/p99 from `qm_worker_child_idle_gap_seconds` (interpolated within its buckets,
 as Prometheus' histogram_quantile does) and how many gaps it observed; and the children's
@@ -89,14 +90,16 @@ def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float | 
 def run_phase(url: str, client: qm.Client, task_type: str, payload: str, expected: str,
               count: int) -> dict[str, Any]:
     queue = unique("gap")
-    ids = client.submit_many([(task_type, payload)] * count, queue=queue)
     port = free_port()
     worker = start_worker(url, procs=PROCS, queues=queue, extra_args=["--metrics-port", str(port)],
                           wait_ready=False)
     try:
         worker.wait_for_line(WORKER_READY, 60)
+        # The meter starts before the first task exists: with the tasks queued ahead of the
+        # worker, a loaded host could read READY after a tiny phase had already finished.
         supervisor_cpu_s = own_cpu_meter(worker.pid)  # ns-exact: a few trivial tasks are under one 10 ms tick
         t0 = time.monotonic()
+        ids = client.submit_many([(task_type, payload)] * count, queue=queue)
         left, wrong = set(ids), []
         for status in client.watch(ids, timeout_s=PHASE_TIMEOUT_S):
             if status.terminal and status.task_id in left:

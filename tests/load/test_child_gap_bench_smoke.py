@@ -22,7 +22,7 @@ def test_child_gap_benchmark_runs_every_task_and_reports_the_gaps(rabbitmq, tmp_
     report = json.loads(out.read_text())
     [trivial], [sleepy] = report["trivial"], report["sleepy 0.05 s"]
     assert (trivial["tasks"], sleepy["tasks"]) == (40, 60)
-    # 60 tasks queued before the worker starts: from its first known run time on, every
+    # 60 tasks submitted at once to a ready worker: from its first known run time on, every
     # next task of a child was waiting, so its gap is measured
     assert 0 < sleepy["gaps_observed"] <= 60 - 2 and sleepy["gap_p50_ms"] is not None, sleepy
     assert trivial["supervisor_cpu_ms_per_task"] > 0
