@@ -33,6 +33,8 @@ import threading
 import time
 from typing import Any, Callable, Generic, Hashable, Protocol, TypeVar
 
+from qm.os_thread_names import name_this_thread
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -185,6 +187,7 @@ class GroupCommit(Generic[Item]):
 
     def _serve(self) -> None:
         """The writer thread: run jobs until None."""
+        name_this_thread()
         while (job := self._jobs.get()) is not None:
             job()
 

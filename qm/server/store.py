@@ -30,6 +30,7 @@ from typing import Callable, Iterable, Iterator, Protocol
 from qm.errors import IdempotencyKeyTaken
 from qm.frozen import evolve, from_values
 from qm.messages import TaskEvent
+from qm.os_thread_names import name_this_thread
 from qm.priority import DEFAULT_PRIORITY
 from qm.server.group_callback import callback_task
 from qm.server.group_commit import GroupCommit, TransactionObserver
@@ -860,10 +861,11 @@ class _Checkpointer:
         self._connect = connect
         self._interval_s = interval_s
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="store-checkpoint", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="wal-checkpoint", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
+        name_this_thread()
         db = self._connect()
         try:
             while not self._stop.wait(self._interval_s):
