@@ -50,7 +50,7 @@ from qm import priority as priorities
 from qm import retry, scheduling
 from qm.background import Background
 from qm.broker import topology
-from qm.broker.base import REPUBLISH_WAIT_S, Broker, Delivery
+from qm.broker.base import REPUBLISH_WAIT_S, Broker, Delivery, publish_until_confirmed
 from qm.errors import BrokerUnavailable
 from qm.messages import Heartbeat, TaskMessage
 from qm.metrics import WorkerMetrics
@@ -453,17 +453,33 @@ class Supervisor:
             self._background.spawn(self._republish(delivery))
 
     async def _republish(self, delivery: Delivery) -> None:
-        """Publish a copy of `delivery`, then ack it; if the copy is not confirmed, nack it back."""
+        """Publish a copy of `delivery`, then ack it. A copy refused while connected: nack the
+        original back. A copy lost with the connection: publish it again once reconnected."""
         # RabbitMQ sets x-delivery-count on quorum redeliveries; a first delivery has none,
         # and a copy must not carry one anyway.
         headers = {key: value for key, value in delivery.headers.items() if key != "x-delivery-count"}
+        routing_key = self._routing_key_of(delivery)
         try:
-            await self.broker.publish(topology.TASKS_EXCHANGE, self._routing_key_of(delivery), delivery.body, headers)
+            await self.broker.publish(topology.TASKS_EXCHANGE, routing_key, delivery.body, headers)
         except BrokerUnavailable as exc:  # PublishOutcomeUnknown too: a copy may exist, a duplicate
-            log.warning("giving a delivery back as a copy failed (%s); returning it as it is", exc)
-            self.acks.nack(delivery, requeue=True)  # no-op on a lost channel: RabbitMQ requeued it
-            return
-        self.acks.done(delivery)
+            if self.broker.settleable(delivery):  # refused while connected: the original goes back
+                log.warning("giving a delivery back as a copy failed (%s); returning it as it is", exc)
+                self.acks.nack(delivery, requeue=True)
+                return
+            # The channel went with the copy in flight. The original may not be back in the
+            # queue: a quorum queue keeps what a consumer cancelled by the prefetch swap held
+            # on a node that went away until that node returns. So the copy is published
+            # again once reconnected; if the original does come back, the task may run twice.
+            task_id = delivery.headers.get(Header.TASK_ID)
+            log.warning("giving task %s back as a copy failed (%s); publishing the copy again", task_id, exc)
+            try:
+                await publish_until_confirmed(
+                    self.broker, topology.TASKS_EXCHANGE, routing_key, delivery.body, headers, f"task {task_id}"
+                )
+            except BrokerUnavailable as refused:
+                log.error("task %s: its copy was refused (%s); it waits for its original to return", task_id, refused)
+                return
+        self.acks.done(delivery)  # no-op on a lost channel
 
     def _routing_key_of(self, delivery: Delivery) -> str:
         """Where a copy given back goes: the task's own work queue (TaskMessage.routing_key,

@@ -10,9 +10,13 @@ import re
 
 import pytest
 
+from qm.broker import topology
+from qm.broker.memory import MemoryBroker
+from qm.errors import PublishOutcomeUnknown
 from qm.worker.pool import Pool
 from qm.worker.prefetch import AutoPrefetch, FixedPrefetch
 from qm.worker.supervisor import Supervisor
+from tests.unit import harness
 from tests.unit.aio import run, within
 from tests.unit.harness import WORK_QUEUE, server
 
@@ -219,3 +223,49 @@ def test_deliveries_of_a_lost_channel_are_not_given_back_but_still_run_here(tmp_
         held = run(body)
     assert "giving back" not in caplog.text
     assert held == 4
+
+
+class NodeLosingBroker(MemoryBroker):
+    """The node the worker is connected to goes away as the first copy given back is
+    published, and comes back a moment later. As a RabbitMQ 3.10 quorum queue did with a
+    consumer the prefetch swap had cancelled on a killed node (CI, cluster failover test),
+    it returns none of the deliveries that channel held."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.armed = False
+
+    async def publish(self, exchange, routing_key, body, headers=None):
+        if self.armed and exchange == topology.TASKS_EXCHANGE:
+            self.armed = False
+            for consumer in self._consumers.values():
+                consumer.unacked.clear()  # still checked out to the gone consumer
+            self._drop_connection()
+            asyncio.get_running_loop().call_later(0.05, lambda: asyncio.ensure_future(self.connect()))
+            raise PublishOutcomeUnknown("connection lost before the copy was confirmed")
+        await super().publish(exchange, routing_key, body, headers)
+
+
+def test_copies_lost_with_the_connection_are_published_again(tmp_path, monkeypatch):
+    """The prefetch drops and three waiting tasks go back as copies; the connection goes as
+    the first copy is published, and the broker keeps the originals out of the queue. Each
+    given-back task must still be in the queue once the worker is connected again, as a
+    copy another worker takes as a first delivery; nacked back on the lost channel instead,
+    they would be nowhere until the gone node returned."""
+    monkeypatch.setattr(harness, "MemoryBroker", NodeLosingBroker)
+
+    async def body():
+        async with four_long_tasks_held(tmp_path, 4) as (parts, supervisor):
+            await until(lambda: len(supervisor._unsettled) == 4, "four deliveries held")
+            waiting = {delivery.body for handler, delivery in supervisor._unsettled.items()
+                       if handler in supervisor._waiting}
+            parts.broker.armed = True
+            supervisor._release_excess(1)
+            await until(lambda: parts.broker.queue_depth(WORK_QUEUE) >= 3, "three copies in the queue")
+            queued = list(parts.broker._queues[WORK_QUEUE])
+            return waiting, queued
+
+    waiting, queued = run(body)
+    assert len(waiting) == 3
+    assert {message.body for message in queued} == waiting
+    assert [message.redelivered for message in queued] == [False, False, False]
