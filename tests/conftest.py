@@ -38,7 +38,7 @@ def pytest_collection_modifyitems(config, items) -> None:
 
 def shares_module_fixture(item) -> bool:
     """Whether the test uses a fixture set up once per module or class (a RabbitMQ cluster,
-    a server pair): under pytest-xdist (`scripts/test` runs 2 workers, --dist loadgroup) such
+    a server pair): under pytest-xdist (`scripts/test` runs 3 workers, --dist loadgroup) such
     a module runs whole on one worker, in file order, which starts that fixture once."""
     info = getattr(item, "_fixtureinfo", None)
     defs = info.name2fixturedefs.values() if info else ()
