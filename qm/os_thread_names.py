@@ -7,7 +7,7 @@ process's name. Linux only (prctl PR_SET_NAME); elsewhere it does nothing.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 import sys
 import threading
 
@@ -15,21 +15,22 @@ _PR_SET_NAME = 15
 _MAX_BYTES = 15  # the kernel's TASK_COMM_LEN, less the NUL
 
 
+@functools.cache
 def _prctl():
+    """libc's prctl, from the symbols already loaded in this process (dlopen(NULL)): no
+    `ctypes.util.find_library`, which runs `ldconfig -p` in a subprocess."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl
+        return ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
         return None
 
 
-_PRCTL = _prctl()
-
-
 def name_this_thread(name: str | None = None) -> None:
     """Give the calling thread `name` (default: its Python name), cut to 15 bytes."""
-    if _PRCTL is None:
+    prctl = _prctl()
+    if prctl is None:
         return
     encoded = (name or threading.current_thread().name).encode("utf-8", "replace")[:_MAX_BYTES]
-    _PRCTL(_PR_SET_NAME, ctypes.c_char_p(encoded), 0, 0, 0)
+    prctl(_PR_SET_NAME, ctypes.c_char_p(encoded), 0, 0, 0)

@@ -50,9 +50,9 @@ def test_the_stores_writer_and_checkpoint_threads_are_named(tmp_path):
         store = Store(tmp_path / "s.db")
         store.start_checkpoints(interval_s=3600)
         try:
-            # the checkpoint thread names itself first thing, maybe just after start() returned
-            wait_until(lambda: "wal-checkpoint" in kernel_names(), 30, interval_s=0.01,
-                       message="the checkpoint thread's name in /proc")
+            # each thread names itself first thing, maybe after its start() returned
+            wait_until(lambda: {"store-writer", "wal-checkpoint"} <= kernel_names(), 30, interval_s=0.01,
+                       message="the store threads' names in /proc")
             return kernel_names()
         finally:
             await store.close()
