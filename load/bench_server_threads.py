@@ -33,6 +33,8 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench_dispatch import thread_cpu_ns  # noqa: E402  (load/ is the script's directory)
+
 import qm  # noqa: E402
 from qm.testing.rabbitmq import LocalRabbitMQ  # noqa: E402
 from tests.processes import clean_env, start_server  # noqa: E402
@@ -41,17 +43,15 @@ WARM_CALLS = 300
 ECHO_METHOD = "/bench.Echo/Echo"
 
 
-def thread_cpu_ns(pid: int) -> dict[int, tuple[str, int]]:
-    """tid -> (kernel name, CPU ns so far); the main thread is named `event loop`."""
-    out = {}
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/comm") as comm, open(f"/proc/{pid}/task/{tid}/schedstat") as stat:
-                name, ns = comm.read().strip(), int(stat.read().split()[0])
-        except OSError:  # the thread ended meanwhile
-            continue
-        out[int(tid)] = ("event loop" if int(tid) == pid else name, ns)
-    return out
+def thread_name(pid: int, tid: int) -> str:
+    """The name the kernel shows for a thread; the main thread is named `event loop`."""
+    if tid == pid:
+        return "event loop"
+    try:
+        with open(f"/proc/{pid}/task/{tid}/comm") as comm:
+            return comm.read().strip()
+    except OSError:  # the thread ended meanwhile
+        return "ended"
 
 
 def measure(pid: int, call: Callable[[], object], calls: int) -> dict[str, float]:
@@ -63,9 +63,11 @@ def measure(pid: int, call: Callable[[], object], calls: int) -> dict[str, float
         call()
         latencies_s.append(time.perf_counter() - started)
     after = thread_cpu_ns(pid)
+    if before is None or after is None:
+        raise SystemExit("this kernel has no /proc/PID/task/TID/schedstat: no per-thread CPU")
     by_name: dict[str, float] = collections.defaultdict(float)
-    for tid, (name, ns) in after.items():
-        by_name[name] += (ns - before.get(tid, (name, 0))[1]) / calls / 1e3
+    for tid, ns in after.items():
+        by_name[thread_name(pid, tid)] += (ns - before.get(tid, 0)) / calls / 1e3
     return {
         "p50_ms": 1e3 * statistics.median(latencies_s),
         "all_us": sum(by_name.values()),
