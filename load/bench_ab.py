@@ -14,7 +14,8 @@ column also holds whatever the idle stacks cost it meanwhile), and submit latenc
 Modes (`--modes`): `seq` (qm.Client.submit one after the other, results on one stream),
 `many` (one submit_many), `rt` (submit, then result(), one at a time; a fifth of the
 batch), `spin` (8 x test.spin_timed 0.25 via submit_many: supervisor + server CPU in % of
-a core over the batch). Prints medians over the rounds; asserts nothing about speed.
+a core over the batch, and a child's idle gap between two tasks, p50 and max, by the
+child's own clock). Prints medians over the rounds; asserts nothing about speed.
 """
 
 from __future__ import annotations
@@ -35,7 +36,15 @@ for path in (REPO, REPO / "load"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from bench_dispatch import MATH_PAYLOAD, Stack, thread_cpu_ns, tree_cpu_s  # noqa: E402
+from bench_dispatch import (  # noqa: E402
+    MATH_PAYLOAD,
+    Stack,
+    child_gaps_ms,
+    child_stamp,
+    percentile,
+    thread_cpu_ns,
+    tree_cpu_s,
+)
 
 import qm  # noqa: E402
 from qm.testing.rabbitmq import LocalRabbitMQ  # noqa: E402
@@ -77,13 +86,15 @@ def run_batch(stack: Stack, client: qm.Client, mode: str, batch: int, rabbitmq_p
             latencies.append(time.perf_counter() - t0)
     elif mode == "spin":
         ids = client.submit_many([("test.spin_timed", str(SPIN_S))] * count, queue=stack.queue)
-        list(client.results(ids, timeout_s=FINISH_BOUND_S))
+        stamps = [child_stamp(status) for status in client.watch(ids, timeout_s=FINISH_BOUND_S) if status.terminal]
     else:
         raise ValueError(f"unknown mode {mode!r}")
     wall_s = time.monotonic() - started
     used = {name: meter() - before[name] for name, meter in meters.items()}
     if mode == "spin":
-        return {"supervisor_server_pct": 100.0 * (used["server"] + used["supervisor"]) / wall_s}
+        gaps_ms = child_gaps_ms([stamp for stamp in stamps if stamp is not None])
+        return {"supervisor_server_pct": 100.0 * (used["server"] + used["supervisor"]) / wall_s,
+                "gap_p50_ms": percentile(gaps_ms, 50) or 0.0, "gap_max_ms": max(gaps_ms, default=0.0)}
     row = {name: 1000.0 * seconds / count for name, seconds in used.items()}
     row["all"] = sum(row.values())
     if latencies:

@@ -414,7 +414,7 @@ def cpu_bound(stack: Stack, client: qm.Client, count: int, spin_s: float) -> dic
              if s.created_at is not None and s.started_at is not None and s.finished_at is not None]
     span_s = max(finished for _, _, finished in timed) - min(created for created, _, _ in timed)
     run_s = sum(finished - started for _, started, finished in timed)
-    stamps = [_child_stamp(s) for s in statuses]
+    stamps = [child_stamp(s) for s in statuses]
     gaps_ms = child_gaps_ms([stamp for stamp in stamps if stamp is not None])
     result: dict[str, Any] = {
         "makespan_s": span_s, "ideal_s": count * spin_s / PROCS, "efficiency": run_s / (PROCS * span_s),
@@ -452,7 +452,7 @@ def _follow_cpu_bound(stack: Stack, client: qm.Client, ids: list[str]
     return final, window
 
 
-def _child_stamp(status: TaskStatus) -> tuple[int, float, float] | None:
+def child_stamp(status: TaskStatus) -> tuple[int, float, float] | None:
     """(pid, start, end) from a SUCCEEDED test.spin_timed result, else None."""
     if status.state != "SUCCEEDED":
         return None
