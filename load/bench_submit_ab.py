@@ -8,12 +8,17 @@ One private RabbitMQ and one private PostgreSQL; per tree and store (`--stores`,
 at once. Each round, every server gets `--tasks` sequential qm.Client.submit calls of a
 `math` task, in turns (the order flips every round), so the machine's drift falls on all
 of them alike. Prints per tree and store the medians over the rounds of the submit
-latency p50 and the server's CPU ms per submit. Asserts nothing.
+latency p50, the server's CPU ms per task and the slowest call of a round (`--many N`:
+`submit_many` calls of N tasks instead of single submits); with
+`--gc-pauses`, also each server's full garbage collections during the rounds (how many,
+the longest, their sum; recorded in the server by load/gc_pauses/sitecustomize.py).
+Asserts nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pathlib
 import statistics
@@ -33,6 +38,8 @@ from qm.testing.rabbitmq import LocalRabbitMQ  # noqa: E402
 from tests.processes import Server, clean_env, start_server  # noqa: E402
 
 WARM_TASKS = 100
+#: Put first on a server's PYTHONPATH by --gc-pauses: records its garbage collections.
+GC_RECORDER = REPO / "load" / "gc_pauses"
 
 
 def server_cpu_s(pid: int) -> float:
@@ -40,15 +47,40 @@ def server_cpu_s(pid: int) -> float:
     return times.user + times.system
 
 
-def one_round(server: Server, client: qm.Client, tasks: int) -> tuple[float, float]:
-    """(latency p50 ms, server CPU ms per submit) of `tasks` sequential submits."""
+def one_round(server: Server, client: qm.Client, tasks: int, many: int = 0) -> tuple[float, float, float]:
+    """(latency p50 ms, server CPU ms per task, slowest call ms) of `tasks` sequential
+    submits, or with `many`, of `tasks // many` submit_many calls of `many` tasks each."""
     latencies_s = []
     cpu0 = server_cpu_s(server.pid)
-    for _ in range(tasks):
+    calls, batch = (tasks // many, [("math", "1 + 2")] * many) if many else (tasks, [])
+    for _ in range(calls):
         started = time.perf_counter()
-        client.submit("math", "1 + 2")
+        if many:
+            client.submit_many(batch)
+        else:
+            client.submit("math", "1 + 2")
         latencies_s.append(time.perf_counter() - started)
-    return 1e3 * statistics.median(latencies_s), 1e3 * (server_cpu_s(server.pid) - cpu0) / tasks
+    cpu_ms = 1e3 * (server_cpu_s(server.pid) - cpu0) / (calls * (many or 1))
+    return 1e3 * statistics.median(latencies_s), cpu_ms, 1e3 * max(latencies_s)
+
+
+def server_env(tree: pathlib.Path, gc_dir: pathlib.Path | None) -> dict[str, str]:
+    """The server's PYTHONPATH (the tree first) and, with `gc_dir`, the GC recorder."""
+    if gc_dir is None:
+        return {"PYTHONPATH": str(tree.resolve())}
+    gc_dir.mkdir()
+    return {"PYTHONPATH": f"{GC_RECORDER}:{tree.resolve()}", "GC_PAUSES_DIR": str(gc_dir)}
+
+
+def print_full_collections(base: pathlib.Path, servers: dict[tuple[str, str], Server], since_s: float) -> None:
+    """Per server, the full collections (generation 2) it made during the rounds."""
+    print("\nfull garbage collections in each server during the rounds (load/gc_pauses)")
+    for name, store in servers:
+        record_file = base / f"{name}-{store}" / "gc" / f"{servers[name, store].pid}.json"
+        passes = json.loads(record_file.read_text())["full_passes"] if record_file.exists() else []
+        pauses_ms = [ms for ended_s, ms in passes if ended_s >= since_s]
+        longest = f"{max(pauses_ms):.1f} ms" if pauses_ms else "-"
+        print(f"  {name:>8} {store:<6} {len(pauses_ms)} passes, longest {longest}, all {sum(pauses_ms):.1f} ms")
 
 
 def main() -> int:
@@ -57,6 +89,12 @@ def main() -> int:
     parser.add_argument("--stores", default="sqlite,pg", help="sqlite, pg or both (default sqlite,pg)")
     parser.add_argument("--tasks", type=int, default=1000, help="sequential submits per server per round")
     parser.add_argument("--rounds", type=int, default=10, help="rounds; medians are reported (default 10)")
+    parser.add_argument("--many", type=int, default=0, help="submit_many calls of this many tasks instead (0: submit)")
+    parser.add_argument(
+        "--gc-pauses",
+        action="store_true",
+        help="also record each server's full garbage collections (load/gc_pauses) and report those of the rounds",
+    )
     args = parser.parse_args()
     trees = dict(tree.split("=", 1) for tree in args.trees)
     stores = args.stores.split(",")
@@ -71,22 +109,25 @@ def main() -> int:
             if postgres is not None:
                 postgres.start()
             for name, tree in trees.items():
-                env = clean_env({"PYTHONPATH": str(pathlib.Path(tree).resolve())})
                 for store in stores:
                     data_dir = base / f"{name}-{store}"
                     data_dir.mkdir()
+                    env = clean_env(server_env(pathlib.Path(tree), data_dir / "gc" if args.gc_pauses else None))
                     pg_url = postgres.create_database(f"ab_{name}") if store == "pg" and postgres else ""
                     extra = ["--store-url", pg_url] if pg_url else []
                     servers[name, store] = start_server(broker_url, data_dir, env=env, extra_args=extra)
                     clients[name, store] = qm.Client(server=servers[name, store].address)
                     for _ in range(WARM_TASKS):
                         clients[name, store].submit("math", "1 + 2")
-            rounds: dict[tuple[str, str], list[tuple[float, float]]] = {key: [] for key in servers}
+            rounds: dict[tuple[str, str], list[tuple[float, float, float]]] = {key: [] for key in servers}
+            rounds_started = time.monotonic()
             for number in range(args.rounds):
                 order = list(servers) if number % 2 == 0 else list(reversed(servers))
                 for key in order:
-                    rounds[key].append(one_round(servers[key], clients[key], args.tasks))
+                    rounds[key].append(one_round(servers[key], clients[key], args.tasks, args.many))
                 print(f"round {number + 1} of {args.rounds}: load average {os.getloadavg()[0]:.1f}", flush=True)
+            if args.gc_pauses:
+                print_full_collections(base, servers, rounds_started)
         finally:
             for client in clients.values():
                 client.close()
@@ -95,12 +136,14 @@ def main() -> int:
             if postgres is not None:
                 postgres.stop()
             rabbitmq.stop()
-    print(f"\nmedians over {args.rounds} rounds of {args.tasks} sequential submits [lowest-highest]")
+    how = f"submit_many calls of {args.many}" if args.many else "sequential submits"
+    print(f"\nmedians over {args.rounds} rounds of {args.tasks} tasks in {how} [lowest-highest]")
     for (name, store), runs in rounds.items():
-        p50s, cpus = [run[0] for run in runs], [run[1] for run in runs]
+        p50s, cpus, slowest = [run[0] for run in runs], [run[1] for run in runs], [run[2] for run in runs]
         print(
             f"  {name:>8} {store:<6} p50 {statistics.median(p50s):.2f} ms [{min(p50s):.2f}-{max(p50s):.2f}]  "
-            f"server {statistics.median(cpus):.3f} CPU ms/submit [{min(cpus):.3f}-{max(cpus):.3f}]"
+            f"server {statistics.median(cpus):.3f} CPU ms/task [{min(cpus):.3f}-{max(cpus):.3f}]  "
+            f"slowest call {statistics.median(slowest):.1f} ms [{min(slowest):.1f}-{max(slowest):.1f}]"
         )
     return 0
 
