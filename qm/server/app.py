@@ -34,6 +34,7 @@ from qm.errors import (
     StoreSchemaError,
     StoreUnavailable,
 )
+from qm.heap import freeze_start_up_objects
 from qm.logs import setup_logging
 from qm.metrics import ServerMetrics
 from qm.metrics import serve as serve_metrics
@@ -390,6 +391,7 @@ async def serve(config: Config) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     await app.start()
+    log.debug("%d start-up objects frozen out of garbage collection", freeze_start_up_objects())
     await stop.wait()
     log.info("shutting down")
     await app.stop()
