@@ -77,10 +77,14 @@ def print_full_collections(base: pathlib.Path, servers: dict[tuple[str, str], Se
     print("\nfull garbage collections in each server during the rounds (load/gc_pauses)")
     for name, store in servers:
         record_file = base / f"{name}-{store}" / "gc" / f"{servers[name, store].pid}.json"
-        passes = json.loads(record_file.read_text())["full_passes"] if record_file.exists() else []
-        pauses_ms = [ms for ended_s, ms in passes if ended_s >= since_s]
+        record = json.loads(record_file.read_text()) if record_file.exists() else {"full_passes": [], "counts": {}}
+        pauses_ms = [ms for ended_s, ms in record["full_passes"] if ended_s >= since_s]
         longest = f"{max(pauses_ms):.1f} ms" if pauses_ms else "-"
-        print(f"  {name:>8} {store:<6} {len(pauses_ms)} passes, longest {longest}, all {sum(pauses_ms):.1f} ms")
+        lifetime = ", ".join(f"gen{gen} {count} in {ms:.0f} ms" for gen, (count, ms) in record["counts"].items())
+        print(
+            f"  {name:>8} {store:<6} {len(pauses_ms)} passes, longest {longest}, all {sum(pauses_ms):.1f} ms"
+            f" (whole life: {lifetime})"
+        )
 
 
 def main() -> int:
