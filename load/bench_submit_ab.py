@@ -73,11 +73,15 @@ def server_env(tree: pathlib.Path, gc_dir: pathlib.Path | None) -> dict[str, str
 
 
 def print_full_collections(base: pathlib.Path, servers: dict[tuple[str, str], Server], since_s: float) -> None:
-    """Per server, the full collections (generation 2) it made during the rounds."""
+    """Per server, the full collections (generation 2) it made during the rounds, and its
+    collections of each generation over its whole life (start-up included)."""
     print("\nfull garbage collections in each server during the rounds (load/gc_pauses)")
     for name, store in servers:
         record_file = base / f"{name}-{store}" / "gc" / f"{servers[name, store].pid}.json"
-        record = json.loads(record_file.read_text()) if record_file.exists() else {"full_passes": [], "counts": {}}
+        if not record_file.exists():
+            print(f"  {name:>8} {store:<6} no record: the server did not exit normally")
+            continue
+        record = json.loads(record_file.read_text())
         pauses_ms = [ms for ended_s, ms in record["full_passes"] if ended_s >= since_s]
         longest = f"{max(pauses_ms):.1f} ms" if pauses_ms else "-"
         lifetime = ", ".join(f"gen{gen} {count} in {ms:.0f} ms" for gen, (count, ms) in record["counts"].items())
@@ -100,6 +104,8 @@ def main() -> int:
         help="also record each server's full garbage collections (load/gc_pauses) and report those of the rounds",
     )
     args = parser.parse_args()
+    if args.many < 0 or args.many > args.tasks:
+        parser.error(f"--many {args.many}: give 0 (single submits) or at most --tasks ({args.tasks})")
     trees = dict(tree.split("=", 1) for tree in args.trees)
     stores = args.stores.split(",")
     with tempfile.TemporaryDirectory(prefix="qm-bench-submit-ab-") as tmp:
@@ -130,8 +136,6 @@ def main() -> int:
                 for key in order:
                     rounds[key].append(one_round(servers[key], clients[key], args.tasks, args.many))
                 print(f"round {number + 1} of {args.rounds}: load average {os.getloadavg()[0]:.1f}", flush=True)
-            if args.gc_pauses:
-                print_full_collections(base, servers, rounds_started)
         finally:
             for client in clients.values():
                 client.close()
@@ -140,6 +144,8 @@ def main() -> int:
             if postgres is not None:
                 postgres.stop()
             rabbitmq.stop()
+        if args.gc_pauses:  # each server wrote its record as it exited
+            print_full_collections(base, servers, rounds_started)
     how = f"submit_many calls of {args.many}" if args.many else "sequential submits"
     print(f"\nmedians over {args.rounds} rounds of {args.tasks} tasks in {how} [lowest-highest]")
     for (name, store), runs in rounds.items():
