@@ -59,6 +59,7 @@ def child_main(
     `sched_policy`: the CPU scheduling policy the worker was started with, for the tasks
     (the supervisor's own, inherited, is SCHED_BATCH: qm/worker/sched_policy.py)."""
     os.setsid()
+    own_statm = procfs.OwnStatm()
     worker_sched_policy.take_back(sched_policy)
     _watch_lifeline(lifeline)
     if die_with_parent:
@@ -92,12 +93,12 @@ def child_main(
         cpu_allowance.allow(job.cpus, job.cores, every_core)  # its CPUs: qm.task_cpus(), the affinity
         reporter.begin(job.task_id)
         try:
-            reply = run_limited(registry, job.type, job.payload, job.soft_timeout_s, limit_bytes)
+            reply = run_limited(registry, job.type, job.payload, job.soft_timeout_s, limit_bytes, own_statm)
         except SoftTimeout as exc:  # the alarm fired between the task's end and disarming
             reply = Reply(ReplyKind.SOFT_TIMEOUT, f"SoftTimeout: {exc}")
         reporter.end()
         _kill_leftover_descendants()
-        idle_rss_bytes = procfs.rss_bytes(os.getpid()) if report_idle_rss else 0
+        idle_rss_bytes = own_statm.rss_bytes() if report_idle_rss else 0
         with send_lock:
             conn.send(
                 dataclasses.replace(
@@ -136,7 +137,10 @@ def _die_with_parent() -> None:
 
 def _kill_leftover_descendants() -> None:
     """A finished task leaves nothing running: its subprocesses die with it (found from this
-    process down, qm/worker/procfs.py; usually one read that finds nothing)."""
+    process down, qm/worker/procfs.py). Usually there are none, which one waitid(2) tells
+    without walking /proc."""
+    if not procfs.has_children():
+        return
     for pid in procfs.descendants(os.getpid()):
         try:
             os.kill(pid, signal.SIGKILL)
@@ -149,12 +153,17 @@ def _raise_soft_timeout(signum, frame) -> None:
 
 
 def run_limited(
-    registry: Registry, task_type: str, payload: bytes, soft_timeout_s: float, memory_limit_bytes: int
+    registry: Registry,
+    task_type: str,
+    payload: bytes,
+    soft_timeout_s: float,
+    memory_limit_bytes: int,
+    own_statm: procfs.OwnStatm,
 ) -> Reply:
     """Run one job under the soft timeout and address-space cap, then lift both."""
     previous_as = resource.getrlimit(resource.RLIMIT_AS)
     if memory_limit_bytes:
-        vms = procfs.vms_bytes(os.getpid())
+        vms = own_statm.vms_bytes()
         cap = vms + ADDRESS_SPACE_FACTOR * memory_limit_bytes
         if previous_as[1] == resource.RLIM_INFINITY or cap < previous_as[1]:
             resource.setrlimit(resource.RLIMIT_AS, (cap, previous_as[1]))
@@ -163,7 +172,7 @@ def run_limited(
     try:
         return run_job(registry, task_type, payload)
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.setitimer(signal.ITIMER_REAL, 0)  # also one the task armed itself
         resource.setrlimit(resource.RLIMIT_AS, previous_as)
 
 

@@ -59,6 +59,24 @@ def read_proc_file(path: str) -> bytes:
         os.close(fd)
 
 
+#: waitid(2) option: wait for every kind of child, "clone" children too (linux/wait.h __WALL;
+#: accepted by waitid since Linux 4.7).
+WAIT_ALL_KINDS = 0x40000000
+
+
+def has_children() -> bool:
+    """Whether this process has a child, running or exited and not yet reaped: one waitid(2)
+    that reaps nothing. A child started by any thread counts (it belongs to the thread
+    group), so `False` means `descendants(os.getpid())` is empty without walking /proc."""
+    try:
+        os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT | WAIT_ALL_KINDS)
+    except ChildProcessError:
+        return False
+    except OSError:  # a kernel older than 4.7 refuses __WALL here: walk to find out
+        return True
+    return True
+
+
 def descendants(pid: int) -> list[int]:
     """Every descendant of `pid`, walked from it down (not including `pid`)."""
     found: list[int] = []
@@ -82,9 +100,27 @@ def rss_bytes(pid: int) -> int:
     return _statm_bytes(pid, 1)
 
 
-def vms_bytes(pid: int) -> int:
-    """Virtual memory size of one process, from /proc/PID/statm (0 if it is gone)."""
-    return _statm_bytes(pid, 0)
+class OwnStatm:
+    """This process's /proc/PID/statm, opened once: each reading is one pread(2), not an
+    open, read and close. Open it in the process it describes (a forked copy would go on
+    reading its parent's)."""
+
+    def __init__(self) -> None:
+        self._fd = os.open(f"/proc/{os.getpid()}/statm", os.O_RDONLY | os.O_CLOEXEC)
+
+    def _field_bytes(self, field: int) -> int:
+        try:
+            return int(os.pread(self._fd, READ_CHUNK_BYTES, 0).split()[field]) * PAGE_BYTES
+        except (OSError, IndexError, ValueError):
+            return 0
+
+    def rss_bytes(self) -> int:
+        """Resident set size of this process."""
+        return self._field_bytes(1)
+
+    def vms_bytes(self) -> int:
+        """Virtual memory size of this process."""
+        return self._field_bytes(0)
 
 
 def tree_rss_bytes(pid: int) -> int:

@@ -300,3 +300,61 @@ def test_procfs_reads_a_file_longer_than_one_read_whole(tmp_path):
     exact = tmp_path / "exact"
     exact.write_bytes(b"7" * procfs.READ_CHUNK_BYTES)  # a full first read: the next one finds the end
     assert procfs.read_proc_file(str(exact)) == exact.read_bytes()
+
+
+def test_procfs_has_children_sees_a_child_of_any_thread_and_reaps_nothing():
+    """In a fresh interpreter (this one may have children of other tests): none, then a
+    child started by a second thread, then that child exited but not reaped (a zombie is
+    still a child to kill or reap), then reaped by its owner, which still gets its status."""
+    import subprocess
+    import sys
+
+    script = (
+        "import subprocess, sys, threading, time\n"
+        "from qm.worker import procfs\n"
+        "print(procfs.has_children())\n"
+        "started = []\n"
+        "runner = threading.Thread(target=lambda: started.append(subprocess.Popen([sys.executable, '-c', 'pass'])))\n"
+        "runner.start(); runner.join()\n"
+        "print(procfs.has_children())\n"
+        "deadline = time.monotonic() + 30\n"  # a bound, not a pace: the child only has to exit
+        "while open(f'/proc/{started[0].pid}/stat').read().split(')')[-1].split()[0] != 'Z':\n"
+        "    assert time.monotonic() < deadline, 'the child never exited'\n"
+        "    time.sleep(0.01)\n"
+        "print(procfs.has_children())\n"
+        "print(started[0].wait())\n"
+        "print(procfs.has_children())\n"
+    )
+    lines = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                           check=True).stdout.split()
+    assert lines == ["False", "True", "True", "0", "False"]
+
+
+def test_own_statm_reads_this_process_memory_each_time():
+    from qm.worker import procfs
+
+    statm = procfs.OwnStatm()
+    before = statm.rss_bytes()
+    held = bytearray(64 * 1024 * 1024)  # zero-filled by the allocator: touched, so resident
+    try:
+        assert statm.rss_bytes() >= before + 48 * 1024 * 1024
+        assert abs(statm.rss_bytes() - procfs.rss_bytes(os.getpid())) < 8 * 1024 * 1024
+        assert statm.vms_bytes() >= statm.rss_bytes()
+    finally:
+        del held
+
+
+def test_a_task_that_returns_leaves_no_subprocess_running():
+    """A subprocess the task left running (started from one of its own threads) is killed
+    before the task's outcome comes back, and the child goes on to the next task."""
+    async def body():
+        async with started_pool(1) as pool:
+            outcome = await within(pool.run(job("test.leave_behind", "60")))
+            assert outcome.state is S.SUCCEEDED, outcome
+            left = psutil.Process(int(outcome.result))
+            deadline = time.monotonic() + PROMPT_S  # SIGKILL was sent; dying takes a moment
+            while left.is_running() and left.status() != psutil.STATUS_ZOMBIE:
+                assert time.monotonic() < deadline, f"the task's subprocess {left.pid} still runs"
+                await asyncio.sleep(0.01)
+            assert await within(pool.run(job("test.echo", "next"))) == Outcome(S.SUCCEEDED, b"next")
+    run(body)

@@ -86,6 +86,20 @@ def spawn_and_wait(payload: str) -> str:
     return str(child.pid)
 
 
+def leave_behind(payload: str) -> str:
+    """Start a subprocess that sleeps the payload's seconds, from a thread of its own (its
+    parent is that thread, not the main one), and return its pid without waiting for it."""
+    import threading
+
+    started: list[subprocess.Popen] = []
+    runner = threading.Thread(
+        target=lambda: started.append(subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({float(payload)})"]))
+    )
+    runner.start()
+    runner.join()
+    return str(started[0].pid)
+
+
 def spawn_alloc(payload: str) -> str:
     """Payload "COUNT:MIB:SECONDS": start COUNT subprocesses that each allocate and touch
     MIB MiB and hold it for SECONDS; wait for them; return the MiB they held together.
