@@ -153,6 +153,31 @@ def print_medians(results: dict[str, Any]) -> None:
             if rows:
                 cells = " ".join(f"{key}={statistics.median(row[key] for row in rows):.2f}" for key in rows[0])
                 print(f"  {label:>10} {mode:>5}: {cells}")
+    print_paired(results)
+
+
+def print_paired(results: dict[str, Any]) -> None:
+    """Each later tree against the first, batch by batch (the batches of a round ran minutes
+    apart at most, so a pair shares the machine's state): in how many rounds it was lower,
+    and the median of the per-round changes. On a machine that drifts, this tells a few
+    percent where the medians alone do not."""
+    labels = list(results)
+    if len(labels) < 2:
+        return
+    first = labels[0]
+    print(f"\npaired with {first}, round by round: rounds lower / median change")
+    for label in labels[1:]:
+        for mode, rows in results[label].items():
+            pairs = list(zip(results[first][mode], rows))
+            if not pairs:
+                continue
+            cells = []
+            for key in rows[0]:
+                changes = [(after[key] - before[key]) / before[key] * 100 for before, after in pairs if before[key]]
+                lower = sum(1 for before, after in pairs if after[key] < before[key])
+                shown = f"{statistics.median(changes):+.1f} %" if changes else "n/a"
+                cells.append(f"{key}={lower}/{len(pairs)} {shown}")
+            print(f"  {label:>10} {mode:>5}: {' '.join(cells)}")
 
 
 if __name__ == "__main__":
