@@ -168,7 +168,7 @@ def print_paired(results: dict[str, Any]) -> None:
     print(f"\npaired with {first}, round by round: rounds lower / median change")
     for label in labels[1:]:
         for mode, rows in results[label].items():
-            pairs = list(zip(results[first][mode], rows))
+            pairs = list(zip(results[first][mode], rows, strict=True))
             if not pairs:
                 continue
             cells = []
