@@ -158,12 +158,14 @@ def run_limited(
     payload: bytes,
     soft_timeout_s: float,
     memory_limit_bytes: int,
-    own_statm: procfs.OwnStatm,
+    own_statm: procfs.OwnStatm | None = None,
 ) -> Reply:
-    """Run one job under the soft timeout and address-space cap, then lift both."""
+    """Run one job under the soft timeout and address-space cap, then lift both.
+    `own_statm`: this process's statm kept open (a pool child's); without it, it is read
+    by path."""
     previous_as = resource.getrlimit(resource.RLIMIT_AS)
     if memory_limit_bytes:
-        vms = own_statm.vms_bytes()
+        vms = own_statm.vms_bytes() if own_statm is not None else procfs.vms_bytes(os.getpid())
         cap = vms + ADDRESS_SPACE_FACTOR * memory_limit_bytes
         if previous_as[1] == resource.RLIM_INFINITY or cap < previous_as[1]:
             resource.setrlimit(resource.RLIMIT_AS, (cap, previous_as[1]))

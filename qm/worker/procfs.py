@@ -100,6 +100,11 @@ def rss_bytes(pid: int) -> int:
     return _statm_bytes(pid, 1)
 
 
+def vms_bytes(pid: int) -> int:
+    """Virtual memory size of one process, from /proc/PID/statm (0 if it is gone)."""
+    return _statm_bytes(pid, 0)
+
+
 class OwnStatm:
     """This process's /proc/PID/statm, opened once: each reading is one pread(2), not an
     open, read and close. Open it in the process it describes (a forked copy would go on
