@@ -15,7 +15,10 @@ Modes (`--modes`): `seq` (qm.Client.submit one after the other, results on one s
 `many` (one submit_many), `rt` (submit, then result(), one at a time; a fifth of the
 batch), `spin` (8 x test.spin_timed 0.25 via submit_many: supervisor + server CPU in % of
 a core over the batch, and a child's idle gap between two tasks, p50 and max, by the
-child's own clock). Prints medians over the rounds; asserts nothing about speed.
+child's own clock). Prints medians over the rounds and each tree paired round by round
+with the first; asserts nothing about speed. Run an A/A (the same tree twice) to see what
+this machine cannot tell apart: on the 2-core test machine, about 8 % in 10 rounds
+(load/README.md). `--fresh-stacks` starts the servers and workers again every round.
 """
 
 from __future__ import annotations
@@ -109,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=10, help="rounds; medians are shown (10)")
     parser.add_argument("--modes", default="seq,many,rt,spin", help="comma-separated: seq, many, rt, spin")
     parser.add_argument("--json", help="also write every batch's numbers here")
+    parser.add_argument("--fresh-stacks", action="store_true",
+                        help="start every tree's server and worker again each round: two stacks of the same "
+                             "code can differ by 5 %% for their whole lives (an A/A run showed it)")
     args = parser.parse_args(argv)
     trees = [tuple(tree.split("=", 1)) for tree in args.trees]
     modes = args.modes.split(",")
@@ -119,15 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         url = rabbitmq.start()
         assert rabbitmq.process is not None
-        for label, path in trees:
-            os.environ["PYTHONPATH"] = str(pathlib.Path(path).resolve())  # the stack's processes inherit it
-            (base / label).mkdir()
-            stack = Stack(base / label, url, f"ab-{label}")
-            stack.start()
-            client = qm.Client(stack.server.address)
-            stacks[label] = (stack, client)
-            client.result(client.submit("math", MATH_PAYLOAD, queue=stack.queue), timeout_s=60)  # warm-up
         for number in range(args.rounds):
+            if number == 0 or args.fresh_stacks:
+                stop_stacks(stacks)
+                start_stacks(stacks, trees, base / f"round-{number}", url)
             order = trees if number % 2 == 0 else trees[::-1]
             for mode in modes:
                 for label, _ in order:
@@ -135,15 +136,33 @@ def main(argv: list[str] | None = None) -> int:
                     results[label][mode].append(run_batch(stack, client, mode, args.batch, rabbitmq.process.pid))
             print(f"round {number + 1} of {args.rounds}: load average {os.getloadavg()[0]:.1f}", flush=True)
     finally:
-        for stack, client in stacks.values():
-            client.close()
-            stack.stop()
+        stop_stacks(stacks)
         rabbitmq.stop()
         shutil.rmtree(base, ignore_errors=True)
     print_medians(results)
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     return 0
+
+
+def start_stacks(stacks: dict[str, tuple[Stack, qm.Client]], trees: list[tuple[str, str]], base: pathlib.Path,
+                 url: str) -> None:
+    """A qm-server and a qm-worker for each tree, on the shared RabbitMQ, each warmed up."""
+    for label, path in trees:
+        os.environ["PYTHONPATH"] = str(pathlib.Path(path).resolve())  # the stack's processes inherit it
+        (base / label).mkdir(parents=True)
+        stack = Stack(base / label, url, f"ab-{label}")
+        stack.start()
+        client = qm.Client(stack.server.address)
+        stacks[label] = (stack, client)
+        client.result(client.submit("math", MATH_PAYLOAD, queue=stack.queue), timeout_s=60)  # warm-up
+
+
+def stop_stacks(stacks: dict[str, tuple[Stack, qm.Client]]) -> None:
+    for stack, client in stacks.values():
+        client.close()
+        stack.stop()
+    stacks.clear()
 
 
 def print_medians(results: dict[str, Any]) -> None:
