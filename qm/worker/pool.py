@@ -124,6 +124,9 @@ class _Waiting:
     cancel_outcome: Outcome | None = None  # cancelled while queued in a child: killed as it starts
     on_progress: Callable[[Progress], None] | None = None  # the task's qm.progress() updates
     prefer: tuple[int, ...] = ()  # pipelined: the CPU slots of the job it was queued behind
+    # Its outcome, from the moment a child starts it: the job can end (its child dead)
+    # before its caller resumes, when the slot no longer holds it.
+    outcome: asyncio.Future[Outcome] | None = None
 
 
 class Pool:
@@ -248,8 +251,8 @@ class Pool:
                     started.kill(None)
             raise  # if queued in a child, _start kills it as it starts (waiting.slot is cancelled)
         try:
-            future = slot.future
-            assert future is not None  # set by _start
+            future = waiting.outcome
+            assert future is not None  # set by _start, with waiting.slot
             return await future
         except asyncio.CancelledError:
             if slot.job is job:
@@ -380,7 +383,7 @@ class Pool:
         cores = self.cpus.take(slot, job.cpus, waiting.prefer or (slot.index,))
         slot.on_progress = waiting.on_progress
         slot.peak_rss_bytes = 0
-        slot.future = loop.create_future()
+        slot.future = waiting.outcome = loop.create_future()
         if job.timeout_s > 0:
             slot.deadline = loop.call_later(
                 job.timeout_s,

@@ -76,6 +76,27 @@ def test_a_queued_job_that_kills_its_child_is_blamed_not_the_one_before(tmp_path
     run(body)
 
 
+def test_a_queued_job_whose_child_dies_before_its_start_is_seen_still_gets_its_outcome(tmp_path):
+    """The order a loaded supervisor can see it in (CI, next to a CPU hog): the child's
+    reply to the first job is read only once the child is dead, so the queued job starts
+    and ends (CRASHED) in that one step, before its caller resumes. Its caller must still
+    get that outcome. Here the pool stops reading the pipe before the gate opens, which
+    forces the order that the loop's event order otherwise leaves to chance."""
+    async def body():
+        async with started_pool(1) as pool:
+            await warm_up(pool)
+            gate = tmp_path / "gate"
+            first, second, slot = await queued_behind(pool, gated(gate, "innocent"),
+                                                      job("test.exit", "3", "culprit"))
+            asyncio.get_running_loop().remove_reader(slot.conn.fileno())  # replies wait for the death
+            gate.touch()
+            assert (await within(first, PROMPT_S)).state is S.SUCCEEDED
+            crashed = await within(second, PROMPT_S)
+            assert crashed.state is S.CRASHED and "culprit" in crashed.error and "code 3" in crashed.error
+            assert await within(pool.run(job("test.echo", "after"))) == Outcome(S.SUCCEEDED, b"after")
+    run(body)
+
+
 def test_a_cancel_of_a_queued_job_ends_it_cancelled_and_spares_the_running_one(tmp_path):
     async def body():
         async with started_pool(1) as pool:
