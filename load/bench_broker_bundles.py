@@ -12,6 +12,7 @@ This is a measurement of the broker alone, not of a QueueMaster feature: QueueMa
 sends one task per message (docs/architecture.md, "Performance").
 
     .venv/bin/python load/bench_broker_bundles.py [--tasks 4000] [--bundles 1,8,32] [--rounds 5]
+                                                  [--ack-every 32] [--confirm]
 """
 
 from __future__ import annotations
@@ -33,17 +34,23 @@ from qm.testing.rabbitmq import LocalRabbitMQ  # noqa: E402
 
 #: A `math` task's message body is about this size (the TaskMessage of "1 + 2 * 5").
 TASK_BODY_BYTES = 120
+#: The consumer's prefetch (an ack must come within it, or delivery stops).
+PREFETCH = 64
 #: Bound on each wait of a round (the queue filling, the consumer draining it).
 ROUND_BOUND_S = 300.0
 
 
-def one_round(url: str, queue: str, tasks: int, bundle: int, broker_pid: int) -> float:
-    """RabbitMQ CPU ms per task for publishing and consuming `tasks` in bundles of `bundle`."""
+def one_round(url: str, queue: str, tasks: int, bundle: int, broker_pid: int, ack_every: int = 32,
+              confirm: bool = False) -> float:
+    """RabbitMQ CPU ms per task for publishing and consuming `tasks` in bundles of `bundle`,
+    acking every `ack_every` messages (multiple), each publish confirmed first if `confirm`."""
     messages = tasks // bundle
     body = b"x" * (TASK_BODY_BYTES * bundle)
     connection = pika.BlockingConnection(pika.URLParameters(url))
     try:
         channel = connection.channel()
+        if confirm:
+            channel.confirm_delivery()  # basic_publish now waits for each confirm
         before = tree_cpu_s(broker_pid)
         for _ in range(messages):
             channel.basic_publish("", queue, body, pika.BasicProperties(delivery_mode=2))
@@ -53,7 +60,7 @@ def one_round(url: str, queue: str, tasks: int, bundle: int, broker_pid: int) ->
                 raise TimeoutError(f"{ready} of {messages} messages in the queue after {ROUND_BOUND_S} s")
             time.sleep(0.05)
         received = 0
-        channel.basic_qos(prefetch_count=64)
+        channel.basic_qos(prefetch_count=PREFETCH)
         deadline = time.monotonic() + ROUND_BOUND_S
         for method, _properties, _body in channel.consume(queue, inactivity_timeout=1.0):
             if method is None:
@@ -61,7 +68,7 @@ def one_round(url: str, queue: str, tasks: int, bundle: int, broker_pid: int) ->
                     raise TimeoutError(f"{received} of {messages} messages consumed in {ROUND_BOUND_S} s")
                 continue
             received += 1
-            if received % 32 == 0 or received == messages:
+            if received % ack_every == 0 or received == messages:
                 channel.basic_ack(method.delivery_tag, multiple=True)
             if received == messages:
                 break
@@ -77,10 +84,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", type=int, default=4000, help="tasks per round and bundle size (4000)")
     parser.add_argument("--bundles", default="1,8,32", help="comma-separated tasks per message (1,8,32)")
     parser.add_argument("--rounds", type=int, default=5, help="rounds; medians are shown (5)")
+    parser.add_argument("--ack-every", type=int, default=32,
+                        help="consumer acks (multiple) every N messages (32; 1: one ack per message)")
+    parser.add_argument("--confirm", action="store_true",
+                        help="wait for each publish's confirm before the next (as sequential submits do)")
     args = parser.parse_args(argv)
     bundles = [int(b) for b in args.bundles.split(",")]
     if any(b < 1 or args.tasks % b for b in bundles):
         parser.error("each bundle size must be at least 1 and divide --tasks")
+    if not 1 <= args.ack_every <= PREFETCH:
+        parser.error(f"--ack-every must be 1 to {PREFETCH} (the consumer's prefetch)")
     base = pathlib.Path(tempfile.mkdtemp(prefix="qm-bench-bundles-"))
     rabbitmq = LocalRabbitMQ(base / "rabbitmq")
     results: dict[int, list[float]] = {b: [] for b in bundles}
@@ -93,13 +106,15 @@ def main(argv: list[str] | None = None) -> int:
         for number in range(args.rounds):
             order = bundles if number % 2 == 0 else bundles[::-1]
             for bundle in order:
-                results[bundle].append(one_round(url, "bundles", args.tasks, bundle, rabbitmq.process.pid))
+                results[bundle].append(one_round(url, "bundles", args.tasks, bundle, rabbitmq.process.pid,
+                                                 args.ack_every, args.confirm))
             print(f"round {number + 1} of {args.rounds}: "
                   + ", ".join(f"B={b} {results[b][-1]:.3f}" for b in bundles), flush=True)
     finally:
         rabbitmq.stop()
         shutil.rmtree(base, ignore_errors=True)
-    print(f"\nRabbitMQ CPU ms per task, median of {args.rounds} rounds of {args.tasks} tasks (quorum queue):")
+    print(f"\nRabbitMQ CPU ms per task, median of {args.rounds} rounds of {args.tasks} tasks (quorum queue; "
+          f"ack every {args.ack_every}, {'each publish confirmed' if args.confirm else 'streamed'}):")
     for bundle in bundles:
         print(f"  {bundle:>3} task(s) per message: {statistics.median(results[bundle]):.3f}")
     return 0
