@@ -61,19 +61,24 @@ def test_a_kill_of_the_running_job_returns_the_queued_one_to_the_next_child(tmp_
     run(body)
 
 
+async def a_queued_job_kills_its_child(tmp_path, replies_read_after_the_death: bool) -> None:
+    """An innocent job runs; the culprit, queued behind it, kills the child. The innocent
+    one succeeds, the culprit ends CRASHED and blamed, and the next job runs."""
+    async with started_pool(1) as pool:
+        await warm_up(pool)
+        gate = tmp_path / "gate"
+        first, second, slot = await queued_behind(pool, gated(gate, "innocent"), job("test.exit", "3", "culprit"))
+        if replies_read_after_the_death:
+            asyncio.get_running_loop().remove_reader(slot.conn.fileno())
+        gate.touch()
+        assert (await within(first, PROMPT_S)).state is S.SUCCEEDED
+        crashed = await within(second, PROMPT_S)
+        assert crashed.state is S.CRASHED and "culprit" in crashed.error and "code 3" in crashed.error
+        assert await within(pool.run(job("test.echo", "after"))) == Outcome(S.SUCCEEDED, b"after")
+
+
 def test_a_queued_job_that_kills_its_child_is_blamed_not_the_one_before(tmp_path):
-    async def body():
-        async with started_pool(1) as pool:
-            await warm_up(pool)
-            gate = tmp_path / "gate"
-            first, second, _slot = await queued_behind(pool, gated(gate, "innocent"),
-                                                       job("test.exit", "3", "culprit"))
-            gate.touch()
-            assert (await within(first, PROMPT_S)).state is S.SUCCEEDED
-            crashed = await within(second, PROMPT_S)
-            assert crashed.state is S.CRASHED and "culprit" in crashed.error and "code 3" in crashed.error
-            assert await within(pool.run(job("test.echo", "after"))) == Outcome(S.SUCCEEDED, b"after")
-    run(body)
+    run(a_queued_job_kills_its_child, tmp_path, False)
 
 
 def test_a_queued_job_whose_child_dies_before_its_start_is_seen_still_gets_its_outcome(tmp_path):
@@ -82,19 +87,7 @@ def test_a_queued_job_whose_child_dies_before_its_start_is_seen_still_gets_its_o
     and ends (CRASHED) in that one step, before its caller resumes. Its caller must still
     get that outcome. Here the pool stops reading the pipe before the gate opens, which
     forces the order that the loop's event order otherwise leaves to chance."""
-    async def body():
-        async with started_pool(1) as pool:
-            await warm_up(pool)
-            gate = tmp_path / "gate"
-            first, second, slot = await queued_behind(pool, gated(gate, "innocent"),
-                                                      job("test.exit", "3", "culprit"))
-            asyncio.get_running_loop().remove_reader(slot.conn.fileno())  # replies wait for the death
-            gate.touch()
-            assert (await within(first, PROMPT_S)).state is S.SUCCEEDED
-            crashed = await within(second, PROMPT_S)
-            assert crashed.state is S.CRASHED and "culprit" in crashed.error and "code 3" in crashed.error
-            assert await within(pool.run(job("test.echo", "after"))) == Outcome(S.SUCCEEDED, b"after")
-    run(body)
+    run(a_queued_job_kills_its_child, tmp_path, True)
 
 
 def test_a_cancel_of_a_queued_job_ends_it_cancelled_and_spares_the_running_one(tmp_path):
