@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+from typing import Callable
 
 import psutil
 
@@ -89,8 +90,13 @@ def descendants(pid: int) -> list[int]:
 
 
 def _statm_bytes(pid: int, field: int) -> int:
+    return _statm_field_bytes(lambda: read_proc_file(f"/proc/{pid}/statm"), field)
+
+
+def _statm_field_bytes(read: Callable[[], bytes], field: int) -> int:
+    """One field of a statm read by `read` (pages), in bytes; 0 if the process is gone."""
     try:
-        return int(read_proc_file(f"/proc/{pid}/statm").split()[field]) * PAGE_BYTES
+        return int(read().split()[field]) * PAGE_BYTES
     except (OSError, IndexError, ValueError):
         return 0
 
@@ -113,19 +119,16 @@ class OwnStatm:
     def __init__(self) -> None:
         self._fd = os.open(f"/proc/{os.getpid()}/statm", os.O_RDONLY | os.O_CLOEXEC)
 
-    def _field_bytes(self, field: int) -> int:
-        try:
-            return int(os.pread(self._fd, READ_CHUNK_BYTES, 0).split()[field]) * PAGE_BYTES
-        except (OSError, IndexError, ValueError):
-            return 0
+    def _read(self) -> bytes:
+        return os.pread(self._fd, READ_CHUNK_BYTES, 0)
 
     def rss_bytes(self) -> int:
         """Resident set size of this process."""
-        return self._field_bytes(1)
+        return _statm_field_bytes(self._read, 1)
 
     def vms_bytes(self) -> int:
         """Virtual memory size of this process."""
-        return self._field_bytes(0)
+        return _statm_field_bytes(self._read, 0)
 
 
 def tree_rss_bytes(pid: int) -> int:
