@@ -351,10 +351,18 @@ def test_a_task_that_returns_leaves_no_subprocess_running():
         async with started_pool(1) as pool:
             outcome = await within(pool.run(job("test.leave_behind", "60")))
             assert outcome.state is S.SUCCEEDED, outcome
-            left = psutil.Process(int(outcome.result))
+            left = int(outcome.result)
             deadline = time.monotonic() + PROMPT_S  # SIGKILL was sent; dying takes a moment
-            while left.is_running() and left.status() != psutil.STATUS_ZOMBIE:
-                assert time.monotonic() < deadline, f"the task's subprocess {left.pid} still runs"
+            while _running(left):
+                assert time.monotonic() < deadline, f"the task's subprocess {left} still runs"
                 await asyncio.sleep(0.01)
             assert await within(pool.run(job("test.echo", "next"))) == Outcome(S.SUCCEEDED, b"next")
     run(body)
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (gone altogether, reaped by its parent, counts as ended)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
