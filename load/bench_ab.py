@@ -113,8 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default="seq,many,rt,spin", help="comma-separated: seq, many, rt, spin")
     parser.add_argument("--json", help="also write every batch's numbers here")
     parser.add_argument("--fresh-stacks", action="store_true",
-                        help="start every tree's server and worker again each round: two stacks of the same "
-                             "code can differ by 5 %% for their whole lives (an A/A run showed it)")
+                        help="start every tree's server and worker again each round, so that no stack's "
+                             "start (its memory, its cores) lasts the whole run; what an A/A run still shows: "
+                             "load/README.md")
     args = parser.parse_args(argv)
     trees = [tuple(tree.split("=", 1)) for tree in args.trees]
     modes = args.modes.split(",")
