@@ -87,7 +87,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--prefetch",
         metavar="N|auto",
         help="unacked deliveries per queue; auto = 1 per child for long "
-        "tasks, up to 4 per child for very short ones (worker.prefetch)",
+        "tasks, up to 16 per child for tasks of a few ms (worker.prefetch)",
     )
     add("--task-timeout", metavar="S", help="cap on any task's time limit, seconds; 0 = no cap (worker.task_timeout_s)")
     add(

@@ -67,6 +67,9 @@ class Outcome:
     retry_requested: bool = False  # the task raised qm.Retry
     retry_delay_s: float | None = None  # ... with this delay
     permanent: bool = False  # the task raised qm.PermanentError: never retry
+    #: By the child's clock, from taking the job off its pipe to replying (None: it never
+    #: replied, e.g. killed). Not part of what the task did: outcomes compare without it.
+    run_s: float | None = dataclasses.field(default=None, compare=False)
 
 
 @dataclasses.dataclass(eq=False)
@@ -439,7 +442,10 @@ class Pool:
             return
         if slot.gap_from_s is not None and self.on_idle_gap is not None:
             self.on_idle_gap(max(0.0, reply.received_at_s - slot.gap_from_s))
-        self._finish(slot, _reply_outcome(reply, slot))
+        outcome = _reply_outcome(reply, slot)
+        if reply.received_at_s and reply.replied_at_s:
+            outcome = dataclasses.replace(outcome, run_s=max(0.0, reply.replied_at_s - reply.received_at_s))
+        self._finish(slot, outcome)
         slot.tasks_done += 1
         if slot.kill_outcome is not None:
             return  # a killed child is dying: _on_exit replaces the slot

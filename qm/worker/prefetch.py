@@ -7,13 +7,19 @@ broker round trip for its next task. So: one delivery per child while tasks are 
 more as they get shorter, judged from a moving average of observed run times, with
 hysteresis so the value does not flap around a threshold. A single long run (over
 LONG_TASK_S, also reported while the task still runs) drops it to one per child at once.
+The run times are the children's own (from taking a job to replying), not what the
+supervisor saw: on a busy host its wake-ups added 10 to 30 ms to tasks of 0.1 ms.
 """
 
 from __future__ import annotations
 
 #: (deliveries per child, mean task time to move to this level from a slower one,
-#:  mean task time to fall back to the slower one), from slowest to fastest.
-LEVELS = ((1, None, None), (2, 0.5, 1.0), (4, 0.02, 0.04))
+#:  mean task time to fall back to the slower one), from slowest to fastest. The fast
+#: levels hold at most about 80 ms of work per child (4 x 20 ms, 16 x 5 ms). The 16 per
+#: child of tiny tasks is for the broker: a task's outcome is acked after its event's
+#: confirm, so a deeper window means bigger event packs and fewer acks per task (RabbitMQ's
+#: CPU per task about halved, all processes' about -28 %: load/README.md, "Deeper prefetch").
+LEVELS = ((1, None, None), (2, 0.5, 1.0), (4, 0.02, 0.04), (16, 0.005, 0.01))
 #: Weight of the newest observation in the moving average.
 EWMA_ALPHA = 0.2
 #: A run this long (seconds; the slowest level's threshold) sets the average at once.

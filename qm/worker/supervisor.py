@@ -345,7 +345,9 @@ class Supervisor:
             outcome.state.name,
             f": {outcome.error.splitlines()[0]}" if outcome.error else "",
         )
-        run_s = time.monotonic() - started_at
+        # The child's own clock where it replied: what this loop saw also holds its own
+        # wake-up, 10 to 30 ms for a 0.1 ms task on a busy host (the prefetch then misjudged it).
+        run_s = outcome.run_s if outcome.run_s is not None else time.monotonic() - started_at
         self._observe(run_s)
         self._mean_run_s = (
             run_s if self._mean_run_s is None else RUN_MEAN_ALPHA * run_s + (1 - RUN_MEAN_ALPHA) * self._mean_run_s

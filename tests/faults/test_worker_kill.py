@@ -11,6 +11,7 @@ import time
 import pytest
 
 import qm
+from qm.worker.prefetch import LEVELS
 from tests.faults.support import (SETTLE_TIMEOUT_S, Spec, StatusProbe, Watcher, check_and_report, mixed_workload,
                                   statuses, submit_all, tails, wait_settled)
 from tests.processes import gone, wait_until
@@ -19,9 +20,9 @@ pytestmark = [pytest.mark.faults, pytest.mark.timeout(240)]
 
 TASKS = 240
 #: Gated tasks submitted once the doomed worker has done some work: more than the
-#: survivor can hold at once (2 children, at most 4 deliveries each), so the doomed worker
-#: gets some of them.
-GATED = 10
+#: survivor can hold at once (2 children, at most LEVELS[-1][0] deliveries each, after
+#: tiny tasks), so the doomed worker gets some of them.
+GATED = 2 * LEVELS[-1][0] + 8
 #: Tasks the doomed worker completes before the gated ones are submitted.
 WORK_BEFORE_KILL = 10
 #: Bound on the doomed worker getting busy with the workload.

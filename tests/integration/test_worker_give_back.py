@@ -43,7 +43,7 @@ def wait_running_together(client: qm.Client, task_ids: list[str], processes) -> 
 
 
 def test_deliveries_given_back_on_a_prefetch_drop_run_side_by_side(rabbitmq, launcher, gates):
-    """Short tasks raise auto prefetch to 4 per child; then eight gated tasks arrive, all
+    """Tiny tasks raise auto prefetch to 16 per child; then eight gated tasks arrive, all
     buffered in the one worker. Two run; once one has run for LONG_TASK_S the prefetch drops
     to 1 per child and the worker gives back what waits beyond it (the log names them).
     Every other gate is opened; two given-back tasks must then run on both children at
@@ -55,11 +55,11 @@ def test_deliveries_given_back_on_a_prefetch_drop_run_side_by_side(rabbitmq, lau
     server = launcher.server(rabbitmq.url)
     worker = launcher.worker(rabbitmq.url, procs=2, queues=queue)
     with qm.Client(server.address) as client:
-        for n in range(40):  # short tasks until the auto prefetch is at 4 per child
+        for n in range(40):  # tiny tasks until the auto prefetch is at 16 per child
             assert wait_terminal(client, client.submit("test.echo", str(n), queue=queue)).state == "SUCCEEDED"
-            if "prefetch now 8 per queue" in worker.stderr:
+            if "prefetch now 32 per queue" in worker.stderr:
                 break
-        assert "prefetch now 8 per queue" in worker.stderr, worker.logs
+        assert "prefetch now 32 per queue" in worker.stderr, worker.logs
         gate_of = {}
         for _ in range(8):
             gate = gates()

@@ -436,7 +436,7 @@ def ready_messages(broker_url: str, queue: str) -> int:
 
 
 def test_long_tasks_buffered_after_short_ones_are_released_to_an_idle_worker(rabbitmq, launcher, gates):
-    """The first worker, at 4 deliveries per child after short tasks, takes all four long
+    """The first worker, at 16 deliveries per child after tiny tasks, takes all four long
     tasks; once the first of them has run LONG_TASK_S (1 s) it knows tasks are long and
     returns what it holds beyond 2 per child: an idle worker must get one of those.
 
@@ -451,11 +451,11 @@ def test_long_tasks_buffered_after_short_ones_are_released_to_an_idle_worker(rab
         occupier = client.submit("test.wait_for", gate.payload, queue=queue)
         assert wait_running(client, occupier).worker == second.worker_id
         first = launcher.worker(rabbitmq.url, procs=1, queues=queue)
-        for n in range(20):  # short tasks until the auto prefetch is at 4 per child
+        for n in range(20):  # tiny tasks until the auto prefetch is at 16 per child
             assert run_task(client, "test.echo", str(n), queue).state == "SUCCEEDED"
-            if "prefetch now 4 per queue" in first.stderr:
+            if "prefetch now 16 per queue" in first.stderr:
                 break
-        assert "prefetch now 4 per queue" in first.stderr, first.logs
+        assert "prefetch now 16 per queue" in first.stderr, first.logs
         long_ids = [client.submit("test.sleep", "2", queue=queue) for _ in range(4)]
         wait_until(lambda: ready_messages(rabbitmq.url, queue) == 0, RESULT_TIMEOUT_S, interval_s=0.01,
                    message="the first worker taking the four long tasks")

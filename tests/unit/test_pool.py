@@ -94,6 +94,24 @@ def test_more_jobs_than_children_all_succeed():
     run(body)
 
 
+def test_an_outcome_carries_the_run_time_by_the_childs_clock():
+    """From the child taking the job to its reply: at least what the task slept, at most
+    what the caller waited; a killed task never replied, so it has none."""
+    async def body():
+        async with started_pool(1) as pool:
+            await warm_up(pool)
+            t0 = time.monotonic()
+            slept = await within(pool.run(job("test.sleep", "0.2")))
+            waited_s = time.monotonic() - t0
+            assert slept == Outcome(S.SUCCEEDED, b"0.2")
+            assert slept.run_s is not None and 0.2 <= slept.run_s <= waited_s
+            task, slot = await start_job(pool, job("test.sleep", "30", "killed"))
+            slot.kill(Outcome(S.CANCELLED, error="cancelled"))
+            killed = await within(task, PROMPT_S)
+            assert killed.state is S.CANCELLED and killed.run_s is None
+    run(body)
+
+
 def test_raising_task_fails_with_exception_text_and_child_survives():
     async def body():
         async with started_pool(1) as pool:

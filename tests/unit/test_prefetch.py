@@ -1,18 +1,22 @@
 """Adaptive prefetch (qm.worker.prefetch): one delivery per child while tasks are long, more
-as they get shorter (2 per child for moderate tasks, 4 for very short ones), without
-flapping around a threshold; `--prefetch N` never changes. When it drops, the worker gives
-back what waits beyond it (over the in-memory broker, with a real pool)."""
+as they get shorter (2 per child for moderate tasks, 4 for short ones, 16 for tiny ones),
+without flapping around a threshold, judged by the children's own clock; `--prefetch N`
+never changes. When it drops, the worker gives back what waits beyond it (over the
+in-memory broker, with a real pool)."""
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import re
+import time
 
 import pytest
 
 from qm.broker import topology
 from qm.broker.memory import MemoryBroker
 from qm.errors import PublishOutcomeUnknown
+from qm.states import TaskState
+from qm.worker.jobs import ReplyKind
 from qm.worker.pool import Pool
 from qm.worker.prefetch import AutoPrefetch, FixedPrefetch
 from qm.worker.supervisor import Supervisor
@@ -20,6 +24,7 @@ from tests.unit import harness
 from tests.unit.aio import run, within
 from tests.unit.harness import WORK_QUEUE, server
 
+TINY_S = 0.001
 SHORT_S = 0.01
 MODERATE_S = 0.2
 LONG_S = 5.0
@@ -48,6 +53,35 @@ def test_short_tasks_move_it_to_four_per_child(procs):
     changes = feed(policy, SHORT_S)
     assert policy.value == 4 * procs
     assert changes[-1] == 4 * procs
+
+
+@pytest.mark.parametrize("procs", [1, 3])
+def test_tiny_tasks_move_it_to_sixteen_per_child(procs):
+    """Tasks of a millisecond: a deeper window, so that their events share packs and their
+    acks are fewer (RabbitMQ's CPU per task about halved, load/README.md)."""
+    policy = AutoPrefetch(procs)
+    changes = feed(policy, TINY_S)
+    assert policy.value == 16 * procs
+    assert changes[-1] == 16 * procs
+
+
+@pytest.mark.parametrize("between_s", [0.006, 0.008, 0.0095])
+def test_hysteresis_between_four_and_sixteen_per_child(between_s):
+    """Mean times between 0.005 s and 0.01 s keep whatever level it is at."""
+    short = AutoPrefetch(1)
+    feed(short, SHORT_S)
+    assert feed(short, between_s) == [] and short.value == 4
+
+    tiny = AutoPrefetch(1)
+    feed(tiny, TINY_S)
+    assert feed(tiny, between_s) == [] and tiny.value == 16
+
+
+def test_one_long_run_after_tiny_tasks_drops_to_one_per_child_at_once():
+    policy = AutoPrefetch(2)
+    feed(policy, TINY_S)
+    assert policy.value == 32
+    assert feed(policy, 1.05, 1) == [2]
 
 
 @pytest.mark.parametrize("procs", [1, 3])
@@ -165,6 +199,33 @@ def test_fixed_prefetch_never_changes(value):
     for duration in (SHORT_S, MODERATE_S, LONG_S, 0.0, 1000.0):
         assert feed(policy, duration, 10) == []
         assert policy.value == value
+
+
+def test_the_prefetch_follows_the_childrens_clock_not_a_late_supervisor(tmp_path, monkeypatch):
+    """Tiny tasks reach 16 deliveries per child even when the supervisor reads each reply
+    50 ms late, as on a busy host. Timed by the supervisor (as before), every run looked at
+    least 50 ms long and the prefetch stayed at 2 per child."""
+    late_s = 0.05
+    handle_reply = Pool._handle_reply
+
+    def late_handle_reply(self, slot, reply):
+        if reply.kind not in (ReplyKind.READY, ReplyKind.PROGRESS):
+            time.sleep(late_s)  # the supervisor's loop wakes up late for this outcome
+        handle_reply(self, slot, reply)
+
+    monkeypatch.setattr(Pool, "_handle_reply", late_handle_reply)
+
+    async def body():
+        prefetch = AutoPrefetch(1)
+        async with harness.system(tmp_path, procs=1, prefetch=prefetch) as parts:
+            for n in range(10):
+                records = await harness.submit_and_wait(parts.service, "test.echo", str(n).encode())
+                assert records[-1].state is TaskState.SUCCEEDED and records[-1].result == str(n).encode()
+            return prefetch.value, prefetch.mean_s
+
+    value, mean_s = run(body)
+    assert mean_s is not None and mean_s < late_s
+    assert value == 16
 
 
 #: Bound on each wait of the give-back scenarios (real children on a busy machine).
