@@ -451,7 +451,7 @@ def test_long_tasks_buffered_after_short_ones_are_released_to_an_idle_worker(rab
         occupier = client.submit("test.wait_for", gate.payload, queue=queue)
         assert wait_running(client, occupier).worker == second.worker_id
         first = launcher.worker(rabbitmq.url, procs=1, queues=queue)
-        for n in range(20):  # tiny tasks until the auto prefetch is at 16 per child
+        for n in range(40):  # tiny tasks until the auto prefetch is at 16 per child
             assert run_task(client, "test.echo", str(n), queue).state == "SUCCEEDED"
             if "prefetch now 16 per queue" in first.stderr:
                 break
