@@ -65,18 +65,6 @@ def test_tiny_tasks_move_it_to_sixteen_per_child(procs):
     assert changes[-1] == 16 * procs
 
 
-@pytest.mark.parametrize("between_s", [0.006, 0.008, 0.0095])
-def test_hysteresis_between_four_and_sixteen_per_child(between_s):
-    """Mean times between 0.005 s and 0.01 s keep whatever level it is at."""
-    short = AutoPrefetch(1)
-    feed(short, SHORT_S)
-    assert feed(short, between_s) == [] and short.value == 4
-
-    tiny = AutoPrefetch(1)
-    feed(tiny, TINY_S)
-    assert feed(tiny, between_s) == [] and tiny.value == 16
-
-
 def test_one_long_run_after_tiny_tasks_drops_to_one_per_child_at_once():
     policy = AutoPrefetch(2)
     feed(policy, TINY_S)
@@ -139,16 +127,18 @@ def test_hysteresis_between_one_and_two_per_child(between_s):
     assert feed(moderate, between_s) == [] and moderate.value == 2
 
 
-@pytest.mark.parametrize("between_s", [0.025, 0.03, 0.035])
-def test_hysteresis_between_two_and_four_per_child(between_s):
-    """Mean times between 0.02 s and 0.04 s keep whatever level it is at."""
-    moderate = AutoPrefetch(1)
-    feed(moderate, MODERATE_S)
-    assert feed(moderate, between_s) == [] and moderate.value == 2
-
-    fast = AutoPrefetch(1)
-    feed(fast, SHORT_S)
-    assert feed(fast, between_s) == [] and fast.value == 4
+@pytest.mark.parametrize("slower_s, faster_s, values, between_s", [
+    *((MODERATE_S, SHORT_S, (2, 4), between_s) for between_s in (0.025, 0.03, 0.035)),
+    *((SHORT_S, TINY_S, (4, 16), between_s) for between_s in (0.006, 0.008, 0.0095)),
+])
+def test_hysteresis_between_neighbouring_levels(slower_s, faster_s, values, between_s):
+    """Mean times between a level's two thresholds (0.02 s and 0.04 s for 4 per child,
+    0.005 s and 0.01 s for 16) keep whatever level it is at, the slower or the faster."""
+    for settled_s, value in zip((slower_s, faster_s), values, strict=True):
+        policy = AutoPrefetch(1)
+        feed(policy, settled_s)
+        assert policy.value == value
+        assert feed(policy, between_s) == [] and policy.value == value
 
 
 def test_alternating_durations_around_a_threshold_do_not_flap():
