@@ -5,7 +5,7 @@ bundle size B, interleaved over the rounds: publish TASKS tasks as TASKS / B per
 messages of B task bodies each, streamed without waiting (qm-server's submit_many keeps a
 window of confirms in flight; here the publisher does not ask for confirms, and waits until
 the queue holds them all), then consume them all (prefetch 64, acks with multiple=True
-every 32, as the worker). Reported: RabbitMQ's CPU (the node's whole process tree) per task, medians.
+every 32). Reported: RabbitMQ's CPU (the node's whole process tree) per task, medians.
 The clients are pika's blocking adapter in this process; their CPU is not counted.
 
 This is a measurement of the broker alone, not of a QueueMaster feature: QueueMaster

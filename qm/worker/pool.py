@@ -444,7 +444,7 @@ class Pool:
             self.on_idle_gap(max(0.0, reply.received_at_s - slot.gap_from_s))
         outcome = _reply_outcome(reply, slot)
         if reply.received_at_s and reply.replied_at_s:
-            outcome = dataclasses.replace(outcome, run_s=max(0.0, reply.replied_at_s - reply.received_at_s))
+            outcome = dataclasses.replace(outcome, run_s=reply.replied_at_s - reply.received_at_s)
         self._finish(slot, outcome)
         slot.tasks_done += 1
         if slot.kill_outcome is not None:

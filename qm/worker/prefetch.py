@@ -8,7 +8,8 @@ more as they get shorter, judged from a moving average of observed run times, wi
 hysteresis so the value does not flap around a threshold. A single long run (over
 LONG_TASK_S, also reported while the task still runs) drops it to one per child at once.
 The run times are the children's own (from taking a job to replying), not what the
-supervisor saw: on a busy host its wake-ups added 10 to 30 ms to tasks of 0.1 ms.
+supervisor saw: on a busy host its wake-ups now and then added 10 to 30 ms to tasks of
+0.1 ms, and a few of those in a row carried the average over a fast level's threshold.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from __future__ import annotations
 #: levels hold at most about 80 ms of work per child (4 x 20 ms, 16 x 5 ms). The 16 per
 #: child of tiny tasks is for the broker: a task's outcome is acked after its event's
 #: confirm, so a deeper window means bigger event packs and fewer acks per task (RabbitMQ's
-#: CPU per task about halved, all processes' about -28 %: load/README.md, "Deeper prefetch").
+#: CPU per task about halved, all processes' about -28 %: load/README.md, "Deeper prefetch for
+#: tiny tasks").
 LEVELS = ((1, None, None), (2, 0.5, 1.0), (4, 0.02, 0.04), (16, 0.005, 0.01))
 #: Weight of the newest observation in the moving average.
 EWMA_ALPHA = 0.2

@@ -346,7 +346,7 @@ class Supervisor:
             f": {outcome.error.splitlines()[0]}" if outcome.error else "",
         )
         # The child's own clock where it replied: what this loop saw also holds its own
-        # wake-up, 10 to 30 ms for a 0.1 ms task on a busy host (the prefetch then misjudged it).
+        # wake-up, now and then 10 to 30 ms for a 0.1 ms task on a busy host.
         run_s = outcome.run_s if outcome.run_s is not None else time.monotonic() - started_at
         self._observe(run_s)
         self._mean_run_s = (

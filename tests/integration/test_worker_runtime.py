@@ -438,7 +438,7 @@ def ready_messages(broker_url: str, queue: str) -> int:
 def test_long_tasks_buffered_after_short_ones_are_released_to_an_idle_worker(rabbitmq, launcher, gates):
     """The first worker, at 16 deliveries per child after tiny tasks, takes all four long
     tasks; once the first of them has run LONG_TASK_S (1 s) it knows tasks are long and
-    returns what it holds beyond 2 per child: an idle worker must get one of those.
+    returns what it holds beyond 1 per child: an idle worker must get one of those.
 
     The idle worker must be consuming (and idle) by then. Started at that point, it had
     to come up within that second; it is started first instead, kept busy by a gated task
@@ -466,7 +466,7 @@ def test_long_tasks_buffered_after_short_ones_are_released_to_an_idle_worker(rab
 
     assert all(status.state == "SUCCEEDED" for status in done), logs(first, second)
     timeline = [(status.worker, status.started_at) for status in done]
-    # once the first long task has shown the tasks are long (prefetch back to 2 per child),
+    # once the first long task has shown the tasks are long (prefetch back to 1 per child),
     # deliveries beyond that should go back to the queue for the idle worker
     assert second.worker_id in {status.worker for status in done}, \
         f"the idle worker got none of the long tasks buffered in the busy one: {timeline}\n" \
