@@ -11,8 +11,10 @@ of them alike. Prints per tree and store the medians over the rounds of the subm
 latency p50, the server's CPU ms per task and the slowest call of a round (`--many N`:
 `submit_many` calls of N tasks instead of single submits); with
 `--gc-pauses`, also each server's full garbage collections during the rounds (how many,
-the longest, their sum; recorded in the server by load/gc_pauses/sitecustomize.py).
-Asserts nothing.
+the longest, their sum; recorded in the server by load/gc_pauses/sitecustomize.py); with
+`--follow`, also one StreamTaskResults call following the round's tasks (still QUEUED, as
+no worker runs): how long until their current statuses are all in, and the server's CPU per
+followed id. Asserts nothing.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import sys
 import tempfile
 import time
 
+import grpc
 import psutil
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -33,11 +36,21 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import qm  # noqa: E402
+from qm._proto.qm.v1 import task_queue_pb2, task_queue_pb2_grpc  # noqa: E402
+from qm.client.common import FOLLOW_IDS_PER_REQUEST  # noqa: E402
 from qm.testing.postgres import LocalPostgres  # noqa: E402
 from qm.testing.rabbitmq import LocalRabbitMQ  # noqa: E402
 from tests.processes import Server, clean_env, start_server  # noqa: E402
 
 WARM_TASKS = 100
+#: What the summary shows of each round: (field, label, unit, decimals).
+SHOWN = (
+    ("p50_ms", "p50", "ms", 2),
+    ("cpu_ms", "server", "CPU ms/task", 3),
+    ("slowest_ms", "slowest call", "ms", 1),
+    ("follow_ms", "follow all", "ms", 0),
+    ("follow_cpu_us", "server", "CPU us/followed id", 1),
+)
 #: Put first on a server's PYTHONPATH by --gc-pauses: records its garbage collections.
 GC_RECORDER = REPO / "load" / "gc_pauses"
 
@@ -47,21 +60,46 @@ def server_cpu_s(pid: int) -> float:
     return times.user + times.system
 
 
-def one_round(server: Server, client: qm.Client, tasks: int, many: int = 0) -> tuple[float, float, float]:
-    """(latency p50 ms, server CPU ms per task, slowest call ms) of `tasks` sequential
-    submits, or with `many`, of `tasks // many` submit_many calls of `many` tasks each."""
-    latencies_s = []
+def one_round(server: Server, client: qm.Client, tasks: int, many: int = 0, follow: bool = False) -> dict[str, float]:
+    """Latency p50 ms, server CPU ms per task and slowest call ms of `tasks` sequential
+    submits, or with `many`, of `tasks // many` submit_many calls of `many` tasks each; with
+    `follow`, then the stream following them all (`follow_ms`, `follow_cpu_us` per id)."""
+    latencies_s, ids = [], []
     cpu0 = server_cpu_s(server.pid)
     calls, batch = (tasks // many, [("math", "1 + 2")] * many) if many else (tasks, [])
     for _ in range(calls):
         started = time.perf_counter()
         if many:
-            client.submit_many(batch)
+            ids += client.submit_many(batch)
         else:
-            client.submit("math", "1 + 2")
+            ids.append(client.submit("math", "1 + 2"))
         latencies_s.append(time.perf_counter() - started)
     cpu_ms = 1e3 * (server_cpu_s(server.pid) - cpu0) / (calls * (many or 1))
-    return 1e3 * statistics.median(latencies_s), cpu_ms, 1e3 * max(latencies_s)
+    run = {"p50_ms": 1e3 * statistics.median(latencies_s), "cpu_ms": cpu_ms, "slowest_ms": 1e3 * max(latencies_s)}
+    if follow:
+        cpu0, started = server_cpu_s(server.pid), time.perf_counter()
+        follow_current(server.address, ids)
+        run["follow_ms"] = 1e3 * (time.perf_counter() - started)
+        run["follow_cpu_us"] = 1e6 * (server_cpu_s(server.pid) - cpu0) / len(ids)
+    return run
+
+
+def follow_current(address: str, ids: list[str]) -> None:
+    """Follow `ids` on one stream (in requests of the client's size) until a status of each
+    came back, then hang up."""
+    requests = [
+        task_queue_pb2.StreamTaskResultsRequest(task_ids=ids[start : start + FOLLOW_IDS_PER_REQUEST], batched=True)
+        for start in range(0, len(ids), FOLLOW_IDS_PER_REQUEST)
+    ]
+    with grpc.insecure_channel(address) as channel:
+        stream = task_queue_pb2_grpc.TaskQueueStub(channel).StreamTaskResults(iter(requests), timeout=120)
+        seen: set[str] = set()
+        for response in stream:
+            seen.update(status.task_id for status in response.statuses)
+            if len(seen) == len(ids):
+                stream.cancel()
+                return
+    raise RuntimeError(f"the stream ended with {len(seen)} of {len(ids)} statuses")
 
 
 def server_env(tree: pathlib.Path, gc_dir: pathlib.Path | None) -> dict[str, str]:
@@ -98,6 +136,7 @@ def main() -> int:
     parser.add_argument("--tasks", type=int, default=1000, help="sequential submits per server per round")
     parser.add_argument("--rounds", type=int, default=10, help="rounds; medians are reported (default 10)")
     parser.add_argument("--many", type=int, default=0, help="submit_many calls of this many tasks instead (0: submit)")
+    parser.add_argument("--follow", action="store_true", help="also time one stream following each round's tasks")
     parser.add_argument(
         "--gc-pauses",
         action="store_true",
@@ -129,12 +168,12 @@ def main() -> int:
                     clients[name, store] = qm.Client(server=servers[name, store].address)
                     for _ in range(WARM_TASKS):
                         clients[name, store].submit("math", "1 + 2")
-            rounds: dict[tuple[str, str], list[tuple[float, float, float]]] = {key: [] for key in servers}
+            rounds: dict[tuple[str, str], list[dict[str, float]]] = {key: [] for key in servers}
             rounds_started = time.monotonic()
             for number in range(args.rounds):
                 order = list(servers) if number % 2 == 0 else list(reversed(servers))
                 for key in order:
-                    rounds[key].append(one_round(servers[key], clients[key], args.tasks, args.many))
+                    rounds[key].append(one_round(servers[key], clients[key], args.tasks, args.many, args.follow))
                 print(f"round {number + 1} of {args.rounds}: load average {os.getloadavg()[0]:.1f}", flush=True)
         finally:
             for client in clients.values():
@@ -149,12 +188,13 @@ def main() -> int:
     how = f"submit_many calls of {args.many}" if args.many else "sequential submits"
     print(f"\nmedians over {args.rounds} rounds of {args.tasks} tasks in {how} [lowest-highest]")
     for (name, store), runs in rounds.items():
-        p50s, cpus, slowest = [run[0] for run in runs], [run[1] for run in runs], [run[2] for run in runs]
-        print(
-            f"  {name:>8} {store:<6} p50 {statistics.median(p50s):.2f} ms [{min(p50s):.2f}-{max(p50s):.2f}]  "
-            f"server {statistics.median(cpus):.3f} CPU ms/task [{min(cpus):.3f}-{max(cpus):.3f}]  "
-            f"slowest call {statistics.median(slowest):.1f} ms [{min(slowest):.1f}-{max(slowest):.1f}]"
-        )
+        line = f"  {name:>8} {store:<6}"
+        for field, label, unit, digits in SHOWN:
+            values = [run[field] for run in runs if field in run]
+            if values:
+                line += (f" {label} {statistics.median(values):.{digits}f} {unit}"
+                         f" [{min(values):.{digits}f}-{max(values):.{digits}f}] ")
+        print(line.rstrip())
     return 0
 
 

@@ -573,6 +573,10 @@ class TaskService:
             raise TaskNotFound(task_id)
         return record
 
+    async def records(self, task_ids: Sequence[str]) -> dict[str, TaskRecord]:
+        """The records of those of these tasks that exist, by id: one look-up for many."""
+        return {record.task_id: record for record in await self.store.get_many(task_ids)}
+
     async def cancel(self, task_id: str) -> TaskRecord:
         """Make a task CANCELLED: tell every worker (a queued one is dropped when it comes
         up, a running one killed), then record the final state through the events queue."""

@@ -372,12 +372,15 @@ class TaskQueueServicer(task_queue_pb2_grpc.TaskQueueServicer):
             async for request in request_iterator:
                 if not options.read:  # the first request sets the stream's options
                     options.final_only, options.batched, options.read = request.final_only, request.batched, True
-                for task_id in request.task_ids:
-                    if task_id in followed:
-                        continue
+                new = [task_id for task_id in dict.fromkeys(request.task_ids) if task_id not in followed]
+                for task_id in new:
                     self.service.hub.follow(task_id, updates)  # follow first: no change is missed
                     followed.add(task_id)
-                    updates.put_nowait(await self.service.status(task_id))
+                found = await self.service.records(new)  # one look-up for the lot, not one each
+                for task_id in new:
+                    if task_id not in found:
+                        raise TaskNotFound(task_id)
+                    updates.put_nowait(found[task_id])
         except QMError as exc:
             updates.put_nowait(exc)  # the stream loop raises it as the stream's status
         finally:

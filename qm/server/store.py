@@ -17,6 +17,7 @@ thread (qm/server/group_commit.py); the loop runs only point reads by key (measu
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import math
@@ -25,7 +26,7 @@ import os
 import sqlite3
 import threading
 import time
-from typing import Callable, Iterable, Iterator, Protocol
+from typing import Callable, Iterable, Iterator, Protocol, Sequence
 
 from qm.errors import IdempotencyKeyTaken
 from qm.frozen import evolve, from_values
@@ -198,7 +199,8 @@ class Store:
     (qm/server/group_commit.py); a confirm mark rides with the next one. Point reads by
     key (a task, an idempotency key, a message, a counter) run on the event loop through a
     connection of their own: one index search, measured (`LoopObserver.store_loop_call`,
-    the `qm_server_store_loop_seconds` histogram). Range reads run on the writer thread.
+    the `qm_server_store_loop_seconds` histogram); `get_many` is one statement per 100
+    ids there, yielding between two. Range reads run on the writer thread.
     Once started, a checkpoint thread has a third connection.
     """
 
@@ -310,6 +312,16 @@ class Store:
     async def get(self, task_id: str) -> TaskRecord | None:
         rows = self._read("get", _SELECT_TASK_BY_ID, (task_id,))
         return _record(rows[0]) if rows else None
+
+    async def get_many(self, task_ids: Sequence[str]) -> list[TaskRecord]:
+        """A look-up by primary key per `_IDS_PER_LOOP_READ` ids, the loop free between two."""
+        records: list[TaskRecord] = []
+        for start in range(0, len(task_ids), _IDS_PER_LOOP_READ):
+            if start:
+                await asyncio.sleep(0)  # let submits and events in between two look-ups
+            chunk = tuple(task_ids[start : start + _IDS_PER_LOOP_READ])
+            records += map(_record, self._read("get_many", _select_tasks_in(len(chunk)), chunk))
+        return records
 
     async def find_by_idempotency_key(self, key: str) -> TaskRecord | None:
         rows = self._read("find_by_idempotency_key", _SELECT_TASK_BY_KEY, (key,))
@@ -671,6 +683,13 @@ def _get(db: sqlite3.Connection, task_id: str) -> TaskRecord | None:
 
 #: Ids per look-up of a batch's tasks (SQLite allows 32,766 parameters since 3.32).
 _IDS_PER_SELECT = 500
+#: Ids per look-up on the event loop (Store.get_many): about 1.6 ms of the loop at 16 us a
+#: record on the 2-core test machine, where 100 point reads take 3.6 ms.
+_IDS_PER_LOOP_READ = 100
+
+
+def _select_tasks_in(count: int) -> str:
+    return f"SELECT {', '.join(_COLUMNS)} FROM tasks WHERE task_id IN ({', '.join('?' * count)})"
 
 
 def _get_many(db: sqlite3.Connection, task_ids: set[str]) -> dict[str, TaskRecord]:
@@ -679,8 +698,7 @@ def _get_many(db: sqlite3.Connection, task_ids: set[str]) -> dict[str, TaskRecor
     found: dict[str, TaskRecord] = {}
     for start in range(0, len(ids), _IDS_PER_SELECT):
         chunk = ids[start : start + _IDS_PER_SELECT]
-        query = f"SELECT {', '.join(_COLUMNS)} FROM tasks WHERE task_id IN ({', '.join('?' * len(chunk))})"
-        for row in db.execute(query, chunk):
+        for row in db.execute(_select_tasks_in(len(chunk)), chunk):
             record = _record(row)
             found[record.task_id] = record
     return found

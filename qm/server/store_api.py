@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Iterable, Protocol
+from typing import Iterable, Protocol, Sequence
 
 from qm.messages import TaskEvent
 from qm.priority import DEFAULT_PRIORITY
@@ -198,6 +198,9 @@ class TaskStore(Protocol):
 
     async def get(self, task_id: str) -> TaskRecord | None:
         """The task's record, or None."""
+
+    async def get_many(self, task_ids: Sequence[str]) -> list[TaskRecord]:
+        """The records of those of these tasks that exist, in no particular order."""
 
     async def find_by_idempotency_key(self, key: str) -> TaskRecord | None:
         """The task submitted under this (non-empty) idempotency key, or None."""

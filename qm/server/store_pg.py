@@ -331,7 +331,7 @@ class PgStore:
         return _record(row) if row is not None else None
 
     async def get_many(self, task_ids: Sequence[str]) -> list[TaskRecord]:
-        """The records of these tasks that exist (for waking followers after a change)."""
+        """The records of these tasks that exist: one query (streams following them)."""
         rows = await self._fetch(f"{_SELECT_TASK} WHERE task_id = ANY($1::text[])", list(task_ids))
         return [_record(row) for row in rows]
 

@@ -141,6 +141,18 @@ class StoreContract:
         assert store.get("a") is None and store.find_by_idempotency_key("k-a") is None
         assert store.unconfirmed() == [] and store.message("a") is None and store.count() == 0
 
+    def test_get_many_finds_every_stored_id_asked_for_and_nothing_else(self, store):
+        ids = [f"t{i:03d}" for i in range(250)]  # over one look-up's worth on the loop
+        for task_id in ids:
+            store.insert(queued(task_id))
+        store.apply([event(S.SUCCEEDED, T0 + 2, task_id="t007", result=b"7")], CODECS)
+        asked = ids[::-1] + ["missing", "t007"]  # any order, an unknown id, a repeat
+        records = {record.task_id: record for record in store.get_many(asked)}
+        assert sorted(records) == ids
+        assert records["t007"] == store.get("t007") and records["t007"].result == b"7"
+        assert records["t100"].state is S.QUEUED
+        assert store.get_many([]) == [] and store.get_many(["missing"]) == []
+
     def test_unknown_ids_and_keys_find_nothing(self, store):
         assert store.get("missing") is None
         assert store.find_by_idempotency_key("missing") is None

@@ -71,6 +71,28 @@ def test_results_yields_a_fast_task_before_a_slow_one_finishes(stack):
     assert next(finished, None) is None
 
 
+def test_a_stream_following_hundreds_of_tasks_gives_each_its_own_final_status_once(stack):
+    ids = stack.client.submit_many([("math", f"{i} + 1") for i in range(250)], queue=stack.queue)
+    done = {status.task_id: status for status in stack.client.results(ids, timeout_s=RESULT_TIMEOUT_S)}
+    assert [done[task_id].result for task_id in ids] == [str(i + 1) for i in range(250)]
+
+    # All finished now: the server reads them in look-ups of many ids, not one each.
+    asked = ids[::-1] + ids[:3]  # another order, and ids sent twice
+    again = list(stack.client.results(asked, timeout_s=RESULT_TIMEOUT_S))
+
+    assert sorted(status.task_id for status in again) == sorted(ids)
+    assert {status.task_id: status.result for status in again} == {task_id: done[task_id].result for task_id in ids}
+
+
+def test_following_an_unknown_id_among_known_ones_names_it(stack):
+    known = stack.client.submit_many([("math", f"{i} * 2") for i in range(150)], queue=stack.queue)
+
+    with pytest.raises(RemoteError) as caught:
+        list(stack.client.results(known[:120] + ["no-such-task"] + known[120:], timeout_s=RESULT_TIMEOUT_S))
+
+    assert caught.value.code is grpc.StatusCode.NOT_FOUND and "no-such-task" in str(caught.value)
+
+
 # -- idempotency keys --------------------------------------------------------------------
 
 def test_a_key_reused_for_another_request_is_refused_naming_it(stack):

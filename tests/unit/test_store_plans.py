@@ -207,6 +207,7 @@ def publish_left_over_at_start(store: Store) -> None:
 @step
 def status(store: Store) -> None:
     assert store.get("a").state is S.QUEUED and store.get("missing") is None
+    assert [record.task_id for record in store.get_many(["a", "missing"])] == ["a"]
 
 
 @step
