@@ -8,7 +8,8 @@ One private RabbitMQ and one private PostgreSQL; per tree and store (`--stores`,
 at once. Each round, every server gets `--tasks` sequential qm.Client.submit calls of a
 `math` task, in turns (the order flips every round), so the machine's drift falls on all
 of them alike. Prints per tree and store the medians over the rounds of the submit
-latency p50, the server's CPU ms per task and the slowest call of a round (`--many N`:
+latency p50, the server's CPU ms per task (and PostgreSQL's, all its processes), and the
+slowest call of a round (`--many N`:
 `submit_many` calls of N tasks instead of single submits); with
 `--gc-pauses`, also each server's full garbage collections during the rounds (how many,
 the longest, their sum; recorded in the server by load/gc_pauses/sitecustomize.py); with
@@ -48,6 +49,7 @@ SHOWN = (
     ("p50_ms", "p50", "ms", 2),
     ("cpu_ms", "server", "CPU ms/task", 3),
     ("slowest_ms", "slowest call", "ms", 1),
+    ("pg_cpu_ms", "PostgreSQL", "CPU ms/task", 3),
     ("follow_ms", "follow all", "ms", 0),
     ("follow_cpu_us", "server", "CPU us/followed id", 1),
 )
@@ -60,12 +62,29 @@ def server_cpu_s(pid: int) -> float:
     return times.user + times.system
 
 
-def one_round(server: Server, client: qm.Client, tasks: int, many: int = 0, follow: bool = False) -> dict[str, float]:
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds of a process and its children (PostgreSQL's backends)."""
+    root = psutil.Process(pid)
+    total = 0.0
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system + times.children_user + times.children_system
+    return total
+
+
+def one_round(
+    server: Server, client: qm.Client, tasks: int, many: int = 0, follow: bool = False, pg_pid: int | None = None
+) -> dict[str, float]:
     """Latency p50 ms, server CPU ms per task and slowest call ms of `tasks` sequential
-    submits, or with `many`, of `tasks // many` submit_many calls of `many` tasks each; with
-    `follow`, then the stream following them all (`follow_ms`, `follow_cpu_us` per id)."""
+    submits, or with `many`, of `tasks // many` submit_many calls of `many` tasks each (and
+    PostgreSQL's CPU ms per task, given its pid); with `follow`, then the stream following
+    them all (`follow_ms`, `follow_cpu_us` per id)."""
     latencies_s, ids = [], []
     cpu0 = server_cpu_s(server.pid)
+    pg0 = tree_cpu_s(pg_pid) if pg_pid else 0.0
     calls, batch = (tasks // many, [("math", "1 + 2")] * many) if many else (tasks, [])
     for _ in range(calls):
         started = time.perf_counter()
@@ -76,6 +95,8 @@ def one_round(server: Server, client: qm.Client, tasks: int, many: int = 0, foll
         latencies_s.append(time.perf_counter() - started)
     cpu_ms = 1e3 * (server_cpu_s(server.pid) - cpu0) / (calls * (many or 1))
     run = {"p50_ms": 1e3 * statistics.median(latencies_s), "cpu_ms": cpu_ms, "slowest_ms": 1e3 * max(latencies_s)}
+    if pg_pid:
+        run["pg_cpu_ms"] = 1e3 * (tree_cpu_s(pg_pid) - pg0) / (calls * (many or 1))
     if follow:
         cpu0, started = server_cpu_s(server.pid), time.perf_counter()
         follow_current(server.address, ids)
@@ -173,7 +194,9 @@ def main() -> int:
             for number in range(args.rounds):
                 order = list(servers) if number % 2 == 0 else list(reversed(servers))
                 for key in order:
-                    rounds[key].append(one_round(servers[key], clients[key], args.tasks, args.many, args.follow))
+                    pg_pid = postgres.process.pid if key[1] == "pg" and postgres and postgres.process else None
+                    run = one_round(servers[key], clients[key], args.tasks, args.many, args.follow, pg_pid)
+                    rounds[key].append(run)
                 print(f"round {number + 1} of {args.rounds}: load average {os.getloadavg()[0]:.1f}", flush=True)
         finally:
             for client in clients.values():

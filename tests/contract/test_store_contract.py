@@ -493,6 +493,42 @@ class TestSharedPostgresStore:
         assert first == [0, 1] and published == 1
         assert again == [True, False]  # either server may take the next turn, one of them
 
+    def test_a_burst_of_submits_is_one_transaction_and_a_taken_key_refuses_only_its_own(self, database):
+        async def burst() -> tuple[list[object], int, list[TaskRecord], int]:
+            store = await PgStore.open(database, "server-a", pool_size=2)
+            try:
+                await store.insert_unconfirmed(queued("first", key="taken"), "default", b"m")
+                records = [queued(f"b{i:03d}", key="taken" if i == 40 else f"k{i}") for i in range(100)]
+                batches_before = store._inserts.batches
+                outcomes = await asyncio.gather(
+                    *(store.insert_unconfirmed(record, "default", b"body") for record in records),
+                    return_exceptions=True)
+                stored = await store.get_many([record.task_id for record in records])
+                return outcomes, store._inserts.batches - batches_before, stored, await store.count()
+            finally:
+                await store.close()
+
+        outcomes, batches, stored, count = asyncio.run(burst())
+        assert isinstance(outcomes[40], IdempotencyKeyTaken)
+        assert all(outcome is None for i, outcome in enumerate(outcomes) if i != 40)
+        assert sorted(record.task_id for record in stored) == [f"b{i:03d}" for i in range(100) if i != 40]
+        assert count == 100  # the first task and 99 of the burst
+        assert batches == 0  # the taken key spoilt the batch: each was written on its own
+
+    def test_a_burst_of_submits_goes_in_one_batch(self, database):
+        async def burst() -> tuple[int, int]:
+            store = await PgStore.open(database, "server-a", pool_size=2)
+            try:
+                before = store._inserts.batches
+                await asyncio.gather(*(store.insert_unconfirmed(queued(f"t{i}"), "default", b"body")
+                                       for i in range(200)))
+                return store._inserts.batches - before, len(await store.unconfirmed())
+            finally:
+                await store.close()
+
+        batches, unconfirmed = asyncio.run(burst())
+        assert batches == 1 and unconfirmed == 200
+
     def test_concurrent_inserts_of_one_key_store_one_task(self, database):
         async def race() -> list[object]:
             stores = [await PgStore.open(database, f"server-{i}", pool_size=2) for i in range(4)]
