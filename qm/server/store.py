@@ -12,7 +12,8 @@ on a thread of their own (`start_checkpoints`), leaving the writer thread only t
 checkpoint that lets the WAL start over every 32 MiB.
 
 The event loop runs no write: writes are grouped into shared transactions on the writer
-thread (qm/server/group_commit.py); the loop runs only point reads by key (measured).
+thread (qm/server/group_commit.py); the loop runs only reads by key (measured): one
+key each, or a stream's ids 100 a statement, yielding between two.
 """
 
 from __future__ import annotations
