@@ -33,8 +33,11 @@ import grpc
 import psutil
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for path in (REPO, REPO / "load"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+from bench_dispatch import tree_cpu_s  # noqa: E402
 
 import qm  # noqa: E402
 from qm._proto.qm.v1 import task_queue_pb2, task_queue_pb2_grpc  # noqa: E402
@@ -60,19 +63,6 @@ GC_RECORDER = REPO / "load" / "gc_pauses"
 def server_cpu_s(pid: int) -> float:
     times = psutil.Process(pid).cpu_times()
     return times.user + times.system
-
-
-def tree_cpu_s(pid: int) -> float:
-    """CPU seconds of a process and its children (PostgreSQL's backends)."""
-    root = psutil.Process(pid)
-    total = 0.0
-    for process in [root, *root.children(recursive=True)]:
-        try:
-            times = process.cpu_times()
-        except psutil.NoSuchProcess:
-            continue
-        total += times.user + times.system + times.children_user + times.children_system
-    return total
 
 
 def one_round(

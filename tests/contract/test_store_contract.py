@@ -493,7 +493,7 @@ class TestSharedPostgresStore:
         assert first == [0, 1] and published == 1
         assert again == [True, False]  # either server may take the next turn, one of them
 
-    def test_a_burst_of_submits_is_one_transaction_and_a_taken_key_refuses_only_its_own(self, database):
+    def test_a_taken_key_in_a_burst_of_submits_refuses_only_its_own(self, database):
         async def burst() -> tuple[list[object], int, list[TaskRecord], int]:
             store = await PgStore.open(database, "server-a", pool_size=2)
             try:
