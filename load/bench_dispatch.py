@@ -16,7 +16,9 @@ default configuration (quorum queues, prefetch auto). Then, `--runs` times on th
    (client.results). Rate = tasks / (first submit -> last result seen). CPU per task of
    each process (psutil user+system, reaped children included) over the same span.
 2. Round trip: 300 tasks one at a time, submit -> terminal state seen on one long-lived
-   StreamTaskResults stream that each id is added to after its submit.
+   StreamTaskResults stream that each id is added to after its submit; and the p50 of
+   each step's time from the submit call: the record made (created_at), the submit
+   answered, the run started and ended (started_at, finished_at).
 3. CPU-bound: 24 x `test.spin_timed 0.25` (pure-Python CPU, plugins/qm-testtasks) on the
    2 children: makespan (last finished_at - first created_at), efficiency = sum of the
    worker-timed run times (finished_at - started_at) / (2 x makespan), each child's idle
@@ -382,20 +384,35 @@ class Follower:
         self._channel.close()
 
 
+#: A round trip's steps before the final state reaches the stream, each timed from the
+#: submit call: the server's record made (its created_at), the submit answered, the run
+#: started and ended (the worker's clock). Wall clocks of one host (CLOCK_REALTIME).
+ROUND_TRIP_STEPS = ("created", "answered", "started", "finished")
+
+
 def round_trip(stack: Stack, client: qm.Client, count: int) -> dict[str, Any]:
     follower = Follower(stack.server.address)
     latencies_ms, statuses = [], []
+    steps_ms: dict[str, list[float]] = {step: [] for step in ROUND_TRIP_STEPS}
     try:
         for _ in range(count):
-            t0 = time.perf_counter()
+            wall0, t0 = time.time(), time.perf_counter()
             task_id = client.submit("math", MATH_PAYLOAD, queue=stack.queue)
+            answered_ms = (time.perf_counter() - t0) * 1000.0
             follower.follow(task_id)
             seen_at, status = follower.wait_terminal(task_id, ROUND_TRIP_BOUND_S)
             latencies_ms.append((seen_at - t0) * 1000.0)
             statuses.append(status)
+            created_s, started_s, finished_s = status.created_at, status.started_at, status.finished_at
+            if created_s is not None and started_s is not None and finished_s is not None:
+                at_ms = ((created_s - wall0) * 1000.0, answered_ms,
+                         (started_s - wall0) * 1000.0, (finished_s - wall0) * 1000.0)
+                for step, ms in zip(ROUND_TRIP_STEPS, at_ms, strict=True):
+                    steps_ms[step].append(ms)
     finally:
         follower.close()
     return {"ms_p50": percentile(latencies_ms, 50), "ms_p99": percentile(latencies_ms, 99),
+            "steps_ms_p50": {step: percentile(ms, 50) for step, ms in steps_ms.items() if ms},
             "check": check_math(statuses, count)}
 
 
@@ -574,6 +591,10 @@ ROWS: list[tuple[str, str, str, str]] = [
     ("sequential submit latency p99, ms", "e2e_submit/submit_ms_p99", "{:.2f}", ""),
     ("round trip p50, ms", "round_trip/ms_p50", "{:.2f}", "<= 2.5"),
     ("round trip p99, ms", "round_trip/ms_p99", "{:.2f}", "<= 6"),
+    ("round trip p50, ms from the submit call to: record made", "round_trip/steps_ms_p50/created", "{:.2f}", ""),
+    ("round trip p50, ms from the submit call to: submit answered", "round_trip/steps_ms_p50/answered", "{:.2f}", ""),
+    ("round trip p50, ms from the submit call to: run started", "round_trip/steps_ms_p50/started", "{:.2f}", ""),
+    ("round trip p50, ms from the submit call to: run ended", "round_trip/steps_ms_p50/finished", "{:.2f}", ""),
     ("end to end, sequential submit, tasks/s", "e2e_submit/tasks_per_s", "{:,.0f}", ">= 600"),
     ("end to end, submit_many, tasks/s", "e2e_submit_many/tasks_per_s", "{:,.0f}", ">= 2,000"),
     ("end to end, aio submit gathered, tasks/s", "e2e_aio_gather/tasks_per_s", "{:,.0f}", ">= 2,000"),
