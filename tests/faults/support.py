@@ -340,14 +340,15 @@ def wait_settled(watcher: Watcher | list[Watcher], timeout_s: float, processes: 
     watchers = watcher if isinstance(watcher, list) else [watcher]
     deadline = time.monotonic() + timeout_s
     done, progress_at = -1, time.monotonic()
-    while not all(one.finished for one in watchers):
+    while pending := [one for one in watchers if not one.finished]:
         now = time.monotonic()
         if now >= deadline or now - progress_at >= stall_s:
             break
         count = sum(one.terminal_count() for one in watchers)
         if count != done:
             done, progress_at = count, now
-        next(one for one in watchers if not one.finished).join(0.5)
+        # Read once: a watcher may finish between two looks (then the join returns at once).
+        pending[0].join(0.5)
     for one in watchers:
         one.join(0.0)  # closes the client of a finished one
     errors = [one.error for one in watchers if one.finished and one.error is not None]
