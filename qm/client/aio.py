@@ -56,12 +56,16 @@ from qm.client.common import (
     workers_from_proto,
 )
 from qm.client.credentials import ChannelSecurity
+from qm.client.submit_batching import SubmitBatcher
 
 
 class Client:
     """Connections to one or more qm-servers for one event loop; `async with` it, or
     `await close()`. Same options and methods as qm.Client, awaited; `max_in_flight`
-    bounds the unary calls in flight at once (the rest wait their turn)."""
+    bounds the unary calls in flight at once (the rest wait their turn). Submits made in
+    the same loop turn (asyncio.gather over many) go out as one SubmitTasks call per
+    `batch_items`, each answered as it would be alone (qm/client/submit_batching.py);
+    `batch_submits=False` sends every submit as its own call."""
 
     def __init__(
         self,
@@ -76,6 +80,7 @@ class Client:
         token: str | None = None,
         tls_cert: str | None = None,
         tls_key: str | None = None,
+        batch_submits: bool = True,
     ):
         self.servers = parse_servers(server)
         self._security = ChannelSecurity.load(tls_ca, token, tls_cert, tls_key)
@@ -87,8 +92,11 @@ class Client:
         self._failover = Failover(self.servers)
         self._in_flight = asyncio.Semaphore(max_in_flight)
         self._channels: dict[str, tuple[grpc.aio.Channel, task_queue_pb2_grpc.TaskQueueStub]] = {}
+        self._batcher = SubmitBatcher(self._submit_alone, self._submit_batch_once, batch_items)
+        self._batcher.enabled = batch_submits
 
     async def close(self) -> None:
+        await self._batcher.close()
         channels, self._channels = list(self._channels.values()), {}
         for channel, _stub in channels:
             await channel.close()
@@ -131,8 +139,20 @@ class Client:
 
     async def submit(self, type: str, payload: Any, **options) -> str:
         """qm.Client.submit, awaited: the task's id once it is durable."""
-        request = submit_request(type, payload, **options)
+        return await self._batcher.submit(submit_request(type, payload, **options))
+
+    async def _submit_alone(self, request: task_queue_pb2.SubmitTaskRequest) -> str:
         return (await self._call("SubmitTask", request, self.submit_retry_s, SUBMIT_RETRY_CODES)).task_id
+
+    async def _submit_batch_once(
+        self, request: task_queue_pb2.SubmitTasksRequest
+    ) -> tuple[task_queue_pb2.SubmitTasksResponse, str]:
+        """One SubmitTasks try at the current server, no retry (SubmitBatcher's fast path)."""
+        address = self._failover.current
+        async with self._in_flight:
+            response = await self._stub_at(address).SubmitTasks(request, timeout=self.call_timeout_s)
+        self._failover.reached = True
+        return response, address
 
     async def submit_many(self, items: Iterable[tuple], **options) -> list[str]:
         """qm.Client.submit_many, awaited: the ids in order, or qm.errors.BatchError."""

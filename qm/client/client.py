@@ -55,6 +55,7 @@ from qm.client.common import (
     workers_from_proto,
 )
 from qm.client.credentials import ChannelSecurity
+from qm.client.submit_batching import ALONE, ThreadSubmitBatcher
 from qm.errors import WaitTimeout
 from qm.reasons import Reason
 from qm.states import TaskState
@@ -90,6 +91,8 @@ class Client:
     while none answers. batch_items: items per SubmitTasks call. tls_ca: PEM file of the CA
     that signed the servers' certificates (TLS; else plaintext); tls_cert/tls_key: this
     client's certificate for mTLS; token: a bearer token (`qm token create`).
+    batch_submits: threads that submit at once share SubmitTasks calls, each answered as
+    it would be alone (qm/client/submit_batching.py); False: every submit its own call.
     """
 
     def __init__(
@@ -104,6 +107,7 @@ class Client:
         token: str | None = None,
         tls_cert: str | None = None,
         tls_key: str | None = None,
+        batch_submits: bool = True,
     ):
         self.servers = parse_servers(server)
         self._security = ChannelSecurity.load(tls_ca, token, tls_cert, tls_key)
@@ -115,6 +119,8 @@ class Client:
         self._failover = Failover(self.servers)
         self._channels: dict[str, tuple[grpc.Channel, task_queue_pb2_grpc.TaskQueueStub]] = {}
         self._lock = threading.Lock()
+        self._batcher = ThreadSubmitBatcher(self._submit_try, self._submit_batch_try, batch_items)
+        self._batcher.enabled = batch_submits
 
     def close(self) -> None:
         with self._lock:
@@ -221,7 +227,36 @@ class Client:
             priority=priority,
             cpus=cpus,
         )
-        return self._call("SubmitTask", request, self.submit_retry_s, SUBMIT_RETRY_CODES).task_id
+        outcome = self._batcher.submit(request) if self._batcher.enabled else ALONE
+        if outcome is ALONE:
+            return self._call("SubmitTask", request, self.submit_retry_s, SUBMIT_RETRY_CODES).task_id
+        if isinstance(outcome, RemoteError):
+            raise outcome
+        return outcome  # type: ignore[return-value]
+
+    def _submit_try(self, request: task_queue_pb2.SubmitTaskRequest) -> object:
+        """One SubmitTask try at the current server: the id, ALONE (a code a submit retries:
+        `submit` goes on with its retrying call), or RemoteError, as that call raises it."""
+        address = self._failover.current
+        try:
+            response = self._stub_at(address).SubmitTask(request, timeout=self.call_timeout_s, wait_for_ready=False)
+        except grpc.RpcError as exc:
+            if exc.code() in SUBMIT_RETRY_CODES:
+                return ALONE
+            raise RemoteError(
+                exc.code(), exc.details() or "", address, retry_pushback_s(exc.trailing_metadata()), error_reason(exc)
+            ) from None
+        self._failover.reached = True
+        return response.task_id
+
+    def _submit_batch_try(
+        self, request: task_queue_pb2.SubmitTasksRequest
+    ) -> tuple[task_queue_pb2.SubmitTasksResponse, str]:
+        """One SubmitTasks try at the current server, no retry (ThreadSubmitBatcher's)."""
+        address = self._failover.current
+        response = self._stub_at(address).SubmitTasks(request, timeout=self.call_timeout_s)
+        self._failover.reached = True
+        return response, address
 
     def submit_many(self, items: Iterable[tuple], **options) -> list[str]:
         """Submit many tasks in SubmitTasks calls of `batch_items`; their ids, in order.

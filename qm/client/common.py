@@ -485,7 +485,7 @@ class Batch:
             raise QMError(f"qm-server answered {len(response.results)} results for {len(indexes)} items")
         again = []
         for index, result in zip(indexes, response.results, strict=True):
-            code = grpc.StatusCode.OK if result.code == 0 else _status_code(result.code)
+            code = grpc.StatusCode.OK if result.code == 0 else status_code(result.code)
             if code is grpc.StatusCode.OK:
                 self.task_ids[index] = result.task_id
                 self.refused.pop(index, None)
@@ -518,7 +518,8 @@ class Batch:
         return list(self.task_ids)  # type: ignore[arg-type]
 
 
-def _status_code(number: int) -> grpc.StatusCode:
+def status_code(number: int) -> grpc.StatusCode:
+    """The gRPC status code of its number (as SubmitTasksResult.code carries it)."""
     for code in grpc.StatusCode:
         if code.value[0] == number:
             return code

@@ -5,15 +5,19 @@ with the methods of qm.Client. Idempotency keys reused for another request are r
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import urllib.request
 import uuid
 
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 import qm
 import qm.aio
 from qm.client.client import RemoteError
 from qm.errors import BatchError, TaskError
+from qm.testing.rabbitmq import free_port
 from tests.processes import run_qm, wait_until
 
 #: Bound on tasks finishing.
@@ -178,15 +182,96 @@ def test_the_asyncio_client_has_the_methods_of_the_blocking_one(stack, launcher)
     asyncio.run(asyncio.wait_for(body(), RESULT_TIMEOUT_S * 2))
 
 
-def test_the_asyncio_client_takes_thousands_of_submits_at_once(stack, launcher):
+@pytest.mark.parametrize("batch_submits", [True, False], ids=["batched", "one-call-each"])
+def test_the_asyncio_client_takes_thousands_of_submits_at_once(stack, launcher, batch_submits):
     """gRPC resets calls past about 1000 pending on the server; the client keeps its own
-    in flight under that, so a gather over 1500 submits gets 1500 ids."""
+    in flight under that, so a gather over 1500 submits gets 1500 ids, whether they go
+    out together (the default) or each as its own call."""
     queue = launcher.queue(stack.broker_url)  # no worker: nothing runs
 
     async def body() -> list[str]:
-        async with qm.aio.Client(stack.server.address) as client:
+        async with qm.aio.Client(stack.server.address, batch_submits=batch_submits) as client:
             submits = (client.submit("test.echo", str(i), queue=queue) for i in range(1500))
             return await asyncio.gather(*submits)
 
     ids = asyncio.run(asyncio.wait_for(body(), RESULT_TIMEOUT_S * 2))
     assert len(set(ids)) == 1500
+
+
+def handled_calls(metrics_url: str) -> dict[str, float]:
+    """qm-server's count of handled TaskQueue calls by method, from its /metrics."""
+    with urllib.request.urlopen(metrics_url, timeout=10) as response:
+        text = response.read().decode()
+    calls: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "qm_server_grpc_handling_seconds_count":
+                method = sample.labels["method"]
+                calls[method] = calls.get(method, 0.0) + sample.value
+    return calls
+
+
+def test_gathered_asyncio_submits_share_calls_and_each_is_answered_as_it_would_be_alone(rabbitmq, launcher):
+    queue = launcher.queue(rabbitmq.url)
+    metrics_port = free_port()
+    server = launcher.server(rabbitmq.url, extra_args=["--metrics-port", str(metrics_port)])
+    launcher.worker(rabbitmq.url, procs=2, queues=queue)
+    payloads = [f"{i} + 1" for i in range(300)]
+    payloads[7] = "1 +"  # refused: not an expression
+
+    async def body():
+        async with qm.aio.Client(server.address) as client:
+            outcomes = await asyncio.gather(*(client.submit("math", p, queue=queue) for p in payloads),
+                                            return_exceptions=True)
+            with pytest.raises(RemoteError) as alone:
+                await client.submit("math", "1 +", queue=queue)
+            ids = [outcome for outcome in outcomes if isinstance(outcome, str)]
+            finals = {s.task_id: s async for s in client.results(ids, timeout_s=RESULT_TIMEOUT_S)}
+            return outcomes, alone.value, finals
+
+    outcomes, alone, finals = asyncio.run(asyncio.wait_for(body(), RESULT_TIMEOUT_S * 2))
+    refused = outcomes[7]
+    assert isinstance(refused, RemoteError), refused
+    assert (refused.code, refused.reason, str(refused)) == (alone.code, alone.reason, str(alone))
+    assert refused.code is grpc.StatusCode.INVALID_ARGUMENT and "payload" in str(refused)
+    accepted = [(i, outcome) for i, outcome in enumerate(outcomes) if i != 7]
+    assert len({task_id for _i, task_id in accepted}) == 299
+    assert all(finals[task_id].result == str(i + 1) for i, task_id in accepted)
+    calls = handled_calls(f"http://127.0.0.1:{metrics_port}/metrics")
+    assert calls.get("SubmitTask") == 1, calls  # only the lone submit had a call of its own
+    assert 1 <= calls.get("SubmitTasks", 0) <= 10, calls
+
+
+def test_threads_sharing_a_client_share_calls_and_each_is_answered_as_it_would_be_alone(rabbitmq, launcher):
+    queue = launcher.queue(rabbitmq.url)
+    metrics_port = free_port()
+    server = launcher.server(rabbitmq.url, extra_args=["--metrics-port", str(metrics_port)])
+    launcher.worker(rabbitmq.url, procs=2, queues=queue)
+    threads, per_thread = 16, 20
+    outcomes: dict[int, object] = {}
+
+    with qm.Client(server.address) as client:
+        def submit_some(first: int) -> None:
+            for i in range(first, first + per_thread):
+                payload = "1 +" if i == 7 else f"{i} + 1"  # item 7 is refused: not an expression
+                try:
+                    outcomes[i] = client.submit("math", payload, queue=queue)
+                except RemoteError as exc:
+                    outcomes[i] = exc
+
+        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+            list(pool.map(submit_some, range(0, threads * per_thread, per_thread)))
+        with pytest.raises(RemoteError) as alone:
+            client.submit("math", "1 +", queue=queue)
+        accepted = {i: task_id for i, task_id in outcomes.items() if i != 7}
+        finals = {s.task_id: s for s in client.results(list(accepted.values()), timeout_s=RESULT_TIMEOUT_S)}
+
+    refused = outcomes[7]
+    assert isinstance(refused, RemoteError), refused
+    assert (refused.code, refused.reason, str(refused)) == (alone.value.code, alone.value.reason, str(alone.value))
+    assert len(set(accepted.values())) == threads * per_thread - 1
+    assert all(finals[task_id].result == str(i + 1) for i, task_id in accepted.items())
+    calls = handled_calls(f"http://127.0.0.1:{metrics_port}/metrics")
+    # Threads that submitted while two calls were out shared the next one.
+    assert calls.get("SubmitTasks", 0) >= 1, calls
+    assert calls.get("SubmitTask", 0) + calls.get("SubmitTasks", 0) < threads * per_thread, calls

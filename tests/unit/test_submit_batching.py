@@ -1,0 +1,306 @@
+"""qm.aio.Client's submits of one loop turn, and the submits of threads sharing a qm.Client, go out as one SubmitTasks call
+(qm/client/submit_batching.py), each answered as a lone submit would be. A fake server
+here: what it was sent, and what it answers."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import grpc
+import pytest
+
+from qm._proto.qm.v1 import task_queue_pb2
+from qm.client.common import SUBMIT_RETRY_CODES, RemoteError, submit_request
+from qm.client.submit_batching import ALONE, SubmitBatcher, ThreadSubmitBatcher
+from tests.unit.aio import TIMEOUT_S, run
+
+
+class CallFailed(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode):
+        self._code = code
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+
+class FakeServer:
+    """Accepts every item as `id-<payload>`, unless `refuse` names its payload (then the
+    item gets that (code, message, reason)), or `fail_batches` fails SubmitTasks whole."""
+
+    def __init__(self, refuse=None, fail_batches: grpc.StatusCode | None = None):
+        self.refuse = refuse or {}
+        self.fail_batches = fail_batches
+        self.alone: list[str] = []  # payloads sent by SubmitTask
+        self.batches: list[list[str]] = []  # payloads of each SubmitTasks call
+
+    async def send_one(self, request) -> str:
+        await asyncio.sleep(0)
+        self.alone.append(request.payload.decode())
+        return f"id-{request.payload.decode()}"
+
+    async def send_batch(self, request):
+        await asyncio.sleep(0)
+        payloads = [item.payload.decode() for item in request.items]
+        self.batches.append(payloads)
+        if self.fail_batches is not None:
+            raise CallFailed(self.fail_batches)
+        response = task_queue_pb2.SubmitTasksResponse()
+        for payload in payloads:
+            if payload in self.refuse:
+                code, message, reason = self.refuse.pop(payload)  # refused once
+                response.results.add(code=code.value[0], message=message, reason=reason)
+            else:
+                response.results.add(task_id=f"id-{payload}", state=task_queue_pb2.TASK_STATE_QUEUED)
+        return response, "server:1"
+
+    def batcher(self, max_items: int = 500) -> SubmitBatcher:
+        return SubmitBatcher(self.send_one, self.send_batch, max_items)
+
+
+async def submit_all(batcher: SubmitBatcher, payloads) -> list:
+    submits = (batcher.submit(submit_request("math", payload)) for payload in payloads)
+    return await asyncio.gather(*submits, return_exceptions=True)
+
+
+def test_submits_of_one_loop_turn_share_a_call_and_get_their_own_ids_in_order():
+    server = FakeServer()
+    payloads = [str(i) for i in range(1200)]
+    ids = run(submit_all, server.batcher(max_items=500), payloads)
+    assert ids == [f"id-{p}" for p in payloads]
+    assert [len(b) for b in server.batches] == [500, 500, 200] and server.alone == []
+
+
+def test_a_lone_submit_is_one_submit_task_call():
+    server = FakeServer()
+
+    async def one_after_another(batcher):
+        return [await batcher.submit(submit_request("math", p)) for p in ("1", "2")]
+
+    assert run(one_after_another, server.batcher()) == ["id-1", "id-2"]
+    assert server.alone == ["1", "2"] and server.batches == []
+
+
+def test_an_item_refused_for_its_own_fault_raises_what_a_lone_submit_would():
+    server = FakeServer(refuse={"1 +": (grpc.StatusCode.INVALID_ARGUMENT, "payload: not an expression",
+                                        "INVALID_FIELD")})
+    outcomes = run(submit_all, server.batcher(), ["1", "1 +", "2"])
+    assert outcomes[0] == "id-1" and outcomes[2] == "id-2"
+    error = outcomes[1]
+    assert isinstance(error, RemoteError)
+    assert (error.code, error.reason, str(error)) == \
+        (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_FIELD", "payload: not an expression")
+    assert server.alone == []  # not sent again
+
+
+def test_an_item_refused_with_a_code_a_submit_retries_is_sent_again_alone():
+    server = FakeServer(refuse={"b": (grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full", "QUEUE_FULL"),
+                                "c": (grpc.StatusCode.UNAVAILABLE, "broker away", "BROKER_UNAVAILABLE")})
+    assert run(submit_all, server.batcher(), ["a", "b", "c"]) == ["id-a", "id-b", "id-c"]
+    assert server.batches == [["a", "b", "c"]] and sorted(server.alone) == ["b", "c"]
+
+
+def test_a_batch_call_that_fails_whole_sends_each_item_alone():
+    server = FakeServer(fail_batches=grpc.StatusCode.DEADLINE_EXCEEDED)
+    assert run(submit_all, server.batcher(), ["a", "b"]) == ["id-a", "id-b"]
+    assert sorted(server.alone) == ["a", "b"]
+
+
+def test_a_server_without_submit_tasks_ends_batching_for_the_client():
+    server = FakeServer(fail_batches=grpc.StatusCode.UNIMPLEMENTED)
+    batcher = server.batcher()
+    assert run(submit_all, batcher, ["a", "b"]) == ["id-a", "id-b"]
+    assert run(submit_all, batcher, ["c", "d"]) == ["id-c", "id-d"]
+    assert server.batches == [["a", "b"]] and sorted(server.alone) == ["a", "b", "c", "d"]
+
+
+def test_a_submit_cancelled_before_the_call_is_not_sent():
+    server = FakeServer()
+
+    async def body(batcher):
+        kept = [asyncio.ensure_future(batcher.submit(submit_request("math", p))) for p in ("a", "b", "c")]
+        dropped = asyncio.ensure_future(batcher.submit(submit_request("math", "x")))
+        await asyncio.sleep(0)  # every submit is waiting for the flush
+        dropped.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await dropped
+        return await asyncio.gather(*kept)
+
+    assert run(body, server.batcher()) == ["id-a", "id-b", "id-c"]
+    assert server.batches == [["a", "b", "c"]]
+
+
+def test_closing_cancels_the_submits_of_a_call_in_flight():
+    server = FakeServer()
+
+    async def body(batcher):
+        gate = asyncio.Event()
+
+        async def stuck(request):
+            gate.set()
+            await asyncio.sleep(3600)
+
+        batcher._send_batch = stuck
+        submits = asyncio.gather(*(batcher.submit(submit_request("math", p)) for p in ("a", "b")))
+        await gate.wait()
+        await batcher.close()
+        with pytest.raises(asyncio.CancelledError):
+            await submits
+
+    run(body, server.batcher(), timeout_s=20.0)
+
+
+# -- qm.Client: threads sharing one client ----------------------------------------------
+
+
+class FakeBlockingServer:
+    """The blocking client's tries: `try_one` holds its call until `gate` opens."""
+
+    def __init__(self, refuse=None, fail_batches: grpc.StatusCode | None = None):
+        self.refuse = refuse or {}
+        self.fail_batches = fail_batches
+        self.gate = threading.Event()
+        self.gate.set()
+        self.alone: list[str] = []
+        self.batches: list[list[str]] = []
+        self.in_flight = self.most_in_flight = 0
+        self._lock = threading.Lock()
+
+    def _enter(self):
+        with self._lock:
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+
+    def _leave(self):
+        with self._lock:
+            self.in_flight -= 1
+
+    def try_one(self, request):
+        self._enter()
+        try:
+            assert self.gate.wait(TIMEOUT_S)
+            payload = request.payload.decode()
+            self.alone.append(payload)
+            if payload in self.refuse:
+                code, message, reason = self.refuse.pop(payload)
+                if code in SUBMIT_RETRY_CODES:
+                    return ALONE
+                raise RemoteError(code, message, "server:1", None, reason)
+            return f"id-{payload}"
+        finally:
+            self._leave()
+
+    def try_batch(self, request):
+        self._enter()
+        try:
+            payloads = [item.payload.decode() for item in request.items]
+            self.batches.append(payloads)
+            if self.fail_batches is not None:
+                raise CallFailed(self.fail_batches)
+            response = task_queue_pb2.SubmitTasksResponse()
+            for payload in payloads:
+                if payload in self.refuse:
+                    code, message, reason = self.refuse.pop(payload)
+                    response.results.add(code=code.value[0], message=message, reason=reason)
+                else:
+                    response.results.add(task_id=f"id-{payload}", state=task_queue_pb2.TASK_STATE_QUEUED)
+            return response, "server:1"
+        finally:
+            self._leave()
+
+    def batcher(self, max_calls: int = 1) -> ThreadSubmitBatcher:
+        return ThreadSubmitBatcher(self.try_one, self.try_batch, max_items=500, max_calls=max_calls)
+
+
+def submit_from_threads(batcher: ThreadSubmitBatcher, payloads) -> dict[str, object]:
+    """Each payload submitted from a thread of its own; the outcome of each."""
+    outcomes: dict[str, object] = {}
+
+    def one(payload):
+        outcomes[payload] = batcher.submit(submit_request("math", payload))
+
+    threads = [threading.Thread(target=one, args=(p,)) for p in payloads]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(TIMEOUT_S)
+    assert not any(thread.is_alive() for thread in threads)
+    return outcomes
+
+
+def test_threads_that_submit_while_a_call_is_out_share_the_next_call():
+    server = FakeBlockingServer()
+    batcher = server.batcher(max_calls=1)
+    server.gate.clear()  # the first submit's call stays out
+    first = threading.Thread(target=lambda: batcher.submit(submit_request("math", "first")))
+    first.start()
+    wait_for(lambda: server.in_flight == 1)
+    waiting = [str(i) for i in range(20)]
+    others = threading.Thread(target=lambda: outcomes.update(submit_from_threads(batcher, waiting)))
+    outcomes: dict[str, object] = {}
+    others.start()
+    wait_for(lambda: len(batcher._waiting) == 20)
+    server.gate.set()
+    first.join(TIMEOUT_S)
+    others.join(TIMEOUT_S)
+    assert outcomes == {p: f"id-{p}" for p in waiting}
+    assert server.alone == ["first"] and [sorted(b) for b in server.batches] == [sorted(waiting)]
+
+
+def test_a_lone_thread_sends_each_submit_as_one_call():
+    server = FakeBlockingServer()
+    batcher = server.batcher()
+    assert [batcher.submit(submit_request("math", p)) for p in ("1", "2")] == ["id-1", "id-2"]
+    assert server.alone == ["1", "2"] and server.batches == []
+
+
+def test_no_more_calls_than_the_limit_are_out_at_once():
+    server = FakeBlockingServer()
+    outcomes = submit_from_threads(server.batcher(max_calls=2), [str(i) for i in range(40)])
+    assert outcomes == {str(i): f"id-{i}" for i in range(40)}
+    assert 1 <= server.most_in_flight <= 2
+
+
+def test_a_blocking_client_s_refusals_are_what_a_lone_submit_gets():
+    server = FakeBlockingServer(refuse={"1 +": (grpc.StatusCode.INVALID_ARGUMENT, "payload: bad", "INVALID_FIELD"),
+                                        "full": (grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full", "QUEUE_FULL")})
+    batcher = server.batcher(max_calls=1)
+    server.gate.clear()
+    first = threading.Thread(target=lambda: batcher.submit(submit_request("math", "first")))
+    first.start()
+    wait_for(lambda: server.in_flight == 1)
+    outcomes: dict[str, object] = {}
+    others = threading.Thread(target=lambda: outcomes.update(submit_from_threads(batcher, ["a", "1 +", "full"])))
+    others.start()
+    wait_for(lambda: len(batcher._waiting) == 3)
+    server.gate.set()
+    first.join(TIMEOUT_S)
+    others.join(TIMEOUT_S)
+    assert outcomes["a"] == "id-a" and outcomes["full"] is ALONE  # the client's retrying call takes it
+    refused = outcomes["1 +"]
+    assert isinstance(refused, RemoteError) and (refused.code, refused.reason, str(refused)) == \
+        (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_FIELD", "payload: bad")
+
+
+def test_a_blocking_client_facing_a_server_without_submit_tasks_stops_batching():
+    server = FakeBlockingServer(fail_batches=grpc.StatusCode.UNIMPLEMENTED)
+    batcher = server.batcher(max_calls=1)
+    server.gate.clear()
+    first = threading.Thread(target=lambda: batcher.submit(submit_request("math", "first")))
+    first.start()
+    wait_for(lambda: server.in_flight == 1)
+    outcomes: dict[str, object] = {}
+    others = threading.Thread(target=lambda: outcomes.update(submit_from_threads(batcher, ["a", "b"])))
+    others.start()
+    wait_for(lambda: len(batcher._waiting) == 2)
+    server.gate.set()
+    first.join(TIMEOUT_S)
+    others.join(TIMEOUT_S)
+    assert outcomes == {"a": ALONE, "b": ALONE} and not batcher.enabled
+
+
+def wait_for(condition, timeout_s: float = TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.005)
