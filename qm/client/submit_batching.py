@@ -132,6 +132,8 @@ def _outcome(result: task_queue_pb2.SubmitTasksResult, address: str) -> object:
     return RemoteError(code, result.message, address, None, parse_reason(result.reason))
 
 
+#: A submit's state before its outcome: queued for a call, or in one.
+_QUEUED, _TAKEN = object(), object()
 #: Submit calls one qm.Client has in flight at once while threads wait to share the next
 #: (a call from a thread that found none waiting is one of them).
 MAX_THREAD_CALLS = 2
@@ -160,18 +162,19 @@ class ThreadSubmitBatcher:
         self.max_calls = max_calls
         self.enabled = True  # False once a server answered SubmitTasks UNIMPLEMENTED
         self._changed = threading.Condition()
-        self._waiting: list[list] = []  # [request, outcome] pairs, oldest first
+        self._waiting: list[list] = []  # [request, state or outcome] of queued submits, oldest first
         self._calls = 0
 
     def submit(self, request: task_queue_pb2.SubmitTaskRequest) -> object:
-        slot: list = [request, None]
+        slot: list = [request, _QUEUED]
         with self._changed:
             self._waiting.append(slot)
-            while slot[1] is None:
-                if self._calls >= self.max_calls:
-                    self._changed.wait()
+            while slot[1] is _QUEUED or slot[1] is _TAKEN:
+                if slot[1] is _TAKEN or self._calls >= self.max_calls:
+                    self._changed.wait()  # for a call to end: ours (taken by another thread) or any
                     continue
-                taken = self._take()
+                taken = self._take()  # ours among them, unless more than a call's worth queued first
+                outcomes: list[object] = [ALONE] * len(taken)
                 self._calls += 1
                 self._changed.release()
                 try:
@@ -179,9 +182,9 @@ class ThreadSubmitBatcher:
                 finally:
                     self._changed.acquire()
                     self._calls -= 1
+                    for taken_slot, outcome in zip(taken, outcomes, strict=True):
+                        taken_slot[1] = outcome
                     self._changed.notify_all()
-                for taken_slot, outcome in zip(taken, outcomes, strict=True):
-                    taken_slot[1] = outcome
         return slot[1]
 
     def _take(self) -> list[list]:
@@ -193,6 +196,8 @@ class ThreadSubmitBatcher:
                 break
             count += 1
         taken, self._waiting = self._waiting[:count], self._waiting[count:]
+        for taken_slot in taken:
+            taken_slot[1] = _TAKEN
         return taken
 
     def _send(self, taken: list[list]) -> list[object]:

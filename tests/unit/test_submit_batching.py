@@ -156,9 +156,10 @@ def test_closing_cancels_the_submits_of_a_call_in_flight():
 class FakeBlockingServer:
     """The blocking client's tries: `try_one` holds its call until `gate` opens."""
 
-    def __init__(self, refuse=None, fail_batches: grpc.StatusCode | None = None):
+    def __init__(self, refuse=None, fail_batches: grpc.StatusCode | None = None, call_s: float = 0.0):
         self.refuse = refuse or {}
         self.fail_batches = fail_batches
+        self.call_s = call_s
         self.gate = threading.Event()
         self.gate.set()
         self.alone: list[str] = []
@@ -170,6 +171,7 @@ class FakeBlockingServer:
         with self._lock:
             self.in_flight += 1
             self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        time.sleep(self.call_s)
 
     def _leave(self):
         with self._lock:
@@ -254,11 +256,14 @@ def test_a_lone_thread_sends_each_submit_as_one_call():
     assert server.alone == ["1", "2"] and server.batches == []
 
 
-def test_no_more_calls_than_the_limit_are_out_at_once():
-    server = FakeBlockingServer()
-    outcomes = submit_from_threads(server.batcher(max_calls=2), [str(i) for i in range(40)])
-    assert outcomes == {str(i): f"id-{i}" for i in range(40)}
+def test_no_more_calls_than_the_limit_are_out_at_once_and_each_submit_is_sent_once():
+    server = FakeBlockingServer(call_s=0.002)  # calls stay out while other threads queue
+    payloads = [str(i) for i in range(60)]
+    outcomes = submit_from_threads(server.batcher(max_calls=2), payloads)
+    assert outcomes == {p: f"id-{p}" for p in payloads}
     assert 1 <= server.most_in_flight <= 2
+    sent = server.alone + [p for batch in server.batches for p in batch]
+    assert sorted(sent) == sorted(payloads) and all(server.batches)  # no empty call, none twice
 
 
 def test_a_blocking_client_s_refusals_are_what_a_lone_submit_gets():
