@@ -56,7 +56,7 @@ from qm.client.common import (
     workers_from_proto,
 )
 from qm.client.credentials import ChannelSecurity
-from qm.client.submit_batching import SubmitBatcher
+from qm.client.submit_batching import Failed, SubmitBatcher
 
 
 class Client:
@@ -92,7 +92,7 @@ class Client:
         self._failover = Failover(self.servers)
         self._in_flight = asyncio.Semaphore(max_in_flight)
         self._channels: dict[str, tuple[grpc.aio.Channel, task_queue_pb2_grpc.TaskQueueStub]] = {}
-        self._batcher = SubmitBatcher(self._submit_alone, self._submit_batch_once, batch_items)
+        self._batcher = SubmitBatcher(self._submit_batch_once, lambda: self._failover.current, batch_items)
         self._batcher.enabled = batch_submits
 
     async def close(self) -> None:
@@ -139,20 +139,36 @@ class Client:
 
     async def submit(self, type: str, payload: Any, **options) -> str:
         """qm.Client.submit, awaited: the task's id once it is durable."""
-        return await self._batcher.submit(submit_request(type, payload, **options))
+        request = submit_request(type, payload, **options)
+        attempts = Attempts(self._failover, self.submit_retry_s, retry_codes=SUBMIT_RETRY_CODES)
+        while True:
+            outcome = await self._batcher.submit(request)
+            if not isinstance(outcome, (str, Failed)):  # ALONE: no batch tried for it
+                outcome = await self._submit_once(request)
+            if isinstance(outcome, str):
+                return outcome
+            await asyncio.sleep(outcome.next_try_s(attempts))
 
-    async def _submit_alone(self, request: task_queue_pb2.SubmitTaskRequest) -> str:
-        return (await self._call("SubmitTask", request, self.submit_retry_s, SUBMIT_RETRY_CODES)).task_id
+    async def _submit_once(self, request: task_queue_pb2.SubmitTaskRequest) -> str | Failed:
+        address = self._failover.current
+        try:
+            async with self._in_flight:
+                response = await self._stub_at(address).SubmitTask(
+                    request, timeout=self.call_timeout_s, wait_for_ready=False
+                )
+        except grpc.RpcError as exc:
+            return Failed.of_call(exc, address)
+        self._failover.reached = True
+        return response.task_id
 
     async def _submit_batch_once(
-        self, request: task_queue_pb2.SubmitTasksRequest
-    ) -> tuple[task_queue_pb2.SubmitTasksResponse, str]:
-        """One SubmitTasks try at the current server, no retry (SubmitBatcher's fast path)."""
-        address = self._failover.current
+        self, request: task_queue_pb2.SubmitTasksRequest, address: str
+    ) -> task_queue_pb2.SubmitTasksResponse:
+        """One SubmitTasks call (SubmitBatcher's try)."""
         async with self._in_flight:
             response = await self._stub_at(address).SubmitTasks(request, timeout=self.call_timeout_s)
         self._failover.reached = True
-        return response, address
+        return response
 
     async def submit_many(self, items: Iterable[tuple], **options) -> list[str]:
         """qm.Client.submit_many, awaited: the ids in order, or qm.errors.BatchError."""

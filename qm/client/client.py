@@ -55,7 +55,7 @@ from qm.client.common import (
     workers_from_proto,
 )
 from qm.client.credentials import ChannelSecurity
-from qm.client.submit_batching import ALONE, ThreadSubmitBatcher
+from qm.client.submit_batching import ALONE, Failed, ThreadSubmitBatcher
 from qm.errors import WaitTimeout
 from qm.reasons import Reason
 from qm.states import TaskState
@@ -119,7 +119,9 @@ class Client:
         self._failover = Failover(self.servers)
         self._channels: dict[str, tuple[grpc.Channel, task_queue_pb2_grpc.TaskQueueStub]] = {}
         self._lock = threading.Lock()
-        self._batcher = ThreadSubmitBatcher(self._submit_try, self._submit_batch_try, batch_items)
+        self._batcher = ThreadSubmitBatcher(
+            self._submit_try, self._submit_batch_try, lambda: self._failover.current, batch_items
+        )
         self._batcher.enabled = batch_submits
 
     def close(self) -> None:
@@ -227,36 +229,35 @@ class Client:
             priority=priority,
             cpus=cpus,
         )
-        outcome = self._batcher.submit(request) if self._batcher.enabled else ALONE
-        if outcome is ALONE:
-            return self._call("SubmitTask", request, self.submit_retry_s, SUBMIT_RETRY_CODES).task_id
-        if isinstance(outcome, RemoteError):
-            raise outcome
-        return outcome  # type: ignore[return-value]
+        attempts = Attempts(self._failover, self.submit_retry_s, retry_codes=SUBMIT_RETRY_CODES)
+        while True:
+            outcome = self._batcher.submit(request) if self._batcher.enabled else ALONE
+            if not isinstance(outcome, (str, Failed)):  # ALONE: no batch tried for it
+                outcome = self._submit_once(request)
+            if isinstance(outcome, str):
+                return outcome
+            time.sleep(outcome.next_try_s(attempts))
 
-    def _submit_try(self, request: task_queue_pb2.SubmitTaskRequest) -> object:
-        """One SubmitTask try at the current server: the id, ALONE (a code a submit retries:
-        `submit` goes on with its retrying call), or RemoteError, as that call raises it."""
+    def _submit_once(self, request: task_queue_pb2.SubmitTaskRequest) -> str | Failed:
         address = self._failover.current
         try:
-            response = self._stub_at(address).SubmitTask(request, timeout=self.call_timeout_s, wait_for_ready=False)
+            return self._submit_try(request, address)
         except grpc.RpcError as exc:
-            if exc.code() in SUBMIT_RETRY_CODES:
-                return ALONE
-            raise RemoteError(
-                exc.code(), exc.details() or "", address, retry_pushback_s(exc.trailing_metadata()), error_reason(exc)
-            ) from None
+            return Failed.of_call(exc, address)
+
+    def _submit_try(self, request: task_queue_pb2.SubmitTaskRequest, address: str) -> str:
+        """One SubmitTask call (raises grpc.RpcError)."""
+        response = self._stub_at(address).SubmitTask(request, timeout=self.call_timeout_s, wait_for_ready=False)
         self._failover.reached = True
         return response.task_id
 
     def _submit_batch_try(
-        self, request: task_queue_pb2.SubmitTasksRequest
-    ) -> tuple[task_queue_pb2.SubmitTasksResponse, str]:
-        """One SubmitTasks try at the current server, no retry (ThreadSubmitBatcher's)."""
-        address = self._failover.current
+        self, request: task_queue_pb2.SubmitTasksRequest, address: str
+    ) -> task_queue_pb2.SubmitTasksResponse:
+        """One SubmitTasks call (ThreadSubmitBatcher's try; raises grpc.RpcError)."""
         response = self._stub_at(address).SubmitTasks(request, timeout=self.call_timeout_s)
         self._failover.reached = True
-        return response, address
+        return response
 
     def submit_many(self, items: Iterable[tuple], **options) -> list[str]:
         """Submit many tasks in SubmitTasks calls of `batch_items`; their ids, in order.

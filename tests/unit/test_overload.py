@@ -11,6 +11,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+import qm.aio
 from qm._proto.qm.v1 import task_queue_pb2, task_queue_pb2_grpc
 from qm.client.client import Client, RemoteError
 from qm.client.common import error_reason
@@ -129,12 +130,28 @@ def test_a_limit_of_zero_refuses_nothing():
 
 
 class ScriptedServicer(task_queue_pb2_grpc.TaskQueueServicer):
-    """Answers SubmitTask with the scripted codes in turn, then OK; records each key."""
+    """Answers SubmitTask and SubmitTasks calls with the scripted codes in turn, then OK;
+    records each key (and the size of each SubmitTasks call)."""
 
     def __init__(self, script: list[tuple[grpc.StatusCode, tuple]]) -> None:
         self.script = list(script)
         self.keys: list[str] = []
+        self.batches: list[int] = []
         self.lock = threading.Lock()
+
+    def SubmitTasks(self, request, context):
+        with self.lock:
+            self.keys.extend(item.idempotency_key for item in request.items)
+            self.batches.append(len(request.items))
+            step = self.script.pop(0) if self.script else None
+        if step is not None:
+            code, trailing = step
+            context.set_trailing_metadata(trailing)
+            context.abort(code, f"scripted {code.name}")
+        response = task_queue_pb2.SubmitTasksResponse()
+        for item in request.items:
+            response.results.add(task_id=f"task-{item.payload.decode()}")
+        return response
 
     def SubmitTask(self, request, context):
         with self.lock:
@@ -200,6 +217,29 @@ def test_submit_gives_up_when_the_retry_hint_is_past_submit_retry_s(scripted):
     assert error.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
     assert error.value.retry_after_s == 60.0
     assert len(servicer.keys) == 1
+
+
+def _gather_submits(address: str, submit_retry_s: float, count: int) -> list:
+    async def body():
+        async with qm.aio.Client(address, submit_retry_s=submit_retry_s) as client:
+            return await asyncio.gather(*(client.submit("math", str(i)) for i in range(count)),
+                                        return_exceptions=True)
+    return run(body)
+
+
+def test_gathered_submits_refused_as_a_batch_wait_for_the_hint_then_go_again_together(scripted):
+    servicer, address = scripted([(grpc.StatusCode.RESOURCE_EXHAUSTED, ((RETRY_PUSHBACK_KEY, "50"),))])
+    assert _gather_submits(address, 30, 3) == ["task-0", "task-1", "task-2"]
+    assert servicer.batches == [3, 3]  # one refused call, then one call again: not 3 at once
+    assert len(set(servicer.keys)) == 3  # the same keys both times
+
+
+def test_gathered_submits_give_up_when_the_hint_is_past_submit_retry_s(scripted):
+    servicer, address = scripted([(grpc.StatusCode.RESOURCE_EXHAUSTED, ((RETRY_PUSHBACK_KEY, "60000"),))])
+    outcomes = _gather_submits(address, 1, 3)
+    assert all(isinstance(o, RemoteError) and o.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+               and o.retry_after_s == 60.0 for o in outcomes), outcomes
+    assert servicer.batches == [3]  # nothing sent again before the hint
 
 
 def test_only_submits_are_retried(scripted):

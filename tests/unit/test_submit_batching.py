@@ -1,6 +1,6 @@
-"""qm.aio.Client's submits of one loop turn, and the submits of threads sharing a qm.Client, go out as one SubmitTasks call
-(qm/client/submit_batching.py), each answered as a lone submit would be. A fake server
-here: what it was sent, and what it answers."""
+"""qm.aio.Client's submits of one loop turn, and the submits of threads sharing a
+qm.Client, go out as one SubmitTasks call (qm/client/submit_batching.py): one try each,
+whose outcome is what a lone submit's call would have met. A fake server here: what it was sent, and what it answers."""
 from __future__ import annotations
 
 import asyncio
@@ -11,51 +11,56 @@ import grpc
 import pytest
 
 from qm._proto.qm.v1 import task_queue_pb2
-from qm.client.common import SUBMIT_RETRY_CODES, RemoteError, submit_request
-from qm.client.submit_batching import ALONE, SubmitBatcher, ThreadSubmitBatcher
+from qm.client.common import SUBMIT_RETRY_CODES, Attempts, Failover, RemoteError, submit_request
+from qm.client.submit_batching import ALONE, Failed, SubmitBatcher, ThreadSubmitBatcher
 from tests.unit.aio import TIMEOUT_S, run
 
 
 class CallFailed(grpc.RpcError):
-    def __init__(self, code: grpc.StatusCode):
+    def __init__(self, code: grpc.StatusCode, retry_after_ms: int | None = None):
         self._code = code
+        self._trailing = () if retry_after_ms is None else (("retry-pushback-ms", str(retry_after_ms)),)
 
     def code(self) -> grpc.StatusCode:
         return self._code
 
+    def details(self) -> str:
+        return f"scripted {self._code.name}"
+
+    def trailing_metadata(self):
+        return self._trailing
+
+
+def answer(request, refuse: dict) -> task_queue_pb2.SubmitTasksResponse:
+    """Every item accepted as `id-<payload>`, unless `refuse` names its payload (once)."""
+    response = task_queue_pb2.SubmitTasksResponse()
+    for item in request.items:
+        payload = item.payload.decode()
+        if payload in refuse:
+            code, message, reason = refuse.pop(payload)
+            response.results.add(code=code.value[0], message=message, reason=reason)
+        else:
+            response.results.add(task_id=f"id-{payload}", state=task_queue_pb2.TASK_STATE_QUEUED)
+    return response
+
 
 class FakeServer:
-    """Accepts every item as `id-<payload>`, unless `refuse` names its payload (then the
-    item gets that (code, message, reason)), or `fail_batches` fails SubmitTasks whole."""
+    """The asyncio client's SubmitTasks tries: answers as `answer`, or fails whole."""
 
-    def __init__(self, refuse=None, fail_batches: grpc.StatusCode | None = None):
+    def __init__(self, refuse=None, fail_batches: CallFailed | None = None):
         self.refuse = refuse or {}
         self.fail_batches = fail_batches
-        self.alone: list[str] = []  # payloads sent by SubmitTask
         self.batches: list[list[str]] = []  # payloads of each SubmitTasks call
 
-    async def send_one(self, request) -> str:
+    async def try_batch(self, request, address):
         await asyncio.sleep(0)
-        self.alone.append(request.payload.decode())
-        return f"id-{request.payload.decode()}"
-
-    async def send_batch(self, request):
-        await asyncio.sleep(0)
-        payloads = [item.payload.decode() for item in request.items]
-        self.batches.append(payloads)
+        self.batches.append([item.payload.decode() for item in request.items])
         if self.fail_batches is not None:
-            raise CallFailed(self.fail_batches)
-        response = task_queue_pb2.SubmitTasksResponse()
-        for payload in payloads:
-            if payload in self.refuse:
-                code, message, reason = self.refuse.pop(payload)  # refused once
-                response.results.add(code=code.value[0], message=message, reason=reason)
-            else:
-                response.results.add(task_id=f"id-{payload}", state=task_queue_pb2.TASK_STATE_QUEUED)
-        return response, "server:1"
+            raise self.fail_batches
+        return answer(request, self.refuse)
 
     def batcher(self, max_items: int = 500) -> SubmitBatcher:
-        return SubmitBatcher(self.send_one, self.send_batch, max_items)
+        return SubmitBatcher(self.try_batch, lambda: "server:1", max_items)
 
 
 async def submit_all(batcher: SubmitBatcher, payloads) -> list:
@@ -66,52 +71,53 @@ async def submit_all(batcher: SubmitBatcher, payloads) -> list:
 def test_submits_of_one_loop_turn_share_a_call_and_get_their_own_ids_in_order():
     server = FakeServer()
     payloads = [str(i) for i in range(1200)]
-    ids = run(submit_all, server.batcher(max_items=500), payloads)
-    assert ids == [f"id-{p}" for p in payloads]
-    assert [len(b) for b in server.batches] == [500, 500, 200] and server.alone == []
+    assert run(submit_all, server.batcher(max_items=500), payloads) == [f"id-{p}" for p in payloads]
+    assert [len(b) for b in server.batches] == [500, 500, 200]
 
 
-def test_a_lone_submit_is_one_submit_task_call():
+def test_a_lone_submit_is_left_to_its_own_call():
     server = FakeServer()
 
     async def one_after_another(batcher):
         return [await batcher.submit(submit_request("math", p)) for p in ("1", "2")]
 
-    assert run(one_after_another, server.batcher()) == ["id-1", "id-2"]
-    assert server.alone == ["1", "2"] and server.batches == []
+    assert run(one_after_another, server.batcher()) == [ALONE, ALONE]
+    assert server.batches == []
 
 
-def test_an_item_refused_for_its_own_fault_raises_what_a_lone_submit_would():
+def test_a_refused_item_gets_what_a_lone_submit_would_meet():
     server = FakeServer(refuse={"1 +": (grpc.StatusCode.INVALID_ARGUMENT, "payload: not an expression",
                                         "INVALID_FIELD")})
     outcomes = run(submit_all, server.batcher(), ["1", "1 +", "2"])
     assert outcomes[0] == "id-1" and outcomes[2] == "id-2"
-    error = outcomes[1]
-    assert isinstance(error, RemoteError)
-    assert (error.code, error.reason, str(error)) == \
-        (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_FIELD", "payload: not an expression")
-    assert server.alone == []  # not sent again
+    assert outcomes[1] == Failed("server:1", grpc.StatusCode.INVALID_ARGUMENT, "payload: not an expression",
+                                 None, "INVALID_FIELD")
 
 
-def test_an_item_refused_with_a_code_a_submit_retries_is_sent_again_alone():
-    server = FakeServer(refuse={"b": (grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full", "QUEUE_FULL"),
-                                "c": (grpc.StatusCode.UNAVAILABLE, "broker away", "BROKER_UNAVAILABLE")})
-    assert run(submit_all, server.batcher(), ["a", "b", "c"]) == ["id-a", "id-b", "id-c"]
-    assert server.batches == [["a", "b", "c"]] and sorted(server.alone) == ["b", "c"]
+def test_a_call_that_fails_whole_gives_each_item_its_failure_with_the_retry_hint():
+    server = FakeServer(fail_batches=CallFailed(grpc.StatusCode.RESOURCE_EXHAUSTED, retry_after_ms=250))
+    outcomes = run(submit_all, server.batcher(), ["a", "b"])
+    assert outcomes == [Failed("server:1", grpc.StatusCode.RESOURCE_EXHAUSTED, "scripted RESOURCE_EXHAUSTED",
+                               0.25, None)] * 2
 
 
-def test_a_batch_call_that_fails_whole_sends_each_item_alone():
-    server = FakeServer(fail_batches=grpc.StatusCode.DEADLINE_EXCEEDED)
-    assert run(submit_all, server.batcher(), ["a", "b"]) == ["id-a", "id-b"]
-    assert sorted(server.alone) == ["a", "b"]
+def test_a_failure_feeds_the_submit_s_own_attempts_as_a_lone_submit_s_error_would():
+    attempts = Attempts(Failover(["server:1"]), window_s=30.0, retry_codes=SUBMIT_RETRY_CODES)
+    hinted = Failed("server:1", grpc.StatusCode.RESOURCE_EXHAUSTED, "overloaded", 0.25, "OVERLOADED")
+    assert hinted.next_try_s(attempts) == 0.25  # the server's hint, not at once
+    refused = Failed("server:1", grpc.StatusCode.INVALID_ARGUMENT, "payload: bad", None, "INVALID_FIELD")
+    with pytest.raises(RemoteError) as error:
+        refused.next_try_s(attempts)
+    assert (error.value.code, error.value.reason, str(error.value)) == \
+        (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_FIELD", "payload: bad")
 
 
 def test_a_server_without_submit_tasks_ends_batching_for_the_client():
-    server = FakeServer(fail_batches=grpc.StatusCode.UNIMPLEMENTED)
+    server = FakeServer(fail_batches=CallFailed(grpc.StatusCode.UNIMPLEMENTED))
     batcher = server.batcher()
-    assert run(submit_all, batcher, ["a", "b"]) == ["id-a", "id-b"]
-    assert run(submit_all, batcher, ["c", "d"]) == ["id-c", "id-d"]
-    assert server.batches == [["a", "b"]] and sorted(server.alone) == ["a", "b", "c", "d"]
+    assert run(submit_all, batcher, ["a", "b"]) == [ALONE, ALONE]
+    assert run(submit_all, batcher, ["c", "d"]) == [ALONE, ALONE]
+    assert server.batches == [["a", "b"]] and not batcher.enabled
 
 
 def test_a_submit_cancelled_before_the_call_is_not_sent():
@@ -131,32 +137,31 @@ def test_a_submit_cancelled_before_the_call_is_not_sent():
 
 
 def test_closing_cancels_the_submits_of_a_call_in_flight():
-    server = FakeServer()
-
-    async def body(batcher):
+    async def body():
         gate = asyncio.Event()
 
-        async def stuck(request):
+        async def stuck(request, address):
             gate.set()
             await asyncio.sleep(3600)
 
-        batcher._send_batch = stuck
+        batcher = SubmitBatcher(stuck, lambda: "server:1", 500)
         submits = asyncio.gather(*(batcher.submit(submit_request("math", p)) for p in ("a", "b")))
         await gate.wait()
         await batcher.close()
         with pytest.raises(asyncio.CancelledError):
             await submits
 
-    run(body, server.batcher(), timeout_s=20.0)
+    run(body, timeout_s=20.0)
 
 
 # -- qm.Client: threads sharing one client ----------------------------------------------
 
 
 class FakeBlockingServer:
-    """The blocking client's tries: `try_one` holds its call until `gate` opens."""
+    """The blocking client's calls: `try_one` holds its call until `gate` opens; every call
+    lasts at least `call_s`."""
 
-    def __init__(self, refuse=None, fail_batches: grpc.StatusCode | None = None, call_s: float = 0.0):
+    def __init__(self, refuse=None, fail_batches: CallFailed | None = None, call_s: float = 0.0):
         self.refuse = refuse or {}
         self.fail_batches = fail_batches
         self.call_s = call_s
@@ -177,41 +182,31 @@ class FakeBlockingServer:
         with self._lock:
             self.in_flight -= 1
 
-    def try_one(self, request):
+    def try_one(self, request, address):
         self._enter()
         try:
             assert self.gate.wait(TIMEOUT_S)
             payload = request.payload.decode()
             self.alone.append(payload)
             if payload in self.refuse:
-                code, message, reason = self.refuse.pop(payload)
-                if code in SUBMIT_RETRY_CODES:
-                    return ALONE
-                raise RemoteError(code, message, "server:1", None, reason)
+                raise CallFailed(self.refuse.pop(payload)[0])
             return f"id-{payload}"
         finally:
             self._leave()
 
-    def try_batch(self, request):
+    def try_batch(self, request, address):
         self._enter()
         try:
-            payloads = [item.payload.decode() for item in request.items]
-            self.batches.append(payloads)
+            self.batches.append([item.payload.decode() for item in request.items])
             if self.fail_batches is not None:
-                raise CallFailed(self.fail_batches)
-            response = task_queue_pb2.SubmitTasksResponse()
-            for payload in payloads:
-                if payload in self.refuse:
-                    code, message, reason = self.refuse.pop(payload)
-                    response.results.add(code=code.value[0], message=message, reason=reason)
-                else:
-                    response.results.add(task_id=f"id-{payload}", state=task_queue_pb2.TASK_STATE_QUEUED)
-            return response, "server:1"
+                raise self.fail_batches
+            return answer(request, self.refuse)
         finally:
             self._leave()
 
     def batcher(self, max_calls: int = 1) -> ThreadSubmitBatcher:
-        return ThreadSubmitBatcher(self.try_one, self.try_batch, max_items=500, max_calls=max_calls)
+        return ThreadSubmitBatcher(self.try_one, self.try_batch, lambda: "server:1", max_items=500,
+                                   max_calls=max_calls)
 
 
 def submit_from_threads(batcher: ThreadSubmitBatcher, payloads) -> dict[str, object]:
@@ -281,14 +276,15 @@ def test_a_blocking_client_s_refusals_are_what_a_lone_submit_gets():
     server.gate.set()
     first.join(TIMEOUT_S)
     others.join(TIMEOUT_S)
-    assert outcomes["a"] == "id-a" and outcomes["full"] is ALONE  # the client's retrying call takes it
-    refused = outcomes["1 +"]
-    assert isinstance(refused, RemoteError) and (refused.code, refused.reason, str(refused)) == \
-        (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_FIELD", "payload: bad")
+    assert outcomes["a"] == "id-a"
+    assert outcomes["full"] == Failed("server:1", grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full", None,
+                                      "QUEUE_FULL")
+    assert outcomes["1 +"] == Failed("server:1", grpc.StatusCode.INVALID_ARGUMENT, "payload: bad", None,
+                                     "INVALID_FIELD")
 
 
 def test_a_blocking_client_facing_a_server_without_submit_tasks_stops_batching():
-    server = FakeBlockingServer(fail_batches=grpc.StatusCode.UNIMPLEMENTED)
+    server = FakeBlockingServer(fail_batches=CallFailed(grpc.StatusCode.UNIMPLEMENTED))
     batcher = server.batcher(max_calls=1)
     server.gate.clear()
     first = threading.Thread(target=lambda: batcher.submit(submit_request("math", "first")))
