@@ -225,21 +225,28 @@ def submit_from_threads(batcher: ThreadSubmitBatcher, payloads) -> dict[str, obj
     return outcomes
 
 
-def test_threads_that_submit_while_a_call_is_out_share_the_next_call():
-    server = FakeBlockingServer()
-    batcher = server.batcher(max_calls=1)
-    server.gate.clear()  # the first submit's call stays out
+def queued_behind_a_call(server: FakeBlockingServer, batcher: ThreadSubmitBatcher, payloads) -> dict[str, object]:
+    """Submit "first" alone and hold its call out (one call allowed) until a thread per
+    payload has queued its submit; then let it go. The outcome of each payload's submit."""
+    server.gate.clear()
     first = threading.Thread(target=lambda: batcher.submit(submit_request("math", "first")))
     first.start()
     wait_for(lambda: server.in_flight == 1)
-    waiting = [str(i) for i in range(20)]
-    others = threading.Thread(target=lambda: outcomes.update(submit_from_threads(batcher, waiting)))
     outcomes: dict[str, object] = {}
+    others = threading.Thread(target=lambda: outcomes.update(submit_from_threads(batcher, payloads)))
     others.start()
-    wait_for(lambda: len(batcher._waiting) == 20)
+    wait_for(lambda: len(batcher._waiting) == len(payloads))
     server.gate.set()
     first.join(TIMEOUT_S)
     others.join(TIMEOUT_S)
+    assert not first.is_alive() and not others.is_alive()
+    return outcomes
+
+
+def test_threads_that_submit_while_a_call_is_out_share_the_next_call():
+    server = FakeBlockingServer()
+    waiting = [str(i) for i in range(20)]
+    outcomes = queued_behind_a_call(server, server.batcher(max_calls=1), waiting)
     assert outcomes == {p: f"id-{p}" for p in waiting}
     assert server.alone == ["first"] and [sorted(b) for b in server.batches] == [sorted(waiting)]
 
@@ -264,18 +271,7 @@ def test_no_more_calls_than_the_limit_are_out_at_once_and_each_submit_is_sent_on
 def test_a_blocking_client_s_refusals_are_what_a_lone_submit_gets():
     server = FakeBlockingServer(refuse={"1 +": (grpc.StatusCode.INVALID_ARGUMENT, "payload: bad", "INVALID_FIELD"),
                                         "full": (grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full", "QUEUE_FULL")})
-    batcher = server.batcher(max_calls=1)
-    server.gate.clear()
-    first = threading.Thread(target=lambda: batcher.submit(submit_request("math", "first")))
-    first.start()
-    wait_for(lambda: server.in_flight == 1)
-    outcomes: dict[str, object] = {}
-    others = threading.Thread(target=lambda: outcomes.update(submit_from_threads(batcher, ["a", "1 +", "full"])))
-    others.start()
-    wait_for(lambda: len(batcher._waiting) == 3)
-    server.gate.set()
-    first.join(TIMEOUT_S)
-    others.join(TIMEOUT_S)
+    outcomes = queued_behind_a_call(server, server.batcher(max_calls=1), ["a", "1 +", "full"])
     assert outcomes["a"] == "id-a"
     assert outcomes["full"] == Failed("server:1", grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full", None,
                                       "QUEUE_FULL")
@@ -286,17 +282,7 @@ def test_a_blocking_client_s_refusals_are_what_a_lone_submit_gets():
 def test_a_blocking_client_facing_a_server_without_submit_tasks_stops_batching():
     server = FakeBlockingServer(fail_batches=CallFailed(grpc.StatusCode.UNIMPLEMENTED))
     batcher = server.batcher(max_calls=1)
-    server.gate.clear()
-    first = threading.Thread(target=lambda: batcher.submit(submit_request("math", "first")))
-    first.start()
-    wait_for(lambda: server.in_flight == 1)
-    outcomes: dict[str, object] = {}
-    others = threading.Thread(target=lambda: outcomes.update(submit_from_threads(batcher, ["a", "b"])))
-    others.start()
-    wait_for(lambda: len(batcher._waiting) == 2)
-    server.gate.set()
-    first.join(TIMEOUT_S)
-    others.join(TIMEOUT_S)
+    outcomes = queued_behind_a_call(server, batcher, ["a", "b"])
     assert outcomes == {"a": ALONE, "b": ALONE} and not batcher.enabled
 
 
