@@ -128,8 +128,7 @@ class SubmitBatcher:
         try:
             batch = Batch([request for request, _future in waiting], self.max_items, self.max_bytes)
             for chunk in batch.chunks():
-                request = batch.request(chunk)
-                outcomes = await self._try(request) if len(chunk) > 1 else [ALONE]
+                outcomes = await self._try(batch.request(chunk)) if len(chunk) > 1 else [ALONE]
                 for index, outcome in zip(chunk, outcomes, strict=True):
                     if not futures[index].done():
                         futures[index].set_result(outcome)
@@ -222,13 +221,9 @@ class ThreadSubmitBatcher:
 
     def _take(self) -> list[list]:
         """The oldest queued submits that fit one call."""
-        count = size = 0
-        for request, _state in self._waiting:
-            size += request.ByteSize() + 8
-            if count and (count >= self.max_items or size > self.max_bytes or not self.enabled):
-                break
-            count += 1
-        taken, self._waiting = self._waiting[:count], self._waiting[count:]
+        requests = [request for request, _state in self._waiting]
+        first = next(Batch(requests, self.max_items if self.enabled else 1, self.max_bytes).chunks())
+        taken, self._waiting = self._waiting[: len(first)], self._waiting[len(first) :]
         for taken_slot in taken:
             taken_slot[1] = _TAKEN
         return taken

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from concurrent import futures
 
 import grpc
@@ -131,18 +132,20 @@ def test_a_limit_of_zero_refuses_nothing():
 
 class ScriptedServicer(task_queue_pb2_grpc.TaskQueueServicer):
     """Answers SubmitTask and SubmitTasks calls with the scripted codes in turn, then OK;
-    records each key (and the size of each SubmitTasks call)."""
+    records each key, when each call came, and the size of each SubmitTasks call."""
 
     def __init__(self, script: list[tuple[grpc.StatusCode, tuple]]) -> None:
         self.script = list(script)
         self.keys: list[str] = []
         self.batches: list[int] = []
+        self.call_times: list[float] = []  # when each SubmitTask(s) call arrived
         self.lock = threading.Lock()
 
     def SubmitTasks(self, request, context):
         with self.lock:
             self.keys.extend(item.idempotency_key for item in request.items)
             self.batches.append(len(request.items))
+            self.call_times.append(time.monotonic())
             step = self.script.pop(0) if self.script else None
         if step is not None:
             code, trailing = step
@@ -156,6 +159,7 @@ class ScriptedServicer(task_queue_pb2_grpc.TaskQueueServicer):
     def SubmitTask(self, request, context):
         with self.lock:
             self.keys.append(request.idempotency_key)
+            self.call_times.append(time.monotonic())
             step = self.script.pop(0) if self.script else None
         if step is not None:
             code, trailing = step
@@ -227,11 +231,14 @@ def _gather_submits(address: str, submit_retry_s: float, count: int) -> list:
     return run(body)
 
 
-def test_gathered_submits_refused_as_a_batch_wait_for_the_hint_then_go_again_together(scripted):
-    servicer, address = scripted([(grpc.StatusCode.RESOURCE_EXHAUSTED, ((RETRY_PUSHBACK_KEY, "50"),))])
-    assert _gather_submits(address, 30, 3) == ["task-0", "task-1", "task-2"]
-    assert servicer.batches == [3, 3]  # one refused call, then one call again: not 3 at once
-    assert len(set(servicer.keys)) == 3  # the same keys both times
+def test_gathered_submits_refused_as_a_batch_wait_for_the_hint_then_go_again_with_their_keys(scripted):
+    servicer, address = scripted([(grpc.StatusCode.RESOURCE_EXHAUSTED, ((RETRY_PUSHBACK_KEY, "300"),))])
+    outcomes = _gather_submits(address, 30, 3)
+    assert all(isinstance(o, str) and o.startswith("task-") for o in outcomes), outcomes
+    assert servicer.batches[0] == 3  # the first try: one call for the three
+    assert len(servicer.keys) == 6 and len(set(servicer.keys)) == 3  # each sent once more, same key
+    refused_at = servicer.call_times[0]
+    assert all(at - refused_at >= 0.3 for at in servicer.call_times[1:]), servicer.call_times  # after the hint
 
 
 def test_gathered_submits_give_up_when_the_hint_is_past_submit_retry_s(scripted):
