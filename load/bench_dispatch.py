@@ -194,17 +194,22 @@ def listener_pid(port: int) -> int | None:
 
 
 class CpuMeter:
-    """CPU seconds each process of the stack used between start() and stop()."""
+    """CPU seconds each process of the stack used between start() and stop(); or each of
+    `parts` (name: what starts a meter of it), for another system than QueueMaster's."""
 
-    def __init__(self, stack: "Stack") -> None:
-        worker, server = stack.worker.pid, stack.server.pid
-        self.parts: dict[str, Callable[[], Callable[[], float]]] = {
-            "client": lambda: own_cpu_meter(os.getpid()),
-            "server": lambda: own_cpu_meter(server),
-            "supervisor": lambda: own_cpu_meter(worker),
-            "children": lambda: tree_cpu_meter(worker, with_root=False),
-            "rabbitmq": lambda: tree_cpu_meter(stack.broker_pid),
-        }
+    def __init__(self, stack: "Stack | None" = None,
+                 parts: dict[str, Callable[[], Callable[[], float]]] | None = None) -> None:
+        if parts is None:
+            assert stack is not None
+            worker, server, broker = stack.worker.pid, stack.server.pid, stack.broker_pid
+            parts = {
+                "client": lambda: own_cpu_meter(os.getpid()),
+                "server": lambda: own_cpu_meter(server),
+                "supervisor": lambda: own_cpu_meter(worker),
+                "children": lambda: tree_cpu_meter(worker, with_root=False),
+                "rabbitmq": lambda: tree_cpu_meter(broker),
+            }
+        self.parts = parts
         self.used: dict[str, Callable[[], float]] = {}
         self.started = 0.0
 
