@@ -56,8 +56,9 @@ for path in (REPO, REPO / "load"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-import qm  # noqa: E402
 from bench_worker import cpu_seconds, percentile, rounded, states_of, wait_all  # noqa: E402
+
+import qm  # noqa: E402
 from qm.ids import time_ordered_id  # noqa: E402
 from qm.messages import TaskEvent  # noqa: E402
 from qm.server.store import Store, TaskRecord  # noqa: E402
@@ -124,7 +125,7 @@ def fill_store(db_path: pathlib.Path, count: int) -> float:
         insert = (f"INSERT INTO tasks ({', '.join(_FILL_COLUMNS)}) "
                   f"VALUES ({', '.join('?' for _ in _FILL_COLUMNS)})")
         while True:
-            chunk = [row for _, row in zip(range(FILL_CHUNK), rows)]
+            chunk = [row for _, row in zip(range(FILL_CHUNK), rows, strict=False)]  # rows: longer
             if not chunk:
                 break
             db.executemany(insert, chunk)
@@ -476,7 +477,7 @@ def print_report(results: list[dict[str, Any]]) -> None:
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     print()
     for line in lines:
-        print("  " + "  ".join(cell.ljust(width) for cell, width in zip(line, widths)))
+        print("  " + "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)))
     print(f"  (medians of {len(base['runs'])} runs per size, against the first size; "
           "[lowest-highest run])")
     for r in results:

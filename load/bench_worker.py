@@ -369,7 +369,8 @@ def _memory_run(stack: Stack, address_space_limit: bool) -> dict[str, Any]:
         "states": states_of(statuses), "how": dict(Counter(t["how"] for t in tasks)),
         "supervisor_peak_mib_median": median(peaks), "supervisor_peak_mib_max": max(peaks, default=None),
         "overshoot_mib_median": median(over), "overshoot_mib_max": max(over, default=None),
-        "bench_sampled_peak_mib_median": median(bench_peaks), "bench_sampled_peak_mib_max": max(bench_peaks, default=None),
+        "bench_sampled_peak_mib_median": median(bench_peaks),
+        "bench_sampled_peak_mib_max": max(bench_peaks, default=None),
         "time_to_end_ms_median": median([t["time_to_end_ms"] for t in tasks if t["time_to_end_ms"] is not None]),
         "per_task": tasks,
     }
@@ -422,8 +423,8 @@ def bench_throughput(stack: Stack) -> dict[str, Any]:
         statuses = list(final.values())
     finally:
         stack.stop_worker(worker)
-    expected = {task_id: str(i + 1) for chunk, task_ids in zip(chunks, id_lists)
-                for i, task_id in zip(chunk, task_ids)}
+    expected = {task_id: str(i + 1) for chunk, task_ids in zip(chunks, id_lists, strict=True)
+                for i, task_id in zip(chunk, task_ids, strict=True)}
     ok = [s for s in statuses if s.state == "SUCCEEDED"]
     wrong = sum(1 for s in ok if str(s.result) != expected[s.task_id])
     e2e_span = (max(s.finished_at for s in ok) - min(s.created_at for s in statuses)) if ok else None

@@ -141,7 +141,7 @@ async def burst(address: str, calls: int, queue: str = "", *, channels: int = 8,
                 followed = await asyncio.gather(*(_follow(stubs[i % channels], task_id)
                                                   for i, task_id in enumerate(accepted)))
                 stream_codes = Counter(code for code, _state in followed)
-                finals = {task_id: state for task_id, (_code, state) in zip(accepted, followed)}
+                finals = {task_id: state for task_id, (_code, state) in zip(accepted, followed, strict=True)}
         finally:
             if sampler:
                 sampler.__exit__()

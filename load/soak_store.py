@@ -41,8 +41,9 @@ for path in (REPO, REPO / "load"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-import qm  # noqa: E402
 from bench_store import Stack, rounded, run_round, wait_all  # noqa: E402
+
+import qm  # noqa: E402
 from tests.processes import unique  # noqa: E402
 
 #: How often the WAL file's size is sampled during a round.

@@ -5,12 +5,10 @@ service is a failure, never a silent skip.
 """
 from __future__ import annotations
 
-
 import pytest
 
 from qm.testing.rabbitmq import LocalRabbitMQ
 from tests.requirements import require_rabbitmq
-
 
 #: Directories whose tests start real processes, and those that are slow as a whole.
 PROCESS_DIRS = {"integration", "e2e", "faults", "load", "observability", "cluster"}

@@ -24,7 +24,7 @@ import qm
 from tests.cluster.test_shared_store import client_of, start_pair
 from tests.integration.test_schedules import RESULT_TIMEOUT_S, runs, tick_of, wait_fires
 from tests.postgres_fixtures import fresh_database, postgres  # noqa: F401  (fixture)
-from tests.processes import Launcher, wait_until
+from tests.processes import Launcher
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.postgres, pytest.mark.processes, pytest.mark.faults,
               pytest.mark.slow, pytest.mark.timeout(300)]

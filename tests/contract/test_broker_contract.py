@@ -985,7 +985,7 @@ class TestRabbitMQRestarts:
                     asyncio.gather(*tasks, return_exceptions=True), WAIT_S)
                 for result in results:
                     assert result is None or isinstance(result, BrokerUnavailable), result
-                confirmed += [body for body, result in zip(racing, results) if result is None]
+                confirmed += [body for body, result in zip(racing, results, strict=True) if result is None]
 
                 await asyncio.to_thread(node.start)
                 assert await broker.wait_connected(60)

@@ -71,8 +71,6 @@ def test_ctrl_c_stops_the_worker_after_its_running_task(rabbitmq, launcher):
 
         assert worker.wait(STOP_TIMEOUT_S) == 0, worker.logs
         assert re.search(r"worker stopped$", worker.stderr, re.MULTILINE), worker.logs
-        final = None
-        for final in client.watch([task_id], timeout_s=60):
-            pass
+        *_, final = client.watch([task_id], timeout_s=60)
         # Ctrl-C drains: the running task finishes (it is neither killed nor CRASHED).
         assert (final.state, final.result) == ("SUCCEEDED", "1.5"), f"{final}\n{worker.logs}"

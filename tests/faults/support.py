@@ -32,8 +32,7 @@ import pika
 import qm
 from qm._proto.qm.v1 import worker_status_pb2, worker_status_pb2_grpc
 from qm.client.client import RemoteError, TaskStatus
-from tests.processes import (START_TIMEOUT_S, WORKER_READY, Launcher, Process, ProcessExited, Worker, command,
-                             unique)
+from tests.processes import START_TIMEOUT_S, WORKER_READY, Launcher, Process, ProcessExited, Worker, command, unique
 
 #: Bound on every accepted task of a scenario reaching a terminal state after the fault.
 SETTLE_TIMEOUT_S = 150.0

@@ -29,9 +29,22 @@ import pytest
 
 import qm
 from qm.client.client import TaskStatus
-from tests.faults.support import (SETTLE_TIMEOUT_S, Spec, StatusProbe, TasksNotFinished, Watcher,
-                                  check_and_report, counts_by_kind, print_kinds, statuses, submit_all, tails,
-                                  unfinished, wait_dead_letters, wait_settled)
+from tests.faults.support import (
+    SETTLE_TIMEOUT_S,
+    Spec,
+    StatusProbe,
+    TasksNotFinished,
+    Watcher,
+    check_and_report,
+    counts_by_kind,
+    print_kinds,
+    statuses,
+    submit_all,
+    tails,
+    unfinished,
+    wait_dead_letters,
+    wait_settled,
+)
 from tests.processes import Process, gone, wait_until
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(420)]

@@ -15,8 +15,18 @@ import time
 import pytest
 
 import qm
-from tests.faults.support import (SETTLE_TIMEOUT_S, Spec, StatusProbe, Watcher, check_and_report,
-                                  mixed_workload, statuses, submit_all, tails, wait_settled)
+from tests.faults.support import (
+    SETTLE_TIMEOUT_S,
+    Spec,
+    StatusProbe,
+    Watcher,
+    check_and_report,
+    mixed_workload,
+    statuses,
+    submit_all,
+    tails,
+    wait_settled,
+)
 from tests.processes import wait_until
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(240)]

@@ -15,8 +15,17 @@ import time
 import pytest
 
 import qm
-from tests.faults.support import (Spec, Watcher, check_and_report, mixed_workload, spawn_worker, statuses,
-                                  submit_all, tails, wait_settled)
+from tests.faults.support import (
+    Spec,
+    Watcher,
+    check_and_report,
+    mixed_workload,
+    spawn_worker,
+    statuses,
+    submit_all,
+    tails,
+    wait_settled,
+)
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(240)]
 
@@ -108,7 +117,8 @@ def test_poison_task_is_dead_lettered_and_the_others_complete(rabbitmq, launcher
     if victims:
         raise NeighboursDeadLettered(f"{NEIGHBOURS_DEAD_LETTERED}\n" + "\n".join(
             f"  {task_id} ({accepted[task_id].type} {accepted[task_id].payload!r}): final state "
-            f"{final[task_id].state} {error!r}, dead letter {[(d.state, d.reason) for d in dead if d.task_id == task_id]}"
+            f"{final[task_id].state} {error!r}, "
+            f"dead letter {[(d.state, d.reason) for d in dead if d.task_id == task_id]}"
             for task_id, error in victims.items()) + f"\n{tails([server])}")
 
 

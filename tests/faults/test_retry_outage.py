@@ -22,9 +22,21 @@ import pytest
 
 import qm
 from qm.retry import tier_for
-from tests.faults.support import (SETTLE_TIMEOUT_S, Spec, TasksNotFinished, Watcher, check_and_report,
-                                  counts_by_kind, print_kinds, statuses, submit_all, tails, unfinished,
-                                  wait_dead_letters, wait_settled)
+from tests.faults.support import (
+    SETTLE_TIMEOUT_S,
+    Spec,
+    TasksNotFinished,
+    Watcher,
+    check_and_report,
+    counts_by_kind,
+    print_kinds,
+    statuses,
+    submit_all,
+    tails,
+    unfinished,
+    wait_dead_letters,
+    wait_settled,
+)
 from tests.processes import wait_until
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]

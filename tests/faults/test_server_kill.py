@@ -21,8 +21,18 @@ import pytest
 import qm
 from qm.client.client import RemoteError
 from tests.faults.proxy import HoldingProxy
-from tests.faults.support import (SETTLE_TIMEOUT_S, TasksNotFinished, Watcher, check_and_report, executions,
-                                  mixed_workload, queue_depth, statuses, tails, wait_settled)
+from tests.faults.support import (
+    SETTLE_TIMEOUT_S,
+    TasksNotFinished,
+    Watcher,
+    check_and_report,
+    executions,
+    mixed_workload,
+    queue_depth,
+    statuses,
+    tails,
+    wait_settled,
+)
 from tests.processes import wait_until
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(240)]
@@ -146,7 +156,8 @@ def test_kill_9_of_the_server_during_submissions(rabbitmq, launcher):
             rows = store_rows(restarted)
             ran = {run.task_id for run in executions([worker])}
             depth = queue_depth(rabbitmq.url, queue)
-            evidence = {task_id: {"key": accepted[task_id].key, "store(state,attempts)": rows.get(task_id, (None,) * 3)[1:],
+            evidence = {task_id: {"key": accepted[task_id].key,
+                                  "store(state,attempts)": rows.get(task_id, (None,) * 3)[1:],
                                   "submit_spanned_kill": task_id in spanning_kill, "executed": task_id in ran}
                         for task_id in stuck.open_ids}
             print(f"\n[faults] server kill -9: STUCK tasks {evidence}; work queue ready={depth}; "

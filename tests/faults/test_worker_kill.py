@@ -12,8 +12,18 @@ import pytest
 
 import qm
 from qm.worker.prefetch import LEVELS
-from tests.faults.support import (SETTLE_TIMEOUT_S, Spec, StatusProbe, Watcher, check_and_report, mixed_workload,
-                                  statuses, submit_all, tails, wait_settled)
+from tests.faults.support import (
+    SETTLE_TIMEOUT_S,
+    Spec,
+    StatusProbe,
+    Watcher,
+    check_and_report,
+    mixed_workload,
+    statuses,
+    submit_all,
+    tails,
+    wait_settled,
+)
 from tests.processes import gone, wait_until
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(240)]

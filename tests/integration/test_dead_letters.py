@@ -208,7 +208,8 @@ def sacrifice_workers(launcher, rabbitmq, stack, task_id: str) -> list:
         assert len(dead) < MAX_DOOMED_WORKERS, \
             f"{len(dead)} workers killed and the task still not stopped\n{logs(stack, *dead)}"
         worker = launcher.worker(rabbitmq.url, procs=1, queues=stack.queue, env=stack.env, wait_ready=False)
-        wait_until(lambda: not worker.alive() or stack.client.status(task_id).terminal, WORKER_DEATH_TIMEOUT_S,
+        wait_until(lambda worker=worker: not worker.alive() or stack.client.status(task_id).terminal,
+                   WORKER_DEATH_TIMEOUT_S,
                    message="the worker-killing task killing its worker (or ending)")
         if worker.alive():
             worker.stop()  # the task ended without this worker: it is not a victim

@@ -121,7 +121,8 @@ def test_unsigned_or_wrongly_signed_payloads_are_rejected_at_submit(cluster):
 def test_a_worker_with_another_secret_refuses_to_unpickle(rabbitmq, launcher):
     queue = launcher.queue(rabbitmq.url)
     server = launcher.server(rabbitmq.url, env={"QM_EXECUTOR__SECRET": SECRET})
-    launcher.worker(rabbitmq.url, procs=1, queues=queue, env={"QM_EXECUTOR__SECRET": "not-the-same-secret-0123456789abcdefgh"})
+    launcher.worker(rabbitmq.url, procs=1, queues=queue,
+                    env={"QM_EXECUTOR__SECRET": "not-the-same-secret-0123456789abcdefgh"})
 
     with qm.Executor(server.address, secret=SECRET, queue=queue) as executor:
         with pytest.raises(TaskError) as error:

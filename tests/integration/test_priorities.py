@@ -135,7 +135,8 @@ def test_priority_is_shown_validated_and_defaulted_for_users(rabbitmq, launcher)
     naming the field, nothing enqueued."""
     server = launcher.server(rabbitmq.url)
     queue = launcher.queue(rabbitmq.url)
-    submitted = run_qm("submit", "-T", "test.echo", "-P", "x", "--queue", queue, "--priority", "7", server=server.address)
+    submitted = run_qm("submit", "-T", "test.echo", "-P", "x", "--queue", queue, "--priority", "7",
+                       server=server.address)
     assert submitted.returncode == 0, submitted.stderr
     task_id = submitted.stdout.strip()
     shown = run_qm("status", task_id, server=server.address)

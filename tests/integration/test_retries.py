@@ -67,7 +67,7 @@ def started_after_waits(statuses, delays_s: list[float]) -> list[float]:
     retrying = [status for status in statuses if status.state == "RETRYING"]
     assert len(retrying) == len(delays_s), [(s.state, s.attempts) for s in statuses]
     waits = []
-    for status, delay_s in zip(retrying, delays_s):
+    for status, delay_s in zip(retrying, delays_s, strict=True):
         following = [later for later in statuses
                      if later.attempts == status.attempts + 1 and later.started_at is not None]
         assert following, f"no start of attempt {status.attempts + 1} seen: {statuses}"
@@ -95,7 +95,7 @@ def test_flaky_task_is_retried_until_it_succeeds_and_followers_see_each_retry(st
     retrying = [status for status in statuses if status.state == "RETRYING"]
     assert [status.attempts for status in retrying] == [1, 2], [(s.state, s.attempts) for s in statuses]
     assert statuses.index(retrying[-1]) < len(statuses) - 1
-    for status, failure in zip(retrying, ("flaky failure 1 of 2", "flaky failure 2 of 2")):
+    for status, failure in zip(retrying, ("flaky failure 1 of 2", "flaky failure 2 of 2"), strict=True):
         assert failure in status.error and "RuntimeError" in status.error
         assert status.next_attempt_at is not None and status.updated_at is not None
     # Exponential backoff without jitter: the first retry waits 1 s, the second 2 s.

@@ -55,7 +55,8 @@ def test_killed_worker_leaves_nothing_running_and_its_task_runs_once_elsewhere(r
 
         doomed.kill()
         wait_until(lambda: all(gone(process) for process in family), ORPHAN_TIMEOUT_S,
-                   message=f"the family {[(p.pid, p.name()) for p in family if not gone(p)]} of the killed worker ending")
+                   message=f"the family {[(p.pid, p.name()) for p in family if not gone(p)]} "
+                           "of the killed worker ending")
 
         rescuer = launcher.worker(rabbitmq.url, procs=2, queues=queue, env=env)
         wait_running_on(client, task_id, rescuer.worker_id)
@@ -81,5 +82,6 @@ def test_child_stuck_in_native_code_dies_with_its_killed_worker(rabbitmq, launch
         family = doomed.descendants()
         doomed.kill()
         wait_until(lambda: all(gone(process) for process in family), ORPHAN_TIMEOUT_S,
-                   message=f"the family {[(p.pid, p.name()) for p in family if not gone(p)]} of the killed worker ending")
+                   message=f"the family {[(p.pid, p.name()) for p in family if not gone(p)]} "
+                           "of the killed worker ending")
         client.cancel(task_id)

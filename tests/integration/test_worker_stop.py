@@ -31,9 +31,7 @@ def test_a_stop_signal_drains_the_running_task(rabbitmq, launcher, signum, group
         worker.signal(signum, group=group)
         worker.wait_for_line(r"draining for up to", STATE_TIMEOUT_S)
 
-        status = client.status(task_id)
-        for status in client.watch([task_id], timeout_s=STATE_TIMEOUT_S):
-            pass
+        *_, status = client.watch([task_id], timeout_s=STATE_TIMEOUT_S)
         assert (status.state, status.result) == ("SUCCEEDED", TASK_S), worker.logs
         assert worker.wait(STOP_TIMEOUT_S) == 0, worker.logs
         assert "CRASHED" not in worker.stderr

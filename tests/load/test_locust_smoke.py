@@ -15,9 +15,8 @@ import subprocess
 
 import pytest
 
-from tests.requirements import missing
-
 from tests.processes import BIN_DIR, clean_env
+from tests.requirements import missing
 
 LOCUSTFILE = os.path.join(os.path.dirname(__file__), "..", "..", "load", "locustfile.py")
 TASK_TYPES = {"math", "examples.primes", "examples.hash_chain"}

@@ -22,14 +22,13 @@ import urllib.parse
 import urllib.request
 
 import pytest
-
-from tests.requirements import missing
 import yaml
 
 import qm
 from qm.client.client import RemoteError
 from qm.testing.rabbitmq import free_port
 from tests.processes import Launcher, wait_until
+from tests.requirements import missing
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 PROMETHEUS_DIR = REPO / "deploy" / "prometheus"

@@ -60,8 +60,8 @@ def trailing(error: grpc.RpcError) -> dict[str, str]:
 
 class NormalClient:
     """A well-behaved client asking the server over and over, each probe with a deadline of
-    NORMAL_DEADLINE_S (tests/security/support.py: PROBE_TRIES tries), while an attack runs: a health check and ListTaskTypes on its own
-    channel. `failures` lists every call not answered in time."""
+    NORMAL_DEADLINE_S (tests/security/support.py: PROBE_TRIES tries), while an attack runs: a
+    health check and ListTaskTypes on its own channel. `failures` lists every call not answered in time."""
 
     def __init__(self, address: str) -> None:
         self.address = address

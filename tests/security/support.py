@@ -199,7 +199,8 @@ def ready_messages(broker_url: str, queue: str) -> int | None:
     queue (a refused name must never become one)."""
     with pika.BlockingConnection(pika.URLParameters(broker_url)) as connection:
         try:
-            return connection.channel().queue_declare(topology.work_queue_name(queue), passive=True).method.message_count
+            declared = connection.channel().queue_declare(topology.work_queue_name(queue), passive=True)
+            return declared.method.message_count
         except pika.exceptions.ChannelClosedByBroker as exc:
             assert exc.reply_code == 404, exc
             return None

@@ -10,8 +10,13 @@ import pytest
 
 from qm._proto.qm.v1 import task_queue_pb2
 from qm.client import cli
-from qm.client.common import (dead_letters_from_proto, schedule_from_proto, status_from_proto,
-                              task_types_from_proto, workers_from_proto)
+from qm.client.common import (
+    dead_letters_from_proto,
+    schedule_from_proto,
+    status_from_proto,
+    task_types_from_proto,
+    workers_from_proto,
+)
 from qm.states import TaskState
 
 #: 2026-01-01T00:00:00Z and a second later, in seconds since the epoch.

@@ -8,9 +8,20 @@ import grpc
 import pytest
 
 from qm._proto.qm.v1 import task_queue_pb2
-from qm.client.common import (RETRY_INITIAL_DELAY_S, RETRY_MAX_DELAY_S, SUBMIT_RETRY_CODES, Attempts, Batch,
-                              Failover, Follow, RemoteError, batch_requests, error_reason, parse_servers,
-                              submit_request)
+from qm.client.common import (
+    RETRY_INITIAL_DELAY_S,
+    RETRY_MAX_DELAY_S,
+    SUBMIT_RETRY_CODES,
+    Attempts,
+    Batch,
+    Failover,
+    Follow,
+    RemoteError,
+    batch_requests,
+    error_reason,
+    parse_servers,
+    submit_request,
+)
 from qm.errors import BatchError, BrokerUnavailable, ValidationError, WaitTimeout
 from qm.reasons import Reason
 from qm.server.servicer import rich_status

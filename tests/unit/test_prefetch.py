@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import re
 import time
 
@@ -111,7 +112,7 @@ def test_observe_returns_the_new_value_only_when_it_changes():
 def test_changes_report_each_distinct_value_once():
     policy = AutoPrefetch(1)
     changes = feed(policy, SHORT_S) + feed(policy, LONG_S) + feed(policy, MODERATE_S)
-    assert all(a != b for a, b in zip(changes, changes[1:])), changes
+    assert all(a != b for a, b in itertools.pairwise(changes)), changes
     assert changes[-1] == 2
 
 

@@ -10,7 +10,7 @@ import time
 from qm.broker import topology
 from qm.messages import TaskEvent
 from qm.states import TaskState
-from tests.unit.aio import run, within
+from tests.unit.aio import run
 from tests.unit.harness import records_until_terminal, states, submit_and_wait, system
 
 S = TaskState

@@ -32,9 +32,9 @@ from typing import Awaitable, Callable
 import pytest
 
 from qm.broker import topology
-from qm.protocol import dead_letter_headers
 from qm.broker.memory import MemoryBroker
 from qm.messages import TaskEvent, TaskMessage
+from qm.protocol import dead_letter_headers
 from qm.registry import discover
 from qm.server.service import TaskService
 from qm.server.store import DeadLetter, Store, TaskRecord
@@ -257,7 +257,8 @@ def retention(store: Store) -> None:
 
 @step
 def sizes(store: Store) -> None:
-    assert (store.count(), store.count_dead_letters()) == (7, 1)  # what the steps above left (four of them the reconciler's)
+    # what the steps above left (four of them the reconciler's)
+    assert (store.count(), store.count_dead_letters()) == (7, 1)
 
 
 @step

@@ -25,7 +25,6 @@ from typing import Callable
 import qm
 from qm.errors import ValidationError
 from qm.registry import TaskType
-
 from qm_examples._payload import checked
 
 #: Largest accepted ROUNDS.

@@ -11,7 +11,6 @@ from __future__ import annotations
 import random
 
 from qm.registry import TaskType
-
 from qm_examples._payload import checked, integer, json_object
 
 #: Largest accepted number of samples.

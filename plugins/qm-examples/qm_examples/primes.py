@@ -14,7 +14,6 @@ import math
 
 from qm.registry import TaskType
 from qm.retry import RetryPolicy
-
 from qm_examples._payload import checked, integer, json_object
 
 #: Largest accepted N.

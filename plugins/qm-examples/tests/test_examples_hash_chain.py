@@ -3,11 +3,11 @@ import hashlib
 import signal
 
 import pytest
+from qm_examples import hash_chain
 
 import qm
 from qm.errors import ValidationError
 from qm.registry import Registry
-from qm_examples import hash_chain
 
 
 def test_one_round_is_sha256_of_the_seed():

@@ -3,9 +3,9 @@ import math
 import random
 
 import pytest
+from qm_examples import monte_carlo
 
 from qm.errors import ValidationError
-from qm_examples import monte_carlo
 
 
 def independent_estimate(samples: int, seed: int) -> float:

@@ -1,9 +1,9 @@
 """examples.primes: results, validation, and the handler called as a plain function."""
 import pytest
+from qm_examples import primes
 
 import qm
 from qm.errors import ValidationError
-from qm_examples import primes
 
 
 def trial_division_count(n: int) -> int:

@@ -1,10 +1,11 @@
 """The declarations pass QueueMaster's checks, and the installed entry points are found."""
 import importlib.metadata
 
+from qm_examples import hash_chain, monte_carlo, primes, sum_results
+
 from qm import registry
 from qm.worker.child import run_job
 from qm.worker.jobs import Reply, ReplyKind
-from qm_examples import hash_chain, monte_carlo, primes, sum_results
 from tests.requirements import missing
 
 TASK_TYPES = {"examples.primes": primes.TASK_TYPE, "examples.hash_chain": hash_chain.TASK_TYPE,

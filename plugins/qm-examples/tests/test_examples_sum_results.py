@@ -2,11 +2,11 @@
 import json
 
 import pytest
+from qm_examples import sum_results
 
 from qm import registry
 from qm.worker.child import run_job
 from qm.worker.jobs import ReplyKind
-from qm_examples import sum_results
 
 
 def test_sums_numbers_and_numeric_text_and_lists_the_failures():

@@ -93,7 +93,9 @@ def leave_behind(payload: str) -> str:
 
     started: list[subprocess.Popen] = []
     runner = threading.Thread(
-        target=lambda: started.append(subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({float(payload)})"]))
+        target=lambda: started.append(
+            subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({float(payload)})"])
+        )
     )
     runner.start()
     runner.join()
