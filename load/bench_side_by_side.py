@@ -30,6 +30,7 @@ extra: `pip install -e '.[bench]'`).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import pathlib
@@ -39,7 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any
+from typing import Any, Sequence
 
 LOAD = pathlib.Path(__file__).resolve().parent
 REPO = LOAD.parent
@@ -285,10 +286,10 @@ ROWS = (
 )
 
 
-def row_paths(template: str, applies: str) -> list[str | None]:
+def row_paths(template: str, applies: str, columns: Sequence[tuple[str, str, str]]) -> list[str | None]:
     """The path of each column's number in a row (None: not measured for that column)."""
     paths: list[str | None] = []
-    for _heading, system, phase in COLUMNS:
+    for _heading, system, phase in columns:
         wanted = (applies == ALL or (applies == PER_SYSTEM and phase == "sequential")
                   or (applies == QM_ONLY and system == "qm"))
         paths.append(template.format(system=system, phase=phase) if wanted else None)
@@ -316,11 +317,12 @@ def cell(rounds: list[dict[str, Any]], path: str | None, fmt: str) -> str:
 
 def markdown_table(rounds: list[dict[str, Any]], args: argparse.Namespace) -> str:
     what = f"median of {len(rounds)} rounds [min–max]" if len(rounds) > 1 else "one round"
+    columns = [column for column in COLUMNS if column[1] in args.systems]
     lines = [f"| measure ({what}; {args.tasks:,} tasks, {args.round_trips} round trips, "
-             f"{args.spin_tasks} x {args.spin_s:g} s) | " + " | ".join(c[0] for c in COLUMNS) + " |",
-             "|---|" + "---|" * len(COLUMNS)]
+             f"{args.spin_tasks} x {args.spin_s:g} s) | " + " | ".join(c[0] for c in columns) + " |",
+             "|---|" + "---|" * len(columns)]
     for name, fmt, template, applies in ROWS:
-        cells = (cell(rounds, path, fmt) for path in row_paths(template, applies))
+        cells = (cell(rounds, path, fmt) for path in row_paths(template, applies, columns))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -348,8 +350,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="correctness smoke: 1 round, 30 tasks, 10 round trips, 4 x 0.05 s spins")
     parser.add_argument("--broker-url", help="use this RabbitMQ instead of starting a private node")
     parser.add_argument("--queue", default="default", help="QueueMaster's logical queue (default)")
+    parser.add_argument("--systems", default=",".join(SYSTEMS),
+                        help=f"which to measure, comma-separated ({','.join(SYSTEMS)}); QueueMaster always runs")
     parser.add_argument("--json", metavar="PATH", help="also write every round's numbers as JSON here")
     args = parser.parse_args(argv)
+    args.systems = [name.strip() for name in args.systems.split(",") if name.strip()]
+    unknown = set(args.systems) - set(SYSTEMS)
+    if unknown:
+        parser.error(f"--systems: unknown {', '.join(sorted(unknown))}; choose from {', '.join(SYSTEMS)}")
+    args.systems = [name for name in SYSTEMS if name in args.systems or name == "qm"]
     if args.quick:
         args.rounds, args.tasks, args.round_trips, args.spin_tasks, args.spin_s = 1, 30, 10, 4, 0.05
     return args
@@ -358,8 +367,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        import celery  # noqa: F401
-        import dramatiq  # noqa: F401
+        for name in args.systems:
+            if name != "qm":
+                importlib.import_module(name)
     except ImportError as exc:
         print(f"{exc.name} is not installed: pip install -e '.[bench]' (in the project's venv)", file=sys.stderr)
         return 2
@@ -373,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         rivals: list[Rival] = []
         try:
             stack.start()
-            for kind in (Dramatiq, Celery):
+            for kind in (kind for kind in (Dramatiq, Celery) if kind.name in args.systems):
                 rival = kind(base, broker_url, f"qm-bench-{kind.name}-{args.queue}")
                 rivals.append(rival)
                 rival.broker_pid = stack.broker_pid
@@ -382,8 +392,8 @@ def main(argv: list[str] | None = None) -> int:
             with qm.Client(stack.server.address) as client:
                 client.result(client.submit("math", MATH_PAYLOAD, queue=stack.queue), timeout_s=60)  # warm-up
                 for number in range(1, args.rounds + 1):
-                    shift = (number - 1) % len(SYSTEMS)
-                    order = SYSTEMS[shift:] + SYSTEMS[:shift]
+                    shift = (number - 1) % len(args.systems)
+                    order = args.systems[shift:] + args.systems[:shift]
                     print(f"round {number} of {args.rounds}: {', then '.join(order)}", flush=True)
                     round_: dict[str, Any] = {"load_avg_1m": os.getloadavg()[0]}
                     for system in order:
