@@ -740,10 +740,15 @@ def main(argv: list[str] | None = None) -> int:
     hosts = [run["idle_processes"].get("host_processes") for run in report["runs"]]
     print(f"extra idle processes: {args.idle_procs:,} (processes on the host with them: "
           f"{', '.join(str(h) for h in hosts)})")
+    return finish(report, args.json)
+
+
+def finish(report: dict[str, Any], json_path: str | None) -> int:
+    """Print the report's failures, write it as JSON if asked: the exit code (1: a failure)."""
     for failure in report["failures"]:
         print(f"FAILED: {failure}")
-    if args.json:
-        pathlib.Path(args.json).write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
+    if json_path:
+        pathlib.Path(json_path).write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
     return 1 if report["failures"] else 0
 
 

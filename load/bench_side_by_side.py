@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import pathlib
 import signal
@@ -58,6 +57,8 @@ from bench_dispatch import (  # noqa: E402
     cpu_bound,
     e2e_sequential,
     e2e_submit_many,
+    finish,
+    lookup,
     machine,
     own_cpu_meter,
     percentile,
@@ -269,20 +270,20 @@ COLUMNS = (
 ALL, PER_SYSTEM, QM_ONLY = "all", "per system", "qm only"
 #: (row, format, path into a round's numbers ({system}, {phase}), which columns).
 ROWS = (
-    ("trivial tasks end to end, one send/submit at a time, tasks/s", "{:,.0f}", "{system}.{phase}.tasks_per_s", ALL),
-    ("... the send/submit phase alone, tasks/s", "{:,.0f}", "{system}.{phase}.submit_per_s", ALL),
-    ("trivial tasks end to end through submit_many, tasks/s", "{:,.0f}", "qm.submit_many.tasks_per_s", QM_ONLY),
-    ("CPU ms per task, all processes, one at a time", "{:.2f}", "{system}.{phase}.cpu_ms_per_task_all", ALL),
+    ("trivial tasks end to end, one send/submit at a time, tasks/s", "{:,.0f}", "{system}/{phase}/tasks_per_s", ALL),
+    ("... the send/submit phase alone, tasks/s", "{:,.0f}", "{system}/{phase}/submit_per_s", ALL),
+    ("trivial tasks end to end through submit_many, tasks/s", "{:,.0f}", "qm/submit_many/tasks_per_s", QM_ONLY),
+    ("CPU ms per task, all processes, one at a time", "{:.2f}", "{system}/{phase}/cpu_ms_per_task_all", ALL),
     ("... of which the worker side (worker processes; supervisor + children)", "{:.2f}",
-     "{system}.{phase}.cpu_ms_per_task.worker", ALL),
-    ("... of which qm-server", "{:.2f}", "qm.sequential.cpu_ms_per_task.server", QM_ONLY),
-    ("... of which RabbitMQ", "{:.2f}", "{system}.{phase}.cpu_ms_per_task.rabbitmq", ALL),
-    ("... of which the client", "{:.2f}", "{system}.{phase}.cpu_ms_per_task.client", ALL),
-    ("CPU ms per task, all processes, submit_many", "{:.2f}", "qm.submit_many.cpu_ms_per_task_all", QM_ONLY),
-    ("round trip, sequential, p50 ms", "{:.2f}", "{system}.round_trip.ms_p50", PER_SYSTEM),
-    ("round trip, sequential, p99 ms", "{:.2f}", "{system}.round_trip.ms_p99", PER_SYSTEM),
-    ("CPU-bound tasks: makespan, s", "{:.2f}", "{system}.cpu_bound.makespan_s", PER_SYSTEM),
-    ("CPU-bound tasks: efficiency (worker-timed)", "{:.3f}", "{system}.cpu_bound.efficiency", PER_SYSTEM),
+     "{system}/{phase}/cpu_ms_per_task/worker", ALL),
+    ("... of which qm-server", "{:.2f}", "qm/sequential/cpu_ms_per_task/server", QM_ONLY),
+    ("... of which RabbitMQ", "{:.2f}", "{system}/{phase}/cpu_ms_per_task/rabbitmq", ALL),
+    ("... of which the client", "{:.2f}", "{system}/{phase}/cpu_ms_per_task/client", ALL),
+    ("CPU ms per task, all processes, submit_many", "{:.2f}", "qm/submit_many/cpu_ms_per_task_all", QM_ONLY),
+    ("round trip, sequential, p50 ms", "{:.2f}", "{system}/round_trip/ms_p50", PER_SYSTEM),
+    ("round trip, sequential, p99 ms", "{:.2f}", "{system}/round_trip/ms_p99", PER_SYSTEM),
+    ("CPU-bound tasks: makespan, s", "{:.2f}", "{system}/cpu_bound/makespan_s", PER_SYSTEM),
+    ("CPU-bound tasks: efficiency (worker-timed)", "{:.3f}", "{system}/cpu_bound/efficiency", PER_SYSTEM),
 )
 
 
@@ -294,15 +295,6 @@ def row_paths(template: str, applies: str, columns: Sequence[tuple[str, str, str
                   or (applies == QM_ONLY and system == "qm"))
         paths.append(template.format(system=system, phase=phase) if wanted else None)
     return paths
-
-
-def lookup(round_: dict[str, Any], path: str) -> float | None:
-    value: Any = round_
-    for key in path.split("."):
-        if not isinstance(value, dict) or key not in value:
-            return None
-        value = value[key]
-    return value if isinstance(value, (int, float)) else None
 
 
 def cell(rounds: list[dict[str, Any]], path: str | None, fmt: str) -> str:
@@ -416,11 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     loads = ", ".join(f"{r['load_avg_1m']:.1f}" for r in report["rounds"])
     print(f"\n{report['machine']['nproc']} x {report['machine']['cpu_model']}; load average (1 min) before "
           f"each round: {loads}; total {report['wall_s']:.0f} s")
-    for failure in report["failures"]:
-        print(f"FAILED: {failure}")
-    if args.json:
-        pathlib.Path(args.json).write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
-    return 1 if report["failures"] else 0
+    return finish(report, args.json)
 
 
 if __name__ == "__main__":
