@@ -56,10 +56,14 @@ class DoneSocket:
         deadline = time.monotonic() + bound_s
         with self._changed:
             while missing:
+                others = []  # arrived for another wait: kept for it
                 for tag, at, result in self._arrived:
-                    missing.discard(tag)
-                    seen[tag] = (at, result)
-                self._arrived.clear()
+                    if tag in missing:
+                        missing.discard(tag)
+                        seen[tag] = (at, result)
+                    else:
+                        others.append((tag, at, result))
+                self._arrived = others
                 left = deadline - time.monotonic()
                 if missing and left <= 0:
                     raise TimeoutError(f"{len(missing)} of {len(tags)} runs not done in {bound_s:g} s")

@@ -97,7 +97,9 @@ class Rival:
         self.broker_pid: int | None = None  # RabbitMQ's, for its CPU
         self._tags = iter(range(1, 1 << 62))
 
-    def command(self) -> list[str]:
+    def set_up(self) -> list[str]:
+        """Ready the sending side in this process (and what the worker's module reads from
+        the environment); the worker's command line."""
         raise NotImplementedError
 
     def send(self, confirm: bool, task: str, payload: str, tag: int) -> None:
@@ -107,7 +109,7 @@ class Rival:
         raise NotImplementedError
 
     def start(self) -> None:
-        command = self.command()  # first: it sets what the worker's module reads
+        command = self.set_up()
         env = dict(os.environ, QM_BENCH_DONE_SOCKET=self.done.path,
                    PYTHONPATH=os.pathsep.join(filter(None, (str(LOAD), str(REPO), os.environ.get("PYTHONPATH")))))
         log = (self.base / f"{self.name}.log").open("wb")
@@ -152,7 +154,7 @@ class Dramatiq(Rival):
 
     name = "dramatiq"
 
-    def command(self) -> list[str]:
+    def set_up(self) -> list[str]:
         # the actors module's broker and queue, in this process too
         os.environ.update(QM_BENCH_BROKER_URL=self.broker_url, QM_BENCH_DRAMATIQ_QUEUE=self.queue)
         import dramatiq_actors
@@ -175,7 +177,7 @@ class Celery(Rival):
 
     name = "celery"
 
-    def command(self) -> list[str]:
+    def set_up(self) -> list[str]:
         os.environ.update(QM_BENCH_BROKER_URL=self.broker_url, QM_BENCH_CELERY_QUEUE=self.queue)
         import celery_tasks
 

@@ -141,30 +141,28 @@ class ScriptedServicer(task_queue_pb2_grpc.TaskQueueServicer):
         self.call_times: list[float] = []  # when each SubmitTask(s) call arrived
         self.lock = threading.Lock()
 
-    def SubmitTasks(self, request, context):
+    def _take_step(self, context, keys: list[str], batch: int | None = None) -> None:
+        """Record the call; answer it with the next scripted code, if any is left."""
         with self.lock:
-            self.keys.extend(item.idempotency_key for item in request.items)
-            self.batches.append(len(request.items))
+            self.keys.extend(keys)
+            if batch is not None:
+                self.batches.append(batch)
             self.call_times.append(time.monotonic())
             step = self.script.pop(0) if self.script else None
         if step is not None:
             code, trailing = step
             context.set_trailing_metadata(trailing)
             context.abort(code, f"scripted {code.name}")
+
+    def SubmitTasks(self, request, context):
+        self._take_step(context, [item.idempotency_key for item in request.items], len(request.items))
         response = task_queue_pb2.SubmitTasksResponse()
         for item in request.items:
             response.results.add(task_id=f"task-{item.payload.decode()}")
         return response
 
     def SubmitTask(self, request, context):
-        with self.lock:
-            self.keys.append(request.idempotency_key)
-            self.call_times.append(time.monotonic())
-            step = self.script.pop(0) if self.script else None
-        if step is not None:
-            code, trailing = step
-            context.set_trailing_metadata(trailing)
-            context.abort(code, f"scripted {code.name}")
+        self._take_step(context, [request.idempotency_key])
         return task_queue_pb2.SubmitTaskResponse(task_id="task-1")
 
     def GetTaskStatus(self, request, context):
