@@ -481,6 +481,9 @@ class ClientConfig:
     tls_cert: str = _setting("", _to_str)
     tls_key: str = _setting("", _to_str)
     token: str = _setting("", _to_str)
+    #: Most task ids one results stream follows (a wait over more takes several, one after
+    #: another); at most the servers' server.max_stream_ids.
+    stream_ids: int = _setting(10000, _to_int, _above(0))
 
 
 @dataclass(frozen=True)

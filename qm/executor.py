@@ -10,6 +10,11 @@ from one status stream that the executor feeds with ids as it submits them. A ca
 raises gives its future that exception; a call killed at its time limit gives
 TimeoutError; any other failure (memory, crash, cancel) gives qm.errors.TaskError.
 
+A stream follows at most `stream_ids` tasks (the servers refuse more on one stream:
+`server.max_stream_ids`, 10,000 by default), so a long-lived executor opens the next one
+when its stream is full; a full stream is closed for new ids and ends by itself once its
+tasks are all terminal.
+
 `map` submits its calls as groups (SubmitGroup, up to `GROUP_ITEMS` calls each): one
 call and one confirm wait per group instead of one per item, and the group ids
 (`map_group_ids`) show the map's progress in `qm status GROUP_ID`. A map needs no
@@ -29,7 +34,7 @@ import grpc
 
 from qm._proto.qm.v1 import task_queue_pb2
 from qm.client.client import Client
-from qm.client.common import group_request, response_statuses
+from qm.client.common import FOLLOW_IDS_PER_STREAM, group_request, response_statuses
 from qm.config import MIN_SECRET_LENGTH
 from qm.errors import TaskError
 from qm.security.signing import Keyring
@@ -59,13 +64,16 @@ class Executor(concurrent.futures.Executor):
         token: str | None = None,
         tls_cert: str | None = None,
         tls_key: str | None = None,
+        stream_ids: int = FOLLOW_IDS_PER_STREAM,
     ) -> None:
         if len(secret or "") < MIN_SECRET_LENGTH:
             raise ValueError(
                 f"qm.Executor needs the shared executor.secret of the servers and workers (at least "
                 f"{MIN_SECRET_LENGTH} characters) and its executor.key_id"
             )
-        self._client = Client(server, tls_ca=tls_ca, token=token, tls_cert=tls_cert, tls_key=tls_key)
+        self._client = Client(
+            server, tls_ca=tls_ca, token=token, tls_cert=tls_cert, tls_key=tls_key, stream_ids=stream_ids
+        )
         self._keys = Keyring(key_id, {key_id: secret})
         self._signature_ttl_s = signature_ttl_s
         self._options: dict[str, Any] = dict(
@@ -73,12 +81,10 @@ class Executor(concurrent.futures.Executor):
         )
         self._futures: dict[str, concurrent.futures.Future] = {}
         self._lock = threading.Lock()
-        self._requests: queue_module.Queue = queue_module.Queue()
         self._shutdown = False
         self.map_group_ids: list[str] = []  # the groups `map` submitted, in order
-        self._stream = self._client._stub.StreamTaskResults(self._follow_requests())
-        self._reader = threading.Thread(target=self._read_stream, name="qm-executor", daemon=True)
-        self._reader.start()
+        self._streams: list[_ResultStream] = []  # every stream opened; the last one takes new ids
+        self._streams_lock = threading.Lock()
 
     def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
         if self._shutdown:
@@ -89,7 +95,7 @@ class Executor(concurrent.futures.Executor):
         with self._lock:
             self._futures[task_id] = future
         future.set_running_or_notify_cancel()
-        self._requests.put(task_id)
+        self._follow([task_id])
         return future
 
     def map(self, fn: Callable, *iterables: Any, timeout: float | None = None, chunksize: int = 1) -> Iterator[Any]:
@@ -117,7 +123,7 @@ class Executor(concurrent.futures.Executor):
             with self._lock:
                 self._futures[task_id] = future
             futures.append(future)
-        self._requests.put(list(response.task_ids))
+        self._follow(list(response.task_ids))
         return futures
 
     def _results_in_order(self, futures: list[concurrent.futures.Future], deadline: float | None) -> Iterator[Any]:
@@ -131,9 +137,13 @@ class Executor(concurrent.futures.Executor):
                 pending = [task_id for task_id, future in self._futures.items() if not future.done()]
             for task_id in pending:
                 self._cancel(task_id)
-        self._requests.put(_CLOSE)
+        with self._streams_lock:
+            streams = list(self._streams)
+        if streams:
+            streams[-1].close()
         if wait:
-            self._reader.join()
+            for stream in streams:
+                stream.reader.join()
         self._client.close()
 
     def _cancel(self, task_id: str) -> None:
@@ -142,27 +152,25 @@ class Executor(concurrent.futures.Executor):
         except Exception:  # already finished, or unreachable: the stream settles the future
             pass
 
-    def _follow_requests(self):
-        while True:
-            item = self._requests.get()
-            if item is _CLOSE:
-                return
-            yield task_queue_pb2.StreamTaskResultsRequest(
-                task_ids=item if isinstance(item, list) else [item], final_only=True, batched=True
-            )
+    def _follow(self, task_ids: list[str]) -> None:
+        """Follow `task_ids` on the open stream, then on new ones as each fills up."""
+        with self._streams_lock:
+            while task_ids:
+                if not self._streams or self._streams[-1].room == 0:
+                    if self._streams:
+                        self._streams[-1].close()  # full: it ends once its tasks have
+                    self._streams.append(_ResultStream(self, self._client.stream_ids))
+                stream = self._streams[-1]
+                taken, task_ids = task_ids[: stream.room], task_ids[stream.room :]
+                stream.follow(taken)
 
-    def _read_stream(self) -> None:
-        try:
-            for response in self._stream:
-                for status in response_statuses(response):
-                    if TaskState.of_number(status.state).terminal:
-                        self._settle(status)
-        except grpc.RpcError as exc:
-            error = ConnectionError(f"status stream from {self._client.server} ended: {exc.details()}")
-            with self._lock:
-                for future in self._futures.values():
-                    if not future.done():
-                        future.set_exception(error)
+    def _fail(self, task_ids: list[str], error: BaseException) -> None:
+        """The stream following `task_ids` broke: their futures not yet done get `error`."""
+        with self._lock:
+            futures = [self._futures.pop(task_id, None) for task_id in task_ids]
+        for future in futures:
+            if future is not None and not future.done():
+                future.set_exception(error)
 
     def _settle(self, status) -> None:
         with self._lock:
@@ -181,3 +189,48 @@ class Executor(concurrent.futures.Executor):
             future.set_exception(TimeoutError(f"task {status.task_id}: {status.error}"))
         else:
             future.set_exception(TaskError(status.task_id, state, status.error))
+
+
+class _ResultStream:
+    """One StreamTaskResults stream of an Executor, fed ids as calls are submitted (at
+    most `capacity`), read on a thread of its own that settles the futures."""
+
+    def __init__(self, executor: Executor, capacity: int) -> None:
+        self.executor = executor
+        self.capacity = capacity
+        self.task_ids: list[str] = []  # every id sent on it
+        self._requests: queue_module.Queue = queue_module.Queue()
+        self._call = executor._client._stub.StreamTaskResults(self._follow_requests())
+        self.reader = threading.Thread(target=self._read, name="qm-executor", daemon=True)
+        self.reader.start()
+
+    @property
+    def room(self) -> int:
+        return self.capacity - len(self.task_ids)
+
+    def follow(self, task_ids: list[str]) -> None:
+        self.task_ids.extend(task_ids)
+        self._requests.put(task_ids)
+
+    def close(self) -> None:
+        """No more ids: the server ends the stream once its tasks are all terminal."""
+        self._requests.put(_CLOSE)
+
+    def _follow_requests(self):
+        while True:
+            item = self._requests.get()
+            if item is _CLOSE:
+                return
+            yield task_queue_pb2.StreamTaskResultsRequest(task_ids=item, final_only=True, batched=True)
+
+    def _read(self) -> None:
+        try:
+            for response in self._call:
+                for status in response_statuses(response):
+                    if TaskState.of_number(status.state).terminal:
+                        self.executor._settle(status)
+        except grpc.RpcError as exc:
+            server = self.executor._client.server
+            self.executor._fail(
+                list(self.task_ids), ConnectionError(f"status stream from {server} ended: {exc.details()}")
+            )

@@ -27,6 +27,7 @@ from qm.client.common import (
     DEFAULT_RECONNECT_S,
     DEFAULT_SUBMIT_RETRY_S,
     FAILOVER_CODES,
+    FOLLOW_IDS_PER_STREAM,
     SUBMIT_RETRY_CODES,
     Attempts,
     Batch,
@@ -81,6 +82,7 @@ class Client:
         tls_cert: str | None = None,
         tls_key: str | None = None,
         batch_submits: bool = True,
+        stream_ids: int = FOLLOW_IDS_PER_STREAM,
     ):
         self.servers = parse_servers(server)
         self._security = ChannelSecurity.load(tls_ca, token, tls_cert, tls_key)
@@ -89,6 +91,7 @@ class Client:
         self.submit_retry_s = submit_retry_s
         self.reconnect_s = reconnect_s
         self.batch_items = batch_items
+        self.stream_ids = stream_ids  # most ids one results stream follows (server.max_stream_ids)
         self._failover = Failover(self.servers)
         self._in_flight = asyncio.Semaphore(max_in_flight)
         self._channels: dict[str, tuple[grpc.aio.Channel, task_queue_pb2_grpc.TaskQueueStub]] = {}
@@ -211,7 +214,9 @@ class Client:
     async def _follow(
         self, task_ids: Iterable[str], timeout_s: float | None, final_only: bool
     ) -> AsyncIterator[TaskStatus]:
-        follow = Follow(task_ids, self._failover, timeout_s, self.reconnect_s, final_only=final_only)
+        follow = Follow(
+            task_ids, self._failover, timeout_s, self.reconnect_s, final_only=final_only, stream_ids=self.stream_ids
+        )
         while not follow.done:
             address = follow.address
             call = self._stub_at(address).StreamTaskResults(follow.requests(), timeout=follow.call_timeout())
@@ -226,8 +231,9 @@ class Client:
                 code, details, reason = exc.code(), exc.details(), error_reason(exc)
             finally:
                 call.cancel()
-            if not follow.done:
-                await asyncio.sleep(follow.interrupted(address, code, details, reason))
+            if follow.done or (code is None and follow.window_done):
+                continue  # finished, or the stream followed its share of the ids: the next one
+            await asyncio.sleep(follow.interrupted(address, code, details, reason))
 
     async def results(self, task_ids: Iterable[str], timeout_s: float | None = None) -> AsyncIterator[TaskStatus]:
         """The final status of each task as it finishes, over one (resumed) stream; the

@@ -922,6 +922,7 @@ def _main(argv: Sequence[str] | None) -> int:
             token=client_config.token,
             tls_cert=client_config.tls_cert,
             tls_key=client_config.tls_key,
+            stream_ids=client_config.stream_ids,
         ) as client:
             return COMMANDS[args.command](client, args)
     except (ConfigError, ValidationError) as exc:

@@ -25,6 +25,7 @@ from qm.client.common import (
     DEFAULT_RECONNECT_S,
     DEFAULT_SUBMIT_RETRY_S,
     FAILOVER_CODES,
+    FOLLOW_IDS_PER_STREAM,
     SUBMIT_RETRY_CODES,
     TERMINAL_STATE_NAMES,
     Attempts,
@@ -93,6 +94,9 @@ class Client:
     client's certificate for mTLS; token: a bearer token (`qm token create`).
     batch_submits: threads that submit at once share SubmitTasks calls, each answered as
     it would be alone (qm/client/submit_batching.py); False: every submit its own call.
+    stream_ids: most task ids one results stream follows; a wait over more (watch, results)
+    takes one stream after another. It must not exceed the servers' server.max_stream_ids
+    (10,000 by default, the default here too).
     """
 
     def __init__(
@@ -108,6 +112,7 @@ class Client:
         tls_cert: str | None = None,
         tls_key: str | None = None,
         batch_submits: bool = True,
+        stream_ids: int = FOLLOW_IDS_PER_STREAM,
     ):
         self.servers = parse_servers(server)
         self._security = ChannelSecurity.load(tls_ca, token, tls_cert, tls_key)
@@ -116,6 +121,7 @@ class Client:
         self.submit_retry_s = submit_retry_s
         self.reconnect_s = reconnect_s
         self.batch_items = batch_items
+        self.stream_ids = stream_ids  # most ids one results stream follows (server.max_stream_ids)
         self._failover = Failover(self.servers)
         self._channels: dict[str, tuple[grpc.Channel, task_queue_pb2_grpc.TaskQueueStub]] = {}
         self._lock = threading.Lock()
@@ -333,7 +339,9 @@ class Client:
         return self._follow(task_ids, timeout_s, final_only=False)
 
     def _follow(self, task_ids: Iterable[str], timeout_s: float | None, final_only: bool) -> Iterator[TaskStatus]:
-        follow = Follow(task_ids, self._failover, timeout_s, self.reconnect_s, final_only=final_only)
+        follow = Follow(
+            task_ids, self._failover, timeout_s, self.reconnect_s, final_only=final_only, stream_ids=self.stream_ids
+        )
         while not follow.done:
             address = follow.address
             call = self._stub_at(address).StreamTaskResults(iter(follow.requests()), timeout=follow.call_timeout())
@@ -348,8 +356,9 @@ class Client:
                 code, details, reason = exc.code(), exc.details(), error_reason(exc)
             finally:
                 call.cancel()
-            if not follow.done:
-                time.sleep(follow.interrupted(address, code, details, reason))
+            if follow.done or (code is None and follow.window_done):
+                continue  # finished, or the stream followed its share of the ids: the next one
+            time.sleep(follow.interrupted(address, code, details, reason))
 
     def results(self, task_ids: Iterable[str], timeout_s: float | None = None) -> Iterator[TaskStatus]:
         """The final status of each task as it finishes (over one stream, resumed like

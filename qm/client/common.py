@@ -21,6 +21,7 @@ call starts at the address that last answered and fails over to the next on UNAV
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import time
 import uuid
@@ -60,6 +61,9 @@ MAX_BATCH_BYTES = 3 * 1024 * 1024
 DEFAULT_MAX_IN_FLIGHT = 256
 #: Task ids per StreamTaskResultsRequest message when following many.
 FOLLOW_IDS_PER_REQUEST = 1000
+#: Most task ids one StreamTaskResults stream follows: the servers refuse a stream past
+#: `server.max_stream_ids` (10,000 by default), so a wait over more takes several streams.
+FOLLOW_IDS_PER_STREAM = 10_000
 #: gRPC channel options: after a server restart, reconnect within about a second rather than
 #: gRPC's default backoff (up to 120 s), so a resumed wait sees the new process soon.
 CHANNEL_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000))
@@ -802,6 +806,11 @@ def response_statuses(
 class Follow:
     """One wait over tasks (watch, result, results), over as many streams as it takes.
 
+    A stream follows at most `stream_ids` ids (the servers' `server.max_stream_ids`): the
+    first ones still open. When all of those are terminal the server ends the stream
+    cleanly and the next stream takes the next ids (`window_done`), at once: the ids of
+    a later window are followed from their current state, so none is missed.
+
     A stream that ends before every task is terminal (UNAVAILABLE: the server was killed or
     is restarting; or a clean end: it is shutting down) is opened again, on the next
     address, with the ids still open; the server sends each one's current state first, so
@@ -819,8 +828,13 @@ class Follow:
         reconnect_s: float,
         clock: Callable[[], float] = time.monotonic,
         final_only: bool = False,
+        stream_ids: int = FOLLOW_IDS_PER_STREAM,
     ):
+        if stream_ids < 1:
+            raise ValueError(f"stream_ids must be at least 1, got {stream_ids}")
         self.open = dict.fromkeys(task_ids)  # ids not yet terminal, in order
+        self.stream_ids = stream_ids
+        self._window: list[str] = []  # the ids the latest stream follows
         self.final_only = final_only  # the server sends final states only (results, result)
         self.timeout_s = timeout_s
         self._delivered: dict[str, set[tuple]] = {}
@@ -839,8 +853,15 @@ class Follow:
     def address(self) -> str:
         return self._attempts.address
 
+    @property
+    def window_done(self) -> bool:
+        """Every id the latest stream followed is terminal, and others are still open: a
+        stream that ended cleanly did its share; the next one follows the next ids."""
+        return bool(self.open) and not any(task_id in self.open for task_id in self._window)
+
     def requests(self) -> list[task_queue_pb2.StreamTaskResultsRequest]:
-        ids = list(self.open)
+        """The requests of a new stream: the first `stream_ids` ids still open."""
+        ids = self._window = list(itertools.islice(self.open, self.stream_ids))
         return [
             task_queue_pb2.StreamTaskResultsRequest(
                 task_ids=ids[i : i + FOLLOW_IDS_PER_REQUEST], final_only=self.final_only, batched=True

@@ -117,6 +117,27 @@ def test_a_resumed_stream_delivers_no_state_twice_and_asks_only_for_open_tasks()
     assert follow.done
 
 
+def test_a_wait_over_more_ids_than_a_stream_may_follow_takes_one_stream_after_another():
+    follow = Follow(["t1", "t2", "t3", "t4", "t5"], Failover(["a:1"]), None, 60.0, Clock(), stream_ids=2)
+    assert [r.task_ids for r in follow.requests()] == [["t1", "t2"]]
+    follow.accept(status("t1", SUCCEEDED))
+    assert not follow.window_done                              # t2 still runs on this stream
+    follow.accept(status("t2", SUCCEEDED))
+    assert follow.window_done                                  # the stream ends cleanly: the next ids
+    assert [r.task_ids for r in follow.requests()] == [["t3", "t4"]]
+    follow.accept(status("t4", SUCCEEDED))
+    follow.interrupted("a:1", UNAVAILABLE, "Socket closed")      # resumed: t3 first, then the next one
+    assert [r.task_ids for r in follow.requests()] == [["t3", "t5"]]
+    follow.accept(status("t3", SUCCEEDED))
+    follow.accept(status("t5", SUCCEEDED))
+    assert follow.done and not follow.window_done
+
+
+def test_a_stream_follows_at_least_one_id():
+    with pytest.raises(ValueError, match="stream_ids"):
+        Follow(["t1"], Failover(["a:1"]), None, 60.0, Clock(), stream_ids=0)
+
+
 def test_before_any_server_answered_a_wait_fails_after_one_round():
     follow = Follow(["t1"], Failover(["a:1", "b:2"]), None, 60.0, Clock())
     assert follow.interrupted("a:1", UNAVAILABLE, "refused") == 0.0
