@@ -10,6 +10,14 @@ from one status stream that the executor feeds with ids as it submits them. A ca
 raises gives its future that exception; a call killed at its time limit gives
 TimeoutError; any other failure (memory, crash, cancel) gives qm.errors.TaskError.
 
+`submit` returns at once, as concurrent.futures' executors do: the call waits in the
+executor's outbox, which one thread sends as SubmitTasks calls of up to `GROUP_ITEMS`, one
+call at a time (nothing waits for company: a lone call goes at once, and the calls made
+while one is out go together in the next). A call is durable in RabbitMQ once its future
+is running (`future.running()`); before that `future.cancel()` takes it back, and a call
+the server refuses gets a qm.client.RemoteError on its future, not from `submit`.
+`shutdown(wait=True)` (the end of a `with` block) sends what waits before it returns.
+
 A stream follows at most `stream_ids` tasks (the servers refuse more on one stream:
 `server.max_stream_ids`, 10,000 by default), so a long-lived executor opens the next one
 when its stream is full; a full stream is closed for new ids and ends by itself once its
@@ -33,10 +41,10 @@ import cloudpickle
 import grpc
 
 from qm._proto.qm.v1 import task_queue_pb2
-from qm.client.client import Client
+from qm.client.client import Client, RemoteError
 from qm.client.common import FOLLOW_IDS_PER_STREAM, group_request, response_statuses
 from qm.config import MIN_SECRET_LENGTH
-from qm.errors import TaskError
+from qm.errors import BatchError, TaskError
 from qm.security.signing import Keyring
 from qm.states import TaskState
 
@@ -82,21 +90,63 @@ class Executor(concurrent.futures.Executor):
         self._futures: dict[str, concurrent.futures.Future] = {}
         self._lock = threading.Lock()
         self._shutdown = False
+        self._outbox: list[tuple[bytes, concurrent.futures.Future]] = []  # calls `submit` made, not yet sent
+        self._outbox_changed = threading.Condition()
+        self._submitter = threading.Thread(target=self._send_outbox, name="qm-executor-submit", daemon=True)
+        self._submitter.start()
         self.map_group_ids: list[str] = []  # the groups `map` submitted, in order
         self._streams: list[_ResultStream] = []  # every stream opened; the last one takes new ids
         self._streams_lock = threading.Lock()
 
     def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
-        if self._shutdown:
-            raise RuntimeError("cannot submit after shutdown")
+        """Schedule `fn(*args, **kwargs)` as a `python` task; its future at once (the call
+        is sent from the outbox: see the module docstring)."""
         payload = self._keys.sign(cloudpickle.dumps((fn, args, kwargs)), self._signature_ttl_s)
         future: concurrent.futures.Future = concurrent.futures.Future()
-        task_id = self._client.submit("python", payload, **self._options)
-        with self._lock:
-            self._futures[task_id] = future
-        future.set_running_or_notify_cancel()
-        self._follow([task_id])
+        with self._outbox_changed:
+            if self._shutdown:
+                raise RuntimeError("cannot submit after shutdown")
+            self._outbox.append((payload, future))
+            self._outbox_changed.notify()
         return future
+
+    def _send_outbox(self) -> None:
+        """The submitter thread: send what waits, GROUP_ITEMS calls at a time, until
+        shutdown and the outbox is empty."""
+        while True:
+            with self._outbox_changed:
+                while not self._outbox and not self._shutdown:
+                    self._outbox_changed.wait()
+                if not self._outbox:
+                    return
+                taken, self._outbox = self._outbox[:GROUP_ITEMS], self._outbox[GROUP_ITEMS:]
+            calls = [(payload, future) for payload, future in taken if future.set_running_or_notify_cancel()]
+            if calls:
+                self._send(calls)
+
+    def _send(self, calls: list[tuple[bytes, concurrent.futures.Future]]) -> None:
+        """One SubmitTasks call's worth: accepted calls followed, refused ones failed."""
+        try:
+            task_ids: list[str | None] = list(
+                self._client.submit_many([("python", payload) for payload, _ in calls], **self._options)
+            )
+            refused = []
+        except BatchError as exc:
+            task_ids, refused = exc.task_ids, exc.refused
+        except Exception as exc:  # no server within submit_retry_s, or the client closed
+            for _payload, future in calls:
+                future.set_exception(exc)
+            return
+        accepted = []
+        with self._lock:
+            for (_payload, future), task_id in zip(calls, task_ids, strict=True):
+                if task_id is not None:
+                    self._futures[task_id] = future
+                    accepted.append(task_id)
+        for item in refused:
+            code = getattr(grpc.StatusCode, item.code, grpc.StatusCode.UNKNOWN)
+            calls[item.index][1].set_exception(RemoteError(code, item.message, self._client.server, reason=item.reason))
+        self._follow(accepted)
 
     def map(self, fn: Callable, *iterables: Any, timeout: float | None = None, chunksize: int = 1) -> Iterator[Any]:
         """Like concurrent.futures.Executor.map: results in order, each call a `python`
@@ -131,19 +181,34 @@ class Executor(concurrent.futures.Executor):
             yield future.result(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        self._shutdown = True
+        """No more calls; the outbox is still sent (its calls cancelled instead, with
+        `cancel_futures`, and the tasks not yet finished cancelled too). `wait`: return once
+        every call has its result; else that happens on a thread."""
+        with self._outbox_changed:
+            self._shutdown = True
+            if cancel_futures:
+                for _payload, future in self._outbox:
+                    future.cancel()
+            self._outbox_changed.notify()
         if cancel_futures:
             with self._lock:
                 pending = [task_id for task_id, future in self._futures.items() if not future.done()]
             for task_id in pending:
                 self._cancel(task_id)
+        if wait:
+            self._finish()
+        else:
+            threading.Thread(target=self._finish, name="qm-executor-shutdown", daemon=True).start()
+
+    def _finish(self) -> None:
+        """After shutdown: the outbox sent, every stream ended with its tasks, the client closed."""
+        self._submitter.join()
         with self._streams_lock:
             streams = list(self._streams)
         if streams:
             streams[-1].close()
-        if wait:
-            for stream in streams:
-                stream.reader.join()
+        for stream in streams:
+            stream.reader.join()
         self._client.close()
 
     def _cancel(self, task_id: str) -> None:

@@ -69,6 +69,31 @@ def test_map_over_200_calls_returns_every_result_in_order(cluster):
     assert (group.members, group.counts, group.callback_task_id) == (200, {"SUCCEEDED": 200}, "")
 
 
+def test_calls_submitted_in_a_with_block_all_have_their_results_when_it_ends(cluster):
+    server, queue = cluster
+    with qm.Executor(server.address, secret=SECRET, queue=queue) as executor:
+        futures = [executor.submit(pow, i, 2) for i in range(60)]  # back to back: they go out together
+    # Leaving the block is shutdown(wait=True): the outbox sent, every call finished.
+    assert all(future.done() for future in futures)
+    assert [future.result(0) for future in futures] == [i * i for i in range(60)]
+
+
+def test_a_call_the_server_refuses_fails_its_own_future_and_its_neighbours_run(rabbitmq, launcher):
+    queue = launcher.queue(rabbitmq.url)
+    env = {"QM_EXECUTOR__SECRET": SECRET}
+    server = launcher.server(rabbitmq.url, env={**env, "QM_SERVER__MAX_PAYLOAD_BYTES": "20000"})
+    launcher.worker(rabbitmq.url, procs=2, queues=queue, env=env)
+    with qm.Executor(server.address, secret=SECRET, queue=queue) as executor:
+        before = executor.submit(len, b"x" * 10)
+        refused = executor.submit(len, b"x" * 50_000)  # its payload is over the server's 20,000 bytes
+        after = executor.submit(len, b"x" * 30)
+        error = refused.exception(RESULT_TIMEOUT_S)
+        assert isinstance(error, RemoteError), error
+        assert error.code is grpc.StatusCode.INVALID_ARGUMENT
+        assert "server.max_payload_bytes" in str(error)
+        assert (before.result(RESULT_TIMEOUT_S), after.result(RESULT_TIMEOUT_S)) == (10, 30)
+
+
 def test_an_exception_raised_by_the_call_reaches_its_future(cluster):
     server, queue = cluster
 

@@ -203,6 +203,6 @@ def test_the_asyncio_client_and_the_executor_carry_their_token(rabbitmq, launche
     with qm.Executor(server.address, secret=secret, queue=queue, token=tokens.submit) as executor:
         assert executor.submit(pow, 2, 8).result(RESULT_TIMEOUT_S) == 256
     with qm.Executor(server.address, secret=secret, queue=queue) as anonymous:
-        with pytest.raises(Exception) as refused_submit:
-            anonymous.submit(pow, 2, 8)
+        with pytest.raises(Exception) as refused_submit:  # the submit's error, on its future
+            anonymous.submit(pow, 2, 8).result(RESULT_TIMEOUT_S)
     assert "UNAUTHENTICATED" in str(refused_submit.value) or "needs credentials" in str(refused_submit.value)

@@ -100,8 +100,8 @@ def test_old_and_new_key_ids_are_accepted_an_unknown_one_is_refused(rotated):
         with qm.Executor(server.address, secret=secret, key_id=key_id, queue=queue) as executor:
             assert executor.submit(sum, [1, 2, 3]).result(RESULT_TIMEOUT_S) == 6
     with qm.Executor(server.address, secret=NEW_SECRET, key_id="3", queue=queue) as executor:
-        with pytest.raises(Exception) as unknown:
-            executor.submit(sum, [1])
+        with pytest.raises(Exception) as unknown:  # refused at submit: the error is on the future
+            executor.submit(sum, [1]).result(RESULT_TIMEOUT_S)
     assert "key id '3'" in str(unknown.value)
 
 
