@@ -16,7 +16,9 @@ call at a time (nothing waits for company: a lone call goes at once, and the cal
 while one is out go together in the next). A call is durable in RabbitMQ once its future
 is running (`future.running()`); before that `future.cancel()` takes it back, and a call
 the server refuses gets a qm.client.RemoteError on its future, not from `submit`.
-`shutdown(wait=True)` (the end of a `with` block) sends what waits before it returns.
+`shutdown(wait=True)` (the end of a `with` block) sends what waits before it returns; an
+executor never shut down sends its outbox at interpreter exit (atexit), as
+concurrent.futures' executors run their pending work.
 
 A stream follows at most `stream_ids` tasks (the servers refuse more on one stream:
 `server.max_stream_ids`, 10,000 by default), so a long-lived executor opens the next one
@@ -31,10 +33,12 @@ callback (its results come back over the stream, in order), so its groups have n
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
 import queue as queue_module
 import threading
 import time
+import weakref
 from typing import Any, Callable, Iterator
 
 import cloudpickle
@@ -92,8 +96,10 @@ class Executor(concurrent.futures.Executor):
         self._shutdown = False
         self._outbox: list[tuple[bytes, concurrent.futures.Future]] = []  # calls `submit` made, not yet sent
         self._outbox_changed = threading.Condition()
+        self._sending = False  # a submit_many of the outbox's calls is out
         self._submitter = threading.Thread(target=self._send_outbox, name="qm-executor-submit", daemon=True)
         self._submitter.start()
+        _open_executors.add(self)
         self.map_group_ids: list[str] = []  # the groups `map` submitted, in order
         self._streams: list[_ResultStream] = []  # every stream opened; the last one takes new ids
         self._streams_lock = threading.Lock()
@@ -107,7 +113,7 @@ class Executor(concurrent.futures.Executor):
             if self._shutdown:
                 raise RuntimeError("cannot submit after shutdown")
             self._outbox.append((payload, future))
-            self._outbox_changed.notify()
+            self._outbox_changed.notify_all()
         return future
 
     def _send_outbox(self) -> None:
@@ -115,17 +121,32 @@ class Executor(concurrent.futures.Executor):
         shutdown and the outbox is empty."""
         while True:
             with self._outbox_changed:
+                self._sending = False
+                self._outbox_changed.notify_all()
                 while not self._outbox and not self._shutdown:
                     self._outbox_changed.wait()
                 if not self._outbox:
                     return
                 taken, self._outbox = self._outbox[:GROUP_ITEMS], self._outbox[GROUP_ITEMS:]
+                self._sending = True
             calls = [(payload, future) for payload, future in taken if future.set_running_or_notify_cancel()]
-            if calls:
+            try:
                 self._send(calls)
+            except Exception as exc:  # the submitter lives on; these calls' futures say why
+                for _payload, future in calls:
+                    if not future.done():
+                        future.set_exception(exc)
+
+    def _wait_outbox_sent(self) -> None:
+        """Until every call `submit` took is sent (accepted, refused or failed)."""
+        with self._outbox_changed:
+            while (self._outbox or self._sending) and self._submitter.is_alive():
+                self._outbox_changed.wait(1.0)
 
     def _send(self, calls: list[tuple[bytes, concurrent.futures.Future]]) -> None:
         """One SubmitTasks call's worth: accepted calls followed, refused ones failed."""
+        if not calls:
+            return
         try:
             task_ids: list[str | None] = list(
                 self._client.submit_many([("python", payload) for payload, _ in calls], **self._options)
@@ -189,7 +210,7 @@ class Executor(concurrent.futures.Executor):
             if cancel_futures:
                 for _payload, future in self._outbox:
                     future.cancel()
-            self._outbox_changed.notify()
+            self._outbox_changed.notify_all()
         if cancel_futures:
             with self._lock:
                 pending = [task_id for task_id, future in self._futures.items() if not future.done()]
@@ -203,6 +224,7 @@ class Executor(concurrent.futures.Executor):
     def _finish(self) -> None:
         """After shutdown: the outbox sent, every stream ended with its tasks, the client closed."""
         self._submitter.join()
+        _open_executors.discard(self)
         with self._streams_lock:
             streams = list(self._streams)
         if streams:
@@ -254,6 +276,18 @@ class Executor(concurrent.futures.Executor):
             future.set_exception(TimeoutError(f"task {status.task_id}: {status.error}"))
         else:
             future.set_exception(TaskError(status.task_id, state, status.error))
+
+
+#: Executors not shut down: their outboxes are sent at interpreter exit.
+_open_executors: weakref.WeakSet[Executor] = weakref.WeakSet()
+
+
+@atexit.register
+def _send_outboxes_at_exit() -> None:
+    """A script that ends without shutdown() still sends the calls it made, as
+    concurrent.futures executors run theirs (each send is bounded by submit_retry_s)."""
+    for executor in list(_open_executors):
+        executor._wait_outbox_sent()
 
 
 class _ResultStream:

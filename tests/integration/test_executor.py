@@ -5,6 +5,9 @@ import concurrent.futures
 import os
 import pickle
 import re
+import subprocess
+import sys
+import textwrap
 import time
 
 import grpc
@@ -18,7 +21,7 @@ from qm.errors import TaskError
 from qm.messages import TaskEvent
 from qm.states import TaskState
 from qm.tasks.python import SignatureError, sign
-from tests.processes import GATE_BOUND_S, wait_until, worker_status
+from tests.processes import GATE_BOUND_S, clean_env, wait_until, worker_status
 from tests.time_limits import assert_ended_at_limit
 
 SECRET = "s3cret-for-tests-0123456789abcdefgh"  # executor.secret: at least 32 characters
@@ -76,6 +79,32 @@ def test_calls_submitted_in_a_with_block_all_have_their_results_when_it_ends(clu
     # Leaving the block is shutdown(wait=True): the outbox sent, every call finished.
     assert all(future.done() for future in futures)
     assert [future.result(0) for future in futures] == [i * i for i in range(60)]
+
+
+def test_a_script_that_never_shuts_its_executor_down_still_runs_the_calls_it_made(cluster, tmp_path):
+    """As concurrent.futures executors run their pending work at exit: the calls still in
+    the outbox when the script ends are sent before the interpreter goes."""
+    server, queue = cluster
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    script = textwrap.dedent(f"""
+        import pathlib
+        import qm
+
+        def mark(n):
+            pathlib.Path({str(marks)!r}, str(n)).touch()
+            return n
+
+        executor = qm.Executor({server.address!r}, secret={SECRET!r}, queue={queue!r})
+        for n in range(20):
+            executor.submit(mark, n)
+        print("submitted", flush=True)  # and exits at once: no result(), no shutdown()
+    """)
+    result = subprocess.run([sys.executable, "-c", script], env=clean_env(), capture_output=True, text=True,
+                            timeout=RESULT_TIMEOUT_S)
+    assert result.returncode == 0, result.stderr
+    wait_until(lambda: len(list(marks.iterdir())) == 20, RESULT_TIMEOUT_S, message="all 20 calls ran")
+    assert sorted(int(path.name) for path in marks.iterdir()) == list(range(20))
 
 
 def test_a_call_the_server_refuses_fails_its_own_future_and_its_neighbours_run(rabbitmq, launcher):
