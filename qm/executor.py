@@ -155,7 +155,11 @@ class Executor(concurrent.futures.Executor):
         except BatchError as exc:
             task_ids, refused = exc.task_ids, exc.refused
         except Exception as exc:  # no server within submit_retry_s, or the client closed
-            for _payload, future in calls:
+            # The calls waiting behind these would meet the same: they fail now, not one
+            # submit_retry_s per batch after another (an exit would wait for all of them).
+            with self._outbox_changed:
+                waiting, self._outbox = self._outbox, []
+            for _payload, future in calls + [call for call in waiting if call[1].set_running_or_notify_cancel()]:
                 future.set_exception(exc)
             return
         accepted = []

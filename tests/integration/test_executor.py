@@ -21,6 +21,7 @@ from qm.errors import TaskError
 from qm.messages import TaskEvent
 from qm.states import TaskState
 from qm.tasks.python import SignatureError, sign
+from qm.testing.rabbitmq import free_port
 from tests.processes import GATE_BOUND_S, clean_env, wait_until, worker_status
 from tests.time_limits import assert_ended_at_limit
 
@@ -105,6 +106,16 @@ def test_a_script_that_never_shuts_its_executor_down_still_runs_the_calls_it_mad
     assert result.returncode == 0, result.stderr
     wait_until(lambda: len(list(marks.iterdir())) == 20, RESULT_TIMEOUT_S, message="all 20 calls ran")
     assert sorted(int(path.name) for path in marks.iterdir()) == list(range(20))
+
+
+def test_calls_to_a_server_nobody_runs_fail_their_futures_naming_the_address():
+    address = f"127.0.0.1:{free_port()}"  # nothing listens there
+    with qm.Executor(address, secret=SECRET) as executor:
+        futures = [executor.submit(pow, 2, n) for n in range(600)]  # more than one SubmitTasks call
+        errors = [future.exception(RESULT_TIMEOUT_S) for future in futures]
+    assert all(isinstance(error, RemoteError) for error in errors), {type(error) for error in errors}
+    assert {error.code for error in errors} == {grpc.StatusCode.UNAVAILABLE}
+    assert f"cannot reach qm-server at {address}" in str(errors[-1])
 
 
 def test_a_call_the_server_refuses_fails_its_own_future_and_its_neighbours_run(rabbitmq, launcher):
