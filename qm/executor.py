@@ -13,9 +13,9 @@ TimeoutError; any other failure (memory, crash, cancel) gives qm.errors.TaskErro
 `submit` returns at once, as concurrent.futures' executors do: the call waits in the
 executor's outbox, which one thread sends as SubmitTasks calls of up to `GROUP_ITEMS`, one
 call at a time (nothing waits for company: a lone call goes at once, and the calls made
-while one is out go together in the next). A call is durable in RabbitMQ once its future
-is running (`future.running()`); before that `future.cancel()` takes it back, and a call
-the server refuses gets a qm.client.RemoteError on its future, not from `submit`.
+while one is out go together in the next). A future is pending until its call is sent
+(`future.cancel()` takes it back), then running; a call the server refuses gets a
+qm.client.RemoteError on its future, not from `submit`.
 `shutdown(wait=True)` (the end of a `with` block) sends what waits before it returns; an
 executor never shut down sends its outbox at interpreter exit (atexit), as
 concurrent.futures' executors run their pending work.
