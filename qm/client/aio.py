@@ -236,8 +236,8 @@ class Client:
             await asyncio.sleep(follow.interrupted(address, code, details, reason))
 
     async def results(self, task_ids: Iterable[str], timeout_s: float | None = None) -> AsyncIterator[TaskStatus]:
-        """The final status of each task as it finishes, over one (resumed) stream; the
-        server sends final states only."""
+        """The final status of each task as it finishes, over one (resumed) stream per
+        `stream_ids` ids; the server sends final states only."""
         async for status in self._follow(task_ids, timeout_s, final_only=True):
             if status.terminal:  # a server older than final_only sends every state
                 yield status

@@ -361,8 +361,8 @@ class Client:
             time.sleep(follow.interrupted(address, code, details, reason))
 
     def results(self, task_ids: Iterable[str], timeout_s: float | None = None) -> Iterator[TaskStatus]:
-        """The final status of each task as it finishes (over one stream, resumed like
-        watch): `.state`, `.result` or `.error`. At `timeout_s`: WaitTimeout. The server sends
+        """The final status of each task as it finishes (over one stream per `stream_ids`
+        ids, resumed like watch): `.state`, `.result` or `.error`. At `timeout_s`: WaitTimeout. The server sends
         final states only (StreamTaskResultsRequest.final_only)."""
         for status in self._follow(task_ids, timeout_s, final_only=True):
             if status.terminal:  # a server older than final_only sends every state
