@@ -23,7 +23,8 @@ concurrent.futures' executors run their pending work.
 A stream follows at most `stream_ids` tasks (the servers refuse more on one stream:
 `server.max_stream_ids`, 10,000 by default), so a long-lived executor opens the next one
 when its stream is full; a full stream is closed for new ids and ends by itself once its
-tasks are all terminal.
+tasks are all terminal. A stream the server ends early (`server.max_stream_s`, a restart)
+is opened again with the calls still open, as the clients' waits are.
 
 `map` submits its calls as groups (SubmitGroup, up to `GROUP_ITEMS` calls each): one
 call and one confirm wait per group instead of one per item, and the group ids
@@ -46,9 +47,9 @@ import grpc
 
 from qm._proto.qm.v1 import task_queue_pb2
 from qm.client.client import Client, RemoteError
-from qm.client.common import FOLLOW_IDS_PER_STREAM, group_request, response_statuses
+from qm.client.common import FOLLOW_IDS_PER_STREAM, Follow, error_reason, group_request, response_statuses
 from qm.config import MIN_SECRET_LENGTH
-from qm.errors import BatchError, TaskError
+from qm.errors import BatchError, QMError, TaskError
 from qm.security.signing import Keyring
 from qm.states import TaskState
 
@@ -296,15 +297,21 @@ def _send_outboxes_at_exit() -> None:
 
 class _ResultStream:
     """One StreamTaskResults stream of an Executor, fed ids as calls are submitted (at
-    most `capacity`), read on a thread of its own that settles the futures."""
+    most `capacity`), read on a thread of its own that settles the futures. Resumed like
+    the clients' waits (qm.client.common.Follow): a stream the server ends early (its
+    `server.max_stream_s` lifetime, a restart, a failover) is opened again with the ids
+    still open, within the client's `reconnect_s`; past that their futures fail."""
 
     def __init__(self, executor: Executor, capacity: int) -> None:
         self.executor = executor
         self.capacity = capacity
         self.task_ids: list[str] = []  # every id sent on it
-        self._requests: queue_module.Queue = queue_module.Queue()
-        self._call = executor._client._stub.StreamTaskResults(self._follow_requests())
-        self.reader = threading.Thread(target=self._read, name="qm-executor", daemon=True)
+        client = executor._client
+        self._follow = Follow([], client._failover, None, client.reconnect_s, final_only=True, stream_ids=capacity)
+        self._lock = threading.Lock()  # the follow state, the open call's queue, closed
+        self._queue: queue_module.Queue = queue_module.Queue()  # the open call's new ids
+        self._closed = False
+        self.reader = threading.Thread(target=self._run, name="qm-executor", daemon=True)
         self.reader.start()
 
     @property
@@ -312,28 +319,62 @@ class _ResultStream:
         return self.capacity - len(self.task_ids)
 
     def follow(self, task_ids: list[str]) -> None:
-        self.task_ids.extend(task_ids)
-        self._requests.put(task_ids)
+        with self._lock:
+            self.task_ids.extend(task_ids)
+            self._follow.open.update(dict.fromkeys(task_ids))
+            self._queue.put(task_ids)
 
     def close(self) -> None:
         """No more ids: the server ends the stream once its tasks are all terminal."""
-        self._requests.put(_CLOSE)
+        with self._lock:
+            self._closed = True
+            self._queue.put(_CLOSE)
 
-    def _follow_requests(self):
+    def _open(self) -> Iterator[task_queue_pb2.StreamTaskResultsRequest]:
+        """A new call's requests: the ids open now, then each lot `follow` adds. (Under the
+        lock: every id is in exactly one of the two.)"""
+        self._queue.put(_CLOSE)  # the previous call's requests end, if it still waits for ids
+        self._queue = queue_module.Queue()
+        if self._closed:
+            self._queue.put(_CLOSE)
+        return self._requests(self._follow.requests(), self._queue)
+
+    @staticmethod
+    def _requests(first: list, lots: queue_module.Queue) -> Iterator[task_queue_pb2.StreamTaskResultsRequest]:
+        yield from first
         while True:
-            item = self._requests.get()
+            item = lots.get()
             if item is _CLOSE:
                 return
             yield task_queue_pb2.StreamTaskResultsRequest(task_ids=item, final_only=True, batched=True)
 
-    def _read(self) -> None:
-        try:
-            for response in self._call:
-                for status in response_statuses(response):
-                    if TaskState.of_number(status.state).terminal:
-                        self.executor._settle(status)
-        except grpc.RpcError as exc:
-            server = self.executor._client.server
-            self.executor._fail(
-                list(self.task_ids), ConnectionError(f"status stream from {server} ended: {exc.details()}")
-            )
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                requests = self._open()
+            address = self._follow.address
+            call = self.executor._client._stub_at(address).StreamTaskResults(requests)
+            code = details = reason = None
+            try:
+                for response in call:
+                    for proto in response_statuses(response):
+                        with self._lock:
+                            status = self._follow.accept(proto)
+                        if status is not None and status.terminal:
+                            self.executor._settle(proto)
+            except grpc.RpcError as exc:
+                code, details, reason = exc.code(), exc.details(), error_reason(exc)
+            finally:
+                call.cancel()
+            with self._lock:
+                if self._closed and self._follow.done:
+                    return
+            try:
+                delay_s = self._follow.interrupted(address, code, details, reason)
+            except QMError as exc:  # no server within reconnect_s (or the stream refused)
+                with self._lock:
+                    left = list(self._follow.open)
+                server = self.executor._client.server
+                self.executor._fail(left, ConnectionError(f"status stream from {server} ended: {exc}"))
+                return
+            time.sleep(delay_s)

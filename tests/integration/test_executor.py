@@ -108,6 +108,43 @@ def test_a_script_that_never_shuts_its_executor_down_still_runs_the_calls_it_mad
     assert sorted(int(path.name) for path in marks.iterdir()) == list(range(20))
 
 
+def test_a_call_that_outlives_the_servers_stream_lifetime_still_gets_its_result(rabbitmq, launcher):
+    """The server ends a status stream after server.max_stream_s (an hour by default); the
+    executor opens it again with the calls still open, as the clients' waits do."""
+    queue = launcher.queue(rabbitmq.url)
+    env = {"QM_EXECUTOR__SECRET": SECRET}
+    server = launcher.server(rabbitmq.url, env={**env, "QM_SERVER__MAX_STREAM_S": "2"})
+    launcher.worker(rabbitmq.url, procs=2, queues=queue, env=env)
+    with qm.Executor(server.address, secret=SECRET, queue=queue) as executor:
+        slow = executor.submit(time.sleep, 5)  # over two of the stream's lifetimes
+        quick = [executor.submit(pow, 3, n) for n in range(5)]
+        assert [future.result(RESULT_TIMEOUT_S) for future in quick] == [3**n for n in range(5)]
+        assert slow.result(RESULT_TIMEOUT_S) is None
+        later = executor.submit(pow, 2, 5)  # on the stream opened again
+        assert later.result(RESULT_TIMEOUT_S) == 32
+
+
+def test_a_future_rides_out_a_kill_9_and_restart_of_its_server(rabbitmq, launcher, tmp_path):
+    queue = launcher.queue(rabbitmq.url)
+    env = {"QM_EXECUTOR__SECRET": SECRET}
+    server = launcher.server(rabbitmq.url, env=env)
+    worker = launcher.worker(rabbitmq.url, procs=1, queues=queue, env=env)
+    gate = tmp_path / "gate"
+    with qm.Executor(server.address, secret=SECRET, queue=queue) as executor:
+        try:
+            future = executor.submit(gate_waiter(), str(gate), GATE_BOUND_S)
+            wait_until(lambda: any(child.type == "python" for child in worker_status(worker).children),
+                       RESULT_TIMEOUT_S, message="the call running")
+            server.kill()  # a crash or a deploy: the same address, id and data dir again
+            restarted = launcher.server(rabbitmq.url, server_id=server.server_id, env=env,
+                                        extra_args=["--listen", f"127.0.0.1:{server.port}"])
+            assert restarted.port == server.port
+        finally:
+            gate.touch()
+        assert future.result(RESULT_TIMEOUT_S) == "released"
+        assert executor.submit(pow, 2, 3).result(RESULT_TIMEOUT_S) == 8  # and it goes on
+
+
 def test_calls_to_a_server_nobody_runs_fail_their_futures_naming_the_address():
     address = f"127.0.0.1:{free_port()}"  # nothing listens there
     with qm.Executor(address, secret=SECRET) as executor:
