@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures
-import queue as queue_module
 import threading
 import time
 import weakref
@@ -45,16 +44,14 @@ from typing import Any, Callable, Iterator
 import cloudpickle
 import grpc
 
-from qm._proto.qm.v1 import task_queue_pb2
 from qm.client.client import Client, RemoteError
-from qm.client.common import FOLLOW_IDS_PER_STREAM, Follow, error_reason, group_request, response_statuses
+from qm.client.common import FOLLOW_IDS_PER_STREAM, group_request
 from qm.config import MIN_SECRET_LENGTH
-from qm.errors import BatchError, QMError, TaskError
+from qm.errors import BatchError, TaskError
+from qm.executor_streams import ResultStream
 from qm.security.signing import Keyring
 from qm.states import TaskState
 
-#: Sentinel ending the stream's request iterator.
-_CLOSE = object()
 #: Calls per group `map` submits (server.max_batch_items is 1000 by default).
 GROUP_ITEMS = 500
 
@@ -102,7 +99,7 @@ class Executor(concurrent.futures.Executor):
         self._submitter.start()
         _open_executors.add(self)
         self.map_group_ids: list[str] = []  # the groups `map` submitted, in order
-        self._streams: list[_ResultStream] = []  # every stream opened; the last one takes new ids
+        self._streams: list[ResultStream] = []  # every stream opened; the last one takes new ids
         self._streams_lock = threading.Lock()
 
     def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
@@ -251,7 +248,7 @@ class Executor(concurrent.futures.Executor):
                 if not self._streams or self._streams[-1].room == 0:
                     if self._streams:
                         self._streams[-1].close()  # full: it ends once its tasks have
-                    self._streams.append(_ResultStream(self, self._client.stream_ids))
+                    self._streams.append(ResultStream(self._client, self._client.stream_ids, self._settle, self._fail))
                 stream = self._streams[-1]
                 taken, task_ids = task_ids[: stream.room], task_ids[stream.room :]
                 stream.follow(taken)
@@ -293,88 +290,3 @@ def _send_outboxes_at_exit() -> None:
     concurrent.futures executors run theirs (each send is bounded by submit_retry_s)."""
     for executor in list(_open_executors):
         executor._wait_outbox_sent()
-
-
-class _ResultStream:
-    """One StreamTaskResults stream of an Executor, fed ids as calls are submitted (at
-    most `capacity`), read on a thread of its own that settles the futures. Resumed like
-    the clients' waits (qm.client.common.Follow): a stream the server ends early (its
-    `server.max_stream_s` lifetime, a restart, a failover) is opened again with the ids
-    still open, within the client's `reconnect_s`; past that their futures fail."""
-
-    def __init__(self, executor: Executor, capacity: int) -> None:
-        self.executor = executor
-        self.capacity = capacity
-        self.task_ids: list[str] = []  # every id sent on it
-        client = executor._client
-        self._follow = Follow([], client._failover, None, client.reconnect_s, final_only=True, stream_ids=capacity)
-        self._lock = threading.Lock()  # the follow state, the open call's queue, closed
-        self._queue: queue_module.Queue = queue_module.Queue()  # the open call's new ids
-        self._closed = False
-        self.reader = threading.Thread(target=self._run, name="qm-executor", daemon=True)
-        self.reader.start()
-
-    @property
-    def room(self) -> int:
-        return self.capacity - len(self.task_ids)
-
-    def follow(self, task_ids: list[str]) -> None:
-        with self._lock:
-            self.task_ids.extend(task_ids)
-            self._follow.open.update(dict.fromkeys(task_ids))
-            self._queue.put(task_ids)
-
-    def close(self) -> None:
-        """No more ids: the server ends the stream once its tasks are all terminal."""
-        with self._lock:
-            self._closed = True
-            self._queue.put(_CLOSE)
-
-    def _open(self) -> Iterator[task_queue_pb2.StreamTaskResultsRequest]:
-        """A new call's requests: the ids open now, then each lot `follow` adds. (Under the
-        lock: every id is in exactly one of the two.)"""
-        self._queue.put(_CLOSE)  # the previous call's requests end, if it still waits for ids
-        self._queue = queue_module.Queue()
-        if self._closed:
-            self._queue.put(_CLOSE)
-        return self._requests(self._follow.requests(), self._queue)
-
-    @staticmethod
-    def _requests(first: list, lots: queue_module.Queue) -> Iterator[task_queue_pb2.StreamTaskResultsRequest]:
-        yield from first
-        while True:
-            item = lots.get()
-            if item is _CLOSE:
-                return
-            yield task_queue_pb2.StreamTaskResultsRequest(task_ids=item, final_only=True, batched=True)
-
-    def _run(self) -> None:
-        while True:
-            with self._lock:
-                requests = self._open()
-            address = self._follow.address
-            call = self.executor._client._stub_at(address).StreamTaskResults(requests)
-            code = details = reason = None
-            try:
-                for response in call:
-                    for proto in response_statuses(response):
-                        with self._lock:
-                            status = self._follow.accept(proto)
-                        if status is not None and status.terminal:
-                            self.executor._settle(proto)
-            except grpc.RpcError as exc:
-                code, details, reason = exc.code(), exc.details(), error_reason(exc)
-            finally:
-                call.cancel()
-            with self._lock:
-                if self._closed and self._follow.done:
-                    return
-            try:
-                delay_s = self._follow.interrupted(address, code, details, reason)
-            except QMError as exc:  # no server within reconnect_s (or the stream refused)
-                with self._lock:
-                    left = list(self._follow.open)
-                server = self.executor._client.server
-                self.executor._fail(left, ConnectionError(f"status stream from {server} ended: {exc}"))
-                return
-            time.sleep(delay_s)

@@ -1,0 +1,111 @@
+"""The status streams of a qm.Executor (qm/executor.py): each follows at most `capacity`
+calls, fed as they are submitted, on a thread of its own, and is resumed like the
+clients' waits."""
+
+from __future__ import annotations
+
+import queue as queue_module
+import threading
+import time
+from typing import Callable, Iterator
+
+import grpc
+
+from qm._proto.qm.v1 import task_queue_pb2
+from qm.client.client import Client
+from qm.client.common import Follow, error_reason, response_statuses
+from qm.errors import QMError
+
+#: Sentinel ending a call's request iterator.
+_CLOSE = object()
+
+
+class ResultStream:
+    """One StreamTaskResults stream of an Executor, fed ids as calls are submitted (at
+    most `capacity`), read on a thread of its own that settles the futures. Resumed like
+    the clients' waits (qm.client.common.Follow): a stream the server ends early (its
+    `server.max_stream_s` lifetime, a restart, a failover) is opened again with the ids
+    still open, within the client's `reconnect_s`; past that their futures fail."""
+
+    def __init__(
+        self,
+        client: Client,
+        capacity: int,
+        settle: Callable[[task_queue_pb2.TaskStatus], None],
+        fail: Callable[[list[str], BaseException], None],
+    ) -> None:
+        self.client = client
+        self.capacity = capacity
+        self._settle = settle  # settle(status): a call's final status came
+        self._fail = fail  # fail(ids, error): these calls' futures get error
+        self.task_ids: list[str] = []  # every id sent on it
+        self._follow = Follow([], client._failover, None, client.reconnect_s, final_only=True, stream_ids=capacity)
+        self._lock = threading.Lock()  # the follow state, the open call's queue, closed
+        self._queue: queue_module.Queue = queue_module.Queue()  # the open call's new ids
+        self._closed = False
+        self.reader = threading.Thread(target=self._run, name="qm-executor", daemon=True)
+        self.reader.start()
+
+    @property
+    def room(self) -> int:
+        return self.capacity - len(self.task_ids)
+
+    def follow(self, task_ids: list[str]) -> None:
+        with self._lock:
+            self.task_ids.extend(task_ids)
+            self._follow.open.update(dict.fromkeys(task_ids))
+            self._queue.put(task_ids)
+
+    def close(self) -> None:
+        """No more ids: the server ends the stream once its tasks are all terminal."""
+        with self._lock:
+            self._closed = True
+            self._queue.put(_CLOSE)
+
+    def _open(self) -> Iterator[task_queue_pb2.StreamTaskResultsRequest]:
+        """A new call's requests: the ids open now, then each lot `follow` adds. (Under the
+        lock: every id is in exactly one of the two.)"""
+        self._queue.put(_CLOSE)  # the previous call's requests end, if it still waits for ids
+        self._queue = queue_module.Queue()
+        if self._closed:
+            self._queue.put(_CLOSE)
+        return self._requests(self._follow.requests(), self._queue)
+
+    @staticmethod
+    def _requests(first: list, lots: queue_module.Queue) -> Iterator[task_queue_pb2.StreamTaskResultsRequest]:
+        yield from first
+        while True:
+            item = lots.get()
+            if item is _CLOSE:
+                return
+            yield task_queue_pb2.StreamTaskResultsRequest(task_ids=item, final_only=True, batched=True)
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                requests = self._open()
+            address = self._follow.address
+            call = self.client._stub_at(address).StreamTaskResults(requests)
+            code = details = reason = None
+            try:
+                for response in call:
+                    for proto in response_statuses(response):
+                        with self._lock:
+                            status = self._follow.accept(proto)
+                        if status is not None and status.terminal:
+                            self._settle(proto)
+            except grpc.RpcError as exc:
+                code, details, reason = exc.code(), exc.details(), error_reason(exc)
+            finally:
+                call.cancel()
+            with self._lock:
+                if self._closed and self._follow.done:
+                    return
+            try:
+                delay_s = self._follow.interrupted(address, code, details, reason)
+            except QMError as exc:  # no server within reconnect_s (or the stream refused)
+                with self._lock:
+                    left = list(self._follow.open)
+                self._fail(left, ConnectionError(f"status stream from {self.client.server} ended: {exc}"))
+                return
+            time.sleep(delay_s)
