@@ -36,7 +36,7 @@ from qm.codecs import decode_result, encode_payload
 from qm.config import parse_host_port
 from qm.errors import BatchError, QMError, RefusedItem, TaskError, WaitTimeout
 from qm.ids import time_ordered_id
-from qm.reasons import DOMAIN, parse_reason
+from qm.reasons import DOMAIN, Reason, parse_reason
 from qm.states import TERMINAL_STATES, TaskState
 
 #: Deadline of unary calls (submit, status, ...).
@@ -883,8 +883,7 @@ class Follow:
 
     def accept(self, proto: task_queue_pb2.TaskStatus) -> TaskStatus | None:
         """A status from the stream: the TaskStatus to deliver, or None if already delivered."""
-        self._attempts.window_s = self._reconnect_s  # a server answered: ride out its loss
-        self._attempts.reached()
+        self._server_answered()
         key = (proto.state, proto.attempts, proto.updated_at.seconds, proto.updated_at.nanos)
         seen = self._delivered.setdefault(proto.task_id, set())
         # Progress reports: only the time of the latest delivered is kept (there may be many).
@@ -901,6 +900,11 @@ class Follow:
             self._progress_ns.pop(proto.task_id, None)
         return status
 
+    def _server_answered(self) -> None:
+        """A server answered: from now on ride out its loss for `reconnect_s`."""
+        self._attempts.window_s = self._reconnect_s
+        self._attempts.reached()
+
     def interrupted(
         self, address: str, code: grpc.StatusCode | None, details: str | None, reason: str | None = None
     ) -> float:
@@ -909,6 +913,11 @@ class Follow:
         or RemoteError when it cannot go on."""
         if code is grpc.StatusCode.DEADLINE_EXCEEDED:
             raise self.timed_out()
+        if reason == Reason.STREAM_EXPIRED:
+            # The server ended a live stream at its lifetime (server.max_stream_s): it is
+            # there. A wait for final states may have heard nothing for that long, so the
+            # reconnect window must not count from the last status.
+            self._server_answered()
         delay_s = self._attempts.failed(
             address,
             code or grpc.StatusCode.UNAVAILABLE,

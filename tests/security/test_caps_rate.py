@@ -130,3 +130,8 @@ def test_a_stream_open_past_its_lifetime_ends_unavailable_and_the_client_resumes
     with qm.Client(stack.server.address) as client:  # a qm client rides it out: resumes on a new stream
         with pytest.raises(WaitTimeout):
             list(client.watch([task_id], timeout_s=3 * STREAM_S))
+    # A wait for final states hears nothing from a queued task, for longer than its client's
+    # reconnect window: each expired stream is still opened again, until the caller's timeout.
+    with qm.Client(stack.server.address, reconnect_s=STREAM_S / 4) as client:
+        with pytest.raises(WaitTimeout):
+            list(client.results([task_id], timeout_s=3 * STREAM_S))

@@ -138,6 +138,20 @@ def test_a_stream_follows_at_least_one_id():
         Follow(["t1"], Failover(["a:1"]), None, 60.0, Clock(), stream_ids=0)
 
 
+def test_a_stream_ended_at_its_lifetime_is_opened_again_however_long_it_was_quiet():
+    clock = Clock()
+    follow = Follow(["t1"], Failover(["a:1"]), None, 60.0, clock, final_only=True)
+    follow.accept(status("t1", RUNNING))
+    clock.now += 3600.0  # final states only: nothing came for the stream's whole hour
+    delay = follow.interrupted("a:1", UNAVAILABLE, "open for 3600 s", reason="STREAM_EXPIRED")
+    assert 0 <= delay < 5 and follow.resumed == 1
+    clock.now += 3600.0
+    assert follow.interrupted("a:1", UNAVAILABLE, "open for 3600 s", reason="STREAM_EXPIRED") < 5
+    with pytest.raises(RemoteError, match="tried for 60 s"):  # a server really gone still ends the wait
+        clock.now += 61.0
+        follow.interrupted("a:1", UNAVAILABLE, "Socket closed")
+
+
 def test_before_any_server_answered_a_wait_fails_after_one_round():
     follow = Follow(["t1"], Failover(["a:1", "b:2"]), None, 60.0, Clock())
     assert follow.interrupted("a:1", UNAVAILABLE, "refused") == 0.0
