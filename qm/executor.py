@@ -99,7 +99,7 @@ class Executor(concurrent.futures.Executor):
         self._submitter.start()
         _open_executors.add(self)
         self.map_group_ids: list[str] = []  # the groups `map` submitted, in order
-        self._streams: list[ResultStream] = []  # every stream opened; the last one takes new ids
+        self._streams: list[ResultStream] = []  # streams not known to have ended; the last takes new ids
         self._streams_lock = threading.Lock()
 
     def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
@@ -248,6 +248,8 @@ class Executor(concurrent.futures.Executor):
                 if not self._streams or self._streams[-1].room == 0:
                     if self._streams:
                         self._streams[-1].close()  # full: it ends once its tasks have
+                    # Ended streams are dropped: a long-lived executor keeps only live ones.
+                    self._streams = [stream for stream in self._streams if stream.reader.is_alive()]
                     self._streams.append(ResultStream(self._client, self._client.stream_ids, self._settle, self._fail))
                 stream = self._streams[-1]
                 taken, task_ids = task_ids[: stream.room], task_ids[stream.room :]

@@ -38,7 +38,7 @@ class ResultStream:
         self.capacity = capacity
         self._settle = settle  # settle(status): a call's final status came
         self._fail = fail  # fail(ids, error): these calls' futures get error
-        self.task_ids: list[str] = []  # every id sent on it
+        self.followed = 0  # ids sent on it (it takes at most `capacity`)
         self._follow = Follow([], client._failover, None, client.reconnect_s, final_only=True, stream_ids=capacity)
         self._lock = threading.Lock()  # the follow state, the open call's queue, closed
         self._queue: queue_module.Queue = queue_module.Queue()  # the open call's new ids
@@ -48,11 +48,11 @@ class ResultStream:
 
     @property
     def room(self) -> int:
-        return self.capacity - len(self.task_ids)
+        return self.capacity - self.followed
 
     def follow(self, task_ids: list[str]) -> None:
         with self._lock:
-            self.task_ids.extend(task_ids)
+            self.followed += len(task_ids)
             self._follow.open.update(dict.fromkeys(task_ids))
             self._queue.put(task_ids)
 

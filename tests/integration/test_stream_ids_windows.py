@@ -79,7 +79,7 @@ def test_an_executor_keeps_working_past_the_ids_one_stream_may_follow(capped):
         ]
 
 
-def test_the_cli_waits_for_more_lines_than_one_stream_may_follow(capped, monkeypatch):
+def test_the_cli_waits_for_more_lines_than_one_stream_may_follow(capped):
     server, queue = capped
     lines = "\n".join(f"{i} + 100" for i in range(TASKS)) + "\n"
     result = run_qm("--server", server.address, "submit", "-T", "math", "--queue", queue, "--from-file", "-",
