@@ -482,7 +482,8 @@ class ClientConfig:
     tls_key: str = _setting("", _to_str)
     token: str = _setting("", _to_str)
     #: Most task ids one results stream follows (a wait over more takes several, one after
-    #: another); at most the servers' server.max_stream_ids.
+    #: another). A server whose server.max_stream_ids is lower names it when it refuses a
+    #: stream, and the clients go on with that.
     stream_ids: int = _setting(10000, _to_int, _above(0))
 
 

@@ -27,6 +27,20 @@ class ValidationError(QMError):
         super().__init__(f"{field}: {message}")
 
 
+class StreamIdsOverLimit(ValidationError):
+    """A results stream named more task ids than the server lets one stream follow
+    (server.max_stream_ids). The limit travels in the error's metadata, so a client
+    follows the rest on further streams of that size instead of failing."""
+
+    def __init__(self, sent: int, max_stream_ids: int):
+        self.max_stream_ids = max_stream_ids
+        super().__init__(
+            "task_ids",
+            f"{sent} task ids sent on one stream, over the limit of {max_stream_ids} "
+            "(server.max_stream_ids); follow more tasks on further streams",
+        )
+
+
 class UnknownTaskType(ValidationError):
     """The task type is not served by any installed plugin."""
 

@@ -21,7 +21,9 @@ executor never shut down sends its outbox at interpreter exit (atexit), as
 concurrent.futures' executors run their pending work.
 
 A stream follows at most `stream_ids` tasks (the servers refuse more on one stream:
-`server.max_stream_ids`, 10,000 by default), so a long-lived executor opens the next one
+`server.max_stream_ids`, 10,000 by default; a server that allows fewer names its limit,
+and the executor moves the calls over it to further streams of that size), so a
+long-lived executor opens the next one
 when its stream is full; a full stream is closed for new ids and ends by itself once its
 tasks are all terminal. A stream the server ends early (`server.max_stream_s`, a restart)
 is opened again with the calls still open, as the clients' waits are.
@@ -245,15 +247,15 @@ class Executor(concurrent.futures.Executor):
         """Follow `task_ids` on the open stream, then on new ones as each fills up."""
         with self._streams_lock:
             while task_ids:
-                if not self._streams or self._streams[-1].room == 0:
+                if not self._streams or self._streams[-1].room <= 0:
                     if self._streams:
                         self._streams[-1].close()  # full: it ends once its tasks have
                     # Ended streams are dropped: a long-lived executor keeps only live ones.
                     self._streams = [stream for stream in self._streams if stream.reader.is_alive()]
-                    self._streams.append(ResultStream(self._client, self._client.stream_ids, self._settle, self._fail))
-                stream = self._streams[-1]
-                taken, task_ids = task_ids[: stream.room], task_ids[stream.room :]
-                stream.follow(taken)
+                    self._streams.append(
+                        ResultStream(self._client, self._client.stream_ids, self._settle, self._fail, self._follow)
+                    )
+                task_ids = self._streams[-1].follow(task_ids)  # what it had no room for goes on
 
     def _fail(self, task_ids: list[str], error: BaseException) -> None:
         """The stream following `task_ids` broke: their futures not yet done get `error`."""

@@ -13,7 +13,7 @@ import grpc
 
 from qm._proto.qm.v1 import task_queue_pb2
 from qm.client.client import Client
-from qm.client.common import Follow, error_reason, response_statuses
+from qm.client.common import Follow, response_statuses, stream_error
 from qm.errors import QMError
 
 #: Sentinel ending a call's request iterator.
@@ -33,11 +33,13 @@ class ResultStream:
         capacity: int,
         settle: Callable[[task_queue_pb2.TaskStatus], None],
         fail: Callable[[list[str], BaseException], None],
+        overflow: Callable[[list[str]], None],
     ) -> None:
         self.client = client
         self.capacity = capacity
         self._settle = settle  # settle(status): a call's final status came
         self._fail = fail  # fail(ids, error): these calls' futures get error
+        self._overflow = overflow  # overflow(ids): ids over a server's lower limit, to follow elsewhere
         self.followed = 0  # ids sent on it (it takes at most `capacity`)
         self._follow = Follow([], client._failover, None, client.reconnect_s, final_only=True, stream_ids=capacity)
         self._lock = threading.Lock()  # the follow state, the open call's queue, closed
@@ -50,11 +52,16 @@ class ResultStream:
     def room(self) -> int:
         return self.capacity - self.followed
 
-    def follow(self, task_ids: list[str]) -> None:
+    def follow(self, task_ids: list[str]) -> list[str]:
+        """Follow as many of `task_ids` as there is room for; the rest is returned."""
         with self._lock:
-            self.followed += len(task_ids)
-            self._follow.open.update(dict.fromkeys(task_ids))
-            self._queue.put(task_ids)
+            room = max(0, self.capacity - self.followed)
+            taken, rest = task_ids[:room], task_ids[room:]
+            if taken:
+                self.followed += len(taken)
+                self._follow.open.update(dict.fromkeys(taken))
+                self._queue.put(taken)
+        return rest
 
     def close(self) -> None:
         """No more ids: the server ends the stream once its tasks are all terminal."""
@@ -86,7 +93,7 @@ class ResultStream:
                 requests = self._open()
             address = self._follow.address
             call = self.client._stub_at(address).StreamTaskResults(requests)
-            code = details = reason = None
+            code = details = reason = limit = None
             try:
                 for response in call:
                     for proto in response_statuses(response):
@@ -95,17 +102,35 @@ class ResultStream:
                         if status is not None and status.terminal:
                             self._settle(proto)
             except grpc.RpcError as exc:
-                code, details, reason = exc.code(), exc.details(), error_reason(exc)
+                code, details, reason, limit = stream_error(exc)
             finally:
                 call.cancel()
             with self._lock:
                 if self._closed and self._follow.done:
                     return
             try:
-                delay_s = self._follow.interrupted(address, code, details, reason)
+                delay_s = self._follow.interrupted(address, code, details, reason, limit)
             except QMError as exc:  # no server within reconnect_s (or the stream refused)
                 with self._lock:
                     left = list(self._follow.open)
                 self._fail(left, ConnectionError(f"status stream from {self.client.server} ended: {exc}"))
                 return
+            self._shed_over_limit()
             time.sleep(delay_s)
+
+    def _shed_over_limit(self) -> None:
+        """A server lets a stream follow fewer ids than this one holds (it refused the
+        stream, naming its server.max_stream_ids): this stream keeps that many, takes no
+        more, and hands the rest to `overflow` (the executor's further streams)."""
+        with self._lock:
+            limit = self._follow.stream_ids
+            if limit >= self.capacity:
+                return
+            self.capacity = limit
+            self.followed = max(self.followed, limit)  # full: no more ids come here
+            self.client.stream_ids = min(self.client.stream_ids, limit)  # the executor's next streams
+            shed = list(self._follow.open)[limit:]
+            for task_id in shed:
+                del self._follow.open[task_id]
+        if shed:
+            self._overflow(shed)

@@ -52,6 +52,7 @@ from qm.client.common import (
     retry_pushback_s,
     schedule_from_proto,
     status_from_proto,
+    stream_error,
     submit_request,
     task_types_from_proto,
     workers_from_proto,
@@ -220,7 +221,7 @@ class Client:
         while not follow.done:
             address = follow.address
             call = self._stub_at(address).StreamTaskResults(follow.requests(), timeout=follow.call_timeout())
-            code = details = reason = None
+            code = details = reason = limit = None
             try:
                 async for response in call:
                     for proto in response_statuses(response):
@@ -228,12 +229,13 @@ class Client:
                         if status is not None:
                             yield status
             except grpc.RpcError as exc:
-                code, details, reason = exc.code(), exc.details(), error_reason(exc)
+                code, details, reason, limit = stream_error(exc)
             finally:
                 call.cancel()
             if follow.done or (code is None and follow.window_done):
                 continue  # finished, or the stream followed its share of the ids: the next one
-            await asyncio.sleep(follow.interrupted(address, code, details, reason))
+            await asyncio.sleep(follow.interrupted(address, code, details, reason, limit))
+            self.stream_ids = min(self.stream_ids, follow.stream_ids)  # a server's lower limit, learnt
 
     async def results(self, task_ids: Iterable[str], timeout_s: float | None = None) -> AsyncIterator[TaskStatus]:
         """The final status of each task as it finishes, over one (resumed) stream per

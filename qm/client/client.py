@@ -51,6 +51,7 @@ from qm.client.common import (
     retry_pushback_s,
     schedule_from_proto,
     status_from_proto,
+    stream_error,
     submit_request,
     task_types_from_proto,
     workers_from_proto,
@@ -95,8 +96,9 @@ class Client:
     batch_submits: threads that submit at once share SubmitTasks calls, each answered as
     it would be alone (qm/client/submit_batching.py); False: every submit its own call.
     stream_ids: most task ids one results stream follows; a wait over more (watch, results)
-    takes one stream after another. It must not exceed the servers' server.max_stream_ids
-    (10,000 by default, the default here too).
+    takes one stream after another (10,000, the servers' default server.max_stream_ids).
+    A server that allows fewer refuses the stream naming its limit; the client then uses
+    that (its `stream_ids` drops to it) and goes on.
     """
 
     def __init__(
@@ -345,7 +347,7 @@ class Client:
         while not follow.done:
             address = follow.address
             call = self._stub_at(address).StreamTaskResults(iter(follow.requests()), timeout=follow.call_timeout())
-            code = details = reason = None
+            code = details = reason = limit = None
             try:
                 for response in call:
                     for proto in response_statuses(response):
@@ -353,12 +355,13 @@ class Client:
                         if status is not None:
                             yield status
             except grpc.RpcError as exc:
-                code, details, reason = exc.code(), exc.details(), error_reason(exc)
+                code, details, reason, limit = stream_error(exc)
             finally:
                 call.cancel()
             if follow.done or (code is None and follow.window_done):
                 continue  # finished, or the stream followed its share of the ids: the next one
-            time.sleep(follow.interrupted(address, code, details, reason))
+            time.sleep(follow.interrupted(address, code, details, reason, limit))
+            self.stream_ids = min(self.stream_ids, follow.stream_ids)  # a server's lower limit, learnt
 
     def results(self, task_ids: Iterable[str], timeout_s: float | None = None) -> Iterator[TaskStatus]:
         """The final status of each task as it finishes (over one stream per `stream_ids`

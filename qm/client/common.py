@@ -140,15 +140,38 @@ def error_reason(error: grpc.RpcError) -> str | None:
     """qm-server's reason code on an error (its ErrorInfo in the status details), or None:
     an error gRPC raised without reaching qm-server carries none. Works on the errors of
     grpc and grpc.aio calls alike."""
+    return error_info(error)[0]
+
+
+def error_info(error: grpc.RpcError) -> tuple[str | None, dict[str, str]]:
+    """qm-server's reason code on an error and its ErrorInfo metadata (what the error is
+    about: "field", "task_id", "max_stream_ids"...); (None, {}) for an error without one."""
     try:
         status = rpc_status.from_call(error)  # an RpcError of a call is that call
     except ValueError:  # details that do not match the status: not qm-server's
-        return None
+        return None, {}
     for detail in status.details if status is not None else ():
         info = error_details_pb2.ErrorInfo()
         if detail.Is(info.DESCRIPTOR) and detail.Unpack(info) and info.domain == DOMAIN:
-            return parse_reason(info.reason)
-    return None
+            return parse_reason(info.reason), dict(info.metadata)
+    return None, {}
+
+
+def stream_error(error: grpc.RpcError) -> tuple[grpc.StatusCode, str | None, str | None, int | None]:
+    """How a results stream ended in error, as Follow.interrupted takes it: the code, the
+    details, qm-server's reason code and the server's stream_ids_limit."""
+    return error.code(), error.details(), error_reason(error), stream_ids_limit(error)
+
+
+def stream_ids_limit(error: grpc.RpcError) -> int | None:
+    """The ids one stream may follow, from a server that refused a stream for naming more
+    (its server.max_stream_ids, in the error's metadata); None for any other error."""
+    reason, metadata = error_info(error)
+    try:
+        limit = int(metadata["max_stream_ids"]) if reason == Reason.INVALID_FIELD else 0
+    except (KeyError, ValueError):
+        return None
+    return limit if limit > 0 else None
 
 
 # -- addresses and retries ---------------------------------------------------------------
@@ -906,13 +929,27 @@ class Follow:
         self._attempts.reached()
 
     def interrupted(
-        self, address: str, code: grpc.StatusCode | None, details: str | None, reason: str | None = None
+        self,
+        address: str,
+        code: grpc.StatusCode | None,
+        details: str | None,
+        reason: str | None = None,
+        limit: int | None = None,
     ) -> float:
         """The stream from `address` ended (code None: cleanly; `reason`: qm-server's reason
         code) with tasks still open: the pause before opening it again; raises WaitTimeout
-        or RemoteError when it cannot go on."""
+        or RemoteError when it cannot go on. `limit`: the server refused the stream for
+        following more than that many ids (stream_ids_limit): the next streams follow that
+        many, at once."""
         if code is grpc.StatusCode.DEADLINE_EXCEEDED:
             raise self.timed_out()
+        if limit is not None and limit < self.stream_ids:
+            # The server lets a stream follow fewer ids than this client sent (a lower
+            # server.max_stream_ids): the rest goes on further streams of its size.
+            self.stream_ids = limit
+            self._server_answered()
+            self.resumed += 1
+            return 0.0
         if reason == Reason.STREAM_EXPIRED:
             # The server ended a live stream at its lifetime (server.max_stream_s): it is
             # there. A wait for final states may have heard nothing for that long, so the

@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 import grpc
 
-from qm.errors import RateLimited, StreamExpired, ValidationError
+from qm.errors import RateLimited, StreamExpired, StreamIdsOverLimit
 from qm.server.admission import RETRY_PUSHBACK_KEY
 from qm.server.servicer import abort_with, rich_status
 
@@ -213,11 +213,5 @@ class QuotaInterceptor(grpc.aio.ServerInterceptor):
         async for request in request_iterator:
             sent += len(request.task_ids)
             if sent > self.max_stream_ids:
-                raise ValidationError(
-                    "task_ids",
-                    (
-                        f"{sent} task ids sent on one stream, over the limit of {self.max_stream_ids} "
-                        "(server.max_stream_ids); follow more tasks on further streams"
-                    ),
-                )
+                raise StreamIdsOverLimit(sent, self.max_stream_ids)
             yield request

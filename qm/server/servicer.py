@@ -76,7 +76,7 @@ _STATUS_OF: dict[type[QMError], tuple[grpc.StatusCode, Reason]] = {
 #: Any other domain error.
 _OTHER = (grpc.StatusCode.INTERNAL, Reason.SERVER_ERROR)
 #: Attributes of a domain error that ErrorInfo.metadata carries: what the error is about.
-_METADATA_ATTRIBUTES = ("field", "task_id", "schedule_id", "group_id")
+_METADATA_ATTRIBUTES = ("field", "task_id", "schedule_id", "group_id", "max_stream_ids")
 
 
 def error_status(error: QMError) -> tuple[grpc.StatusCode, Reason]:

@@ -2,8 +2,9 @@
 
 The server refuses a stream past that many ids, so `watch`, `results` (both clients), the
 CLI's `--wait` and a long-lived `qm.Executor` follow them one stream after another. Here
-the server's cap is 40 and the clients' `stream_ids` match it, so 100 tasks take three
-streams (with the server's default cap of 10,000, a wait over 10,001 tasks did fail).
+the server's cap is 40, so 100 tasks take three streams (with the server's default cap of
+10,000, a wait over 10,001 tasks did fail). A client set to follow more ids a stream than
+the server allows (the default 10,000 here) learns the cap from the server's refusal.
 """
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ import pytest
 
 import qm
 import qm.aio
-from qm.client.client import RemoteError
 from tests.processes import run_qm
 
 CAP = 40
@@ -48,21 +48,25 @@ def test_results_and_watch_follow_more_tasks_than_one_stream_may(capped):
         assert sorted(status.task_id for status in watched) == sorted(ids)
 
 
-def test_a_client_that_sends_more_ids_than_the_server_allows_gets_the_cap_named(capped):
+def test_a_client_that_sends_more_ids_than_the_server_allows_learns_the_cap(capped):
     server, queue = capped
-    with qm.Client(server.address, stream_ids=CAP + 1) as client:
+    with qm.Client(server.address) as client:  # stream_ids 10,000: over the server's 40
         ids = _submit(client, queue)
-        with pytest.raises(RemoteError, match=r"over the limit of 40 \(server.max_stream_ids\)"):
-            list(client.results(ids, timeout_s=RESULT_TIMEOUT_S))
+        finals = {status.task_id: status.result for status in client.results(ids, timeout_s=RESULT_TIMEOUT_S)}
+        assert [finals[task_id] for task_id in ids] == [str(i + 1) for i in range(TASKS)]
+        assert client.stream_ids == CAP  # and the next waits start at the server's size
+        watched = {status.task_id for status in client.watch(ids, timeout_s=RESULT_TIMEOUT_S) if status.terminal}
+        assert watched == set(ids)
 
 
 def test_the_aio_client_follows_more_tasks_than_one_stream_may(capped):
     server, queue = capped
 
     async def main() -> dict[str, str]:
-        async with qm.aio.Client(server.address, stream_ids=CAP) as client:
+        async with qm.aio.Client(server.address) as client:  # learns the cap from the refusal
             ids = await client.submit_many([("math", f"{i} * 2") for i in range(TASKS)], queue=queue)
             finals = {status.task_id: status.result async for status in client.results(ids, timeout_s=RESULT_TIMEOUT_S)}
+            assert client.stream_ids == CAP
             return {task_id: finals[task_id] for task_id in ids}
 
     results = asyncio.run(main())
@@ -71,7 +75,7 @@ def test_the_aio_client_follows_more_tasks_than_one_stream_may(capped):
 
 def test_an_executor_keeps_working_past_the_ids_one_stream_may_follow(capped):
     server, queue = capped
-    with qm.Executor(server.address, secret=SECRET, queue=queue, stream_ids=CAP) as executor:
+    with qm.Executor(server.address, secret=SECRET, queue=queue) as executor:  # learns the cap
         futures = [executor.submit(operator.add, i, 1) for i in range(TASKS)]
         assert [future.result(RESULT_TIMEOUT_S) for future in futures] == [i + 1 for i in range(TASKS)]
         assert list(executor.map(operator.mul, range(TASKS), [3] * TASKS, timeout=RESULT_TIMEOUT_S)) == [
@@ -83,6 +87,6 @@ def test_the_cli_waits_for_more_lines_than_one_stream_may_follow(capped):
     server, queue = capped
     lines = "\n".join(f"{i} + 100" for i in range(TASKS)) + "\n"
     result = run_qm("--server", server.address, "submit", "-T", "math", "--queue", queue, "--from-file", "-",
-                    "--wait", input=lines, env={"QM_CLIENT__STREAM_IDS": str(CAP)})
+                    "--wait", input=lines)  # the client's default stream_ids: the cap is learnt
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == [str(i + 100) for i in range(TASKS)]

@@ -12,7 +12,7 @@ import pytest
 
 import qm
 from qm._proto.qm.v1 import task_queue_pb2
-from qm.client.common import error_reason
+from qm.client.common import error_reason, stream_ids_limit
 from tests.processes import unique
 from tests.security.caps_support import (
     CALL_TIMEOUT_S,
@@ -74,6 +74,7 @@ def test_100000_ids_in_one_stream_are_refused_invalid_argument(stack):
     assert error.code() is grpc.StatusCode.INVALID_ARGUMENT, error
     assert "server.max_stream_ids" in error.details() and "10000" in error.details(), error.details()
     assert error_reason(error) == "INVALID_FIELD"
+    assert stream_ids_limit(error) == 10_000, "the cap travels in the error, for clients to follow that many"
 
 
 def test_an_unknown_queue_is_refused_and_never_declared(stack):

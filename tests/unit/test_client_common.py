@@ -20,13 +20,15 @@ from qm.client.common import (
     batch_requests,
     error_reason,
     parse_servers,
+    stream_error,
+    stream_ids_limit,
     submit_request,
 )
-from qm.errors import BatchError, BrokerUnavailable, ValidationError, WaitTimeout
+from qm.errors import BatchError, BrokerUnavailable, StreamIdsOverLimit, ValidationError, WaitTimeout
 from qm.reasons import Reason
 from qm.server.servicer import rich_status
 
-UNAVAILABLE, OK = grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.OK
+UNAVAILABLE, OK, INVALID = grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT
 
 
 class Clock:
@@ -131,6 +133,25 @@ def test_a_wait_over_more_ids_than_a_stream_may_follow_takes_one_stream_after_an
     follow.accept(status("t3", SUCCEEDED))
     follow.accept(status("t5", SUCCEEDED))
     assert follow.done and not follow.window_done
+
+
+def test_a_server_with_a_lower_stream_limit_makes_the_wait_follow_that_many_a_stream():
+    follow = Follow(["t1", "t2", "t3", "t4", "t5"], Failover(["a:1"]), None, 60.0, Clock(), stream_ids=4)
+    assert [r.task_ids for r in follow.requests()] == [["t1", "t2", "t3", "t4"]]
+    follow.accept(status("t1", SUCCEEDED))  # sent before the server counted past its limit
+    delay = follow.interrupted("a:1", INVALID, "5 task ids sent on one stream, over the limit of 2",
+                               reason="INVALID_FIELD", limit=2)
+    assert delay == 0.0 and follow.stream_ids == 2  # at once, in windows of the server's size
+    assert [r.task_ids for r in follow.requests()] == [["t2", "t3"]]
+    with pytest.raises(RemoteError, match="over the limit of 2"):  # the same limit again: no loop
+        follow.interrupted("a:1", INVALID, "over the limit of 2", reason="INVALID_FIELD", limit=2)
+
+
+def test_the_stream_limit_a_server_names_is_what_a_client_reads():
+    refused = CallError(rich_status(StreamIdsOverLimit(10_001, 10_000)))
+    assert stream_error(refused) == (INVALID, str(StreamIdsOverLimit(10_001, 10_000)), "INVALID_FIELD", 10_000)
+    other_field = CallError(rich_status(ValidationError("task_ids", "empty")))
+    assert stream_ids_limit(other_field) is None
 
 
 def test_a_stream_follows_at_least_one_id():

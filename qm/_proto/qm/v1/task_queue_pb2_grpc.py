@@ -252,8 +252,10 @@ class TaskQueueServicer:
 
         Errors:
         - NOT_FOUND: one of the ids is unknown; the stream ends with it, naming the id.
-        - INVALID_ARGUMENT: the stream named more ids than server.max_stream_ids (default
-        10,000; repeats count); follow more tasks on further streams.
+        - INVALID_ARGUMENT: reason INVALID_FIELD, field "task_ids": the stream named more ids
+        than server.max_stream_ids (default 10,000; repeats count), which ErrorInfo.metadata
+        "max_stream_ids" gives; follow more tasks on further streams of at most that many
+        (qm clients do).
         - UNAVAILABLE: reason STREAM_EXPIRED: the stream was open for server.max_stream_s
         (default 1 h); open a new one for the tasks still followed (qm clients do).
         """
