@@ -453,6 +453,9 @@ class Launcher:
         self.started: list[Process] = []
         self._queues: dict[str, set[str]] = {}
         self._servers: list[tuple[str, Server]] = []
+        #: --log-level of the workers started without one (the fault suite's: DEBUG, for
+        #: the line each attempt logs, a success's included: tests/faults/support.py).
+        self.worker_log_level: str | None = None
 
     def server(self, broker_url: str, **kwargs) -> Server:
         server = start_server(broker_url, self.tmp_path, **kwargs)
@@ -462,6 +465,7 @@ class Launcher:
 
     def worker(self, broker_url: str, procs: int = 2, queues: str | Sequence[str] = "default",
                **kwargs) -> Worker:
+        kwargs.setdefault("log_level", self.worker_log_level)
         worker = start_worker(broker_url, procs, queues, **kwargs)
         self.started.append(worker)
         self._queues.setdefault(broker_url, set()).update(

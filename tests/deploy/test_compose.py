@@ -719,8 +719,10 @@ def test_deploy_config_runs_a_stack_on_the_deploy_rabbitmq(deploy_rabbitmq, laun
                                          "--metrics-port", str(worker_metrics)])
 
     with qm.Client(server.address) as client:
-        task_id = client.submit("math", "6 * 7", queue=queue)
-        assert client.result(task_id, timeout_s=60) == "42"
+        assert client.result(client.submit("math", "6 * 7", queue=queue), timeout_s=60) == "42"
+        # A failure logs at INFO (a success at DEBUG only): its line carries the task id.
+        task_id = client.submit("test.fail", "", queue=queue, max_retries=0)
+        assert [status.state for status in client.results([task_id], timeout_s=60)] == ["FAILED"]
     assert "qm_" in _http_get(f"http://127.0.0.1:{server_metrics}/metrics")
     assert "qm_" in _http_get(f"http://127.0.0.1:{worker_metrics}/metrics")
 

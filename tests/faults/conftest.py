@@ -4,6 +4,16 @@ Run it alone with `pytest tests/faults -m faults -rA` (-rA shows each scenario's
 """
 from __future__ import annotations
 
+import pytest
+
+
+@pytest.fixture
+def launcher(launcher):
+    """Workers that log every attempt's outcome: the suite counts executions, and so
+    duplicates, from those lines (support.executions), and a success logs at DEBUG."""
+    launcher.worker_log_level = "DEBUG"
+    return launcher
+
 
 def pytest_terminal_summary(terminalreporter) -> None:
     """Each scenario's printed counts ("[faults] ..." lines), whatever its outcome (pytest

@@ -312,6 +312,8 @@ def spawn_worker(launcher: Launcher, broker_url: str, queue: str, procs: int = 2
     worker_id = unique("worker")
     args = [command("qm-worker"), "--procs", str(procs), "--broker-url", broker_url, "--queues", queue,
             "--worker-id", worker_id]
+    if launcher.worker_log_level:
+        args += ["--log-level", launcher.worker_log_level]
     worker = Worker(args, worker_id, [queue], env)
     launcher.started.append(worker)
     try:

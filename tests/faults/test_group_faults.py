@@ -73,7 +73,7 @@ def test_kill_9_of_the_worker_between_members(rabbitmq, launcher, gates, tmp_pat
 def test_kill_9_of_the_server_while_members_finish(rabbitmq, launcher, gates, tmp_path):
     queue = launcher.queue(rabbitmq.url)
     server = launcher.server(rabbitmq.url)
-    worker = launcher.worker(rabbitmq.url, procs=2, queues=queue, log_level="DEBUG")  # a line per success
+    worker = launcher.worker(rabbitmq.url, procs=2, queues=queue)
     held = [gates() for _ in range(2)]
     log = tmp_path / "callback.log"
     items = [("math", "3 * 3"), ("math", "4 * 4")] + [("test.wait_for", gate.payload) for gate in held]

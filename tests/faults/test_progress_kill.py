@@ -38,7 +38,7 @@ def test_kill_9_mid_progress_reruns_the_task_to_one_terminal_state(rabbitmq, lau
         wait_until(lambda: all(gone(process) for process in family), ORPHAN_TIMEOUT_S,
                    message="the killed worker's children ending")
         gate.open()
-        rescuer = launcher.worker(rabbitmq.url, procs=1, queues=queue, log_level="DEBUG")  # a line per success
+        rescuer = launcher.worker(rabbitmq.url, procs=1, queues=queue)
         workers = [doomed, rescuer]
         wait_settled(watcher, SETTLE_TIMEOUT_S, workers + [server], stall_s=SETTLE_TIMEOUT_S)
         final = client.status(task_id)

@@ -44,7 +44,7 @@ ORPHAN_TIMEOUT_S = 30.0
 def test_kill_9_of_a_worker_supervisor_mid_run(rabbitmq, launcher, gates):
     queue = launcher.queue(rabbitmq.url)
     server = launcher.server(rabbitmq.url)
-    doomed = launcher.worker(rabbitmq.url, procs=2, queues=queue, log_level="DEBUG")  # a line per success
+    doomed = launcher.worker(rabbitmq.url, procs=2, queues=queue)
     survivor = launcher.worker(rabbitmq.url, procs=2, queues=queue)
     workers = [doomed, survivor]
     probe = StatusProbe(doomed)
