@@ -160,13 +160,17 @@ def error_info(error: grpc.RpcError) -> tuple[str | None, dict[str, str]]:
 def stream_error(error: grpc.RpcError) -> tuple[grpc.StatusCode, str | None, str | None, int | None]:
     """How a results stream ended in error, as Follow.interrupted takes it: the code, the
     details, qm-server's reason code and the server's stream_ids_limit."""
-    return error.code(), error.details(), error_reason(error), stream_ids_limit(error)
+    reason, metadata = error_info(error)
+    return error.code(), error.details(), reason, _stream_ids_limit(reason, metadata)
 
 
 def stream_ids_limit(error: grpc.RpcError) -> int | None:
     """The ids one stream may follow, from a server that refused a stream for naming more
     (its server.max_stream_ids, in the error's metadata); None for any other error."""
-    reason, metadata = error_info(error)
+    return _stream_ids_limit(*error_info(error))
+
+
+def _stream_ids_limit(reason: str | None, metadata: dict[str, str]) -> int | None:
     try:
         limit = int(metadata["max_stream_ids"]) if reason == Reason.INVALID_FIELD else 0
     except (KeyError, ValueError):
