@@ -138,7 +138,7 @@ class Supervisor:
         self.max_held_s = consumer_timeout_s * HELD_SHARE_OF_CONSUMER_TIMEOUT
         self._held_since: dict[asyncio.Task, float] = {}  # unstarted handler → when its delivery came
         self._held_check: asyncio.TimerHandle | None = None
-        self.tally = OutcomeTally(log)  # the INFO summary of ended tasks (successes log at DEBUG)
+        self.tally = OutcomeTally(log)  # the INFO summary of ended runs (successes log at DEBUG)
 
     async def start(self) -> None:
         await self.broker.declare_exchange(topology.EVENTS_EXCHANGE, "fanout")

@@ -1,10 +1,11 @@
-"""The worker's INFO summary of the tasks that ended, at most one line a minute.
+"""The worker's INFO summary of the runs (attempts) that ended, at most one line a minute.
 
 A successful attempt is logged at DEBUG only: at a thousand tiny tasks a second, a line
 each took about a tenth of the supervisor's CPU (load/README.md, "A log line per task").
 Every other outcome (failed, retried, timed out, killed, cancelled) keeps its INFO line.
-This tally says at INFO how many ended, by state, once `interval_s` has passed since its
-last line, when a task ends (no timer: an idle worker logs nothing); `flush` at stop.
+This tally says at INFO how many runs ended, by the state each run ended in (a FAILED run
+may still be retried), once `interval_s` has passed since its last line, when a run ends
+(no timer: an idle worker logs nothing); `flush` at stop.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class OutcomeTally:
             by_state = ", ".join(f"{count:,} {state}" for state, count in sorted(self._counts.items()))
             total = self._counts.total()
             self._log.info(
-                "%s task%s ended in the last %.0f s: %s",
+                "%s run%s ended in the last %.0f s: %s",
                 f"{total:,}",
                 "" if total == 1 else "s",
                 now_s - self._since_s,

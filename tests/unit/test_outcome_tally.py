@@ -33,7 +33,7 @@ def test_ended_tasks_are_summed_up_once_a_minute_by_state(caplog):
     assert _lines(caplog) == []  # within the minute: nothing yet
     clock.now_s += 31.0
     tally.add("TIMED_OUT")
-    assert _lines(caplog) == ["1,503 tasks ended in the last 61 s: 1 FAILED, 1,501 SUCCEEDED, 1 TIMED_OUT"]
+    assert _lines(caplog) == ["1,503 runs ended in the last 61 s: 1 FAILED, 1,501 SUCCEEDED, 1 TIMED_OUT"]
 
 
 def test_stop_logs_the_last_part_of_a_minute_and_an_idle_worker_logs_nothing(caplog):
@@ -46,4 +46,4 @@ def test_stop_logs_the_last_part_of_a_minute_and_an_idle_worker_logs_nothing(cap
     tally.add("SUCCEEDED")
     clock.now_s += 5.0
     tally.flush()
-    assert _lines(caplog) == ["1 task ended in the last 5 s: 1 SUCCEEDED"]
+    assert _lines(caplog) == ["1 run ended in the last 5 s: 1 SUCCEEDED"]
