@@ -36,11 +36,10 @@ class ResultStream:
         overflow: Callable[[list[str]], None],
     ) -> None:
         self.client = client
-        self.capacity = capacity
         self._settle = settle  # settle(status): a call's final status came
         self._fail = fail  # fail(ids, error): these calls' futures get error
         self._overflow = overflow  # overflow(ids): ids over a server's lower limit, to follow elsewhere
-        self.followed = 0  # ids sent on it (it takes at most `capacity`)
+        self.followed = 0  # ids sent on it (it takes at most its Follow's stream_ids)
         self._follow = Follow([], client._failover, None, client.reconnect_s, final_only=True, stream_ids=capacity)
         self._lock = threading.Lock()  # the follow state, the open call's queue, closed
         self._queue: queue_module.Queue = queue_module.Queue()  # the open call's new ids
@@ -50,12 +49,13 @@ class ResultStream:
 
     @property
     def room(self) -> int:
-        return self.capacity - self.followed
+        """Ids it may still take: `capacity`, or the lower limit a server named since."""
+        return self._follow.stream_ids - self.followed
 
     def follow(self, task_ids: list[str]) -> list[str]:
         """Follow as many of `task_ids` as there is room for; the rest is returned."""
         with self._lock:
-            room = max(0, self.capacity - self.followed)
+            room = max(0, self.room)
             taken, rest = task_ids[:room], task_ids[room:]
             if taken:
                 self.followed += len(taken)
@@ -123,14 +123,11 @@ class ResultStream:
         stream, naming its server.max_stream_ids): this stream keeps that many, takes no
         more, and hands the rest to `overflow` (the executor's further streams)."""
         with self._lock:
-            limit = self._follow.stream_ids
-            if limit >= self.capacity:
-                return
-            self.capacity = limit
-            self.followed = max(self.followed, limit)  # full: no more ids come here
+            limit = self._follow.stream_ids  # lowered by Follow.interrupted; `room` follows it
             self.client.stream_ids = min(self.client.stream_ids, limit)  # the executor's next streams
+            if len(self._follow.open) <= limit:
+                return
             shed = list(self._follow.open)[limit:]
             for task_id in shed:
                 del self._follow.open[task_id]
-        if shed:
-            self._overflow(shed)
+        self._overflow(shed)
