@@ -196,6 +196,25 @@ def pack_events(events: list[messages_pb2.TaskEvent]) -> bytes:
     return messages_pb2.TaskEvent(packed=events).SerializeToString()
 
 
+def encode_bundle(bodies: list[bytes]) -> bytes:
+    """One work-queue message body holding these TaskMessage bodies, in order (published
+    with the header Header.BUNDLE: their count)."""
+    return messages_pb2.TaskBundle(tasks=bodies).SerializeToString()
+
+
+def decode_bundle(body: bytes) -> list[bytes]:
+    """The TaskMessage bodies of a bundle; ValueError if it is no bundle or empty."""
+    tasks = list(_parse(messages_pb2.TaskBundle, body).tasks)
+    if not tasks:
+        raise ValueError("undecodable TaskBundle: no tasks in it")
+    return tasks
+
+
+def is_bundle(headers: dict) -> bool:
+    """Whether a work-queue message is a bundle (by its headers; the body says nothing)."""
+    return Header.BUNDLE in headers
+
+
 def _parse(message_class, body: bytes):
     message = message_class()
     try:
@@ -221,6 +240,7 @@ class Heartbeat:
     stopped: bool = False
     at_s: float = dataclasses.field(default_factory=time.time)
     busy_cpus: int = 0  # CPU slots held by running tasks (a cpus=N task holds N)
+    features: tuple[str, ...] = ()  # what it reads beyond a task a message (protocol.Feature)
 
     def encode(self) -> bytes:
         beat = messages_pb2.WorkerHeartbeat(
@@ -235,6 +255,7 @@ class Heartbeat:
             draining=self.draining,
             stopped=self.stopped,
             busy_cpus=self.busy_cpus,
+            features=self.features,
         )
         beat.at.FromNanoseconds(int(self.at_s * 1e9))
         return beat.SerializeToString()
@@ -257,4 +278,5 @@ class Heartbeat:
             beat.stopped,
             beat.at.ToNanoseconds() / 1e9,
             beat.busy_cpus,
+            tuple(beat.features),
         )

@@ -26,6 +26,18 @@ class Header:
     DETAIL = "qm-detail"
     #: The worker id of a heartbeat.
     WORKER = "qm-worker"
+    #: A work-queue message holding several tasks (messages.TaskBundle): how many.
+    BUNDLE = "qm-bundle"
+    #: A task published again for a run that may have killed its worker (a member of a
+    #: redelivered bundle, or one cut short): it runs alone, like a redelivered message.
+    SUSPECT = "qm-suspect"
+
+
+class Feature:
+    """What a worker names in its heartbeat's `features`: messages it can read beyond a
+    task a message. Servers send one only once every worker of a queue names it."""
+
+    BUNDLES = "bundles"
 
 
 #: Longest error text carried in a dead letter's header.

@@ -19,7 +19,7 @@ from qm.background import Background
 from qm.broker.base import Broker, Delivery
 from qm.errors import StoreUnavailable, TaskNotFound
 from qm.ids import time_ordered_id
-from qm.messages import TaskEvent, TaskMessage
+from qm.messages import TaskEvent, TaskMessage, decode_bundle, is_bundle
 from qm.metrics import ServerMetrics
 from qm.protocol import Header
 from qm.server import maintenance
@@ -85,16 +85,29 @@ class DeadLetters:
                 return
 
     async def record(self, delivery: Delivery) -> None:
-        """Record a dead letter, then ack it. One that RabbitMQ dead-lettered itself (the
-        quorum queue's delivery limit: its worker died every time) has no final event yet:
-        make it one."""
+        """Record a dead letter, then ack it: each task of a bundle (messages.TaskBundle)
+        as a dead letter of its own (recorded again if this is cut short: an upsert)."""
+        if not is_bundle(delivery.headers):
+            await self._record_task(delivery.body, delivery.headers)
+        else:
+            try:
+                bodies = decode_bundle(delivery.body)
+            except ValueError as exc:
+                bodies = []
+                log.error("dropping an undecodable dead bundle (headers %s): %s", delivery.headers, exc)
+            headers = {key: value for key, value in delivery.headers.items() if key != Header.BUNDLE}
+            for body in bodies:
+                await self._record_task(body, headers)
+        self.broker.ack(delivery)
+
+    async def _record_task(self, body: bytes, headers: dict) -> None:
+        """Record one dead task. One that RabbitMQ dead-lettered itself (the quorum queue's
+        delivery limit: its worker died every time) has no final event yet: make it one."""
         try:
-            message = TaskMessage.decode(delivery.body)
+            message = TaskMessage.decode(body)
         except ValueError as exc:
-            log.error("dropping an undecodable dead letter (headers %s): %s", delivery.headers, exc)
-            self.broker.ack(delivery)
+            log.error("dropping an undecodable dead letter (headers %s): %s", headers, exc)
             return
-        headers = delivery.headers
         reason = headers.get(Header.DEAD_REASON)
         if reason is None:
             reason = rabbitmq_dead_reason(headers, self.delivery_limit)
@@ -122,13 +135,12 @@ class DeadLetters:
                 message.attempt,
                 str(reason),
                 error,
-                delivery.body,
+                body,
                 time.time(),
             )
         )
         log.warning("task %s (%s) dead-lettered: %s", message.task_id, message.type, reason)
         self.metrics.dead_letters.labels(message.type if message.type in self.codecs else "unknown").inc()
-        self.broker.ack(delivery)
 
     async def list(self, limit: int) -> tuple[builtins.list[DeadLetter], int]:
         """The oldest dead letters, at most `limit` (0 = the default) and never over

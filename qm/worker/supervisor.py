@@ -26,6 +26,11 @@ a delay tier, not run (qm/scheduling.py). Everything runs on one asyncio loop th
 waits on task work, so AMQP heartbeats keep flowing however long tasks take. While tasks
 are short the pool pipelines (a busy child holds its next job: Pool.pipeline).
 
+A message may hold several tasks (a bundle, qm/worker/bundles.py): each is handled as a
+delivery of its own, and the message is acked once all are settled; a redelivered bundle
+is split into single suspect messages before any of its tasks runs. Every heartbeat says
+this worker reads bundles (Feature.BUNDLES), so servers may send them.
+
 Multi-CPU tasks (`cpus` N > 1) come from work queues of their own size,
 `qm.tasks.<queue>.cpus<N>`; a worker with P procs consumes the sizes 2..P of each of its
 queues, each with a fixed prefetch of P // N (as many as could run at once on an idle
@@ -52,13 +57,13 @@ from qm.background import Background
 from qm.broker import topology
 from qm.broker.base import REPUBLISH_WAIT_S, Broker, Delivery, publish_until_confirmed
 from qm.errors import BrokerUnavailable
-from qm.messages import Heartbeat, TaskMessage
+from qm.messages import Heartbeat, TaskMessage, is_bundle
 from qm.metrics import WorkerMetrics
-from qm.protocol import Header
+from qm.protocol import Feature, Header
 from qm.states import TaskState
 from qm.task_progress import Progress
-from qm.worker.acks import AckBatcher
 from qm.worker.announce import StartAnnouncement
+from qm.worker.bundles import BundleAcks, Member, is_suspect
 from qm.worker.control import ControlFollower
 from qm.worker.isolation import Isolation
 from qm.worker.outcomes import Outcomes
@@ -125,12 +130,12 @@ class Supervisor:
         self.outcomes = Outcomes(
             broker, worker_id, self.metrics, max_result_bytes=max_result_bytes, pack_events=pack_events
         )
-        self.acks = AckBatcher(broker)
         self._consumer_tags: list[str] = []
         self._isolation = Isolation()
         self._unsettled: dict[asyncio.Task, Delivery] = {}  # handler → its delivery, until settled
         self._waiting: set[asyncio.Task] = set()  # handlers whose job has not started
         self._background = Background()
+        self.acks = BundleAcks(broker, self._background.spawn)  # bundles: qm/worker/bundles.py
         self.progress = ProgressEvents(self.outcomes.events, worker_id, self.metrics, self._background)
         self._by_task: dict[str, asyncio.Task] = {}  # task id → its handler
         self._queue_of: dict[str, str] = {}  # consumer tag → routing key of its work queue (band or size)
@@ -225,6 +230,13 @@ class Supervisor:
 
     def _on_delivery(self, delivery: Delivery) -> None:
         self.acks.track(delivery)
+        if is_bundle(delivery.headers):  # several tasks: each handled as a delivery of its own
+            for member in self.acks.open(delivery):
+                self._start_handler(member)
+            return
+        self._start_handler(delivery)
+
+    def _start_handler(self, delivery: Delivery) -> None:
         handler = asyncio.create_task(self._handle(delivery))
         self._unsettled[handler] = delivery
         self._waiting.add(handler)
@@ -239,9 +251,17 @@ class Supervisor:
         self._settle(handler, ack=False)  # no-op when the handler settled it
 
     def _settle(self, handler: asyncio.Task, ack: bool) -> None:
+        """Ack, or return to the queue (a run cut short, a failed handler): a bundle's
+        member goes back as a copy marked a suspect, as RabbitMQ would mark it redelivered."""
         delivery = self._unsettled.pop(handler, None)
-        if delivery is not None:
-            self.acks.done(delivery) if ack else self.acks.nack(delivery, requeue=True)
+        if delivery is None:
+            return
+        if ack:
+            self.acks.done(delivery)
+        elif isinstance(delivery, Member):
+            self._background.spawn(self._republish(delivery, suspect=True))
+        else:
+            self.acks.nack(delivery, requeue=True)
 
     def job_for(self, message: TaskMessage) -> Job:
         """The job with the smallest limits that apply (the task's, then this worker's caps).
@@ -266,7 +286,7 @@ class Supervisor:
         handler = asyncio.current_task()
         assert handler is not None  # _handle always runs as a task (one per delivery)
         try:
-            message = TaskMessage.decode(delivery.body)
+            message = getattr(delivery, "message", None) or TaskMessage.decode(delivery.body)
         except ValueError as exc:
             log.error("rejecting an undecodable task message (headers %s): %s", delivery.headers, exc)
             self._unsettled.pop(handler, None)
@@ -293,7 +313,7 @@ class Supervisor:
         started_at = 0.0
         # A redelivered task may be what took its last worker down: it runs alone, and its
         # start is on record (confirmed) before it runs, so the servers can count it.
-        suspect = delivery.redelivered
+        suspect = is_suspect(delivery)
         # Any other start may wait to be announced: a short run's start rides with its
         # outcome event instead (qm/worker/announce.py).
         announcement = StartAnnouncement(
@@ -432,7 +452,7 @@ class Supervisor:
             released += [
                 handler
                 for handler in waiting[room:]
-                if not self._unsettled[handler].redelivered and self.broker.settleable(self._unsettled[handler])
+                if not is_suspect(self._unsettled[handler]) and self.broker.settleable(self._unsettled[handler])
             ]
         if released:
             log.info(
@@ -450,7 +470,8 @@ class Supervisor:
         redelivered, so it is no poison suspect and uses none of a quorum queue's delivery
         limit. Dying between confirm and ack leaves both: the original comes back
         redelivered and the task may run twice, which at-least-once covers (qm/states.py).
-        A redelivered delivery is nacked back as it is: it stays a suspect."""
+        A redelivered delivery is nacked back as it is: it stays a suspect. (A bundle's
+        member is never redelivered: a redelivered bundle is split, qm/worker/bundles.py.)"""
         delivery = self._unsettled.pop(handler, None)
         handler.cancel()
         if delivery is None:
@@ -460,12 +481,15 @@ class Supervisor:
         else:
             self._background.spawn(self._republish(delivery))
 
-    async def _republish(self, delivery: Delivery) -> None:
-        """Publish a copy of `delivery`, then ack it. A copy refused while connected: nack the
-        original back. A copy lost with the connection: publish it again once reconnected."""
+    async def _republish(self, delivery: Delivery, suspect: bool = False) -> None:
+        """Publish a copy of `delivery` (marked Header.SUSPECT if `suspect`: its run was cut
+        short), then ack it. A copy refused while connected: nack the original back. A copy
+        lost with the connection: publish it again once reconnected."""
         # RabbitMQ sets x-delivery-count on quorum redeliveries; a first delivery has none,
         # and a copy must not carry one anyway.
         headers = {key: value for key, value in delivery.headers.items() if key != "x-delivery-count"}
+        if suspect:
+            headers[Header.SUSPECT] = 1
         routing_key = self._routing_key_of(delivery)
         try:
             await self.broker.publish(topology.TASKS_EXCHANGE, routing_key, delivery.body, headers)
@@ -554,6 +578,7 @@ class Supervisor:
             self.draining,
             stopped,
             busy_cpus=self.pool.busy_cpus,
+            features=(Feature.BUNDLES,),
         )
         try:
             await self.broker.publish(topology.HEARTBEATS_EXCHANGE, "", beat.encode(), {Header.WORKER: self.worker_id})

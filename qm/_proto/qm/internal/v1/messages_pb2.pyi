@@ -101,7 +101,7 @@ class TaskProgress(_message.Message):
     def __init__(self, fraction: _Optional[float] = ..., message: _Optional[str] = ..., detail_json: _Optional[str] = ...) -> None: ...
 
 class WorkerHeartbeat(_message.Message):
-    __slots__ = ("worker_id", "host", "pid", "procs", "busy", "queues", "types", "version", "draining", "stopped", "at", "busy_cpus")
+    __slots__ = ("worker_id", "host", "pid", "procs", "busy", "queues", "types", "version", "draining", "stopped", "at", "busy_cpus", "features")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
@@ -114,6 +114,7 @@ class WorkerHeartbeat(_message.Message):
     STOPPED_FIELD_NUMBER: _ClassVar[int]
     AT_FIELD_NUMBER: _ClassVar[int]
     BUSY_CPUS_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     host: str
     pid: int
@@ -126,4 +127,11 @@ class WorkerHeartbeat(_message.Message):
     stopped: bool
     at: _timestamp_pb2.Timestamp
     busy_cpus: int
-    def __init__(self, worker_id: _Optional[str] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., procs: _Optional[int] = ..., busy: _Optional[int] = ..., queues: _Optional[_Iterable[str]] = ..., types: _Optional[_Iterable[str]] = ..., version: _Optional[str] = ..., draining: _Optional[bool] = ..., stopped: _Optional[bool] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., busy_cpus: _Optional[int] = ...) -> None: ...
+    features: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, worker_id: _Optional[str] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., procs: _Optional[int] = ..., busy: _Optional[int] = ..., queues: _Optional[_Iterable[str]] = ..., types: _Optional[_Iterable[str]] = ..., version: _Optional[str] = ..., draining: _Optional[bool] = ..., stopped: _Optional[bool] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., busy_cpus: _Optional[int] = ..., features: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class TaskBundle(_message.Message):
+    __slots__ = ("tasks",)
+    TASKS_FIELD_NUMBER: _ClassVar[int]
+    tasks: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, tasks: _Optional[_Iterable[bytes]] = ...) -> None: ...
