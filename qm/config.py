@@ -390,6 +390,8 @@ class ServerConfig:
     store_pool_size: int = _setting(10, _to_int, _above(0), _at_most(1000))
     max_payload_bytes: int = _setting(1048576, _to_int, _above(0))
     max_batch_items: int = _setting(1000, _to_int, _above(0))
+    #: Most tiny tasks of a SubmitTasks call sent in one work-queue message (qm/server/bundling.py); 1 = off.
+    bundle_max_tasks: int = _setting(16, _to_int, _above(0), _at_most(1000))
     grace_s: float = _setting(5.0, _to_float, _at_least(0))
     max_concurrent_rpcs: int = _setting(4000, _to_int, _at_least(0))
     default_task_timeout_s: float = _setting(600.0, _to_float, _above(0))

@@ -69,6 +69,11 @@ class ServerMetrics:
             "qm_server_grpc_in_flight", "TaskQueue calls being handled (streams included)", registry=r
         )
         self.open_streams = Gauge("qm_server_open_streams", "StreamTaskResults streams open", registry=r)
+        self.bundled_tasks = Counter(
+            "qm_server_bundled_tasks_total",
+            "Tasks published several to a work-queue message (bundles of tiny tasks: server.bundle_max_tasks)",
+            registry=r,
+        )
         self.groups = Counter(
             "qm_server_groups_total",
             "Task groups (SubmitGroup) by outcome: accepted, duplicate (a repeated key), key_reused (refused)",

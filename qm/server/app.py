@@ -133,6 +133,7 @@ class ServerApp:
             schedule_grace_s=server.schedule_grace_s,
             max_schedules=server.max_schedules,
             max_task_cpus=server.max_task_cpus,
+            bundle_max_tasks=server.bundle_max_tasks,
         )
         self.service.dead_letters.max_listed = server.max_dead_letters_listed
         self.service.dead_letters.retention_s = server.dead_letter_retention_s

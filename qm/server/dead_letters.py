@@ -16,7 +16,8 @@ import time
 from typing import Awaitable, Callable
 
 from qm.background import Background
-from qm.broker.base import Broker, Delivery
+from qm.broker import topology
+from qm.broker.base import Broker, Delivery, publish_until_confirmed
 from qm.errors import StoreUnavailable, TaskNotFound
 from qm.ids import time_ordered_id
 from qm.messages import TaskEvent, TaskMessage, decode_bundle, is_bundle
@@ -86,7 +87,9 @@ class DeadLetters:
 
     async def record(self, delivery: Delivery) -> None:
         """Record a dead letter, then ack it: each task of a bundle (messages.TaskBundle)
-        as a dead letter of its own (recorded again if this is cut short: an upsert)."""
+        as a dead letter of its own (recorded again if this is cut short: an upsert). A
+        bundle a worker rejected (a worker older than bundles: today's reject only bundles
+        that do not decode) is no failure: its tasks go back to their queues, one a message."""
         if not is_bundle(delivery.headers):
             await self._record_task(delivery.body, delivery.headers)
         else:
@@ -95,10 +98,33 @@ class DeadLetters:
             except ValueError as exc:
                 bodies = []
                 log.error("dropping an undecodable dead bundle (headers %s): %s", delivery.headers, exc)
-            headers = {key: value for key, value in delivery.headers.items() if key != Header.BUNDLE}
-            for body in bodies:
-                await self._record_task(body, headers)
+            if bodies and _rejected(delivery.headers):
+                await self._unbundle(bodies)
+            else:
+                headers = {key: value for key, value in delivery.headers.items() if key != Header.BUNDLE}
+                for body in bodies:
+                    await self._record_task(body, headers)
         self.broker.ack(delivery)
+
+    async def _unbundle(self, bodies: builtins.list[bytes]) -> None:
+        """Publish the tasks of a rejected bundle again, each a message of its own (confirmed)."""
+        for body in bodies:
+            try:
+                message = TaskMessage.decode(body)
+            except ValueError as exc:
+                log.error("dropping an undecodable task of a rejected bundle: %s", exc)
+                continue
+            await publish_until_confirmed(
+                self.broker,
+                topology.TASKS_EXCHANGE,
+                message.routing_key,
+                body,
+                message.headers(),
+                f"task {message.task_id}",
+            )
+        log.warning(
+            "a worker rejected a bundle of %d tasks (older than bundles?): published again one a message", len(bodies)
+        )
 
     async def _record_task(self, body: bytes, headers: dict) -> None:
         """Record one dead task. One that RabbitMQ dead-lettered itself (the quorum queue's
@@ -195,6 +221,12 @@ class DeadLetters:
     async def purge(self) -> int:
         """Remove every dead letter, in batches that let the event loop serve between them."""
         return await maintenance.purge_dead_letters(self.store)
+
+
+def _rejected(headers: dict) -> bool:
+    """Whether a consumer rejected the message (basic.nack without requeue), by x-death."""
+    deaths = headers.get("x-death") or [{}]
+    return str(deaths[0].get("reason", "")) == "rejected"
 
 
 def rabbitmq_dead_reason(headers: dict, delivery_limit: int) -> str:

@@ -45,6 +45,7 @@ class EventApplier:
         codecs: dict[str, str],
         delivery_limit: int,
         on_callback: Callable[[TaskRecord], Coroutine[Any, Any, None]] | None = None,
+        on_run: Callable[[str, float], None] | None = None,
     ) -> None:
         self.store = store
         self.broker = broker
@@ -53,6 +54,7 @@ class EventApplier:
         self.codecs = codecs
         self.delivery_limit = delivery_limit
         self.on_callback = on_callback  # publishes a group callback the store just made
+        self.on_run = on_run  # (type, run seconds) of each run that ended (qm/server/bundling.py)
         self.queue: asyncio.Queue[Delivery] = asyncio.Queue()
         self._poison_reported: set[str] = set()
         self._background = Background()
@@ -96,6 +98,13 @@ class EventApplier:
             self.hub.publish(record)
             if _new_callback(record) and self.on_callback is not None:
                 self._background.spawn(self.on_callback(record))
+            if (
+                self.on_run is not None
+                and record.state.terminal
+                and record.started_at is not None
+                and record.finished_at is not None
+            ):
+                self.on_run(record.type, record.finished_at - record.started_at)
         now = time.time()
         for event in events:
             self.metrics.events.labels("PROGRESS" if event.progress else event.state.name).inc()

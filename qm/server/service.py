@@ -37,7 +37,7 @@ from qm.protocol import Command, Control, Header
 from qm.registry import Registry
 from qm.retry import RetryPolicy
 from qm.security import signing
-from qm.server import fit, idempotency, maintenance
+from qm.server import bundling, fit, idempotency, maintenance
 from qm.server.caps import SubmitCaps
 from qm.server.dead_letters import DeadLetters
 from qm.server.events import EventApplier
@@ -100,6 +100,7 @@ class TaskService:
         schedule_grace_s: float = schedules.DEFAULT_GRACE_S,
         max_schedules: int = DEFAULT_MAX_SCHEDULES,
         max_task_cpus: int = DEFAULT_MAX_TASK_CPUS,
+        bundle_max_tasks: int = bundling.DEFAULT_BUNDLE_MAX_TASKS,
     ) -> None:
         self.registry = registry
         self._codecs = {name: declared.codec for name, declared in registry.types.items()}
@@ -139,13 +140,24 @@ class TaskService:
             max_batch_items,
             MAX_IDEMPOTENCY_KEY_CHARS,
         )
+        self.run_times = bundling.RunTimes(frozenset(registry.types))  # which types are tiny
         self.events = EventApplier(
-            store, broker, self.hub, self.metrics, self._codecs, delivery_limit, self.groups.publish_callback
+            store,
+            broker,
+            self.hub,
+            self.metrics,
+            self._codecs,
+            delivery_limit,
+            self.groups.publish_callback,
+            self.run_times.observe,
         )
         self.dead_letters = DeadLetters(
             store, broker, self.metrics, self._codecs, delivery_limit, self.events.apply, self.enqueue
         )
         self.workers = WorkerDirectory(broker, worker_lost_after_s)
+        self.bundler = bundling.Bundler(  # tiny tasks of a SubmitTasks call, several to a message
+            broker, self.run_times, self.workers.all_read, bundle_max_tasks, max_queue_length, self.metrics
+        )
         self.reconciler = Reconciler(
             store,
             broker,
@@ -317,7 +329,11 @@ class TaskService:
             except QMError as exc:
                 return exc
 
-        return list(await asyncio.gather(*(one(item) for item in items)))
+        batch = bundling.BATCH.set(True)  # its tiny tasks may share messages (qm/server/bundling.py)
+        try:
+            return list(await asyncio.gather(*(one(item) for item in items)))
+        finally:
+            bundling.BATCH.reset(batch)
 
     async def submit_item(self, item: Submission) -> TaskRecord:
         """`submit` of a request's decoded fields (qm/server/submission.py)."""
@@ -483,7 +499,10 @@ class TaskService:
             return False
         started = time.perf_counter()
         try:
-            await self.broker.publish(exchange, message.routing_key, body, message.headers())
+            if exchange == topology.TASKS_EXCHANGE:
+                await self.bundler.publish(message, body)
+            else:
+                await self.broker.publish(exchange, message.routing_key, body, message.headers())
         except PublishOutcomeUnknown:
             # Sent, but the connection died before the confirm: RabbitMQ may hold the task (a
             # quorum queue on the surviving nodes). Keep it, unconfirmed: the client's retry
@@ -641,6 +660,7 @@ class TaskService:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.dead_letters.wait_recorded(STOP_WAIT_S)
+        await self.bundler.wait(STOP_WAIT_S)
 
     async def _refresh_store_gauges(self) -> None:
         """Sizes from the store's counters (kept in its transactions: no COUNT(*) here)."""

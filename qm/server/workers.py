@@ -45,6 +45,14 @@ class WorkerDirectory:
             listed.append((beat, seen_at, state))
         return listed
 
+    def all_read(self, queue: str, feature: str) -> bool:
+        """Whether there is a live worker (active or draining) consuming `queue` and every
+        one names `feature` (protocol.Feature) in its heartbeat."""
+        live = [
+            beat for beat, _seen_at, state in self.list() if state in ("active", "draining") and queue in beat.queues
+        ]
+        return bool(live) and all(feature in beat.features for beat in live)
+
     def largest_procs(self, queue: str) -> int | None:
         """The most CPU slots (`--procs`) of a live worker (active or draining) consuming
         `queue`; None when no such worker is known (qm/server/fit.py)."""
