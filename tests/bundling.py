@@ -4,8 +4,10 @@ the single task messages waiting on a work queue and put them back as one messag
 from __future__ import annotations
 
 import time
+import urllib.request
 
 import pika
+from prometheus_client.parser import text_string_to_metric_families
 
 from qm.broker import topology
 from qm.messages import TaskMessage, encode_bundle
@@ -41,6 +43,17 @@ def bundle_waiting_tasks(broker_url: str, queue: str, count: int) -> list[str]:
         )
         channel.basic_ack(taken[-1][0], multiple=True)
     return [TaskMessage.decode(body).task_id for body in bodies]
+
+
+def scrape_counter(metrics_port: int, name: str) -> float:
+    """A counter of qm-server's /metrics (e.g. qm_server_bundled_tasks_total)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                return sample.value
+    raise AssertionError(f"{name} is missing from /metrics")
 
 
 def messages_on(broker_url: str, queue: str) -> int:

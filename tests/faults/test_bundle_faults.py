@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 
 import qm
-from tests.bundling import bundle_waiting_tasks
+from qm.testing.rabbitmq import free_port
+from tests.bundling import bundle_waiting_tasks, scrape_counter
 from tests.faults.support import Watcher, spawn_worker, statuses, tails
 from tests.faults.test_poison import LIMIT_ENV, SETTLE_TIMEOUT_S, check_poison, keep_a_worker_running
 from tests.processes import wait_until
@@ -65,3 +66,35 @@ def test_a_poison_task_in_a_bundle_is_dead_lettered_alone(rabbitmq, launcher):
         i: ("SUCCEEDED", payload) for i, payload in neighbours.items()
     }, tails(workers + [server])
     assert any("split a redelivered bundle" in worker.logs for worker in workers), tails(workers)
+
+
+def test_bundles_a_server_made_survive_a_worker_killed_mid_run(rabbitmq, launcher):
+    """Two workers, 3,000 tiny tasks through submit_many, which the server sends in bundles;
+    one worker is SIGKILLed while they run. What it held comes back to the other (its
+    bundles are split there); every task ends SUCCEEDED with its own result."""
+    queue = launcher.queue(rabbitmq.url)
+    metrics_port = free_port()
+    server = launcher.server(rabbitmq.url, extra_args=["--metrics-port", str(metrics_port)])
+    doomed = spawn_worker(launcher, rabbitmq.url, queue)
+    survivor = spawn_worker(launcher, rabbitmq.url, queue)
+    with qm.Client(server.address) as client:
+        warm = [client.submit("test.echo", f"warm-{n}", queue=queue) for n in range(4)]
+        assert {s.state for s in client.results(warm, timeout_s=WAIT_S)} == {"SUCCEEDED"}  # echo is tiny now
+        payloads = [f"b-{n}" for n in range(3000)]
+        ids = client.submit_many([("test.echo", p) for p in payloads], queue=queue)
+        watcher = Watcher(server.address, ids, timeout_s=SETTLE_TIMEOUT_S)
+        wait_until(lambda: watcher.terminal_count() >= 200, WAIT_S, message="200 tasks done")
+        assert watcher.terminal_count() < len(ids), "every task ended before the kill: nothing was tested"
+        doomed.kill()
+        final = {status.task_id: status for status in client.results(ids, timeout_s=SETTLE_TIMEOUT_S)}
+    assert scrape_counter(metrics_port, "qm_server_bundled_tasks_total") > 0
+    wrong = [(i, final[i].state, final[i].result) for i, p in zip(ids, payloads, strict=True)
+             if (final[i].state, final[i].result) != ("SUCCEEDED", p)]
+    assert not wrong, (wrong[:5], tails([doomed, survivor, server]))
+    # Whether the killed worker held a bundle at that moment is the broker's timing; the
+    # split itself is pinned down by the hand-made kill test above. Reported, as the
+    # other fault scenarios report their counts.
+    splits = survivor.logs.count("split a redelivered bundle")
+    print(f"\n[faults] server-made bundles, worker kill -9: tasks={len(ids)}, "
+          f"bundled={scrape_counter(metrics_port, 'qm_server_bundled_tasks_total'):.0f}, "
+          f"bundles split by the survivor={splits}", flush=True)

@@ -5,17 +5,15 @@ worker reads bundles; a bundle an older worker rejects still runs, one task a me
 from __future__ import annotations
 
 import time
-import urllib.request
 
 import pika
-from prometheus_client.parser import text_string_to_metric_families
 
 import qm
 from qm.broker import topology
 from qm.messages import Heartbeat
 from qm.protocol import Header
 from qm.testing.rabbitmq import free_port
-from tests.bundling import bundle_waiting_tasks, messages_on
+from tests.bundling import bundle_waiting_tasks, messages_on, scrape_counter
 from tests.processes import unique, wait_until
 
 #: Bound on the tasks reaching their final states, and on a heartbeat being heard.
@@ -23,14 +21,7 @@ WAIT_S = 120.0
 
 
 def bundled_tasks(metrics_port: int) -> float:
-    """qm-server's qm_server_bundled_tasks_total, from its /metrics."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "qm_server_bundled_tasks_total":
-                return sample.value
-    raise AssertionError("qm_server_bundled_tasks_total is missing from /metrics")
+    return scrape_counter(metrics_port, "qm_server_bundled_tasks_total")
 
 
 def server_with_metrics(launcher, rabbitmq):
