@@ -28,6 +28,9 @@ class Header:
     WORKER = "qm-worker"
     #: A work-queue message holding several tasks (messages.TaskBundle): how many.
     BUNDLE = "qm-bundle"
+    #: A bundle's origin: the store its tasks are in (a server's id, or a shared store's),
+    #: whose servers alone publish its tasks again if a worker rejects it.
+    ORIGIN = "qm-origin"
     #: A task published again for a run that may have killed its worker (a member of a
     #: redelivered bundle, or one cut short): it runs alone, like a redelivered message.
     SUSPECT = "qm-suspect"

@@ -106,6 +106,7 @@ class Bundler:
         self._flush_scheduled = False
         self._depth: dict[str, tuple[int | None, float]] = {}  # work queue → (messages ready, when read)
         self._reading: dict[str, asyncio.Future] = {}  # work queue → its depth being read
+        self.origin = ""  # the store its tasks are in (Header.ORIGIN), set once the server knows it
         self._background = Background()
 
     async def publish(self, message: TaskMessage, body: bytes) -> None:
@@ -172,7 +173,8 @@ class Bundler:
         if len(items) == 1:
             body, headers = items[0][0], items[0][1]
         else:
-            body, headers = encode_bundle([item[0] for item in items]), {Header.BUNDLE: len(items)}
+            body = encode_bundle([item[0] for item in items])
+            headers = {Header.BUNDLE: len(items), Header.ORIGIN: self.origin}
         try:
             await self.broker.publish(topology.TASKS_EXCHANGE, routing_key, body, headers)
         except BaseException as exc:

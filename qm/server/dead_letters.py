@@ -59,6 +59,7 @@ class DeadLetters:
         self.delivery_limit = delivery_limit
         self._apply = apply  # events → store (the event applier)
         self._enqueue = enqueue  # store + publish a new task (the submit path)
+        self.origin = ""  # the store this server's tasks are in (Header.ORIGIN of its bundles)
         self._background = Background()
         self.max_listed = MAX_LISTED
         self.retention_s = RETENTION_S
@@ -89,7 +90,9 @@ class DeadLetters:
         """Record a dead letter, then ack it: each task of a bundle (messages.TaskBundle)
         as a dead letter of its own (recorded again if this is cut short: an upsert). A
         bundle a worker rejected (a worker older than bundles: today's reject only bundles
-        that do not decode) is no failure: its tasks go back to their queues, one a message."""
+        that do not decode) is no failure: its tasks go back to their queues, one a message,
+        published by the servers of the store they are in (Header.ORIGIN): with a store
+        per server every server reads every dead letter, and only one may publish them."""
         if not is_bundle(delivery.headers):
             await self._record_task(delivery.body, delivery.headers)
         else:
@@ -99,7 +102,9 @@ class DeadLetters:
                 bodies = []
                 log.error("dropping an undecodable dead bundle (headers %s): %s", delivery.headers, exc)
             if bodies and _rejected(delivery.headers):
-                await self._unbundle(bodies)
+                origin = delivery.headers.get(Header.ORIGIN)
+                if origin in (None, self.origin):  # else its own servers publish it again
+                    await self._unbundle(bodies)
             else:
                 headers = {key: value for key, value in delivery.headers.items() if key != Header.BUNDLE}
                 for body in bodies:

@@ -641,6 +641,8 @@ class TaskService:
         await self.broker.consume(heartbeats, self.workers.on_heartbeat, EVENTS_PREFETCH, exclusive=shared)
         events = await topology.declare_events_queue(self.broker, shared_store_id or server_id, self.server_queue_type)
         dead = await topology.declare_dead_queue(self.broker, shared_store_id or server_id, self.server_queue_type)
+        # A rejected bundle's tasks are published again by the servers of the store they are in.
+        self.bundler.origin = self.dead_letters.origin = shared_store_id or server_id
         self._tasks = [
             asyncio.create_task(self.events.run(), name="events-applier"),
             asyncio.create_task(self._sweep_retention(), name="retention"),

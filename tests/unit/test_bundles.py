@@ -233,3 +233,28 @@ def _drain(updates: asyncio.Queue) -> list:
     while not updates.empty():
         drained.append(updates.get_nowait())
     return drained
+
+
+def test_a_bundle_a_worker_rejected_is_published_again_once_by_the_servers_of_its_store(tmp_path):
+    """A worker older than bundles rejects one (RabbitMQ dead-letters it, x-death reason
+    `rejected`). With a store per server every server reads every dead letter: only the
+    one whose store holds the tasks (Header.ORIGIN) publishes them again, one a message;
+    the others drop it. None of them records a dead letter: nothing failed."""
+    async def body():
+        async with server(tmp_path) as parts:
+            ids = [(await parts.service.submit("math", f"{n} + 2".encode())).task_id for n in range(3)]
+            bodies = [message.body for message in parts.broker._queues[WORK_QUEUE]]
+            parts.broker._queues[WORK_QUEUE].clear()
+            rejected = {"x-death": [{"reason": "rejected", "queue": WORK_QUEUE, "count": 1}]}
+            parts.service.dead_letters.origin = "store-a"
+            for origin in ("store-b", "store-a"):
+                headers = {**rejected, Header.BUNDLE: 3, Header.ORIGIN: origin}
+                letter = Delivery(encode_bundle(bodies), headers, False, 1, "t", 1)
+                await within(parts.service.dead_letters.record(letter))
+                if origin == "store-b":
+                    assert list(parts.broker._queues[WORK_QUEUE]) == []  # another store's tasks
+            again = list(parts.broker._queues[WORK_QUEUE])
+            assert [TaskMessage.decode(message.body).task_id for message in again] == ids
+            assert all(Header.BUNDLE not in message.headers for message in again)
+            assert (await parts.service.dead_letters.list(10))[1] == 0
+    run(body)
