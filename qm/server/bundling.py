@@ -52,6 +52,9 @@ TINY_UNTIL_S = 0.01
 RUN_MEAN_ALPHA = 0.2
 #: Oldest a work queue's depth may be when it decides whether a bundle fits under the cap.
 DEPTH_MAX_AGE_S = 1.0
+#: Oldest the workers' verdict on a queue may be (whether all read bundles): asked of the
+#: worker directory at most this often per queue, not per task (it walks every worker).
+READERS_MAX_AGE_S = 1.0
 
 #: Set while a SubmitTasks call publishes: only its tasks are bundled (a lone submit
 #: would only wait for the end of its loop turn to go alone).
@@ -106,6 +109,7 @@ class Bundler:
         self._flush_scheduled = False
         self._depth: dict[str, tuple[int | None, float]] = {}  # work queue → (messages ready, when read)
         self._reading: dict[str, asyncio.Future] = {}  # work queue → its depth being read
+        self._readers: dict[str, tuple[bool, float]] = {}  # logical queue → (all read bundles, when asked)
         self.origin = ""  # the store its tasks are in (Header.ORIGIN), set once the server knows it
         self._background = Background()
 
@@ -130,9 +134,19 @@ class Bundler:
             self.max_tasks > 1
             and BATCH.get()
             and self.run_times.tiny(message.type)
-            and self.all_read(message.queue, Feature.BUNDLES)
+            and self._all_read(message.queue)
             and await self._room(topology.work_queue_name(message.queue, priority=message.priority, cpus=message.cpus))
         )
+
+    def _all_read(self, queue: str) -> bool:
+        """Whether every live worker of `queue` reads bundles, asked again once older than
+        READERS_MAX_AGE_S (heartbeats come every few seconds anyway)."""
+        verdict, asked_at = self._readers.get(queue, (False, -READERS_MAX_AGE_S - 1.0))
+        now_s = self.clock()
+        if now_s - asked_at > READERS_MAX_AGE_S:
+            verdict = self.all_read(queue, Feature.BUNDLES)
+            self._readers[queue] = (verdict, now_s)
+        return verdict
 
     async def _room(self, work_queue: str) -> bool:
         """Whether a bundle fits under the queue cap, by the queue's depth: read again once
