@@ -210,6 +210,17 @@ def decode_bundle(body: bytes) -> list[bytes]:
     return tasks
 
 
+def decode_tasks(bodies: list[bytes]) -> tuple[list[tuple[bytes, TaskMessage]], list[ValueError]]:
+    """A bundle's tasks that decode, each with its body, and why the others do not."""
+    tasks, errors = [], []
+    for body in bodies:
+        try:
+            tasks.append((body, TaskMessage.decode(body)))
+        except ValueError as exc:
+            errors.append(exc)
+    return tasks, errors
+
+
 def is_bundle(headers: dict) -> bool:
     """Whether a work-queue message is a bundle (by its headers; the body says nothing)."""
     return Header.BUNDLE in headers

@@ -20,7 +20,7 @@ from qm.broker import topology
 from qm.broker.base import Broker, Delivery, publish_until_confirmed
 from qm.errors import StoreUnavailable, TaskNotFound
 from qm.ids import time_ordered_id
-from qm.messages import TaskEvent, TaskMessage, decode_bundle, is_bundle
+from qm.messages import TaskEvent, TaskMessage, decode_bundle, decode_tasks, is_bundle
 from qm.metrics import ServerMetrics
 from qm.protocol import Header
 from qm.server import maintenance
@@ -113,12 +113,10 @@ class DeadLetters:
 
     async def _unbundle(self, bodies: builtins.list[bytes]) -> None:
         """Publish the tasks of a rejected bundle again, each a message of its own (confirmed)."""
-        for body in bodies:
-            try:
-                message = TaskMessage.decode(body)
-            except ValueError as exc:
-                log.error("dropping an undecodable task of a rejected bundle: %s", exc)
-                continue
+        tasks, errors = decode_tasks(bodies)
+        for exc in errors:
+            log.error("dropping an undecodable task of a rejected bundle: %s", exc)
+        for body, message in tasks:
             await publish_until_confirmed(
                 self.broker,
                 topology.TASKS_EXCHANGE,

@@ -33,7 +33,7 @@ from typing import Callable, Coroutine
 from qm.broker import topology
 from qm.broker.base import Broker, Delivery
 from qm.errors import BrokerUnavailable
-from qm.messages import TaskMessage, decode_bundle
+from qm.messages import TaskMessage, decode_bundle, decode_tasks
 from qm.protocol import Header
 from qm.worker.acks import AckBatcher
 
@@ -143,15 +143,15 @@ class BundleAcks(AckBatcher):
     async def _split(self, delivery: Delivery, bodies: list[bytes]) -> None:
         """Publish each task of a redelivered bundle as a suspect message of its own, then
         ack the bundle. If a publish fails, the bundle goes back (and is split again)."""
-        publishes = []
-        for body in bodies:
-            try:
-                message = TaskMessage.decode(body)
-            except ValueError as exc:
-                log.error("dropping an undecodable task of a redelivered bundle: %s", exc)
-                continue
-            headers = {**message.headers(), Header.SUSPECT: 1}
-            publishes.append(self.broker.publish(topology.TASKS_EXCHANGE, message.routing_key, body, headers))
+        tasks, errors = decode_tasks(bodies)
+        for exc in errors:
+            log.error("dropping an undecodable task of a redelivered bundle: %s", exc)
+        publishes = [
+            self.broker.publish(
+                topology.TASKS_EXCHANGE, message.routing_key, body, {**message.headers(), Header.SUSPECT: 1}
+            )
+            for body, message in tasks
+        ]
         results = await asyncio.gather(*publishes, return_exceptions=True)
         failed = [result for result in results if isinstance(result, BaseException)]
         for result in failed:

@@ -107,21 +107,27 @@ def test_a_redelivered_bundle_is_split_and_each_task_runs_alone(tmp_path):
     run(body)
 
 
+async def stop_while_one_runs(parts, payload: bytes, count: int, drain_timeout_s: float, updates: asyncio.Queue):
+    """A bundle of `count` test.sleep tasks on a one-child worker, stopped while one runs;
+    the task ids and what is left on the work queue."""
+    ids = await submit_all(parts.service, [("test.sleep", payload)] * count, updates)
+    bundle_the_queue(parts.broker)
+    pool, supervisor = await start_worker(parts.broker, procs=1)
+    try:
+        await within(_until(lambda: supervisor.busy == 1))
+        await within(supervisor.stop(drain_timeout_s=drain_timeout_s))
+    finally:
+        await within(pool.stop())
+    return ids, list(parts.broker._queues[WORK_QUEUE])
+
+
 def test_a_stopping_worker_gives_back_unstarted_tasks_of_a_bundle_as_single_messages(tmp_path):
     """One child, a bundle of three half-second sleeps: the drain lets the running one finish
     and gives back the two waiting ones as ordinary messages; the bundle is acked."""
     async def body():
         async with server(tmp_path) as parts:
             updates: asyncio.Queue = asyncio.Queue()
-            ids = await submit_all(parts.service, [("test.sleep", b"0.5")] * 3, updates)
-            bundle_the_queue(parts.broker)
-            pool, supervisor = await start_worker(parts.broker, procs=1)
-            try:
-                await within(_until(lambda: supervisor.busy == 1))
-                await within(supervisor.stop(drain_timeout_s=10.0))
-            finally:
-                await within(pool.stop())
-            waiting = list(parts.broker._queues[WORK_QUEUE])
+            ids, waiting = await stop_while_one_runs(parts, b"0.5", 3, 10.0, updates)
             assert sorted(TaskMessage.decode(message.body).task_id for message in waiting) == sorted(
                 set(ids) - {record.task_id for record in _drain(updates) if record.state.terminal}
             )
@@ -138,16 +144,7 @@ def test_a_task_of_a_bundle_cut_short_goes_back_alone_marked_a_suspect(tmp_path)
     marked a suspect (as RabbitMQ marks a returned message redelivered)."""
     async def body():
         async with server(tmp_path) as parts:
-            updates: asyncio.Queue = asyncio.Queue()
-            ids = await submit_all(parts.service, [("test.sleep", b"30")] * 2, updates)
-            bundle_the_queue(parts.broker)
-            pool, supervisor = await start_worker(parts.broker, procs=1)
-            try:
-                await within(_until(lambda: supervisor.busy == 1))
-                await within(supervisor.stop(drain_timeout_s=0.2))
-            finally:
-                await within(pool.stop())
-            waiting = list(parts.broker._queues[WORK_QUEUE])
+            ids, waiting = await stop_while_one_runs(parts, b"30", 2, 0.2, asyncio.Queue())
             assert sorted(TaskMessage.decode(message.body).task_id for message in waiting) == sorted(ids)
             suspects = [message for message in waiting if Header.SUSPECT in message.headers]
             assert len(suspects) == 1  # the one that ran; the other was given back unstarted
