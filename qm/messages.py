@@ -124,6 +124,7 @@ class TaskEvent:
     # An outcome whose run no RUNNING event announced (shorter than the worker's
     # running_event_delay_s): when it started; the store counts the start from it.
     started_at_s: float | None = None
+    run_s: float = 0.0  # an outcome's run time by the child's clock; 0 = unknown
 
     def encode(self) -> bytes:
         return self.to_proto().SerializeToString()
@@ -141,6 +142,7 @@ class TaskEvent:
             worker=self.worker,
             timeout_s=self.timeout_s,
             memory_limit_mb=self.memory_limit_mb,
+            run_s=self.run_s,
         )
         event.at.FromNanoseconds(int(self.at_s * 1e9))
         if self.next_attempt_at_s is not None:
@@ -187,6 +189,7 @@ class TaskEvent:
             if event.HasField("progress")
             else None,
             event.started_at.ToNanoseconds() / 1e9 if event.HasField("started_at") else None,
+            event.run_s,
         )
 
 

@@ -6,8 +6,9 @@ is about a tenth of a millisecond of work and a whole message of overhead. While
 queue go as one message (messages.TaskBundle, header qm-bundle), at most
 `server.bundle_max_tasks` each, when all of these hold:
 
-- the type is tiny: the mean run time of its tasks, from the outcomes this server applied,
-  is under TINY_BELOW_S (it stops being tiny over TINY_UNTIL_S). A type with no history
+- the type is tiny: the mean run time of its tasks, as their children timed them (each
+  outcome event's run_s: a busy supervisor's late wake-ups are not in it), is under
+  TINY_BELOW_S (it stops being tiny over TINY_UNTIL_S). A type with no history
   yet, or slower, goes one task a message: a bundle of long tasks would sit on one worker
   while another is idle;
 - every live worker of the queue says it reads bundles (Feature.BUNDLES in its heartbeat),

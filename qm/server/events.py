@@ -54,7 +54,7 @@ class EventApplier:
         self.codecs = codecs
         self.delivery_limit = delivery_limit
         self.on_callback = on_callback  # publishes a group callback the store just made
-        self.on_run = on_run  # (type, run seconds) of each run that ended (qm/server/bundling.py)
+        self.on_run = on_run  # (type, run seconds) of each run an outcome reports (qm/server/bundling.py)
         self.queue: asyncio.Queue[Delivery] = asyncio.Queue()
         self._poison_reported: set[str] = set()
         self._background = Background()
@@ -98,15 +98,10 @@ class EventApplier:
             self.hub.publish(record)
             if _new_callback(record) and self.on_callback is not None:
                 self._background.spawn(self.on_callback(record))
-            if (
-                self.on_run is not None
-                and record.state.terminal
-                and record.started_at is not None
-                and record.finished_at is not None
-            ):
-                self.on_run(record.type, record.finished_at - record.started_at)
         now = time.time()
         for event in events:
+            if event.run_s > 0 and self.on_run is not None:  # an outcome, timed by its child
+                self.on_run(event.type, event.run_s)
             self.metrics.events.labels("PROGRESS" if event.progress else event.state.name).inc()
             self.metrics.events_lag_seconds.observe(max(0.0, now - event.at_s))
         changed = {record.task_id for record in changes}

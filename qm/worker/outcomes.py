@@ -181,6 +181,7 @@ class Outcomes:
             timeout_s=job.timeout_s if job else 0.0,
             memory_limit_mb=job.memory_limit_mb if job else 0,
             started_at_s=started_at_s,
+            run_s=outcome.run_s or 0.0 if outcome else 0.0,
         )
 
     async def publish_event(self, event: TaskEvent) -> None:

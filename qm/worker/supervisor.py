@@ -44,6 +44,7 @@ pool holds N of its P CPU slots while such a task runs (qm/worker/cpu_slots.py).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import socket
@@ -374,6 +375,8 @@ class Supervisor:
         # The child's own clock where it replied: what this loop saw also holds its own
         # wake-up, now and then 10 to 30 ms for a 0.1 ms task on a busy host.
         run_s = outcome.run_s if outcome.run_s is not None else time.monotonic() - started_at
+        if outcome.run_s is None:  # a run killed or lost: its event says how long it went on
+            outcome = dataclasses.replace(outcome, run_s=run_s)
         self._observe(run_s)
         self._mean_run_s = (
             run_s if self._mean_run_s is None else RUN_MEAN_ALPHA * run_s + (1 - RUN_MEAN_ALPHA) * self._mean_run_s

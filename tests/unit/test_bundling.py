@@ -131,3 +131,15 @@ def test_near_the_queue_cap_tasks_go_one_a_message():
         await publish_all(bundler, messages(4))
         assert waiting(broker)[-4:] == [["t0"], ["t1"], ["t2"], ["t3"]]
     run(body)
+
+
+def test_an_outcome_event_carries_its_runs_time_as_the_child_measured_it():
+    """What RunTimes learns from: TaskEvent.run_s, packed or alone (0 from older workers)."""
+    from qm.messages import TaskEvent, pack_events
+    from qm.states import TaskState
+
+    event = TaskEvent("t1", "math", "default", 1, TaskState.SUCCEEDED, "w1", b"2", run_s=0.00031)
+    assert TaskEvent.decode(event.encode()).run_s == 0.00031
+    assert [e.run_s for e in TaskEvent.decode_all(pack_events([event.to_proto()] * 2))] == [0.00031] * 2
+    older = TaskEvent("t1", "math", "default", 1, TaskState.SUCCEEDED, "w1", b"2")
+    assert TaskEvent.decode(older.encode()).run_s == 0.0

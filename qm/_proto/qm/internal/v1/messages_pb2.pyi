@@ -55,7 +55,7 @@ class RetryPolicy(_message.Message):
     def __init__(self, max_retries: _Optional[int] = ..., backoff_s: _Optional[float] = ..., backoff_max_s: _Optional[float] = ..., jitter: _Optional[bool] = ..., on_timeout: _Optional[bool] = ...) -> None: ...
 
 class TaskEvent(_message.Message):
-    __slots__ = ("task_id", "type", "queue", "attempt", "state", "result", "error", "worker", "at", "timeout_s", "memory_limit_mb", "next_attempt_at", "max_retries", "progress", "started_at", "packed")
+    __slots__ = ("task_id", "type", "queue", "attempt", "state", "result", "error", "worker", "at", "timeout_s", "memory_limit_mb", "next_attempt_at", "max_retries", "progress", "started_at", "packed", "run_s")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
     QUEUE_FIELD_NUMBER: _ClassVar[int]
@@ -72,6 +72,7 @@ class TaskEvent(_message.Message):
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     PACKED_FIELD_NUMBER: _ClassVar[int]
+    RUN_S_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     type: str
     queue: str
@@ -88,7 +89,8 @@ class TaskEvent(_message.Message):
     progress: TaskProgress
     started_at: _timestamp_pb2.Timestamp
     packed: _containers.RepeatedCompositeFieldContainer[TaskEvent]
-    def __init__(self, task_id: _Optional[str] = ..., type: _Optional[str] = ..., queue: _Optional[str] = ..., attempt: _Optional[int] = ..., state: _Optional[_Union[_task_queue_pb2.TaskState, str]] = ..., result: _Optional[bytes] = ..., error: _Optional[str] = ..., worker: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., timeout_s: _Optional[float] = ..., memory_limit_mb: _Optional[int] = ..., next_attempt_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., max_retries: _Optional[int] = ..., progress: _Optional[_Union[TaskProgress, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., packed: _Optional[_Iterable[_Union[TaskEvent, _Mapping]]] = ...) -> None: ...
+    run_s: float
+    def __init__(self, task_id: _Optional[str] = ..., type: _Optional[str] = ..., queue: _Optional[str] = ..., attempt: _Optional[int] = ..., state: _Optional[_Union[_task_queue_pb2.TaskState, str]] = ..., result: _Optional[bytes] = ..., error: _Optional[str] = ..., worker: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., timeout_s: _Optional[float] = ..., memory_limit_mb: _Optional[int] = ..., next_attempt_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., max_retries: _Optional[int] = ..., progress: _Optional[_Union[TaskProgress, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., packed: _Optional[_Iterable[_Union[TaskEvent, _Mapping]]] = ..., run_s: _Optional[float] = ...) -> None: ...
 
 class TaskProgress(_message.Message):
     __slots__ = ("fraction", "message", "detail_json")
