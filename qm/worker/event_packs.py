@@ -53,10 +53,14 @@ class EventPacks:
     async def publish(self, event: TaskEvent) -> None:
         """Publish `event`, waiting out RabbitMQ outages; return once the message holding it
         is confirmed."""
-        if not self.enabled:
-            await self._send([event.to_proto()])
-            return
-        await self._wait_turn(event)
+        await self.hand_over(event)
+
+    def hand_over(self, event: TaskEvent) -> asyncio.Future[None]:
+        """Take `event` now, behind every event handed over before it (it is published in
+        that order), and return what resolves once the message holding it is confirmed."""
+        if not self.enabled:  # one task each: they start, and publish, in this order
+            return asyncio.ensure_future(self._send([event.to_proto()]))
+        return self._take_turn(event)
 
     async def publish_advisory(self, event: TaskEvent) -> None:
         """A progress report: out at once, one attempt (BrokerUnavailable if RabbitMQ is
@@ -67,15 +71,15 @@ class EventPacks:
             return
         if not self.broker.connected:
             raise self.broker.unavailable()
-        await self._wait_turn(event)
+        await self._take_turn(event)
 
-    async def _wait_turn(self, event: TaskEvent) -> None:
+    def _take_turn(self, event: TaskEvent) -> asyncio.Future[None]:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
         self._waiting.append((event.to_proto(), done))
         if self._sender is None:  # it starts in the next loop turn: this turn's events go with it
             self._sender = loop.create_task(self._send_waiting(), name="event-packs")
-        await done
+        return done
 
     async def _send_waiting(self) -> None:
         """Until nothing waits: publish the longest run of waiting events that fits a pack,

@@ -15,6 +15,7 @@ go out packed in one message (qm/worker/event_packs.py).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
@@ -188,6 +189,12 @@ class Outcomes:
         """Publish `event` (packed with others waiting meanwhile: qm/worker/event_packs.py);
         return once it is confirmed."""
         await self.events.publish(event)
+
+    def hand_over_event(self, event: TaskEvent) -> asyncio.Future[None]:
+        """publish_event, taken now: published before any event handed over after this
+        call (a start announced in the loop turn its run's outcome is settled in still goes
+        first); resolves once confirmed."""
+        return self.events.hand_over(event)
 
     async def _publish(self, exchange: str, routing_key: str, body: bytes, headers: dict, task_id: str) -> None:
         await publish_until_confirmed(self.broker, exchange, routing_key, body, headers, f"task {task_id}")

@@ -49,6 +49,7 @@ import logging
 import os
 import socket
 import time
+from typing import Awaitable
 
 import qm
 from qm import limits as task_limits
@@ -317,11 +318,13 @@ class Supervisor:
         suspect = is_suspect(delivery)
         # Any other start may wait to be announced: a short run's start rides with its
         # outcome event instead (qm/worker/announce.py).
-        announcement = StartAnnouncement(
-            lambda at_s: self._background.spawn(
-                self.outcomes.publish_event(self.outcomes.event(message, TaskState.RUNNING, job=job, at_s=at_s))
-            )
-        )
+        # Handed over at once, not in a task of its own: an outcome settled in the same loop
+        # turn would otherwise go out first, and the servers would drop the start as stale.
+        def announce(at_s: float) -> None:
+            running = self.outcomes.event(message, TaskState.RUNNING, job=job, at_s=at_s)
+            self._background.spawn(_confirmed(self.outcomes.hand_over_event(running)))
+
+        announcement = StartAnnouncement(announce)
         handler.add_done_callback(lambda _: announcement.end())
 
         def on_progress(update: Progress) -> None:
@@ -611,3 +614,8 @@ class Supervisor:
     @property
     def unacked(self) -> int:
         return len(self._unsettled)
+
+
+async def _confirmed(done: Awaitable[None]) -> None:
+    """Wait for an event handed over (its publish runs without this)."""
+    await done

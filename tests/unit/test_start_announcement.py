@@ -131,3 +131,34 @@ def test_after_long_runs_every_start_is_announced_at_once(tmp_path):
             assert [(e.state, e.started_at_s) for e in events if e.task_id == quick] == [
                 (S.RUNNING, None), (S.SUCCEEDED, None)]
     run(body)
+
+
+def test_a_start_announced_in_the_turn_its_run_ends_still_goes_out_first(tmp_path, monkeypatch):
+    """The announcement's timer may fire in the loop turn that reads the run's outcome (a
+    busy supervisor, a run of about the delay). Simulated exactly: the timer goes off as the
+    run's end asks for the unannounced start. The RUNNING event must still go out before
+    the outcome, or the servers drop it as stale and the task ends without a start time."""
+    from qm.worker.announce import StartAnnouncement
+
+    def end_as_the_timer_fires(self):
+        if self._timer is not None:  # the run ended before its announcement: it fires now
+            self._timer.cancel()
+            self._timer = None
+            since_s, self._since_s = self._since_s, None
+            self._publish(since_s)
+        return None
+
+    monkeypatch.setattr(StartAnnouncement, "end", end_as_the_timer_fires)
+
+    async def body():
+        async with system(tmp_path, running_event_delay_s=30.0) as parts:
+            events, _ = await tap(parts)
+            seen = await submit_and_wait(parts.service, "math", b"6 * 7")
+            task_id = seen[-1].task_id
+            await until(lambda: sum(e.task_id == task_id for e in events) == 2)
+            assert [(e.state, e.started_at_s is None) for e in events] == [(S.RUNNING, True), (S.SUCCEEDED, True)]
+            assert states(seen) == [S.RUNNING, S.SUCCEEDED]
+            done = await parts.service.status(task_id)
+            assert (done.result, done.starts) == (b"42", 1)
+            assert done.started_at is not None and done.started_at <= done.finished_at
+    run(body)
