@@ -316,6 +316,7 @@ class Supervisor:
         # A redelivered task may be what took its last worker down: it runs alone, and its
         # start is on record (confirmed) before it runs, so the servers can count it.
         suspect = is_suspect(delivery)
+
         # Any other start may wait to be announced: a short run's start rides with its
         # outcome event instead (qm/worker/announce.py).
         # Handed over at once, not in a task of its own: an outcome settled in the same loop
