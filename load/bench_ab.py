@@ -153,7 +153,15 @@ def start_stacks(stacks: dict[str, tuple[Stack, qm.Client]], trees: list[tuple[s
         os.environ["PYTHONPATH"] = str(pathlib.Path(path).resolve())  # the stack's processes inherit it
         (base / label).mkdir(parents=True)
         stack = Stack(base / label, url, f"ab-{label}")
-        stack.start()
+        # Started from the stack's own directory: the worker's forkserver runs `python -c`,
+        # which puts its working directory first on sys.path, ahead of PYTHONPATH; started
+        # from a checkout, every tree's children would run that checkout's qm.
+        here = os.getcwd()
+        os.chdir(base / label)
+        try:
+            stack.start()
+        finally:
+            os.chdir(here)
         client = qm.Client(stack.server.address)
         stacks[label] = (stack, client)
         client.result(client.submit("math", MATH_PAYLOAD, queue=stack.queue), timeout_s=60)  # warm-up
