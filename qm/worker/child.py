@@ -12,7 +12,6 @@ Limits inside the child are the second layer; the supervisor enforces the real o
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import os
 import resource
 import signal
@@ -26,7 +25,7 @@ from qm.errors import PermanentError, QMError, Retry, SoftTimeout
 from qm.registry import Registry, discover
 from qm.worker import procfs
 from qm.worker import sched_policy as worker_sched_policy
-from qm.worker.jobs import Job, Reply, ReplyKind
+from qm.worker.jobs import Reply, ReplyKind, decode_job, encode_reply
 from qm.worker.progress import ChildReporter
 
 #: prctl option: signal to receive when the parent process dies (linux/prctl.h).
@@ -75,7 +74,7 @@ def child_main(
 
         python_task.configure(*executor_keys)
     try:
-        conn.send(Reply(ReplyKind.READY, os.getpid()))
+        conn.send_bytes(encode_reply(Reply(ReplyKind.READY, os.getpid())))
     except (BrokenPipeError, OSError):
         return  # the pool stopped while this child was starting
     send_lock = threading.Lock()  # qm.progress()'s thread writes on the pipe too
@@ -84,11 +83,11 @@ def child_main(
     every_core = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     while True:
         try:
-            message = conn.recv()
+            data = conn.recv_bytes()
         except (EOFError, OSError):
             return
         received_at_s = time.monotonic()
-        job: Job = message
+        job = decode_job(data)
         limit_bytes = job.memory_limit_mb * MIB if address_space_limit else 0
         cpu_allowance.allow(job.cpus, job.cores, every_core)  # its CPUs: qm.task_cpus(), the affinity
         reporter.begin(job.task_id)
@@ -100,11 +99,7 @@ def child_main(
         _kill_leftover_descendants()
         idle_rss_bytes = own_statm.rss_bytes() if report_idle_rss else 0
         with send_lock:
-            conn.send(
-                dataclasses.replace(
-                    reply, received_at_s=received_at_s, replied_at_s=time.monotonic(), idle_rss_bytes=idle_rss_bytes
-                )
-            )
+            conn.send_bytes(encode_reply(reply, received_at_s, time.monotonic(), idle_rss_bytes))
 
 
 def _watch_lifeline(lifeline: Connection) -> None:

@@ -46,7 +46,7 @@ from qm.task_progress import Progress
 from qm.worker import procfs
 from qm.worker.child import MIB, child_main
 from qm.worker.cpu_slots import CpuSlots
-from qm.worker.jobs import Job, Reply, ReplyKind
+from qm.worker.jobs import Job, Reply, ReplyKind, decode_reply, encode_job
 from qm.worker.ready import ReadyJobs
 
 __all__ = ["Job", "Outcome", "Pool", "Slot", "describe_exit"]
@@ -367,9 +367,8 @@ class Pool:
 
     def _send(self, slot: Slot, waiting: _Waiting, cores: tuple[int, ...]) -> None:
         """Send the job with the CPUs its child pins it to (`cores`; () = not pinned)."""
-        job = dataclasses.replace(waiting.job, cores=cores) if cores else waiting.job
         try:
-            slot.conn.send(job)
+            slot.conn.send_bytes(encode_job(waiting.job, cores or None))
         except OSError:
             pass  # the child just died: its sentinel resolves the job (or requeues a queued one)
         if waiting.on_sent is not None:
@@ -422,11 +421,30 @@ class Pool:
 
     def _on_reply(self, slot: Slot) -> None:
         try:
-            reply: Reply = slot.conn.recv()
+            data = slot.conn.recv_bytes()
         except (EOFError, OSError):
             asyncio.get_running_loop().remove_reader(slot.conn.fileno())
             return  # the child is gone; _on_exit reports it
+        try:
+            reply = decode_reply(data)
+        except ValueError as exc:
+            self._garbled(slot, exc)
+            return
         self._handle_reply(slot, reply)
+
+    def _garbled(self, slot: Slot, exc: ValueError) -> None:
+        """The child wrote on its pipe what is not a reply (task code writing on an inherited
+        descriptor): its replies cannot be trusted any more; kill it (CRASHED), respawn."""
+        log.error("child %d (pid %d) wrote something that is not a reply on its pipe: %s", slot.index, slot.pid, exc)
+        slot.kill(
+            Outcome(
+                TaskState.CRASHED,
+                error=f"the task's process wrote on the worker's pipe something that is not a reply ({exc}); "
+                "it was killed",
+            )
+        )
+        if slot.job is None:
+            _kill_group(slot.pid)
 
     def _handle_reply(self, slot: Slot, reply: Reply) -> None:
         if reply.kind is ReplyKind.PROGRESS:
@@ -475,8 +493,8 @@ class Pool:
             try:
                 if not slot.conn.poll():
                     return
-                reply: Reply = slot.conn.recv()
-            except (EOFError, OSError):
+                reply = decode_reply(slot.conn.recv_bytes())
+            except (EOFError, OSError, ValueError):
                 return
             if reply.kind is not ReplyKind.READY:
                 self._handle_reply(slot, reply)

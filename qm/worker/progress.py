@@ -20,7 +20,7 @@ from multiprocessing.connection import Connection
 from typing import Callable, Protocol
 
 from qm.task_progress import Progress
-from qm.worker.jobs import Reply, ReplyKind
+from qm.worker.jobs import Reply, ReplyKind, encode_reply
 
 #: Least time between two updates a child sends on its pipe (the supervisor's limit is lower).
 CHILD_SEND_INTERVAL_S = 0.05
@@ -73,7 +73,7 @@ class ChildReporter:
                 if task_id is None or update is None:
                     continue
                 try:
-                    self._conn.send(Reply(ReplyKind.PROGRESS, task_id, progress=update))
+                    self._conn.send_bytes(encode_reply(Reply(ReplyKind.PROGRESS, task_id, progress=update)))
                 except (OSError, ValueError):
                     return  # the pipe is gone: the supervisor stopped this child
             time.sleep(self._interval_s)

@@ -155,6 +155,19 @@ def test_task_exiting_the_process_crashes_and_the_child_is_replaced():
     run(body)
 
 
+def test_a_task_writing_garbage_on_its_pipe_crashes_and_the_child_is_replaced():
+    """The pipe carries marshalled tuples, never unpickled: bytes that are not a reply kill
+    the child (its later replies cannot be trusted) and end its task CRASHED."""
+    async def body():
+        async with started_pool(2) as pool:
+            garbled = await within(pool.run(job("test.garble_pipe", "60", "scribbler")), PROMPT_S)
+            assert garbled.state is S.CRASHED and "not a reply" in garbled.error
+            assert pool.restarts == 1
+            assert await within(pool.run(job("test.echo", "after"))) == Outcome(S.SUCCEEDED, b"after")
+            assert all(slot.alive and slot.process.is_alive() for slot in pool.slots)
+    run(body)
+
+
 def test_child_killed_from_outside_crashes_with_sigkill_and_pool_keeps_working():
     async def body():
         async with started_pool(2) as pool:

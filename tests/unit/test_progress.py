@@ -23,7 +23,7 @@ from qm.server.servicer import record_to_proto
 from qm.server.store import Store, TaskRecord
 from qm.states import TaskState
 from qm.task_progress import DETAIL_MAX_BYTES, MESSAGE_MAX_CHARS, Progress
-from qm.worker.jobs import ReplyKind
+from qm.worker.jobs import ReplyKind, decode_reply
 from qm.worker.pool import Job, Pool
 from qm.worker.progress import ChildReporter, ProgressLimiter
 from tests.unit.aio import Blocking, run, within
@@ -252,7 +252,7 @@ def test_the_child_reporter_keeps_the_latest_and_drops_what_comes_after_its_task
     got = []
     while not got or got[-1].value != "t2":
         assert parent.poll(PROMPT_S), got
-        got.append(parent.recv())
+        got.append(decode_reply(parent.recv_bytes()))
     assert {reply.kind for reply in got} == {ReplyKind.PROGRESS}
     assert [reply.value for reply in got[:-1]] == ["t1"] * (len(got) - 1)  # fewer than the 3,000 calls
     assert len(got) < 3000 and all(reply.progress.message != "after the end" for reply in got)

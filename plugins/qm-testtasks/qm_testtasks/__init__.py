@@ -56,6 +56,22 @@ def exit_now(payload: str) -> str:
     os._exit(int(payload or 3))
 
 
+def garble_pipe(payload: str) -> str:
+    """Write what is not a reply on every pipe connection this process holds (task code
+    scribbling on its worker's pipe), then sleep `payload` seconds (default 60)."""
+    import gc
+    import multiprocessing.connection
+
+    for obj in gc.get_objects():
+        if isinstance(obj, multiprocessing.connection.Connection) and not obj.closed and obj.writable:
+            try:
+                obj.send_bytes(b"\x07 not a reply")
+            except OSError:
+                pass
+    time.sleep(float(payload or 60))
+    return "not killed"
+
+
 def pid(payload: str) -> str:
     """Return the pid of the process running the task."""
     return str(os.getpid())
