@@ -47,6 +47,7 @@ from qm.worker import procfs
 from qm.worker.child import MIB, child_main
 from qm.worker.cpu_slots import CpuSlots
 from qm.worker.jobs import Job, Reply, ReplyKind, decode_reply, encode_job
+from qm.worker.pipe_frames import ReplyFrames
 from qm.worker.ready import ReadyJobs
 
 __all__ = ["Job", "Outcome", "Pool", "Slot", "describe_exit"]
@@ -94,6 +95,9 @@ class Slot:
     gap_from_s: float | None = None  # end of its last task (monotonic) if its job was waiting then
     queued: _Waiting | None = None  # sent behind the running job; the child starts it next
     recycle_reason: str = ""  # to be recycled once the job queued in it is done
+
+    def __post_init__(self) -> None:
+        self.frames = ReplyFrames(self.conn.fileno())  # its replies, read in bulk
 
     @property
     def pid(self) -> int:
@@ -421,16 +425,21 @@ class Pool:
 
     def _on_reply(self, slot: Slot) -> None:
         try:
-            data = slot.conn.recv_bytes()
-        except (EOFError, OSError):
+            frames = slot.frames.read()
+        except OSError:
+            frames = None
+        if frames is None:
             asyncio.get_running_loop().remove_reader(slot.conn.fileno())
             return  # the child is gone; _on_exit reports it
-        try:
-            reply = decode_reply(data)
-        except ValueError as exc:
-            self._garbled(slot, exc)
-            return
-        self._handle_reply(slot, reply)
+        for data in frames:
+            try:
+                reply = decode_reply(data)
+            except ValueError as exc:
+                self._garbled(slot, exc)
+                return
+            self._handle_reply(slot, reply)
+            if slot.conn.closed:
+                return  # retired (recycled) by that reply
 
     def _garbled(self, slot: Slot, exc: ValueError) -> None:
         """The child wrote on its pipe what is not a reply (task code writing on an inherited
@@ -493,11 +502,20 @@ class Pool:
             try:
                 if not slot.conn.poll():
                     return
-                reply = decode_reply(slot.conn.recv_bytes())
-            except (EOFError, OSError, ValueError):
+                frames = slot.frames.read()
+            except (EOFError, OSError):
                 return
-            if reply.kind is not ReplyKind.READY:
-                self._handle_reply(slot, reply)
+            if frames is None:
+                return
+            for data in frames:
+                try:
+                    reply = decode_reply(data)
+                except ValueError:
+                    return
+                if reply.kind is not ReplyKind.READY:
+                    self._handle_reply(slot, reply)
+                if slot.kill_outcome is not None:
+                    return
 
     def _recycle_reason(self, slot: Slot, idle_rss: int) -> str:
         """Why to retire the child now that its task is done; `idle_rss` is the RSS it
