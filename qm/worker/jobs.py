@@ -101,7 +101,7 @@ def encode_reply(reply: Reply, received_at_s: float = 0.0, replied_at_s: float =
     )
 
 
-def decode_reply(data: bytes) -> Reply:
+def decode_reply(data: bytes | bytearray) -> Reply:
     """A reply from a child's bytes; ValueError if they are not one."""
     try:
         kind, value, retry_delay_s, progress, received_at_s, replied_at_s, idle_rss_bytes = marshal.loads(data)

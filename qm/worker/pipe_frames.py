@@ -24,7 +24,7 @@ class ReplyFrames:
         self.fd = fd
         self._buffer = bytearray()
 
-    def read(self) -> list[bytes] | None:
+    def read(self) -> list[bytearray] | None:
         """One read (the pipe must be readable); the whole frames it completed, or None at
         end of file (the child is gone). OSError as from os.read."""
         chunk = os.read(self.fd, READ_BYTES)
@@ -33,8 +33,8 @@ class ReplyFrames:
         self._buffer += chunk
         return self._frames()
 
-    def _frames(self) -> list[bytes]:
-        frames = []
+    def _frames(self) -> list[bytearray]:
+        frames: list[bytearray] = []
         buffer = self._buffer
         at = 0
         while len(buffer) - at >= _LENGTH.size:
@@ -47,7 +47,7 @@ class ReplyFrames:
                 start += _LONG_LENGTH.size
             if len(buffer) - start < size:
                 break
-            frames.append(bytes(buffer[start : start + size]))
+            frames.append(buffer[start : start + size])  # one copy (marshal reads a bytearray)
             at = start + size
         del buffer[:at]
         return frames

@@ -431,15 +431,22 @@ class Pool:
         if frames is None:
             asyncio.get_running_loop().remove_reader(slot.conn.fileno())
             return  # the child is gone; _on_exit reports it
+        self._take_frames(slot, frames, draining=False)
+
+    def _take_frames(self, slot: Slot, frames: list[bytearray], draining: bool) -> None:
+        """Handle the replies in `frames`, in order, until the slot stops taking them (its
+        child retired by one; while draining a dead child, one that killed it)."""
         for data in frames:
             try:
                 reply = decode_reply(data)
             except ValueError as exc:
-                self._garbled(slot, exc)
+                if not draining:  # a dead child's garbage only ends the draining
+                    self._garbled(slot, exc)
                 return
-            self._handle_reply(slot, reply)
-            if slot.conn.closed:
-                return  # retired (recycled) by that reply
+            if not (draining and reply.kind is ReplyKind.READY):
+                self._handle_reply(slot, reply)
+            if slot.conn.closed or (draining and slot.kill_outcome is not None):
+                return
 
     def _garbled(self, slot: Slot, exc: ValueError) -> None:
         """The child wrote on its pipe what is not a reply (task code writing on an inherited
@@ -507,15 +514,7 @@ class Pool:
                 return
             if frames is None:
                 return
-            for data in frames:
-                try:
-                    reply = decode_reply(data)
-                except ValueError:
-                    return
-                if reply.kind is not ReplyKind.READY:
-                    self._handle_reply(slot, reply)
-                if slot.kill_outcome is not None:
-                    return
+            self._take_frames(slot, frames, draining=True)
 
     def _recycle_reason(self, slot: Slot, idle_rss: int) -> str:
         """Why to retire the child now that its task is done; `idle_rss` is the RSS it
