@@ -651,11 +651,13 @@ class RabbitMQBroker(Broker):
         consumer would refuse its own successor, so it is cancelled first instead.
 
         Acks and nacks of the consumer's deliveries are held until the old consumer is
-        cancelled: each would give the old consumer room for one more delivery, and one
-        the broker sends it in that window reaches a channel that no longer knows the
-        consumer, so RabbitMQ returns it to the queue marked redelivered (a worker runs
-        such a task alone, as a suspect). The swap takes a few broker round trips; a
-        change asked for meanwhile waits for it, then applies its own value."""
+        cancelled: each would give the old consumer room for one more delivery. One sent
+        to it anyway (room an earlier ack gave, a message just published) still reaches
+        the callback, see `_cancel_keeping_late_deliveries`; only one the quorum queue
+        hands the old consumer while the broker is already cancelling it comes back
+        marked redelivered (seen with messages published during the swap). The swap
+        takes a few broker round trips; a change asked for meanwhile waits for it, then
+        applies its own value."""
         spec = self._consumers.get(consumer_tag)
         if spec is None:
             return
@@ -680,9 +682,9 @@ class RabbitMQBroker(Broker):
         await self._rpc(lambda cb: channel.basic_qos(prefetch_count=prefetch, callback=cb))
         if not spec.exclusive:
             await self._basic_consume(spec)
-            await self._rpc(lambda cb: channel.basic_cancel(old_tag, callback=cb))
+            await self._rpc(lambda cb: _cancel_keeping_late_deliveries(channel, old_tag, cb))
             return
-        await self._rpc(lambda cb: channel.basic_cancel(old_tag, callback=cb))
+        await self._rpc(lambda cb: _cancel_keeping_late_deliveries(channel, old_tag, cb))
         try:
             await self._basic_consume(spec)
         except ConsumerRefused as exc:
@@ -748,6 +750,24 @@ def _parameters(
     params.blocked_connection_timeout = 30
     params.client_properties = {"connection_name": connection_name}
     return params
+
+
+def _cancel_keeping_late_deliveries(channel: Any, amqp_tag: str, callback: Callable) -> None:
+    """`basic_cancel`, but a delivery the broker sent the consumer before it read the
+    cancel still reaches the consumer's callback.
+
+    pika rejects (requeue) every delivery to a consumer between its Basic.Cancel and the
+    CancelOk, and RabbitMQ puts it back in the queue marked redelivered: a worker would
+    run that task alone, as a poison suspect, though it never ran. During a prefetch swap
+    the consumer's successor already runs on the same channel, so such a delivery is
+    simply a delivery to settle there. pika keeps the callback until the CancelOk; taking
+    the tag out of its cancelling set (pika 1.x state, no public switch) routes these
+    deliveries to it. Without that set this is a plain `basic_cancel`.
+    """
+    channel.basic_cancel(amqp_tag, callback=callback)
+    cancelling = getattr(channel, "_cancelled", None)
+    if isinstance(cancelling, set):
+        cancelling.discard(amqp_tag)
 
 
 def _close_quietly(channel: Any) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 import time
 import uuid
 from typing import Awaitable, Callable
@@ -814,6 +815,45 @@ class TestRabbitMQBroker(BrokerContract):
 
         self.run(scenario)
 
+    def test_deliveries_sent_to_a_consumer_a_prefetch_change_cancels_reach_the_worker(self):
+        """RabbitMQ may deliver to the old consumer of a prefetch swap until it reads the
+        Basic.Cancel. Such deliveries reach the callback as first deliveries; they do not
+        go back to the queue to return marked redelivered (a worker would run those tasks
+        alone, as poison suspects). The gate holds the Cancel while the broker delivers."""
+
+        async def scenario(_broker: Broker) -> None:
+            gate = Gate(self.amqp_port)
+            await gate.open()
+            try:
+                broker = self.track(RabbitMQBroker(gate.url(), connection_name="qm-contract-behind-gate"))
+                await broker.connect()
+                exchange, queue = unique("direct"), unique("quorum")
+                await broker.declare_exchange(exchange, "direct")
+                await broker.declare_queue(queue, {"x-queue-type": "quorum"})
+                await broker.bind_queue(queue, exchange, "work")
+                inbox = Inbox(broker)
+                tag = await broker.consume(queue, inbox, prefetch=3)
+
+                gate.hold_at(pika.spec.Basic.Cancel.INDEX >> 16, pika.spec.Basic.Cancel.INDEX & 0xFFFF)
+                lowering = asyncio.ensure_future(broker.set_prefetch(tag, 1))
+                await asyncio.wait_for(gate.holding.wait(), WAIT_S)
+                # The new consumer takes at most 1; the old one, not yet cancelled, the rest.
+                publisher = await self.other_connection(broker)
+                sent = bodies("in-the-swap", 4)
+                for body in sent:
+                    await publisher.publish(exchange, "work", body)
+                await until(lambda: len(inbox.received) == len(sent), "every message delivered during the swap")
+                gate.release()
+                await asyncio.wait_for(lowering, WAIT_S)
+                for delivery in inbox.received:
+                    inbox.ack(delivery)
+                assert_each_once_none_redelivered(inbox, sent)
+            finally:
+                gate.release()
+                await gate.shut()
+
+        self.run(scenario)
+
     def test_after_a_refused_publish_later_ones_go_on_a_fresh_channel_and_arrive(self, caplog):
         """A full queue (overflow reject-publish) refuses a publish with QueueFull; the next
         publish goes on a fresh channel (a refused channel can stay refused: see
@@ -856,13 +896,25 @@ async def consume_when_free(broker: Broker, queue: str, inbox: Inbox) -> str:
 class Gate:
     """A TCP forwarder to RabbitMQ, run on the test's loop: `shut()` cuts every connection
     through it and refuses new ones (a network outage), `open()` lets them in again on the
-    same port, so a client's reconnects find RabbitMQ again."""
+    same port, so a client's reconnects find RabbitMQ again. `hold_at(method)` stops what
+    the client sends at its next frame carrying that AMQP method, until `release()`: the
+    broker has not read it yet, while what the broker sends still comes through."""
 
     def __init__(self, upstream_port: int) -> None:
         self.port = free_port()
         self._upstream_port = upstream_port
         self._server: asyncio.AbstractServer | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._hold_method: tuple[int, int] | None = None
+        self.holding = asyncio.Event()
+        self._released = asyncio.Event()
+
+    def hold_at(self, class_id: int, method_id: int) -> None:
+        self._hold_method = (class_id, method_id)
+
+    def release(self) -> None:
+        self._hold_method = None
+        self._released.set()
 
     def url(self) -> str:
         return f"amqp://guest:guest@127.0.0.1:{self.port}/%2F"
@@ -887,12 +939,22 @@ class Gate:
             writer.transport.abort()
             return
         self._writers.update((writer, up_writer))
-        await asyncio.gather(self._pump(reader, up_writer), self._pump(up_reader, writer))
+        await asyncio.gather(self._pump(reader, up_writer, _MethodFrames()), self._pump(up_reader, writer))
 
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Copy one direction until it ends; then end the other side too."""
+    async def _pump(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, frames: "_MethodFrames | None" = None
+    ) -> None:
+        """Copy one direction until it ends; then end the other side too. With `frames`
+        (the client's direction), stop before a frame `hold_at` names until `release()`."""
         try:
             while data := await reader.read(65536):
+                if frames is not None:
+                    at = frames.feed(data, self._hold_method)
+                    if at is not None:
+                        writer.write(data[:at])
+                        self.holding.set()
+                        await self._released.wait()
+                        data = data[at:]
                 writer.write(data)
                 await writer.drain()
         except OSError:
@@ -900,6 +962,38 @@ class Gate:
         finally:
             writer.transport.abort()
             self._writers.discard(writer)
+
+
+class _MethodFrames:
+    """Follows the AMQP 0-9-1 frames a client sends (after its 8-byte protocol header) to
+    find where a frame carrying a given method starts."""
+
+    def __init__(self) -> None:
+        self._skip = 8  # bytes until the next frame starts
+        self._start = bytearray()  # a frame's first bytes, maybe split across reads
+
+    def feed(self, data: bytes, method: tuple[int, int] | None) -> int | None:
+        """The offset in `data` of the first frame carrying `method` that starts in it."""
+        found, at = None, 0
+        while at < len(data):
+            if self._skip:
+                step = min(self._skip, len(data) - at)
+                self._skip, at = self._skip - step, at + step
+                continue
+            # 7 header bytes (type, channel, size), then a method frame's class and method ids
+            want = 11 if len(self._start) >= 7 and self._start[0] == 1 else 7
+            take = min(want - len(self._start), len(data) - at)
+            self._start += data[at : at + take]
+            at += take
+            if len(self._start) < want or (want == 7 and self._start[0] == 1):
+                continue
+            kind, _channel, size = struct.unpack_from(">BHI", self._start)
+            begins = at - len(self._start)
+            if found is None and kind == 1 and begins >= 0 and struct.unpack_from(">HH", self._start, 7) == method:
+                found = begins
+            self._skip = 7 + size + 1 - len(self._start)  # the rest of the payload, the end octet
+            self._start = bytearray()
+        return found
 
 
 def _run(scenario: Callable[[], Awaitable[None]]) -> None:
