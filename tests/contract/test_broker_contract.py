@@ -973,7 +973,8 @@ class _MethodFrames:
         self._start = bytearray()  # a frame's first bytes, maybe split across reads
 
     def feed(self, data: bytes, method: tuple[int, int] | None) -> int | None:
-        """The offset in `data` of the first frame carrying `method` that starts in it."""
+        """Where to hold `data` so that the broker does not get the first frame carrying
+        `method` whole: its offset, or 0 if it began in an earlier read."""
         found, at = None, 0
         while at < len(data):
             if self._skip:
@@ -989,8 +990,8 @@ class _MethodFrames:
                 continue
             kind, _channel, size = struct.unpack_from(">BHI", self._start)
             begins = at - len(self._start)
-            if found is None and kind == 1 and begins >= 0 and struct.unpack_from(">HH", self._start, 7) == method:
-                found = begins
+            if found is None and kind == 1 and struct.unpack_from(">HH", self._start, 7) == method:
+                found = max(begins, 0)  # begun in an earlier read: the broker cannot act on part of it
             self._skip = 7 + size + 1 - len(self._start)  # the rest of the payload, the end octet
             self._start = bytearray()
         return found
