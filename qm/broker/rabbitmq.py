@@ -759,10 +759,12 @@ def _cancel_keeping_late_deliveries(channel: Any, amqp_tag: str, callback: Calla
     pika rejects (requeue) every delivery to a consumer between its Basic.Cancel and the
     CancelOk, and RabbitMQ puts it back in the queue marked redelivered: a worker would
     run that task alone, as a poison suspect, though it never ran. During a prefetch swap
-    the consumer's successor already runs on the same channel, so such a delivery is
-    simply a delivery to settle there. pika keeps the callback until the CancelOk; taking
-    the tag out of its cancelling set (pika 1.x state, no public switch) routes these
-    deliveries to it. Without that set this is a plain `basic_cancel`.
+    the consumer's successor takes over on the same channel (after it, for an exclusive
+    consumer), so such a delivery is simply one more to settle on that channel (and goes
+    back to the queue with the channel, like any other, if it closes). pika keeps the
+    callback until the CancelOk; taking the tag out of its cancelling set (pika 1.x state,
+    no public switch) routes these deliveries to it. Without that set this is a plain
+    `basic_cancel`.
     """
     channel.basic_cancel(amqp_tag, callback=callback)
     cancelling = getattr(channel, "_cancelled", None)

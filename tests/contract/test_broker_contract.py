@@ -942,7 +942,7 @@ class Gate:
         await asyncio.gather(self._pump(reader, up_writer, _MethodFrames()), self._pump(up_reader, writer))
 
     async def _pump(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, frames: "_MethodFrames | None" = None
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, frames: _MethodFrames | None = None
     ) -> None:
         """Copy one direction until it ends; then end the other side too. With `frames`
         (the client's direction), stop before a frame `hold_at` names until `release()`."""
