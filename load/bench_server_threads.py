@@ -1,6 +1,6 @@
 """Where one qm-server's CPU goes per sequential submit, thread by thread, next to gRPC's floor.
 
-    .venv/bin/python load/bench_server_threads.py [--submits 3000] [--rounds 3] [--json out.json]
+    .venv/bin/python load/bench_server_threads.py [--submits 3000] [--rounds 3] [--worker] [--json out.json]
 
 A private RabbitMQ in a temporary directory (or --broker-url) and one qm-server (SQLite store,
 default config), no worker; one client thread submits `math "1 + 2"` one at a time. Per round:
@@ -9,6 +9,10 @@ thread's CPU µs per submit, grouped by the name the kernel shows (the event loo
 thread; the store's threads name themselves, qm/os_thread_names.py; gRPC's C threads show as
 `event_engine`, its poller keeps the process's name). Then the same for a bare grpc.aio
 server in a child process with one unary echo method and no work: gRPC's own cost per call.
+With --worker, a `qm-worker --procs 2` runs the tasks too, and every round measures the
+submits twice more: with the worker running them, and with the worker's processes stopped
+(SIGSTOP; the tasks wait in the queue, then run): what running the tasks at the same time
+adds to a sequential submit, with the supervisor's, its children's and RabbitMQ's CPU.
 Prints the medians over the rounds; asserts nothing.
 """
 
@@ -25,21 +29,30 @@ import statistics
 import sys
 import tempfile
 import time
+import urllib.parse
 from typing import Callable
 
 import grpc
+import psutil
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench_dispatch import thread_cpu_ns  # noqa: E402  (load/ is the script's directory)
+from bench_dispatch import (  # noqa: E402  (load/ is the script's directory)
+    listener_pid,
+    own_cpu_meter,
+    percentile,
+    thread_cpu_ns,
+    tree_cpu_meter,
+)
 
 import qm  # noqa: E402
 from qm.testing.rabbitmq import LocalRabbitMQ  # noqa: E402
-from tests.processes import clean_env, start_server  # noqa: E402
+from tests.processes import band_queues, clean_env, delete_queues, start_server, start_worker  # noqa: E402
 
 WARM_CALLS = 300
+DRAIN_BOUND_S = 300.0  # the most the worker may take to finish a round's tasks
 ECHO_METHOD = "/bench.Echo/Echo"
 
 
@@ -54,25 +67,42 @@ def thread_name(pid: int, tid: int) -> str:
         return "ended"
 
 
-def measure(pid: int, call: Callable[[], object], calls: int) -> dict[str, float]:
-    """Latency p50 ms and CPU µs per call by thread name (and in all) of `calls` calls."""
+def measure(
+    pid: int,
+    call: Callable[[], object],
+    calls: int,
+    processes: dict[str, Callable[[], Callable[[], float]]] | None = None,
+) -> tuple[dict[str, float], list[object]]:
+    """Latency p50/p99 ms and CPU µs per call by thread name (and in all) of `calls` calls;
+    `processes`: more processes to meter (name: what starts a meter of its CPU seconds).
+    Returns the numbers and what the calls returned."""
+    meters = {name: start() for name, start in (processes or {}).items()}
     before = thread_cpu_ns(pid)
-    latencies_s = []
+    latencies_ms, returned = [], []
     for _ in range(calls):
         started = time.perf_counter()
-        call()
-        latencies_s.append(time.perf_counter() - started)
+        returned.append(call())
+        latencies_ms.append((time.perf_counter() - started) * 1e3)
     after = thread_cpu_ns(pid)
     if before is None or after is None:
         raise SystemExit("this kernel has no /proc/PID/task/TID/schedstat: no per-thread CPU")
     by_name: dict[str, float] = collections.defaultdict(float)
     for tid, ns in after.items():
         by_name[thread_name(pid, tid)] += (ns - before.get(tid, 0)) / calls / 1e3
+    others = {f"{name} (process)_us": used() / calls * 1e6 for name, used in meters.items()}
     return {
-        "p50_ms": 1e3 * statistics.median(latencies_s),
+        "p50_ms": percentile(latencies_ms, 50) or 0.0,
+        "p99_ms": percentile(latencies_ms, 99) or 0.0,
         "all_us": sum(by_name.values()),
         **{f"{name}_us": us for name, us in by_name.items()},
-    }
+        **others,
+    }, returned
+
+
+def worker_processes(pid: int) -> list[psutil.Process]:
+    """The worker's supervisor and every process under it."""
+    root = psutil.Process(pid)
+    return [root, *root.children(recursive=True)]
 
 
 def serve_echo(ports: multiprocessing.Queue) -> None:
@@ -100,29 +130,76 @@ def medians(rounds: list[dict[str, float]]) -> dict[str, float]:
 
 
 def show(title: str, summary: dict[str, float]) -> None:
-    print(f"{title}: p50 {summary['p50_ms']:.2f} ms, server CPU {summary['all_us']:.0f} µs per call")
+    print(
+        f"{title}: p50 {summary['p50_ms']:.2f} ms, p99 {summary['p99_ms']:.2f} ms, "
+        f"server CPU {summary['all_us']:.0f} µs per call"
+    )
     for key, value in sorted(summary.items(), key=lambda item: -item[1]):
         if key.endswith("_us") and key != "all_us" and value >= 1:
             print(f"  {key[:-3]:<16} {value:7.1f} µs")
+
+
+def with_worker_rounds(
+    report: dict[str, list[dict[str, float]]],
+    submit: Callable[[], str],
+    client: qm.Client,
+    server_pid: int,
+    worker_pid: int,
+    broker_pid: int | None,
+    submits: int,
+) -> None:
+    """One round of submits with the worker running the tasks, one with it stopped; each
+    round's tasks all finish before the next starts."""
+    processes = {
+        "supervisor": lambda: own_cpu_meter(worker_pid),
+        "children": lambda: tree_cpu_meter(worker_pid, with_root=False),
+    }
+    if broker_pid is not None:
+        processes["rabbitmq"] = lambda: tree_cpu_meter(broker_pid)
+    numbers, ids = measure(server_pid, submit, submits, processes)
+    report["submit_worker_running"].append(numbers)
+    list(client.results([str(i) for i in ids], timeout_s=DRAIN_BOUND_S))
+    stopped = worker_processes(worker_pid)
+    for process in stopped:
+        process.suspend()
+    try:
+        numbers, ids = measure(server_pid, submit, submits, {k: v for k, v in processes.items() if k == "rabbitmq"})
+    finally:
+        for process in stopped:
+            process.resume()
+    report["submit_worker_stopped"].append(numbers)
+    list(client.results([str(i) for i in ids], timeout_s=DRAIN_BOUND_S))
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--submits", type=int, default=3000, help="sequential calls per round (3000)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds; medians are shown (3)")
+    parser.add_argument(
+        "--worker",
+        action="store_true",
+        help="also run the tasks on a qm-worker --procs 2: submits with it running and stopped",
+    )
+    parser.add_argument("--queue", default="default", help="logical queue for the tasks (default)")
     parser.add_argument("--broker-url", help="use this RabbitMQ instead of starting a private node")
     parser.add_argument("--json", type=pathlib.Path, help="also write every round's numbers as JSON here")
     args = parser.parse_args()
     if args.submits < 1 or args.rounds < 1:
         parser.error("--submits and --rounds must be at least 1")
     report: dict[str, list[dict[str, float]]] = {"submit": [], "grpc_echo": []}
+    if args.worker:
+        report.update(submit_worker_running=[], submit_worker_stopped=[])
     with tempfile.TemporaryDirectory(prefix="qm-bench-server-threads-") as tmp:
         base = pathlib.Path(tmp)
         rabbitmq = None if args.broker_url else LocalRabbitMQ(base / "rabbitmq")
         broker_url = args.broker_url or rabbitmq.start()
+        if rabbitmq is not None:
+            broker_pid = rabbitmq.process.pid if rabbitmq.process else None
+        else:
+            broker_pid = listener_pid(urllib.parse.urlsplit(broker_url).port or 5672)
         ports: multiprocessing.Queue = multiprocessing.Queue()
         echo = multiprocessing.Process(target=serve_echo, args=(ports,), daemon=True)
-        server = client = channel = None
+        server = worker = client = channel = None
         try:
             (base / "server").mkdir()
             server = start_server(broker_url, base / "server", env=clean_env({}))
@@ -130,12 +207,20 @@ def main() -> int:
             echo.start()
             channel = grpc.insecure_channel(f"127.0.0.1:{ports.get(timeout=60)}")
             call = channel.unary_unary(ECHO_METHOD)
+            submit = lambda: client.submit("math", "1 + 2", queue=args.queue)  # noqa: E731
+            warm_ids = []
             for _ in range(WARM_CALLS):
-                client.submit("math", "1 + 2")
+                warm_ids.append(submit())
                 call(b"x" * 64)
+            if args.worker:
+                worker = start_worker(broker_url, procs=2, queues=args.queue)
+                list(client.results(warm_ids, timeout_s=DRAIN_BOUND_S))
             for number in range(args.rounds):
-                report["submit"].append(measure(server.pid, lambda: client.submit("math", "1 + 2"), args.submits))
-                report["grpc_echo"].append(measure(echo.pid, lambda: call(b"x" * 64), args.submits))
+                if worker is None:  # with a worker, tasks left in the queue would run during the next measure
+                    report["submit"].append(measure(server.pid, submit, args.submits)[0])
+                report["grpc_echo"].append(measure(echo.pid, lambda: call(b"x" * 64), args.submits)[0])
+                if worker is not None:
+                    with_worker_rounds(report, submit, client, server.pid, worker.pid, broker_pid, args.submits)
                 print(f"round {number + 1} of {args.rounds}: load average {os.getloadavg()[0]:.1f}", flush=True)
         finally:
             if channel is not None:
@@ -145,12 +230,21 @@ def main() -> int:
             if echo.is_alive():
                 echo.kill()
                 echo.join()
-            if server is not None:
-                server.stop()
+            for process in (worker, server):
+                if process is not None:
+                    process.stop()
             if rabbitmq is not None:
                 rabbitmq.stop()
+            elif server is not None:  # a shared node: leave no queue of ours behind
+                extra = band_queues(args.queue) if args.queue != "default" else []
+                delete_queues(broker_url, [f"qm.events.{server.server_id}", *extra])
     print(f"\nmedians over {args.rounds} rounds of {args.submits} sequential calls")
-    show("qm-server, SubmitTask of math '1 + 2'", medians(report["submit"]))
+    if report["submit"]:
+        show("qm-server, SubmitTask of math '1 + 2', no worker", medians(report["submit"]))
+    if args.worker:
+        running, stopped = medians(report["submit_worker_running"]), medians(report["submit_worker_stopped"])
+        show("qm-server, SubmitTask with qm-worker --procs 2 running the tasks", running)
+        show("qm-server, SubmitTask with the worker's processes stopped", stopped)
     show("bare grpc.aio echo server", medians(report["grpc_echo"]))
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
