@@ -10,9 +10,10 @@ thread; the store's threads name themselves, qm/os_thread_names.py; gRPC's C thr
 `event_engine`, its poller keeps the process's name). Then the same for a bare grpc.aio
 server in a child process with one unary echo method and no work: gRPC's own cost per call.
 With --worker, a `qm-worker --procs 2` runs the tasks too, and every round measures the
-submits twice more: with the worker running them, and with the worker's processes stopped
-(SIGSTOP; the tasks wait in the queue, then run): what running the tasks at the same time
-adds to a sequential submit, with the supervisor's, its children's and RabbitMQ's CPU.
+submits twice instead of once without a worker: with the worker running them, and with the
+worker's processes stopped (SIGSTOP; the tasks wait in the queue, then run): what running
+the tasks at the same time adds to a sequential submit, with the supervisor's, its
+children's and RabbitMQ's CPU (the heartbeat: keep a round well under a minute).
 Prints the medians over the rounds; asserts nothing.
 """
 
