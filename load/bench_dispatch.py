@@ -182,6 +182,16 @@ def tree_cpu_meter(pid: int | None, with_root: bool = True) -> Callable[[], floa
     return lambda: tree_cpu_s(pid, with_root) - start_s
 
 
+def worker_and_broker_meters(worker: int, broker: int | None) -> dict[str, Callable[[], Callable[[], float]]]:
+    """What starts a CPU meter of a worker's supervisor, of its children and of RabbitMQ
+    (0 without a broker process to see), by name."""
+    return {
+        "supervisor": lambda: own_cpu_meter(worker),
+        "children": lambda: tree_cpu_meter(worker, with_root=False),
+        "rabbitmq": lambda: tree_cpu_meter(broker),
+    }
+
+
 def listener_pid(port: int) -> int | None:
     """The process listening on this loopback TCP port (a broker given by URL), if visible."""
     try:
@@ -201,13 +211,11 @@ class CpuMeter:
                  parts: dict[str, Callable[[], Callable[[], float]]] | None = None) -> None:
         if parts is None:
             assert stack is not None
-            worker, server, broker = stack.worker.pid, stack.server.pid, stack.broker_pid
+            server = stack.server.pid
             parts = {
                 "client": lambda: own_cpu_meter(os.getpid()),
                 "server": lambda: own_cpu_meter(server),
-                "supervisor": lambda: own_cpu_meter(worker),
-                "children": lambda: tree_cpu_meter(worker, with_root=False),
-                "rabbitmq": lambda: tree_cpu_meter(broker),
+                **worker_and_broker_meters(stack.worker.pid, stack.broker_pid),
             }
         self.parts = parts
         self.used: dict[str, Callable[[], float]] = {}

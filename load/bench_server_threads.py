@@ -42,10 +42,9 @@ if str(REPO) not in sys.path:
 
 from bench_dispatch import (  # noqa: E402  (load/ is the script's directory)
     listener_pid,
-    own_cpu_meter,
     percentile,
     thread_cpu_ns,
-    tree_cpu_meter,
+    worker_and_broker_meters,
 )
 
 import qm  # noqa: E402
@@ -151,20 +150,15 @@ def with_worker_rounds(
 ) -> None:
     """One round of submits with the worker running the tasks, one with it stopped; each
     round's tasks all finish before the next starts."""
-    processes = {
-        "supervisor": lambda: own_cpu_meter(worker_pid),
-        "children": lambda: tree_cpu_meter(worker_pid, with_root=False),
-    }
-    if broker_pid is not None:
-        processes["rabbitmq"] = lambda: tree_cpu_meter(broker_pid)
-    numbers, ids = measure(server_pid, submit, submits, processes)
+    meters = worker_and_broker_meters(worker_pid, broker_pid)
+    numbers, ids = measure(server_pid, submit, submits, meters)
     report["submit_worker_running"].append(numbers)
     list(client.results([str(i) for i in ids], timeout_s=DRAIN_BOUND_S))
     stopped = worker_processes(worker_pid)
     for process in stopped:
         process.suspend()
     try:
-        numbers, ids = measure(server_pid, submit, submits, {k: v for k, v in processes.items() if k == "rabbitmq"})
+        numbers, ids = measure(server_pid, submit, submits, {"rabbitmq": meters["rabbitmq"]})
     finally:
         for process in stopped:
             process.resume()

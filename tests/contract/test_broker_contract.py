@@ -911,6 +911,8 @@ class Gate:
 
     def hold_at(self, class_id: int, method_id: int) -> None:
         self._hold_method = (class_id, method_id)
+        self.holding.clear()
+        self._released.clear()
 
     def release(self) -> None:
         self._hold_method = None
