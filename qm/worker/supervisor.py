@@ -77,6 +77,10 @@ from qm.worker.tally import OutcomeTally
 
 log = logging.getLogger(__name__)
 
+#: Longest a drain waits for copies whose originals' channel is gone (they may be the
+#: tasks' only way back to the queue): reconnecting to another node of a cluster takes
+#: seconds; past this, the node the originals were on returning is the likelier way back.
+ONLY_COPIES_WAIT_S = 60.0
 #: Outcomes that mean the child was killed or lost, and their `reason` label.
 KILL_REASONS = {
     TaskState.TIMED_OUT: "timeout",
@@ -137,6 +141,7 @@ class Supervisor:
         self._unsettled: dict[asyncio.Task, Delivery] = {}  # handler → its delivery, until settled
         self._waiting: set[asyncio.Task] = set()  # handlers whose job has not started
         self._background = Background()
+        self._copies: dict[asyncio.Task, Delivery] = {}  # deliveries being given back as copies
         self.acks = BundleAcks(broker, self._background.spawn)  # bundles: qm/worker/bundles.py
         self.progress = ProgressEvents(self.outcomes.events, worker_id, self.metrics, self._background)
         self._by_task: dict[str, asyncio.Task] = {}  # task id → its handler
@@ -254,14 +259,16 @@ class Supervisor:
 
     def _settle(self, handler: asyncio.Task, ack: bool) -> None:
         """Ack, or return to the queue (a run cut short, a failed handler): a bundle's
-        member goes back as a copy marked a suspect, as RabbitMQ would mark it redelivered."""
+        member goes back as a copy marked a suspect, as RabbitMQ would mark it redelivered;
+        so does a delivery whose channel is gone (RabbitMQ may keep the original with a
+        consumer of a node that went away until that node returns)."""
         delivery = self._unsettled.pop(handler, None)
         if delivery is None:
             return
         if ack:
             self.acks.done(delivery)
-        elif isinstance(delivery, Member):
-            self._background.spawn(self._republish(delivery, suspect=True))
+        elif isinstance(delivery, Member) or not self.broker.settleable(delivery):
+            self._give_back_copy(delivery, suspect=True)
         else:
             self.acks.nack(delivery, requeue=True)
 
@@ -477,16 +484,25 @@ class Supervisor:
         redelivered, so it is no poison suspect and uses none of a quorum queue's delivery
         limit. Dying between confirm and ack leaves both: the original comes back
         redelivered and the task may run twice, which at-least-once covers (qm/states.py).
-        A redelivered delivery is nacked back as it is: it stays a suspect. (A bundle's
-        member is never redelivered: a redelivered bundle is split, qm/worker/bundles.py.)"""
+        A redelivered delivery is nacked back as it is: it stays a suspect. If its channel
+        is gone, it goes back as a copy marked a suspect instead: RabbitMQ may keep the
+        original with a consumer of a node that went away until that node returns. (A
+        bundle's member is never redelivered: a redelivered bundle is split,
+        qm/worker/bundles.py.)"""
         delivery = self._unsettled.pop(handler, None)
         handler.cancel()
         if delivery is None:
             return
-        if delivery.redelivered:
+        if delivery.redelivered and self.broker.settleable(delivery):
             self.acks.nack(delivery, requeue=True)
         else:
-            self._background.spawn(self._republish(delivery))
+            self._give_back_copy(delivery, suspect=delivery.redelivered)
+
+    def _give_back_copy(self, delivery: Delivery, suspect: bool = False) -> None:
+        """`_republish` in the background, kept until done: a drain waits for it."""
+        copy = self._background.spawn(self._republish(delivery, suspect))
+        self._copies[copy] = delivery
+        copy.add_done_callback(lambda done: self._copies.pop(done, None))
 
     async def _republish(self, delivery: Delivery, suspect: bool = False) -> None:
         """Publish a copy of `delivery` (marked Header.SUSPECT if `suspect`: its run was cut
@@ -537,7 +553,9 @@ class Supervisor:
     async def stop(self, drain_timeout_s: float | None = None) -> None:
         """Drain: stop consuming, give back unstarted deliveries (as copies: `_give_back`),
         let running tasks finish up to `drain_timeout_s`, then kill the rest and return them
-        to the queue too (redelivered: their runs were cut short, so they count as suspects)."""
+        to the queue too (redelivered: their runs were cut short, so they count as suspects).
+        Copies still unpublished after REPUBLISH_WAIT_S are left to RabbitMQ's requeue,
+        except those whose originals' channel is gone: those are waited for."""
         self.draining = True
         self.pool.pipeline = False
         if self._held_check is not None:
@@ -563,8 +581,34 @@ class Supervisor:
                     handler.cancel()
                 await asyncio.wait(late)
         await self._background.wait(REPUBLISH_WAIT_S)
+        await self._wait_for_only_copies()
         self.acks.flush()
         self.tally.flush()
+
+    async def _wait_for_only_copies(self) -> None:
+        """Copies still unpublished whose originals' channel is gone may be their tasks'
+        only way back to the queue (RabbitMQ can keep an original with a consumer of a node
+        that went away until it returns): the drain waits for them as long as the broker is
+        away, up to ONLY_COPIES_WAIT_S. A refusal that lasts ends one
+        (`publish_until_confirmed`); a second signal stops at once."""
+        pending = {copy: original for copy, original in self._copies.items() if not self.broker.settleable(original)}
+        if not pending:
+            return
+        log.warning(
+            "draining: waiting up to %g s for RabbitMQ to take back %d task(s) given back on a channel that is "
+            "gone (the broker may hold their originals until the node they were on returns); send the signal "
+            "again to stop now and leave them to that node",
+            ONLY_COPIES_WAIT_S,
+            len(pending),
+        )
+        _done, late = await asyncio.wait(pending, timeout=ONLY_COPIES_WAIT_S)
+        if late:
+            log.error(
+                "stopping with %d task(s) not taken back (%s): RabbitMQ stayed away; they run once the node "
+                "that held them returns",
+                len(late),
+                ", ".join(str(pending[copy].headers.get(Header.TASK_ID)) for copy in late),
+            )
 
     async def send_heartbeats(self, interval_s: float, types: list[str]) -> None:
         """Announce this worker to the servers every `interval_s` until cancelled."""

@@ -16,7 +16,9 @@ import pytest
 from qm.broker import topology
 from qm.broker.memory import MemoryBroker
 from qm.errors import PublishOutcomeUnknown
+from qm.protocol import Header
 from qm.states import TaskState
+from qm.worker import supervisor as supervisor_module
 from qm.worker.jobs import ReplyKind
 from qm.worker.pool import Pool
 from qm.worker.prefetch import AutoPrefetch, FixedPrefetch
@@ -281,11 +283,13 @@ def test_a_prefetch_drop_gives_back_every_delivery_waiting_beyond_it(tmp_path, c
     assert redelivered == [False, False, False]
 
 
-def test_deliveries_of_a_lost_channel_are_not_given_back_but_still_run_here(tmp_path, caplog):
+def test_deliveries_of_a_lost_channel_are_not_given_back_but_still_run_here(tmp_path, monkeypatch, caplog):
     """The connection goes as the prefetch drops: the broker requeued what the channel
     held, and no copy can be published. Given back, a waiting task would depend on the
     broker alone to run again (RabbitMQ 3.10 once lost one on a node kill); kept, it runs
-    here as it would have. (A fixed prefetch of 4, so that only this test drops it.)"""
+    here as it would have. (A fixed prefetch of 4, so that only this test drops it. The
+    broker never comes back: the closing drain gives up on its copies at once.)"""
+    monkeypatch.setattr(supervisor_module, "ONLY_COPIES_WAIT_S", 0.1)
 
     async def body():
         async with four_long_tasks_held(tmp_path, 4) as (parts, supervisor):
@@ -298,6 +302,8 @@ def test_deliveries_of_a_lost_channel_are_not_given_back_but_still_run_here(tmp_
         held = run(body)
     assert "giving back" not in caplog.text
     assert held == 4
+    # the drain at the end: each task named, none silently dropped
+    assert re.search(r"stopping with 4 task\(s\) not taken back \((\S+, ){3}\S+\)", caplog.text), caplog.text
 
 
 class NodeLosingBroker(MemoryBroker):
@@ -344,3 +350,54 @@ def test_copies_lost_with_the_connection_are_published_again(tmp_path, monkeypat
     assert len(waiting) == 3
     assert {message.body for message in queued} == waiting
     assert [message.redelivered for message in queued] == [False, False, False]
+
+
+class NodeGoneAtDrainBroker(MemoryBroker):
+    """Deliveries of the work queue come marked redelivered if `redeliver` (their last
+    worker died), and `lose_node(away_s)` takes the worker's node away for `away_s`, keeping
+    every delivery it held out of the queue, as a RabbitMQ 3.10 quorum queue kept those of a
+    consumer the prefetch swap had cancelled on a killed node."""
+
+    def __init__(self, redeliver: bool) -> None:
+        super().__init__()
+        self.redeliver = redeliver
+
+    def _deliver(self, consumer, message):
+        if self.redeliver and consumer.queue == WORK_QUEUE:
+            message.redelivered = True
+        super()._deliver(consumer, message)
+
+    def lose_node(self, away_s: float) -> None:
+        for consumer in self._consumers.values():
+            consumer.unacked.clear()  # still checked out to the gone node's consumers
+        self._drop_connection()
+        asyncio.get_running_loop().call_later(away_s, lambda: asyncio.ensure_future(self.connect()))
+
+
+@pytest.mark.parametrize("redelivered", [False, True], ids=["first-deliveries", "redelivered"])
+def test_a_drain_after_the_node_went_away_returns_every_task_it_held(tmp_path, monkeypatch, redelivered):
+    """The node goes away with the worker's four tasks and keeps them; the worker drains
+    (SIGTERM) while it is away, longer than a drain waits for copies. Once the drain is over
+    every task must be back in the queue: the three waiting and the one cut short by the
+    drain timeout, as copies published when the broker came back. Redelivered ones (each may
+    have killed a worker) stay suspects. Nacked on the gone channel (redelivered ones), or
+    left unpublished when the drain gave up on its copies, they would be nowhere until the
+    node returned."""
+    monkeypatch.setattr(harness, "MemoryBroker", lambda: NodeGoneAtDrainBroker(redelivered))
+    monkeypatch.setattr(supervisor_module, "REPUBLISH_WAIT_S", 0.1)
+    away_s = 1.0
+
+    async def body():
+        async with four_long_tasks_held(tmp_path, 4) as (parts, supervisor):
+            # one runs (a suspect once its start is confirmed), three wait
+            await until(lambda: len(supervisor._unsettled) == 4 and len(supervisor._waiting) == 3, "one run")
+            held = {delivery.body for delivery in supervisor._unsettled.values()}
+            parts.broker.lose_node(away_s)
+            await within(supervisor.stop(drain_timeout_s=0.2), HELD_BOUND_S)
+            return held, list(parts.broker._queues[WORK_QUEUE])
+
+    held, queued = run(body)
+    assert len(held) == 4
+    assert sorted(message.body for message in queued) == sorted(held)
+    suspects = sorted(Header.SUSPECT in message.headers for message in queued)
+    assert suspects == ([True] * 4 if redelivered else [False, False, False, True])  # the cut-short one
