@@ -143,6 +143,13 @@ class Broker(abc.ABC):
         """Whether an ack or nack of the delivery still reaches the broker: False once its
         channel is gone (the broker requeued the delivery itself, marked redelivered)."""
 
+    @property
+    def node_count(self) -> int:
+        """How many broker nodes this client may connect to. With one, what a lost channel
+        held comes back to its queue with that node; with several, a quorum queue may keep
+        it with a consumer of a node that went away until that node returns."""
+        return 1
+
 
 #: Longest wait for the broker to come back before trying a publish again.
 REPUBLISH_WAIT_S = 5.0

@@ -710,6 +710,10 @@ class RabbitMQBroker(Broker):
     def settleable(self, delivery: Delivery) -> bool:
         return self._live_spec(delivery) is not None
 
+    @property
+    def node_count(self) -> int:
+        return len(self._nodes)
+
     def _live_spec(self, delivery: Delivery) -> _ConsumerSpec | None:
         """The delivery's consumer, if the channel it came on is still its open channel."""
         spec = self._consumers.get(delivery.consumer_tag)

@@ -260,14 +260,13 @@ class Supervisor:
     def _settle(self, handler: asyncio.Task, ack: bool) -> None:
         """Ack, or return to the queue (a run cut short, a failed handler): a bundle's
         member goes back as a copy marked a suspect, as RabbitMQ would mark it redelivered;
-        so does a delivery whose channel is gone (RabbitMQ may keep the original with a
-        consumer of a node that went away until that node returns)."""
+        so does one that may stay away (`_may_stay_away`)."""
         delivery = self._unsettled.pop(handler, None)
         if delivery is None:
             return
         if ack:
             self.acks.done(delivery)
-        elif isinstance(delivery, Member) or not self.broker.settleable(delivery):
+        elif isinstance(delivery, Member) or self._may_stay_away(delivery):
             self._give_back_copy(delivery, suspect=True)
         else:
             self.acks.nack(delivery, requeue=True)
@@ -484,19 +483,30 @@ class Supervisor:
         redelivered, so it is no poison suspect and uses none of a quorum queue's delivery
         limit. Dying between confirm and ack leaves both: the original comes back
         redelivered and the task may run twice, which at-least-once covers (qm/states.py).
-        A redelivered delivery is nacked back as it is: it stays a suspect. If its channel
-        is gone, it goes back as a copy marked a suspect instead: RabbitMQ may keep the
-        original with a consumer of a node that went away until that node returns. (A
-        bundle's member is never redelivered: a redelivered bundle is split,
-        qm/worker/bundles.py.)"""
+        A redelivered delivery is nacked back as it is: it stays a suspect. One whose channel
+        is gone is RabbitMQ's to return, unless it may stay away (`_may_stay_away`): then it
+        goes back as a copy, marked a suspect if it was redelivered. (A bundle's member is
+        never redelivered: a redelivered bundle is split, qm/worker/bundles.py.)"""
         delivery = self._unsettled.pop(handler, None)
         handler.cancel()
         if delivery is None:
             return
-        if delivery.redelivered and self.broker.settleable(delivery):
+        if self._may_stay_away(delivery):
+            self._give_back_copy(delivery, suspect=delivery.redelivered)
+        elif not self.broker.settleable(delivery):
+            return  # RabbitMQ requeued it with its channel: a copy would run it twice
+        elif delivery.redelivered:
             self.acks.nack(delivery, requeue=True)
         else:
-            self._give_back_copy(delivery, suspect=delivery.redelivered)
+            self._give_back_copy(delivery)
+
+    def _may_stay_away(self, delivery: Delivery) -> bool:
+        """Whether RabbitMQ may keep `delivery` from its queue though this worker lost it:
+        its channel is gone and the broker has other nodes. A RabbitMQ 3.10 quorum queue kept
+        what the consumer a prefetch swap had cancelled held on a node killed meanwhile, until
+        that node returned (tests/cluster/test_broker_failover.py). With one node, what a
+        lost channel held comes back with that node."""
+        return self.broker.node_count > 1 and not self.broker.settleable(delivery)
 
     def _give_back_copy(self, delivery: Delivery, suspect: bool = False) -> None:
         """`_republish` in the background, kept until done: a drain waits for it."""
@@ -507,7 +517,8 @@ class Supervisor:
     async def _republish(self, delivery: Delivery, suspect: bool = False) -> None:
         """Publish a copy of `delivery` (marked Header.SUSPECT if `suspect`: its run was cut
         short), then ack it. A copy refused while connected: nack the original back. A copy
-        lost with the connection: publish it again once reconnected."""
+        lost with the connection: published again once reconnected if the original may stay
+        away (`_may_stay_away`), else left to RabbitMQ's requeue of the original."""
         # RabbitMQ sets x-delivery-count on quorum redeliveries; a first delivery has none,
         # and a copy must not carry one anyway.
         headers = {key: value for key, value in delivery.headers.items() if key != "x-delivery-count"}
@@ -521,10 +532,11 @@ class Supervisor:
                 log.warning("giving a delivery back as a copy failed (%s); returning it as it is", exc)
                 self.acks.nack(delivery, requeue=True)
                 return
-            # The channel went with the copy in flight. The original may not be back in the
-            # queue: a quorum queue keeps what a consumer cancelled by the prefetch swap held
-            # on a node that went away until that node returns. So the copy is published
-            # again once reconnected; if the original does come back, the task may run twice.
+            # The channel went with the copy in flight. With one node the original comes back
+            # with it; else it may not (`_may_stay_away`), so the copy is published again once
+            # reconnected; if the original does come back, the task may run twice.
+            if not self._may_stay_away(delivery):
+                return
             task_id = delivery.headers.get(Header.TASK_ID)
             log.warning("giving task %s back as a copy failed (%s); publishing the copy again", task_id, exc)
             try:
@@ -555,7 +567,7 @@ class Supervisor:
         let running tasks finish up to `drain_timeout_s`, then kill the rest and return them
         to the queue too (redelivered: their runs were cut short, so they count as suspects).
         Copies still unpublished after REPUBLISH_WAIT_S are left to RabbitMQ's requeue,
-        except those whose originals' channel is gone: those are waited for."""
+        except those whose originals may stay away: those are waited for."""
         self.draining = True
         self.pool.pipeline = False
         if self._held_check is not None:
@@ -586,12 +598,11 @@ class Supervisor:
         self.tally.flush()
 
     async def _wait_for_only_copies(self) -> None:
-        """Copies still unpublished whose originals' channel is gone may be their tasks'
-        only way back to the queue (RabbitMQ can keep an original with a consumer of a node
-        that went away until it returns): the drain waits for them as long as the broker is
-        away, up to ONLY_COPIES_WAIT_S. A refusal that lasts ends one
+        """Copies still unpublished whose originals may stay away (`_may_stay_away`) may be
+        their tasks' only way back to the queue: the drain waits for them as long as the
+        broker is away, up to ONLY_COPIES_WAIT_S. A refusal that lasts ends one
         (`publish_until_confirmed`); a second signal stops at once."""
-        pending = {copy: original for copy, original in self._copies.items() if not self.broker.settleable(original)}
+        pending = {copy: original for copy, original in self._copies.items() if self._may_stay_away(original)}
         if not pending:
             return
         log.warning(

@@ -28,6 +28,7 @@ def test_the_first_node_that_answers_is_used(rabbitmq):
         try:
             await broker.connect(first_attempt_timeout_s=30)
             assert broker.connected and broker.node == f"127.0.0.1:{rabbitmq.amqp_port}"
+            assert broker.node_count == 3  # a drain waits for copies only where other nodes exist
             queue = f"test.nodes.{uuid.uuid4().hex[:8]}"
             await broker.declare_queue(queue)
             await broker.publish("", queue, b"hello", {})  # returns once confirmed

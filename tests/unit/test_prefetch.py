@@ -283,13 +283,11 @@ def test_a_prefetch_drop_gives_back_every_delivery_waiting_beyond_it(tmp_path, c
     assert redelivered == [False, False, False]
 
 
-def test_deliveries_of_a_lost_channel_are_not_given_back_but_still_run_here(tmp_path, monkeypatch, caplog):
+def test_deliveries_of_a_lost_channel_are_not_given_back_but_still_run_here(tmp_path, caplog):
     """The connection goes as the prefetch drops: the broker requeued what the channel
     held, and no copy can be published. Given back, a waiting task would depend on the
     broker alone to run again (RabbitMQ 3.10 once lost one on a node kill); kept, it runs
-    here as it would have. (A fixed prefetch of 4, so that only this test drops it. The
-    broker never comes back: the closing drain gives up on its copies at once.)"""
-    monkeypatch.setattr(supervisor_module, "ONLY_COPIES_WAIT_S", 0.1)
+    here as it would have. (A fixed prefetch of 4, so that only this test drops it.)"""
 
     async def body():
         async with four_long_tasks_held(tmp_path, 4) as (parts, supervisor):
@@ -302,8 +300,6 @@ def test_deliveries_of_a_lost_channel_are_not_given_back_but_still_run_here(tmp_
         held = run(body)
     assert "giving back" not in caplog.text
     assert held == 4
-    # the drain at the end: each task named, none silently dropped
-    assert re.search(r"stopping with 4 task\(s\) not taken back \((\S+, ){3}\S+\)", caplog.text), caplog.text
 
 
 class NodeLosingBroker(MemoryBroker):
@@ -311,6 +307,8 @@ class NodeLosingBroker(MemoryBroker):
     published, and comes back a moment later. As a RabbitMQ 3.10 quorum queue did with a
     consumer the prefetch swap had cancelled on a killed node (CI, cluster failover test),
     it returns none of the deliveries that channel held."""
+
+    node_count = 2  # a cluster: the worker reconnects to another node
 
     def __init__(self) -> None:
         super().__init__()
@@ -353,14 +351,20 @@ def test_copies_lost_with_the_connection_are_published_again(tmp_path, monkeypat
 
 
 class NodeGoneAtDrainBroker(MemoryBroker):
-    """Deliveries of the work queue come marked redelivered if `redeliver` (their last
-    worker died), and `lose_node(away_s)` takes the worker's node away for `away_s`, keeping
-    every delivery it held out of the queue, as a RabbitMQ 3.10 quorum queue kept those of a
-    consumer the prefetch swap had cancelled on a killed node."""
+    """A broker of `nodes` nodes. Deliveries of the work queue come marked redelivered if
+    `redeliver` (their last worker died). `lose_node(away_s)` takes the worker's node away
+    for `away_s`: with several nodes it keeps every delivery it held out of the queue, as a
+    RabbitMQ 3.10 quorum queue kept those of a consumer the prefetch swap had cancelled on a
+    killed node; with one, it requeues them (marked redelivered), as any restart does."""
 
-    def __init__(self, redeliver: bool) -> None:
+    def __init__(self, nodes: int, redeliver: bool) -> None:
         super().__init__()
+        self._node_count = nodes
         self.redeliver = redeliver
+
+    @property
+    def node_count(self) -> int:
+        return self._node_count
 
     def _deliver(self, consumer, message):
         if self.redeliver and consumer.queue == WORK_QUEUE:
@@ -368,36 +372,68 @@ class NodeGoneAtDrainBroker(MemoryBroker):
         super()._deliver(consumer, message)
 
     def lose_node(self, away_s: float) -> None:
-        for consumer in self._consumers.values():
-            consumer.unacked.clear()  # still checked out to the gone node's consumers
+        if self._node_count > 1:
+            for consumer in self._consumers.values():
+                consumer.unacked.clear()  # still checked out to the gone node's consumers
         self._drop_connection()
         asyncio.get_running_loop().call_later(away_s, lambda: asyncio.ensure_future(self.connect()))
 
 
+async def drain_while_the_node_is_away(tmp_path, broker, away_s: float):
+    """Four 30 s tasks held by a one-child worker (one runs, three wait); the node goes away
+    for `away_s` and the worker drains meanwhile (drain timeout 0.2 s: the running one is
+    cut short). Returns (the four bodies, the work queue's messages once the drain is over)."""
+    async with four_long_tasks_held(tmp_path, 4) as (parts, supervisor):
+        assert parts.broker is broker
+        # one runs (a suspect once its start is confirmed), three wait
+        await until(lambda: len(supervisor._unsettled) == 4 and len(supervisor._waiting) == 3, "one run")
+        held = {delivery.body for delivery in supervisor._unsettled.values()}
+        broker.lose_node(away_s)
+        await within(supervisor.stop(drain_timeout_s=0.2), HELD_BOUND_S)
+        return held, list(broker._queues[WORK_QUEUE])
+
+
 @pytest.mark.parametrize("redelivered", [False, True], ids=["first-deliveries", "redelivered"])
-def test_a_drain_after_the_node_went_away_returns_every_task_it_held(tmp_path, monkeypatch, redelivered):
-    """The node goes away with the worker's four tasks and keeps them; the worker drains
-    (SIGTERM) while it is away, longer than a drain waits for copies. Once the drain is over
-    every task must be back in the queue: the three waiting and the one cut short by the
-    drain timeout, as copies published when the broker came back. Redelivered ones (each may
-    have killed a worker) stay suspects. Nacked on the gone channel (redelivered ones), or
-    left unpublished when the drain gave up on its copies, they would be nowhere until the
-    node returned."""
-    monkeypatch.setattr(harness, "MemoryBroker", lambda: NodeGoneAtDrainBroker(redelivered))
+def test_a_drain_after_a_cluster_node_went_away_returns_every_task_it_held(tmp_path, monkeypatch, redelivered):
+    """A node of the cluster goes away with the worker's four tasks and keeps them; the
+    worker drains (SIGTERM) while it is away, longer than a drain waits for copies at
+    first. Once the drain is over every task must be back in the queue: the three waiting
+    and the one cut short by the drain timeout, as copies published once the worker
+    reached a node again. Redelivered ones (each may have killed a worker) stay suspects.
+    Nacked on the gone channel (redelivered ones), or left unpublished when the drain gave
+    up on its copies, they would be nowhere until the node returned."""
+    broker = NodeGoneAtDrainBroker(nodes=2, redeliver=redelivered)
+    monkeypatch.setattr(harness, "MemoryBroker", lambda: broker)
     monkeypatch.setattr(supervisor_module, "REPUBLISH_WAIT_S", 0.1)
-    away_s = 1.0
-
-    async def body():
-        async with four_long_tasks_held(tmp_path, 4) as (parts, supervisor):
-            # one runs (a suspect once its start is confirmed), three wait
-            await until(lambda: len(supervisor._unsettled) == 4 and len(supervisor._waiting) == 3, "one run")
-            held = {delivery.body for delivery in supervisor._unsettled.values()}
-            parts.broker.lose_node(away_s)
-            await within(supervisor.stop(drain_timeout_s=0.2), HELD_BOUND_S)
-            return held, list(parts.broker._queues[WORK_QUEUE])
-
-    held, queued = run(body)
+    held, queued = run(drain_while_the_node_is_away, tmp_path, broker, 1.0)
     assert len(held) == 4
     assert sorted(message.body for message in queued) == sorted(held)
     suspects = sorted(Header.SUSPECT in message.headers for message in queued)
     assert suspects == ([True] * 4 if redelivered else [False, False, False, True])  # the cut-short one
+
+
+def test_a_drain_names_the_tasks_it_leaves_to_a_node_that_stays_away(tmp_path, monkeypatch, caplog):
+    """The cluster stays away for longer than a drain waits for its copies: the worker
+    stops all the same, and says which tasks only the gone node can give back."""
+    broker = NodeGoneAtDrainBroker(nodes=2, redeliver=False)
+    monkeypatch.setattr(harness, "MemoryBroker", lambda: broker)
+    monkeypatch.setattr(supervisor_module, "REPUBLISH_WAIT_S", 0.1)
+    monkeypatch.setattr(supervisor_module, "ONLY_COPIES_WAIT_S", 0.3)
+    with caplog.at_level("INFO", logger="qm.worker.supervisor"):
+        held, queued = run(drain_while_the_node_is_away, tmp_path, broker, HELD_BOUND_S)
+    assert queued == []
+    named = re.search(r"stopping with 4 task\(s\) not taken back \(([^)]*)\)", caplog.text)
+    assert named, caplog.text
+    assert len(set(named.group(1).split(", "))) == 4
+
+
+def test_a_drain_after_the_only_node_restarted_publishes_no_copy(tmp_path, monkeypatch):
+    """With one node, what the lost channel held comes back when the node does: a copy of
+    each would run each task twice. After the drain the queue holds the four originals,
+    back from the broker, and nothing else."""
+    broker = NodeGoneAtDrainBroker(nodes=1, redeliver=False)
+    monkeypatch.setattr(harness, "MemoryBroker", lambda: broker)
+    held, queued = run(drain_while_the_node_is_away, tmp_path, broker, 0.2)
+    assert sorted(message.body for message in queued) == sorted(held)
+    assert [message.redelivered for message in queued] == [True] * 4
+    assert not any(Header.SUSPECT in message.headers for message in queued)
