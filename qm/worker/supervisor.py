@@ -77,9 +77,10 @@ from qm.worker.tally import OutcomeTally
 
 log = logging.getLogger(__name__)
 
-#: Longest a drain waits for copies whose originals' channel is gone (they may be the
-#: tasks' only way back to the queue): reconnecting to another node of a cluster takes
-#: seconds; past this, the node the originals were on returning is the likelier way back.
+#: Longest a drain waits for copies whose originals may stay with a node that went away
+#: (`Supervisor._may_stay_away`; the copies may be the tasks' only way back to the queue):
+#: reconnecting to another node of a cluster takes seconds; past this, the node the
+#: originals were on returning is the likelier way back.
 ONLY_COPIES_WAIT_S = 60.0
 #: Outcomes that mean the child was killed or lost, and their `reason` label.
 KILL_REASONS = {
