@@ -303,24 +303,40 @@ def test_deliveries_of_a_lost_channel_are_not_given_back_but_still_run_here(tmp_
 
 
 class NodeLosingBroker(MemoryBroker):
-    """The node the worker is connected to goes away as the first copy given back is
-    published, and comes back a moment later. As a RabbitMQ 3.10 quorum queue did with a
-    consumer the prefetch swap had cancelled on a killed node (CI, cluster failover test),
-    it returns none of the deliveries that channel held."""
+    """A broker of `nodes` nodes whose node the worker is connected to can go away
+    (`lose_node`), at once or, `armed`, as the first copy given back is published (for
+    0.05 s). With several nodes it returns none of the deliveries that channel held, as a
+    RabbitMQ 3.10 quorum queue did with a consumer the prefetch swap had cancelled on a
+    killed node (CI, cluster failover test); with one, it requeues them (marked
+    redelivered), as any restart does. Deliveries of the work queue come marked
+    redelivered if `redeliver` (their last worker died)."""
 
-    node_count = 2  # a cluster: the worker reconnects to another node
-
-    def __init__(self) -> None:
+    def __init__(self, nodes: int = 2, redeliver: bool = False) -> None:
         super().__init__()
+        self._node_count = nodes
+        self.redeliver = redeliver
         self.armed = False
+
+    @property
+    def node_count(self) -> int:
+        return self._node_count
+
+    def lose_node(self, away_s: float) -> None:
+        if self._node_count > 1:
+            for consumer in self._consumers.values():
+                consumer.unacked.clear()  # still checked out to the gone node's consumers
+        self._drop_connection()
+        asyncio.get_running_loop().call_later(away_s, lambda: asyncio.ensure_future(self.connect()))
+
+    def _deliver(self, consumer, message):
+        if self.redeliver and consumer.queue == WORK_QUEUE:
+            message.redelivered = True
+        super()._deliver(consumer, message)
 
     async def publish(self, exchange, routing_key, body, headers=None):
         if self.armed and exchange == topology.TASKS_EXCHANGE:
             self.armed = False
-            for consumer in self._consumers.values():
-                consumer.unacked.clear()  # still checked out to the gone consumer
-            self._drop_connection()
-            asyncio.get_running_loop().call_later(0.05, lambda: asyncio.ensure_future(self.connect()))
+            self.lose_node(0.05)
             raise PublishOutcomeUnknown("connection lost before the copy was confirmed")
         await super().publish(exchange, routing_key, body, headers)
 
@@ -350,35 +366,6 @@ def test_copies_lost_with_the_connection_are_published_again(tmp_path, monkeypat
     assert [message.redelivered for message in queued] == [False, False, False]
 
 
-class NodeGoneAtDrainBroker(MemoryBroker):
-    """A broker of `nodes` nodes. Deliveries of the work queue come marked redelivered if
-    `redeliver` (their last worker died). `lose_node(away_s)` takes the worker's node away
-    for `away_s`: with several nodes it keeps every delivery it held out of the queue, as a
-    RabbitMQ 3.10 quorum queue kept those of a consumer the prefetch swap had cancelled on a
-    killed node; with one, it requeues them (marked redelivered), as any restart does."""
-
-    def __init__(self, nodes: int, redeliver: bool) -> None:
-        super().__init__()
-        self._node_count = nodes
-        self.redeliver = redeliver
-
-    @property
-    def node_count(self) -> int:
-        return self._node_count
-
-    def _deliver(self, consumer, message):
-        if self.redeliver and consumer.queue == WORK_QUEUE:
-            message.redelivered = True
-        super()._deliver(consumer, message)
-
-    def lose_node(self, away_s: float) -> None:
-        if self._node_count > 1:
-            for consumer in self._consumers.values():
-                consumer.unacked.clear()  # still checked out to the gone node's consumers
-        self._drop_connection()
-        asyncio.get_running_loop().call_later(away_s, lambda: asyncio.ensure_future(self.connect()))
-
-
 async def drain_while_the_node_is_away(tmp_path, broker, away_s: float):
     """Four 30 s tasks held by a one-child worker (one runs, three wait); the node goes away
     for `away_s` and the worker drains meanwhile (drain timeout 0.2 s: the running one is
@@ -402,7 +389,7 @@ def test_a_drain_after_a_cluster_node_went_away_returns_every_task_it_held(tmp_p
     reached a node again. Redelivered ones (each may have killed a worker) stay suspects.
     Nacked on the gone channel (redelivered ones), or left unpublished when the drain gave
     up on its copies, they would be nowhere until the node returned."""
-    broker = NodeGoneAtDrainBroker(nodes=2, redeliver=redelivered)
+    broker = NodeLosingBroker(nodes=2, redeliver=redelivered)
     monkeypatch.setattr(harness, "MemoryBroker", lambda: broker)
     monkeypatch.setattr(supervisor_module, "REPUBLISH_WAIT_S", 0.1)
     held, queued = run(drain_while_the_node_is_away, tmp_path, broker, 1.0)
@@ -415,12 +402,13 @@ def test_a_drain_after_a_cluster_node_went_away_returns_every_task_it_held(tmp_p
 def test_a_drain_names_the_tasks_it_leaves_to_a_node_that_stays_away(tmp_path, monkeypatch, caplog):
     """The cluster stays away for longer than a drain waits for its copies: the worker
     stops all the same, and says which tasks only the gone node can give back."""
-    broker = NodeGoneAtDrainBroker(nodes=2, redeliver=False)
+    broker = NodeLosingBroker(nodes=2, redeliver=False)
     monkeypatch.setattr(harness, "MemoryBroker", lambda: broker)
     monkeypatch.setattr(supervisor_module, "REPUBLISH_WAIT_S", 0.1)
     monkeypatch.setattr(supervisor_module, "ONLY_COPIES_WAIT_S", 0.3)
     with caplog.at_level("INFO", logger="qm.worker.supervisor"):
-        held, queued = run(drain_while_the_node_is_away, tmp_path, broker, HELD_BOUND_S)
+        # away for longer than the whole test may take: nothing but the bound ends the wait
+        held, queued = run(drain_while_the_node_is_away, tmp_path, broker, 10 * HELD_BOUND_S)
     assert queued == []
     named = re.search(r"stopping with 4 task\(s\) not taken back \(([^)]*)\)", caplog.text)
     assert named, caplog.text
@@ -431,7 +419,7 @@ def test_a_drain_after_the_only_node_restarted_publishes_no_copy(tmp_path, monke
     """With one node, what the lost channel held comes back when the node does: a copy of
     each would run each task twice. After the drain the queue holds the four originals,
     back from the broker, and nothing else."""
-    broker = NodeGoneAtDrainBroker(nodes=1, redeliver=False)
+    broker = NodeLosingBroker(nodes=1, redeliver=False)
     monkeypatch.setattr(harness, "MemoryBroker", lambda: broker)
     held, queued = run(drain_while_the_node_is_away, tmp_path, broker, 0.2)
     assert sorted(message.body for message in queued) == sorted(held)
