@@ -8,7 +8,9 @@ the submit latency p50 and, from /proc/PID/task/*/schedstat before and after, ea
 thread's CPU µs per submit, grouped by the name the kernel shows (the event loop is the main
 thread; the store's threads name themselves, qm/os_thread_names.py; gRPC's C threads show as
 `event_engine`, its poller keeps the process's name). Then the same for a bare grpc.aio
-server in a child process with one unary echo method and no work: gRPC's own cost per call.
+server in a child process with one unary echo method and no work: gRPC's own cost per call;
+and for bench_floor.py's floor servers (no QueueMaster code): grpc.aio plus a confirmed
+publish into a quorum queue, and the same with one SQLite WAL commit ahead of the publish.
 With --worker, a `qm-worker --procs 2` runs the tasks too, and every round measures the
 submits twice instead of once without a worker: with the worker running them, and with the
 worker's processes stopped (SIGSTOP; the tasks wait in the queue, then run): what running
@@ -46,6 +48,7 @@ from bench_dispatch import (  # noqa: E402  (load/ is the script's directory)
     thread_cpu_ns,
     worker_and_broker_meters,
 )
+from bench_floor import SUBMIT_METHOD, floor_queues, serve_floor  # noqa: E402
 
 import qm  # noqa: E402
 from qm.testing.rabbitmq import LocalRabbitMQ  # noqa: E402
@@ -54,6 +57,11 @@ from tests.processes import band_queues, clean_env, delete_queues, start_server,
 WARM_CALLS = 300
 DRAIN_BOUND_S = 300.0  # the most the worker may take to finish a round's tasks
 ECHO_METHOD = "/bench.Echo/Echo"
+BARE_TITLES = {
+    "grpc_echo": "bare grpc.aio echo server",
+    "floor_publish": "grpc.aio + pika confirmed publish into a quorum queue (no QueueMaster code)",
+    "floor_store_publish": "grpc.aio + one SQLite WAL commit + pika confirmed publish (no QueueMaster code)",
+}
 
 
 def thread_name(pid: int, tid: int) -> str:
@@ -166,6 +174,27 @@ def with_worker_rounds(
     list(client.results([str(i) for i in ids], timeout_s=DRAIN_BOUND_S))
 
 
+BareServers = dict[str, tuple[multiprocessing.Process, int, str]]  # name -> (process, port, its method)
+
+
+def start_bare_servers(broker_url: str, base: pathlib.Path, prefix: str) -> BareServers:
+    """The servers built without QueueMaster's code (bench_floor.py's for the floors), each in a
+    child process: name -> (process, port, the method to call)."""
+    plans = {
+        "grpc_echo": (serve_echo, (), ECHO_METHOD),
+        "floor_publish": (serve_floor, (broker_url, None, prefix), SUBMIT_METHOD),
+        "floor_store_publish": (serve_floor, (broker_url, str(base / "floor.sqlite3"), prefix), SUBMIT_METHOD),
+    }
+    spawn = multiprocessing.get_context("spawn")
+    started: BareServers = {}
+    for name, (target, args, method) in plans.items():
+        ports: multiprocessing.Queue = spawn.Queue()
+        process = spawn.Process(target=target, args=(ports, *args), daemon=True)
+        process.start()
+        started[name] = (process, ports.get(timeout=60), method)
+    return started
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--submits", type=int, default=3000, help="sequential calls per round (3000)")
@@ -181,50 +210,57 @@ def main() -> int:
     args = parser.parse_args()
     if args.submits < 1 or args.rounds < 1:
         parser.error("--submits and --rounds must be at least 1")
-    report: dict[str, list[dict[str, float]]] = {"submit": [], "grpc_echo": []}
+    report: dict[str, list[dict[str, float]]] = {"submit": [], **{name: [] for name in BARE_TITLES}}
     if args.worker:
         report.update(submit_worker_running=[], submit_worker_stopped=[])
     with tempfile.TemporaryDirectory(prefix="qm-bench-server-threads-") as tmp:
         base = pathlib.Path(tmp)
+        floor_prefix = f"bench.floor.{os.getpid()}"  # the floor servers' two queues
         rabbitmq = None if args.broker_url else LocalRabbitMQ(base / "rabbitmq")
         broker_url = args.broker_url or rabbitmq.start()
         if rabbitmq is not None:
             broker_pid = rabbitmq.process.pid if rabbitmq.process else None
         else:
             broker_pid = listener_pid(urllib.parse.urlsplit(broker_url).port or 5672)
-        ports: multiprocessing.Queue = multiprocessing.Queue()
-        echo = multiprocessing.Process(target=serve_echo, args=(ports,), daemon=True)
-        server = worker = client = channel = None
+        server = worker = client = None
+        bare: BareServers = {}
+        channels: list[grpc.Channel] = []
         try:
             (base / "server").mkdir()
             server = start_server(broker_url, base / "server", env=clean_env({}))
             client = qm.Client(server=server.address)
-            echo.start()
-            channel = grpc.insecure_channel(f"127.0.0.1:{ports.get(timeout=60)}")
-            call = channel.unary_unary(ECHO_METHOD)
+            bare = start_bare_servers(broker_url, base, floor_prefix)
+            calls = {}
+            for name, (_process, port, path) in bare.items():
+                channels.append(grpc.insecure_channel(f"127.0.0.1:{port}"))
+                method = channels[-1].unary_unary(path)
+                calls[name] = lambda method=method: method(b"1 + 2")
             submit = lambda: client.submit("math", "1 + 2", queue=args.queue)  # noqa: E731
             warm_ids = []
             for _ in range(WARM_CALLS):
                 warm_ids.append(submit())
-                call(b"x" * 64)
+                for call in calls.values():
+                    call()
             if args.worker:
                 worker = start_worker(broker_url, procs=2, queues=args.queue)
                 list(client.results(warm_ids, timeout_s=DRAIN_BOUND_S))
             for number in range(args.rounds):
                 if worker is None:  # with a worker, tasks left in the queue would run during the next measure
                     report["submit"].append(measure(server.pid, submit, args.submits)[0])
-                report["grpc_echo"].append(measure(echo.pid, lambda: call(b"x" * 64), args.submits)[0])
+                for name, call in calls.items():
+                    report[name].append(measure(bare[name][0].pid, call, args.submits)[0])
                 if worker is not None:
                     with_worker_rounds(report, submit, client, server.pid, worker.pid, broker_pid, args.submits)
                 print(f"round {number + 1} of {args.rounds}: load average {os.getloadavg()[0]:.1f}", flush=True)
         finally:
-            if channel is not None:
+            for channel in channels:
                 channel.close()
             if client is not None:
                 client.close()
-            if echo.is_alive():
-                echo.kill()
-                echo.join()
+            for process, _port, _path in bare.values():
+                if process.is_alive():
+                    process.kill()
+                    process.join()
             for process in (worker, server):
                 if process is not None:
                     process.stop()
@@ -232,7 +268,7 @@ def main() -> int:
                 rabbitmq.stop()
             elif server is not None:  # a shared node: leave no queue of ours behind
                 extra = band_queues(args.queue) if args.queue != "default" else []
-                delete_queues(broker_url, [f"qm.events.{server.server_id}", *extra])
+                delete_queues(broker_url, [f"qm.events.{server.server_id}", *floor_queues(floor_prefix), *extra])
     print(f"\nmedians over {args.rounds} rounds of {args.submits} sequential calls")
     if report["submit"]:
         show("qm-server, SubmitTask of math '1 + 2', no worker", medians(report["submit"]))
@@ -240,7 +276,8 @@ def main() -> int:
         running, stopped = medians(report["submit_worker_running"]), medians(report["submit_worker_stopped"])
         show("qm-server, SubmitTask with qm-worker --procs 2 running the tasks", running)
         show("qm-server, SubmitTask with the worker's processes stopped", stopped)
-    show("bare grpc.aio echo server", medians(report["grpc_echo"]))
+    for name, title in BARE_TITLES.items():
+        show(title, medians(report[name]))
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
     return 0

@@ -28,6 +28,10 @@ def test_server_threads_benchmark_splits_the_servers_cpu_by_thread(rabbitmq, tmp
     assert submit["all_us"] >= submit["event loop_us"] + submit["store-writer_us"]
     assert echo["event loop_us"] > 0 and "store-writer_us" not in echo, echo
     assert "qm-server, SubmitTask" in result.stdout and "bare grpc.aio echo server" in result.stdout
+    # the floors (bench_floor.py's server, no QueueMaster code): only the one with a store writes SQLite
+    [publish], [store_publish] = report["floor_publish"], report["floor_store_publish"]
+    assert publish["event loop_us"] > 0 and store_publish["event loop_us"] > 0
+    assert "no QueueMaster code" in result.stdout
 
 
 @pytest.mark.rabbitmq
