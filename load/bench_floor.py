@@ -184,13 +184,19 @@ def serve_floor(ports: multiprocessing.Queue, broker_url: str, store_path: str |
                 "Results": grpc.unary_stream_rpc_method_handler(results),
             },
         )
-        server = grpc.aio.server()
-        server.add_generic_rpc_handlers((handler,))
-        ports.put(server.add_insecure_port("127.0.0.1:0"))
-        await server.start()
-        await server.wait_for_termination()
+        await serve_on_loopback(ports, handler)
 
     asyncio.run(main())
+
+
+async def serve_on_loopback(ports: multiprocessing.Queue, handler: grpc.GenericRpcHandler) -> None:
+    """Serve `handler` with grpc.aio on a free loopback port, put the port on `ports`, and serve
+    until the process is killed."""
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((handler,))
+    ports.put(server.add_insecure_port("127.0.0.1:0"))
+    await server.start()
+    await server.wait_for_termination()
 
 
 def run_floor_worker(ready: multiprocessing.Queue, broker_url: str, prefix: str) -> None:

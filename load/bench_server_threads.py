@@ -48,7 +48,7 @@ from bench_dispatch import (  # noqa: E402  (load/ is the script's directory)
     thread_cpu_ns,
     worker_and_broker_meters,
 )
-from bench_floor import SUBMIT_METHOD, floor_queues, serve_floor  # noqa: E402
+from bench_floor import SUBMIT_METHOD, floor_queues, serve_floor, serve_on_loopback  # noqa: E402
 
 import qm  # noqa: E402
 from qm.testing.rabbitmq import LocalRabbitMQ  # noqa: E402
@@ -123,11 +123,7 @@ def serve_echo(ports: multiprocessing.Queue) -> None:
         handler = grpc.method_handlers_generic_handler(
             "bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(echo)}
         )
-        server = grpc.aio.server()
-        server.add_generic_rpc_handlers((handler,))
-        ports.put(server.add_insecure_port("127.0.0.1:0"))
-        await server.start()
-        await server.wait_for_termination()
+        await serve_on_loopback(ports, handler)
 
     asyncio.run(main())
 
