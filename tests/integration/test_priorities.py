@@ -12,11 +12,12 @@ import signal
 
 import grpc
 import pika
+import psutil
 import pytest
 
 import qm
 from qm._proto.qm.v1 import task_queue_pb2, task_queue_pb2_grpc
-from tests.processes import run_qm, wait_until
+from tests.processes import run_qm, wait_until, worker_status
 
 pytestmark = [pytest.mark.timeout(300)]
 
@@ -74,9 +75,13 @@ def test_a_burst_of_low_tasks_delays_a_high_one_by_at_most_one_task_per_child(ra
     per child (the task each was running when it arrived), may start before it.
 
     "Reached the worker" is made exact, not a guess at how fast a busy machine delivers: the
-    supervisor is stopped (SIGSTOP; its children run on) while the high task is submitted
-    and RabbitMQ hands it over, then continued. Nothing starts while it is stopped, so every
-    low task stamped after the high one was accepted started after the worker had it."""
+    worker, supervisor and children, is stopped (SIGSTOP) while the high task is submitted
+    and RabbitMQ hands it over. Then the supervisor alone continues, and answers a status
+    call sent after that: its loop has read what RabbitMQ sent meanwhile, the high task
+    among it. Only then do the children continue. Nothing starts while they are stopped,
+    so every low task stamped after the high one was accepted started after the worker had
+    it. (With the children left running, a child that ended its task while the supervisor
+    was stopped could be given a held low task before the supervisor read the high one.)"""
     queue = launcher.queue(rabbitmq.url)
     server = launcher.server(rabbitmq.url)
     worker = launcher.worker(rabbitmq.url, procs=PROCS, queues=queue)
@@ -85,12 +90,19 @@ def test_a_burst_of_low_tasks_delays_a_high_one_by_at_most_one_task_per_child(ra
         wait_until(lambda: any(client.status(t).state != "QUEUED" for t in burst), WAIT_S,
                    message=f"the burst started\n{worker.logs}")
         os.kill(worker.pid, signal.SIGSTOP)
+        children = psutil.Process(worker.pid).children(recursive=True)
+        for child in children:
+            child.suspend()
         try:
             high = client.submit("test.sleep", TASK_S, queue=queue, priority=9)
             wait_until(lambda: ready_messages(rabbitmq.url, f"qm.tasks.{queue}.p7") == 0, WAIT_S,
                        message="RabbitMQ handing the high-priority task to the worker")
+            os.kill(worker.pid, signal.SIGCONT)
+            worker_status(worker, timeout_s=WAIT_S)
         finally:
             os.kill(worker.pid, signal.SIGCONT)
+            for child in children:
+                child.resume()
         done = finals(client, [*burst, high])
 
     accepted_at, high_start = done[high].created_at, done[high].started_at
