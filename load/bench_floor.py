@@ -58,7 +58,8 @@ SUBMIT_METHOD = "/bench.Floor/Submit"
 RESULTS_METHOD = "/bench.Floor/Results"
 WORKER_PREFETCH = 8
 WARM_TASKS = 300
-WAIT_BOUND_S = 120.0  # the most one outcome may take to show on the stream
+WAIT_BOUND_S = 120.0  # the most one submit may take, and the results stream's slack
+TASK_BOUND_S = 0.05  # the results stream's time per task of the run, about 15 times the floor's
 
 
 def floor_queues(prefix: str) -> tuple[str, str]:
@@ -75,6 +76,7 @@ class FloorChannel:
         self.channel: Any = None
         self._waiting: dict[int, asyncio.Future] = {}
         self._published = 0
+        self._handlers: set[asyncio.Task] = set()  # one per delivery, kept until done
 
     def _waiter(self) -> tuple[asyncio.Future, Callable[..., None]]:
         future = self.loop.create_future()
@@ -117,10 +119,14 @@ class FloorChannel:
 
     def consume(self, queue: str, prefetch: int, on_message: Callable[[int, bytes], Any]) -> None:
         """Deliveries to on_message(delivery_tag, body), each in its own asyncio task."""
+
+        def on_delivery(_channel: Any, method: Any, _properties: Any, body: bytes) -> None:
+            handler = self.loop.create_task(on_message(method.delivery_tag, body))
+            self._handlers.add(handler)
+            handler.add_done_callback(self._handlers.discard)
+
         self.channel.basic_qos(prefetch_count=prefetch)
-        self.channel.basic_consume(
-            queue, lambda _ch, method, _props, body: self.loop.create_task(on_message(method.delivery_tag, body))
-        )
+        self.channel.basic_consume(queue, on_delivery)
 
 
 class FloorStore:
@@ -162,6 +168,7 @@ def serve_floor(ports: multiprocessing.Queue, broker_url: str, store_path: str |
         async def results(request: bytes, context: grpc.aio.ServicerContext):
             follower: asyncio.Queue = asyncio.Queue()
             followers.append(follower)
+            yield b""  # following: the client waits for this before it submits
             try:
                 while True:
                     yield await follower.get()
@@ -221,12 +228,14 @@ def run_floor_worker(ready: multiprocessing.Queue, broker_url: str, prefix: str)
 
 
 class FloorClient:
-    """A blocking gRPC client of the floor server with one open results stream."""
+    """A blocking gRPC client of the floor server with one open results stream, which ends
+    the run with DEADLINE_EXCEEDED after `bound_s` (a lost outcome ends it there)."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, bound_s: float) -> None:
         self._channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         self._submit = self._channel.unary_unary(SUBMIT_METHOD)
-        self._stream = self._channel.unary_stream(RESULTS_METHOD)(b"", timeout=None)
+        self._stream = self._channel.unary_stream(RESULTS_METHOD)(b"", timeout=bound_s)
+        next(self._stream)  # the server follows outcomes from here on
 
     def submit(self) -> bytes:
         return self._submit(b"1 + 2", timeout=WAIT_BOUND_S)
@@ -239,12 +248,12 @@ class FloorClient:
         self._channel.close()
 
 
-def meters(pids: dict[str, int]) -> dict[str, Callable[[], float]]:
+def meters(server: int, worker: int, rabbitmq: int | None) -> dict[str, Callable[[], float]]:
     """CPU meters of the client (this process), the floor's server and worker (each one process,
-    thread by thread), and RabbitMQ (its process tree)."""
-    started = {name: own_cpu_meter(pid) for name, pid in {"client": os.getpid(), **pids}.items() if name != "rabbitmq"}
-    if "rabbitmq" in pids:
-        started["rabbitmq"] = tree_cpu_meter(pids["rabbitmq"])
+    thread by thread), and RabbitMQ (its process tree; none for a node given by URL)."""
+    started = {"client": own_cpu_meter(os.getpid()), "server": own_cpu_meter(server), "worker": own_cpu_meter(worker)}
+    if rabbitmq is not None:
+        started["rabbitmq"] = tree_cpu_meter(rabbitmq)
     return started
 
 
@@ -253,9 +262,9 @@ def cpu_per_task_ms(started: dict[str, Callable[[], float]], tasks: int) -> dict
     return {**per_task, "all_cpu_ms": sum(per_task.values())}
 
 
-def sequential(client: FloorClient, tasks: int, pids: dict[str, int]) -> dict[str, float]:
+def sequential(client: FloorClient, tasks: int, pids: tuple[int, int, int | None]) -> dict[str, float]:
     """`tasks` sequential submits with the worker running them; then every outcome."""
-    started = meters(pids)
+    started = meters(*pids)
     began = time.perf_counter()
     latencies_ms, ids = [], set()
     for _ in range(tasks):
@@ -311,10 +320,10 @@ def main() -> int:
             port = ports.get(timeout=60)
             worker.start()
             ready.get(timeout=60)
-            client = FloorClient(port)
-            pids = {"server": server.pid, "worker": worker.pid}
-            if rabbitmq is not None and rabbitmq.process is not None:
-                pids["rabbitmq"] = rabbitmq.process.pid
+            tasks_in_all = WARM_TASKS + 2 * args.tasks * args.rounds
+            client = FloorClient(port, bound_s=WAIT_BOUND_S + tasks_in_all * TASK_BOUND_S)
+            broker_pid = rabbitmq.process.pid if rabbitmq is not None and rabbitmq.process is not None else None
+            pids = (server.pid, worker.pid, broker_pid)
             round_trips(client, WARM_TASKS)
             for number in range(args.rounds):
                 rounds.append({**sequential(client, args.tasks, pids), **round_trips(client, args.tasks)})

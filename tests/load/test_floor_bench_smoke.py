@@ -1,6 +1,7 @@
 """load/bench_floor.py, tiny, on the shared RabbitMQ node: its floor server and floor worker
 (no QueueMaster code) must take every task through to its outcome on the stream (each
-measure waits for every outcome, so a lost task ends the run at the bound), report each
+measure waits for every outcome, so a lost task ends the run, at the results stream's
+deadline or the test's bound), report each
 measure with the CPU of every process, and leave neither of its queues on the node.
 Correctness only; its numbers are for load/README.md.
 
@@ -41,5 +42,4 @@ def test_floor_benchmark_takes_every_task_to_its_outcome_and_cleans_up(rabbitmq,
     assert measured["e2e_tasks_per_s"] > 0, measured
     # the server and the worker both worked for the tasks, and the client's share is counted
     assert measured["server_cpu_ms"] > 0 and measured["worker_cpu_ms"] > 0 and measured["client_cpu_ms"] > 0
-    assert measured["all_cpu_ms"] >= measured["server_cpu_ms"] + measured["worker_cpu_ms"]
     assert not queue_exists(rabbitmq.url, f"{prefix}.tasks") and not queue_exists(rabbitmq.url, f"{prefix}.events")
